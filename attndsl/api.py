@@ -1,0 +1,109 @@
+"""Public entry points: ``attndsl.attention`` and ``attndsl.compile``."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import codegen_bridge
+from .dsl import trace
+from .passes import build_spec
+from .runtime import cache
+from .runtime.autograd import AttentionFunction
+from .runtime.checks import check_captured, check_inputs
+from .runtime.config import choose
+from .runtime.launch import BlockTables, Runner, use_interpreter
+
+
+class CompiledAttention:
+    """A pattern traced and analysed once; kernels are built per backend/dtype/head dim on first use.
+
+    Captured tensors are held by reference: mutating them in place is seen by later calls,
+    rebinding a Python name to a new tensor needs a new ``compile``.
+    """
+
+    def __init__(self, mask_mod=None, score_mod=None, *, block_m=None, block_n=None, name="attn"):
+        self.mask_mod, self.score_mod = mask_mod, score_mod
+        t = trace(mask_mod, score_mod)
+        self.tensors = list(t.tensors)
+        self.spec = build_spec(t.mask, t.score, t.buffers, name=name)
+        self._tiles = (block_m, block_n)
+        self._runners: dict = {}
+
+    # -- kernels ---------------------------------------------------------------------------
+    def runner(self, q: torch.Tensor) -> Runner:
+        interpret = use_interpreter(q)
+        key = (interpret, q.shape[-1], q.device.index)
+        r = self._runners.get(key)
+        if r is None:
+            module = cache.load(self.spec, interpret)
+            r = Runner(self.spec, module, choose(q.shape[-1], interpret, *self._tiles), interpret, q.shape[-1])
+            self._runners[key] = r
+        return r
+
+    @property
+    def source(self) -> str:
+        """The generated Triton module's source text."""
+        return codegen_bridge.render(self.spec)
+
+    def build_block_tables(self, query, key) -> BlockTables | None:
+        """Build the device-side block table now (data-dependent masks); None when closed form suffices."""
+        if not self.spec.data_dependent:
+            return None
+        check_captured(self.tensors, query.device)
+        r = self.runner(query)
+        tables = r.new_tables(query, key, self.tensors)
+        r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
+        return tables
+
+    def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None):
+        check_inputs(query, key, value, scale)
+        check_captured(self.tensors, query.device)
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        r = self.runner(query)
+        tables = None
+        if self.spec.data_dependent:
+            shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+            if block_tables is not None:
+                if block_tables.shape != shape:
+                    raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
+                tables = block_tables
+            else:
+                tables = r.new_tables(query, key, self.tensors)
+        out, lse = AttentionFunction.apply(query, key, value, r, scale, tables, len(self.tensors), *self.tensors)
+        return (out, lse) if return_lse else out
+
+    def visit_counts(self, query, key, value, *, scale=None):
+        """Tiles each forward program visited, ``[B*Hq, n_q_tiles]`` (for tests and tuning)."""
+        check_inputs(query, key, value, scale)
+        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        r = self.runner(query)
+        tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
+        return r.forward(query, key, value, scale, self.tensors, tables, count_visits=True)[2]
+
+    def explain(self) -> str:
+        from .explain import explain
+        return explain(self)
+
+    def __repr__(self):
+        return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
+
+
+def compile(*, mask_mod=None, score_mod=None, block_m=None, block_n=None) -> CompiledAttention:  # noqa: A001
+    """Trace and analyse a pattern once; the result is called like :func:`attention`."""
+    return CompiledAttention(mask_mod, score_mod, block_m=block_m, block_n=block_n)
+
+
+_RECENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False):
+    """Fused attention with an optional mask and score modifier (FlexAttention conventions).
+
+    ``query [B, Hq, Lq, D]``, ``key/value [B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0``. Returns the
+    output (and, with ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32). Rows
+    whose every key is masked give zeros and ``lse = -inf``. The pattern is traced on every call
+    (tracing is cheap; kernels are cached by the IR hash); use :func:`compile` in hot loops.
+    """
+    check_inputs(query, key, value, scale)
+    return CompiledAttention(mask_mod, score_mod)(query, key, value, scale=scale, return_lse=return_lse)

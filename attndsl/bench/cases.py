@@ -1,0 +1,154 @@
+"""Benchmark cases: the masks and score modifiers of DESIGN.md's anchor table.
+
+Each case is written as plain FlexAttention-style lambdas with the same definitions as
+``shared/bench/flex_anchors.py``, so the harness does not depend on ``patterns/`` and ours
+and FlexAttention are handed the very same function objects.
+
+A :class:`Case` is a recipe; ``case.build(L=..., H=..., device=..., seed=...)`` returns a
+:class:`CaseInstance` holding the functions (and the tensors they capture) for one
+sequence length.  New cases (neighborhood, sliding tile, radial, DSA, ...) are added with
+:func:`register_case`; nothing else in the harness needs to change.  Cases whose layout
+fixes the sequence length set ``fixed_L`` (the harness then ignores ``--L``), and
+``small_L`` picks the size of the float64-reference check (the default 256 is too short to
+see a 1024-token window, hence the overrides below).
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class CaseInstance:
+    """The functions of one case at one size.  ``mask_mod is None`` means dense."""
+
+    mask_mod: Optional[Callable] = None
+    score_mod: Optional[Callable] = None
+    # SDPA can serve the pattern: None (no), "dense" or "causal"
+    sdpa: Optional[str] = None
+    # the mask reads b or h: create_block_mask / density must then see every (b, h)
+    mask_uses_bh: bool = False
+    # extra keyword arguments for attndsl.compile / for each call of the compiled attention
+    compile_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    call_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: str = ""
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    description: str
+    build_fn: Callable[..., CaseInstance]
+    fixed_L: Optional[int] = None
+    small_L: int = 256
+    # which keyword arguments build_fn understands is up to it; the harness passes
+    # L, H, device and seed (all keyword)
+
+    def build(self, *, L: int, H: int, device, seed: int = 0) -> CaseInstance:
+        return self.build_fn(L=L, H=H, device=device, seed=case_seed(self.name, seed))
+
+
+CASES: Dict[str, Case] = {}
+
+
+def register_case(case: Case, *, replace: bool = False) -> Case:
+    if case.name in CASES and not replace:
+        raise ValueError(f"benchmark case {case.name!r} is already registered")
+    CASES[case.name] = case
+    return case
+
+
+def case_names() -> List[str]:
+    return list(CASES)
+
+
+def get_case(name: str) -> Case:
+    try:
+        return CASES[name]
+    except KeyError:
+        raise KeyError(f"unknown benchmark case {name!r}; known: {', '.join(CASES)}") from None
+
+
+def case_seed(name: str, seed: int) -> int:
+    """A seed that depends on the case name, not on the order cases run in."""
+    return (zlib.crc32(name.encode()) + 1_000_003 * int(seed)) % (2**31)
+
+
+def _generator(device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# the cases of DESIGN.md's anchor table (same definitions as flex_anchors.py)
+# ---------------------------------------------------------------------------------------
+
+def _dense(**_):
+    return CaseInstance(mask_mod=None, score_mod=None, sdpa="dense")
+
+
+def _causal(**_):
+    causal = lambda b, h, q, k: q >= k  # noqa: E731
+    return CaseInstance(mask_mod=causal, sdpa="causal")
+
+
+def _sliding_window(W):
+    def build(**_):
+        return CaseInstance(mask_mod=lambda b, h, q, k: (q >= k) & (q - k < W))
+    return build
+
+
+def document_ids(L: int, device, seed: int, n_docs: int = 16) -> torch.Tensor:
+    """flex_anchors.py's construction: 15 random cut points, cumulative sum (<= 16 docs)."""
+    g = _generator(device, seed)
+    cuts = torch.sort(torch.randint(1, L, (n_docs - 1,), device=device, generator=g)).values
+    doc = torch.zeros(L, dtype=torch.int32, device=device)
+    doc[cuts] = 1
+    return torch.cumsum(doc, 0)
+
+
+def _document_causal(*, L, device, seed, **_):
+    doc = document_ids(L, device, seed)
+    return CaseInstance(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
+                        notes=f"{int(doc[-1].item()) + 1} documents")
+
+
+def _prefix_lm(n):
+    def build(**_):
+        return CaseInstance(mask_mod=lambda b, h, q, k: (k <= n) | (q >= k))
+    return build
+
+
+def alibi_slopes_anchor(H: int, device) -> torch.Tensor:
+    """flex_anchors.py's slopes ``exp2(-8 * [1..16] / 16)``, generalised to H heads."""
+    return torch.exp2(-8.0 * torch.arange(1, H + 1, device=device) / H)
+
+
+def _alibi_causal(*, H, device, **_):
+    slopes = alibi_slopes_anchor(H, device)
+    return CaseInstance(mask_mod=lambda b, h, q, k: q >= k,
+                        score_mod=lambda s, b, h, q, k: s - slopes[h] * (q - k))
+
+
+def _softcap_causal(**_):
+    return CaseInstance(mask_mod=lambda b, h, q, k: q >= k,
+                        score_mod=lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0))
+
+
+register_case(Case("dense", "no mask (SDPA, FlexAttention without block mask)", _dense))
+register_case(Case("causal", "q >= k", _causal))
+register_case(Case("sliding_window_1024", "causal, q - k < 1024", _sliding_window(1024),
+                   small_L=2048))
+register_case(Case("document_causal", "16 random-length documents, causal",
+                   _document_causal))
+register_case(Case("prefix_lm_2048", "k <= 2048 or causal", _prefix_lm(2048), small_L=3072))
+register_case(Case("alibi_causal", "causal + ALiBi bias s - slope[h]*(q-k)", _alibi_causal))
+register_case(Case("softcap_causal", "causal + 30*tanh(s/30)", _softcap_causal))
+
+DEFAULT_CASES = ["dense", "causal", "sliding_window_1024", "document_causal",
+                 "prefix_lm_2048", "alibi_causal", "softcap_causal"]
+QUICK_CASES = ["causal", "sliding_window_1024", "document_causal"]

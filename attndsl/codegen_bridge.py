@@ -1,0 +1,2 @@
+"""The one place the library reaches into ``codegen`` (kept separate so the tracer never does)."""
+from codegen import CODEGEN_VERSION, kernel_names, render  # noqa: F401

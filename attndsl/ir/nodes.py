@@ -1,0 +1,183 @@
+"""IR nodes: a typed, hash-consed expression DAG.
+
+Every node is interned: building the same structure twice returns the same object, so
+common sub-expressions are shared for free and node identity is structural equality.
+Types are deliberately few: ``int`` (index arithmetic), ``float`` (scores, fp32 in kernels)
+and ``bool`` (masks).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+INT, FLOAT, BOOL = "int", "float", "bool"
+
+#: Index variables a pattern sees, plus the score of a score modifier.
+INDEX_VARS = ("b", "h", "q", "kv")
+SCORE = "score"
+
+ARITH = {"add", "sub", "mul", "truediv", "floordiv", "mod", "minimum", "maximum"}
+COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
+LOGIC = {"and", "or", "xor"}
+UNARY_FLOAT = {"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "floor"}
+UNARY = UNARY_FLOAT | {"neg", "abs", "not", "to_float", "to_int"}
+
+_INTERN: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True, eq=False)
+class Buffer:
+    """A captured tensor as the kernel sees it: a slot, an element kind and a rank.
+
+    Shapes and strides are runtime arguments, so they are not part of the key."""
+
+    slot: int
+    kind: str  # INT, FLOAT or BOOL
+    ndim: int
+    torch_dtype: str  # e.g. "float32", kept for the kernel (load dtype) and the printer
+
+    def key(self):
+        return (self.slot, self.kind, self.ndim, self.torch_dtype)
+
+
+class Node:
+    """One IR value. Build nodes with :func:`node`, :func:`const`, :func:`var`, :func:`load`."""
+
+    __slots__ = ("op", "args", "dtype", "attr", "__weakref__", "_hash")
+
+    def __init__(self, op, args, dtype, attr):
+        self.op = op
+        self.args = args
+        self.dtype = dtype
+        self.attr = attr
+        self._hash = None
+
+    def __repr__(self):
+        from .printer import expr_str
+
+        return f"<{self.dtype} {expr_str(self)}>"
+
+    # Nodes are interned, so identity is structural equality.
+    __hash__ = object.__hash__
+
+
+def _make(op, args, dtype, attr=None):
+    key = (op, dtype, attr, tuple(id(a) for a in args))
+    n = _INTERN.get(key)
+    if n is None:
+        n = Node(op, tuple(args), dtype, attr)
+        _INTERN[key] = n
+    return n
+
+
+def const(value, dtype=None):
+    if dtype is None:
+        dtype = BOOL if isinstance(value, bool) else INT if isinstance(value, int) else FLOAT
+    if dtype == BOOL:
+        value = bool(value)
+    elif dtype == INT:
+        value = int(value)
+    else:
+        value = float(value)
+    # -0.0 and 0.0 print alike; keep one so hashes agree.
+    if dtype == FLOAT and value == 0.0:
+        value = 0.0
+    return _make("const", (), dtype, ("c", value, repr(value)))
+
+
+def const_value(n: Node):
+    return n.attr[1]
+
+
+def is_const(n: Node, value=None) -> bool:
+    if n.op != "const":
+        return False
+    return value is None or (n.attr[1] == value and not (isinstance(value, bool) ^ (n.dtype == BOOL)))
+
+
+def var(name: str, dtype: str = INT) -> Node:
+    return _make("var", (), dtype, name)
+
+
+def load(buf: Buffer, index: tuple[Node, ...]) -> Node:
+    if len(index) != buf.ndim:
+        raise ValueError(f"buffer of rank {buf.ndim} indexed with {len(index)} indices")
+    return _make("load", tuple(index), buf.kind, buf.key())
+
+
+def buffer_of(n: Node) -> Buffer:
+    slot, kind, ndim, tdt = n.attr
+    return Buffer(slot, kind, ndim, tdt)
+
+
+def result_type(op: str, args) -> str:
+    kinds = [a.dtype for a in args]
+    if op in COMPARE or op in LOGIC or op == "not":
+        return BOOL
+    if op in UNARY_FLOAT or op in ("truediv", "to_float"):
+        return FLOAT
+    if op == "to_int":
+        return INT
+    if op == "where":
+        kinds = kinds[1:]
+    if FLOAT in kinds:
+        return FLOAT
+    if op in ("neg", "abs", "add", "sub", "mul", "floordiv", "mod", "minimum", "maximum", "where"):
+        if all(k == BOOL for k in kinds) and op in ("minimum", "maximum", "where"):
+            return BOOL
+        return INT
+    raise ValueError(f"unknown op {op}")
+
+
+def node(op: str, *args: Node) -> Node:
+    """Build (or find) the node ``op(*args)`` with its result type inferred."""
+    for a in args:
+        if not isinstance(a, Node):
+            raise TypeError(f"IR argument must be a Node, got {type(a).__name__}")
+    if op == "where":
+        c, a, b = args
+        if c.dtype != BOOL:
+            raise TypeError("where() condition must be boolean")
+        dtype = result_type(op, args)
+        args = (c, coerce(a, dtype), coerce(b, dtype))
+    elif op in LOGIC or op == "not":
+        if any(a.dtype != BOOL for a in args):
+            raise TypeError(f"'{op}' needs boolean operands")
+        dtype = BOOL
+    elif op in ("to_float", "to_int"):
+        dtype = result_type(op, args)
+    else:
+        dtype = result_type(op, args)
+        if op in COMPARE or op in ARITH:
+            common = FLOAT if FLOAT in (a.dtype for a in args) else INT
+            args = tuple(coerce(a, common) for a in args)
+        elif op in UNARY_FLOAT:
+            args = tuple(coerce(a, FLOAT) for a in args)
+        elif op in ("neg", "abs") and args[0].dtype == BOOL:
+            args = (coerce(args[0], INT),)
+    return _make(op, args, dtype)
+
+
+def coerce(n: Node, dtype: str) -> Node:
+    """Convert ``n`` to ``dtype`` (bool → int → float), as torch's type promotion would."""
+    if n.dtype == dtype:
+        return n
+    if n.op == "const":
+        v = const_value(n)
+        if dtype == FLOAT:
+            return const(float(v))
+        if dtype == INT:
+            return const(int(v))
+        return const(bool(v))
+    if dtype == FLOAT:
+        return _make("to_float", (n,), FLOAT)
+    if dtype == INT:
+        if n.dtype == FLOAT:
+            return _make("to_int", (n,), INT)
+        return _make("to_int", (n,), INT)
+    return node("ne", n, const(0, n.dtype))
+
+
+NEG_INF = float("-inf")
+INF = math.inf

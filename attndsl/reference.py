@@ -1,0 +1,50 @@
+"""The float64 oracle: evaluates the same IR densely, with autograd.
+
+``attention`` traces the pattern exactly as the compiler does and evaluates its IR on full
+index grids in float64, so it checks the passes and codegen, not a second reading of the user's
+function. Sizes: it materialises ``[B, Hq, Lq, Lkv]`` scores, so keep it to small shapes.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ir
+from .dsl import trace
+from .ir.evaluate import evaluate
+
+
+def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None):
+    """Modified scores and the boolean mask, ``[B, Hq, Lq, Lkv]``, in float64."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    t = trace(mask_mod, score_mod)
+    q64, k64 = q.to(torch.float64), k.to(torch.float64)
+    k64 = k64.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q64, k64) * scale
+    dev = q.device
+    env = {"b": torch.arange(B, device=dev).view(B, 1, 1, 1), "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
+           "q": torch.arange(Lq, device=dev).view(1, 1, Lq, 1), "kv": torch.arange(Lkv, device=dev).view(1, 1, 1, Lkv),
+           "score": s}
+    roots = [r for r in (t.mask, t.score) if r is not None]
+    vals = evaluate(roots, env, t.tensors, device=dev) if roots else []
+    mask = vals.pop(0) if t.mask is not None else torch.ones((), dtype=torch.bool, device=dev)
+    if t.score is not None:
+        s = vals.pop(0)
+    s = torch.broadcast_to(s, (B, Hq, Lq, Lkv))
+    mask = torch.broadcast_to(mask, (B, Hq, Lq, Lkv))
+    return s, mask
+
+
+def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None):
+    """``(out, lse)`` in float64; differentiable with respect to query, key and value."""
+    B, Hq, Lq, D = query.shape
+    Hkv = key.shape[1]
+    s, mask = scores_and_mask(query, key, mask_mod, score_mod, scale)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
+    v64 = value.to(torch.float64).repeat_interleave(Hq // Hkv, dim=1)
+    out = p @ v64
+    return out, lse

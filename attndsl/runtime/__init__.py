@@ -1,0 +1,1 @@
+"""Runtime: source cache, JIT, launches, autograd and input checks."""

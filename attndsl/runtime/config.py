@@ -1,0 +1,55 @@
+"""Tile configurations: chosen by head dim, dtype and backend, never by sequence length."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def smaller(self) -> "TileConfig | None":
+        """A configuration that needs less shared memory, or None when none is left."""
+        if self.num_stages > 1:
+            return replace(self, num_stages=self.num_stages - 1)
+        if self.block_n > 16:
+            return replace(self, block_n=self.block_n // 2, num_stages=2)
+        if self.block_m > 16:
+            return replace(self, block_m=self.block_m // 2, num_stages=2)
+        return None
+
+
+@dataclass(frozen=True)
+class Configs:
+    fwd: TileConfig
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: int | None = None) -> Configs:
+    """Heuristic tiles. On the interpreter small tiles keep CPU tests fast and multi-tile."""
+    if interpret:
+        bm, bn = block_m or 32, block_n or 32
+        c = TileConfig(bm, bn, 4, 1)
+        return Configs(c, c, c)
+    d = block_d(head_dim)
+    if d <= 64:
+        fwd = TileConfig(128, 64, 4, 3)
+        bwd = TileConfig(64, 64, 4, 2)
+    elif d <= 128:
+        fwd = TileConfig(128, 64, 8, 3)
+        bwd = TileConfig(64, 64, 4, 2)
+    else:
+        fwd = TileConfig(64, 32, 4, 2)
+        bwd = TileConfig(32, 32, 4, 1)
+    if block_m or block_n:
+        fwd = replace(fwd, block_m=block_m or fwd.block_m, block_n=block_n or fwd.block_n)
+        bwd = replace(bwd, block_m=block_m or bwd.block_m, block_n=block_n or bwd.block_n)
+    return Configs(fwd, bwd, bwd)

@@ -1,0 +1,148 @@
+"""IR expressions → Triton statements, placed at the loop level where their inputs exist.
+
+A kernel has *stages* (program, outer tile, inner tile...). Each variable becomes available at
+one stage; a node is emitted at the latest stage among its inputs, so sub-expressions that do
+not depend on the inner index are computed once per outer tile (hoisting) and those that depend
+on neither once per program. Shared nodes are emitted once.
+"""
+from __future__ import annotations
+
+from attndsl import ir
+from attndsl.ir import BOOL, FLOAT, INT, Node
+
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
+          "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
+_FUNC = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
+         "sigmoid": "tl.sigmoid", "floor": "tl.floor", "abs": "tl.abs", "minimum": "tl.minimum",
+         "maximum": "tl.maximum", "where": "tl.where", "tanh": "_tanh"}
+NONNEG_VARS = {"b", "h", "q", "kv", "q_lo", "q_hi", "kv_lo", "kv_hi", "q_max", "kv_max"}
+
+
+def nonneg(n: Node, memo=None) -> bool:
+    """A cheap proof that an integer expression is never negative (so C and floor division agree)."""
+    memo = {} if memo is None else memo
+    r = memo.get(n)
+    if r is None:
+        op = n.op
+        if op == "const":
+            r = n.attr[1] >= 0
+        elif op == "var":
+            r = n.attr in NONNEG_VARS
+        elif op in ("add", "mul", "floordiv", "minimum", "where"):
+            args = n.args[1:] if op == "where" else n.args
+            r = all(nonneg(a, memo) for a in args)
+            if op == "floordiv":
+                r = r and n.args[1].op == "const"
+        elif op == "maximum":
+            r = any(nonneg(a, memo) for a in n.args)
+        elif op in ("abs", "mod"):
+            r = op == "abs" or (n.args[1].op == "const" and n.args[1].attr[1] > 0)
+        else:
+            r = False
+        memo[n] = r
+    return r
+
+
+def literal(n: Node) -> str:
+    v = n.attr[1]
+    if n.dtype == FLOAT:
+        if v != v:
+            return 'float("nan")'
+        if v in (float("inf"), float("-inf")):
+            return f'float("{v}")'
+        return repr(float(v))
+    return repr(v)
+
+
+class ExprEmitter:
+    """Emits IR nodes as Triton assignments into per-stage line lists.
+
+    ``env`` maps variable names to (code, stage). ``buffers`` maps a buffer slot to the names of
+    its pointer, sizes and strides in the kernel signature.
+    """
+
+    def __init__(self, env: dict[str, tuple[str, int]], n_stages: int, prefix: str = "t"):
+        self.env = env
+        self.lines: list[list[str]] = [[] for _ in range(n_stages)]
+        self.names: dict[Node, tuple[str, int]] = {}
+        self.prefix = prefix
+        self.count = 0
+        self.nn: dict = {}
+
+    def block(self, stage: int, indent: str) -> str:
+        return "".join(indent + line + "\n" for line in self.lines[stage])
+
+    def take(self, stage: int, indent: str) -> str:
+        """Return and clear the lines of a stage (for code that must sit inside a branch)."""
+        out = self.block(stage, indent)
+        self.lines[stage] = []
+        return out
+
+    def emit(self, n: Node, min_stage: int = 0) -> str:
+        """The code naming ``n`` (emitting its definition if needed)."""
+        return self._emit(n, min_stage)[0]
+
+    def _emit(self, n: Node, min_stage: int):
+        if n.op == "const":
+            return literal(n), 0
+        if n.op == "var":
+            if n.attr not in self.env:
+                raise KeyError(f"variable '{n.attr}' is not available in this kernel")
+            return self.env[n.attr]
+        hit = self.names.get(n)
+        if hit is not None:
+            return hit
+        parts = [self._emit(a, min_stage) for a in n.args]
+        stage = max([min_stage] + [s for _, s in parts])
+        code = self._expr(n, [c for c, _ in parts])
+        name = f"{self.prefix}{self.count}"
+        self.count += 1
+        self.lines[stage].append(f"{name} = {code}")
+        self.names[n] = (name, stage)
+        return name, stage
+
+    def _expr(self, n: Node, a: list[str]) -> str:
+        op = n.op
+        if op in _INFIX:
+            return f"{a[0]} {_INFIX[op]} {a[1]}"
+        if op == "neg":
+            return f"-{a[0]}"
+        if op == "not":
+            return f"{a[0]} == 0"
+        if op in ("floordiv", "mod"):
+            x, y = n.args
+            if n.dtype == FLOAT:
+                return f"tl.floor({a[0]} / {a[1]})" if op == "floordiv" else f"{a[0]} - tl.floor({a[0]} / {a[1]}) * {a[1]}"
+            if y.op == "const" and y.attr[1] > 0:
+                if nonneg(x, self.nn):
+                    return f"{a[0]} {'//' if op == 'floordiv' else '%'} {a[1]}"
+                # floor semantics whatever the backend's integer division rounds to
+                mod = f"(({a[0]}) % {a[1]} + {a[1]}) % {a[1]}"
+                return mod if op == "mod" else f"(({a[0]}) - {mod}) // {a[1]}"
+            return f"_floor{'div' if op == 'floordiv' else 'mod'}({a[0]}, {a[1]})"
+        if op == "to_float":
+            return f"({a[0]}).to(tl.float32)"
+        if op == "to_int":
+            return f"({a[0]}).to(tl.int32)"
+        if op == "load":
+            return self._load(n, a)
+        if op in _FUNC:
+            return f"{_FUNC[op]}({', '.join(a)})"
+        raise NotImplementedError(f"codegen has no rule for IR op '{op}'")
+
+    def _load(self, n: Node, idx: list[str]) -> str:
+        slot, kind, ndim, tdt = n.attr
+        p = f"buf{slot}"
+        if ndim == 0:
+            off = ""
+        else:
+            # clamp into the tensor so padded rows/columns never read out of bounds
+            terms = [f"tl.minimum(tl.maximum({i}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
+                     for d, i in enumerate(idx)]
+            off = " + " + " + ".join(terms)
+        val = f"tl.load({p}{off})"
+        if kind == FLOAT:
+            return f"{val}.to(tl.float32)"
+        if kind == BOOL:
+            return f"{val} != 0"
+        return val
