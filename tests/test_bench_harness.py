@@ -1,0 +1,481 @@
+"""CPU tests of the benchmark harness and the CLI: the pure parts, no GPU, no compiler core.
+
+The GPU paths (do_bench, compiled FlexAttention, peak memory, the attndsl kernels) are not
+exercised here; the harness's own pipeline is run end to end on the CPU with the
+FlexAttention stand-in (``--device cpu --ours flex``), which needs neither.
+"""
+import json
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from attndsl import cli
+from attndsl.bench import cases as C
+from attndsl.bench import harness as Hn
+
+
+# ---------------------------------------------------------------- density
+
+def _brute_density(mask_mod, L, b=0, h=0):
+    q = torch.arange(L)[:, None]
+    k = torch.arange(L)[None, :]
+    return torch.broadcast_to(mask_mod(b, h, q, k), (L, L)).sum().item() / (L * L)
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 7), (100, 7), (256, 2048), (257, 64)])
+def test_density_causal_exact(L, chunk):
+    d = Hn.mask_density(lambda b, h, q, k: q >= k, L, chunk=chunk)
+    assert d == pytest.approx((L + 1) / (2 * L), abs=0)
+
+
+def test_density_dense_and_rectangular():
+    assert Hn.mask_density(None, 123) == 1.0
+    # Lq != Lkv: keys < 10 only
+    assert Hn.mask_density(lambda b, h, q, k: k < 10, 30, 40, chunk=7) == pytest.approx(10 / 40)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window_1024", "document_causal", "prefix_lm_2048",
+                                  "alibi_causal", "softcap_causal"])
+def test_density_matches_brute_force_for_cases(name):
+    L = 3000  # > window and prefix, several chunks
+    inst = C.get_case(name).build(L=L, H=4, device="cpu", seed=0)
+    d = Hn.mask_density(inst.mask_mod, L, chunk=512)
+    assert d == pytest.approx(_brute_density(inst.mask_mod, L), rel=1e-12)
+
+
+def test_density_sliding_window_closed_form():
+    L, W = 5000, 1024
+    inst = C.get_case("sliding_window_1024").build(L=L, H=1, device="cpu")
+    pairs = sum(min(q + 1, W) for q in range(L))
+    assert Hn.mask_density(inst.mask_mod, L, chunk=999) == pytest.approx(pairs / L**2, abs=0)
+
+
+def test_density_per_head_mask():
+    mm = lambda b, h, q, k: (q >= k) if h == 0 else (k < 0)  # noqa: E731
+    d = Hn.mask_density(mm, 64, B=1, H=2, uses_bh=True)
+    assert d == pytest.approx(0.5 * (65 / 128))
+
+
+# ---------------------------------------------------------------- formulas
+
+def test_flops_tflops_ratio():
+    f = Hn.attention_flops(1, 16, 16384, 16384, 128, density=0.5)
+    assert f == 4 * 16 * 16384 * 16384 * 128 * 0.5
+    assert Hn.attention_flops(1, 16, 16384, 16384, 128, 0.5, fwd_bwd=True) == f * Hn.FWD_BWD_FLOP_FACTOR
+    assert Hn.FWD_BWD_FLOP_FACTOR == 2.5  # shared/bench/README.md
+    # 1 TFLOP in 1 ms = 1000 TFLOP/s
+    assert Hn.tflops(1e12, 1.0) == pytest.approx(1000.0)
+    assert Hn.tflops(f, 2.72) == pytest.approx(f / 2.72e-3 / 1e12)
+    assert Hn.tflops(f, None) is None and Hn.tflops(f, 0.0) is None
+    assert Hn.ratio(4.52, 2.26) == pytest.approx(2.0)
+    assert Hn.ratio(None, 1.0) is None and Hn.ratio(1.0, None) is None and Hn.ratio(1.0, 0.0) is None
+
+
+def test_rel_error_and_lse_error():
+    b = torch.ones(4, 4)
+    assert Hn.rel_error(b, b) == 0.0
+    assert Hn.rel_error(b * 1.01, b) == pytest.approx(0.01, rel=1e-6)
+    assert Hn.rel_error(b, torch.zeros(4, 4)) == math.inf
+    assert Hn.rel_error(torch.zeros(2), torch.zeros(2)) == 0.0
+    lse = torch.tensor([1.0, -math.inf, 2.0])
+    err, mism = Hn.lse_error(torch.tensor([1.001, -math.inf, 2.0]), lse)
+    assert err == pytest.approx(1e-3, rel=1e-3) and mism == 0
+    assert Hn.lse_error(torch.tensor([1.0, 0.0, 2.0]), lse)[1] == 1
+
+
+def test_dense_reference_against_naive_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 33, 8) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.25])
+    mask = lambda b, h, qi, ki: qi >= ki  # noqa: E731
+    score = lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki)  # noqa: E731
+    out, lse = Hn.dense_reference(q, k, v, mask_mod=mask, score_mod=score)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(8)
+    i = torch.arange(33)
+    s = s - slopes.double().view(1, 2, 1, 1) * (i[:, None] - i[None, :])
+    s = s.masked_fill(~(i[:, None] >= i[None, :]), -math.inf)
+    assert torch.allclose(lse, torch.logsumexp(s, -1))
+    assert torch.allclose(out, torch.softmax(s, -1) @ v.double())
+    # fully masked rows: out 0, lse -inf, no NaN
+    out, lse = Hn.dense_reference(q, k, v, mask_mod=lambda b, h, qi, ki: ki < 0)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    # GQA: 2 query heads share one kv head
+    out, _ = Hn.dense_reference(q, k[:, :1], v[:, :1])
+    ref, _ = Hn.dense_reference(q, k[:, :1].expand(1, 2, 33, 8), v[:, :1].expand(1, 2, 33, 8))
+    assert torch.allclose(out, ref)
+
+
+# ---------------------------------------------------------------- cases
+
+def test_cases_registry_and_definitions():
+    assert C.DEFAULT_CASES == ["dense", "causal", "sliding_window_1024", "document_causal",
+                               "prefix_lm_2048", "alibi_causal", "softcap_causal"]
+    assert set(C.DEFAULT_CASES) <= set(C.CASES)
+    assert C.get_case("dense").build(L=8, H=1, device="cpu").mask_mod is None
+    assert C.get_case("dense").build(L=8, H=1, device="cpu").sdpa == "dense"
+    assert C.get_case("causal").build(L=8, H=1, device="cpu").sdpa == "causal"
+    for n in ("sliding_window_1024", "document_causal", "prefix_lm_2048", "alibi_causal"):
+        assert C.get_case(n).build(L=8, H=1, device="cpu").sdpa is None
+    with pytest.raises(KeyError):
+        C.get_case("nope")
+    with pytest.raises(ValueError):
+        C.register_case(C.Case("causal", "dup", lambda **_: C.CaseInstance()))
+
+
+def test_document_ids_like_flex_anchors():
+    doc = C.document_ids(16384, "cpu", seed=3)
+    assert doc.shape == (16384,) and doc[0] == 0
+    assert torch.all(doc[1:] >= doc[:-1]) and int(doc[-1]) <= 15  # <= 16 documents
+    assert torch.equal(doc, C.document_ids(16384, "cpu", seed=3))  # reproducible
+    inst = C.get_case("document_causal").build(L=64, H=1, device="cpu", seed=0)
+    q, k = torch.tensor([5]), torch.tensor([6])
+    assert not bool(inst.mask_mod(0, 0, q, k))  # causal part
+
+
+def test_alibi_and_softcap_score_mods():
+    inst = C.get_case("alibi_causal").build(L=16, H=16, device="cpu")
+    s = torch.zeros(())
+    assert float(inst.score_mod(s, 0, 0, torch.tensor(5), torch.tensor(3))) == pytest.approx(-2 * 2**-0.5)
+    slopes = C.alibi_slopes_anchor(16, "cpu")
+    assert torch.allclose(slopes, torch.exp2(-8.0 * torch.arange(1, 17) / 16))
+    sc = C.get_case("softcap_causal").build(L=16, H=1, device="cpu").score_mod
+    assert float(sc(torch.tensor(1e4), 0, 0, 0, 0)) == pytest.approx(30.0)
+
+
+def test_resolve_cases_and_jobs():
+    assert Hn.resolve_cases(None) == C.DEFAULT_CASES
+    assert Hn.resolve_cases(None, quick=True) == C.QUICK_CASES
+    assert Hn.resolve_cases("causal,dense") == ["causal", "dense"]
+    assert Hn.resolve_cases("*causal") == [n for n in C.CASES if n.endswith("causal")]
+    assert Hn.resolve_cases("all") == list(C.CASES)
+    with pytest.raises(ValueError, match="unknown benchmark case"):
+        Hn.resolve_cases("causal,bogus")
+    cfg = Hn.BenchConfig(cases=["causal", "dense"], Ls=[4096, 16384], Ds=[64, 128])
+    assert cfg.jobs()[:3] == [("causal", 4096, 64), ("dense", 4096, 64), ("causal", 4096, 128)]
+    assert len(cfg.jobs()) == 8
+
+
+def test_fixed_length_case_runs_once_per_D():
+    name = "_test_fixed_L"
+    C.register_case(C.Case(name, "fixed", lambda **_: C.CaseInstance(), fixed_L=1024), replace=True)
+    try:
+        cfg = Hn.BenchConfig(cases=[name], Ls=[4096, 16384], Ds=[64])
+        assert cfg.jobs() == [(name, 1024, 64)]
+    finally:
+        del C.CASES[name]
+
+
+# ---------------------------------------------------------------- argument parsing
+
+def test_harness_arguments_defaults_and_quick(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    p = Hn.build_parser()
+    cfg = Hn.config_from_args(p.parse_args([]))
+    assert (cfg.Ls, cfg.Ds, cfg.B, cfg.H, cfg.hkv, cfg.dtype, cfg.bwd) == ([16384], [128], 1, 16, 16, "bf16", False)
+    assert cfg.cases == C.DEFAULT_CASES and cfg.json_path is None and cfg.isolate
+    cfg = Hn.config_from_args(p.parse_args(["--quick"]))
+    assert cfg.Ls == [4096] and cfg.cases == C.QUICK_CASES
+    cfg = Hn.config_from_args(p.parse_args(["--quick", "--L", "8192", "--cases", "dense"]))
+    assert cfg.Ls == [8192] and cfg.cases == ["dense"]
+    cfg = Hn.config_from_args(p.parse_args(["--L", "4096,16384", "--D", "64,128", "--H", "8", "--Hkv", "2",
+                                            "--dtype", "fp16", "--bwd"]))
+    assert cfg.Ls == [4096, 16384] and cfg.Ds == [64, 128] and cfg.hkv == 2 and cfg.bwd and cfg.dtype == "fp16"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--L", "abc"])
+    with pytest.raises(ValueError):
+        Hn.config_from_args(p.parse_args(["--H", "16", "--Hkv", "3"]))
+
+
+def test_json_path_from_OUT(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    cfg = Hn.config_from_args(Hn.build_parser().parse_args([]))
+    assert cfg.json_path == str(tmp_path / "bench.json") and cfg.md_path == str(tmp_path / "bench.md")
+
+
+# ---------------------------------------------------------------- markdown
+
+def _ok_row(**kw):
+    r = dict(case="causal", L=16384, B=1, H=16, Hkv=16, D=128, dtype="bf16", bwd=False, status="ok",
+             density=0.50003, ours_ms=1.5, flex_ms=2.72, sdpa_ms=1.96, flex_over_ours=1.813,
+             sdpa_over_ours=1.307, ours_tflops=366.5, flex_tflops=202.1, ours_table="closed_form",
+             flex_block_mask_ms=2.6, ours_peak_mib=200.0, flex_peak_mib=210.0, ours_compile_s=0.5,
+             ours_first_call_s=1.0, flex_compile_s=9.5, check_rel_err_flex=3.1e-3, ref_rel_err=2e-4, ref_L=256)
+    r.update(kw)
+    return r
+
+
+def test_markdown_report():
+    meta = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11.0", triton="3.6.0", cuda="12.8", ours="attndsl",
+                dtype="bf16", B=1, H=16, Hkv=16, L=[16384], D=[128], protocol=True)
+    rows = [_ok_row(),
+            _ok_row(case="document_causal", ours_table="device_table", ours_table_ms=0.0312, sdpa_ms=None,
+                    sdpa_over_ours=None),
+            dict(case="alibi_causal", L=16384, D=128, status="failed", check_detail="rel err vs flex 0.3 >= 0.02"),
+            dict(case="softcap_causal", L=16384, D=128, status="error", phase="ours.compile",
+                 error="TraceError: x | y\nline 2"),
+            dict(case="dense", L=16384, D=128, status="skipped", error="time budget exhausted")]
+    md = Hn.markdown_report(rows, meta)
+    lines = md.splitlines()
+    assert lines[0].startswith("GPU: NVIDIA H100 80GB HBM3 · torch 2.11.0 · triton 3.6.0")
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    ncol = table[0].count(" | ") + 1
+    for ln in table[2:]:  # same column count everywhere (escaped pipes do not count)
+        assert ln.replace("\\|", "").count(" | ") + 1 == ncol
+    causal = table[2]
+    assert "| 1.500 | 2.720 | 1.960 | 1.81× | 1.31× | 366.5 | 202.1 | closed form | 2.600 |" in causal
+    assert "200 / 210" in causal and "1.5 / 9.5" in causal and "ok 3.1e-03, ref 2.0e-04 @L=256" in causal
+    assert "0.031 (built once, reused)" in table[3]
+    assert "**FAILED** rel err vs flex 0.3" in table[4]
+    assert "**ERROR** (ours.compile) TraceError: x \\| y line 2" in table[5]
+    assert "skipped: time budget" in table[6]
+    assert "Forward+backward" not in md
+
+
+def test_markdown_report_bwd_table_and_non_protocol_banner():
+    row = _ok_row(bwd=True, bwd_status="ok", ours_fwd_bwd_ms=5.0, flex_fwd_bwd_ms=9.97, sdpa_fwd_bwd_ms=7.41,
+                  flex_over_ours_fwd_bwd=1.994, sdpa_over_ours_fwd_bwd=1.482, ours_fwd_bwd_tflops=1.0,
+                  grad_rel_err_dq=1e-3, grad_rel_err_dk=2e-3, grad_rel_err_dv=3e-3)
+    bad = _ok_row(case="softcap_causal", bwd=True, bwd_status="failed", bwd_error="dk rel err 0.5")
+    md = Hn.markdown_report([row, bad], dict(gpu="cpu", protocol=False, protocol_note="device=cpu dry run"))
+    assert "**Not a protocol figure** (device=cpu dry run)" in md
+    assert "Forward+backward" in md
+    assert "| causal | 16384 | 128 | 5.000 | 9.970 | 7.410 | 1.99× | 1.48× |" in md
+    assert "ok 1.0e-03/2.0e-03/3.0e-03" in md and "**FAILED** dk rel err 0.5" in md
+
+
+# ---------------------------------------------------------------- end to end on the CPU (stand-in)
+
+def test_harness_dry_run_cpu_in_process(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--ours", "flex", "--L", "128", "--D", "16", "--H", "2", "--dtype", "fp32",
+            "--ref-L", "64", "--cases", "dense,causal,document_causal,alibi_causal", "--no-isolate",
+            "--json", str(out)]
+    rc = Hn.main(argv)
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    rows = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+    assert "meta" in rows[0] and rows[0]["meta"]["protocol"] is False
+    results = rows[1:]
+    assert [r["case"] for r in results] == ["dense", "causal", "document_causal", "alibi_causal"]
+    for r in results:
+        assert r["status"] == "ok", r
+        assert r["check_rel_err_flex"] < 1e-6 and r["ref_rel_err"] < 1e-5
+        assert r["ours_ms"] > 0 and r["flex_ms"] > 0 and r["flex_over_ours"] > 0
+    assert results[0]["sdpa_ms"] > 0 and results[1]["sdpa_ms"] > 0 and "sdpa_ms" not in results[2]
+    assert results[1]["density"] == pytest.approx(129 / 256, abs=1e-6)
+    assert results[2]["ours_table"] == "device_table" and results[2]["ours_table_ms"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and len(saved["results"]) == 4
+    md_lines = (tmp_path / "bench.md").read_text().splitlines()
+    assert sum(ln.startswith("|") for ln in md_lines) == 2 + 4
+    assert "| case | L | D | density |" in stdout
+
+
+def test_failing_case_is_reported_not_timed_and_next_runs(tmp_path, capsys, monkeypatch):
+    """A wrong implementation fails its check (not timed); an exception is caught; the run goes on."""
+    real = Hn.load_ours
+
+    def broken(kind, flex_fn):
+        ours = real("flex", flex_fn)
+        good_compile = ours.compile
+
+        def compile_(mask_mod=None, score_mod=None, **kw):
+            if score_mod is not None:
+                raise RuntimeError("boom in compile")
+            attn = good_compile(mask_mod=mask_mod, score_mod=score_mod)
+            if mask_mod is None:
+                return attn
+
+            def wrong(q, k, v, **kw2):  # ignores the mask and returns something else
+                res = attn(q, k, v, **kw2)
+                return (res[0] * 2, res[1]) if isinstance(res, tuple) else res * 2
+            wrong.build_block_tables = attn.build_block_tables
+            return wrong
+        ours.compile = compile_
+        return ours
+
+    monkeypatch.setattr(Hn, "load_ours", broken)
+    argv = ["--device", "cpu", "--ours", "flex", "--L", "64", "--D", "16", "--H", "2", "--dtype", "fp32",
+            "--ref-L", "64", "--cases", "causal,alibi_causal,dense", "--no-isolate", "--json",
+            str(tmp_path / "b.json")]
+    assert Hn.main(argv) == 1
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][1:]
+    causal, alibi, dense = rows
+    assert causal["status"] == "failed" and "rel err vs flex" in causal["check_detail"]
+    assert "ours_ms" not in causal and "flex_ms" not in causal
+    assert alibi["status"] == "error" and alibi["phase"] == "ours.compile" and "boom" in alibi["error"]
+    assert "traceback" not in alibi  # printed to stderr, kept in the JSON file
+    assert dense["status"] == "ok" and dense["ours_ms"] > 0
+    saved = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert "boom" in saved[1]["traceback"]
+
+
+def test_budget_exhausted_skips(capsys):
+    argv = ["--device", "cpu", "--ours", "flex", "--L", "64", "--D", "16", "--H", "2", "--dtype", "fp32",
+            "--cases", "causal,dense", "--no-isolate", "--budget-s", "0"]
+    assert Hn.main(argv) == 1
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][1:]
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_parser():
+    p = cli.build_parser()
+    ns = p.parse_args(["show", "pat.py:local(128)", "--score", "s.py:softcap(30.0)"])
+    assert (ns.command, ns.pattern, ns.score) == ("show", "pat.py:local(128)", "s.py:softcap(30.0)")
+    ns = p.parse_args(["show", "--score", "s.py:tanh_cap"])
+    assert ns.pattern is None and ns.score == "s.py:tanh_cap"
+    assert p.parse_args(["cache"]).clear is False
+    assert p.parse_args(["cache", "--clear"]).clear is True
+    with pytest.raises(SystemExit):
+        p.parse_args([])
+    with pytest.raises(SystemExit):
+        p.parse_args(["frobnicate"])
+
+
+def test_cli_bench_forwards_arguments(monkeypatch):
+    seen = {}
+
+    def fake(ns, argv):
+        seen["ns"], seen["argv"] = ns, argv
+        return 0
+    monkeypatch.setattr(Hn, "main_from_namespace", fake)
+    assert cli.main(["bench", "--cases", "causal,sliding_window_1024", "--L", "4096", "--bwd", "--quick"]) == 0
+    assert seen["argv"] == ["--cases", "causal,sliding_window_1024", "--L", "4096", "--bwd", "--quick"]
+    assert seen["ns"].cases == "causal,sliding_window_1024" and seen["ns"].L == [4096] and seen["ns"].bwd
+
+
+def test_split_spec(tmp_path):
+    assert cli.split_spec("a.py") == ("a.py", None)
+    assert cli.split_spec("dir/a.py:f") == ("dir/a.py", "f")
+    assert cli.split_spec("a.py:sliding_window(256, causal=True)") == ("a.py", "sliding_window(256, causal=True)")
+    # a '.py:' inside the arguments does not confuse the split
+    assert cli.split_spec("a.py:f('b.py:c')") == ("a.py", "f('b.py:c')")
+    d = tmp_path / "x.py"  # a directory named like a file
+    d.mkdir()
+    (d / "m.py").write_text("")
+    assert cli.split_spec(f"{d}/m.py:g") == (f"{d}/m.py", "g")
+    for bad in ("a.txt:f", "a.py:", "nopy"):
+        with pytest.raises(cli.CLIError):
+            cli.split_spec(bad)
+
+
+@pytest.fixture
+def pattern_file(tmp_path):
+    f = tmp_path / "my_patterns.py"
+    f.write_text(textwrap.dedent("""
+        import helper_mod                      # a sibling module: the file's dir is on sys.path
+        CALLS = []
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        def sliding_window(window, causal=True, *, scale=1):
+            CALLS.append((window, causal, scale))
+            def sw(b, h, q_idx, kv_idx):
+                return (q_idx - kv_idx < window * scale) & ((q_idx >= kv_idx) | (not causal))
+            return sw
+
+        def softcap(cap):
+            return lambda s, b, h, q, k: cap * helper_mod.tanh(s / cap)
+
+        class ns:
+            def inner(b, h, q, k):
+                return q == k
+
+        mask_mod = causal
+        NOT_CALLABLE = 3
+    """))
+    (tmp_path / "helper_mod.py").write_text("import math\ntanh = math.tanh\n")
+    return f
+
+
+def test_loader_functions_and_factories(pattern_file):
+    f = str(pattern_file)
+    causal = cli.load_pattern(f + ":causal")
+    assert causal.__name__ == "causal" and causal(0, 0, 3, 2) and not causal(0, 0, 2, 3)
+    sw = cli.load_pattern(f + ":sliding_window(4, causal=False, scale=2)")
+    assert sw(0, 0, 7, 0) and not sw(0, 0, 8, 0) and sw(0, 0, 0, 5)
+    sw2 = cli.load_pattern(f + ":sliding_window(-1)")  # unary minus is a literal
+    assert not sw2(0, 0, 5, 5)
+    cap = cli.load_pattern(f + ":softcap(30.0)")
+    assert cap(1e4, 0, 0, 0, 0) == pytest.approx(30.0)
+    assert cli.load_pattern(f + ":ns.inner")(0, 0, 1, 1)
+    assert cli.load_pattern(f, default_attr="mask_mod") is not None
+
+
+@pytest.mark.parametrize("expr,match", [
+    ("sliding_window(__import__('os').getcwd())", "literals"),
+    ("sliding_window(len([1]))", "literals"),
+    ("sliding_window(*[1])", r"\*args"),
+    ("sliding_window(**{'window': 1})", r"\*\*kwargs"),
+    ("missing", "no attribute 'missing'"),
+    ("NOT_CALLABLE(1)", "not callable"),
+    ("causal.__globals__", "dunder"),
+    ("(lambda: 1)()", "expected NAME"),
+    ("causal(", "cannot parse"),
+])
+def test_loader_rejects_unsafe_or_wrong(pattern_file, expr, match):
+    with pytest.raises(cli.CLIError, match=match):
+        cli.load_pattern(f"{pattern_file}:{expr}")
+
+
+def test_loader_missing_file_and_default(tmp_path, pattern_file):
+    with pytest.raises(cli.CLIError, match="no such file"):
+        cli.load_pattern(str(tmp_path / "absent.py") + ":f")
+    with pytest.raises(cli.CLIError, match="name the function"):
+        cli.load_pattern(str(pattern_file))
+    assert str(tmp_path) not in sys.path  # sys.path restored after the import
+
+
+def test_show_calls_compile_and_explain(pattern_file, monkeypatch, capsys):
+    import types
+    calls = {}
+
+    class FakeCompiled:
+        def explain(self):
+            return "IR: fake"
+
+    def fake_compile(mask_mod=None, score_mod=None):
+        calls["mask"], calls["score"] = mask_mod, score_mod
+        return FakeCompiled()
+
+    fake = types.ModuleType("attndsl")
+    fake.compile = fake_compile
+    monkeypatch.setitem(sys.modules, "attndsl", fake)
+    f = str(pattern_file)
+    assert cli.main(["show", f + ":sliding_window(8)", "--score", f + ":softcap(20.0)"]) == 0
+    assert capsys.readouterr().out.strip() == "IR: fake"
+    assert calls["mask"](0, 0, 3, 0) and calls["score"](1e4, 0, 0, 0, 0) == pytest.approx(20.0)
+    assert cli.main(["show", f]) == 0  # module-level mask_mod
+    assert calls["mask"].__name__ == "causal" and calls["score"] is None
+    assert cli.main(["show", f + ":missing"]) == 2
+    assert "no attribute 'missing'" in capsys.readouterr().err
+
+
+def test_cache_show_and_clear(tmp_path, monkeypatch, capsys):
+    import types
+    cache = tmp_path / "cache" / "kernels"
+    (cache / "ab").mkdir(parents=True)
+    (cache / "ab" / "k.py").write_text("x" * 100)
+    (cache / "top.py").write_text("y")
+    mod = types.ModuleType("attndsl.runtime.cache")
+    mod.cache_dir = lambda: cache
+    monkeypatch.setitem(sys.modules, "attndsl.runtime.cache", mod)
+    assert cli.main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(cache) in out and "2 files" in out
+    assert cli.main(["cache", "--clear"]) == 0
+    assert cache.exists() and list(cache.iterdir()) == []
+    assert "removed 2 files" in capsys.readouterr().out
+    mod.cache_dir = lambda: tmp_path / "absent"
+    assert cli.main(["cache", "--clear"]) == 0
+    assert "does not exist" in capsys.readouterr().out
+    mod.cache_dir = lambda: __import__("pathlib").Path.home()
+    assert cli.main(["cache", "--clear"]) == 2
+    assert "refusing" in capsys.readouterr().err
