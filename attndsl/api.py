@@ -1,8 +1,6 @@
 """Public entry points: ``attndsl.attention`` and ``attndsl.compile``."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from . import codegen_bridge
@@ -10,9 +8,11 @@ from .dsl import trace
 from .passes import build_spec
 from .runtime import cache
 from .runtime.autograd import AttentionFunction
-from .runtime.checks import check_captured, check_inputs
+import math
+
+from .runtime.checks import check_captured, check_extras, check_inputs
 from .runtime.config import choose
-from .runtime.launch import BlockTables, Runner, use_interpreter
+from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 
 
 class CompiledAttention:
@@ -22,11 +22,14 @@ class CompiledAttention:
     rebinding a Python name to a new tensor needs a new ``compile``.
     """
 
-    def __init__(self, mask_mod=None, score_mod=None, *, block_m=None, block_n=None, name="attn"):
+    def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
+                 name="attn"):
         self.mask_mod, self.score_mod = mask_mod, score_mod
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
-        self.spec = build_spec(t.mask, t.score, t.buffers, name=name)
+        # floating tensors that require grad and are read by score_mod learn; mask tensors are constants
+        learnable = frozenset(i for i, x in enumerate(self.tensors) if x.requires_grad and x.dtype.is_floating_point)
+        self.spec = build_spec(t.mask, t.score, t.buffers, name=name, normalizer=normalizer, learnable=learnable)
         self._tiles = (block_m, block_n)
         self._runners: dict = {}
 
@@ -56,9 +59,15 @@ class CompiledAttention:
         r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
         return tables
 
-    def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None):
+    def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None,
+                 sigmoid_bias=None, sinks=None, bias_factors=None):
         check_inputs(query, key, value, scale)
         check_captured(self.tensors, query.device)
+        check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
+                     bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
+        if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
+            sigmoid_bias = -math.log(key.shape[2])
+        u, w = bias_factors if bias_factors is not None else (None, None)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         r = self.runner(query)
         tables = None
@@ -70,7 +79,8 @@ class CompiledAttention:
                 tables = block_tables
             else:
                 tables = r.new_tables(query, key, self.tensors)
-        out, lse = AttentionFunction.apply(query, key, value, r, scale, tables, len(self.tensors), *self.tensors)
+        out, lse = AttentionFunction.apply(query, key, value, sinks, u, w, r, scale, tables,
+                                           float(sigmoid_bias or 0.0), *self.tensors)
         return (out, lse) if return_lse else out
 
     def visit_counts(self, query, key, value, *, scale=None):
@@ -89,21 +99,28 @@ class CompiledAttention:
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
 
 
-def compile(*, mask_mod=None, score_mod=None, block_m=None, block_n=None) -> CompiledAttention:  # noqa: A001
-    """Trace and analyse a pattern once; the result is called like :func:`attention`."""
-    return CompiledAttention(mask_mod, score_mod, block_m=block_m, block_n=block_n)
+def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None) -> CompiledAttention:  # noqa: A001
+    """Trace and analyse a pattern once; the result is called like :func:`attention`
+    (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call)."""
+    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n)
 
 
-_RECENT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False):
+def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
+              normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None):
     """Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     ``query [B, Hq, Lq, D]``, ``key/value [B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0``. Returns the
     output (and, with ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32). Rows
     whose every key is masked give zeros and ``lse = -inf``. The pattern is traced on every call
     (tracing is cheap; kernels are cached by the IR hash); use :func:`compile` in hot loops.
+
+    Further keywords: ``normalizer="sigmoid"`` computes ``Σ_j σ(s_ij + sigmoid_bias)·v_j``
+    (default bias ``-log(Lkv)``, no lse); ``sinks [Hq]`` are per-head logits that join the softmax
+    denominator (a fully masked row gives 0 and ``lse = sink``); ``bias_factors=(u, w)`` adds
+    ``u·wᵀ`` to the scaled score inside the kernel. Captured floating tensors read by ``score_mod``
+    that require grad receive gradients.
     """
     check_inputs(query, key, value, scale)
-    return CompiledAttention(mask_mod, score_mod)(query, key, value, scale=scale, return_lse=return_lse)
+    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer)(
+        query, key, value, scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
+        bias_factors=bias_factors)

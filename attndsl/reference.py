@@ -13,7 +13,7 @@ from .dsl import trace
 from .ir.evaluate import evaluate
 
 
-def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None):
+def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None, bias_factors=None):
     """Modified scores and the boolean mask, ``[B, Hq, Lq, Lkv]``, in float64."""
     B, Hq, Lq, D = q.shape
     Hkv, Lkv = k.shape[1], k.shape[2]
@@ -22,6 +22,11 @@ def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None):
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
     k64 = k64.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.einsum("bhqd,bhkd->bhqk", q64, k64) * scale
+    if bias_factors is not None:
+        u, w = (x.to(torch.float64) for x in bias_factors)
+        if w.shape[1] == Hkv and Hkv != Hq:
+            w = w.repeat_interleave(Hq // Hkv, dim=1)
+        s = s + u @ w.transpose(-1, -2)
     dev = q.device
     env = {"b": torch.arange(B, device=dev).view(B, 1, 1, 1), "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
            "q": torch.arange(Lq, device=dev).view(1, 1, Lq, 1), "kv": torch.arange(Lkv, device=dev).view(1, 1, 1, Lkv),
@@ -36,15 +41,26 @@ def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None):
     return s, mask
 
 
-def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None):
-    """``(out, lse)`` in float64; differentiable with respect to query, key and value."""
+def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, normalizer="softmax",
+              sigmoid_bias=None, sinks=None, bias_factors=None):
+    """``(out, lse)`` in float64 (``lse`` is None for sigmoid); differentiable with respect to
+    query, key, value, sinks, bias factors and captured tensors that require grad."""
     B, Hq, Lq, D = query.shape
-    Hkv = key.shape[1]
-    s, mask = scores_and_mask(query, key, mask_mod, score_mod, scale)
+    Hkv, Lkv = key.shape[1], key.shape[2]
+    s, mask = scores_and_mask(query, key, mask_mod, score_mod, scale, bias_factors)
+    v64 = value.to(torch.float64).repeat_interleave(Hq // Hkv, dim=1)
+    if normalizer == "sigmoid":
+        b = -torch.log(torch.tensor(float(Lkv), dtype=torch.float64)) if sigmoid_bias is None else sigmoid_bias
+        p = torch.sigmoid(s + b) * mask
+        return p @ v64, None
     s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(torch.float64).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
+        lse = torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1)
+        p = torch.exp(s - lse[..., None])
+        return p @ v64, lse
     lse = torch.logsumexp(s, dim=-1)
     dead = torch.isneginf(lse)
     p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
-    v64 = value.to(torch.float64).repeat_interleave(Hq // Hkv, dim=1)
     out = p @ v64
     return out, lse

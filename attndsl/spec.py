@@ -22,6 +22,22 @@ class VisitRange:
 
 
 @dataclass(frozen=True)
+class GradLoad:
+    """A load of a learnable captured tensor inside score_mod, and ∂score_mod/∂(loaded value).
+
+    ``scope`` says where its gradient can be reduced before it is written: "program" (index
+    depends on b/h only: one scalar per program), "row" (index follows q: one vector per query
+    tile), "exact" (the index is (..., q, kv) of distinct positions: written tile by tile with no
+    atomics) or "scatter" (anything else: atomic adds).
+    """
+
+    load: Node
+    grad: Node
+    slot: int
+    scope: str
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     key: str
     mask: Node | None
@@ -37,6 +53,8 @@ class KernelSpec:
     mask_uses_h: bool
     name: str = "attn"
     options: tuple = field(default=())
+    normalizer: str = "softmax"  # or "sigmoid": no row normalisation, no running maximum
+    grad_loads: tuple = ()       # GradLoad entries: captured tensors that receive gradients
 
     @property
     def has_mask(self) -> bool:

@@ -78,6 +78,45 @@ def _dot(a: str, b: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------
+EXTRA_PARAMS = ("Sinks, U, W, stride_ub, stride_uh, stride_um, stride_ur, stride_wb, stride_wh, stride_wn, stride_wr, "
+                "W_GROUP, RANK, sigmoid_bias,")
+EXTRA_CONSTS = "HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,"
+
+
+def _grad_params(spec: KernelSpec) -> str:
+    return "".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
+
+
+def _grad_consts(spec: KernelSpec) -> str:
+    return "".join(f"GL{i}_ATOMIC: tl.constexpr, " for i, _ in enumerate(spec.grad_loads))
+
+
+def _softmax(spec: KernelSpec) -> bool:
+    return spec.normalizer == "softmax"
+
+
+def _score_lines(spec, em, ind, stage, qk, bias, backward=False) -> str:
+    """score = qk * scale (+ u·wᵀ); s = score_mod(score) in log2 units.
+
+    For the backward also ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads)
+    (``gmod{i}``), emitted here, before the masked branch, so every name is in scope."""
+    head = f"{ind}score = {qk} * sm_scale\n"
+    if bias:
+        head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
+    if spec.score is None:
+        return head + f"{ind}s = score * LOG2E\n"
+    s = em.emit(spec.score, stage)
+    tail = f"{ind}s = {s} * LOG2E\n"
+    if backward:
+        tail += f"{ind}dmod = {em.emit(spec.dscore, stage)}\n"
+        for i, gl in enumerate(spec.grad_loads):
+            tail += f"{ind}gmod{i} = {em.emit(gl.grad, stage)}\n"
+            if gl.scope in ("exact", "scatter"):
+                for a in gl.load.args:
+                    em.emit(a, stage)
+    return head + em.take(stage, ind) + tail
+
+
 def forward(spec: KernelSpec, table: bool) -> str:
     name = f"{spec.name}_fwd"
     env = {"b": ("b", 0), "h": ("h", 0), "q": ("q_idx", 1), "q_lo": ("q_lo", 1), "q_hi": ("q_hi", 1),
@@ -85,32 +124,52 @@ def forward(spec: KernelSpec, table: bool) -> str:
            "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
     em = ExprEmitter(env, 3, prefix="v")
     plan = _plan_lines(em, spec.fwd_range, 1, "BLOCK_N", "kv_max", table)
-    tbl_bh = "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h"
     if table:
-        plan = _table_plan_lines("", tbl_bh, "pid_m")
+        plan = _table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m")
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)
-    check = ""
-    visit_if = ""
-    body_ind = I2
+    check, visit_if, B = "", "", I2
     if spec.fwd_range.tile_check and not table and spec.tile_full is not None:
         full = em.emit(spec.tile_full, 2)
         nonempty = em.emit(spec.tile_nonempty, 2)
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & ({full} == 0)\n"
         visit_if = f"{I2}if {nonempty}:\n"
-        body_ind = I3
-    if spec.score is not None:
-        s = em.emit(spec.score, 2)
-        score_block = (f"{body_ind}score = qk * sm_scale\n" + em.take(2, body_ind)
-                       + f"{body_ind}s = {s} * LOG2E\n")
-    else:
-        score_block = f"{body_ind}s = qk * (sm_scale * LOG2E)\n"
+        B = I3
+    score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
     keep = "kv_idx < LKV"
     if spec.mask is not None:
-        m = em.emit(spec.mask, 2)
-        keep = f"({m}) & (kv_idx < LKV)"
-    mask_block = em.take(2, body_ind + I1) + f"{body_ind}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
-    B = body_ind
+        keep = f"({em.emit(spec.mask, 2)}) & (kv_idx < LKV)"
+    mask_block = em.take(2, B + I1) + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+    if _softmax(spec):
+        init = f'''    if HAS_SINKS:
+        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+'''
+        update = f'''{B}m_new = tl.maximum(m_i, tl.max(s, 1))
+{B}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+{B}p = tl.exp2(s - m_use[:, None])
+{B}alpha = tl.exp2(m_i - m_use)
+{B}l_i = l_i * alpha + tl.sum(p, 1)
+{B}acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
+{B}m_i = m_new
+'''
+        finish = '''    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+'''
+        store_lse = "    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)\n"
+    else:
+        init = ""
+        update = f'''{B}p = 1.0 / (1.0 + tl.exp2(-(s + sigmoid_bias * LOG2E)))
+{B}acc += {_dot("p.to(v.dtype)", "v")}
+'''
+        finish = "    out = acc\n"
+        store_lse = ""
     return f'''
 @triton.jit
 def {name}(
@@ -120,11 +179,13 @@ def {name}(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     HQ, GROUP, LQ, LKV, sm_scale,
+    {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    {EXTRA_CONSTS}
 ):
-    """Forward: one program per (query tile, batch*head); online softmax in fp32 with exp2."""
+    """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -145,10 +206,15 @@ def {name}(
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if HAS_BIAS:
+        offs_r = tl.arange(0, BLOCK_R)
+        u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                    mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
+        w_base = W + b.to(tl.int64) * stride_wb + (h // W_GROUP).to(tl.int64) * stride_wh
+        if UPCAST:
+            u = u.to(tl.float32)
 {pre1}{_indent(plan, I1)}
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+{init}    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visited = 0
     for it in range(0, n_tiles):
 {_indent(_tile_of_iteration(table), I2)}        kv_lo = tile * BLOCK_N
@@ -162,24 +228,17 @@ def {name}(
 {B}if UPCAST:
 {B}    kT = kT.to(tl.float32)
 {B}    v = v.to(tl.float32)
+{B}if HAS_BIAS:
+{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
+{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        wT = wT.to(tl.float32)
 {B}qk = {_dot("q", "kT")}
 {score_block}{B}if is_partial:
-{mask_block}{B}m_new = tl.maximum(m_i, tl.max(s, 1))
-{B}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-{B}p = tl.exp2(s - m_use[:, None])
-{B}alpha = tl.exp2(m_i - m_use)
-{B}l_i = l_i * alpha + tl.sum(p, 1)
-{B}acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
-{B}m_i = m_new
-{B}visited += 1
-    dead = l_i == 0.0
-    l_safe = tl.where(dead, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+{mask_block}{update}{B}visited += 1
+{finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < LQ) & d_ok[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)
-    if COUNT_VISITS:
+{store_lse}    if COUNT_VISITS:
         tl.store(VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visited)
 '''
 
@@ -209,16 +268,6 @@ def {spec.name}_bwd_delta(
 '''
 
 
-def _bwd_score(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, qk: str) -> str:
-    """Recompute the (modified) score in log2 units and, with a score_mod, its derivative."""
-    if spec.score is None:
-        return f"{ind}s = {qk} * (sm_scale * LOG2E)\n"
-    s = em.emit(spec.score, stage)
-    ds = em.emit(spec.dscore, stage)
-    return (f"{ind}score = {qk} * sm_scale\n" + em.take(stage, ind)
-            + f"{ind}s = {s} * LOG2E\n{ind}dmod = {ds}\n")
-
-
 def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int) -> str:
     keep = "(q_idx < LQ) & (kv_idx < LKV)"
     if spec.mask is not None:
@@ -226,14 +275,32 @@ def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int) -> str:
     return em.take(stage, ind + I1) + f"{ind}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
 
 
+def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str, dp: str, ds: str, row: str) -> str:
+    """ds = ∂L/∂score (natural units, before ∂score_mod) from probabilities and dP."""
+    if _softmax(spec):
+        delta = "delta[None, :]" if row == "col" else "delta[:, None]"
+        lines = f"{ind}{ds} = {p} * ({dp} - {delta})\n"
+    else:
+        lines = f"{ind}{ds} = {p} * (1.0 - {p}) * {dp}\n"
+    if spec.score is not None:
+        lines += f"{ind}{ds} = {ds} * dmod\n"
+    return lines
+
+
+def _probs(spec: KernelSpec, ind: str, p: str, lse: str) -> str:
+    if _softmax(spec):
+        return f"{ind}{p} = tl.exp2(s - {lse})\n"
+    return f"{ind}{p} = 1.0 / (1.0 + tl.exp2(-(s + sigmoid_bias * LOG2E)))\n"
+
+
 def dkdv(spec: KernelSpec, table: bool) -> str:
-    """dK/dV: one program per (key tile, batch*kv head); loops over the group's query heads."""
+    """dK/dV (and dW of a low-rank bias): one program per (key tile, batch*kv head)."""
     env = {"b": ("b", 0), "kv": ("kv_idx", 0), "kv_lo": ("kv_lo", 0), "kv_hi": ("kv_hi", 0),
            "kv_max": ("kv_max", 0), "q_max": ("q_max", 0), "h": ("h", 1),
            "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2)}
     em = ExprEmitter(env, 3, prefix="v")
-    tbl_bh = "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h"
-    plan = _table_plan_lines("", tbl_bh, "pid_n") if table else _plan_lines(em, spec.bwd_range, 1, "BLOCK_M", "q_max", False)
+    plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_n") if table
+            else _plan_lines(em, spec.bwd_range, 1, "BLOCK_M", "q_max", False))
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I2)
     check, visit_if, B = "", "", I3
@@ -243,13 +310,20 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I3) + f"{I3}is_partial = is_partial & ({full} == 0)\n"
         visit_if = f"{I3}if {nonempty}:\n"
         B = I4
-    score = _bwd_score(spec, em, B, 2, "qkT")
+    score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True)
     mask = _bwd_mask(spec, em, B, 2)
-    dmod = "\n" + f"{B}dsT = dsT * dmod" if spec.score is not None else ""
+    ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
+    if _softmax(spec):
+        stats = f'''{B}lse = tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+{B}lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+{B}delta = tl.load(Delta + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+'''
+    else:
+        stats = ""
     return f'''
 @triton.jit
 def {spec.name}_bwd_dkdv(
-    Q, K, V, DO, DK, DV, Lse, Delta,
+    Q, K, V, DO, DK, DV, Lse, Delta, DW,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -257,9 +331,11 @@ def {spec.name}_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     HQ, HKV, GROUP, LQ, LKV, sm_scale,
+    {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    {EXTRA_CONSTS}
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -280,6 +356,8 @@ def {spec.name}_bwd_dkdv(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    if HAS_BIAS:
+        offs_r = tl.arange(0, BLOCK_R)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP):
@@ -287,6 +365,12 @@ def {spec.name}_bwd_dkdv(
         bh = b * HQ + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        if HAS_BIAS:
+            w = tl.load(W + b.to(tl.int64) * stride_wb + (h // W_GROUP).to(tl.int64) * stride_wh + offs_n[:, None].to(tl.int64) * stride_wn + offs_r[None, :] * stride_wr,
+                        mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK), other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dw = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
 {pre1}{_indent(plan, I2)}        for it in range(0, n_tiles):
 {_indent(_tile_of_iteration(table), I3)}            q_lo = tile * BLOCK_M
             q_hi = q_lo + BLOCK_M - 1
@@ -298,32 +382,62 @@ def {spec.name}_bwd_dkdv(
 {B}if UPCAST:
 {B}    q = q.to(tl.float32)
 {B}    do = do.to(tl.float32)
-{B}lse = tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-{B}lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-{B}delta = tl.load(Delta + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-{B}qkT = {_dot("k", "tl.trans(q)")}
+{B}if HAS_BIAS:
+{B}    u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+{B}                mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        u = u.to(tl.float32)
+{stats}{B}qkT = {_dot("k", "tl.trans(q)")}
 {score}{B}if is_partial:
-{mask}{B}pT = tl.exp2(s - lse[None, :])
-{B}dv += {_dot("pT.to(do.dtype)", "do")}
+{mask}{_probs(spec, B, "pT", "lse[None, :]")}{B}dv += {_dot("pT.to(do.dtype)", "do")}
 {B}dpT = {_dot("v", "tl.trans(do)")}
-{B}dsT = pT * (dpT - delta[None, :]){dmod}
-{B}dk += {_dot("dsT.to(q.dtype)", "q")}
+{ds}{B}dk += {_dot("dsT.to(q.dtype)", "q")}
+{B}if HAS_BIAS:
+{B}    dw += {_dot("dsT", "u.to(tl.float32)")}
+        if HAS_BIAS:
+            dw_ptrs = DW + (bh.to(tl.int64) * LKV + offs_n[:, None]) * RANK + offs_r[None, :]
+            tl.store(dw_ptrs, dw, mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK))
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
 '''
 
 
+def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
+    """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient."""
+    init, loop, final = "", "", ""
+    for i, gl in enumerate(spec.grad_loads):
+        g = f"gmod{i}"
+        p = f"buf{gl.slot}"
+        idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter") else (0 if gl.scope == "program" else 1)) for a in gl.load.args]
+        off = " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
+                         for d, x in enumerate(idx)) or "0"
+        contrib = f"gl{i}"
+        # ds is already multiplied by dmod; the chain rule for the load needs the raw ∂L/∂s_mod
+        loop += f"{B}{contrib} = ds_raw * {g}\n"
+        if gl.scope == "program":
+            init += f"    gacc{i} = tl.zeros([1, 1], tl.float32)\n"
+            loop += f"{B}gacc{i} += tl.sum(tl.sum({contrib}, 1, keep_dims=True), 0, keep_dims=True)\n"
+            final += f"    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}) + tl.zeros([1, 1], tl.int64), gacc{i})\n"
+        elif gl.scope == "row":
+            init += f"    gacc{i} = tl.zeros([BLOCK_M, 1], tl.float32)\n"
+            loop += f"{B}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
+            final += f"    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), gacc{i}, mask=q_idx < LQ)\n"
+        else:
+            ok = "(q_idx < LQ) & (kv_idx < LKV)"
+            loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n"
+                     f"{B}else:\n{B}    tl.store(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n")
+    return init, loop, final
+
+
 def dq(spec: KernelSpec, table: bool) -> str:
-    """dQ: one program per (query tile, batch*head), visiting key tiles like the forward."""
+    """dQ (and dU of a low-rank bias, and gradients of learnable captured tensors)."""
     env = {"b": ("b", 0), "h": ("h", 0), "q": ("q_idx", 1), "q_lo": ("q_lo", 1), "q_hi": ("q_hi", 1),
            "kv_max": ("kv_max", 1), "q_max": ("q_max", 1), "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2),
            "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
     em = ExprEmitter(env, 3, prefix="v")
-    tbl_bh = "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h"
-    plan = _table_plan_lines("", tbl_bh, "pid_m") if table else _plan_lines(em, spec.fwd_range, 1, "BLOCK_N", "kv_max", False)
-    pre0 = em.take(0, I1)
-    pre1 = em.take(1, I1)
+    plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m") if table
+            else _plan_lines(em, spec.fwd_range, 1, "BLOCK_N", "kv_max", False))
     check, visit_if, B = "", "", I2
     if spec.fwd_range.tile_check and not table and spec.tile_full is not None:
         full = em.emit(spec.tile_full, 2)
@@ -331,22 +445,36 @@ def dq(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & ({full} == 0)\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
-    score = _bwd_score(spec, em, B, 2, "qk")
+    score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True)
     mask = _bwd_mask(spec, em, B, 2)
-    dmod = f" * dmod" if spec.score is not None else ""
+    ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
+    g_init, g_loop, g_final = _grad_load_code(spec, em, B)
+    if spec.grad_loads:
+        ds = ds.replace(f"{B}ds = ds * dmod", f"{B}ds_raw = ds\n{B}ds = ds * dmod")
+    pre0 = em.take(0, I1)
+    pre1 = em.take(1, I1)
+    if _softmax(spec):
+        stats = '''    lse = tl.load(Lse + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+'''
+    else:
+        stats = ""
     return f'''
 @triton.jit
 def {spec.name}_bwd_dq(
-    Q, K, V, DO, DQ, Lse, Delta,
+    Q, K, V, DO, DQ, Lse, Delta, DU,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     HQ, GROUP, LQ, LKV, sm_scale,
-    {buffer_params(spec)}{TABLE_PARAMS if table else ""}
+    {EXTRA_PARAMS}
+    {buffer_params(spec)}{_grad_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -368,14 +496,19 @@ def {spec.name}_bwd_dq(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+{stats}    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if HAS_BIAS:
+        offs_r = tl.arange(0, BLOCK_R)
+        u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                    mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
+        w_base = W + b.to(tl.int64) * stride_wb + (h // W_GROUP).to(tl.int64) * stride_wh
+        if UPCAST:
+            u = u.to(tl.float32)
+        du = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
 {pre1}{_indent(plan, I1)}
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for it in range(0, n_tiles):
+{g_init}    for it in range(0, n_tiles):
 {_indent(_tile_of_iteration(table), I2)}        kv_lo = tile * BLOCK_N
         kv_hi = kv_lo + BLOCK_N - 1
         offs_n = kv_lo + tl.arange(0, BLOCK_N)
@@ -385,15 +518,23 @@ def {spec.name}_bwd_dq(
 {B}if UPCAST:
 {B}    kT = kT.to(tl.float32)
 {B}    vT = vT.to(tl.float32)
+{B}if HAS_BIAS:
+{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
+{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        wT = wT.to(tl.float32)
 {B}qk = {_dot("q", "kT")}
 {score}{B}if is_partial:
-{mask}{B}p = tl.exp2(s - lse[:, None])
-{B}dp = {_dot("do", "vT")}
-{B}ds = p * (dp - delta[:, None]){dmod}
-{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+{mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
+{ds}{g_loop}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+{B}if HAS_BIAS:
+{B}    du += {_dot("ds", "tl.trans(wT.to(tl.float32))")}
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
-'''
+    if HAS_BIAS:
+        du_ptrs = DU + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :]
+        tl.store(du_ptrs, du, mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK))
+{g_final}'''
 
 
 def block_table(spec: KernelSpec, transposed: bool) -> str:

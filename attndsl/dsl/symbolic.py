@@ -211,6 +211,12 @@ def _div(a, b, rounding_mode=None):
 _HANDLERS[torch.div] = _div
 _HANDLERS[torch.true_divide] = lambda a, b: _bin("truediv", a, b)
 _HANDLERS.pop(torch.fmod)
+# method spellings (tensor.mul(sym), tensor.__mul__ dispatching as Tensor.mul, ...)
+for _name in ("add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "eq", "ne", "lt", "le", "gt",
+              "ge", "logical_and", "logical_or", "logical_not", "neg", "clamp_min", "clamp_max", "rsqrt", "square",
+              "pow"):
+    if hasattr(T, _name) and getattr(torch, _name, None) in _HANDLERS:
+        _HANDLERS[getattr(T, _name)] = _HANDLERS[getattr(torch, _name)]
 _OPS = {"add": "add", "sub": "sub", "mul": "mul", "truediv": "truediv", "floordiv": "floordiv", "mod": "mod",
         "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne"}
 for _py, _op in _OPS.items():

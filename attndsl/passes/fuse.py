@@ -5,7 +5,7 @@ import weakref
 
 from .. import ir
 from ..ir import Node
-from ..spec import KernelSpec, VisitRange
+from ..spec import GradLoad, KernelSpec, VisitRange
 from .block_analysis import is_data_dependent, tile_class, tile_range
 from .grad import derivative
 from .simplify import simplify
@@ -23,9 +23,39 @@ def _range(mask, target) -> VisitRange:
     return VisitRange(target, tr.outer, tr.inner, tr.tile_check)
 
 
-def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", options=()) -> KernelSpec:
-    """Run the passes on traced IR and assemble the KernelSpec (memoised by IR identity)."""
-    ck = (mask, score, tuple(b.key() for b in buffers), name, options)
+def _scope(load: Node) -> str:
+    """Where the gradient of one learnable load can be reduced (see GradLoad)."""
+    fv = ir.free_vars(load)
+    if not fv & {"q", "kv"}:
+        return "program"
+    if "kv" not in fv:
+        return "row"
+    args = load.args
+    if all(a.op == "var" for a in args) and len({a.attr for a in args}) == len(args) and {"q", "kv"} <= fv:
+        return "exact"
+    return "scatter"
+
+
+def grad_loads(score: Node | None, learnable: frozenset) -> tuple:
+    """∂score_mod/∂(each load of a learnable captured tensor), derived on the IR."""
+    if score is None or not learnable:
+        return ()
+    out = []
+    for ld in ir.loads([score]):
+        if ld.attr[0] in learnable and ld.dtype == ir.FLOAT:
+            out.append(GradLoad(ld, derivative(score, ld), ld.attr[0], _scope(ld)))
+    return tuple(out)
+
+
+def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", options=(),
+               normalizer="softmax", learnable=frozenset()) -> KernelSpec:
+    """Run the passes on traced IR and assemble the KernelSpec (memoised by IR identity).
+
+    ``learnable``: slots of captured tensors (read by score_mod) that receive gradients."""
+    if normalizer not in ("softmax", "sigmoid"):
+        raise ValueError(f"normalizer must be 'softmax' or 'sigmoid', got {normalizer!r}")
+    learnable = frozenset(learnable)
+    ck = (mask, score, tuple(b.key() for b in buffers), name, options, normalizer, learnable)
     hit = _CACHE.get(ck)
     if hit is not None:
         return hit
@@ -43,12 +73,13 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
         full, nonempty = tile_class(mask)
     fv = ir.free_vars(mask) if mask is not None else frozenset()
     key = ir.structural_hash(mask if mask is not None else "nomask", score if score is not None else "noscore",
-                             tuple(b.key() for b in buffers), options, SPEC_VERSION)
+                             tuple(b.key() for b in buffers), options, normalizer, sorted(learnable), SPEC_VERSION)
     spec = KernelSpec(
         key=key, mask=mask, score=score, dscore=dscore, buffers=tuple(buffers),
         fwd_range=_range(mask, "kv"), bwd_range=_range(mask, "q"),
         tile_full=full, tile_nonempty=nonempty,
         data_dependent=mask is not None and is_data_dependent(mask),
-        mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options))
+        mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options),
+        normalizer=normalizer, grad_loads=grad_loads(score, learnable))
     _CACHE[ck] = spec
     return spec

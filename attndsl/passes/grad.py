@@ -20,13 +20,17 @@ def derivative(expr: Node, wrt: Node) -> Node:
     """``d expr / d wrt`` for a float expression; ``wrt`` is a variable or any sub-node."""
     memo: dict[Node, Node] = {}
     fv: dict = {}
+    dep: dict[Node, bool] = {}
 
     def depends(n):
         if n is wrt:
             return True
         if wrt.op == "var":
             return wrt.attr in ir.free_vars(n, fv)
-        return any(depends(a) for a in n.args)
+        r = dep.get(n)
+        if r is None:
+            r = dep[n] = any(depends(a) for a in n.args)
+        return r
 
     def d(n: Node) -> Node:
         r = memo.get(n)

@@ -45,7 +45,53 @@ def check_captured(tensors, device):
         if t.device != device:
             raise ValueError(f"the pattern captures a tensor (#{i}, shape {tuple(t.shape)}) on {t.device}, "
                              f"but the inputs are on {device}; move it with .to({str(device)!r})")
-        if t.requires_grad and t.dtype.is_floating_point:
-            raise NotImplementedError(
-                f"captured tensor #{i} (shape {tuple(t.shape)}) requires grad: gradients into captured tensors "
-                "are not supported yet; detach it or use it as a constant")
+
+
+def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sigmoid_bias):
+    """Validate the keywords of issue #6 (sinks, low-rank bias, sigmoid) before any launch."""
+    B, Hq, Lq, _ = query.shape
+    Hkv, Lkv = key.shape[1], key.shape[2]
+    if normalizer == "sigmoid":
+        if return_lse:
+            raise ValueError("return_lse=True is not available with normalizer='sigmoid' (there is no row normaliser)")
+        if sinks is not None:
+            raise ValueError("sinks join the softmax denominator; they have no meaning with normalizer='sigmoid'")
+    elif sigmoid_bias is not None:
+        raise ValueError("sigmoid_bias is only used with normalizer='sigmoid'")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"sinks must be a tensor of shape [{Hq}], got {type(sinks).__name__}")
+        if sinks.dim() != 1 or sinks.shape[0] != Hq:
+            raise ValueError(f"sinks must have shape [Hq] = [{Hq}], got {tuple(sinks.shape)}")
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks must be floating, got {sinks.dtype}")
+        if sinks.device != query.device:
+            raise ValueError(f"sinks are on {sinks.device}, the inputs on {query.device}")
+    if bias_factors is not None:
+        if not (isinstance(bias_factors, (tuple, list)) and len(bias_factors) == 2):
+            raise TypeError("bias_factors must be a pair (u, w)")
+        u, w = bias_factors
+        for n, t in (("u", u), ("w", w)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"bias_factors {n} must be a 4-D tensor [B, H, L, R], got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"bias_factors {n} must be floating, got {t.dtype}")
+            if t.device != query.device:
+                raise ValueError(f"bias_factors {n} is on {t.device}, the inputs on {query.device}")
+        if u.dtype != w.dtype:
+            raise TypeError(f"bias_factors u and w must share a dtype, got {u.dtype} and {w.dtype}")
+        if u.shape[3] != w.shape[3]:
+            raise ValueError(f"bias_factors ranks disagree: u has R={u.shape[3]}, w has R={w.shape[3]}")
+        if not 1 <= u.shape[3] <= 256:
+            raise ValueError(f"bias_factors rank {u.shape[3]} is outside 1..256")
+        if u.shape[0] not in (1, B) or w.shape[0] not in (1, B):
+            raise ValueError(f"bias_factors batch dims must be 1 or {B}: u {tuple(u.shape)}, w {tuple(w.shape)}")
+        if u.shape[1] not in (1, Hq):
+            raise ValueError(f"bias_factors u heads must be 1 or Hq={Hq}, got {u.shape[1]}")
+        if w.shape[1] not in (1, Hq, Hkv):
+            raise ValueError(f"bias_factors w heads must be 1, Hq={Hq} or Hkv={Hkv}, got {w.shape[1]}")
+        if u.shape[2] != Lq:
+            raise ValueError(f"bias_factors u length {u.shape[2]} differs from the query length {Lq}")
+        if w.shape[2] != Lkv:
+            raise ValueError(f"bias_factors w length {w.shape[2]} differs from the key length {Lkv}")

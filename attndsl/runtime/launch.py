@@ -45,6 +45,34 @@ def _strides(t):
 
 
 @dataclass
+class Extras:
+    """Per-call tensors beyond q/k/v: sink logits, low-rank bias factors, sigmoid bias."""
+
+    sinks: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    sigmoid_bias: float = 0.0
+
+    def args(self, q, k) -> list:
+        B, Hq, Lq, _ = q.shape
+        Hkv = k.shape[1]
+        dummy = q
+        if self.u is None:
+            bias = [dummy, dummy, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+        else:
+            u, w = self.u, self.w
+            su = [0 if u.shape[0] == 1 else u.stride(0), 0 if u.shape[1] == 1 else u.stride(1), u.stride(2), u.stride(3)]
+            sw = [0 if w.shape[0] == 1 else w.stride(0), 0 if w.shape[1] == 1 else w.stride(1), w.stride(2), w.stride(3)]
+            w_group = Hq // Hkv if (w.shape[1] == Hkv and Hkv != Hq) else 1
+            bias = [u, w, *su, *sw, w_group, u.shape[3]]
+        return [self.sinks if self.sinks is not None else dummy, *bias, float(self.sigmoid_bias)]
+
+    def consts(self) -> dict:
+        r = self.u.shape[3] if self.u is not None else 1
+        return dict(HAS_SINKS=self.sinks is not None, HAS_BIAS=self.u is not None, BLOCK_R=max(16, 1 << (r - 1).bit_length()))
+
+
+@dataclass
 class Table:
     """One block table: per row tile, the full and partial column tiles."""
 
@@ -137,7 +165,8 @@ class Runner:
         return t
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, q, k, v, scale, buffers, tables, count_visits=False):
+    def forward(self, q, k, v, scale, buffers, tables, extras: Extras | None = None, count_visits=False):
+        extras = extras or Extras()
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         out = _new(q.shape, q)
@@ -149,43 +178,83 @@ class Runner:
         if self.spec.data_dependent:
             targs = self.table(tables, buffers, False, cfg.block_m, cfg.block_n).args()
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                Hq, Hq // Hkv, Lq, Lkv, scale, *buffer_args(buffers), *targs]
+                Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers), *targs]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
         self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, "fwd",
-                     COUNT_VISITS=count_visits, **self._consts(q.dtype))
+                     COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts())
         return out, lse, (visits if count_visits else None)
 
     # -- backward ------------------------------------------------------------------------------
-    def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables):
+    def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
+                 need_buffer_grads=()):
+        """Returns (dq, dk, dv, dsinks, du, dw, {slot: dbuf})."""
+        extras = extras or Extras()
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
-        consts = self._consts(q.dtype)
+        consts = {**self._consts(q.dtype), **extras.consts()}
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-        delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-        bm = 64 if not self.interpret else self.cfg.dq.block_m
-        with self.mode():
-            getattr(self.mod, f"{self.spec.name}_bwd_delta")[(triton.cdiv(Lq, bm), B * Hq)](
-                out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq,
-                HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd)
-        if dlse is not None:
-            # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
-            delta = delta - dlse.to(torch.float32)
+        softmax = self.spec.normalizer == "softmax"
+        delta = lse
+        if softmax:
+            delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+            bm = 64 if not self.interpret else self.cfg.dq.block_m
+            with self.mode():
+                getattr(self.mod, f"{self.spec.name}_bwd_delta")[(triton.cdiv(Lq, bm), B * Hq)](
+                    out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq,
+                    HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd)
+            if dlse is not None:
+                # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
+                delta = delta - dlse.to(torch.float32)
         dq = _new(q.shape, q)
         dk = _new(k.shape, k)
         dv = _new(v.shape, v)
+        R = extras.u.shape[3] if extras.u is not None else 1
+        du = torch.empty((B, Hq, Lq, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
+        dw = torch.empty((B, Hq, Lkv, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
+        dbufs = {}
+        gl_args, gl_consts = [], {}
+        for i, gl in enumerate(self.spec.grad_loads):
+            t = buffers[gl.slot]
+            if gl.slot not in dbufs:
+                # same strides as the tensor: a broadcast (stride-0) dimension sums its gradient
+                dbufs[gl.slot] = torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device).zero_()
+            gl_args.append(dbufs[gl.slot])
+            fv = {a.attr for a in gl.load.args if a.op == "var"}
+            exact = gl.scope == "exact" and ("b" in fv or B == 1) and ("h" in fv or Hq == 1)
+            gl_consts[f"GL{i}_ATOMIC"] = not exact
+        xargs = extras.args(q, k)
         bargs = buffer_args(buffers)
         c = self.cfg.dkdv
         targs = self.table(tables, buffers, True, c.block_n, c.block_m).args() if self.spec.data_dependent else []
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dkdv"),
                      lambda c: (triton.cdiv(Lkv, c.block_n), B * Hkv),
-                     [q, k, v, dout, dk, dv, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *bargs, *targs],
+                     [q, k, v, dout, dk, dv, lse, delta, dw, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *targs],
                      c, "dkdv", **consts)
         c = self.cfg.dq
         targs = self.table(tables, buffers, False, c.block_m, c.block_n).args() if self.spec.data_dependent else []
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
                      lambda c: (triton.cdiv(Lq, c.block_m), B * Hq),
-                     [q, k, v, dout, dq, lse, delta, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *bargs, *targs],
-                     c, "dq", **consts)
-        return dq, dk, dv
+                     [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
+                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *gl_args, *targs],
+                     c, "dq", **consts, **gl_consts)
+        dsinks = None
+        if extras.sinks is not None:
+            # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
+            p_sink = torch.exp(extras.sinks.float()[None, :, None] - lse)
+            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(extras.sinks.dtype)
+        if extras.u is not None:
+            du = _reduce_to(du, extras.u.shape).to(extras.u.dtype)
+            if extras.w.shape[1] == Hkv and Hkv != Hq:
+                dw = dw.view(B, Hkv, Hq // Hkv, Lkv, R).sum(2)
+            dw = _reduce_to(dw, extras.w.shape).to(extras.w.dtype)
+        else:
+            du = dw = None
+        dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
+        return dq, dk, dv, dsinks, du, dw, dbufs
+
+
+def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a gradient over the dimensions an input broadcast (size 1 there)."""
+    dims = [i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1]
+    return g.sum(dim=dims, keepdim=True) if dims else g
