@@ -23,14 +23,14 @@ class CompiledAttention:
     """
 
     def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
-                 name="attn"):
+                 num_warps=None, num_stages=None, name="attn"):
         self.mask_mod, self.score_mod = mask_mod, score_mod
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
         # floating tensors that require grad and are read by score_mod learn; mask tensors are constants
         learnable = frozenset(i for i, x in enumerate(self.tensors) if x.requires_grad and x.dtype.is_floating_point)
         self.spec = build_spec(t.mask, t.score, t.buffers, name=name, normalizer=normalizer, learnable=learnable)
-        self._tiles = (block_m, block_n)
+        self._tiles = (block_m, block_n, num_warps, num_stages)
         self._runners: dict = {}
 
     # -- kernels ---------------------------------------------------------------------------
@@ -99,10 +99,13 @@ class CompiledAttention:
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
 
 
-def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None) -> CompiledAttention:  # noqa: A001
+def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001
+            num_warps=None, num_stages=None) -> CompiledAttention:
     """Trace and analyse a pattern once; the result is called like :func:`attention`
-    (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call)."""
-    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n)
+    (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call).
+    Tile sizes, warps and pipeline stages override the heuristics (mainly for tuning and tests)."""
+    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n,
+                             num_warps=num_warps, num_stages=num_stages)
 
 
 def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,

@@ -100,11 +100,12 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False) -> str:
 
     For the backward also ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads)
     (``gmod{i}``), emitted here, before the masked branch, so every name is in scope."""
+    if spec.score is None:
+        return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * LOG2E\n"
+                f"{ind}else:\n{ind}    s = {qk} * (sm_scale * LOG2E)\n")
     head = f"{ind}score = {qk} * sm_scale\n"
     if bias:
         head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
-    if spec.score is None:
-        return head + f"{ind}s = score * LOG2E\n"
     s = em.emit(spec.score, stage)
     tail = f"{ind}s = {s} * LOG2E\n"
     if backward:
@@ -182,7 +183,7 @@ def {name}(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS}
 ):
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
@@ -206,6 +207,9 @@ def {name}(
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    offs_n0 = tl.arange(0, BLOCK_N)
+    kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_offs = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
@@ -219,12 +223,14 @@ def {name}(
     for it in range(0, n_tiles):
 {_indent(_tile_of_iteration(table), I2)}        kv_lo = tile * BLOCK_N
         kv_hi = kv_lo + BLOCK_N - 1
-        offs_n = kv_lo + tl.arange(0, BLOCK_N)
+        offs_n = kv_lo + offs_n0
         kv_idx = offs_n[None, :]
-{check}{visit_if}{B}kT = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
-{B}             mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-{B}            mask=(offs_n[:, None] < LKV) & d_ok[None, :], other=0.0)
+{check}{visit_if}{B}if EVEN_KV:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs)
+{B}else:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs, mask=(offs_n[:, None] < LKV) & d_ok[None, :], other=0.0)
 {B}if UPCAST:
 {B}    kT = kT.to(tl.float32)
 {B}    v = v.to(tl.float32)
@@ -334,7 +340,7 @@ def {spec.name}_bwd_dkdv(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
     {EXTRA_CONSTS}
 ):
     pid_n = tl.program_id(0)
@@ -360,6 +366,9 @@ def {spec.name}_bwd_dkdv(
         offs_r = tl.arange(0, BLOCK_R)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_offs = offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -374,11 +383,15 @@ def {spec.name}_bwd_dkdv(
 {pre1}{_indent(plan, I2)}        for it in range(0, n_tiles):
 {_indent(_tile_of_iteration(table), I3)}            q_lo = tile * BLOCK_M
             q_hi = q_lo + BLOCK_M - 1
-            offs_m = q_lo + tl.arange(0, BLOCK_M)
+            offs_m = q_lo + offs_m0
             q_idx = offs_m[None, :]
-{check}{visit_if}{B}q_ok = (offs_m[:, None] < LQ) & d_ok[None, :]
-{B}q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
-{B}do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+{check}{visit_if}{B}if EVEN_Q:
+{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs)
+{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs)
+{B}else:
+{B}    q_ok = (offs_m[:, None] < LQ) & d_ok[None, :]
+{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs, mask=q_ok, other=0.0)
+{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs, mask=q_ok, other=0.0)
 {B}if UPCAST:
 {B}    q = q.to(tl.float32)
 {B}    do = do.to(tl.float32)
@@ -473,7 +486,7 @@ def {spec.name}_bwd_dq(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{_grad_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
     pid_m = tl.program_id(0)
@@ -498,6 +511,9 @@ def {spec.name}_bwd_dq(
         do = do.to(tl.float32)
 {stats}    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    offs_n0 = tl.arange(0, BLOCK_N)
+    kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    vT_offs = offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
@@ -511,10 +527,14 @@ def {spec.name}_bwd_dq(
 {g_init}    for it in range(0, n_tiles):
 {_indent(_tile_of_iteration(table), I2)}        kv_lo = tile * BLOCK_N
         kv_hi = kv_lo + BLOCK_N - 1
-        offs_n = kv_lo + tl.arange(0, BLOCK_N)
+        offs_n = kv_lo + offs_n0
         kv_idx = offs_n[None, :]
-{check}{visit_if}{B}kT = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}vT = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_d[:, None] * stride_vd, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{check}{visit_if}{B}if EVEN_KV:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs)
+{B}else:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
 {B}if UPCAST:
 {B}    kT = kT.to(tl.float32)
 {B}    vT = vT.to(tl.float32)

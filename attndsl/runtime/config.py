@@ -33,7 +33,8 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: int | None = None) -> Configs:
+def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: int | None = None,
+           num_warps: int | None = None, num_stages: int | None = None) -> Configs:
     """Heuristic tiles. On the interpreter small tiles keep CPU tests fast and multi-tile."""
     if interpret:
         bm, bn = block_m or 32, block_n or 32
@@ -49,7 +50,9 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
     else:
         fwd = TileConfig(64, 32, 4, 2)
         bwd = TileConfig(32, 32, 4, 1)
+    if block_m or block_n or num_warps or num_stages:
+        fwd = replace(fwd, block_m=block_m or fwd.block_m, block_n=block_n or fwd.block_n,
+                      num_warps=num_warps or fwd.num_warps, num_stages=num_stages or fwd.num_stages)
     if block_m or block_n:
-        fwd = replace(fwd, block_m=block_m or fwd.block_m, block_n=block_n or fwd.block_n)
         bwd = replace(bwd, block_m=block_m or bwd.block_m, block_n=block_n or bwd.block_n)
     return Configs(fwd, bwd, bwd)

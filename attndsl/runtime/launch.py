@@ -181,7 +181,8 @@ class Runner:
                 Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers), *targs]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
         self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, "fwd",
-                     COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts())
+                     COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
+                     EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         return out, lse, (visits if count_visits else None)
 
     # -- backward ------------------------------------------------------------------------------
@@ -230,14 +231,14 @@ class Runner:
                      lambda c: (triton.cdiv(Lkv, c.block_n), B * Hkv),
                      [q, k, v, dout, dk, dv, lse, delta, dw, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
                       *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *targs],
-                     c, "dkdv", **consts)
+                     c, "dkdv", **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
         c = self.cfg.dq
         targs = self.table(tables, buffers, False, c.block_m, c.block_n).args() if self.spec.data_dependent else []
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
                      lambda c: (triton.cdiv(Lq, c.block_m), B * Hq),
                      [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
                       *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *gl_args, *targs],
-                     c, "dq", **consts, **gl_consts)
+                     c, "dq", **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         dsinks = None
         if extras.sinks is not None:
             # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
