@@ -124,8 +124,10 @@ class Runner:
         """Launch; on a shared-memory overflow retry with smaller tiles (and remember them)."""
         while True:
             try:
+                # constants that depend on the tile size are given as functions of the config
+                cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
                 with self.mode():
-                        kernel[grid(cfg)](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **consts,
+                    kernel[grid(cfg)](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 return cfg
             except triton.runtime.errors.OutOfResources:
