@@ -1,0 +1,388 @@
+"""Runtime: the on-disk source cache, compile-once-for-all-lengths, visit plans and kernel results.
+
+Runs on CPU tensors, so every kernel goes through Triton's interpreter; sizes are kept small.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+import attndsl
+import attndsl.reference
+from attndsl.runtime import cache
+
+BLOCK = 16
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def sliding(w):
+    def sliding_window(b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (d >= 0) & (d < w)
+    return sliding_window
+
+
+def window_abs(w):
+    return lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= w
+
+
+def rand(*shape, dtype=torch.float32, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def qkv(B=1, Hq=2, Hkv=2, Lq=40, Lkv=40, D=16, dtype=torch.float32, grad=False, seed=0):
+    return (rand(B, Hq, Lq, D, dtype=dtype, seed=seed, grad=grad),
+            rand(B, Hkv, Lkv, D, dtype=dtype, seed=seed + 1, grad=grad),
+            rand(B, Hkv, Lkv, D, dtype=dtype, seed=seed + 2, grad=grad))
+
+
+def reference(q, k, v, mask_mod=None, score_mod=None):
+    q64, k64, v64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v))
+    out, lse = attndsl.reference.attention(q64, k64, v64, mask_mod=mask_mod, score_mod=score_mod)
+    return (q64, k64, v64), out, lse
+
+
+def assert_close(got, want, tol, what):
+    got, want = got.detach().double(), want.detach().double()
+    both_inf = torch.isneginf(got) & torch.isneginf(want)
+    err = torch.where(both_inf, torch.zeros_like(got), (got - want).abs())
+    assert not torch.isnan(got).any(), f"{what}: NaN in result"
+    scale = max(1.0, float(want[torch.isfinite(want)].abs().max()) if torch.isfinite(want).any() else 1.0)
+    assert float(err.max()) <= tol * scale, f"{what}: max error {float(err.max()):.3e} > {tol * scale:.1e}"
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache directory and an empty in-memory module cache."""
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path / "cache"))
+    cache._MODULES.clear()
+    yield cache.cache_dir()
+    cache._MODULES.clear()
+
+
+# --- on-disk cache ---------------------------------------------------------------------------------
+def _run_and_check(mask_mod, q, k, v):
+    comp = attndsl.compile(mask_mod=mask_mod, block_m=BLOCK, block_n=BLOCK)
+    out = comp(q, k, v)
+    _, ref, _ = reference(q, k, v, mask_mod)
+    assert_close(out, ref, 1e-4, "forward")
+    return comp
+
+
+def test_cache_dir_follows_env(fresh_cache, tmp_path):
+    assert fresh_cache == tmp_path / "cache" and fresh_cache.is_dir()
+
+
+def test_compile_writes_source_file_once(fresh_cache):
+    q, k, v = qkv()
+    before = dict(cache.STATS)
+    comp = _run_and_check(causal, q, k, v)
+    path = cache.source_path(comp.spec)
+    assert path.parent == fresh_cache and path.is_file()
+    text = path.read_text()
+    assert text.startswith("# attndsl-checksum: ") and "@triton.jit" in text and comp.spec.key in text
+    assert cache.STATS["render"] == before["render"] + 1
+    assert cache.STATS["import"] == before["import"] + 1
+    assert cache.STATS["rebuilt"] == before["rebuilt"]
+    # a second compile of the same pattern in this process: nothing rendered or imported
+    _run_and_check(causal, q, k, v)
+    assert cache.STATS["render"] == before["render"] + 1 and cache.STATS["import"] == before["import"] + 1
+    # a new process (simulated: empty module cache) reuses the file without rendering
+    cache._MODULES.clear()
+    _run_and_check(causal, q, k, v)
+    assert cache.STATS["render"] == before["render"] + 1
+    assert cache.STATS["import"] == before["import"] + 2
+    assert [p.name for p in fresh_cache.iterdir()] == [path.name]
+
+
+def _corrupt_truncate(path):
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+
+
+def _corrupt_garbage(path):
+    path.write_bytes(b"\x00\xffgarbage\x80" * 100)
+
+
+def _corrupt_empty(path):
+    path.write_text("")
+
+
+def _corrupt_valid_checksum_bad_python(path):
+    body = "this is not python (\n"
+    path.write_text(cache._MARK + cache._checksum(body) + "\n" + body)
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_garbage, _corrupt_empty,
+                                     _corrupt_valid_checksum_bad_python])
+def test_corrupt_cache_entry_is_rebuilt(fresh_cache, corrupt):
+    q, k, v = qkv(Lq=33, Lkv=33)
+    mask = sliding(9)
+    comp = _run_and_check(mask, q, k, v)
+    path = cache.source_path(comp.spec)
+    good = path.read_text()
+    corrupt(path)
+    cache._MODULES.clear()
+    rebuilt = cache.STATS["rebuilt"]
+    _run_and_check(mask, q, k, v)
+    assert cache.STATS["rebuilt"] == rebuilt + 1
+    assert path.read_text() == good
+    assert not list(fresh_cache.glob("*.tmp"))
+
+
+def test_atomic_write_leaves_no_temp_files_on_failure(fresh_cache, monkeypatch):
+    q, k, v = qkv(Lq=20, Lkv=20)
+
+    def boom(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(cache.os, "replace", boom)
+    with pytest.raises(OSError, match="simulated"):
+        attndsl.compile(mask_mod=window_abs(3), block_m=BLOCK, block_n=BLOCK)(q, k, v)
+    assert list(fresh_cache.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(fresh_cache))
+    _run_and_check(window_abs(3), q, k, v)
+    files = list(fresh_cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".py"
+
+
+def test_one_compile_serves_every_length(fresh_cache):
+    comp = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    before = dict(cache.STATS)
+    for lq, lkv in [(1, 1), (5, 9), (16, 16), (17, 17), (31, 47), (48, 20), (33, 33)]:
+        q, k, v = qkv(Lq=lq, Lkv=lkv, seed=lq)
+        out = comp(q, k, v)
+        _, ref, _ = reference(q, k, v, causal)
+        assert_close(out, ref, 1e-4, f"Lq={lq} Lkv={lkv}")
+    assert cache.STATS["render"] == before["render"] + 1
+    assert cache.STATS["import"] == before["import"] + 1
+    assert len(comp._runners) == 1
+
+
+def test_runtime_scalar_changes_without_recompiling(fresh_cache):
+    w = torch.tensor(8)
+
+    def win(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx < w) & (q_idx >= kv_idx)
+
+    comp = attndsl.compile(mask_mod=win, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(Lq=50, Lkv=50)
+    before = dict(cache.STATS)
+    for value in (8, 3, 20):
+        w.fill_(value)
+        out = comp(q, k, v)
+        _, ref, _ = reference(q, k, v, lambda b, h, q_idx, kv_idx: (q_idx - kv_idx < value) & (q_idx >= kv_idx))
+        assert_close(out, ref, 1e-4, f"window {value}")
+    assert cache.STATS["render"] <= before["render"] + 1 and cache.STATS["import"] <= before["import"] + 1
+
+
+def test_captured_tensor_mutated_in_place_is_seen(fresh_cache):
+    ids = torch.tensor([0] * 10 + [1] * 15 + [2] * 15, dtype=torch.int32)
+
+    def doc(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+
+    comp = attndsl.compile(mask_mod=doc, block_m=BLOCK, block_n=BLOCK)
+    assert comp.spec.data_dependent
+    q, k, v = qkv(Lq=40, Lkv=40)
+    _, ref1, _ = reference(q, k, v, doc)
+    assert_close(comp(q, k, v), ref1, 1e-4, "packing 1")
+    ids.copy_(torch.tensor([0] * 3 + [1] * 30 + [2] * 7, dtype=torch.int32))
+    _, ref2, _ = reference(q, k, v, doc)
+    assert not torch.allclose(ref1, ref2)
+    assert_close(comp(q, k, v), ref2, 1e-4, "packing 2")
+
+
+# --- visit plans: mask-free closed-form tiles -------------------------------------------------
+def brute_visits(mask_mod, B, Hq, Lq, Lkv, bm, bn):
+    """Tiles each (b*h, q tile) must visit: key tiles with at least one allowed pair."""
+    q = torch.zeros(B, Hq, Lq, 16, dtype=torch.float64)
+    k = torch.zeros(B, Hq, Lkv, 16, dtype=torch.float64)
+    _, m = attndsl.reference.scores_and_mask(q, k, mask_mod)
+    nq, nk = -(-Lq // bm), -(-Lkv // bn)
+    pad = torch.zeros(B, Hq, nq * bm, nk * bn, dtype=torch.bool)
+    pad[:, :, :Lq, :Lkv] = m
+    tiles = pad.view(B, Hq, nq, bm, nk, bn).any(5).any(3)  # [B, H, nq, nk]
+    return tiles.sum(-1).view(B * Hq, nq).to(torch.int32)
+
+
+VISIT_CASES = [
+    ("causal", causal, 1, 2, 2, 100, 100),
+    ("causal_gqa_lq_lt_lkv", causal, 1, 4, 2, 40, 90),
+    ("causal_lq_gt_lkv", causal, 2, 1, 1, 90, 40),
+    ("sliding16", sliding(16), 1, 2, 1, 120, 120),
+    ("sliding5", sliding(5), 1, 1, 1, 97, 97),
+    ("sliding40_uneven", sliding(40), 1, 1, 1, 75, 110),
+    ("window_abs20", window_abs(20), 1, 1, 1, 100, 100),
+]
+
+
+@pytest.mark.parametrize("name,mask,B,Hq,Hkv,Lq,Lkv", VISIT_CASES, ids=[c[0] for c in VISIT_CASES])
+def test_closed_form_masks_visit_exactly_the_needed_tiles(name, mask, B, Hq, Hkv, Lq, Lkv):
+    comp = attndsl.compile(mask_mod=mask, block_m=BLOCK, block_n=BLOCK)
+    assert comp.spec.data_dependent is False
+    assert not comp.spec.fwd_range.tile_check and not comp.spec.bwd_range.tile_check
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv)
+    visits = comp.visit_counts(q, k, v)
+    want = brute_visits(mask, B, Hq, Lq, Lkv, BLOCK, BLOCK)
+    assert visits.shape == want.shape
+    assert torch.equal(visits.cpu(), want), f"\nvisited {visits.tolist()}\nneeded  {want.tolist()}"
+    # and fewer than all tiles, or the test says nothing
+    assert int(want.sum()) < want.numel() * -(-Lkv // BLOCK)
+
+
+def test_data_dependent_mask_visits_only_nonempty_tiles():
+    ids = torch.tensor([0] * 20 + [1] * 5 + [2] * 40 + [3] * 15, dtype=torch.int32)
+    doc = lambda b, h, q_idx, kv_idx: (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)  # noqa: E731
+    comp = attndsl.compile(mask_mod=doc, block_m=BLOCK, block_n=BLOCK)
+    assert comp.spec.data_dependent is True
+    q, k, v = qkv(1, 2, 2, 80, 80)
+    assert torch.equal(comp.visit_counts(q, k, v), brute_visits(doc, 1, 2, 80, 80, BLOCK, BLOCK))
+
+
+def test_tile_checked_mask_visits_a_superset():
+    dil = lambda b, h, q_idx, kv_idx: ((q_idx - kv_idx) % 3 == 0) & (q_idx >= kv_idx) | (kv_idx < 4)  # noqa: E731
+    comp = attndsl.compile(mask_mod=dil, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(1, 1, 1, 70, 70)
+    visits, want = comp.visit_counts(q, k, v), brute_visits(dil, 1, 1, 70, 70, BLOCK, BLOCK)
+    assert (visits >= want).all()
+    _, ref, _ = reference(q, k, v, dil)
+    assert_close(comp(q, k, v), ref, 1e-4, "dilated forward")
+
+
+# --- results: forward, lse and gradients against the float64 reference ---------------------------
+IDS = torch.tensor([0] * 7 + [1] * 30 + [2] * 1 + [3] * 40, dtype=torch.int32)
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+
+
+def doc_mask(b, h, q_idx, kv_idx):
+    return (IDS[q_idx] == IDS[kv_idx]) & (q_idx >= kv_idx)
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx)
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 2.0 * torch.tanh(score / 2.0)
+
+
+def prefix_lm(b, h, q_idx, kv_idx):
+    return (kv_idx < 12) | (q_idx >= kv_idx)
+
+
+def dead_rows(b, h, q_idx, kv_idx):
+    # rows 0..9 see nothing; the others are causal from key 5 on
+    return (q_idx >= 10) & (kv_idx >= 5) & (kv_idx <= q_idx)
+
+
+def chunked(b, h, q_idx, kv_idx):
+    return (q_idx // 24 == kv_idx // 24) & (q_idx >= kv_idx)
+
+
+CASES = [
+    # name, mask, score, B, Hq, Hkv, Lq, Lkv, D
+    ("dense", None, None, 1, 2, 2, 45, 45, 32),
+    ("causal", causal, None, 1, 2, 2, 70, 70, 32),
+    ("sliding_gqa", sliding(20), None, 1, 4, 2, 66, 66, 32),
+    ("document", doc_mask, None, 1, 2, 1, 78, 78, 32),
+    ("alibi_causal", causal, alibi, 1, 4, 4, 50, 50, 32),
+    ("softcap", None, softcap, 2, 1, 1, 40, 40, 32),
+    ("prefix_lm", prefix_lm, None, 1, 2, 2, 64, 64, 32),
+    ("dead_rows", dead_rows, None, 1, 1, 1, 40, 40, 32),
+    ("lq_lt_lkv", causal, None, 1, 2, 2, 30, 75, 32),
+    ("lq_gt_lkv", window_abs(10), None, 1, 2, 1, 75, 30, 32),
+    ("chunked_softcap", chunked, softcap, 1, 1, 1, 60, 60, 48),
+]
+
+
+@pytest.mark.parametrize("name,mask,score,B,Hq,Hkv,Lq,Lkv,D", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_backward_match_reference(name, mask, score, B, Hq, Hkv, Lq, Lkv, D):
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, grad=True, seed=7)
+    comp = attndsl.compile(mask_mod=mask, score_mod=score, block_m=BLOCK, block_n=BLOCK)
+    out, lse = comp(q, k, v, return_lse=True)
+    (q64, k64, v64), ref, ref_lse = reference(q, k, v, mask, score)
+    assert out.shape == q.shape and lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32
+    assert_close(out, ref, 2e-4, "out")
+    assert_close(lse, ref_lse, 2e-4, "lse")
+    dout = rand(*out.shape, seed=99)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for name_, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert got.shape == want.shape
+        assert_close(got, want, 5e-4, name_)
+
+
+def test_dead_rows_give_zero_output_and_neg_inf_lse():
+    q, k, v = qkv(1, 1, 1, 40, 40, 32, grad=True)
+    out, lse = attndsl.compile(mask_mod=dead_rows, block_m=BLOCK, block_n=BLOCK)(q, k, v, return_lse=True)
+    assert torch.equal(out[:, :, :10].detach(), torch.zeros_like(out[:, :, :10]))
+    assert torch.isneginf(lse[:, :, :10]).all() and torch.isfinite(lse[:, :, 10:]).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :, :10], torch.zeros_like(q.grad[:, :, :10]))
+    assert torch.isfinite(k.grad).all() and torch.equal(k.grad[:, :, :5], torch.zeros_like(k.grad[:, :, :5]))
+
+
+def test_gradient_through_lse():
+    q, k, v = qkv(1, 2, 2, 40, 40, 32, grad=True, seed=3)
+    out, lse = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)(q, k, v, return_lse=True)
+    (q64, k64, v64), ref, ref_lse = reference(q, k, v, causal)
+    w = rand(*lse.shape, seed=5)
+    (out.sum() + (lse * w).sum()).backward()
+    (ref.sum() + (ref_lse * w.double()).sum()).backward()
+    for what, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(got, want, 5e-4, what)
+
+
+def test_attention_one_shot_matches_compile():
+    q, k, v = qkv(1, 2, 2, 33, 33, 32)
+    a = attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)
+    _, ref, _ = reference(q, k, v, causal, alibi)
+    assert_close(a, ref, 2e-4, "attention()")
+
+
+def test_scale_argument():
+    q, k, v = qkv(1, 1, 1, 20, 20, 32)
+    out = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)(q, k, v, scale=0.05)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, scale=0.05)
+    assert_close(out, ref, 1e-4, "scale=0.05")
+
+
+def test_non_contiguous_inputs():
+    base = rand(1, 40, 2, 32, seed=11)  # [B, L, H, D] viewed as [B, H, L, D]
+    q = base.transpose(1, 2)
+    k = rand(1, 40, 2, 32, seed=12).transpose(1, 2)
+    v = rand(1, 40, 2, 32, seed=13).transpose(1, 2)
+    assert not q.is_contiguous()
+    out = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)(q, k, v)
+    _, ref, _ = reference(q, k, v, causal)
+    assert_close(out, ref, 1e-4, "strided")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 4e-2)])
+def test_half_precision_forward_on_cpu(dtype, tol):
+    q, k, v = qkv(1, 2, 2, 40, 40, 32, dtype=dtype)
+    out = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)(q, k, v)
+    assert out.dtype == dtype
+    _, ref, _ = reference(q, k, v, causal)
+    assert_close(out, ref, tol, str(dtype))
+
+
+def test_block_tables_reused_across_calls():
+    comp = attndsl.compile(mask_mod=doc_mask, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(1, 2, 2, 78, 78, 32)
+    tables = comp.build_block_tables(q, k)
+    assert tables is not None and tables.shape == (1, 2, 78, 78)
+    _, ref, _ = reference(q, k, v, doc_mask)
+    assert_close(comp(q, k, v, block_tables=tables), ref, 1e-4, "with tables")
+    assert attndsl.compile(mask_mod=causal).build_block_tables(q, k) is None
+    with pytest.raises(ValueError, match="block_tables"):
+        comp(q[:, :, :40], k, v, block_tables=tables)
