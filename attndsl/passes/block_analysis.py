@@ -204,9 +204,8 @@ class _Ranges:
                 return (lo if lo is not None else const(0), self.t_max)
             return (const(0), hi if hi is not None else self.t_max)
         if isinstance(f, Free):
+            # uniform along the target: the range is all or nothing, never gappy
             must, may = self.ia(f.atom)
-            if not (may.op == "const"):
-                self.check = True
             return (const(0), node("where", may, self.t_max, const(-1)))
         if isinstance(f, Opaque):
             self.check = True
@@ -217,7 +216,14 @@ class _Ranges:
             for l2, h2 in parts[1:]:
                 lo, hi = node("maximum", lo, l2), node("minimum", hi, h2)
             return (lo, hi)
-        self.check = True
+        # a union of ranges that all start at 0 (or all end at the last index) has no gaps;
+        # otherwise tiles between the parts may be empty and are tested one by one
+        # (a Free part is all-or-nothing, so it cannot open a gap)
+        solid = [p for p, sub in zip(parts, f.parts) if not isinstance(sub, Free)]
+        anchored_low = all(ir.is_const(simplify(l), 0) for l, _ in solid)
+        anchored_high = all(simplify(h) is self.t_max for _, h in solid)
+        if len(solid) > 1 and not (anchored_low or anchored_high):
+            self.check = True
         big = node("add", self.t_max, const(1))
         los = [node("where", node("le", l, h), l, big) for l, h in parts]
         his = [node("where", node("le", l, h), h, const(-1)) for l, h in parts]
