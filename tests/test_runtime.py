@@ -153,6 +153,37 @@ def test_atomic_write_leaves_no_temp_files_on_failure(fresh_cache, monkeypatch):
     assert len(files) == 1 and files[0].suffix == ".py"
 
 
+CONCURRENT_SCRIPT = """
+import sys, torch, attndsl
+from attndsl.runtime import cache
+w = int(sys.argv[1])
+comp = attndsl.compile(mask_mod=lambda b, h, q, kv: (q - kv).abs() <= w, block_m=16, block_n=16)
+q = torch.randn(1, 1, 24, 16)
+out = comp(q, q, q)
+ref, _ = attndsl.reference.attention(q.double(), q.double(), q.double(), mask_mod=comp.mask_mod)
+assert (out.double() - ref).abs().max() < 1e-4
+print(cache.source_path(comp.spec).name)
+"""
+
+
+def test_concurrent_processes_share_one_entry(fresh_cache):
+    """Two processes compiling the same new pattern at once: both work, one file, no temp files left."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ATTNDSL_CACHE_DIR=str(fresh_cache),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, "7"], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-2000:]
+    names = {o.strip() for o, _ in outs}
+    assert len(names) == 1
+    assert sorted(x.name for x in fresh_cache.iterdir()) == sorted(names)
+    assert cache._valid(fresh_cache / names.pop())
+
+
 def test_one_compile_serves_every_length(fresh_cache):
     comp = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
     before = dict(cache.STATS)
@@ -318,6 +349,48 @@ def test_forward_and_backward_match_reference(name, mask, score, B, Hq, Hkv, Lq,
     for name_, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
         assert got.shape == want.shape
         assert_close(got, want, 5e-4, name_)
+
+
+def integer_semantics(score, b, h, q_idx, kv_idx):
+    """Floor division and modulo by negative constants and by variables, truncating casts."""
+    return (score + ((kv_idx - q_idx) // 3) * 0.1 + ((q_idx - kv_idx) % -4) * 0.05
+            + ((q_idx // (kv_idx + 1)) % 3) * 0.01 + ((kv_idx - q_idx).float() * 0.3).long() * 0.02
+            + ((q_idx - 20) // (kv_idx - 60)).float() * 0.01 + ((q_idx - kv_idx) % (kv_idx - 60)) * 0.01)
+
+
+def integer_mask(b, h, q_idx, kv_idx):
+    return (((kv_idx - q_idx) // 4) % 3 != 1) & (((q_idx - kv_idx) % -5 > -4) | ((q_idx - 30) // -7 == 2))
+
+
+def test_integer_semantics_in_kernels():
+    q, k, v = qkv(1, 2, 2, 50, 50, 32, seed=21)
+    comp = attndsl.compile(mask_mod=integer_mask, score_mod=integer_semantics, block_m=BLOCK, block_n=BLOCK)
+    out = comp(q, k, v)
+    _, ref, _ = reference(q, k, v, integer_mask, integer_semantics)
+    assert_close(out, ref, 1e-4, "integer semantics")
+    # the terms matter: without them the result differs
+    _, plain, _ = reference(q, k, v, integer_mask)
+    assert not torch.allclose(plain, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("mask", [lambda b, h, q_idx, kv_idx: False,
+                                  lambda b, h, q_idx, kv_idx: torch.tensor(False),
+                                  lambda b, h, q_idx, kv_idx: h < 0], ids=["false", "tensor_false", "h_lt_0"])
+def test_all_masked_patterns(mask):
+    q, k, v = qkv(1, 2, 2, 20, 20, 16, grad=True)
+    comp = attndsl.compile(mask_mod=mask, block_m=BLOCK, block_n=BLOCK)
+    out, lse = comp(q, k, v, return_lse=True)
+    assert torch.equal(out.detach(), torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.equal(g, torch.zeros_like(g))
+    assert int(comp.visit_counts(q, k, v).sum()) == 0
+
+
+def test_always_true_mask_is_dropped():
+    comp = attndsl.compile(mask_mod=lambda b, h, q_idx, kv_idx: torch.tensor(True), block_m=BLOCK, block_n=BLOCK)
+    assert comp.spec.mask is None
+    assert comp.spec.key == attndsl.compile().spec.key
 
 
 def test_dead_rows_give_zero_output_and_neg_inf_lse():

@@ -118,6 +118,13 @@ MASKS = {
     "rev_ops": (lambda b, h, q, kv: (10 - q) * 2 > 30 // (kv + 1), {"sub", "floordiv"}),
     "logical_fns": (lambda b, h, q, kv: torch.logical_or(torch.logical_and(q > 3, kv > 3), torch.logical_not(q > kv)),
                     {"or", "and", "not"}),
+    "to_bool": (lambda b, h, q, kv: ((q - kv) % 3).bool() & (q - kv).to(torch.bool), {"ne"}),
+    "torch_fn_spellings": (lambda b, h, q, kv: torch.ge(torch.remainder(torch.add(q, kv, alpha=2), 5),
+                                                          torch.floor_divide(torch.sub(q, kv), 4)), {"mod", "floordiv"}),
+    "div_floor": (lambda b, h, q, kv: torch.div(q - kv, 3, rounding_mode="floor") == -1, {"floordiv"}),
+    "min_max_two_arg": (lambda b, h, q, kv: torch.min(q, kv + 2) > torch.max(kv - 3, q // 2), {"minimum", "maximum"}),
+    "clip_where_method": (lambda b, h, q, kv: torch.clip(q - kv, -3, 3).where(h == 1, kv - q) >= 1,
+                          {"minimum", "maximum", "where"}),
     "long_int_cast": (lambda b, h, q, kv: ((q.float() * 0.7).long() + (kv.float() / 3).int()) % 2 == 0, {"to_int"}),
 }
 
@@ -156,6 +163,10 @@ SCORES = {
     "runtime_scalar_float": (lambda s, b, h, q, kv: s * T0 + T0, {"load"}),
     "int_division_in_score": (lambda s, b, h, q, kv: s + ((q - kv) // 3) * 0.5 + ((q - kv) % 5), {"floordiv", "mod"}),
     "neg_pow": (lambda s, b, h, q, kv: -(s ** 2) + s * s * s, {"neg", "mul"}),
+    "rsqrt_square_expit": (lambda s, b, h, q, kv: torch.rsqrt(torch.square(s) + 1.0) + torch.special.expit(s),
+                           {"sqrt", "sigmoid", "mul"}),
+    "clamp_min_max_fns": (lambda s, b, h, q, kv: torch.clamp_min(s, -1.0) + torch.clamp_max(s, 1.0), {"minimum", "maximum"}),
+    "pow_fn": (lambda s, b, h, q, kv: torch.pow(s, 3) - s, {"mul"}),
     "rsub_rdiv": (lambda s, b, h, q, kv: 1.0 - 2.0 / (s * s + 1.0), {"truediv", "sub"}),
 }
 
