@@ -92,6 +92,8 @@ class ExprEmitter:
         hit = self.names.get(n)
         if hit is not None:
             return hit
+        if n.op == "load":
+            return self._emit_load(n, min_stage)
         parts = [self._emit(a, min_stage) for a in n.args]
         stage = max([min_stage] + [s for _, s in parts])
         code = self._expr(n, [c for c, _ in parts])
@@ -129,6 +131,36 @@ class ExprEmitter:
         if op in _FUNC:
             return f"{_FUNC[op]}({', '.join(a)})"
         raise NotImplementedError(f"codegen has no rule for IR op '{op}'")
+
+    def _fresh(self) -> str:
+        name = f"{self.prefix}{self.count}"
+        self.count += 1
+        return name
+
+    def _emit_load(self, n: Node, min_stage: int):
+        """A captured-tensor load. Each dimension's address term is emitted at the stage of its
+        index, so e.g. the row part of ``bias[h, q, kv]`` is computed once per query tile."""
+        slot, kind, ndim, tdt = n.attr
+        p = f"buf{slot}"
+        stage, terms = min_stage, []
+        for d, a in enumerate(n.args):
+            code, st = self._emit(a, min_stage)
+            st = max(st, min_stage)
+            # clamp into the tensor so padded rows/columns never read out of bounds
+            lo = code if nonneg(a, self.nn) else f"tl.maximum({code}, 0)"
+            name = self._fresh()
+            self.lines[st].append(f"{name} = tl.minimum({lo}, {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
+            terms.append(name)
+            stage = max(stage, st)
+        val = f"tl.load({p} + {' + '.join(terms)})" if terms else f"tl.load({p})"
+        if kind == FLOAT:
+            val = f"{val}.to(tl.float32)"
+        elif kind == BOOL:
+            val = f"{val} != 0"
+        name = self._fresh()
+        self.lines[stage].append(f"{name} = {val}")
+        self.names[n] = (name, stage)
+        return name, stage
 
     def _load(self, n: Node, idx: list[str]) -> str:
         slot, kind, ndim, tdt = n.attr

@@ -35,8 +35,21 @@ def _checksum(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
+_FINGERPRINT: list = []
+
+
+def codegen_fingerprint() -> str:
+    """Hash of the code generator's own source: editing codegen/ can never reuse stale kernels."""
+    if not _FINGERPRINT:
+        h = hashlib.sha256()
+        for f in sorted(Path(codegen.__file__).parent.glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+        _FINGERPRINT.append(h.hexdigest()[:12])
+    return _FINGERPRINT[0]
+
+
 def source_path(spec) -> Path:
-    return cache_dir() / f"{spec.name}_{spec.key}_v{codegen.CODEGEN_VERSION}.py"
+    return cache_dir() / f"{spec.name}_{spec.key}_v{codegen.CODEGEN_VERSION}_{codegen_fingerprint()}.py"
 
 
 def _valid(path: Path) -> bool:
@@ -79,8 +92,12 @@ def _import(path: Path, interpret: bool, tag: str):
     return module
 
 
-def load(spec, interpret: bool):
-    """The generated module for ``spec`` (interpreted or compiled kernels)."""
+def load(spec, interpret: bool, render=None):
+    """The generated module for ``spec`` (interpreted or compiled kernels).
+
+    ``render`` (default ``codegen.render``) turns the spec into source; other kernel families
+    (the index-selector kernels) pass their own and a spec name of their own."""
+    render = render or codegen.render
     key = (spec.key, spec.name, interpret)
     m = _MODULES.get(key)
     if m is not None:
@@ -95,14 +112,14 @@ def load(spec, interpret: bool):
             if path.exists():
                 STATS["rebuilt"] += 1
             STATS["render"] += 1
-            _write(path, codegen.render(spec))
+            _write(path, render(spec))
         try:
             m = _import(path, interpret, tag)
         except Exception:
             # a stale or damaged entry: rebuild from the spec once, then give up loudly
             STATS["rebuilt"] += 1
             STATS["render"] += 1
-            _write(path, codegen.render(spec))
+            _write(path, render(spec))
             m = _import(path, interpret, tag)
         _MODULES[key] = m
         return m
