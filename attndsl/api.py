@@ -60,7 +60,13 @@ class CompiledAttention:
         return tables
 
     def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None,
-                 sigmoid_bias=None, sinks=None, bias_factors=None):
+                 sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
+        if indices is not None or blocks is not None:
+            # index selectors (attndsl.selectors): token-level gather kernels or block-table mode
+            from .selectors import selected_call
+            return selected_call(self, query, key, value, indices=indices, blocks=blocks, check_indices=check_indices,
+                                 block_tables=block_tables, scale=scale, return_lse=return_lse,
+                                 sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors)
         check_inputs(query, key, value, scale)
         check_captured(self.tensors, query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
@@ -109,7 +115,8 @@ def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None
 
 
 def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
-              normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None):
+              normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None,
+              check_indices=None):
     """Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     ``query [B, Hq, Lq, D]``, ``key/value [B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0``. Returns the
@@ -122,8 +129,14 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, r
     denominator (a fully masked row gives 0 and ``lse = sink``); ``bias_factors=(u, w)`` adds
     ``u·wᵀ`` to the scaled score inside the kernel. Captured floating tensors read by ``score_mod``
     that require grad receive gradients.
+
+    Index selectors (:mod:`attndsl.selectors`) restrict the keys before the mask:
+    ``indices [B, G, Lq, K]`` (int32, ``-1`` = unused) lists the keys each query visits, shared by
+    the query heads of group ``g`` (DeepSeek Sparse Attention); out-of-range entries raise unless
+    ``check_indices=False`` (then they are unused slots). ``blocks`` (a
+    :class:`~attndsl.selectors.BlockSelection`) lists key blocks per query block (MoBA, NSA).
     """
     check_inputs(query, key, value, scale)
     return CompiledAttention(mask_mod, score_mod, normalizer=normalizer)(
         query, key, value, scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
-        bias_factors=bias_factors)
+        bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)

@@ -1,2 +1,3 @@
 """The one place the library reaches into ``codegen`` (kept separate so the tracer never does)."""
 from codegen import CODEGEN_VERSION, kernel_names, render  # noqa: F401
+from codegen.selector import SELECTOR_VERSION, render_gather, render_indexer  # noqa: F401

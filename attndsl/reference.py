@@ -64,3 +64,78 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, n
     p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
     out = p @ v64
     return out, lse
+
+
+def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=None, scale=None):
+    """Token-selector oracle: ``(out, lse)`` in float64, gathering the selected keys explicitly.
+
+    ``indices [B, G, Lq, K]``: query ``q`` of head ``h`` visits keys ``indices[b, h // (Hq // G), q, :]``;
+    entries outside ``[0, Lkv)`` (``-1``) are unused; a key listed twice counts twice. The mask and
+    score modifier apply on top with ``kv_idx`` = the gathered key's position. Differentiable with
+    respect to query, key and value. Materialises ``[B, Hq, Lq, K, D]``: keep it small.
+    """
+    B, Hq, Lq, D = query.shape
+    Hkv, Lkv = key.shape[1], key.shape[2]
+    G, K = indices.shape[1], indices.shape[3]
+    scale = D ** -0.5 if scale is None else float(scale)
+    idx = indices.to(torch.int64).repeat_interleave(Hq // G, dim=1)          # [B, Hq, Lq, K]
+    valid = (idx >= 0) & (idx < Lkv)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    kv_head = torch.arange(Hq, device=query.device) // (Hq // Hkv)
+    k64 = key.to(torch.float64)[:, kv_head]                                  # [B, Hq, Lkv, D]
+    v64 = value.to(torch.float64)[:, kv_head]
+    flat = safe.reshape(B, Hq, Lq * K, 1).expand(B, Hq, Lq * K, D)
+    ks = torch.gather(k64, 2, flat).view(B, Hq, Lq, K, D)
+    vs = torch.gather(v64, 2, flat).view(B, Hq, Lq, K, D)
+    s = torch.einsum("bhqd,bhqkd->bhqk", query.to(torch.float64), ks) * scale
+    t = trace(mask_mod, score_mod)
+    dev = query.device
+    env = {"b": torch.arange(B, device=dev).view(B, 1, 1, 1), "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),
+           "q": torch.arange(Lq, device=dev).view(1, 1, Lq, 1), "kv": safe, "score": s}
+    roots = [r for r in (t.mask, t.score) if r is not None]
+    vals = evaluate(roots, env, t.tensors, device=dev) if roots else []
+    keep = valid
+    if t.mask is not None:
+        keep = keep & torch.broadcast_to(vals.pop(0), keep.shape)
+    if t.score is not None:
+        s = torch.broadcast_to(vals.pop(0), s.shape)
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("bhqk,bhqkd->bhqd", p, vs)
+    return out, lse
+
+
+def block_selection_mask(blocks, B, Hq, Lq, Lkv):
+    """The dense ``[B, Hq, Lq, Lkv]`` boolean mask of a block selection (for the oracle and tests).
+
+    ``blocks.indices [B|1, G, n_q_blocks, K]`` lists key blocks of ``blocks.kv_block`` keys per query
+    block of ``blocks.q_block`` queries, shared by the heads of group ``g``; entries out of range are unused.
+    """
+    idx = blocks.indices.to(torch.int64)
+    Bi, G, nqb, K = idx.shape
+    nkb = -(-Lkv // blocks.kv_block)
+    ok = (idx >= 0) & (idx < nkb)
+    sel = torch.zeros((Bi, G, nqb, nkb + 1), dtype=torch.bool, device=idx.device)
+    sel.scatter_(-1, torch.where(ok, idx, torch.full_like(idx, nkb)), True)
+    sel = sel[..., :nkb].repeat_interleave(Hq // G, dim=1).expand(B, Hq, nqb, nkb)
+    qb = torch.arange(Lq, device=idx.device) // blocks.q_block
+    kb = torch.arange(Lkv, device=idx.device) // blocks.kv_block
+    qb = qb.clamp(max=nqb - 1)
+    return sel[:, :, qb][:, :, :, kb] & (torch.arange(Lq, device=idx.device) // blocks.q_block < nqb)[:, None]
+
+
+def block_sparse_attention(query, key, value, blocks, *, mask_mod=None, score_mod=None, scale=None):
+    """Block-selector oracle: :func:`attention` restricted to the selected blocks, in float64."""
+    B, Hq, Lq, D = query.shape
+    Hkv, Lkv = key.shape[1], key.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    sel = block_selection_mask(blocks, B, Hq, Lq, Lkv)
+    s, mask = scores_and_mask(query, key, mask_mod, score_mod, scale)
+    s = s.masked_fill(~(mask & sel), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    dead = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
+    out = p @ value.to(torch.float64).repeat_interleave(Hq // Hkv, dim=1)
+    return out, lse

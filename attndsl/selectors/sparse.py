@@ -1,0 +1,231 @@
+"""Token-level selectors (DSA): attention over the keys listed in ``indices[b, g, q, j]``.
+
+Semantics: query ``q`` of batch ``b`` and query head ``h`` visits the keys
+``indices[b, h // (Hq // G), q, :]``; a slot holding ``-1`` is unused. The pattern's mask and
+score modifier apply on top, with ``kv_idx`` the selected key's position. Each slot is one
+gathered key: a key listed twice in one row is attended twice (like an explicit gather;
+``torch.topk`` never produces duplicates, and :func:`dedupe` removes them if your selector can).
+
+Out-of-range indices (``< -1`` or ``>= Lkv``) are never read. In the **checked** mode (the
+default) they raise an ``IndexError`` before any kernel is launched; this costs one pass over the
+indices and a host synchronisation. In the **fast** mode they are treated as unused slots inside
+the kernel. Switch per call with ``check_indices=False`` (or ``True``), or process-wide with the
+environment variable ``ATTNDSL_CHECK_INDICES=0``. Under ``torch.compile`` the check is skipped
+(it would need a host synchronisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+
+from .. import codegen_bridge
+from ..runtime import cache
+from ..runtime.config import block_d
+from ..runtime.interpreter import interpreting
+from ..runtime.launch import _new, buffer_args, use_interpreter
+
+GATHER_TAG = "sel"
+
+
+def default_check() -> bool:
+    return os.environ.get("ATTNDSL_CHECK_INDICES", "1") not in ("0", "false", "False", "no")
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # older torch
+        return False
+
+
+def validate_indices(indices, query, key, checked: bool | None = None) -> int:
+    """Validate ``indices`` for ``query``/``key``; return the number of groups ``G``.
+
+    Shape, dtype and device are always checked (no synchronisation). With ``checked`` (default:
+    :func:`default_check`) the values are checked too: every entry must be ``-1`` or lie in
+    ``[0, Lkv)``.
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 (or int64), got {indices.dtype}")
+    if indices.dim() != 4:
+        raise ValueError(f"indices must have shape [B, G, Lq, K] (G groups of query heads share a selection), "
+                         f"got rank {indices.dim()} ({tuple(indices.shape)})")
+    if indices.device != query.device:
+        raise ValueError(f"indices are on {indices.device}, the inputs on {query.device}")
+    B, Hq, Lq, _ = query.shape
+    Bi, G, Li, K = indices.shape
+    if Bi != B or Li != Lq:
+        raise ValueError(f"indices {tuple(indices.shape)} must be [B={B}, G, Lq={Lq}, K]")
+    if G == 0 or Hq % G:
+        raise ValueError(f"indices have G={G} groups; the query's {Hq} heads must be a multiple of it")
+    if K == 0:
+        raise ValueError("indices have K=0 slots per query")
+    if checked is None:
+        checked = default_check()
+    if checked and not _compiling():
+        Lkv = key.shape[2]
+        bad = (indices < -1) | (indices >= Lkv)
+        if bool(bad.any()):
+            pos = tuple(int(x) for x in bad.nonzero()[0])
+            raise IndexError(
+                f"indices{list(pos)} = {int(indices[pos])} is out of range for Lkv={Lkv} (valid: -1 for an "
+                f"unused slot, or 0..{Lkv - 1}); pass check_indices=False to treat such entries as unused")
+    return G
+
+
+def dedupe(indices: torch.Tensor) -> torch.Tensor:
+    """A copy of ``indices`` where repeats of a key within one row are replaced by ``-1``."""
+    srt, order = torch.sort(indices, dim=-1)
+    dup = torch.zeros_like(srt, dtype=torch.bool)
+    dup[..., 1:] = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    out = indices.clone()
+    out.scatter_(-1, order, torch.where(dup, torch.full_like(srt, -1), srt))
+    return out
+
+
+def units(Hq: int, Hkv: int, G: int, max_heads: int = 64) -> int:
+    """Query heads per program: heads that share the selection group and the key/value head."""
+    share = Hq // math.lcm(G, Hkv)
+    hpp = share
+    if hpp > max_heads:
+        hpp = max(d for d in range(1, max_heads + 1) if share % d == 0)
+    return hpp
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherConfig:
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def gather_config(head_dim: int, interpret: bool, block_n: int | None = None) -> GatherConfig:
+    """Slots per chunk and launch options (``block_n``: the ``attndsl.compile(block_n=...)`` override)."""
+    if block_n:
+        return dataclasses.replace(gather_config(head_dim, interpret), block_n=int(block_n))
+    if interpret:
+        return GatherConfig(64, 4, 1)
+    d = block_d(head_dim)
+    return GatherConfig(64 if d <= 128 else 32, 4, 2)
+
+
+def gather_spec(spec):
+    """The spec of the gather kernels: the pattern's, under a name and key of their own."""
+    sel_v = codegen_bridge.SELECTOR_VERSION
+    return dataclasses.replace(spec, name=f"{spec.name}_{GATHER_TAG}", key=f"{spec.key}s{sel_v}")
+
+
+def _unsupported(spec):
+    normalizer = getattr(spec, "normalizer", "softmax")
+    if normalizer != "softmax":
+        raise NotImplementedError(f"indices= with normalizer={normalizer!r} is not supported yet (softmax only)")
+    if getattr(spec, "grad_loads", ()):
+        raise NotImplementedError("indices= with learnable captured tensors is not supported yet")
+
+
+class GatherRunner:
+    """Launches the gather kernels of one spec for one backend and head dim."""
+
+    def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None):
+        _unsupported(spec)
+        self.spec = gather_spec(spec)
+        self.interpret = interpret
+        self.head_dim = head_dim
+        self.bd = block_d(head_dim)
+        self.cfg = gather_config(head_dim, interpret, block_n)
+        self.mod = cache.load(self.spec, interpret, render=codegen_bridge.render_gather)
+
+    def _mode(self):
+        import contextlib
+        return interpreting() if self.interpret else contextlib.nullcontext()
+
+    def _consts(self, q, hpp):
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, BLOCK_H=max(16, triton.next_power_of_2(hpp)),
+                    BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
+                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                    num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+
+    def _shape_args(self, q, k, indices):
+        B, Hq, Lq, _ = q.shape
+        Hkv, Lkv = k.shape[1], k.shape[2]
+        G = indices.shape[1]
+        hpp = units(Hq, Hkv, G)
+        nu = Hq // hpp
+        return (B, nu, Lq), hpp, [nu, hpp, Hq // Hkv, Hq // G, Lq, Lkv, indices.shape[3]]
+
+    def forward(self, q, k, v, indices, scale, buffers):
+        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
+        out = _new(q.shape, q)
+        lse = _new((B, q.shape[1], Lq), q, torch.float32)
+        args = [q, k, v, indices, out, lse, *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
+                *shape_args, scale, *buffer_args(buffers)]
+        with self._mode():
+            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, **self._consts(q, hpp))
+        return out, lse
+
+    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers):
+        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
+        dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+        dq = _new(q.shape, q)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dl = dlse.contiguous().to(torch.float32) if dlse is not None else lse
+        args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+                *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
+                *shape_args, scale, *buffer_args(buffers)]
+        with self._mode():
+            getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
+                                                                     **self._consts(q, hpp))
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, runner, scale, *buffers):
+        out, lse = runner.forward(q, k, v, indices, scale, buffers)
+        ctx.save_for_backward(q, k, v, indices, out, lse, *buffers)
+        ctx.runner, ctx.scale = runner, scale
+        ctx.mark_non_differentiable(indices)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, indices, out, lse, *buffers = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = ctx.runner.backward(q, k, v, indices, out, lse, dout, dlse, ctx.scale, buffers)
+        return (dq, dk, dv, None, None, None) + (None,) * len(buffers)
+
+
+def gather_runner(compiled, query) -> GatherRunner:
+    """The (cached) gather runner of a :class:`~attndsl.api.CompiledAttention` for ``query``."""
+    runners = compiled.__dict__.setdefault("_gather_runners", {})
+    interpret = use_interpreter(query)
+    key = (interpret, query.shape[-1], query.device.index)
+    r = runners.get(key)
+    if r is None:
+        tiles = getattr(compiled, "_tiles", (None, None))
+        r = runners[key] = GatherRunner(compiled.spec, interpret, query.shape[-1], block_n=tiles[1])
+    return r
+
+
+def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=False, check_indices=None,
+                **extras):
+    """``compiled(query, key, value, indices=...)``: the token-selector path of the public API."""
+    from ..runtime.checks import check_captured, check_inputs
+    bad = [n for n, x in extras.items() if x is not None]
+    if bad:
+        raise NotImplementedError(f"indices= cannot be combined with {', '.join(sorted(bad))} yet")
+    check_inputs(query, key, value, scale)
+    check_captured(compiled.tensors, query.device)
+    validate_indices(indices, query, key, check_indices)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    r = gather_runner(compiled, query)
+    out, lse = SparseAttentionFunction.apply(query, key, value, indices, r, scale, *compiled.tensors)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,303 @@
+"""Index-selector kernels: token-level gather attention (forward, backward) and the lightning indexer.
+
+Rendered from the same :class:`KernelSpec` and :class:`ExprEmitter` as the dense kernels, so a
+pattern's mask and score modifier fuse into the gather loop (``kv_idx`` is the gathered key's
+position).
+
+Gather attention (DSA): ``indices[b, g, q, j]`` lists the keys query ``q`` of batch ``b`` may
+visit, shared by the query heads of group ``g``. One program serves one query token and one
+*unit*: the query heads that share both the selection group and the key/value head. Those heads
+are packed into the M dimension of the matrix multiplies (``BLOCK_H`` rows, padded), so each
+gathered key/value row serves all of them. The selected slots are visited in chunks of
+``BLOCK_N``; a slot holding ``-1`` (or any index outside ``[0, Lkv)``) is unused and never read.
+
+Backward: one kernel per (query, unit) that recomputes the probabilities, accumulates dQ in
+registers and scatters dK/dV into float32 buffers with atomic adds (many queries select the same
+key; duplicates inside one selection are added once per slot).
+
+Lightning indexer (DSA): ``I[b, g, t, s] = Σ_j w[b, j, t] · f(q_I[b, j, t] · k_I[b, g, s])`` over the
+indexer heads ``j`` of group ``g``, where ``f`` is the traced score modifier (``ReLU`` for DSA) and
+the traced mask sets ``I = -inf`` (causal for DSA). It writes one chunk of query rows at a time so
+the runtime can run top-k per chunk in bounded memory.
+"""
+from __future__ import annotations
+
+from attndsl.ir import listing
+from attndsl.spec import KernelSpec
+
+from .expr import ExprEmitter
+from .kernels import I1, I2, I3, _dot, buffer_params
+from .module import HEADER, LN2, LOG2E
+
+#: Bump when the selector kernels change meaning; it is part of their cache key.
+SELECTOR_VERSION = 1
+
+
+def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
+    roots = {}
+    if spec.mask is not None:
+        roots["mask"] = spec.mask
+    if spec.score is not None:
+        roots["score_mod"] = spec.score
+    ir_text = listing(roots) if roots else "  (no modifiers)"
+    head = HEADER.format(version=f"sel{SELECTOR_VERSION}", key=f"{spec.key} ({what})",
+                         ir=ir_text.replace('"""', "'''"))
+    src = "\n".join([head] + parts)
+    return src.replace("LOG2E", LOG2E).replace("* LN2", "* " + LN2)
+
+
+def _common_env():
+    # stage 0: program scalars; 1: the packed heads (a [BLOCK_H, 1] column); 2: the gathered slots
+    return {"b": ("b", 0), "q": ("q_idx", 0), "q_lo": ("q_idx", 0), "q_hi": ("q_idx", 0),
+            "q_max": ("q_max", 0), "kv_max": ("kv_max", 0), "h": ("h_idx", 1),
+            "kv": ("kv_idx", 2), "score": ("score", 2)}
+
+
+_SIG = """
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ib, stride_ig, stride_im, stride_ij,"""
+
+_PROLOGUE = """
+    pid_q = tl.program_id(0)
+    pid_bu = tl.program_id(1)
+    b = pid_bu // NU
+    u = pid_bu % NU
+    h0 = u * HPU
+    hk = h0 // GROUP
+    g = h0 // QPG
+    q_idx = pid_q
+    q_max = LQ - 1
+    kv_max = LKV - 1
+{pre0}
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < HPU
+    d_ok = offs_d < HEAD_D
+    heads = h0 + offs_h
+    h_idx = heads[:, None]
+    hd_ok = h_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
+                + pid_q.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=hd_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    idx_base = IDX + b.to(tl.int64) * stride_ib + g.to(tl.int64) * stride_ig + pid_q.to(tl.int64) * stride_im
+{pre1}"""
+
+_GATHER = """
+        offs_j = j0 + tl.arange(0, BLOCK_N)
+        sel = tl.load(idx_base + offs_j.to(tl.int64) * stride_ij, mask=offs_j < NSEL, other=-1)
+        valid = (sel >= 0) & (sel < LKV)
+        kv_safe = tl.where(valid, sel, 0).to(tl.int64)
+        kv_idx = kv_safe[None, :]
+        kd_ok = valid[None, :] & d_ok[:, None]
+        kT = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kd_ok, other=0.0)
+        {vload}
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            {vname} = {vname}.to(tl.float32)
+        qk = {qk}
+"""
+
+_VLOAD = ("v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_d[None, :] * stride_vd, "
+          "mask=valid[:, None] & d_ok[None, :], other=0.0)")
+_VTLOAD = "vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=kd_ok, other=0.0)"
+
+
+def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
+    """Score (log2 units), its derivative in the backward, and the mask, inside the slot loop."""
+    out = ""
+    if spec.score is not None:
+        s = em.emit(spec.score, 2)
+        ds = em.emit(spec.dscore, 2) if backward else None
+        out += f"{I2}score = qk * sm_scale\n" + em.take(2, I2) + f"{I2}s = {s} * LOG2E\n"
+        if backward:
+            out += f"{I2}dmod = {ds}\n"
+    else:
+        out += f"{I2}s = qk * (sm_scale * LOG2E)\n"
+    keep = "valid[None, :] & h_ok[:, None]"
+    if spec.mask is not None:
+        m = em.emit(spec.mask, 2)
+        out += em.take(2, I2)
+        keep = f"({m}) & {keep}"
+    return out + f"{I2}s = tl.where({keep}, s, float(\"-inf\"))\n"
+
+
+def gather_forward(spec: KernelSpec) -> str:
+    em = ExprEmitter(_common_env(), 3, prefix="v")
+    body = _score_and_mask(spec, em, backward=False)
+    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
+    return f'''
+@triton.jit
+def {spec.name}_fwd(
+    Q, K, V, IDX, Out, Lse,{_SIG}
+    stride_ob, stride_oh, stride_om, stride_od,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale,
+    {buffer_params(spec)}
+    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Gather forward: one program per (query token, batch*unit); heads of the unit packed in M."""{pro}
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VLOAD, vname="v")}{body}        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
+        m_i = m_new
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
+             + pid_q.to(tl.int64) * stride_om + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hd_ok)
+    tl.store(Lse + (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q, lse, mask=h_ok)
+'''
+
+
+def gather_backward(spec: KernelSpec) -> str:
+    em = ExprEmitter(_common_env(), 3, prefix="v")
+    body = _score_and_mask(spec, em, backward=True)
+    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
+    dmod = " * dmod" if spec.score is not None else ""
+    return f'''
+@triton.jit
+def {spec.name}_bwd(
+    Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV,{_SIG}
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale,
+    {buffer_params(spec)}
+    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Gather backward: dQ in registers, dK/dV scattered into float32 buffers with atomic adds."""{pro}
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + heads[:, None].to(tl.int64) * stride_doh
+                 + pid_q.to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=hd_ok, other=0.0)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
+                + pid_q.to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=hd_ok, other=0.0)
+    if UPCAST:
+        do = do.to(tl.float32)
+    row = (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
+        delta = delta - tl.load(DLse + row, mask=h_ok, other=0.0)
+    lse = tl.load(Lse + row, mask=h_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = tl.exp2(s - lse[:, None])
+        dp = {_dot("do", "vT")}
+        ds = p * (dp - delta[:, None]){dmod}
+        dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+        dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
+        dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
+        rows_ok = valid[:, None] & d_ok[None, :]
+        offs = kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        tl.atomic_add(dk_base + offs, dk_rows, mask=rows_ok, sem="relaxed")
+        tl.atomic_add(dv_base + offs, dv_rows, mask=rows_ok, sem="relaxed")
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
+             + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
+'''
+
+
+def render_gather(spec: KernelSpec) -> str:
+    """The generated module of gather kernels for ``spec`` (kernels ``{name}_fwd``, ``{name}_bwd``)."""
+    return _finish(spec, [gather_forward(spec), gather_backward(spec)], "token-selector gather kernels")
+
+
+# -------------------------------------------------------------------------------------------
+def indexer_scores(spec: KernelSpec) -> str:
+    """Lightning-indexer scores for one chunk of query rows: ``[B, G, rows, kv window]`` float32.
+
+    The score modifier sees ``h`` = the indexer head ``j``; the mask sees ``h`` = the group ``g``.
+    Tiles the mask rules out entirely (closed form, e.g. above the causal diagonal) skip the
+    matrix multiplies and store ``-inf``.
+    """
+    env_s = {"b": ("b", 0), "q": ("t_idx", 0), "kv": ("s_idx", 0), "q_lo": ("t_lo", 0), "q_hi": ("t_hi", 0),
+             "kv_lo": ("s_lo", 0), "kv_hi": ("s_hi", 0), "q_max": ("q_max", 0), "kv_max": ("kv_max", 0),
+             "h": ("j", 1), "score": ("score", 1)}
+    env_m = dict(env_s, h=("g", 0))
+    es = ExprEmitter(env_s, 2, prefix="f")
+    em = ExprEmitter(env_m, 2, prefix="m")
+    f = es.emit(spec.score, 1) if spec.score is not None else "score"
+    keep, nonempty = "ok", "1"
+    if spec.mask is not None:
+        keep = f"({em.emit(spec.mask, 0)}) & ok"
+        if spec.tile_nonempty is not None:
+            nonempty = em.emit(spec.tile_nonempty, 0)
+    pre = em.take(0, I1) + es.take(0, I1)
+    inner = es.take(1, I3)
+    return f'''
+@triton.jit
+def {spec.name}_scores(
+    QI, KI, W, S,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kg, stride_kn, stride_kd,
+    stride_wb, stride_wh, stride_wm,
+    stride_sb, stride_sg, stride_sm, stride_sn,
+    G, HPG, LQ, LKV, T0, NT, S0, NS, scale,
+    {buffer_params(spec)}
+    HEAD_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_W: tl.constexpr,
+):
+    """Rows T0..T0+NT-1, keys S0..S0+NS-1 of I = sum_j w[j] * f(q_I[j] . k_I), masked to -inf."""
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = pid_bg // G
+    g = pid_bg % G
+    offs_t = T0 + pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = S0 + pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    t_in = offs_t < T0 + NT
+    s_in = offs_s < S0 + NS
+    t_idx = offs_t[:, None]
+    s_idx = offs_s[None, :]
+    t_lo = T0 + pid_t * BLOCK_T
+    t_hi = tl.minimum(t_lo + BLOCK_T, T0 + NT) - 1
+    s_lo = S0 + pid_s * BLOCK_S
+    s_hi = tl.minimum(s_lo + BLOCK_S, S0 + NS) - 1
+    q_max = LQ - 1
+    kv_max = LKV - 1
+    ok = t_in[:, None] & s_in[None, :]
+{pre}    acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+    if {nonempty}:
+        d_ok = offs_d < HEAD_D
+        kT = tl.load(KI + b.to(tl.int64) * stride_kb + g.to(tl.int64) * stride_kg + offs_s[None, :].to(tl.int64) * stride_kn
+                     + offs_d[:, None] * stride_kd, mask=s_in[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        for jj in range(0, HPG):
+            j = g * HPG + jj
+            qi = tl.load(QI + b.to(tl.int64) * stride_qb + j.to(tl.int64) * stride_qh + offs_t[:, None].to(tl.int64) * stride_qm
+                         + offs_d[None, :] * stride_qd, mask=t_in[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                qi = qi.to(tl.float32)
+            score = {_dot("qi", "kT")} * scale
+{inner}            val = {f}
+            if HAS_W:
+                w = tl.load(W + b.to(tl.int64) * stride_wb + j.to(tl.int64) * stride_wh + offs_t.to(tl.int64) * stride_wm,
+                            mask=t_in, other=0.0).to(tl.float32)
+                val = val * w[:, None]
+            acc += val
+    acc = tl.where({keep}, acc, float("-inf"))
+    tl.store(S + b.to(tl.int64) * stride_sb + g.to(tl.int64) * stride_sg + (offs_t - T0)[:, None].to(tl.int64) * stride_sm
+             + (offs_s - S0)[None, :].to(tl.int64) * stride_sn, acc, mask=ok)
+'''
+
+
+def render_indexer(spec: KernelSpec) -> str:
+    """The generated module of the lightning-indexer score kernel (``{name}_scores``)."""
+    return _finish(spec, [indexer_scores(spec)], "lightning indexer")
