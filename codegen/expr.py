@@ -142,17 +142,24 @@ class ExprEmitter:
         index, so e.g. the row part of ``bias[h, q, kv]`` is computed once per query tile."""
         slot, kind, ndim, tdt = n.attr
         p = f"buf{slot}"
-        stage, terms = min_stage, []
+        stage, terms, bounds = min_stage, [], []
         for d, a in enumerate(n.args):
             code, st = self._emit(a, min_stage)
             st = max(st, min_stage)
-            # clamp into the tensor so padded rows/columns never read out of bounds
-            lo = code if nonneg(a, self.nn) else f"tl.maximum({code}, 0)"
             name = self._fresh()
-            self.lines[st].append(f"{name} = tl.minimum({lo}, {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
+            if a.op == "var" and a.attr in NONNEG_VARS:
+                # a plain index: guard it with a load mask, which keeps Triton's contiguity
+                # analysis (and so coalesced, vectorised loads) intact
+                self.lines[st].append(f"{name} = ({code}).to(tl.int64) * {p}_stride{d}")
+                bounds.append(f"({code} < {p}_size{d})")
+            else:
+                # any other index is clamped into the tensor: never an out-of-bounds read
+                lo = code if nonneg(a, self.nn) else f"tl.maximum({code}, 0)"
+                self.lines[st].append(f"{name} = tl.minimum({lo}, {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
             terms.append(name)
             stage = max(stage, st)
-        val = f"tl.load({p} + {' + '.join(terms)})" if terms else f"tl.load({p})"
+        ptr = f"{p} + {' + '.join(terms)}" if terms else p
+        val = f"tl.load({ptr}, mask={' & '.join(bounds)}, other=0)" if bounds else f"tl.load({ptr})"
         if kind == FLOAT:
             val = f"{val}.to(tl.float32)"
         elif kind == BOOL:

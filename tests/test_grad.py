@@ -99,9 +99,6 @@ def test_derivative_of_score_free_terms_is_exactly_constant():
     assert ir.is_const(derivative(trace(score_mod=NAMED["constant"]).score, SCORE), 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="the product rule leaves a dead 'score * 0.0' term (simplify rightly keeps "
-                                       "float x*0 because of inf/nan), so d(2.5*score)/dscore is not the constant 2.5 "
-                                       "and the backward kernels multiply by a non-constant dmod per element")
 def test_derivative_of_linear_score_mod_is_constant():
     assert ir.is_const(derivative(trace(score_mod=NAMED["scale"]).score, SCORE), 2.5)
 

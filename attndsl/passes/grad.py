@@ -48,9 +48,24 @@ def derivative(expr: Node, wrt: Node) -> Node:
     return simplify(d(expr))
 
 
+def _mul(x: Node, y: Node) -> Node:
+    """Product that drops structurally-zero terms (simplify must keep float ``x * 0``: inf/nan)."""
+    if x is ZERO or y is ZERO:
+        return ZERO
+    return y if x is ONE else x if y is ONE else node("mul", x, y)
+
+
+def _add(x: Node, y: Node) -> Node:
+    return y if x is ZERO else x if y is ZERO else node("add", x, y)
+
+
+def _sub(x: Node, y: Node) -> Node:
+    return x if y is ZERO else node("neg", y) if x is ZERO else node("sub", x, y)
+
+
 def _rule(n: Node, d) -> Node:
     op, a = n.op, n.args
-    mul, add, sub = (lambda x, y: node("mul", x, y)), (lambda x, y: node("add", x, y)), (lambda x, y: node("sub", x, y))
+    mul, add, sub = _mul, _add, _sub
     if op == "add":
         return add(d(a[0]), d(a[1]))
     if op == "sub":
@@ -61,7 +76,10 @@ def _rule(n: Node, d) -> Node:
         return add(mul(d(a[0]), a[1]), mul(a[0], d(a[1])))
     if op == "truediv":
         # (u/v)' = u'/v - u v' / v^2
-        return sub(node("truediv", d(a[0]), a[1]), node("truediv", mul(a[0], d(a[1])), mul(a[1], a[1])))
+        da, db = d(a[0]), d(a[1])
+        t1 = ZERO if da is ZERO else node("truediv", da, a[1])
+        t2 = ZERO if db is ZERO else node("truediv", mul(a[0], db), mul(a[1], a[1]))
+        return sub(t1, t2)
     if op == "exp":
         return mul(n, d(a[0]))
     if op == "exp2":

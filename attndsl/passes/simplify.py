@@ -96,7 +96,8 @@ def _local(n: Node, args) -> Node:
     elif op == "not":
         if a.op == "not":
             return a.args[0]
-        if a.op in _NEGATE:
+        # only for integers: with a NaN operand, not(a < b) is true but a >= b is false
+        if a.op in _NEGATE and a.args[0].dtype != FLOAT:
             return node(_NEGATE[a.op], *a.args)
     elif op == "neg" and a.op == "neg":
         return a.args[0]
@@ -134,7 +135,8 @@ class _Sympy:
             return -a[0]
         s = self.sym_of.get(n)
         if s is None:
-            name = n.attr if n.op == "var" else f"_o{len(self.opaque)}"
+            # opaque sub-terms are named by their structure, so sympy orders them canonically
+            name = n.attr if n.op == "var" else f"_o{ir.structural_hash(n)[:12]}"
             s = sympy.Symbol(name, integer=True)
             self.sym_of[n] = s
             self.opaque[s] = n
