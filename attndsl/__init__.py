@@ -1,8 +1,10 @@
 """attndsl: attention patterns as a few lines of Python, compiled to fused Triton kernels."""
 from . import reference
 from .api import CompiledAttention, attention, compile
+from .lowrank import BiasFactors, factorize_bias
 from .dsl import Mask, PatternError, ScoreMod, and_masks, chain, mask, not_mask, or_masks, score_mod
 
 __all__ = ["attention", "compile", "CompiledAttention", "reference", "PatternError", "mask", "score_mod",
-           "and_masks", "or_masks", "not_mask", "chain", "Mask", "ScoreMod"]
+           "and_masks", "or_masks", "not_mask", "chain", "Mask", "ScoreMod",
+           "factorize_bias", "BiasFactors"]
 __version__ = "0.1.0"

@@ -73,7 +73,7 @@ class CompiledAttention:
                      bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
             sigmoid_bias = -math.log(key.shape[2])
-        u, w = bias_factors if bias_factors is not None else (None, None)
+        u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         r = self.runner(query)
         tables = None

@@ -68,9 +68,10 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
         if sinks.device != query.device:
             raise ValueError(f"sinks are on {sinks.device}, the inputs on {query.device}")
     if bias_factors is not None:
-        if not (isinstance(bias_factors, (tuple, list)) and len(bias_factors) == 2):
-            raise TypeError("bias_factors must be a pair (u, w)")
-        u, w = bias_factors
+        try:
+            u, w = bias_factors
+        except (TypeError, ValueError):
+            raise TypeError("bias_factors must be a pair (u, w)") from None
         for n, t in (("u", u), ("w", w)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"bias_factors {n} must be a 4-D tensor [B, H, L, R], got "
