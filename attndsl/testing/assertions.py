@@ -1,0 +1,201 @@
+"""Comparing attndsl (or any attention function) against the float64 oracle."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .strategies import Shape
+
+__all__ = ["assert_matches_reference", "random_qkv", "default_tolerance", "TOLERANCES", "LSE_TOLERANCE", "Mismatch"]
+
+#: Default relative tolerance per input dtype: an element passes when
+#: ``|ours - ref| <= atol + rtol * max|ref|`` (max over the whole compared tensor), with
+#: ``atol = rtol / 100``. Measured on the CPU interpreter (about 600 random examples: patterns,
+#: random expression trees, L up to 128, D 16..64, tiles 16/32), the worst error relative to
+#: max|ref| over out/dq/dk/dv was 1.6e-6 (fp32), 1.6e-3 (fp16) and 1.4e-2 (bf16); typical
+#: values are 3e-7, 5e-4 and 6e-3. fp16/bf16 errors come from rounding P and dS to the input
+#: dtype for the second matmuls and from storing the results; bf16 sits at 8x fp16 (its epsilon
+#: ratio). The defaults leave a margin of about 2.5x (fp32: more, for GPU accumulation orders
+#: and longer sequences).
+TOLERANCES = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 4e-2}
+
+#: Default relative tolerance of the logsumexp, whatever the input dtype: it is accumulated in
+#: fp32 from exact products of the inputs (measured worst 7.5e-7 for all three dtypes).
+LSE_TOLERANCE = 2e-5
+
+
+class Mismatch(AssertionError):
+    """Raised by :func:`assert_matches_reference`; the message names the worst element."""
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The default ``rtol`` for inputs of ``dtype`` (see :data:`TOLERANCES`)."""
+    try:
+        return TOLERANCES[dtype]
+    except KeyError:
+        raise ValueError(f"no default tolerance for {dtype}; pass rtol/atol") from None
+
+
+def random_qkv(shape, dtype: torch.dtype = torch.float32, device="cpu", requires_grad: bool = True,
+               seed: Optional[int] = None, std: float = 1.0):
+    """Fresh ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lkv, D]`` with standard-normal entries.
+
+    ``shape`` is a :class:`~attndsl.testing.Shape` (or any 6-tuple ``B, Hq, Hkv, Lq, Lkv, D``).
+    Values are drawn in float32 (from a CPU generator seeded with ``seed`` when given, so a
+    hypothesis example replays exactly) and then cast, so the three dtypes see the same data.
+    The tensors are leaves with ``requires_grad`` as asked.
+    """
+    B, Hq, Hkv, Lq, Lkv, D = Shape(*shape)
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    out = []
+    for s in ((B, Hq, Lq, D), (B, Hkv, Lkv, D), (B, Hkv, Lkv, D)):
+        t = torch.randn(*s, generator=g) * std
+        out.append(t.to(device=device, dtype=dtype).requires_grad_(requires_grad))
+    return tuple(out)
+
+
+def _name(f) -> str:
+    if f is None:
+        return "None"
+    return getattr(f, "__name__", None) or repr(f)
+
+
+def _compare(what: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float, context: str):
+    got64 = got.detach().to(torch.float64)
+    want64 = want.detach().to(torch.float64)
+    if got64.shape != want64.shape:
+        raise Mismatch(f"{what}: shape {tuple(got64.shape)}, reference {tuple(want64.shape)}\n{context}")
+    if torch.isnan(want64).any():
+        idx = tuple(torch.isnan(want64).nonzero()[0].tolist())
+        raise Mismatch(f"{what}: the float64 reference itself has NaN (first at {idx}); the pattern is not "
+                       f"well defined on these inputs\n{context}")
+    bad_nan = ~torch.isfinite(got64) & torch.isfinite(want64)
+    if bad_nan.any():
+        idx = tuple(bad_nan.nonzero()[0].tolist())
+        raise Mismatch(f"{what}: {int(bad_nan.sum())} non-finite element(s) where the reference is finite; "
+                       f"first at {idx}: got {got64[idx].item()}, reference {want64[idx].item()}\n{context}")
+    fin = torch.isfinite(want64)
+    if not fin.any():
+        return 0.0
+    scale = want64[fin].abs().max().item()
+    bound = atol + rtol * scale
+    err = torch.where(fin, (got64 - want64).abs(), torch.zeros_like(got64))
+    worst = err.max().item()
+    if worst > bound:
+        flat = int(err.argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
+        n_bad = int((err > bound).sum())
+        raise Mismatch(
+            f"{what}: {n_bad} of {err.numel()} elements differ from the float64 reference by more than "
+            f"{bound:.3g} (= {atol:.3g} + {rtol:.3g} * max|ref| {scale:.3g}); worst at index {idx}: "
+            f"got {got64[idx].item():.6g}, reference {want64[idx].item():.6g}, error {worst:.3g} "
+            f"({worst / max(scale, 1e-300):.3g} of max|ref|)\n{context}")
+    return worst / scale if scale > 0 else worst
+
+
+def assert_matches_reference(fn_or_compiled: Optional[Callable], q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, *, mask_mod=None, score_mod=None, scale=None,
+                             grads: bool = True, lse_grad: bool = True, atol: Optional[float] = None,
+                             rtol: Optional[float] = None, lse_rtol: Optional[float] = None,
+                             seed: Optional[int] = None,
+                             msg: str = "") -> dict:
+    """Check an attention implementation against :func:`attndsl.reference.attention` (float64).
+
+    ``fn_or_compiled`` is what is tested:
+
+    * an :class:`attndsl.CompiledAttention` (from :func:`attndsl.compile`): called as
+      ``fn(q, k, v, scale=scale, return_lse=True)``; its own ``mask_mod``/``score_mod`` are used
+      for the reference unless others are passed;
+    * ``None`` or :func:`attndsl.attention`, or any callable with its signature
+      ``fn(q, k, v, mask_mod=..., score_mod=..., scale=..., return_lse=True)`` returning
+      ``(out, lse)`` (or only ``out``: then the logsumexp is not checked).
+
+    Compared: the output; the logsumexp (finite entries numerically, and the ``-inf`` entries —
+    rows whose every key is masked — must be exactly ``-inf`` in both); with ``grads`` the
+    gradients ``dq, dk, dv`` for a fresh random ``dout`` (and, with ``lse_grad``, a random
+    ``dlse`` on the rows that are not fully masked). ``q, k, v`` are not modified; their
+    ``requires_grad`` does not matter.
+
+    An element passes when ``|ours - ref| <= atol + rtol * max|ref|`` (per compared tensor);
+    defaults from :data:`TOLERANCES` by ``q.dtype``, ``atol = rtol / 100``; the logsumexp uses
+    ``lse_rtol`` (default :data:`LSE_TOLERANCE`, or ``rtol`` when only that is given). NaN or inf where the
+    reference is finite never passes. On failure raises :class:`Mismatch` (an
+    ``AssertionError``) naming the tensor, the worst element's index, both values, the pattern
+    and the shapes. ``seed`` makes ``dout``/``dlse`` reproducible (default: torch's global RNG).
+
+    Returns the worst relative error per compared tensor (``{"out": ..., "lse": ..., "dq": ...}``),
+    for measuring tolerances.
+    """
+    import attndsl
+    from attndsl.api import CompiledAttention
+
+    fn = fn_or_compiled if fn_or_compiled is not None else attndsl.attention
+    compiled = isinstance(fn, CompiledAttention)
+    if compiled:
+        ref_mask = mask_mod if (mask_mod is not None or score_mod is not None) else fn.mask_mod
+        ref_score = score_mod if (mask_mod is not None or score_mod is not None) else fn.score_mod
+    else:
+        ref_mask, ref_score = mask_mod, score_mod
+    dtype = q.dtype
+    rtol_given = rtol
+    rtol = default_tolerance(dtype) if rtol is None else float(rtol)
+    atol = rtol / 100 if atol is None else float(atol)
+    if lse_rtol is None:
+        lse_rtol = LSE_TOLERANCE if rtol_given is None else rtol
+
+    context = (f"pattern: mask_mod={_name(ref_mask)}, score_mod={_name(ref_score)}\n"
+               f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, dtype {dtype}, "
+               f"device {q.device}, scale {scale}")
+    if compiled:
+        tiles = getattr(fn, "_tiles", None)
+        context += f", compiled with block_m/block_n={tiles}"
+    if msg:
+        context += f"\n{msg}"
+
+    qo, ko, vo = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    if compiled:
+        res = fn(qo, ko, vo, scale=scale, return_lse=True)
+    else:
+        res = fn(qo, ko, vo, mask_mod=mask_mod, score_mod=score_mod, scale=scale, return_lse=True)
+    out, lse = (res if isinstance(res, (tuple, list)) else (res, None))
+
+    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_(grads) for t in (q, k, v))
+    ref_out, ref_lse = attndsl.reference.attention(q64, k64, v64, mask_mod=ref_mask, score_mod=ref_score,
+                                                   scale=scale)
+
+    errors = {"out": _compare("output", out, ref_out, rtol, atol, context)}
+    dead = torch.isneginf(ref_lse)
+    if lse is not None:
+        lse_d = lse.detach()
+        if lse_d.shape != ref_lse.shape:
+            raise Mismatch(f"lse: shape {tuple(lse_d.shape)}, reference {tuple(ref_lse.shape)}\n{context}")
+        ours_dead = torch.isneginf(lse_d)
+        if not torch.equal(ours_dead, dead):
+            diff = (ours_dead != dead).nonzero()
+            idx = tuple(diff[0].tolist())
+            raise Mismatch(f"lse: -inf pattern differs (fully masked rows) at {diff.shape[0]} row(s); first "
+                           f"(b, h, q) = {idx}: got {lse_d[idx].item()}, reference {ref_lse[idx].item()}\n{context}")
+        errors["lse"] = _compare("lse", torch.where(dead, 0.0, lse_d.to(torch.float64)),
+                                 torch.where(dead, 0.0, ref_lse.detach()), lse_rtol, lse_rtol / 100, context)
+
+    if grads:
+        g = None
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+        do = torch.randn(out.shape, generator=g, dtype=torch.float32).to(out.device)
+        ours_t, ours_g = [out], [do.to(out.dtype)]
+        ref_loss = (ref_out * do.to(torch.float64)).sum()
+        if lse_grad and lse is not None and lse.requires_grad:
+            dlse = torch.randn(lse.shape, generator=g, dtype=torch.float32).to(lse.device)
+            dlse = torch.where(dead.to(dlse.device), 0.0, dlse)
+            ours_t.append(lse)
+            ours_g.append(dlse.to(lse.dtype))
+            ref_loss = ref_loss + (torch.where(dead, 0.0, ref_lse) * dlse.to(torch.float64)).sum()
+        torch.autograd.backward(ours_t, ours_g)
+        ref_loss.backward()
+        for name, ours_t_, ref_t in (("dq", qo, q64), ("dk", ko, k64), ("dv", vo, v64)):
+            if ours_t_.grad is None:
+                raise Mismatch(f"{name}: no gradient was produced\n{context}")
+            errors[name] = _compare(name, ours_t_.grad, ref_t.grad, rtol, atol, context)
+    return errors
