@@ -1,6 +1,7 @@
 """attndsl: attention patterns as a few lines of Python, compiled to fused Triton kernels."""
 from . import reference
 from .api import CompiledAttention, attention, compile
+from . import selectors  # index selectors: indices= (DSA), blocks= (MoBA, NSA), the lightning indexer
 from .lowrank import BiasFactors, factorize_bias
 from .dsl import Mask, PatternError, ScoreMod, and_masks, chain, mask, not_mask, or_masks, score_mod
 

@@ -78,6 +78,7 @@ def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=Non
     Hkv, Lkv = key.shape[1], key.shape[2]
     G, K = indices.shape[1], indices.shape[3]
     scale = D ** -0.5 if scale is None else float(scale)
+    indices = indices.expand(B, -1, -1, -1)                                  # a batch of 1 broadcasts
     idx = indices.to(torch.int64).repeat_interleave(Hq // G, dim=1)          # [B, Hq, Lq, K]
     valid = (idx >= 0) & (idx < Lkv)
     safe = torch.where(valid, idx, torch.zeros_like(idx))

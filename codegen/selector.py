@@ -108,11 +108,14 @@ _VTLOAD = "vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_d[:, None] 
 
 
 def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
-    """Score (log2 units), its derivative in the backward, and the mask, inside the slot loop."""
+    """Score (log2 units), its derivative in the backward, and the mask, inside the slot loop.
+
+    Sub-expressions that do not depend on the slot land in the prologue (stages 0 and 1), so the
+    caller takes those stages only after calling this."""
     out = ""
     if spec.score is not None:
-        s = em.emit(spec.score, 2)
-        ds = em.emit(spec.dscore, 2) if backward else None
+        s = em.emit(spec.score, 0)
+        ds = em.emit(spec.dscore, 0) if backward else None
         out += f"{I2}score = qk * sm_scale\n" + em.take(2, I2) + f"{I2}s = {s} * LOG2E\n"
         if backward:
             out += f"{I2}dmod = {ds}\n"
@@ -120,17 +123,33 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
         out += f"{I2}s = qk * (sm_scale * LOG2E)\n"
     keep = "valid[None, :] & h_ok[:, None]"
     if spec.mask is not None:
-        m = em.emit(spec.mask, 2)
+        m = em.emit(spec.mask, 0)
         out += em.take(2, I2)
         keep = f"({m}) & {keep}"
     return out + f"{I2}s = tl.where({keep}, s, float(\"-inf\"))\n"
+
+
+def _skip_empty_chunks(src: str) -> str:
+    """Put the slot loop's body after ``valid = ...`` under ``if any(valid)``: chunks of unused slots
+    (the ``-1`` tail of rows with fewer than K keys) cost one index load, no gather."""
+    out, inside = [], False
+    for line in src.split("\n"):
+        if inside and line.startswith(I2):
+            line = I1 + line
+        elif inside and line.strip():
+            inside = False
+        out.append(line)
+        if line.startswith(I2 + "valid = ") and not inside:
+            out.append(f"{I2}if tl.sum(valid.to(tl.int32), 0) > 0:")
+            inside = True
+    return "\n".join(out)
 
 
 def gather_forward(spec: KernelSpec) -> str:
     em = ExprEmitter(_common_env(), 3, prefix="v")
     body = _score_and_mask(spec, em, backward=False)
     pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
-    return f'''
+    return _skip_empty_chunks(f'''
 @triton.jit
 def {spec.name}_fwd(
     Q, K, V, IDX, Out, Lse,{_SIG}
@@ -158,7 +177,7 @@ def {spec.name}_fwd(
     tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
              + pid_q.to(tl.int64) * stride_om + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hd_ok)
     tl.store(Lse + (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q, lse, mask=h_ok)
-'''
+''')
 
 
 def gather_backward(spec: KernelSpec) -> str:
@@ -166,7 +185,7 @@ def gather_backward(spec: KernelSpec) -> str:
     body = _score_and_mask(spec, em, backward=True)
     pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
     dmod = " * dmod" if spec.score is not None else ""
-    return f'''
+    return _skip_empty_chunks(f'''
 @triton.jit
 def {spec.name}_bwd(
     Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV,{_SIG}
@@ -209,7 +228,7 @@ def {spec.name}_bwd(
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
              + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
-'''
+''')
 
 
 def render_gather(spec: KernelSpec) -> str:

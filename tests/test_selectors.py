@@ -251,7 +251,7 @@ def test_index_errors_are_clear():
         attndsl.attention(q, k, v, indices=idx[0])
     with pytest.raises(ValueError, match="multiple"):
         attndsl.attention(q, k, v, indices=torch.zeros(1, 3, 8, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="Lq=8"):
+    with pytest.raises(ValueError, match=r"Lq=8"):
         attndsl.attention(q, k, v, indices=torch.zeros(1, 1, 7, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="not both"):
         attndsl.attention(q, k, v, indices=idx, blocks=BlockSelection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16))
@@ -418,3 +418,14 @@ def test_block_tables_without_mask_are_full_inside():
     t = build_table(sel, spec, [], (1, 1, 32, 50), False, 16, 16)  # keys 48..49 sit in a partial tile
     assert t.count[0, 0, 0].tolist() == [3, 1] and t.part[0, 0, 0, 0].item() == 3
     assert v_spec.mask is None and spec.data_dependent
+
+
+def test_batch_of_one_selection_broadcasts():
+    B, Hq, Hkv, L, D, K = 2, 2, 1, 14, 16, 6
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=12)
+    idx = random_indices(1, 1, L, L, K, seed=3)
+    out = attndsl.attention(q, k, v, mask_mod=causal, indices=idx)
+    want = attndsl.attention(q, k, v, mask_mod=causal, indices=idx.expand(B, -1, -1, -1).contiguous())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    ref, _ = reference.sparse_attention(q.double(), k.double(), v.double(), idx, mask_mod=causal)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)

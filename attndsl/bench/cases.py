@@ -35,6 +35,12 @@ class CaseInstance:
     compile_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     call_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: str = ""
+    # index selectors (DSA): ours compiles this mask instead of ``mask_mod`` (SAME: the same one),
+    # FlexAttention runs only where ``flex`` (its dense mask fits), and ``density`` replaces
+    # evaluating ``mask_mod`` over every (q, k) pair
+    ours_mask_mod: Any = "same"
+    flex: bool = True
+    density: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -152,3 +158,39 @@ register_case(Case("softcap_causal", "causal + 30*tanh(s/30)", _softcap_causal))
 DEFAULT_CASES = ["dense", "causal", "sliding_window_1024", "document_causal",
                  "prefix_lm_2048", "alibi_causal", "softcap_causal"]
 QUICK_CASES = ["causal", "sliding_window_1024", "document_causal"]
+
+# ---------------------------------------------------------------------------------------
+# DSA (issue 4): token top-k selection against FlexAttention with the equivalent dense mask
+# ---------------------------------------------------------------------------------------
+SAME = "same"
+#: FlexAttention gets the selection as a dense [L, L] boolean tensor only up to this length
+#: (1 GiB at 32768); beyond it only ours runs.
+DSA_FLEX_MAX_L = 32768
+
+
+def _dsa_topk(topk: int):
+    def build(*, L, device, seed, **_):
+        from attndsl.selectors import dense_selection_mask, random_causal_indices
+        idx = random_causal_indices(L, topk, device=device, seed=seed)  # [1, 1, L, topk]
+        n = int((idx >= 0).sum().item())
+        inst = CaseInstance(ours_mask_mod=None, flex=L <= DSA_FLEX_MAX_L, density=n / (L * L),
+                            call_kwargs=dict(indices=idx, check_indices=False),
+                            notes=f"top-{topk} causal selection shared by all heads (G=1); "
+                                  + ("flex: dense bool mask" if L <= DSA_FLEX_MAX_L else
+                                     f"no flex: an [L, L] mask does not fit beyond L={DSA_FLEX_MAX_L}"))
+        if inst.flex:
+            sel = dense_selection_mask(idx, L)[0, 0]
+            inst.mask_mod = lambda b, h, q, k: sel[q, k]
+        return inst
+    return build
+
+
+register_case(Case("dsa_topk1024", "DSA: each query attends its top-1024 of random causal scores "
+                   "(ours: indices=, Flex: dense bool mask); use --Hkv 1 for DSA's shared KV head",
+                   _dsa_topk(1024), small_L=2048))
+register_case(Case("dsa_topk2048", "DSA: top-2048 (DeepSeek-V3.2's k) of random causal scores",
+                   _dsa_topk(2048), small_L=4096))
+DSA_CASES = ["dsa_topk1024", "dsa_topk2048"]
+#: the issue-4 runs: lengths 8192, 32768, 131072, forward and backward, e.g.
+#: python -m attndsl.bench --cases dsa_topk1024 --L 8192,32768,131072 --Hkv 1 --bwd
+DSA_LENGTHS = [8192, 32768, 131072]

@@ -675,7 +675,7 @@ def reference_check(case: _cases.Case, D: int, cfg: BenchConfig, ctx: Context, o
     q = _randn((1, H, Ls, D), torch.float32, dev, gen)
     k = _randn((1, Hkv, Ls, D), torch.float32, dev, gen)
     v = _randn((1, Hkv, Ls, D), torch.float32, dev, gen)
-    attn = ours.compile(mask_mod=inst.mask_mod, score_mod=inst.score_mod, **inst.compile_kwargs)
+    attn = ours.compile(mask_mod=_ours_mask(inst), score_mod=inst.score_mod, **inst.compile_kwargs)
     res = attn(q, k, v, return_lse=True, **inst.call_kwargs)
     o, lse = (res[0], res[1]) if isinstance(res, (tuple, list)) else (res, None)
     ref_o, ref_lse = ours.reference(q, k, v, mask_mod=inst.mask_mod, score_mod=inst.score_mod, scale=None)
@@ -695,6 +695,12 @@ def reference_check(case: _cases.Case, D: int, cfg: BenchConfig, ctx: Context, o
             problems.append(f"lse max abs err {err:.3g} >= {REF_LSE_TOL:g}")
     out["_problems"] = problems
     return out
+
+
+def _ours_mask(inst):
+    """The mask ours compiles: ``inst.ours_mask_mod`` unless it is SAME (selector cases differ from Flex)."""
+    m = getattr(inst, "ours_mask_mod", "same")
+    return inst.mask_mod if isinstance(m, str) and m == "same" else m
 
 
 def run_case(name: str, L: int, D: int, cfg: BenchConfig, ctx: Context) -> Dict[str, Any]:
@@ -737,14 +743,16 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     k = _randn((B, Hkv, L, D), dt, dev, gen)
     v = _randn((B, Hkv, L, D), dt, dev, gen)
     gqa = H != Hkv
-    r["density"] = _r(mask_density(inst.mask_mod, L, L, dev, B=B, H=H, uses_bh=inst.mask_uses_bh), 6)
+    r["density"] = _r(inst.density if getattr(inst, "density", None) is not None else
+                      mask_density(inst.mask_mod, L, L, dev, B=B, H=H, uses_bh=inst.mask_uses_bh), 6)
+    use_flex = getattr(inst, "flex", True)
 
     # ---- ours: compile, block table (built once), first call ----
     r["phase"] = "ours.load"
     ours = ctx.ours()
     r["phase"] = "ours.compile"
     t0 = time.time()
-    attn = ours.compile(mask_mod=inst.mask_mod, score_mod=inst.score_mod, **inst.compile_kwargs)
+    attn = ours.compile(mask_mod=_ours_mask(inst), score_mod=inst.score_mod, **inst.compile_kwargs)
     r["ours_compile_s"] = _r(time.time() - t0, 3)
     r["phase"] = "ours.build_block_tables"
     builder = getattr(attn, "build_block_tables", None)
@@ -768,7 +776,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     # ---- Flex: block mask (built once), compile ----
     r["phase"] = "flex.create_block_mask"
     bm = None
-    if inst.mask_mod is not None:
+    if inst.mask_mod is not None and use_flex:
         bmB, bmH = (B, H) if inst.mask_uses_bh else (None, None)
         be.sync()
         t0 = time.time()
@@ -782,14 +790,20 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     r["phase"] = "flex.compile"
     flex_fn = lambda: ctx.flex(q, k, v, score_mod=inst.score_mod, block_mask=bm, enable_gqa=gqa)  # noqa: E731
     t0 = time.time()
-    o_flex = flex_fn()
+    o_flex = flex_fn() if use_flex else None
     be.sync()
-    r["flex_compile_s"] = _r(time.time() - t0, 2)
+    if use_flex:
+        r["flex_compile_s"] = _r(time.time() - t0, 2)
+    else:
+        flex_fn = None
+        r["flex_skipped"] = "FlexAttention not run for this case at this length (see notes)"
 
     # ---- checks before timing ----
     r["phase"] = "check"
     problems = []
-    r["check_rel_err_flex"] = _r(rel_error(o, o_flex), 8)
+    if o_flex is None:
+        o_flex = o  # no Flex output to compare with: the float64 reference check below still runs
+    r["check_rel_err_flex"] = _r(rel_error(o, o_flex), 8) if use_flex else None
     for t, what in ((o, "ours"), (o_flex, "flex")):
         bad = _check_finite_nonzero(t, what)
         if bad:
@@ -797,7 +811,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     r["check_nonfinite"] = int((~torch.isfinite(o.float())).sum().item())
     if tuple(o.shape) != tuple(o_flex.shape):
         problems.append(f"shape {tuple(o.shape)} vs flex {tuple(o_flex.shape)}")
-    elif not (r["check_rel_err_flex"] < cfg.tol):
+    elif use_flex and not (r["check_rel_err_flex"] < cfg.tol):
         problems.append(f"rel err vs flex {r['check_rel_err_flex']:.3g} >= {cfg.tol:g}")
     del o, o_flex
     r["phase"] = "check.reference"
@@ -825,8 +839,9 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     if tables is not None:
         r["phase"] = "time.ours_table"
         r["ours_table_ms"] = _r(be.bench(lambda: builder(q, k)))
-    r["phase"] = "time.flex"
-    r["flex_ms"] = _r(be.bench(flex_fn))
+    if flex_fn is not None:
+        r["phase"] = "time.flex"
+        r["flex_ms"] = _r(be.bench(flex_fn))
     if bm is not None:
         r["phase"] = "time.flex_block_mask"
         r["flex_block_mask_ms"] = _r(be.bench(lambda: ctx.create_block_mask(inst.mask_mod, bmB, bmH, L, L,
@@ -836,7 +851,8 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         r["sdpa_ms"] = _r(be.bench(sdpa_fn))
     r["phase"] = "memory"
     r["ours_peak_mib"], r["ours_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(ours_fn))
-    r["flex_peak_mib"], r["flex_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(flex_fn))
+    if flex_fn is not None:
+        r["flex_peak_mib"], r["flex_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(flex_fn))
     if sdpa_fn is not None:
         r["sdpa_peak_mib"], r["sdpa_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(sdpa_fn))
     for who in ("ours", "flex", "sdpa"):
@@ -866,7 +882,8 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         return fb
 
     ours_fb = make_fb(lambda a, b_, c: _call_ours(attn, a, b_, c, tables, inst.call_kwargs))
-    flex_fb = make_fb(lambda a, b_, c: ctx.flex(a, b_, c, score_mod=inst.score_mod, block_mask=bm, enable_gqa=gqa))
+    flex_fb = make_fb(lambda a, b_, c: ctx.flex(a, b_, c, score_mod=inst.score_mod, block_mask=bm, enable_gqa=gqa)) \
+        if use_flex else None
     r["phase"] = "bwd.ours_first_call"
     clear()
     t0 = time.time()
@@ -876,11 +893,14 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     g_ours = [t.grad for t in grads]
     r["phase"] = "bwd.flex_compile"
     clear()
-    t0 = time.time()
-    flex_fb()
-    be.sync()
-    r["flex_bwd_compile_s"] = _r(time.time() - t0, 2)
-    g_flex = [t.grad for t in grads]
+    if flex_fb is not None:
+        t0 = time.time()
+        flex_fb()
+        be.sync()
+        r["flex_bwd_compile_s"] = _r(time.time() - t0, 2)
+        g_flex = [t.grad for t in grads]
+    else:
+        g_flex = [None] * 3
     clear()
     r["phase"] = "bwd.check"
     bproblems = []
@@ -888,8 +908,8 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         if a is None:
             bproblems.append(f"ours gave no {n}")
             continue
-        e = rel_error(a, b_)
-        r[f"grad_rel_err_{n}"] = _r(e, 8)
+        e = rel_error(a, b_) if b_ is not None else 0.0
+        r[f"grad_rel_err_{n}"] = _r(e, 8) if b_ is not None else None
         bad = _check_finite_nonzero(a, f"ours {n}")
         if bad:
             bproblems.append(bad)

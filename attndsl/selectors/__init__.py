@@ -12,10 +12,10 @@ Masks and score modifiers apply on top of either selection.
 """
 from .blocks import BlockSelection, block_call, moba_select, nsa_select
 from .indexer import LightningIndexer, lightning_indexer
-from .sparse import dedupe, default_check, sparse_call, validate_indices
+from .sparse import dedupe, default_check, dense_selection_mask, random_causal_indices, sparse_call, validate_indices
 
 __all__ = ["BlockSelection", "LightningIndexer", "lightning_indexer", "moba_select", "nsa_select", "dedupe",
-           "validate_indices", "default_check", "selected_call"]
+           "validate_indices", "default_check", "random_causal_indices", "dense_selection_mask", "selected_call"]
 
 
 def selected_call(compiled, query, key, value, *, indices=None, blocks=None, check_indices=None,

@@ -45,6 +45,8 @@ def _compiling() -> bool:
 def validate_indices(indices, query, key, checked: bool | None = None) -> int:
     """Validate ``indices`` for ``query``/``key``; return the number of groups ``G``.
 
+    A batch dimension of 1 is allowed (the selection is then shared by the whole batch).
+
     Shape, dtype and device are always checked (no synchronisation). With ``checked`` (default:
     :func:`default_check`) the values are checked too: every entry must be ``-1`` or lie in
     ``[0, Lkv)``.
@@ -60,8 +62,8 @@ def validate_indices(indices, query, key, checked: bool | None = None) -> int:
         raise ValueError(f"indices are on {indices.device}, the inputs on {query.device}")
     B, Hq, Lq, _ = query.shape
     Bi, G, Li, K = indices.shape
-    if Bi != B or Li != Lq:
-        raise ValueError(f"indices {tuple(indices.shape)} must be [B={B}, G, Lq={Lq}, K]")
+    if Bi not in (1, B) or Li != Lq:
+        raise ValueError(f"indices {tuple(indices.shape)} must be [B={B} (or 1), G, Lq={Lq}, K]")
     if G == 0 or Hq % G:
         raise ValueError(f"indices have G={G} groups; the query's {Hq} heads must be a multiple of it")
     if K == 0:
@@ -225,7 +227,44 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     check_inputs(query, key, value, scale)
     check_captured(compiled.tensors, query.device)
     validate_indices(indices, query, key, check_indices)
+    if indices.shape[0] != query.shape[0]:
+        indices = indices.expand(query.shape[0], -1, -1, -1)  # one selection for the whole batch
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     r = gather_runner(compiled, query)
     out, lse = SparseAttentionFunction.apply(query, key, value, indices, r, scale, *compiled.tensors)
     return (out, lse) if return_lse else out
+
+
+def random_causal_indices(L: int, topk: int, *, B: int = 1, G: int = 1, device="cpu", seed: int = 0,
+                          chunk_elems: int = 1 << 27) -> torch.Tensor:
+    """DSA-like test/benchmark selections: each query's top-``topk`` of random scores over its causal
+    keys, ``[B, G, L, topk]`` int32 with ``-1`` where a query has fewer than ``topk`` keys.
+
+    Same construction as ``shared/bench/flex_anchors.py`` (random scores, future keys last, top-k),
+    computed ``chunk_elems // L`` query rows at a time so no ``L×L`` tensor exists.
+    """
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(seed)
+    out = torch.empty((B, G, L, topk), dtype=torch.int32, device=device)
+    rows = max(1, chunk_elems // max(L, 1))
+    kk = min(topk, L)
+    cols = torch.arange(L, device=device)
+    for t0 in range(0, L, rows):
+        t1 = min(L, t0 + rows)
+        s = torch.rand((B, G, t1 - t0, L), generator=g, device=device)
+        future = cols[None, :] > torch.arange(t0, t1, device=device)[:, None]
+        s = s.masked_fill(future, -1.0)
+        val, idx = s.topk(kk, dim=-1)
+        idx = torch.where(val < 0, torch.full_like(idx, -1), idx)
+        out[:, :, t0:t1, :kk] = idx.to(torch.int32)
+        out[:, :, t0:t1, kk:] = -1
+    return out
+
+
+def dense_selection_mask(indices: torch.Tensor, Lkv: int) -> torch.Tensor:
+    """The boolean ``[B, G, Lq, Lkv]`` mask of a selection (duplicates collapse): ``O(Lq·Lkv)`` memory."""
+    idx = indices.long()
+    ok = (idx >= 0) & (idx < Lkv)
+    m = torch.zeros(idx.shape[:3] + (Lkv + 1,), dtype=torch.bool, device=idx.device)
+    m.scatter_(-1, torch.where(ok, idx, torch.full_like(idx, Lkv)), True)
+    return m[..., :Lkv]
