@@ -195,6 +195,51 @@ def test_generated_functions_mean_the_same_traced_and_on_tensors(data, shape):
                                    msg=lambda m: f"{score_mod.__name__}: {m}")
 
 
+def _exact(q, k, v, mask_mod=None, score_mod=None, scale=None, return_lse=False):
+    """A stand-in for attndsl.attention that is the oracle itself (cast back to the input dtype)."""
+    o, lse = attndsl.reference.attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod, scale=scale)
+    return o.to(q.dtype), lse.float()
+
+
+def test_assert_matches_reference_accepts_exact_and_rejects_wrong_results():
+    q, k, v = random_qkv(Shape(1, 2, 1, 9, 12, 16), torch.float32, seed=0)
+
+    def late(b, h, q_idx, kv_idx):  # rows 0 and 1 see nothing
+        return (q_idx >= 2) & (q_idx >= kv_idx)
+
+    errs = assert_matches_reference(_exact, q, k, v, mask_mod=late)
+    assert set(errs) == {"out", "lse", "dq", "dk", "dv"} and max(errs.values()) < 1e-6
+
+    def shifted(*a, **kw):
+        o, lse = _exact(*a, **kw)
+        return o + 1e-3, lse
+
+    with pytest.raises(Mismatch, match=r"output: .* worst at index \(.*\): got"):
+        assert_matches_reference(shifted, q, k, v, mask_mod=late)
+
+    def with_nan(*a, **kw):
+        o, lse = _exact(*a, **kw)
+        return torch.where(torch.zeros_like(o, dtype=torch.bool).index_fill_(2, torch.tensor([5]), True),
+                           float("nan"), o), lse
+
+    with pytest.raises(Mismatch, match="non-finite"):
+        assert_matches_reference(with_nan, q, k, v, mask_mod=late)
+
+    def finite_dead_rows(*a, **kw):
+        o, lse = _exact(*a, **kw)
+        return o, torch.where(torch.isneginf(lse), 0.0, lse)
+
+    with pytest.raises(Mismatch, match="-inf pattern"):
+        assert_matches_reference(finite_dead_rows, q, k, v, mask_mod=late)
+
+    def wrong_grad(q_, k_, v_, **kw):  # right values, gradient scaled by 1.01 through q
+        o, lse = _exact(q_ * 1.01 - (q_ * 0.01).detach(), k_, v_, **kw)
+        return o, lse
+
+    with pytest.raises(Mismatch, match="dq: "):
+        assert_matches_reference(wrong_grad, q, k, v, mask_mod=late)
+
+
 # ---------------------------------------------------------------------------------------------
 # the oracle against PyTorch's FlexAttention (eager, CPU)
 
