@@ -366,8 +366,6 @@ def test_unsupported_construct_names_file_and_line(kind, fn, needle):
         assert needle in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="slicing a 1-D captured tensor (t[q_idx:]) reports 'a traced value used "
-                                       "as a Python integer' instead of saying that slicing is unsupported")
 def test_slice_1d_message_says_slicing():
     with pytest.raises(attndsl.PatternError, match="slic"):
         trace(mask_mod=bad_slice_1d)

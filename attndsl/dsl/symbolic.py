@@ -333,7 +333,9 @@ class Sym:
                            "use torch.where(cond, a, b) or & | ~ instead")
 
     def __index__(self):
-        raise PatternError("a traced value used as a Python integer (range/len/list index)")
+        raise PatternError("a traced value used as a Python integer (a slice bound such as t[q_idx:], "
+                           "range(), len() or a list index)", "slicing captured tensors is not supported; "
+                           "index every dimension with an index expression")
 
     def __int__(self):
         raise PatternError("int() of a traced value", "use .long() or .int()")
