@@ -396,7 +396,11 @@ def test_mask_and_score_mod_together_in_flex():
 
 
 def test_pattern_files_use_no_python_control_flow_on_indices():
-    """Mod functions must not branch or loop in Python, nor pull values to the host."""
+    """Mod functions must not branch or loop in Python on index values, nor pull values to the host.
+
+    Loops and conditionals over Python constants (grid axes, flags) are fine: they run once at
+    trace time. What is forbidden is control flow that depends on the arguments, tracked through
+    assignments (a simple taint analysis)."""
     import ast
     from pathlib import Path
 
@@ -404,17 +408,34 @@ def test_pattern_files_use_no_python_control_flow_on_indices():
     files = sorted(Path(P.__file__).parent.glob("*.py"))
     assert len(files) >= 9
     n_mods = 0
+
+    def names(node):
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} if node is not None else set()
+
     for path in files:
         tree = ast.parse(path.read_text(), filename=str(path))
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef) or [a.arg for a in fn.args.args] not in mod_args:
                 continue
             n_mods += 1
+            tainted = {a.arg for a in fn.args.args}
+            for _ in range(4):  # propagate through assignments and loop targets
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and names(node.value) & tainted:
+                        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                        for t in targets:
+                            tainted |= names(t)
+                    if isinstance(node, (ast.For, ast.comprehension)) and names(node.iter) & tainted:
+                        tainted |= names(node.target)
             for node in ast.walk(fn):
                 where = f"{path.name}:{getattr(node, 'lineno', '?')} in {fn.name}"
-                assert not isinstance(node, (ast.If, ast.IfExp, ast.For, ast.While, ast.comprehension)), where
+                if isinstance(node, (ast.If, ast.IfExp, ast.While)):
+                    assert not names(node.test) & tainted, where
+                if isinstance(node, (ast.For, ast.comprehension)):
+                    assert not names(node.iter) & tainted, where
                 if isinstance(node, ast.Call):
                     f = node.func
                     assert not (isinstance(f, ast.Attribute) and f.attr in ("item", "tolist", "numpy", "cpu")), where
-                    assert not (isinstance(f, ast.Name) and f.id in ("int", "float", "bool", "range", "len")), where
+                    if isinstance(f, ast.Name) and f.id in ("int", "float", "bool", "range", "len"):
+                        assert not set().union(*(names(a) for a in node.args)) & tainted, where
     assert n_mods >= 13
