@@ -23,7 +23,7 @@ class CompiledAttention:
     """
 
     def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
-                 num_warps=None, num_stages=None, name="attn"):
+                 num_warps=None, num_stages=None, name="attn", deterministic=False):
         self.mask_mod, self.score_mod = mask_mod, score_mod
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
@@ -32,6 +32,16 @@ class CompiledAttention:
         self.spec = build_spec(t.mask, t.score, t.buffers, name=name, normalizer=normalizer, learnable=learnable)
         self._tiles = (block_m, block_n, num_warps, num_stages)
         self._runners: dict = {}
+        # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
+        self.deterministic = bool(deterministic)
+        if self.deterministic:
+            for gl in self.spec.grad_loads:
+                if gl.scope == "scatter":
+                    raise NotImplementedError(
+                        f"deterministic=True: the learnable tensor #{gl.slot} is indexed by an expression of "
+                        "both q_idx and kv_idx, whose gradient is scattered with atomic adds; no deterministic "
+                        "path exists for that yet (per-head, per-query and full-size (.., q_idx, kv_idx) "
+                        "tensors are supported)")
 
     # -- kernels ---------------------------------------------------------------------------
     def runner(self, q: torch.Tensor) -> Runner:
@@ -41,6 +51,7 @@ class CompiledAttention:
         if r is None:
             module = cache.load(self.spec, interpret)
             r = Runner(self.spec, module, choose(q.shape[-1], interpret, *self._tiles), interpret, q.shape[-1])
+            r.deterministic = self.deterministic
             self._runners[key] = r
         return r
 
@@ -75,6 +86,14 @@ class CompiledAttention:
             sigmoid_bias = -math.log(key.shape[2])
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+        if self.deterministic:
+            from .runtime.launch import gl_exact
+            for gl in self.spec.grad_loads:
+                if gl.scope == "exact" and not gl_exact(gl, query.shape[0], query.shape[1]):
+                    raise NotImplementedError(
+                        f"deterministic=True: learnable tensor #{gl.slot} has no batch/head dimension but the "
+                        f"call has B={query.shape[0]}, Hq={query.shape[1]}, so its gradient would be summed with "
+                        "atomic adds; give it the batch/head dimensions (expand) or use deterministic=False")
         r = self.runner(query)
         tables = None
         if self.spec.data_dependent:
@@ -106,17 +125,17 @@ class CompiledAttention:
 
 
 def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001
-            num_warps=None, num_stages=None) -> CompiledAttention:
+            num_warps=None, num_stages=None, deterministic=False) -> CompiledAttention:
     """Trace and analyse a pattern once; the result is called like :func:`attention`
     (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call).
     Tile sizes, warps and pipeline stages override the heuristics (mainly for tuning and tests)."""
     return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n,
-                             num_warps=num_warps, num_stages=num_stages)
+                             num_warps=num_warps, num_stages=num_stages, deterministic=deterministic)
 
 
 def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
               normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None,
-              check_indices=None):
+              check_indices=None, deterministic=False):
     """Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     ``query [B, Hq, Lq, D]``, ``key/value [B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0``. Returns the
@@ -128,7 +147,7 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, r
     (default bias ``-log(Lkv)``, no lse); ``sinks [Hq]`` are per-head logits that join the softmax
     denominator (a fully masked row gives 0 and ``lse = sink``); ``bias_factors=(u, w)`` adds
     ``u·wᵀ`` to the scaled score inside the kernel. Captured floating tensors read by ``score_mod``
-    that require grad receive gradients.
+    that require grad receive gradients; ``deterministic=True`` makes those bitwise repeatable.
 
     Index selectors (:mod:`attndsl.selectors`) restrict the keys before the mask:
     ``indices [B, G, Lq, K]`` (int32, ``-1`` = unused) lists the keys each query visits, shared by
@@ -137,6 +156,6 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, r
     :class:`~attndsl.selectors.BlockSelection`) lists key blocks per query block (MoBA, NSA).
     """
     check_inputs(query, key, value, scale)
-    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer)(
+    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, deterministic=deterministic)(
         query, key, value, scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
         bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)

@@ -84,11 +84,12 @@ EXTRA_CONSTS = "HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.con
 
 
 def _grad_params(spec: KernelSpec) -> str:
-    return "".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
+    return "".join(f"DBUF{g.slot}_{i}, GOFF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
 
 
 def _grad_consts(spec: KernelSpec) -> str:
-    return "".join(f"GL{i}_ATOMIC: tl.constexpr, " for i, _ in enumerate(spec.grad_loads))
+    s = "".join(f"GL{i}_ATOMIC: tl.constexpr, " for i, _ in enumerate(spec.grad_loads))
+    return s + ("DETERMINISTIC: tl.constexpr, " if spec.grad_loads else "")
 
 
 def _softmax(spec: KernelSpec) -> bool:
@@ -431,11 +432,22 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
         if gl.scope == "program":
             init += f"    gacc{i} = tl.zeros([1, 1], tl.float32)\n"
             loop += f"{B}gacc{i} += tl.sum(tl.sum({contrib}, 1, keep_dims=True), 0, keep_dims=True)\n"
-            final += f"    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}) + tl.zeros([1, 1], tl.int64), gacc{i})\n"
+            # deterministic: one (offset, partial sum) pair per program, reduced on the host in order
+            final += (f"    if DETERMINISTIC:\n"
+                      f"        part{i} = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m + tl.zeros([1, 1], tl.int64)\n"
+                      f"        tl.store(DBUF{gl.slot}_{i} + part{i}, gacc{i})\n"
+                      f"        tl.store(GOFF{gl.slot}_{i} + part{i}, ({off}) + tl.zeros([1, 1], tl.int64))\n"
+                      f"    else:\n"
+                      f"        tl.atomic_add(DBUF{gl.slot}_{i} + ({off}) + tl.zeros([1, 1], tl.int64), gacc{i})\n")
         elif gl.scope == "row":
             init += f"    gacc{i} = tl.zeros([BLOCK_M, 1], tl.float32)\n"
             loop += f"{B}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
-            final += f"    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), gacc{i}, mask=q_idx < LQ)\n"
+            final += (f"    if DETERMINISTIC:\n"
+                      f"        part{i} = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]\n"
+                      f"        tl.store(DBUF{gl.slot}_{i} + part{i}, gacc{i}, mask=q_idx < LQ)\n"
+                      f"        tl.store(GOFF{gl.slot}_{i} + part{i}, ({off}) + tl.zeros([BLOCK_M, 1], tl.int64), mask=q_idx < LQ)\n"
+                      f"    else:\n"
+                      f"        tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), gacc{i}, mask=q_idx < LQ)\n")
         else:
             ok = "(q_idx < LQ) & (kv_idx < LKV)"
             loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n"

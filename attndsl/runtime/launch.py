@@ -103,8 +103,9 @@ class BlockTables:
 class Runner:
     """Launches the kernels of one spec for one backend and head dim."""
 
-    def __init__(self, spec, module, configs: Configs, interpret: bool, head_dim: int):
+    def __init__(self, spec, module, configs: Configs, interpret: bool, head_dim: int, deterministic: bool = False):
         self.spec = spec
+        self.deterministic = deterministic
         self.mod = module
         self.cfg = configs
         self.interpret = interpret
@@ -214,17 +215,27 @@ class Runner:
         R = extras.u.shape[3] if extras.u is not None else 1
         du = torch.empty((B, Hq, Lq, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
         dw = torch.empty((B, Hq, Lkv, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
-        dbufs = {}
+        dbufs, partials = {}, []
         gl_args, gl_consts = [], {}
+        det = self.deterministic
         for i, gl in enumerate(self.spec.grad_loads):
             t = buffers[gl.slot]
             if gl.slot not in dbufs:
                 # same strides as the tensor: a broadcast (stride-0) dimension sums its gradient
                 dbufs[gl.slot] = torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device).zero_()
-            gl_args.append(dbufs[gl.slot])
-            fv = {a.attr for a in gl.load.args if a.op == "var"}
-            exact = gl.scope == "exact" and ("b" in fv or B == 1) and ("h" in fv or Hq == 1)
+            exact = gl_exact(gl, B, Hq)
             gl_consts[f"GL{i}_ATOMIC"] = not exact
+            if det and gl.scope in ("program", "row"):
+                # per-program partial sums and their offsets; sized for any tile of 16 rows or more
+                n = B * Hq * (triton.cdiv(Lq, 16) if gl.scope == "program" else Lq + 256)
+                vals = torch.zeros(n, dtype=torch.float32, device=q.device)
+                offs = torch.full((n,), -1, dtype=torch.int64, device=q.device)
+                gl_args += [vals, offs]
+                partials.append((gl.slot, vals, offs))
+            else:
+                gl_args += [dbufs[gl.slot], dbufs[gl.slot]]
+        if self.spec.grad_loads:
+            gl_consts["DETERMINISTIC"] = det
         xargs = extras.args(q, k)
         bargs = buffer_args(buffers)
         c = self.cfg.dkdv
@@ -253,8 +264,33 @@ class Runner:
             dw = _reduce_to(dw, extras.w.shape).to(extras.w.dtype)
         else:
             du = dw = None
+        for slot, vals, offs in partials:
+            _ordered_scatter_add(dbufs[slot], vals, offs)
         dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         return dq, dk, dv, dsinks, du, dw, dbufs
+
+
+def gl_exact(gl, B: int, Hq: int) -> bool:
+    """A full-size learnable tensor whose every element is written by one program (no atomics)."""
+    fv = {a.attr for a in gl.load.args if a.op == "var"}
+    return gl.scope == "exact" and ("b" in fv or B == 1) and ("h" in fv or Hq == 1)
+
+
+def _ordered_scatter_add(dbuf: torch.Tensor, vals: torch.Tensor, offs: torch.Tensor) -> None:
+    """Add per-program partials into ``dbuf`` in a fixed order (bitwise repeatable): sort by
+    offset (stable), sum each run in float64 through a cumulative sum, write each element once."""
+    keep = offs >= 0
+    o, v = offs[keep], vals[keep].to(torch.float64)
+    if o.numel() == 0:
+        return
+    o, order = torch.sort(o, stable=True)
+    v = v[order]
+    uniq, counts = torch.unique_consecutive(o, return_counts=True)
+    ends = counts.cumsum(0) - 1
+    cs = v.cumsum(0)
+    seg = cs[ends] - torch.cat([cs.new_zeros(1), cs[ends[:-1]]])
+    flat = dbuf.as_strided((dbuf.untyped_storage().nbytes() // dbuf.element_size(),), (1,), 0)
+    flat[uniq] += seg.to(flat.dtype)
 
 
 def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""deterministic=True: gradients of learnable captured tensors without atomic adds, against the
+float64 reference and bitwise equal across repeated backward passes."""
+import pytest
+import torch
+
+import attndsl
+
+causal = lambda b, h, q, k: q >= k  # noqa: E731
+
+
+def _grad(attn, mod, learn, q, k, v, do):
+    o = attn(q, k, v)
+    return torch.autograd.grad(o, [q, learn], do)
+
+
+@pytest.mark.parametrize("kind", ["program", "zero_dim", "row", "exact"])
+def test_deterministic_learnable_gradients(kind):
+    torch.manual_seed(1)
+    B, Hq, Hkv, Lq, Lkv, D = 2, 4, 2, 50, 70, 32
+    if kind == "program":
+        t = torch.rand(Hq, requires_grad=True)
+        mod = lambda s, b, h, q, k: s - t[h] * (q - k)  # noqa: E731
+    elif kind == "zero_dim":
+        t = torch.tensor(15.0, requires_grad=True)
+        mod = lambda s, b, h, q, k: t * torch.tanh(s / t)  # noqa: E731
+    elif kind == "row":
+        t = torch.randn(Lq, requires_grad=True)
+        mod = lambda s, b, h, q, k: s * torch.sigmoid(t[q])  # noqa: E731
+    else:
+        t = torch.randn(B, Hq, Lq, Lkv, requires_grad=True)
+        mod = lambda s, b, h, q, k: s + t[b, h, q, k]  # noqa: E731
+    q = torch.randn(B, Hq, Lq, D, requires_grad=True)
+    k, v = torch.randn(B, Hkv, Lkv, D), torch.randn(B, Hkv, Lkv, D)
+    attn = attndsl.compile(mask_mod=causal, score_mod=mod, deterministic=True, block_m=16, block_n=16)
+    do = torch.randn(B, Hq, Lq, D)
+    dq1, dt1 = _grad(attn, mod, t, q, k, v, do)
+    dq2, dt2 = _grad(attn, mod, t, q, k, v, do)
+    assert torch.equal(dt1, dt2) and torch.equal(dq1, dq2)
+    ro, _ = attndsl.reference.attention(q, k, v, mask_mod=causal, score_mod=mod)
+    rq, rt = torch.autograd.grad(ro, [q, t], do.double())
+    assert (dt1.double() - rt).abs().max() <= 1e-4 * rt.abs().max() + 1e-6
+    assert (dq1.double() - rq).abs().max() <= 1e-4 * rq.abs().max()
+
+
+def test_deterministic_refuses_scattered_tables():
+    table = torch.randn(2, 9, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="deterministic=True"):
+        attndsl.compile(score_mod=lambda s, b, h, q, k: s + table[h, (q - k).clamp(-4, 4) + 4], deterministic=True)
+
+
+def test_deterministic_refuses_broadcast_full_bias_before_launch():
+    bias = torch.randn(2, 16, 16, requires_grad=True)  # no batch dim, called with B=2
+    attn = attndsl.compile(score_mod=lambda s, b, h, q, k: s + bias[h, q, k], deterministic=True)
+    x = torch.randn(2, 2, 16, 16)
+    with pytest.raises(NotImplementedError, match="atomic"):
+        attn(x, x, x)
