@@ -38,7 +38,8 @@ def test_deterministic_learnable_gradients(kind):
     assert torch.equal(dt1, dt2) and torch.equal(dq1, dq2)
     ro, _ = attndsl.reference.attention(q, k, v, mask_mod=causal, score_mod=mod)
     rq, rt = torch.autograd.grad(ro, [q, t], do.double())
-    assert (dt1.double() - rt).abs().max() <= 1e-4 * rt.abs().max() + 1e-6
+    # a 0-d or per-head gradient sums ~10^4 fp32 terms that largely cancel: allow their rounding
+    assert (dt1.double() - rt).abs().max() <= 1e-4 * rt.abs().max() + 2e-5
     assert (dq1.double() - rq).abs().max() <= 1e-4 * rq.abs().max()
 
 
