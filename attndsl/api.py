@@ -29,14 +29,15 @@ class CompiledAttention:
         self.tensors = list(t.tensors)
         # floating tensors that require grad and are read by score_mod learn; mask tensors are constants
         learnable = frozenset(i for i, x in enumerate(self.tensors) if x.requires_grad and x.dtype.is_floating_point)
-        self.spec = build_spec(t.mask, t.score, t.buffers, name=name, normalizer=normalizer, learnable=learnable)
+        self.spec = build_spec(t.mask, t.score, t.buffers, name=name, normalizer=normalizer, learnable=learnable,
+                               tiles=(block_m, block_n))
         self._tiles = (block_m, block_n, num_warps, num_stages)
         self._runners: dict = {}
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
         if self.deterministic:
             for gl in self.spec.grad_loads:
-                if gl.scope == "scatter":
+                if gl.scope in ("scatter", "col"):
                     raise NotImplementedError(
                         f"deterministic=True: the learnable tensor #{gl.slot} is indexed by an expression of "
                         "both q_idx and kv_idx, whose gradient is scattered with atomic adds; no deterministic "
@@ -50,7 +51,8 @@ class CompiledAttention:
         r = self._runners.get(key)
         if r is None:
             module = cache.load(self.spec, interpret)
-            r = Runner(self.spec, module, choose(q.shape[-1], interpret, *self._tiles), interpret, q.shape[-1])
+            tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
+            r = Runner(self.spec, module, choose(q.shape[-1], interpret, *tiles), interpret, q.shape[-1])
             r.deterministic = self.deterministic
             self._runners[key] = r
         return r

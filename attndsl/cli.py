@@ -3,6 +3,7 @@
     attndsl show FILE.py:FUNC [--score FILE.py:FUNC]   print IR, visit plan and generated source
     attndsl bench [--cases ...] [--L ...] [--bwd] ...  attndsl vs FlexAttention / SDPA (GPU)
     attndsl cache [--clear]                            show or empty the kernel source cache
+    attndsl tilemap FILE.py:FUNC --out MAP.png [...]   picture of the key tiles each query tile visits
 
 A pattern is named ``FILE.py`` (module-level ``mask_mod`` / ``score_mod``), ``FILE.py:NAME``
 (a module-level function) or ``FILE.py:FACTORY(ARGS)`` (a factory called with literal
@@ -187,6 +188,25 @@ def cmd_show(ns, out=None) -> int:
     return 0
 
 
+def cmd_tilemap(ns, out=None) -> int:
+    out = out or sys.stdout
+    obj = load_pattern(ns.pattern, default_attr="mask_mod")
+    if isinstance(obj, tuple):  # factories like neighborhood_2d return (layout, mask)
+        obj = next((x for x in obj if callable(x)), None)
+    if not callable(obj):
+        raise CLIError(f"{ns.pattern!r} is not a mask_mod")
+    import attndsl  # lazily: the compiler core
+    from attndsl.tilemap import save_tile_map, summary
+    attn = attndsl.compile(mask_mod=obj, block_m=ns.block_m, block_n=ns.block_n)
+    if ns.length is None and getattr(obj, "layout", None) is None:
+        raise CLIError("the pattern declares no layout: give --length")
+    tmap = save_tile_map(attn, ns.out, ns.length, scale=ns.scale, grid_every=ns.grid_every)
+    tiles = attn.spec.tiles or (ns.block_m, ns.block_n)
+    print(f"{ns.out}: {summary(tmap)} (tiles {tiles[0]}x{tiles[1]}; blue = full, orange = partial, "
+          f"white = skipped)", file=out)
+    return 0
+
+
 def _tree_size(d: Path) -> Tuple[int, int]:
     files = size = 0
     for root, _dirs, names in os.walk(d):
@@ -231,7 +251,7 @@ def cmd_cache(ns, out=None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attndsl", description="attndsl: a compiler-driven attention DSL.")
-    sub = p.add_subparsers(dest="command", metavar="{show,bench,cache}")
+    sub = p.add_subparsers(dest="command", metavar="{show,bench,cache,tilemap}")
     sub.required = True
     s = sub.add_parser("show", help="print the IR, visit plan and generated source of a pattern",
                        description="Print attndsl.compile(mask_mod, score_mod).explain(). PATTERN is "
@@ -243,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time attndsl against FlexAttention and SDPA (see 'attndsl bench --help')")
     c = sub.add_parser("cache", help="show or clear the kernel source cache")
     c.add_argument("--clear", action="store_true", help="delete every entry of the cache directory")
+    t = sub.add_parser("tilemap", help="write a PNG of the key tiles each query tile visits (full / partial)",
+                       description="Replay the forward visit plan of a mask and draw it: one pixel block per "
+                                   "(query tile, key tile); blue = full (no mask), orange = partial, white = "
+                                   "skipped. PATTERN is FILE.py:FUNC or FILE.py:FACTORY(literal args); a factory "
+                                   "may return (layout, mask).")
+    t.add_argument("pattern", metavar="FILE.py[:FUNC]", help="the mask_mod")
+    t.add_argument("--out", required=True, help="PNG file to write")
+    t.add_argument("--length", type=int, default=None, help="sequence length (default: the pattern's layout)")
+    t.add_argument("--block-m", type=int, default=None, help="query tile size (default: the layout's choice)")
+    t.add_argument("--block-n", type=int, default=None, help="key tile size (default: the layout's choice)")
+    t.add_argument("--scale", type=int, default=None, help="pixels per tile (default: fit ~512 px)")
+    t.add_argument("--grid-every", type=int, default=None, help="light grid lines every N tiles")
     return p
 
 
@@ -262,6 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_show(ns)
         if ns.command == "cache":
             return cmd_cache(ns)
+        if ns.command == "tilemap":
+            return cmd_tilemap(ns)
     except CLIError as e:
         print(f"attndsl: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,29 @@
 from __future__ import annotations
 
 from . import ir
+from .spec import VisitBox
+
+
+def _box_lines(what, box, other) -> list:
+    """A box visit plan (passes/box_analysis.py) in words."""
+    shape, tile, prefix = box.grid
+    axes = "x".join(map(str, shape))
+    out = [f"{what}: box of tiles over layout {axes} (tile {'x'.join(map(str, tile))}"
+           f"{f', grid at {prefix}' if prefix else ''}); {box.target} tiles of {box.block} tokens = "
+           f"{'x'.join(map(str, box.tile_shape))} grid points, {other} tiles of {box.other_block} = "
+           f"{'x'.join(map(str, box.other_shape))}; per axis over the {other} tile's coordinates {other}_c*_lo..hi:"]
+    for a, (o, i) in enumerate(zip(box.outer, box.inner)):
+        out.append(f"  axis {a}: visit [{ir.expr_str(o[0])}, {ir.expr_str(o[1])}]")
+        out.append(f"          full  [{ir.expr_str(i[0])}, {ir.expr_str(i[1])}]")
+    if box.tile_check:
+        out.append("  tiles of the box are classified one by one over their coordinate boxes"
+                   + (" and by evaluating the mask (coordinate residues)" if box.exact_check else ""))
+    for x in box.extras:
+        r = x.range
+        out.append(f"  outside the grid: visit [{ir.expr_str(r.outer[0])}, {ir.expr_str(r.outer[1])}], "
+                   f"full [{ir.expr_str(r.inner[0])}, {ir.expr_str(r.inner[1])}]"
+                   + (" (checked per tile)" if r.tile_check else ""))
+    return out
 
 
 def explain(compiled) -> str:
@@ -20,6 +43,9 @@ def explain(compiled) -> str:
     if spec.mask is not None:
         for what, rng, other in (("forward/dQ: key range per query tile", spec.fwd_range, "q"),
                                  ("dK/dV: query range per key tile", spec.bwd_range, "kv")):
+            if isinstance(rng, VisitBox):
+                out += _box_lines(what, rng, other)
+                continue
             out.append(f"{what} ({other}_lo..{other}_hi):")
             out.append(f"  visit  [{ir.expr_str(rng.outer[0])}, {ir.expr_str(rng.outer[1])}]")
             out.append(f"  full   [{ir.expr_str(rng.inner[0])}, {ir.expr_str(rng.inner[1])}]")

@@ -22,6 +22,45 @@ class VisitRange:
 
 
 @dataclass(frozen=True)
+class ExtraRange:
+    """A 1-D visit range over target positions outside a layout's grid (prefix/suffix tokens),
+    with that region's own per-tile classification when ``range.tile_check``."""
+
+    range: VisitRange
+    tile_full: Node | None = None
+    tile_nonempty: Node | None = None
+
+
+@dataclass(frozen=True)
+class VisitBox:
+    """Visit plan over layout coordinates (``passes/box_analysis.py``, ``codegen/box.py``).
+
+    Per tile of the other index, the target tiles to visit are a box in the tile coordinates of
+    the layout grid, plus 1-D ranges (``extras``) for target positions outside the grid. Ranges
+    are inclusive, per axis, IR over ``b, h``, the other tile's ``{other}_lo/_hi`` and its
+    coordinate box ``{other}_c{a}_lo/_hi`` (or the exact ``{other}_c{a}`` where ``other_shape[a]
+    == 1``). The kernel tile sizes are part of the plan: ``block`` target tokens per tile (a box
+    of ``tile_shape`` grid points), ``other_block`` tokens per other tile (``other_shape``).
+    """
+
+    target: str
+    grid: tuple                  # (shape, tile, prefix) of the layout (ir/coords.py Grid)
+    block: int
+    other_block: int
+    tile_shape: tuple
+    other_shape: tuple
+    outer: tuple                 # per axis (lo, hi): coordinates the mask may allow
+    inner: tuple                 # per axis (lo, hi): coordinates allowed for every row of the tile
+    tile_check: bool             # tiles of the outer box may be empty: classify each one
+    tile_full: Node | None       # per target tile, over {target}_c{a}_lo/_hi (when tile_check)
+    tile_nonempty: Node | None
+    extras: tuple = ()           # ExtraRange per non-grid region of the target
+    mask: Node | None = None     # the mask on coordinates, target inside the grid (explain, tile maps)
+    exact_check: bool = False    # the interval classification can miss empty tiles (residues of a
+    #                              coordinate, as with dilation): also test the mask on the tile
+
+
+@dataclass(frozen=True)
 class GradLoad:
     """A load of a learnable captured tensor inside score_mod, and ∂score_mod/∂(loaded value).
 
@@ -44,8 +83,8 @@ class KernelSpec:
     score: Node | None           # score_mod output as a function of the ``score`` variable
     dscore: Node | None          # ∂score_mod/∂score
     buffers: tuple[Buffer, ...]
-    fwd_range: VisitRange        # kv range per q tile (forward, dQ)
-    bwd_range: VisitRange        # q range per kv tile (dK/dV)
+    fwd_range: VisitRange        # kv range per q tile (forward, dQ); a VisitBox for layout masks
+    bwd_range: VisitRange        # q range per kv tile (dK/dV); a VisitBox for layout masks
     tile_full: Node | None       # whole-tile "mask holds everywhere" over q_lo..q_hi, kv_lo..kv_hi
     tile_nonempty: Node | None   # whole-tile "mask may hold somewhere"
     data_dependent: bool         # needs a block table computed on the device
@@ -55,6 +94,7 @@ class KernelSpec:
     options: tuple = field(default=())
     normalizer: str = "softmax"  # or "sigmoid": no row normalisation, no running maximum
     grad_loads: tuple = ()       # GradLoad entries: captured tensors that receive gradients
+    tiles: tuple | None = None   # (block_m, block_n) the visit plans were built for (VisitBox), else None
 
     @property
     def has_mask(self) -> bool:

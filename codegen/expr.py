@@ -8,6 +8,7 @@ on neither once per program. Shared nodes are emitted once.
 from __future__ import annotations
 
 from attndsl import ir
+import attndsl.ir.coords  # noqa: F401  (ir.coords.coord_expr)
 from attndsl.ir import BOOL, FLOAT, INT, Node
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
@@ -37,6 +38,10 @@ def nonneg(n: Node, memo=None) -> bool:
             r = any(nonneg(a, memo) for a in n.args)
         elif op in ("abs", "mod"):
             r = op == "abs" or (n.args[1].op == "const" and n.args[1].attr[1] > 0)
+        elif op in ("bit_length", "coord"):
+            r = op == "bit_length" or n.attr[3] > 0 or (n.attr[2] == 0 and nonneg(n.args[0], memo))
+        elif op in ("shl", "shr"):
+            r = nonneg(n.args[0], memo)
         else:
             r = False
         memo[n] = r
@@ -92,6 +97,9 @@ class ExprEmitter:
         hit = self.names.get(n)
         if hit is not None:
             return hit
+        if n.op == "coord":  # layout coordinate: expanded into div/mod of the index
+            r = self.names[n] = self._emit(ir.coords.coord_expr(n.attr, n.args[0]), min_stage)
+            return r
         if n.op == "load":
             return self._emit_load(n, min_stage)
         parts = [self._emit(a, min_stage) for a in n.args]
@@ -122,6 +130,10 @@ class ExprEmitter:
                 mod = f"(({a[0]}) % {a[1]} + {a[1]}) % {a[1]}"
                 return mod if op == "mod" else f"(({a[0]}) - {mod}) // {a[1]}"
             return f"_floor{'div' if op == 'floordiv' else 'mod'}({a[0]}, {a[1]})"
+        if op in ("shl", "shr"):
+            return f"{a[0]} {'<<' if op == 'shl' else '>>'} {a[1]}"
+        if op == "bit_length":
+            return f"_bit_length({a[0]})"
         if op == "to_float":
             return f"({a[0]}).to(tl.float32)"
         if op == "to_int":

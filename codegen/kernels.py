@@ -6,8 +6,9 @@ to visit, which are full) comes from the spec's closed-form ranges or from a blo
 """
 from __future__ import annotations
 
-from attndsl.spec import KernelSpec, VisitRange
+from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
+from . import box as _box
 from .expr import ExprEmitter
 
 I1, I2, I3, I4 = (" " * n for n in (4, 8, 12, 16))
@@ -27,6 +28,8 @@ def _plan_lines(em: ExprEmitter, rng: VisitRange, stage: int, block: str, t_max:
     """Scalar code computing the tiles to visit along the target index (closed form)."""
     if table:
         return []
+    if isinstance(rng, VisitBox):  # a box of tiles over layout coordinates (codegen/box.py)
+        return _box.plan_lines(em, rng, stage, t_max)
     lo, hi = (em.emit(x, stage) for x in rng.outer)
     ilo, ihi = (em.emit(x, stage) for x in rng.inner)
     return [
@@ -52,8 +55,10 @@ def _table_plan_lines(prefix: str, bh_off: str, row: str) -> list[str]:
     ]
 
 
-def _tile_of_iteration(table: bool) -> list[str]:
+def _tile_of_iteration(table: bool, rng=None) -> list[str]:
     """Full tiles first (no mask), then the partial ones."""
+    if isinstance(rng, VisitBox) and not table:
+        return _box.iteration_lines(rng)
     if table:
         return [
             "is_partial = it >= n_full",
@@ -67,6 +72,17 @@ def _tile_of_iteration(table: bool) -> list[str]:
 
 
 TABLE_PARAMS = "TBL_FULL, TBL_PART, TBL_CNT, tbl_stride_b, tbl_stride_h, tbl_stride_r, "
+
+
+def _tile_class(spec: KernelSpec, rng, em: ExprEmitter, table: bool):
+    """``(full, nonempty)`` code of the current tile when the plan asks for per-tile checks."""
+    if table:
+        return None
+    if isinstance(rng, VisitBox):
+        return _box.tile_class(em, rng, 2, spec.mask)
+    if rng.tile_check and spec.tile_full is not None:
+        return em.emit(spec.tile_full, 2), em.emit(spec.tile_nonempty, 2)
+    return None
 
 
 def _indent(lines, ind):
@@ -131,9 +147,9 @@ def forward(spec: KernelSpec, table: bool) -> str:
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)
     check, visit_if, B = "", "", I2
-    if spec.fwd_range.tile_check and not table and spec.tile_full is not None:
-        full = em.emit(spec.tile_full, 2)
-        nonempty = em.emit(spec.tile_nonempty, 2)
+    cls = _tile_class(spec, spec.fwd_range, em, table)
+    if cls is not None:
+        full, nonempty = cls
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & ({full} == 0)\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
@@ -222,7 +238,7 @@ def {name}(
 {init}    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visited = 0
     for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table), I2)}        kv_lo = tile * BLOCK_N
+{_indent(_tile_of_iteration(table, spec.fwd_range), I2)}        kv_lo = tile * BLOCK_N
         kv_hi = kv_lo + BLOCK_N - 1
         offs_n = kv_lo + offs_n0
         kv_idx = offs_n[None, :]
@@ -311,9 +327,9 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I2)
     check, visit_if, B = "", "", I3
-    if spec.bwd_range.tile_check and not table and spec.tile_full is not None:
-        full = em.emit(spec.tile_full, 2)
-        nonempty = em.emit(spec.tile_nonempty, 2)
+    cls = _tile_class(spec, spec.bwd_range, em, table)
+    if cls is not None:
+        full, nonempty = cls
         check = em.take(2, I3) + f"{I3}is_partial = is_partial & ({full} == 0)\n"
         visit_if = f"{I3}if {nonempty}:\n"
         B = I4
@@ -382,7 +398,7 @@ def {spec.name}_bwd_dkdv(
                 w = w.to(tl.float32)
             dw = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
 {pre1}{_indent(plan, I2)}        for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table), I3)}            q_lo = tile * BLOCK_M
+{_indent(_tile_of_iteration(table, spec.bwd_range), I3)}            q_lo = tile * BLOCK_M
             q_hi = q_lo + BLOCK_M - 1
             offs_m = q_lo + offs_m0
             q_idx = offs_m[None, :]
@@ -423,7 +439,8 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
     for i, gl in enumerate(spec.grad_loads):
         g = f"gmod{i}"
         p = f"buf{gl.slot}"
-        idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter") else (0 if gl.scope == "program" else 1)) for a in gl.load.args]
+        idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
+               for a in gl.load.args]
         off = " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
                          for d, x in enumerate(idx)) or "0"
         contrib = f"gl{i}"
@@ -448,6 +465,10 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
                       f"        tl.store(GOFF{gl.slot}_{i} + part{i}, ({off}) + tl.zeros([BLOCK_M, 1], tl.int64), mask=q_idx < LQ)\n"
                       f"    else:\n"
                       f"        tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), gacc{i}, mask=q_idx < LQ)\n")
+        elif gl.scope == "col":
+            # index follows kv only: sum over the tile's query rows, one atomic add per key
+            loop += (f"{B}tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), tl.sum({contrib}, 0, keep_dims=True), "
+                     f"mask=kv_idx < LKV)\n")
         else:
             ok = "(q_idx < LQ) & (kv_idx < LKV)"
             loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n"
@@ -464,9 +485,9 @@ def dq(spec: KernelSpec, table: bool) -> str:
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m") if table
             else _plan_lines(em, spec.fwd_range, 1, "BLOCK_N", "kv_max", False))
     check, visit_if, B = "", "", I2
-    if spec.fwd_range.tile_check and not table and spec.tile_full is not None:
-        full = em.emit(spec.tile_full, 2)
-        nonempty = em.emit(spec.tile_nonempty, 2)
+    cls = _tile_class(spec, spec.fwd_range, em, table)
+    if cls is not None:
+        full, nonempty = cls
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & ({full} == 0)\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
@@ -537,7 +558,7 @@ def {spec.name}_bwd_dq(
 {pre1}{_indent(plan, I1)}
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 {g_init}    for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table), I2)}        kv_lo = tile * BLOCK_N
+{_indent(_tile_of_iteration(table, spec.fwd_range), I2)}        kv_lo = tile * BLOCK_N
         kv_hi = kv_lo + BLOCK_N - 1
         offs_n = kv_lo + offs_n0
         kv_idx = offs_n[None, :]

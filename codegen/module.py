@@ -32,6 +32,19 @@ def _floormod(a, b):
 
 
 @triton.jit
+def _bit_length(x):
+    """Python's int.bit_length of |x| (branch-free binary search; int32 range)."""
+    x = tl.abs(x)
+    n = x * 0
+    for s in tl.static_range(4, -1, -1):
+        hi = x >> (1 << s)
+        m = hi > 0
+        n += tl.where(m, 1 << s, 0)
+        x = tl.where(m, hi, x)
+    return n + (x > 0).to(n.dtype)
+
+
+@triton.jit
 def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 '''

@@ -229,6 +229,20 @@ for _py, _op in (("and", "and"), ("or", "or"), ("xor", "xor")):
 _HANDLERS[T.__invert__] = lambda x: Sym(ir.node("not", lift(x)))
 
 
+def _shift(op, a, b):
+    x, y = lift(a), lift(b)
+    if x.dtype == ir.FLOAT or y.dtype == ir.FLOAT:
+        raise PatternError(f"'{'<<' if op == 'shl' else '>>'}' on a floating value", "shifts need integers")
+    return Sym(ir.node(op, x, y))
+
+
+for _py, _op in (("lshift", "shl"), ("rshift", "shr")):
+    _HANDLERS[getattr(T, f"__{_py}__")] = (lambda op: lambda a, b: _shift(op, a, b))(_op)
+    _HANDLERS[getattr(T, f"__r{_py}__")] = (lambda op: lambda a, b: _shift(op, b, a))(_op)
+_HANDLERS[torch.bitwise_left_shift] = lambda a, b: _shift("shl", a, b)
+_HANDLERS[torch.bitwise_right_shift] = lambda a, b: _shift("shr", a, b)
+
+
 def _func_name(func) -> str:
     mod = getattr(func, "__module__", None) or ""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
@@ -296,6 +310,11 @@ class Sym:
     def __ror__(self, o): return _logic("or", o, self)
     def __xor__(self, o): return _logic("xor", self, o)
     def __rxor__(self, o): return _logic("xor", o, self)
+    # integer shifts (a << s == a * 2**s, a >> s == floor(a / 2**s))
+    def __lshift__(self, o): return _shift("shl", self, o)
+    def __rlshift__(self, o): return _shift("shl", o, self)
+    def __rshift__(self, o): return _shift("shr", self, o)
+    def __rrshift__(self, o): return _shift("shr", o, self)
 
     def __invert__(self):
         if self.node.dtype != ir.BOOL:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .coords import coord_value
 from .graph import topo_order
+from .intmath import bit_length_value
 from .nodes import BOOL, FLOAT, INT, Node
 
 
@@ -23,6 +25,7 @@ _BIN = {
     "floordiv": _floordiv, "mod": torch.remainder, "minimum": torch.minimum, "maximum": torch.maximum,
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
     "and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor,
+    "shl": torch.bitwise_left_shift, "shr": torch.bitwise_right_shift,
 }
 _UN = {
     "neg": torch.neg, "abs": torch.abs, "not": torch.logical_not, "exp": torch.exp, "exp2": torch.exp2,
@@ -71,6 +74,10 @@ def evaluate(roots, env: dict, tensors, float_dtype=torch.float64, device=None):
             r = vals[n.args[0]].to(float_dtype)
         elif n.op == "to_int":
             r = vals[n.args[0]].trunc().to(torch.int64) if vals[n.args[0]].is_floating_point() else vals[n.args[0]].to(torch.int64)
+        elif n.op == "coord":
+            r = coord_value(n.attr, vals[n.args[0]])
+        elif n.op == "bit_length":
+            r = bit_length_value(vals[n.args[0]].to(torch.int64))
         elif n.op in _BIN:
             r = _BIN[n.op](vals[n.args[0]], vals[n.args[1]])
         elif n.op in _UN:

@@ -22,6 +22,10 @@ COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
 LOGIC = {"and", "or", "xor"}
 UNARY_FLOAT = {"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "floor"}
 UNARY = UNARY_FLOAT | {"neg", "abs", "not", "to_float", "to_int"}
+#: Integer-only ops: ``bit_length(x)`` (of ``|x|``, as Python's ``int.bit_length``), shifts
+#: ``shl(a, s) = a * 2**s`` and ``shr(a, s) = floor(a / 2**s)``; ``coord`` (built by :func:`coord`)
+#: is a layout coordinate of an index, its layout and axis in ``attr`` (see ``ir/coords.py``).
+INT_OPS = {"bit_length", "shl", "shr", "coord"}
 
 _INTERN: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
 
@@ -106,6 +110,13 @@ def load(buf: Buffer, index: tuple[Node, ...]) -> Node:
     return _make("load", tuple(index), buf.kind, buf.key())
 
 
+def coord(index: Node, attr: tuple) -> Node:
+    """Layout coordinate of an integer index; ``attr = (shape, tile, prefix, axis)`` (ir/coords.py)."""
+    if index.dtype == FLOAT:
+        raise TypeError("a layout coordinate needs an integer index")
+    return _make("coord", (coerce(index, INT),), INT, tuple(attr))
+
+
 def buffer_of(n: Node) -> Buffer:
     slot, kind, ndim, tdt = n.attr
     return Buffer(slot, kind, ndim, tdt)
@@ -113,6 +124,8 @@ def buffer_of(n: Node) -> Buffer:
 
 def result_type(op: str, args) -> str:
     kinds = [a.dtype for a in args]
+    if op in INT_OPS:
+        return INT
     if op in COMPARE or op in LOGIC or op == "not":
         return BOOL
     if op in UNARY_FLOAT or op in ("truediv", "to_float"):
@@ -147,6 +160,13 @@ def node(op: str, *args: Node) -> Node:
         dtype = BOOL
     elif op in ("to_float", "to_int"):
         dtype = result_type(op, args)
+    elif op in INT_OPS:
+        if op == "coord":
+            raise TypeError("build coordinate nodes with ir.coord(index, attr)")
+        if any(a.dtype == FLOAT for a in args):
+            raise TypeError(f"'{op}' needs integer operands")
+        dtype = INT
+        args = tuple(coerce(a, INT) for a in args)
     else:
         dtype = result_type(op, args)
         if op in COMPARE or op in ARITH:

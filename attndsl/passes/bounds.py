@@ -65,6 +65,11 @@ class IntervalAnalysis:
             return (_un("neg", a[1]), _un("neg", a[0]))
         if op in _MONOTONE:
             return (_un(op, a[0]), _un(op, a[1]))
+        if op == "bit_length":  # monotone in |x|
+            lo, hi = self(node("abs", args[0]))
+            return (_un(op, lo) if lo is not None else const(0), _un(op, hi))
+        if op == "coord":
+            return _coord_bounds(n, a)
         if op == "abs":
             lo, hi = a
             if lo is None or hi is None:
@@ -93,6 +98,12 @@ class IntervalAnalysis:
             return (a[0] if b[0] is None else b[0] if a[0] is None else node("maximum", a[0], b[0]), _max(a[1], b[1]))
         if op == "mul":
             return self._mul(n, a, b)
+        if op in ("shl", "shr"):  # monotone in each operand: the extremes sit at the corners
+            if None in a or None in b:
+                return (None, None)
+            p = [node(op, i, j) for i in a for j in b]
+            return (node("minimum", node("minimum", p[0], p[1]), node("minimum", p[2], p[3])),
+                    node("maximum", node("maximum", p[0], p[1]), node("maximum", p[2], p[3])))
         d = args[1]
         if op in ("floordiv", "truediv") and d.op == "const" and ir.const_value(d) != 0:
             c = ir.const_value(d)
@@ -170,3 +181,28 @@ class IntervalAnalysis:
 
 def _un(op, x):
     return None if x is None else node(op, x)
+
+
+def _coord_bounds(n: Node, a):
+    """Layout coordinate of an index in ``[lo, hi]``: axes below the first lie in ``[0, shape-1]``;
+    the first is ``t0 * tile_row + in_tile``, monotone in its tile row (also outside the grid)."""
+    from ..ir.coords import Grid
+
+    g = Grid.of(n.attr)
+    axis = n.attr[3]
+    if axis > 0:
+        return (const(0), const(g.shape[axis] - 1))
+    lo, hi = a
+    div = g.size // g.counts[0]
+    t0 = g.tile[0]
+
+    def row(x):
+        if x is None:
+            return None
+        local = node("sub", x, const(g.prefix)) if g.prefix else x
+        r = node("floordiv", local, const(div)) if div != 1 else local
+        return node("mul", r, const(t0)) if t0 != 1 else r
+
+    rl, rh = row(lo), row(hi)
+    return (rl, node("add", rh, const(t0 - 1)) if rh is not None and t0 != 1 else rh)
+

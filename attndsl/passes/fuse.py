@@ -7,6 +7,7 @@ from .. import ir
 from ..ir import Node
 from ..spec import GradLoad, KernelSpec, VisitRange
 from .block_analysis import is_data_dependent, tile_class, tile_range
+from .box_analysis import box_plans
 from .grad import derivative
 from .simplify import simplify
 
@@ -30,6 +31,8 @@ def _scope(load: Node) -> str:
         return "program"
     if "kv" not in fv:
         return "row"
+    if "q" not in fv:
+        return "col"
     args = load.args
     if all(a.op == "var" for a in args) and len({a.attr for a in args}) == len(args) and {"q", "kv"} <= fv:
         return "exact"
@@ -48,14 +51,18 @@ def grad_loads(score: Node | None, learnable: frozenset) -> tuple:
 
 
 def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", options=(),
-               normalizer="softmax", learnable=frozenset()) -> KernelSpec:
+               normalizer="softmax", learnable=frozenset(), tiles=None) -> KernelSpec:
     """Run the passes on traced IR and assemble the KernelSpec (memoised by IR identity).
 
-    ``learnable``: slots of captured tensors (read by score_mod) that receive gradients."""
+    ``learnable``: slots of captured tensors (read by score_mod) that receive gradients.
+    ``tiles``: requested ``(block_m, block_n)`` (entries may be None); a mask on layout
+    coordinates gets box visit plans built for these tile sizes (or for sizes the layout picks),
+    recorded in ``spec.tiles``."""
     if normalizer not in ("softmax", "sigmoid"):
         raise ValueError(f"normalizer must be 'softmax' or 'sigmoid', got {normalizer!r}")
     learnable = frozenset(learnable)
-    ck = (mask, score, tuple(b.key() for b in buffers), name, options, normalizer, learnable)
+    tiles = tuple(tiles) if tiles is not None else (None, None)
+    ck = (mask, score, tuple(b.key() for b in buffers), name, options, normalizer, learnable, tiles)
     hit = _CACHE.get(ck)
     if hit is not None:
         return hit
@@ -72,14 +79,21 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
     if mask is not None:
         full, nonempty = tile_class(mask)
     fv = ir.free_vars(mask) if mask is not None else frozenset()
+    data_dependent = mask is not None and is_data_dependent(mask)
+    fwd_range, bwd_range, box_tiles = _range(mask, "kv"), _range(mask, "q"), None
+    if mask is not None and not data_dependent:
+        boxes = box_plans(mask, *tiles)
+        if boxes is not None:
+            fwd_range, bwd_range, box_tiles = boxes
     key = ir.structural_hash(mask if mask is not None else "nomask", score if score is not None else "noscore",
-                             tuple(b.key() for b in buffers), options, normalizer, sorted(learnable), SPEC_VERSION)
+                             tuple(b.key() for b in buffers), options, normalizer, sorted(learnable), SPEC_VERSION,
+                             *(("tiles", box_tiles),) if box_tiles else ())
     spec = KernelSpec(
         key=key, mask=mask, score=score, dscore=dscore, buffers=tuple(buffers),
-        fwd_range=_range(mask, "kv"), bwd_range=_range(mask, "q"),
+        fwd_range=fwd_range, bwd_range=bwd_range,
         tile_full=full, tile_nonempty=nonempty,
-        data_dependent=mask is not None and is_data_dependent(mask),
+        data_dependent=data_dependent,
         mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options),
-        normalizer=normalizer, grad_loads=grad_loads(score, learnable))
+        normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles)
     _CACHE[ck] = spec
     return spec

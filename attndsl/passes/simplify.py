@@ -31,6 +31,8 @@ _FOLD = {
     "log2": lambda a: math.log2(a) if a > 0 else None, "sqrt": lambda a: math.sqrt(a) if a >= 0 else None,
     "tanh": math.tanh, "sigmoid": lambda a: 1 / (1 + math.exp(-a)), "floor": math.floor,
     "to_float": float, "to_int": math.trunc,
+    "bit_length": lambda a: abs(a).bit_length(),
+    "shl": lambda a, b: a << b if 0 <= b < 63 else None, "shr": lambda a, b: a >> b if 0 <= b < 63 else None,
 }
 _NEGATE = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
 
@@ -59,6 +61,9 @@ def _local(n: Node, args) -> Node:
     f = _fold(op, args, n.dtype)
     if f is not None:
         return f
+    if op == "coord" and args[0].op == "const":
+        from ..ir.coords import coord_value
+        return const(coord_value(n.attr, const_value(args[0])))
     a = args[0] if args else None
     b = args[1] if len(args) > 1 else None
     zero = 0 if n.dtype == INT else 0.0

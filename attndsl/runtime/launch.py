@@ -29,9 +29,13 @@ def _new(shape, like, dtype=None):
     return t
 
 
-def buffer_args(tensors) -> list:
+def buffer_args(tensors, dense=frozenset()) -> list:
+    """Pointer, sizes and strides of each captured tensor. Slots in ``dense`` (learnable tensors)
+    are passed contiguous, so their gradient buffers share their strides with no stride-0 aliasing."""
     args = []
-    for t in tensors:
+    for i, t in enumerate(tensors):
+        if i in dense:
+            t = t.contiguous()
         if t.dtype == torch.bool:
             t = t.view(torch.uint8)
         args.append(t)
@@ -106,6 +110,7 @@ class Runner:
     def __init__(self, spec, module, configs: Configs, interpret: bool, head_dim: int, deterministic: bool = False):
         self.spec = spec
         self.deterministic = deterministic
+        self.learnable = frozenset(gl.slot for gl in spec.grad_loads)
         self.mod = module
         self.cfg = configs
         self.interpret = interpret
@@ -133,6 +138,8 @@ class Runner:
                 return cfg
             except triton.runtime.errors.OutOfResources:
                 smaller = cfg.smaller()
+                if smaller is not None and self.spec.tiles and (smaller.block_m, smaller.block_n) != (cfg.block_m, cfg.block_n):
+                    smaller = None  # box visit plans are built for these tile sizes
                 if smaller is None:
                     raise
                 cfg = smaller
@@ -172,6 +179,12 @@ class Runner:
         extras = extras or Extras()
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
+        if self.spec.tiles:
+            from ..passes.box_analysis import required_length
+            need = required_length(self.spec)
+            if min(Lq, Lkv) < need:
+                raise ValueError(f"the pattern's layout has {need} tokens up to the end of its grid; "
+                                 f"got Lq={Lq}, Lkv={Lkv}")
         out = _new(q.shape, q)
         lse = _new((B, Hq, Lq), q, torch.float32)
         cfg = self.cfg.fwd
@@ -181,7 +194,7 @@ class Runner:
         if self.spec.data_dependent:
             targs = self.table(tables, buffers, False, cfg.block_m, cfg.block_n).args()
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers), *targs]
+                Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable), *targs]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
         self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, "fwd",
                      COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
@@ -221,8 +234,8 @@ class Runner:
         for i, gl in enumerate(self.spec.grad_loads):
             t = buffers[gl.slot]
             if gl.slot not in dbufs:
-                # same strides as the tensor: a broadcast (stride-0) dimension sums its gradient
-                dbufs[gl.slot] = torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device).zero_()
+                # contiguous, like the copy of the tensor the kernels read (see buffer_args)
+                dbufs[gl.slot] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
             exact = gl_exact(gl, B, Hq)
             gl_consts[f"GL{i}_ATOMIC"] = not exact
             if det and gl.scope in ("program", "row"):
@@ -237,7 +250,7 @@ class Runner:
         if self.spec.grad_loads:
             gl_consts["DETERMINISTIC"] = det
         xargs = extras.args(q, k)
-        bargs = buffer_args(buffers)
+        bargs = buffer_args(buffers, self.learnable)
         c = self.cfg.dkdv
         targs = self.table(tables, buffers, True, c.block_n, c.block_m).args() if self.spec.data_dependent else []
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dkdv"),
