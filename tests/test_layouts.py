@@ -257,3 +257,54 @@ def test_length_must_cover_the_grid():
     q = torch.randn(1, 1, 48, 16)
     with pytest.raises(ValueError, match="layout"):
         a(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# tile maps and the PNG writer
+
+def test_tile_map_replays_the_kernel_visits_and_writes_a_png(tmp_path):
+    import zlib
+
+    from attndsl.tilemap import FULL, png_bytes, render, save_tile_map, tile_map
+    from patterns.neighborhood import neighborhood
+    from patterns.radial import radial
+
+    for mask, bs in ((neighborhood(Layout((8, 8), tile=(4, 4), suffix=16), 3, dilation=(2, 1)), 16),
+                     (radial(4, 16, block=2, split_threshold=4), 16),
+                     (lambda b, h, q, kv: (q - kv).abs() < 20, 16)):
+        attn = attndsl.compile(mask_mod=mask, block_m=bs, block_n=bs)
+        L = len(mask.layout) if hasattr(mask, "layout") else 80
+        tmap = tile_map(attn, L)
+        q = torch.randn(1, 1, L, 16)
+        assert torch.equal((tmap > 0).sum(1).to(torch.int32), attn.visit_counts(q, q, q)[0])
+    # full tiles really are full: the mask holds on every pair of them
+    lay = Layout((8, 8), tile=(4, 4))
+    attn = attndsl.compile(mask_mod=neighborhood(lay, 7), block_m=16, block_n=16)
+    tmap = tile_map(attn)
+    m = attn.mask_mod(0, 0, torch.arange(64)[:, None], torch.arange(64)[None]).view(4, 16, 4, 16)
+    assert (tmap == FULL).any() and m.all(3).all(1)[tmap == FULL].all()
+    # the PNG: signature, chunks, and pixels that decompress to the image
+    img = render(tmap, scale=3)
+    data = png_bytes(img)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (w, h) == (12, 12)
+    idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    assert len(raw) == h * (1 + 3 * w)
+    assert raw[1:4] == bytes(img[0, 0].tolist())
+    path = tmp_path / "map.png"
+    save_tile_map(attn, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tilemap_cli(tmp_path, capsys):
+    from attndsl.cli import main
+
+    from pathlib import Path
+
+    out = tmp_path / "na.png"
+    src = Path(__file__).resolve().parents[1] / "patterns" / "neighborhood.py"
+    rc = main(["tilemap", f"{src}:neighborhood_2d(16, 16, 5, tile=(4, 4))", "--out", str(out)])
+    assert rc == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    assert "key tiles per query tile" in capsys.readouterr().out
