@@ -66,13 +66,15 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, n
     return out, lse
 
 
-def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=None, scale=None):
+def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=None, scale=None,
+                     normalizer="softmax", sigmoid_bias=None, sinks=None):
     """Token-selector oracle: ``(out, lse)`` in float64, gathering the selected keys explicitly.
 
     ``indices [B, G, Lq, K]``: query ``q`` of head ``h`` visits keys ``indices[b, h // (Hq // G), q, :]``;
     entries outside ``[0, Lkv)`` (``-1``) are unused; a key listed twice counts twice. The mask and
     score modifier apply on top with ``kv_idx`` = the gathered key's position. Differentiable with
-    respect to query, key and value. Materialises ``[B, Hq, Lq, K, D]``: keep it small.
+    respect to query, key, value and sinks. ``normalizer``/``sigmoid_bias``/``sinks`` as in
+    :func:`attention` (sigmoid: ``lse`` is None). Materialises ``[B, Hq, Lq, K, D]``: keep it small.
     """
     B, Hq, Lq, D = query.shape
     Hkv, Lkv = key.shape[1], key.shape[2]
@@ -100,7 +102,13 @@ def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=Non
         keep = keep & torch.broadcast_to(vals.pop(0), keep.shape)
     if t.score is not None:
         s = torch.broadcast_to(vals.pop(0), s.shape)
+    if normalizer == "sigmoid":
+        b = -torch.log(torch.tensor(float(Lkv), dtype=torch.float64)) if sigmoid_bias is None else sigmoid_bias
+        return torch.einsum("bhqk,bhqkd->bhqd", torch.sigmoid(s + b) * keep, vs), None
     s = s.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(torch.float64).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)], dim=-1)
+        vs = torch.cat([vs, torch.zeros_like(vs[:, :, :, :1])], dim=3)
     lse = torch.logsumexp(s, dim=-1)
     dead = torch.isneginf(lse)
     p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])

@@ -30,7 +30,7 @@ from .kernels import I1, I2, I3, _dot, buffer_params
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
-SELECTOR_VERSION = 1
+SELECTOR_VERSION = 2
 
 
 def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
@@ -145,38 +145,60 @@ def _skip_empty_chunks(src: str) -> str:
     return "\n".join(out)
 
 
+def _norm(spec: KernelSpec) -> str:
+    return getattr(spec, "normalizer", "softmax")
+
+
+_SIGMOID = "1.0 / (1.0 + tl.exp2(-(s + sigmoid_bias * LOG2E)))"
+
+
 def gather_forward(spec: KernelSpec) -> str:
     em = ExprEmitter(_common_env(), 3, prefix="v")
     body = _score_and_mask(spec, em, backward=False)
     pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
+    if _norm(spec) == "softmax":
+        # a sink logit joins the denominator: start the running max at it with a count of one
+        init = f"""{I1}if HAS_SINKS:
+{I2}m_i = tl.load(Sinks + heads, mask=h_ok, other=0.0).to(tl.float32) * LOG2E
+{I2}l_i = tl.zeros([BLOCK_H], tl.float32) + 1.0
+{I1}else:
+{I2}m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+{I2}l_i = tl.zeros([BLOCK_H], tl.float32)
+"""
+        update = f"""{I2}m_new = tl.maximum(m_i, tl.max(s, 1))
+{I2}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+{I2}p = tl.exp2(s - m_use[:, None])
+{I2}alpha = tl.exp2(m_i - m_use)
+{I2}l_i = l_i * alpha + tl.sum(p, 1)
+{I2}acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
+{I2}m_i = m_new
+"""
+        finish = f"""{I1}dead = l_i == 0.0
+{I1}l_safe = tl.where(dead, 1.0, l_i)
+{I1}out = acc / l_safe[:, None]
+{I1}lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+{I1}tl.store(Lse + (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q, lse, mask=h_ok)
+"""
+    else:  # sigmoid: no row normaliser, no running maximum, no lse
+        init = ""
+        update = f"""{I2}p = {_SIGMOID}
+{I2}acc += {_dot("p.to(v.dtype)", "v")}
+"""
+        finish = f"{I1}out = acc\n"
     return _skip_empty_chunks(f'''
 @triton.jit
 def {spec.name}_fwd(
     Q, K, V, IDX, Out, Lse,{_SIG}
     stride_ob, stride_oh, stride_om, stride_od,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, Sinks, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
-    """Gather forward: one program per (query token, batch*unit); heads of the unit packed in M."""{pro}
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
+    """Gather forward ({_norm(spec)}): one program per (query token, batch*unit); heads packed in M."""{pro}
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VLOAD, vname="v")}{body}        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
-        m_i = m_new
-    dead = l_i == 0.0
-    l_safe = tl.where(dead, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
+{init}    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VLOAD, vname="v")}{body}{update}{finish}    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
              + pid_q.to(tl.int64) * stride_om + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hd_ok)
-    tl.store(Lse + (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q, lse, mask=h_ok)
 ''')
 
 
@@ -185,6 +207,10 @@ def gather_backward(spec: KernelSpec) -> str:
     body = _score_and_mask(spec, em, backward=True)
     pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
     dmod = " * dmod" if spec.score is not None else ""
+    if _norm(spec) == "softmax":
+        prob, dsc = "tl.exp2(s - lse[:, None])", "p * (dp - delta[:, None])"
+    else:
+        prob, dsc = _SIGMOID, "p * (1.0 - p) * dp"
     return _skip_empty_chunks(f'''
 @triton.jit
 def {spec.name}_bwd(
@@ -193,7 +219,7 @@ def {spec.name}_bwd(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -215,9 +241,9 @@ def {spec.name}_bwd(
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = tl.exp2(s - lse[:, None])
+    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = {prob}
         dp = {_dot("do", "vT")}
-        ds = p * (dp - delta[:, None]){dmod}
+        ds = {dsc}{dmod}
         dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
         dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
         dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}

@@ -255,8 +255,10 @@ def test_index_errors_are_clear():
         attndsl.attention(q, k, v, indices=torch.zeros(1, 1, 7, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="not both"):
         attndsl.attention(q, k, v, indices=idx, blocks=BlockSelection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16))
-    with pytest.raises(NotImplementedError, match="sinks"):
-        attndsl.attention(q, k, v, indices=idx, sinks=torch.zeros(4))
+    with pytest.raises(NotImplementedError, match="bias_factors"):
+        attndsl.attention(q, k, v, indices=idx, bias_factors=(torch.zeros(1, 4, 8, 2), torch.zeros(1, 2, 8, 2)))
+    with pytest.raises(ValueError, match="return_lse"):
+        attndsl.attention(q, k, v, indices=idx, normalizer="sigmoid", return_lse=True)
 
 
 def test_int64_and_strided_indices_and_compiled_once():
@@ -429,3 +431,136 @@ def test_batch_of_one_selection_broadcasts():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     ref, _ = reference.sparse_attention(q.double(), k.double(), v.double(), idx, mask_mod=causal)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def _aot_compile(fn, consts, ptr_types):
+    """Compile a generated kernel for an H100 (sm_90) without a GPU: catches GPU-only compile errors."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a in ptr_types:
+            sig[a] = ptr_types[a]
+        elif a.startswith("buf") and "_" not in a:
+            sig[a] = "*i32"
+        else:
+            sig[a] = "fp32" if a in ("sm_scale", "scale", "sigmoid_bias") else "i32"
+    try:
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, num_stages=2))
+    except (FileNotFoundError, OSError) as e:  # no ptxas in this Triton install
+        pytest.skip(f"no CUDA toolchain: {e}")
+
+
+def test_selector_kernels_compile_for_h100(tmp_path, monkeypatch):
+    import importlib.util
+    from attndsl import codegen_bridge
+    from attndsl.selectors import LightningIndexer
+    from attndsl.selectors.sparse import gather_spec
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def load(src, name):
+        p = tmp_path / f"{name}.py"
+        p.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"aot_{name}", p)
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        return m
+
+    doc = torch.zeros(8, dtype=torch.int32)
+    for normalizer in ("softmax", "sigmoid"):
+        gs = gather_spec(attndsl.compile(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
+                                         score_mod=head_bias, normalizer=normalizer).spec)
+        mod = load(codegen_bridge.render_gather(gs), f"gather_{normalizer}")
+        c = dict(HEAD_D=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, UPCAST=False, DOT_PRECISION="tf32")
+        ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "DO", "DQ")}
+        ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "Sinks")}, IDX="*i32")
+        _aot_compile(getattr(mod, f"{gs.name}_fwd"), dict(c, HAS_SINKS=normalizer == "softmax"), ptrs)
+        _aot_compile(getattr(mod, f"{gs.name}_bwd"), dict(c, HAS_DLSE=normalizer == "softmax"), ptrs)
+    ix = LightningIndexer()
+    mod = load(codegen_bridge.render_indexer(ix.spec), "indexer")
+    _aot_compile(getattr(mod, f"{ix.spec.name}_scores"),
+                 dict(HEAD_D=64, BLOCK_T=64, BLOCK_S=64, BLOCK_D=64, UPCAST=False, DOT_PRECISION="tf32", HAS_W=True),
+                 {"QI": "*bf16", "KI": "*bf16", "W": "*fp32", "S": "*fp32"})
+
+
+@pytest.mark.parametrize("grouping", [(4, 2, 1), (2, 2, 2)])
+def test_token_selector_with_sinks(grouping):
+    """Per-head sink logits join the denominator (a row of -1 gives 0 and lse = sink); the sinks learn."""
+    Hq, Hkv, G = grouping
+    B, L, D, K = 1, 20, 16, 9
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=13)
+    idx = random_indices(B, G, L, L, K, seed=4, p_unused=0.4)
+    idx[:, :, 3] = -1  # a dead row
+    sinks = torch.linspace(-1.0, 1.0, Hq)
+    attn = attndsl.compile(mask_mod=causal, score_mod=softcap, block_n=16)
+    check_against(lambda a, b, c: attn(a, b, c, indices=idx, sinks=sinks, return_lse=True),
+                  lambda a, b, c: reference.sparse_attention(a, b, c, idx, mask_mod=causal, score_mod=softcap,
+                                                             sinks=sinks.double()), q, k, v, TOL[torch.float32])
+    sg = sinks.clone().requires_grad_()
+    out, lse = attn(q, k, v, indices=idx, sinks=sg, return_lse=True)
+    torch.testing.assert_close(lse[0, :, 3], sinks)
+    assert (out[0, :, 3] == 0).all()
+    sr = sinks.double().requires_grad_()
+    rout, rlse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, mask_mod=causal,
+                                            score_mod=softcap, sinks=sr)
+    (out.sum() + lse.sum()).backward()
+    (rout.sum() + rlse.sum()).backward()
+    torch.testing.assert_close(sg.grad.double(), sr.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_token_selector_sigmoid():
+    B, Hq, Hkv, G, L, D, K = 1, 4, 2, 2, 24, 16, 10
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=14)
+    idx = random_indices(B, G, L, L, K, seed=5)
+    attn = attndsl.compile(mask_mod=causal, score_mod=head_bias, normalizer="sigmoid", block_n=16)
+    for bias in (None, -1.5):
+        qo, ko, vo = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attn(qo, ko, vo, indices=idx, sigmoid_bias=bias)
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        want, lse = reference.sparse_attention(q64, k64, v64, idx, mask_mod=causal, score_mod=head_bias,
+                                               normalizer="sigmoid", sigmoid_bias=bias)
+        assert lse is None
+        _close("out", out, want, TOL[torch.float32])
+        do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(do)
+        want.backward(do.double())
+        for name, a, b in (("dq", qo, q64), ("dk", ko, k64), ("dv", vo, v64)):
+            _close(name, a.grad, b.grad, TOL[torch.float32])
+
+
+def test_blocks_compose_with_sigmoid():
+    B, Hq, Hkv, L, D = 1, 2, 1, 64, 16
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=15)
+    sel = moba_select(q, k, block_size=16, topk=2)
+    dense = reference.block_selection_mask(sel, B, Hq, L, L)
+    out = attndsl.attention(q, k, v, mask_mod=causal, blocks=sel, normalizer="sigmoid")
+    want, _ = reference.attention(q.double(), k.double(), v.double(), normalizer="sigmoid",
+                                  mask_mod=lambda b, h, qi, ki: dense[b, h, qi, ki] & (qi >= ki))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_compose_with_learnable_tensors_and_low_rank_bias():
+    B, Hq, Hkv, L, D = 1, 2, 1, 64, 16
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=16)
+    sel = moba_select(q, k, block_size=16, topk=2)
+    dense = reference.block_selection_mask(sel, B, Hq, L, L)
+    slopes = torch.tensor([0.1, 0.3], requires_grad=True)
+
+    def alibi(s, b, h, q_idx, kv_idx):
+        return s - slopes[h] * (q_idx - kv_idx)
+
+    g = torch.Generator().manual_seed(2)
+    u, w = torch.randn(B, Hq, L, 3, generator=g), torch.randn(B, Hkv, L, 3, generator=g)
+    out = attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi, blocks=sel, bias_factors=(u, w))
+    out.sum().backward()
+    got = slopes.grad.clone()
+    slopes.grad = None
+    want, _ = reference.attention(q.double(), k.double(), v.double(), score_mod=alibi, bias_factors=(u, w),
+                                  mask_mod=lambda b, h, qi, ki: dense[b, h, qi, ki] & (qi >= ki))
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, slopes.grad.float(), rtol=1e-4, atol=1e-4)

@@ -124,9 +124,6 @@ def gather_spec(spec):
 
 
 def _unsupported(spec):
-    normalizer = getattr(spec, "normalizer", "softmax")
-    if normalizer != "softmax":
-        raise NotImplementedError(f"indices= with normalizer={normalizer!r} is not supported yet (softmax only)")
     if getattr(spec, "grad_loads", ()):
         raise NotImplementedError("indices= with learnable captured tensors is not supported yet")
 
@@ -161,17 +158,18 @@ class GatherRunner:
         nu = Hq // hpp
         return (B, nu, Lq), hpp, [nu, hpp, Hq // Hkv, Hq // G, Lq, Lkv, indices.shape[3]]
 
-    def forward(self, q, k, v, indices, scale, buffers):
+    def forward(self, q, k, v, indices, scale, buffers, sinks=None, sigmoid_bias=0.0):
         (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
         out = _new(q.shape, q)
         lse = _new((B, q.shape[1], Lq), q, torch.float32)
         args = [q, k, v, indices, out, lse, *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
-                *shape_args, scale, *buffer_args(buffers)]
+                *shape_args, scale, sinks if sinks is not None else lse, float(sigmoid_bias), *buffer_args(buffers)]
         with self._mode():
-            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, **self._consts(q, hpp))
+            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, HAS_SINKS=sinks is not None,
+                                                                     **self._consts(q, hpp))
         return out, lse
 
-    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers):
+    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, sigmoid_bias=0.0):
         (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         dq = _new(q.shape, q)
@@ -180,7 +178,7 @@ class GatherRunner:
         dl = dlse.contiguous().to(torch.float32) if dlse is not None else lse
         args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
                 *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
-                *shape_args, scale, *buffer_args(buffers)]
+                *shape_args, scale, float(sigmoid_bias), *buffer_args(buffers)]
         with self._mode():
             getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
                                                                      **self._consts(q, hpp))
@@ -188,21 +186,35 @@ class GatherRunner:
 
 
 class SparseAttentionFunction(torch.autograd.Function):
+    """Inputs: q, k, v, sinks (or None), indices, runner, scale, sigmoid bias, captured tensors."""
+
     @staticmethod
-    def forward(ctx, q, k, v, indices, runner, scale, *buffers):
-        out, lse = runner.forward(q, k, v, indices, scale, buffers)
-        ctx.save_for_backward(q, k, v, indices, out, lse, *buffers)
-        ctx.runner, ctx.scale = runner, scale
+    def forward(ctx, q, k, v, sinks, indices, runner, scale, sigmoid_bias, *buffers):
+        out, lse = runner.forward(q, k, v, indices, scale, buffers, sinks, sigmoid_bias)
+        ctx.save_for_backward(q, k, v, sinks, indices, out, lse, *buffers)
+        ctx.runner, ctx.scale, ctx.sigmoid_bias = runner, scale, sigmoid_bias
         ctx.mark_non_differentiable(indices)
+        if runner.spec.normalizer != "softmax":
+            ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, indices, out, lse, *buffers = ctx.saved_tensors
+        q, k, v, sinks, indices, out, lse, *buffers = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = ctx.runner.backward(q, k, v, indices, out, lse, dout, dlse, ctx.scale, buffers)
-        return (dq, dk, dv, None, None, None) + (None,) * len(buffers)
+        softmax = ctx.runner.spec.normalizer == "softmax"
+        dq, dk, dv = ctx.runner.backward(q, k, v, indices, out, lse, dout, dlse if softmax else None, ctx.scale,
+                                         buffers, ctx.sigmoid_bias)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
+            delta = (out.float() * dout.float()).sum(-1)
+            if dlse is not None:
+                delta = delta - dlse.float()
+            p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+        return (dq, dk, dv, dsinks, None, None, None, None) + (None,) * len(buffers)
 
 
 def gather_runner(compiled, query) -> GatherRunner:
@@ -218,20 +230,28 @@ def gather_runner(compiled, query) -> GatherRunner:
 
 
 def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=False, check_indices=None,
-                **extras):
-    """``compiled(query, key, value, indices=...)``: the token-selector path of the public API."""
-    from ..runtime.checks import check_captured, check_inputs
-    bad = [n for n, x in extras.items() if x is not None]
-    if bad:
-        raise NotImplementedError(f"indices= cannot be combined with {', '.join(sorted(bad))} yet")
+                sinks=None, sigmoid_bias=None, bias_factors=None):
+    """``compiled(query, key, value, indices=...)``: the token-selector path of the public API.
+
+    Softmax (with optional ``sinks``) and sigmoid normalisers are supported; low-rank
+    ``bias_factors`` and learnable captured tensors are not (yet) on this path."""
+    from ..runtime.checks import check_captured, check_extras, check_inputs
     check_inputs(query, key, value, scale)
     check_captured(compiled.tensors, query.device)
+    normalizer = getattr(compiled.spec, "normalizer", "softmax")
+    check_extras(query, key, normalizer=normalizer, return_lse=return_lse, sinks=sinks, bias_factors=bias_factors,
+                 sigmoid_bias=sigmoid_bias)
+    if bias_factors is not None:
+        raise NotImplementedError("indices= cannot be combined with bias_factors yet")
+    if normalizer == "sigmoid" and sigmoid_bias is None:
+        sigmoid_bias = -math.log(key.shape[2])
     validate_indices(indices, query, key, check_indices)
     if indices.shape[0] != query.shape[0]:
         indices = indices.expand(query.shape[0], -1, -1, -1)  # one selection for the whole batch
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     r = gather_runner(compiled, query)
-    out, lse = SparseAttentionFunction.apply(query, key, value, indices, r, scale, *compiled.tensors)
+    out, lse = SparseAttentionFunction.apply(query, key, value, sinks, indices, r, scale, float(sigmoid_bias or 0.0),
+                                             *compiled.tensors)
     return (out, lse) if return_lse else out
 
 
