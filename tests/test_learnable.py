@@ -11,8 +11,8 @@ the size of the terms before the softmax's cancellation (see ``_reduction_sizes`
 tolerances in ``TOL`` are about 10x the worst error measured over these cases
 (``ATTNDSL_TEST_PRINT_ERRS=1 pytest -s`` prints every case and the worst per dtype).
 
-Library bugs found while writing these tests are ``xfail(strict=True)`` with a reproducer in a
-comment next to them (``STRIDE0_BUG``, ``KV_ONLY_BUG``).
+Two library bugs found while writing these tests (stride-0 learnable tensors, kv-only tables)
+are fixed; their reproducers stay in comments next to the tests that cover them.
 
 conftest.py runs with ``ATTNDSL_POISON=1``: any element a kernel forgets to write is NaN and fails.
 The default run is sized for two CPU cores (B <= 2, H <= 4, L <= 100, D = 32, tiles 16/32);
@@ -322,11 +322,9 @@ def test_pair_bias_fp16_inputs_fp32_bias():
 #   sm = lambda s, b, h, qi, kv: s - slopes[h] * (qi - kv).abs()
 #   torch.autograd.grad(attndsl.attention(q, k, v, score_mod=sm).sum(), [base])   # -24.60
 #   torch.autograd.grad(attndsl.reference.attention(q, k, v, score_mod=sm)[0].sum(), [base])  # -12.30
-STRIDE0_BUG = pytest.mark.xfail(strict=True, reason="gradient buffer of a stride-0 (expanded) captured tensor "
-                                "aliases: allocated with the tensor's strides (launch.py empty_strided)")
 
 
-@STRIDE0_BUG
+
 def test_stride0_expanded_tensor():
     """A per-key column expanded (stride 0) to [H, Lq, Lkv]: the kernel must not write its
     gradient tile by tile into aliased memory; the column gets the sum over h and q."""
@@ -338,7 +336,6 @@ def test_stride0_expanded_tensor():
             block=16, name="stride-0")
 
 
-@STRIDE0_BUG
 def test_stride0_head_broadcast_slopes():
     gen, (q, k, v) = _case(seed=17)
     base = torch.tensor([0.3], requires_grad=True)
@@ -380,12 +377,9 @@ def test_tensor_in_mask_and_score():
 #   w = torch.randn(16, requires_grad=True)
 #   q, k, v = (torch.randn(1, 1, 16, 16, requires_grad=True) for _ in range(3))
 #   attndsl.attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + w[kv]).sum().backward()
-KV_ONLY_BUG = pytest.mark.xfail(strict=True, raises=InterpreterError,
-                                reason="learnable table indexed by kv_idx only: the dQ kernel's gradient "
-                                "scatter has a [1, BLOCK_N] pointer for a [BLOCK_M, BLOCK_N] value")
 
 
-@KV_ONLY_BUG
+
 @pytest.mark.parametrize("index", ["kv", "h,kv"])
 def test_per_key_table(index):
     gen, (q, k, v) = _case(Hq=2, Hkv=1, Lq=40, Lkv=48, seed=21)
