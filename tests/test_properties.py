@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import attndsl
 import patterns as P
-from attndsl.testing import (MASK_PATTERNS, SCORE_PATTERNS, Mismatch, Shape, assert_matches_reference, dtypes,
+from attndsl.testing import (LAYOUT_PATTERNS, MASK_PATTERNS, SCORE_PATTERNS, Mismatch, Shape, assert_matches_reference, dtypes,
                              masks, patterns, random_qkv, score_mods, shapes)
 
 MAX_LEN = 64        # interpreter-sized; partial tiles at 16 and 32 are common
@@ -99,10 +99,11 @@ def _draw_case(shape, dtype, tiles, seed):
 
 
 @pytest.mark.parametrize("name", MASK_PATTERNS + SCORE_PATTERNS)
-@settings(max_examples=6, **FAST)
+@settings(max_examples=5, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS)
 def test_builtin_pattern_matches_reference(name, data, shape, dtype, tiles, seed):
     case = data.draw(patterns(MAX_LEN, MAX_HEADS, include=[name]), label="pattern")
+    shape = case.fit(shape)
     q, k, v = _draw_case(shape, dtype, tiles, seed)
     check(q, k, v, case.mask_mod, case.score_mod, tiles, seed=seed)
 
@@ -112,6 +113,7 @@ def test_builtin_pattern_matches_reference(name, data, shape, dtype, tiles, seed
        scale=SCALES)
 def test_builtin_pattern_combinations(data, shape, dtype, tiles, seed, scale):
     case = data.draw(patterns(MAX_LEN, MAX_HEADS), label="pattern")
+    shape = case.fit(shape)
     q, k, v = _draw_case(shape, dtype, tiles, seed)
     check(q, k, v, case.mask_mod, case.score_mod, tiles, scale=scale, seed=seed)
 
@@ -140,8 +142,11 @@ def test_random_score_mods_match_reference(data, shape, dtype, tiles, seed, scal
 @settings(max_examples=16, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS)
 def test_random_mask_and_score_mod_match_reference(data, shape, dtype, tiles, seed):
-    mask_mod = data.draw(st.one_of(masks(MAX_LEN, MAX_HEADS), patterns(MAX_LEN, MAX_HEADS, include=MASK_PATTERNS)
-                                   .map(lambda c: c.mask_mod)), label="mask_mod")
+    if data.draw(st.booleans(), label="random mask"):
+        mask_mod = data.draw(masks(MAX_LEN, MAX_HEADS), label="mask_mod")
+    else:
+        case = data.draw(patterns(MAX_LEN, MAX_HEADS, include=MASK_PATTERNS), label="pattern")
+        mask_mod, shape = case.mask_mod, case.fit(shape)
     score_mod = data.draw(score_mods(MAX_LEN, MAX_HEADS), label="score_mod")
     q, k, v = _draw_case(shape, dtype, tiles, seed)
     check(q, k, v, mask_mod, score_mod, tiles, seed=seed)
@@ -152,6 +157,7 @@ def test_random_mask_and_score_mod_match_reference(data, shape, dtype, tiles, se
 def test_one_shot_attention_api(data, shape, dtype, seed, scale):
     """``attndsl.attention`` (traced per call, default tiles) behaves like ``compile``."""
     case = data.draw(patterns(64, MAX_HEADS), label="pattern")
+    shape = case.fit(shape)
     q, k, v = random_qkv(shape, dtype, seed=seed)
     check(q, k, v, case.mask_mod, case.score_mod, scale=scale, seed=seed, api="attention")
 
@@ -270,7 +276,7 @@ def _flex_vs_reference(data, shape, scale, seed, max_len):
     kind = data.draw(st.sampled_from(["patterns", "random"]), label="kind")
     if kind == "patterns":
         case = data.draw(patterns(max_len, MAX_HEADS), label="pattern")
-        mask_mod, score_mod = case.mask_mod, case.score_mod
+        mask_mod, score_mod, shape = case.mask_mod, case.score_mod, case.fit(shape)
     else:
         mask_mod = data.draw(st.one_of(st.none(), masks(max_len, MAX_HEADS)), label="mask_mod")
         score_mod = data.draw(st.one_of(st.none(), score_mods(max_len, MAX_HEADS)), label="score_mod")
@@ -386,21 +392,30 @@ def _visits_and_nonempty(mask_mod, shape, tiles):
     return visits, nonempty
 
 
-@settings(max_examples=25, **FAST)
+#: the ready-made masks whose visit plans are exact (closed-form intervals or block tables)
+EXACT_VISIT_PATTERNS = tuple(n for n in MASK_PATTERNS if n not in LAYOUT_PATTERNS)
+
+
+@settings(max_examples=20, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, (16,)), tiles=TILES)
 def test_visit_counts_are_exact_for_builtin_masks(data, shape, tiles):
-    """The ready-made masks have closed-form (or block-table) visit plans: each query tile visits
-    exactly the key tiles that hold an allowed pair, never fewer (wrong) nor more (slow)."""
-    case = data.draw(patterns(MAX_LEN, MAX_HEADS, include=MASK_PATTERNS), label="pattern")
+    """The interval and document masks have exact visit plans: each query tile visits exactly the
+    key tiles that hold an allowed pair, never fewer (wrong) nor more (slow)."""
+    case = data.draw(patterns(MAX_LEN, MAX_HEADS, include=EXACT_VISIT_PATTERNS), label="pattern")
     visits, nonempty = _visits_and_nonempty(case.mask_mod, shape, tiles)
     assert torch.equal(visits, nonempty), f"visits\n{visits}\nnon-empty key tiles\n{nonempty}"
 
 
 @settings(max_examples=25, **FAST)
-@given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, (16,)), tiles=TILES)
+@given(data=st.data(), shape=shapes(MAX_LEN, 1, 2, (16,)), tiles=TILES)
 def test_visit_counts_cover_every_nonempty_tile(data, shape, tiles):
-    """Random masks: never skip a key tile that holds an allowed pair, never visit past the end."""
-    mask_mod = data.draw(masks(MAX_LEN, MAX_HEADS), label="mask_mod")
+    """Random masks and the layout patterns (whose plans may be conservative): never skip a key
+    tile that holds an allowed pair, never visit past the end."""
+    if data.draw(st.booleans(), label="random mask"):
+        mask_mod = data.draw(masks(MAX_LEN, 2), label="mask_mod")
+    else:
+        case = data.draw(patterns(MAX_LEN, 2, include=LAYOUT_PATTERNS), label="pattern")
+        mask_mod, shape = case.mask_mod, case.fit(shape)
     _visits_and_nonempty(mask_mod, shape, tiles)
 
 
@@ -460,6 +475,19 @@ def test_known_bug_padded_keys_in_full_tiles_realistic():
     assert_matches_reference(attn, q, k, v, seed=0)
 
 
+@pytest.mark.xfail(strict=True, reason=_BUG_REASON)
+def test_known_bug_padded_keys_with_layout_text_tokens():
+    """The same bug through a ready-made pattern: NATTEN neighborhood on a 3x4 grid with 5 text
+    tokens after it (extra="global": text keys are seen by everyone, so ``is_extra(kv)`` is true
+    past the end too), L = 17, tiles 16x16: every output row is wrong."""
+    from attndsl.layout import Layout
+    from patterns.neighborhood import neighborhood
+
+    mask_mod = neighborhood(Layout((3, 4), suffix=5), 3)
+    q, k, v = random_qkv(Shape(1, 1, 1, 17, 17, 16), torch.float32, seed=0)
+    assert_matches_reference(attndsl.compile(mask_mod=mask_mod, block_m=16, block_n=16), q, k, v, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # bigger runs
 
@@ -470,6 +498,7 @@ def test_known_bug_padded_keys_in_full_tiles_realistic():
        scale=SCALES)
 def test_slow_builtin_patterns(data, shape, dtype, tiles, seed, scale):
     case = data.draw(patterns(160, MAX_HEADS), label="pattern")
+    shape = case.fit(shape)
     q, k, v = _draw_case(shape, dtype, tiles, seed)
     check(q, k, v, case.mask_mod, case.score_mod, tiles, scale=scale, seed=seed)
 
@@ -503,7 +532,7 @@ def test_gpu_patterns_and_random_trees(data, shape, dtype, seed):
     dev = "cuda"
     if data.draw(st.booleans(), label="builtin"):
         case = data.draw(patterns(300, 8, device=dev), label="pattern")
-        mask_mod, score_mod = case.mask_mod, case.score_mod
+        mask_mod, score_mod, shape = case.mask_mod, case.score_mod, case.fit(shape)
     else:
         mask_mod = data.draw(st.one_of(st.none(), masks(300, 8, device=dev)), label="mask_mod")
         score_mod = data.draw(st.one_of(st.none(), score_mods(300, 8, device=dev)), label="score_mod")

@@ -17,11 +17,11 @@ See docs/testing.md. Strategies live in :mod:`attndsl.testing.strategies`, the c
 :mod:`attndsl.testing.assertions`.
 """
 from .assertions import LSE_TOLERANCE, TOLERANCES, Mismatch, assert_matches_reference, default_tolerance, random_qkv
-from .strategies import (MASK_PATTERNS, SCORE_PATTERNS, PatternCase, Shape, dtypes, lengths, masks, patterns,
+from .strategies import (LAYOUT_PATTERNS, MASK_PATTERNS, SCORE_PATTERNS, PatternCase, Shape, dtypes, lengths, masks, patterns,
                          score_mods, shapes)
 
 __all__ = [
     "Shape", "shapes", "lengths", "dtypes", "masks", "score_mods", "patterns", "PatternCase",
-    "MASK_PATTERNS", "SCORE_PATTERNS",
+    "MASK_PATTERNS", "SCORE_PATTERNS", "LAYOUT_PATTERNS",
     "assert_matches_reference", "random_qkv", "default_tolerance", "TOLERANCES", "LSE_TOLERANCE", "Mismatch",
 ]

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 __all__ = [
     "Shape", "shapes", "dtypes", "masks", "score_mods", "patterns", "PatternCase",
-    "MASK_PATTERNS", "SCORE_PATTERNS", "lengths",
+    "MASK_PATTERNS", "SCORE_PATTERNS", "LAYOUT_PATTERNS", "lengths",
 ]
 
 
@@ -411,12 +411,26 @@ def score_mods(max_len: int = 128, max_heads: int = 4, *, max_depth: int = 2, da
 
 @dataclass(frozen=True, repr=False)
 class PatternCase:
-    """A mask and/or score modifier with a readable name (its repr)."""
+    """A mask and/or score modifier with a readable name (its repr).
+
+    ``tensors``: the captured tensors by role. ``lengths``: ``None``, or ``(lo, hi)`` when the
+    pattern only serves sequence lengths in that range (layout patterns: the sequence must hold
+    the whole grid, ``lo = layout.grid_end``, and at most the layout's extra tokens,
+    ``hi = len(layout)``); :meth:`fit` adapts a drawn :class:`Shape` to it.
+    """
 
     name: str
     mask_mod: Optional[Callable] = None
     score_mod: Optional[Callable] = None
     tensors: dict = field(default_factory=dict, compare=False)
+    lengths: Optional[tuple] = None
+
+    def fit(self, shape: "Shape") -> "Shape":
+        """``shape`` with ``Lq`` and ``Lkv`` clamped into :attr:`lengths` (unchanged when None)."""
+        if self.lengths is None:
+            return shape
+        lo, hi = self.lengths
+        return shape._replace(Lq=min(max(shape.Lq, lo), hi), Lkv=min(max(shape.Lkv, lo), hi))
 
     def __repr__(self) -> str:
         return self.name
@@ -477,11 +491,100 @@ def _builtin(draw, name: str, max_len: int, max_heads: int, device):
         table = _seeded(seed, (max_heads, nb), device)
         return (f"t5_bucket_bias(randn({max_heads}, {nb}, seed={seed}), {nb}, {md}, bidirectional={bidirectional})",
                 P.t5_bucket_bias(table, nb, md, bidirectional=bidirectional), {"table": table})
+    if name in LAYOUT_PATTERNS:
+        return draw(_layout_pattern(name, max_len))
     raise ValueError(f"unknown pattern {name!r}")
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@st.composite
+def _grid_and_tile(draw, ndim: int, max_size: int):
+    """A grid of ``ndim`` axes with at most ``max_size`` points and a tile that divides it (or None)."""
+    max_size = max(max_size, 2)
+    if ndim == 1:
+        shape = (draw(st.integers(2, max_size)),)
+    elif ndim == 2:
+        w = draw(st.sampled_from([w for w in (2, 3, 4, 6, 8) if w <= max_size]))
+        shape = (draw(st.integers(1, max_size // w)), w)
+    else:
+        h = draw(st.sampled_from([h for h in (1, 2, 4) if h <= max_size]))
+        w = draw(st.sampled_from([w for w in (1, 2, 3, 4) if h * w <= max_size]))
+        shape = (draw(st.integers(1, max_size // (h * w))), h, w)
+    tile = None
+    if ndim > 1 and draw(st.booleans()):
+        tile = tuple(draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in shape)
+    return shape, tile
+
+
+@st.composite
+def _layout_pattern(draw, name: str, max_len: int):
+    """Layout patterns (neighborhood, sliding tile, radial) on a grid that, with its extra tokens,
+    fits in ``max_len``; the case's ``lengths`` are ``(grid end, len(layout))``."""
+    from attndsl.layout import Layout
+
+    budget = draw(st.one_of(st.integers(min(16, max_len), max_len), st.just(max_len)))
+    if name == "neighborhood":
+        from patterns.neighborhood import neighborhood
+
+        nd = draw(st.integers(1, 3))
+        prefix = draw(st.integers(0, min(3, budget // 4)))
+        suffix = draw(st.integers(0, min(3, budget // 4)))
+        shape, tile = draw(_grid_and_tile(nd, budget - prefix - suffix))
+        ks, ds, cs = [], [], []
+        for n in shape:
+            d = draw(st.sampled_from([1, 1, 2])) if n >= 2 else 1
+            ks.append(draw(st.integers(1, max(1, n // d))))
+            ds.append(d)
+            cs.append(draw(st.booleans()))
+        extra = draw(st.sampled_from(["global", "isolated"]))
+        lay = Layout(shape, tile, prefix=prefix, suffix=suffix)
+        mask = neighborhood(lay, tuple(ks), tuple(ds), tuple(cs), extra)
+        return (f"neighborhood({lay!r}, kernel_size={tuple(ks)}, dilation={tuple(ds)}, causal={tuple(cs)}, "
+                f"extra={extra!r})", mask, {}, (lay.grid_end, len(lay)))
+    if name == "sliding_tile":
+        from patterns.sliding_tile import sliding_tile, sta_layout
+
+        text = draw(st.integers(0, min(4, budget // 4)))
+        text_first = draw(st.booleans())
+        tile = tuple(draw(st.sampled_from([1, 2, 4])) for _ in range(3))
+        vol = tile[0] * tile[1] * tile[2]
+        while vol > budget - text:  # shrink the tile until one fits
+            tile = tuple(max(1, t // 2) for t in tile)
+            vol = tile[0] * tile[1] * tile[2]
+        room = (budget - text) // vol
+        ch = draw(st.integers(1, max(1, min(3, room))))
+        cw = draw(st.integers(1, max(1, min(3, room // ch))))
+        ct = draw(st.integers(1, max(1, room // (ch * cw))))
+        counts = (ct, ch, cw)
+        shape = tuple(c * t for c, t in zip(counts, tile))
+        window = tuple(draw(st.integers(1, c)) for c in counts)
+        lay = sta_layout(shape, tile, text, text_first)
+        return (f"sliding_tile(sta_layout({shape}, {tile}, {text}, text_first={text_first}), {window})",
+                sliding_tile(lay, window), {}, (lay.grid_end, len(lay)))
+    if name == "radial":
+        from patterns.radial import radial
+
+        text = draw(st.integers(0, min(3, budget // 4)))
+        frames = draw(st.integers(1, max(1, min(8, (budget - text) // 2))))
+        n = draw(st.integers(1, max(1, (budget - text) // frames)))
+        block = draw(st.sampled_from([1, 2, 4, 8]))
+        decay = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        model = draw(st.sampled_from(["hunyuan", "wan"]))
+        split = draw(st.sampled_from([1, 2, 4, 16, 128]))
+        mask = radial(frames, n, block=block, decay=decay, model=model, text_tokens=text, split_threshold=split)
+        lay = mask.layout
+        return (f"radial({frames}, {n}, block={block}, decay={decay}, model={model!r}, text_tokens={text}, "
+                f"split_threshold={split})", mask, {}, (lay.grid_end, len(lay)))
+    raise ValueError(f"unknown pattern {name!r}")
+
+
+#: Layout-based mask patterns (``patterns/neighborhood.py``, ``sliding_tile.py``, ``radial.py``).
+LAYOUT_PATTERNS = ("neighborhood", "sliding_tile", "radial")
 #: Mask patterns of ``patterns/`` that :func:`patterns` samples.
-MASK_PATTERNS = ("causal", "causal_bottom_right", "sliding_window", "prefix_lm", "chunked", "document")
+MASK_PATTERNS = ("causal", "causal_bottom_right", "sliding_window", "prefix_lm", "chunked", "document") + LAYOUT_PATTERNS
 #: Score-modifier patterns of ``patterns/`` that :func:`patterns` samples.
 SCORE_PATTERNS = ("alibi", "softcap", "relative_position_bias", "t5_bucket_bias")
 
@@ -495,7 +598,11 @@ def patterns(max_len: int = 128, max_heads: int = 4, *, include: Optional[Sequen
     may be left out, never both. Parameters: window/prefix/chunk sizes up to ``max_len``,
     document ids from random document lengths covering ``max_len`` tokens, ALiBi slopes (the
     paper's or random), softcap values, relative-position/T5 bias tables ``[max_heads, ...]``
-    from a drawn seed. Captured tensors are created on ``device``.
+    from a drawn seed; the layout patterns (NATTEN neighborhood on 1-3-D grids with dilation,
+    causal axes and extra tokens, sliding-tile attention, radial attention) on random grids of at
+    most ``max_len`` tokens. Layout patterns need sequence lengths that hold their grid: use
+    ``case.fit(shape)`` (see :class:`PatternCase`) on a drawn shape before making tensors.
+    Captured tensors are created on ``device``.
     """
     names = tuple(include) if include is not None else MASK_PATTERNS + SCORE_PATTERNS
     unknown = set(names) - set(MASK_PATTERNS) - set(SCORE_PATTERNS)
@@ -511,14 +618,16 @@ def patterns(max_len: int = 128, max_heads: int = 4, *, include: Optional[Sequen
             which = draw(st.sampled_from(["both", "mask", "score"]))
             use_m, use_s = which in ("both", "mask"), which in ("both", "score")
         parts, tensors, mask_mod, score_mod = [], {}, None, None
+        lens = None
         if use_m:
-            n, mask_mod, t = draw(_builtin(draw(st.sampled_from(m_names)), max_len, max_heads, device))
+            n, mask_mod, t, *rest = draw(_builtin(draw(st.sampled_from(m_names)), max_len, max_heads, device))
             parts.append(f"mask={n}")
             tensors.update(t)
+            lens = rest[0] if rest else None
         if use_s:
             n, score_mod, t = draw(_builtin(draw(st.sampled_from(s_names)), max_len, max_heads, device))
             parts.append(f"score_mod={n}")
             tensors.update(t)
-        return PatternCase(", ".join(parts), mask_mod, score_mod, tensors)
+        return PatternCase(", ".join(parts), mask_mod, score_mod, tensors, lens)
 
     return case()
