@@ -175,9 +175,12 @@ def tile_class(em: ExprEmitter, box: VisitBox, stage: int, mask=None):
         parts.append((em.emit(box.tile_full, stage), ne))
     else:
         parts.append(("False", "True"))
+    t = box.target
     for x in box.extras:
         if x.range.tile_check and x.tile_full is not None:
-            parts.append((em.emit(x.tile_full, stage), em.emit(x.tile_nonempty, stage)))
+            # a tile straddling the end of the sequence is never full (its padding must be masked)
+            full = f"({em.emit(x.tile_full, stage)}) & ({t}_hi <= {t}_max)"
+            parts.append((full, em.emit(x.tile_nonempty, stage)))
         else:
             parts.append(("False", "True"))
     if len(parts) == 1:

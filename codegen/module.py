@@ -36,10 +36,10 @@ def _bit_length(x):
     """Python's int.bit_length of |x| (branch-free binary search; int32 range)."""
     x = tl.abs(x)
     n = x * 0
-    for s in tl.static_range(4, -1, -1):
-        hi = x >> (1 << s)
+    for s in tl.static_range(5):
+        hi = x >> (16 >> s)
         m = hi > 0
-        n += tl.where(m, 1 << s, 0)
+        n += tl.where(m, 16 >> s, 0)
         x = tl.where(m, hi, x)
     return n + (x > 0).to(n.dtype)
 

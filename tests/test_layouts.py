@@ -308,3 +308,25 @@ def test_tilemap_cli(tmp_path, capsys):
     rc = main(["tilemap", f"{src}:neighborhood_2d(16, 16, 5, tile=(4, 4))", "--out", str(out)])
     assert rc == 0 and out.read_bytes()[:4] == b"\x89PNG"
     assert "key tiles per query tile" in capsys.readouterr().out
+
+
+def test_extra_tokens_with_per_tile_checks_and_a_ragged_end():
+    """Text tokens whose rule has a gap (per-tile checks in the extra range) and a last key tile
+    that straddles the end of the sequence: that tile must stay partial (padding masked)."""
+    lay = Layout((4, 8), tile=(2, 4), suffix=21)
+
+    def m(b, h, q, kv):
+        (qy, qx), (ky, kx) = lay.coords(q), lay.coords(kv)
+        win = ((qy - ky).abs() <= 1) & ((qx - kx).abs() <= 1)
+        return (lay.is_extra(kv) & ((kv < 40) | (kv > 45))) | (lay.in_grid(kv) & win)
+
+    a = attndsl.compile(mask_mod=m, block_m=16, block_n=16)
+    assert isinstance(a.spec.fwd_range, VisitBox) and a.spec.fwd_range.extras[0].range.tile_check
+    q, k, v = (torch.randn(1, 2, len(lay), 16, requires_grad=True) for _ in range(3))
+    out = a(q, k, v)
+    ref, _ = attndsl.reference.attention(q, k, v, mask_mod=m)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)

@@ -438,3 +438,16 @@ def test_radial_traces_integer_arithmetic():
     ops = {n.op for n in attndsl.ir.topo_order([attn.spec.mask])}
     assert {"bit_length", "shr", "shl", "coord"} <= ops and "log2" not in ops
     assert isinstance(attn.spec.fwd_range, VisitBox) and attn.spec.fwd_range.tile_shape[0] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args", [("vision_block.py", []), ("video_block.py", ["sta"]), ("video_block.py", ["radial"])])
+def test_examples_run(script, args):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(*args)  # each example asserts its own agreement with SDPA

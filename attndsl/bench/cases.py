@@ -194,3 +194,55 @@ DSA_CASES = ["dsa_topk1024", "dsa_topk2048"]
 #: the issue-4 runs: lengths 8192, 32768, 131072, forward and backward, e.g.
 #: python -m attndsl.bench --cases dsa_topk1024 --L 8192,32768,131072 --Hkv 1 --bwd
 DSA_LENGTHS = [8192, 32768, 131072]
+
+
+# ---------------------------------------------------------------------------------------
+# issue 3: locality patterns on layouts (patterns/neighborhood.py, sliding_tile.py, radial.py)
+# ---------------------------------------------------------------------------------------
+# The masks are the pattern files' own functions: tile-major layouts for ours *and* Flex (the
+# same function objects; Flex's block mask then also profits from the token order). The sizes of
+# DESIGN.md's anchor table are fixed by the layouts; the float64 reference check runs a smaller
+# instance of the same pattern (``small_L`` below picks it).
+
+def _natten2d_k13(*, L, **_):
+    import math
+
+    from attndsl import Layout
+    from patterns.neighborhood import neighborhood
+    side = math.isqrt(L)
+    if side * side != L or side % 8 or side < 13:
+        raise ValueError(f"natten2d needs a square image of 8x8 tiles, side >= 13; L={L}")
+    lay = Layout((side, side), tile=(8, 8))
+    return CaseInstance(mask_mod=neighborhood(lay, 13), compile_kwargs=dict(block_m=128, block_n=64),
+                        notes=f"{side}x{side} image, 8x8 tile-major layout, query tiles 8x16, key tiles 8x8")
+
+
+def _sta3d(*, L, **_):
+    from patterns.sliding_tile import sliding_tile_3d
+    shapes = {16384: (16, 32, 32), 6912: (12, 24, 24)}
+    if L not in shapes:
+        raise ValueError(f"sta3d runs at L in {sorted(shapes)}")
+    lay, mask = sliding_tile_3d(shapes[L], (4, 8, 8), (3, 3, 3))
+    return CaseInstance(mask_mod=mask, compile_kwargs=dict(block_m=128, block_n=128),
+                        notes=f"video {shapes[L]}, STA tiles 4x8x8 (tile-major), window 3x3x3 tiles; all visited tiles full")
+
+
+def _radial(*, L, **_):
+    from patterns.radial import radial, radial_via_tables
+    F = 16 if L >= 16384 else 4
+    if L % F or (L // F) % 128:
+        raise ValueError(f"radial needs frames of a multiple of 128 tokens; L={L}")
+    N = L // F
+    return CaseInstance(mask_mod=radial_via_tables(F, N), ours_mask_mod=radial(F, N),
+                        compile_kwargs=dict(block_m=128, block_n=64),
+                        notes=f"{F} frames x {N} tokens, hunyuan, decay 1; ours traces bit_length, Flex reads "
+                              "the same mask from per-distance tables")
+
+
+register_case(Case("natten2d_128x128_k13", "2-D neighborhood attention (NATTEN), 128x128 image, kernel 13",
+                   _natten2d_k13, fixed_L=128 * 128, small_L=32 * 32))
+register_case(Case("sta3d_16x32x32_tile4x8x8_win3", "sliding tile attention, 16x32x32 video, tile 4x8x8, "
+                   "window 3x3x3 tiles", _sta3d, fixed_L=16384, small_L=6912))
+register_case(Case("radial_16x1024", "radial attention, 16 frames x 1024 tokens (exact element mask)",
+                   _radial, fixed_L=16384, small_L=4096))
+LOCALITY_CASES = ["natten2d_128x128_k13", "sta3d_16x32x32_tile4x8x8_win3", "radial_16x1024"]
