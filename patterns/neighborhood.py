@@ -13,7 +13,8 @@ Per axis of length ``n`` with kernel size ``k``, dilation ``d`` and causal flag:
 * **causal**: keys ``i - k + 1 .. i`` (no shift: the first queries see fewer keys).
 
 A token attends to a key when every axis allows it. Axes need ``n >= k * d`` (as NATTEN
-requires). Even kernel sizes use the same start rule (``k // 2`` keys before the query).
+requires). NATTEN's classic kernels take odd kernel sizes; even sizes here use the same start rule
+(``k // 2`` keys before the query, the window clamped inside the group).
 
 The grid comes from an :class:`attndsl.Layout`: row-major or tile-major token order and optional
 extra (prefix/suffix) tokens, which by default attend to everything and are attended by all

@@ -243,6 +243,31 @@ def test_neighborhood_mask_matches_natten(shape, tile, ks, ds, cs, bs):
     assert torch.equal(got, brute_neighborhood(shape, tile, ks, ds, cs))
 
 
+def natten_window_start(i, n, k, d):
+    """NATTEN's closed-form window start (its CPU/CUDA kernels' rule, odd kernel sizes)."""
+    ns = k // 2
+    if d <= 1:
+        return max(i - ns, 0) + (n - i - ns - 1 if i + ns >= n else 0)
+    if i - ns * d < 0:
+        return i % d
+    if i + ns * d >= n:
+        a = (n // d) * d
+        b = n - a
+        return n - b + i % d - 2 * ns * d if i % d < b else a + i % d - k * d
+    return i - ns * d
+
+
+def test_reference_agrees_with_natten_window_start():
+    """The loop reference above = NATTEN's own window-start formula, for every odd kernel size,
+    dilation and position with kernel_size * dilation <= length."""
+    for n in range(1, 30):
+        for k in range(1, n + 1, 2):
+            for d in range(1, n // k + 1):
+                for i in range(n):
+                    s = natten_window_start(i, n, k, d)
+                    assert natten_keys(i, n, k, d, False) == {s + j * d for j in range(k)}, (n, k, d, i)
+
+
 def test_neighborhood_every_query_has_kernel_size_neighbours():
     """The NATTEN property the border shift exists for."""
     lay = Layout((7, 10), tile=None)
@@ -451,3 +476,29 @@ def test_examples_run(script, args):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(*args)  # each example asserts its own agreement with SDPA
+
+
+def test_neighborhood_with_learnable_2d_relative_bias():
+    """A score_mod on layout coordinates (a learnable 2-D relative position bias table, as in NAT)
+    composes with the box plan: output and gradients, the table's included, match the oracle."""
+    lay = Layout((8, 8), tile=(4, 4))
+    k = 5
+    table = torch.randn(2, 2 * k - 1, 2 * k - 1, requires_grad=True)
+
+    def rpb(score, b, h, q_idx, kv_idx):
+        (qy, qx), (ky, kx) = lay.coords(q_idx), lay.coords(kv_idx)
+        dy = (ky - qy).clamp(-(k - 1), k - 1) + (k - 1)
+        dx = (kx - qx).clamp(-(k - 1), k - 1) + (k - 1)
+        return score + table[h, dy, dx]
+
+    m = neighborhood(lay, k)
+    attn = attndsl.compile(mask_mod=m, score_mod=rpb, block_m=16, block_n=16)
+    assert isinstance(attn.spec.fwd_range, VisitBox)
+    q, kk, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
+    out = attn(q, kk, v)
+    ref, _ = attndsl.reference.attention(q, kk, v, mask_mod=m, score_mod=rpb)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(out.sum(), (q, kk, v, table))
+    want = torch.autograd.grad(ref.sum(), (q, kk, v, table))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)
