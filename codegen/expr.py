@@ -159,7 +159,7 @@ class ExprEmitter:
             code, st = self._emit(a, min_stage)
             st = max(st, min_stage)
             name = self._fresh()
-            if a.op == "var" and a.attr in NONNEG_VARS:
+            if a.op == "var" and a.attr in ("q", "kv"):
                 # a plain index: guard it with a load mask, which keeps Triton's contiguity
                 # analysis (and so coalesced, vectorised loads) intact
                 self.lines[st].append(f"{name} = ({code}).to(tl.int64) * {p}_stride{d}")
