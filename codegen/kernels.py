@@ -150,7 +150,8 @@ def forward(spec: KernelSpec, table: bool) -> str:
     cls = _tile_class(spec, spec.fwd_range, em, table)
     if cls is not None:
         full, nonempty = cls
-        check = em.take(2, I2) + f"{I2}is_partial = is_partial & ({full} == 0)\n"
+        # a tile straddling the end of the keys is never full: its padding keys must be masked
+        check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
     score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
@@ -330,7 +331,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
     cls = _tile_class(spec, spec.bwd_range, em, table)
     if cls is not None:
         full, nonempty = cls
-        check = em.take(2, I3) + f"{I3}is_partial = is_partial & ({full} == 0)\n"
+        check = em.take(2, I3) + f"{I3}is_partial = is_partial & (({full} == 0) | (q_lo + BLOCK_M > LQ))\n"
         visit_if = f"{I3}if {nonempty}:\n"
         B = I4
     score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True)
@@ -488,7 +489,8 @@ def dq(spec: KernelSpec, table: bool) -> str:
     cls = _tile_class(spec, spec.fwd_range, em, table)
     if cls is not None:
         full, nonempty = cls
-        check = em.take(2, I2) + f"{I2}is_partial = is_partial & ({full} == 0)\n"
+        # a tile straddling the end of the keys is never full: its padding keys must be masked
+        check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
     score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True)
