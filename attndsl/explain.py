@@ -13,7 +13,7 @@ def _box_lines(what, box, other) -> list:
            f"{f', grid at {prefix}' if prefix else ''}); {box.target} tiles of {box.block} tokens = "
            f"{'x'.join(map(str, box.tile_shape))} grid points, {other} tiles of {box.other_block} = "
            f"{'x'.join(map(str, box.other_shape))}; per axis over the {other} tile's coordinates {other}_c*_lo..hi:"]
-    for a, (o, i) in enumerate(zip(box.outer, box.inner)):
+    for a, (o, i) in enumerate(zip(box.box_outer, box.box_inner)):
         out.append(f"  axis {a}: visit [{ir.expr_str(o[0])}, {ir.expr_str(o[1])}]")
         out.append(f"          full  [{ir.expr_str(i[0])}, {ir.expr_str(i[1])}]")
     if box.tile_check:

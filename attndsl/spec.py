@@ -49,8 +49,8 @@ class VisitBox:
     other_block: int
     tile_shape: tuple
     other_shape: tuple
-    outer: tuple                 # per axis (lo, hi): coordinates the mask may allow
-    inner: tuple                 # per axis (lo, hi): coordinates allowed for every row of the tile
+    box_outer: tuple             # per axis (lo, hi): coordinates the mask may allow
+    box_inner: tuple             # per axis (lo, hi): coordinates allowed for every row of the tile
     tile_check: bool             # tiles of the outer box may be empty: classify each one
     tile_full: Node | None       # per target tile, over {target}_c{a}_lo/_hi (when tile_check)
     tile_nonempty: Node | None
@@ -58,6 +58,16 @@ class VisitBox:
     mask: Node | None = None     # the mask on coordinates, target inside the grid (explain, tile maps)
     exact_check: bool = False    # the interval classification can miss empty tiles (residues of a
     #                              coordinate, as with dilation): also test the mask on the tile
+    flat: VisitRange | None = None  # the 1-D analysis of the same mask (one contiguous hull)
+
+    @property
+    def outer(self):
+        """The 1-D outer range (``flat``), for code that treats every plan as a VisitRange."""
+        return self.flat.outer
+
+    @property
+    def inner(self):
+        return self.flat.inner
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,10 @@ def tile_map(compiled, Lq: int | None = None, Lkv: int | None = None, *, block_m
     for a in range(nd):
         e, top = rng.tile_shape[a], grid.shape[a] - 1
         g = coord_value(grid.attr(a), kfirst) // e
-        lo = torch.clamp(_ev(rng.outer[a][0], env), min=0)
-        hi = torch.clamp(_ev(rng.outer[a][1], env), max=top)
-        ilo = torch.clamp(_ev(rng.inner[a][0], env), min=0)
-        ihi = torch.clamp(_ev(rng.inner[a][1], env), max=top)
+        lo = torch.clamp(_ev(rng.box_outer[a][0], env), min=0)
+        hi = torch.clamp(_ev(rng.box_outer[a][1], env), max=top)
+        ilo = torch.clamp(_ev(rng.box_inner[a][0], env), min=0)
+        ihi = torch.clamp(_ev(rng.box_inner[a][1], env), max=top)
         lo, hi, ilo, ihi = (torch.broadcast_to(x, (nq, 1)) for x in (lo, hi, ilo, ihi))
         visit &= (lo <= hi) & (g >= lo // e) & (g <= hi // e)
         full &= (g >= (ilo + e - 1) // e) & (g < (ihi + 1) // e)

@@ -38,14 +38,23 @@ def plan_lines(em: ExprEmitter, box: VisitBox, stage: int, t_max: str) -> list[s
         lo_name, st = em._emit(ir.coord(first, grid.attr(a)), stage)
         if box.other_shape[a] == 1:
             em.env[f"{o}_c{a}"] = (lo_name, st)
+            # constant over the tile: the mask reads this scalar instead of a per-element coordinate
+            em.names[ir.coord(ir.var(o), grid.attr(a))] = (lo_name, st)
         else:
             hi_name, st2 = em._emit(ir.coord(last, grid.attr(a)), stage)
             em.env[f"{o}_c{a}_lo"] = (lo_name, st)
             em.env[f"{o}_c{a}_hi"] = (hi_name, st2)
     for a in range(nd):
+        if box.tile_shape[a] == 1:
+            # likewise for the target tile (any aligned tile, extras too, has one coordinate on this
+            # axis): computed once per tile from its first position, so expressions of it (radial
+            # attention's frame distance, bit_length, window, split rule) are per-tile scalars
+            t = box.target
+            em.names[ir.coord(ir.var(t), grid.attr(a))] = em._emit(ir.coord(ir.var(f"{t}_lo"), grid.attr(a)), 2)
+    for a in range(nd):
         e, top = box.tile_shape[a], grid.shape[a] - 1
-        olo, ohi = (em.emit(x, stage) for x in box.outer[a])
-        ilo, ihi = (em.emit(x, stage) for x in box.inner[a])
+        olo, ohi = (em.emit(x, stage) for x in box.box_outer[a])
+        ilo, ihi = (em.emit(x, stage) for x in box.box_inner[a])
         lines += [
             f"bx_lo{a} = tl.maximum({olo}, 0)",
             f"bx_hi{a} = tl.minimum({ohi}, {top})",

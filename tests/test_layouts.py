@@ -244,9 +244,9 @@ def test_box_plans_derive_per_axis_windows():
     fwd, bwd, tiles = box_plans(trace(_na2d(lay, 2)).mask, 16, 16)
     env = {"q_c0_lo": torch.tensor(4), "q_c0_hi": torch.tensor(7), "q_c1_lo": torch.tensor(12), "q_c1_hi": torch.tensor(15),
            "q_lo": torch.tensor(0), "q_hi": torch.tensor(15)}
-    ev = [[int(evaluate([x], env, [])[0]) for x in ax] for ax in fwd.outer]
+    ev = [[int(evaluate([x], env, [])[0]) for x in ax] for ax in fwd.box_outer]
     assert ev == [[2, 9], [10, 15]]  # window of radius 2 around rows 4..7, columns 12..15, clipped to the grid
-    inner = [[int(evaluate([x], env, [])[0]) for x in ax] for ax in fwd.inner]
+    inner = [[int(evaluate([x], env, [])[0]) for x in ax] for ax in fwd.box_inner]
     assert inner == [[5, 6], [13, 14]]
     assert not fwd.extras or all(x.range.outer for x in fwd.extras)
 

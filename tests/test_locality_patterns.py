@@ -380,7 +380,7 @@ def test_sliding_tile_tiles_are_all_full():
     env = {"q_lo": torch.tensor(0), "q_hi": torch.tensor(31)}
     for a in range(3):
         env.update({f"q_c{a}_lo": torch.tensor(lo[a]), f"q_c{a}_hi": torch.tensor(hi[a])})
-    for (olo, ohi), (ilo, ihi) in zip(box.outer, box.inner):
+    for (olo, ohi), (ilo, ihi) in zip(box.box_outer, box.box_inner):
         assert [int(evaluate([x], env, [])[0]) for x in (olo, ohi)] == [int(evaluate([x], env, [])[0]) for x in (ilo, ihi)]
 
 

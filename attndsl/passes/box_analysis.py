@@ -295,9 +295,15 @@ def box_range(mask: Node, target: str, block_t: int, block_o: int) -> VisitBox |
         cls = tile_class(mr) if tr.tile_check else (None, None)
         extras.append(ExtraRange(VisitRange(target, o, i, tr.tile_check), *cls))
     return VisitBox(target=target, grid=(grid.shape, grid.tile, grid.prefix), block=block_t, other_block=block_o,
-                    tile_shape=ext_t, other_shape=ext_o, outer=outer, inner=inner, tile_check=bx.check,
+                    tile_shape=ext_t, other_shape=ext_o, box_outer=outer, box_inner=inner, tile_check=bx.check,
                     tile_full=full, tile_nonempty=nonempty, extras=tuple(extras), mask=m,
-                    exact_check=exact_check)
+                    exact_check=exact_check, flat=_flat(mask, target))
+
+
+def _flat(mask: Node, target: str) -> VisitRange:
+    """The plain 1-D analysis, kept beside the box for consumers that want one contiguous range."""
+    tr = tile_range(mask, target)
+    return VisitRange(target, tr.outer, tr.inner, tr.tile_check)
 
 
 KERNEL_TILE_SIZES = (64, 128, 32, 16)
