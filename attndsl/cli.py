@@ -179,7 +179,7 @@ def cmd_show(ns, out=None) -> int:
             if mask_mod is None and score_mod is None:
                 raise CLIError(f"{path} defines neither mask_mod nor score_mod; name one as {path}:FUNC")
         else:
-            mask_mod = load_pattern(ns.pattern)
+            mask_mod = _as_mask(load_pattern(ns.pattern))
     if ns.score is not None:
         score_mod = load_pattern(ns.score, default_attr="score_mod")
     import attndsl  # lazily: the compiler core
@@ -188,11 +188,16 @@ def cmd_show(ns, out=None) -> int:
     return 0
 
 
+def _as_mask(obj):
+    """Factories like ``neighborhood_2d`` return ``(layout, mask)``: take the mask."""
+    if isinstance(obj, tuple):
+        obj = next((x for x in obj if callable(x)), obj)
+    return obj
+
+
 def cmd_tilemap(ns, out=None) -> int:
     out = out or sys.stdout
-    obj = load_pattern(ns.pattern, default_attr="mask_mod")
-    if isinstance(obj, tuple):  # factories like neighborhood_2d return (layout, mask)
-        obj = next((x for x in obj if callable(x)), None)
+    obj = _as_mask(load_pattern(ns.pattern, default_attr="mask_mod"))
     if not callable(obj):
         raise CLIError(f"{ns.pattern!r} is not a mask_mod")
     import attndsl  # lazily: the compiler core

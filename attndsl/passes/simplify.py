@@ -86,6 +86,18 @@ def _local(n: Node, args) -> Node:
         return const(0)
     elif op in ("minimum", "maximum") and a is b:
         return a
+    elif op in ("minimum", "maximum") and n.dtype == INT and (a.op == op or b.op == op):
+        # op(op(x, y), y) = op(x, y); op(op(x, c1), c2) = op(x, op(c1, c2)) (clamp chains of plans)
+        for x, y in ((a, b), (b, a)):
+            if x.op != op:
+                continue
+            if y is x.args[0] or y is x.args[1]:
+                return x
+            if y.op == "const":
+                for i in (0, 1):
+                    if x.args[i].op == "const":
+                        c = _fold(op, (x.args[i], y), n.dtype)
+                        return ir.nodes._make(op, (x.args[1 - i], c), n.dtype, n.attr)
     elif op == "and":
         for x, y in ((a, b), (b, a)):
             if is_const(x):
