@@ -18,7 +18,6 @@ import zlib
 
 import torch
 
-from . import ir
 from .ir.coords import Grid, coord_value
 from .ir.evaluate import evaluate
 from .spec import VisitBox
