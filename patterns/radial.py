@@ -211,7 +211,8 @@ def radial_via_tables(num_frames: int, tokens_per_frame: int, *, text_tokens: in
         i, r = q_idx // N, q_idx % N
         j, c = kv_idx // N, kv_idx % N
         d = (i - j).abs().clamp(max=F - 1)
-        return (j == 0) | (keep[d] & ((c - r).abs() <= win[d]))
+        w_d, keep_d = win.to(d.device)[d], keep.to(d.device)[d]  # tables follow the indices' device
+        return (j == 0) | (keep_d & ((c - r).abs() <= w_d))
 
     def radial_table_mask(b, h, q_idx, kv_idx):
         return (q_idx >= F * N) | (kv_idx >= F * N) | video(q_idx, kv_idx)

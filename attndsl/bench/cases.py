@@ -227,13 +227,13 @@ def _sta3d(*, L, **_):
                         notes=f"video {shapes[L]}, STA tiles 4x8x8 (tile-major), window 3x3x3 tiles; all visited tiles full")
 
 
-def _radial(*, L, **_):
+def _radial(*, L, device, **_):
     from patterns.radial import radial, radial_via_tables
     F = 16 if L >= 16384 else 4
     if L % F or (L // F) % 128:
         raise ValueError(f"radial needs frames of a multiple of 128 tokens; L={L}")
     N = L // F
-    return CaseInstance(mask_mod=radial_via_tables(F, N), ours_mask_mod=radial(F, N),
+    return CaseInstance(mask_mod=radial_via_tables(F, N, device=device), ours_mask_mod=radial(F, N),
                         compile_kwargs=dict(block_m=128, block_n=64),
                         notes=f"{F} frames x {N} tokens, hunyuan, decay 1; ours traces bit_length, Flex reads "
                               "the same mask from per-distance tables")
