@@ -85,6 +85,28 @@ def _tile_class(spec: KernelSpec, rng, em: ExprEmitter, table: bool):
     return None
 
 
+def _split_extras_loop(src: str, rng, table: bool, visit_if: str) -> str:
+    """Two loops where a box plan's per-tile test is only for its extra (non-grid) ranges.
+
+    ``if nonempty:`` around a loop body keeps Triton from pipelining the K/V loads of every
+    iteration. When only the extras need that test (the box itself is exact), the box's tiles get
+    a loop of their own without it (``range(0, bx_n)``) and the extras keep theirs
+    (``range(bx_n, n_tiles)``); both run the same iteration code, so names agree."""
+    if table or not visit_if or not isinstance(rng, VisitBox) or rng.tile_check or not rng.extras:
+        return src
+    lines = src.split("\n")
+    head = next(i for i, ln in enumerate(lines) if ln.strip() == "for it in range(0, n_tiles):")
+    ind = len(lines[head]) - len(lines[head].lstrip())
+    end = next((i for i in range(head + 1, len(lines))
+                if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= ind), len(lines))
+    test = visit_if.rstrip("\n")
+    cut = next(i for i in range(head, end) if lines[i] == test)
+    box_loop = ([lines[head].replace("range(0, n_tiles)", "range(0, bx_n)")] + lines[head + 1:cut]
+                + [ln[4:] if ln.strip() else ln for ln in lines[cut + 1:end]])
+    extras_loop = [lines[head].replace("range(0, n_tiles)", "range(bx_n, n_tiles)")] + lines[head + 1:end]
+    return "\n".join(lines[:head] + box_loop + extras_loop + lines[end:])
+
+
 def _indent(lines, ind):
     return "".join(ind + line + "\n" for line in lines)
 
@@ -189,7 +211,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
 '''
         finish = "    out = acc\n"
         store_lse = ""
-    return f'''
+    src = f'''
 @triton.jit
 def {name}(
     Q, K, V, Out, Lse, VISITS,
@@ -265,6 +287,7 @@ def {name}(
 {store_lse}    if COUNT_VISITS:
         tl.store(VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visited)
 '''
+    return _split_extras_loop(src, spec.fwd_range, table, visit_if)
 
 
 def preprocess(spec: KernelSpec) -> str:
@@ -344,7 +367,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
 '''
     else:
         stats = ""
-    return f'''
+    src = f'''
 @triton.jit
 def {spec.name}_bwd_dkdv(
     Q, K, V, DO, DK, DV, Lse, Delta, DW,
@@ -432,6 +455,7 @@ def {spec.name}_bwd_dkdv(
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
 '''
+    return _split_extras_loop(src, spec.bwd_range, table, visit_if)
 
 
 def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
@@ -508,7 +532,7 @@ def dq(spec: KernelSpec, table: bool) -> str:
 '''
     else:
         stats = ""
-    return f'''
+    src = f'''
 @triton.jit
 def {spec.name}_bwd_dq(
     Q, K, V, DO, DQ, Lse, Delta, DU,
@@ -590,6 +614,7 @@ def {spec.name}_bwd_dq(
         du_ptrs = DU + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :]
         tl.store(du_ptrs, du, mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK))
 {g_final}'''
+    return _split_extras_loop(src, spec.fwd_range, table, visit_if)
 
 
 def block_table(spec: KernelSpec, transposed: bool) -> str:

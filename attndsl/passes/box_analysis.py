@@ -122,6 +122,25 @@ def _decide_some(m: Node, var: str, lo: Node, hi: Node) -> Node:
     return simplify(go(nnf(simplify(m))))
 
 
+#: an upper bound on any position, for deciding masks over whole regions with constant bounds
+_ANY_POSITION = 1 << 40
+
+
+def _region_empty(mask: Node, target: str, other: str, r_lo: Node, r_hi: Node) -> bool:
+    """True when no pair has the target in ``[r_lo, r_hi]`` (a non-grid region; a symbolic end such
+    as ``kv_max`` is taken as unbounded) and any other index.
+
+    With constant bounds the interval analysis folds to a constant where the window's clamps decide
+    it: tokens past the grid have first-axis coordinates past its end, which a clamped window
+    (neighborhood, sliding tile) never reaches. A region found empty needs no visit range at all,
+    so the kernel's loop keeps no per-tile test around its body (which would stop pipelining)."""
+    if r_hi.op != "const":
+        r_hi = const(_ANY_POSITION)
+    ia = IntervalAnalysis({target: (r_lo, r_hi), other: (const(0), const(_ANY_POSITION))})
+    _, may = ia(simplify(mask))
+    return ir.is_const(simplify(may), False)
+
+
 class _Boxes:
     """Per-axis outer/inner ranges of a formula over the target coordinates."""
 
@@ -286,6 +305,8 @@ def box_range(mask: Node, target: str, block_t: int, block_o: int) -> VisitBox |
     regions.append((const(grid.prefix + grid.size), t_max))
     extras = []
     for r_lo, r_hi in regions:
+        if _region_empty(mask, target, other, r_lo, r_hi):
+            continue
         mr = _decide_some(mask, target, r_lo, r_hi)
         if ir.is_const(mr, False):
             continue
