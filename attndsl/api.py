@@ -1,6 +1,8 @@
 """Public entry points: ``attndsl.attention`` and ``attndsl.compile``."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import codegen_bridge
@@ -11,7 +13,7 @@ from .runtime.autograd import AttentionFunction
 import math
 
 from .runtime.checks import check_captured, check_extras, check_inputs
-from .runtime.config import choose
+from .runtime.config import Configs, choose
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 
 
@@ -52,7 +54,11 @@ class CompiledAttention:
         if r is None:
             module = cache.load(self.spec, interpret)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
-            r = Runner(self.spec, module, choose(q.shape[-1], interpret, *tiles), interpret, q.shape[-1])
+            cfg = choose(q.shape[-1], interpret, *tiles)
+            if self.spec.tiles:  # ... per kernel
+                cfg = Configs(cfg.fwd, replace(cfg.dkdv, block_m=self.spec.bwd_tiles[0], block_n=self.spec.bwd_tiles[1]),
+                              replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))
+            r = Runner(self.spec, module, cfg, interpret, q.shape[-1])
             r.deterministic = self.deterministic
             self._runners[key] = r
         return r

@@ -105,6 +105,9 @@ class KernelSpec:
     normalizer: str = "softmax"  # or "sigmoid": no row normalisation, no running maximum
     grad_loads: tuple = ()       # GradLoad entries: captured tensors that receive gradients
     tiles: tuple | None = None   # (block_m, block_n) the visit plans were built for (VisitBox), else None
+    dq_range: VisitRange | None = None  # kv range per q tile for dQ when its tiles differ from the forward's
+    bwd_tiles: tuple | None = None      # (block_m, block_n) of the dK/dV box plan (VisitBox), else None
+    dq_tiles: tuple | None = None       # (block_m, block_n) of the dQ box plan (VisitBox), else None
 
     @property
     def has_mask(self) -> bool:

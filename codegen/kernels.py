@@ -458,6 +458,12 @@ def {spec.name}_bwd_dkdv(
     return _split_extras_loop(src, spec.bwd_range, table, visit_if)
 
 
+#: a scattered gradient's tile reads at most this many consecutive entries: one masked reduction
+#: and one scalar atomic add per entry; wider tiles use per-element atomic adds
+SCATTER_SPAN = 64
+SCATTER_NONE = 1 << 62
+
+
 def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
     """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient."""
     init, loop, final = "", "", ""
@@ -494,6 +500,21 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             # index follows kv only: sum over the tile's query rows, one atomic add per key
             loop += (f"{B}tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), tl.sum({contrib}, 0, keep_dims=True), "
                      f"mask=kv_idx < LKV)\n")
+        elif gl.scope == "scatter":
+            # many pairs share few entries (a relative-position table): most tiles read one entry
+            # (far from the diagonal every distance falls in the last bucket) and the rest a short
+            # run of them, so reduce per entry inside the tile and add scalars; per-element atomics
+            # (all contending for a handful of addresses) only for tiles that read many entries
+            ok = "(q_idx < LQ) & (kv_idx < LKV)"
+            o = f"goff{i}"
+            loop += (f"{B}{o} = {off}\n"
+                     f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
+                     f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n"
+                     f"{B}if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n"
+                     f"{B}    for e in range({o}_lo, {o}_hi + 1):\n"
+                     f"{B}        tl.atomic_add(DBUF{gl.slot}_{i} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n"
+                     f"{B}else:\n"
+                     f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + {o}, {contrib}, mask={ok})\n")
         else:
             ok = "(q_idx < LQ) & (kv_idx < LKV)"
             loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n"
@@ -503,14 +524,15 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
 
 def dq(spec: KernelSpec, table: bool) -> str:
     """dQ (and dU of a low-rank bias, and gradients of learnable captured tensors)."""
+    dq_rng = spec.dq_range or spec.fwd_range  # box plans may give dQ tiles of its own
     env = {"b": ("b", 0), "h": ("h", 0), "q": ("q_idx", 1), "q_lo": ("q_lo", 1), "q_hi": ("q_hi", 1),
            "kv_max": ("kv_max", 1), "q_max": ("q_max", 1), "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2),
            "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
     em = ExprEmitter(env, 3, prefix="v")
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m") if table
-            else _plan_lines(em, spec.fwd_range, 1, "BLOCK_N", "kv_max", False))
+            else _plan_lines(em, dq_rng, 1, "BLOCK_N", "kv_max", False))
     check, visit_if, B = "", "", I2
-    cls = _tile_class(spec, spec.fwd_range, em, table)
+    cls = _tile_class(spec, dq_rng, em, table)
     if cls is not None:
         full, nonempty = cls
         # a tile straddling the end of the keys is never full: its padding keys must be masked
@@ -584,7 +606,7 @@ def {spec.name}_bwd_dq(
 {pre1}{_indent(plan, I1)}
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 {g_init}    for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table, spec.fwd_range), I2)}        kv_lo = tile * BLOCK_N
+{_indent(_tile_of_iteration(table, dq_rng), I2)}        kv_lo = tile * BLOCK_N
         kv_hi = kv_lo + BLOCK_N - 1
         offs_n = kv_lo + offs_n0
         kv_idx = offs_n[None, :]
@@ -614,7 +636,7 @@ def {spec.name}_bwd_dq(
         du_ptrs = DU + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :]
         tl.store(du_ptrs, du, mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK))
 {g_final}'''
-    return _split_extras_loop(src, spec.fwd_range, table, visit_if)
+    return _split_extras_loop(src, dq_rng, table, visit_if)
 
 
 def block_table(spec: KernelSpec, transposed: bool) -> str:

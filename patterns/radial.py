@@ -211,8 +211,10 @@ def radial_via_tables(num_frames: int, tokens_per_frame: int, *, text_tokens: in
         i, r = q_idx // N, q_idx % N
         j, c = kv_idx // N, kv_idx % N
         d = (i - j).abs().clamp(max=F - 1)
-        w_d, keep_d = win.to(d.device)[d], keep.to(d.device)[d]  # tables follow the indices' device
-        return (j == 0) | (keep_d & ((c - r).abs() <= w_d))
+        w, k = win, keep
+        if isinstance(d, torch.Tensor) and w.device != d.device:  # eager calls: tables follow the indices
+            w, k = w.to(d.device), k.to(d.device)
+        return (j == 0) | (k[d] & ((c - r).abs() <= w[d]))
 
     def radial_table_mask(b, h, q_idx, kv_idx):
         return (q_idx >= F * N) | (kv_idx >= F * N) | video(q_idx, kv_idx)

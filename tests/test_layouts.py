@@ -21,6 +21,7 @@ from attndsl.passes import simplify
 from attndsl.passes.bounds import IntervalAnalysis
 from attndsl.passes.box_analysis import box_plans, find_grid
 from attndsl.spec import VisitBox
+from attndsl.testing import assert_matches_reference
 
 
 def enumerate_layout(shape, tile):
@@ -239,9 +240,27 @@ def test_box_plan_is_chosen_for_layout_masks_and_fixes_tiles():
     assert "box" in a.explain()
 
 
+def test_backward_kernels_get_their_own_box_tiles(monkeypatch):
+    """dK/dV and dQ cap their inner tile (more float32 tiles live there): the plans are built per
+    kernel, and the kernels agree with the reference when the three tile shapes differ."""
+    from patterns.sliding_tile import sliding_tile_3d
+    _, sta = sliding_tile_3d((16, 32, 32), (4, 8, 8), (3, 3, 3))
+    s = attndsl.compile(mask_mod=sta, block_m=128, block_n=128).spec
+    assert (s.tiles, s.bwd_tiles, s.dq_tiles) == ((128, 128), (64, 128), (128, 64))
+    assert s.bwd_range.block == 64 and s.dq_range.block == 64 and s.fwd_range.block == 128
+    import attndsl.passes.box_analysis as ba
+    monkeypatch.setattr(ba, "BWD_INNER_TILE", 16)
+    lay = Layout((16, 16), tile=(4, 4))
+    a = attndsl.compile(mask_mod=_na2d(lay, 3), block_m=32, block_n=32)
+    assert (a.spec.tiles, a.spec.bwd_tiles, a.spec.dq_tiles) == ((32, 32), (16, 32), (32, 16))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g, requires_grad=True) for _ in range(3))
+    assert_matches_reference(a, q, k, v)
+
+
 def test_box_plans_derive_per_axis_windows():
     lay = Layout((16, 16), tile=(4, 4))
-    fwd, bwd, tiles = box_plans(trace(_na2d(lay, 2)).mask, 16, 16)
+    fwd, bwd, _, tiles, _, _ = box_plans(trace(_na2d(lay, 2)).mask, 16, 16)
     env = {"q_c0_lo": torch.tensor(4), "q_c0_hi": torch.tensor(7), "q_c1_lo": torch.tensor(12), "q_c1_hi": torch.tensor(15),
            "q_lo": torch.tensor(0), "q_hi": torch.tensor(15)}
     ev = [[int(evaluate([x], env, [])[0]) for x in ax] for ax in fwd.box_outer]

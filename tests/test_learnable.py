@@ -274,6 +274,17 @@ def test_t5_bucket_table_unidirectional_causal():
             learn=[table], block=16, name="t5 causal")
 
 
+@pytest.mark.parametrize("block", [16, 64])
+def test_scattered_table_gradient_both_reductions(block):
+    """A table read through ``q - kv``: tiles reading few entries reduce per entry inside the tile
+    (16x16 tiles: at most 31 distances), wider ones (64x64: 127 distances, more than
+    ``SCATTER_SPAN``) add per element; both against the reference, with Lq != Lkv and GQA."""
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=17)
+    table = randn(4, 2 * 100 + 1, gen=gen)
+    compare(q, k, v, mask_mod=sliding(90), score_mod=relative_position_bias(table, 100), learn=[table],
+            block=block, name=f"rel table, {block}x{block} tiles")
+
+
 def test_per_query_table():
     gen, (q, k, v) = _case(seed=8)
     t = randn(70, gen=gen)

@@ -330,10 +330,19 @@ def _flat(mask: Node, target: str) -> VisitRange:
 KERNEL_TILE_SIZES = (64, 128, 32, 16)
 
 
+#: the backward kernels hold more float32 tiles than the forward (dK, dV, P, dP or dQ, P, dP):
+#: their inner tile (queries for dK/dV, keys for dQ) is capped here when the layout allows it,
+#: as the dense kernels' defaults do (dK/dV 64x128, dQ 128x64)
+BWD_INNER_TILE = 64
+
+
 def box_plans(mask: Node, block_m=None, block_n=None):
-    """``(fwd VisitBox, bwd VisitBox, (block_m, block_n))`` for a mask on layout coordinates, or
-    None. Unspecified tile sizes are the first of ``KERNEL_TILE_SIZES`` that cut the layout's grid
-    into boxes (e.g. one 8x8 layout tile per 64-token kernel tile)."""
+    """``(fwd, dkdv, dq, tiles, dkdv_tiles, dq_tiles)`` for a mask on layout coordinates, or None.
+
+    ``fwd`` and ``dq`` are VisitBoxes of key tiles per query tile, ``dkdv`` of query tiles per key
+    tile; each kernel gets its own ``(block_m, block_n)``. Unspecified forward tile sizes are the
+    first of ``KERNEL_TILE_SIZES`` that cut the layout's grid into boxes (e.g. one 8x8 layout tile
+    per 64-token kernel tile); the backward kernels cap their inner tile at ``BWD_INNER_TILE``."""
     grid = find_grid(mask)
     if grid is None:
         return None
@@ -346,11 +355,17 @@ def box_plans(mask: Node, block_m=None, block_n=None):
         block_m, block_n = block_m or pick, block_n or pick
     if not (ok(block_m) and ok(block_n)):
         return None
+
+    def cap(b):
+        return BWD_INNER_TILE if b > BWD_INNER_TILE and ok(BWD_INNER_TILE) else b
+
+    tiles, dkdv_tiles, dq_tiles = (block_m, block_n), (cap(block_m), block_n), (block_m, cap(block_n))
     fwd = box_range(mask, "kv", block_n, block_m)
-    bwd = box_range(mask, "q", block_m, block_n)
-    if fwd is None or bwd is None:
+    dkdv = box_range(mask, "q", *dkdv_tiles)
+    dq = fwd if dq_tiles == tiles else box_range(mask, "kv", dq_tiles[1], dq_tiles[0])
+    if fwd is None or dkdv is None or dq is None:
         return None
-    return fwd, bwd, (block_m, block_n)
+    return fwd, dkdv, dq, tiles, dkdv_tiles, dq_tiles
 
 
 def required_length(spec) -> int:

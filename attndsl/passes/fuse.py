@@ -81,19 +81,21 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
     fv = ir.free_vars(mask) if mask is not None else frozenset()
     data_dependent = mask is not None and is_data_dependent(mask)
     fwd_range, bwd_range, box_tiles = _range(mask, "kv"), _range(mask, "q"), None
+    dq_range = bwd_tiles = dq_tiles = None
     if mask is not None and not data_dependent:
         boxes = box_plans(mask, *tiles)
         if boxes is not None:
-            fwd_range, bwd_range, box_tiles = boxes
+            fwd_range, bwd_range, dq_range, box_tiles, bwd_tiles, dq_tiles = boxes
     key = ir.structural_hash(mask if mask is not None else "nomask", score if score is not None else "noscore",
                              tuple(b.key() for b in buffers), options, normalizer, sorted(learnable), SPEC_VERSION,
-                             *(("tiles", box_tiles),) if box_tiles else ())
+                             *(("tiles", box_tiles, bwd_tiles, dq_tiles),) if box_tiles else ())
     spec = KernelSpec(
         key=key, mask=mask, score=score, dscore=dscore, buffers=tuple(buffers),
         fwd_range=fwd_range, bwd_range=bwd_range,
         tile_full=full, tile_nonempty=nonempty,
         data_dependent=data_dependent,
         mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options),
-        normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles)
+        normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles,
+        dq_range=dq_range, bwd_tiles=bwd_tiles, dq_tiles=dq_tiles)
     _CACHE[ck] = spec
     return spec
