@@ -69,7 +69,7 @@ def test_locality_case_matches_flex(name):
     flex = torch.compile(flex_attention, dynamic=False)
 
     def run(fn, dtype):
-        q, k, v = (x.to(dtype).requires_grad_(True) for x in (q32, k32, v32))
+        q, k, v = (x.detach().to(dtype).requires_grad_(True) for x in (q32, k32, v32))
         o = fn(q, k, v)
         o.backward(do32.to(dtype))
         return o.detach(), q.grad, k.grad, v.grad
@@ -79,11 +79,16 @@ def test_locality_case_matches_flex(name):
     dense = _dense_mask(inst.mask_mod, L)
     ref = run(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense), torch.float32)
     del dense
-    fb = run(lambda q, k, v: flex(q, k, v, block_mask=bm), torch.bfloat16)
+    try:
+        fb = run(lambda q, k, v: flex(q, k, v, block_mask=bm), torch.bfloat16)
+    except Exception as e:  # Flex's backward for the radial table mask needs more shared memory than an H100 has
+        print(f"\n{name}: FlexAttention failed ({type(e).__name__}: {str(e).splitlines()[-1][:160]}); ours vs the reference only")
+        fb = (None,) * 4
     ob = run(attn, torch.bfloat16)
     for what, o, f, r in zip(("out", "dq", "dk", "dv"), ob, fb, ref):
-        e_ours, e_flex = _rel(o, r), _rel(f, r)
-        assert math.isfinite(e_ours) and e_ours <= 2 * e_flex + 2e-3, f"{name} {what}: ours {e_ours:.3g} vs flex {e_flex:.3g}"
+        e_ours = _rel(o, r)
+        bound = 2 * _rel(f, r) + 2e-3 if f is not None else 2e-2
+        assert math.isfinite(e_ours) and e_ours <= bound, f"{name} {what}: ours {e_ours:.3g}, bound {bound:.3g}"
     q, k, v = (x.to(torch.bfloat16) for x in (q32, k32, v32))
     t_ours = _bench(lambda: attn(q, k, v))
     t_flex = _bench(lambda: flex(q, k, v, block_mask=bm))
