@@ -314,6 +314,36 @@ def test_failing_case_is_reported_not_timed_and_next_runs(tmp_path, capsys, monk
     assert "boom" in saved[1]["traceback"]
 
 
+def test_flex_backward_failure_still_times_ours(tmp_path, capsys, monkeypatch):
+    """Flex's backward failing to compile (radial attention on an H100: shared memory) is recorded;
+    our forward+backward is still checked for finiteness and timed."""
+    import torch.nn.attention.flex_attention as fa
+    real = fa.flex_attention
+
+    class _NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("No valid triton configs. out of resource: shared memory")
+
+    def flex_without_backward(*a, **kw):
+        out = real(*a, **kw)
+        return _NoBackward.apply(out) if isinstance(out, torch.Tensor) else out
+
+    monkeypatch.setattr(fa, "flex_attention", flex_without_backward)
+    argv = ["--device", "cpu", "--L", "64", "--D", "16", "--H", "1", "--dtype", "fp32", "--ref-L", "64",
+            "--cases", "causal", "--bwd", "--no-isolate", "--json", str(tmp_path / "b.json")]
+    Hn.main(argv)
+    out = capsys.readouterr().out
+    (row,) = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")][1:]
+    assert row["bwd_status"] == "ok" and row["flex_bwd_error"]  # (on the CPU Flex has no backward at all)
+    assert row["ours_fwd_bwd_ms"] > 0 and "flex_fwd_bwd_ms" not in row
+    assert "Flex's backward failed" in out
+
+
 def test_budget_exhausted_skips(capsys):
     argv = ["--device", "cpu", "--ours", "flex", "--L", "64", "--D", "16", "--H", "2", "--dtype", "fp32",
             "--cases", "causal,dense", "--no-isolate", "--budget-s", "0"]
