@@ -41,8 +41,16 @@ def explain(compiled) -> str:
     if spec.buffers:
         out.append("captured tensors: " + ", ".join(f"buf{b.slot}: {b.torch_dtype}[{b.ndim}-d]" for b in spec.buffers))
     if spec.mask is not None:
-        for what, rng, other in (("forward/dQ: key range per query tile", spec.fwd_range, "q"),
-                                 ("dK/dV: query range per key tile", spec.bwd_range, "kv")):
+        plans = [("forward/dQ: key range per query tile", spec.fwd_range, "q"),
+                 ("dK/dV: query range per key tile", spec.bwd_range, "kv")]
+        if spec.tiles:
+            plans[0] = (f"forward: key range per query tile (tiles {spec.tiles[0]}x{spec.tiles[1]})", spec.fwd_range, "q")
+            plans[1] = (f"dK/dV: query range per key tile (tiles {spec.bwd_tiles[0]}x{spec.bwd_tiles[1]})",
+                        spec.bwd_range, "kv")
+            if spec.dq_range is not None and spec.dq_range is not spec.fwd_range:
+                plans.insert(1, (f"dQ: key range per query tile (tiles {spec.dq_tiles[0]}x{spec.dq_tiles[1]})",
+                                 spec.dq_range, "q"))
+        for what, rng, other in plans:
             if isinstance(rng, VisitBox):
                 out += _box_lines(what, rng, other)
                 continue
