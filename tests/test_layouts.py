@@ -342,13 +342,7 @@ def test_extra_tokens_with_per_tile_checks_and_a_ragged_end():
     a = attndsl.compile(mask_mod=m, block_m=16, block_n=16)
     assert isinstance(a.spec.fwd_range, VisitBox) and a.spec.fwd_range.extras[0].range.tile_check
     q, k, v = (torch.randn(1, 2, len(lay), 16, requires_grad=True) for _ in range(3))
-    out = a(q, k, v)
-    ref, _ = attndsl.reference.attention(q, k, v, mask_mod=m)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    want = torch.autograd.grad(ref.sum(), (q, k, v))
-    for g, w in zip(grads, want):
-        torch.testing.assert_close(g.double(), w.double(), atol=1e-4, rtol=1e-4)
+    assert_matches_reference(a, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,13 +469,7 @@ def test_random_coordinate_masks_match_the_oracle(seed):
     L = len(lay)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, 1, L, 16, generator=g, requires_grad=True) for _ in range(3))
-    out = attn(q, k, v)
-    ref, _ = attndsl.reference.attention(q, k, v, mask_mod=mask)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    got = torch.autograd.grad(out.sum(), (q, k, v))
-    want = torch.autograd.grad(ref.sum(), (q, k, v))
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x.double(), y.double(), atol=1e-4, rtol=1e-4)
+    assert_matches_reference(attn, q, k, v)
     # never skips a touched tile; a box plan without per-tile checks visits exactly the touched
     # tiles (checked plans are exact for the patterns, see test_locality_patterns; for arbitrary
     # unions, residues of the virtual coordinates of text tokens etc. interval checks may keep a few)
