@@ -516,9 +516,19 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
                      f"{B}else:\n"
                      f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + {o}, {contrib}, mask={ok})\n")
         else:
-            ok = "(q_idx < LQ) & (kv_idx < LKV)"
-            loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n"
-                     f"{B}else:\n{B}    tl.store(DBUF{gl.slot}_{i} + ({off}), {contrib}, mask={ok})\n")
+            # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and
+            # are bounds-masked like the forward's load, so a pair the forward read as 0 adds nothing
+            terms, ok = [], "(q_idx < LQ) & (kv_idx < LKV)"
+            for d, (a, x) in enumerate(zip(gl.load.args, idx)):
+                if a.attr in ("q", "kv"):
+                    terms.append(f"({x}).to(tl.int64) * {p}_stride{d}")
+                    ok += f" & ({x} < {p}_size{d})"
+                else:
+                    terms.append(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
+            off = " + ".join(terms)
+            dst = f"DBUF{gl.slot}_{i}"
+            loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add({dst} + ({off}), {contrib}, mask={ok})\n"
+                     f"{B}else:\n{B}    tl.store({dst} + ({off}), {contrib}.to({dst}.dtype.element_ty), mask={ok})\n")
     return init, loop, final
 
 

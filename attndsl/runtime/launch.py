@@ -233,10 +233,13 @@ class Runner:
         det = self.deterministic
         for i, gl in enumerate(self.spec.grad_loads):
             t = buffers[gl.slot]
-            if gl.slot not in dbufs:
-                # contiguous, like the copy of the tensor the kernels read (see buffer_args)
-                dbufs[gl.slot] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
             exact = gl_exact(gl, B, Hq)
+            if gl.slot not in dbufs:
+                # contiguous, like the copy of the tensor the kernels read (see buffer_args); a
+                # full-size tensor read once, whose elements are each written by one program, gets
+                # its gradient in its own dtype (no float32 copy and conversion pass)
+                alone = exact and sum(g.slot == gl.slot for g in self.spec.grad_loads) == 1
+                dbufs[gl.slot] = torch.zeros(t.shape, dtype=t.dtype if alone else torch.float32, device=t.device)
             gl_consts[f"GL{i}_ATOMIC"] = not exact
             if det and gl.scope in ("program", "row"):
                 # per-program partial sums and their offsets; sized for any tile of 16 rows or more
