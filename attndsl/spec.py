@@ -108,6 +108,7 @@ class KernelSpec:
     dq_range: VisitRange | None = None  # kv range per q tile for dQ when its tiles differ from the forward's
     bwd_tiles: tuple | None = None      # (block_m, block_n) of the dK/dV box plan (VisitBox), else None
     dq_tiles: tuple | None = None       # (block_m, block_n) of the dQ box plan (VisitBox), else None
+    uniform_loads: tuple = ()    # UniformLoad entries (passes/uniform.py): loads tested for one entry per tile
 
     @property
     def has_mask(self) -> bool:

@@ -73,6 +73,7 @@ class ExprEmitter:
         self.prefix = prefix
         self.count = 0
         self.nn: dict = {}
+        self.uniform_index: dict = {}  # tile-uniform load -> its per-tile index codes (lo == hi)
 
     def block(self, stage: int, indent: str) -> str:
         return "".join(indent + line + "\n" for line in self.lines[stage])

@@ -6,6 +6,7 @@ to visit, which are full) comes from the spec's closed-form ranges or from a blo
 """
 from __future__ import annotations
 
+from attndsl import ir
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from . import box as _box
@@ -134,24 +135,61 @@ def _softmax(spec: KernelSpec) -> bool:
     return spec.normalizer == "softmax"
 
 
-def _score_lines(spec, em, ind, stage, qk, bias, backward=False) -> str:
+def _uniform(spec: KernelSpec, inner: str) -> dict:
+    """The tile-uniform loads this kernel tests (those that vary along its inner loop): load -> j."""
+    return {ul.load: j for j, ul in enumerate(spec.uniform_loads) if inner in ir.free_vars(ul.load)}
+
+
+def _branch(em: ExprEmitter, stage: int, ind: str, emit):
+    """Emit ``emit()`` into lines for an ``if`` branch; names defined there are forgotten after it
+    (Triton drops a name bound in one branch only), so later uses emit their own copy."""
+    before = set(em.names)
+    r = emit()
+    body = em.take(stage, ind)
+    for n in [n for n, (_, st) in em.names.items() if n not in before and st == stage]:
+        del em.names[n]
+    return r, body
+
+
+def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inner: str) -> str:
+    """Per tile-uniform load: ``uni{j}`` (one entry for the whole tile) and the value, a splat of
+    one scalar load when uniform, else the per-element index arithmetic and gather."""
+    code = em.take(stage, ind)
+    for ld, j in _uniform(spec, inner).items():
+        ul = spec.uniform_loads[j]
+        los = [em.emit(x, stage) for x in ul.lo]
+        his = [em.emit(x, stage) for x in ul.hi]
+        cond = " & ".join(f"({lo} == {hi})" for lo, hi, v in zip(los, his, ul.varying) if v)
+        code += em.take(stage, ind) + f"{ind}uni{j} = {cond}\n"
+        name, body = _branch(em, stage, ind + I1, lambda: em.emit(ld, stage))
+        em.names[ld] = (name, stage)
+        em.uniform_index[ld] = los
+        code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + {em._load(ld, los)}\n"
+                 f"{ind}else:\n{body}")
+    return code
+
+
+def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv") -> str:
     """score = qk * scale (+ u·wᵀ); s = score_mod(score) in log2 units.
 
     For the backward also ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads)
-    (``gmod{i}``), emitted here, before the masked branch, so every name is in scope."""
+    (``gmod{i}``), emitted here, before the masked branch, so every name is in scope. ``inner``
+    names the index of the kernel's inner loop (the one its tile-uniform loads vary along)."""
     if spec.score is None:
         return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * LOG2E\n"
                 f"{ind}else:\n{ind}    s = {qk} * (sm_scale * LOG2E)\n")
     head = f"{ind}score = {qk} * sm_scale\n"
     if bias:
         head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
+    head += _uniform_loads(spec, em, ind, stage, inner)
     s = em.emit(spec.score, stage)
     tail = f"{ind}s = {s} * LOG2E\n"
     if backward:
         tail += f"{ind}dmod = {em.emit(spec.dscore, stage)}\n"
+        uniform = _uniform(spec, inner)
         for i, gl in enumerate(spec.grad_loads):
             tail += f"{ind}gmod{i} = {em.emit(gl.grad, stage)}\n"
-            if gl.scope in ("exact", "scatter"):
+            if gl.scope in ("exact", "scatter") and gl.load not in uniform:
                 for a in gl.load.args:
                     em.emit(a, stage)
     return head + em.take(stage, ind) + tail
@@ -177,10 +215,11 @@ def forward(spec: KernelSpec, table: bool) -> str:
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
     score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
-    keep = "kv_idx < LKV"
+    keep, mask_body = "kv_idx < LKV", ""
     if spec.mask is not None:
-        keep = f"({em.emit(spec.mask, 2)}) & (kv_idx < LKV)"
-    mask_block = em.take(2, B + I1) + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+        m, mask_body = _branch(em, 2, B + I1, lambda: em.emit(spec.mask, 2))
+        keep = f"({m}) & (kv_idx < LKV)"
+    mask_block = mask_body + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
     if _softmax(spec):
         init = f'''    if HAS_SINKS:
         sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
@@ -316,10 +355,13 @@ def {spec.name}_bwd_delta(
 
 
 def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int) -> str:
-    keep = "(q_idx < LQ) & (kv_idx < LKV)"
+    keep, code = "(q_idx < LQ) & (kv_idx < LKV)", ""
     if spec.mask is not None:
-        keep = f"({em.emit(spec.mask, stage)}) & {keep}"
-    return em.take(stage, ind + I1) + f"{ind}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+        # emitted inside `if is_partial:`; its names are not in scope after the branch
+        m, body = _branch(em, stage, ind + I1, lambda: em.emit(spec.mask, stage))
+        keep = f"({m}) & {keep}"
+        code += body
+    return code + f"{ind}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
 
 
 def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str, dp: str, ds: str, row: str) -> str:
@@ -357,7 +399,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I3) + f"{I3}is_partial = is_partial & (({full} == 0) | (q_lo + BLOCK_M > LQ))\n"
         visit_if = f"{I3}if {nonempty}:\n"
         B = I4
-    score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True)
+    score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q")
     mask = _bwd_mask(spec, em, B, 2)
     ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
     if _softmax(spec):
@@ -464,19 +506,54 @@ SCATTER_SPAN = 64
 SCATTER_NONE = 1 << 62
 
 
+def _scatter_code(gl, i: int, contrib: str, off: str, B: str) -> str:
+    """Atomic adds of a tile's gradient into a table many pairs share (a relative-position table).
+
+    Most tiles read a short run of entries (near the diagonal), so reduce per entry inside the tile
+    and add scalars; per-element atomics (all contending for a handful of addresses) only for
+    tiles that read many entries."""
+    ok = "(q_idx < LQ) & (kv_idx < LKV)"
+    o = f"goff{i}"
+    return (f"{B}{o} = {off}\n"
+            f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
+            f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n"
+            f"{B}if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n"
+            f"{B}    for e in range({o}_lo, {o}_hi + 1):\n"
+            f"{B}        tl.atomic_add(DBUF{gl.slot}_{i} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n"
+            f"{B}else:\n"
+            f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + {o}, {contrib}, mask={ok})\n")
+
+
 def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
     """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient."""
     init, loop, final = "", "", ""
+    uniform = _uniform(spec, "kv")
+
+    def offset(p, idx):
+        return " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
+                          for d, x in enumerate(idx)) or "0"
+
     for i, gl in enumerate(spec.grad_loads):
         g = f"gmod{i}"
         p = f"buf{gl.slot}"
-        idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
-               for a in gl.load.args]
-        off = " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
-                         for d, x in enumerate(idx)) or "0"
         contrib = f"gl{i}"
         # ds is already multiplied by dmod; the chain rule for the load needs the raw ∂L/∂s_mod
         loop += f"{B}{contrib} = ds_raw * {g}\n"
+        if gl.load in uniform:
+            # tile-uniform index: one entry gets the whole tile's sum; the per-element index
+            # arithmetic and the span reduction below run only on the other tiles
+            loop += em.take(2, B)
+            uoff = offset(p, em.uniform_index[gl.load])
+            idx, body = _branch(em, 2, B + I1, lambda: [em.emit(a, 2) for a in gl.load.args])
+            loop += (f"{B}if uni{uniform[gl.load]}:\n"
+                     f"{B}{I1}tl.atomic_add(DBUF{gl.slot}_{i} + ({uoff}), "
+                     f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
+                     f"{B}else:\n{body}")
+            loop += _scatter_code(gl, i, contrib, offset(p, idx), B + I1)
+            continue
+        idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
+               for a in gl.load.args]
+        off = offset(p, idx)
         if gl.scope == "program":
             init += f"    gacc{i} = tl.zeros([1, 1], tl.float32)\n"
             loop += f"{B}gacc{i} += tl.sum(tl.sum({contrib}, 1, keep_dims=True), 0, keep_dims=True)\n"
@@ -501,20 +578,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             loop += (f"{B}tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), tl.sum({contrib}, 0, keep_dims=True), "
                      f"mask=kv_idx < LKV)\n")
         elif gl.scope == "scatter":
-            # many pairs share few entries (a relative-position table): most tiles read one entry
-            # (far from the diagonal every distance falls in the last bucket) and the rest a short
-            # run of them, so reduce per entry inside the tile and add scalars; per-element atomics
-            # (all contending for a handful of addresses) only for tiles that read many entries
-            ok = "(q_idx < LQ) & (kv_idx < LKV)"
-            o = f"goff{i}"
-            loop += (f"{B}{o} = {off}\n"
-                     f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
-                     f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n"
-                     f"{B}if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n"
-                     f"{B}    for e in range({o}_lo, {o}_hi + 1):\n"
-                     f"{B}        tl.atomic_add(DBUF{gl.slot}_{i} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n"
-                     f"{B}else:\n"
-                     f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + {o}, {contrib}, mask={ok})\n")
+            loop += _scatter_code(gl, i, contrib, off, B)
         else:
             # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and
             # are bounds-masked like the forward's load, so a pair the forward read as 0 adds nothing

@@ -148,7 +148,7 @@ def compare(q, k, v, *, mask_mod=None, score_mod=None, normalizer="softmax", lea
     tensors = [(n, t) for n, t in tensors if t.requires_grad]
     leaves = [t for _, t in tensors] + list(frozen)
 
-    do = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    do = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
     dl = None
     outs, routs, gos, rgos = [out], [rout], [do.to(out.dtype)], [do]
     errs = {"out": rel_err(out, rout)}
@@ -157,7 +157,7 @@ def compare(q, k, v, *, mask_mod=None, score_mod=None, normalizer="softmax", lea
         assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse)), "dead rows differ"
         fin = torch.isfinite(rlse)
         errs["lse"] = rel_err(lse[fin], rlse[fin])
-        dl = torch.randn(lse.shape, generator=gen, dtype=torch.float64) * fin
+        dl = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(lse.device) * fin
         outs.append(lse), routs.append(rlse), gos.append(dl.float()), rgos.append(dl)
     g = torch.autograd.grad(outs, leaves, gos, allow_unused=True)
     rg = torch.autograd.grad(routs, leaves, rgos, allow_unused=True, retain_graph=True)

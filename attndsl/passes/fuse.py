@@ -10,8 +10,9 @@ from .block_analysis import is_data_dependent, tile_class, tile_range
 from .box_analysis import box_plans
 from .grad import derivative
 from .simplify import simplify
+from .uniform import uniform_loads
 
-SPEC_VERSION = 1  # bump when the meaning of a spec (and so of generated code) changes
+SPEC_VERSION = 2  # bump when the meaning of a spec (and so of generated code) changes
 _CACHE: dict = {}
 
 
@@ -96,6 +97,6 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
         data_dependent=data_dependent,
         mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options),
         normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles,
-        dq_range=dq_range, bwd_tiles=bwd_tiles, dq_tiles=dq_tiles)
+        dq_range=dq_range, bwd_tiles=bwd_tiles, dq_tiles=dq_tiles, uniform_loads=uniform_loads(score))
     _CACHE[ck] = spec
     return spec

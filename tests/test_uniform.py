@@ -1,0 +1,107 @@
+"""Tile-uniform loads (passes/uniform.py): which loads qualify, that the per-tile bounds are sound
+(a tile declared uniform reads one entry everywhere), that real tile grids take both paths, and
+that kernels with both paths match the float64 reference, table gradients included."""
+import pytest
+import torch
+
+import attndsl
+from attndsl import ir
+from attndsl.ir.evaluate import evaluate
+from attndsl.passes.uniform import uniform_loads
+from patterns.relative_bias import relative_position_bias, t5_bucket, t5_bucket_bias
+from test_learnable import _case, causal, compare, randn
+
+H = 2
+
+
+def _spec(score_mod, mask_mod=None):
+    return attndsl.compile(mask_mod=mask_mod, score_mod=score_mod).spec
+
+
+def _t5(bidirectional):
+    return t5_bucket_bias(torch.randn(H, 16), 16, 40, bidirectional=bidirectional)
+
+
+@pytest.mark.parametrize("mod, n", [
+    (_t5(True), 1),
+    (_t5(False), 1),
+    (relative_position_bias(torch.randn(H, 2 * 8 + 1), 8), 1),
+    (lambda s, b, h, q, kv, t=torch.randn(H, 64, 64): s + t[h, q, kv], 0),           # plain indices
+    (lambda s, b, h, q, kv, t=torch.randn(H, 127): s + t[h, q - kv + 63], 0),         # affine: never one entry
+    (lambda s, b, h, q, kv, t=torch.randn(H): s + t[h] * (kv - q), 0),                # no q/kv index
+    (lambda s, b, h, q, kv, t=torch.randn(64): s + t[kv // 2], 0),                    # one index only
+])
+def test_which_loads_are_tested_per_tile(mod, n):
+    spec = _spec(mod)
+    assert len(spec.uniform_loads) == n
+    # forward, dK/dV and dQ each test it
+    assert attndsl.compile(score_mod=mod).source.count("if uni0:") == (3 if n else 0)
+
+
+def test_learnable_uniform_table_adds_one_atomic_per_uniform_tile():
+    table = torch.randn(H, 16, requires_grad=True)
+    src = attndsl.compile(score_mod=t5_bucket_bias(table, 16, 40)).source
+    dq = src[src.index("def attn_bwd_dq"):]
+    assert dq.count("if uni0:") == 2  # the score, and the table's gradient
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 64)])
+def test_tile_bounds_are_sound_and_both_paths_occur(bidirectional, bm, bn):
+    """Brute force over every tile of a 200 x 170 grid: the bounds contain every element's bucket,
+    and where they meet, every element reads that one bucket."""
+    ul = _spec(_t5(bidirectional)).uniform_loads[0]
+    Lq, Lkv = 200, 170
+    q = torch.arange(Lq)[:, None]
+    kv = torch.arange(Lkv)[None, :]
+    bucket = t5_bucket(q, kv, 16, 40, bidirectional)
+    d = [i for i, v in enumerate(ul.varying) if v][0]
+    kinds = set()
+    for q_lo in range(0, Lq, bm):
+        for kv_lo in range(0, Lkv, bn):
+            q_hi, kv_hi = min(q_lo + bm, Lq) - 1, kv_lo + bn - 1  # the kernels' own tile bounds
+            env = {k: torch.tensor(x) for k, x in
+                   dict(q_lo=q_lo, q_hi=q_hi, kv_lo=kv_lo, kv_hi=kv_hi, h=0, b=0).items()}
+            lo, hi = (int(x) for x in evaluate([ul.lo[d], ul.hi[d]], env, {}))
+            tile = bucket[q_lo:q_hi + 1, kv_lo:kv_hi + 1]
+            assert lo <= tile.min() and tile.max() <= hi, (q_lo, kv_lo, lo, hi)
+            if lo == hi:
+                assert (tile == lo).all()
+            kinds.add(lo == hi)
+    assert kinds == {True, False}
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_t5_table_both_paths_gqa(bidirectional):
+    """Lq != Lkv, GQA, 16x16 tiles: most tiles are uniform (distance past 40), the diagonal band is not."""
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=120, Lkv=90, seed=21)
+    table = randn(4, 16, gen=gen)
+    mask = causal if not bidirectional else None
+    compare(q, k, v, mask_mod=mask, score_mod=t5_bucket_bias(table, 16, 40, bidirectional=bidirectional),
+            learn=[table], block=16, name=f"t5 uniform tiles, bidirectional={bidirectional}")
+
+
+def test_clipped_table_bf16_both_paths():
+    gen, (q, k, v) = _case(dtype=torch.bfloat16, Lq=100, Lkv=100, seed=22)
+    table = randn(4, 2 * 10 + 1, gen=gen, dtype=torch.bfloat16)
+    compare(q, k, v, mask_mod=causal, score_mod=relative_position_bias(table, 10), learn=[table], block=16,
+            name="clipped table bf16, uniform tiles")
+
+
+def test_uniform_load_feeding_a_nonlinear_score_mod():
+    """The loaded value is used twice and nonlinearly (its derivative reads it): both branches must
+    bind the same name for the later uses."""
+    gen, (q, k, v) = _case(Lq=70, Lkv=70, seed=23)
+    table = randn(4, 2 * 6 + 1, gen=gen, scale=0.5)
+
+    def mod(s, b, h, q_, kv):
+        t = table[h, (q_ - kv).clamp(-6, 6) + 6]
+        return s * torch.sigmoid(t) + t * t
+
+    compare(q, k, v, mask_mod=causal, score_mod=mod, learn=[table], block=16, name="nonlinear uniform load")
+
+
+def test_variables_of_the_bounds_are_the_tile_ranges():
+    ul = _spec(_t5(False)).uniform_loads[0]
+    fv = set().union(*(ir.free_vars(x) for x in ul.lo + ul.hi))
+    assert fv <= {"q_lo", "q_hi", "kv_lo", "kv_hi", "b", "h"}
