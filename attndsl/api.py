@@ -37,14 +37,6 @@ class CompiledAttention:
         self._runners: dict = {}
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
-        if self.deterministic:
-            for gl in self.spec.grad_loads:
-                if gl.scope in ("scatter", "col"):
-                    raise NotImplementedError(
-                        f"deterministic=True: the learnable tensor #{gl.slot} is indexed by an expression of "
-                        "both q_idx and kv_idx, whose gradient is scattered with atomic adds; no deterministic "
-                        "path exists for that yet (per-head, per-query and full-size (.., q_idx, kv_idx) "
-                        "tensors are supported)")
 
     # -- kernels ---------------------------------------------------------------------------
     def runner(self, q: torch.Tensor) -> Runner:
@@ -95,8 +87,18 @@ class CompiledAttention:
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         if self.deterministic:
-            from .runtime.launch import gl_exact
+            from .runtime.launch import MAX_PRIVATE_PARTIALS, gl_exact, private_rows
             for gl in self.spec.grad_loads:
+                if gl.scope in ("scatter", "col") and self.tensors[gl.slot].requires_grad:
+                    n, row = private_rows(gl, self.tensors[gl.slot].shape, query.shape[0], query.shape[1],
+                                          query.shape[2])
+                    if n * row > MAX_PRIVATE_PARTIALS:
+                        raise ValueError(
+                            f"deterministic=True: learnable tensor #{gl.slot} (shape {tuple(self.tensors[gl.slot].shape)}) "
+                            f"is shared by many (q, kv) pairs; its bitwise-repeatable gradient keeps {row} partial "
+                            f"sums for each of {n} query tiles ({n * row * 4 / 2**30:.1f} GiB, over the "
+                            f"{MAX_PRIVATE_PARTIALS * 4 / 2**30:.0f} GiB limit); index it by head first "
+                            "(table[h, ...]) to shrink each row, or use deterministic=False")
                 if gl.scope == "exact" and not gl_exact(gl, query.shape[0], query.shape[1]):
                     raise NotImplementedError(
                         f"deterministic=True: learnable tensor #{gl.slot} has no batch/head dimension but the "

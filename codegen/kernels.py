@@ -511,17 +511,42 @@ def _scatter_code(gl, i: int, contrib: str, off: str, B: str) -> str:
 
     Most tiles read a short run of entries (near the diagonal), so reduce per entry inside the tile
     and add scalars; per-element atomics (all contending for a handful of addresses) only for
-    tiles that read many entries."""
+    tiles that read many entries. Deterministic: always per entry, into the program's own row
+    (``gdst{i}``), one scalar add after another in program order."""
     ok = "(q_idx < LQ) & (kv_idx < LKV)"
     o = f"goff{i}"
+    def per_entry(ind):
+        return (f"{ind}for e in range({o}_lo, {o}_hi + 1):\n"
+                f"{ind}    tl.atomic_add(gdst{i} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n")
     return (f"{B}{o} = {off}\n"
             f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
             f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n"
-            f"{B}if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n"
-            f"{B}    for e in range({o}_lo, {o}_hi + 1):\n"
-            f"{B}        tl.atomic_add(DBUF{gl.slot}_{i} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n"
+            f"{B}if DETERMINISTIC:\n{per_entry(B + I1)}"
             f"{B}else:\n"
-            f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + {o}, {contrib}, mask={ok})\n")
+            f"{B}    if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n{per_entry(B + I2)}"
+            f"{B}    else:\n"
+            f"{B}        tl.atomic_add(gdst{i} + {o}, {contrib}, mask={ok})\n")
+
+
+def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:
+    """``gdst{i}``, where a shared table's gradient is added. Deterministic: the program's own row
+    of partial sums, covering the slice of the table its b/h indices select (all dimensions from
+    the first one indexed by q or kv); the row's offset in the table is stored for the host's
+    ordered reduction (``runtime/launch.py``)."""
+    args = gl.load.args
+    d0 = next(d for d, a in enumerate(args) if ir.free_vars(a) & {"q", "kv"})
+    prefix = [em.emit(a, 0) for a in args[:d0]]
+    base = " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
+                      for d, x in enumerate(prefix)) or "0"
+    row = f"{p}_stride{d0 - 1}" if d0 else f"{p}_size0 * {p}_stride0"
+    pid = "(pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m)"
+    init = (f"    if DETERMINISTIC:\n"
+            f"        gbase{i} = pid_m.to(tl.int64) * 0 + {base}\n"
+            f"        gdst{i} = DBUF{gl.slot}_{i} + {pid} * ({row}) - gbase{i}\n"
+            f"    else:\n"
+            f"        gdst{i} = DBUF{gl.slot}_{i}\n")
+    final = f"    if DETERMINISTIC:\n        tl.store(GOFF{gl.slot}_{i} + {pid}, gbase{i})\n"
+    return init, final
 
 
 def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
@@ -545,8 +570,10 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             loop += em.take(2, B)
             uoff = offset(p, em.uniform_index[gl.load])
             idx, body = _branch(em, 2, B + I1, lambda: [em.emit(a, 2) for a in gl.load.args])
+            pinit, pfinal = _private_row(gl, i, p, em)
+            init, final = init + pinit, final + pfinal
             loop += (f"{B}if uni{uniform[gl.load]}:\n"
-                     f"{B}{I1}tl.atomic_add(DBUF{gl.slot}_{i} + ({uoff}), "
+                     f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
                      f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
                      f"{B}else:\n{body}")
             loop += _scatter_code(gl, i, contrib, offset(p, idx), B + I1)
@@ -574,10 +601,23 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
                       f"    else:\n"
                       f"        tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), gacc{i}, mask=q_idx < LQ)\n")
         elif gl.scope == "col":
-            # index follows kv only: sum over the tile's query rows, one atomic add per key
-            loop += (f"{B}tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), tl.sum({contrib}, 0, keep_dims=True), "
-                     f"mask=kv_idx < LKV)\n")
+            # index follows kv only: sum over the tile's query rows, one atomic add per key;
+            # deterministic: one scalar add per entry into the program's own row
+            pinit, pfinal = _private_row(gl, i, p, em)
+            init, final = init + pinit, final + pfinal
+            c, ok = f"gcol{i}", "(kv_idx < LKV)"
+            loop += (f"{B}{c} = tl.sum({contrib}, 0, keep_dims=True)\n"
+                     f"{B}if DETERMINISTIC:\n"
+                     f"{B}    {c}_off = {off}\n"
+                     f"{B}    {c}_lo = tl.min(tl.where({ok}, {c}_off, {SCATTER_NONE}))\n"
+                     f"{B}    {c}_hi = tl.max(tl.where({ok}, {c}_off, -1))\n"
+                     f"{B}    for e in range({c}_lo, {c}_hi + 1):\n"
+                     f"{B}        tl.atomic_add(gdst{i} + e, tl.sum(tl.sum(tl.where(({c}_off == e) & {ok}, {c}, 0.0), 1), 0))\n"
+                     f"{B}else:\n"
+                     f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {c}, mask={ok})\n")
         elif gl.scope == "scatter":
+            pinit, pfinal = _private_row(gl, i, p, em)
+            init, final = init + pinit, final + pfinal
             loop += _scatter_code(gl, i, contrib, off, B)
         else:
             # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and

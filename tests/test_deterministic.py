@@ -13,7 +13,10 @@ def _grad(attn, mod, learn, q, k, v, do):
     return torch.autograd.grad(o, [q, learn], do)
 
 
-@pytest.mark.parametrize("kind", ["program", "zero_dim", "row", "exact"])
+KINDS = ["program", "zero_dim", "row", "exact", "t5", "clipped_wide", "col", "col_broadcast"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_deterministic_learnable_gradients(kind):
     torch.manual_seed(1)
     B, Hq, Hkv, Lq, Lkv, D = 2, 4, 2, 50, 70, 32
@@ -26,9 +29,22 @@ def test_deterministic_learnable_gradients(kind):
     elif kind == "row":
         t = torch.randn(Lq, requires_grad=True)
         mod = lambda s, b, h, q, k: s * torch.sigmoid(t[q])  # noqa: E731
-    else:
+    elif kind == "exact":
         t = torch.randn(B, Hq, Lq, Lkv, requires_grad=True)
         mod = lambda s, b, h, q, k: s + t[b, h, q, k]  # noqa: E731
+    elif kind == "t5":  # scatter: tiles of one bucket (uniform) and tiles of a few
+        from patterns.relative_bias import t5_bucket_bias
+        t = torch.randn(Hq, 16, requires_grad=True)
+        mod = t5_bucket_bias(t, 16, 24, bidirectional=False)
+    elif kind == "clipped_wide":  # scatter with no head index: one row per program over the whole table
+        t = torch.randn(2 * 60 + 1, requires_grad=True)
+        mod = lambda s, b, h, q, k: s + t[(q - k).clamp(-60, 60) + 60]  # noqa: E731
+    elif kind == "col":  # index follows kv only, two keys per entry
+        t = torch.randn(Hq, Lkv // 2 + 1, requires_grad=True)
+        mod = lambda s, b, h, q, k: s + t[h, k // 2]  # noqa: E731
+    else:  # col, one table for every head
+        t = torch.randn(Lkv, requires_grad=True)
+        mod = lambda s, b, h, q, k: s * torch.sigmoid(t[k])  # noqa: E731
     q = torch.randn(B, Hq, Lq, D, requires_grad=True)
     k, v = torch.randn(B, Hkv, Lkv, D), torch.randn(B, Hkv, Lkv, D)
     attn = attndsl.compile(mask_mod=causal, score_mod=mod, deterministic=True, block_m=16, block_n=16)
@@ -43,10 +59,16 @@ def test_deterministic_learnable_gradients(kind):
     assert (dq1.double() - rq).abs().max() <= 1e-4 * rq.abs().max()
 
 
-def test_deterministic_refuses_scattered_tables():
+def test_deterministic_refuses_oversized_partials_before_launch(monkeypatch):
+    """A shared table keeps one row of partial sums per query tile: past the limit, a clear error
+    at the call, before any kernel runs."""
+    from attndsl.runtime import launch
+    monkeypatch.setattr(launch, "MAX_PRIVATE_PARTIALS", 1000)
     table = torch.randn(2, 9, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="deterministic=True"):
-        attndsl.compile(score_mod=lambda s, b, h, q, k: s + table[h, (q - k).clamp(-4, 4) + 4], deterministic=True)
+    attn = attndsl.compile(score_mod=lambda s, b, h, q, k: s + table[h, (q - k).clamp(-4, 4) + 4], deterministic=True)
+    x = torch.full((1, 2, 1024, 16), float("nan"))  # a kernel that ran would leave NaNs, not raise
+    with pytest.raises(ValueError, match="deterministic=True.*partial sums"):
+        attn(x, x, x)
 
 
 def test_deterministic_refuses_broadcast_full_bias_before_launch():

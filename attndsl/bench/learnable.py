@@ -110,6 +110,14 @@ def main(argv=None):
                 tn = str(tdt).replace("torch.", "")
                 row(f"learnable T5 table ({tn}) causal L={L}", "fwd", t_f, f_f, "flex", note + f"; {t_f / base_f:.2f}x our no-bias")
                 row(f"learnable T5 table ({tn}) causal L={L}", "fwd+bwd", t_fb, f_fb, "flex", f"{t_fb / base_fb:.2f}x our no-bias")
+                if tdt == torch.bfloat16:
+                    # bitwise-repeatable table gradient: per-program rows reduced in order on the host
+                    det = attndsl.compile(mask_mod=causal, score_mod=mod, deterministic=True)
+                    g_det = torch.autograd.grad(det(q, k, v), [table], do)[0]
+                    g_at = torch.autograd.grad(ours(q, k, v), [table], do)[0]
+                    d_fb = bench(fwd_bwd(lambda: det(q, k, v), leaves, do))
+                    row(f"learnable T5 table ({tn}) causal L={L}, deterministic=True", "fwd+bwd", d_fb, t_fb,
+                        "ours, atomic", f"table grad vs atomic path {rel(g_det, g_at):.1e}")
         guarded("t5", t5)
 
     if "pair" in cases:

@@ -10,6 +10,7 @@ import contextlib
 import torch
 import triton
 
+from .. import ir
 from . import cache
 from .interpreter import interpreting
 from .config import Configs, TileConfig, block_d
@@ -247,7 +248,14 @@ class Runner:
                 vals = torch.zeros(n, dtype=torch.float32, device=q.device)
                 offs = torch.full((n,), -1, dtype=torch.int64, device=q.device)
                 gl_args += [vals, offs]
-                partials.append((gl.slot, vals, offs))
+                partials.append((gl.slot, vals, offs, 1))
+            elif det and gl.scope in ("scatter", "col"):
+                # one row of partial sums per program over the slice of the table it can touch
+                n, row = private_rows(gl, t.shape, B, Hq, Lq)
+                vals = torch.zeros(n * row, dtype=torch.float32, device=q.device)
+                offs = torch.full((n,), -1, dtype=torch.int64, device=q.device)
+                gl_args += [vals, offs]
+                partials.append((gl.slot, vals, offs, row))
             else:
                 gl_args += [dbufs[gl.slot], dbufs[gl.slot]]
         if self.spec.grad_loads:
@@ -280,8 +288,11 @@ class Runner:
             dw = _reduce_to(dw, extras.w.shape).to(extras.w.dtype)
         else:
             du = dw = None
-        for slot, vals, offs in partials:
-            _ordered_scatter_add(dbufs[slot], vals, offs)
+        for slot, vals, offs, row in partials:
+            if row == 1:
+                _ordered_scatter_add(dbufs[slot], vals, offs)
+            else:
+                _ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         return dq, dk, dv, dsinks, du, dw, dbufs
 
@@ -307,6 +318,37 @@ def _ordered_scatter_add(dbuf: torch.Tensor, vals: torch.Tensor, offs: torch.Ten
     seg = cs[ends] - torch.cat([cs.new_zeros(1), cs[ends[:-1]]])
     flat = dbuf.as_strided((dbuf.untyped_storage().nbytes() // dbuf.element_size(),), (1,), 0)
     flat[uniq] += seg.to(flat.dtype)
+
+
+#: deterministic gradients of shared tables keep one row of partial sums per dQ program; more
+#: float32 partials than this is refused before launch (attndsl/api.py) rather than risk the memory
+MAX_PRIVATE_PARTIALS = 1 << 28
+
+
+def private_rows(gl, shape, B: int, Hq: int, Lq: int) -> tuple[int, int]:
+    """(rows, row length) of the deterministic partials of a scatter/col gradient: one row per dQ
+    program (sized for any tile of 16 rows or more), covering the table's dimensions from the first
+    one indexed by q or kv (the kernel's ``_private_row``)."""
+    d0 = next(d for d, a in enumerate(gl.load.args) if ir.free_vars(a) & {"q", "kv"})
+    return B * Hq * triton.cdiv(Lq, 16), math.prod(shape[d0:])
+
+
+def _ordered_rows_add(dbuf: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor) -> None:
+    """Add rows of partials into ``dbuf`` at their offsets in a fixed order (bitwise repeatable):
+    rows sharing an offset are summed in program order in float64."""
+    keep = offs >= 0
+    o, r = offs[keep], rows[keep].to(torch.float64)
+    if o.numel() == 0:
+        return
+    o, order = torch.sort(o, stable=True)
+    r = r[order]
+    uniq, counts = torch.unique_consecutive(o, return_counts=True)
+    ends = counts.cumsum(0) - 1
+    cs = r.cumsum(0)
+    seg = cs[ends] - torch.cat([cs.new_zeros(1, r.shape[1]), cs[ends[:-1]]])
+    flat = dbuf.view(-1)
+    idx = (uniq[:, None] + torch.arange(r.shape[1], device=uniq.device)[None, :]).reshape(-1)
+    flat[idx] += seg.reshape(-1).to(flat.dtype)
 
 
 def _reduce_to(g: torch.Tensor, shape) -> torch.Tensor:
