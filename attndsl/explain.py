@@ -40,6 +40,12 @@ def explain(compiled) -> str:
     out.append(ir.listing(roots) if roots else "  dense: no mask, no score_mod")
     if spec.buffers:
         out.append("captured tensors: " + ", ".join(f"buf{b.slot}: {b.torch_dtype}[{b.ndim}-d]" for b in spec.buffers))
+    for gl in spec.grad_loads:
+        out.append(f"learnable buf{gl.slot}: gradient scope {gl.scope!r} (program: one sum per program; row: per "
+                   "query; col: per key; exact: written tile by tile; scatter: per entry of each tile)")
+    for ul in spec.uniform_loads:
+        out.append(f"buf{ul.load.attr[0]} is tested per tile: where its index bounds meet, one scalar load "
+                   "(and one gradient atomic) for the whole tile")
     if spec.mask is not None:
         plans = [("forward/dQ: key range per query tile", spec.fwd_range, "q"),
                  ("dK/dV: query range per key tile", spec.bwd_range, "kv")]
