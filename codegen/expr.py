@@ -182,6 +182,11 @@ class ExprEmitter:
         self.names[n] = (name, stage)
         return name, stage
 
+    def clamped_load(self, n: Node, idx: list[str]) -> str:
+        """The value of load ``n`` at index codes ``idx``, each clamped into the tensor (e.g. one
+        scalar per tile for a tile-uniform load)."""
+        return self._load(n, idx)
+
     def _load(self, n: Node, idx: list[str]) -> str:
         slot, kind, ndim, tdt = n.attr
         p = f"buf{slot}"

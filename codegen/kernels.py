@@ -164,7 +164,7 @@ def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inne
         name, body = _branch(em, stage, ind + I1, lambda: em.emit(ld, stage))
         em.names[ld] = (name, stage)
         em.uniform_index[ld] = los
-        code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + {em._load(ld, los)}\n"
+        code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + {em.clamped_load(ld, los)}\n"
                  f"{ind}else:\n{body}")
     return code
 
