@@ -84,6 +84,17 @@ class ExprEmitter:
         self.lines[stage] = []
         return out
 
+    def branch(self, stage: int, indent: str, emit):
+        """Run ``emit()`` for the body of an ``if`` branch: returns its result and the branch's
+        lines of ``stage``. Names bound there are forgotten afterwards (Triton drops a name bound
+        in one branch only), so later uses emit their own copy."""
+        before = set(self.names)
+        r = emit()
+        body = self.take(stage, indent)
+        for n in [n for n, (_, st) in self.names.items() if n not in before and st == stage]:
+            del self.names[n]
+        return r, body
+
     def emit(self, n: Node, min_stage: int = 0) -> str:
         """The code naming ``n`` (emitting its definition if needed)."""
         return self._emit(n, min_stage)[0]

@@ -140,17 +140,6 @@ def _uniform(spec: KernelSpec, inner: str) -> dict:
     return {ul.load: j for j, ul in enumerate(spec.uniform_loads) if inner in ir.free_vars(ul.load)}
 
 
-def _branch(em: ExprEmitter, stage: int, ind: str, emit):
-    """Emit ``emit()`` into lines for an ``if`` branch; names defined there are forgotten after it
-    (Triton drops a name bound in one branch only), so later uses emit their own copy."""
-    before = set(em.names)
-    r = emit()
-    body = em.take(stage, ind)
-    for n in [n for n, (_, st) in em.names.items() if n not in before and st == stage]:
-        del em.names[n]
-    return r, body
-
-
 def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inner: str) -> str:
     """Per tile-uniform load: ``uni{j}`` (one entry for the whole tile) and the value, a splat of
     one scalar load when uniform, else the per-element index arithmetic and gather."""
@@ -161,7 +150,7 @@ def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inne
         his = [em.emit(x, stage) for x in ul.hi]
         cond = " & ".join(f"({lo} == {hi})" for lo, hi, v in zip(los, his, ul.varying) if v)
         code += em.take(stage, ind) + f"{ind}uni{j} = {cond}\n"
-        name, body = _branch(em, stage, ind + I1, lambda: em.emit(ld, stage))
+        name, body = em.branch(stage, ind + I1, lambda: em.emit(ld, stage))
         em.names[ld] = (name, stage)
         em.uniform_index[ld] = los
         code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + {em.clamped_load(ld, los)}\n"
@@ -217,7 +206,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
     score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
     keep, mask_body = "kv_idx < LKV", ""
     if spec.mask is not None:
-        m, mask_body = _branch(em, 2, B + I1, lambda: em.emit(spec.mask, 2))
+        m, mask_body = em.branch(2, B + I1, lambda: em.emit(spec.mask, 2))
         keep = f"({m}) & (kv_idx < LKV)"
     mask_block = mask_body + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
     if _softmax(spec):
@@ -360,7 +349,7 @@ def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int) -> str:
     keep, code = "(q_idx < LQ) & (kv_idx < LKV)", ""
     if spec.mask is not None:
         # emitted inside `if is_partial:`; its names are not in scope after the branch
-        m, body = _branch(em, stage, ind + I1, lambda: em.emit(spec.mask, stage))
+        m, body = em.branch(stage, ind + I1, lambda: em.emit(spec.mask, stage))
         keep = f"({m}) & {keep}"
         code += body
     return code + f"{ind}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
@@ -508,24 +497,33 @@ SCATTER_SPAN = 64
 SCATTER_NONE = 1 << 62
 
 
-def _scatter_code(gl, i: int, contrib: str, off: str, B: str) -> str:
+def _per_entry_adds(o: str, off: str, ok: str, contrib: str, dst: str, B: str) -> tuple[str, str]:
+    """(setup, loop): the offsets ``o`` of a tile's table entries and their span, then one masked
+    reduction and one scalar atomic add per entry of the span (deterministic when ``dst`` is the
+    program's own row: the adds run one after another in program order)."""
+    setup = (f"{B}{o} = {off}\n"
+             f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
+             f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n")
+    loop = (f"{B}for e in range({o}_lo, {o}_hi + 1):\n"
+            f"{B}    tl.atomic_add({dst} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n")
+    return setup, loop
+
+
+def _scatter_code(i: int, contrib: str, off: str, B: str) -> str:
     """Atomic adds of a tile's gradient into a table many pairs share (a relative-position table).
 
     Most tiles read a short run of entries (near the diagonal), so reduce per entry inside the tile
     and add scalars; per-element atomics (all contending for a handful of addresses) only for
     tiles that read many entries. Deterministic: always per entry, into the program's own row
-    (``gdst{i}``), one scalar add after another in program order."""
-    ok = "(q_idx < LQ) & (kv_idx < LKV)"
-    o = f"goff{i}"
-    def per_entry(ind):
-        return (f"{ind}for e in range({o}_lo, {o}_hi + 1):\n"
-                f"{ind}    tl.atomic_add(gdst{i} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n")
-    return (f"{B}{o} = {off}\n"
-            f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
-            f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n"
-            f"{B}if DETERMINISTIC:\n{per_entry(B + I1)}"
+    (``gdst{i}``)."""
+    ok, o = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}"
+
+    def adds(ind):
+        return _per_entry_adds(o, off, ok, contrib, f"gdst{i}", ind)
+    return (adds(B)[0] +
+            f"{B}if DETERMINISTIC:\n{adds(B + I1)[1]}"
             f"{B}else:\n"
-            f"{B}    if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n{per_entry(B + I2)}"
+            f"{B}    if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n{adds(B + I2)[1]}"
             f"{B}    else:\n"
             f"{B}        tl.atomic_add(gdst{i} + {o}, {contrib}, mask={ok})\n")
 
@@ -571,14 +569,14 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             # arithmetic and the span reduction below run only on the other tiles
             loop += em.take(2, B)
             uoff = offset(p, em.uniform_index[gl.load])
-            idx, body = _branch(em, 2, B + I1, lambda: [em.emit(a, 2) for a in gl.load.args])
+            idx, body = em.branch(2, B + I1, lambda: [em.emit(a, 2) for a in gl.load.args])
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
             loop += (f"{B}if uni{uniform[gl.load]}:\n"
                      f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
                      f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
                      f"{B}else:\n{body}")
-            loop += _scatter_code(gl, i, contrib, offset(p, idx), B + I1)
+            loop += _scatter_code(i, contrib, offset(p, idx), B + I1)
             continue
         idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
                for a in gl.load.args]
@@ -608,19 +606,15 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
             c, ok = f"gcol{i}", "(kv_idx < LKV)"
+            setup, per_entry = _per_entry_adds(f"{c}_off", off, ok, c, f"gdst{i}", B + I1)
             loop += (f"{B}{c} = tl.sum({contrib}, 0, keep_dims=True)\n"
-                     f"{B}if DETERMINISTIC:\n"
-                     f"{B}    {c}_off = {off}\n"
-                     f"{B}    {c}_lo = tl.min(tl.where({ok}, {c}_off, {SCATTER_NONE}))\n"
-                     f"{B}    {c}_hi = tl.max(tl.where({ok}, {c}_off, -1))\n"
-                     f"{B}    for e in range({c}_lo, {c}_hi + 1):\n"
-                     f"{B}        tl.atomic_add(gdst{i} + e, tl.sum(tl.sum(tl.where(({c}_off == e) & {ok}, {c}, 0.0), 1), 0))\n"
+                     f"{B}if DETERMINISTIC:\n{setup}{per_entry}"
                      f"{B}else:\n"
                      f"{B}    tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), {c}, mask={ok})\n")
         elif gl.scope == "scatter":
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
-            loop += _scatter_code(gl, i, contrib, off, B)
+            loop += _scatter_code(i, contrib, off, B)
         else:
             # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and
             # are bounds-masked like the forward's load, so a pair the forward read as 0 adds nothing

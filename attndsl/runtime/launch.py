@@ -289,10 +289,7 @@ class Runner:
         else:
             du = dw = None
         for slot, vals, offs, row in partials:
-            if row == 1:
-                _ordered_scatter_add(dbufs[slot], vals, offs)
-            else:
-                _ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
+            _ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         return dq, dk, dv, dsinks, du, dw, dbufs
 
@@ -301,23 +298,6 @@ def gl_exact(gl, B: int, Hq: int) -> bool:
     """A full-size learnable tensor whose every element is written by one program (no atomics)."""
     fv = {a.attr for a in gl.load.args if a.op == "var"}
     return gl.scope == "exact" and ("b" in fv or B == 1) and ("h" in fv or Hq == 1)
-
-
-def _ordered_scatter_add(dbuf: torch.Tensor, vals: torch.Tensor, offs: torch.Tensor) -> None:
-    """Add per-program partials into ``dbuf`` in a fixed order (bitwise repeatable): sort by
-    offset (stable), sum each run in float64 through a cumulative sum, write each element once."""
-    keep = offs >= 0
-    o, v = offs[keep], vals[keep].to(torch.float64)
-    if o.numel() == 0:
-        return
-    o, order = torch.sort(o, stable=True)
-    v = v[order]
-    uniq, counts = torch.unique_consecutive(o, return_counts=True)
-    ends = counts.cumsum(0) - 1
-    cs = v.cumsum(0)
-    seg = cs[ends] - torch.cat([cs.new_zeros(1), cs[ends[:-1]]])
-    flat = dbuf.as_strided((dbuf.untyped_storage().nbytes() // dbuf.element_size(),), (1,), 0)
-    flat[uniq] += seg.to(flat.dtype)
 
 
 #: deterministic gradients of shared tables keep one row of partial sums per dQ program; more
@@ -334,8 +314,10 @@ def private_rows(gl, shape, B: int, Hq: int, Lq: int) -> tuple[int, int]:
 
 
 def _ordered_rows_add(dbuf: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor) -> None:
-    """Add rows of partials into ``dbuf`` at their offsets in a fixed order (bitwise repeatable):
-    rows sharing an offset are summed in program order in float64."""
+    """Add per-program partials into ``dbuf`` in a fixed order (bitwise repeatable): row ``i`` of
+    ``rows [n, S]`` goes to elements ``offs[i] .. offs[i] + S - 1`` (``offs < 0``: unused). Sort by
+    offset (stable, so program order within a run), sum each run in float64 through a cumulative
+    sum, write each element once."""
     keep = offs >= 0
     o, r = offs[keep], rows[keep].to(torch.float64)
     if o.numel() == 0:
@@ -346,7 +328,7 @@ def _ordered_rows_add(dbuf: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor
     ends = counts.cumsum(0) - 1
     cs = r.cumsum(0)
     seg = cs[ends] - torch.cat([cs.new_zeros(1, r.shape[1]), cs[ends[:-1]]])
-    flat = dbuf.view(-1)
+    flat = dbuf.as_strided((dbuf.untyped_storage().nbytes() // dbuf.element_size(),), (1,), 0)
     idx = (uniq[:, None] + torch.arange(r.shape[1], device=uniq.device)[None, :]).reshape(-1)
     flat[idx] += seg.reshape(-1).to(flat.dtype)
 
