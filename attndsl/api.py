@@ -50,6 +50,9 @@ class CompiledAttention:
             if self.spec.tiles:  # ... per kernel
                 cfg = Configs(cfg.fwd, replace(cfg.dkdv, block_m=self.spec.bwd_tiles[0], block_n=self.spec.bwd_tiles[1]),
                               replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))
+            if self.spec.data_dependent:
+                # block tables are built for the forward's tiles once and serve every call
+                cfg = replace(cfg, fwd_small=None)
             r = Runner(self.spec, module, cfg, interpret, q.shape[-1])
             r.deterministic = self.deterministic
             self._runners[key] = r

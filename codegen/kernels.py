@@ -119,7 +119,7 @@ def _dot(a: str, b: str) -> str:
 # -------------------------------------------------------------------------------------------
 EXTRA_PARAMS = ("Sinks, U, W, stride_ub, stride_uh, stride_um, stride_ur, stride_wb, stride_wh, stride_wn, stride_wr, "
                 "W_GROUP, RANK, sigmoid_bias,")
-EXTRA_CONSTS = "HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,"
+EXTRA_CONSTS = "HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, FAST_SIGMOID: tl.constexpr,"
 
 
 def _grad_params(spec: KernelSpec) -> str:
@@ -238,7 +238,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
         store_lse = "    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)\n"
     else:
         init = ""
-        update = f'''{B}p = 1.0 / (1.0 + tl.exp2(-(s + sigmoid_bias * LOG2E)))
+        update = f'''{B}p = _sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)
 {B}acc += {_dot("p.to(v.dtype)", "v")}
 '''
         finish = "    out = acc\n"
@@ -374,7 +374,7 @@ def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str,
 def _probs(spec: KernelSpec, ind: str, p: str, lse: str) -> str:
     if _softmax(spec):
         return f"{ind}{p} = tl.exp2(s - {lse})\n"
-    return f"{ind}{p} = 1.0 / (1.0 + tl.exp2(-(s + sigmoid_bias * LOG2E)))\n"
+    return f"{ind}{p} = _sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)\n"
 
 
 def dkdv(spec: KernelSpec, table: bool) -> str:
@@ -484,7 +484,7 @@ def {spec.name}_bwd_dkdv(
 {B}dpT = {_dot("v", "tl.trans(do)")}
 {ds}{B}dk += {_dot("dsT.to(q.dtype)", "q")}
 {B}if HAS_BIAS:
-{B}    dw += {_dot("dsT", "u.to(tl.float32)")}
+{B}    dw += {_dot("dsT.to(u.dtype)", "u")}
         if HAS_BIAS:
             dw_ptrs = DW + (bh.to(tl.int64) * LKV + offs_n[:, None]) * RANK + offs_r[None, :]
             tl.store(dw_ptrs, dw, mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK))
@@ -743,7 +743,7 @@ def {spec.name}_bwd_dq(
 {mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
 {ds}{g_loop}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
 {B}if HAS_BIAS:
-{B}    du += {_dot("ds", "tl.trans(wT.to(tl.float32))")}
+{B}    du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
     if HAS_BIAS:

@@ -102,6 +102,20 @@ def test_sigmoid_causal_and_with_score_mod():
         extras=dict(sigmoid_bias=-math.log(700)))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (BF16, 1e-2)])
+def test_sigmoid_hardware_tanh_only_for_16_bit_inputs(dtype, tol):
+    """16-bit inputs take sigmoid through tanh.approx (its error, about 1e-4 of the output, is under
+    bf16 rounding); float32 inputs keep exp2 and a division, so they stay near float32 accuracy."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = [torch.randn(1, 4, 1024, 64, generator=gen, dtype=torch.float64).to(dtype).to(DEV) for _ in range(3)]
+    out = attndsl.attention(q, k, v, mask_mod=causal, normalizer="sigmoid")
+    s = (q.double() @ k.double().transpose(-1, -2)) / 8.0 - math.log(1024)
+    keep = torch.ones(1024, 1024, dtype=torch.bool, device=DEV).tril()
+    ref = torch.sigmoid(s).masked_fill(~keep, 0.0) @ v.double()
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, err
+
+
 def test_low_rank_bias_against_dense():
     gen, (q, k, v) = qkv(1, 4, 2, 1024, 1280, 128, seed=9)
     u = leaf(1, 4, 1024, 16, gen=gen, scale=0.5)

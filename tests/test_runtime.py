@@ -459,3 +459,19 @@ def test_block_tables_reused_across_calls():
     assert attndsl.compile(mask_mod=causal).build_block_tables(q, k) is None
     with pytest.raises(ValueError, match="block_tables"):
         comp(q[:, :, :40], k, v, block_tables=tables)
+
+
+def test_forward_tiles_follow_the_grid_size():
+    """Small grids (few programs per multiprocessor) take the small forward tiles; caller tiles and
+    block tables pin the forward's tiles for every call."""
+    from attndsl.runtime.config import SMALL_GRID_PER_SM, choose, forward_tiles
+    cfg = choose(128, interpret=False)
+    assert cfg.fwd_small is not None and cfg.fwd_small.block_m < cfg.fwd.block_m
+    assert forward_tiles(cfg, SMALL_GRID_PER_SM * 132, 132) == ("fwd_small", cfg.fwd_small)
+    assert forward_tiles(cfg, SMALL_GRID_PER_SM * 132 + 1, 132) == ("fwd", cfg.fwd)
+    assert choose(128, interpret=False, block_m=128).fwd_small is None
+    assert choose(128, interpret=True).fwd_small is None
+    table = torch.rand(64, 64) > 0.5
+    data = attndsl.compile(mask_mod=lambda b, h, q, kv: table[q, kv])
+    q = torch.randn(1, 1, 64, 16)
+    assert data.runner(q).cfg.fwd_small is None

@@ -1,4 +1,5 @@
-"""Tile configurations: chosen by head dim, dtype and backend, never by sequence length."""
+"""Tile configurations: chosen by head dim and backend; the forward also by how many programs a call
+launches (a small grid gets smaller tiles, so every multiprocessor holds several programs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -27,6 +28,28 @@ class Configs:
     fwd: TileConfig
     dkdv: TileConfig
     dq: TileConfig
+    #: forward tiles for calls whose default grid is small (see ``forward_tiles``); None: always ``fwd``
+    fwd_small: TileConfig | None = None
+
+
+#: a call whose default forward grid has at most this many programs per multiprocessor takes
+#: ``fwd_small``: on an H100 (bf16, H=16, D=128, causal) 64x64 tiles beat 128x64 at L=4096 (one batch:
+#: 512 programs, 3.9 per SM) and lose from L=8192 on
+SMALL_GRID_PER_SM = 4
+
+
+def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, TileConfig]:
+    """The forward's tiles for a call launching ``n_programs`` with the default tiles."""
+    if cfgs.fwd_small is not None and n_programs <= SMALL_GRID_PER_SM * n_sms:
+        return "fwd_small", cfgs.fwd_small
+    return "fwd", cfgs.fwd
+
+
+def fast_sigmoid(interpret: bool, dtype) -> bool:
+    """Sigmoid through the hardware tanh: on NVIDIA GPUs, for 16-bit inputs (P meets V in 16 bits,
+    whose rounding is coarser than tanh.approx.f32's error); exact exp2 and division elsewhere."""
+    import torch
+    return not interpret and torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
 
 
 def block_d(head_dim: int) -> int:
@@ -43,14 +66,17 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
     # measured on an H100 (bf16, L=16384, H=16; see BENCHMARKS.md): forward 128x64, 8 warps, 3 stages;
     # dK/dV over 128 keys x 64 queries; dQ over 128 queries x 64 keys
     d = block_d(head_dim)
+    small = None
     if d <= 128:
         fwd, dkdv, dq = TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)
+        small = TileConfig(64, 64, 4, 3)
     else:
         fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
     if block_m or block_n or num_warps or num_stages:
+        small = None  # the caller's tiles hold for every call
         fwd = replace(fwd, block_m=block_m or fwd.block_m, block_n=block_n or fwd.block_n,
                       num_warps=num_warps or fwd.num_warps, num_stages=num_stages or fwd.num_stages)
     if block_m or block_n:
         dkdv = replace(dkdv, block_m=block_m or dkdv.block_m, block_n=block_n or dkdv.block_n)
         dq = replace(dq, block_m=block_m or dq.block_m, block_n=block_n or dq.block_n)
-    return Configs(fwd, dkdv, dq)
+    return Configs(fwd, dkdv, dq, small)

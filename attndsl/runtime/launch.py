@@ -13,7 +13,7 @@ import triton
 from .. import ir
 from . import cache
 from .interpreter import interpreting
-from .config import Configs, TileConfig, block_d
+from .config import Configs, TileConfig, block_d, fast_sigmoid, forward_tiles
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 
@@ -105,6 +105,9 @@ class BlockTables:
         return f"BlockTables(shape={self.shape}, built={sorted(self.tables)})"
 
 
+_SM_COUNT: dict = {}
+
+
 class Runner:
     """Launches the kernels of one spec for one backend and head dim."""
 
@@ -119,13 +122,28 @@ class Runner:
         self.bd = block_d(head_dim)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _sms(self, device) -> int:
+        """Multiprocessors of the device (the interpreter counts as one)."""
+        if self.interpret or device.type != "cuda":
+            return 1
+        n = _SM_COUNT.get(device.index)
+        if n is None:
+            n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+        return n
+
+    def forward_tiles(self, q) -> tuple[str, TileConfig]:
+        """The forward's tiles for query ``q`` (which of ``self.cfg``'s entries, and its config)."""
+        B, Hq, Lq = q.shape[:3]
+        return forward_tiles(self.cfg, B * Hq * triton.cdiv(Lq, self.cfg.fwd.block_m), self._sms(q.device))
+
     def mode(self):
         return interpreting() if self.interpret else contextlib.nullcontext()
 
     def _consts(self, dtype):
         upcast = self.interpret and dtype == torch.bfloat16
         prec = "ieee" if dtype == torch.float32 else "tf32"
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec)
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec,
+                    FAST_SIGMOID=fast_sigmoid(self.interpret, dtype))
 
     def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, **consts):
         """Launch; on a shared-memory overflow retry with smaller tiles (and remember them)."""
@@ -188,7 +206,7 @@ class Runner:
                                  f"got Lq={Lq}, Lkv={Lkv}")
         out = _new(q.shape, q)
         lse = _new((B, Hq, Lq), q, torch.float32)
-        cfg = self.cfg.fwd
+        which, cfg = self.forward_tiles(q)
         visits = torch.zeros((B * Hq, triton.cdiv(Lq, cfg.block_m)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
         targs = []
@@ -197,7 +215,7 @@ class Runner:
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable), *targs]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
-        self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, "fwd",
+        self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                      COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                      EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         return out, lse, (visits if count_visits else None)
