@@ -127,7 +127,7 @@ def _grad_params(spec: KernelSpec) -> str:
 
 
 def _grad_consts(spec: KernelSpec) -> str:
-    s = "".join(f"GL{i}_ATOMIC: tl.constexpr, " for i, _ in enumerate(spec.grad_loads))
+    s = "".join(f"GL{i}_ATOMIC: tl.constexpr, GL{i}_ZERO_FILL: tl.constexpr, " for i, _ in enumerate(spec.grad_loads))
     return s + ("DETERMINISTIC: tl.constexpr, " if spec.grad_loads else "")
 
 
@@ -553,6 +553,27 @@ def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:
     return init, final
 
 
+def dq_visits_whole_range(spec: KernelSpec) -> bool:
+    """Does each dQ program visit every key tile of its closed-form range ``[t_begin, t_end)`` (no
+    block table, box plan or per-tile emptiness test)? Then the tiles it does not visit are exactly
+    the others, and it can zero them in a full-size gradient (``GL{i}_ZERO_FILL``)."""
+    rng = spec.dq_range or spec.fwd_range
+    return not spec.data_dependent and not isinstance(rng, VisitBox) and not (rng.tile_check and spec.tile_full is not None)
+
+
+def _zero_unvisited(gl, i: int, p: str) -> str:
+    """Zero the key tiles of this query-tile row that the loop did not visit, so a full-size
+    gradient can start uninitialised (one pass over the untouched part instead of a memset of all)."""
+    var = {"b": "b", "h": "h", "q": "q_idx", "kv": "zkv"}
+    off = " + ".join(f"({var[a.attr]}).to(tl.int64) * {p}_stride{d}" for d, a in enumerate(gl.load.args))
+    dst = f"DBUF{gl.slot}_{i}"
+    return (f"    if GL{i}_ZERO_FILL:\n"
+            f"        zeros{i} = tl.zeros([BLOCK_M, BLOCK_N], {dst}.dtype.element_ty)\n"
+            f"        for zt in range(0, tl.cdiv(LKV, BLOCK_N) - n_tiles):\n"
+            f"            zkv = (tl.where(zt < t_begin, zt, zt + n_tiles) * BLOCK_N + offs_n0)[None, :]\n"
+            f"            tl.store({dst} + ({off}), zeros{i}, mask=(q_idx < LQ) & (zkv < LKV))\n")
+
+
 def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
     """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient."""
     init, loop, final = "", "", ""
@@ -633,6 +654,8 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             dst = f"DBUF{gl.slot}_{i}"
             loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add({dst} + ({off}), {contrib}, mask={ok})\n"
                      f"{B}else:\n{B}    tl.store({dst} + ({off}), {contrib}.to({dst}.dtype.element_ty), mask={ok})\n")
+            if dq_visits_whole_range(spec):
+                final += _zero_unvisited(gl, i, p)
     return init, loop, final
 
 

@@ -309,6 +309,23 @@ def test_pair_bias_bhqk_causal(B):
             block=16, name=f"pair bhqk B={B}")
 
 
+def test_pair_bias_gradient_zero_fill_and_fallback():
+    """A full-size bias gradient starts uninitialised (NaN under the tests' poison): the dQ kernel
+    writes its visited tiles and zeros the others, on both sides of a sliding window's band. A bias
+    longer than the call's sequences is not covered by the programs and gets a zeroed buffer."""
+    gen, (q, k, v) = _case(B=1, Lq=70, Lkv=90, seed=31)
+    pair = randn(4, 70, 90, gen=gen)
+    big = randn(4, 80, 100, gen=gen)
+    for bias, fills in ((pair, True), (big, False)):
+        def mod(s, b, h, qi, kv, bias=bias):
+            return s + bias[h, qi, kv]
+        comp = attndsl.compile(mask_mod=sliding(20), score_mod=mod, block_m=16, block_n=16)
+        gl = comp.spec.grad_loads[0]
+        assert comp.runner(q)._zero_fills(gl, bias, 1, 4, 70, 90) is fills
+        compare(q, k, v, mask_mod=sliding(20), score_mod=mod, learn=[bias], block=16,
+                name=f"pair sliding {tuple(bias.shape)}")
+
+
 def test_pair_bias_bhqk_batch_broadcast():
     """A [1, H, Lq, Lkv] bias indexed with b = 0 for every batch: the batches add (atomics)."""
     gen, (q, k, v) = _case(B=2, Hq=2, Hkv=2, Lq=48, Lkv=48, seed=14)

@@ -13,6 +13,7 @@ import triton
 from .. import ir
 from . import cache
 from .interpreter import interpreting
+from ..codegen_bridge import dq_visits_whole_range
 from .config import Configs, TileConfig, block_d, fast_sigmoid, forward_tiles
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
@@ -136,6 +137,12 @@ class Runner:
         B, Hq, Lq = q.shape[:3]
         return forward_tiles(self.cfg, B * Hq * triton.cdiv(Lq, self.cfg.fwd.block_m), self._sms(q.device))
 
+    def _zero_fills(self, gl, t, B, Hq, Lq, Lkv) -> bool:
+        """Can the dQ kernel zero the untouched part of this full-size gradient itself? Only when its
+        programs cover the tensor: one per (b, h, query tile), each dimension as long as the call's."""
+        size = {"b": B, "h": Hq, "q": Lq, "kv": Lkv}
+        return dq_visits_whole_range(self.spec) and all(n == size[a.attr] for a, n in zip(gl.load.args, t.shape))
+
     def mode(self):
         return interpreting() if self.interpret else contextlib.nullcontext()
 
@@ -258,7 +265,13 @@ class Runner:
                 # full-size tensor read once, whose elements are each written by one program, gets
                 # its gradient in its own dtype (no float32 copy and conversion pass)
                 alone = exact and sum(g.slot == gl.slot for g in self.spec.grad_loads) == 1
-                dbufs[gl.slot] = torch.zeros(t.shape, dtype=t.dtype if alone else torch.float32, device=t.device)
+                if alone and self._zero_fills(gl, t, B, Hq, Lq, Lkv):
+                    # the dQ kernel writes every element: visited tiles their gradient, the rest zeros
+                    dbufs[gl.slot] = _new(t.shape, t)
+                    gl_consts[f"GL{i}_ZERO_FILL"] = True
+                else:
+                    dbufs[gl.slot] = torch.zeros(t.shape, dtype=t.dtype if alone else torch.float32, device=t.device)
+            gl_consts.setdefault(f"GL{i}_ZERO_FILL", False)
             gl_consts[f"GL{i}_ATOMIC"] = not exact
             if det and gl.scope in ("program", "row"):
                 # per-program partial sums and their offsets; sized for any tile of 16 rows or more
