@@ -163,25 +163,27 @@ def main(argv=None):
 
     if "sigmoid" in cases:
         def sigmoid():
-            Ls = 4096
-            qs, ks, vs = qkv(Ls)
-            dos = torch.randn_like(qs)
-            sig = attndsl.compile(mask_mod=causal, normalizer="sigmoid")
-            soft = attndsl.compile(mask_mod=causal)
-            ref_o, _ = attndsl.reference.attention(qs[:, :2, :512].float(), ks[:, :2, :512].float(), vs[:, :2, :512].float(),
-                                                   mask_mod=causal, normalizer="sigmoid", sigmoid_bias=-math.log(Ls))
-            o = sig(qs[:, :2, :512].float().contiguous(), ks[:, :2, :512].float().contiguous(), vs[:, :2, :512].float().contiguous(),
-                    sigmoid_bias=-math.log(Ls))
-            note = f"err vs fp64 ref {rel(o, ref_o):.1e}"
-            leaves = (qs, ks, vs)
-            t_f = bench(lambda: sig(qs, ks, vs))
-            t_fb = bench(fwd_bwd(lambda: sig(qs, ks, vs), leaves, dos))
-            s_f = bench(lambda: soft(qs, ks, vs))
-            s_fb = bench(fwd_bwd(lambda: soft(qs, ks, vs), leaves, dos))
-            p_f = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
-            p_fb = bench(fwd_bwd(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), leaves, dos))
-            row(f"sigmoid causal L={Ls}", "fwd", t_f, p_f, "SDPA softmax", note + f"; ours softmax {s_f:.3f} ms")
-            row(f"sigmoid causal L={Ls}", "fwd+bwd", t_fb, p_fb, "SDPA softmax", f"ours softmax {s_fb:.3f} ms")
+            for Ls in (4096, 16384):
+                qs, ks, vs = qkv(Ls)
+                dos = torch.randn_like(qs)
+                sig = attndsl.compile(mask_mod=causal, normalizer="sigmoid")
+                soft = attndsl.compile(mask_mod=causal)
+                part = [t[:, :2, :512].detach() for t in (qs, ks, vs)]
+                ref_o, _ = attndsl.reference.attention(*[t.float() for t in part], mask_mod=causal,
+                                                       normalizer="sigmoid", sigmoid_bias=-math.log(Ls))
+                o32 = sig(*[t.float().contiguous() for t in part], sigmoid_bias=-math.log(Ls))
+                o16 = sig(*[t.contiguous() for t in part], sigmoid_bias=-math.log(Ls))
+                note = f"err vs fp64 ref: fp32 inputs {rel(o32, ref_o):.1e}, bf16 {rel(o16, ref_o):.1e}"
+                leaves = (qs, ks, vs)
+                t_f = bench(lambda: sig(qs, ks, vs))
+                t_fb = bench(fwd_bwd(lambda: sig(qs, ks, vs), leaves, dos))
+                s_f = bench(lambda: soft(qs, ks, vs))
+                s_fb = bench(fwd_bwd(lambda: soft(qs, ks, vs), leaves, dos))
+                p_f = bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+                p_fb = bench(fwd_bwd(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), leaves, dos))
+                row(f"sigmoid causal L={Ls}", "fwd", t_f, p_f, "SDPA softmax", note + f"; ours softmax {s_f:.3f} ms")
+                row(f"sigmoid causal L={Ls}", "fwd+bwd", t_fb, p_fb, "SDPA softmax", f"ours softmax {s_fb:.3f} ms")
+                del qs, ks, vs, dos
         guarded("sigmoid", sigmoid)
 
     if "lowrank" in cases:
