@@ -140,41 +140,37 @@ def _uniform(spec: KernelSpec, inner: str) -> dict:
     return {ul.load: j for j, ul in enumerate(spec.uniform_loads) if inner in ir.free_vars(ul.load)}
 
 
-def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inner: str) -> tuple[str, str]:
+def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inner: str) -> str:
     """Per tile-uniform load: ``uni{j}`` (one entry for the whole tile) and the value, a splat of
-    one scalar load when uniform, else the per-element index arithmetic and gather.
-
-    Returns (before the dot, after it): the test and the scalar load go before the tile's first
-    dot, so the load's latency hides behind the matrix multiply instead of stalling the tile."""
-    pre, post = em.take(stage, ind), ""
+    one scalar load when uniform, else the per-element index arithmetic and gather."""
+    code = em.take(stage, ind)
     for ld, j in _uniform(spec, inner).items():
         ul = spec.uniform_loads[j]
         los = [em.emit(x, stage) for x in ul.lo]
         his = [em.emit(x, stage) for x in ul.hi]
         cond = " & ".join(f"({lo} == {hi})" for lo, hi, v in zip(los, his, ul.varying) if v)
-        pre += em.take(stage, ind) + f"{ind}uni{j} = {cond}\n{ind}uval{j} = {em.clamped_load(ld, los)}\n"
+        code += em.take(stage, ind) + f"{ind}uni{j} = {cond}\n"
         name, body = em.branch(stage, ind + I1, lambda: em.emit(ld, stage))
         em.names[ld] = (name, stage)
         em.uniform_index[ld] = los
-        post += f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + uval{j}\n{ind}else:\n{body}"
-    return pre, post
+        code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + {em.clamped_load(ld, los)}\n"
+                 f"{ind}else:\n{body}")
+    return code
 
 
-def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv") -> tuple[str, str]:
+def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv") -> str:
     """score = qk * scale (+ u·wᵀ); s = score_mod(score) in log2 units.
 
-    Returns (code before the tile's first dot, code after it). For the backward also
-    ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads) (``gmod{i}``), emitted here,
-    before the masked branch, so every name is in scope. ``inner`` names the index of the
-    kernel's inner loop (the one its tile-uniform loads vary along)."""
+    For the backward also ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads)
+    (``gmod{i}``), emitted here, before the masked branch, so every name is in scope. ``inner``
+    names the index of the kernel's inner loop (the one its tile-uniform loads vary along)."""
     if spec.score is None:
-        return "", (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * LOG2E\n"
-                    f"{ind}else:\n{ind}    s = {qk} * (sm_scale * LOG2E)\n")
-    pre, uniform_post = _uniform_loads(spec, em, ind, stage, inner)
+        return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * LOG2E\n"
+                f"{ind}else:\n{ind}    s = {qk} * (sm_scale * LOG2E)\n")
     head = f"{ind}score = {qk} * sm_scale\n"
     if bias:
         head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
-    head += uniform_post
+    head += _uniform_loads(spec, em, ind, stage, inner)
     s = em.emit(spec.score, stage)
     tail = f"{ind}s = {s} * LOG2E\n"
     if backward:
@@ -185,7 +181,7 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv") -> 
             if gl.scope in ("exact", "scatter") and gl.load not in uniform:
                 for a in gl.load.args:
                     em.emit(a, stage)
-    return pre, head + em.take(stage, ind) + tail
+    return head + em.take(stage, ind) + tail
 
 
 def forward(spec: KernelSpec, table: bool) -> str:
@@ -207,7 +203,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
-    pre_dot, score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
+    score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
     keep, mask_body = "kv_idx < LKV", ""
     if spec.mask is not None:
         m, mask_body = em.branch(2, B + I1, lambda: em.emit(spec.mask, 2))
@@ -313,7 +309,7 @@ def {name}(
 {B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
 {B}    if UPCAST:
 {B}        wT = wT.to(tl.float32)
-{pre_dot}{B}qk = {_dot("q", "kT")}
+{B}qk = {_dot("q", "kT")}
 {score_block}{B}if is_partial:
 {mask_block}{update}{B}visited += 1
 {finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
@@ -394,7 +390,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I3) + f"{I3}is_partial = is_partial & (({full} == 0) | (q_lo + BLOCK_M > LQ))\n"
         visit_if = f"{I3}if {nonempty}:\n"
         B = I4
-    pre_dot, score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q")
+    score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q")
     mask = _bwd_mask(spec, em, B, 2)
     ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
     if _softmax(spec):
@@ -478,7 +474,7 @@ def {spec.name}_bwd_dkdv(
 {B}                mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
 {B}    if UPCAST:
 {B}        u = u.to(tl.float32)
-{stats}{pre_dot}{B}qkT = {_dot("k", "tl.trans(q)")}
+{stats}{B}qkT = {_dot("k", "tl.trans(q)")}
 {score}{B}if is_partial:
 {mask}{_probs(spec, B, "pT", "lse[None, :]")}{B}dv += {_dot("pT.to(do.dtype)", "do")}
 {B}dpT = {_dot("v", "tl.trans(do)")}
@@ -676,7 +672,7 @@ def dq(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
         B = I3
-    pre_dot, score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True)
+    score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True)
     mask = _bwd_mask(spec, em, B, 2)
     ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
     g_init, g_loop, g_final = _grad_load_code(spec, em, B)
@@ -761,7 +757,7 @@ def {spec.name}_bwd_dq(
 {B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
 {B}    if UPCAST:
 {B}        wT = wT.to(tl.float32)
-{pre_dot}{B}qk = {_dot("q", "kT")}
+{B}qk = {_dot("q", "kT")}
 {score}{B}if is_partial:
 {mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
 {ds}{g_loop}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
