@@ -48,6 +48,13 @@ def nonneg(n: Node, memo=None) -> bool:
     return r
 
 
+def clamped_offset(p: str, idx: list[str]) -> str:
+    """Element offset into captured tensor ``p`` at index codes ``idx``, each clamped into the
+    tensor (padded rows and columns never address outside it); "0" for no index."""
+    return " + ".join(f"tl.minimum(tl.maximum({i}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
+                      for d, i in enumerate(idx)) or "0"
+
+
 def literal(n: Node) -> str:
     v = n.attr[1]
     if n.dtype == FLOAT:
@@ -205,9 +212,7 @@ class ExprEmitter:
             off = ""
         else:
             # clamp into the tensor so padded rows/columns never read out of bounds
-            terms = [f"tl.minimum(tl.maximum({i}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
-                     for d, i in enumerate(idx)]
-            off = " + " + " + ".join(terms)
+            off = " + " + clamped_offset(p, idx)
         val = f"tl.load({p}{off})"
         if kind == FLOAT:
             return f"{val}.to(tl.float32)"

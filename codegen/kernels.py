@@ -10,7 +10,7 @@ from attndsl import ir
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from . import box as _box
-from .expr import ExprEmitter
+from .expr import ExprEmitter, clamped_offset
 
 I1, I2, I3, I4 = (" " * n for n in (4, 8, 12, 16))
 
@@ -536,8 +536,7 @@ def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:
     args = gl.load.args
     d0 = next(d for d, a in enumerate(args) if ir.free_vars(a) & {"q", "kv"})
     prefix = [em.emit(a, 0) for a in args[:d0]]
-    base = " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
-                      for d, x in enumerate(prefix)) or "0"
+    base = clamped_offset(p, prefix)
     row = f"{p}_stride{d0 - 1}" if d0 else f"{p}_size0 * {p}_stride0"
     pid = "(pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m)"
     init = (f"    if DETERMINISTIC:\n"
@@ -547,6 +546,19 @@ def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:
             f"        gdst{i} = DBUF{gl.slot}_{i}\n")
     final = f"    if DETERMINISTIC:\n        tl.store(GOFF{gl.slot}_{i} + {pid}, gbase{i})\n"
     return init, final
+
+
+def _reduced_write(gl, i: int, off: str, rows: str, part: str, mask: str) -> str:
+    """Write ``gacc{i}`` ([rows, 1]: one sum per program or per query row) at table offsets ``off``:
+    an atomic add, or (deterministic) an (offset, partial sum) pair per program or row at ``part``,
+    reduced on the host in order."""
+    dst, z = f"DBUF{gl.slot}_{i}", f"tl.zeros([{rows}, 1], tl.int64)"
+    return (f"    if DETERMINISTIC:\n"
+            f"        part{i} = {part}\n"
+            f"        tl.store({dst} + part{i}, gacc{i}{mask})\n"
+            f"        tl.store(GOFF{gl.slot}_{i} + part{i}, ({off}) + {z}{mask})\n"
+            f"    else:\n"
+            f"        tl.atomic_add({dst} + ({off}) + {z}, gacc{i}{mask})\n")
 
 
 def dq_visits_whole_range(spec: KernelSpec) -> bool:
@@ -574,11 +586,6 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
     """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient."""
     init, loop, final = "", "", ""
     uniform = _uniform(spec, "kv")
-
-    def offset(p, idx):
-        return " + ".join(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
-                          for d, x in enumerate(idx)) or "0"
-
     for i, gl in enumerate(spec.grad_loads):
         g = f"gmod{i}"
         p = f"buf{gl.slot}"
@@ -589,7 +596,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
             # tile-uniform index: one entry gets the whole tile's sum; the per-element index
             # arithmetic and the span reduction below run only on the other tiles
             loop += em.take(2, B)
-            uoff = offset(p, em.uniform_index[gl.load])
+            uoff = clamped_offset(p, em.uniform_index[gl.load])
             idx, body = em.branch(2, B + I1, lambda: [em.emit(a, 2) for a in gl.load.args])
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
@@ -597,30 +604,20 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
                      f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
                      f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
                      f"{B}else:\n{body}")
-            loop += _scatter_code(i, contrib, offset(p, idx), B + I1)
+            loop += _scatter_code(i, contrib, clamped_offset(p, idx), B + I1)
             continue
         idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
                for a in gl.load.args]
-        off = offset(p, idx)
+        off = clamped_offset(p, idx)
         if gl.scope == "program":
             init += f"    gacc{i} = tl.zeros([1, 1], tl.float32)\n"
             loop += f"{B}gacc{i} += tl.sum(tl.sum({contrib}, 1, keep_dims=True), 0, keep_dims=True)\n"
-            # deterministic: one (offset, partial sum) pair per program, reduced on the host in order
-            final += (f"    if DETERMINISTIC:\n"
-                      f"        part{i} = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m + tl.zeros([1, 1], tl.int64)\n"
-                      f"        tl.store(DBUF{gl.slot}_{i} + part{i}, gacc{i})\n"
-                      f"        tl.store(GOFF{gl.slot}_{i} + part{i}, ({off}) + tl.zeros([1, 1], tl.int64))\n"
-                      f"    else:\n"
-                      f"        tl.atomic_add(DBUF{gl.slot}_{i} + ({off}) + tl.zeros([1, 1], tl.int64), gacc{i})\n")
+            final += _reduced_write(gl, i, off, "1", "pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m + tl.zeros([1, 1], tl.int64)", "")
         elif gl.scope == "row":
             init += f"    gacc{i} = tl.zeros([BLOCK_M, 1], tl.float32)\n"
             loop += f"{B}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
-            final += (f"    if DETERMINISTIC:\n"
-                      f"        part{i} = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]\n"
-                      f"        tl.store(DBUF{gl.slot}_{i} + part{i}, gacc{i}, mask=q_idx < LQ)\n"
-                      f"        tl.store(GOFF{gl.slot}_{i} + part{i}, ({off}) + tl.zeros([BLOCK_M, 1], tl.int64), mask=q_idx < LQ)\n"
-                      f"    else:\n"
-                      f"        tl.atomic_add(DBUF{gl.slot}_{i} + ({off}), gacc{i}, mask=q_idx < LQ)\n")
+            final += _reduced_write(gl, i, off, "BLOCK_M", "(pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M + "
+                                    "tl.arange(0, BLOCK_M)[:, None]", ", mask=q_idx < LQ")
         elif gl.scope == "col":
             # index follows kv only: sum over the tile's query rows, one atomic add per key;
             # deterministic: one scalar add per entry into the program's own row

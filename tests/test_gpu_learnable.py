@@ -138,7 +138,7 @@ def test_one_module_for_every_length():
     assert len(fn._runners) == 1
 
 
-@pytest.mark.parametrize("kind", ["t5", "col"])
+@pytest.mark.parametrize("kind", ["t5", "col", "slopes", "row"])
 def test_deterministic_shared_tables_are_bitwise_repeatable(kind):
     """Atomic adds into a shared table differ from run to run in their last bits on a GPU;
     deterministic=True reduces per-program rows in a fixed order: bitwise equal, and equal to the
@@ -147,9 +147,15 @@ def test_deterministic_shared_tables_are_bitwise_repeatable(kind):
     if kind == "t5":
         table = leaf(8, 32, gen=gen, dtype=torch.float32, scale=0.5)
         mod = t5_bucket_bias(table, 32, 128, bidirectional=False)
-    else:
+    elif kind == "col":
         table = leaf(8, 2048, gen=gen, dtype=torch.float32, scale=0.5)
         mod = lambda s, b, h, qi, kv: s + table[h, kv]  # noqa: E731
+    elif kind == "slopes":  # one sum per program
+        table = leaf(8, gen=gen, dtype=torch.float32, scale=0.01)
+        mod = lambda s, b, h, qi, kv: s + table[h] * (kv - qi)  # noqa: E731
+    else:  # one sum per query row (a per-query temperature: an additive row bias has gradient 0)
+        table = leaf(8, 2048, gen=gen, dtype=torch.float32, scale=0.2)
+        mod = lambda s, b, h, qi, kv: s * (1.0 + table[h, qi])  # noqa: E731
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(11)).to(DEV, BF16)
     det = attndsl.compile(mask_mod=causal, score_mod=mod, deterministic=True)
     fast = attndsl.compile(mask_mod=causal, score_mod=mod)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -50,7 +52,6 @@ def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, Tile
 def fast_sigmoid(interpret: bool, dtype) -> bool:
     """Sigmoid through the hardware tanh: on NVIDIA GPUs, for 16-bit inputs (P meets V in 16 bits,
     whose rounding is coarser than tanh.approx.f32's error); exact exp2 and division elsewhere."""
-    import torch
     return not interpret and torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
 
 

@@ -116,6 +116,9 @@ class Runner:
         self.spec = spec
         self.deterministic = deterministic
         self.learnable = frozenset(gl.slot for gl in spec.grad_loads)
+        # facts of the spec the backward consults on every call
+        self._loaded_once = frozenset(s for s in self.learnable if sum(g.slot == s for g in spec.grad_loads) == 1)
+        self._dq_whole_range = dq_visits_whole_range(spec)
         self.mod = module
         self.cfg = configs
         self.interpret = interpret
@@ -141,7 +144,7 @@ class Runner:
         """Can the dQ kernel zero the untouched part of this full-size gradient itself? Only when its
         programs cover the tensor: one per (b, h, query tile), each dimension as long as the call's."""
         size = {"b": B, "h": Hq, "q": Lq, "kv": Lkv}
-        return dq_visits_whole_range(self.spec) and all(n == size[a.attr] for a, n in zip(gl.load.args, t.shape))
+        return self._dq_whole_range and all(n == size[a.attr] for a, n in zip(gl.load.args, t.shape))
 
     def mode(self):
         return interpreting() if self.interpret else contextlib.nullcontext()
@@ -264,7 +267,7 @@ class Runner:
                 # contiguous, like the copy of the tensor the kernels read (see buffer_args); a
                 # full-size tensor read once, whose elements are each written by one program, gets
                 # its gradient in its own dtype (no float32 copy and conversion pass)
-                alone = exact and sum(g.slot == gl.slot for g in self.spec.grad_loads) == 1
+                alone = exact and gl.slot in self._loaded_once
                 if alone and self._zero_fills(gl, t, B, Hq, Lq, Lkv):
                     # the dQ kernel writes every element: visited tiles their gradient, the rest zeros
                     dbufs[gl.slot] = _new(t.shape, t)
