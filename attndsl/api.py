@@ -121,13 +121,16 @@ class CompiledAttention:
                                            float(sigmoid_bias or 0.0), *self.tensors)
         return (out, lse) if return_lse else out
 
-    def visit_counts(self, query, key, value, *, scale=None):
-        """Tiles each forward program visited, ``[B*Hq, n_q_tiles]`` (for tests and tuning)."""
+    def visit_counts(self, query, key, value, *, scale=None, runs=False):
+        """Tiles each forward program visited, ``[B*Hq, n_q_tiles]`` (for tests and tuning); with
+        ``runs=True`` also how many of them it visited in constant runs (one table entry per run,
+        ``codegen/runs.py``), as a pair."""
         check_inputs(query, key, value, scale)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         r = self.runner(query)
         tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
-        return r.forward(query, key, value, scale, self.tensors, tables, count_visits=True)[2]
+        visits = r.forward(query, key, value, scale, self.tensors, tables, count_visits=True)[2]
+        return (visits[0], visits[1]) if runs else visits[0]
 
     def explain(self) -> str:
         from .explain import explain

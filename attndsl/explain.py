@@ -44,8 +44,9 @@ def explain(compiled) -> str:
         out.append(f"learnable buf{gl.slot}: gradient scope {gl.scope!r} (program: one sum per program; row: per "
                    "query; col: per key; exact: written tile by tile; scatter: per entry of each tile)")
     for ul in spec.uniform_loads:
-        out.append(f"buf{ul.load.attr[0]} is tested per tile: where its index bounds meet, one scalar load "
-                   "(and one gradient atomic) for the whole tile")
+        out.append(f"buf{ul.load.attr[0]} is read once per constant run: the full tiles at either end of each "
+                   "range where its index bounds meet get one scalar load (and one gradient add per run); "
+                   "block tables and layout plans test each tile instead")
     if spec.mask is not None:
         plans = [("forward/dQ: key range per query tile", spec.fwd_range, "q"),
                  ("dK/dV: query range per key tile", spec.bwd_range, "kv")]

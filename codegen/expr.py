@@ -102,6 +102,13 @@ class ExprEmitter:
             del self.names[n]
         return r, body
 
+    def forget(self, stage: int) -> None:
+        """Forget the names bound at ``stage`` or deeper: they were bound inside one loop's body, so
+        a second loop over the same stage (a constant-run loop beside the general one) emits its own."""
+        for n in [n for n, (_, st) in self.names.items() if st >= stage]:
+            del self.names[n]
+        self.uniform_index.clear()
+
     def emit(self, n: Node, min_stage: int = 0) -> str:
         """The code naming ``n`` (emitting its definition if needed)."""
         return self._emit(n, min_stage)[0]

@@ -10,6 +10,7 @@ from attndsl import ir
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from . import box as _box
+from . import runs as _runs
 from .expr import ExprEmitter, clamped_offset
 
 I1, I2, I3, I4 = (" " * n for n in (4, 8, 12, 16))
@@ -56,8 +57,9 @@ def _table_plan_lines(prefix: str, bh_off: str, row: str) -> list[str]:
     ]
 
 
-def _tile_of_iteration(table: bool, rng=None) -> list[str]:
-    """Full tiles first (no mask), then the partial ones."""
+def _tile_of_iteration(table: bool, rng=None, runs: bool = False) -> list[str]:
+    """Full tiles first (no mask), then the partial ones. Beside a run loop (``codegen/runs.py``)
+    the loop starts at ``n_run`` and its full tiles are the ones between the two runs."""
     if isinstance(rng, VisitBox) and not table:
         return _box.iteration_lines(rng)
     if table:
@@ -68,7 +70,7 @@ def _tile_of_iteration(table: bool, rng=None) -> list[str]:
     return [
         "j = it - n_full",
         "is_partial = j >= 0",
-        "tile = tl.where(j < 0, f_begin + it, tl.where(j < n_first, t_begin + j, f_end + (j - n_first)))",
+        f"tile = tl.where(j < 0, f_begin + it{' - n_suf' if runs else ''}, tl.where(j < n_first, t_begin + j, f_end + (j - n_first)))",
     ]
 
 
@@ -135,16 +137,17 @@ def _softmax(spec: KernelSpec) -> bool:
     return spec.normalizer == "softmax"
 
 
-def _uniform(spec: KernelSpec, inner: str) -> dict:
-    """The tile-uniform loads this kernel tests (those that vary along its inner loop): load -> j."""
-    return {ul.load: j for j, ul in enumerate(spec.uniform_loads) if inner in ir.free_vars(ul.load)}
-
-
-def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inner: str) -> str:
-    """Per tile-uniform load: ``uni{j}`` (one entry for the whole tile) and the value, a splat of
-    one scalar load when uniform, else the per-element index arithmetic and gather."""
+def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inner: str, mode: str, qk: str) -> str:
+    """Per tile-uniform load, by loop ``mode``: "tested" binds ``uni{j}`` (one entry for the whole
+    tile) and the value, a splat of one scalar load when uniform, else the per-element index
+    arithmetic and gather; "run" binds its constant run's scalar (``codegen/runs.py``); "plain"
+    (the loop beside a run loop) leaves it a per-element load."""
     code = em.take(stage, ind)
-    for ld, j in _uniform(spec, inner).items():
+    if mode == "run":
+        _runs.bind(spec, em, inner, stage)
+    if mode != "tested":
+        return code
+    for ld, j in _runs.loads(spec, inner).items():
         ul = spec.uniform_loads[j]
         los = [em.emit(x, stage) for x in ul.lo]
         his = [em.emit(x, stage) for x in ul.hi]
@@ -153,32 +156,52 @@ def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inne
         name, body = em.branch(stage, ind + I1, lambda: em.emit(ld, stage))
         em.names[ld] = (name, stage)
         em.uniform_index[ld] = los
-        code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like(score) + {em.clamped_load(ld, los)}\n"
+        code += (f"{ind}if uni{j}:\n{ind}{I1}{name} = tl.zeros_like({qk}) + {em.clamped_load(ld, los)}\n"
                  f"{ind}else:\n{body}")
     return code
 
 
-def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv") -> str:
+def _additive(spec: KernelSpec):
+    """``R`` when score_mod is ``score + R`` with R free of the score (a bias): the kernels then
+    compute ``s = qk·(scale·log2 e) + R·log2 e``, one fused multiply-add per score, as with no bias."""
+    sc = spec.score
+    if sc is None or sc.op != "add":
+        return None
+    for a, r in (sc.args, sc.args[::-1]):
+        if a.op == "var" and a.attr == ir.SCORE and ir.SCORE not in ir.free_vars(r):
+            return r
+    return None
+
+
+def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mode="tested") -> str:
     """score = qk * scale (+ u·wᵀ); s = score_mod(score) in log2 units.
 
     For the backward also ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads)
     (``gmod{i}``), emitted here, before the masked branch, so every name is in scope. ``inner``
-    names the index of the kernel's inner loop (the one its tile-uniform loads vary along)."""
+    names the index of the kernel's inner loop (the one its tile-uniform loads vary along);
+    ``mode`` says how this loop treats them (:func:`_uniform_loads`)."""
     if spec.score is None:
         return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * LOG2E\n"
                 f"{ind}else:\n{ind}    s = {qk} * (sm_scale * LOG2E)\n")
-    head = f"{ind}score = {qk} * sm_scale\n"
-    if bias:
-        head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
-    head += _uniform_loads(spec, em, ind, stage, inner)
-    s = em.emit(spec.score, stage)
-    tail = f"{ind}s = {s} * LOG2E\n"
+    rest = _additive(spec)
+    head = ""
+    if rest is None:
+        head = f"{ind}score = {qk} * sm_scale\n"
+        if bias:
+            head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
+    head += _uniform_loads(spec, em, ind, stage, inner, mode, qk)
+    if rest is not None:
+        tail = f"{ind}s = {qk} * (sm_scale * LOG2E) + {em.emit(rest, stage)} * LOG2E\n"
+        if bias:
+            tail += f"{ind}if HAS_BIAS:\n{ind}    s += {bias} * LOG2E\n"
+    else:
+        tail = f"{ind}s = {em.emit(spec.score, stage)} * LOG2E\n"
     if backward:
         tail += f"{ind}dmod = {em.emit(spec.dscore, stage)}\n"
-        uniform = _uniform(spec, inner)
+        own = _runs.loads(spec, inner) if mode != "plain" else {}
         for i, gl in enumerate(spec.grad_loads):
             tail += f"{ind}gmod{i} = {em.emit(gl.grad, stage)}\n"
-            if gl.scope in ("exact", "scatter") and gl.load not in uniform:
+            if gl.scope in ("exact", "scatter") and gl.load not in own:
                 for a in gl.load.args:
                     em.emit(a, stage)
     return head + em.take(stage, ind) + tail
@@ -195,20 +218,15 @@ def forward(spec: KernelSpec, table: bool) -> str:
         plan = _table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m")
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)
-    check, visit_if, B = "", "", I2
+    runs = _runs.applies(spec, spec.fwd_range, table, "kv")
+    check, visit_if, Bg = "", "", I2
     cls = _tile_class(spec, spec.fwd_range, em, table)
     if cls is not None:
         full, nonempty = cls
         # a tile straddling the end of the keys is never full: its padding keys must be masked
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
-        B = I3
-    score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"))
-    keep, mask_body = "kv_idx < LKV", ""
-    if spec.mask is not None:
-        m, mask_body = em.branch(2, B + I1, lambda: em.emit(spec.mask, 2))
-        keep = f"({m}) & (kv_idx < LKV)"
-    mask_block = mask_body + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+        Bg = I3
     if _softmax(spec):
         init = f'''    if HAS_SINKS:
         sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
@@ -218,12 +236,12 @@ def forward(spec: KernelSpec, table: bool) -> str:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
 '''
-        update = f'''{B}m_new = tl.maximum(m_i, tl.max(s, 1))
+        update = '''{B}m_new = tl.maximum(m_i, tl.max(s, 1))
 {B}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
 {B}p = tl.exp2(s - m_use[:, None])
 {B}alpha = tl.exp2(m_i - m_use)
 {B}l_i = l_i * alpha + tl.sum(p, 1)
-{B}acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
+{B}acc = acc * alpha[:, None] + {pv}
 {B}m_i = m_new
 '''
         finish = '''    dead = l_i == 0.0
@@ -234,11 +252,53 @@ def forward(spec: KernelSpec, table: bool) -> str:
         store_lse = "    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)\n"
     else:
         init = ""
-        update = f'''{B}p = _sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)
-{B}acc += {_dot("p.to(v.dtype)", "v")}
+        update = '''{B}p = _sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)
+{B}acc += {pv}
 '''
         finish = "    out = acc\n"
         store_lse = ""
+
+    def kv_loop(mode: str) -> str:
+        """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
+        run = mode == "run"
+        B = I2 if run else Bg
+        head = (f"{I1}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, 'kv'), I2)}" if run else
+                f"{I1}for it in range({'n_run' if runs else 0}, n_tiles):\n"
+                f"{_indent(_tile_of_iteration(table, spec.fwd_range, runs), I2)}")
+        score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode)
+        masked = ""
+        if not run:
+            keep, mask_body = "kv_idx < LKV", ""
+            if spec.mask is not None:
+                m, mask_body = em.branch(2, B + I1, lambda: em.emit(spec.mask, 2))
+                keep = f"({m}) & (kv_idx < LKV)"
+            masked = f"{B}if is_partial:\n" + mask_body + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+        em.forget(2)
+        return f'''{head}{I2}kv_lo = tile * BLOCK_N
+        kv_hi = kv_lo + BLOCK_N - 1
+        offs_n = kv_lo + offs_n0
+        kv_idx = offs_n[None, :]
+{"" if run else check + visit_if}{B}if EVEN_KV:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs)
+{B}else:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs, mask=(offs_n[:, None] < LKV) & d_ok[None, :], other=0.0)
+{B}if UPCAST:
+{B}    kT = kT.to(tl.float32)
+{B}    v = v.to(tl.float32)
+{B}if HAS_BIAS:
+{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
+{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        wT = wT.to(tl.float32)
+{B}qk = {_dot("q", "kT")}
+{score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"))}{B}visited += 1
+'''
+
+    loops = kv_loop("plain" if runs else "tested")
+    if runs:
+        loops = _runs.search(spec, "kv", "BLOCK_N", I1) + kv_loop("run") + loops
     src = f'''
 @triton.jit
 def {name}(
@@ -290,32 +350,11 @@ def {name}(
 {pre1}{_indent(plan, I1)}
 {init}    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visited = 0
-    for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table, spec.fwd_range), I2)}        kv_lo = tile * BLOCK_N
-        kv_hi = kv_lo + BLOCK_N - 1
-        offs_n = kv_lo + offs_n0
-        kv_idx = offs_n[None, :]
-{check}{visit_if}{B}if EVEN_KV:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
-{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs)
-{B}else:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs, mask=(offs_n[:, None] < LKV) & d_ok[None, :], other=0.0)
-{B}if UPCAST:
-{B}    kT = kT.to(tl.float32)
-{B}    v = v.to(tl.float32)
-{B}if HAS_BIAS:
-{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
-{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
-{B}    if UPCAST:
-{B}        wT = wT.to(tl.float32)
-{B}qk = {_dot("q", "kT")}
-{score_block}{B}if is_partial:
-{mask_block}{update}{B}visited += 1
-{finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+{loops}{finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < LQ) & d_ok[None, :])
 {store_lse}    if COUNT_VISITS:
         tl.store(VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visited)
+        tl.store(VISITS + (tl.num_programs(1) + pid_bh).to(tl.int64) * tl.num_programs(0) + pid_m, {"n_run" if runs else "0"})
 '''
     return _split_extras_loop(src, spec.fwd_range, table, visit_if)
 
@@ -383,23 +422,63 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
             else _plan_lines(em, spec.bwd_range, 1, "BLOCK_M", "q_max", False))
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I2)
-    check, visit_if, B = "", "", I3
+    runs = _runs.applies(spec, spec.bwd_range, table, "q")
+    check, visit_if, Bg = "", "", I3
     cls = _tile_class(spec, spec.bwd_range, em, table)
     if cls is not None:
         full, nonempty = cls
         check = em.take(2, I3) + f"{I3}is_partial = is_partial & (({full} == 0) | (q_lo + BLOCK_M > LQ))\n"
         visit_if = f"{I3}if {nonempty}:\n"
-        B = I4
-    score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q")
-    mask = _bwd_mask(spec, em, B, 2)
-    ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
-    if _softmax(spec):
-        stats = f'''{B}lse = tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+        Bg = I4
+
+    def q_loop(mode: str) -> str:
+        """The loop over query tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
+        run = mode == "run"
+        B = I3 if run else Bg
+        head = (f"{I2}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, 'q'), I3)}" if run else
+                f"{I2}for it in range({'n_run' if runs else 0}, n_tiles):\n"
+                f"{_indent(_tile_of_iteration(table, spec.bwd_range, runs), I3)}")
+        score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q", mode=mode)
+        mask = "" if run else f"{B}if is_partial:\n" + _bwd_mask(spec, em, B, 2)
+        ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
+        if _softmax(spec):
+            stats = f'''{B}lse = tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 {B}lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
 {B}delta = tl.load(Delta + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 '''
-    else:
-        stats = ""
+        else:
+            stats = ""
+        em.forget(2)
+        return f'''{head}            q_lo = tile * BLOCK_M
+            q_hi = q_lo + BLOCK_M - 1
+            offs_m = q_lo + offs_m0
+            q_idx = offs_m[None, :]
+{"" if run else check + visit_if}{B}if EVEN_Q:
+{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs)
+{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs)
+{B}else:
+{B}    q_ok = (offs_m[:, None] < LQ) & d_ok[None, :]
+{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs, mask=q_ok, other=0.0)
+{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs, mask=q_ok, other=0.0)
+{B}if UPCAST:
+{B}    q = q.to(tl.float32)
+{B}    do = do.to(tl.float32)
+{B}if HAS_BIAS:
+{B}    u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+{B}                mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        u = u.to(tl.float32)
+{stats}{B}qkT = {_dot("k", "tl.trans(q)")}
+{score}{mask}{_probs(spec, B, "pT", "lse[None, :]")}{B}dv += {_dot("pT.to(do.dtype)", "do")}
+{B}dpT = {_dot("v", "tl.trans(do)")}
+{ds}{B}dk += {_dot("dsT.to(q.dtype)", "q")}
+{B}if HAS_BIAS:
+{B}    dw += {_dot("dsT.to(u.dtype)", "u")}
+'''
+
+    loops = q_loop("plain" if runs else "tested")
+    if runs:
+        loops = _runs.search(spec, "q", "BLOCK_M", I2) + q_loop("run") + loops
     src = f'''
 @triton.jit
 def {spec.name}_bwd_dkdv(
@@ -454,34 +533,7 @@ def {spec.name}_bwd_dkdv(
             if UPCAST:
                 w = w.to(tl.float32)
             dw = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
-{pre1}{_indent(plan, I2)}        for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table, spec.bwd_range), I3)}            q_lo = tile * BLOCK_M
-            q_hi = q_lo + BLOCK_M - 1
-            offs_m = q_lo + offs_m0
-            q_idx = offs_m[None, :]
-{check}{visit_if}{B}if EVEN_Q:
-{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs)
-{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs)
-{B}else:
-{B}    q_ok = (offs_m[:, None] < LQ) & d_ok[None, :]
-{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs, mask=q_ok, other=0.0)
-{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs, mask=q_ok, other=0.0)
-{B}if UPCAST:
-{B}    q = q.to(tl.float32)
-{B}    do = do.to(tl.float32)
-{B}if HAS_BIAS:
-{B}    u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
-{B}                mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
-{B}    if UPCAST:
-{B}        u = u.to(tl.float32)
-{stats}{B}qkT = {_dot("k", "tl.trans(q)")}
-{score}{B}if is_partial:
-{mask}{_probs(spec, B, "pT", "lse[None, :]")}{B}dv += {_dot("pT.to(do.dtype)", "do")}
-{B}dpT = {_dot("v", "tl.trans(do)")}
-{ds}{B}dk += {_dot("dsT.to(q.dtype)", "q")}
-{B}if HAS_BIAS:
-{B}    dw += {_dot("dsT.to(u.dtype)", "u")}
-        if HAS_BIAS:
+{pre1}{_indent(plan, I2)}{loops}        if HAS_BIAS:
             dw_ptrs = DW + (bh.to(tl.int64) * LKV + offs_n[:, None]) * RANK + offs_r[None, :]
             tl.store(dw_ptrs, dw, mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK))
     dk = dk * sm_scale
@@ -582,16 +634,26 @@ def _zero_unvisited(gl, i: int, p: str) -> str:
             f"            tl.store({dst} + ({off}), zeros{i}, mask=(q_idx < LQ) & (zkv < LKV))\n")
 
 
-def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
-    """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient."""
+def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "tested") -> tuple[str, str, str]:
+    """Per learnable captured tensor: init, in-loop accumulation and final write of its gradient.
+
+    ``mode`` as for :func:`_uniform_loads`. For a run loop ("run") the init and final are only its
+    runs' sums (one per query row while looping, one add per run after it); the general loop's own
+    init and final (private rows, zero fills) serve both loops."""
     init, loop, final = "", "", ""
-    uniform = _uniform(spec, "kv")
+    run_init, run_final = "", ""
+    uniform = _runs.loads(spec, "kv") if mode != "plain" else {}
     for i, gl in enumerate(spec.grad_loads):
         g = f"gmod{i}"
         p = f"buf{gl.slot}"
         contrib = f"gl{i}"
         # ds is already multiplied by dmod; the chain rule for the load needs the raw ∂L/∂s_mod
         loop += f"{B}{contrib} = ds_raw * {g}\n"
+        if gl.load in uniform and mode == "run":
+            run_init += _runs.grad_init(i, "BLOCK_M")
+            loop += _runs.grad_loop(i, contrib, "q_idx < LQ", B)
+            run_final += _runs.grad_final(i, uniform[gl.load])
+            continue
         if gl.load in uniform:
             # tile-uniform index: one entry gets the whole tile's sum; the per-element index
             # arithmetic and the span reduction below run only on the other tiles
@@ -649,6 +711,8 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str
                      f"{B}else:\n{B}    tl.store({dst} + ({off}), {contrib}.to({dst}.dtype.element_ty), mask={ok})\n")
             if dq_visits_whole_range(spec):
                 final += _zero_unvisited(gl, i, p)
+    if mode == "run":
+        return run_init, loop, run_final
     return init, loop, final
 
 
@@ -661,20 +725,62 @@ def dq(spec: KernelSpec, table: bool) -> str:
     em = ExprEmitter(env, 3, prefix="v")
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m") if table
             else _plan_lines(em, dq_rng, 1, "BLOCK_N", "kv_max", False))
-    check, visit_if, B = "", "", I2
+    runs = _runs.applies(spec, dq_rng, table, "kv")
+    check, visit_if, Bg = "", "", I2
     cls = _tile_class(spec, dq_rng, em, table)
     if cls is not None:
         full, nonempty = cls
         # a tile straddling the end of the keys is never full: its padding keys must be masked
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
-        B = I3
-    score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True)
-    mask = _bwd_mask(spec, em, B, 2)
-    ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
-    g_init, g_loop, g_final = _grad_load_code(spec, em, B)
-    if spec.grad_loads:
-        ds = ds.replace(f"{B}ds = ds * dmod", f"{B}ds_raw = ds\n{B}ds = ds * dmod")
+        Bg = I3
+    grads = {}
+
+    def kv_loop(mode: str) -> str:
+        """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
+        run = mode == "run"
+        B = I2 if run else Bg
+        head = (f"{I1}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, 'kv'), I2)}" if run else
+                f"{I1}for it in range({'n_run' if runs else 0}, n_tiles):\n"
+                f"{_indent(_tile_of_iteration(table, dq_rng, runs), I2)}")
+        score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True, mode=mode)
+        mask = "" if run else f"{B}if is_partial:\n" + _bwd_mask(spec, em, B, 2)
+        ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
+        grads[mode] = _grad_load_code(spec, em, B, mode)
+        if spec.grad_loads:
+            ds = ds.replace(f"{B}ds = ds * dmod", f"{B}ds_raw = ds\n{B}ds = ds * dmod")
+        em.forget(2)
+        return f'''{head}{I2}kv_lo = tile * BLOCK_N
+        kv_hi = kv_lo + BLOCK_N - 1
+        offs_n = kv_lo + offs_n0
+        kv_idx = offs_n[None, :]
+{"" if run else check + visit_if}{B}if EVEN_KV:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs)
+{B}else:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}if UPCAST:
+{B}    kT = kT.to(tl.float32)
+{B}    vT = vT.to(tl.float32)
+{B}if HAS_BIAS:
+{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
+{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        wT = wT.to(tl.float32)
+{B}qk = {_dot("q", "kT")}
+{score}{mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
+{ds}{grads[mode][1]}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+{B}if HAS_BIAS:
+{B}    du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
+'''
+
+    loops = kv_loop("plain" if runs else "tested")
+    g_init, _, g_final = grads["plain" if runs else "tested"]
+    if runs:
+        run_loop = kv_loop("run")
+        r_init, _, r_final = grads["run"]
+        loops = _runs.search(spec, "kv", "BLOCK_N", I1) + r_init + run_loop + r_final + loops
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)
     if _softmax(spec):
@@ -735,32 +841,7 @@ def {spec.name}_bwd_dq(
         du = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
 {pre1}{_indent(plan, I1)}
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-{g_init}    for it in range(0, n_tiles):
-{_indent(_tile_of_iteration(table, dq_rng), I2)}        kv_lo = tile * BLOCK_N
-        kv_hi = kv_lo + BLOCK_N - 1
-        offs_n = kv_lo + offs_n0
-        kv_idx = offs_n[None, :]
-{check}{visit_if}{B}if EVEN_KV:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
-{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs)
-{B}else:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}if UPCAST:
-{B}    kT = kT.to(tl.float32)
-{B}    vT = vT.to(tl.float32)
-{B}if HAS_BIAS:
-{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
-{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
-{B}    if UPCAST:
-{B}        wT = wT.to(tl.float32)
-{B}qk = {_dot("q", "kT")}
-{score}{B}if is_partial:
-{mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
-{ds}{g_loop}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
-{B}if HAS_BIAS:
-{B}    du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
-    dq = dq * sm_scale
+{g_init}{loops}    dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
     if HAS_BIAS:
         du_ptrs = DU + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :]

@@ -22,7 +22,7 @@ def _t5(bidirectional):
     return t5_bucket_bias(torch.randn(H, 16), 16, 40, bidirectional=bidirectional)
 
 
-@pytest.mark.parametrize("mod, n", [
+LOADS = [
     (_t5(True), 1),
     (_t5(False), 1),
     (relative_position_bias(torch.randn(H, 2 * 8 + 1), 8), 1),
@@ -30,17 +30,43 @@ def _t5(bidirectional):
     (lambda s, b, h, q, kv, t=torch.randn(H, 127): s + t[h, q - kv + 63], 0),         # affine: never one entry
     (lambda s, b, h, q, kv, t=torch.randn(H): s + t[h] * (kv - q), 0),                # no q/kv index
     (lambda s, b, h, q, kv, t=torch.randn(64): s + t[kv // 2], 0),                    # one index only
-])
-def test_which_loads_are_tested_per_tile(mod, n):
+]
+RUN_LOOP = ("for it in range(0, n_run):", "for it in range(n_run, n_tiles):")
+
+
+@pytest.mark.parametrize("mod, n", LOADS)
+def test_which_loads_get_constant_runs(mod, n):
+    """Closed-form plans: forward, dK/dV and dQ each get a constant-run loop beside the general one,
+    and neither tests tiles one by one."""
     spec = _spec(mod)
     assert len(spec.uniform_loads) == n
-    # forward, dK/dV and dQ each test it
-    assert attndsl.compile(score_mod=mod).source.count("if uni0:") == (3 if n else 0)
+    src = attndsl.compile(score_mod=mod).source
+    for loop in RUN_LOOP:
+        assert src.count(loop) == (3 if n else 0)
+    assert "if uni0:" not in src
 
 
-def test_learnable_uniform_table_adds_one_atomic_per_uniform_tile():
+def _doc_ids(L):
+    return (torch.arange(L) * 3) // L
+
+
+@pytest.mark.parametrize("mod, n", LOADS)
+def test_block_tables_keep_the_per_tile_test(mod, n):
+    """A block table orders tiles by the table, not by position: no runs, one test per tile."""
+    ids = _doc_ids(64)
+    src = attndsl.compile(mask_mod=lambda b, h, q, kv: ids[q] == ids[kv], score_mod=mod).source
+    assert src.count("if uni0:") == (3 if n else 0)
+    assert "n_run" not in src
+
+
+def test_learnable_uniform_table_adds_one_atomic_per_run():
     table = torch.randn(H, 16, requires_grad=True)
     src = attndsl.compile(score_mod=t5_bucket_bias(table, 16, 40)).source
+    dq = src[src.index("def attn_bwd_dq"):]
+    assert dq.count("tl.atomic_add(gdst0 + uo0_pre, tl.sum(gpre0, 0))") == 1
+    assert dq.count("tl.atomic_add(gdst0 + uo0_suf, tl.sum(gsuf0, 0))") == 1
+    ids = _doc_ids(64)
+    src = attndsl.compile(mask_mod=lambda b, h, q, kv: ids[q] == ids[kv], score_mod=t5_bucket_bias(table, 16, 40)).source
     dq = src[src.index("def attn_bwd_dq"):]
     assert dq.count("if uni0:") == 2  # the score, and the table's gradient
 
@@ -105,3 +131,76 @@ def test_variables_of_the_bounds_are_the_tile_ranges():
     ul = _spec(_t5(False)).uniform_loads[0]
     fv = set().union(*(ir.free_vars(x) for x in ul.lo + ul.hi))
     assert fv <= {"q_lo", "q_hi", "kv_lo", "kv_hi", "b", "h"}
+
+
+def _runs_by_brute_force(bucket, Lq, Lkv, bm, bn, full):
+    """Per query tile: full key tiles in the longest constant prefix plus the longest constant
+    suffix of the rest (the runs a kernel with exact bounds finds)."""
+    out = []
+    for q_lo in range(0, Lq, bm):
+        rows = bucket[q_lo:min(q_lo + bm, Lq)]
+        tiles = [t for t in range(Lkv // bn) if full(q_lo, min(q_lo + bm, Lq) - 1, t * bn, t * bn + bn - 1)]
+        assert tiles == list(range(tiles[0], tiles[-1] + 1)) if tiles else True
+
+        def one(ts):
+            return not ts or rows[:, ts[0] * bn:(ts[-1] + 1) * bn].unique().numel() == 1
+        pre = max(n for n in range(len(tiles) + 1) if one(tiles[:n]))
+        rest = tiles[pre:]
+        suf = max(n for n in range(len(rest) + 1) if one(rest[len(rest) - n:]))
+        out.append(pre + suf)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("Lq, Lkv", [(200, 170), (96, 160)])
+def test_constant_runs_are_the_longest(bidirectional, Lq, Lkv):
+    """The binary search finds each query tile's longest runs: T5's bounds are exact over any range
+    of the distance, so the kernel's run lengths equal a brute force over the bucket matrix."""
+    bm = bn = 16
+    mask = causal if not bidirectional else None
+    full = ((lambda q_lo, q_hi, kv_lo, kv_hi: kv_hi <= q_lo) if mask else (lambda *a: True))
+    comp = attndsl.compile(mask_mod=mask, score_mod=_t5(bidirectional), block_m=bm, block_n=bn)
+    q = torch.randn(1, H, Lq, 32)
+    k = torch.randn(1, H, Lkv, 32)
+    visits, runs = comp.visit_counts(q, k, k, runs=True)
+    bucket = t5_bucket(torch.arange(Lq)[:, None], torch.arange(Lkv)[None, :], 16, 40, bidirectional)
+    expect = _runs_by_brute_force(bucket, Lq, Lkv, bm, bn, full)
+    assert torch.equal(runs[0], expect), (runs[0], expect)
+    assert (runs <= visits).all() and runs.sum() > 0
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_range_bounds_are_sound(bidirectional):
+    """Brute force over ranges of key tiles (as the run search asks): where the bounds meet, every
+    pair of the range reads that one bucket."""
+    ul = _spec(_t5(bidirectional)).uniform_loads[0]
+    Lq, Lkv, bm, bn = 160, 200, 16, 16
+    bucket = t5_bucket(torch.arange(Lq)[:, None], torch.arange(Lkv)[None, :], 16, 40, bidirectional)
+    d = [i for i, v in enumerate(ul.varying) if v][0]
+    met = 0
+    for q_lo in range(0, Lq, bm):
+        for t0 in range(Lkv // bn):
+            for t1 in range(t0, Lkv // bn):
+                env = {k: torch.tensor(x) for k, x in dict(q_lo=q_lo, q_hi=q_lo + bm - 1, kv_lo=t0 * bn,
+                                                            kv_hi=t1 * bn + bn - 1, h=0, b=0).items()}
+                lo, hi = (int(x) for x in evaluate([ul.lo[d], ul.hi[d]], env, {}))
+                block = bucket[q_lo:q_lo + bm, t0 * bn:(t1 + 1) * bn]
+                assert lo <= block.min() and block.max() <= hi
+                if lo == hi:
+                    met += 1
+                    assert (block == lo).all()
+    assert met > 0
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_t5_runs_at_both_ends_and_per_tile_test_under_block_tables(bidirectional):
+    """Non-causal bidirectional T5 has runs at both ends of every row; a document mask (block
+    table) takes the per-tile test instead. Both against the float64 reference, table gradient included."""
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=100, Lkv=120, seed=24)
+    table = randn(4, 16, gen=gen)
+    compare(q, k, v, score_mod=t5_bucket_bias(table, 16, 40, bidirectional=bidirectional),
+            learn=[table], block=16, name=f"t5 no mask, bidirectional={bidirectional}")
+    ids_q, ids_k = (torch.arange(100) * 2) // 100, (torch.arange(120) * 2) // 120
+    compare(q, k, v, mask_mod=lambda b, h, qi, kv: ids_q[qi] == ids_k[kv],
+            score_mod=t5_bucket_bias(table, 16, 40, bidirectional=bidirectional),
+            learn=[table], block=16, name=f"t5 documents, bidirectional={bidirectional}")

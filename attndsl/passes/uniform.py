@@ -4,9 +4,11 @@ A relative-position table read through a clamped or bucketed distance (T5 bucket
 clipped distances) saturates: far from the diagonal every pair of a tile reads the same entry,
 yet the kernel would compute the index (log, floor, clamps) and gather for each element. The
 interval analysis gives each index's bounds over a tile as scalar IR over ``q_lo, q_hi, kv_lo,
-kv_hi``; codegen tests ``lo == hi`` once per tile and then loads one scalar (and, for a learnable
-table, adds the tile's gradient with one atomic), computing per element only on the few tiles
-near the diagonal.
+kv_hi``, and the same IR bounds it over any range of tiles. Codegen (``codegen/runs.py``) finds
+the constant runs, the longest ranges of full tiles at either end of a program's range where
+``lo == hi``, loads their one entry as a scalar (and, for a learnable table, adds each run's
+gradient once), computing per element only on the few tiles near the diagonal; under block
+tables and layout plans it tests ``lo == hi`` per tile instead.
 
 Only float loads indexed by both ``q`` and ``kv`` qualify (a load of one index is a vector per
 tile, already cheap), and only when some index is not affine in them (an affine index like

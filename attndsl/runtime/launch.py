@@ -217,7 +217,8 @@ class Runner:
         out = _new(q.shape, q)
         lse = _new((B, Hq, Lq), q, torch.float32)
         which, cfg = self.forward_tiles(q)
-        visits = torch.zeros((B * Hq, triton.cdiv(Lq, cfg.block_m)), dtype=torch.int32, device=q.device) \
+        # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py)
+        visits = torch.zeros((2, B * Hq, triton.cdiv(Lq, cfg.block_m)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
         targs = []
         if self.spec.data_dependent:
