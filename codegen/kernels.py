@@ -575,9 +575,21 @@ def _scatter_code(i: int, contrib: str, off: str, B: str) -> str:
     return (adds(B)[0] +
             f"{B}if DETERMINISTIC:\n{adds(B + I1)[1]}"
             f"{B}else:\n"
-            f"{B}    if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n{adds(B + I2)[1]}"
+            f"{B}    if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n{_span_adds(o, ok, contrib, f'gdst{i}', B + I2)}"
             f"{B}    else:\n"
             f"{B}        tl.atomic_add(gdst{i} + {o}, {contrib}, mask={ok})\n")
+
+
+def _span_adds(o: str, ok: str, contrib: str, dst: str, B: str) -> str:
+    """A tile's sums per entry of a short span, added with one vector atomic: per entry only a sum
+    along each query row (within a warp), kept in a [rows, span] tile; the sum over rows (across
+    warps) once at the end. A full reduction per entry would cost a barrier each."""
+    return (f"{B}span = tl.arange(0, {SCATTER_SPAN})\n"
+            f"{B}per_row = tl.zeros([BLOCK_M, {SCATTER_SPAN}], tl.float32)\n"
+            f"{B}for e in range(0, {o}_hi - {o}_lo + 1):\n"
+            f"{B}    row_sum = tl.sum(tl.where(({o} == {o}_lo + e) & {ok}, {contrib}, 0.0), 1)\n"
+            f"{B}    per_row = tl.where(span[None, :] == e, row_sum[:, None], per_row)\n"
+            f"{B}tl.atomic_add({dst} + {o}_lo + span, tl.sum(per_row, 0), mask=span <= {o}_hi - {o}_lo)\n")
 
 
 def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:
