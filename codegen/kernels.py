@@ -118,6 +118,40 @@ def _dot(a: str, b: str) -> str:
     return f"tl.dot({a}, {b}, input_precision=DOT_PRECISION)"
 
 
+def _loop_head(spec: KernelSpec, run: bool, runs: bool, table: bool, rng, inner: str, ind: str) -> str:
+    """``for it in ...:`` and the iteration's tile: a constant-run loop (``codegen/runs.py``) or the
+    general loop (beside run loops it starts at ``n_run``)."""
+    if run:
+        return f"{ind}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, inner), ind + I1)}"
+    return (f"{ind}for it in range({'n_run' if runs else 0}, n_tiles):\n"
+            f"{_indent(_tile_of_iteration(table, rng, runs), ind + I1)}")
+
+
+def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str) -> str:
+    """A key tile of the forward or dQ loop: its indices, Kᵀ, V (as ``v``: ``v`` or ``vT``) and the
+    low-rank factor's Wᵀ. ``tests`` (the tile's classification, ``if nonempty:``) sits between the
+    indices and the loads."""
+    return f'''{I2}kv_lo = tile * BLOCK_N
+{I2}kv_hi = kv_lo + BLOCK_N - 1
+{I2}offs_n = kv_lo + offs_n0
+{I2}kv_idx = offs_n[None, :]
+{tests}{B}if EVEN_KV:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{B}    {v} = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + {v_offs})
+{B}else:
+{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}    {v} = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + {v_offs}, mask={v_mask}, other=0.0)
+{B}if UPCAST:
+{B}    kT = kT.to(tl.float32)
+{B}    {v} = {v}.to(tl.float32)
+{B}if HAS_BIAS:
+{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
+{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
+{B}    if UPCAST:
+{B}        wT = wT.to(tl.float32)
+'''
+
+
 # -------------------------------------------------------------------------------------------
 EXTRA_PARAMS = ("Sinks, U, W, stride_ub, stride_uh, stride_um, stride_ur, stride_wb, stride_wh, stride_wn, stride_wr, "
                 "W_GROUP, RANK, sigmoid_bias,")
@@ -262,9 +296,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
         """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
         run = mode == "run"
         B = I2 if run else Bg
-        head = (f"{I1}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, 'kv'), I2)}" if run else
-                f"{I1}for it in range({'n_run' if runs else 0}, n_tiles):\n"
-                f"{_indent(_tile_of_iteration(table, spec.fwd_range, runs), I2)}")
+        head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1)
         score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode)
         masked = ""
         if not run:
@@ -274,25 +306,8 @@ def forward(spec: KernelSpec, table: bool) -> str:
                 keep = f"({m}) & (kv_idx < LKV)"
             masked = f"{B}if is_partial:\n" + mask_body + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
         em.forget(2)
-        return f'''{head}{I2}kv_lo = tile * BLOCK_N
-        kv_hi = kv_lo + BLOCK_N - 1
-        offs_n = kv_lo + offs_n0
-        kv_idx = offs_n[None, :]
-{"" if run else check + visit_if}{B}if EVEN_KV:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
-{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs)
-{B}else:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}    v = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + v_offs, mask=(offs_n[:, None] < LKV) & d_ok[None, :], other=0.0)
-{B}if UPCAST:
-{B}    kT = kT.to(tl.float32)
-{B}    v = v.to(tl.float32)
-{B}if HAS_BIAS:
-{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
-{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
-{B}    if UPCAST:
-{B}        wT = wT.to(tl.float32)
-{B}qk = {_dot("q", "kT")}
+        tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & d_ok[None, :]")
+        return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"))}{B}visited += 1
 '''
 
@@ -435,9 +450,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         """The loop over query tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
         run = mode == "run"
         B = I3 if run else Bg
-        head = (f"{I2}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, 'q'), I3)}" if run else
-                f"{I2}for it in range({'n_run' if runs else 0}, n_tiles):\n"
-                f"{_indent(_tile_of_iteration(table, spec.bwd_range, runs), I3)}")
+        head = _loop_head(spec, run, runs, table, spec.bwd_range, "q", I2)
         score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q", mode=mode)
         mask = "" if run else f"{B}if is_partial:\n" + _bwd_mask(spec, em, B, 2)
         ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
@@ -752,9 +765,7 @@ def dq(spec: KernelSpec, table: bool) -> str:
         """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
         run = mode == "run"
         B = I2 if run else Bg
-        head = (f"{I1}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, 'kv'), I2)}" if run else
-                f"{I1}for it in range({'n_run' if runs else 0}, n_tiles):\n"
-                f"{_indent(_tile_of_iteration(table, dq_rng, runs), I2)}")
+        head = _loop_head(spec, run, runs, table, dq_rng, "kv", I1)
         score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True, mode=mode)
         mask = "" if run else f"{B}if is_partial:\n" + _bwd_mask(spec, em, B, 2)
         ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
@@ -762,25 +773,8 @@ def dq(spec: KernelSpec, table: bool) -> str:
         if spec.grad_loads:
             ds = ds.replace(f"{B}ds = ds * dmod", f"{B}ds_raw = ds\n{B}ds = ds * dmod")
         em.forget(2)
-        return f'''{head}{I2}kv_lo = tile * BLOCK_N
-        kv_hi = kv_lo + BLOCK_N - 1
-        offs_n = kv_lo + offs_n0
-        kv_idx = offs_n[None, :]
-{"" if run else check + visit_if}{B}if EVEN_KV:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
-{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs)
-{B}else:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}    vT = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + vT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
-{B}if UPCAST:
-{B}    kT = kT.to(tl.float32)
-{B}    vT = vT.to(tl.float32)
-{B}if HAS_BIAS:
-{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
-{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
-{B}    if UPCAST:
-{B}        wT = wT.to(tl.float32)
-{B}qk = {_dot("q", "kT")}
+        tile = _kv_tile(B, "" if run else check + visit_if, "vT", "vT_offs", "(offs_n[None, :] < LKV) & d_ok[:, None]")
+        return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {score}{mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
 {ds}{grads[mode][1]}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
 {B}if HAS_BIAS:
