@@ -475,3 +475,42 @@ def test_forward_tiles_follow_the_grid_size():
     data = attndsl.compile(mask_mod=lambda b, h, q, kv: table[q, kv])
     q = torch.randn(1, 1, 64, 16)
     assert data.runner(q).cfg.fwd_small is None
+
+
+def test_shared_memory_retry_rebuilds_block_tables():
+    """A launch that overflows shared memory is retried with narrower tiles: the block tables (and
+    the visit counts) must follow the tiles actually launched, in the forward, dK/dV and dQ."""
+    from triton.runtime.errors import OutOfResources
+
+    class TooBigFirst:
+        def __init__(self, kernel):
+            self.kernel, self.widths = kernel, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                self.widths.append(kw["BLOCK_N"])
+                if kw["BLOCK_N"] == 32:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    comp = attndsl.compile(mask_mod=doc_mask, block_m=32, block_n=32)
+    q, k, v = qkv(1, 2, 2, 78, 78, 32, grad=True)
+    r = comp.runner(q)
+    flaky = {n: TooBigFirst(getattr(r.mod, f"attn_{n}")) for n in ("fwd", "bwd_dkdv", "bwd_dq")}
+    mod = type("Module", (), {f"attn_{n}": f for n, f in flaky.items()})
+    for name in dir(r.mod):
+        if not hasattr(mod, name) and not name.startswith("__"):
+            setattr(mod, name, getattr(r.mod, name))
+    r.mod = mod
+    out = comp(q, k, v)
+    (q64, k64, v64), ref, _ = reference(q, k, v, doc_mask)
+    assert_close(out, ref, 1e-4, "forward after a retry")
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    for g, w, name in zip(got, want, "qkv"):
+        assert_close(g, w, 1e-4, f"d{name} after a retry")
+    assert all(f.widths[:2] == [32, 16] for f in flaky.values()), {n: f.widths for n, f in flaky.items()}
+    visits = comp.visit_counts(q.detach(), k.detach(), v.detach())
+    assert torch.equal(visits.cpu(), brute_visits(doc_mask, 1, 2, 78, 78, 32, 16).to(visits.dtype).reshape(visits.shape))

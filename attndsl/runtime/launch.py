@@ -155,14 +155,16 @@ class Runner:
         return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec,
                     FAST_SIGMOID=fast_sigmoid(self.interpret, dtype))
 
-    def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, **consts):
-        """Launch; on a shared-memory overflow retry with smaller tiles (and remember them)."""
+    def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, **consts):
+        """Launch; on a shared-memory overflow retry with smaller tiles (and remember them).
+        ``table_args(cfg)``: the block-table arguments, built for the tiles actually launched."""
         while True:
             try:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
+                targs = table_args(cfg) if table_args is not None else []
                 with self.mode():
-                    kernel[grid(cfg)](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs,
+                    kernel[grid(cfg)](*args, *targs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 return cfg
             except triton.runtime.errors.OutOfResources:
@@ -175,6 +177,14 @@ class Runner:
                 self.cfg = Configs(**{**self.cfg.__dict__, which: cfg})
 
     # -- block tables --------------------------------------------------------------------------
+    def _table_args(self, tables: BlockTables | None, buffers, transposed: bool):
+        """The block-table arguments as a function of the launched tiles (None: no tables)."""
+        if not self.spec.data_dependent:
+            return None
+        if transposed:  # dK/dV: rows are key tiles
+            return lambda c: self.table(tables, buffers, True, c.block_n, c.block_m).args()
+        return lambda c: self.table(tables, buffers, False, c.block_m, c.block_n).args()
+
     def table(self, tables: BlockTables | None, buffers, transposed: bool, br: int, bc: int) -> Table:
         key = (transposed, br, bc)
         if tables is not None and key in tables.tables:
@@ -217,18 +227,20 @@ class Runner:
         out = _new(q.shape, q)
         lse = _new((B, Hq, Lq), q, torch.float32)
         which, cfg = self.forward_tiles(q)
-        # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py)
-        visits = torch.zeros((2, B * Hq, triton.cdiv(Lq, cfg.block_m)), dtype=torch.int32, device=q.device) \
+        # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py);
+        # sized for any tile of 16 rows or more (a shared-memory retry may shrink the tiles)
+        visits = torch.zeros(2 * B * Hq * triton.cdiv(Lq, 16), dtype=torch.int32, device=q.device) \
             if count_visits else lse
-        targs = []
-        if self.spec.data_dependent:
-            targs = self.table(tables, buffers, False, cfg.block_m, cfg.block_n).args()
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable), *targs]
+                Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
-        self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
-                     COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
-                     EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
+        cfg = self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
+                           table_args=self._table_args(tables, buffers, False),
+                           COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
+                           EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
+        if count_visits:
+            n = B * Hq * triton.cdiv(Lq, cfg.block_m)
+            visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
         return out, lse, (visits if count_visits else None)
 
     # -- backward ------------------------------------------------------------------------------
@@ -297,20 +309,18 @@ class Runner:
             gl_consts["DETERMINISTIC"] = det
         xargs = extras.args(q, k)
         bargs = buffer_args(buffers, self.learnable)
-        c = self.cfg.dkdv
-        targs = self.table(tables, buffers, True, c.block_n, c.block_m).args() if self.spec.data_dependent else []
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dkdv"),
                      lambda c: (triton.cdiv(Lkv, c.block_n), B * Hkv),
                      [q, k, v, dout, dk, dv, lse, delta, dw, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *targs],
-                     c, "dkdv", **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
-        c = self.cfg.dq
-        targs = self.table(tables, buffers, False, c.block_m, c.block_n).args() if self.spec.data_dependent else []
+                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs],
+                     self.cfg.dkdv, "dkdv", table_args=self._table_args(tables, buffers, True), **consts,
+                     EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
                      lambda c: (triton.cdiv(Lq, c.block_m), B * Hq),
                      [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *gl_args, *targs],
-                     c, "dq", **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
+                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *gl_args],
+                     self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), **consts, **gl_consts,
+                     EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         dsinks = None
         if extras.sinks is not None:
             # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
