@@ -33,10 +33,11 @@ def applies(spec: KernelSpec, rng, table: bool, inner: str) -> bool:
     return not (rng.tile_check and spec.tile_full is not None)
 
 
-def _index_code(spec: KernelSpec, inner: str, prefix: str):
-    """(code, ok, idx): scalar code for the bounds of every uniform index over ``r_lo..r_hi`` of the
-    inner index (the other index over the program's tile), ``ok`` when they all meet, and per load
-    the index codes of its one entry."""
+def _index_code(spec: KernelSpec, inner: str, prefix: str, test: bool):
+    """(emitter, ok, idx): scalar code (in the emitter) for every uniform index over ``r_lo..r_hi``
+    of the inner index (the other index over the program's tile): its lower bound, per load the
+    index codes of its one entry (``idx``), and with ``test`` also the upper bound and ``ok``, true
+    when all bounds meet."""
     other = "q" if inner == "kv" else "kv"
     env = {"b": ("b", 0), "h": ("h", 0), f"{other}_lo": (f"{other}_lo", 0), f"{other}_hi": (f"{other}_hi", 0),
            f"{inner}_lo": ("r_lo", 0), f"{inner}_hi": ("r_hi", 0)}
@@ -45,39 +46,46 @@ def _index_code(spec: KernelSpec, inner: str, prefix: str):
     for ld, j in loads(spec, inner).items():
         ul = spec.uniform_loads[j]
         los = [em.emit(x) for x in ul.lo]
-        his = [em.emit(x) for x in ul.hi]
-        conds += [f"({lo} == {hi})" for lo, hi, v in zip(los, his, ul.varying) if v]
+        if test:
+            his = [em.emit(x) for x in ul.hi]
+            conds += [f"({lo} == {hi})" for lo, hi, v in zip(los, his, ul.varying) if v]
         idx[j] = (ld, los)
     return em, " & ".join(conds), idx
+
+
+def _run_range(side: str, n: str, block: str) -> tuple[str, str]:
+    """First and last position of the ``n`` full tiles at the start ("pre") or end ("suf") of
+    ``[f_begin, f_end)``."""
+    if side == "pre":
+        return f"f_begin * {block}", f"(f_begin + {n}) * {block} - 1"
+    return f"(f_end - {n}) * {block}", f"f_end * {block} - 1"
 
 
 def search(spec: KernelSpec, inner: str, block: str, ind: str) -> str:
     """Scalar code before the loop: ``n_pre``/``n_suf`` full tiles at the start/end of
     ``[f_begin, f_end)`` in constant runs, ``n_run`` their sum, and per uniform load j the entry
     of each run: its offset ``uo{j}_pre``/``uo{j}_suf`` and value ``uc{j}_pre``/``uc{j}_suf``."""
-    ranges = {
-        "pre": ("f_begin * {b}", "(f_begin + run_m) * {b} - 1", "f_begin * {b}", "(f_begin + n_pre) * {b} - 1"),
-        "suf": ("(f_end - run_m) * {b}", "f_end * {b} - 1", "(f_end - n_suf) * {b}", "f_end * {b} - 1"),
-    }
     code = f"{ind}# constant runs: full tiles at either end where every tile-uniform index is one entry\n"
-    for side, (s_lo, s_hi, v_lo, v_hi) in ranges.items():
-        em, ok, _ = _index_code(spec, inner, f"s{side[0]}")
+    for side in ("pre", "suf"):
+        em, ok, _ = _index_code(spec, inner, f"s{side[0]}", test=True)
+        r_lo, r_hi = _run_range(side, "run_m", block)
         most = "n_full" if side == "pre" else "n_full - n_pre"
         code += (f"{ind}run_a = n_full * 0\n"
                  f"{ind}run_b = {most}\n"
                  f"{ind}while run_a < run_b:\n"
                  f"{ind}    run_m = (run_a + run_b + 1) // 2\n"
-                 f"{ind}    r_lo = {s_lo.format(b=block)}\n"
-                 f"{ind}    r_hi = {s_hi.format(b=block)}\n"
+                 f"{ind}    r_lo = {r_lo}\n"
+                 f"{ind}    r_hi = {r_hi}\n"
                  f"{em.take(0, ind + '    ')}"
                  f"{ind}    run_ok = {ok}\n"
                  f"{ind}    run_a = tl.where(run_ok, run_m, run_a)\n"
                  f"{ind}    run_b = tl.where(run_ok, run_b, run_m - 1)\n"
                  f"{ind}n_{side} = run_a\n")
     code += f"{ind}n_run = n_pre + n_suf\n"
-    for side, (_, _, v_lo, v_hi) in ranges.items():
-        em, _, idx = _index_code(spec, inner, f"e{side[0]}")
-        code += f"{ind}r_lo = {v_lo.format(b=block)}\n{ind}r_hi = {v_hi.format(b=block)}\n" + em.take(0, ind)
+    for side in ("pre", "suf"):
+        em, _, idx = _index_code(spec, inner, f"e{side[0]}", test=False)
+        r_lo, r_hi = _run_range(side, f"n_{side}", block)
+        code += f"{ind}r_lo = {r_lo}\n{ind}r_hi = {r_hi}\n" + em.take(0, ind)
         for j, (ld, los) in idx.items():
             p = f"buf{ld.attr[0]}"
             code += (f"{ind}uo{j}_{side} = {clamped_offset(p, los)}\n"
