@@ -228,8 +228,9 @@ class Runner:
         lse = _new((B, Hq, Lq), q, torch.float32)
         which, cfg = self.forward_tiles(q)
         # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py);
-        # sized for any tile of 16 rows or more (a shared-memory retry may shrink the tiles)
-        visits = torch.zeros(2 * B * Hq * triton.cdiv(Lq, 16), dtype=torch.int32, device=q.device) \
+        # sized for these tiles or any of 16 rows or more (a shared-memory retry may shrink the tiles
+        # down to 16; layout plans may fix smaller ones)
+        visits = torch.zeros(2 * B * Hq * triton.cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
