@@ -48,10 +48,12 @@ def nonneg(n: Node, memo=None) -> bool:
     return r
 
 
-def clamped_offset(p: str, idx: list[str]) -> str:
+def clamped_offset(p: str, idx: list[str], wide: bool = True) -> str:
     """Element offset into captured tensor ``p`` at index codes ``idx``, each clamped into the
-    tensor (padded rows and columns never address outside it); "0" for no index."""
-    return " + ".join(f"tl.minimum(tl.maximum({i}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}"
+    tensor (padded rows and columns never address outside it); "0" for no index. ``wide=False``:
+    in 32 bits, for a tensor whose offsets are known to stay under 2**31."""
+    cast = ".to(tl.int64)" if wide else ""
+    return " + ".join(f"tl.minimum(tl.maximum({i}, 0), {p}_size{d} - 1){cast} * {p}_stride{d}"
                       for d, i in enumerate(idx)) or "0"
 
 
@@ -197,7 +199,12 @@ class ExprEmitter:
             terms.append(name)
             stage = max(stage, st)
         ptr = f"{p} + {' + '.join(terms)}" if terms else p
-        val = f"tl.load({ptr}, mask={' & '.join(bounds)}, other=0)" if bounds else f"tl.load({ptr})"
+        if bounds:
+            val = f"tl.load({ptr}, mask={' & '.join(bounds)}, other=0)"
+        elif stage == len(self.lines) - 1 and stage > 0:
+            val = f"_gather({ptr})"  # an address per element (see module._gather)
+        else:
+            val = f"tl.load({ptr})"
         if kind == FLOAT:
             val = f"{val}.to(tl.float32)"
         elif kind == BOOL:

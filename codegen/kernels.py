@@ -163,7 +163,8 @@ def _grad_params(spec: KernelSpec) -> str:
 
 
 def _grad_consts(spec: KernelSpec) -> str:
-    s = "".join(f"GL{i}_ATOMIC: tl.constexpr, GL{i}_ZERO_FILL: tl.constexpr, " for i, _ in enumerate(spec.grad_loads))
+    s = "".join(f"GL{i}_ATOMIC: tl.constexpr, GL{i}_ZERO_FILL: tl.constexpr, GL{i}_WIDE: tl.constexpr, "
+                for i, _ in enumerate(spec.grad_loads))
     return s + ("DETERMINISTIC: tl.constexpr, " if spec.grad_loads else "")
 
 
@@ -556,53 +557,69 @@ def {spec.name}_bwd_dkdv(
     return _split_extras_loop(src, spec.bwd_range, table, visit_if)
 
 
-#: a scattered gradient's tile reads at most this many consecutive entries: one masked reduction
-#: and one scalar atomic add per entry; wider tiles use per-element atomic adds
+#: a scattered gradient's tile whose entries lie within this many offsets is summed per entry inside
+#: the tile (``_span_adds``); a wider tile adds per element
 SCATTER_SPAN = 64
 SCATTER_NONE = 1 << 62
+SCATTER_NONE32 = (1 << 31) - 1
+#: entries of a span summed side by side (see _span_adds)
+SPAN_UNROLL = 4
 
 
-def _per_entry_adds(o: str, off: str, ok: str, contrib: str, dst: str, B: str) -> tuple[str, str]:
-    """(setup, loop): the offsets ``o`` of a tile's table entries and their span, then one masked
-    reduction and one scalar atomic add per entry of the span (deterministic when ``dst`` is the
-    program's own row: the adds run one after another in program order)."""
+def _per_entry_adds(o: str, off: str, ok: str, contrib: str, dst: str, B: str, none: int = SCATTER_NONE) -> tuple[str, str]:
+    """(setup, loop): the offsets ``o`` of a tile's table entries and their span (``none``: above
+    any offset), then one masked reduction and one scalar atomic add per entry of the span
+    (deterministic when ``dst`` is the program's own row: the adds run one after another in
+    program order)."""
     setup = (f"{B}{o} = {off}\n"
-             f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {SCATTER_NONE}))\n"
+             f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {none}))\n"
              f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n")
     loop = (f"{B}for e in range({o}_lo, {o}_hi + 1):\n"
             f"{B}    tl.atomic_add({dst} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n")
     return setup, loop
 
 
-def _scatter_code(i: int, contrib: str, off: str, B: str) -> str:
+def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str) -> str:
     """Atomic adds of a tile's gradient into a table many pairs share (a relative-position table).
 
     Most tiles read a short run of entries (near the diagonal), so reduce per entry inside the tile
-    and add scalars; per-element atomics (all contending for a handful of addresses) only for
-    tiles that read many entries. Deterministic: always per entry, into the program's own row
-    (``gdst{i}``)."""
-    ok, o = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}"
-
-    def adds(ind):
-        return _per_entry_adds(o, off, ok, contrib, f"gdst{i}", ind)
-    return (adds(B)[0] +
-            f"{B}if DETERMINISTIC:\n{adds(B + I1)[1]}"
+    and add once per entry; per-element atomic adds (all contending for a handful of addresses) only
+    for tiles that read many entries. Offsets are 32-bit unless the table's can pass 2**31
+    (``GL{i}_WIDE``), and the entry loop keys on them relative to the tile's first entry: an int64
+    offset tile would hold 32 more registers per thread across the loop, and converting its
+    pointers for the per-element adds cost 64 KiB of shared memory (a float32 table then went over
+    the H100's limit). Deterministic: always per entry, into the program's own row (``gdst{i}``)."""
+    ok, o, key = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}", f"gkey{i}"
+    wide = _per_entry_adds(o, clamped_offset(p, idx), ok, contrib, f"gdst{i}", B + I1)
+    narrow = _per_entry_adds(o, clamped_offset(p, idx, wide=False), ok, contrib, f"gdst{i}", B + I1, SCATTER_NONE32)
+    return (f"{B}if GL{i}_WIDE:\n{wide[0]}{B}else:\n{narrow[0]}"
+            f"{B}if DETERMINISTIC:\n{wide[1]}"
+            f"{B}elif {o}_hi - {o}_lo < {SCATTER_SPAN}:\n"
+            # keyed on the gradient tile (a zero adds nothing): the key then takes the tile's layout
+            # once, not a converted compare per entry
+            f"{B}    {key} = tl.where({ok} & ({contrib} != 0.0), ({o} - {o}_lo).to(tl.int32), -1)\n"
+            f"{_span_adds(key, f'{o}_hi - {o}_lo', contrib, f'gdst{i} + {o}_lo', B + I1)}"
             f"{B}else:\n"
-            f"{B}    if {o}_hi - {o}_lo < {SCATTER_SPAN}:\n{_span_adds(o, ok, contrib, f'gdst{i}', B + I2)}"
-            f"{B}    else:\n"
-            f"{B}        tl.atomic_add(gdst{i} + {o}, {contrib}, mask={ok})\n")
+            f"{B}    tl.atomic_add(gdst{i} + {o}, {contrib}, mask={ok})\n")
 
 
-def _span_adds(o: str, ok: str, contrib: str, dst: str, B: str) -> str:
-    """A tile's sums per entry of a short span, added with one vector atomic: per entry only a sum
-    along each query row (within a warp), kept in a [rows, span] tile; the sum over rows (across
-    warps) once at the end. A full reduction per entry would cost a barrier each."""
+def _span_adds(key: str, last: str, contrib: str, dst: str, B: str) -> str:
+    """A tile's sums per entry ``0..last`` of a short span (``key``: the entry of each element, -1
+    for none), added with one vector atomic at ``dst``: per entry only a sum along each query row
+    (within a warp), kept in a [rows, span] tile; the sum over rows (across warps) once at the end.
+    A full reduction per entry would cost a barrier each. ``SPAN_UNROLL`` entries per iteration:
+    one entry's compare, row sum and shuffles form a chain of dependent instructions, and
+    independent chains side by side hide each other's latency (BENCHMARKS.md: dQ 3.89 -> 3.39 ms
+    for a learnable T5 table at L=16384). Entries past ``last`` match no element and land in
+    columns the atomic masks off."""
+    sums = "".join(f"{B}    row_sum{k} = tl.sum(tl.where({key} == e + {k}, {contrib}, 0.0), 1)\n"
+                   for k in range(SPAN_UNROLL))
+    puts = "".join(f"{B}    per_row = tl.where(span[None, :] == e + {k}, row_sum{k}[:, None], per_row)\n"
+                   for k in range(SPAN_UNROLL))
     return (f"{B}span = tl.arange(0, {SCATTER_SPAN})\n"
             f"{B}per_row = tl.zeros([BLOCK_M, {SCATTER_SPAN}], tl.float32)\n"
-            f"{B}for e in range(0, {o}_hi - {o}_lo + 1):\n"
-            f"{B}    row_sum = tl.sum(tl.where(({o} == {o}_lo + e) & {ok}, {contrib}, 0.0), 1)\n"
-            f"{B}    per_row = tl.where(span[None, :] == e, row_sum[:, None], per_row)\n"
-            f"{B}tl.atomic_add({dst} + {o}_lo + span, tl.sum(per_row, 0), mask=span <= {o}_hi - {o}_lo)\n")
+            f"{B}for e in range(0, {last} + 1, {SPAN_UNROLL}):\n{sums}{puts}"
+            f"{B}tl.atomic_add({dst} + span, tl.sum(per_row, 0), mask=span <= {last})\n")
 
 
 def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:
@@ -691,7 +708,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
                      f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
                      f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
                      f"{B}else:\n{body}")
-            loop += _scatter_code(i, contrib, clamped_offset(p, idx), B + I1)
+            loop += _scatter_code(i, contrib, p, idx, B + I1)
             continue
         idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
                for a in gl.load.args]
@@ -719,7 +736,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
         elif gl.scope == "scatter":
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
-            loop += _scatter_code(i, contrib, off, B)
+            loop += _scatter_code(i, contrib, p, idx, B)
         else:
             # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and
             # are bounds-masked like the forward's load, so a pair the forward read as 0 adds nothing

@@ -285,6 +285,20 @@ def test_scattered_table_gradient_both_reductions(block):
             block=block, name=f"rel table, {block}x{block} tiles")
 
 
+@pytest.mark.parametrize("block", [16, 64])
+def test_scattered_table_gradient_wide_offsets(block, monkeypatch):
+    """The 64-bit offsets a table of more than 2**31 elements takes (``GL{i}_WIDE``), forced on a
+    small one: per-entry sums and per-element adds against the reference."""
+    from attndsl.runtime import launch
+    seen = []
+    monkeypatch.setattr(launch, "wide_offsets", lambda t: seen.append(t.shape) or True)
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=23)
+    table = randn(4, 2 * 100 + 1, gen=gen)
+    compare(q, k, v, mask_mod=sliding(90), score_mod=relative_position_bias(table, 100), learn=[table],
+            block=block, name=f"rel table, wide offsets, {block}x{block} tiles")
+    assert seen, "the launcher never asked for the offset width"
+
+
 def test_per_query_table():
     gen, (q, k, v) = _case(seed=8)
     t = randn(70, gen=gen)

@@ -290,6 +290,7 @@ class Runner:
                     dbufs[gl.slot] = torch.zeros(t.shape, dtype=t.dtype if alone else torch.float32, device=t.device)
             gl_consts.setdefault(f"GL{i}_ZERO_FILL", False)
             gl_consts[f"GL{i}_ATOMIC"] = not exact
+            gl_consts[f"GL{i}_WIDE"] = wide_offsets(t)
             if det and gl.scope in ("program", "row"):
                 # per-program partial sums and their offsets; sized for any tile of 16 rows or more
                 n = B * Hq * (triton.cdiv(Lq, 16) if gl.scope == "program" else Lq + 256)
@@ -338,6 +339,12 @@ class Runner:
             _ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         return dq, dk, dv, dsinks, du, dw, dbufs
+
+
+def wide_offsets(t: torch.Tensor) -> bool:
+    """Do offsets into learnable tensor ``t`` (passed contiguous) need 64 bits? Otherwise the dQ
+    kernel keys a scattered gradient's entries in 32 bits (``codegen.kernels._scatter_code``)."""
+    return t.numel() > 2**31
 
 
 def gl_exact(gl, B: int, Hq: int) -> bool:
