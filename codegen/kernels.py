@@ -557,9 +557,10 @@ def {spec.name}_bwd_dkdv(
     return _split_extras_loop(src, spec.bwd_range, table, visit_if)
 
 
-#: a scattered gradient's tile whose entries lie within this many offsets is summed per entry inside
-#: the tile (``_span_adds``); a wider tile adds per element
+#: a scattered gradient's tile whose entries lie within ``SCATTER_CHUNKS`` chunks of this many
+#: offsets is summed per entry inside the tile (``_span_adds``); a wider tile adds per element
 SCATTER_SPAN = 64
+SCATTER_CHUNKS = 2
 SCATTER_NONE = 1 << 62
 SCATTER_NONE32 = (1 << 31) - 1
 #: entries of a span summed side by side (see _span_adds)
@@ -584,42 +585,51 @@ def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str) -> str:
 
     Most tiles read a short run of entries (near the diagonal), so reduce per entry inside the tile
     and add once per entry; per-element atomic adds (all contending for a handful of addresses) only
-    for tiles that read many entries. Offsets are 32-bit unless the table's can pass 2**31
-    (``GL{i}_WIDE``), and the entry loop keys on them relative to the tile's first entry: an int64
-    offset tile would hold 32 more registers per thread across the loop, and converting its
-    pointers for the per-element adds cost 64 KiB of shared memory (a float32 table then went over
-    the H100's limit). Deterministic: always per entry, into the program's own row (``gdst{i}``)."""
+    for tiles whose entries span more than ``SCATTER_CHUNKS * SCATTER_SPAN`` offsets. The span
+    counts only elements with a nonzero gradient (masked pairs add nothing: a clipped distance's
+    diagonal tile reads 129 entries, 65 of them unmasked). Offsets are 32-bit unless the table's
+    can pass 2**31 (``GL{i}_WIDE``), and the entry loop keys on them relative to the tile's first
+    entry: an int64 offset tile would hold 32 more registers per thread across the loop, and
+    converting its pointers for the per-element adds cost 64 KiB of shared memory (a float32
+    table then went over the H100's limit). Deterministic: always per entry, into the program's own
+    row (``gdst{i}``)."""
     ok, o, key = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}", f"gkey{i}"
-    wide = _per_entry_adds(o, clamped_offset(p, idx), ok, contrib, f"gdst{i}", B + I1)
-    narrow = _per_entry_adds(o, clamped_offset(p, idx, wide=False), ok, contrib, f"gdst{i}", B + I1, SCATTER_NONE32)
-    return (f"{B}if GL{i}_WIDE:\n{wide[0]}{B}else:\n{narrow[0]}"
-            f"{B}if DETERMINISTIC:\n{wide[1]}"
-            f"{B}elif {o}_hi - {o}_lo < {SCATTER_SPAN}:\n"
-            # keyed on the gradient tile (a zero adds nothing): the key then takes the tile's layout
-            # once, not a converted compare per entry
-            f"{B}    {key} = tl.where({ok} & ({contrib} != 0.0), ({o} - {o}_lo).to(tl.int32), -1)\n"
-            f"{_span_adds(key, f'{o}_hi - {o}_lo', contrib, f'gdst{i} + {o}_lo', B + I1)}"
+    # keyed on the gradient tile: the offsets then take its layout once, not a converted compare
+    # per entry
+    live = f"{ok} & ({contrib} != 0.0)"
+    det = _per_entry_adds(o, clamped_offset(p, idx), ok, contrib, f"gdst{i}", B + I1)
+    B2 = B + I2
+    return (f"{B}if DETERMINISTIC:\n{det[0]}{det[1]}"
             f"{B}else:\n"
-            f"{B}    tl.atomic_add(gdst{i} + {o}, {contrib}, mask={ok})\n")
+            f"{B}    if GL{i}_WIDE:\n{B2}{o} = tl.where({live}, {clamped_offset(p, idx)}, {SCATTER_NONE})\n"
+            f"{B}    else:\n{B2}{o} = tl.where({live}, {clamped_offset(p, idx, wide=False)}, {SCATTER_NONE32})\n"
+            f"{B}    {o}_lo = tl.min({o})\n"
+            f"{B}    {o}_hi = tl.max(tl.where({live}, {o}, -1))\n"
+            f"{B}    if {o}_hi - {o}_lo < {SCATTER_CHUNKS * SCATTER_SPAN}:\n"
+            f"{B2}{key} = tl.where({live}, ({o} - {o}_lo).to(tl.int32), -1)\n"
+            f"{_span_adds(key, f'{o}_hi - {o}_lo', contrib, f'gdst{i} + {o}_lo', B2)}"
+            f"{B}    else:\n"
+            f"{B2}tl.atomic_add(gdst{i} + {o}, {contrib}, mask={live})\n")
 
 
 def _span_adds(key: str, last: str, contrib: str, dst: str, B: str) -> str:
-    """A tile's sums per entry ``0..last`` of a short span (``key``: the entry of each element, -1
-    for none), added with one vector atomic at ``dst``: per entry only a sum along each query row
-    (within a warp), kept in a [rows, span] tile; the sum over rows (across warps) once at the end.
-    A full reduction per entry would cost a barrier each. ``SPAN_UNROLL`` entries per iteration:
-    one entry's compare, row sum and shuffles form a chain of dependent instructions, and
-    independent chains side by side hide each other's latency (BENCHMARKS.md: dQ 3.89 -> 3.39 ms
-    for a learnable T5 table at L=16384). Entries past ``last`` match no element and land in
-    columns the atomic masks off."""
-    sums = "".join(f"{B}    row_sum{k} = tl.sum(tl.where({key} == e + {k}, {contrib}, 0.0), 1)\n"
+    """A tile's sums per entry ``0..last`` of a span (``key``: the entry of each element, -1 for
+    none), added with one vector atomic per ``SCATTER_SPAN`` entries at ``dst``: per entry only a
+    sum along each query row (within a warp), kept in a [rows, span] tile; the sum over rows
+    (across warps) once per chunk. A full reduction per entry would cost a barrier each.
+    ``SPAN_UNROLL`` entries per iteration: one entry's compare, row sum and shuffles form a chain
+    of dependent instructions, and independent chains side by side hide each other's latency
+    (BENCHMARKS.md: dQ 3.89 -> 3.39 ms for a learnable T5 table at L=16384). Entries past
+    ``last`` match no element and land in columns the atomic masks off."""
+    sums = "".join(f"{B}        row_sum{k} = tl.sum(tl.where({key} == e + {k}, {contrib}, 0.0), 1)\n"
                    for k in range(SPAN_UNROLL))
-    puts = "".join(f"{B}    per_row = tl.where(span[None, :] == e + {k}, row_sum{k}[:, None], per_row)\n"
+    puts = "".join(f"{B}        per_row = tl.where(span[None, :] == e + {k} - chunk, row_sum{k}[:, None], per_row)\n"
                    for k in range(SPAN_UNROLL))
     return (f"{B}span = tl.arange(0, {SCATTER_SPAN})\n"
-            f"{B}per_row = tl.zeros([BLOCK_M, {SCATTER_SPAN}], tl.float32)\n"
-            f"{B}for e in range(0, {last} + 1, {SPAN_UNROLL}):\n{sums}{puts}"
-            f"{B}tl.atomic_add({dst} + span, tl.sum(per_row, 0), mask=span <= {last})\n")
+            f"{B}for chunk in range(0, {last} + 1, {SCATTER_SPAN}):\n"
+            f"{B}    per_row = tl.zeros([BLOCK_M, {SCATTER_SPAN}], tl.float32)\n"
+            f"{B}    for e in range(chunk, tl.minimum(chunk + {SCATTER_SPAN}, {last} + 1), {SPAN_UNROLL}):\n{sums}{puts}"
+            f"{B}    tl.atomic_add({dst} + chunk + span, tl.sum(per_row, 0), mask=span <= {last} - chunk)\n")
 
 
 def _private_row(gl, i: int, p: str, em: ExprEmitter) -> tuple[str, str]:

@@ -274,28 +274,31 @@ def test_t5_bucket_table_unidirectional_causal():
             learn=[table], block=16, name="t5 causal")
 
 
-@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("block", [16, 64, 128])
 def test_scattered_table_gradient_both_reductions(block):
     """A table read through ``q - kv``: tiles reading few entries reduce per entry inside the tile
-    (16x16 tiles: at most 31 distances), wider ones (64x64: 127 distances, more than
-    ``SCATTER_SPAN``) add per element; both against the reference, with Lq != Lkv and GQA."""
+    (16x16 tiles: at most 31 distances, one chunk of ``SCATTER_SPAN``; 64x64: 127, two chunks),
+    wider ones (128x128: 255 distances) add per element; all against the reference, with
+    Lq != Lkv and GQA. The window is two-sided, so a tile's unmasked pairs span all its distances."""
     gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=17)
     table = randn(4, 2 * 100 + 1, gen=gen)
-    compare(q, k, v, mask_mod=sliding(90), score_mod=relative_position_bias(table, 100), learn=[table],
-            block=block, name=f"rel table, {block}x{block} tiles")
+    compare(q, k, v, mask_mod=lambda b, h, qi, kv: (qi - kv < 100) & (kv - qi < 100),
+            score_mod=relative_position_bias(table, 100), learn=[table], block=block,
+            name=f"rel table, {block}x{block} tiles")
 
 
-@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("block", [16, 128])
 def test_scattered_table_gradient_wide_offsets(block, monkeypatch):
     """The 64-bit offsets a table of more than 2**31 elements takes (``GL{i}_WIDE``), forced on a
-    small one: per-entry sums and per-element adds against the reference."""
+    small one: per-entry sums (16x16 tiles) and per-element adds (128x128) against the reference."""
     from attndsl.runtime import launch
     seen = []
     monkeypatch.setattr(launch, "wide_offsets", lambda t: seen.append(t.shape) or True)
     gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=23)
     table = randn(4, 2 * 100 + 1, gen=gen)
-    compare(q, k, v, mask_mod=sliding(90), score_mod=relative_position_bias(table, 100), learn=[table],
-            block=block, name=f"rel table, wide offsets, {block}x{block} tiles")
+    compare(q, k, v, mask_mod=lambda b, h, qi, kv: (qi - kv < 100) & (kv - qi < 100),
+            score_mod=relative_position_bias(table, 100), learn=[table], block=block,
+            name=f"rel table, wide offsets, {block}x{block} tiles")
     assert seen, "the launcher never asked for the offset width"
 
 
