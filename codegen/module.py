@@ -55,13 +55,11 @@ def _gather(ptr):
     """A captured tensor's elements read each at its own address (a T5 bucket table). Triton
     pipelines a 32-bit tl.load through shared memory whatever its addresses: 4-byte async copies
     into two tile-sized buffers, 64 KiB per tile of float32, which took a float32 table's dQ kernel
-    over the H100's shared memory. A plain read-only load on NVIDIA GPUs; tl.load elsewhere. 16-bit
-    elements too: tl.load is not pipelined there, but the read-only path was faster (BENCHMARKS.md)."""
+    over the H100's shared memory. A plain read-only load on NVIDIA GPUs for float tensors (a
+    score modifier's tables); tl.load elsewhere. 16-bit floats too: tl.load is not pipelined there,
+    but the read-only path was faster (BENCHMARKS.md). Integer tables (masks) keep tl.load."""
     if PTX and ptr.dtype.element_ty == tl.float32:
         return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=f,l", [ptr], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    elif PTX and ptr.dtype.element_ty == tl.int32:
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
                                          is_pure=True, pack=1)
     elif PTX and (ptr.dtype.element_ty == tl.bfloat16 or ptr.dtype.element_ty == tl.float16):
         bits = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [ptr], dtype=tl.int16,
