@@ -155,7 +155,7 @@ def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str) -> str:
 # -------------------------------------------------------------------------------------------
 EXTRA_PARAMS = ("Sinks, U, W, stride_ub, stride_uh, stride_um, stride_ur, stride_wb, stride_wh, stride_wn, stride_wr, "
                 "W_GROUP, RANK, sigmoid_bias,")
-EXTRA_CONSTS = "HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, FAST_SIGMOID: tl.constexpr,"
+EXTRA_CONSTS = "HAS_SINKS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,"
 
 
 def _grad_params(spec: KernelSpec) -> str:
@@ -287,7 +287,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
         store_lse = "    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)\n"
     else:
         init = ""
-        update = '''{B}p = _sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)
+        update = '''{B}p = _sigmoid_exp2(s + sigmoid_bias * LOG2E, Q)
 {B}acc += {pv}
 '''
         finish = "    out = acc\n"
@@ -425,7 +425,7 @@ def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str,
 def _probs(spec: KernelSpec, ind: str, p: str, lse: str) -> str:
     if _softmax(spec):
         return f"{ind}{p} = tl.exp2(s - {lse})\n"
-    return f"{ind}{p} = _sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)\n"
+    return f"{ind}{p} = _sigmoid_exp2(s + sigmoid_bias * LOG2E, Q)\n"
 
 
 def dkdv(spec: KernelSpec, table: bool) -> str:

@@ -75,11 +75,12 @@ def _tanh(x):
 
 
 @triton.jit
-def _sigmoid_exp2(z, FAST: tl.constexpr):
-    """sigmoid(z * ln 2). FAST: one hardware tanh, sigmoid(x) = 0.5 + 0.5 * tanh(x / 2), instead of
-    an exp2 and a reciprocal (two special-function ops per score, the forward's bottleneck); taken
-    only where P meets V in 16 bits, whose rounding is coarser than tanh.approx's error."""
-    if FAST:
+def _sigmoid_exp2(z, inputs):
+    """sigmoid(z * ln 2). On NVIDIA GPUs with 16-bit inputs (``inputs``: a pointer to them) one
+    hardware tanh, sigmoid(x) = 0.5 + 0.5 * tanh(x / 2), instead of an exp2 and a reciprocal (two
+    special-function ops per score, the forward's bottleneck): P meets V in 16 bits there, whose
+    rounding is coarser than tanh.approx's error. Exact elsewhere."""
+    if PTX and (inputs.dtype.element_ty == tl.bfloat16 or inputs.dtype.element_ty == tl.float16):
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z * (0.5 * LN2)],
                                       dtype=tl.float32, is_pure=True, pack=1)
         return 0.5 + 0.5 * t

@@ -149,7 +149,7 @@ def _norm(spec: KernelSpec) -> str:
     return getattr(spec, "normalizer", "softmax")
 
 
-_SIGMOID = "_sigmoid_exp2(s + sigmoid_bias * LOG2E, FAST_SIGMOID)"
+_SIGMOID = "_sigmoid_exp2(s + sigmoid_bias * LOG2E, Q)"
 
 
 def gather_forward(spec: KernelSpec) -> str:
@@ -193,7 +193,7 @@ def {spec.name}_fwd(
     NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, Sinks, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """Gather forward ({_norm(spec)}): one program per (query token, batch*unit); heads packed in M."""{pro}
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -222,7 +222,7 @@ def {spec.name}_bwd(
     NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Gather backward: dQ in registers, dK/dV scattered into float32 buffers with atomic adds."""{pro}
     do = tl.load(DO + b.to(tl.int64) * stride_dob + heads[:, None].to(tl.int64) * stride_doh

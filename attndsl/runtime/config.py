@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -47,12 +45,6 @@ def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, Tile
     if cfgs.fwd_small is not None and n_programs <= SMALL_GRID_PER_SM * n_sms:
         return "fwd_small", cfgs.fwd_small
     return "fwd", cfgs.fwd
-
-
-def fast_sigmoid(interpret: bool, dtype) -> bool:
-    """Sigmoid through the hardware tanh: on NVIDIA GPUs, for 16-bit inputs (P meets V in 16 bits,
-    whose rounding is coarser than tanh.approx.f32's error); exact exp2 and division elsewhere."""
-    return not interpret and torch.version.hip is None and dtype in (torch.bfloat16, torch.float16)
 
 
 def block_d(head_dim: int) -> int:

@@ -14,7 +14,7 @@ from .. import ir
 from . import cache
 from .interpreter import interpreting
 from ..codegen_bridge import dq_visits_whole_range
-from .config import Configs, TileConfig, block_d, fast_sigmoid, forward_tiles
+from .config import Configs, TileConfig, block_d, forward_tiles
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 
@@ -152,8 +152,7 @@ class Runner:
     def _consts(self, dtype):
         upcast = self.interpret and dtype == torch.bfloat16
         prec = "ieee" if dtype == torch.float32 else "tf32"
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec,
-                    FAST_SIGMOID=fast_sigmoid(self.interpret, dtype))
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec)
 
     def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, **consts):
         """Launch; on a shared-memory overflow retry with smaller tiles (and remember them).

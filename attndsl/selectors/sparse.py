@@ -24,7 +24,7 @@ import triton
 
 from .. import codegen_bridge
 from ..runtime import cache
-from ..runtime.config import block_d, fast_sigmoid
+from ..runtime.config import block_d
 from ..runtime.interpreter import interpreting
 from ..runtime.launch import _new, buffer_args, use_interpreter
 
@@ -148,7 +148,7 @@ class GatherRunner:
         return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, BLOCK_H=max(16, triton.next_power_of_2(hpp)),
                     BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                    FAST_SIGMOID=fast_sigmoid(self.interpret, q.dtype), num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+                    num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
     def _shape_args(self, q, k, indices):
         B, Hq, Lq, _ = q.shape
