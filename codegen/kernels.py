@@ -57,11 +57,18 @@ def _table_plan_lines(prefix: str, bh_off: str, row: str) -> list[str]:
     ]
 
 
-def _tile_of_iteration(table: bool, rng=None, runs: bool = False) -> list[str]:
+def _tile_of_iteration(table: bool, rng=None, runs: bool = False, part: str = "both") -> list[str]:
     """Full tiles first (no mask), then the partial ones. Beside a run loop (``codegen/runs.py``)
-    the loop starts at ``n_run`` and its full tiles are the ones between the two runs."""
+    the loop starts at ``n_run`` and its full tiles are the ones between the two runs. ``part``:
+    the tile of a loop over the full tiles only ("full") or the partial ones only ("partial")."""
     if isinstance(rng, VisitBox) and not table:
         return _box.iteration_lines(rng)
+    if part == "full":
+        return ["tile = tl.load(TBL_FULL + tbl_off + it)" if table else f"tile = f_begin + it{' - n_suf' if runs else ''}"]
+    if part == "partial":
+        if table:
+            return ["tile = tl.load(TBL_PART + tbl_off + (it - n_full))"]
+        return ["j = it - n_full", "tile = tl.where(j < n_first, t_begin + j, f_end + (j - n_first))"]
     if table:
         return [
             "is_partial = it >= n_full",
@@ -118,25 +125,34 @@ def _dot(a: str, b: str) -> str:
     return f"tl.dot({a}, {b}, input_precision=DOT_PRECISION)"
 
 
-def _loop_head(spec: KernelSpec, run: bool, runs: bool, table: bool, rng, inner: str, ind: str) -> str:
+def _loop_head(spec: KernelSpec, run: bool, runs: bool, table: bool, rng, inner: str, ind: str,
+               part: str = "both") -> str:
     """``for it in ...:`` and the iteration's tile: a constant-run loop (``codegen/runs.py``) or the
-    general loop (beside run loops it starts at ``n_run``)."""
+    general loop (beside run loops it starts at ``n_run``), whole or split into its full and its
+    partial tiles (``part``)."""
     if run:
         return f"{ind}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, inner), ind + I1)}"
-    return (f"{ind}for it in range({'n_run' if runs else 0}, n_tiles):\n"
-            f"{_indent(_tile_of_iteration(table, rng, runs), ind + I1)}")
+    first = "n_run" if runs else "0"
+    bounds = {"both": (first, "n_tiles"), "full": (first, "n_full"), "partial": ("n_full", "n_tiles")}[part]
+    return (f"{ind}for it in range({bounds[0]}, {bounds[1]}):\n"
+            f"{_indent(_tile_of_iteration(table, rng, runs, part), ind + I1)}")
 
 
-def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str) -> str:
+def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str, tma: bool = False) -> str:
     """A key tile of the forward or dQ loop: its indices, Kᵀ, V (as ``v``: ``v`` or ``vT``) and the
     low-rank factor's Wᵀ. ``tests`` (the tile's classification, ``if nonempty:``) sits between the
-    indices and the loads."""
+    indices and the loads. ``tma``: K and V may come through the tensor descriptors of
+    ``KV_DESCRIPTORS`` (the forward)."""
+    first = f"{B}if EVEN_KV:\n"
+    if tma:
+        # descriptor offsets are 32-bit (a captured int64 scalar can make the tile index int64)
+        first = (f"{B}if KV_TMA:\n{B}    kT = k_desc.load([kv_lo.to(tl.int32), 0]).T\n"
+                 f"{B}    {v} = v_desc.load([kv_lo.to(tl.int32), 0])\n{B}elif EVEN_KV:\n")
     return f'''{I2}kv_lo = tile * BLOCK_N
 {I2}kv_hi = kv_lo + BLOCK_N - 1
 {I2}offs_n = kv_lo + offs_n0
 {I2}kv_idx = offs_n[None, :]
-{tests}{B}if EVEN_KV:
-{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{tests}{first}{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
 {B}    {v} = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + {v_offs})
 {B}else:
 {B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
@@ -150,6 +166,15 @@ def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str) -> str:
 {B}    if UPCAST:
 {B}        wT = wT.to(tl.float32)
 '''
+
+
+KV_DESCRIPTORS = f"""{I1}if KV_TMA:
+{I1}    # K and V tiles through the tensor memory accelerator (Hopper and later): no per-element
+{I1}    # address arithmetic or masks; rows past LKV and columns past HEAD_D read as zeros. The
+{I1}    # backward kernels keep pointer loads (no gain measured there: BENCHMARKS.md)
+{I1}    k_desc = tl.make_tensor_descriptor(k_base, shape=[LKV, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+{I1}    v_desc = tl.make_tensor_descriptor(v_base, shape=[LKV, HEAD_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+"""
 
 
 # -------------------------------------------------------------------------------------------
@@ -242,6 +267,15 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mod
     return head + em.take(stage, ind) + tail
 
 
+def _split_loop(spec: KernelSpec, rng, cls) -> bool:
+    """Visit the full and the partial tiles in two loops (the first with no mask code) rather than
+    one loop with ``if is_partial:``? For the sigmoid forward: on an H100 (bf16, causal, H=16,
+    D=128, L=16384) 4% faster with pointer loads and 1.5% with TMA loads; at L=4096 within noise;
+    the softmax forward was 1-3% slower split (BENCHMARKS.md). Per-tile classification and box
+    plans set ``is_partial`` per tile and keep one loop."""
+    return spec.normalizer == "sigmoid" and cls is None and not isinstance(rng, VisitBox)
+
+
 def forward(spec: KernelSpec, table: bool) -> str:
     name = f"{spec.name}_fwd"
     env = {"b": ("b", 0), "h": ("h", 0), "q": ("q_idx", 1), "q_lo": ("q_lo", 1), "q_hi": ("q_hi", 1),
@@ -293,26 +327,35 @@ def forward(spec: KernelSpec, table: bool) -> str:
         finish = "    out = acc\n"
         store_lse = ""
 
-    def kv_loop(mode: str) -> str:
-        """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
+    def kv_loop(mode: str, part: str = "both") -> str:
+        """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general
+        one, whole or as a loop over its full tiles (no mask code) and one over its partial tiles
+        (``part``)."""
         run = mode == "run"
         B = I2 if run else Bg
-        head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1)
+        head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1, part)
         score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode)
         masked = ""
-        if not run:
+        if not run and part != "full":
+            M = B + I1 if part == "both" else B
             keep, mask_body = "kv_idx < LKV", ""
             if spec.mask is not None:
-                m, mask_body = em.branch(2, B + I1, lambda: em.emit(spec.mask, 2))
+                m, mask_body = em.branch(2, M, lambda: em.emit(spec.mask, 2))
                 keep = f"({m}) & (kv_idx < LKV)"
-            masked = f"{B}if is_partial:\n" + mask_body + f"{B}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+            masked = (f"{B}if is_partial:\n" if part == "both" else "") + mask_body + \
+                f"{M}s = tl.where({keep}, s, float(\"-inf\"))\n"
         em.forget(2)
-        tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & d_ok[None, :]")
+        tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & d_ok[None, :]",
+                        tma=True)
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"))}{B}visited += 1
 '''
 
-    loops = kv_loop("plain" if runs else "tested")
+    mode = "plain" if runs else "tested"
+    if _split_loop(spec, spec.fwd_range, cls):
+        loops = kv_loop(mode, "full") + kv_loop(mode, "partial")
+    else:
+        loops = kv_loop(mode)
     if runs:
         loops = _runs.search(spec, "kv", "BLOCK_N", I1) + kv_loop("run") + loops
     src = f'''
@@ -328,6 +371,7 @@ def {name}(
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, EVEN_KV: tl.constexpr,
+    KV_TMA: tl.constexpr,
     {EXTRA_CONSTS}
 ):
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
@@ -356,7 +400,7 @@ def {name}(
     offs_n0 = tl.arange(0, BLOCK_N)
     kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_offs = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if HAS_BIAS:
+{KV_DESCRIPTORS}    if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                     mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)

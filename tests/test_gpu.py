@@ -102,9 +102,13 @@ def rel_err(got, want):
     return float(diff) / max(float(finite.abs().max()) if finite.numel() else 1.0, 1e-6)
 
 
-def check_against_reference(mask, score, B, Hq, Hkv, Lq, Lkv, D, dtype, lse_grad=False):
+def check_against_reference(mask, score, B, Hq, Hkv, Lq, Lkv, D, dtype, lse_grad=False, kv_layout=None, **tiles):
+    """``kv_layout(t)``: K and V as a view of other storage (leaves that receive the gradients);
+    ``tiles``: caller tile sizes for ``attndsl.compile``."""
     q, k, v = inputs(B, Hq, Hkv, Lq, Lkv, D, dtype)
-    comp = attndsl.compile(mask_mod=mask, score_mod=score)
+    if kv_layout is not None:
+        k, v = (kv_layout(t.detach()).requires_grad_() for t in (k, v))
+    comp = attndsl.compile(mask_mod=mask, score_mod=score, **tiles)
     out, lse = comp(q, k, v, return_lse=True)
     assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, Hq, Lq)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -170,6 +174,36 @@ def test_dead_rows_on_gpu(dtype):
     assert torch.isneginf(lse[:, :, :live]).all() and torch.isfinite(lse[:, :, live:]).all()
     assert torch.equal(dq[:, :, :live].float(), torch.zeros_like(dq[:, :, :live].float()))
     assert torch.isfinite(dk).all()
+
+
+# --- the forward's K/V tiles through tensor descriptors (TMA) or pointer loads -------------------------
+def _blhd(t):
+    """The same values stored as [B, L, H, D] (rows of one head 2*H*D bytes apart)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _unaligned_rows(t):
+    """The same values in rows 2*(D+4) bytes apart: not a multiple of 16, so no descriptors."""
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 4, device=t.device, dtype=t.dtype)
+    wide[..., :t.shape[-1]] = t
+    return wide[..., :t.shape[-1]]
+
+
+@pytest.mark.parametrize("name,mask,D,dtype,layout,tma", [
+    ("causal_gqa_d128_bf16", causal, 128, torch.bfloat16, None, True),
+    ("causal_d128_bf16_blhd", causal, 128, torch.bfloat16, _blhd, True),
+    ("window_d96_fp16", window_abs(150), 96, torch.float16, None, True),  # descriptor columns past D read zeros
+    ("causal_d64_bf16_unaligned", causal, 64, torch.bfloat16, _unaligned_rows, False),
+])
+def test_kv_tiles_through_descriptors_on_gpu(name, mask, D, dtype, layout, tma):
+    """The forward's large tiles (caller tiles 128x64, as at L=16384) read K/V through tensor
+    descriptors where the strides allow it and through pointers where they do not."""
+    from attndsl.runtime.launch import tma_ready
+    q, k, v = inputs(1, 8, 2, 777, 777, D, dtype)
+    if layout is not None:
+        k = layout(k.detach())
+    assert tma_ready(False, k, k) == tma
+    check_against_reference(mask, None, 1, 8, 2, 777, 777, D, dtype, kv_layout=layout, block_m=128, block_n=64)
 
 
 # --- visit counts at L = 4096 ----------------------------------------------------------------------

@@ -514,3 +514,62 @@ def test_shared_memory_retry_rebuilds_block_tables():
     assert all(f.widths[:2] == [32, 16] for f in flaky.values()), {n: f.widths for n, f in flaky.items()}
     visits = comp.visit_counts(q.detach(), k.detach(), v.detach())
     assert torch.equal(visits.cpu(), brute_visits(doc_mask, 1, 2, 78, 78, 32, 16).to(visits.dtype).reshape(visits.shape))
+
+
+# --- the forward's K/V tiles through tensor descriptors (TMA) or pointer loads -----------------------------
+def test_tma_ready_follows_the_descriptor_rules():
+    """Last stride 1, base and other strides (of dimensions longer than 1) in multiples of 16 bytes."""
+    from attndsl.runtime.launch import tma_ready
+    t = torch.randn(2, 3, 40, 16)
+    assert tma_ready(True, t, t)
+    assert not tma_ready(True, t.transpose(-1, -2))  # last stride 40
+    assert not tma_ready(True, torch.randn(2, 3, 40, 17)[..., :16])  # rows 68 bytes apart
+    assert not tma_ready(True, torch.randn(2, 3, 40, 20)[..., 1:17])  # base 4 bytes off
+    assert tma_ready(True, torch.randn(1, 3, 40, 20)[..., :16])  # rows 80 bytes apart
+    assert tma_ready(True, torch.randn(2, 40, 3, 16).transpose(1, 2))  # [B, L, H, D] storage
+    assert not tma_ready(False, t)  # CPU tensors outside the interpreter
+
+
+def _launched_tma(monkeypatch):
+    """Record the KV_TMA constant of every launch that has one (the forward's)."""
+    from attndsl.runtime import launch
+    seen = []
+    orig = launch.Runner._launch
+
+    def spy(self, kernel, grid, args, cfg, which, table_args=None, **consts):
+        if "KV_TMA" in consts:
+            seen.append((which, consts["KV_TMA"](cfg)))
+        return orig(self, kernel, grid, args, cfg, which, table_args=table_args, **consts)
+    monkeypatch.setattr(launch.Runner, "_launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["descriptors", "unaligned_rows", "config_without_tma"])
+def test_kv_tiles_through_descriptors_or_pointers(how, monkeypatch):
+    """The forward's two ways of reading K/V tiles give the reference's values and gradients, with
+    lengths that are not multiples of the tile and a head dim below the padded one (zero fill by
+    either)."""
+    import attndsl.api
+    from attndsl.runtime.config import Configs, TileConfig
+    seen = _launched_tma(monkeypatch)
+    if how == "config_without_tma":
+        c = TileConfig(BLOCK, BLOCK, 4, 1, tma=False)
+        monkeypatch.setattr(attndsl.api, "choose", lambda *a, **kw: Configs(c, c, c))
+    B, Hq, Hkv, Lq, Lkv, D = 1, 4, 2, 37, 45, 24
+    q = rand(B, Hq, Lq, D, seed=3, grad=True)
+    if how == "unaligned_rows":  # rows 100 bytes apart
+        k = rand(B, Hkv, Lkv, D + 1, seed=4)[..., :D].requires_grad_()
+        v = rand(B, Hkv, Lkv, D + 1, seed=5)[..., :D].requires_grad_()
+    else:
+        k, v = rand(B, Hkv, Lkv, D, seed=4, grad=True), rand(B, Hkv, Lkv, D, seed=5, grad=True)
+    comp = attndsl.compile(mask_mod=sliding(20), block_m=BLOCK, block_n=BLOCK)
+    out = comp(q, k, v)
+    (q64, k64, v64), ref, _ = reference(q, k, v, sliding(20))
+    assert_close(out, ref, 2e-4, "out")
+    dout = rand(*out.shape, seed=6)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for name_, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert_close(got, want, 5e-4, name_)
+    assert {w for w, _ in seen} == {"fwd"}
+    assert all(t == (how == "descriptors") for _, t in seen), seen

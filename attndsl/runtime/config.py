@@ -11,6 +11,9 @@ class TileConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    #: the forward reads K/V tiles through tensor descriptors (TMA) where the tensors allow it
+    #: (``launch.tma_ready``); the backward kernels ignore it
+    tma: bool = False
 
     def smaller(self) -> "TileConfig | None":
         """A configuration that needs less shared memory, or None when none is left."""
@@ -55,15 +58,18 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
            num_warps: int | None = None, num_stages: int | None = None) -> Configs:
     """Heuristic tiles. On the interpreter small tiles keep CPU tests fast and multi-tile."""
     if interpret:
+        # TMA through the interpreter too, so the CPU suite runs that path (tests cover the other)
         bm, bn = block_m or 32, block_n or 32
-        c = TileConfig(bm, bn, 4, 1)
+        c = TileConfig(bm, bn, 4, 1, tma=True)
         return Configs(c, c, c)
     # measured on an H100 (bf16, L=16384, H=16; see BENCHMARKS.md): forward 128x64, 8 warps, 3 stages;
-    # dK/dV over 128 keys x 64 queries; dQ over 128 queries x 64 keys
+    # dK/dV over 128 keys x 64 queries; dQ over 128 queries x 64 keys. The forward's K/V through
+    # TMA: 2% faster (softmax) and 5% (sigmoid) at L=16384, but 3% slower with the small grid's
+    # 64x64 tiles at 4096 (BENCHMARKS.md)
     d = block_d(head_dim)
     small = None
     if d <= 128:
-        fwd, dkdv, dq = TileConfig(128, 64, 8, 3), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)
+        fwd, dkdv, dq = TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)
         small = TileConfig(64, 64, 4, 3)
     else:
         fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)

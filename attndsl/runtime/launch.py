@@ -24,6 +24,53 @@ def use_interpreter(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("ATTNDSL_FORCE_INTERPRET") == "1"
 
 
+#: device-side tensor descriptors (Triton 3.3 on)
+_HAS_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
+
+
+def tma_ready(interpret: bool, *tensors) -> bool:
+    """May these tensors' row tiles be read through tensor descriptors (TMA)? The interpreter
+    always; a GPU from Hopper on (NVIDIA), when every tensor's last stride is 1 and its base and
+    its other strides (of dimensions longer than 1) are multiples of 16 bytes."""
+    if not _HAS_DESCRIPTORS:
+        return False
+    if not interpret:
+        dev = tensors[0].device
+        if torch.version.hip is not None or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+            return False
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(n > 1 and (s * es) % 16 for n, s in zip(t.shape[:-1], t.stride()[:-1])):
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for kernels that build tensor descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _descriptor_scratch():
+    """Give Triton a scratch allocator for the launch unless the caller set one."""
+    try:
+        from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator
+    except ImportError:  # a Triton that keeps the allocator elsewhere: set ours for the thread
+        triton.set_allocator(_scratch)
+        yield
+        return
+    if _allocator.get() is not _NULL_ALLOCATOR:
+        yield
+        return
+    token = _allocator.set(_scratch)
+    try:
+        yield
+    finally:
+        _allocator.reset(token)
+
+
 def _new(shape, like, dtype=None):
     t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     if POISON:
@@ -162,7 +209,7 @@ class Runner:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
                 targs = table_args(cfg) if table_args is not None else []
-                with self.mode():
+                with self.mode() if self.interpret or not cs.get("KV_TMA") else _descriptor_scratch():
                     kernel[grid(cfg)](*args, *targs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                 return cfg
@@ -234,10 +281,12 @@ class Runner:
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
+        kv_tma = tma_ready(self.interpret, k, v)
         cfg = self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False),
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
-                           EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
+                           EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
+                           KV_TMA=lambda c: c.tma and kv_tma)
         if count_visits:
             n = B * Hq * triton.cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
