@@ -32,12 +32,8 @@ def tma_ready(interpret: bool, *tensors) -> bool:
     """May these tensors' row tiles be read through tensor descriptors (TMA)? The interpreter
     always; a GPU from Hopper on (NVIDIA), when every tensor's last stride is 1 and its base and
     its other strides (of dimensions longer than 1) are multiples of 16 bytes."""
-    if not _HAS_DESCRIPTORS:
+    if not _HAS_DESCRIPTORS or not (interpret or _tma_device(tensors[0].device)):
         return False
-    if not interpret:
-        dev = tensors[0].device
-        if torch.version.hip is not None or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
-            return False
     for t in tensors:
         es = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16:
@@ -45,6 +41,19 @@ def tma_ready(interpret: bool, *tensors) -> bool:
         if any(n > 1 and (s * es) % 16 for n, s in zip(t.shape[:-1], t.stride()[:-1])):
             return False
     return True
+
+
+_TMA_DEVICES: dict = {}
+
+
+def _tma_device(dev: torch.device) -> bool:
+    """An NVIDIA GPU from Hopper on (asked once per device: the launch path calls this per call)."""
+    ok = _TMA_DEVICES.get((dev.type, dev.index))
+    if ok is None:
+        ok = (dev.type == "cuda" and torch.version.hip is None
+              and torch.cuda.get_device_capability(dev)[0] >= 9)
+        _TMA_DEVICES[(dev.type, dev.index)] = ok
+    return ok
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -281,12 +290,11 @@ class Runner:
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
-        kv_tma = tma_ready(self.interpret, k, v)
         cfg = self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False),
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
-                           KV_TMA=lambda c: c.tma and kv_tma)
+                           KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v))
         if count_visits:
             n = B * Hq * triton.cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
