@@ -12,7 +12,8 @@ import triton
 
 from .. import ir
 from . import cache
-from .interpreter import interpreting
+from .fastlaunch import launcher
+from .scope import launch_scope
 from ..codegen_bridge import dq_visits_whole_range
 from .config import Configs, TileConfig, block_d, forward_tiles
 
@@ -100,6 +101,11 @@ def buffer_args(tensors, dense=frozenset()) -> list:
         args += list(t.shape)
         args += list(t.stride())
     return args
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a constexpr function: microseconds a call)."""
+    return -(-a // b)
 
 
 def _strides(t):
@@ -194,7 +200,7 @@ class Runner:
     def forward_tiles(self, q) -> tuple[str, TileConfig]:
         """The forward's tiles for query ``q`` (which of ``self.cfg``'s entries, and its config)."""
         B, Hq, Lq = q.shape[:3]
-        return forward_tiles(self.cfg, B * Hq * triton.cdiv(Lq, self.cfg.fwd.block_m), self._sms(q.device))
+        return forward_tiles(self.cfg, B * Hq * cdiv(Lq, self.cfg.fwd.block_m), self._sms(q.device))
 
     def _zero_fills(self, gl, t, B, Hq, Lq, Lkv) -> bool:
         """Can the dQ kernel zero the untouched part of this full-size gradient itself? Only when its
@@ -202,13 +208,22 @@ class Runner:
         size = {"b": B, "h": Hq, "q": Lq, "kv": Lkv}
         return self._dq_whole_range and all(n == size[a.attr] for a, n in zip(gl.load.args, t.shape))
 
-    def mode(self):
-        return interpreting() if self.interpret else contextlib.nullcontext()
+    def mode(self, t: torch.Tensor):
+        """The launch context for kernels on ``t``'s data (its GPU, or the interpreter)."""
+        return launch_scope(t, self.interpret)
 
     def _consts(self, dtype):
         upcast = self.interpret and dtype == torch.bfloat16
         prec = "ieee" if dtype == torch.float32 else "tf32"
         return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec)
+
+    def _run(self, kernel, grid, args, consts, num_warps=4, num_stages=3):
+        """One launch (inside ``self.mode``): through the interpreter, or the compiled kernel kept by
+        ``fastlaunch`` (Triton's defaults: 4 warps, 3 stages)."""
+        if self.interpret:
+            kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+        else:
+            launcher(kernel)(grid, args, consts, num_warps, num_stages)
 
     def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, **consts):
         """Launch; on a shared-memory overflow retry with smaller tiles (and remember them).
@@ -218,9 +233,10 @@ class Runner:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
                 targs = table_args(cfg) if table_args is not None else []
-                with self.mode() if self.interpret or not cs.get("KV_TMA") else _descriptor_scratch():
-                    kernel[grid(cfg)](*args, *targs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs,
-                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                scratch = cs.get("KV_TMA") and not self.interpret
+                with self.mode(args[0]), (_descriptor_scratch() if scratch else contextlib.nullcontext()):
+                    self._run(kernel, grid(cfg), [*args, *targs], dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs),
+                              cfg.num_warps, cfg.num_stages)
                 return cfg
             except triton.runtime.errors.OutOfResources:
                 smaller = cfg.smaller()
@@ -249,13 +265,13 @@ class Runner:
         TB = B if spec.mask_uses_b else 1
         TH = Hq if spec.mask_uses_h else 1
         rows, cols = (Lkv, Lq) if transposed else (Lq, Lkv)
-        R, C = triton.cdiv(rows, br), triton.cdiv(cols, bc)
+        R, C = cdiv(rows, br), cdiv(cols, bc)
         dev = buffers[0].device if buffers else tables.device
         full = torch.empty((TB, TH, R, C), dtype=torch.int32, device=dev)
         part = torch.empty((TB, TH, R, C), dtype=torch.int32, device=dev)
         count = torch.empty((TB, TH, R, 2), dtype=torch.int32, device=dev)
         kernel = getattr(self.mod, f"{spec.name}_table{'_t' if transposed else ''}")
-        with self.mode():
+        with self.mode(full):
             kernel[(R, TB * TH)](full, part, count, TH * R * C, R * C, C, TH, Lq, Lkv, *buffer_args(buffers),
                                  BLOCK_R=br, BLOCK_C=bc, num_warps=4)
         t = Table(full, part, count, spec.mask_uses_b, spec.mask_uses_h)
@@ -285,18 +301,18 @@ class Runner:
         # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py);
         # sized for these tiles or any of 16 rows or more (a shared-memory retry may shrink the tiles
         # down to 16; layout plans may fix smaller ones)
-        visits = torch.zeros(2 * B * Hq * triton.cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
+        visits = torch.zeros(2 * B * Hq * cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
-        cfg = self._launch(kernel, lambda c: (triton.cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
+        cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False),
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
                            KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v))
         if count_visits:
-            n = B * Hq * triton.cdiv(Lq, cfg.block_m)
+            n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
         return out, lse, (visits if count_visits else None)
 
@@ -314,10 +330,10 @@ class Runner:
         if softmax:
             delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
             bm = 64 if not self.interpret else self.cfg.dq.block_m
-            with self.mode():
-                getattr(self.mod, f"{self.spec.name}_bwd_delta")[(triton.cdiv(Lq, bm), B * Hq)](
-                    out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq,
-                    HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd)
+            with self.mode(out):
+                self._run(getattr(self.mod, f"{self.spec.name}_bwd_delta"), (cdiv(Lq, bm), B * Hq),
+                          [out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq],
+                          dict(HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd))
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(torch.float32)
@@ -349,7 +365,7 @@ class Runner:
             gl_consts[f"GL{i}_WIDE"] = wide_offsets(t)
             if det and gl.scope in ("program", "row"):
                 # per-program partial sums and their offsets; sized for any tile of 16 rows or more
-                n = B * Hq * (triton.cdiv(Lq, 16) if gl.scope == "program" else Lq + 256)
+                n = B * Hq * (cdiv(Lq, 16) if gl.scope == "program" else Lq + 256)
                 vals = torch.zeros(n, dtype=torch.float32, device=q.device)
                 offs = torch.full((n,), -1, dtype=torch.int64, device=q.device)
                 gl_args += [vals, offs]
@@ -368,13 +384,13 @@ class Runner:
         xargs = extras.args(q, k)
         bargs = buffer_args(buffers, self.learnable)
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dkdv"),
-                     lambda c: (triton.cdiv(Lkv, c.block_n), B * Hkv),
+                     lambda c: (cdiv(Lkv, c.block_n), B * Hkv),
                      [q, k, v, dout, dk, dv, lse, delta, dw, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
                       *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs],
                      self.cfg.dkdv, "dkdv", table_args=self._table_args(tables, buffers, True), **consts,
                      EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
-                     lambda c: (triton.cdiv(Lq, c.block_m), B * Hq),
+                     lambda c: (cdiv(Lq, c.block_m), B * Hq),
                      [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
                       *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *gl_args],
                      self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), **consts, **gl_consts,
@@ -419,7 +435,7 @@ def private_rows(gl, shape, B: int, Hq: int, Lq: int) -> tuple[int, int]:
     program (sized for any tile of 16 rows or more), covering the table's dimensions from the first
     one indexed by q or kv (the kernel's ``_private_row``)."""
     d0 = next(d for d, a in enumerate(gl.load.args) if ir.free_vars(a) & {"q", "kv"})
-    return B * Hq * triton.cdiv(Lq, 16), math.prod(shape[d0:])
+    return B * Hq * cdiv(Lq, 16), math.prod(shape[d0:])
 
 
 def _ordered_rows_add(dbuf: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor) -> None:

@@ -12,7 +12,6 @@ scores. Peak extra memory is ``O(max_chunk_elems + Lq · topk)``, whatever the l
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
@@ -24,7 +23,7 @@ from ..passes import build_spec
 from ..runtime import cache
 from ..runtime.checks import check_captured
 from ..runtime.config import block_d
-from ..runtime.interpreter import interpreting
+from ..runtime.scope import launch_scope
 from ..runtime.launch import buffer_args, use_interpreter
 
 
@@ -100,8 +99,7 @@ class LightningIndexer:
         grid = (triton.cdiv(n, bt), triton.cdiv(m, bs), B * G)
         w = weights if weights is not None else q_i
         ws = list(weights.stride()) if weights is not None else [0, 0, 0]
-        mode = interpreting() if interpret else contextlib.nullcontext()
-        with mode:
+        with launch_scope(q_i, interpret):
             getattr(self._module(interpret), f"{self.spec.name}_scores")[grid](
                 q_i, k_i, w, out, *q_i.stride(), *k_i.stride(), *ws, *out.stride(),
                 G, HI // G, Lq, Lkv, t0, n, s0, m, self.scale, *buffer_args(self.tensors),

@@ -25,7 +25,7 @@ import triton
 from .. import codegen_bridge
 from ..runtime import cache
 from ..runtime.config import block_d
-from ..runtime.interpreter import interpreting
+from ..runtime.scope import launch_scope
 from ..runtime.launch import _new, buffer_args, use_interpreter
 
 GATHER_TAG = "sel"
@@ -140,9 +140,8 @@ class GatherRunner:
         self.cfg = gather_config(head_dim, interpret, block_n)
         self.mod = cache.load(self.spec, interpret, render=codegen_bridge.render_gather)
 
-    def _mode(self):
-        import contextlib
-        return interpreting() if self.interpret else contextlib.nullcontext()
+    def _mode(self, t):
+        return launch_scope(t, self.interpret)
 
     def _consts(self, q, hpp):
         return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, BLOCK_H=max(16, triton.next_power_of_2(hpp)),
@@ -164,7 +163,7 @@ class GatherRunner:
         lse = _new((B, q.shape[1], Lq), q, torch.float32)
         args = [q, k, v, indices, out, lse, *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
                 *shape_args, scale, sinks if sinks is not None else lse, float(sigmoid_bias), *buffer_args(buffers)]
-        with self._mode():
+        with self._mode(q):
             getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, HAS_SINKS=sinks is not None,
                                                                      **self._consts(q, hpp))
         return out, lse
@@ -179,7 +178,7 @@ class GatherRunner:
         args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
                 *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
                 *shape_args, scale, float(sigmoid_bias), *buffer_args(buffers)]
-        with self._mode():
+        with self._mode(q):
             getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
                                                                      **self._consts(q, hpp))
         return dq, dk.to(k.dtype), dv.to(v.dtype)
