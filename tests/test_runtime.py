@@ -414,6 +414,32 @@ def test_gradient_through_lse():
         assert_close(got, want, 5e-4, what)
 
 
+@pytest.mark.parametrize("loss", ["out_only", "lse_only"])
+def test_an_unused_output_gets_no_gradient_tensor(loss, monkeypatch):
+    """The output the loss does not use reaches the backward as None (no zero tensor to allocate and
+    subtract), and the gradients still match the reference's."""
+    from attndsl.runtime import launch
+    seen = []
+    orig = launch.Runner.backward
+
+    def spy(self, q, k, v, out, lse, dout, dlse, *a, **kw):
+        seen.append((dout is None, dlse is None))
+        return orig(self, q, k, v, out, lse, dout, dlse, *a, **kw)
+    monkeypatch.setattr(launch.Runner, "backward", spy)
+    q, k, v = qkv(1, 2, 1, 40, 37, 32, grad=True, seed=4)
+    out, lse = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)(q, k, v, return_lse=True)
+    (q64, k64, v64), ref, ref_lse = reference(q, k, v, causal)
+    w = rand(*(out.shape if loss == "out_only" else lse.shape), seed=6)
+    got, want = (out, ref) if loss == "out_only" else (lse, ref_lse)
+    (got * w).sum().backward()
+    (want * w.double()).sum().backward()
+    # an lse-only loss: the Function makes dout zeros (the kernels need a tensor there)
+    assert seen == [(False, loss == "out_only")]
+    for what, g, g64 in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        # lse does not depend on v: the reference leaves v's gradient None, ours is zero
+        assert_close(g, g64 if g64 is not None else torch.zeros_like(g, dtype=torch.float64), 5e-4, what)
+
+
 def test_attention_one_shot_matches_compile():
     q, k, v = qkv(1, 2, 2, 33, 33, 32)
     a = attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)

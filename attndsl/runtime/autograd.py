@@ -15,6 +15,8 @@ class AttentionFunction(torch.autograd.Function):
         out, lse, _ = runner.forward(q, k, v, scale, buffers, tables, extras)
         ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
         ctx.runner, ctx.scale, ctx.tables, ctx.sigmoid_bias = runner, scale, tables, sigmoid_bias
+        # an unused lse gets None, not a zero tensor the backward would subtract (two launches a call)
+        ctx.set_materialize_grads(False)
         if runner.spec.normalizer != "softmax":
             ctx.mark_non_differentiable(lse)
         return out, lse

@@ -13,7 +13,6 @@ import os
 import threading
 
 _LOCK = threading.RLock()
-_WRAPPED: dict = {}
 
 
 @contextlib.contextmanager
@@ -26,9 +25,11 @@ def interpreting():
         old_call = JITFunction.__call__
 
         def call(self, *args, **kwargs):
-            f = _WRAPPED.get(id(self))  # JITFunction hashing would parse its source
+            # kept on the function itself: a table keyed by id() would hand a collected function's
+            # wrapper to a new function at the same address (JITFunction hashing parses its source)
+            f = self.__dict__.get("_attndsl_interpreted")
             if f is None:
-                f = _WRAPPED[id(self)] = InterpretedFunction(self.fn)
+                f = self._attndsl_interpreted = InterpretedFunction(self.fn)
             return f(*args, **kwargs)
 
         os.environ["TRITON_INTERPRET"] = "1"

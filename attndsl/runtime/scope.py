@@ -14,6 +14,11 @@ def launch_scope(t: torch.Tensor, interpret: bool):
     """The context for launching kernels on ``t``'s data."""
     if interpret:
         return interpreting()
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    dev = t.device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return _STAY
+
+
+#: the context of a launch on the current device (the common case: nothing to enter)
+_STAY = contextlib.nullcontext()

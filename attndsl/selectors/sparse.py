@@ -193,6 +193,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, sinks, indices, out, lse, *buffers)
         ctx.runner, ctx.scale, ctx.sigmoid_bias = runner, scale, sigmoid_bias
         ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)  # an unused lse gets None: the kernel skips its dlse term
         if runner.spec.normalizer != "softmax":
             ctx.mark_non_differentiable(lse)
         return out, lse
