@@ -221,6 +221,17 @@ def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inne
     return code
 
 
+def score_unit(spec: KernelSpec) -> str:
+    """What the kernels multiply scores by. Softmax: log2 e, for exp2. Sigmoid: 1/2, so that scale,
+    unit and bias fold into one multiply-add per score, p = σ(2s) = 0.5 + 0.5·tanh(s) (``SIGMOID``;
+    1.5–2.4% faster forward on an H100 than a log2 unit and a multiply inside the sigmoid)."""
+    return "LOG2E" if _softmax(spec) else "0.5"
+
+
+#: a sigmoid probability from a score in units of 1/2 (``score_unit``) and the bias
+SIGMOID = "_sigmoid_half(s + sigmoid_bias * 0.5, Q)"
+
+
 def _additive(spec: KernelSpec):
     """``R`` when score_mod is ``score + R`` with R free of the score (a bias): the kernels then
     compute ``s = qk·(scale·log2 e) + R·log2 e``, one fused multiply-add per score, as with no bias."""
@@ -234,15 +245,16 @@ def _additive(spec: KernelSpec):
 
 
 def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mode="tested") -> str:
-    """score = qk * scale (+ u·wᵀ); s = score_mod(score) in log2 units.
+    """score = qk * scale (+ u·wᵀ); s = score_mod(score) in the normaliser's units (``score_unit``).
 
     For the backward also ∂score_mod/∂score (``dmod``) and ∂score_mod/∂(learnable loads)
     (``gmod{i}``), emitted here, before the masked branch, so every name is in scope. ``inner``
     names the index of the kernel's inner loop (the one its tile-uniform loads vary along);
     ``mode`` says how this loop treats them (:func:`_uniform_loads`)."""
+    unit = score_unit(spec)
     if spec.score is None:
-        return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * LOG2E\n"
-                f"{ind}else:\n{ind}    s = {qk} * (sm_scale * LOG2E)\n")
+        return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * {unit}\n"
+                f"{ind}else:\n{ind}    s = {qk} * (sm_scale * {unit})\n")
     rest = _additive(spec)
     head = ""
     if rest is None:
@@ -251,11 +263,11 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mod
             head += f"{ind}if HAS_BIAS:\n{ind}    score += {bias}\n"
     head += _uniform_loads(spec, em, ind, stage, inner, mode, qk)
     if rest is not None:
-        tail = f"{ind}s = {qk} * (sm_scale * LOG2E) + {em.emit(rest, stage)} * LOG2E\n"
+        tail = f"{ind}s = {qk} * (sm_scale * {unit}) + {em.emit(rest, stage)} * {unit}\n"
         if bias:
-            tail += f"{ind}if HAS_BIAS:\n{ind}    s += {bias} * LOG2E\n"
+            tail += f"{ind}if HAS_BIAS:\n{ind}    s += {bias} * {unit}\n"
     else:
-        tail = f"{ind}s = {em.emit(spec.score, stage)} * LOG2E\n"
+        tail = f"{ind}s = {em.emit(spec.score, stage)} * {unit}\n"
     if backward:
         tail += f"{ind}dmod = {em.emit(spec.dscore, stage)}\n"
         own = _runs.loads(spec, inner) if mode != "plain" else {}
@@ -321,9 +333,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
         store_lse = "    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)\n"
     else:
         init = ""
-        update = '''{B}p = _sigmoid_exp2(s + sigmoid_bias * LOG2E, Q)
-{B}acc += {pv}
-'''
+        update = "{B}p = " + SIGMOID + "\n{B}acc += {pv}\n"
         finish = "    out = acc\n"
         store_lse = ""
 
@@ -469,7 +479,7 @@ def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str,
 def _probs(spec: KernelSpec, ind: str, p: str, lse: str) -> str:
     if _softmax(spec):
         return f"{ind}{p} = tl.exp2(s - {lse})\n"
-    return f"{ind}{p} = _sigmoid_exp2(s + sigmoid_bias * LOG2E, Q)\n"
+    return f"{ind}{p} = {SIGMOID}\n"
 
 
 def dkdv(spec: KernelSpec, table: bool) -> str:

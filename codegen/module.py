@@ -75,17 +75,18 @@ def _tanh(x):
 
 
 @triton.jit
-def _sigmoid_exp2(z, inputs):
-    """sigmoid(z * ln 2). On NVIDIA GPUs with 16-bit inputs (``inputs``: a pointer to them) one
-    hardware tanh, sigmoid(x) = 0.5 + 0.5 * tanh(x / 2), instead of an exp2 and a reciprocal (two
-    special-function ops per score, the forward's bottleneck): P meets V in 16 bits there, whose
-    rounding is coarser than tanh.approx's error. Exact elsewhere."""
+def _sigmoid_half(x, inputs):
+    """sigmoid(2x), for scores in units of 1/2 (``kernels.score_unit``). On NVIDIA GPUs with 16-bit
+    inputs (``inputs``: a pointer to them) one hardware tanh, sigmoid(2x) = 0.5 + 0.5 * tanh(x),
+    instead of an exp2 and a reciprocal (two special-function ops per score, the forward's
+    bottleneck): P meets V in 16 bits there. Its absolute error is about 1e-7, so probabilities
+    under about 1e-5 (scores more than 11 below the bias) lose relative precision. Exact elsewhere."""
     if PTX and (inputs.dtype.element_ty == tl.bfloat16 or inputs.dtype.element_ty == tl.float16):
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [z * (0.5 * LN2)],
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x],
                                       dtype=tl.float32, is_pure=True, pack=1)
         return 0.5 + 0.5 * t
     else:
-        return 1.0 / (1.0 + tl.exp2(-z))
+        return 1.0 / (1.0 + tl.exp2(x * (-2.0 * LOG2E)))
 '''
 
 LOG2E = "1.4426950408889634"

@@ -26,7 +26,7 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import I1, I2, I3, _dot, buffer_params
+from .kernels import I1, I2, I3, SIGMOID, _dot, buffer_params
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
@@ -108,19 +108,20 @@ _VTLOAD = "vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_d[:, None] 
 
 
 def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
-    """Score (log2 units), its derivative in the backward, and the mask, inside the slot loop.
+    """Score (log2 units for softmax, 1/2 for sigmoid), its derivative in the backward, and the mask, inside the slot loop.
 
     Sub-expressions that do not depend on the slot land in the prologue (stages 0 and 1), so the
     caller takes those stages only after calling this."""
     out = ""
+    unit = "LOG2E" if _norm(spec) == "softmax" else "0.5"  # as kernels.score_unit
     if spec.score is not None:
         s = em.emit(spec.score, 0)
         ds = em.emit(spec.dscore, 0) if backward else None
-        out += f"{I2}score = qk * sm_scale\n" + em.take(2, I2) + f"{I2}s = {s} * LOG2E\n"
+        out += f"{I2}score = qk * sm_scale\n" + em.take(2, I2) + f"{I2}s = {s} * {unit}\n"
         if backward:
             out += f"{I2}dmod = {ds}\n"
     else:
-        out += f"{I2}s = qk * (sm_scale * LOG2E)\n"
+        out += f"{I2}s = qk * (sm_scale * {unit})\n"
     keep = "valid[None, :] & h_ok[:, None]"
     if spec.mask is not None:
         m = em.emit(spec.mask, 0)
@@ -149,7 +150,7 @@ def _norm(spec: KernelSpec) -> str:
     return getattr(spec, "normalizer", "softmax")
 
 
-_SIGMOID = "_sigmoid_exp2(s + sigmoid_bias * LOG2E, Q)"
+_SIGMOID = SIGMOID
 
 
 def gather_forward(spec: KernelSpec) -> str:
