@@ -281,3 +281,24 @@ def test_launches_follow_the_tensors_device(monkeypatch):
         assert a.device == torch.device("cuda:1")
         err = ((a.cpu().double() - b.cpu().double()).norm() / b.cpu().double().norm()).item()
         assert err < 1e-5, (i, err)
+
+
+# --- launches after the first skip Triton's binding, keyed by the arguments' specialisation -----------
+def test_direct_launches_follow_argument_alignment():
+    """Aligned inputs, then K/V whose base is one element off (another specialisation: Triton's path
+    again, a second compiled kernel), then aligned inputs again (the first kernel, called directly):
+    each call matches the reference."""
+    from attndsl.runtime.fastlaunch import launcher
+    comp = attndsl.CompiledAttention(causal, name="direct_launch")  # kernels of its own, apart from other tests
+    for offset in (0, 1, 0):
+        q, k, v = inputs(1, 4, 2, 300, 300, 64, torch.bfloat16, seed=offset + 3)
+        if offset:
+            k, v = (torch.cat([t.detach().new_zeros(1), t.detach().flatten()])[1:].view(t.shape).requires_grad_()
+                    for t in (k, v))
+            assert k.data_ptr() % 16 and k.is_contiguous()
+        for _ in range(2):  # the second call takes the direct launch
+            out = comp(q, k, v)
+        ref, _ = attndsl.reference.attention(*(t.detach().double() for t in (q, k, v)), mask_mod=causal)
+        assert rel_err(out, ref) <= TOL[torch.bfloat16]["out"]
+    fwd = launcher(comp.runner(q).mod.direct_launch_fwd)
+    assert fwd.enabled and len(fwd.compiled) == 2, fwd.compiled.keys()

@@ -6,12 +6,14 @@ arguments, four launches per forward+backward. Here the first launch of each (ke
 device, argument specialisation) goes through Triton and keeps the compiled kernel it returns; the
 next ones specialise the arguments with Triton's own function (so alignment and ``== 1`` /
 ``% 16`` integer specialisation key the same way) and call the compiled kernel directly.
-Any Triton without these entry points takes the ordinary path.
+Any Triton without these entry points, and AMD GPUs (whose backend specialises differently),
+take the ordinary path.
 """
 from __future__ import annotations
 
 from itertools import repeat
 
+import torch
 import triton
 
 try:
@@ -35,7 +37,8 @@ class Launcher:
         self.compiled: dict = {}
         names = list(getattr(kernel, "arg_names", ()))
         self.names = names
-        self.enabled = _specialize is not None and bool(names) and not getattr(kernel, "pre_run_hooks", None)
+        self.enabled = (_specialize is not None and torch.version.hip is None and bool(names)
+                        and not getattr(kernel, "pre_run_hooks", None))
 
     def __call__(self, grid: tuple, args: list, consts: dict, num_warps: int, num_stages: int) -> None:
         if not self.enabled:
