@@ -234,7 +234,8 @@ SIGMOID = "_sigmoid_half(s + sigmoid_bias * 0.5, Q)"
 
 def _additive(spec: KernelSpec):
     """``R`` when score_mod is ``score + R`` with R free of the score (a bias): the kernels then
-    compute ``s = qk·(scale·log2 e) + R·log2 e``, one fused multiply-add per score, as with no bias."""
+    compute ``s = qk·(scale·unit) + R·unit`` (``score_unit``), one fused multiply-add per score, as with
+    no bias."""
     sc = spec.score
     if sc is None or sc.op != "add":
         return None
