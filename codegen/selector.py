@@ -26,7 +26,7 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import I1, I2, I3, SIGMOID, _dot, buffer_params
+from .kernels import I1, I2, I3, SIGMOID, _dot, buffer_params, score_unit
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
@@ -113,7 +113,7 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
     Sub-expressions that do not depend on the slot land in the prologue (stages 0 and 1), so the
     caller takes those stages only after calling this."""
     out = ""
-    unit = "LOG2E" if _norm(spec) == "softmax" else "0.5"  # as kernels.score_unit
+    unit = score_unit(_norm(spec))
     if spec.score is not None:
         s = em.emit(spec.score, 0)
         ds = em.emit(spec.dscore, 0) if backward else None

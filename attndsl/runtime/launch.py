@@ -62,12 +62,16 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+try:  # Triton's allocator context variable, looked up once (the forward's launch path uses it)
+    from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator
+except ImportError:
+    _allocator = None
+
+
 @contextlib.contextmanager
 def _descriptor_scratch():
     """Give Triton a scratch allocator for the launch unless the caller set one."""
-    try:
-        from triton.runtime._allocation import _NULL_ALLOCATOR, _allocator
-    except ImportError:  # a Triton that keeps the allocator elsewhere: set ours for the thread
+    if _allocator is None:  # a Triton that keeps the allocator elsewhere: set ours for the thread
         triton.set_allocator(_scratch)
         yield
         return
