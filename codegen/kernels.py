@@ -377,7 +377,7 @@ def {name}(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    HQ, GROUP, LQ, LKV, sm_scale,
+    HQ, GROUP, LQ, LKV, sm_scale, SECTION,
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -386,10 +386,10 @@ def {name}(
     {EXTRA_CONSTS}
 ):
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
-    # under a causal mask the last query tiles see the most keys: start them first, so the short
-    # ones fill the tail of the grid (5% at L=16384 on an H100)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # under a causal mask the last query tiles see the most keys: start them first, across the
+    # heads of a section, so the short ones fill the tail of the grid
+    tile, pid_bh = _program_tile(SECTION)
+    pid_m = tl.num_programs(0) - 1 - tile
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -558,15 +558,14 @@ def {spec.name}_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HQ, HKV, GROUP, LQ, LKV, sm_scale,
+    HQ, HKV, GROUP, LQ, LKV, sm_scale, SECTION,
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
     {EXTRA_CONSTS}
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_tile(SECTION)  # the first key tiles see the most queries
     b = pid_bh // HKV
     hk = pid_bh % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -887,15 +886,15 @@ def {spec.name}_bwd_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    HQ, GROUP, LQ, LKV, sm_scale,
+    HQ, GROUP, LQ, LKV, sm_scale, SECTION,
     {EXTRA_PARAMS}
     {buffer_params(spec)}{_grad_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest query tiles first, as in the forward
-    pid_bh = tl.program_id(1)
+    tile, pid_bh = _program_tile(SECTION)
+    pid_m = tl.num_programs(0) - 1 - tile  # longest query tiles first, as in the forward
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP

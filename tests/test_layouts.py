@@ -361,7 +361,7 @@ from patterns.radial import radial
 
 BF16 = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 INT_PTRS = {"VISITS", "TBL_FULL", "TBL_PART", "TBL_CNT"}
-INT_ARGS = {"HQ", "HKV", "GROUP", "LQ", "LKV", "W_GROUP", "RANK", "TH"}
+INT_ARGS = {"HQ", "HKV", "GROUP", "LQ", "LKV", "SECTION", "W_GROUP", "RANK", "TH"}
 # a box with extras and per-tile checks (radial + text), and a dilated one (mask-evaluated skips)
 cases = [(radial(4, 128, block=16, split_threshold=16, text_tokens=16), (64, 64)),
          (neighborhood(attndsl.Layout((16, 16), tile=(8, 8), suffix=16), 5, dilation=(2, 1)), (64, 64))]

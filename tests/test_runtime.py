@@ -5,8 +5,11 @@ Runs on CPU tensors, so every kernel goes through Triton's interpreter; sizes ar
 import os
 import sys
 
+import types
+
 import pytest
 import torch
+import triton.language as tl
 
 import attndsl
 import attndsl.reference
@@ -195,6 +198,33 @@ def test_one_compile_serves_every_length(fresh_cache):
     assert cache.STATS["render"] == before["render"] + 1
     assert cache.STATS["import"] == before["import"] + 1
     assert len(comp._runners) == 1
+
+
+@pytest.mark.parametrize("n_tiles,n_bh,section", [(5, 7, 3), (4, 6, 2), (3, 2, 8), (6, 4, 1), (1, 5, 3)])
+def test_programs_number_every_tile_once_section_by_section(n_tiles, n_bh, section):
+    """The kernels' program numbering (``_program_tile``) is a bijection onto (tile, batch*head);
+    within each section of heads, tile-major: every head's tile t starts before any head's t+1."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from attndsl.runtime.interpreter import interpreting
+
+    mod = attndsl.compile(mask_mod=causal).runner(qkv()[0]).mod
+
+    def probe(Out, SECTION):
+        tile, bh = _program_tile(SECTION)
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(Out + 2 * pid, tile)
+        tl.store(Out + 2 * pid + 1, bh)
+
+    out = torch.full((n_tiles * n_bh, 2), -1, dtype=torch.int32)
+    # the interpreter runs the kernel's source against its globals: the generated module's
+    probe = types.FunctionType(probe.__code__, {**vars(mod), "tl": tl}, "probe")
+    with interpreting():
+        InterpretedFunction(probe)[(n_tiles, n_bh)](out, section)
+    got = [tuple(r) for r in out.tolist()]
+    assert sorted(got) == [(t, h) for t in range(n_tiles) for h in range(n_bh)]
+    expect = [(t, h) for s in range(0, n_bh, section) for t in range(n_tiles)
+              for h in range(s, min(s + section, n_bh))]
+    assert got == expect
 
 
 def test_runtime_scalar_changes_without_recompiling(fresh_cache):
@@ -485,6 +515,20 @@ def test_block_tables_reused_across_calls():
     assert attndsl.compile(mask_mod=causal).build_block_tables(q, k) is None
     with pytest.raises(ValueError, match="block_tables"):
         comp(q[:, :, :40], k, v, block_tables=tables)
+
+
+def test_sections_fit_the_l2_share_and_are_balanced():
+    """Heads per grid section: as many as fit the L2 share, then evened out over the sections
+    (never a short last section), and at least one."""
+    from attndsl.runtime.config import SECTION_L2_SHARE, section
+    mb = 2**20
+    l2 = round(16 * mb / SECTION_L2_SHARE)  # an L2 whose share is 16 MiB
+    assert section(2 * mb, l2, 16) == 8
+    assert section(8 * mb, l2, 16) == 2
+    assert section(3 * mb, l2, 16) == 4   # 5 fit: 4 sections of 4, not 5+5+5+1
+    assert section(2 * mb, l2, 12) == 6   # 8 fit: 6+6, not 8+4
+    assert section(64 * mb, l2, 16) == 1
+    assert section(mb, l2, 5) == 5
 
 
 def test_forward_tiles_follow_the_grid_size():

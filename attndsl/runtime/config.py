@@ -50,6 +50,25 @@ def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, Tile
     return "fwd", cfgs.fwd
 
 
+#: heads per section of the grid (``codegen/module.py: _program_tile``): at most as many as keep the
+#: rows that the section's programs read together (K/V in the forward and dQ, Q/dO in dK/dV) within
+#: this share of the L2. On an H100 (50 MB; bf16, D=128, causal; BENCHMARKS.md) sections of 8 heads
+#: at L=4096, 4 at 8192 and 2 at 16384 were the fastest or within noise of it, and 16 heads at 16384
+#: lost 2-6% (the rows of the section no longer fit)
+SECTION_L2_SHARE = 1 / 3
+#: the interpreter's section: 3 heads, so that CPU tests with 4 or 8 heads cover a ragged last one
+INTERPRETER_SECTION = 3
+
+
+def section(bytes_per_head: int, l2_bytes: int, n_heads: int) -> int:
+    """Heads per section of a grid over ``n_heads`` (batch*head) rows of programs that each read
+    ``bytes_per_head`` of their head. Sections are balanced: a short last section would start the
+    long tiles of its heads late, the tail that sections are there to avoid."""
+    most = max(1, int(l2_bytes * SECTION_L2_SHARE) // max(1, bytes_per_head))
+    n_sections = -(-n_heads // most)
+    return -(-n_heads // n_sections)
+
+
 def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 

@@ -15,7 +15,7 @@ from . import cache
 from .fastlaunch import launcher
 from .scope import launch_scope
 from ..codegen_bridge import dq_visits_whole_range
-from .config import Configs, TileConfig, block_d, forward_tiles
+from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 
@@ -173,6 +173,7 @@ class BlockTables:
 
 
 _SM_COUNT: dict = {}
+_L2_BYTES: dict = {}
 
 
 class Runner:
@@ -200,6 +201,16 @@ class Runner:
         if n is None:
             n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
         return n
+
+    def section(self, t: torch.Tensor, n_heads: int, bytes_per_head: int) -> int:
+        """Heads per section of a grid over ``n_heads`` rows (batch*head) on ``t``'s device whose
+        programs each read ``bytes_per_head`` of their head (see ``config.section``)."""
+        if self.interpret or t.device.type != "cuda":
+            return INTERPRETER_SECTION
+        l2 = _L2_BYTES.get(t.device.index)
+        if l2 is None:
+            l2 = _L2_BYTES[t.device.index] = torch.cuda.get_device_properties(t.device).L2_cache_size
+        return section(bytes_per_head, l2, n_heads)
 
     def forward_tiles(self, q) -> tuple[str, TileConfig]:
         """The forward's tiles for query ``q`` (which of ``self.cfg``'s entries, and its config)."""
@@ -308,7 +319,8 @@ class Runner:
         visits = torch.zeros(2 * B * Hq * cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                Hq, Hq // Hkv, Lq, Lkv, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
+                Hq, Hq // Hkv, Lq, Lkv, scale, self.section(q, B * Hq, _row_bytes(k, v) // (Hq // Hkv)),
+                *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False),
@@ -390,13 +402,16 @@ class Runner:
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dkdv"),
                      lambda c: (cdiv(Lkv, c.block_n), B * Hkv),
                      [q, k, v, dout, dk, dv, lse, delta, dw, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs],
+                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale,
+                      # the programs of a K/V head visit its query heads one after another
+                      self.section(q, B * Hkv, _row_bytes(q, dout)), *xargs, *bargs],
                      self.cfg.dkdv, "dkdv", table_args=self._table_args(tables, buffers, True), **consts,
                      EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
                      lambda c: (cdiv(Lq, c.block_m), B * Hq),
                      [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, *xargs, *bargs, *gl_args],
+                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, self.section(q, B * Hq, _row_bytes(k, v) // (Hq // Hkv)),
+                      *xargs, *bargs, *gl_args],
                      self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), **consts, **gl_consts,
                      EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         dsinks = None
@@ -415,6 +430,11 @@ class Runner:
             _ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         return dq, dk, dv, dsinks, du, dw, dbufs
+
+
+def _row_bytes(*tensors) -> int:
+    """Bytes of one head's rows of these [B, H, L, D] tensors together."""
+    return sum(t.shape[2] * t.shape[3] * t.element_size() for t in tensors)
 
 
 def wide_offsets(t: torch.Tensor) -> bool:
