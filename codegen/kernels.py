@@ -280,6 +280,32 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mod
     return head + em.take(stage, ind) + tail
 
 
+def _folds_scale(spec: KernelSpec) -> bool:
+    """Does the softmax forward scale scores inside its exponent? With no score_mod the running
+    max can be taken over the unscaled scores times the scale, and ``p = exp2(qk·c − m)`` is one
+    multiply-add per score where ``s = qk·c`` then ``s − m`` were two: on an H100 (bf16, D=128,
+    L=16384) the dense forward 4% faster and the causal 3.5% (BENCHMARKS.md). Only for a positive
+    scale (``FOLD_SCALE``: the max of qk·c is c·max(qk) only then)."""
+    return _softmax(spec) and spec.score is None
+
+
+#: the folded forward's constants (``_folds_scale``); a scale that is not positive scales scores first
+FOLDED_SCALE = '''    if FOLD_SCALE:
+        qk_scale = sm_scale * LOG2E
+        inv_scale = 1.0 / sm_scale
+    else:
+        qk_scale = 1.0
+        inv_scale = 1.0
+'''
+
+
+def _folded_score_lines(ind: str, bias: str) -> str:
+    """s: the scores in units of 1/scale (see ``_folds_scale``), a low-rank bias divided by the scale."""
+    return (f"{ind}if FOLD_SCALE:\n{ind}    s = qk\n{ind}    if HAS_BIAS:\n{ind}        s += {bias} * inv_scale\n"
+            f"{ind}elif HAS_BIAS:\n{ind}    s = (qk * sm_scale + {bias}) * LOG2E\n"
+            f"{ind}else:\n{ind}    s = qk * (sm_scale * LOG2E)\n")
+
+
 def _split_loop(spec: KernelSpec, rng, cls) -> bool:
     """Visit the full and the partial tiles in two loops (the first with no mask code) rather than
     one loop with ``if is_partial:``? For the sigmoid forward: on an H100 (bf16, causal, H=16,
@@ -287,6 +313,19 @@ def _split_loop(spec: KernelSpec, rng, cls) -> bool:
     the softmax forward was 1-3% slower split (BENCHMARKS.md). Per-tile classification and box
     plans set ``is_partial`` per tile and keep one loop."""
     return spec.normalizer == "sigmoid" and cls is None and not isinstance(rng, VisitBox)
+
+
+#: split the backward kernels' loops like the sigmoid forward's (``_split_backward``)
+SPLIT_BACKWARD = True
+
+
+def _split_backward(spec: KernelSpec, rng, cls, runs: bool) -> bool:
+    """The dK/dV and dQ loops over the full and the partial tiles as two loops, the first with no
+    mask code? On an H100 (bf16, D=128; BENCHMARKS.md) forward+backward 2-5% faster (causal softmax
+    and sigmoid, GQA, sliding window, pair bias), but 3% slower beside constant-run loops (T5
+    table), which keep one general loop. Per-tile classification and box plans set
+    ``is_partial`` per tile: one loop."""
+    return SPLIT_BACKWARD and cls is None and not runs and not isinstance(rng, VisitBox)
 
 
 def forward(spec: KernelSpec, table: bool) -> str:
@@ -309,8 +348,9 @@ def forward(spec: KernelSpec, table: bool) -> str:
         check = em.take(2, I2) + f"{I2}is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
         visit_if = f"{I2}if {nonempty}:\n"
         Bg = I3
+    fold = _folds_scale(spec)
     if _softmax(spec):
-        init = f'''    if HAS_SINKS:
+        init = (FOLDED_SCALE if fold else "") + f'''    if HAS_SINKS:
         sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
         m_i = tl.zeros([BLOCK_M], tl.float32) + sink
         l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
@@ -318,9 +358,10 @@ def forward(spec: KernelSpec, table: bool) -> str:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
 '''
-        update = '''{B}m_new = tl.maximum(m_i, tl.max(s, 1))
+        # {c}: folded, s holds unscaled scores, scaled inside the exponent's multiply-add
+        update = '''{B}m_new = tl.maximum(m_i, tl.max(s, 1){c})
 {B}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-{B}p = tl.exp2(s - m_use[:, None])
+{B}p = tl.exp2(s{c} - m_use[:, None])
 {B}alpha = tl.exp2(m_i - m_use)
 {B}l_i = l_i * alpha + tl.sum(p, 1)
 {B}acc = acc * alpha[:, None] + {pv}
@@ -345,7 +386,8 @@ def forward(spec: KernelSpec, table: bool) -> str:
         run = mode == "run"
         B = I2 if run else Bg
         head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1, part)
-        score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode)
+        score_block = (_folded_score_lines(B, _dot("u", "wT")) if fold else
+                       _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode))
         masked = ""
         if not run and part != "full":
             M = B + I1 if part == "both" else B
@@ -359,7 +401,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
         tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & d_ok[None, :]",
                         tma=True)
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
-{score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"))}{B}visited += 1
+{score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"), c=" * qk_scale" if fold else "")}{B}visited += 1
 '''
 
     mode = "plain" if runs else "tested"
@@ -382,7 +424,7 @@ def {name}(
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, EVEN_KV: tl.constexpr,
-    KV_TMA: tl.constexpr,
+    KV_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
     {EXTRA_CONSTS}
 ):
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
@@ -455,14 +497,18 @@ def {spec.name}_bwd_delta(
 '''
 
 
-def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int) -> str:
+def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, part: str = "both") -> str:
+    """The mask on a partial tile's scores: under ``if is_partial:`` in a loop over every tile
+    (``part`` "both"), unconditional in a loop over the partial tiles only ("partial")."""
     keep, code = "(q_idx < LQ) & (kv_idx < LKV)", ""
+    body_ind = ind + I1 if part == "both" else ind
     if spec.mask is not None:
         # emitted inside `if is_partial:`; its names are not in scope after the branch
-        m, body = em.branch(stage, ind + I1, lambda: em.emit(spec.mask, stage))
+        m, body = em.branch(stage, body_ind, lambda: em.emit(spec.mask, stage))
         keep = f"({m}) & {keep}"
         code += body
-    return code + f"{ind}{I1}s = tl.where({keep}, s, float(\"-inf\"))\n"
+    head = f"{ind}if is_partial:\n" if part == "both" else ""
+    return head + code + f"{body_ind}s = tl.where({keep}, s, float(\"-inf\"))\n"
 
 
 def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str, dp: str, ds: str, row: str) -> str:
@@ -502,13 +548,14 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         visit_if = f"{I3}if {nonempty}:\n"
         Bg = I4
 
-    def q_loop(mode: str) -> str:
-        """The loop over query tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
+    def q_loop(mode: str, part: str = "both") -> str:
+        """The loop over query tiles: a constant-run loop ("run": full tiles, no mask) or the general
+        one, whole or split into its full and its partial tiles (``part``)."""
         run = mode == "run"
         B = I3 if run else Bg
-        head = _loop_head(spec, run, runs, table, spec.bwd_range, "q", I2)
+        head = _loop_head(spec, run, runs, table, spec.bwd_range, "q", I2, part)
         score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q", mode=mode)
-        mask = "" if run else f"{B}if is_partial:\n" + _bwd_mask(spec, em, B, 2)
+        mask = "" if run or part == "full" else _bwd_mask(spec, em, B, 2, part)
         ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
         if _softmax(spec):
             stats = f'''{B}lse = tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -545,7 +592,11 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
 {B}    dw += {_dot("dsT.to(u.dtype)", "u")}
 '''
 
-    loops = q_loop("plain" if runs else "tested")
+    mode = "plain" if runs else "tested"
+    if _split_backward(spec, spec.bwd_range, cls, runs):
+        loops = q_loop(mode, "full") + q_loop(mode, "partial")
+    else:
+        loops = q_loop(mode)
     if runs:
         loops = _runs.search(spec, "q", "BLOCK_M", I2) + q_loop("run") + loops
     src = f'''
@@ -842,13 +893,14 @@ def dq(spec: KernelSpec, table: bool) -> str:
         Bg = I3
     grads = {}
 
-    def kv_loop(mode: str) -> str:
-        """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general one."""
+    def kv_loop(mode: str, part: str = "both") -> str:
+        """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general
+        one, whole or split into its full and its partial tiles (``part``)."""
         run = mode == "run"
         B = I2 if run else Bg
-        head = _loop_head(spec, run, runs, table, dq_rng, "kv", I1)
+        head = _loop_head(spec, run, runs, table, dq_rng, "kv", I1, part)
         score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True, mode=mode)
-        mask = "" if run else f"{B}if is_partial:\n" + _bwd_mask(spec, em, B, 2)
+        mask = "" if run or part == "full" else _bwd_mask(spec, em, B, 2, part)
         ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
         grads[mode] = _grad_load_code(spec, em, B, mode)
         if spec.grad_loads:
@@ -862,8 +914,12 @@ def dq(spec: KernelSpec, table: bool) -> str:
 {B}    du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
 '''
 
-    loops = kv_loop("plain" if runs else "tested")
-    g_init, _, g_final = grads["plain" if runs else "tested"]
+    mode = "plain" if runs else "tested"
+    if _split_backward(spec, dq_rng, cls, runs):
+        loops = kv_loop(mode, "full") + kv_loop(mode, "partial")
+    else:
+        loops = kv_loop(mode)
+    g_init, _, g_final = grads[mode]
     if runs:
         run_loop = kv_loop("run")
         r_init, _, r_final = grads["run"]

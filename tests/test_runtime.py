@@ -227,6 +227,31 @@ def test_programs_number_every_tile_once_section_by_section(n_tiles, n_bh, secti
     assert got == expect
 
 
+@pytest.mark.parametrize("scale", [0.3, 20.0, -20.0, 0.0])
+def test_any_scale_sign_matches_the_reference(scale):
+    """The softmax forward folds a positive scale into its exponent (the running max over unscaled
+    scores); a negative or zero scale scales the scores first. Output, lse and gradients of both,
+    with sinks and a low-rank bias (divided by the scale when folded). A large scale of either sign
+    overflows exp2 unless the running max is the largest scaled score."""
+    q, k, v = qkv(Hq=4, Hkv=2, Lq=37, Lkv=45, grad=True, seed=3)
+    u, w = rand(1, 4, 37, 3, seed=4, grad=True), rand(1, 2, 45, 3, seed=5, grad=True)
+    sinks = rand(4, seed=6, grad=True)
+    comp = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    out, lse = comp(q, k, v, scale=scale, return_lse=True, sinks=sinks, bias_factors=(u, w))
+    leaves = [q, k, v, u, w, sinks]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    q64, k64, v64, u64, w64, s64 = ref_leaves
+    ref_out, ref_lse = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, scale=scale, sinks=s64,
+                                                   bias_factors=(u64, w64))
+    assert_close(out, ref_out, 1e-4, f"out, scale {scale}")
+    assert_close(lse, ref_lse, 1e-4, f"lse, scale {scale}")
+    do, dl = rand(*out.shape, seed=7), rand(*lse.shape, seed=8)
+    got = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), leaves)
+    want = torch.autograd.grad((ref_out * do.double()).sum() + (ref_lse * dl.double()).sum(), ref_leaves)
+    for name, g, r in zip("q k v u w sinks".split(), got, want):
+        assert_close(g, r, 1e-4, f"d{name}, scale {scale}")
+
+
 def test_runtime_scalar_changes_without_recompiling(fresh_cache):
     w = torch.tensor(8)
 

@@ -36,11 +36,11 @@ class Configs:
 
 
 #: a call whose default forward grid has at most this many programs per multiprocessor takes
-#: ``fwd_small``. On an H100 (bf16, H=16, D=128, causal; BENCHMARKS.md) 64x64 tiles with 4 warps
-#: beat 128x64 with 8 at L=4096 (3.9 programs per SM: softmax 0.182 vs 0.193 ms, sigmoid 0.168 vs
-#: 0.190), at two batches of 4096 and at L=8192 (7.8 per SM: sigmoid 0.315 vs 0.400 and 0.603 vs
-#: 0.623, softmax within 1%), and lose at L=16384 (15.5 per SM: softmax 2.37 vs 2.28)
-SMALL_GRID_PER_SM = 8
+#: ``fwd_small``. On an H100 (bf16, H=16, D=128, causal, programs in grid sections; BENCHMARKS.md)
+#: 64x64 tiles with 4 warps beat 128x64 with 8 at L=4096 (3.9 programs per SM: softmax 0.153 vs
+#: 0.168 ms, sigmoid 0.168 vs 0.210) and lose at L=8192 (7.8 per SM: sigmoid 0.504 vs 0.482,
+#: softmax 0.570 vs 0.553, GQA within 1%). Before grid sections the small tiles also won at 8192
+SMALL_GRID_PER_SM = 4
 
 
 def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, TileConfig]:

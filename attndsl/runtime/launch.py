@@ -326,7 +326,7 @@ class Runner:
                            table_args=self._table_args(tables, buffers, False),
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
-                           KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v))
+                           KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v), FOLD_SCALE=scale > 0)
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
