@@ -315,17 +315,13 @@ def _split_loop(spec: KernelSpec, rng, cls) -> bool:
     return spec.normalizer == "sigmoid" and cls is None and not isinstance(rng, VisitBox)
 
 
-#: split the backward kernels' loops like the sigmoid forward's (``_split_backward``)
-SPLIT_BACKWARD = True
-
-
 def _split_backward(spec: KernelSpec, rng, cls, runs: bool) -> bool:
     """The dK/dV and dQ loops over the full and the partial tiles as two loops, the first with no
     mask code? On an H100 (bf16, D=128; BENCHMARKS.md) forward+backward 2-5% faster (causal softmax
     and sigmoid, GQA, sliding window, pair bias), but 3% slower beside constant-run loops (T5
     table), which keep one general loop. Per-tile classification and box plans set
     ``is_partial`` per tile: one loop."""
-    return SPLIT_BACKWARD and cls is None and not runs and not isinstance(rng, VisitBox)
+    return cls is None and not runs and not isinstance(rng, VisitBox)
 
 
 def forward(spec: KernelSpec, table: bool) -> str:

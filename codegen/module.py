@@ -77,14 +77,14 @@ def _program_tile(SECTION):
     tiles of all the section's heads run first and the short ones fill the grid's tail, where
     head-major order ends on a head's long tiles. SECTION bounds how many heads' K/V the programs
     running together read, so they share the L2 (``runtime/launch.py: Runner.section``)."""
-    n_tiles = tl.num_programs(0)
-    pid = tl.program_id(1) * n_tiles + tl.program_id(0)
+    n_tiles = tl.num_programs(0).to(tl.int64)  # the grid may hold more than 2**31 programs
+    pid = tl.program_id(1).to(tl.int64) * n_tiles + tl.program_id(0)
     per_section = SECTION * n_tiles
     first = (pid // per_section) * SECTION
     width = tl.minimum(SECTION, tl.num_programs(1) - first)
     rest = pid - first * n_tiles
     tile = rest // width
-    return tile, first + rest - tile * width
+    return tile.to(tl.int32), (first + rest - tile * width).to(tl.int32)
 
 
 @triton.jit
