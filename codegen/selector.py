@@ -150,9 +150,6 @@ def _norm(spec: KernelSpec) -> str:
     return getattr(spec, "normalizer", "softmax")
 
 
-_SIGMOID = SIGMOID
-
-
 def gather_forward(spec: KernelSpec) -> str:
     em = ExprEmitter(_common_env(), 3, prefix="v")
     body = _score_and_mask(spec, em, backward=False)
@@ -182,7 +179,7 @@ def gather_forward(spec: KernelSpec) -> str:
 """
     else:  # sigmoid: no row normaliser, no running maximum, no lse
         init = ""
-        update = f"""{I2}p = {_SIGMOID}
+        update = f"""{I2}p = {SIGMOID}
 {I2}acc += {_dot("p.to(v.dtype)", "v")}
 """
         finish = f"{I1}out = acc\n"
@@ -211,7 +208,7 @@ def gather_backward(spec: KernelSpec) -> str:
     if _norm(spec) == "softmax":
         prob, dsc = "tl.exp2(s - lse[:, None])", "p * (dp - delta[:, None])"
     else:
-        prob, dsc = _SIGMOID, "p * (1.0 - p) * dp"
+        prob, dsc = SIGMOID, "p * (1.0 - p) * dp"
     return _skip_empty_chunks(f'''
 @triton.jit
 def {spec.name}_bwd(

@@ -63,12 +63,9 @@ class Launcher:
         ck[(*grid, 1, 1)[:3]](*bound, stream=driver.get_current_stream(device))
 
 
-_LAUNCHERS: dict = {}
-
-
 def launcher(kernel) -> Launcher:
-    """The launcher of a JIT kernel (one per kernel object)."""
-    got = _LAUNCHERS.get(id(kernel))
-    if got is None or got.kernel is not kernel:
-        got = _LAUNCHERS[id(kernel)] = Launcher(kernel)
+    """The launcher of a JIT kernel, kept on the kernel object (it lives and dies with its module)."""
+    got = kernel.__dict__.get("_attndsl_launcher")
+    if got is None:
+        got = kernel._attndsl_launcher = Launcher(kernel)
     return got

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -44,17 +45,15 @@ def tma_ready(interpret: bool, *tensors) -> bool:
     return True
 
 
-_TMA_DEVICES: dict = {}
+@functools.lru_cache(maxsize=None)
+def _gpu(index: int):
+    """A CUDA device's properties, asked once (the launch path consults them on every call)."""
+    return torch.cuda.get_device_properties(index)
 
 
 def _tma_device(dev: torch.device) -> bool:
-    """An NVIDIA GPU from Hopper on (asked once per device: the launch path calls this per call)."""
-    ok = _TMA_DEVICES.get((dev.type, dev.index))
-    if ok is None:
-        ok = (dev.type == "cuda" and torch.version.hip is None
-              and torch.cuda.get_device_capability(dev)[0] >= 9)
-        _TMA_DEVICES[(dev.type, dev.index)] = ok
-    return ok
+    """An NVIDIA GPU from Hopper on."""
+    return dev.type == "cuda" and torch.version.hip is None and _gpu(dev.index).major >= 9
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -172,10 +171,6 @@ class BlockTables:
         return f"BlockTables(shape={self.shape}, built={sorted(self.tables)})"
 
 
-_SM_COUNT: dict = {}
-_L2_BYTES: dict = {}
-
-
 class Runner:
     """Launches the kernels of one spec for one backend and head dim."""
 
@@ -197,20 +192,14 @@ class Runner:
         """Multiprocessors of the device (the interpreter counts as one)."""
         if self.interpret or device.type != "cuda":
             return 1
-        n = _SM_COUNT.get(device.index)
-        if n is None:
-            n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-        return n
+        return _gpu(device.index).multi_processor_count
 
     def section(self, t: torch.Tensor, n_heads: int, bytes_per_head: int) -> int:
         """Heads per section of a grid over ``n_heads`` rows (batch*head) on ``t``'s device whose
         programs each read ``bytes_per_head`` of their head (see ``config.section``)."""
         if self.interpret or t.device.type != "cuda":
             return INTERPRETER_SECTION
-        l2 = _L2_BYTES.get(t.device.index)
-        if l2 is None:
-            l2 = _L2_BYTES[t.device.index] = torch.cuda.get_device_properties(t.device).L2_cache_size
-        return section(bytes_per_head, l2, n_heads)
+        return section(bytes_per_head, _gpu(t.device.index).L2_cache_size, n_heads)
 
     def forward_tiles(self, q) -> tuple[str, TileConfig]:
         """The forward's tiles for query ``q`` (which of ``self.cfg``'s entries, and its config)."""
@@ -287,8 +276,8 @@ class Runner:
         count = torch.empty((TB, TH, R, 2), dtype=torch.int32, device=dev)
         kernel = getattr(self.mod, f"{spec.name}_table{'_t' if transposed else ''}")
         with self.mode(full):
-            kernel[(R, TB * TH)](full, part, count, TH * R * C, R * C, C, TH, Lq, Lkv, *buffer_args(buffers),
-                                 BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+            self._run(kernel, (R, TB * TH), [full, part, count, TH * R * C, R * C, C, TH, Lq, Lkv, *buffer_args(buffers)],
+                      dict(BLOCK_R=br, BLOCK_C=bc))
         t = Table(full, part, count, spec.mask_uses_b, spec.mask_uses_h)
         if tables is not None:
             tables.tables[key] = t

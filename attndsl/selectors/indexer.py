@@ -12,9 +12,7 @@ scores. Peak extra memory is ``O(max_chunk_elems + Lq · topk)``, whatever the l
 """
 from __future__ import annotations
 
-
 import torch
-import triton
 
 from .. import codegen_bridge, ir
 from ..dsl import trace
@@ -24,7 +22,7 @@ from ..runtime import cache
 from ..runtime.checks import check_captured
 from ..runtime.config import block_d
 from ..runtime.scope import launch_scope
-from ..runtime.launch import buffer_args, use_interpreter
+from ..runtime.launch import buffer_args, cdiv, use_interpreter
 
 
 def relu(score, b, h, q_idx, kv_idx):
@@ -96,7 +94,7 @@ class LightningIndexer:
             out = torch.empty((B, G, n, m), dtype=torch.float32, device=q_i.device)
         interpret = use_interpreter(q_i)
         bt, bs = self.tiles(interpret)
-        grid = (triton.cdiv(n, bt), triton.cdiv(m, bs), B * G)
+        grid = (cdiv(n, bt), cdiv(m, bs), B * G)
         w = weights if weights is not None else q_i
         ws = list(weights.stride()) if weights is not None else [0, 0, 0]
         with launch_scope(q_i, interpret):
