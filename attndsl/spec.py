@@ -78,12 +78,17 @@ class GradLoad:
     depends on b/h only: one scalar per program), "row" (index follows q: one vector per query
     tile), "exact" (the index is (..., q, kv) of distinct positions: written tile by tile with no
     atomics) or "scatter" (anything else: atomic adds).
+
+    ``diagonal``: for a "scatter" load whose index depends on q and kv only through ``q - kv``
+    (a relative-position table), that index as IR over ``dist = q - kv``; its gradient is summed
+    per diagonal of a tile (``passes/diagonal.py``).
     """
 
     load: Node
     grad: Node
     slot: int
     scope: str
+    diagonal: tuple | None = None
 
 
 @dataclass(frozen=True)

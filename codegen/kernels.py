@@ -7,6 +7,7 @@ to visit, which are full) comes from the spec's closed-form ranges or from a blo
 from __future__ import annotations
 
 from attndsl import ir
+from attndsl.passes.diagonal import DIST
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from . import box as _box
@@ -681,7 +682,7 @@ def _per_entry_adds(o: str, off: str, ok: str, contrib: str, dst: str, B: str, n
     return setup, loop
 
 
-def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str) -> str:
+def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str, diag: tuple[str, str] | None = None) -> str:
     """Atomic adds of a tile's gradient into a table many pairs share (a relative-position table).
 
     Most tiles read a short run of entries (near the diagonal), so reduce per entry inside the tile
@@ -693,13 +694,16 @@ def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str) -> str:
     entry: an int64 offset tile would hold 32 more registers per thread across the loop, and
     converting its pointers for the per-element adds cost 64 KiB of shared memory (a float32
     table then went over the H100's limit). Deterministic: always per entry, into the program's own
-    row (``gdst{i}``)."""
+    row (``gdst{i}``). ``diag``: (lines, offset) of a table read along diagonals
+    (``_diagonal_adds``), which needs no span."""
     ok, o, key = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}", f"gkey{i}"
     # keyed on the gradient tile: the offsets then take its layout once, not a converted compare
     # per entry
     live = f"{ok} & ({contrib} != 0.0)"
     det = _per_entry_adds(o, clamped_offset(p, idx), ok, contrib, f"gdst{i}", B + I1)
     B2 = B + I2
+    if diag is not None:
+        return f"{B}if DETERMINISTIC:\n{det[0]}{det[1]}{B}else:\n{_diagonal_adds(i, contrib, *diag, B + I1)}"
     return (f"{B}if DETERMINISTIC:\n{det[0]}{det[1]}"
             f"{B}else:\n"
             f"{B}    if GL{i}_WIDE:\n{B2}{o} = tl.where({live}, {clamped_offset(p, idx)}, {SCATTER_NONE})\n"
@@ -711,6 +715,37 @@ def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str) -> str:
             f"{_span_adds(key, f'{o}_hi - {o}_lo', contrib, f'gdst{i} + {o}_lo', B2)}"
             f"{B}    else:\n"
             f"{B2}tl.atomic_add(gdst{i} + {o}, {contrib}, mask={live})\n")
+
+
+def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
+    """Atomic adds of a tile's gradient into a table read along diagonals (its index is a function
+    of ``dist = q - kv``, ``passes/diagonal.py``): one sum and one add per diagonal of the tile.
+
+    Row ``r`` of the tile is rotated left by ``r`` (a gather within the row), which puts each
+    diagonal in one column: column ``c`` then holds the diagonals ``q - kv = q_lo - kv_lo +
+    w * BLOCK_N - c``, where ``w`` (0, 1, ...) counts how often the row's rotation wrapped round.
+    One column sum per ``w`` gives every diagonal: a few passes over the tile, where a sum per
+    entry (``_span_adds``) takes one per entry (32 on a T5 table's diagonal tiles). ``lines`` and
+    ``off``: the table offset of each diagonal, as code over ``dist``."""
+    rows, cols = "tl.arange(0, BLOCK_M)[:, None]", "tl.arange(0, BLOCK_N)"
+    return (f"{B}gsrc{i} = tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0)\n"
+            f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
+            f"{B}grot{i} = tl.gather(gsrc{i}, gwrap{i} % BLOCK_N, 1)\n"
+            f"{B}gwrap{i} = gwrap{i} // BLOCK_N\n"
+            f"{B}for w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
+            f"{B}    gdiag{i} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
+            f"{B}    dist = q_lo - kv_lo + w * BLOCK_N - {cols}\n"
+            f"{lines}"
+            f"{B}    tl.atomic_add(gdst{i} + {off}, gdiag{i}, mask=gdiag{i} != 0.0)\n")
+
+
+def _diagonal_index(gl, p: str, em: ExprEmitter, B: str) -> tuple[str, str] | None:
+    """(lines, offset) of the table entry of each diagonal, for a load read along diagonals."""
+    if gl.diagonal is None:
+        return None
+    em.env[DIST] = (DIST, 2)
+    idx, lines = em.branch(2, B, lambda: [em.emit(a, 2) for a in gl.diagonal])
+    return lines, clamped_offset(p, idx)
 
 
 def _span_adds(key: str, last: str, contrib: str, dst: str, B: str) -> str:
@@ -819,7 +854,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
                      f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
                      f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
                      f"{B}else:\n{body}")
-            loop += _scatter_code(i, contrib, p, idx, B + I1)
+            loop += _scatter_code(i, contrib, p, idx, B + I1, _diagonal_index(gl, p, em, B + I3))
             continue
         idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
                for a in gl.load.args]
@@ -847,7 +882,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
         elif gl.scope == "scatter":
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
-            loop += _scatter_code(i, contrib, p, idx, B)
+            loop += _scatter_code(i, contrib, p, idx, B, _diagonal_index(gl, p, em, B + I2))
         else:
             # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and
             # are bounds-masked like the forward's load, so a pair the forward read as 0 adds nothing

@@ -274,17 +274,34 @@ def test_t5_bucket_table_unidirectional_causal():
             learn=[table], block=16, name="t5 causal")
 
 
+def _grid_relative_bias(table, W: int, R: int):
+    """A Swin-style 2-D relative position bias over tokens laid out row by row on a grid W wide
+    (R rows): its index is not a function of ``q - kv``, so its gradient takes the general
+    scatter (per entry within a tile, or per element)."""
+    def grid_relative_bias(s, b, h, qi, kv):
+        return s + table[h, qi // W - kv // W + R - 1, qi % W - kv % W + W - 1]
+    return grid_relative_bias
+
+
+def _scatter_source(fn):
+    gl = fn.spec.grad_loads[0]
+    return gl, fn.source[fn.source.index("_bwd_dq("):]
+
+
 @pytest.mark.parametrize("block", [16, 64, 128])
 def test_scattered_table_gradient_both_reductions(block):
-    """A table read through ``q - kv``: tiles reading few entries reduce per entry inside the tile
-    (16x16 tiles: at most 31 distances, one chunk of ``SCATTER_SPAN``; 64x64: 127, two chunks),
-    wider ones (128x128: 255 distances) add per element; all against the reference, with
-    Lq != Lkv and GQA. The window is two-sided, so a tile's unmasked pairs span all its distances."""
+    """A table read through a 2-D grid distance: tiles reading few entries reduce per entry
+    inside the tile (16x16 tiles span under 128 offsets), wider ones (128x128: some 500 offsets)
+    add per element; all against the reference, with Lq != Lkv and GQA."""
     gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=17)
-    table = randn(4, 2 * 100 + 1, gen=gen)
-    compare(q, k, v, mask_mod=lambda b, h, qi, kv: (qi - kv < 100) & (kv - qi < 100),
-            score_mod=relative_position_bias(table, 100), learn=[table], block=block,
-            name=f"rel table, {block}x{block} tiles")
+    W, R = 8, 19
+    table = randn(4, 2 * R - 1, 2 * W - 1, gen=gen)
+    fn = attndsl.compile(mask_mod=lambda b, h, qi, kv: (qi - kv < 100) & (kv - qi < 100),
+                         score_mod=_grid_relative_bias(table, W, R), block_m=block, block_n=block)
+    gl, dq_src = _scatter_source(fn)
+    assert gl.scope == "scatter" and gl.diagonal is None and "tl.gather" not in dq_src
+    compare(q, k, v, fn=fn, mask_mod=fn.mask_mod, score_mod=fn.score_mod, learn=[table],
+            name=f"grid rel table, {block}x{block} tiles")
 
 
 @pytest.mark.parametrize("block", [16, 128])
@@ -295,11 +312,34 @@ def test_scattered_table_gradient_wide_offsets(block, monkeypatch):
     seen = []
     monkeypatch.setattr(launch, "wide_offsets", lambda t: seen.append(t.shape) or True)
     gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=23)
-    table = randn(4, 2 * 100 + 1, gen=gen)
+    W, R = 8, 19
+    table = randn(4, 2 * R - 1, 2 * W - 1, gen=gen)
     compare(q, k, v, mask_mod=lambda b, h, qi, kv: (qi - kv < 100) & (kv - qi < 100),
-            score_mod=relative_position_bias(table, 100), learn=[table], block=block,
-            name=f"rel table, wide offsets, {block}x{block} tiles")
+            score_mod=_grid_relative_bias(table, W, R), learn=[table], block=block,
+            name=f"grid rel table, wide offsets, {block}x{block} tiles")
     assert seen, "the launcher never asked for the offset width"
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), (64, 16)])
+@pytest.mark.parametrize("kind", ["clipped", "t5 bidirectional"])
+def test_diagonal_table_gradient(blocks, kind):
+    """A table read through ``q - kv`` gets its gradient summed per diagonal of each tile
+    (``_diagonal_adds``): square tiles and both kinds of oblong ones (the rotation wraps once,
+    twice or four times), lengths that are not multiples of either tile, GQA and a two-sided
+    window, against the reference."""
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=150, Lkv=130, seed=29)
+    if kind == "clipped":
+        table = randn(4, 2 * 40 + 1, gen=gen)
+        mod = relative_position_bias(table, 40)
+    else:
+        table = randn(4, 32, gen=gen)
+        mod = t5_bucket_bias(table, 32, 64)
+    fn = attndsl.compile(mask_mod=lambda b, h, qi, kv: (qi - kv < 100) & (kv - qi < 90), score_mod=mod,
+                         block_m=blocks[0], block_n=blocks[1])
+    gl, dq_src = _scatter_source(fn)
+    assert gl.diagonal is not None and "tl.gather" in dq_src
+    compare(q, k, v, fn=fn, mask_mod=fn.mask_mod, score_mod=mod, learn=[table],
+            name=f"{kind} table, {blocks[0]}x{blocks[1]} tiles")
 
 
 def test_per_query_table():

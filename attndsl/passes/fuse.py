@@ -8,6 +8,7 @@ from ..ir import Node
 from ..spec import GradLoad, KernelSpec, VisitRange
 from .block_analysis import is_data_dependent, tile_class, tile_range
 from .box_analysis import box_plans
+from .diagonal import diagonal_index
 from .grad import derivative
 from .simplify import simplify
 from .uniform import uniform_loads
@@ -47,7 +48,9 @@ def grad_loads(score: Node | None, learnable: frozenset) -> tuple:
     out = []
     for ld in ir.loads([score]):
         if ld.attr[0] in learnable and ld.dtype == ir.FLOAT:
-            out.append(GradLoad(ld, derivative(score, ld), ld.attr[0], _scope(ld)))
+            scope = _scope(ld)
+            diagonal = diagonal_index(ld) if scope == "scatter" else None
+            out.append(GradLoad(ld, derivative(score, ld), ld.attr[0], scope, diagonal))
     return tuple(out)
 
 
