@@ -234,16 +234,30 @@ SIGMOID = "_sigmoid_half(s + sigmoid_bias * 0.5, Q)"
 
 
 def _additive(spec: KernelSpec):
-    """``R`` when score_mod is ``score + R`` with R free of the score (a bias): the kernels then
+    """``R`` when score_mod is ``score + R`` with R free of the score (a bias; the sum may hold
+    several terms in any order, ``score + t[h, ...] + s[h]``, R then their sum): the kernels then
     compute ``s = qk·(scale·unit) + R·unit`` (``score_unit``), one fused multiply-add per score, as with
     no bias."""
     sc = spec.score
-    if sc is None or sc.op != "add":
+    if sc is None:
         return None
-    for a, r in (sc.args, sc.args[::-1]):
-        if a.op == "var" and a.attr == ir.SCORE and ir.SCORE not in ir.free_vars(r):
-            return r
-    return None
+    terms = []
+
+    def flatten(n):
+        if n.op == "add":
+            for a in n.args:
+                flatten(a)
+        else:
+            terms.append(n)
+    flatten(sc)
+    score = [t for t in terms if t.op == "var" and t.attr == ir.SCORE]
+    rest = [t for t in terms if not (t.op == "var" and t.attr == ir.SCORE)]
+    if len(score) != 1 or not rest or any(ir.SCORE in ir.free_vars(t) for t in rest):
+        return None
+    r = rest[0]
+    for t in rest[1:]:
+        r = ir.node("add", r, t)
+    return r
 
 
 def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mode="tested") -> str:
@@ -300,6 +314,33 @@ FOLDED_SCALE = '''    if FOLD_SCALE:
 '''
 
 
+def _run_folds(spec: KernelSpec) -> bool:
+    """Does the softmax forward's constant-run loop scale scores inside its exponent? There a bias
+    ``score + R`` whose R reads only the run's entries (and b, h) is one scalar per tile: the
+    running max is ``max(qk)·c + R`` and ``p = exp2(qk·c − (m − R))``, one multiply-add per score
+    as with no bias (``_folds_scale``). On an H100 (bf16, causal, L=16384; BENCHMARKS.md) a T5
+    table's forward 0.6–2.1% faster in three same-session comparisons out of four, 0.7% slower in
+    one: about 1%, near the noise."""
+    rest = _additive(spec)
+    if not _softmax(spec) or rest is None:
+        return False
+    runs = _runs.loads(spec, "kv")
+    scalar = ir.substitute(rest, {ld: ir.var(f"_uv{j}", ir.FLOAT) for ld, j in runs.items()})
+    return ir.free_vars(scalar) <= {"b", "h"} | {f"_uv{j}" for j in runs.values()}
+
+
+def _run_score_lines(spec: KernelSpec, em: ExprEmitter, ind: str, bias: str) -> str:
+    """s (unscaled scores, or scaled when the scale is not positive) and ``s_add``, the run's
+    scalar bias in log2 units (see ``_run_folds``)."""
+    head = _uniform_loads(spec, em, ind, 2, "kv", "run", "qk")
+    rest = em.emit(_additive(spec), 2)
+    return (head + em.take(2, ind)
+            + f"{ind}s_add = {rest} * LOG2E\n"
+            + f"{ind}if FOLD_SCALE:\n{ind}    s = qk\n{ind}    if HAS_BIAS:\n{ind}        s += {bias} * inv_scale\n"
+            + f"{ind}else:\n{ind}    s = qk * (sm_scale * LOG2E) + s_add\n"
+            + f"{ind}    if HAS_BIAS:\n{ind}        s += {bias} * LOG2E\n{ind}    s_add = 0.0\n")
+
+
 def _folded_score_lines(ind: str, bias: str) -> str:
     """s: the scores in units of 1/scale (see ``_folds_scale``), a low-rank bias divided by the scale."""
     return (f"{ind}if FOLD_SCALE:\n{ind}    s = qk\n{ind}    if HAS_BIAS:\n{ind}        s += {bias} * inv_scale\n"
@@ -346,8 +387,9 @@ def forward(spec: KernelSpec, table: bool) -> str:
         visit_if = f"{I2}if {nonempty}:\n"
         Bg = I3
     fold = _folds_scale(spec)
+    run_fold = runs and _run_folds(spec)
     if _softmax(spec):
-        init = (FOLDED_SCALE if fold else "") + f'''    if HAS_SINKS:
+        init = (FOLDED_SCALE if fold or run_fold else "") + f'''    if HAS_SINKS:
         sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
         m_i = tl.zeros([BLOCK_M], tl.float32) + sink
         l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
@@ -356,9 +398,10 @@ def forward(spec: KernelSpec, table: bool) -> str:
         l_i = tl.zeros([BLOCK_M], tl.float32)
 '''
         # {c}: folded, s holds unscaled scores, scaled inside the exponent's multiply-add
-        update = '''{B}m_new = tl.maximum(m_i, tl.max(s, 1){c})
+        # {add}: a run's scalar bias, added to the max and taken out of the exponent's shift
+        update = '''{B}m_new = tl.maximum(m_i, tl.max(s, 1){c}{add})
 {B}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-{B}p = tl.exp2(s{c} - m_use[:, None])
+{B}p = tl.exp2(s{c} - {shift}[:, None])
 {B}alpha = tl.exp2(m_i - m_use)
 {B}l_i = l_i * alpha + tl.sum(p, 1)
 {B}acc = acc * alpha[:, None] + {pv}
@@ -383,8 +426,13 @@ def forward(spec: KernelSpec, table: bool) -> str:
         run = mode == "run"
         B = I2 if run else Bg
         head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1, part)
-        score_block = (_folded_score_lines(B, _dot("u", "wT")) if fold else
-                       _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode))
+        folded = fold or (run and run_fold)
+        if fold:
+            score_block = _folded_score_lines(B, _dot("u", "wT"))
+        elif folded:
+            score_block = _run_score_lines(spec, em, B, _dot("u", "wT"))
+        else:
+            score_block = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), mode=mode)
         masked = ""
         if not run and part != "full":
             M = B + I1 if part == "both" else B
@@ -398,7 +446,9 @@ def forward(spec: KernelSpec, table: bool) -> str:
         tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & d_ok[None, :]",
                         tma=True)
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
-{score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"), c=" * qk_scale" if fold else "")}{B}visited += 1
+{score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"), c=" * qk_scale" if folded else "",
+                                   add=" + s_add" if folded and not fold else "",
+                                   shift="(m_use - s_add)" if folded and not fold else "m_use")}{B}visited += 1
 '''
 
     mode = "plain" if runs else "tested"

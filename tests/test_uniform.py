@@ -210,3 +210,30 @@ def test_t5_runs_at_both_ends_and_per_tile_test_under_block_tables(bidirectional
     compare(q, k, v, mask_mod=lambda b, h, qi, kv: ids_q[qi] == ids_k[kv],
             score_mod=t5_bucket_bias(table, 16, 40, bidirectional=bidirectional),
             learn=[table], block=16, name=f"t5 documents, bidirectional={bidirectional}")
+
+
+def test_run_loop_folds_a_scalar_bias_into_the_exponent():
+    """The softmax forward's run loop takes a bias of the run's entries (and b, h) out of the
+    exponent's shift (``_run_folds``); a bias with a per-element part keeps the scaled scores."""
+    def fwd_run_loop(mod):
+        src = attndsl.compile(mask_mod=causal, score_mod=mod).source
+        fwd = src[src.index("def attn_fwd("):src.index("def attn_bwd_delta(")]
+        return fwd[fwd.index("for it in range(0, n_run):"):fwd.index("for it in range(n_run, n_tiles):")]
+    table, slopes = torch.randn(H, 16), torch.randn(H)
+    t5 = t5_bucket_bias(table, 16, 40, bidirectional=False)
+    for mod in (t5, lambda s, b, h, q, kv: t5(s, b, h, q, kv) + slopes[h]):
+        assert "p = tl.exp2(s * qk_scale - (m_use - s_add)[:, None])" in fwd_run_loop(mod)
+    loop = fwd_run_loop(lambda s, b, h, q, kv: t5(s, b, h, q, kv) + slopes[h] * (kv - q))
+    assert "s_add" not in loop and "p = tl.exp2(s - m_use[:, None])" in loop
+
+
+@pytest.mark.parametrize("scale", [0.3, 20.0, -20.0, 0.0])
+def test_t5_table_any_scale_sign_with_sinks(scale):
+    """The run loop's fold holds for a positive scale only; other scales scale the scores first.
+    A table's own scalar added too (``+ slopes[h]``), sinks, GQA: output, lse and all gradients."""
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=120, Lkv=100, seed=31)
+    table, slopes, sinks = randn(4, 16, gen=gen), randn(4, gen=gen), randn(4, gen=gen)
+    t5 = t5_bucket_bias(table, 16, 40, bidirectional=False)
+    compare(q, k, v, mask_mod=causal, score_mod=lambda s, b, h, q_, kv: t5(s, b, h, q_, kv) + slopes[h],
+            learn=[table, slopes], extras=dict(sinks=sinks, scale=scale), lse_loss=True, block=16,
+            name=f"t5 runs, scale {scale}")
