@@ -744,16 +744,16 @@ def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str, diag: tu
     entry: an int64 offset tile would hold 32 more registers per thread across the loop, and
     converting its pointers for the per-element adds cost 64 KiB of shared memory (a float32
     table then went over the H100's limit). Deterministic: always per entry, into the program's own
-    row (``gdst{i}``). ``diag``: (lines, offset) of a table read along diagonals
-    (``_diagonal_adds``), which needs no span."""
+    row (``gdst{i}``). ``diag``: (lines, offset) of a table read along diagonals, summed per
+    diagonal instead (``_diagonal_adds``, deterministic too), with no span."""
+    if diag is not None:
+        return _diagonal_adds(i, contrib, *diag, B)
     ok, o, key = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}", f"gkey{i}"
     # keyed on the gradient tile: the offsets then take its layout once, not a converted compare
     # per entry
     live = f"{ok} & ({contrib} != 0.0)"
     det = _per_entry_adds(o, clamped_offset(p, idx), ok, contrib, f"gdst{i}", B + I1)
     B2 = B + I2
-    if diag is not None:
-        return f"{B}if DETERMINISTIC:\n{det[0]}{det[1]}{B}else:\n{_diagonal_adds(i, contrib, *diag, B + I1)}"
     return (f"{B}if DETERMINISTIC:\n{det[0]}{det[1]}"
             f"{B}else:\n"
             f"{B}    if GL{i}_WIDE:\n{B2}{o} = tl.where({live}, {clamped_offset(p, idx)}, {SCATTER_NONE})\n"
@@ -776,17 +776,27 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
     w * BLOCK_N - c``, where ``w`` (0, 1, ...) counts how often the row's rotation wrapped round.
     One column sum per ``w`` gives every diagonal: a few passes over the tile, where a sum per
     entry (``_span_adds``) takes one per entry (32 on a T5 table's diagonal tiles). ``lines`` and
-    ``off``: the table offset of each diagonal, as code over ``dist``."""
+    ``off``: the table offset of each diagonal, as code over ``dist``. Deterministic: the
+    diagonals' sums are added per entry, one scalar add after another into the program's own row
+    (``_per_entry_adds`` over the diagonals instead of the tile's elements)."""
     rows, cols = "tl.arange(0, BLOCK_M)[:, None]", "tl.arange(0, BLOCK_N)"
+    o, d, B2 = f"doff{i}", f"gdiag{i}", B + I2
     return (f"{B}gsrc{i} = tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0)\n"
             f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
             f"{B}grot{i} = tl.gather(gsrc{i}, gwrap{i} % BLOCK_N, 1)\n"
             f"{B}gwrap{i} = gwrap{i} // BLOCK_N\n"
             f"{B}for w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
-            f"{B}    gdiag{i} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
+            f"{B}    {d} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
             f"{B}    dist = q_lo - kv_lo + w * BLOCK_N - {cols}\n"
             f"{lines}"
-            f"{B}    tl.atomic_add(gdst{i} + {off}, gdiag{i}, mask=gdiag{i} != 0.0)\n")
+            f"{B}    if DETERMINISTIC:\n"
+            f"{B2}{o} = {off}\n"
+            f"{B2}{o}_lo = tl.min(tl.where({d} != 0.0, {o}, {SCATTER_NONE}))\n"
+            f"{B2}{o}_hi = tl.max(tl.where({d} != 0.0, {o}, -1))\n"
+            f"{B2}for e in range({o}_lo, {o}_hi + 1):\n"
+            f"{B2}    tl.atomic_add(gdst{i} + e, tl.sum(tl.where({o} == e, {d}, 0.0), 0))\n"
+            f"{B}    else:\n"
+            f"{B2}tl.atomic_add(gdst{i} + {off}, {d}, mask={d} != 0.0)\n")
 
 
 def _diagonal_index(gl, p: str, em: ExprEmitter, B: str) -> tuple[str, str] | None:
@@ -904,7 +914,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
                      f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
                      f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
                      f"{B}else:\n{body}")
-            loop += _scatter_code(i, contrib, p, idx, B + I1, _diagonal_index(gl, p, em, B + I3))
+            loop += _scatter_code(i, contrib, p, idx, B + I1, _diagonal_index(gl, p, em, B + I2))
             continue
         idx = [em.emit(a, 2 if gl.scope in ("exact", "scatter", "col") else (0 if gl.scope == "program" else 1))
                for a in gl.load.args]
@@ -932,7 +942,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
         elif gl.scope == "scatter":
             pinit, pfinal = _private_row(gl, i, p, em)
             init, final = init + pinit, final + pfinal
-            loop += _scatter_code(i, contrib, p, idx, B, _diagonal_index(gl, p, em, B + I2))
+            loop += _scatter_code(i, contrib, p, idx, B, _diagonal_index(gl, p, em, B + I1))
         else:
             # (.., q, kv) of distinct plain indices: q/kv terms stay unclamped (coalesced stores) and
             # are bounds-masked like the forward's load, so a pair the forward read as 0 adds nothing

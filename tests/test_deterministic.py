@@ -13,7 +13,7 @@ def _grad(attn, mod, learn, q, k, v, do):
     return torch.autograd.grad(o, [q, learn], do)
 
 
-KINDS = ["program", "zero_dim", "row", "exact", "t5", "clipped_wide", "col", "col_broadcast"]
+KINDS = ["program", "zero_dim", "row", "exact", "t5", "t5_oblong", "clipped_wide", "grid", "col", "col_broadcast"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -32,10 +32,13 @@ def test_deterministic_learnable_gradients(kind):
     elif kind == "exact":
         t = torch.randn(B, Hq, Lq, Lkv, requires_grad=True)
         mod = lambda s, b, h, q, k: s + t[b, h, q, k]  # noqa: E731
-    elif kind == "t5":  # scatter: tiles of one bucket (uniform) and tiles of a few
+    elif kind in ("t5", "t5_oblong"):  # scatter: tiles of one bucket (uniform) and, summed per diagonal, of a few
         from patterns.relative_bias import t5_bucket_bias
         t = torch.randn(Hq, 16, requires_grad=True)
         mod = t5_bucket_bias(t, 16, 24, bidirectional=False)
+    elif kind == "grid":  # scatter not along diagonals (a 2-D grid distance): per entry of each tile
+        t = torch.randn(Hq, 17, 15, requires_grad=True)
+        mod = lambda s, b, h, q, k: s + t[h, q // 8 - k // 8 + 8, q % 8 - k % 8 + 7]  # noqa: E731
     elif kind == "clipped_wide":  # scatter with no head index: one row per program over the whole table
         t = torch.randn(2 * 60 + 1, requires_grad=True)
         mod = lambda s, b, h, q, k: s + t[(q - k).clamp(-60, 60) + 60]  # noqa: E731
@@ -47,7 +50,8 @@ def test_deterministic_learnable_gradients(kind):
         mod = lambda s, b, h, q, k: s * torch.sigmoid(t[k])  # noqa: E731
     q = torch.randn(B, Hq, Lq, D, requires_grad=True)
     k, v = torch.randn(B, Hkv, Lkv, D), torch.randn(B, Hkv, Lkv, D)
-    attn = attndsl.compile(mask_mod=causal, score_mod=mod, deterministic=True, block_m=16, block_n=16)
+    block_m = 32 if kind == "t5_oblong" else 16  # the diagonals' rotation wraps twice or three times
+    attn = attndsl.compile(mask_mod=causal, score_mod=mod, deterministic=True, block_m=block_m, block_n=16)
     do = torch.randn(B, Hq, Lq, D)
     dq1, dt1 = _grad(attn, mod, t, q, k, v, do)
     dq2, dt2 = _grad(attn, mod, t, q, k, v, do)
