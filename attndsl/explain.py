@@ -46,7 +46,8 @@ def explain(compiled) -> str:
         if gl.diagonal is not None:
             out.append(f"  its index depends on q and kv only through dist = q - kv: "
                        f"{', '.join(ir.expr_str(a) for a in gl.diagonal)}; the gradient is summed per diagonal "
-                       "of each tile and added once per diagonal (deterministic=True: per entry)")
+                       "of each tile and added once per diagonal (deterministic=True: the diagonals' sums "
+                       "added per entry, in order)")
     for ul in spec.uniform_loads:
         out.append(f"buf{ul.load.attr[0]} is read once per constant run: the full tiles at either end of each "
                    "range where its index bounds meet get one scalar load (and one gradient add per run); "
