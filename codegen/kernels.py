@@ -778,7 +778,7 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
     entry (``_span_adds``) takes one per entry (32 on a T5 table's diagonal tiles). ``lines`` and
     ``off``: the table offset of each diagonal, as code over ``dist``. Deterministic: the
     diagonals' sums are added per entry, one scalar add after another into the program's own row
-    (``_per_entry_adds`` over the diagonals instead of the tile's elements)."""
+    (as ``_per_entry_adds`` does with a tile's elements)."""
     rows, cols = "tl.arange(0, BLOCK_M)[:, None]", "tl.arange(0, BLOCK_N)"
     o, d, B2 = f"doff{i}", f"gdiag{i}", B + I2
     return (f"{B}gsrc{i} = tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0)\n"
@@ -803,7 +803,6 @@ def _diagonal_index(gl, p: str, em: ExprEmitter, B: str) -> tuple[str, str] | No
     """(lines, offset) of the table entry of each diagonal, for a load read along diagonals."""
     if gl.diagonal is None:
         return None
-    em.env[DIST] = (DIST, 2)
     idx, lines = em.branch(2, B, lambda: [em.emit(a, 2) for a in gl.diagonal])
     return lines, clamped_offset(p, idx)
 
@@ -969,7 +968,7 @@ def dq(spec: KernelSpec, table: bool) -> str:
     dq_rng = spec.dq_range or spec.fwd_range  # box plans may give dQ tiles of its own
     env = {"b": ("b", 0), "h": ("h", 0), "q": ("q_idx", 1), "q_lo": ("q_lo", 1), "q_hi": ("q_hi", 1),
            "kv_max": ("kv_max", 1), "q_max": ("q_max", 1), "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2),
-           "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
+           "kv_hi": ("kv_hi", 2), "score": ("score", 2), DIST: (DIST, 2)}
     em = ExprEmitter(env, 3, prefix="v")
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m") if table
             else _plan_lines(em, dq_rng, 1, "BLOCK_N", "kv_max", False))
