@@ -984,3 +984,18 @@ def test_zz_report_errors():
         for key, rows in sorted(ERRS.items()):
             worst = sorted(rows, reverse=True)[:3]
             print(f"\nworst {key}: " + ", ".join(f"{e:.1e} ({n})" for e, n in worst))
+
+
+@pytest.mark.parametrize("layout", ["1-d", "2-d"])
+def test_diagonal_table_gradient_under_layout_masks(layout):
+    """Neighborhood attention's box visit plans pick the dQ kernel's key tiles per query tile; the
+    table gradient is still summed per diagonal there, against the reference with GQA."""
+    from patterns.neighborhood import neighborhood_1d, neighborhood_2d
+    mask, L = (neighborhood_1d(96, 13)[1], 96) if layout == "1-d" else (neighborhood_2d(8, 16, 5, tile=(4, 4))[1], 128)
+    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=L, Lkv=L, seed=3)
+    table = randn(4, 2 * 20 + 1, gen=gen)
+    mod = relative_position_bias(table, 20)
+    fn = attndsl.compile(mask_mod=mask, score_mod=mod)
+    gl, dq_src = _scatter_source(fn)
+    assert fn.spec.tiles and gl.diagonal is not None and "tl.gather" in dq_src
+    compare(q, k, v, fn=fn, mask_mod=mask, score_mod=mod, learn=[table], name=f"{layout} neighborhood, clipped table")
