@@ -330,22 +330,23 @@ def _run_folds(spec: KernelSpec) -> bool:
 
 
 def _run_score_lines(spec: KernelSpec, em: ExprEmitter, ind: str, bias: str) -> str:
-    """s (unscaled scores, or scaled when the scale is not positive) and ``s_add``, the run's
-    scalar bias in log2 units (see ``_run_folds``)."""
+    """The run loop's folded scores and ``s_add``, the run's scalar bias (see ``_run_folds``)."""
     head = _uniform_loads(spec, em, ind, 2, "kv", "run", "qk")
     rest = em.emit(_additive(spec), 2)
-    return (head + em.take(2, ind)
-            + f"{ind}s_add = {rest} * LOG2E\n"
+    return head + em.take(2, ind) + _folded_score_lines(ind, bias, rest)
+
+
+def _folded_score_lines(ind: str, bias: str, add: str | None = None) -> str:
+    """s: the scores in units of 1/scale (see ``_folds_scale``), a low-rank bias divided by the
+    scale. ``add``: a scalar bias per tile, kept apart as ``s_add`` in log2 units (``_run_folds``);
+    a scale that is not positive adds it to the scaled scores and leaves ``s_add`` 0."""
+    head = f"{ind}s_add = {add} * LOG2E\n" if add else ""
+    plus = " + s_add" if add else ""
+    return (head
             + f"{ind}if FOLD_SCALE:\n{ind}    s = qk\n{ind}    if HAS_BIAS:\n{ind}        s += {bias} * inv_scale\n"
-            + f"{ind}else:\n{ind}    s = qk * (sm_scale * LOG2E) + s_add\n"
-            + f"{ind}    if HAS_BIAS:\n{ind}        s += {bias} * LOG2E\n{ind}    s_add = 0.0\n")
-
-
-def _folded_score_lines(ind: str, bias: str) -> str:
-    """s: the scores in units of 1/scale (see ``_folds_scale``), a low-rank bias divided by the scale."""
-    return (f"{ind}if FOLD_SCALE:\n{ind}    s = qk\n{ind}    if HAS_BIAS:\n{ind}        s += {bias} * inv_scale\n"
-            f"{ind}elif HAS_BIAS:\n{ind}    s = (qk * sm_scale + {bias}) * LOG2E\n"
-            f"{ind}else:\n{ind}    s = qk * (sm_scale * LOG2E)\n")
+            + f"{ind}else:\n{ind}    s = qk * (sm_scale * LOG2E){plus}\n"
+            + f"{ind}    if HAS_BIAS:\n{ind}        s += {bias} * LOG2E\n"
+            + (f"{ind}    s_add = 0.0\n" if add else ""))
 
 
 def _split_loop(spec: KernelSpec, rng, cls) -> bool:
@@ -719,16 +720,19 @@ SCATTER_NONE32 = (1 << 31) - 1
 SPAN_UNROLL = 4
 
 
-def _per_entry_adds(o: str, off: str, ok: str, contrib: str, dst: str, B: str, none: int = SCATTER_NONE) -> tuple[str, str]:
+def _per_entry_adds(o: str, off: str, ok: str, contrib: str, dst: str, B: str, none: int = SCATTER_NONE,
+                    rank: int = 2) -> tuple[str, str]:
     """(setup, loop): the offsets ``o`` of a tile's table entries and their span (``none``: above
     any offset), then one masked reduction and one scalar atomic add per entry of the span
     (deterministic when ``dst`` is the program's own row: the adds run one after another in
-    program order)."""
+    program order). ``rank``: of ``contrib``, a tile (2) or a vector of diagonal sums (1)."""
+    masked = f"tl.where(({o} == e) & {ok}, {contrib}, 0.0)"
+    total = f"tl.sum(tl.sum({masked}, 1), 0)" if rank == 2 else f"tl.sum({masked}, 0)"
     setup = (f"{B}{o} = {off}\n"
              f"{B}{o}_lo = tl.min(tl.where({ok}, {o}, {none}))\n"
              f"{B}{o}_hi = tl.max(tl.where({ok}, {o}, -1))\n")
     loop = (f"{B}for e in range({o}_lo, {o}_hi + 1):\n"
-            f"{B}    tl.atomic_add({dst} + e, tl.sum(tl.sum(tl.where(({o} == e) & {ok}, {contrib}, 0.0), 1), 0))\n")
+            f"{B}    tl.atomic_add({dst} + e, {total})\n")
     return setup, loop
 
 
@@ -778,9 +782,10 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
     entry (``_span_adds``) takes one per entry (32 on a T5 table's diagonal tiles). ``lines`` and
     ``off``: the table offset of each diagonal, as code over ``dist``. Deterministic: the
     diagonals' sums are added per entry, one scalar add after another into the program's own row
-    (as ``_per_entry_adds`` does with a tile's elements)."""
+    (``_per_entry_adds`` over the diagonals instead of a tile's elements)."""
     rows, cols = "tl.arange(0, BLOCK_M)[:, None]", "tl.arange(0, BLOCK_N)"
-    o, d, B2 = f"doff{i}", f"gdiag{i}", B + I2
+    d = f"gdiag{i}"
+    det = _per_entry_adds(f"doff{i}", off, f"({d} != 0.0)", d, f"gdst{i}", B + I2, rank=1)
     return (f"{B}gsrc{i} = tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0)\n"
             f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
             f"{B}grot{i} = tl.gather(gsrc{i}, gwrap{i} % BLOCK_N, 1)\n"
@@ -789,14 +794,9 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
             f"{B}    {d} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
             f"{B}    dist = q_lo - kv_lo + w * BLOCK_N - {cols}\n"
             f"{lines}"
-            f"{B}    if DETERMINISTIC:\n"
-            f"{B2}{o} = {off}\n"
-            f"{B2}{o}_lo = tl.min(tl.where({d} != 0.0, {o}, {SCATTER_NONE}))\n"
-            f"{B2}{o}_hi = tl.max(tl.where({d} != 0.0, {o}, -1))\n"
-            f"{B2}for e in range({o}_lo, {o}_hi + 1):\n"
-            f"{B2}    tl.atomic_add(gdst{i} + e, tl.sum(tl.where({o} == e, {d}, 0.0), 0))\n"
+            f"{B}    if DETERMINISTIC:\n{det[0]}{det[1]}"
             f"{B}    else:\n"
-            f"{B2}tl.atomic_add(gdst{i} + {off}, {d}, mask={d} != 0.0)\n")
+            f"{B}        tl.atomic_add(gdst{i} + {off}, {d}, mask={d} != 0.0)\n")
 
 
 def _diagonal_index(gl, p: str, em: ExprEmitter, B: str) -> tuple[str, str] | None:

@@ -201,6 +201,12 @@ class Runner:
             return INTERPRETER_SECTION
         return section(bytes_per_head, _gpu(t.device.index).L2_cache_size, n_heads)
 
+    def _kv_section(self, q, k, v) -> int:
+        """The section of a grid over query heads whose programs read their K/V head (the forward and
+        dQ): a K/V head serves GROUP query heads, so each counts a GROUP-th of its rows."""
+        Hq, Hkv = q.shape[1], k.shape[1]
+        return self.section(q, q.shape[0] * Hq, _row_bytes(k, v) // (Hq // Hkv))
+
     def forward_tiles(self, q) -> tuple[str, TileConfig]:
         """The forward's tiles for query ``q`` (which of ``self.cfg``'s entries, and its config)."""
         B, Hq, Lq = q.shape[:3]
@@ -308,8 +314,7 @@ class Runner:
         visits = torch.zeros(2 * B * Hq * cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
         args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                Hq, Hq // Hkv, Lq, Lkv, scale, self.section(q, B * Hq, _row_bytes(k, v) // (Hq // Hkv)),
-                *extras.args(q, k), *buffer_args(buffers, self.learnable)]
+                Hq, Hq // Hkv, Lq, Lkv, scale, self._kv_section(q, k, v), *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         kernel = getattr(self.mod, f"{self.spec.name}_fwd")
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False),
@@ -399,8 +404,7 @@ class Runner:
         self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
                      lambda c: (cdiv(Lq, c.block_m), B * Hq),
                      [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, self.section(q, B * Hq, _row_bytes(k, v) // (Hq // Hkv)),
-                      *xargs, *bargs, *gl_args],
+                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, self._kv_section(q, k, v), *xargs, *bargs, *gl_args],
                      self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), **consts, **gl_consts,
                      EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         dsinks = None
