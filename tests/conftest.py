@@ -4,11 +4,15 @@
   every output it allocates (out, lse, dq/dk/dv, scratch) with NaN before each launch, so an
   element a kernel forgets to write shows up as NaN and fails the comparison instead of
   passing by luck with zeros from the allocator. Export ``ATTNDSL_POISON=0`` to turn it off.
+* ``ATTNDSL_VERIFY_MEMO=1``: every launch that a repeated call takes from the runner's memo
+  (``Runner._launch``) is checked against a fresh computation of its grid, constants and argument
+  specialisation, so a call key that misses something fails here rather than launching wrongly.
 * Tests marked ``gpu`` are skipped when CUDA is not available.
 """
 import os
 
 os.environ.setdefault("ATTNDSL_POISON", "1")
+os.environ.setdefault("ATTNDSL_VERIFY_MEMO", "1")
 
 import pytest  # noqa: E402
 

@@ -668,3 +668,82 @@ def test_kv_tiles_through_descriptors_or_pointers(how, monkeypatch):
         assert_close(got, want, 5e-4, name_)
     assert {w for w, _ in seen} == {"fwd"}
     assert all(t == (how == "descriptors") for _, t in seen), seen
+
+
+# --- launch memo: repeated calls of one key skip the launch decisions ------------------------------
+def _fwd_bwd(comp, q, k, v, **kw):
+    out = comp(q, k, v, **kw)
+    grads = torch.autograd.grad((out * out).sum(), (q, k, v))
+    return out, grads
+
+
+def test_repeated_calls_take_the_memoised_launches(monkeypatch):
+    """The second forward+backward of one shape builds no new launch (every kernel comes from the
+    runner's memo, checked against a fresh computation: conftest's ATTNDSL_VERIFY_MEMO) and gives
+    the same bits as the first."""
+    from attndsl.runtime import launch
+    assert launch.VERIFY_MEMO
+    made = []
+    orig = launch.Runner._prepared
+    monkeypatch.setattr(launch.Runner, "_prepared", lambda self, kernel, *a: made.append(kernel) or orig(self, kernel, *a))
+    comp = attndsl.CompiledAttention(causal, name="memo_repeat")
+    q, k, v = qkv(1, 4, 2, 37, 45, 16, grad=True, seed=3)
+    first = _fwd_bwd(comp, q, k, v)
+    assert len(made) == 4, made  # forward, delta, dK/dV, dQ
+    second = _fwd_bwd(comp, q, k, v)
+    assert len(made) == 4, made
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
+
+
+def _offset(t):
+    """The same values one element past an aligned base (another alignment class)."""
+    flat = torch.cat([t.detach().new_zeros(1), t.detach().flatten()])[1:]
+    return flat.view(t.shape).requires_grad_(t.requires_grad)
+
+
+def test_the_call_key_follows_what_fixes_the_launch():
+    """One compiled pattern, calls whose keys differ in one thing each (alignment, strides, scale
+    sign, the gradient's strides, sinks, low-rank factors), interleaved with the first key again:
+    every call matches the reference, forward and gradients, and no memoised launch disagrees with
+    a fresh one (ATTNDSL_VERIFY_MEMO raises otherwise)."""
+    comp = attndsl.CompiledAttention(sliding(9), name="memo_keys")
+    q0, k0, v0 = qkv(1, 2, 1, 33, 33, 16, grad=True, seed=5)
+    variants = {
+        "plain": (q0, k0, v0, {}, "square"),
+        "k misaligned": (q0, _offset(k0), v0, {}, "square"),
+        "q transposed layout": (q0.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(), k0, v0, {},
+                                "square"),
+        "negative scale": (q0, k0, v0, {"scale": -0.3}, "square"),
+        "broadcast gradient": (q0, k0, v0, {}, "sum"),
+        "sinks": (q0, k0, v0, {"sinks": rand(2, seed=9, grad=True)}, "square"),
+        "bias factors": (q0, k0, v0, {"bias_factors": (rand(1, 2, 33, 3, seed=10, grad=True),
+                                                       rand(1, 1, 33, 3, seed=11, grad=True))}, "square"),
+    }
+    for name in [n for v_ in variants for n in ("plain", v_)]:
+        q, k, v, kw, loss = variants[name]
+        leaves = [q, k, v, *(t for t in (kw.get("sinks"), *(kw.get("bias_factors") or ())) if t is not None)]
+        out = comp(q, k, v, **kw)
+        grads = torch.autograd.grad(out.sum() if loss == "sum" else (out * out).sum(), leaves)
+        l64 = [t.detach().double().requires_grad_() for t in leaves]
+        kw64 = dict(kw)
+        if "sinks" in kw:
+            kw64["sinks"] = l64[3]
+        if "bias_factors" in kw:
+            kw64["bias_factors"] = (l64[3], l64[4])
+        ref, _ = attndsl.reference.attention(*l64[:3], mask_mod=sliding(9), **kw64)
+        ref_grads = torch.autograd.grad(ref.sum() if loss == "sum" else (ref * ref).sum(), l64)
+        assert_close(out, ref, 1e-4, name)
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            assert_close(g, r, 1e-4, f"{name}: gradient {i}")
+
+
+def test_memo_verification_catches_an_incomplete_key(monkeypatch):
+    """A call key that leaves out the lengths would replay the first call's grid for the second:
+    the verification the test suite runs with fails that call instead."""
+    from attndsl.runtime import launch
+    comp = attndsl.CompiledAttention(causal, name="memo_bad_key")
+    monkeypatch.setattr(launch.Runner, "call_key", lambda self, *a: ("one key for every call",))
+    comp(*qkv(1, 2, 2, 40, 40, 16))
+    with pytest.raises(AssertionError, match="launch memo"):
+        comp(*qkv(1, 2, 2, 70, 70, 16))

@@ -8,6 +8,11 @@ next ones specialise the arguments with Triton's own function (so alignment and 
 ``% 16`` integer specialisation key the same way) and call the compiled kernel directly.
 Any Triton without these entry points, and AMD GPUs (whose backend specialises differently),
 take the ordinary path.
+
+``Launcher.prepared`` goes one step further for callers that know every launch-time decision of a
+call is fixed (``Runner`` keys them by the call's shapes, strides, dtypes and alignments): a
+``Direct`` launch hands the arguments to the compiled kernel's C launcher with the grid, trailing
+constants and metadata bound once: no specialisation, no binding, about 10 µs of host time.
 """
 from __future__ import annotations
 
@@ -40,27 +45,81 @@ class Launcher:
         self.enabled = (_specialize is not None and torch.version.hip is None and bool(names)
                         and not getattr(kernel, "pre_run_hooks", None))
 
-    def __call__(self, grid: tuple, args: list, consts: dict, num_warps: int, num_stages: int) -> None:
+    def __call__(self, grid: tuple, args: list, consts: dict, num_warps: int, num_stages: int):
+        """Launch; returns the compiled kernel and the names of its trailing constants (None on
+        Triton's own path)."""
         if not self.enabled:
             self.kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
-            return
+            return None
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
         key = (device, num_warps, num_stages, _knobs.runtime.debug, tuple(consts.items()), _specialization(args))
-        ck = self.compiled.get(key)
-        if ck is None:
+        entry = self.compiled.get(key)
+        if entry is None:
             ck = self.kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
             if hasattr(ck, "result"):
                 ck = ck.result()
             tail = self.names[len(args):]
             if ck is None or set(tail) != set(consts):  # defaults we do not pass: keep Triton's path
                 self.enabled = False
-                return
-            self.compiled[key] = (ck, tail)
-            return
-        ck, tail = ck
+                return None
+            self.compiled[key] = entry = (ck, tail)
+            return entry
+        ck, tail = entry
         bound = [*args, *(consts[n] for n in tail)]
         ck[(*grid, 1, 1)[:3]](*bound, stream=driver.get_current_stream(device))
+        return entry
+
+    def prepared(self, grid: tuple, args: list, consts: dict, num_warps: int, num_stages: int):
+        """A launch of these arguments' kernel with everything but the arguments fixed: after one
+        ordinary launch, a ``Direct`` one where Triton's internals allow it, else this launcher's.
+        Valid for later argument lists whose non-tensor values, dtypes and alignments are the same."""
+        entry = self(grid, args, consts, num_warps, num_stages)
+        direct = Direct.make(entry, grid, consts) if entry is not None else None
+        if direct is not None:
+            return direct
+        return lambda a: self(grid, a, consts, num_warps, num_stages)
+
+
+def _hooked(hook) -> bool:
+    """Is a launch hook set? (None, or a chain of hooks with nothing in it, is not.)"""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class Direct:
+    """One compiled kernel launched through its C launcher with grid, metadata and trailing
+    constants bound: the arguments go straight to the launcher, which reads each tensor's address.
+    Launch hooks (profilers) take the compiled kernel's own path, which calls them."""
+
+    __slots__ = ("ck", "launch", "function", "meta", "coop", "pdl", "grid", "tail", "scratch")
+
+    @staticmethod
+    def make(entry, grid: tuple, consts: dict) -> "Direct | None":
+        ck, tail = entry
+        run = ck.run
+        needed = ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl",
+                  "num_ctas")
+        if not all(hasattr(run, n) for n in needed) or run.profile_scratch_size:
+            return None
+        d = Direct()
+        d.ck, d.launch, d.function, d.meta = ck, run.launch, ck.function, ck.packed_metadata
+        d.coop, d.pdl = run.launch_cooperative_grid, run.launch_pdl
+        d.grid = (*grid, 1, 1)[:3]
+        d.tail = tuple(consts[n] for n in tail)
+        n = d.grid[0] * d.grid[1] * d.grid[2]
+        # device-side tensor descriptors live in global scratch, one slice per program
+        d.scratch = n * run.num_ctas * run.global_scratch_size if run.global_scratch_size else 0
+        return d
+
+    def __call__(self, args: list) -> None:
+        driver = triton.runtime.driver.active
+        stream = driver.get_current_stream(driver.get_current_device())
+        if _hooked(_knobs.runtime.launch_enter_hook) or _hooked(_knobs.runtime.launch_exit_hook):
+            self.ck[self.grid](*args, *self.tail, stream=stream)
+            return
+        scratch = torch.empty(self.scratch, dtype=torch.int8, device="cuda") if self.scratch else None
+        self.launch(*self.grid, stream, self.function, self.coop, self.pdl, scratch, None, self.meta, None,
+                    None, None, *args, *self.tail)
 
 
 def launcher(kernel) -> Launcher:

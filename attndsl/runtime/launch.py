@@ -13,12 +13,17 @@ import triton
 
 from .. import ir
 from . import cache
-from .fastlaunch import launcher
+from .fastlaunch import Direct, launcher
 from .scope import launch_scope
 from ..codegen_bridge import dq_visits_whole_range
 from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
+#: check every memoised launch against a fresh computation of its grid, constants and argument
+#: specialisation (``Runner._launch``); the test suite turns it on
+VERIFY_MEMO = os.environ.get("ATTNDSL_VERIFY_MEMO", "0") == "1"
+#: memoised launches kept per runner before the memo starts over (one per kernel and call key)
+MEMO_SIZE = 256
 
 
 def use_interpreter(t: torch.Tensor) -> bool:
@@ -84,8 +89,15 @@ def _descriptor_scratch():
         _allocator.reset(token)
 
 
+#: the context of a launch that needs no scratch allocator (shared: entering it costs nothing)
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def _new(shape, like, dtype=None):
-    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if dtype is None and shape == like.shape:  # the common case, at a third of the host time
+        t = torch.empty_like(like, memory_format=torch.contiguous_format)
+    else:
+        t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     if POISON:
         t.fill_(float("nan") if t.dtype.is_floating_point else -7)
     return t
@@ -115,6 +127,39 @@ def _strides(t):
     return list(t.stride())
 
 
+def tensor_key(t) -> tuple:
+    """What of a tensor fixes a launch's arguments and their specialisation, but its address."""
+    return (t.dtype, t.shape, t.stride(), t.data_ptr() & 15)
+
+
+def arg_classes(args) -> tuple:
+    """The launch arguments as Triton tells them apart when it specialises a kernel (and stricter):
+    tensors by dtype and 16-byte alignment, integers by ``== 1``, divisibility by 16 and width."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool) or a is None:
+            out.append(a)
+        elif isinstance(a, int):
+            out.append(("i", a == 1, a % 16 == 0, -2**31 <= a < 2**31))
+        elif isinstance(a, float):
+            out.append("f")
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+@dataclass
+class Memo:
+    """A launch whose every decision but the arguments was taken once for its call key."""
+
+    cfg: TileConfig
+    launch: object  # args -> None
+    check: tuple | None  # (grid, constants, arg_classes) when VERIFY_MEMO
+    allocator: bool  # needs Triton's scratch allocator set (device-side descriptors, not Direct)
+
+
 @dataclass
 class Extras:
     """Per-call tensors beyond q/k/v: sink logits, low-rank bias factors, sigmoid bias."""
@@ -137,6 +182,11 @@ class Extras:
             w_group = Hq // Hkv if (w.shape[1] == Hkv and Hkv != Hq) else 1
             bias = [u, w, *su, *sw, w_group, u.shape[3]]
         return [self.sinks if self.sinks is not None else dummy, *bias, float(self.sigmoid_bias)]
+
+    def key(self) -> tuple:
+        """What of these tensors fixes the launch arguments (see ``Runner.call_key``)."""
+        return (None if self.sinks is None else tensor_key(self.sinks),
+                None if self.u is None else (tensor_key(self.u), tensor_key(self.w)))
 
     def consts(self) -> dict:
         r = self.u.shape[3] if self.u is not None else 1
@@ -186,6 +236,10 @@ class Runner:
         self.interpret = interpret
         self.head_dim = head_dim
         self.bd = block_d(head_dim)
+        #: (kernel, call key) -> Memo, (kernel, call key, "args") -> the key's fixed arguments:
+        #: repeated calls of one shape skip the launch decisions
+        self._memo: dict = {}
+        self._kernels: dict = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def _sms(self, device) -> int:
@@ -235,21 +289,85 @@ class Runner:
         else:
             launcher(kernel)(grid, args, consts, num_warps, num_stages)
 
-    def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, **consts):
+    def _prepared(self, kernel, grid, args, consts, num_warps, num_stages):
+        """Launch, and return the launch of later argument lists of the same key (``_launch``)."""
+        if self.interpret:
+            self._run(kernel, grid, args, consts, num_warps, num_stages)
+            return lambda a: kernel[grid](*a, **consts, num_warps=num_warps, num_stages=num_stages)
+        return launcher(kernel).prepared(grid, args, consts, num_warps, num_stages)
+
+    def call_key(self, q, k, v, scale, extras, buffers) -> tuple:
+        """What fixes every launch decision of a forward call (tiles, grid, constants, the arguments'
+        specialisation) but the tensors' addresses: q/k/v's dtype, shapes, strides and alignment, the
+        scale's sign, the extra and captured tensors. Calls with one key share memoised launches."""
+        return (q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.data_ptr() & 15,
+                k.data_ptr() & 15, v.data_ptr() & 15, scale > 0, extras.key(), *map(tensor_key, buffers))
+
+    def _kernel(self, suffix: str):
+        """The module's kernel ``<name>_<suffix>``, looked up once."""
+        got = self._kernels.get(suffix)
+        if got is None:
+            got = self._kernels[suffix] = getattr(self.mod, f"{self.spec.name}_{suffix}")
+        return got
+
+    def _static(self, kernel, key, make):
+        """``make()``: the launch arguments of ``kernel`` that its call key fixes (strides, lengths,
+        sections), computed once per key; without a key, every call."""
+        if key is None:
+            return make()
+        got = self._memo.get((kernel, key, "args"))
+        if got is None:
+            got = self._memo[(kernel, key, "args")] = make()
+        elif VERIFY_MEMO and got != make():
+            raise AssertionError(f"launch memo: the call key {key} was memoised with arguments {got}, "
+                                 f"this call needs {make()}")
+        return got
+
+    def _memoised(self, kernel, key, args):
+        """Launch ``kernel`` the memoised way if a call with this key launched it before; its tiles,
+        or None (then ``_launch`` decides, launches and memoises)."""
+        hit = self._memo.get((kernel, key)) if key is not None and not VERIFY_MEMO else None
+        if hit is None:
+            return None
+        with self.mode(args[0]), (_descriptor_scratch() if hit.allocator else _NO_CONTEXT):
+            hit.launch(args)
+        return hit.cfg
+
+    def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, key=None, tiles=True,
+                **consts):
         """Launch; on a shared-memory overflow retry with smaller tiles (and remember them).
-        ``table_args(cfg)``: the block-table arguments, built for the tiles actually launched."""
+        ``table_args(cfg)``: the block-table arguments, built for the tiles actually launched.
+        ``key``: the call's key (``call_key`` and more); the launch's decisions are memoised by it
+        (``_memoised`` takes them on the next call). ``tiles=False``: the kernel takes no
+        BLOCK_M/BLOCK_N from ``cfg`` (only its warps and stages) and has no smaller fallback."""
+        memo_key = (kernel, key) if key is not None else None
+        hit = self._memo.get(memo_key) if memo_key is not None else None  # here only when VERIFY_MEMO
         while True:
             try:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
                 targs = table_args(cfg) if table_args is not None else []
                 scratch = cs.get("KV_TMA") and not self.interpret
-                with self.mode(args[0]), (_descriptor_scratch() if scratch else contextlib.nullcontext()):
-                    self._run(kernel, grid(cfg), [*args, *targs], dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs),
-                              cfg.num_warps, cfg.num_stages)
+                full, g = [*args, *targs], grid(cfg)
+                all_consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs) if tiles else cs
+                check = (g, all_consts, arg_classes(full)) if VERIFY_MEMO and memo_key is not None else None
+                if hit is not None and check != hit.check:
+                    raise AssertionError(f"launch memo of {which}: the call key {key} was memoised with "
+                                         f"{hit.check}, this call needs {check}")
+                with self.mode(args[0]), (_descriptor_scratch() if scratch else _NO_CONTEXT):
+                    if hit is not None:
+                        hit.launch(full)
+                    elif memo_key is None:
+                        self._run(kernel, g, full, all_consts, cfg.num_warps, cfg.num_stages)
+                    else:
+                        launch = self._prepared(kernel, g, full, all_consts, cfg.num_warps, cfg.num_stages)
+                        if len(self._memo) >= MEMO_SIZE:
+                            self._memo.clear()
+                        # a Direct launch allocates the descriptors' scratch itself
+                        self._memo[memo_key] = Memo(cfg, launch, check, bool(scratch) and not isinstance(launch, Direct))
                 return cfg
             except triton.runtime.errors.OutOfResources:
-                smaller = cfg.smaller()
+                smaller = cfg.smaller() if tiles else None
                 if smaller is not None and self.spec.tiles and (smaller.block_m, smaller.block_n) != (cfg.block_m, cfg.block_n):
                     smaller = None  # box visit plans are built for these tile sizes
                 if smaller is None:
@@ -313,11 +431,17 @@ class Runner:
         # down to 16; layout plans may fix smaller ones)
         visits = torch.zeros(2 * B * Hq * cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
             if count_visits else lse
-        args = [q, k, v, out, lse, visits, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                Hq, Hq // Hkv, Lq, Lkv, scale, self._kv_section(q, k, v), *extras.args(q, k), *buffer_args(buffers, self.learnable)]
-        kernel = getattr(self.mod, f"{self.spec.name}_fwd")
+        kernel = self._kernel("fwd")
+        # block tables and visit counts are per-call tensors of the tiles' shape: no memo
+        key = self.call_key(q, k, v, scale, extras, buffers) if tables is None and not count_visits else None
+        head, tail = self._static(kernel, key, lambda: (
+            [*_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Hq // Hkv, Lq, Lkv],
+            [self._kv_section(q, k, v)]))
+        args = [q, k, v, out, lse, visits, *head, scale, *tail, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
+        if self._memoised(kernel, key, args) is not None:
+            return out, lse, None
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
-                           table_args=self._table_args(tables, buffers, False),
+                           table_args=self._table_args(tables, buffers, False), key=key,
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
                            KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v), FOLD_SCALE=scale > 0)
@@ -333,17 +457,21 @@ class Runner:
         extras = extras or Extras()
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
-        consts = {**self._consts(q.dtype), **extras.consts()}
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+        det = self.deterministic
+        key = None
+        if tables is None:
+            key = (self.call_key(q, k, v, scale, extras, buffers), tensor_key(dout), dlse is None, det)
         softmax = self.spec.normalizer == "softmax"
         delta = lse
         if softmax:
             delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
             bm = 64 if not self.interpret else self.cfg.dq.block_m
-            with self.mode(out):
-                self._run(getattr(self.mod, f"{self.spec.name}_bwd_delta"), (cdiv(Lq, bm), B * Hq),
-                          [out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq],
-                          dict(HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd))
+            kernel = self._kernel("bwd_delta")
+            args = [out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq]
+            if self._memoised(kernel, key, args) is None:
+                self._launch(kernel, lambda c: (cdiv(Lq, bm), B * Hq), args, TileConfig(bm, bm, 4, 3), "delta",
+                             key=key, tiles=False, HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(torch.float32)
@@ -355,7 +483,6 @@ class Runner:
         dw = torch.empty((B, Hq, Lkv, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
         dbufs, partials = {}, []
         gl_args, gl_consts = [], {}
-        det = self.deterministic
         for i, gl in enumerate(self.spec.grad_loads):
             t = buffers[gl.slot]
             exact = gl_exact(gl, B, Hq)
@@ -393,20 +520,28 @@ class Runner:
             gl_consts["DETERMINISTIC"] = det
         xargs = extras.args(q, k)
         bargs = buffer_args(buffers, self.learnable)
-        self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dkdv"),
-                     lambda c: (cdiv(Lkv, c.block_n), B * Hkv),
-                     [q, k, v, dout, dk, dv, lse, delta, dw, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dk), *_strides(dv), Hq, Hkv, Hq // Hkv, Lq, Lkv, scale,
-                      # the programs of a K/V head visit its query heads one after another
-                      self.section(q, B * Hkv, _row_bytes(q, dout)), *xargs, *bargs],
-                     self.cfg.dkdv, "dkdv", table_args=self._table_args(tables, buffers, True), **consts,
-                     EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
-        self._launch(getattr(self.mod, f"{self.spec.name}_bwd_dq"),
-                     lambda c: (cdiv(Lq, c.block_m), B * Hq),
-                     [q, k, v, dout, dq, lse, delta, du, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-                      *_strides(dq), Hq, Hq // Hkv, Lq, Lkv, scale, self._kv_section(q, k, v), *xargs, *bargs, *gl_args],
-                     self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), **consts, **gl_consts,
-                     EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
+        dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
+        head, tail = self._static(dkdv, key, lambda: (
+            [*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+             Hq, Hkv, Hq // Hkv, Lq, Lkv],
+            # the programs of a K/V head visit its query heads one after another
+            [self.section(q, B * Hkv, _row_bytes(q, dout))]))
+        args = [q, k, v, dout, dk, dv, lse, delta, dw, *head, scale, *tail, *xargs, *bargs]
+        consts = None
+        if self._memoised(dkdv, key, args) is None:
+            consts = {**self._consts(q.dtype), **extras.consts()}
+            self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), args,
+                         self.cfg.dkdv, "dkdv", table_args=self._table_args(tables, buffers, True), key=key, **consts,
+                         EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
+        head, tail = self._static(dqk, key, lambda: (
+            [*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), Hq, Hq // Hkv, Lq, Lkv],
+            [self._kv_section(q, k, v)]))
+        args = [q, k, v, dout, dq, lse, delta, du, *head, scale, *tail, *xargs, *bargs, *gl_args]
+        if self._memoised(dqk, key, args) is None:
+            consts = consts or {**self._consts(q.dtype), **extras.consts()}
+            self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), args,
+                         self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), key=key, **consts,
+                         **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         dsinks = None
         if extras.sinks is not None:
             # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
