@@ -308,3 +308,32 @@ def test_direct_launches_follow_argument_alignment():
         assert rel_err(out, ref) <= TOL[torch.bfloat16]["out"]
     fwd = launcher(comp.runner(q).mod.direct_launch_fwd)
     assert fwd.enabled and len(fwd.compiled) == 2, fwd.compiled.keys()
+
+
+# --- the launch memo on a GPU: Direct launches through the C launcher --------------------------------
+@pytest.mark.parametrize("verify", [True, False])
+def test_memoised_direct_launches(verify, monkeypatch):
+    """Repeated calls of one key launch every kernel directly (``fastlaunch.Direct``; the forward's
+    K/V descriptors get their global scratch there) and give the first call's bits; with the
+    suite's verification each memoised launch is also checked against a fresh one."""
+    from attndsl.runtime import launch
+    from attndsl.runtime.fastlaunch import Direct
+    monkeypatch.setattr(launch, "VERIFY_MEMO", verify)
+    comp = attndsl.CompiledAttention(causal, name=f"memo_direct_{int(verify)}")
+    # a grid large enough for the default forward tiles, which read K/V through descriptors
+    q, k, v = inputs(2, 16, 4, 3000, 3000, 128, torch.bfloat16, seed=11)
+    sinks = torch.randn(16, device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(3):
+        out = comp(q, k, v, sinks=sinks)
+        runs.append((out, *torch.autograd.grad((out.float() ** 2).sum(), (q, k, v, sinks))))
+    r = comp.runner(q)
+    launches = [m.launch for key, m in r._memo.items() if len(key) == 2]
+    assert len(launches) == 4 and all(isinstance(x, Direct) for x in launches), launches
+    assert any(x.scratch for x in launches), "the forward's descriptors need scratch"
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    q64, k64, v64, s64 = (t.detach().double().requires_grad_() for t in (q, k, v, sinks))
+    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, sinks=s64)
+    assert rel_err(runs[0][0], ref) <= TOL[torch.bfloat16]["out"]
