@@ -81,6 +81,11 @@ class Launcher:
         return lambda a: self(grid, a, consts, num_warps, num_stages)
 
 
+#: Triton versions whose C launcher takes the argument order ``Direct`` passes (checked on the GPU
+#: tests); others launch through ``Launcher``
+DIRECT_TRITON = ("3.6.",)
+
+
 def _hooked(hook) -> bool:
     """Is a launch hook set? (None, or a chain of hooks with nothing in it, is not.)"""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -95,6 +100,8 @@ class Direct:
 
     @staticmethod
     def make(entry, grid: tuple, consts: dict) -> "Direct | None":
+        if not triton.__version__.startswith(DIRECT_TRITON):
+            return None
         ck, tail = entry
         run = ck.run
         needed = ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl",
