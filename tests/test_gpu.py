@@ -314,8 +314,9 @@ def test_direct_launches_follow_argument_alignment():
 @pytest.mark.parametrize("verify", [True, False])
 def test_memoised_direct_launches(verify, monkeypatch):
     """Repeated calls of one key launch every kernel directly (``fastlaunch.Direct``; the forward's
-    K/V descriptors get their global scratch there) and give the first call's bits; with the
-    suite's verification each memoised launch is also checked against a fresh one."""
+    K/V descriptors get their global scratch there), give the first call's bits and match the
+    float64 reference, output and gradients; with the suite's verification each memoised launch is
+    also checked against a fresh one."""
     from attndsl.runtime import launch
     from attndsl.runtime.fastlaunch import Direct
     monkeypatch.setattr(launch, "VERIFY_MEMO", verify)
@@ -328,12 +329,14 @@ def test_memoised_direct_launches(verify, monkeypatch):
         out = comp(q, k, v, sinks=sinks)
         runs.append((out, *torch.autograd.grad((out.float() ** 2).sum(), (q, k, v, sinks))))
     r = comp.runner(q)
-    launches = [m.launch for key, m in r._memo.items() if len(key) == 2]
+    launches = [m.launch for m in r._memo.values()]
     assert len(launches) == 4 and all(isinstance(x, Direct) for x in launches), launches
     assert any(x.scratch for x in launches), "the forward's descriptors need scratch"
     for later in runs[1:]:
         for a, b in zip(runs[0], later):
             assert torch.equal(a, b)
-    q64, k64, v64, s64 = (t.detach().double().requires_grad_() for t in (q, k, v, sinks))
-    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, sinks=s64)
-    assert rel_err(runs[0][0], ref) <= TOL[torch.bfloat16]["out"]
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    ref, _ = attndsl.reference.attention(*leaves64[:3], mask_mod=causal, sinks=leaves64[3])
+    assert rel_err(runs[-1][0], ref) <= TOL[torch.bfloat16]["out"]
+    for got, want in zip(runs[-1][1:], torch.autograd.grad((ref ** 2).sum(), leaves64)):
+        assert rel_err(got, want) <= TOL[torch.bfloat16]["grad"]

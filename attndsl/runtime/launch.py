@@ -14,7 +14,7 @@ import triton
 from .. import ir
 from . import cache
 from .fastlaunch import Direct, launcher
-from .scope import launch_scope
+from .scope import NO_CONTEXT, launch_scope
 from ..codegen_bridge import dq_visits_whole_range
 from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section
 
@@ -89,10 +89,6 @@ def _descriptor_scratch():
         _allocator.reset(token)
 
 
-#: the context of a launch that needs no scratch allocator (shared: entering it costs nothing)
-_NO_CONTEXT = contextlib.nullcontext()
-
-
 def _new(shape, like, dtype=None):
     if dtype is None and shape == like.shape:  # the common case, at a third of the host time
         t = torch.empty_like(like, memory_format=torch.contiguous_format)
@@ -156,6 +152,7 @@ class Memo:
 
     cfg: TileConfig
     launch: object  # args -> None
+    fixed: object  # the arguments the call key fixes (strides, lengths, sections), as the caller built them
     check: tuple | None  # (grid, constants, arg_classes) when VERIFY_MEMO
     allocator: bool  # needs Triton's scratch allocator set (device-side descriptors, not Direct)
 
@@ -236,8 +233,7 @@ class Runner:
         self.interpret = interpret
         self.head_dim = head_dim
         self.bd = block_d(head_dim)
-        #: (kernel, call key) -> Memo, (kernel, call key, "args") -> the key's fixed arguments:
-        #: repeated calls of one shape skip the launch decisions
+        #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
         self._kernels: dict = {}
 
@@ -310,35 +306,36 @@ class Runner:
             got = self._kernels[suffix] = getattr(self.mod, f"{self.spec.name}_{suffix}")
         return got
 
-    def _static(self, kernel, key, make):
-        """``make()``: the launch arguments of ``kernel`` that its call key fixes (strides, lengths,
-        sections), computed once per key; without a key, every call."""
-        if key is None:
+    def _memo_of(self, kernel, key) -> Memo | None:
+        """The memoised launch of ``kernel`` for this call key, if a call with it launched before."""
+        return self._memo.get((kernel, key)) if key is not None else None
+
+    @staticmethod
+    def _fixed(memo: Memo | None, make):
+        """The launch arguments the call key fixes (strides, lengths, sections): the memo's, or
+        ``make()`` when there is none (or, under VERIFY_MEMO, to check the memo's against)."""
+        if memo is None:
             return make()
-        got = self._memo.get((kernel, key, "args"))
-        if got is None:
-            got = self._memo[(kernel, key, "args")] = make()
-        elif VERIFY_MEMO and got != make():
-            raise AssertionError(f"launch memo: the call key {key} was memoised with arguments {got}, "
+        if VERIFY_MEMO and memo.fixed != make():
+            raise AssertionError(f"launch memo: a call key was memoised with arguments {memo.fixed}, "
                                  f"this call needs {make()}")
-        return got
+        return memo.fixed
 
-    def _memoised(self, kernel, key, args):
-        """Launch ``kernel`` the memoised way if a call with this key launched it before; its tiles,
-        or None (then ``_launch`` decides, launches and memoises)."""
-        hit = self._memo.get((kernel, key)) if key is not None and not VERIFY_MEMO else None
-        if hit is None:
-            return None
-        with self.mode(args[0]), (_descriptor_scratch() if hit.allocator else _NO_CONTEXT):
-            hit.launch(args)
-        return hit.cfg
+    def _memoised(self, memo: Memo | None, args) -> bool:
+        """Launch the memoised way when there is a memo (and no VERIFY_MEMO: then ``_launch`` checks
+        and launches it); False: ``_launch`` decides, launches and memoises."""
+        if memo is None or VERIFY_MEMO:
+            return False
+        with self.mode(args[0]), (_descriptor_scratch() if memo.allocator else NO_CONTEXT):
+            memo.launch(args)
+        return True
 
-    def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, key=None, tiles=True,
-                **consts):
+    def _launch(self, kernel, grid, args, cfg: TileConfig, which: str, table_args=None, key=None, fixed=None,
+                tiles=True, **consts):
         """Launch; on a shared-memory overflow retry with smaller tiles (and remember them).
         ``table_args(cfg)``: the block-table arguments, built for the tiles actually launched.
-        ``key``: the call's key (``call_key`` and more); the launch's decisions are memoised by it
-        (``_memoised`` takes them on the next call). ``tiles=False``: the kernel takes no
+        ``key``: the call's key (``call_key`` and more); the launch's decisions are memoised by it,
+        with ``fixed``, the arguments the key fixes (``_memoised`` takes them on the next call). ``tiles=False``: the kernel takes no
         BLOCK_M/BLOCK_N from ``cfg`` (only its warps and stages) and has no smaller fallback."""
         memo_key = (kernel, key) if key is not None else None
         hit = self._memo.get(memo_key) if memo_key is not None else None  # here only when VERIFY_MEMO
@@ -354,7 +351,7 @@ class Runner:
                 if hit is not None and check != hit.check:
                     raise AssertionError(f"launch memo of {which}: the call key {key} was memoised with "
                                          f"{hit.check}, this call needs {check}")
-                with self.mode(args[0]), (_descriptor_scratch() if scratch else _NO_CONTEXT):
+                with self.mode(args[0]), (_descriptor_scratch() if scratch else NO_CONTEXT):
                     if hit is not None:
                         hit.launch(full)
                     elif memo_key is None:
@@ -364,7 +361,8 @@ class Runner:
                         if len(self._memo) >= MEMO_SIZE:
                             self._memo.clear()
                         # a Direct launch allocates the descriptors' scratch itself
-                        self._memo[memo_key] = Memo(cfg, launch, check, bool(scratch) and not isinstance(launch, Direct))
+                        self._memo[memo_key] = Memo(cfg, launch, fixed, check,
+                                                    bool(scratch) and not isinstance(launch, Direct))
                 return cfg
             except triton.runtime.errors.OutOfResources:
                 smaller = cfg.smaller() if tiles else None
@@ -434,14 +432,15 @@ class Runner:
         kernel = self._kernel("fwd")
         # block tables and visit counts are per-call tensors of the tiles' shape: no memo
         key = self.call_key(q, k, v, scale, extras, buffers) if tables is None and not count_visits else None
-        head, tail = self._static(kernel, key, lambda: (
+        memo = self._memo_of(kernel, key)
+        head, tail = fixed = self._fixed(memo, lambda: (
             [*_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Hq // Hkv, Lq, Lkv],
             [self._kv_section(q, k, v)]))
         args = [q, k, v, out, lse, visits, *head, scale, *tail, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
-        if self._memoised(kernel, key, args) is not None:
+        if self._memoised(memo, args):
             return out, lse, None
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
-                           table_args=self._table_args(tables, buffers, False), key=key,
+                           table_args=self._table_args(tables, buffers, False), key=key, fixed=fixed,
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
                            KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v), FOLD_SCALE=scale > 0)
@@ -469,7 +468,7 @@ class Runner:
             bm = 64 if not self.interpret else self.cfg.dq.block_m
             kernel = self._kernel("bwd_delta")
             args = [out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq]
-            if self._memoised(kernel, key, args) is None:
+            if not self._memoised(self._memo_of(kernel, key), args):
                 self._launch(kernel, lambda c: (cdiv(Lq, bm), B * Hq), args, TileConfig(bm, bm, 4, 3), "delta",
                              key=key, tiles=False, HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd)
             if dlse is not None:
@@ -521,26 +520,28 @@ class Runner:
         xargs = extras.args(q, k)
         bargs = buffer_args(buffers, self.learnable)
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
-        head, tail = self._static(dkdv, key, lambda: (
+        memo = self._memo_of(dkdv, key)
+        head, tail = fixed = self._fixed(memo, lambda: (
             [*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
              Hq, Hkv, Hq // Hkv, Lq, Lkv],
             # the programs of a K/V head visit its query heads one after another
             [self.section(q, B * Hkv, _row_bytes(q, dout))]))
         args = [q, k, v, dout, dk, dv, lse, delta, dw, *head, scale, *tail, *xargs, *bargs]
         consts = None
-        if self._memoised(dkdv, key, args) is None:
+        if not self._memoised(memo, args):
             consts = {**self._consts(q.dtype), **extras.consts()}
-            self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), args,
-                         self.cfg.dkdv, "dkdv", table_args=self._table_args(tables, buffers, True), key=key, **consts,
+            self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), args, self.cfg.dkdv, "dkdv",
+                         table_args=self._table_args(tables, buffers, True), key=key, fixed=fixed, **consts,
                          EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
-        head, tail = self._static(dqk, key, lambda: (
+        memo = self._memo_of(dqk, key)
+        head, tail = fixed = self._fixed(memo, lambda: (
             [*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), Hq, Hq // Hkv, Lq, Lkv],
             [self._kv_section(q, k, v)]))
         args = [q, k, v, dout, dq, lse, delta, du, *head, scale, *tail, *xargs, *bargs, *gl_args]
-        if self._memoised(dqk, key, args) is None:
+        if not self._memoised(memo, args):
             consts = consts or {**self._consts(q.dtype), **extras.consts()}
-            self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), args,
-                         self.cfg.dq, "dq", table_args=self._table_args(tables, buffers, False), key=key, **consts,
+            self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, self.cfg.dq, "dq",
+                         table_args=self._table_args(tables, buffers, False), key=key, fixed=fixed, **consts,
                          **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
         dsinks = None
         if extras.sinks is not None:

@@ -17,8 +17,9 @@ def launch_scope(t: torch.Tensor, interpret: bool):
     dev = t.device
     if dev.type == "cuda" and dev.index != torch.cuda.current_device():
         return torch.cuda.device(dev)
-    return _STAY
+    return NO_CONTEXT
 
 
-#: the context of a launch on the current device (the common case: nothing to enter)
-_STAY = contextlib.nullcontext()
+#: a context with nothing to enter (a launch on the current device, with no scratch allocator);
+#: shared, so entering it costs nothing
+NO_CONTEXT = contextlib.nullcontext()
