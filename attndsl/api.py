@@ -117,9 +117,11 @@ class CompiledAttention:
                 tables = block_tables
             else:
                 tables = r.new_tables(query, key, self.tensors)
-        out, lse = AttentionFunction.apply(query, key, value, sinks, u, w, r, scale, tables,
-                                           float(sigmoid_bias or 0.0), *self.tensors)
-        return (out, lse) if return_lse else out
+        got = AttentionFunction.apply(query, key, value, sinks, u, w, r, scale, tables,
+                                      float(sigmoid_bias or 0.0), *self.tensors)
+        if self.spec.normalizer != "softmax":  # out alone (return_lse was refused above)
+            return got
+        return got if return_lse else got[0]
 
     def visit_counts(self, query, key, value, *, scale=None, runs=False):
         """Tiles each forward program visited, ``[B*Hq, n_q_tiles]`` (for tests and tuning); with

@@ -142,10 +142,15 @@ def _loop_head(spec: KernelSpec, run: bool, runs: bool, table: bool, rng, inner:
 def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str, tma: bool = False) -> str:
     """A key tile of the forward or dQ loop: its indices, Kᵀ, V (as ``v``: ``v`` or ``vT``) and the
     low-rank factor's Wᵀ. ``tests`` (the tile's classification, ``if nonempty:``) sits between the
-    indices and the loads. ``tma``: K and V may come through the tensor descriptors of
-    ``KV_DESCRIPTORS`` (the forward)."""
+    indices and the loads. ``tma``: K, V and Wᵀ may come through the tensor descriptors of
+    ``KV_DESCRIPTORS`` and the forward's ``w_desc`` (the forward)."""
     first = f"{B}if EVEN_KV:\n"
+    w_ptrs = ("wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,",
+              "             mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)")
+    w_load = _indent(w_ptrs, B + I1)
     if tma:
+        w_load = (f"{B}    if W_TMA:\n{B}        wT = w_desc.load([kv_lo.to(tl.int32), 0]).T\n"
+                  f"{B}    else:\n{_indent(w_ptrs, B + I2)}")
         # descriptor offsets are 32-bit (a captured int64 scalar can make the tile index int64)
         first = (f"{B}if KV_TMA:\n{B}    kT = k_desc.load([kv_lo.to(tl.int32), 0]).T\n"
                  f"{B}    {v} = v_desc.load([kv_lo.to(tl.int32), 0])\n{B}elif EVEN_KV:\n")
@@ -162,9 +167,7 @@ def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str, tma: bool = F
 {B}    kT = kT.to(tl.float32)
 {B}    {v} = {v}.to(tl.float32)
 {B}if HAS_BIAS:
-{B}    wT = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_r[:, None] * stride_wr,
-{B}                 mask=(offs_n[None, :] < LKV) & (offs_r[:, None] < RANK), other=0.0)
-{B}    if UPCAST:
+{w_load}{B}    if UPCAST:
 {B}        wT = wT.to(tl.float32)
 '''
 
@@ -472,7 +475,7 @@ def {name}(
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, EVEN_KV: tl.constexpr,
-    KV_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    KV_TMA: tl.constexpr, W_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
     {EXTRA_CONSTS}
 ):
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
@@ -506,6 +509,8 @@ def {name}(
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                     mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
         w_base = W + b.to(tl.int64) * stride_wb + (h // W_GROUP).to(tl.int64) * stride_wh
+        if W_TMA:  # W's [BLOCK_N, R] tiles like K and V (columns past RANK read as zeros)
+            w_desc = tl.make_tensor_descriptor(w_base, shape=[LKV, RANK], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_R])
         if UPCAST:
             u = u.to(tl.float32)
 {pre1}{_indent(plan, I1)}

@@ -625,15 +625,15 @@ def test_tma_ready_follows_the_descriptor_rules():
     assert not tma_ready(False, t)  # CPU tensors outside the interpreter
 
 
-def _launched_tma(monkeypatch):
-    """Record the KV_TMA constant of every launch that has one (the forward's)."""
+def _launched_tma(monkeypatch, const="KV_TMA"):
+    """Record the ``const`` constant (KV_TMA, W_TMA) of every launch that has one (the forward's)."""
     from attndsl.runtime import launch
     seen = []
     orig = launch.Runner._launch
 
     def spy(self, kernel, grid, args, cfg, which, table_args=None, **consts):
-        if "KV_TMA" in consts:
-            seen.append((which, consts["KV_TMA"](cfg)))
+        if const in consts:
+            seen.append((which, consts[const](cfg)))
         return orig(self, kernel, grid, args, cfg, which, table_args=table_args, **consts)
     monkeypatch.setattr(launch.Runner, "_launch", spy)
     return seen
@@ -668,6 +668,38 @@ def test_kv_tiles_through_descriptors_or_pointers(how, monkeypatch):
         assert_close(got, want, 5e-4, name_)
     assert {w for w, _ in seen} == {"fwd"}
     assert all(t == (how == "descriptors") for _, t in seen), seen
+
+
+@pytest.mark.parametrize("how", ["descriptor", "unaligned_rows", "config_without_tma"])
+def test_low_rank_w_tiles_through_a_descriptor_or_pointers(how, monkeypatch):
+    """The forward's two ways of reading the low-rank factor's Wᵀ tiles (a tensor descriptor when its
+    rows are 16-byte aligned, pointer loads otherwise) give the reference's values and gradients, with
+    w broadcast over the batch and shared by the query heads of a K/V head (GQA), R below the padded
+    rank and lengths that are not multiples of the tile."""
+    import attndsl.api
+    from attndsl.runtime.config import Configs, TileConfig
+    seen = _launched_tma(monkeypatch, "W_TMA")
+    if how == "config_without_tma":
+        c = TileConfig(BLOCK, BLOCK, 4, 1, tma=False)
+        monkeypatch.setattr(attndsl.api, "choose", lambda *a, **kw: Configs(c, c, c))
+    B, Hq, Hkv, Lq, Lkv, D, R = 2, 4, 2, 37, 45, 16, 4
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, grad=True, seed=12)
+    u = rand(B, Hq, Lq, R, seed=13, grad=True)
+    if how == "unaligned_rows":  # rows 20 bytes apart
+        w = rand(1, Hkv, Lkv, R + 1, seed=14)[..., :R].requires_grad_()
+    else:  # rows 16 bytes apart
+        w = rand(1, Hkv, Lkv, R, seed=14, grad=True)
+    comp = attndsl.compile(mask_mod=sliding(20), block_m=BLOCK, block_n=BLOCK)
+    out = comp(q, k, v, bias_factors=(u, w))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, u, w)]
+    ref, _ = attndsl.reference.attention(*leaves[:3], mask_mod=sliding(20), bias_factors=tuple(leaves[3:]))
+    assert_close(out, ref, 2e-4, "out")
+    dout = rand(*out.shape, seed=15)
+    grads = torch.autograd.grad(out, (q, k, v, u, w), dout)
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    for name_, got, want in zip(("dq", "dk", "dv", "du", "dw"), grads, ref_grads):
+        assert_close(got, want, 5e-4, name_)
+    assert seen and all(t == (how == "descriptor") for _, t in seen), seen
 
 
 # --- launch memo: repeated calls of one key skip the launch decisions ------------------------------

@@ -7,27 +7,28 @@ from .launch import Extras
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Inputs: q, k, v, sinks, u, w, then the captured tensors; all may receive gradients."""
+    """Inputs: q, k, v, sinks, u, w, then the captured tensors; all may receive gradients.
+    Outputs: (out, lse) for softmax; ``out`` alone for sigmoid, which has no row statistics."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, u, w, runner, scale, tables, sigmoid_bias, *buffers):
         extras = Extras(sinks, u, w, sigmoid_bias)
-        out, lse, _ = runner.forward(q, k, v, scale, buffers, tables, extras)
+        # one key for the call's launches, forward and backward (block tables: no memo)
+        key = runner.call_key(q, k, v, scale, extras, buffers) if tables is None else None
+        out, lse, _ = runner.forward(q, k, v, scale, buffers, tables, extras, key=key)
         ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
-        ctx.runner, ctx.scale, ctx.tables, ctx.sigmoid_bias = runner, scale, tables, sigmoid_bias
+        ctx.runner, ctx.scale, ctx.tables, ctx.sigmoid_bias, ctx.key = runner, scale, tables, sigmoid_bias, key
         # an unused lse gets None, not a zero tensor the backward would subtract (two launches a call)
         ctx.set_materialize_grads(False)
-        if runner.spec.normalizer != "softmax":
-            ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out if lse is None else (out, lse)
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         extras = Extras(sinks, u, w, ctx.sigmoid_bias)
         dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(
-            q, k, v, out, lse, dout, dlse, ctx.scale, buffers, ctx.tables, extras)
-        grads = [dbufs.get(i) if t.requires_grad else None for i, t in enumerate(buffers)]
+            q, k, v, out, lse, dout, dlse, ctx.scale, buffers, ctx.tables, extras, key=ctx.key)
+        grads = [dbufs.get(i) if t.requires_grad else None for i, t in enumerate(buffers)] if buffers else ()
         return (dq, dk, dv, dsinks, du, dw, None, None, None, None, *grads)

@@ -90,13 +90,21 @@ def _descriptor_scratch():
 
 
 def _new(shape, like, dtype=None):
-    if dtype is None and shape == like.shape:  # the common case, at a third of the host time
-        t = torch.empty_like(like, memory_format=torch.contiguous_format)
-    else:
-        t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    """An output of ``shape`` on ``like``'s device (poisoned under ATTNDSL_POISON)."""
+    if dtype is None and shape == like.shape:
+        return _like(like)
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     if POISON:
         t.fill_(float("nan") if t.dtype.is_floating_point else -7)
     return t
+
+
+def _like(t):
+    """A contiguous output of ``t``'s shape and dtype: ``empty_like``, at a third of ``empty``'s host time."""
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    if POISON:
+        out.fill_(float("nan") if out.dtype.is_floating_point else -7)
+    return out
 
 
 def buffer_args(tensors, dense=frozenset()) -> list:
@@ -326,7 +334,11 @@ class Runner:
         and launches it); False: ``_launch`` decides, launches and memoises."""
         if memo is None or VERIFY_MEMO:
             return False
-        with self.mode(args[0]), (_descriptor_scratch() if memo.allocator else NO_CONTEXT):
+        scope = self.mode(args[0])
+        if scope is NO_CONTEXT and not memo.allocator:  # the current device, nothing to set: no with
+            memo.launch(args)
+            return True
+        with scope, (_descriptor_scratch() if memo.allocator else NO_CONTEXT):
             memo.launch(args)
         return True
 
@@ -344,7 +356,7 @@ class Runner:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
                 targs = table_args(cfg) if table_args is not None else []
-                scratch = cs.get("KV_TMA") and not self.interpret
+                scratch = (cs.get("KV_TMA") or cs.get("W_TMA")) and not self.interpret
                 full, g = [*args, *targs], grid(cfg)
                 all_consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs) if tiles else cs
                 check = (g, all_consts, arg_classes(full)) if VERIFY_MEMO and memo_key is not None else None
@@ -411,7 +423,9 @@ class Runner:
         return t
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, q, k, v, scale, buffers, tables, extras: Extras | None = None, count_visits=False):
+    def forward(self, q, k, v, scale, buffers, tables, extras: Extras | None = None, count_visits=False, key=None):
+        """Returns (out, lse or None for sigmoid, visits or None). ``key``: the call's ``call_key``
+        (None: no memo, as for block tables and visit counts)."""
         extras = extras or Extras()
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
@@ -421,29 +435,35 @@ class Runner:
             if min(Lq, Lkv) < need:
                 raise ValueError(f"the pattern's layout has {need} tokens up to the end of its grid; "
                                  f"got Lq={Lq}, Lkv={Lkv}")
-        out = _new(q.shape, q)
-        lse = _new((B, Hq, Lq), q, torch.float32)
-        which, cfg = self.forward_tiles(q)
-        # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py);
-        # sized for these tiles or any of 16 rows or more (a shared-memory retry may shrink the tiles
-        # down to 16; layout plans may fix smaller ones)
-        visits = torch.zeros(2 * B * Hq * cdiv(Lq, min(cfg.block_m, 16)), dtype=torch.int32, device=q.device) \
-            if count_visits else lse
+        out = _like(q)
+        softmax = self.spec.normalizer == "softmax"
+        # sigmoid kernels keep no row statistics: no lse (``out`` fills its pointer slot)
+        lse = _new((B, Hq, Lq), q, torch.float32) if softmax else None
+        stats = lse if softmax else out
+        visits = stats
+        if count_visits:
+            # [0]: tiles each program visited; [1]: how many of them in constant runs (codegen/runs.py);
+            # sized for these tiles or any of 16 rows or more (a shared-memory retry may shrink the
+            # tiles down to 16; layout plans may fix smaller ones)
+            bm = min(self.forward_tiles(q)[1].block_m, 16)
+            visits = torch.zeros(2 * B * Hq * cdiv(Lq, bm), dtype=torch.int32, device=q.device)
         kernel = self._kernel("fwd")
         # block tables and visit counts are per-call tensors of the tiles' shape: no memo
-        key = self.call_key(q, k, v, scale, extras, buffers) if tables is None and not count_visits else None
-        memo = self._memo_of(kernel, key)
+        memo = self._memo_of(kernel, key if tables is None and not count_visits else None)
         head, tail = fixed = self._fixed(memo, lambda: (
             [*_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Hq // Hkv, Lq, Lkv],
             [self._kv_section(q, k, v)]))
-        args = [q, k, v, out, lse, visits, *head, scale, *tail, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
+        args = [q, k, v, out, stats, visits, *head, scale, *tail, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         if self._memoised(memo, args):
             return out, lse, None
+        which, cfg = self.forward_tiles(q)
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False), key=key, fixed=fixed,
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
-                           KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v), FOLD_SCALE=scale > 0)
+                           KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v),
+                           W_TMA=lambda c: c.tma and extras.w is not None and tma_ready(self.interpret, extras.w),
+                           FOLD_SCALE=scale > 0)
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
@@ -451,19 +471,22 @@ class Runner:
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
-                 need_buffer_grads=()):
-        """Returns (dq, dk, dv, dsinks, du, dw, {slot: dbuf})."""
+                 key=None):
+        """Returns (dq, dk, dv, dsinks, du, dw, {slot: dbuf}). ``key``: the forward's ``call_key``
+        (None: no memo)."""
         extras = extras or Extras()
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic
-        key = None
-        if tables is None:
-            key = (self.call_key(q, k, v, scale, extras, buffers), tensor_key(dout), dlse is None, det)
+        if key is not None and tables is None:
+            key = (key, tensor_key(dout), dlse is None, det)
+        else:
+            key = None
         softmax = self.spec.normalizer == "softmax"
-        delta = lse
-        if softmax:
+        if not softmax:
+            lse = delta = out  # placeholders: sigmoid kernels read no row statistics
+        else:
             delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
             bm = 64 if not self.interpret else self.cfg.dq.block_m
             kernel = self._kernel("bwd_delta")
@@ -474,9 +497,7 @@ class Runner:
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(torch.float32)
-        dq = _new(q.shape, q)
-        dk = _new(k.shape, k)
-        dv = _new(v.shape, v)
+        dq, dk, dv = _like(q), _like(k), _like(v)
         R = extras.u.shape[3] if extras.u is not None else 1
         du = torch.empty((B, Hq, Lq, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
         dw = torch.empty((B, Hq, Lkv, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
@@ -557,7 +578,8 @@ class Runner:
             du = dw = None
         for slot, vals, offs, row in partials:
             _ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
-        dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
+        if dbufs:
+            dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         return dq, dk, dv, dsinks, du, dw, dbufs
 
 
