@@ -89,22 +89,23 @@ def _descriptor_scratch():
         _allocator.reset(token)
 
 
-def _new(shape, like, dtype=None):
-    """An output of ``shape`` on ``like``'s device (poisoned under ATTNDSL_POISON)."""
-    if dtype is None and shape == like.shape:
-        return _like(like)
-    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+def _poisoned(t):
+    """``t``, filled with NaN (or -7) under ATTNDSL_POISON so an element a kernel forgets shows."""
     if POISON:
         t.fill_(float("nan") if t.dtype.is_floating_point else -7)
     return t
 
 
+def _new(shape, like, dtype=None):
+    """An output of ``shape`` on ``like``'s device."""
+    if dtype is None and shape == like.shape:
+        return _like(like)
+    return _poisoned(torch.empty(shape, device=like.device, dtype=dtype or like.dtype))
+
+
 def _like(t):
     """A contiguous output of ``t``'s shape and dtype: ``empty_like``, at a third of ``empty``'s host time."""
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    if POISON:
-        out.fill_(float("nan") if out.dtype.is_floating_point else -7)
-    return out
+    return _poisoned(torch.empty_like(t, memory_format=torch.contiguous_format))
 
 
 def buffer_args(tensors, dense=frozenset()) -> list:
@@ -158,7 +159,6 @@ def arg_classes(args) -> tuple:
 class Memo:
     """A launch whose every decision but the arguments was taken once for its call key."""
 
-    cfg: TileConfig
     launch: object  # args -> None
     fixed: object  # the arguments the call key fixes (strides, lengths, sections), as the caller built them
     check: tuple | None  # (grid, constants, arg_classes) when VERIFY_MEMO
@@ -373,7 +373,7 @@ class Runner:
                         if len(self._memo) >= MEMO_SIZE:
                             self._memo.clear()
                         # a Direct launch allocates the descriptors' scratch itself
-                        self._memo[memo_key] = Memo(cfg, launch, fixed, check,
+                        self._memo[memo_key] = Memo(launch, fixed, check,
                                                     bool(scratch) and not isinstance(launch, Direct))
                 return cfg
             except triton.runtime.errors.OutOfResources:
