@@ -13,7 +13,7 @@ from .runtime.autograd import AttentionFunction
 import math
 
 from .runtime.checks import check_captured, check_extras, check_inputs
-from .runtime.config import Configs, choose
+from .runtime.config import Configs, choose, for_pattern
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 
 
@@ -50,9 +50,7 @@ class CompiledAttention:
             if self.spec.tiles:  # ... per kernel
                 cfg = Configs(cfg.fwd, replace(cfg.dkdv, block_m=self.spec.bwd_tiles[0], block_n=self.spec.bwd_tiles[1]),
                               replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))
-            if self.spec.data_dependent:
-                # block tables are built for the forward's tiles once and serve every call
-                cfg = replace(cfg, fwd_small=None)
+            cfg = for_pattern(cfg, self.spec.has_mask, self.spec.score is not None, self.spec.data_dependent)
             r = Runner(self.spec, module, cfg, interpret, q.shape[-1])
             r.deterministic = self.deterministic
             self._runners[key] = r

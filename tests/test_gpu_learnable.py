@@ -165,3 +165,22 @@ def test_deterministic_shared_tables_are_bitwise_repeatable(kind):
     g3 = torch.autograd.grad(fast(q, k, v), [q, table], do)
     scale = g3[1].abs().max()
     assert (g1[1] - g3[1]).abs().max() <= 1e-4 * scale, ((g1[1] - g3[1]).abs().max(), scale)
+
+
+def test_wide_forward_tiles_without_mask_or_score_mod():
+    """Patterns with neither mask nor score modifier run 256-row forward tiles on grids that are not
+    small: dense (with the lse's gradient), sinks, sigmoid and a low-rank bias, with lengths that are
+    not multiples of the tiles and GQA."""
+    from attndsl.runtime.config import SMALL_GRID_PER_SM
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    B, Hq, Hkv, Lkv = 2, 8, 2, 3001
+    Lq = 128 * (SMALL_GRID_PER_SM * sms // (B * Hq) + 2) - 37
+    gen, (q, k, v) = qkv(B, Hq, Hkv, Lq, Lkv, 128, seed=31)
+    which, cfg = attndsl.compile().runner(q).forward_tiles(q)
+    assert which == "fwd_wide" and cfg.block_m == 256, (which, cfg)
+    run(q, k, v, "wide dense", lse_loss=True)
+    run(q, k, v, "wide sinks", extras=dict(sinks=leaf(Hq, gen=gen, dtype=torch.float32)), lse_loss=True)
+    run(q, k, v, "wide sigmoid", normalizer="sigmoid")
+    u = leaf(B, Hq, Lq, 16, gen=gen, scale=0.5)
+    w = leaf(1, Hkv, Lkv, 16, gen=gen, scale=0.5)
+    run(q, k, v, "wide low-rank R=16", extras=dict(bias_factors=(u, w)), ref_kw=_dense_ref_kw(u, w, Hq))

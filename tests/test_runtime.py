@@ -557,15 +557,28 @@ def test_sections_fit_the_l2_share_and_are_balanced():
 
 
 def test_forward_tiles_follow_the_grid_size():
-    """Small grids (few programs per multiprocessor) take the small forward tiles; caller tiles and
-    block tables pin the forward's tiles for every call."""
-    from attndsl.runtime.config import SMALL_GRID_PER_SM, choose, forward_tiles
+    """Small grids (few programs per multiprocessor) take the small forward tiles, the others the
+    wide ones where the pattern allows them; caller tiles and block tables pin the forward's tiles
+    for every call."""
+    from dataclasses import replace
+    from attndsl.runtime.config import SMALL_GRID_PER_SM, choose, for_pattern, forward_tiles
     cfg = choose(128, interpret=False)
     assert cfg.fwd_small is not None and cfg.fwd_small.block_m < cfg.fwd.block_m
     assert forward_tiles(cfg, SMALL_GRID_PER_SM * 132, 132) == ("fwd_small", cfg.fwd_small)
-    assert forward_tiles(cfg, SMALL_GRID_PER_SM * 132 + 1, 132) == ("fwd", cfg.fwd)
+    assert forward_tiles(replace(cfg, fwd_wide=None), SMALL_GRID_PER_SM * 132 + 1, 132) == ("fwd", cfg.fwd)
     assert choose(128, interpret=False, block_m=128).fwd_small is None
     assert choose(128, interpret=True).fwd_small is None
+    # wide tiles for the rest of the grids, where the configuration has them
+    assert cfg.fwd_wide is not None and cfg.fwd_wide.block_m > cfg.fwd.block_m
+    assert forward_tiles(cfg, SMALL_GRID_PER_SM * 132 + 1, 132) == ("fwd_wide", cfg.fwd_wide)
+    assert choose(128, interpret=False, block_m=128).fwd_wide is None
+    assert choose(128, interpret=True).fwd_wide is None
+    assert choose(256, interpret=False).fwd_wide is None
+    # ... and for patterns with neither mask nor score modifier only; block tables keep one configuration
+    assert for_pattern(cfg, False, False, False) == cfg
+    assert for_pattern(cfg, True, False, False).fwd_wide is None
+    assert for_pattern(cfg, False, True, False).fwd_wide is None
+    assert for_pattern(cfg, True, False, True) == replace(cfg, fwd_small=None, fwd_wide=None)
     table = torch.rand(64, 64) > 0.5
     data = attndsl.compile(mask_mod=lambda b, h, q, kv: table[q, kv])
     q = torch.randn(1, 1, 64, 16)
@@ -700,6 +713,57 @@ def test_low_rank_w_tiles_through_a_descriptor_or_pointers(how, monkeypatch):
     for name_, got, want in zip(("dq", "dk", "dv", "du", "dw"), grads, ref_grads):
         assert_close(got, want, 5e-4, name_)
     assert seen and all(t == (how == "descriptor") for _, t in seen), seen
+
+
+
+@pytest.mark.parametrize("case", ["dense", "sinks_lse", "sigmoid", "low_rank", "score_mod", "mask"])
+def test_wide_forward_tiles_only_without_mask_or_score_mod(case, monkeypatch):
+    """A pattern with neither mask nor score modifier runs the configuration's wide forward tiles
+    (on the GPU 256 rows) and gives the reference's values and gradients with lengths that are not
+    multiples of either tile, GQA, sinks (and the lse's gradient), sigmoid and a low-rank bias; a
+    mask or a score modifier keeps the default forward tiles."""
+    import attndsl.api
+    from attndsl.runtime import launch
+    from attndsl.runtime.config import Configs, TileConfig
+    tiles, wide = TileConfig(BLOCK, BLOCK, 4, 1, tma=True), TileConfig(2 * BLOCK, BLOCK, 4, 1, tma=True)
+    monkeypatch.setattr(attndsl.api, "choose", lambda *a, **kw: Configs(tiles, tiles, tiles, None, wide))
+    seen = []
+    orig = launch.Runner._launch
+
+    def spy(self, kernel, grid, args, cfg, which, table_args=None, **consts):
+        seen.append((which, cfg.block_m))
+        return orig(self, kernel, grid, args, cfg, which, table_args=table_args, **consts)
+    monkeypatch.setattr(launch.Runner, "_launch", spy)
+    B, Hq, Hkv, Lq, Lkv, D = 2, 4, 2, 45, 37, 16
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, grad=True, seed=21)
+    pattern, call = {}, {}
+    if case == "sinks_lse":
+        call = dict(sinks=rand(Hq, seed=22, grad=True), return_lse=True)
+    elif case == "sigmoid":
+        pattern = dict(normalizer="sigmoid")
+    elif case == "low_rank":
+        call = dict(bias_factors=(rand(B, Hq, Lq, 4, seed=23, grad=True), rand(1, Hkv, Lkv, 4, seed=24, grad=True)))
+    elif case == "score_mod":
+        pattern = dict(score_mod=lambda s, b, h, qi, kv: s * 0.75)
+    elif case == "mask":
+        pattern = dict(mask_mod=sliding(20))
+    res = attndsl.compile(**pattern)(q, k, v, **call)
+    outs = res if isinstance(res, tuple) else (res,)
+    leaves = [q, k, v, *(t for t in (call.get("sinks"), *call.get("bias_factors", ())) if t is not None)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref_call = dict(sinks=leaves64[3]) if "sinks" in call else dict(bias_factors=tuple(leaves64[3:])) if len(leaves64) > 3 else {}
+    ref_out, ref_lse = attndsl.reference.attention(*leaves64[:3], **pattern, **ref_call)
+    refs = (ref_out, ref_lse)[:len(outs)]
+    for name_, got, want in zip(("out", "lse"), outs, refs):
+        assert_close(got, want, 2e-4, name_)
+    douts = [rand(*o.shape, seed=25 + i) for i, o in enumerate(outs)]
+    grads = torch.autograd.grad(outs, leaves, douts)
+    ref_grads = torch.autograd.grad(refs, leaves64, [d.double() for d in douts])
+    for name_, got, want in zip(("dq", "dk", "dv", "d3", "d4"), grads, ref_grads):
+        assert_close(got, want, 5e-4, name_)
+    fwd = [(which, bm) for which, bm in seen if which.startswith("fwd")]
+    plain = case in ("dense", "sinks_lse", "sigmoid", "low_rank")
+    assert fwd == [("fwd_wide", 2 * BLOCK)] if plain else fwd == [("fwd", BLOCK)], fwd
 
 
 # --- launch memo: repeated calls of one key skip the launch decisions ------------------------------

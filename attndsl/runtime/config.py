@@ -1,5 +1,6 @@
 """Tile configurations: chosen by head dim and backend; the forward also by how many programs a call
-launches (a small grid gets smaller tiles, so every multiprocessor holds several programs)."""
+launches (a small grid gets smaller tiles, so every multiprocessor holds several programs) and by
+the pattern (with neither mask nor score modifier, taller tiles)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -33,6 +34,9 @@ class Configs:
     dq: TileConfig
     #: forward tiles for calls whose default grid is small (see ``forward_tiles``); None: always ``fwd``
     fwd_small: TileConfig | None = None
+    #: forward tiles for patterns with neither mask nor score modifier (every tile full, no per-score
+    #: work beyond the normaliser), when the grid is not small; None: ``fwd``
+    fwd_wide: TileConfig | None = None
 
 
 #: a call whose default forward grid has at most this many programs per multiprocessor takes
@@ -47,7 +51,23 @@ def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, Tile
     """The forward's tiles for a call launching ``n_programs`` with the default tiles."""
     if cfgs.fwd_small is not None and n_programs <= SMALL_GRID_PER_SM * n_sms:
         return "fwd_small", cfgs.fwd_small
+    if cfgs.fwd_wide is not None:
+        return "fwd_wide", cfgs.fwd_wide
     return "fwd", cfgs.fwd
+
+
+def for_pattern(cfgs: Configs, has_mask: bool, has_score_mod: bool, data_dependent: bool) -> Configs:
+    """The configurations a pattern may use. Wide forward tiles only without mask or score modifier:
+    on an H100 (bf16, H=16, D=128; BENCHMARKS.md) 256x64 tiles ran no-mask forwards 2-8% faster
+    than 128x64 (dense L=8192 to 32768, Lq != Lkv, sinks, sigmoid, low-rank bias), but a score
+    modifier's per-score work made them 7-15% slower (ALiBi, T5 buckets), and causal or sliding-
+    window masks 4-11% slower (the diagonal band's partial tiles are twice as tall). Block tables
+    are built once for the forward's tiles, so data-dependent masks keep one configuration."""
+    if has_mask or has_score_mod:
+        cfgs = replace(cfgs, fwd_wide=None)
+    if data_dependent:
+        cfgs = replace(cfgs, fwd_small=None, fwd_wide=None)
+    return cfgs
 
 
 #: heads per section of the grid (``codegen/module.py: _program_tile``): at most as many as keep the
@@ -86,17 +106,18 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
     # TMA: 2% faster (softmax) and 5% (sigmoid) at L=16384, but 3% slower with the small grid's
     # 64x64 tiles at 4096 (BENCHMARKS.md)
     d = block_d(head_dim)
-    small = None
+    small = wide = None
     if d <= 128:
         fwd, dkdv, dq = TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)
         small = TileConfig(64, 64, 4, 3)
+        wide = TileConfig(256, 64, 8, 3, tma=True)
     else:
         fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
     if block_m or block_n or num_warps or num_stages:
-        small = None  # the caller's tiles hold for every call
+        small = wide = None  # the caller's tiles hold for every call
         fwd = replace(fwd, block_m=block_m or fwd.block_m, block_n=block_n or fwd.block_n,
                       num_warps=num_warps or fwd.num_warps, num_stages=num_stages or fwd.num_stages)
     if block_m or block_n:
         dkdv = replace(dkdv, block_m=block_m or dkdv.block_m, block_n=block_n or dkdv.block_n)
         dq = replace(dq, block_m=block_m or dq.block_m, block_n=block_n or dq.block_n)
-    return Configs(fwd, dkdv, dq, small)
+    return Configs(fwd, dkdv, dq, small, wide)
