@@ -899,8 +899,15 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
         g = f"gmod{i}"
         p = f"buf{gl.slot}"
         contrib = f"gl{i}"
-        # ds is already multiplied by dmod; the chain rule for the load needs the raw ∂L/∂s_mod
-        loop += f"{B}{contrib} = ds_raw * {g}\n"
+        # ds is already multiplied by dmod; the chain rule for the load needs the raw ∂L/∂s_mod.
+        # Sums over a tile (one scalar, per row, per key) keep out the padding rows and keys: their
+        # scores are not masked in full tiles, so exp2 may overflow (inf * 0) and ∂score_mod may be
+        # inf or NaN there. The other ways of adding (scatter, diagonal, uniform, runs, exact
+        # stores) mask them themselves
+        term = f"ds_raw * {g}"
+        if gl.scope in ("program", "row", "col") and not (gl.load in uniform):
+            term = f"tl.where((q_idx < LQ) & (kv_idx < LKV), {term}, 0.0)"
+        loop += f"{B}{contrib} = {term}\n"
         if gl.load in uniform and mode == "run":
             run_init += _runs.grad_init(i, "BLOCK_M")
             loop += _runs.grad_loop(i, contrib, "q_idx < LQ", B)
