@@ -905,7 +905,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
         # inf or NaN there. The other ways of adding (scatter, diagonal, uniform, runs, exact
         # stores) mask them themselves
         term = f"ds_raw * {g}"
-        if gl.scope in ("program", "row", "col") and not (gl.load in uniform):
+        if gl.scope in ("program", "row", "col") and gl.load not in uniform:
             term = f"tl.where((q_idx < LQ) & (kv_idx < LKV), {term}, 0.0)"
         loop += f"{B}{contrib} = {term}\n"
         if gl.load in uniform and mode == "run":

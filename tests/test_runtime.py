@@ -574,6 +574,7 @@ def test_forward_tiles_follow_the_grid_size():
     assert choose(128, interpret=False, block_m=128).fwd_wide is None
     assert choose(128, interpret=True).fwd_wide is None
     assert choose(256, interpret=False).fwd_wide is None
+    assert choose(64, interpret=False).fwd_wide is None
     # ... and for patterns with neither mask nor score modifier only; block tables keep one configuration
     assert for_pattern(cfg, False, False, False) == cfg
     assert for_pattern(cfg, True, False, False).fwd_wide is None

@@ -110,7 +110,8 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
     if d <= 128:
         fwd, dkdv, dq = TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)
         small = TileConfig(64, 64, 4, 3)
-        wide = TileConfig(256, 64, 8, 3, tma=True)
+        # measured at D=128 only (BENCHMARKS.md); smaller head dims keep 128-row tiles
+        wide = TileConfig(256, 64, 8, 3, tma=True) if d == 128 else None
     else:
         fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
     if block_m or block_n or num_warps or num_stages:
