@@ -41,7 +41,9 @@ class CompiledAttention:
     # -- kernels ---------------------------------------------------------------------------
     def runner(self, q: torch.Tensor) -> Runner:
         interpret = use_interpreter(q)
-        key = (interpret, q.shape[-1], q.device.index)
+        # per element size too: a launch that overflows shared memory keeps its smaller tiles for
+        # later calls, and float32 inputs need twice the shared memory of 16-bit ones
+        key = (interpret, q.shape[-1], q.device.index, q.element_size())
         r = self._runners.get(key)
         if r is None:
             module = cache.load(self.spec, interpret)

@@ -586,32 +586,40 @@ def test_forward_tiles_follow_the_grid_size():
     assert data.runner(q).cfg.fwd_small is None
 
 
-def test_shared_memory_retry_rebuilds_block_tables():
-    """A launch that overflows shared memory is retried with narrower tiles: the block tables (and
-    the visit counts) must follow the tiles actually launched, in the forward, dK/dV and dQ."""
-    from triton.runtime.errors import OutOfResources
+class _TooBigFirst:
+    """A kernel whose 32-wide launches overflow shared memory (``OutOfResources``)."""
 
-    class TooBigFirst:
-        def __init__(self, kernel):
-            self.kernel, self.widths = kernel, []
+    def __init__(self, kernel):
+        self.kernel, self.widths = kernel, []
 
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                self.widths.append(kw["BLOCK_N"])
-                if kw["BLOCK_N"] == 32:
-                    raise OutOfResources(300000, 232448, "shared memory")
-                return self.kernel[grid](*args, **kw)
-            return launch
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
 
-    comp = attndsl.compile(mask_mod=doc_mask, block_m=32, block_n=32)
-    q, k, v = qkv(1, 2, 2, 78, 78, 32, grad=True)
-    r = comp.runner(q)
-    flaky = {n: TooBigFirst(getattr(r.mod, f"attn_{n}")) for n in ("fwd", "bwd_dkdv", "bwd_dq")}
+        def launch(*args, **kw):
+            self.widths.append(kw["BLOCK_N"])
+            if kw["BLOCK_N"] == 32:
+                raise OutOfResources(300000, 232448, "shared memory")
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+def _overflowing(r, names=("fwd", "bwd_dkdv", "bwd_dq")):
+    """Give runner ``r`` kernels whose 32-wide launches overflow; returns them by name."""
+    flaky = {n: _TooBigFirst(getattr(r.mod, f"attn_{n}")) for n in names}
     mod = type("Module", (), {f"attn_{n}": f for n, f in flaky.items()})
     for name in dir(r.mod):
         if not hasattr(mod, name) and not name.startswith("__"):
             setattr(mod, name, getattr(r.mod, name))
     r.mod = mod
+    return flaky
+
+
+def test_shared_memory_retry_rebuilds_block_tables():
+    """A launch that overflows shared memory is retried with narrower tiles: the block tables (and
+    the visit counts) must follow the tiles actually launched, in the forward, dK/dV and dQ."""
+    comp = attndsl.compile(mask_mod=doc_mask, block_m=32, block_n=32)
+    q, k, v = qkv(1, 2, 2, 78, 78, 32, grad=True)
+    flaky = _overflowing(comp.runner(q))
     out = comp(q, k, v)
     (q64, k64, v64), ref, _ = reference(q, k, v, doc_mask)
     assert_close(out, ref, 1e-4, "forward after a retry")
@@ -623,6 +631,24 @@ def test_shared_memory_retry_rebuilds_block_tables():
     assert all(f.widths[:2] == [32, 16] for f in flaky.values()), {n: f.widths for n, f in flaky.items()}
     visits = comp.visit_counts(q.detach(), k.detach(), v.detach())
     assert torch.equal(visits.cpu(), brute_visits(doc_mask, 1, 2, 78, 78, 32, 16).to(visits.dtype).reshape(visits.shape))
+
+
+
+def test_shared_memory_fallback_holds_for_one_element_size():
+    """Float32 inputs need twice the shared memory of 16-bit ones: the narrower tiles a float32
+    call fell back to stay with float32 calls, and a later bf16 call launches the full tiles."""
+    comp = attndsl.compile(block_m=32, block_n=32)
+    q, k, v = qkv(1, 2, 2, 40, 40, 32)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    r32, r16 = comp.runner(q), comp.runner(qb)
+    assert r32 is not r16 and comp.runner(q.half()) is r16
+    flaky = _overflowing(r32, ("fwd",))
+    out = comp(q, k, v)
+    assert flaky["fwd"].widths == [32, 16] and r32.cfg.fwd.block_n == 16
+    assert_close(out, reference(q, k, v)[1], 1e-4, "float32 after a retry")
+    out_b = comp(qb, kb, vb)
+    assert r16.cfg.fwd.block_n == 32
+    assert_close(out_b, reference(qb, kb, vb)[1], 2e-2, "bf16")
 
 
 # --- the forward's K/V tiles through tensor descriptors (TMA) or pointer loads -----------------------------
