@@ -760,7 +760,7 @@ def _scatter_code(i: int, contrib: str, p: str, idx: list[str], B: str, diag: tu
     ok, o, key = "(q_idx < LQ) & (kv_idx < LKV)", f"goff{i}", f"gkey{i}"
     # keyed on the gradient tile: the offsets then take its layout once, not a converted compare
     # per entry
-    live = f"{ok} & ({contrib} != 0.0)"
+    live = f"{contrib} != 0.0"  # zero on the padding (``_grad_load_code``)
     det = _per_entry_adds(o, clamped_offset(p, idx), ok, contrib, f"gdst{i}", B + I1)
     B2 = B + I2
     return (f"{B}if DETERMINISTIC:\n{det[0]}{det[1]}"
@@ -791,9 +791,8 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
     rows, cols = "tl.arange(0, BLOCK_M)[:, None]", "tl.arange(0, BLOCK_N)"
     d = f"gdiag{i}"
     det = _per_entry_adds(f"doff{i}", off, f"({d} != 0.0)", d, f"gdst{i}", B + I2, rank=1)
-    return (f"{B}gsrc{i} = tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0)\n"
-            f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
-            f"{B}grot{i} = tl.gather(gsrc{i}, gwrap{i} % BLOCK_N, 1)\n"
+    return (f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
+            f"{B}grot{i} = tl.gather({contrib}, gwrap{i} % BLOCK_N, 1)\n"
             f"{B}gwrap{i} = gwrap{i} // BLOCK_N\n"
             f"{B}for w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
             f"{B}    {d} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
@@ -900,12 +899,12 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
         p = f"buf{gl.slot}"
         contrib = f"gl{i}"
         # ds is already multiplied by dmod; the chain rule for the load needs the raw ∂L/∂s_mod.
-        # Sums over a tile (one scalar, per row, per key) keep out the padding rows and keys: their
-        # scores are not masked in full tiles, so exp2 may overflow (inf * 0) and ∂score_mod may be
-        # inf or NaN there. The other ways of adding (scatter, diagonal, uniform, runs, exact
-        # stores) mask them themselves
+        # The padding rows and keys add nothing: their scores are not masked in full tiles, so exp2
+        # may overflow there (inf * 0) and ∂score_mod may be inf or NaN. Every way of adding below
+        # takes the contribution as selected here, except a run's row sums (full tiles: their rows
+        # are selected in ``grad_loop``) and the exact scope's stores (bounds-masked, coalesced)
         term = f"ds_raw * {g}"
-        if gl.scope in ("program", "row", "col") and gl.load not in uniform:
+        if not (gl.load in uniform and mode == "run") and (gl.load in uniform or gl.scope != "exact"):
             term = f"tl.where((q_idx < LQ) & (kv_idx < LKV), {term}, 0.0)"
         loop += f"{B}{contrib} = {term}\n"
         if gl.load in uniform and mode == "run":
@@ -923,7 +922,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
             init, final = init + pinit, final + pfinal
             loop += (f"{B}if uni{uniform[gl.load]}:\n"
                      f"{B}{I1}tl.atomic_add(gdst{i} + ({uoff}), "
-                     f"tl.sum(tl.sum(tl.where((q_idx < LQ) & (kv_idx < LKV), {contrib}, 0.0), 1), 0))\n"
+                     f"tl.sum(tl.sum({contrib}, 1), 0))\n"
                      f"{B}else:\n{body}")
             loop += _scatter_code(i, contrib, p, idx, B + I1, _diagonal_index(gl, p, em, B + I2))
             continue

@@ -763,22 +763,27 @@ def test_wide_forward_tiles_only_without_mask_or_score_mod(case, monkeypatch):
     monkeypatch.setattr(launch.Runner, "_launch", spy)
     B, Hq, Hkv, Lq, Lkv, D = 2, 4, 2, 45, 37, 16
     q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, grad=True, seed=21)
-    pattern, call = {}, {}
+    pattern, call, ref_call, extra = {}, {}, {}, []
     if case == "sinks_lse":
-        call = dict(sinks=rand(Hq, seed=22, grad=True), return_lse=True)
+        extra = [rand(Hq, seed=22, grad=True)]
+        call = dict(sinks=extra[0], return_lse=True)
     elif case == "sigmoid":
         pattern = dict(normalizer="sigmoid")
     elif case == "low_rank":
-        call = dict(bias_factors=(rand(B, Hq, Lq, 4, seed=23, grad=True), rand(1, Hkv, Lkv, 4, seed=24, grad=True)))
+        extra = [rand(B, Hq, Lq, 4, seed=23, grad=True), rand(1, Hkv, Lkv, 4, seed=24, grad=True)]
+        call = dict(bias_factors=tuple(extra))
     elif case == "score_mod":
         pattern = dict(score_mod=lambda s, b, h, qi, kv: s * 0.75)
     elif case == "mask":
         pattern = dict(mask_mod=sliding(20))
     res = attndsl.compile(**pattern)(q, k, v, **call)
     outs = res if isinstance(res, tuple) else (res,)
-    leaves = [q, k, v, *(t for t in (call.get("sinks"), *call.get("bias_factors", ())) if t is not None)]
+    leaves = [q, k, v, *extra]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    ref_call = dict(sinks=leaves64[3]) if "sinks" in call else dict(bias_factors=tuple(leaves64[3:])) if len(leaves64) > 3 else {}
+    if case == "sinks_lse":
+        ref_call = dict(sinks=leaves64[3])
+    elif case == "low_rank":
+        ref_call = dict(bias_factors=tuple(leaves64[3:]))
     ref_out, ref_lse = attndsl.reference.attention(*leaves64[:3], **pattern, **ref_call)
     refs = (ref_out, ref_lse)[:len(outs)]
     for name_, got, want in zip(("out", "lse"), outs, refs):
