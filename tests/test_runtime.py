@@ -495,6 +495,28 @@ def test_an_unused_output_gets_no_gradient_tensor(loss, monkeypatch):
         assert_close(g, g64 if g64 is not None else torch.zeros_like(g, dtype=torch.float64), 5e-4, what)
 
 
+def test_second_derivative_is_refused_not_silently_zero():
+    """create_graph=True gives first derivatives that still match the reference; differentiating
+    them again raises (attention's share of a gradient penalty would otherwise be silently lost)."""
+    q, k, v = qkv(1, 2, 1, 40, 37, 32, grad=True, seed=7)
+    slope = torch.tensor(0.3, requires_grad=True)
+    attn = attndsl.compile(mask_mod=causal, score_mod=lambda s, b, h, qi, ki: s - slope * (qi - ki),
+                           block_m=BLOCK, block_n=BLOCK)
+    out = attn(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, slope), create_graph=True)
+    (q64, k64, v64), ref, _ = reference(q, k, v, causal, lambda s, b, h, qi, ki: s - slope.double() * (qi - ki))
+    ref.sum().backward()
+    for what, g, g64 in zip(("dq", "dk", "dv"), grads, (q64.grad, k64.grad, v64.grad)):
+        assert g.requires_grad
+        assert_close(g.detach(), g64, 5e-4, what)
+    for g in grads:
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(g.sum(), (q, k, v, slope), allow_unused=True)
+    # without create_graph the gradients carry no history, as before
+    out = attn(q, k, v)
+    assert not any(g.requires_grad for g in torch.autograd.grad(out.sum(), (q, k, v)))
+
+
 def test_attention_one_shot_matches_compile():
     q, k, v = qkv(1, 2, 2, 33, 33, 32)
     a = attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)

@@ -528,6 +528,25 @@ def test_token_selector_with_sinks(grouping):
     torch.testing.assert_close(sg.grad.double(), sr.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_token_selector_refuses_a_second_derivative():
+    """With create_graph=True the gradients (the sinks' is computed in torch) still match the
+    oracle, and differentiating them again raises instead of dropping attention's share."""
+    B, Hq, Hkv, G, L, D, K = 1, 2, 1, 1, 12, 16, 5
+    q, k, v = (t.requires_grad_() for t in qkv(B, Hq, Hkv, L, L, D, seed=15))
+    idx = random_indices(B, G, L, L, K, seed=6)
+    sinks = torch.tensor([0.25, -0.5], requires_grad=True)
+    out = attndsl.attention(q, k, v, mask_mod=causal, indices=idx, sinks=sinks)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, sinks), create_graph=True)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    want, _ = reference.sparse_attention(*leaves[:3], idx, mask_mod=causal, sinks=leaves[3])
+    for name, got, ref in zip(("dq", "dk", "dv", "dsinks"), grads, torch.autograd.grad(want.sum(), leaves)):
+        assert got.requires_grad
+        _close(name, got, ref, TOL[torch.float32])
+    for g in grads:
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(g.sum(), (q, k, v, sinks), allow_unused=True)
+
+
 def test_token_selector_sigmoid():
     B, Hq, Hkv, G, L, D, K = 1, 4, 2, 2, 24, 16, 10
     q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=14)

@@ -31,4 +31,36 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(
             q, k, v, out, lse, dout, dlse, ctx.scale, buffers, ctx.tables, extras, key=ctx.key)
         grads = [dbufs.get(i) if t.requires_grad else None for i, t in enumerate(buffers)] if buffers else ()
-        return (dq, dk, dv, dsinks, du, dw, None, None, None, None, *grads)
+        return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
+                                        (dq, dk, dv, dsinks, du, dw, None, None, None, None, *grads))
+
+
+def refuse_second_derivative(inputs, grads):
+    """The gradients, tied to a differentiable input when `create_graph=True`, so that
+    differentiating them raises a clear error.
+
+    The backward kernels have no derivative of their own; left alone, `create_graph=True` would
+    hand back gradients with no history, and a gradient penalty would silently lose attention's
+    share of the second derivative."""
+    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return tuple(grads)
+    where = [i for i, g in enumerate(grads) if g is not None]
+    tied = _NoSecondDerivative.apply(anchor, *(grads[i] for i in where))
+    out = list(grads)
+    for i, g in zip(where, tied if isinstance(tied, tuple) else (tied,)):
+        out[i] = g
+    return tuple(out)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "attndsl.attention has no second derivative: its gradients come from backward kernels "
+            "that are not differentiable (double backward, create_graph=True gradient penalties and "
+            "Hessian products through attention are not supported)")

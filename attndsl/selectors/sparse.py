@@ -26,6 +26,7 @@ from .. import codegen_bridge
 from ..runtime import cache
 from ..runtime.config import block_d
 from ..runtime.scope import launch_scope
+from ..runtime.autograd import refuse_second_derivative
 from ..runtime.launch import _new, buffer_args, use_interpreter
 
 GATHER_TAG = "sel"
@@ -214,7 +215,8 @@ class SparseAttentionFunction(torch.autograd.Function):
                 delta = delta - dlse.float()
             p_sink = torch.exp(sinks.float()[None, :, None] - lse)
             dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
-        return (dq, dk, dv, dsinks, None, None, None, None) + (None,) * len(buffers)
+        return refuse_second_derivative((q, k, v, sinks, *buffers),
+                                        (dq, dk, dv, dsinks, None, None, None, None) + (None,) * len(buffers))
 
 
 def gather_runner(compiled, query) -> GatherRunner:
