@@ -12,7 +12,7 @@ from .runtime import cache
 from .runtime.autograd import AttentionFunction
 import math
 
-from .runtime.checks import check_captured, check_extras, check_inputs
+from .runtime.checks import IndexRangeCheck, check_captured, check_extras, check_inputs
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 
@@ -35,6 +35,8 @@ class CompiledAttention:
                                tiles=(block_m, block_n))
         self._tiles = (block_m, block_n, num_warps, num_stages)
         self._runners: dict = {}
+        # captured-tensor indices must stay inside their tensors for every call (kernels clamp them)
+        self.index_check = IndexRangeCheck([self.spec.mask, self.spec.score])
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
 
@@ -68,6 +70,7 @@ class CompiledAttention:
         if not self.spec.data_dependent:
             return None
         check_captured(self.tensors, query.device)
+        self.index_check(self.tensors, _call_shape(query, key), query.device)
         r = self.runner(query)
         tables = r.new_tables(query, key, self.tensors)
         r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
@@ -83,6 +86,7 @@ class CompiledAttention:
                                  sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors)
         check_inputs(query, key, value, scale)
         check_captured(self.tensors, query.device)
+        self.index_check(self.tensors, _call_shape(query, key), query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
                      bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
@@ -128,6 +132,8 @@ class CompiledAttention:
         ``runs=True`` also how many of them it visited in constant runs (one table entry per run,
         ``codegen/runs.py``), as a pair."""
         check_inputs(query, key, value, scale)
+        check_captured(self.tensors, query.device)
+        self.index_check(self.tensors, _call_shape(query, key), query.device)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         r = self.runner(query)
         tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
@@ -140,6 +146,11 @@ class CompiledAttention:
 
     def __repr__(self):
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
+
+
+def _call_shape(query, key) -> tuple:
+    """(B, Hq, Lq, Lkv): the domain of the pattern's index variables for one call."""
+    return (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
 
 
 def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001

@@ -144,6 +144,34 @@ def test_indexer_errors():
         ix(rand(1, 2, 8, 16), rand(1, 1, 8, 16), rand(1, 8, 2))
 
 
+def test_indexer_checks_captured_indices_per_role_of_h():
+    """In the score modifier h is the indexer head (HI of them), in the mask the key group (G):
+    a per-head table sized HI and a per-group table sized G are both in range; a per-group table
+    read by the score modifier is refused before any launch."""
+    HI, G = 4, 2
+    per_head, per_group = rand(HI, seed=6), torch.tensor([3, 5])
+
+    def scaled(s, b, h, q_idx, kv_idx):
+        return s.clamp(min=0) * per_head[h]
+
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < per_group[h])
+
+    q_i, k_i = rand(1, HI, 30, 16, seed=7), rand(1, G, 30, 16, seed=8)
+    ix = LightningIndexer(score_mod=scaled, mask_mod=window, topk=3)
+    j = per_head.double().view(1, HI, 1, 1)
+    d = torch.arange(30)[:, None] - torch.arange(30)[None, :]
+    m = torch.stack([(d >= 0) & (d < w) for w in (3, 5)]).view(1, G, 30, 30)
+    want = dense_scores(q_i, k_i, None, f=lambda s: s.clamp(min=0) * j).masked_fill(~m, float("-inf"))
+    torch.testing.assert_close(ix.scores(q_i, k_i).double(), want, rtol=1e-5, atol=1e-4)
+
+    def by_group(s, b, h, q_idx, kv_idx):
+        return s * per_group[h]
+
+    with pytest.raises(IndexError, match=r"tensor #0 \(shape \(2,\)\).*`h` is 2 at h=2"):
+        LightningIndexer(score_mod=by_group).scores(q_i, k_i)
+
+
 def test_indexer_then_sparse_attention_end_to_end():
     """indexer -> top-k -> sparse attention -> backward, against the gathering oracle."""
     B, H, HI, L, D, DI, K = 1, 4, 2, 40, 32, 16, 12

@@ -517,6 +517,47 @@ def test_second_derivative_is_refused_not_silently_zero():
     assert not any(g.requires_grad for g in torch.autograd.grad(out.sum(), (q, k, v)))
 
 
+def test_index_checks_decide_loose_intervals_densely_and_reread_captured_values(monkeypatch):
+    """A loose interval (``|q - kv| + min(q, kv)``, which is ``max(q, kv)``) is settled by evaluating the index, once per call shape; an
+    index read from captured values is checked on every call, so fixing the values in place
+    makes the next call run; ATTNDSL_CHECK_INDICES=0 turns the per-call check off."""
+    from attndsl.runtime import checks
+    dense = []
+    orig = checks._check_densely
+    monkeypatch.setattr(checks, "_check_densely", lambda b, *a: (dense.append(b.text), orig(b, *a))[1])
+    Lq, Lkv = 20, 28
+    table = rand(Lkv, seed=9)
+
+    def loose(score, b, h, q_idx, kv_idx):
+        return score + table[(q_idx - kv_idx).abs() + torch.minimum(q_idx, kv_idx)]
+
+    q, k, v = qkv(1, 2, 1, Lq, Lkv, 16, grad=True, seed=8)
+    attn = attndsl.compile(mask_mod=causal, score_mod=loose, block_m=BLOCK, block_n=BLOCK)
+    out = attn(q, k, v)
+    attn(q, k, v)
+    assert dense == ["(abs((q - kv)) + minimum(q, kv))"]  # once for the shape
+    (q64, k64, v64), ref, _ = reference(q, k, v, causal, loose)
+    assert_close(out, ref, 5e-5, "out")
+
+    bucket = torch.tensor([i % 5 for i in range(Lq)])
+    bucket[3] = 6  # past the 5-entry table
+    five = rand(5, seed=10)
+
+    def bucketed(score, b, h, q_idx, kv_idx):
+        return score + five[bucket[q_idx]]
+
+    attn = attndsl.compile(mask_mod=causal, score_mod=bucketed, block_m=BLOCK, block_n=BLOCK)
+    with pytest.raises(IndexError, match="is 6 at q_idx=3"):
+        attn(q, k, v)
+    bucket[3] = 4  # fixed in place: seen by the next call
+    out = attn(q, k, v)
+    (q64, k64, v64), ref, _ = reference(q, k, v, causal, bucketed)
+    assert_close(out, ref, 5e-5, "out")
+    bucket[3] = 6
+    monkeypatch.setenv("ATTNDSL_CHECK_INDICES", "0")
+    attn(q, k, v)  # unchecked: the kernel clamps, as documented
+
+
 def test_attention_one_shot_matches_compile():
     q, k, v = qkv(1, 2, 2, 33, 33, 32)
     a = attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)

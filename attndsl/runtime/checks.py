@@ -96,3 +96,118 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
             raise ValueError(f"bias_factors u length {u.shape[2]} differs from the query length {Lq}")
         if w.shape[2] != Lkv:
             raise ValueError(f"bias_factors w length {w.shape[2]} differs from the key length {Lkv}")
+
+
+_DENSE_CHUNK = 1 << 24  # index values evaluated at once when an interval cannot decide
+
+
+class IndexRangeCheck:
+    """Refuses a call whose pattern would index a captured tensor out of range (the kernels
+    would clamp the index and compute silently wrong values; the reference raises).
+
+    Indices of index variables alone are decided once per call shape, by their intervals
+    (``passes/index_range.py``) or, when those are loose, by evaluating the index densely.
+    Indices computed from captured values (``table[ids[q]]``) are checked on every call, against
+    the values' smallest and largest entries (one small reduction and one sync), unless index
+    checks are off (``ATTNDSL_CHECK_INDICES=0``, as for selector indices)."""
+
+    def __init__(self, roots):
+        from ..passes.index_range import index_bounds
+        self.bounds = index_bounds(roots)
+        self.static = tuple(b for b in self.bounds if not b.values and not _reads_values(b))
+        self.dynamic = tuple(b for b in self.bounds if b not in self.static)
+        self.decided: set = set()
+
+    def __call__(self, tensors, shape, device):
+        if not self.bounds:
+            return
+        key = (shape, tuple(tuple(t.shape) for t in tensors))
+        if key not in self.decided:
+            for b in self.static:
+                _check_bound(b, tensors, shape, device, {})
+            self.decided.add(key)
+        if self.dynamic and _checks_on():
+            extremes = _value_extremes(self.dynamic, tensors)
+            for b in self.dynamic:
+                _check_bound(b, tensors, shape, device, extremes)
+
+
+def _reads_values(b) -> bool:
+    from ..ir.graph import topo_order
+    return any(n.op == "load" for n in topo_order([b.index]))
+
+
+def _checks_on() -> bool:
+    import os
+    try:
+        if torch.compiler.is_compiling():
+            return False
+    except AttributeError:
+        pass
+    return os.environ.get("ATTNDSL_CHECK_INDICES", "1") not in ("0", "false", "False", "no")
+
+
+def _value_extremes(bounds, tensors) -> dict:
+    """``{value_min: x, value_max: y}`` for every captured value the indices read, with one sync."""
+    slots = sorted({slot for b in bounds for slot, _ in b.values})
+    if not slots:
+        return {}
+    ends = torch.stack([torch.stack(tensors[s].detach().double().aminmax()) for s in slots]).tolist()
+    by_slot = dict(zip(slots, ends))
+    out = {}
+    for b in bounds:
+        for slot, name in b.values:
+            out[f"{name}_min"], out[f"{name}_max"] = by_slot[slot]
+    return out
+
+
+def _check_bound(b, tensors, shape, device, extremes):
+    from ..ir.evaluate import evaluate
+    from ..passes.index_range import LAST
+    size = tensors[b.slot].shape[b.dim]
+    if b.lo is not None and b.hi is not None:
+        env = {LAST[v]: torch.tensor(n - 1) for v, n in zip(("b", "h", "q", "kv"), shape)}
+        env.update({k: torch.tensor(x, dtype=torch.float64) for k, x in extremes.items()})
+        try:
+            lo, hi = (int(x) for x in evaluate([b.lo, b.hi], env, tensors))
+        except (IndexError, ValueError, OverflowError, RuntimeError):
+            lo, hi = -1, size  # undecided: evaluate the index itself
+        if 0 <= lo and hi < size:
+            return
+    _check_densely(b, tensors, shape, device, size)
+
+
+def _check_densely(b, tensors, shape, device, size):
+    """Evaluates the index over every value of the variables it depends on, a chunk at a time."""
+    from ..ir.evaluate import evaluate
+    from ..passes.index_range import index_vars
+    names = index_vars(b)
+    extent = dict(zip(("b", "h", "q", "kv"), shape))
+    if any(extent[v] == 0 for v in names):
+        return
+    first = names[0] if names else None
+    rest = 1
+    for v in names[1:]:
+        rest *= extent[v]
+    step = max(1, _DENSE_CHUNK // max(rest, 1))
+    n_first = extent[first] if first else 1
+    for start in range(0, n_first, step):
+        env = {}
+        for i, v in enumerate(names):
+            lo_v, hi_v = (start, min(n_first, start + step)) if v == first else (0, extent[v])
+            view = [1] * len(names)
+            view[i] = hi_v - lo_v
+            env[v] = torch.arange(lo_v, hi_v, device=device).view(view)
+        (idx,) = evaluate([b.index], env, tensors, device=device)
+        bad = (idx < 0) | (idx >= size)
+        if bool(bad.any()):
+            pos = [int(x) for x in bad.nonzero()[0]] if bad.dim() else []
+            where = {v: p + (start if v == first else 0) for v, p in zip(names, pos)}
+            at = ", ".join(f"{'q_idx' if v == 'q' else 'kv_idx' if v == 'kv' else v}={where[v]}" for v in names)
+            value = int(idx[tuple(pos)]) if pos else int(idx)
+            B, Hq, Lq, Lkv = shape
+            raise IndexError(
+                f"the pattern reads captured tensor #{b.slot} (shape {tuple(tensors[b.slot].shape)}) out of range in "
+                f"dimension {b.dim}: its index `{b.text}` is {value}{' at ' + at if at else ''} (valid: 0..{size - 1}) "
+                f"for this call (B={B}, Hq={Hq}, Lq={Lq}, Lkv={Lkv}). The kernels would clamp it and compute wrong "
+                "values; size the tensor for every (b, h, q_idx, kv_idx) of the call, or clamp the index in the pattern")

@@ -208,6 +208,7 @@ def block_call(compiled, query, key, value, blocks: BlockSelection, *, block_tab
     blocks.check(query, key)
     v = block_variant(compiled, blocks)
     shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    compiled.index_check(compiled.tensors, shape, query.device)  # before the tables are built
     tables = SelectionTables(blocks, v.spec, v.tensors, shape)
     return v(query, key, value, block_tables=tables, **kw)
 

@@ -19,7 +19,7 @@ from ..dsl import trace
 from ..ir.evaluate import evaluate
 from ..passes import build_spec
 from ..runtime import cache
-from ..runtime.checks import check_captured
+from ..runtime.checks import IndexRangeCheck, check_captured
 from ..runtime.config import block_d
 from ..runtime.scope import launch_scope
 from ..runtime.launch import buffer_args, cdiv, use_interpreter
@@ -54,6 +54,9 @@ class LightningIndexer:
         self._mods: dict = {}
         spec = self.spec
         self._fv_range = (ir.free_vars(spec.fwd_range.outer[0]) | ir.free_vars(spec.fwd_range.outer[1]))
+        # captured-tensor indices stay inside their tensors; h is the group in the mask, the head in the score
+        self._mask_index_check = IndexRangeCheck([spec.mask])
+        self._score_index_check = IndexRangeCheck([spec.score])
 
     # -- kernel ------------------------------------------------------------------------------
     def _module(self, interpret: bool):
@@ -87,6 +90,8 @@ class LightningIndexer:
         check_captured(self.tensors, q_i.device)
         B, HI, Lq, DI = q_i.shape
         G, Lkv = k_i.shape[1], k_i.shape[2]
+        self._mask_index_check(self.tensors, (B, G, Lq, Lkv), q_i.device)
+        self._score_index_check(self.tensors, (B, HI, Lq, Lkv), q_i.device)
         t0, t1 = rows or (0, Lq)
         s0, s1 = cols or (0, Lkv)
         n, m = t1 - t0, s1 - s0

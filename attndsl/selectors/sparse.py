@@ -240,6 +240,7 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     from ..runtime.checks import check_captured, check_extras, check_inputs
     check_inputs(query, key, value, scale)
     check_captured(compiled.tensors, query.device)
+    compiled.index_check(compiled.tensors, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]), query.device)
     normalizer = getattr(compiled.spec, "normalizer", "softmax")
     check_extras(query, key, normalizer=normalizer, return_lse=return_lse, sinks=sinks, bias_factors=bias_factors,
                  sigmoid_bias=sigmoid_bias)
