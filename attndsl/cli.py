@@ -142,7 +142,12 @@ def evaluate_expr(module, expr: str):
             if kw.arg is None:
                 raise CLIError(f"{expr!r}: **kwargs are not allowed")
             kwargs[kw.arg] = _literal(kw.value, expr)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # the user's factory: its own message, without our traceback
+            raise CLIError(f"{expr!r} raised {type(e).__name__}: {e} (arguments on the command line are "
+                           "Python literals; a factory that needs a tensor must be wrapped in a function "
+                           "of its own file)") from None
     return _resolve_name(tree, module, expr)
 
 
@@ -303,6 +308,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_tilemap(ns)
     except CLIError as e:
         print(f"attndsl: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from attndsl.dsl.errors import PatternError
+        if not isinstance(e, PatternError):
+            raise
+        print(f"attndsl: error: {e}", file=sys.stderr)  # names the pattern's file and line
         return 2
     parser.error(f"unknown command {ns.command!r}")
     return 2

@@ -463,6 +463,28 @@ def test_loader_missing_file_and_default(tmp_path, pattern_file):
     assert str(tmp_path) not in sys.path  # sys.path restored after the import
 
 
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    """A factory that raises, and a pattern the tracer rejects: one 'attndsl: error:' line (the
+    tracer's names the pattern's file and line), exit code 2, no traceback."""
+    f = tmp_path / "bad_patterns.py"
+    f.write_text(textwrap.dedent("""
+        import torch
+
+        def needs_tensor(slopes):
+            return slopes.dim()
+
+        def sine(b, h, q_idx, kv_idx):
+            return torch.sin(q_idx.float()) > 0
+    """))
+    assert cli.main(["show", f"{f}:needs_tensor(3)"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attndsl: error: 'needs_tensor(3)' raised AttributeError") and "literals" in err
+    assert "Traceback" not in err
+    assert cli.main(["show", f"{f}:sine"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attndsl: error: {f}:8: 'torch.sin' is not supported") and "Traceback" not in err
+
+
 def test_show_calls_compile_and_explain(pattern_file, monkeypatch, capsys):
     import types
     calls = {}

@@ -179,7 +179,7 @@ def test_mask_returning_float():
 def test_mask_returning_int():
     e = both_entry_points(*GOOD, mask_mod=int_mask)
     assert isinstance(e, attndsl.PatternError)
-    assert "mask_mod returned a int" in str(e) and "boolean" in str(e) and THIS_FILE in str(e)
+    assert "mask_mod returned an int" in str(e) and "boolean" in str(e) and THIS_FILE in str(e)
 
 
 def test_score_mod_returning_bool():
@@ -196,3 +196,73 @@ def test_pattern_not_callable():
 def test_visit_counts_validates_too():
     with pytest.raises(ValueError, match="multiple"):
         attndsl.compile(mask_mod=causal).visit_counts(t(1, 3, 8, 32), t(1, 2, 8, 32), t(1, 2, 8, 32))
+
+
+# -------------------------------------------------------------------------------------------
+# captured-tensor indices out of range (the kernels would clamp them: silently wrong values)
+def _index_error(q, k, v, **kw):
+    errs = []
+    for call in (lambda: attndsl.attention(q, k, v, **kw), lambda: attndsl.compile(**kw)(q, k, v)):
+        with pytest.raises(IndexError) as ei:
+            call()
+        errs.append(str(ei.value))
+    assert errs[0] == errs[1]
+    return errs[0]
+
+
+def test_table_too_short_for_the_relative_distance():
+    L = 8
+    table = torch.zeros(2, L)  # a relative table needs 2L - 1 entries
+
+    def rel(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + L - 1]
+
+    e = _index_error(t(1, 2, L, 32), t(1, 2, L, 32), t(1, 2, L, 32), score_mod=rel)
+    assert "captured tensor #0 (shape (2, 8))" in e and "dimension 1" in e and "`((q - kv) + 7)`" in e
+    assert "is 8 at q_idx=1, kv_idx=0" in e and "valid: 0..7" in e and "Lq=8, Lkv=8" in e and "clamp" in e
+
+
+def test_document_ids_shorter_than_the_keys():
+    ids = torch.zeros(8, dtype=torch.int32)
+
+    def doc(b, h, q_idx, kv_idx):
+        return ids[q_idx] == ids[kv_idx]
+
+    e = _index_error(t(1, 2, 8, 32), t(1, 2, 12, 32), t(1, 2, 12, 32), mask_mod=doc)
+    assert "`kv`" in e and "is 8 at kv_idx=8" in e and "valid: 0..7" in e
+
+
+def test_per_head_table_with_fewer_heads_than_the_query():
+    slopes = torch.ones(2)
+
+    def per_head(score, b, h, q_idx, kv_idx):
+        return score * slopes[h]
+
+    e = _index_error(t(1, 4, 8, 32), t(1, 2, 8, 32), t(1, 2, 8, 32), score_mod=per_head)
+    assert "`h`" in e and "is 2 at h=2" in e and "Hq=4" in e
+
+
+def test_index_read_from_captured_values_out_of_range():
+    bucket = torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])  # 9: past the 8-entry table
+    table = torch.zeros(8)
+
+    def bucketed(score, b, h, q_idx, kv_idx):
+        return score + table[bucket[q_idx]]
+
+    e = _index_error(*GOOD, score_mod=bucketed)
+    assert "`buf0[q]`" in e and "is 9 at q_idx=7" in e and "valid: 0..7" in e
+
+
+def test_index_checks_follow_the_call_shape():
+    """Decided per call shape: the same compiled pattern fits one length and not a longer one."""
+    L = 8
+    table = torch.zeros(2 * L - 1)
+
+    def rel(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx + L - 1]
+
+    attn = attndsl.compile(score_mod=rel)
+    attn.index_check(attn.tensors, (1, 2, L, L), torch.device("cpu"))  # fits
+    attn.index_check(attn.tensors, (1, 2, 3, L), torch.device("cpu"))  # fits
+    with pytest.raises(IndexError, match="is 15 at q_idx=8, kv_idx=0"):
+        attn(t(1, 2, L + 1, 32), t(1, 2, L, 32), t(1, 2, L, 32))
