@@ -246,6 +246,36 @@ def test_assert_matches_reference_accepts_exact_and_rejects_wrong_results():
         assert_matches_reference(wrong_grad, q, k, v, mask_mod=late)
 
 
+def test_assert_matches_reference_in_the_readme_form_with_learnable_and_issue6_tensors():
+    """``assert_matches_reference(q, k, v, ...)`` tests attndsl.attention; the gradients of sinks,
+    low-rank factors and learnable captured tensors are compared too, and a wrong one is caught."""
+    q, k, v = random_qkv(Shape(1, 2, 1, 17, 23, 16), torch.float32, seed=1)
+    slopes = torch.tensor([0.25, -0.5], requires_grad=True)
+
+    def learnable_alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    sinks = torch.tensor([0.3, -1.2])
+    u, w = torch.randn(1, 2, 17, 4), torch.randn(1, 1, 23, 4)
+    errs = assert_matches_reference(q, k, v, mask_mod=P.causal, score_mod=learnable_alibi, sinks=sinks,
+                                    bias_factors=(u, w), seed=2)
+    assert set(errs) == {"out", "lse", "dq", "dk", "dv", "dsinks", "du", "dw", "dcaptured0"}
+    assert max(errs.values()) < 1e-5 and slopes.grad is None
+    errs = assert_matches_reference(attndsl.compile(mask_mod=P.causal, normalizer="sigmoid"), q, k, v,
+                                    sigmoid_bias=-1.5)
+    assert set(errs) == {"out", "dq", "dk", "dv"}
+
+    doubled = 2 * slopes - slopes.detach()  # the slopes' values, twice their gradient
+
+    def slope_gradient_off(q_, k_, v_, *, mask_mod, score_mod, scale, **kw):
+        o, lse = attndsl.reference.attention(q_, k_, v_, mask_mod=mask_mod, scale=scale,
+                                             score_mod=lambda s, b, h, qi, ki: s - doubled[h] * (qi - ki).abs())
+        return o.to(q_.dtype), lse.float()
+
+    with pytest.raises(Mismatch, match="dcaptured0: "):
+        assert_matches_reference(slope_gradient_off, q, k, v, mask_mod=P.causal, score_mod=learnable_alibi)
+
+
 # ---------------------------------------------------------------------------------------------
 # the oracle against PyTorch's FlexAttention (eager, CPU)
 

@@ -94,27 +94,35 @@ def _compare(what: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol
     return worst / scale if scale > 0 else worst
 
 
-def assert_matches_reference(fn_or_compiled: Optional[Callable], q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, *, mask_mod=None, score_mod=None, scale=None,
+def assert_matches_reference(fn_or_compiled, q: torch.Tensor, k: torch.Tensor,
+                             v: Optional[torch.Tensor] = None, *, mask_mod=None, score_mod=None, scale=None,
+                             normalizer: Optional[str] = None, sigmoid_bias=None, sinks=None, bias_factors=None,
                              grads: bool = True, lse_grad: bool = True, atol: Optional[float] = None,
                              rtol: Optional[float] = None, lse_rtol: Optional[float] = None,
                              seed: Optional[int] = None,
                              msg: str = "") -> dict:
     """Check an attention implementation against :func:`attndsl.reference.attention` (float64).
 
-    ``fn_or_compiled`` is what is tested:
+    Called as ``assert_matches_reference(q, k, v, mask_mod=..., ...)`` it tests
+    :func:`attndsl.attention`; ``assert_matches_reference(fn_or_compiled, q, k, v, ...)`` tests:
 
     * an :class:`attndsl.CompiledAttention` (from :func:`attndsl.compile`): called as
-      ``fn(q, k, v, scale=scale, return_lse=True)``; its own ``mask_mod``/``score_mod`` are used
-      for the reference unless others are passed;
+      ``fn(q, k, v, scale=scale, return_lse=True, ...)``; its own ``mask_mod``/``score_mod`` and
+      normaliser are used for the reference unless others are passed;
     * ``None`` or :func:`attndsl.attention`, or any callable with its signature
       ``fn(q, k, v, mask_mod=..., score_mod=..., scale=..., return_lse=True)`` returning
       ``(out, lse)`` (or only ``out``: then the logsumexp is not checked).
 
+    ``normalizer``, ``sigmoid_bias``, ``sinks`` and ``bias_factors`` are passed on (keywords
+    left at None are not passed, so any attention function works). Sigmoid has no logsumexp.
+
     Compared: the output; the logsumexp (finite entries numerically, and the ``-inf`` entries —
     rows whose every key is masked — must be exactly ``-inf`` in both); with ``grads`` the
-    gradients ``dq, dk, dv`` for a fresh random ``dout`` (and, with ``lse_grad``, a random
-    ``dlse`` on the rows that are not fully masked). ``q, k, v`` are not modified; their
+    gradients for a fresh random ``dout`` (and, with ``lse_grad``, a random ``dlse`` on the rows
+    that are not fully masked) of ``q, k, v``, of ``sinks`` and the two ``bias_factors``, and of
+    every captured tensor of the pattern that requires grad (``"dcaptured0"``, ... in capture
+    order; a learnable ALiBi slope, a T5 table, a pair bias). ``q, k, v`` and the keyword
+    tensors are not modified, nor are the ``.grad`` of captured tensors; their
     ``requires_grad`` does not matter.
 
     An element passes when ``|ours - ref| <= atol + rtol * max|ref|`` (per compared tensor);
@@ -129,14 +137,25 @@ def assert_matches_reference(fn_or_compiled: Optional[Callable], q: torch.Tensor
     """
     import attndsl
     from attndsl.api import CompiledAttention
+    from attndsl.dsl import trace
 
+    if isinstance(fn_or_compiled, torch.Tensor):  # the (q, k, v) form: attndsl.attention
+        if v is not None:
+            raise TypeError("assert_matches_reference(q, k, v, ...) or (fn_or_compiled, q, k, v, ...): "
+                            "got four tensors")
+        fn_or_compiled, q, k, v = None, fn_or_compiled, q, k
+    elif v is None:
+        raise TypeError("assert_matches_reference needs q, k and v")
     fn = fn_or_compiled if fn_or_compiled is not None else attndsl.attention
     compiled = isinstance(fn, CompiledAttention)
     if compiled:
         ref_mask = mask_mod if (mask_mod is not None or score_mod is not None) else fn.mask_mod
         ref_score = score_mod if (mask_mod is not None or score_mod is not None) else fn.score_mod
+        normalizer = fn.spec.normalizer if normalizer is None else normalizer
     else:
         ref_mask, ref_score = mask_mod, score_mod
+    normalizer = normalizer or "softmax"
+    softmax = normalizer == "softmax"
     dtype = q.dtype
     rtol_given = rtol
     rtol = default_tolerance(dtype) if rtol is None else float(rtol)
@@ -144,29 +163,45 @@ def assert_matches_reference(fn_or_compiled: Optional[Callable], q: torch.Tensor
     if lse_rtol is None:
         lse_rtol = LSE_TOLERANCE if rtol_given is None else rtol
 
-    context = (f"pattern: mask_mod={_name(ref_mask)}, score_mod={_name(ref_score)}\n"
+    context = (f"pattern: mask_mod={_name(ref_mask)}, score_mod={_name(ref_score)}, normalizer={normalizer}\n"
                f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, dtype {dtype}, "
                f"device {q.device}, scale {scale}")
+    if sinks is not None:
+        context += ", with sinks"
+    if bias_factors is not None:
+        context += f", low-rank bias R={bias_factors[0].shape[-1]}"
     if compiled:
         tiles = getattr(fn, "_tiles", None)
         context += f", compiled with block_m/block_n={tiles}"
     if msg:
         context += f"\n{msg}"
 
-    qo, ko, vo = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    def leaf(t, dt=None):
+        return None if t is None else t.detach().to(dt or t.dtype).clone().requires_grad_(grads)
+
+    # the tensors that get gradients: ours in their own dtype, the reference's in float64
+    ours_in = [leaf(t) for t in (q, k, v, sinks, *(bias_factors or (None, None)))]
+    ref_in = [leaf(t, torch.float64) for t in (q, k, v, sinks, *(bias_factors or (None, None)))]
+    extra = {"sigmoid_bias": sigmoid_bias, "sinks": ours_in[3],
+             "bias_factors": None if bias_factors is None else (ours_in[4], ours_in[5])}
+    extra = {name: x for name, x in extra.items() if x is not None}
     if compiled:
-        res = fn(qo, ko, vo, scale=scale, return_lse=True)
+        res = fn(ours_in[0], ours_in[1], ours_in[2], scale=scale, return_lse=softmax, **extra)
     else:
-        res = fn(qo, ko, vo, mask_mod=mask_mod, score_mod=score_mod, scale=scale, return_lse=True)
+        if normalizer != "softmax":
+            extra["normalizer"] = normalizer
+        res = fn(ours_in[0], ours_in[1], ours_in[2], mask_mod=mask_mod, score_mod=score_mod, scale=scale,
+                 return_lse=softmax, **extra)
     out, lse = (res if isinstance(res, (tuple, list)) else (res, None))
 
-    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_(grads) for t in (q, k, v))
-    ref_out, ref_lse = attndsl.reference.attention(q64, k64, v64, mask_mod=ref_mask, score_mod=ref_score,
-                                                   scale=scale)
+    ref_out, ref_lse = attndsl.reference.attention(
+        ref_in[0], ref_in[1], ref_in[2], mask_mod=ref_mask, score_mod=ref_score, scale=scale,
+        normalizer=normalizer, sigmoid_bias=sigmoid_bias, sinks=ref_in[3],
+        bias_factors=None if bias_factors is None else (ref_in[4], ref_in[5]))
 
     errors = {"out": _compare("output", out, ref_out, rtol, atol, context)}
-    dead = torch.isneginf(ref_lse)
-    if lse is not None:
+    dead = torch.isneginf(ref_lse) if ref_lse is not None else torch.zeros(out.shape[:-1], dtype=torch.bool)
+    if lse is not None and ref_lse is not None:
         lse_d = lse.detach()
         if lse_d.shape != ref_lse.shape:
             raise Mismatch(f"lse: shape {tuple(lse_d.shape)}, reference {tuple(ref_lse.shape)}\n{context}")
@@ -192,10 +227,19 @@ def assert_matches_reference(fn_or_compiled: Optional[Callable], q: torch.Tensor
             ours_t.append(lse)
             ours_g.append(dlse.to(lse.dtype))
             ref_loss = ref_loss + (torch.where(dead, 0.0, ref_lse) * dlse.to(torch.float64)).sum()
-        torch.autograd.backward(ours_t, ours_g)
-        ref_loss.backward()
-        for name, ours_t_, ref_t in (("dq", qo, q64), ("dk", ko, k64), ("dv", vo, v64)):
-            if ours_t_.grad is None:
+        # learnable captured tensors: the same tensor feeds both, so take each side's gradient apart
+        captured = [t for t in trace(ref_mask, ref_score).tensors if t.requires_grad]
+        names = ["dq", "dk", "dv", "dsinks", "du", "dw"] + [f"dcaptured{i}" for i in range(len(captured))]
+        ours_wrt = [x for x in ours_in if x is not None] + captured
+        ref_wrt = [x for x in ref_in if x is not None] + captured
+        names = [n for n, x in zip(names, ours_in + captured) if x is not None]
+        got = torch.autograd.grad(ours_t, ours_wrt, ours_g, allow_unused=True)
+        want = torch.autograd.grad(ref_loss, ref_wrt, allow_unused=True)
+        for name, x, a, b in zip(names, ours_wrt, got, want):
+            if a is None and name in ("dq", "dk", "dv"):
                 raise Mismatch(f"{name}: no gradient was produced\n{context}")
-            errors[name] = _compare(name, ours_t_.grad, ref_t.grad, rtol, atol, context)
+            zero = torch.zeros(x.shape, dtype=torch.float64)
+            a = zero if a is None else a
+            b = zero if b is None else b
+            errors[name] = _compare(name, a, b, rtol, atol, context)
     return errors
