@@ -50,7 +50,7 @@ class CompiledAttention:
         if r is None:
             module = cache.load(self.spec, interpret)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
-            cfg = choose(q.shape[-1], interpret, *tiles)
+            cfg = choose(q.shape[-1], interpret, *tiles, element_size=q.element_size())
             if self.spec.tiles:  # ... per kernel
                 cfg = Configs(cfg.fwd, replace(cfg.dkdv, block_m=self.spec.bwd_tiles[0], block_n=self.spec.bwd_tiles[1]),
                               replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))

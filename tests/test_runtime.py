@@ -637,6 +637,13 @@ def test_forward_tiles_follow_the_grid_size():
     assert choose(128, interpret=False, block_m=128).fwd_wide is None
     assert choose(128, interpret=True).fwd_wide is None
     assert choose(256, interpret=False).fwd_wide is None
+    # head dims over 128: 128x64 forward tiles for 16-bit inputs; float32 starts from tiles that fit
+    wide_d = choose(256, interpret=False)
+    assert (wide_d.fwd.block_m, wide_d.fwd.block_n, wide_d.fwd.tma) == (128, 64, True)
+    assert (wide_d.dkdv.block_m, wide_d.dkdv.block_n, wide_d.dq.block_m, wide_d.dq.block_n) == (64, 64, 128, 64)
+    f32 = choose(256, interpret=False, element_size=4)
+    assert (f32.fwd.block_m, f32.fwd.block_n, f32.dkdv.block_n, f32.dq.block_m) == (64, 32, 32, 32)
+    assert choose(128, interpret=False, element_size=4) == choose(128, interpret=False)
     assert choose(64, interpret=False).fwd_wide is None
     # ... and for patterns with neither mask nor score modifier only; block tables keep one configuration
     assert for_pattern(cfg, False, False, False) == cfg

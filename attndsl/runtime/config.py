@@ -94,8 +94,10 @@ def block_d(head_dim: int) -> int:
 
 
 def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None) -> Configs:
-    """Heuristic tiles. On the interpreter small tiles keep CPU tests fast and multi-tile."""
+           num_warps: int | None = None, num_stages: int | None = None, element_size: int = 2) -> Configs:
+    """Heuristic tiles. On the interpreter small tiles keep CPU tests fast and multi-tile.
+    ``element_size``: bytes per input element; float32 tiles at head dims over 128 start small, as
+    the 16-bit ones would overflow shared memory and fall back one compile at a time."""
     if interpret:
         # TMA through the interpreter too, so the CPU suite runs that path (tests cover the other)
         bm, bn = block_m or 32, block_n or 32
@@ -113,7 +115,13 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
         # measured at D=128 only (BENCHMARKS.md); smaller head dims keep 128-row tiles
         wide = TileConfig(256, 64, 8, 3, tma=True) if d == 128 else None
     else:
-        fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
+        # head dims 129-256 (tiles 256 wide), measured on an H100 at D=256 (bf16, L=16384; BENCHMARKS.md):
+        # forward 128x64 with 8 warps and K/V through TMA, dK/dV over 64 keys x 64 queries, dQ over
+        # 128 queries x 64 keys took 8.1 / 57 ms (dense, fwd / fwd+bwd) where 64x32 with 4 warps and
+        # 32x32 backward tiles took 10.8 / 128
+        fwd, dkdv, dq = TileConfig(128, 64, 8, 2, tma=True), TileConfig(64, 64, 8, 2), TileConfig(128, 64, 8, 2)
+        if element_size > 2:
+            fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
     if block_m or block_n or num_warps or num_stages:
         small = wide = None  # the caller's tiles hold for every call
         fwd = replace(fwd, block_m=block_m or fwd.block_m, block_n=block_n or fwd.block_n,
