@@ -99,6 +99,7 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
 
 
 _DENSE_CHUNK = 1 << 24  # index values evaluated at once when an interval cannot decide
+_MAX_DECIDED = 4096  # call shapes remembered as checked (a stream of new lengths starts over)
 
 
 class IndexRangeCheck:
@@ -114,9 +115,9 @@ class IndexRangeCheck:
     def __init__(self, roots):
         from ..passes.index_range import index_bounds
         self.bounds = index_bounds(roots)
-        self.static = tuple(b for b in self.bounds if not b.values and not _reads_values(b))
-        self.dynamic = tuple(b for b in self.bounds if b not in self.static)
-        self.decided: set = set()
+        self.static = tuple(b for b in self.bounds if not _reads_values(b))
+        self.dynamic = tuple(b for b in self.bounds if _reads_values(b))
+        self.decided: set = set()  # call shapes (with the captured tensors' shapes) already checked
 
     def __call__(self, tensors, shape, device):
         if not self.bounds:
@@ -125,6 +126,8 @@ class IndexRangeCheck:
         if key not in self.decided:
             for b in self.static:
                 _check_bound(b, tensors, shape, device, {})
+            if len(self.decided) >= _MAX_DECIDED:
+                self.decided.clear()
             self.decided.add(key)
         if self.dynamic and _checks_on():
             extremes = _value_extremes(self.dynamic, tensors)
