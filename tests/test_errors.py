@@ -266,3 +266,38 @@ def test_index_checks_follow_the_call_shape():
     attn.index_check(attn.tensors, (1, 2, 3, L), torch.device("cpu"))  # fits
     with pytest.raises(IndexError, match="is 15 at q_idx=8, kv_idx=0"):
         attn(t(1, 2, L + 1, 32), t(1, 2, L, 32), t(1, 2, L, 32))
+
+
+def test_shipped_relative_patterns_are_proven_in_range_by_intervals(monkeypatch):
+    """T5 buckets (``where(dist < max_exact, dist, log bucket)``), clipped distances and per-head
+    slopes are decided from their intervals at L=16384, with no dense evaluation."""
+    from attndsl.runtime import checks
+    from patterns import alibi, relative_position_bias, t5_bucket_bias
+
+    def no_dense(*a):
+        raise AssertionError("evaluated densely")
+
+    monkeypatch.setattr(checks, "_check_densely", no_dense)
+    for score_mod in (t5_bucket_bias(t(16, 32), 32, 128), t5_bucket_bias(t(16, 32), 32, 128, bidirectional=False),
+                      relative_position_bias(t(16, 129), 64), alibi(t(16))):
+        attn = attndsl.compile(score_mod=score_mod)
+        attn.index_check(attn.tensors, (2, 16, 16384, 12000), torch.device("cpu"))
+
+
+def test_diagonal_index_is_evaluated_over_distances():
+    """An index of q - kv alone whose interval is loose (a square) is evaluated over the
+    Lq + Lkv - 1 distances, not the Lq * Lkv pairs, and its first failing pair is reported."""
+    import time
+    L = 16384
+    table = torch.zeros(L * L // 4)
+
+    def squared(score, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return score + table[d * d]
+
+    attn = attndsl.compile(score_mod=squared)
+    assert attn.index_check.bounds[0].on_dist is not None
+    start = time.perf_counter()
+    with pytest.raises(IndexError, match=f"is {(L - 1) ** 2} at q_idx=0, kv_idx={L - 1}"):
+        attn.index_check(attn.tensors, (1, 2, L, L), torch.device("cpu"))
+    assert time.perf_counter() - start < 5.0

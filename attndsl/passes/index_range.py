@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ir
-from ..ir import Node, const
+from ..ir import Node, const, node
 from ..ir.graph import free_vars, substitute, topo_order
 from ..ir.printer import expr_str
 from .bounds import IntervalAnalysis
+from .diagonal import DIST
 
 LAST = {v: f"{v}_last" for v in ir.INDEX_VARS}  # b_last = B - 1, h_last = Hq - 1, ...
 
@@ -42,6 +43,9 @@ class IndexBound:
     hi: Node | None
     values: tuple = ()  # (slot, variable name) per captured value the index reads
     text: str = ""
+    #: the index over ``dist = q - kv`` when it reads along diagonals (a relative-position table):
+    #: evaluating it densely then takes Lq + Lkv - 1 distances, not Lq * Lkv pairs
+    on_dist: Node | None = None
 
 
 def index_bounds(roots) -> tuple[IndexBound, ...]:
@@ -64,9 +68,77 @@ def index_bounds(roots) -> tuple[IndexBound, ...]:
                 values.append((m.attr[0], name))
                 mapping[m] = ir.var(name, m.dtype)
                 env[name] = (ir.var(f"{name}_min", m.dtype), ir.var(f"{name}_max", m.dtype))
-            lo, hi = IntervalAnalysis(env)(substitute(a, mapping) if mapping else a)
-            out.append(IndexBound(slot, d, a, lo, hi, tuple(values), expr_str(a)))
+            lo, hi = _BranchIntervals(env)(substitute(a, mapping) if mapping else a)
+            out.append(IndexBound(slot, d, a, lo, hi, tuple(values), expr_str(a), _on_dist(a)))
     return tuple(out)
+
+
+class _BranchIntervals(IntervalAnalysis):
+    """Intervals that also use what a ``where`` tests: in ``where(e < K, e, y)`` the first branch
+    lies below K (T5 buckets: ``where(dist < max_exact, dist, log-spaced bucket)``). Kept to this
+    pass, so the tile classifications built on :class:`IntervalAnalysis` do not change."""
+
+    def _num(self, n: Node):
+        if n.op != "where" or self.exact(n):
+            return super()._num(n)
+        cond, x_node, y_node = n.args
+        c = self(cond)
+        x, y = _narrow(self, cond, x_node, True), _narrow(self, cond, y_node, False)
+        if None in x or None in y:
+            return (_pick_min(x[0], y[0]), _pick_max(x[1], y[1]))
+        return (node("where", c[0], x[0], node("where", node("not", c[1]), y[0], node("minimum", x[0], y[0]))),
+                node("where", c[0], x[1], node("where", node("not", c[1]), y[1], node("maximum", x[1], y[1]))))
+
+
+_FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+_NEGATE = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt"}
+
+
+def _narrow(ia, cond: Node, val: Node, taken: bool):
+    """The interval of ``val`` where ``cond`` is ``taken``: clipped when cond compares val itself
+    with something (``where(d < K, d, ...)``), or when val is the difference of what cond compares
+    (``where(q > kv, q - kv, 0)``)."""
+    lo, hi = ia(val)
+    if cond.op not in _FLIP:
+        return (lo, hi)
+    op = cond.op if taken else _NEGATE[cond.op]
+    a, b = cond.args
+    zero = const(0, val.dtype)
+    if a is val:
+        other = b
+    elif b is val:
+        other, op = a, _FLIP[op]
+    elif val.op == "sub" and val.args == (a, b):  # a OP b is a - b OP 0
+        other = zero
+    elif val.op == "sub" and val.args == (b, a):
+        other, op = zero, _FLIP[op]
+    else:
+        return (lo, hi)
+    olo, ohi = ia(other)
+    step = const(1, val.dtype) if val.dtype == ir.INT and op in ("lt", "gt") else None
+    if op in ("lt", "le") and ohi is not None:
+        cap = node("sub", ohi, step) if step is not None else ohi
+        hi = cap if hi is None else node("minimum", hi, cap)
+    if op in ("gt", "ge") and olo is not None:
+        cap = node("add", olo, step) if step is not None else olo
+        lo = cap if lo is None else node("maximum", lo, cap)
+    return (lo, hi)
+
+
+def _pick_min(a, b):
+    return None if a is None or b is None else node("minimum", a, b)
+
+
+def _pick_max(a, b):
+    return None if a is None or b is None else node("maximum", a, b)
+
+
+def _on_dist(index: Node) -> Node | None:
+    from .diagonal import diagonal_index
+
+    probe = ir.load(ir.Buffer(0, ir.INT, 1, "int64"), (index,))  # diagonal_index reads a load's indices
+    on = diagonal_index(probe)
+    return on[0] if on is not None else None
 
 
 def _outer_loads(n: Node) -> list[Node]:
@@ -85,6 +157,7 @@ def _outer_loads(n: Node) -> list[Node]:
 
 
 def index_vars(bound: IndexBound) -> list[str]:
-    """The index variables the index depends on, in the order b, h, q, kv."""
-    fv = free_vars(bound.index)
-    return [v for v in ir.INDEX_VARS if v in fv]
+    """The variables a dense evaluation runs over, in the order b, h, q, kv (or b, h, dist for an
+    index read along diagonals: see ``on_dist``)."""
+    fv = free_vars(bound.on_dist if bound.on_dist is not None else bound.index)
+    return [v for v in (*ir.INDEX_VARS, DIST) if v in fv]

@@ -181,36 +181,42 @@ def _check_bound(b, tensors, shape, device, extremes):
 
 
 def _check_densely(b, tensors, shape, device, size):
-    """Evaluates the index over every value of the variables it depends on, a chunk at a time."""
+    """Evaluates the index over every value of the variables it depends on, a chunk at a time
+    (over the distances q - kv when it reads along diagonals)."""
     from ..ir.evaluate import evaluate
     from ..passes.index_range import index_vars
-    names = index_vars(b)
-    extent = dict(zip(("b", "h", "q", "kv"), shape))
-    if any(extent[v] == 0 for v in names):
+    B, Hq, Lq, Lkv = shape
+    if Lq == 0 or Lkv == 0 or B == 0 or Hq == 0:
         return
+    index = b.on_dist if b.on_dist is not None else b.index
+    names = index_vars(b)
+    span = {"b": (0, B), "h": (0, Hq), "q": (0, Lq), "kv": (0, Lkv), "dist": (1 - Lkv, Lq)}
     first = names[0] if names else None
     rest = 1
     for v in names[1:]:
-        rest *= extent[v]
-    step = max(1, _DENSE_CHUNK // max(rest, 1))
-    n_first = extent[first] if first else 1
-    for start in range(0, n_first, step):
+        rest *= span[v][1] - span[v][0]
+    step = max(1, _DENSE_CHUNK // rest)
+    f_lo, f_hi = span[first] if first else (0, 1)
+    for start in range(f_lo, f_hi, step):
         env = {}
         for i, v in enumerate(names):
-            lo_v, hi_v = (start, min(n_first, start + step)) if v == first else (0, extent[v])
+            lo_v, hi_v = (start, min(f_hi, start + step)) if v == first else span[v]
             view = [1] * len(names)
             view[i] = hi_v - lo_v
             env[v] = torch.arange(lo_v, hi_v, device=device).view(view)
-        (idx,) = evaluate([b.index], env, tensors, device=device)
+        (idx,) = evaluate([index], env, tensors, device=device)
         bad = (idx < 0) | (idx >= size)
         if bool(bad.any()):
             pos = [int(x) for x in bad.nonzero()[0]] if bad.dim() else []
-            where = {v: p + (start if v == first else 0) for v, p in zip(names, pos)}
-            at = ", ".join(f"{'q_idx' if v == 'q' else 'kv_idx' if v == 'kv' else v}={where[v]}" for v in names)
+            at = {v: p + (start if v == first else span[v][0]) for v, p in zip(names, pos)}
+            if "dist" in at:  # the first pair on that diagonal
+                d = at.pop("dist")
+                at["q_idx"], at["kv_idx"] = max(d, 0), max(-d, 0)
+            where = ", ".join(f"{'q_idx' if v == 'q' else 'kv_idx' if v == 'kv' else v}={x}" for v, x in at.items())
             value = int(idx[tuple(pos)]) if pos else int(idx)
-            B, Hq, Lq, Lkv = shape
             raise IndexError(
                 f"the pattern reads captured tensor #{b.slot} (shape {tuple(tensors[b.slot].shape)}) out of range in "
-                f"dimension {b.dim}: its index `{b.text}` is {value}{' at ' + at if at else ''} (valid: 0..{size - 1}) "
-                f"for this call (B={B}, Hq={Hq}, Lq={Lq}, Lkv={Lkv}). The kernels would clamp it and compute wrong "
-                "values; size the tensor for every (b, h, q_idx, kv_idx) of the call, or clamp the index in the pattern")
+                f"dimension {b.dim}: its index `{b.text}` is {value}{' at ' + where if where else ''} "
+                f"(valid: 0..{size - 1}) for this call (B={B}, Hq={Hq}, Lq={Lq}, Lkv={Lkv}). The kernels would "
+                "clamp it and compute wrong values; size the tensor for every (b, h, q_idx, kv_idx) of the call, or "
+                "clamp the index in the pattern")
