@@ -1,6 +1,7 @@
 """Public entry points: ``attndsl.attention`` and ``attndsl.compile``."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
@@ -12,7 +13,7 @@ from .runtime import cache
 from .runtime.autograd import AttentionFunction
 import math
 
-from .runtime.checks import IndexRangeCheck, check_captured, check_extras, check_inputs
+from .runtime.checks import check_captured, check_extras, check_inputs, index_check_for
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 
@@ -36,9 +37,21 @@ class CompiledAttention:
         self._tiles = (block_m, block_n, num_warps, num_stages)
         self._runners: dict = {}
         # captured-tensor indices must stay inside their tensors for every call (kernels clamp them)
-        self.index_check = IndexRangeCheck([self.spec.mask, self.spec.score])
+        self.index_check = index_check_for(self.spec)
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
+
+    def __deepcopy__(self, memo):
+        """A copy that reads the copies of its captured tensors (``copy.deepcopy`` of a model copies
+        its parameters first, so a learnable slope or table stays the copied model's own); its
+        kernels are loaded again from the source cache on first use."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.tensors = [copy.deepcopy(t, memo) for t in self.tensors]
+        new._runners = {}
+        new.__dict__.pop("_block_variants", None)
+        new.__dict__.pop("_gather_runners", None)
+        return new
 
     # -- kernels ---------------------------------------------------------------------------
     def runner(self, q: torch.Tensor) -> Runner:
@@ -76,6 +89,9 @@ class CompiledAttention:
         r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
         return tables
 
+    # torch.compile runs the call as it is (a graph break): the tracer, the checks and the Triton
+    # launches are host code that dynamo cannot and need not trace
+    @torch.compiler.disable
     def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None,
                  sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
         if indices is not None or blocks is not None:
@@ -162,6 +178,7 @@ def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None
                              num_warps=num_warps, num_stages=num_stages, deterministic=deterministic)
 
 
+@torch.compiler.disable
 def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
               normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None,
               check_indices=None, deterministic=False):

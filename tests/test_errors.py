@@ -262,6 +262,7 @@ def test_index_checks_follow_the_call_shape():
         return score + table[q_idx - kv_idx + L - 1]
 
     attn = attndsl.compile(score_mod=rel)
+    assert attndsl.compile(score_mod=rel).index_check is attn.index_check  # one per pattern (IR)
     attn.index_check(attn.tensors, (1, 2, L, L), torch.device("cpu"))  # fits
     attn.index_check(attn.tensors, (1, 2, 3, L), torch.device("cpu"))  # fits
     with pytest.raises(IndexError, match="is 15 at q_idx=8, kv_idx=0"):

@@ -558,6 +558,59 @@ def test_index_checks_decide_loose_intervals_densely_and_reread_captured_values(
     attn(q, k, v)  # unchecked: the kernel clamps, as documented
 
 
+class _AlibiBlock(torch.nn.Module):
+    """A model that owns a learnable per-head slope its compiled pattern captures."""
+
+    def __init__(self, H=2, D=16):
+        super().__init__()
+        self.proj = torch.nn.Linear(H * D, 3 * H * D)
+        self.H, self.D = H, D
+        self.slopes = torch.nn.Parameter(torch.tensor([0.25, -0.5][:H]))
+        slopes = self.slopes
+        self.attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK,
+                                    score_mod=lambda s, b, h, qi, ki: s - slopes[h] * (qi - ki))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.proj(x).view(B, L, 3, self.H, self.D).permute(2, 0, 3, 1, 4)
+        return self.attn(q, k, v).transpose(1, 2).reshape(B, L, -1)
+
+
+def test_deepcopy_of_a_model_reads_its_own_learnable_tensors():
+    import copy
+    torch.manual_seed(0)
+    model, x = _AlibiBlock(), rand(1, 37, 32, seed=11)
+    first = model(x)  # the model holds loaded kernels when it is copied
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), first, rtol=0, atol=0)
+    assert twin.attn.tensors[0] is twin.slopes and model.attn.tensors[0] is model.slopes
+    twin(x).sum().backward()
+    assert twin.slopes.grad is not None and model.slopes.grad is None
+    before = model(x)
+    with torch.no_grad():
+        twin.slopes.mul_(3.0)
+    assert not torch.equal(twin(x), before)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_torch_compile_runs_the_call_with_a_graph_break():
+    """A model compiled with torch.compile calls the kernels eagerly inside the graph; outputs and
+    gradients (the learnable slopes' too) are the eager ones."""
+    import torch._dynamo
+    torch.manual_seed(0)
+    model, x = _AlibiBlock(), rand(1, 37, 32, seed=12)
+    want = model(x)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager")(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip((p.grad for p in model.parameters()), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_one_shot_matches_compile():
     q, k, v = qkv(1, 2, 2, 33, 33, 32)
     a = attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)

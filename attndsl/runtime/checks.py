@@ -135,6 +135,21 @@ class IndexRangeCheck:
                 _check_bound(b, tensors, shape, device, extremes)
 
 
+_CHECKS_BY_PATTERN: dict = {}
+
+
+def index_check_for(spec) -> IndexRangeCheck:
+    """The index check of a pattern, shared by every compile of the same IR (``attndsl.attention``
+    compiles on every call): its bounds depend on the IR alone, and the call shapes it has
+    decided hold for any captured tensors of those shapes."""
+    check = _CHECKS_BY_PATTERN.get(spec.key)
+    if check is None:
+        if len(_CHECKS_BY_PATTERN) >= _MAX_DECIDED:
+            _CHECKS_BY_PATTERN.clear()
+        check = _CHECKS_BY_PATTERN[spec.key] = IndexRangeCheck([spec.mask, spec.score])
+    return check
+
+
 def _reads_values(b) -> bool:
     from ..ir.graph import topo_order
     return any(n.op == "load" for n in topo_order([b.index]))

@@ -82,6 +82,7 @@ class LightningIndexer:
         if weights is not None and tuple(weights.shape) != (B, HI, Lq):
             raise ValueError(f"weights must be [B, HI, Lq] = {(B, HI, Lq)}, got {tuple(weights.shape)}")
 
+    @torch.compiler.disable  # host code and Triton launches: a graph break under torch.compile
     def scores(self, q_i, k_i, weights=None, *, rows=None, cols=None, out=None):
         """Index scores ``[B, G, rows, cols]`` in float32 (masked entries ``-inf``).
 
@@ -131,6 +132,7 @@ class LightningIndexer:
         return (lo, hi + 1) if lo <= hi else (0, 0)
 
     # -- top-k ---------------------------------------------------------------------------------
+    @torch.compiler.disable
     def __call__(self, q_i, k_i, weights=None, *, topk: int | None = None, max_chunk_elems: int | None = None,
                  return_scores: bool = False):
         """Top-``topk`` keys per query by index score: ``indices [B, G, Lq, topk]`` int32, ``-1`` unused.
