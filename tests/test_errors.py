@@ -133,6 +133,12 @@ def test_bad_scale_type():
     assert isinstance(e, TypeError) and "scale" in str(e)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scale(scale):
+    e = both_entry_points(*GOOD, scale=scale)
+    assert isinstance(e, ValueError) and "scale must be finite" in str(e)
+
+
 def unsupported_in_mask(b, h, q_idx, kv_idx):
     return torch.sin(q_idx.float()) > 0  # BAD
 

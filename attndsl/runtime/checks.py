@@ -1,6 +1,8 @@
 """Input validation: every mistake is reported before any kernel is launched."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,6 +40,8 @@ def check_inputs(query, key, value, scale=None):
         raise ValueError(f"empty input: query {tuple(query.shape)}, key {tuple(key.shape)}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
 
 
 def check_captured(tensors, device):
