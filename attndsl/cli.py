@@ -206,12 +206,12 @@ def cmd_tilemap(ns, out=None) -> int:
     if not callable(obj):
         raise CLIError(f"{ns.pattern!r} is not a mask_mod")
     import attndsl  # lazily: the compiler core
-    from attndsl.tilemap import save_tile_map, summary
+    from attndsl.tilemap import map_tiles, save_tile_map, summary
     attn = attndsl.compile(mask_mod=obj, block_m=ns.block_m, block_n=ns.block_n)
     if ns.length is None and getattr(obj, "layout", None) is None:
         raise CLIError("the pattern declares no layout: give --length")
     tmap = save_tile_map(attn, ns.out, ns.length, scale=ns.scale, grid_every=ns.grid_every)
-    tiles = attn.spec.tiles or (ns.block_m, ns.block_n)
+    tiles = map_tiles(attn)
     print(f"{ns.out}: {summary(tmap)} (tiles {tiles[0]}x{tiles[1]}; blue = full, orange = partial, "
           f"white = skipped)", file=out)
     return 0

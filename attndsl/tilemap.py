@@ -52,6 +52,14 @@ def _range_map(rng, env, rows, n_t, block, t_max, tile_full=None, tile_nonempty=
     return torch.where(full, FULL, torch.where(visit, PARTIAL, NOT_VISITED)).to(torch.int8)
 
 
+def map_tiles(compiled, block_m=None, block_n=None) -> tuple[int, int]:
+    """The (query, key) tile sizes a map is drawn with: the box plan's, else those asked for or
+    compiled with, else 64x64."""
+    if compiled.spec.tiles:
+        return compiled.spec.tiles
+    return (block_m or compiled._tiles[0] or 64, block_n or compiled._tiles[1] or 64)
+
+
 def tile_map(compiled, Lq: int | None = None, Lkv: int | None = None, *, block_m=None, block_n=None,
              b: int = 0, h: int = 0) -> torch.Tensor:
     """The forward visit map of ``compiled`` (an ``attndsl.compile`` result) for lengths
@@ -65,11 +73,7 @@ def tile_map(compiled, Lq: int | None = None, Lkv: int | None = None, *, block_m
             raise ValueError("give the sequence length (the pattern declares no layout)")
         Lq = len(layout)
     Lkv = Lq if Lkv is None else Lkv
-    if spec.tiles:
-        bm, bn = spec.tiles
-    else:
-        bm = block_m or compiled._tiles[0] or 64
-        bn = block_n or compiled._tiles[1] or 64
+    bm, bn = map_tiles(compiled, block_m, block_n)
     nq, nk = math.ceil(Lq / bm), math.ceil(Lkv / bn)
     q_lo = (torch.arange(nq) * bm).view(-1, 1)
     q_hi = torch.clamp(q_lo + bm, max=Lq) - 1

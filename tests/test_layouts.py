@@ -327,6 +327,13 @@ def test_tilemap_cli(tmp_path, capsys):
     rc = main(["tilemap", f"{src}:neighborhood_2d(16, 16, 5, tile=(4, 4))", "--out", str(out)])
     assert rc == 0 and out.read_bytes()[:4] == b"\x89PNG"
     assert "key tiles per query tile" in capsys.readouterr().out
+    # a 1-D mask: the tiles named are those the map was drawn with
+    sw = Path(__file__).resolve().parents[1] / "patterns" / "sliding_window.py"
+    assert main(["tilemap", f"{sw}:sliding_window(64)", "--out", str(out), "--length", "512"]) == 0
+    assert "8 query tiles x 8 key tiles" in (said := capsys.readouterr().out) and "(tiles 64x64;" in said
+    assert main(["tilemap", f"{sw}:sliding_window(64)", "--out", str(out), "--length", "512",
+                 "--block-m", "128", "--block-n", "32"]) == 0
+    assert "4 query tiles x 16 key tiles" in (said := capsys.readouterr().out) and "(tiles 128x32;" in said
 
 
 def test_extra_tokens_with_per_tile_checks_and_a_ragged_end():
