@@ -62,6 +62,8 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
             raise ValueError("sinks join the softmax denominator; they have no meaning with normalizer='sigmoid'")
     elif sigmoid_bias is not None:
         raise ValueError("sigmoid_bias is only used with normalizer='sigmoid'")
+    if sigmoid_bias is not None:
+        _check_sigmoid_bias(sigmoid_bias)
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor):
             raise TypeError(f"sinks must be a tensor of shape [{Hq}], got {type(sinks).__name__}")
@@ -100,6 +102,21 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
             raise ValueError(f"bias_factors u length {u.shape[2]} differs from the query length {Lq}")
         if w.shape[2] != Lkv:
             raise ValueError(f"bias_factors w length {w.shape[2]} differs from the key length {Lkv}")
+
+
+def _check_sigmoid_bias(bias):
+    """A finite constant: a Python number or a 0-d tensor. A learnable bias belongs in score_mod."""
+    if isinstance(bias, torch.Tensor):
+        if bias.dim() != 0 or bias.dtype.is_complex:
+            raise ValueError(f"sigmoid_bias must be a number or a 0-d tensor, got shape {tuple(bias.shape)}")
+        if bias.requires_grad:
+            raise ValueError("sigmoid_bias is a constant and gets no gradient; to learn it, add a captured 0-d "
+                             "tensor in score_mod (score + b) and pass sigmoid_bias=0.0")
+        bias = float(bias)
+    elif not isinstance(bias, (int, float)) or isinstance(bias, bool):
+        raise TypeError(f"sigmoid_bias must be a number, got {type(bias).__name__}")
+    if not math.isfinite(bias):
+        raise ValueError(f"sigmoid_bias must be finite, got {bias}")
 
 
 _DENSE_CHUNK = 1 << 24  # index values evaluated at once when an interval cannot decide
