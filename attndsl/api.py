@@ -44,7 +44,9 @@ class CompiledAttention:
     def __deepcopy__(self, memo):
         """A copy that reads the copies of its captured tensors (``copy.deepcopy`` of a model copies
         its parameters first, so a learnable slope or table stays the copied model's own); its
-        kernels are loaded again from the source cache on first use."""
+        kernels are loaded again from the source cache on first use. ``mask_mod``/``score_mod``
+        stay the original functions (closures are not copied): they still read the original
+        tensors where something evaluates them again (the reference, ``assert_matches_reference``)."""
         new = copy.copy(self)
         memo[id(self)] = new
         new.tensors = [copy.deepcopy(t, memo) for t in self.tensors]
