@@ -316,3 +316,18 @@ def test_ranges_of_simplified_and_raw_mask_agree():
     raw = trace(lambda b, h, q_idx, kv_idx: (q_idx + 1 - kv_idx > 0) & (q_idx - kv_idx < 9)).mask
     a, c = tile_range(raw, "kv"), tile_range(simplify(raw), "kv")
     assert a.outer == c.outer and a.inner == c.inner
+
+
+def test_where_with_branches_bounded_on_one_side_only():
+    """``where(c, |load|, |load|)``: both branches are bounded below (0) and not above. The
+    interval of the where keeps each side on its own; building both as one crashed the compile
+    (an upper bound of None inside the IR). The kernels then match the reference."""
+    from attndsl.testing import assert_matches_reference
+    ids = torch.tensor([i * 7 % 5 for i in range(20)])
+
+    def abs_gap(b, h, q_idx, kv_idx):
+        return torch.where(q_idx > kv_idx, (ids[q_idx] - ids[kv_idx]).abs(), (ids[kv_idx] - 3).abs()) < 2
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
+    assert max(assert_matches_reference(q, k, v, mask_mod=abs_gap, seed=1).values()) < 1e-5

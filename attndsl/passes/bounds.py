@@ -80,11 +80,12 @@ class IntervalAnalysis:
                     node("maximum", node("neg", lo), hi))
         if op == "where":
             c = self(args[0])
-            x, y = self(args[1]), self(args[2])
-            lo = _min(x[0], y[0])
-            hi = _max(x[1], y[1])
-            if x[0] is not None and y[0] is not None:
+            x, y = self.branch(args[0], args[1], True), self.branch(args[0], args[2], False)
+            lo, hi = _min(x[0], y[0]), _max(x[1], y[1])
+            # each side on its own: one branch may be bounded below and not above (abs of a load)
+            if lo is not None:
                 lo = node("where", c[0], x[0], node("where", node("not", c[1]), y[0], lo))
+            if hi is not None:
                 hi = node("where", c[0], x[1], node("where", node("not", c[1]), y[1], hi))
             return (lo, hi)
         b = self(args[1])
@@ -118,6 +119,11 @@ class IntervalAnalysis:
             return (node("where", same, node("mod", a[0], d), full[0]),
                     node("where", same, node("mod", a[1], d), full[1]))
         return (None, None)
+
+    def branch(self, cond: Node, val: Node, taken: bool):
+        """The interval of ``val`` where ``cond`` is ``taken`` (a branch of a ``where``): here
+        simply val's; a subclass may use what cond says about val."""
+        return self(val)
 
     def _mul(self, n, a, b):
         x, y = n.args
