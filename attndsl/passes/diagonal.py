@@ -61,5 +61,9 @@ def diagonal_index(load: Node) -> tuple[Node, ...] | None:
     memo: dict = {}
     if not all(shift_invariant(a, memo) for a in load.args):
         return None
-    on_dist = {ir.var("q"): ir.var(DIST), ir.var("kv"): ir.const(0)}
-    return tuple(simplify(ir.substitute(a, on_dist)) for a in load.args)
+    return tuple(over_distance(a) for a in load.args)
+
+
+def over_distance(n: Node) -> Node:
+    """A shift-invariant expression as a function of ``dist = q - kv`` (q := dist, kv := 0)."""
+    return simplify(ir.substitute(n, {ir.var("q"): ir.var(DIST), ir.var("kv"): ir.const(0)}))

@@ -21,7 +21,7 @@ from ..ir import Node, const, node
 from ..ir.graph import free_vars, substitute, topo_order
 from ..ir.printer import expr_str
 from .bounds import IntervalAnalysis
-from .diagonal import DIST
+from .diagonal import DIST, over_distance, shift_invariant
 
 LAST = {v: f"{v}_last" for v in ir.INDEX_VARS}  # b_last = B - 1, h_last = Hq - 1, ...
 
@@ -78,16 +78,8 @@ class _BranchIntervals(IntervalAnalysis):
     lies below K (T5 buckets: ``where(dist < max_exact, dist, log-spaced bucket)``). Kept to this
     pass, so the tile classifications built on :class:`IntervalAnalysis` do not change."""
 
-    def _num(self, n: Node):
-        if n.op != "where" or self.exact(n):
-            return super()._num(n)
-        cond, x_node, y_node = n.args
-        c = self(cond)
-        x, y = _narrow(self, cond, x_node, True), _narrow(self, cond, y_node, False)
-        if None in x or None in y:
-            return (_pick_min(x[0], y[0]), _pick_max(x[1], y[1]))
-        return (node("where", c[0], x[0], node("where", node("not", c[1]), y[0], node("minimum", x[0], y[0]))),
-                node("where", c[0], x[1], node("where", node("not", c[1]), y[1], node("maximum", x[1], y[1]))))
+    def branch(self, cond: Node, val: Node, taken: bool):
+        return _narrow(self, cond, val, taken)
 
 
 _FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
@@ -125,20 +117,11 @@ def _narrow(ia, cond: Node, val: Node, taken: bool):
     return (lo, hi)
 
 
-def _pick_min(a, b):
-    return None if a is None or b is None else node("minimum", a, b)
-
-
-def _pick_max(a, b):
-    return None if a is None or b is None else node("maximum", a, b)
-
-
 def _on_dist(index: Node) -> Node | None:
-    from .diagonal import diagonal_index
-
-    probe = ir.load(ir.Buffer(0, ir.INT, 1, "int64"), (index,))  # diagonal_index reads a load's indices
-    on = diagonal_index(probe)
-    return on[0] if on is not None else None
+    """The index over ``dist`` when it depends on q and kv only through ``q - kv``."""
+    if not {"q", "kv"} <= free_vars(index) or not shift_invariant(index):
+        return None
+    return over_distance(index)
 
 
 def _outer_loads(n: Node) -> list[Node]:
