@@ -42,8 +42,10 @@ def refuse_second_derivative(inputs, grads):
     The backward kernels have no derivative of their own; left alone, `create_graph=True` would
     hand back gradients with no history, and a gradient penalty would silently lose attention's
     share of the second derivative."""
+    if not torch.is_grad_enabled():  # the usual backward: nothing to tie
+        return tuple(grads)
     anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
-    if not torch.is_grad_enabled() or anchor is None:
+    if anchor is None:
         return tuple(grads)
     where = [i for i, g in enumerate(grads) if g is not None]
     tied = _NoSecondDerivative.apply(anchor, *(grads[i] for i in where))

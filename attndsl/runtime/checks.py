@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -136,8 +137,9 @@ class IndexRangeCheck:
     def __init__(self, roots):
         from ..passes.index_range import index_bounds
         self.bounds = index_bounds(roots)
-        self.static = tuple(b for b in self.bounds if not _reads_values(b))
-        self.dynamic = tuple(b for b in self.bounds if _reads_values(b))
+        reads = [_reads_values(b) for b in self.bounds]
+        self.static = tuple(b for b, r in zip(self.bounds, reads) if not r)
+        self.dynamic = tuple(b for b, r in zip(self.bounds, reads) if r)
         self.decided: set = set()  # call shapes (with the captured tensors' shapes) already checked
 
     def __call__(self, tensors, shape, device):
@@ -150,7 +152,7 @@ class IndexRangeCheck:
             if len(self.decided) >= _MAX_DECIDED:
                 self.decided.clear()
             self.decided.add(key)
-        if self.dynamic and _checks_on():
+        if self.dynamic and default_check() and not compiling():
             extremes = _value_extremes(self.dynamic, tensors)
             for b in self.dynamic:
                 _check_bound(b, tensors, shape, device, extremes)
@@ -176,14 +178,18 @@ def _reads_values(b) -> bool:
     return any(n.op == "load" for n in topo_order([b.index]))
 
 
-def _checks_on() -> bool:
-    import os
-    try:
-        if torch.compiler.is_compiling():
-            return False
-    except AttributeError:
-        pass
+def default_check() -> bool:
+    """Whether value-dependent index checks (selector indices, ``table[ids[q]]``) run by default:
+    ``ATTNDSL_CHECK_INDICES=0`` turns them off (they cost a sync per call)."""
     return os.environ.get("ATTNDSL_CHECK_INDICES", "1") not in ("0", "false", "False", "no")
+
+
+def compiling() -> bool:
+    """Inside torch.compile's tracing, where a host sync cannot run."""
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # older torch
+        return False
 
 
 def _value_extremes(bounds, tensors) -> dict:

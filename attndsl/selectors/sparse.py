@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
@@ -27,20 +26,10 @@ from ..runtime import cache
 from ..runtime.config import block_d
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
+from ..runtime.checks import compiling, default_check
 from ..runtime.launch import _new, buffer_args, use_interpreter
 
 GATHER_TAG = "sel"
-
-
-def default_check() -> bool:
-    return os.environ.get("ATTNDSL_CHECK_INDICES", "1") not in ("0", "false", "False", "no")
-
-
-def _compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # older torch
-        return False
 
 
 def validate_indices(indices, query, key, checked: bool | None = None) -> int:
@@ -71,7 +60,7 @@ def validate_indices(indices, query, key, checked: bool | None = None) -> int:
         raise ValueError("indices have K=0 slots per query")
     if checked is None:
         checked = default_check()
-    if checked and not _compiling():
+    if checked and not compiling():
         Lkv = key.shape[2]
         bad = (indices < -1) | (indices >= Lkv)
         if bool(bad.any()):
