@@ -15,6 +15,7 @@ import math
 
 from .runtime.checks import check_captured, check_extras, check_inputs, index_check_for
 from .runtime.config import Configs, choose, for_pattern
+from .runtime.empty import empty_call, is_empty
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 
 
@@ -56,21 +57,24 @@ class CompiledAttention:
         return new
 
     # -- kernels ---------------------------------------------------------------------------
-    def runner(self, q: torch.Tensor) -> Runner:
+    def runner(self, q: torch.Tensor, dv: int | None = None) -> Runner:
+        """The runner for queries like ``q`` and values of head dim ``dv`` (default: q's)."""
         interpret = use_interpreter(q)
+        dv = q.shape[-1] if dv is None else dv
         # per element size too: a launch that overflows shared memory keeps its smaller tiles for
         # later calls, and float32 inputs need twice the shared memory of 16-bit ones
-        key = (interpret, q.shape[-1], q.device.index, q.element_size())
+        key = (interpret, q.shape[-1], dv, q.device.index, q.element_size())
         r = self._runners.get(key)
         if r is None:
             module = cache.load(self.spec, interpret)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
-            cfg = choose(q.shape[-1], interpret, *tiles, element_size=q.element_size())
+            # tiles by the wider head dim: it sets the registers and shared memory a tile takes
+            cfg = choose(max(q.shape[-1], dv), interpret, *tiles, element_size=q.element_size())
             if self.spec.tiles:  # ... per kernel
                 cfg = Configs(cfg.fwd, replace(cfg.dkdv, block_m=self.spec.bwd_tiles[0], block_n=self.spec.bwd_tiles[1]),
                               replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))
             cfg = for_pattern(cfg, self.spec.has_mask, self.spec.score is not None, self.spec.data_dependent)
-            r = Runner(self.spec, module, cfg, interpret, q.shape[-1])
+            r = Runner(self.spec, module, cfg, interpret, q.shape[-1], head_dim_v=dv)
             r.deterministic = self.deterministic
             self._runners[key] = r
         return r
@@ -81,8 +85,9 @@ class CompiledAttention:
         return codegen_bridge.render(self.spec)
 
     def build_block_tables(self, query, key) -> BlockTables | None:
-        """Build the device-side block table now (data-dependent masks); None when closed form suffices."""
-        if not self.spec.data_dependent:
+        """Build the device-side block table now (data-dependent masks); None when closed form suffices
+        (or the call is empty: it launches nothing)."""
+        if not self.spec.data_dependent or is_empty(query, key):
             return None
         check_captured(self.tensors, query.device)
         self.index_check(self.tensors, _call_shape(query, key), query.device)
@@ -104,9 +109,12 @@ class CompiledAttention:
                                  sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors)
         check_inputs(query, key, value, scale)
         check_captured(self.tensors, query.device)
-        self.index_check(self.tensors, _call_shape(query, key), query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
                      bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
+        if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
+            return empty_call(query, key, value, softmax=self.spec.normalizer == "softmax", return_lse=return_lse,
+                              sinks=sinks, others=(*(bias_factors or ()), *self.tensors))
+        self.index_check(self.tensors, _call_shape(query, key), query.device)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
             sigmoid_bias = -math.log(key.shape[2])
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
@@ -129,7 +137,7 @@ class CompiledAttention:
                         f"deterministic=True: learnable tensor #{gl.slot} has no batch/head dimension but the "
                         f"call has B={query.shape[0]}, Hq={query.shape[1]}, so its gradient would be summed with "
                         "atomic adds; give it the batch/head dimensions (expand) or use deterministic=False")
-        r = self.runner(query)
+        r = self.runner(query, value.shape[-1])
         tables = None
         if self.spec.data_dependent:
             shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
@@ -150,10 +158,13 @@ class CompiledAttention:
         ``runs=True`` also how many of them it visited in constant runs (one table entry per run,
         ``codegen/runs.py``), as a pair."""
         check_inputs(query, key, value, scale)
+        if is_empty(query, key):
+            raise ValueError(f"visit_counts of an empty call (query {tuple(query.shape)}, key {tuple(key.shape)}): "
+                             "no kernel runs, nothing is visited")
         check_captured(self.tensors, query.device)
         self.index_check(self.tensors, _call_shape(query, key), query.device)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        r = self.runner(query)
+        r = self.runner(query, value.shape[-1])
         tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
         visits = r.forward(query, key, value, scale, self.tensors, tables, count_visits=True)[2]
         return (visits[0], visits[1]) if runs else visits[0]

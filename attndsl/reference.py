@@ -87,9 +87,10 @@ def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=Non
     kv_head = torch.arange(Hq, device=query.device) // (Hq // Hkv)
     k64 = key.to(torch.float64)[:, kv_head]                                  # [B, Hq, Lkv, D]
     v64 = value.to(torch.float64)[:, kv_head]
-    flat = safe.reshape(B, Hq, Lq * K, 1).expand(B, Hq, Lq * K, D)
-    ks = torch.gather(k64, 2, flat).view(B, Hq, Lq, K, D)
-    vs = torch.gather(v64, 2, flat).view(B, Hq, Lq, K, D)
+    flat = safe.reshape(B, Hq, Lq * K, 1)
+    Dv = value.shape[3]
+    ks = torch.gather(k64, 2, flat.expand(B, Hq, Lq * K, D)).view(B, Hq, Lq, K, D)
+    vs = torch.gather(v64, 2, flat.expand(B, Hq, Lq * K, Dv)).view(B, Hq, Lq, K, Dv)
     s = torch.einsum("bhqd,bhqkd->bhqk", query.to(torch.float64), ks) * scale
     t = trace(mask_mod, score_mod)
     dev = query.device

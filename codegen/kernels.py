@@ -174,10 +174,10 @@ def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str, tma: bool = F
 
 KV_DESCRIPTORS = f"""{I1}if KV_TMA:
 {I1}    # K and V tiles through the tensor memory accelerator (Hopper and later): no per-element
-{I1}    # address arithmetic or masks; rows past LKV and columns past HEAD_D read as zeros. The
+{I1}    # address arithmetic or masks; rows past LKV and columns past HEAD_D (HEAD_DV) read as zeros. The
 {I1}    # backward kernels keep pointer loads (no gain measured there: BENCHMARKS.md)
 {I1}    k_desc = tl.make_tensor_descriptor(k_base, shape=[LKV, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-{I1}    v_desc = tl.make_tensor_descriptor(v_base, shape=[LKV, HEAD_D], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+{I1}    v_desc = tl.make_tensor_descriptor(v_base, shape=[LKV, HEAD_DV], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
 """
 
 
@@ -447,7 +447,7 @@ def forward(spec: KernelSpec, table: bool) -> str:
             masked = (f"{B}if is_partial:\n" if part == "both" else "") + mask_body + \
                 f"{M}s = tl.where({keep}, s, float(\"-inf\"))\n"
         em.forget(2)
-        tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & d_ok[None, :]",
+        tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & dv_ok[None, :]",
                         tma=True)
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"), c=" * qk_scale" if folded else "",
@@ -474,6 +474,7 @@ def {name}(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, EVEN_KV: tl.constexpr,
     KV_TMA: tl.constexpr, W_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
     {EXTRA_CONSTS}
@@ -495,6 +496,8 @@ def {name}(
     q_max = LQ - 1
     kv_max = LKV - 1
     d_ok = offs_d < HEAD_D
+    offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (may differ from the query/key one)
+    dv_ok = offs_dv < HEAD_DV
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < LQ) & d_ok[None, :], other=0.0)
     if UPCAST:
@@ -503,7 +506,7 @@ def {name}(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     offs_n0 = tl.arange(0, BLOCK_N)
     kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_offs = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
 {KV_DESCRIPTORS}    if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
@@ -514,10 +517,10 @@ def {name}(
         if UPCAST:
             u = u.to(tl.float32)
 {pre1}{_indent(plan, I1)}
-{init}    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+{init}    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     visited = 0
-{loops}{finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < LQ) & d_ok[None, :])
+{loops}{finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < LQ) & dv_ok[None, :])
 {store_lse}    if COUNT_VISITS:
         tl.store(VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visited)
         tl.store(VISITS + (tl.num_programs(1) + pid_bh).to(tl.int64) * tl.num_programs(0) + pid_m, {"n_run" if runs else "0"})
@@ -533,18 +536,18 @@ def {spec.name}_bwd_delta(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_db, stride_dh, stride_dm, stride_dd,
     HQ, LQ,
-    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """delta = rowsum(dO * O), the softmax backward's correction term."""
+    """delta = rowsum(dO * O) over the value head dim, the softmax backward's correction term."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < LQ) & (offs_d[None, :] < HEAD_D)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < LQ) & (offs_dv[None, :] < HEAD_DV)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_dm + offs_dv[None, :] * stride_dd, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
 '''
@@ -626,9 +629,8 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
 {B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs)
 {B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs)
 {B}else:
-{B}    q_ok = (offs_m[:, None] < LQ) & d_ok[None, :]
-{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs, mask=q_ok, other=0.0)
-{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs, mask=q_ok, other=0.0)
+{B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs, mask=(offs_m[:, None] < LQ) & d_ok[None, :], other=0.0)
+{B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs, mask=(offs_m[:, None] < LQ) & dv_ok[None, :], other=0.0)
 {B}if UPCAST:
 {B}    q = q.to(tl.float32)
 {B}    do = do.to(tl.float32)
@@ -666,6 +668,7 @@ def {spec.name}_bwd_dkdv(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
     {EXTRA_CONSTS}
 ):
@@ -675,6 +678,8 @@ def {spec.name}_bwd_dkdv(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
+    offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (may differ from the query/key one)
+    dv_ok = offs_dv < HEAD_DV
     kv_idx = offs_n[:, None]
     kv_lo = pid_n * BLOCK_N
     kv_hi = tl.minimum(kv_lo + BLOCK_N, LKV) - 1
@@ -682,18 +687,19 @@ def {spec.name}_bwd_dkdv(
     q_max = LQ - 1
 {pre0}
     kv_ok = (offs_n[:, None] < LKV) & d_ok[None, :]
+    v_ok = (offs_n[:, None] < LKV) & dv_ok[None, :]
     k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     offs_m0 = tl.arange(0, BLOCK_M)
     q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_offs = offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -710,7 +716,7 @@ def {spec.name}_bwd_dkdv(
             tl.store(dw_ptrs, dw, mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK))
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=v_ok)
 '''
     return _split_extras_loop(src, spec.bwd_range, table, visit_if)
 
@@ -1007,7 +1013,7 @@ def dq(spec: KernelSpec, table: bool) -> str:
         if spec.grad_loads:
             ds = ds.replace(f"{B}ds = ds * dmod", f"{B}ds_raw = ds\n{B}ds = ds * dmod")
         em.forget(2)
-        tile = _kv_tile(B, "" if run else check + visit_if, "vT", "vT_offs", "(offs_n[None, :] < LKV) & d_ok[:, None]")
+        tile = _kv_tile(B, "" if run else check + visit_if, "vT", "vT_offs", "(offs_n[None, :] < LKV) & dv_ok[:, None]")
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {score}{mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
 {ds}{grads[mode][1]}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
@@ -1047,6 +1053,7 @@ def {spec.name}_bwd_dq(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{_grad_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
@@ -1059,6 +1066,8 @@ def {spec.name}_bwd_dq(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
+    offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (may differ from the query/key one)
+    dv_ok = offs_dv < HEAD_DV
     q_idx = offs_m[:, None]
     q_lo = pid_m * BLOCK_M
     q_hi = tl.minimum(q_lo + BLOCK_M, LQ) - 1
@@ -1066,7 +1075,7 @@ def {spec.name}_bwd_dq(
     kv_max = LKV - 1
     q_ok = (offs_m[:, None] < LQ) & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=q_ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod, mask=(offs_m[:, None] < LQ) & dv_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -1074,7 +1083,7 @@ def {spec.name}_bwd_dq(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     offs_n0 = tl.arange(0, BLOCK_N)
     kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    vT_offs = offs_n0[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    vT_offs = offs_n0[None, :] * stride_vn + offs_dv[:, None] * stride_vd
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,

@@ -30,7 +30,7 @@ from .kernels import I1, I2, I3, SIGMOID, _dot, buffer_params, score_unit
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
-SELECTOR_VERSION = 2
+SELECTOR_VERSION = 3
 
 
 def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
@@ -75,9 +75,12 @@ _PROLOGUE = """
     offs_d = tl.arange(0, BLOCK_D)
     h_ok = offs_h < HPU
     d_ok = offs_d < HEAD_D
+    offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (may differ from the query/key one)
+    dv_ok = offs_dv < HEAD_DV
     heads = h0 + offs_h
     h_idx = heads[:, None]
     hd_ok = h_ok[:, None] & d_ok[None, :]
+    hdv_ok = h_ok[:, None] & dv_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
                 + pid_q.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=hd_ok, other=0.0)
     if UPCAST:
@@ -102,9 +105,10 @@ _GATHER = """
         qk = {qk}
 """
 
-_VLOAD = ("v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_d[None, :] * stride_vd, "
-          "mask=valid[:, None] & d_ok[None, :], other=0.0)")
-_VTLOAD = "vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=kd_ok, other=0.0)"
+_VLOAD = ("v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_dv[None, :] * stride_vd, "
+          "mask=valid[:, None] & dv_ok[None, :], other=0.0)")
+_VTLOAD = ("vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_dv[:, None] * stride_vd, "
+           "mask=valid[None, :] & dv_ok[:, None], other=0.0)")
 
 
 def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
@@ -191,12 +195,13 @@ def {spec.name}_fwd(
     NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, Sinks, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """Gather forward ({_norm(spec)}): one program per (query token, batch*unit); heads packed in M."""{pro}
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
 {init}    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VLOAD, vname="v")}{body}{update}{finish}    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
-             + pid_q.to(tl.int64) * stride_om + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hd_ok)
+             + pid_q.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hdv_ok)
 ''')
 
 
@@ -217,16 +222,18 @@ def {spec.name}_bwd(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Gather backward: dQ in registers, dK/dV scattered into float32 buffers with atomic adds."""{pro}
     do = tl.load(DO + b.to(tl.int64) * stride_dob + heads[:, None].to(tl.int64) * stride_doh
-                 + pid_q.to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=hd_ok, other=0.0)
+                 + pid_q.to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod, mask=hdv_ok, other=0.0)
     o = tl.load(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
-                + pid_q.to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=hd_ok, other=0.0)
+                + pid_q.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, mask=hdv_ok, other=0.0)
     if UPCAST:
         do = do.to(tl.float32)
     row = (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q
@@ -237,7 +244,7 @@ def {spec.name}_bwd(
     lse = tl.load(Lse + row, mask=h_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-    dv_base = DV + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = {prob}
         dp = {_dot("do", "vT")}
@@ -245,10 +252,10 @@ def {spec.name}_bwd(
         dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
         dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
         dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
-        rows_ok = valid[:, None] & d_ok[None, :]
-        offs = kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-        tl.atomic_add(dk_base + offs, dk_rows, mask=rows_ok, sem="relaxed")
-        tl.atomic_add(dv_base + offs, dv_rows, mask=rows_ok, sem="relaxed")
+        tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk_rows,
+                      mask=valid[:, None] & d_ok[None, :], sem="relaxed")
+        tl.atomic_add(dv_base + kv_safe[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv_rows,
+                      mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
              + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)

@@ -66,6 +66,9 @@ def test_flops_tflops_ratio():
     assert f == 4 * 16 * 16384 * 16384 * 128 * 0.5
     assert Hn.attention_flops(1, 16, 16384, 16384, 128, 0.5, fwd_bwd=True) == f * Hn.FWD_BWD_FLOP_FACTOR
     assert Hn.FWD_BWD_FLOP_FACTOR == 2.5  # shared/bench/README.md
+    # a value head dim apart from D: QKᵀ over D, PV over Dv
+    assert Hn.attention_flops(1, 16, 4096, 4096, 192, Dv=128) == 2 * 16 * 4096 * 4096 * (192 + 128)
+    assert Hn.attention_flops(1, 16, 4096, 4096, 128, Dv=128) == Hn.attention_flops(1, 16, 4096, 4096, 128)
     # 1 TFLOP in 1 ms = 1000 TFLOP/s
     assert Hn.tflops(1e12, 1.0) == pytest.approx(1000.0)
     assert Hn.tflops(f, 2.72) == pytest.approx(f / 2.72e-3 / 1e12)
@@ -531,3 +534,17 @@ def test_cache_show_and_clear(tmp_path, monkeypatch, capsys):
     mod.cache_dir = lambda: __import__("pathlib").Path.home()
     assert cli.main(["cache", "--clear"]) == 2
     assert "refusing" in capsys.readouterr().err
+
+
+def test_harness_times_a_value_head_dim_apart_from_d(tmp_path, capsys):
+    """``--Dv``: v (and the output) have their own head dim; ours runs (CPU interpreter) and is checked
+    against Flex and the float64 reference; the tables show ``D/Dv``."""
+    argv = ["--device", "cpu", "--L", "64", "--D", "16", "--Dv", "24", "--H", "2", "--dtype", "fp32",
+            "--ref-L", "48", "--cases", "causal", "--no-isolate", "--json", str(tmp_path / "bench.json")]
+    assert Hn.main(argv) == 0
+    stdout = capsys.readouterr().out
+    rows = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+    assert rows[0]["meta"]["Dv"] == 24
+    (r,) = rows[1:]
+    assert r["status"] == "ok" and r["Dv"] == 24 and r["check_rel_err_flex"] < 1e-5 and r["ref_rel_err"] < 1e-5
+    assert "| causal | 64 | 16/24 |" in stdout and "Dv=24" in stdout

@@ -88,9 +88,11 @@ def chunked(c):
 
 # --- helpers -------------------------------------------------------------------------------------
 def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0):
+    """``D``: one head dim, or (query/key, value) head dims."""
+    D, Dv = D if isinstance(D, tuple) else (D, D)
     g = torch.Generator(device=DEV).manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g, device=DEV, dtype=torch.float32).to(dtype).requires_grad_()  # noqa
-    return mk(B, Hq, Lq, D), mk(B, Hkv, Lkv, D), mk(B, Hkv, Lkv, D)
+    return mk(B, Hq, Lq, D), mk(B, Hkv, Lkv, D), mk(B, Hkv, Lkv, Dv)
 
 
 def rel_err(got, want):
@@ -111,7 +113,7 @@ def check_against_reference(mask, score, B, Hq, Hkv, Lq, Lkv, D, dtype, lse_grad
         k, v = (kv_layout(t.detach()).requires_grad_() for t in (k, v))
     comp = attndsl.compile(mask_mod=mask, score_mod=score, **tiles)
     out, lse = comp(q, k, v, return_lse=True)
-    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, Hq, Lq)
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[3]) and lse.shape == (B, Hq, Lq)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, score_mod=score)
     tol = TOL[dtype]
@@ -153,6 +155,10 @@ CASES = [
     ("causal_gqa_d256_bf16", causal, None, 1, 8, 2, 777, 777, 256, torch.bfloat16),
     ("window_d192_fp16", window_abs(150), None, 1, 4, 4, 700, 900, 192, torch.float16),
     ("lq_gt_lkv_dense_d256_fp32", None, None, 1, 2, 1, 600, 450, 256, torch.float32),
+    # value head dims apart from the query/key ones (MLA: DeepSeek V3's 192 and 128); tiles by the wider
+    ("mla_causal_gqa_d192_v128_bf16", causal, None, 1, 8, 2, 777, 777, (192, 128), torch.bfloat16),
+    ("window_d128_v64_fp16", window_abs(150), None, 1, 4, 4, 700, 900, (128, 64), torch.float16),
+    ("dense_gqa_d64_v128_bf16", None, None, 1, 4, 2, 1000, 1000, (64, 128), torch.bfloat16),
 ]
 
 

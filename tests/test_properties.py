@@ -108,6 +108,53 @@ def test_builtin_pattern_matches_reference(name, data, shape, dtype, tiles, seed
     check(q, k, v, case.mask_mod, case.score_mod, tiles, seed=seed)
 
 
+#: value head dims drawn apart from the query/key ones (16, 32): narrower, wider, not a power of two
+VALUE_HEAD_DIMS = (16, 24, 48)
+
+
+@settings(max_examples=8, **FAST)
+@given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS, value_head_dims=VALUE_HEAD_DIMS),
+       dtype=dtypes(), tiles=TILES, seed=SEEDS)
+def test_value_head_dim_apart_from_query_key(data, shape, dtype, tiles, seed):
+    """MLA-style layers give values their own head dim (DeepSeek V3: 192 for q/k, 128 for v): the
+    output and dV are Dv wide, dQ/dK stay D wide, every kernel masks each dim on its own."""
+    case = data.draw(patterns(MAX_LEN, MAX_HEADS), label="pattern")
+    shape = case.fit(shape)
+    q, k, v = _draw_case(shape, dtype, tiles, seed)
+    assert v.shape[-1] == shape.dv
+    check(q, k, v, case.mask_mod, case.score_mod, tiles, seed=seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, **FAST)
+@given(data=st.data(), shape=shapes(96, 2, MAX_HEADS, (16, 32, 64), value_head_dims=VALUE_HEAD_DIMS + (64,)),
+       dtype=dtypes(), tiles=TILES, seed=SEEDS)
+def test_value_head_dim_apart_from_query_key_many(data, shape, dtype, tiles, seed):
+    case = data.draw(patterns(96, MAX_HEADS), label="pattern")
+    shape = case.fit(shape)
+    q, k, v = _draw_case(shape, dtype, tiles, seed)
+    check(q, k, v, case.mask_mod, case.score_mod, tiles, seed=seed)
+
+
+def test_value_head_dim_with_sinks_low_rank_bias_learnable_and_sigmoid():
+    """Dv != D together with the issue-6 tensors: sinks, u·wᵀ, a learnable table, and sigmoid."""
+    q, k, v = random_qkv(Shape(2, 4, 2, 37, 45, 32, 24), torch.float32, seed=3)
+    assert v.shape == (2, 2, 45, 24)
+    slopes = torch.tensor([0.25, -0.5, 0.1, 0.3], requires_grad=True)
+
+    def learnable_alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    sinks = torch.tensor([0.3, -1.2, 0.0, 2.0], requires_grad=True)
+    u, w = torch.randn(2, 4, 37, 4, requires_grad=True), torch.randn(1, 2, 45, 4, requires_grad=True)
+    comp = attndsl.compile(mask_mod=P.causal, score_mod=learnable_alibi, block_m=16, block_n=16)
+    errs = assert_matches_reference(comp, q, k, v, sinks=sinks, bias_factors=(u, w), seed=2)
+    assert set(errs) == {"out", "lse", "dq", "dk", "dv", "dsinks", "du", "dw", "dcaptured0"}
+    sig = attndsl.compile(mask_mod=P.causal, score_mod=learnable_alibi, normalizer="sigmoid", block_m=16, block_n=16)
+    errs = assert_matches_reference(sig, q, k, v, bias_factors=(u, w), sigmoid_bias=-1.5, seed=4)
+    assert set(errs) == {"out", "dq", "dk", "dv", "du", "dw", "dcaptured0"}
+
+
 @settings(max_examples=16, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS,
        scale=SCALES)
@@ -183,7 +230,7 @@ def test_generated_functions_mean_the_same_traced_and_on_tensors(data, shape):
     (as FlexAttention does) must give the same mask and scores."""
     mask_mod = data.draw(st.one_of(st.none(), masks(MAX_LEN, MAX_HEADS)), label="mask_mod")
     score_mod = data.draw(st.one_of(st.none(), score_mods(MAX_LEN, MAX_HEADS)), label="score_mod")
-    B, Hq, Hkv, Lq, Lkv, D = shape
+    B, Hq, Hkv, Lq, Lkv, D, _ = shape
     q, k, _ = random_qkv(shape, torch.float64, requires_grad=False, seed=0)
     s_ir, m_ir = attndsl.reference.scores_and_mask(q, k, mask_mod, score_mod)
     b = torch.arange(B).view(B, 1, 1, 1)
@@ -406,7 +453,7 @@ def test_every_output_element_written(lq, lkv, tiles):
 
 
 def _visits_and_nonempty(mask_mod, shape, tiles):
-    B, Hq, Hkv, Lq, Lkv, D = shape
+    B, Hq, Hkv, Lq, Lkv, D, _ = shape
     q, k, v = random_qkv(shape, torch.float32, requires_grad=False, seed=0)
     attn = attndsl.compile(mask_mod=mask_mod, block_m=tiles[0], block_n=tiles[1])
     visits = attn.visit_counts(q, k, v).cpu()

@@ -1039,3 +1039,67 @@ def test_memoised_launches_as_users_get_them(monkeypatch):
     assert_close(out, ref, 1e-4, "out")
     for g, r in zip(grads, ref_grads):
         assert_close(g, r, 1e-4, "grad")
+
+
+# -------------------------------------------------------------------------------------------
+# empty calls: B, Hq, Lq or Lkv of 0 (variable-length batching), answered without a launch
+# -------------------------------------------------------------------------------------------
+EMPTY_SHAPES = {"B": (0, 2, 1, 5, 7), "Hq": (1, 0, 1, 5, 7), "Lq": (1, 2, 1, 0, 7), "Lkv": (1, 2, 1, 5, 0)}
+
+
+@pytest.mark.parametrize("which", sorted(EMPTY_SHAPES))
+def test_empty_calls_answer_like_fully_masked_rows(which, monkeypatch):
+    """Every row of an empty call sees no key: zeros and lse = -inf (the sink with sinks), as SDPA
+    and our fully masked rows give; gradients are zeros of each input's shape, the sinks' the sum of
+    the lse gradient; no kernel is launched."""
+    from attndsl.runtime import launch
+    monkeypatch.setattr(launch.Runner, "_run", lambda *a, **k: pytest.fail("an empty call launched a kernel"))
+    B, Hq, Hkv, Lq, Lkv = EMPTY_SHAPES[which]
+    Hkv = Hkv if Hq else 1
+    q, k = rand(B, Hq, Lq, 32, grad=True), rand(B, Hkv, Lkv, 32, seed=1, grad=True)
+    v = rand(B, Hkv, Lkv, 16, seed=2, grad=True)
+    table = torch.randn(16, requires_grad=True)
+
+    def bias(s, b, h, q_idx, kv_idx):
+        return s + table[(q_idx - kv_idx).clamp(-7, 8) + 7]
+
+    comp = attndsl.compile(mask_mod=causal, score_mod=bias)
+    out, lse = comp(q, k, v, return_lse=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(Hq // max(Hkv, 1), 1),
+                                                            v.repeat_interleave(Hq // max(Hkv, 1), 1))
+    assert out.shape == sdpa.shape == (B, Hq, Lq, 16) and lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+    (out.sum() + torch.where(torch.isinf(lse), 0.0, lse).sum()).backward()
+    for x in (q, k, v, table):
+        assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+    sinks = torch.linspace(-1.0, 1.0, Hq).requires_grad_()
+    u, w = rand(B, Hq, Lq, 4, seed=3, grad=True), rand(B, Hkv, Lkv, 4, seed=4, grad=True)
+    out, lse = comp(q, k, v, sinks=sinks, bias_factors=(u, w), return_lse=True)
+    assert torch.equal(lse, sinks.detach()[None, :, None].expand(B, Hq, Lq)) and not out.any()
+    dl = rand(B, Hq, Lq, seed=5)
+    torch.autograd.backward([out, lse], [torch.ones_like(out), dl])
+    torch.testing.assert_close(sinks.grad, dl.sum((0, 2)))
+    assert not u.grad.any() and u.grad.shape == u.shape and w.grad.shape == w.shape
+    sig = attndsl.compile(mask_mod=causal, normalizer="sigmoid")(q, k, v)
+    assert sig.shape == (B, Hq, Lq, 16) and not sig.any()
+    assert attndsl.compile(mask_mod=lambda b, h, qi, ki: table[qi] > 0).build_block_tables(q, k) is None
+
+
+def test_empty_calls_through_the_selectors():
+    """Token and block selections of an empty call: the same answer; with no keys, an index >= 0
+    is out of range (checked mode)."""
+    from attndsl.selectors import BlockSelection
+    q, k, v = rand(1, 2, 0, 16, grad=True), rand(1, 1, 9, 16, seed=1, grad=True), rand(1, 1, 9, 24, seed=2, grad=True)
+    out, lse = attndsl.attention(q, k, v, indices=torch.zeros(1, 1, 0, 4, dtype=torch.int32), return_lse=True)
+    assert out.shape == (1, 2, 0, 24) and lse.shape == (1, 2, 0)
+    out.sum().backward()
+    assert not k.grad.any() and not v.grad.any()
+    q, k, v = rand(1, 2, 6, 16, grad=True), rand(1, 1, 0, 16, seed=1), rand(1, 1, 0, 24, seed=2)
+    out, lse = attndsl.attention(q, k, v, indices=torch.full((1, 1, 6, 4), -1, dtype=torch.int32),
+                                 sinks=torch.tensor([0.5, -0.5]), return_lse=True)
+    assert not out.any() and torch.equal(lse, torch.tensor([0.5, -0.5])[None, :, None].expand(1, 2, 6))
+    with pytest.raises(IndexError):
+        attndsl.attention(q, k, v, indices=torch.zeros(1, 1, 6, 4, dtype=torch.int32))
+    sel = BlockSelection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16)
+    out = attndsl.attention(q, k, v, blocks=sel)
+    assert out.shape == (1, 2, 6, 24) and not out.any()

@@ -83,10 +83,10 @@ def check_against(run, ref, q, k, v, rtol, ctx="", lse_grad=True, seed=0):
         _close(name, a.grad, b.grad, rtol, ctx)
 
 
-def qkv(B, Hq, Hkv, Lq, Lkv, D, dtype=torch.float32, seed=0):
+def qkv(B, Hq, Hkv, Lq, Lkv, D, dtype=torch.float32, seed=0, Dv=None):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(s, generator=g).to(dtype) for s in
-                 ((B, Hq, Lq, D), (B, Hkv, Lkv, D), (B, Hkv, Lkv, D)))
+                 ((B, Hq, Lq, D), (B, Hkv, Lkv, D), (B, Hkv, Lkv, D if Dv is None else Dv)))
 
 
 def random_indices(B, G, Lq, Lkv, K, seed, p_unused=0.2, p_dup=0.2):
@@ -139,30 +139,31 @@ def test_dedupe_keeps_one_of_each():
 TOKEN_CASES = dict(grouping=st.sampled_from(GROUPINGS), B=st.integers(1, 2), Lq=st.integers(1, 32),
                    Lkv=st.integers(1, 48), K=st.integers(1, 70), mask=st.sampled_from(sorted(MASKS)),
                    score=st.sampled_from(sorted(SCORES)), block_n=st.sampled_from([16, 64]),
-                   seed=st.integers(0, 2**16))
+                   dv=st.sampled_from([16, 24, 32]), seed=st.integers(0, 2**16))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**TOKEN_CASES)
-def test_token_selector_matches_reference(grouping, B, Lq, Lkv, K, mask, score, block_n, seed):
-    _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, seed)
+def test_token_selector_matches_reference(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed):
+    _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed)
 
 
 @pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**TOKEN_CASES)
-def test_token_selector_matches_reference_many(grouping, B, Lq, Lkv, K, mask, score, block_n, seed):
-    _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, seed)
+def test_token_selector_matches_reference_many(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed):
+    _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed)
 
 
-def _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, seed):
+def _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed):
+    """``dv``: the value head dim (the query/key one is 16)."""
     Hq, Hkv, G = grouping
     D = 16
-    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, seed=seed)
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, seed=seed, Dv=dv)
     idx = random_indices(B, G, Lq, Lkv, K, seed + 1)
     mask_mod, score_mod = MASKS[mask](max(Lq, Lkv)), SCORES[score]
     attn = attndsl.compile(mask_mod=mask_mod, score_mod=score_mod, block_n=block_n)
-    ctx = f"(grouping={grouping}, B={B}, Lq={Lq}, Lkv={Lkv}, K={K}, mask={mask}, score={score})"
+    ctx = f"(grouping={grouping}, B={B}, Lq={Lq}, Lkv={Lkv}, K={K}, Dv={dv}, mask={mask}, score={score})"
     check_against(lambda a, b, c: attn(a, b, c, indices=idx, return_lse=True),
                   lambda a, b, c: reference.sparse_attention(a, b, c, idx, mask_mod=mask_mod, score_mod=score_mod),
                   q, k, v, TOL[torch.float32], ctx)
@@ -299,29 +300,30 @@ def random_blocks(B, G, Lq, Lkv, qb, kb, K, seed):
 BLOCK_CASES = dict(grouping=st.sampled_from([(2, 1, 1), (4, 2, 2), (4, 2, 4), (2, 2, 1)]), B=st.integers(1, 2),
                    Lq=st.integers(1, 90), Lkv=st.integers(1, 90), qb=st.sampled_from([16, 32]),
                    kb=st.sampled_from([16, 32]), K=st.integers(1, 4), mask=st.sampled_from(["none", "causal", "document"]),
-                   score=st.sampled_from(["none", "softcap"]), seed=st.integers(0, 2**16))
+                   score=st.sampled_from(["none", "softcap"]), dv=st.sampled_from([16, 24, 32]),
+                   seed=st.integers(0, 2**16))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**BLOCK_CASES)
-def test_block_selector_matches_reference(grouping, B, Lq, Lkv, qb, kb, K, mask, score, seed):
-    _block_case(grouping, B, Lq, Lkv, qb, kb, K, mask, score, seed)
+def test_block_selector_matches_reference(grouping, B, Lq, Lkv, qb, kb, K, mask, score, dv, seed):
+    _block_case(grouping, B, Lq, Lkv, qb, kb, K, mask, score, dv, seed)
 
 
 @pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**BLOCK_CASES)
-def test_block_selector_matches_reference_many(grouping, B, Lq, Lkv, qb, kb, K, mask, score, seed):
-    _block_case(grouping, B, Lq, Lkv, qb, kb, K, mask, score, seed)
+def test_block_selector_matches_reference_many(grouping, B, Lq, Lkv, qb, kb, K, mask, score, dv, seed):
+    _block_case(grouping, B, Lq, Lkv, qb, kb, K, mask, score, dv, seed)
 
 
-def _block_case(grouping, B, Lq, Lkv, qb, kb, K, mask, score, seed):
+def _block_case(grouping, B, Lq, Lkv, qb, kb, K, mask, score, dv, seed):
     Hq, Hkv, G = grouping
-    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, 16, seed=seed)
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, 16, seed=seed, Dv=dv)
     sel = random_blocks(B, G, Lq, Lkv, qb, kb, K, seed + 1)
     mask_mod, score_mod = MASKS[mask](max(Lq, Lkv)), SCORES[score]
     attn = attndsl.compile(mask_mod=mask_mod, score_mod=score_mod)
-    ctx = f"(grouping={grouping}, B={B}, Lq={Lq}, Lkv={Lkv}, blocks={qb}x{kb}, K={K}, mask={mask})"
+    ctx = f"(grouping={grouping}, B={B}, Lq={Lq}, Lkv={Lkv}, blocks={qb}x{kb}, K={K}, Dv={dv}, mask={mask})"
     check_against(lambda a, b, c: attn(a, b, c, blocks=sel, return_lse=True),
                   lambda a, b, c: reference.block_sparse_attention(a, b, c, sel, mask_mod=mask_mod,
                                                                    score_mod=score_mod),
@@ -491,7 +493,8 @@ def _compile_selector_kernels(tmp_path):
         gs = gather_spec(attndsl.compile(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
                                          score_mod=head_bias, normalizer=normalizer).spec)
         mod = load(codegen_bridge.render_gather(gs), f"gather_{normalizer}")
-        c = dict(HEAD_D=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, UPCAST=False, DOT_PRECISION="tf32")
+        c = dict(HEAD_D=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, HEAD_DV=128, BLOCK_DV=128, UPCAST=False,
+                 DOT_PRECISION="tf32")
         ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "DO", "DQ")}
         ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "Sinks")}, IDX="*i32")
         _aot_compile(getattr(mod, f"{gs.name}_fwd"), dict(c, HAS_SINKS=normalizer == "softmax"), ptrs)
@@ -503,12 +506,12 @@ def _compile_selector_kernels(tmp_path):
                  {"QI": "*bf16", "KI": "*bf16", "W": "*fp32", "S": "*fp32"})
 
 
-@pytest.mark.parametrize("grouping", [(4, 2, 1), (2, 2, 2)])
-def test_token_selector_with_sinks(grouping):
+@pytest.mark.parametrize("grouping,dv", [((4, 2, 1), 16), ((2, 2, 2), 16), ((4, 2, 1), 40)])
+def test_token_selector_with_sinks(grouping, dv):
     """Per-head sink logits join the denominator (a row of -1 gives 0 and lse = sink); the sinks learn."""
     Hq, Hkv, G = grouping
     B, L, D, K = 1, 20, 16, 9
-    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=13)
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=13, Dv=dv)
     idx = random_indices(B, G, L, L, K, seed=4, p_unused=0.4)
     idx[:, :, 3] = -1  # a dead row
     sinks = torch.linspace(-1.0, 1.0, Hq)

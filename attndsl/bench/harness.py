@@ -73,10 +73,16 @@ MIB = 2.0**20
 # --------------------------------------------------------------------------------------
 
 def attention_flops(B: int, H: int, Lq: int, Lkv: int, D: int, density: float = 1.0,
-                    fwd_bwd: bool = False) -> float:
-    """FLOPs of the attended fraction: 4*B*H*Lq*Lkv*D*density (x2.5 for fwd+bwd)."""
-    f = 4.0 * B * H * Lq * Lkv * D * density
+                    fwd_bwd: bool = False, Dv: Optional[int] = None) -> float:
+    """FLOPs of the attended fraction: 4*B*H*Lq*Lkv*D*density (x2.5 for fwd+bwd); with a value head
+    dim ``Dv`` apart from D, 2*B*H*Lq*Lkv*(D + Dv)*density (QKᵀ over D, PV over Dv)."""
+    f = 2.0 * B * H * Lq * Lkv * (D + (D if Dv is None else Dv)) * density
     return f * FWD_BWD_FLOP_FACTOR if fwd_bwd else f
+
+
+def _dims(r: Dict[str, Any]) -> str:
+    """The head dims of a result row: ``D``, or ``D/Dv`` when the value head dim differs."""
+    return str(r.get("D")) if r.get("Dv") in (None, r.get("D")) else f"{r.get('D')}/{r.get('Dv')}"
 
 
 def tflops(flops: float, ms: Optional[float]) -> Optional[float]:
@@ -242,7 +248,7 @@ def header_line(meta: Dict[str, Any]) -> str:
     return (f"GPU: {meta.get('gpu', '?')} · torch {meta.get('torch', '?')} · triton "
             f"{meta.get('triton', '?')} · CUDA {meta.get('cuda', '?')} · ours = {meta.get('ours', '?')} · "
             f"{meta.get('dtype', '?')}, B={meta.get('B')}, H={meta.get('H')}, Hkv={meta.get('Hkv')}, "
-            f"L={Ls}, D={meta.get('D')} · do_bench(warmup={WARMUP_MS}, rep={REP_MS}, median)")
+            f"L={Ls}, D={meta.get('D')}{', Dv=' + str(meta['Dv']) if meta.get('Dv') else ''} · do_bench(warmup={WARMUP_MS}, rep={REP_MS}, median)")
 
 
 def markdown_report(results: Sequence[Dict[str, Any]], meta: Optional[Dict[str, Any]] = None) -> str:
@@ -261,7 +267,7 @@ def markdown_report(results: Sequence[Dict[str, Any]], meta: Optional[Dict[str, 
     out.append("|" + "---|" * 16)
     for r in results:
         out.append("| " + " | ".join([
-            str(r.get("case")), str(r.get("L")), str(r.get("D")), _num(r.get("density"), 4),
+            str(r.get("case")), str(r.get("L")), _dims(r), _num(r.get("density"), 4),
             _num(r.get("ours_ms")), _num(r.get("flex_ms")), _num(r.get("sdpa_ms")),
             _ratio_cell(r.get("flex_over_ours")), _ratio_cell(r.get("sdpa_over_ours")),
             _num(r.get("ours_tflops"), 1), _num(r.get("flex_tflops"), 1),
@@ -286,7 +292,7 @@ def markdown_report(results: Sequence[Dict[str, Any]], meta: Optional[Dict[str, 
             elif r.get("bwd_error"):
                 st = f"**{str(st).upper()}** " + _md_escape(r.get("bwd_error"))
             out.append("| " + " | ".join([
-                str(r.get("case")), str(r.get("L")), str(r.get("D")),
+                str(r.get("case")), str(r.get("L")), _dims(r),
                 _num(r.get("ours_fwd_bwd_ms")), _num(r.get("flex_fwd_bwd_ms")), _num(r.get("sdpa_fwd_bwd_ms")),
                 _ratio_cell(r.get("flex_over_ours_fwd_bwd")), _ratio_cell(r.get("sdpa_over_ours_fwd_bwd")),
                 _num(r.get("ours_fwd_bwd_tflops"), 1), _num(r.get("flex_fwd_bwd_tflops"), 1),
@@ -309,6 +315,8 @@ class BenchConfig:
     cases: List[str]
     Ls: List[int]
     Ds: List[int]
+    #: the value head dim (None: each D), for MLA-style calls (``--D 192 --Dv 128``)
+    Dv: Optional[int] = None
     B: int = 1
     H: int = 16
     Hkv: Optional[int] = None
@@ -383,6 +391,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--L", type=_int_list, default=None,
                    help="sequence length(s), comma list (default 16384; 4096 with --quick)")
     p.add_argument("--D", type=_int_list, default=[128], help="head dim(s), comma list (default 128)")
+    p.add_argument("--Dv", type=int, default=None,
+                   help="value head dim, apart from the query/key one (default: D; MLA-style: --D 192 --Dv 128)")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=16, help="query heads (default 16)")
     p.add_argument("--Hkv", type=int, default=None, help="key/value heads for GQA (default: H)")
@@ -425,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(ns: argparse.Namespace) -> BenchConfig:
     Ls = ns.L or ([4096] if ns.quick else [16384])
-    cfg = BenchConfig(cases=resolve_cases(ns.cases, ns.quick), Ls=list(Ls), Ds=list(ns.D), B=ns.B, H=ns.H,
+    cfg = BenchConfig(cases=resolve_cases(ns.cases, ns.quick), Ls=list(Ls), Ds=list(ns.D), Dv=ns.Dv, B=ns.B, H=ns.H,
                       Hkv=ns.Hkv, dtype=ns.dtype, bwd=ns.bwd, quick=ns.quick, device=ns.device,
                       ours=ns.ours, ref_L=ns.ref_L, tol=ns.tol, grad_tol=ns.grad_tol, ref_tol=ns.ref_tol,
                       seed=ns.seed, budget_s=ns.budget_s, case_timeout_s=ns.case_timeout_s,
@@ -610,7 +620,7 @@ class Context:
 def environment_meta(cfg: BenchConfig, ctx: Optional[Context] = None) -> Dict[str, Any]:
     meta: Dict[str, Any] = dict(
         torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-        dtype=cfg.dtype, B=cfg.B, H=cfg.H, Hkv=cfg.hkv, L=cfg.Ls, D=cfg.Ds, bwd=cfg.bwd,
+        dtype=cfg.dtype, B=cfg.B, H=cfg.H, Hkv=cfg.hkv, L=cfg.Ls, D=cfg.Ds, Dv=cfg.Dv, bwd=cfg.bwd,
         cases=cfg.cases, ours=("flex-standin" if cfg.ours == "flex" else cfg.ours),
         do_bench=f"warmup={WARMUP_MS}, rep={REP_MS}, return_mode=median",
         fwd_bwd_flop_factor=FWD_BWD_FLOP_FACTOR, tolerances=dict(flex=cfg.tol, grad=cfg.grad_tol, ref=cfg.ref_tol),
@@ -676,7 +686,7 @@ def reference_check(case: _cases.Case, D: int, cfg: BenchConfig, ctx: Context, o
     gen.manual_seed(_cases.case_seed(case.name, cfg.seed + 1))
     q = _randn((1, H, Ls, D), torch.float32, dev, gen)
     k = _randn((1, Hkv, Ls, D), torch.float32, dev, gen)
-    v = _randn((1, Hkv, Ls, D), torch.float32, dev, gen)
+    v = _randn((1, Hkv, Ls, cfg.Dv or D), torch.float32, dev, gen)
     attn = ours.compile(mask_mod=_ours_mask(inst), score_mod=inst.score_mod, **inst.compile_kwargs)
     res = attn(q, k, v, return_lse=True, **inst.call_kwargs)
     o, lse = (res[0], res[1]) if isinstance(res, (tuple, list)) else (res, None)
@@ -709,6 +719,8 @@ def run_case(name: str, L: int, D: int, cfg: BenchConfig, ctx: Context) -> Dict[
     """Check, then time one case. Never raises: errors land in the returned dict."""
     r: Dict[str, Any] = dict(case=name, L=L, B=cfg.B, H=cfg.H, Hkv=cfg.hkv, D=D, dtype=cfg.dtype,
                              bwd=cfg.bwd, status="error", phase="setup")
+    if cfg.Dv is not None:
+        r["Dv"] = cfg.Dv
     t_case = time.time()
     try:
         _run_case_inner(r, name, L, D, cfg, ctx)
@@ -743,7 +755,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     gen.manual_seed(_cases.case_seed(name, cfg.seed))
     q = _randn((B, H, L, D), dt, dev, gen)
     k = _randn((B, Hkv, L, D), dt, dev, gen)
-    v = _randn((B, Hkv, L, D), dt, dev, gen)
+    v = _randn((B, Hkv, L, cfg.Dv or D), dt, dev, gen)
     gqa = H != Hkv
     r["density"] = _r(inst.density if getattr(inst, "density", None) is not None else
                       mask_density(inst.mask_mod, L, L, dev, B=B, H=H, uses_bh=inst.mask_uses_bh), 6)
@@ -834,7 +846,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         kw = dict(enable_gqa=True) if gqa else {}
         sdpa_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)  # noqa: E731
     ours_fn = lambda: _call_ours(attn, q, k, v, tables, inst.call_kwargs)  # noqa: E731
-    flops = attention_flops(B, H, L, L, D, r["density"])
+    flops = attention_flops(B, H, L, L, D, r["density"], Dv=cfg.Dv)
 
     r["phase"] = "time.ours"
     r["ours_ms"] = _r(be.bench(ours_fn))
@@ -872,7 +884,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     r["phase"] = "bwd.setup"
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     grads = [qg, kg, vg]
-    do = _randn((B, H, L, D), dt, dev, gen)
+    do = _randn((B, H, L, cfg.Dv or D), dt, dev, gen)
 
     def clear():
         for t in grads:
@@ -933,7 +945,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         causal = inst.sdpa == "causal"
         kw = dict(enable_gqa=True) if gqa else {}
         sdpa_fb = make_fb(lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=causal, **kw))
-    fb_flops = attention_flops(B, H, L, L, D, r["density"], fwd_bwd=True)
+    fb_flops = attention_flops(B, H, L, L, D, r["density"], fwd_bwd=True, Dv=cfg.Dv)
     for who, fn in (("ours", ours_fb), ("flex", flex_fb), ("sdpa", sdpa_fb)):
         if fn is None:
             continue

@@ -227,9 +227,10 @@ class BlockTables:
 
 
 class Runner:
-    """Launches the kernels of one spec for one backend and head dim."""
+    """Launches the kernels of one spec for one backend and pair of head dims (query/key, value)."""
 
-    def __init__(self, spec, module, configs: Configs, interpret: bool, head_dim: int, deterministic: bool = False):
+    def __init__(self, spec, module, configs: Configs, interpret: bool, head_dim: int, deterministic: bool = False,
+                 head_dim_v: int | None = None):
         self.spec = spec
         self.deterministic = deterministic
         self.learnable = frozenset(gl.slot for gl in spec.grad_loads)
@@ -241,6 +242,8 @@ class Runner:
         self.interpret = interpret
         self.head_dim = head_dim
         self.bd = block_d(head_dim)
+        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.bdv = block_d(self.head_dim_v)
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
         self._kernels: dict = {}
@@ -283,7 +286,12 @@ class Runner:
     def _consts(self, dtype):
         upcast = self.interpret and dtype == torch.bfloat16
         prec = "ieee" if dtype == torch.float32 else "tf32"
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, UPCAST=upcast, DOT_PRECISION=prec)
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
+                    UPCAST=upcast, DOT_PRECISION=prec)
+
+    def _even_dims(self) -> bool:
+        """Both head dims fill their tiles: full rows load without a column mask (EVEN_KV, EVEN_Q)."""
+        return self.head_dim == self.bd and self.head_dim_v == self.bdv
 
     def _run(self, kernel, grid, args, consts, num_warps=4, num_stages=3):
         """One launch (inside ``self.mode``): through the interpreter, or the compiled kernel kept by
@@ -435,7 +443,7 @@ class Runner:
             if min(Lq, Lkv) < need:
                 raise ValueError(f"the pattern's layout has {need} tokens up to the end of its grid; "
                                  f"got Lq={Lq}, Lkv={Lkv}")
-        out = _like(q)
+        out = _new((B, Hq, Lq, v.shape[3]), q)
         softmax = self.spec.normalizer == "softmax"
         # sigmoid kernels keep no row statistics: no lse (``out`` fills its pointer slot)
         lse = _new((B, Hq, Lq), q, torch.float32) if softmax else None
@@ -460,7 +468,7 @@ class Runner:
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, cfg, which,
                            table_args=self._table_args(tables, buffers, False), key=key, fixed=fixed,
                            COUNT_VISITS=count_visits, **self._consts(q.dtype), **extras.consts(),
-                           EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd,
+                           EVEN_KV=lambda c: Lkv % c.block_n == 0 and self._even_dims(),
                            KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v),
                            W_TMA=lambda c: c.tma and extras.w is not None and tma_ready(self.interpret, extras.w),
                            FOLD_SCALE=scale > 0)
@@ -493,7 +501,7 @@ class Runner:
             args = [out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq]
             if not self._memoised(self._memo_of(kernel, key), args):
                 self._launch(kernel, lambda c: (cdiv(Lq, bm), B * Hq), args, TileConfig(bm, bm, 4, 3), "delta",
-                             key=key, tiles=False, HEAD_D=D, BLOCK_M=bm, BLOCK_D=self.bd)
+                             key=key, tiles=False, HEAD_DV=self.head_dim_v, BLOCK_M=bm, BLOCK_DV=self.bdv)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(torch.float32)
@@ -553,7 +561,7 @@ class Runner:
             consts = {**self._consts(q.dtype), **extras.consts()}
             self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), args, self.cfg.dkdv, "dkdv",
                          table_args=self._table_args(tables, buffers, True), key=key, fixed=fixed, **consts,
-                         EVEN_Q=lambda c: Lq % c.block_m == 0 and D == self.bd)
+                         EVEN_Q=lambda c: Lq % c.block_m == 0 and self._even_dims())
         memo = self._memo_of(dqk, key)
         head, tail = fixed = self._fixed(memo, lambda: (
             [*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), Hq, Hq // Hkv, Lq, Lkv],
@@ -563,7 +571,7 @@ class Runner:
             consts = consts or {**self._consts(q.dtype), **extras.consts()}
             self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, self.cfg.dq, "dq",
                          table_args=self._table_args(tables, buffers, False), key=key, fixed=fixed, **consts,
-                         **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and D == self.bd)
+                         **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self._even_dims())
         dsinks = None
         if extras.sinks is not None:
             # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i

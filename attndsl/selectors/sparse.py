@@ -119,22 +119,24 @@ def _unsupported(spec):
 
 
 class GatherRunner:
-    """Launches the gather kernels of one spec for one backend and head dim."""
+    """Launches the gather kernels of one spec for one backend and pair of head dims (query/key, value)."""
 
-    def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None):
+    def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None, head_dim_v: int | None = None):
         _unsupported(spec)
         self.spec = gather_spec(spec)
         self.interpret = interpret
         self.head_dim = head_dim
         self.bd = block_d(head_dim)
-        self.cfg = gather_config(head_dim, interpret, block_n)
+        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.bdv = block_d(self.head_dim_v)
+        self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
         self.mod = cache.load(self.spec, interpret, render=codegen_bridge.render_gather)
 
     def _mode(self, t):
         return launch_scope(t, self.interpret)
 
     def _consts(self, q, hpp):
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, BLOCK_H=max(16, triton.next_power_of_2(hpp)),
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv, BLOCK_H=max(16, triton.next_power_of_2(hpp)),
                     BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
@@ -149,7 +151,7 @@ class GatherRunner:
 
     def forward(self, q, k, v, indices, scale, buffers, sinks=None, sigmoid_bias=0.0):
         (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
-        out = _new(q.shape, q)
+        out = _new((*q.shape[:3], v.shape[3]), q)
         lse = _new((B, q.shape[1], Lq), q, torch.float32)
         args = [q, k, v, indices, out, lse, *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
                 *shape_args, scale, sinks if sinks is not None else lse, float(sigmoid_bias), *buffer_args(buffers)]
@@ -166,7 +168,7 @@ class GatherRunner:
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         dl = dlse.contiguous().to(torch.float32) if dlse is not None else lse
         args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
-                *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(),
+                *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
                 *shape_args, scale, float(sigmoid_bias), *buffer_args(buffers)]
         with self._mode(q):
             getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
@@ -208,15 +210,17 @@ class SparseAttentionFunction(torch.autograd.Function):
                                         (dq, dk, dv, dsinks, None, None, None, None) + (None,) * len(buffers))
 
 
-def gather_runner(compiled, query) -> GatherRunner:
-    """The (cached) gather runner of a :class:`~attndsl.api.CompiledAttention` for ``query``."""
+def gather_runner(compiled, query, dv: int | None = None) -> GatherRunner:
+    """The (cached) gather runner of a :class:`~attndsl.api.CompiledAttention` for ``query`` and
+    values of head dim ``dv`` (default: the query's)."""
+    dv = query.shape[-1] if dv is None else dv
     runners = compiled.__dict__.setdefault("_gather_runners", {})
     interpret = use_interpreter(query)
-    key = (interpret, query.shape[-1], query.device.index)
+    key = (interpret, query.shape[-1], dv, query.device.index)
     r = runners.get(key)
     if r is None:
         tiles = getattr(compiled, "_tiles", (None, None))
-        r = runners[key] = GatherRunner(compiled.spec, interpret, query.shape[-1], block_n=tiles[1])
+        r = runners[key] = GatherRunner(compiled.spec, interpret, query.shape[-1], block_n=tiles[1], head_dim_v=dv)
     return r
 
 
@@ -227,6 +231,7 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     Softmax (with optional ``sinks``) and sigmoid normalisers are supported; low-rank
     ``bias_factors`` and learnable captured tensors are not (yet) on this path."""
     from ..runtime.checks import check_captured, check_extras, check_inputs
+    from ..runtime.empty import empty_call, is_empty
     check_inputs(query, key, value, scale)
     check_captured(compiled.tensors, query.device)
     compiled.index_check(compiled.tensors, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]), query.device)
@@ -235,13 +240,16 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
                  sigmoid_bias=sigmoid_bias)
     if bias_factors is not None:
         raise NotImplementedError("indices= cannot be combined with bias_factors yet")
+    validate_indices(indices, query, key, check_indices)
+    if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
+        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks,
+                          others=tuple(compiled.tensors))
     if normalizer == "sigmoid" and sigmoid_bias is None:
         sigmoid_bias = -math.log(key.shape[2])
-    validate_indices(indices, query, key, check_indices)
     if indices.shape[0] != query.shape[0]:
         indices = indices.expand(query.shape[0], -1, -1, -1)  # one selection for the whole batch
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    r = gather_runner(compiled, query)
+    r = gather_runner(compiled, query, value.shape[-1])
     out, lse = SparseAttentionFunction.apply(query, key, value, sinks, indices, r, scale, float(sigmoid_bias or 0.0),
                                              *compiled.tensors)
     return (out, lse) if return_lse else out

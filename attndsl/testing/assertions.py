@@ -39,17 +39,17 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 def random_qkv(shape, dtype: torch.dtype = torch.float32, device="cpu", requires_grad: bool = True,
                seed: Optional[int] = None, std: float = 1.0):
-    """Fresh ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lkv, D]`` with standard-normal entries.
+    """Fresh ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lkv, D]``, ``v [B, Hkv, Lkv, Dv]`` with standard-normal entries.
 
-    ``shape`` is a :class:`~attndsl.testing.Shape` (or any 6-tuple ``B, Hq, Hkv, Lq, Lkv, D``).
+    ``shape`` is a :class:`~attndsl.testing.Shape` (or a tuple ``B, Hq, Hkv, Lq, Lkv, D[, Dv]``).
     Values are drawn in float32 (from a CPU generator seeded with ``seed`` when given, so a
     hypothesis example replays exactly) and then cast, so the three dtypes see the same data.
     The tensors are leaves with ``requires_grad`` as asked.
     """
-    B, Hq, Hkv, Lq, Lkv, D = Shape(*shape)
+    shape = Shape(*shape)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     out = []
-    for s in ((B, Hq, Lq, D), (B, Hkv, Lkv, D), (B, Hkv, Lkv, D)):
+    for s in (shape.q_shape, shape.kv_shape, shape.v_shape):
         t = torch.randn(*s, generator=g) * std
         out.append(t.to(device=device, dtype=dtype).requires_grad_(requires_grad))
     return tuple(out)

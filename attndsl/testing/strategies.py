@@ -39,7 +39,8 @@ __all__ = [
 
 
 class Shape(NamedTuple):
-    """Problem size: ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lkv, D]`` (``Hq % Hkv == 0``)."""
+    """Problem size: ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lkv, D]``, ``v [B, Hkv, Lkv, Dv]``
+    (``Hq % Hkv == 0``; ``Dv`` None: the value head dim is ``D``)."""
 
     B: int
     Hq: int
@@ -47,6 +48,12 @@ class Shape(NamedTuple):
     Lq: int
     Lkv: int
     D: int
+    Dv: Optional[int] = None
+
+    @property
+    def dv(self) -> int:
+        """The value head dim."""
+        return self.D if self.Dv is None else self.Dv
 
     @property
     def q_shape(self) -> tuple:
@@ -55,6 +62,10 @@ class Shape(NamedTuple):
     @property
     def kv_shape(self) -> tuple:
         return (self.B, self.Hkv, self.Lkv, self.D)
+
+    @property
+    def v_shape(self) -> tuple:
+        return (self.B, self.Hkv, self.Lkv, self.dv)
 
 
 def lengths(max_len: int = 96, min_len: int = 1) -> st.SearchStrategy[int]:
@@ -72,13 +83,15 @@ def _divisors(n: int) -> list[int]:
 
 def shapes(max_len: int = 96, max_batch: int = 2, max_heads: int = 4,
            head_dims: Sequence[int] = (16, 32, 64), *, min_len: int = 1,
-           same_len: Optional[bool] = None) -> st.SearchStrategy[Shape]:
+           same_len: Optional[bool] = None, value_head_dims: Optional[Sequence[int]] = None
+           ) -> st.SearchStrategy[Shape]:
     """Random :class:`Shape`.
 
     Lengths are drawn from :func:`lengths` (``1..max_len``, with extra weight just around
     multiples of 16, so partial tiles are common). ``same_len=None`` draws ``Lq == Lkv`` about
     half the time and independent lengths otherwise; ``True``/``False`` forces either.
-    ``Hq`` is ``1..max_heads`` and ``Hkv`` a divisor of it (MHA, GQA and MQA).
+    ``Hq`` is ``1..max_heads`` and ``Hkv`` a divisor of it (MHA, GQA and MQA). ``value_head_dims``
+    (default None: ``Dv == D``) draws the value head dim independently, as MLA-style layers use.
     """
     if max_heads < 1 or max_batch < 1:
         raise ValueError("max_heads and max_batch must be >= 1")
@@ -93,7 +106,8 @@ def shapes(max_len: int = 96, max_batch: int = 2, max_heads: int = 4,
         same = draw(st.booleans()) if same_len is None else same_len
         Lkv = Lq if same else draw(lengths(max_len, min_len))
         D = draw(st.sampled_from(head_dims))
-        return Shape(B, Hq, Hkv, Lq, Lkv, D)
+        Dv = draw(st.sampled_from(tuple(value_head_dims))) if value_head_dims else None
+        return Shape(B, Hq, Hkv, Lq, Lkv, D, Dv)
 
     return _shape()
 
