@@ -68,8 +68,7 @@ class CompiledAttention:
         if r is None:
             module = cache.load(self.spec, interpret)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
-            # tiles by the wider head dim: it sets the registers and shared memory a tile takes
-            cfg = choose(max(q.shape[-1], dv), interpret, *tiles, element_size=q.element_size())
+            cfg = choose(q.shape[-1], interpret, *tiles, element_size=q.element_size(), head_dim_v=dv)
             if self.spec.tiles:  # ... per kernel
                 cfg = Configs(cfg.fwd, replace(cfg.dkdv, block_m=self.spec.bwd_tiles[0], block_n=self.spec.bwd_tiles[1]),
                               replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))
@@ -197,9 +196,11 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, r
               check_indices=None, deterministic=False):
     """Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
-    ``query [B, Hq, Lq, D]``, ``key/value [B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0``. Returns the
-    output (and, with ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32). Rows
-    whose every key is masked give zeros and ``lse = -inf``. The pattern is traced on every call
+    ``query [B, Hq, Lq, D]``, ``key [B, Hkv, Lkv, D]``, ``value [B, Hkv, Lkv, Dv]`` with ``Hq % Hkv == 0``
+    (``Dv`` may differ from ``D``, as in MLA). Returns the output ``[B, Hq, Lq, Dv]`` (and, with
+    ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32). Rows whose every key is
+    masked give zeros and ``lse = -inf``; so does every row of an empty call (a size of 0), which
+    launches nothing. The pattern is traced on every call
     (tracing is cheap; kernels are cached by the IR hash); use :func:`compile` in hot loops.
 
     Further keywords: ``normalizer="sigmoid"`` computes ``Σ_j σ(s_ij + sigmoid_bias)·v_j``

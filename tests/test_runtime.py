@@ -710,6 +710,14 @@ def test_forward_tiles_follow_the_grid_size():
     assert (f32.fwd.block_m, f32.fwd.block_n, f32.dkdv.block_n, f32.dq.block_m) == (64, 32, 32, 32)
     assert choose(128, interpret=False, element_size=4) == choose(128, interpret=False)
     assert choose(64, interpret=False).fwd_wide is None
+    # MLA-style heads (192/128): a third forward stage and dK/dV over 128 keys x 32 queries; a wide
+    # value head takes the wide tiles whatever the query/key head dim; float32 keeps the small ones
+    mla = choose(192, interpret=False, head_dim_v=128)
+    assert (mla.fwd.block_m, mla.fwd.block_n, mla.fwd.num_stages, mla.fwd.tma) == (128, 64, 3, True)
+    assert (mla.dkdv.block_m, mla.dkdv.block_n, mla.dq.block_m, mla.dq.block_n) == (32, 128, 128, 64)
+    assert choose(128, interpret=False, head_dim_v=256) == choose(256, interpret=False)
+    assert choose(64, interpret=False, head_dim_v=128) == choose(128, interpret=False)
+    assert choose(192, interpret=False, head_dim_v=128, element_size=4) == f32
     # ... and for patterns with neither mask nor score modifier only; block tables keep one configuration
     assert for_pattern(cfg, False, False, False) == cfg
     assert for_pattern(cfg, True, False, False).fwd_wide is None

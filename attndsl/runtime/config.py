@@ -94,10 +94,13 @@ def block_d(head_dim: int) -> int:
 
 
 def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: int | None = None,
-           num_warps: int | None = None, num_stages: int | None = None, element_size: int = 2) -> Configs:
+           num_warps: int | None = None, num_stages: int | None = None, element_size: int = 2,
+           head_dim_v: int | None = None) -> Configs:
     """Heuristic tiles. On the interpreter small tiles keep CPU tests fast and multi-tile.
     ``element_size``: bytes per input element; float32 tiles at head dims over 128 start small, as
-    the 16-bit ones would overflow shared memory and fall back one compile at a time."""
+    the 16-bit ones would overflow shared memory and fall back one compile at a time.
+    ``head_dim_v``: the value head dim (default ``head_dim``); tiles follow the wider of the two,
+    but wide query/key heads with value heads of 128 or less (MLA) have their own."""
     if interpret:
         # TMA through the interpreter too, so the CPU suite runs that path (tests cover the other)
         bm, bn = block_m or 32, block_n or 32
@@ -107,7 +110,8 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
     # dK/dV over 128 keys x 64 queries; dQ over 128 queries x 64 keys. The forward's K/V through
     # TMA: 2% faster (softmax) and 5% (sigmoid) at L=16384, but 3% slower with the small grid's
     # 64x64 tiles at 4096 (BENCHMARKS.md)
-    d = block_d(head_dim)
+    dv = block_d(head_dim if head_dim_v is None else head_dim_v)
+    d = max(block_d(head_dim), dv)
     small = wide = None
     if d <= 128:
         fwd, dkdv, dq = TileConfig(128, 64, 8, 3, tma=True), TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 3)
@@ -120,6 +124,11 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
         # 128 queries x 64 keys took 8.1 / 57 ms (dense, fwd / fwd+bwd) where 64x32 with 4 warps and
         # 32x32 backward tiles took 10.8 / 128
         fwd, dkdv, dq = TileConfig(128, 64, 8, 2, tma=True), TileConfig(64, 64, 8, 2), TileConfig(128, 64, 8, 2)
+        if dv <= 128:
+            # MLA-style heads (query/key over 128, value 128 or less), measured at 192/128 (H100, bf16,
+            # L=16384; BENCHMARKS.md): the narrower V tiles leave room for a third forward stage
+            # (forward 0.77-0.82x) and dK/dV over 128 keys x 32 queries (forward+backward 0.70-0.72x)
+            fwd, dkdv = TileConfig(128, 64, 8, 3, tma=True), TileConfig(32, 128, 8, 2)
         if element_size > 2:
             fwd, dkdv, dq = TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1)
     if block_m or block_n or num_warps or num_stages:

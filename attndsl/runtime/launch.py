@@ -435,7 +435,7 @@ class Runner:
         """Returns (out, lse or None for sigmoid, visits or None). ``key``: the call's ``call_key``
         (None: no memo, as for block tables and visit counts)."""
         extras = extras or Extras()
-        B, Hq, Lq, D = q.shape
+        B, Hq, Lq = q.shape[:3]
         Hkv, Lkv = k.shape[1], k.shape[2]
         if self.spec.tiles:
             from ..passes.box_analysis import required_length
@@ -483,7 +483,7 @@ class Runner:
         """Returns (dq, dk, dv, dsinks, du, dw, {slot: dbuf}). ``key``: the forward's ``call_key``
         (None: no memo)."""
         extras = extras or Extras()
-        B, Hq, Lq, D = q.shape
+        B, Hq, Lq = q.shape[:3]
         Hkv, Lkv = k.shape[1], k.shape[2]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic

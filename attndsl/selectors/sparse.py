@@ -121,7 +121,8 @@ def _unsupported(spec):
 class GatherRunner:
     """Launches the gather kernels of one spec for one backend and pair of head dims (query/key, value)."""
 
-    def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None, head_dim_v: int | None = None):
+    def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None,
+                 head_dim_v: int | None = None):
         _unsupported(spec)
         self.spec = gather_spec(spec)
         self.interpret = interpret
@@ -136,8 +137,8 @@ class GatherRunner:
         return launch_scope(t, self.interpret)
 
     def _consts(self, q, hpp):
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv, BLOCK_H=max(16, triton.next_power_of_2(hpp)),
-                    BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
+                    BLOCK_H=max(16, triton.next_power_of_2(hpp)), BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
