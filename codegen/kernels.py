@@ -140,8 +140,8 @@ def _loop_head(spec: KernelSpec, run: bool, runs: bool, table: bool, rng, inner:
 
 
 def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str, tma: bool = False) -> str:
-    """A key tile of the forward or dQ loop: its indices, Kᵀ, V (as ``v``: ``v`` or ``vT``) and the
-    low-rank factor's Wᵀ. ``tests`` (the tile's classification, ``if nonempty:``) sits between the
+    """A key tile of the forward or dQ loop: its indices, Kᵀ (and its second part ``kT2``, see
+    ``SECOND_PART``), V (as ``v``: ``v`` or ``vT``) and the low-rank factor's Wᵀ. ``tests`` (the tile's classification, ``if nonempty:``) sits between the
     indices and the loads. ``tma``: K, V and Wᵀ may come through the tensor descriptors of
     ``KV_DESCRIPTORS`` and the forward's ``w_desc`` (the forward)."""
     first = f"{B}if EVEN_KV:\n"
@@ -153,19 +153,26 @@ def _kv_tile(B: str, tests: str, v: str, v_offs: str, v_mask: str, tma: bool = F
                   f"{B}    else:\n{_indent(w_ptrs, B + I2)}")
         # descriptor offsets are 32-bit (a captured int64 scalar can make the tile index int64)
         first = (f"{B}if KV_TMA:\n{B}    kT = k_desc.load([kv_lo.to(tl.int32), 0]).T\n"
+                 f"{B}    if HAS_D2:\n{B}        kT2 = k2_desc.load([kv_lo.to(tl.int32), BLOCK_D]).T\n"
                  f"{B}    {v} = v_desc.load([kv_lo.to(tl.int32), 0])\n{B}elif EVEN_KV:\n")
     return f'''{I2}kv_lo = tile * BLOCK_N
 {I2}kv_hi = kv_lo + BLOCK_N - 1
 {I2}offs_n = kv_lo + offs_n0
 {I2}kv_idx = offs_n[None, :]
 {tests}{first}{B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs)
+{B}    if HAS_D2:
+{B}        kT2 = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT2_offs)
 {B}    {v} = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + {v_offs})
 {B}else:
 {B}    kT = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT_offs, mask=(offs_n[None, :] < LKV) & d_ok[:, None], other=0.0)
+{B}    if HAS_D2:
+{B}        kT2 = tl.load(k_base + kv_lo.to(tl.int64) * stride_kn + kT2_offs, mask=(offs_n[None, :] < LKV) & d2_ok[:, None], other=0.0)
 {B}    {v} = tl.load(v_base + kv_lo.to(tl.int64) * stride_vn + {v_offs}, mask={v_mask}, other=0.0)
 {B}if UPCAST:
 {B}    kT = kT.to(tl.float32)
 {B}    {v} = {v}.to(tl.float32)
+{B}    if HAS_D2:
+{B}        kT2 = kT2.to(tl.float32)
 {B}if HAS_BIAS:
 {w_load}{B}    if UPCAST:
 {B}        wT = wT.to(tl.float32)
@@ -178,7 +185,33 @@ KV_DESCRIPTORS = f"""{I1}if KV_TMA:
 {I1}    # backward kernels keep pointer loads (no gain measured there: BENCHMARKS.md)
 {I1}    k_desc = tl.make_tensor_descriptor(k_base, shape=[LKV, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
 {I1}    v_desc = tl.make_tensor_descriptor(v_base, shape=[LKV, HEAD_DV], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+{I1}    if HAS_D2:
+{I1}        k2_desc = tl.make_tensor_descriptor(k_base, shape=[LKV, HEAD_D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D2])
 """
+
+
+#: the query/key head dim's second part (columns BLOCK_D..HEAD_D, ``runtime.config.split_head_dim``):
+#: a head dim like 192 runs as 128 + 64, every product over it as two, where one 256-wide tile would
+#: multiply a quarter zeros. Its index vector and mask; the kernels add their tiles of it.
+SECOND_PART = """{I}if HAS_D2:
+{I}    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+{I}    d2_ok = offs_d2 < HEAD_D
+"""
+
+
+def _dot_acc(a: str, b: str, acc: str) -> str:
+    """``acc + a·b`` as one matrix multiply-accumulate."""
+    return f"tl.dot({a}, {b}, {acc}, input_precision=DOT_PRECISION)"
+
+
+def _second_q_rows(I: str) -> str:
+    """The forward's and dQ's query tile, second part (``q2``), and the offsets of Kᵀ's (``kT2``)."""
+    return (SECOND_PART.format(I=I) + f"""{I}    q2 = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d2[None, :] * stride_qd,
+{I}                 mask=(offs_m[:, None] < LQ) & d2_ok[None, :], other=0.0)
+{I}    if UPCAST:
+{I}        q2 = q2.to(tl.float32)
+{I}    kT2_offs = offs_n0[None, :] * stride_kn + offs_d2[:, None] * stride_kd
+""")
 
 
 # -------------------------------------------------------------------------------------------
@@ -450,6 +483,8 @@ def forward(spec: KernelSpec, table: bool) -> str:
         tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & dv_ok[None, :]",
                         tma=True)
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
+{B}if HAS_D2:
+{B}    qk = {_dot_acc("q2", "kT2", "qk")}
 {score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"), c=" * qk_scale" if folded else "",
                                    add=" + s_add" if folded and not fold else "",
                                    shift="(m_use - s_add)" if folded and not fold else "m_use")}{B}visited += 1
@@ -474,7 +509,7 @@ def {name}(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr, EVEN_KV: tl.constexpr,
     KV_TMA: tl.constexpr, W_TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
     {EXTRA_CONSTS}
@@ -507,7 +542,7 @@ def {name}(
     offs_n0 = tl.arange(0, BLOCK_N)
     kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-{KV_DESCRIPTORS}    if HAS_BIAS:
+{_second_q_rows(I1)}{KV_DESCRIPTORS}    if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                     mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
@@ -631,18 +666,29 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
 {B}else:
 {B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs, mask=(offs_m[:, None] < LQ) & d_ok[None, :], other=0.0)
 {B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs, mask=(offs_m[:, None] < LQ) & dv_ok[None, :], other=0.0)
+{B}if HAS_D2:
+{B}    if EVEN_Q:
+{B}        q2 = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q2_offs)
+{B}    else:
+{B}        q2 = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q2_offs, mask=(offs_m[:, None] < LQ) & d2_ok[None, :], other=0.0)
 {B}if UPCAST:
 {B}    q = q.to(tl.float32)
 {B}    do = do.to(tl.float32)
+{B}    if HAS_D2:
+{B}        q2 = q2.to(tl.float32)
 {B}if HAS_BIAS:
 {B}    u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
 {B}                mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
 {B}    if UPCAST:
 {B}        u = u.to(tl.float32)
 {stats}{B}qkT = {_dot("k", "tl.trans(q)")}
+{B}if HAS_D2:
+{B}    qkT = {_dot_acc("k2", "tl.trans(q2)", "qkT")}
 {score}{mask}{_probs(spec, B, "pT", "lse[None, :]")}{B}dv += {_dot("pT.to(do.dtype)", "do")}
 {B}dpT = {_dot("v", "tl.trans(do)")}
 {ds}{B}dk += {_dot("dsT.to(q.dtype)", "q")}
+{B}if HAS_D2:
+{B}    dk2 += {_dot("dsT.to(q2.dtype)", "q2")}
 {B}if HAS_BIAS:
 {B}    dw += {_dot("dsT.to(u.dtype)", "u")}
 '''
@@ -668,7 +714,7 @@ def {spec.name}_bwd_dkdv(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
     {EXTRA_CONSTS}
 ):
@@ -700,6 +746,12 @@ def {spec.name}_bwd_dkdv(
     offs_m0 = tl.arange(0, BLOCK_M)
     q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
+{SECOND_PART.format(I=I1)}        k2 = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d2[None, :] * stride_kd,
+                     mask=(offs_n[:, None] < LKV) & d2_ok[None, :], other=0.0)
+        if UPCAST:
+            k2 = k2.to(tl.float32)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        q2_offs = offs_m0[:, None] * stride_qm + offs_d2[None, :] * stride_qd
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h
@@ -716,6 +768,10 @@ def {spec.name}_bwd_dkdv(
             tl.store(dw_ptrs, dw, mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK))
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    if HAS_D2:
+        dk2 = dk2 * sm_scale
+        tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d2[None, :] * stride_dkd,
+                 dk2.to(DK.dtype.element_ty), mask=(offs_n[:, None] < LKV) & d2_ok[None, :])
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=v_ok)
 '''
     return _split_extras_loop(src, spec.bwd_range, table, visit_if)
@@ -1015,8 +1071,12 @@ def dq(spec: KernelSpec, table: bool) -> str:
         em.forget(2)
         tile = _kv_tile(B, "" if run else check + visit_if, "vT", "vT_offs", "(offs_n[None, :] < LKV) & dv_ok[:, None]")
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
+{B}if HAS_D2:
+{B}    qk = {_dot_acc("q2", "kT2", "qk")}
 {score}{mask}{_probs(spec, B, "p", "lse[:, None]")}{B}dp = {_dot("do", "vT")}
 {ds}{grads[mode][1]}{B}dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+{B}if HAS_D2:
+{B}    dq2 += {_dot("ds.to(kT2.dtype)", "tl.trans(kT2)")}
 {B}if HAS_BIAS:
 {B}    du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
 '''
@@ -1053,7 +1113,7 @@ def {spec.name}_bwd_dq(
     {EXTRA_PARAMS}
     {buffer_params(spec)}{_grad_params(spec)}{TABLE_PARAMS if table else ""}
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
@@ -1084,7 +1144,7 @@ def {spec.name}_bwd_dq(
     offs_n0 = tl.arange(0, BLOCK_N)
     kT_offs = offs_n0[None, :] * stride_kn + offs_d[:, None] * stride_kd
     vT_offs = offs_n0[None, :] * stride_vn + offs_dv[:, None] * stride_vd
-    if HAS_BIAS:
+{_second_q_rows(I1)}    if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
         u = tl.load(U + b.to(tl.int64) * stride_ub + h.to(tl.int64) * stride_uh + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                     mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), other=0.0)
@@ -1094,8 +1154,14 @@ def {spec.name}_bwd_dq(
         du = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
 {pre1}{_indent(plan, I1)}
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_D2:
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
 {g_init}{loops}    dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
+    if HAS_D2:
+        dq2 = dq2 * sm_scale
+        tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d2[None, :] * stride_dqd,
+                 dq2.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < LQ) & d2_ok[None, :])
     if HAS_BIAS:
         du_ptrs = DU + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :]
         tl.store(du_ptrs, du, mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK))

@@ -150,10 +150,11 @@ CASES = [
     ("lq_lt_lkv_bottom_right_d64_bf16", bottom_right(300, 1024), None, 1, 4, 4, 300, 1024, 64, torch.bfloat16),
     ("lq_gt_lkv_window_d128_fp16", window_abs(100), None, 1, 4, 2, 1024, 333, 128, torch.float16),
     ("chunked_softcap_d128_bf16", chunked(200), softcap(30.0), 1, 2, 2, 900, 900, 128, torch.bfloat16),
-    # head dims over 128: 256-wide tiles (D=192 reads zero columns past D), float32 through the
-    # shared-memory fallback
+    # head dims over 128: 256-wide tiles (D=192 as 128 + 64), float32 through the shared-memory fallback
     ("causal_gqa_d256_bf16", causal, None, 1, 8, 2, 777, 777, 256, torch.bfloat16),
     ("window_d192_fp16", window_abs(150), None, 1, 4, 4, 700, 900, 192, torch.float16),
+    # a head dim of two parts (96 = 64 + 32; 192 above is 128 + 64)
+    ("causal_gqa_d96_bf16", causal, None, 1, 8, 2, 1000, 1000, 96, torch.bfloat16),
     ("lq_gt_lkv_dense_d256_fp32", None, None, 1, 2, 1, 600, 450, 256, torch.float32),
     # value head dims apart from the query/key ones (MLA: DeepSeek V3's 192 and 128); tiles by the wider
     ("mla_causal_gqa_d192_v128_bf16", causal, None, 1, 8, 2, 777, 777, (192, 128), torch.bfloat16),

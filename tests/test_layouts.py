@@ -376,7 +376,7 @@ for mask, (bm, bn) in cases:
     attn = attndsl.compile(mask_mod=mask, block_m=bm, block_n=bn)
     assert isinstance(attn.spec.fwd_range, VisitBox)
     mod = cache.load(attn.spec, False)
-    consts = dict(HEAD_D=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HEAD_DV=64, BLOCK_DV=64, UPCAST=False,
+    consts = dict(HEAD_D=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HEAD_DV=64, BLOCK_DV=64, HAS_D2=False, BLOCK_D2=16, UPCAST=False,
                   DOT_PRECISION="tf32", BLOCK_R=16)
     bufs = {f"buf{b.slot}": b for b in attn.spec.buffers}
     for kname in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):

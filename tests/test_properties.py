@@ -108,16 +108,20 @@ def test_builtin_pattern_matches_reference(name, data, shape, dtype, tiles, seed
     check(q, k, v, case.mask_mod, case.score_mod, tiles, seed=seed)
 
 
-#: value head dims drawn apart from the query/key ones (16, 32): narrower, wider, not a power of two
+#: value head dims drawn apart from the query/key ones: narrower, wider, not a power of two
 VALUE_HEAD_DIMS = (16, 24, 48)
+#: query/key head dims with one power-of-two part (16, 32) or two (48 = 32 + 16, 80 = 64 + 16,
+#: 96 = 64 + 32: ``runtime.config.split_head_dim``)
+SPLIT_HEAD_DIMS = (16, 32, 48)
 
 
-@settings(max_examples=8, **FAST)
-@given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS, value_head_dims=VALUE_HEAD_DIMS),
+@settings(max_examples=10, **FAST)
+@given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, SPLIT_HEAD_DIMS, value_head_dims=VALUE_HEAD_DIMS),
        dtype=dtypes(), tiles=TILES, seed=SEEDS)
 def test_value_head_dim_apart_from_query_key(data, shape, dtype, tiles, seed):
     """MLA-style layers give values their own head dim (DeepSeek V3: 192 for q/k, 128 for v): the
-    output and dV are Dv wide, dQ/dK stay D wide, every kernel masks each dim on its own."""
+    output and dV are Dv wide, dQ/dK stay D wide, every kernel masks each dim on its own; a q/k
+    head dim of two parts (48 = 32 + 16) runs every product over it as two."""
     case = data.draw(patterns(MAX_LEN, MAX_HEADS), label="pattern")
     shape = case.fit(shape)
     q, k, v = _draw_case(shape, dtype, tiles, seed)
@@ -127,7 +131,8 @@ def test_value_head_dim_apart_from_query_key(data, shape, dtype, tiles, seed):
 
 @pytest.mark.slow
 @settings(max_examples=40, **FAST)
-@given(data=st.data(), shape=shapes(96, 2, MAX_HEADS, (16, 32, 64), value_head_dims=VALUE_HEAD_DIMS + (64,)),
+@given(data=st.data(), shape=shapes(96, 2, MAX_HEADS, SPLIT_HEAD_DIMS + (64, 80, 96),
+                                     value_head_dims=VALUE_HEAD_DIMS + (64,)),
        dtype=dtypes(), tiles=TILES, seed=SEEDS)
 def test_value_head_dim_apart_from_query_key_many(data, shape, dtype, tiles, seed):
     case = data.draw(patterns(96, MAX_HEADS), label="pattern")

@@ -729,6 +729,23 @@ def test_forward_tiles_follow_the_grid_size():
     assert data.runner(q).cfg.fwd_small is None
 
 
+def test_head_dims_split_where_padding_multiplies_zeros():
+    """192 runs as 128 + 64 (padding to 256 would multiply a quarter zeros); a second part is 16
+    wide at least, so 24 stays one 32-wide part; powers of two stay whole."""
+    from attndsl.runtime.config import split_head_dim
+    got = {d: split_head_dim(d) for d in (16, 24, 32, 48, 64, 80, 96, 100, 128, 144, 160, 192, 200, 256)}
+    assert got == {16: (16, 0), 24: (32, 0), 32: (32, 0), 48: (32, 16), 64: (64, 0), 80: (64, 16), 96: (64, 32),
+                   100: (128, 0), 128: (128, 0), 144: (128, 16), 160: (128, 32), 192: (128, 64), 200: (256, 0),
+                   256: (256, 0)}
+    src = attndsl.compile(mask_mod=causal).source
+    for line in ("qk = tl.dot(q2, kT2, qk", "qkT = tl.dot(k2, tl.trans(q2), qkT", "dk2 += tl.dot(dsT.to(q2.dtype), q2",
+                 "dq2 += tl.dot(ds.to(kT2.dtype), tl.trans(kT2)", "kT2 = k2_desc.load([kv_lo.to(tl.int32), BLOCK_D]).T"):
+        assert line in src, line
+    q, k, v = (rand(1, 2, 40, 48, seed=s, grad=True) for s in range(3))
+    r = attndsl.compile(mask_mod=causal, block_m=16, block_n=16).runner(q)
+    assert (r.bd, r.bd2, r._consts(q.dtype)["HAS_D2"]) == (32, 16, True)
+
+
 class _TooBigFirst:
     """A kernel whose 32-wide launches overflow shared memory (``OutOfResources``)."""
 

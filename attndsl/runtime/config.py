@@ -93,6 +93,19 @@ def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """The query/key head dim's tiles: ``(BLOCK_D, BLOCK_D2)``, a power-of-two first part and, where
+    it multiplies fewer zeros than padding to the next power of two, a narrower second part
+    (``BLOCK_D2`` 0: none). 192 = 128 + 64 where padding would give 256 (a quarter zeros); 24 stays
+    32, as a second part is 16 wide at least (the smallest matrix-multiply depth)."""
+    padded = block_d(head_dim)
+    first = max(16, 1 << (head_dim.bit_length() - 1))
+    if first >= head_dim:
+        return padded, 0
+    second = block_d(head_dim - first)
+    return (first, second) if first + second < padded else (padded, 0)
+
+
 def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: int | None = None,
            num_warps: int | None = None, num_stages: int | None = None, element_size: int = 2,
            head_dim_v: int | None = None) -> Configs:

@@ -16,7 +16,7 @@ from . import cache
 from .fastlaunch import Direct, launcher
 from .scope import NO_CONTEXT, launch_scope
 from ..codegen_bridge import dq_visits_whole_range
-from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section
+from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section, split_head_dim
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 #: check every memoised launch against a fresh computation of its grid, constants and argument
@@ -241,7 +241,8 @@ class Runner:
         self.cfg = configs
         self.interpret = interpret
         self.head_dim = head_dim
-        self.bd = block_d(head_dim)
+        # the query/key head dim in one power-of-two part, or two (192 = 128 + 64: no padding to 256)
+        self.bd, self.bd2 = split_head_dim(head_dim)
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.bdv = block_d(self.head_dim_v)
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
@@ -286,12 +287,12 @@ class Runner:
     def _consts(self, dtype):
         upcast = self.interpret and dtype == torch.bfloat16
         prec = "ieee" if dtype == torch.float32 else "tf32"
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
-                    UPCAST=upcast, DOT_PRECISION=prec)
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HAS_D2=self.bd2 > 0, BLOCK_D2=max(self.bd2, 16),
+                    HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv, UPCAST=upcast, DOT_PRECISION=prec)
 
     def _even_dims(self) -> bool:
         """Both head dims fill their tiles: full rows load without a column mask (EVEN_KV, EVEN_Q)."""
-        return self.head_dim == self.bd and self.head_dim_v == self.bdv
+        return self.head_dim == self.bd + self.bd2 and self.head_dim_v == self.bdv
 
     def _run(self, kernel, grid, args, consts, num_warps=4, num_stages=3):
         """One launch (inside ``self.mode``): through the interpreter, or the compiled kernel kept by
