@@ -142,8 +142,9 @@ def test_value_head_dim_apart_from_query_key_many(data, shape, dtype, tiles, see
 
 
 def test_value_head_dim_with_sinks_low_rank_bias_learnable_and_sigmoid():
-    """Dv != D together with the issue-6 tensors: sinks, u·wᵀ, a learnable table, and sigmoid."""
-    q, k, v = random_qkv(Shape(2, 4, 2, 37, 45, 32, 24), torch.float32, seed=3)
+    """Dv != D together with the issue-6 tensors: sinks, u·wᵀ, a learnable table, and sigmoid; the
+    query/key head dim in two parts (48 = 32 + 16)."""
+    q, k, v = random_qkv(Shape(2, 4, 2, 37, 45, 48, 24), torch.float32, seed=3)
     assert v.shape == (2, 2, 45, 24)
     slopes = torch.tensor([0.25, -0.5, 0.1, 0.3], requires_grad=True)
 
