@@ -30,7 +30,7 @@ from .kernels import I1, I2, I3, SIGMOID, _dot, buffer_params, score_unit
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
-SELECTOR_VERSION = 3
+SELECTOR_VERSION = 4
 
 
 def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
@@ -85,6 +85,14 @@ _PROLOGUE = """
                 + pid_q.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=hd_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if HAS_D2:  # the query/key head dim's second part (192 = 128 + 64: no padding to 256)
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d2_ok = offs_d2 < HEAD_D
+        q2 = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
+                     + pid_q.to(tl.int64) * stride_qm + offs_d2[None, :] * stride_qd, mask=h_ok[:, None] & d2_ok[None, :],
+                     other=0.0)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     idx_base = IDX + b.to(tl.int64) * stride_ib + g.to(tl.int64) * stride_ig + pid_q.to(tl.int64) * stride_im
@@ -98,11 +106,18 @@ _GATHER = """
         kv_idx = kv_safe[None, :]
         kd_ok = valid[None, :] & d_ok[:, None]
         kT = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kd_ok, other=0.0)
+        if HAS_D2:
+            kT2 = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d2[:, None] * stride_kd,
+                          mask=valid[None, :] & d2_ok[:, None], other=0.0)
         {vload}
         if UPCAST:
             kT = kT.to(tl.float32)
             {vname} = {vname}.to(tl.float32)
+            if HAS_D2:
+                kT2 = kT2.to(tl.float32)
         qk = {qk}
+        if HAS_D2:
+            qk = tl.dot(q2, kT2, qk, input_precision=DOT_PRECISION)
 """
 
 _VLOAD = ("v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_dv[None, :] * stride_vd, "
@@ -195,7 +210,7 @@ def {spec.name}_fwd(
     NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, Sinks, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """Gather forward ({_norm(spec)}): one program per (query token, batch*unit); heads packed in M."""{pro}
@@ -226,7 +241,7 @@ def {spec.name}_bwd(
     NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, sigmoid_bias,
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """Gather backward: dQ in registers, dK/dV scattered into float32 buffers with atomic adds."""{pro}
@@ -246,6 +261,8 @@ def {spec.name}_bwd(
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    if HAS_D2:
+        dq2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
     for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = {prob}
         dp = {_dot("do", "vT")}
         ds = {dsc}{dmod}
@@ -254,11 +271,21 @@ def {spec.name}_bwd(
         dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
         tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk_rows,
                       mask=valid[:, None] & d_ok[None, :], sem="relaxed")
+        if HAS_D2:
+            dq2 += {_dot("ds.to(kT2.dtype)", "tl.trans(kT2)")}
+            dk2_rows = {_dot("tl.trans(ds).to(q2.dtype)", "q2")} * sm_scale
+            tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d2[None, :] * stride_dkd, dk2_rows,
+                          mask=valid[:, None] & d2_ok[None, :], sem="relaxed")
         tl.atomic_add(dv_base + kv_safe[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv_rows,
                       mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
              + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
+    if HAS_D2:
+        dq2 = dq2 * sm_scale
+        tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
+                 + pid_q.to(tl.int64) * stride_dqm + offs_d2[None, :] * stride_dqd, dq2.to(DQ.dtype.element_ty),
+                 mask=h_ok[:, None] & d2_ok[None, :])
 ''')
 
 

@@ -23,6 +23,7 @@ from attndsl import reference
 from attndsl.runtime import cache
 from attndsl.selectors import BlockSelection, dedupe, moba_select, nsa_select
 from attndsl.selectors.blocks import build_table
+from attndsl.selectors.sparse import gather_runner
 
 TOL = {torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
 
@@ -493,8 +494,8 @@ def _compile_selector_kernels(tmp_path):
         gs = gather_spec(attndsl.compile(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
                                          score_mod=head_bias, normalizer=normalizer).spec)
         mod = load(codegen_bridge.render_gather(gs), f"gather_{normalizer}")
-        c = dict(HEAD_D=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, HEAD_DV=128, BLOCK_DV=128, UPCAST=False,
-                 DOT_PRECISION="tf32")
+        c = dict(HEAD_D=192, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, HAS_D2=True, BLOCK_D2=64, HEAD_DV=128,
+                 BLOCK_DV=128, UPCAST=False, DOT_PRECISION="tf32")
         ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "DO", "DQ")}
         ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "Sinks")}, IDX="*i32")
         _aot_compile(getattr(mod, f"{gs.name}_fwd"), dict(c, HAS_SINKS=normalizer == "softmax"), ptrs)
@@ -529,6 +530,21 @@ def test_token_selector_with_sinks(grouping, dv):
     (out.sum() + lse.sum()).backward()
     (rout.sum() + rlse.sum()).backward()
     torch.testing.assert_close(sg.grad.double(), sr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_selector_with_a_two_part_head_dim(dtype):
+    """A query/key head dim of two parts (48 = 32 + 16) with its own value head dim (24): the gather
+    kernels run QKᵀ, dQ and the scattered dK over both parts; with sinks, a mask and a score modifier."""
+    Hq, Hkv, G, B, L, K = 4, 2, 1, 2, 30, 11
+    q, k, v = qkv(B, Hq, Hkv, L, L, 48, dtype, seed=17, Dv=24)
+    idx = random_indices(B, G, L, L, K, seed=7)
+    sinks = torch.linspace(-1.0, 1.0, Hq)
+    attn = attndsl.compile(mask_mod=causal, score_mod=softcap, block_n=16)
+    assert gather_runner(attn, q, 24).bd2 == 16
+    check_against(lambda a, b, c: attn(a, b, c, indices=idx, sinks=sinks, return_lse=True),
+                  lambda a, b, c: reference.sparse_attention(a, b, c, idx, mask_mod=causal, score_mod=softcap,
+                                                             sinks=sinks.double()), q, k, v, TOL[dtype])
 
 
 def test_token_selector_refuses_a_second_derivative():

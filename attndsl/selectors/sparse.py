@@ -23,7 +23,7 @@ import triton
 
 from .. import codegen_bridge
 from ..runtime import cache
-from ..runtime.config import block_d
+from ..runtime.config import block_d, split_head_dim
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
 from ..runtime.checks import compiling, default_check
@@ -127,7 +127,7 @@ class GatherRunner:
         self.spec = gather_spec(spec)
         self.interpret = interpret
         self.head_dim = head_dim
-        self.bd = block_d(head_dim)
+        self.bd, self.bd2 = split_head_dim(head_dim)  # 192 = 128 + 64 (runtime.config.split_head_dim)
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.bdv = block_d(self.head_dim_v)
         self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
@@ -137,7 +137,8 @@ class GatherRunner:
         return launch_scope(t, self.interpret)
 
     def _consts(self, q, hpp):
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
+        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HAS_D2=self.bd2 > 0, BLOCK_D2=max(self.bd2, 16),
+                    HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
                     BLOCK_H=max(16, triton.next_power_of_2(hpp)), BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
