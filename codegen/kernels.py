@@ -193,7 +193,7 @@ KV_DESCRIPTORS = f"""{I1}if KV_TMA:
 #: the query/key head dim's second part (columns BLOCK_D..HEAD_D, ``runtime.config.split_head_dim``):
 #: a head dim like 192 runs as 128 + 64, every product over it as two, where one 256-wide tile would
 #: multiply a quarter zeros. Its index vector and mask; the kernels add their tiles of it.
-SECOND_PART = """{I}if HAS_D2:
+SECOND_PART = """{I}if HAS_D2:  # the query/key head dim's second part, columns BLOCK_D..HEAD_D (192 = 128 + 64)
 {I}    offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
 {I}    d2_ok = offs_d2 < HEAD_D
 """
