@@ -1110,6 +1110,25 @@ def test_empty_calls_answer_like_fully_masked_rows(which, monkeypatch):
     assert attndsl.compile(mask_mod=lambda b, h, qi, ki: table[qi] > 0).build_block_tables(q, k) is None
 
 
+def test_empty_calls_treat_captured_tensors_as_calls_with_keys_do():
+    """A tensor read only by the mask gets no gradient (None), as in a call with keys; the token
+    selector refuses learnable captured tensors for an empty call too."""
+    keep = torch.rand(8, requires_grad=True)
+    slopes = torch.tensor([0.1, 0.2], requires_grad=True)
+
+    def alibi(s, b, h, q_idx, kv_idx):
+        return s - slopes[h] * (q_idx - kv_idx)
+
+    comp = attndsl.compile(mask_mod=lambda b, h, q_idx, kv_idx: keep[kv_idx] > 0.5, score_mod=alibi)
+    for lq in (0, 6):
+        keep.grad = slopes.grad = None
+        q, k, v = rand(1, 2, lq, 16, grad=True), rand(1, 2, 8, 16, seed=1), rand(1, 2, 8, 16, seed=2)
+        comp(q, k, v).sum().backward()
+        assert keep.grad is None and slopes.grad is not None and slopes.grad.shape == (2,)
+    with pytest.raises(NotImplementedError, match="learnable"):
+        comp(rand(1, 2, 0, 16), rand(1, 2, 8, 16), rand(1, 2, 8, 16), indices=torch.zeros(1, 1, 0, 4, dtype=torch.int32))
+
+
 def test_empty_calls_through_the_selectors():
     """Token and block selections of an empty call: the same answer; with no keys, an index >= 0
     is out of range (checked mode)."""

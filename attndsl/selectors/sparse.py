@@ -244,8 +244,8 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
         raise NotImplementedError("indices= cannot be combined with bias_factors yet")
     validate_indices(indices, query, key, check_indices)
     if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
-        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks,
-                          others=tuple(compiled.tensors))
+        _unsupported(compiled.spec)  # refused as a call with keys would be (no learnable tensors here)
+        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks)
     if normalizer == "sigmoid" and sigmoid_bias is None:
         sigmoid_bias = -math.log(key.shape[2])
     if indices.shape[0] != query.shape[0]:
