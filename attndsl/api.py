@@ -13,7 +13,7 @@ from .runtime import cache
 from .runtime.autograd import AttentionFunction
 import math
 
-from .runtime.checks import check_captured, check_extras, check_inputs, index_check_for
+from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, index_check_for
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
@@ -83,14 +83,15 @@ class CompiledAttention:
         """The generated Triton module's source text."""
         return codegen_bridge.render(self.spec)
 
-    def build_block_tables(self, query, key) -> BlockTables | None:
+    def build_block_tables(self, query, key, value=None) -> BlockTables | None:
         """Build the device-side block table now (data-dependent masks); None when closed form suffices
-        (or the call is empty: it launches nothing)."""
+        (or the call is empty: it launches nothing). ``value``: when its head dim differs from the
+        query's, the call's tiles may too; pass it so the table is built for them."""
         if not self.spec.data_dependent or is_empty(query, key):
             return None
         check_captured(self.tensors, query.device)
-        self.index_check(self.tensors, _call_shape(query, key), query.device)
-        r = self.runner(query)
+        self.index_check(self.tensors, call_shape(query, key), query.device)
+        r = self.runner(query, None if value is None else value.shape[-1])
         tables = r.new_tables(query, key, self.tensors)
         r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
         return tables
@@ -114,7 +115,7 @@ class CompiledAttention:
             learnable = sorted({gl.slot for gl in self.spec.grad_loads})  # mask tensors are never differentiated
             return empty_call(query, key, value, softmax=self.spec.normalizer == "softmax", return_lse=return_lse,
                               sinks=sinks, others=(*(bias_factors or ()), *(self.tensors[s] for s in learnable)))
-        self.index_check(self.tensors, _call_shape(query, key), query.device)
+        self.index_check(self.tensors, call_shape(query, key), query.device)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
             sigmoid_bias = -math.log(key.shape[2])
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
@@ -140,7 +141,7 @@ class CompiledAttention:
         r = self.runner(query, value.shape[-1])
         tables = None
         if self.spec.data_dependent:
-            shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+            shape = call_shape(query, key)
             if block_tables is not None:
                 if block_tables.shape != shape:
                     raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
@@ -162,7 +163,7 @@ class CompiledAttention:
             raise ValueError(f"visit_counts of an empty call (query {tuple(query.shape)}, key {tuple(key.shape)}): "
                              "no kernel runs, nothing is visited")
         check_captured(self.tensors, query.device)
-        self.index_check(self.tensors, _call_shape(query, key), query.device)
+        self.index_check(self.tensors, call_shape(query, key), query.device)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         r = self.runner(query, value.shape[-1])
         tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
@@ -175,11 +176,6 @@ class CompiledAttention:
 
     def __repr__(self):
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
-
-
-def _call_shape(query, key) -> tuple:
-    """(B, Hq, Lq, Lkv): the domain of the pattern's index variables for one call."""
-    return (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
 
 
 def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001

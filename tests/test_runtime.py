@@ -670,6 +670,23 @@ def test_block_tables_reused_across_calls():
         comp(q[:, :, :40], k, v, block_tables=tables)
 
 
+def test_block_tables_built_for_the_tiles_of_a_value_head_dim_of_its_own():
+    """With ``value``, the table is built for the runner of the call's (D, Dv), whose tiles may differ
+    from the runner of (D, D): the call then builds no forward table of its own."""
+    from attndsl.runtime.config import Configs, TileConfig
+    comp = attndsl.compile(mask_mod=doc_mask)
+    q, k = qkv(1, 2, 2, 78, 78, 32)[:2]
+    v = rand(1, 2, 78, 16, seed=5)
+    small = TileConfig(16, 16, 4, 1)
+    comp.runner(q, 16).cfg = Configs(small, small, small)  # as a GPU would pick other tiles for Dv=16
+    tables = comp.build_block_tables(q, k, v)
+    assert set(tables.tables) == {(False, 16, 16)}
+    out = comp(q, k, v, block_tables=tables)
+    assert set(tables.tables) == {(False, 16, 16)}
+    _, ref, _ = reference(q, k, v, doc_mask)
+    assert_close(out, ref, 1e-4, "Dv=16 with tables")
+
+
 def test_sections_fit_the_l2_share_and_are_balanced():
     """Heads per grid section: as many as fit the L2 share, then evened out over the sections
     (never a short last section), and at least one."""

@@ -558,7 +558,7 @@ class _FlexStandIn:
     def __init__(self, flex_fn, mask_mod, score_mod):
         self.flex, self.mask_mod, self.score_mod = flex_fn, mask_mod, score_mod
 
-    def build_block_tables(self, q, k):
+    def build_block_tables(self, q, k, v=None):
         if self.mask_mod is None:
             return None
         from torch.nn.attention.flex_attention import create_block_mask
@@ -774,7 +774,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     if builder is not None:
         be.sync()
         t0 = time.time()
-        tables = builder(q, k)
+        tables = builder(q, k, v)
         be.sync()
         if tables is not None:
             r["ours_table_first_ms"] = _r((time.time() - t0) * 1e3, 3)
@@ -852,7 +852,7 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     r["ours_ms"] = _r(be.bench(ours_fn))
     if tables is not None:
         r["phase"] = "time.ours_table"
-        r["ours_table_ms"] = _r(be.bench(lambda: builder(q, k)))
+        r["ours_table_ms"] = _r(be.bench(lambda: builder(q, k, v)))
     if flex_fn is not None:
         r["phase"] = "time.flex"
         r["flex_ms"] = _r(be.bench(flex_fn))

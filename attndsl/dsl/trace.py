@@ -58,7 +58,9 @@ def trace(mask_mod=None, score_mod=None) -> Trace:
                 r = bool(r)
             mask = ir.coerce(lift(r, "mask result"), ir.BOOL) if not isinstance(r, Sym) else r.node
             if mask.dtype != ir.BOOL:
-                raise PatternError(f"mask_mod returned {'an' if mask.dtype == ir.INT else 'a'} {mask.dtype} value, expected a boolean", site=_site_of(mask_mod))
+                article = "an" if mask.dtype == ir.INT else "a"
+                raise PatternError(f"mask_mod returned {article} {mask.dtype} value, expected a boolean",
+                                   site=_site_of(mask_mod))
         score = None
         if score_mod is not None:
             if not callable(score_mod):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .. import ir
 from ..ir import Node, const, node
-from ..ir.graph import free_vars, substitute, topo_order
+from ..ir.graph import free_vars, loads, substitute
 from ..ir.printer import expr_str
 from .bounds import IntervalAnalysis
 from .diagonal import DIST, over_distance, shift_invariant
@@ -51,9 +51,7 @@ class IndexBound:
 def index_bounds(roots) -> tuple[IndexBound, ...]:
     roots = [r for r in roots if r is not None]
     out, seen = [], set()
-    for n in topo_order(roots):
-        if n.op != "load":
-            continue
+    for n in loads(roots):
         slot = n.attr[0]
         for d, a in enumerate(n.args):
             if (slot, d, a) in seen:

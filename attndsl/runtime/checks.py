@@ -43,6 +43,11 @@ def check_inputs(query, key, value, scale=None):
         raise ValueError(f"scale must be finite, got {scale}")
 
 
+def call_shape(query, key) -> tuple:
+    """(B, Hq, Lq, Lkv): the domain of the pattern's index variables for one call."""
+    return (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+
+
 def check_captured(tensors, device):
     for i, t in enumerate(tensors):
         if t.device != device:
@@ -172,8 +177,8 @@ def index_check_for(spec) -> IndexRangeCheck:
 
 
 def _reads_values(b) -> bool:
-    from ..ir.graph import topo_order
-    return any(n.op == "load" for n in topo_order([b.index]))
+    from ..ir.graph import loads
+    return bool(loads([b.index]))
 
 
 def default_check() -> bool:
@@ -226,8 +231,6 @@ def _check_densely(b, tensors, shape, device, size):
     from ..ir.evaluate import evaluate
     from ..passes.index_range import index_vars
     B, Hq, Lq, Lkv = shape
-    if Lq == 0 or Lkv == 0 or B == 0 or Hq == 0:
-        return
     index = b.on_dist if b.on_dist is not None else b.index
     names = index_vars(b)
     span = {"b": (0, B), "h": (0, Hq), "q": (0, Lq), "kv": (0, Lkv), "dist": (1 - Lkv, Lq)}

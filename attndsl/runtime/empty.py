@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from .checks import call_shape
+
 
 def is_empty(query, key) -> bool:
     """Does this call have no (query, key) pair at all?"""
-    return min(query.shape[0], query.shape[1], query.shape[2], key.shape[2]) == 0
+    return 0 in call_shape(query, key)
 
 
 class EmptyAttention(torch.autograd.Function):

@@ -25,6 +25,7 @@ import torch
 
 from .. import ir
 from ..ir.evaluate import evaluate
+from ..runtime.checks import call_shape
 from ..runtime.launch import BlockTables, Table
 
 
@@ -207,7 +208,7 @@ def block_call(compiled, query, key, value, blocks: BlockSelection, *, block_tab
         raise ValueError("pass either blocks= or block_tables=, not both")
     blocks.check(query, key)
     v = block_variant(compiled, blocks)
-    shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    shape = call_shape(query, key)
     compiled.index_check(compiled.tensors, shape, query.device)  # before the tables are built
     tables = SelectionTables(blocks, v.spec, v.tensors, shape)
     return v(query, key, value, block_tables=tables, **kw)

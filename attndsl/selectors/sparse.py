@@ -139,7 +139,8 @@ class GatherRunner:
     def _consts(self, q, hpp):
         return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HAS_D2=self.bd2 > 0, BLOCK_D2=max(self.bd2, 16),
                     HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
-                    BLOCK_H=max(16, triton.next_power_of_2(hpp)), BLOCK_N=self.cfg.block_n, UPCAST=self.interpret and q.dtype == torch.bfloat16,
+                    BLOCK_H=max(16, triton.next_power_of_2(hpp)), BLOCK_N=self.cfg.block_n,
+                    UPCAST=self.interpret and q.dtype == torch.bfloat16,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
@@ -232,11 +233,11 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
 
     Softmax (with optional ``sinks``) and sigmoid normalisers are supported; low-rank
     ``bias_factors`` and learnable captured tensors are not (yet) on this path."""
-    from ..runtime.checks import check_captured, check_extras, check_inputs
+    from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs
     from ..runtime.empty import empty_call, is_empty
     check_inputs(query, key, value, scale)
     check_captured(compiled.tensors, query.device)
-    compiled.index_check(compiled.tensors, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]), query.device)
+    compiled.index_check(compiled.tensors, call_shape(query, key), query.device)
     normalizer = getattr(compiled.spec, "normalizer", "softmax")
     check_extras(query, key, normalizer=normalizer, return_lse=return_lse, sinks=sinks, bias_factors=bias_factors,
                  sigmoid_bias=sigmoid_bias)
