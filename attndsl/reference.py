@@ -67,14 +67,15 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, n
 
 
 def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=None, scale=None,
-                     normalizer="softmax", sigmoid_bias=None, sinks=None):
+                     normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None):
     """Token-selector oracle: ``(out, lse)`` in float64, gathering the selected keys explicitly.
 
     ``indices [B, G, Lq, K]``: query ``q`` of head ``h`` visits keys ``indices[b, h // (Hq // G), q, :]``;
     entries outside ``[0, Lkv)`` (``-1``) are unused; a key listed twice counts twice. The mask and
     score modifier apply on top with ``kv_idx`` = the gathered key's position. Differentiable with
-    respect to query, key, value and sinks. ``normalizer``/``sigmoid_bias``/``sinks`` as in
-    :func:`attention` (sigmoid: ``lse`` is None). Materialises ``[B, Hq, Lq, K, D]``: keep it small.
+    respect to query, key, value, sinks, bias factors and captured tensors that require grad.
+    ``normalizer``/``sigmoid_bias``/``sinks``/``bias_factors`` as in :func:`attention` (sigmoid:
+    ``lse`` is None). Materialises ``[B, Hq, Lq, K, D]``: keep it small.
     """
     B, Hq, Lq, D = query.shape
     Hkv, Lkv = key.shape[1], key.shape[2]
@@ -92,6 +93,13 @@ def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=Non
     ks = torch.gather(k64, 2, flat.expand(B, Hq, Lq * K, D)).view(B, Hq, Lq, K, D)
     vs = torch.gather(v64, 2, flat.expand(B, Hq, Lq * K, Dv)).view(B, Hq, Lq, K, Dv)
     s = torch.einsum("bhqd,bhqkd->bhqk", query.to(torch.float64), ks) * scale
+    if bias_factors is not None:  # u·wᵀ at the gathered keys, before score_mod
+        u, w = (x.to(torch.float64) for x in bias_factors)
+        w = w[:, kv_head] if w.shape[1] == Hkv and Hkv != Hq else w.expand(-1, Hq, -1, -1)
+        w = w.expand(B, -1, -1, -1)
+        R = w.shape[3]
+        ws = torch.gather(w, 2, flat.expand(B, Hq, Lq * K, R)).view(B, Hq, Lq, K, R)
+        s = s + torch.einsum("bhqr,bhqkr->bhqk", u.expand(B, Hq, Lq, R), ws)
     t = trace(mask_mod, score_mod)
     dev = query.device
     env = {"b": torch.arange(B, device=dev).view(B, 1, 1, 1), "h": torch.arange(Hq, device=dev).view(1, Hq, 1, 1),

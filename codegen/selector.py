@@ -13,7 +13,11 @@ gathered key/value row serves all of them. The selected slots are visited in chu
 
 Backward: one kernel per (query, unit) that recomputes the probabilities, accumulates dQ in
 registers and scatters dK/dV into float32 buffers with atomic adds (many queries select the same
-key; duplicates inside one selection are added once per slot).
+key; duplicates inside one selection are added once per slot). A low-rank bias ``u·wᵀ`` joins the
+score as one more small product per chunk (``w``'s rows gathered like K's); dU is summed in
+registers, dW scattered like dK. Learnable captured tensors get ``∂L/∂s · ∂score_mod/∂(loaded
+value)``: summed over the slots into one value per packed head when the index does not follow
+``kv_idx`` (a per-head slope), added per element otherwise.
 
 Lightning indexer (DSA): ``I[b, g, t, s] = Σ_j w[b, j, t] · f(q_I[b, j, t] · k_I[b, g, s])`` over the
 indexer heads ``j`` of group ``g``, where ``f`` is the traced score modifier (``ReLU`` for DSA) and
@@ -22,15 +26,16 @@ the runtime can run top-k per chunk in bounded memory.
 """
 from __future__ import annotations
 
+from attndsl import ir
 from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import I1, I2, I3, SIGMOID, _dot, buffer_params, score_unit
+from .kernels import EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, SIGMOID, _dot, buffer_params, score_unit
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
-SELECTOR_VERSION = 4
+SELECTOR_VERSION = 5
 
 
 def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
@@ -67,7 +72,7 @@ _PROLOGUE = """
     h0 = u * HPU
     hk = h0 // GROUP
     g = h0 // QPG
-    q_idx = pid_q
+    q_idx = pid_q + tl.zeros([1, 1], tl.int32)  # a tile: the interpreter refuses a block mask "&" a scalar one
     q_max = LQ - 1
     kv_max = LKV - 1
 {pre0}
@@ -96,6 +101,15 @@ _PROLOGUE = """
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     idx_base = IDX + b.to(tl.int64) * stride_ib + g.to(tl.int64) * stride_ig + pid_q.to(tl.int64) * stride_im
+    if HAS_BIAS:  # low-rank bias: this query's u rows for the packed heads; w rows are gathered per chunk
+        offs_r = tl.arange(0, BLOCK_R)
+        r_ok = offs_r < RANK
+        u = tl.load(U + b.to(tl.int64) * stride_ub + heads[:, None].to(tl.int64) * stride_uh
+                    + pid_q.to(tl.int64) * stride_um + offs_r[None, :] * stride_ur, mask=h_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            u = u.to(tl.float32)
+        w_base = W + b.to(tl.int64) * stride_wb + (h0 // W_GROUP).to(tl.int64) * stride_wh
 {pre1}"""
 
 _GATHER = """
@@ -118,6 +132,11 @@ _GATHER = """
         qk = {qk}
         if HAS_D2:
             qk = tl.dot(q2, kT2, qk, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            wT = tl.load(w_base + kv_safe[None, :] * stride_wn + offs_r[:, None] * stride_wr,
+                         mask=valid[None, :] & r_ok[:, None], other=0.0)
+            if UPCAST:
+                wT = wT.to(tl.float32)
 """
 
 _VLOAD = ("v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_dv[None, :] * stride_vd, "
@@ -129,24 +148,63 @@ _VTLOAD = ("vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_dv[:, None
 def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
     """Score (log2 units for softmax, 1/2 for sigmoid), its derivative in the backward, and the mask, inside the slot loop.
 
-    Sub-expressions that do not depend on the slot land in the prologue (stages 0 and 1), so the
-    caller takes those stages only after calling this."""
+    ``keep``: the pairs that count (a valid slot, a real head, the mask). Sub-expressions that do
+    not depend on the slot land in the prologue (stages 0 and 1), so the caller takes those stages
+    only after calling this."""
     out = ""
     unit = score_unit(_norm(spec))
+    bias = _dot("u", "wT")  # the low-rank bias joins the scaled score before score_mod
     if spec.score is not None:
         s = em.emit(spec.score, 0)
         ds = em.emit(spec.dscore, 0) if backward else None
-        out += f"{I2}score = qk * sm_scale\n" + em.take(2, I2) + f"{I2}s = {s} * {unit}\n"
+        out += (f"{I2}score = qk * sm_scale\n{I2}if HAS_BIAS:\n{I3}score += {bias}\n"
+                + em.take(2, I2) + f"{I2}s = {s} * {unit}\n")
         if backward:
             out += f"{I2}dmod = {ds}\n"
     else:
-        out += f"{I2}s = qk * (sm_scale * {unit})\n"
+        out += (f"{I2}if HAS_BIAS:\n{I3}s = (qk * sm_scale + {bias}) * {unit}\n"
+                f"{I2}else:\n{I3}s = qk * (sm_scale * {unit})\n")
     keep = "valid[None, :] & h_ok[:, None]"
     if spec.mask is not None:
         m = em.emit(spec.mask, 0)
         out += em.take(2, I2)
         keep = f"({m}) & {keep}"
-    return out + f"{I2}s = tl.where({keep}, s, float(\"-inf\"))\n"
+    return out + f"{I2}keep = {keep}\n{I2}s = tl.where(keep, s, float(\"-inf\"))\n"
+
+
+def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
+    """(init, slot-loop body, final) adding each learnable captured tensor's gradient into its
+    float32 buffer ``DBUF{slot}_{i}``: ``ds_raw · ∂score_mod/∂(loaded value)`` over the kept pairs.
+
+    An index that does not follow ``kv_idx`` (per head, per query, per batch) is summed over the
+    slots in registers and added once per packed head after the loop; any other index is added
+    per element (the selected keys are arbitrary, so no run or diagonal structure is assumed).
+    Plain ``q_idx``/``kv_idx`` indices past the tensor add nothing (the forward read 0 there); other
+    indices are clamped into it, as the forward's load was."""
+    init, loop, final = "", "", ""
+    for i, gl in enumerate(spec.grad_loads):
+        p, dst = f"buf{gl.slot}", f"DBUF{gl.slot}_{i}"
+        loop += f"{I2}gmod{i} = {em.emit(gl.grad, 0)}\n"
+        follows_kv = any("kv" in ir.free_vars(a) for a in gl.load.args)
+        idx = [em.emit(a, 0) for a in gl.load.args]
+        terms, ok = [], ""
+        for d, (a, x) in enumerate(zip(gl.load.args, idx)):
+            if a.op == "var" and a.attr in ("q", "kv"):
+                terms.append(f"({x}).to(tl.int64) * {p}_stride{d}")
+                ok += f" & ({x} < {p}_size{d})"
+            else:
+                terms.append(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
+        off = " + ".join(terms) or "0"
+        contrib = f"tl.where(keep, ds_raw * gmod{i}, 0.0)"
+        if follows_kv:
+            loop += (f"{I2}goff{i} = {off} + tl.zeros([BLOCK_H, BLOCK_N], tl.int64)\n"
+                     f"{I2}tl.atomic_add({dst} + goff{i}, {contrib}, mask=keep{ok}, sem=\"relaxed\")\n")
+        else:
+            init += f"{I1}gacc{i} = tl.zeros([BLOCK_H, 1], tl.float32)\n"
+            loop += f"{I2}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
+            final += (f"{I1}goff{i} = {off} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
+                      f"{I1}tl.atomic_add({dst} + goff{i}, gacc{i}, mask=h_ok[:, None]{ok}, sem=\"relaxed\")\n")
+    return init, em.take(2, I2) + loop if spec.grad_loads else loop, final
 
 
 def _skip_empty_chunks(src: str) -> str:
@@ -207,11 +265,11 @@ def gather_forward(spec: KernelSpec) -> str:
 def {spec.name}_fwd(
     Q, K, V, IDX, Out, Lse,{_SIG}
     stride_ob, stride_oh, stride_om, stride_od,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, Sinks, sigmoid_bias,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
     {buffer_params(spec)}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, {EXTRA_CONSTS}
 ):
     """Gather forward ({_norm(spec)}): one program per (query token, batch*unit); heads packed in M."""{pro}
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -223,28 +281,32 @@ def {spec.name}_fwd(
 def gather_backward(spec: KernelSpec) -> str:
     em = ExprEmitter(_common_env(), 3, prefix="v")
     body = _score_and_mask(spec, em, backward=True)
-    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
     dmod = " * dmod" if spec.score is not None else ""
     if _norm(spec) == "softmax":
         prob, dsc = "tl.exp2(s - lse[:, None])", "p * (dp - delta[:, None])"
     else:
         prob, dsc = SIGMOID, "p * (1.0 - p) * dp"
+    g_init, g_loop, g_final = _grad_code(spec, em)
+    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
+    grads = "".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
     return _skip_empty_chunks(f'''
 @triton.jit
 def {spec.name}_bwd(
-    Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV,{_SIG}
+    Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV, DU, DW,{_SIG}
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, sigmoid_bias,
-    {buffer_params(spec)}
+    stride_dub, stride_duh, stride_dum, stride_dwb, stride_dwh, stride_dwn,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
+    {buffer_params(spec)}{grads}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, {EXTRA_CONSTS}
 ):
-    """Gather backward: dQ in registers, dK/dV scattered into float32 buffers with atomic adds."""{pro}
+    """Gather backward: dQ (and dU) in registers; dK/dV (and dW, captured tensors' gradients)
+    added into float32 buffers with atomic adds."""{pro}
     do = tl.load(DO + b.to(tl.int64) * stride_dob + heads[:, None].to(tl.int64) * stride_doh
                  + pid_q.to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod, mask=hdv_ok, other=0.0)
     o = tl.load(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
@@ -263,10 +325,14 @@ def {spec.name}_bwd(
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     if HAS_D2:
         dq2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
-    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = {prob}
+    if HAS_BIAS:
+        du = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+        dw_base = DW + b.to(tl.int64) * stride_dwb + (h0 // W_GROUP).to(tl.int64) * stride_dwh
+{g_init}    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = {prob}
         dp = {_dot("do", "vT")}
-        ds = {dsc}{dmod}
-        dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+        ds_raw = {dsc}
+        ds = ds_raw{dmod}
+{g_loop}        dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
         dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
         dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
         tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk_rows,
@@ -278,6 +344,11 @@ def {spec.name}_bwd(
                           mask=valid[:, None] & d2_ok[None, :], sem="relaxed")
         tl.atomic_add(dv_base + kv_safe[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv_rows,
                       mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
+        if HAS_BIAS:  # the bias joins the score before score_mod: its gradient is ds, unscaled
+            du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
+            dw_rows = {_dot("tl.trans(ds).to(u.dtype)", "u")}
+            tl.atomic_add(dw_base + kv_safe[:, None] * stride_dwn + offs_r[None, :], dw_rows,
+                          mask=valid[:, None] & r_ok[None, :], sem="relaxed")
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
              + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
@@ -286,7 +357,11 @@ def {spec.name}_bwd(
         tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
                  + pid_q.to(tl.int64) * stride_dqm + offs_d2[None, :] * stride_dqd, dq2.to(DQ.dtype.element_ty),
                  mask=h_ok[:, None] & d2_ok[None, :])
-''')
+    if HAS_BIAS:  # added: u may be shared by the batch or the heads (stride 0)
+        tl.atomic_add(DU + b.to(tl.int64) * stride_dub + heads[:, None].to(tl.int64) * stride_duh
+                      + pid_q.to(tl.int64) * stride_dum + offs_r[None, :], du, mask=h_ok[:, None] & r_ok[None, :],
+                      sem="relaxed")
+{g_final}''')
 
 
 def render_gather(spec: KernelSpec) -> str:

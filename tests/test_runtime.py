@@ -1128,8 +1128,8 @@ def test_empty_calls_answer_like_fully_masked_rows(which, monkeypatch):
 
 
 def test_empty_calls_treat_captured_tensors_as_calls_with_keys_do():
-    """A tensor read only by the mask gets no gradient (None), as in a call with keys; the token
-    selector refuses learnable captured tensors for an empty call too."""
+    """A tensor read only by the mask gets no gradient (None), as in a call with keys, on the dense
+    path and the token selector's; a learnable one gets zeros."""
     keep = torch.rand(8, requires_grad=True)
     slopes = torch.tensor([0.1, 0.2], requires_grad=True)
 
@@ -1142,8 +1142,12 @@ def test_empty_calls_treat_captured_tensors_as_calls_with_keys_do():
         q, k, v = rand(1, 2, lq, 16, grad=True), rand(1, 2, 8, 16, seed=1), rand(1, 2, 8, 16, seed=2)
         comp(q, k, v).sum().backward()
         assert keep.grad is None and slopes.grad is not None and slopes.grad.shape == (2,)
-    with pytest.raises(NotImplementedError, match="learnable"):
-        comp(rand(1, 2, 0, 16), rand(1, 2, 8, 16), rand(1, 2, 8, 16), indices=torch.zeros(1, 1, 0, 4, dtype=torch.int32))
+    for lq in (0, 6):  # the token selector the same way
+        keep.grad = slopes.grad = None
+        q, k, v = rand(1, 2, lq, 16, grad=True), rand(1, 2, 8, 16, seed=1), rand(1, 2, 8, 16, seed=2)
+        comp(q, k, v, indices=torch.randint(0, 8, (1, 1, lq, 4), dtype=torch.int32)).sum().backward()
+        assert keep.grad is None and slopes.grad is not None and slopes.grad.shape == (2,)
+        assert lq or not slopes.grad.any()
 
 
 def test_empty_calls_through_the_selectors():

@@ -257,8 +257,6 @@ def test_index_errors_are_clear():
         attndsl.attention(q, k, v, indices=torch.zeros(1, 1, 7, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="not both"):
         attndsl.attention(q, k, v, indices=idx, blocks=BlockSelection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16))
-    with pytest.raises(NotImplementedError, match="bias_factors"):
-        attndsl.attention(q, k, v, indices=idx, bias_factors=(torch.zeros(1, 4, 8, 2), torch.zeros(1, 2, 8, 2)))
     with pytest.raises(ValueError, match="return_lse"):
         attndsl.attention(q, k, v, indices=idx, normalizer="sigmoid", return_lse=True)
 
@@ -490,15 +488,23 @@ def _compile_selector_kernels(tmp_path):
         return m
 
     doc = torch.zeros(8, dtype=torch.int32)
+    slopes = torch.zeros(4, requires_grad=True)  # learnable: per packed head, summed over the slots
+    table = torch.zeros(4, 33, requires_grad=True)  # learnable: added per element
+
+    def learnable_bias(s, b, h, q, k):
+        return s - slopes[h] * (q - k) + table[h, (q - k).clamp(-16, 16) + 16]
+
     for normalizer in ("softmax", "sigmoid"):
         gs = gather_spec(attndsl.compile(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
-                                         score_mod=head_bias, normalizer=normalizer).spec)
+                                         score_mod=learnable_bias, normalizer=normalizer).spec)
         mod = load(codegen_bridge.render_gather(gs), f"gather_{normalizer}")
         c = dict(HEAD_D=192, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, HAS_D2=True, BLOCK_D2=64, HEAD_DV=128,
-                 BLOCK_DV=128, UPCAST=False, DOT_PRECISION="tf32")
-        ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "DO", "DQ")}
-        ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "Sinks")}, IDX="*i32")
-        _aot_compile(getattr(mod, f"{gs.name}_fwd"), dict(c, HAS_SINKS=normalizer == "softmax"), ptrs)
+                 BLOCK_DV=128, UPCAST=False, DOT_PRECISION="tf32", HAS_SINKS=normalizer == "softmax",
+                 HAS_BIAS=True, BLOCK_R=16)
+        ptrs = {n: "*bf16" for n in ("Q", "K", "V", "Out", "DO", "DQ", "U", "W")}
+        ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "DU", "DW", "Sinks", "buf1", "buf2",
+                                          "DBUF1_0", "DBUF2_1")}, IDX="*i32")
+        _aot_compile(getattr(mod, f"{gs.name}_fwd"), c, ptrs)
         _aot_compile(getattr(mod, f"{gs.name}_bwd"), dict(c, HAS_DLSE=normalizer == "softmax"), ptrs)
     ix = LightningIndexer()
     mod = load(codegen_bridge.render_indexer(ix.spec), "indexer")

@@ -27,7 +27,7 @@ from ..runtime.config import block_d, split_head_dim
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
 from ..runtime.checks import compiling, default_check
-from ..runtime.launch import _new, buffer_args, use_interpreter
+from ..runtime.launch import Extras, _new, buffer_args, use_interpreter
 
 GATHER_TAG = "sel"
 
@@ -113,18 +113,13 @@ def gather_spec(spec):
     return dataclasses.replace(spec, name=f"{spec.name}_{GATHER_TAG}", key=f"{spec.key}s{sel_v}")
 
 
-def _unsupported(spec):
-    if getattr(spec, "grad_loads", ()):
-        raise NotImplementedError("indices= with learnable captured tensors is not supported yet")
-
-
 class GatherRunner:
     """Launches the gather kernels of one spec for one backend and pair of head dims (query/key, value)."""
 
     def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None,
                  head_dim_v: int | None = None):
-        _unsupported(spec)
         self.spec = gather_spec(spec)
+        self.learnable = frozenset(gl.slot for gl in spec.grad_loads)
         self.interpret = interpret
         self.head_dim = head_dim
         self.bd, self.bd2 = split_head_dim(head_dim)  # 192 = 128 + 64 (runtime.config.split_head_dim)
@@ -144,48 +139,70 @@ class GatherRunner:
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
-    def _shape_args(self, q, k, indices):
+    def _shape_args(self, q, k, indices, extras):
         B, Hq, Lq, _ = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         G = indices.shape[1]
         hpp = units(Hq, Hkv, G)
+        if extras.w is not None and 1 != extras.w.shape[1] == Hq != Hkv:
+            hpp = 1  # w rows per query head: the packed heads of a unit would each need their own
         nu = Hq // hpp
         return (B, nu, Lq), hpp, [nu, hpp, Hq // Hkv, Hq // G, Lq, Lkv, indices.shape[3]]
 
-    def forward(self, q, k, v, indices, scale, buffers, sinks=None, sigmoid_bias=0.0):
-        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
+    def forward(self, q, k, v, indices, scale, buffers, extras: Extras):
+        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
         out = _new((*q.shape[:3], v.shape[3]), q)
         lse = _new((B, q.shape[1], Lq), q, torch.float32)
         args = [q, k, v, indices, out, lse, *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
-                *shape_args, scale, sinks if sinks is not None else lse, float(sigmoid_bias), *buffer_args(buffers)]
+                *shape_args, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
         with self._mode(q):
-            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, HAS_SINKS=sinks is not None,
-                                                                     **self._consts(q, hpp))
+            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, **extras.consts(), **self._consts(q, hpp))
         return out, lse
 
-    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, sigmoid_bias=0.0):
-        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices)
+    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras):
+        """Returns (dq, dk, dv, du, dw, {slot: gradient of each learnable captured tensor})."""
+        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         dq = _new(q.shape, q)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         dl = dlse.contiguous().to(torch.float32) if dlse is not None else lse
-        args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
+        # low-rank factors' gradients in float32 buffers of their own shapes (stride 0 where they broadcast)
+        du, dw = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) if t is not None else q
+                  for t in (extras.u, extras.w))
+        bias_strides = [*_broadcast_strides(du, extras.u)[:3], *_broadcast_strides(dw, extras.w)[:3]]
+        dbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device)
+                 for slot in sorted(self.learnable)}
+        args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, du, dw, *q.stride(), *k.stride(), *v.stride(),
                 *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-                *shape_args, scale, float(sigmoid_bias), *buffer_args(buffers)]
+                *bias_strides, *shape_args, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable),
+                *(dbufs[gl.slot] for gl in self.spec.grad_loads)]
         with self._mode(q):
             getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
-                                                                     **self._consts(q, hpp))
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+                                                                     **extras.consts(), **self._consts(q, hpp))
+        du = du.to(extras.u.dtype) if extras.u is not None else None
+        dw = dw.to(extras.w.dtype) if extras.w is not None else None
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), du, dw,
+                {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()})
+
+
+def _broadcast_strides(buf, factor) -> list:
+    """Strides of a factor's gradient buffer, 0 along the dims the factor broadcasts (size 1):
+    every batch or head that shares the row adds into it."""
+    if factor is None:
+        return [0, 0, 0, 0]
+    return [0 if n == 1 else st for n, st in zip(factor.shape, buf.stride())]
 
 
 class SparseAttentionFunction(torch.autograd.Function):
-    """Inputs: q, k, v, sinks (or None), indices, runner, scale, sigmoid bias, captured tensors."""
+    """Inputs: q, k, v, sinks (or None), u, w (low-rank factors, or None), indices, runner, scale,
+    sigmoid bias, captured tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, indices, runner, scale, sigmoid_bias, *buffers):
-        out, lse = runner.forward(q, k, v, indices, scale, buffers, sinks, sigmoid_bias)
-        ctx.save_for_backward(q, k, v, sinks, indices, out, lse, *buffers)
+    def forward(ctx, q, k, v, sinks, u, w, indices, runner, scale, sigmoid_bias, *buffers):
+        extras = Extras(sinks, u, w, sigmoid_bias)
+        out, lse = runner.forward(q, k, v, indices, scale, buffers, extras)
+        ctx.save_for_backward(q, k, v, sinks, u, w, indices, out, lse, *buffers)
         ctx.runner, ctx.scale, ctx.sigmoid_bias = runner, scale, sigmoid_bias
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)  # an unused lse gets None: the kernel skips its dlse term
@@ -195,12 +212,13 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, sinks, indices, out, lse, *buffers = ctx.saved_tensors
+        q, k, v, sinks, u, w, indices, out, lse, *buffers = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         softmax = ctx.runner.spec.normalizer == "softmax"
-        dq, dk, dv = ctx.runner.backward(q, k, v, indices, out, lse, dout, dlse if softmax else None, ctx.scale,
-                                         buffers, ctx.sigmoid_bias)
+        dq, dk, dv, du, dw, dbufs = ctx.runner.backward(q, k, v, indices, out, lse, dout,
+                                                        dlse if softmax else None, ctx.scale, buffers,
+                                                        Extras(sinks, u, w, ctx.sigmoid_bias))
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
@@ -209,8 +227,9 @@ class SparseAttentionFunction(torch.autograd.Function):
                 delta = delta - dlse.float()
             p_sink = torch.exp(sinks.float()[None, :, None] - lse)
             dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
-        return refuse_second_derivative((q, k, v, sinks, *buffers),
-                                        (dq, dk, dv, dsinks, None, None, None, None) + (None,) * len(buffers))
+        grads = tuple(dbufs.get(i) for i in range(len(buffers)))
+        return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
+                                        (dq, dk, dv, dsinks, du, dw, None, None, None, None) + grads)
 
 
 def gather_runner(compiled, query, dv: int | None = None) -> GatherRunner:
@@ -231,8 +250,9 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
                 sinks=None, sigmoid_bias=None, bias_factors=None):
     """``compiled(query, key, value, indices=...)``: the token-selector path of the public API.
 
-    Softmax (with optional ``sinks``) and sigmoid normalisers are supported; low-rank
-    ``bias_factors`` and learnable captured tensors are not (yet) on this path."""
+    Everything the dense path takes works here too: softmax (with ``sinks``) and sigmoid
+    normalisers, low-rank ``bias_factors`` and learnable captured tensors. Their gradients (and
+    dK/dV) are added with atomic adds, so ``deterministic=True`` is refused for learnable tensors."""
     from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs
     from ..runtime.empty import empty_call, is_empty
     check_inputs(query, key, value, scale)
@@ -241,20 +261,26 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     normalizer = getattr(compiled.spec, "normalizer", "softmax")
     check_extras(query, key, normalizer=normalizer, return_lse=return_lse, sinks=sinks, bias_factors=bias_factors,
                  sigmoid_bias=sigmoid_bias)
-    if bias_factors is not None:
-        raise NotImplementedError("indices= cannot be combined with bias_factors yet")
     validate_indices(indices, query, key, check_indices)
+    learnable = sorted({gl.slot for gl in compiled.spec.grad_loads})  # mask tensors are never differentiated
+    if compiled.deterministic and any(compiled.tensors[s].requires_grad for s in learnable):
+        raise NotImplementedError(
+            "deterministic=True with indices=: the token selector adds the gradients of learnable captured "
+            f"tensors (#{', #'.join(map(str, learnable))}) with atomic adds in no fixed order, so they are not "
+            "bitwise repeatable; use blocks= or a mask_mod (block-level selection) for repeatable gradients, "
+            "or deterministic=False")
+    u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
     if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
-        _unsupported(compiled.spec)  # refused as a call with keys would be (no learnable tensors here)
-        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks)
+        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks,
+                          others=(*(bias_factors or ()), *(compiled.tensors[s] for s in learnable)))
     if normalizer == "sigmoid" and sigmoid_bias is None:
         sigmoid_bias = -math.log(key.shape[2])
     if indices.shape[0] != query.shape[0]:
         indices = indices.expand(query.shape[0], -1, -1, -1)  # one selection for the whole batch
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     r = gather_runner(compiled, query, value.shape[-1])
-    out, lse = SparseAttentionFunction.apply(query, key, value, sinks, indices, r, scale, float(sigmoid_bias or 0.0),
-                                             *compiled.tensors)
+    out, lse = SparseAttentionFunction.apply(query, key, value, sinks, u, w, indices, r, scale,
+                                             float(sigmoid_bias or 0.0), *compiled.tensors)
     return (out, lse) if return_lse else out
 
 
