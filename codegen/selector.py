@@ -332,9 +332,15 @@ def {spec.name}_bwd(
         dp = {_dot("do", "vT")}
         ds_raw = {dsc}
         ds = ds_raw{dmod}
-{g_loop}        dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+{g_loop}        if HAS_BIAS:  # the bias joins the score before score_mod: its gradient is ds, unscaled
+            du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
+            dw_rows = {_dot("tl.trans(ds).to(u.dtype)", "u")}
+            tl.atomic_add(dw_base + kv_safe[:, None] * stride_dwn + offs_r[None, :], dw_rows,
+                          mask=valid[:, None] & r_ok[None, :], sem="relaxed")
+        # each row block is added as soon as it is made: two [BLOCK_N, D] float32 blocks live at
+        # once would spill
+        dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
         dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
-        dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
         tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk_rows,
                       mask=valid[:, None] & d_ok[None, :], sem="relaxed")
         if HAS_D2:
@@ -342,13 +348,9 @@ def {spec.name}_bwd(
             dk2_rows = {_dot("tl.trans(ds).to(q2.dtype)", "q2")} * sm_scale
             tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d2[None, :] * stride_dkd, dk2_rows,
                           mask=valid[:, None] & d2_ok[None, :], sem="relaxed")
+        dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
         tl.atomic_add(dv_base + kv_safe[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv_rows,
                       mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
-        if HAS_BIAS:  # the bias joins the score before score_mod: its gradient is ds, unscaled
-            du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
-            dw_rows = {_dot("tl.trans(ds).to(u.dtype)", "u")}
-            tl.atomic_add(dw_base + kv_safe[:, None] * stride_dwn + offs_r[None, :], dw_rows,
-                          mask=valid[:, None] & r_ok[None, :], sem="relaxed")
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
              + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
