@@ -172,13 +172,43 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
     return out + f"{I2}keep = {keep}\n{I2}s = tl.where(keep, s, float(\"-inf\"))\n"
 
 
+#: a table whose kv-indexed dimension has at most this many entries is binned in registers
+#: (``_grad_code``). The binning product costs ~3·BINS/(3·D) of the chunk's attention products
+#: (TF32 three times for float32 sums): at 256 bins on an H100 it spilled and cost more than
+#: it saved (BENCHMARKS.md)
+MAX_BINS = 64
+
+
+def binned_dim(gl) -> int | None:
+    """The dimension a learnable load's gradient can be binned along, or None.
+
+    Binned: exactly one dimension follows ``kv_idx``, its index is clamped (not a plain ``kv_idx``)
+    and does not follow the head, as in ``table[h, bucket(q_idx - kv_idx)]``. Every packed head then
+    sees the same entry at a slot, so one matrix product with the slots' one-hot entries sums a chunk
+    into per-head bins."""
+    args = gl.load.args
+    kv_dims = [d for d, a in enumerate(args) if "kv" in ir.free_vars(a)]
+    if len(kv_dims) != 1:
+        return None
+    a = args[kv_dims[0]]
+    if a.op == "var" or "h" in ir.free_vars(a):
+        return None
+    return kv_dims[0]
+
+
 def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
     """(init, slot-loop body, final) adding each learnable captured tensor's gradient into its
     float32 buffer ``DBUF{slot}_{i}``: ``ds_raw · ∂score_mod/∂(loaded value)`` over the kept pairs.
 
-    An index that does not follow ``kv_idx`` (per head, per query, per batch) is summed over the
-    slots in registers and added once per packed head after the loop; any other index is added
-    per element (the selected keys are arbitrary, so no run or diagonal structure is assumed).
+    How, by the load's index:
+    - it does not follow ``kv_idx`` (a slope per head, a value per query): summed over the slots in
+      registers, added once per packed head after the loop;
+    - a table whose one kv-indexed dimension has at most ``GL{i}_BINS`` entries (``binned_dim``;
+      relative-position and T5 tables): summed into [heads, bins] in registers by a matrix product
+      with the chunk's one-hot entries, added once per bin after the loop. Per-element adds would
+      all contend for the few saturated entries (BENCHMARKS.md: DSA with a relative table);
+    - otherwise (pair biases, per-key tables) added per element, or per slot after a sum over the
+      packed heads when the index does not follow the head.
     Plain ``q_idx``/``kv_idx`` indices past the tensor add nothing (the forward read 0 there); other
     indices are clamped into it, as the forward's load was."""
     init, loop, final = "", "", ""
@@ -186,6 +216,7 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
         p, dst = f"buf{gl.slot}", f"DBUF{gl.slot}_{i}"
         loop += f"{I2}gmod{i} = {em.emit(gl.grad, 0)}\n"
         follows_kv = any("kv" in ir.free_vars(a) for a in gl.load.args)
+        follows_h = any("h" in ir.free_vars(a) for a in gl.load.args)
         idx = [em.emit(a, 0) for a in gl.load.args]
         terms, ok = [], ""
         for d, (a, x) in enumerate(zip(gl.load.args, idx)):
@@ -196,15 +227,42 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
                 terms.append(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
         off = " + ".join(terms) or "0"
         contrib = f"tl.where(keep, ds_raw * gmod{i}, 0.0)"
-        if follows_kv:
-            loop += (f"{I2}goff{i} = {off} + tl.zeros([BLOCK_H, BLOCK_N], tl.int64)\n"
-                     f"{I2}tl.atomic_add({dst} + goff{i}, {contrib}, mask=keep{ok}, sem=\"relaxed\")\n")
-        else:
+        if not follows_kv:
             init += f"{I1}gacc{i} = tl.zeros([BLOCK_H, 1], tl.float32)\n"
             loop += f"{I2}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
             final += (f"{I1}goff{i} = {off} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
                       f"{I1}tl.atomic_add({dst} + goff{i}, gacc{i}, mask=h_ok[:, None]{ok}, sem=\"relaxed\")\n")
+            continue
+        if follows_h:
+            element = (f"goff{i} = {off} + tl.zeros([BLOCK_H, BLOCK_N], tl.int64)\n",
+                       f"tl.atomic_add({dst} + goff{i}, {contrib}, mask=keep{ok}, sem=\"relaxed\")\n")
+        else:  # every packed head adds to the same entry: one add per slot
+            element = (f"goff{i} = {off} + tl.zeros([1, BLOCK_N], tl.int64)\n",
+                       f"tl.atomic_add({dst} + goff{i}, tl.sum({contrib}, 0, keep_dims=True), "
+                       f"mask=valid[None, :]{ok}, sem=\"relaxed\")\n")
+        kd = binned_dim(gl)
+        if kd is None:
+            loop += "".join(I2 + line for line in element)
+            continue
+        key = f"tl.minimum(tl.maximum({idx[kd]}, 0), {p}_size{kd} - 1)"
+        rows = " + ".join(t for d, t in enumerate(terms) if d != kd) or "0"
+        init += f"{I1}if GL{i}_BINS > 0:\n{I2}gbins{i} = tl.zeros([BLOCK_H, GL{i}_BINS], tl.float32)\n"
+        loop += (f"{I2}if GL{i}_BINS > 0:\n"
+                 f"{I3}gkey{i} = tl.trans({key} + tl.zeros([1, BLOCK_N], tl.int32))\n"
+                 f"{I3}ghot{i} = (gkey{i} == tl.arange(0, GL{i}_BINS)[None, :]).to(tl.float32)\n"
+                 f"{I3}gbins{i} = tl.dot({contrib}, ghot{i}, gbins{i}, input_precision=BIN_PRECISION)\n"
+                 f"{I2}else:\n" + "".join(I3 + line for line in element))
+        final += (f"{I1}if GL{i}_BINS > 0:\n"
+                  f"{I2}gbin{i} = tl.arange(0, GL{i}_BINS)[None, :]\n"
+                  f"{I2}goff{i} = {rows} + gbin{i}.to(tl.int64) * {p}_stride{kd} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
+                  f"{I2}tl.atomic_add({dst} + goff{i}, gbins{i}, mask=h_ok[:, None] & (gbin{i} < {p}_size{kd}){ok}, "
+                  f"sem=\"relaxed\")\n")
     return init, em.take(2, I2) + loop if spec.grad_loads else loop, final
+
+
+def _grad_consts(spec: KernelSpec) -> str:
+    s = "".join(f" GL{i}_BINS: tl.constexpr," for i in range(len(spec.grad_loads)))
+    return s + (" BIN_PRECISION: tl.constexpr," if spec.grad_loads else "")
 
 
 def _skip_empty_chunks(src: str) -> str:
@@ -303,7 +361,7 @@ def {spec.name}_bwd(
     {buffer_params(spec)}{grads}
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, {EXTRA_CONSTS}
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, {EXTRA_CONSTS}{_grad_consts(spec)}
 ):
     """Gather backward: dQ (and dU) in registers; dK/dV (and dW, captured tensors' gradients)
     added into float32 buffers with atomic adds."""{pro}

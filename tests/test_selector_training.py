@@ -22,6 +22,24 @@ from test_selectors import GROUPINGS, causal, random_indices, softcap, window
 F32, BF16 = torch.float32, torch.bfloat16
 TOL = {F32: 5e-5, BF16: 6e-2}
 
+#: beyond test_learnable's kinds, the ways the gather backward adds a table's gradient
+#: (``codegen.selector._grad_code``): bins without a head dim, per element past the bin limit,
+#: and per slot after a sum over the packed heads
+GATHER_KINDS = ["shared_table", "wide_table", "per_key"]
+
+
+def _gather_learnable(kind, B, Hq, Lq, Lkv, gen, dtype):
+    if kind not in GATHER_KINDS:
+        return _learnable(kind, B, Hq, Lq, Lkv, gen, dtype)
+    if kind == "shared_table":  # table[bucket]: binned, one row for every head
+        t = torch.randn(9, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        return [t], lambda s, b, h, qi, kv: s + t[(qi - kv).clamp(-4, 4) + 4]
+    if kind == "wide_table":  # 129 entries along kv: over the bin limit, added per element
+        t = torch.randn(Hq, 129, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        return [t], lambda s, b, h, qi, kv: s + t[h, (qi - kv).clamp(-64, 64) + 64]
+    t = torch.randn(Lkv, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()  # per key: plain kv_idx
+    return [t], lambda s, b, h, qi, kv: s + t[kv]
+
 
 def _err(got, want):
     """max |got - want| over max |want| (finite entries; both must agree on which are finite)."""
@@ -49,7 +67,7 @@ def run_case(*, grouping, B, Lq, Lkv, K, D=16, Dv=16, mask=None, kind=None, fact
     q, k, v = (torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
                for s in ((B, Hq, Lq, D), (B, Hkv, Lkv, D), (B, Hkv, Lkv, Dv)))
     idx = random_indices(B, G, Lq, Lkv, K, seed + 1, p_dup=dup)
-    learn, score_mod = _learnable(kind, B, Hq, Lq, Lkv, gen, F32) if kind else ([], None)
+    learn, score_mod = _gather_learnable(kind, B, Hq, Lq, Lkv, gen, F32) if kind else ([], None)
     extras, leaves = {}, [("q", q), ("k", k), ("v", v)]
     if factors is not None:
         u, w = _factors(B, Hq, Hkv, Lq, Lkv, R, factors, gen, dtype)
@@ -102,7 +120,7 @@ def _factor_shape(name, B, Hq, Hkv):
 
 CASES = dict(grouping=st.sampled_from(GROUPINGS), B=st.integers(1, 2), Lq=st.integers(1, 20),
              Lkv=st.integers(1, 28), K=st.integers(1, 40), mask=st.sampled_from(["none", "causal", "window"]),
-             kind=st.sampled_from([None, *KINDS]), factors=st.sampled_from([None, *FACTOR_SHAPES]),
+             kind=st.sampled_from([None, *KINDS, *GATHER_KINDS]), factors=st.sampled_from([None, *FACTOR_SHAPES]),
              R=st.integers(1, 5), normalizer=st.sampled_from(["softmax", "sigmoid"]), sinks=st.booleans(),
              block_n=st.sampled_from([16, 64]), seed=st.integers(0, 2**16))
 
@@ -133,10 +151,11 @@ def test_token_selector_trains_learnable_tensors_and_low_rank_factors_many(group
     _property(grouping, B, Lq, Lkv, K, mask, kind, factors, R, normalizer, sinks, block_n, seed)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + GATHER_KINDS)
 def test_every_kind_of_learnable_tensor(kind):
     """Each way a captured tensor is indexed (per head, 0-d, relative table, T5 buckets, per query,
-    pair bias [H, Lq, Lkv] and [B, H, Lq, Lkv]) with GQA, a causal mask and duplicate keys."""
+    pair bias [H, Lq, Lkv] and [B, H, Lq, Lkv], a table without a head dim, one too wide to bin, per
+    key) with GQA, a causal mask and duplicate keys."""
     _check(run_case(grouping=(4, 2, 1), B=2, Lq=13, Lkv=21, K=17, mask=causal, kind=kind, seed=3), TOL[F32], kind)
 
 
@@ -196,3 +215,20 @@ def test_factor_errors_on_the_token_path():
         attndsl.attention(q, k, v, indices=idx, bias_factors=(torch.zeros(1, 4, 8, 2), torch.zeros(1, 3, 8, 2)))
     with pytest.raises(ValueError, match="w length"):
         attndsl.attention(q, k, v, indices=idx, bias_factors=(torch.zeros(1, 4, 8, 2), torch.zeros(1, 2, 7, 2)))
+
+
+def test_each_table_takes_the_way_its_index_allows():
+    """Which way each kind's gradient is added (so the cases above cover every way): bins for tables
+    whose one kv-indexed dim is short and head-free, per element otherwise."""
+    from attndsl import codegen_bridge
+    from attndsl.selectors.sparse import gather_runner
+    gen = torch.Generator().manual_seed(0)
+    want = {"rel_table": 64, "t5": 32, "shared_table": 16, "wide_table": 0, "per_key": None, "pair_hqk": None,
+            "slopes": None}
+    assert codegen_bridge.MAX_BINS == 64
+    for kind, bins in want.items():
+        learn, score_mod = _gather_learnable(kind, 1, 2, 8, 8, gen, F32)
+        attn = attndsl.compile(score_mod=score_mod)
+        r = gather_runner(attn, torch.zeros(1, 2, 8, 16))
+        got = r._grad_consts(tuple(attn.tensors)).get("GL0_BINS")
+        assert got == (bins if bins is not None else 0), (kind, got)

@@ -139,6 +139,18 @@ class GatherRunner:
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
+    def _grad_consts(self, buffers) -> dict:
+        """Bins per learnable table (``codegen.selector.binned_dim``: 0 adds per element) and the
+        precision of the binning product: float32-exact on the GPU too (three TF32 products)."""
+        if not self.spec.grad_loads:
+            return {}
+        consts = {"BIN_PRECISION": "ieee" if self.interpret else "tf32x3"}
+        for i, gl in enumerate(self.spec.grad_loads):
+            d = codegen_bridge.binned_dim(gl)
+            n = buffers[gl.slot].shape[d] if d is not None else codegen_bridge.MAX_BINS + 1
+            consts[f"GL{i}_BINS"] = max(16, triton.next_power_of_2(n)) if n <= codegen_bridge.MAX_BINS else 0
+        return consts
+
     def _shape_args(self, q, k, indices, extras):
         B, Hq, Lq, _ = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
@@ -179,7 +191,8 @@ class GatherRunner:
                 *(dbufs[gl.slot] for gl in self.spec.grad_loads)]
         with self._mode(q):
             getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
-                                                                     **extras.consts(), **self._consts(q, hpp))
+                                                                     **extras.consts(), **self._consts(q, hpp),
+                                                                     **self._grad_consts(buffers))
         du = du.to(extras.u.dtype) if extras.u is not None else None
         dw = dw.to(extras.w.dtype) if extras.w is not None else None
         return (dq, dk.to(k.dtype), dv.to(v.dtype), du, dw,
