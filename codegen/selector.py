@@ -17,7 +17,8 @@ key; duplicates inside one selection are added once per slot). A low-rank bias `
 score as one more small product per chunk (``w``'s rows gathered like K's); dU is summed in
 registers, dW scattered like dK. Learnable captured tensors get ``∂L/∂s · ∂score_mod/∂(loaded
 value)``: summed over the slots into one value per packed head when the index does not follow
-``kv_idx`` (a per-head slope), added per element otherwise.
+``kv_idx`` (a per-head slope), into per-head bins when it reads a short table (T5 buckets), and
+added per element otherwise (``_grad_code``).
 
 Lightning indexer (DSA): ``I[b, g, t, s] = Σ_j w[b, j, t] · f(q_I[b, j, t] · k_I[b, g, s])`` over the
 indexer heads ``j`` of group ``g``, where ``f`` is the traced score modifier (``ReLU`` for DSA) and
@@ -173,9 +174,9 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
 
 
 #: a table whose kv-indexed dimension has at most this many entries is binned in registers
-#: (``_grad_code``). The binning product costs ~3·BINS/(3·D) of the chunk's attention products
-#: (TF32 three times for float32 sums): at 256 bins on an H100 it spilled and cost more than
-#: it saved (BENCHMARKS.md)
+#: (``_grad_code``). The one-hot product grows with the bins (and runs three TF32 products for a
+#: float32 sum): at 256 bins on an H100 it spilled and cost as much as the contention it removed
+#: (BENCHMARKS.md)
 MAX_BINS = 64
 
 

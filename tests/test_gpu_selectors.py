@@ -109,55 +109,76 @@ def test_dsa_with_mla_head_dims():
 
 
 def test_dsa_trains_learnable_biases_and_low_rank_factors():
-    """DSA top-128 with learnable ALiBi slopes, a learnable relative-position table and low-rank
-    factors (u per head, w shared), bf16 on the GPU: output, lse and every gradient against the
-    float64 gathering oracle; then DSA top-1024 at L=8192 timed with and without them."""
-    from patterns.relative_bias import relative_position_bias
+    """DSA top-128 with learnable ALiBi slopes, a learnable relative-position table, a learnable T5
+    bucket table and low-rank factors (u per head, w shared), bf16 on the GPU: output, lse and every
+    gradient against the float64 gathering oracle; then DSA top-1024 at L=8192 timed against Flex."""
+    from patterns.relative_bias import relative_position_bias, t5_bucket_bias
     B, H, Hkv, L, D, K = 1, 8, 1, 1024, 128, 128
     idx = random_causal_indices(L, K, device=DEV, seed=4)
     g = torch.Generator(device=DEV).manual_seed(5)
     q, k, v = qkv(B, H, Hkv, L, D, grad=True, seed=6)
     slopes = (torch.rand(H, generator=g, device=DEV) * 0.1).requires_grad_()
     table = (torch.randn(H, 2 * 64 + 1, generator=g, device=DEV) * 0.5).requires_grad_()
-    rel_bias = relative_position_bias(table, 64)
+    rel_bias = relative_position_bias(table, 64)  # 129 entries: added per element
+    buckets = (torch.randn(H, 32, generator=g, device=DEV) * 0.5).requires_grad_()
+    t5_bias = t5_bucket_bias(buckets, 32, 128)  # 32 buckets: summed in bins (three TF32 products)
 
     def learned(s, b, h, q_idx, kv_idx):
-        return rel_bias(s, b, h, q_idx, kv_idx) - slopes[h] * (q_idx - kv_idx)
+        return t5_bias(rel_bias(s, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx) - slopes[h] * (q_idx - kv_idx)
 
     u = (torch.randn(B, H, L, 16, generator=g, device=DEV) * 0.3).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(1, 1, L, 16, generator=g, device=DEV) * 0.3).to(torch.bfloat16).requires_grad_()
     attn = attndsl.compile(mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, score_mod=learned)
     o, lse = attn(q, k, v, indices=idx, bias_factors=(u, w), return_lse=True)
     do = torch.randn_like(o)
-    leaves = (q, k, v, u, w, slopes, table)
+    leaves = (q, k, v, u, w, slopes, table, buckets)
     grads = torch.autograd.grad(o, leaves, do)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     u64, w64 = (t.detach().double().requires_grad_() for t in (u, w))
     ro, rlse = reference.sparse_attention(q64, k64, v64, idx, mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
                                           score_mod=learned, bias_factors=(u64, w64))
-    rgrads = torch.autograd.grad(ro, (q64, k64, v64, u64, w64, slopes, table), do.double())
+    rgrads = torch.autograd.grad(ro, (q64, k64, v64, u64, w64, slopes, table, buckets), do.double())
     assert rel(o, ro) < 1e-2 and rel(lse, rlse) < 1e-3
-    for name, a, b in zip(("dq", "dk", "dv", "du", "dw", "dslopes", "dtable"), grads, rgrads):
+    for name, a, b in zip(("dq", "dk", "dv", "du", "dw", "dslopes", "dtable", "dbuckets"), grads, rgrads):
         assert a.shape == b.shape and torch.isfinite(a).all() and rel(a, b) < 3e-2, (name, rel(a, b))
-    # timings at the DSA anchor's size
+    # timings at the DSA anchor's size, against FlexAttention with the selection's dense mask and the
+    # same learnable score_mod (it has no low-rank bias; a float32 table does not compile there)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     L, K, H = 8192, 1024, 16
     idx = random_causal_indices(L, K, device=DEV, seed=0)
+    sel = dense_selection_mask(idx, L)[0, 0]
+    bm = create_block_mask(lambda b, h, q_idx, kv_idx: sel[q_idx, kv_idx], None, None, L, L, device=DEV)
+    flex = torch.compile(flex_attention, dynamic=False)
     q, k, v = qkv(B, H, Hkv, L, D, grad=True)
     slopes = (torch.rand(H, device=DEV) * 0.1).requires_grad_()
-    table = torch.zeros(H, 2 * 64 + 1, device=DEV, requires_grad=True)
-    rel_bias = relative_position_bias(table, 64)
+    t5 = torch.zeros(H, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     u = (torch.randn(B, H, L, 16, device=DEV) * 0.3).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(1, 1, L, 16, device=DEV) * 0.3).to(torch.bfloat16).requires_grad_()
-    plain, trained = attndsl.compile(), attndsl.compile(score_mod=learned)
+    mods = {"plain": None, "learnable slopes": lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
+            "learnable T5 table (bf16)": t5_bucket_bias(t5, 32, 128)}
     do = torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16)
-    runs = {"plain": lambda: plain(q, k, v, indices=idx, check_indices=False),
-            "slopes+table": lambda: trained(q, k, v, indices=idx, check_indices=False),
-            "low-rank R=16": lambda: plain(q, k, v, indices=idx, check_indices=False, bias_factors=(u, w)),
-            "all three": lambda: trained(q, k, v, indices=idx, check_indices=False, bias_factors=(u, w))}
-    t = {n: (bench(f), bench(lambda f=f: f().backward(do))) for n, f in runs.items()}
-    base = t["plain"]
-    print(f"\nDSA top-{K} L={L} H={H} Hkv={Hkv} D={D} bf16, learnable: " + "; ".join(
-        f"{n} {a:.3f} / {b:.3f} ms ({a / base[0]:.2f}x / {b / base[1]:.2f}x)" for n, (a, b) in t.items()))
+    lines = []
+    for name, mod in mods.items():
+        attn = attndsl.compile(score_mod=mod)
+        ours = lambda: attn(q, k, v, indices=idx, check_indices=False)  # noqa: E731
+        theirs = lambda: flex(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True)  # noqa: E731
+        grads = torch.autograd.grad(ours(), (q, slopes, t5), do, allow_unused=True)
+        t = [bench(ours), bench(lambda: ours().backward(do))]
+        try:
+            fgrads = torch.autograd.grad(theirs(), (q, slopes, t5), do, allow_unused=True)
+        except Exception as e:  # Flex's limits are not ours to fail on
+            lines.append(f"{name}: ours {t[0]:.3f} / {t[1]:.3f} ms, flex failed: {type(e).__name__}")
+            continue
+        for a, b in zip(grads, fgrads):
+            assert (a is None) == (b is None) and (a is None or rel(a, b) < 3e-2), name
+        t += [bench(theirs), bench(lambda: theirs().backward(do))]
+        lines.append(f"{name}: ours {t[0]:.3f} / {t[1]:.3f} ms, flex {t[2]:.3f} / {t[3]:.3f} ms, "
+                     f"flex/ours {t[2] / t[0]:.2f}x / {t[3] / t[1]:.2f}x")
+    lowrank = attndsl.compile()
+    t = [bench(lambda: lowrank(q, k, v, indices=idx, check_indices=False, bias_factors=(u, w))),
+         bench(lambda: lowrank(q, k, v, indices=idx, check_indices=False, bias_factors=(u, w)).backward(do))]
+    lines.append(f"low-rank R=16: ours {t[0]:.3f} / {t[1]:.3f} ms (no Flex counterpart)")
+    print(f"\nDSA top-{K} L={L} H={H} Hkv={Hkv} D={D} bf16, fwd / fwd+bwd:\n  " + "\n  ".join(lines))
 
 
 def test_indexer_long_bounded_memory():

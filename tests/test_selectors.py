@@ -505,7 +505,9 @@ def _compile_selector_kernels(tmp_path):
         ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "DU", "DW", "Sinks", "buf1", "buf2",
                                           "DBUF1_0", "DBUF2_1")}, IDX="*i32")
         _aot_compile(getattr(mod, f"{gs.name}_fwd"), c, ptrs)
-        _aot_compile(getattr(mod, f"{gs.name}_bwd"), dict(c, HAS_DLSE=normalizer == "softmax"), ptrs)
+        # the table's gradient in 64 bins (three TF32 products), the slopes' per packed head
+        _aot_compile(getattr(mod, f"{gs.name}_bwd"), dict(c, HAS_DLSE=normalizer == "softmax", GL0_BINS=0,
+                                                          GL1_BINS=64, BIN_PRECISION="tf32x3"), ptrs)
     ix = LightningIndexer()
     mod = load(codegen_bridge.render_indexer(ix.spec), "indexer")
     _aot_compile(getattr(mod, f"{ix.spec.name}_scores"),
