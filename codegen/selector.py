@@ -32,7 +32,7 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, SIGMOID, _dot, buffer_params, score_unit
+from .kernels import EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, I4, SIGMOID, _dot, buffer_params, score_unit
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
@@ -174,10 +174,10 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
 
 
 #: a table whose kv-indexed dimension has at most this many entries is binned in registers
-#: (``_grad_code``). The one-hot product grows with the bins (and runs three TF32 products for a
-#: float32 sum): at 256 bins on an H100 it spilled and cost as much as the contention it removed
-#: (BENCHMARKS.md)
-MAX_BINS = 64
+#: (``_grad_code``), in pieces of at most ``BIN_PIECE`` bins: one one-hot product per piece that the
+#: chunk's keys fall in. One [heads, 256] product spilled on an H100 (BENCHMARKS.md)
+MAX_BINS = 256
+BIN_PIECE = 64
 
 
 def binned_dim(gl) -> int | None:
@@ -204,10 +204,11 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
     How, by the load's index:
     - it does not follow ``kv_idx`` (a slope per head, a value per query): summed over the slots in
       registers, added once per packed head after the loop;
-    - a table whose one kv-indexed dimension has at most ``GL{i}_BINS`` entries (``binned_dim``;
-      relative-position and T5 tables): summed into [heads, bins] in registers by a matrix product
-      with the chunk's one-hot entries, added once per bin after the loop. Per-element adds would
-      all contend for the few saturated entries (BENCHMARKS.md: DSA with a relative table);
+    - a table whose one kv-indexed dimension has at most ``MAX_BINS`` entries (``binned_dim``;
+      relative-position and T5 tables): summed into [heads, bins] in registers by matrix products
+      with the chunk's one-hot entries, ``GL{i}_PIECES`` pieces of ``GL{i}_BINS`` bins, each only
+      when a key of the chunk falls in it; added once per bin after the loop. Per-element adds
+      would all contend for the few saturated entries (BENCHMARKS.md: DSA with a relative table);
     - otherwise (pair biases, per-key tables) added per element, or per slot after a sum over the
       packed heads when the index does not follow the head.
     Plain ``q_idx``/``kv_idx`` indices past the tensor add nothing (the forward read 0 there); other
@@ -247,22 +248,36 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
             continue
         key = f"tl.minimum(tl.maximum({idx[kd]}, 0), {p}_size{kd} - 1)"
         rows = " + ".join(t for d, t in enumerate(terms) if d != kd) or "0"
-        init += f"{I1}if GL{i}_BINS > 0:\n{I2}gbins{i} = tl.zeros([BLOCK_H, GL{i}_BINS], tl.float32)\n"
-        loop += (f"{I2}if GL{i}_BINS > 0:\n"
+        width, pieces = f"GL{i}_BINS", f"GL{i}_PIECES"
+        loop += (f"{I2}if {pieces} > 0:\n"
                  f"{I3}gkey{i} = tl.trans({key} + tl.zeros([1, BLOCK_N], tl.int32))\n"
-                 f"{I3}ghot{i} = (gkey{i} == tl.arange(0, GL{i}_BINS)[None, :]).to(tl.float32)\n"
-                 f"{I3}gbins{i} = tl.dot({contrib}, ghot{i}, gbins{i}, input_precision=BIN_PRECISION)\n"
-                 f"{I2}else:\n" + "".join(I3 + line for line in element))
-        final += (f"{I1}if GL{i}_BINS > 0:\n"
-                  f"{I2}gbin{i} = tl.arange(0, GL{i}_BINS)[None, :]\n"
-                  f"{I2}goff{i} = {rows} + gbin{i}.to(tl.int64) * {p}_stride{kd} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
-                  f"{I2}tl.atomic_add({dst} + goff{i}, gbins{i}, mask=h_ok[:, None] & (gbin{i} < {p}_size{kd}){ok}, "
-                  f"sem=\"relaxed\")\n")
+                 f"{I3}gc{i} = {contrib}\n"
+                 f"{I3}if {pieces} == 1:  # every key in the one piece: no test\n"
+                 f"{I4}gbins{i}_0 = tl.dot(gc{i}, (gkey{i} == tl.arange(0, {width})[None, :]).to(tl.float32), "
+                 f"gbins{i}_0, input_precision=BIN_PRECISION)\n"
+                 f"{I3}else:\n"
+                 f"{I4}gpiece{i} = gkey{i} // {width}\n"
+                 f"{I4}ghot{i} = gkey{i} % {width} == tl.arange(0, {width})[None, :]\n")
+        for c in range(MAX_BINS // BIN_PIECE):
+            acc, lo = f"gbins{i}_{c}", (f"{c} * {width} + " if c else "")
+            init += f"{I1}if {pieces} > {c}:\n{I2}{acc} = tl.zeros([BLOCK_H, {width}], tl.float32)\n"
+            # a piece no key of the chunk falls in costs one compare (a saturated table's keys
+            # mostly fall in its last piece)
+            loop += (f"{I4}if {pieces} > {c}:\n"
+                     f"{I4}{I1}if tl.sum((gpiece{i} == {c}).to(tl.int32)) > 0:\n"
+                     f"{I4}{I2}{acc} = tl.dot(gc{i}, (ghot{i} & (gpiece{i} == {c})).to(tl.float32), {acc}, "
+                     f"input_precision=BIN_PRECISION)\n")
+            final += (f"{I1}if {pieces} > {c}:\n"
+                      f"{I2}gbin{i} = {lo}tl.arange(0, {width})[None, :]\n"
+                      f"{I2}goff{i} = {rows} + gbin{i}.to(tl.int64) * {p}_stride{kd} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
+                      f"{I2}tl.atomic_add({dst} + goff{i}, {acc}, mask=h_ok[:, None] & (gbin{i} < {p}_size{kd}){ok}, "
+                      f"sem=\"relaxed\")\n")
+        loop += f"{I2}else:\n" + "".join(I3 + line for line in element)
     return init, em.take(2, I2) + loop if spec.grad_loads else loop, final
 
 
 def _grad_consts(spec: KernelSpec) -> str:
-    s = "".join(f" GL{i}_BINS: tl.constexpr," for i in range(len(spec.grad_loads)))
+    s = "".join(f" GL{i}_BINS: tl.constexpr, GL{i}_PIECES: tl.constexpr," for i in range(len(spec.grad_loads)))
     return s + (" BIN_PRECISION: tl.constexpr," if spec.grad_loads else "")
 
 

@@ -119,7 +119,7 @@ def test_dsa_trains_learnable_biases_and_low_rank_factors():
     q, k, v = qkv(B, H, Hkv, L, D, grad=True, seed=6)
     slopes = (torch.rand(H, generator=g, device=DEV) * 0.1).requires_grad_()
     table = (torch.randn(H, 2 * 64 + 1, generator=g, device=DEV) * 0.5).requires_grad_()
-    rel_bias = relative_position_bias(table, 64)  # 129 entries: added per element
+    rel_bias = relative_position_bias(table, 64)  # 129 entries: summed in three pieces of 64 bins
     buckets = (torch.randn(H, 32, generator=g, device=DEV) * 0.5).requires_grad_()
     t5_bias = t5_bucket_bias(buckets, 32, 128)  # 32 buckets: summed in bins (three TF32 products)
 
@@ -152,20 +152,22 @@ def test_dsa_trains_learnable_biases_and_low_rank_factors():
     q, k, v = qkv(B, H, Hkv, L, D, grad=True)
     slopes = (torch.rand(H, device=DEV) * 0.1).requires_grad_()
     t5 = torch.zeros(H, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    rt = torch.zeros(H, 129, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     u = (torch.randn(B, H, L, 16, device=DEV) * 0.3).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(1, 1, L, 16, device=DEV) * 0.3).to(torch.bfloat16).requires_grad_()
     mods = {"plain": None, "learnable slopes": lambda s, b, h, q_idx, kv_idx: s - slopes[h] * (q_idx - kv_idx),
-            "learnable T5 table (bf16)": t5_bucket_bias(t5, 32, 128)}
+            "learnable T5 table (bf16)": t5_bucket_bias(t5, 32, 128),
+            "learnable relative table (bf16, 129 entries)": relative_position_bias(rt, 64)}
     do = torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16)
     lines = []
     for name, mod in mods.items():
         attn = attndsl.compile(score_mod=mod)
         ours = lambda: attn(q, k, v, indices=idx, check_indices=False)  # noqa: E731
         theirs = lambda: flex(q, k, v, score_mod=mod, block_mask=bm, enable_gqa=True)  # noqa: E731
-        grads = torch.autograd.grad(ours(), (q, slopes, t5), do, allow_unused=True)
+        grads = torch.autograd.grad(ours(), (q, slopes, t5, rt), do, allow_unused=True)
         t = [bench(ours), bench(lambda: ours().backward(do))]
         try:
-            fgrads = torch.autograd.grad(theirs(), (q, slopes, t5), do, allow_unused=True)
+            fgrads = torch.autograd.grad(theirs(), (q, slopes, t5, rt), do, allow_unused=True)
         except Exception as e:  # Flex's limits are not ours to fail on
             lines.append(f"{name}: ours {t[0]:.3f} / {t[1]:.3f} ms, flex failed: {type(e).__name__}")
             continue

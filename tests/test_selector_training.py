@@ -25,7 +25,7 @@ TOL = {F32: 5e-5, BF16: 6e-2}
 #: beyond test_learnable's kinds, the ways the gather backward adds a table's gradient
 #: (``codegen.selector._grad_code``): bins without a head dim, per element past the bin limit,
 #: and per slot after a sum over the packed heads
-GATHER_KINDS = ["shared_table", "wide_table", "per_key"]
+GATHER_KINDS = ["shared_table", "pieced_table", "wide_table", "per_key"]
 
 
 def _gather_learnable(kind, B, Hq, Lq, Lkv, gen, dtype):
@@ -34,9 +34,12 @@ def _gather_learnable(kind, B, Hq, Lq, Lkv, gen, dtype):
     if kind == "shared_table":  # table[bucket]: binned, one row for every head
         t = torch.randn(9, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
         return [t], lambda s, b, h, qi, kv: s + t[(qi - kv).clamp(-4, 4) + 4]
-    if kind == "wide_table":  # 129 entries along kv: over the bin limit, added per element
+    if kind == "pieced_table":  # 129 entries along kv: bins in three pieces of 64, all reached at short lengths
         t = torch.randn(Hq, 129, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-        return [t], lambda s, b, h, qi, kv: s + t[h, (qi - kv).clamp(-64, 64) + 64]
+        return [t], lambda s, b, h, qi, kv: s + t[h, ((qi - kv) * 8).clamp(-64, 64) + 64]
+    if kind == "wide_table":  # 301 entries along kv: over the bin limit, added per element
+        t = torch.randn(Hq, 301, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        return [t], lambda s, b, h, qi, kv: s + t[h, (qi - kv).clamp(-150, 150) + 150]
     t = torch.randn(Lkv, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()  # per key: plain kv_idx
     return [t], lambda s, b, h, qi, kv: s + t[kv]
 
@@ -218,17 +221,18 @@ def test_factor_errors_on_the_token_path():
 
 
 def test_each_table_takes_the_way_its_index_allows():
-    """Which way each kind's gradient is added (so the cases above cover every way): bins for tables
-    whose one kv-indexed dim is short and head-free, per element otherwise."""
+    """Which way each kind's gradient is added (so the cases above cover every way): bins (in pieces
+    of 64) for tables whose one kv-indexed dim has at most 256 entries and is head-free, per element
+    otherwise (no pieces)."""
     from attndsl import codegen_bridge
     from attndsl.selectors.sparse import gather_runner
     gen = torch.Generator().manual_seed(0)
-    want = {"rel_table": 64, "t5": 32, "shared_table": 16, "wide_table": 0, "per_key": None, "pair_hqk": None,
-            "slopes": None}
-    assert codegen_bridge.MAX_BINS == 64
-    for kind, bins in want.items():
+    want = {"rel_table": (64, 1), "t5": (32, 1), "shared_table": (16, 1), "pieced_table": (64, 3),
+            "wide_table": (64, 0), "per_key": (64, 0), "pair_hqk": (64, 0), "slopes": (64, 0)}
+    assert (codegen_bridge.MAX_BINS, codegen_bridge.BIN_PIECE) == (256, 64)
+    for kind, (bins, pieces) in want.items():
         learn, score_mod = _gather_learnable(kind, 1, 2, 8, 8, gen, F32)
         attn = attndsl.compile(score_mod=score_mod)
         r = gather_runner(attn, torch.zeros(1, 2, 8, 16))
-        got = r._grad_consts(tuple(attn.tensors)).get("GL0_BINS")
-        assert got == (bins if bins is not None else 0), (kind, got)
+        consts = r._grad_consts(tuple(attn.tensors))
+        assert (consts["GL0_BINS"], consts["GL0_PIECES"]) == (bins, pieces), (kind, consts)

@@ -489,10 +489,10 @@ def _compile_selector_kernels(tmp_path):
 
     doc = torch.zeros(8, dtype=torch.int32)
     slopes = torch.zeros(4, requires_grad=True)  # learnable: per packed head, summed over the slots
-    table = torch.zeros(4, 33, requires_grad=True)  # learnable: added per element
+    table = torch.zeros(4, 129, requires_grad=True)  # learnable: summed in three pieces of 64 bins
 
     def learnable_bias(s, b, h, q, k):
-        return s - slopes[h] * (q - k) + table[h, (q - k).clamp(-16, 16) + 16]
+        return s - slopes[h] * (q - k) + table[h, (q - k).clamp(-64, 64) + 64]
 
     for normalizer in ("softmax", "sigmoid"):
         gs = gather_spec(attndsl.compile(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
@@ -505,9 +505,10 @@ def _compile_selector_kernels(tmp_path):
         ptrs.update({n: "*fp32" for n in ("Lse", "DLse", "DK", "DV", "DU", "DW", "Sinks", "buf1", "buf2",
                                           "DBUF1_0", "DBUF2_1")}, IDX="*i32")
         _aot_compile(getattr(mod, f"{gs.name}_fwd"), c, ptrs)
-        # the table's gradient in 64 bins (three TF32 products), the slopes' per packed head
-        _aot_compile(getattr(mod, f"{gs.name}_bwd"), dict(c, HAS_DLSE=normalizer == "softmax", GL0_BINS=0,
-                                                          GL1_BINS=64, BIN_PRECISION="tf32x3"), ptrs)
+        # the table's gradient in three pieces of 64 bins (three TF32 products each), the slopes' per packed head
+        _aot_compile(getattr(mod, f"{gs.name}_bwd"), dict(c, HAS_DLSE=normalizer == "softmax", GL0_BINS=64,
+                                                          GL0_PIECES=0, GL1_BINS=64, GL1_PIECES=3,
+                                                          BIN_PRECISION="tf32x3"), ptrs)
     ix = LightningIndexer()
     mod = load(codegen_bridge.render_indexer(ix.spec), "indexer")
     _aot_compile(getattr(mod, f"{ix.spec.name}_scores"),

@@ -140,15 +140,18 @@ class GatherRunner:
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
     def _grad_consts(self, buffers) -> dict:
-        """Bins per learnable table (``codegen.selector.binned_dim``: 0 adds per element) and the
-        precision of the binning product: float32-exact on the GPU too (three TF32 products)."""
+        """Bins per piece and pieces per learnable table (``codegen.selector.binned_dim``; no pieces:
+        added per element) and the precision of the binning products: float32-exact on the GPU too
+        (three TF32 products)."""
         if not self.spec.grad_loads:
             return {}
         consts = {"BIN_PRECISION": "ieee" if self.interpret else "tf32x3"}
         for i, gl in enumerate(self.spec.grad_loads):
             d = codegen_bridge.binned_dim(gl)
             n = buffers[gl.slot].shape[d] if d is not None else codegen_bridge.MAX_BINS + 1
-            consts[f"GL{i}_BINS"] = max(16, triton.next_power_of_2(n)) if n <= codegen_bridge.MAX_BINS else 0
+            width = min(codegen_bridge.BIN_PIECE, max(16, triton.next_power_of_2(n)))
+            consts[f"GL{i}_BINS"] = width  # bins per piece
+            consts[f"GL{i}_PIECES"] = -(-n // width) if n <= codegen_bridge.MAX_BINS else 0
         return consts
 
     def _shape_args(self, q, k, indices, extras):
