@@ -248,32 +248,45 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
             continue
         key = f"tl.minimum(tl.maximum({idx[kd]}, 0), {p}_size{kd} - 1)"
         rows = " + ".join(t for d, t in enumerate(terms) if d != kd) or "0"
-        width, pieces = f"GL{i}_BINS", f"GL{i}_PIECES"
-        loop += (f"{I2}if {pieces} > 0:\n"
-                 f"{I3}gkey{i} = tl.trans({key} + tl.zeros([1, BLOCK_N], tl.int32))\n"
-                 f"{I3}gc{i} = {contrib}\n"
-                 f"{I3}if {pieces} == 1:  # every key in the one piece: no test\n"
-                 f"{I4}gbins{i}_0 = tl.dot(gc{i}, (gkey{i} == tl.arange(0, {width})[None, :]).to(tl.float32), "
-                 f"gbins{i}_0, input_precision=BIN_PRECISION)\n"
-                 f"{I3}else:\n"
-                 f"{I4}gpiece{i} = gkey{i} // {width}\n"
-                 f"{I4}ghot{i} = gkey{i} % {width} == tl.arange(0, {width})[None, :]\n")
-        for c in range(MAX_BINS // BIN_PIECE):
-            acc, lo = f"gbins{i}_{c}", (f"{c} * {width} + " if c else "")
-            init += f"{I1}if {pieces} > {c}:\n{I2}{acc} = tl.zeros([BLOCK_H, {width}], tl.float32)\n"
-            # a piece no key of the chunk falls in costs one compare (a saturated table's keys
-            # mostly fall in its last piece)
-            loop += (f"{I4}if {pieces} > {c}:\n"
-                     f"{I4}{I1}if tl.sum((gpiece{i} == {c}).to(tl.int32)) > 0:\n"
-                     f"{I4}{I2}{acc} = tl.dot(gc{i}, (ghot{i} & (gpiece{i} == {c})).to(tl.float32), {acc}, "
-                     f"input_precision=BIN_PRECISION)\n")
-            final += (f"{I1}if {pieces} > {c}:\n"
-                      f"{I2}gbin{i} = {lo}tl.arange(0, {width})[None, :]\n"
-                      f"{I2}goff{i} = {rows} + gbin{i}.to(tl.int64) * {p}_stride{kd} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
-                      f"{I2}tl.atomic_add({dst} + goff{i}, {acc}, mask=h_ok[:, None] & (gbin{i} < {p}_size{kd}){ok}, "
-                      f"sem=\"relaxed\")\n")
-        loop += f"{I2}else:\n" + "".join(I3 + line for line in element)
+        b_init, b_loop, b_final = _binned_adds(i, key, rows, contrib, f"{dst} + ", f"{p}_stride{kd}",
+                                               f"{p}_size{kd}", ok)
+        init, final = init + b_init, final + b_final
+        loop += b_loop + f"{I2}else:\n" + "".join(I3 + line for line in element)
     return init, em.take(2, I2) + loop if spec.grad_loads else loop, final
+
+
+def _binned_adds(i: int, key: str, rows: str, contrib: str, dst: str, stride: str, size: str,
+                 ok: str) -> tuple[str, str, str]:
+    """(init, loop, final) of a table's gradient summed into per-head bins (see ``_grad_code``):
+    ``key`` the slots' entries along the binned dim, ``rows`` the offset of each packed head's row;
+    ``GL{i}_PIECES`` pieces of ``GL{i}_BINS`` bins. The loop part is an ``if GL{i}_PIECES > 0:``
+    block, the caller's ``else`` follows it."""
+    width, pieces = f"GL{i}_BINS", f"GL{i}_PIECES"
+    init, final = "", ""
+    loop = (f"{I2}if {pieces} > 0:\n"
+            f"{I3}gkey{i} = tl.trans({key} + tl.zeros([1, BLOCK_N], tl.int32))\n"
+            f"{I3}gc{i} = {contrib}\n"
+            f"{I3}if {pieces} == 1:  # every key in the one piece: no test\n"
+            f"{I4}gbins{i}_0 = tl.dot(gc{i}, (gkey{i} == tl.arange(0, {width})[None, :]).to(tl.float32), "
+            f"gbins{i}_0, input_precision=BIN_PRECISION)\n"
+            f"{I3}else:\n"
+            f"{I4}gpiece{i} = gkey{i} // {width}\n"
+            f"{I4}ghot{i} = gkey{i} % {width} == tl.arange(0, {width})[None, :]\n")
+    for c in range(MAX_BINS // BIN_PIECE):
+        acc, lo = f"gbins{i}_{c}", (f"{c} * {width} + " if c else "")
+        init += f"{I1}if {pieces} > {c}:\n{I2}{acc} = tl.zeros([BLOCK_H, {width}], tl.float32)\n"
+        # a piece no key of the chunk falls in costs one compare (a saturated table's keys mostly
+        # fall in its last piece)
+        loop += (f"{I4}if {pieces} > {c}:\n"
+                 f"{I4}{I1}if tl.sum((gpiece{i} == {c}).to(tl.int32)) > 0:\n"
+                 f"{I4}{I2}{acc} = tl.dot(gc{i}, (ghot{i} & (gpiece{i} == {c})).to(tl.float32), {acc}, "
+                 f"input_precision=BIN_PRECISION)\n")
+        final += (f"{I1}if {pieces} > {c}:\n"
+                  f"{I2}gbin{i} = {lo}tl.arange(0, {width})[None, :]\n"
+                  f"{I2}goff{i} = {rows} + gbin{i}.to(tl.int64) * {stride} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
+                  f"{I2}tl.atomic_add({dst}goff{i}, {acc}, mask=h_ok[:, None] & (gbin{i} < {size}){ok}, "
+                  f"sem=\"relaxed\")\n")
+    return init, loop, final
 
 
 def _grad_consts(spec: KernelSpec) -> str:
