@@ -168,8 +168,8 @@ def test_low_rank_factors_of_every_shape(factors, normalizer):
     """u·wᵀ at the gathered keys, for every broadcast of u and w, with a softcap after it (the bias
     joins the score before score_mod) and a selection shared by the K/V heads' groups."""
     Hq, Hkv, G = 4, 2, 2
-    errs = run_case(grouping=(Hq, Hkv, G), B=2, Lq=11, Lkv=19, K=14, mask=causal, factors=_factor_shape(factors, 2, Hq, Hkv),
-                    R=4, normalizer=normalizer, seed=5)
+    errs = run_case(grouping=(Hq, Hkv, G), B=2, Lq=11, Lkv=19, K=14, mask=causal,
+                    factors=_factor_shape(factors, 2, Hq, Hkv), R=4, normalizer=normalizer, seed=5)
     _check(errs, TOL[F32], factors)
     attn = attndsl.compile(score_mod=softcap, block_n=16)
     gen = torch.Generator().manual_seed(0)
