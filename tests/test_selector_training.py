@@ -54,7 +54,7 @@ def _err(got, want):
     return ((got[fin] - want[fin]).abs().max() / want[fin].abs().max().clamp_min(1e-6)).item()
 
 
-def _factors(B, Hq, Hkv, Lq, Lkv, R, shape, gen, dtype):
+def _factors(Lq, Lkv, R, shape, gen, dtype):
     """(u, w) with the batch/head dims ``shape`` picks: ``(u_batch, u_heads, w_batch, w_heads)``."""
     ub, uh, wb, wh = shape
     u = torch.randn(ub, uh, Lq, R, generator=gen, dtype=torch.float64) * 0.5
@@ -73,7 +73,7 @@ def run_case(*, grouping, B, Lq, Lkv, K, D=16, Dv=16, mask=None, kind=None, fact
     learn, score_mod = _gather_learnable(kind, B, Hq, Lq, Lkv, gen, F32) if kind else ([], None)
     extras, leaves = {}, [("q", q), ("k", k), ("v", v)]
     if factors is not None:
-        u, w = _factors(B, Hq, Hkv, Lq, Lkv, R, factors, gen, dtype)
+        u, w = _factors(Lq, Lkv, R, factors, gen, dtype)
         extras["bias_factors"] = (u, w)
         leaves += [("u", u), ("w", w)]
     if sinks:
