@@ -112,7 +112,7 @@ class CompiledAttention:
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
                      bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
         if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
-            learnable = sorted({gl.slot for gl in self.spec.grad_loads})  # mask tensors are never differentiated
+            learnable = sorted(self.spec.learnable_slots)
             return empty_call(query, key, value, softmax=self.spec.normalizer == "softmax", return_lse=return_lse,
                               sinks=sinks, others=(*(bias_factors or ()), *(self.tensors[s] for s in learnable)))
         self.index_check(self.tensors, call_shape(query, key), query.device)

@@ -118,3 +118,8 @@ class KernelSpec:
     @property
     def has_mask(self) -> bool:
         return self.mask is not None
+
+    @property
+    def learnable_slots(self) -> frozenset:
+        """The captured tensors that get gradients (a tensor read only by the mask never does)."""
+        return frozenset(gl.slot for gl in self.grad_loads)

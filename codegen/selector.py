@@ -32,7 +32,8 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, I4, SIGMOID, _dot, buffer_params, score_unit
+from .kernels import (EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, I4, SECOND_PART, SIGMOID, _dot, buffer_params,
+                      score_unit)
 from .module import HEADER, LN2, LOG2E
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
@@ -91,10 +92,7 @@ _PROLOGUE = """
                 + pid_q.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=hd_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if HAS_D2:  # the query/key head dim's second part (192 = 128 + 64: no padding to 256)
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        d2_ok = offs_d2 < HEAD_D
-        q2 = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
+{second_part}        q2 = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
                      + pid_q.to(tl.int64) * stride_qm + offs_d2[None, :] * stride_qd, mask=h_ok[:, None] & d2_ok[None, :],
                      other=0.0)
         if UPCAST:
@@ -317,7 +315,7 @@ def _norm(spec: KernelSpec) -> str:
 def gather_forward(spec: KernelSpec) -> str:
     em = ExprEmitter(_common_env(), 3, prefix="v")
     body = _score_and_mask(spec, em, backward=False)
-    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
+    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1), second_part=SECOND_PART.format(I=I1))
     if _norm(spec) == "softmax":
         # a sink logit joins the denominator: start the running max at it with a count of one
         init = f"""{I1}if HAS_SINKS:
@@ -374,7 +372,7 @@ def gather_backward(spec: KernelSpec) -> str:
     else:
         prob, dsc = SIGMOID, "p * (1.0 - p) * dp"
     g_init, g_loop, g_final = _grad_code(spec, em)
-    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1))
+    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1), second_part=SECOND_PART.format(I=I1))
     grads = "".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
     return _skip_empty_chunks(f'''
 @triton.jit

@@ -233,7 +233,7 @@ class Runner:
                  head_dim_v: int | None = None):
         self.spec = spec
         self.deterministic = deterministic
-        self.learnable = frozenset(gl.slot for gl in spec.grad_loads)
+        self.learnable = spec.learnable_slots
         # facts of the spec the backward consults on every call
         self._loaded_once = frozenset(s for s in self.learnable if sum(g.slot == s for g in spec.grad_loads) == 1)
         self._dq_whole_range = dq_visits_whole_range(spec)

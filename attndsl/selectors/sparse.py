@@ -119,7 +119,7 @@ class GatherRunner:
     def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None,
                  head_dim_v: int | None = None):
         self.spec = gather_spec(spec)
-        self.learnable = frozenset(gl.slot for gl in spec.grad_loads)
+        self.learnable = spec.learnable_slots
         self.interpret = interpret
         self.head_dim = head_dim
         self.bd, self.bd2 = split_head_dim(head_dim)  # 192 = 128 + 64 (runtime.config.split_head_dim)
@@ -278,7 +278,7 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     check_extras(query, key, normalizer=normalizer, return_lse=return_lse, sinks=sinks, bias_factors=bias_factors,
                  sigmoid_bias=sigmoid_bias)
     validate_indices(indices, query, key, check_indices)
-    learnable = sorted({gl.slot for gl in compiled.spec.grad_loads})  # mask tensors are never differentiated
+    learnable = sorted(compiled.spec.learnable_slots)
     if compiled.deterministic and any(compiled.tensors[s].requires_grad for s in learnable):
         raise NotImplementedError(
             "deterministic=True with indices=: the token selector adds the gradients of learnable captured "
