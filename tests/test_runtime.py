@@ -840,6 +840,30 @@ def test_tma_ready_follows_the_descriptor_rules():
     assert tma_ready(True, torch.randn(1, 3, 40, 20)[..., :16])  # rows 80 bytes apart
     assert tma_ready(True, torch.randn(2, 40, 3, 16).transpose(1, 2))  # [B, L, H, D] storage
     assert not tma_ready(False, t)  # CPU tensors outside the interpreter
+    # one row: its stride is still the descriptor's, and must be aligned (w of rank 1, Lkv = 1)
+    assert not tma_ready(True, torch.randn(1, 1, 1, 1))
+    assert not tma_ready(True, torch.randn(2, 3, 1, 18))
+    assert tma_ready(True, torch.randn(2, 3, 1, 16))
+
+
+@pytest.mark.parametrize("D,R", [(18, 1), (16, 3), (16, 4)])
+def test_one_key_with_rows_no_descriptor_takes(D, R):
+    """Lkv = 1, K/V rows and low-rank w rows not 16 bytes apart: the forward reads them through
+    pointers (a descriptor over them failed to build, found by the slow property run), and the
+    output and every gradient match the float64 reference."""
+    q, k, v = (rand(1, 2, L, D, dtype=torch.float32, seed=s, grad=True) for s, L in ((0, 5), (1, 1), (2, 1)))
+    u = rand(1, 2, 5, R, dtype=torch.float32, seed=3, grad=True)
+    w = rand(1, 1, 1, R, dtype=torch.float32, seed=4, grad=True)
+    for normalizer in ("softmax", "sigmoid"):
+        out = attndsl.attention(q, k, v, bias_factors=(u, w), normalizer=normalizer)
+        do = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v, u, w), do)
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v, u, w)]
+        want = attndsl.reference.attention(*leaves[:3], bias_factors=tuple(leaves[3:]), normalizer=normalizer)
+        want = want[0] if isinstance(want, tuple) else want
+        assert_close(out, want, 1e-5, f"{normalizer} output")
+        for g, wg, name in zip(got, torch.autograd.grad(want, leaves, do.double()), "q k v u w".split()):
+            assert_close(g, wg, 1e-5, f"{normalizer} d{name}")
 
 
 def _launched_tma(monkeypatch, const="KV_TMA"):

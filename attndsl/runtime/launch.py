@@ -38,14 +38,15 @@ _HAS_DESCRIPTORS = hasattr(triton.language, "make_tensor_descriptor")
 def tma_ready(interpret: bool, *tensors) -> bool:
     """May these tensors' row tiles be read through tensor descriptors (TMA)? The interpreter
     always; a GPU from Hopper on (NVIDIA), when every tensor's last stride is 1 and its base and
-    its other strides (of dimensions longer than 1) are multiples of 16 bytes."""
+    its other strides (of dimensions longer than 1) are multiples of 16 bytes. The row stride is the
+    descriptor's own and must be aligned even where there is one row (Lkv = 1)."""
     if not _HAS_DESCRIPTORS or not (interpret or _tma_device(tensors[0].device)):
         return False
     for t in tensors:
         es = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(-2) * es) % 16:
             return False
-        if any(n > 1 and (s * es) % 16 for n, s in zip(t.shape[:-1], t.stride()[:-1])):
+        if any(n > 1 and (s * es) % 16 for n, s in zip(t.shape[:-2], t.stride()[:-2])):
             return False
     return True
 
