@@ -370,7 +370,7 @@ def gather_backward(spec: KernelSpec) -> str:
     if _norm(spec) == "softmax":
         prob, dsc = "tl.exp2(s - lse[:, None])", "p * (dp - delta[:, None])"
     else:
-        prob, dsc = SIGMOID, "tl.fma(-p, p, p) * dp"  # σ' as one FMA (kernels._bwd_dscore)
+        prob, dsc = SIGMOID, "(p - p * p) * dp"  # σ' contracted to one FMA (kernels._bwd_dscore)
     g_init, g_loop, g_final = _grad_code(spec, em)
     pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1), second_part=SECOND_PART.format(I=I1))
     grads = "".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
