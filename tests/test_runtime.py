@@ -847,10 +847,12 @@ def test_tma_ready_follows_the_descriptor_rules():
 
 
 @pytest.mark.parametrize("D,R", [(18, 1), (16, 3), (16, 4)])
-def test_one_key_with_rows_no_descriptor_takes(D, R):
-    """Lkv = 1, K/V rows and low-rank w rows not 16 bytes apart: the forward reads them through
-    pointers (a descriptor over them failed to build, found by the slow property run), and the
-    output and every gradient match the float64 reference."""
+def test_one_key_rows_not_16_bytes_apart_read_through_pointers(D, R, monkeypatch):
+    """Lkv = 1 with K/V rows (D=18, float32) or low-rank w rows (R=1, 3) not 16 bytes apart: the
+    forward reads them through pointers (a descriptor over them failed to build, found by the slow
+    property run); D=16, R=4 keeps descriptors. Output and every gradient match the float64
+    reference."""
+    kv_seen, w_seen = _launched_tma(monkeypatch), _launched_tma(monkeypatch, "W_TMA")
     q, k, v = (rand(1, 2, L, D, dtype=torch.float32, seed=s, grad=True) for s, L in ((0, 5), (1, 1), (2, 1)))
     u = rand(1, 2, 5, R, dtype=torch.float32, seed=3, grad=True)
     w = rand(1, 1, 1, R, dtype=torch.float32, seed=4, grad=True)
@@ -859,11 +861,12 @@ def test_one_key_with_rows_no_descriptor_takes(D, R):
         do = torch.randn_like(out)
         got = torch.autograd.grad(out, (q, k, v, u, w), do)
         leaves = [t.detach().double().requires_grad_() for t in (q, k, v, u, w)]
-        want = attndsl.reference.attention(*leaves[:3], bias_factors=tuple(leaves[3:]), normalizer=normalizer)
-        want = want[0] if isinstance(want, tuple) else want
+        want, _ = attndsl.reference.attention(*leaves[:3], bias_factors=tuple(leaves[3:]), normalizer=normalizer)
         assert_close(out, want, 1e-5, f"{normalizer} output")
         for g, wg, name in zip(got, torch.autograd.grad(want, leaves, do.double()), "q k v u w".split()):
             assert_close(g, wg, 1e-5, f"{normalizer} d{name}")
+    assert kv_seen and {tma for _, tma in kv_seen} == {D * 4 % 16 == 0}
+    assert w_seen and {tma for _, tma in w_seen} == {R * 4 % 16 == 0}
 
 
 def _launched_tma(monkeypatch, const="KV_TMA"):
