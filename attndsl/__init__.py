@@ -1,4 +1,13 @@
 """attndsl: attention patterns as a few lines of Python, compiled to fused Triton kernels."""
+import os as _os
+
+# An installed attndsl holds ``attndsl.codegen`` and ``attndsl.patterns`` (setup.py maps the
+# top-level folders there). A source checkout on PYTHONPATH has them beside this package: make
+# the same names resolve to them.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if (not _os.path.isdir(_os.path.join(__path__[0], "codegen"))
+        and _os.path.isfile(_os.path.join(_root, "codegen", "__init__.py"))):
+    __path__.append(_root)
 from . import reference
 from .api import CompiledAttention, attention, compile
 from . import selectors  # index selectors: indices= (DSA), blocks= (MoBA, NSA), the lightning indexer

@@ -291,8 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        # forwarded untouched: the harness owns its arguments (and its --help)
-        from attndsl.bench import harness
+        # forwarded untouched: the harness owns its arguments (and its --help); it lives in the
+        # repository's benchmarks/ folder, not in the installed package
+        try:
+            from benchmarks import harness
+        except ImportError:
+            print("attndsl: error: the protocol benchmark harness lives in the repository's benchmarks/ "
+                  "folder; run 'python -m benchmarks' from a checkout", file=sys.stderr)
+            return 2
         parser = harness.build_parser()
         parser.prog = "attndsl bench"
         ns = parser.parse_args(argv[1:])

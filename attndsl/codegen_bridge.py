@@ -1,5 +1,5 @@
 """The one place the library reaches into ``codegen`` (kept separate so the tracer never does)."""
-from codegen import CODEGEN_VERSION, kernel_names, render  # noqa: F401
-from codegen.selector import (BIN_PIECE, MAX_BINS, SELECTOR_VERSION, binned_dim, render_gather,  # noqa: F401
+from attndsl.codegen import CODEGEN_VERSION, kernel_names, render  # noqa: F401
+from attndsl.codegen.selector import (BIN_PIECE, MAX_BINS, SELECTOR_VERSION, binned_dim, render_gather,  # noqa: F401
                               render_indexer)
-from codegen.kernels import dq_visits_whole_range  # noqa: F401
+from attndsl.codegen.kernels import dq_visits_whole_range  # noqa: F401

@@ -29,7 +29,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attndsl.reference  # noqa: E402
-from patterns.dsa import causal, dsa_indexer  # noqa: E402
+from attndsl.patterns.dsa import causal, dsa_indexer  # noqa: E402
 
 
 class DSALayer(nn.Module):

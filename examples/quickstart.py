@@ -14,11 +14,11 @@ import torch
 
 try:
     import attndsl
-    from patterns import alibi, alibi_slopes, causal, sliding_window
+    from attndsl.patterns import alibi, alibi_slopes, causal, sliding_window
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attndsl
-    from patterns import alibi, alibi_slopes, causal, sliding_window
+    from attndsl.patterns import alibi, alibi_slopes, causal, sliding_window
 
 import attndsl.reference
 

@@ -16,9 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import attndsl  # noqa: E402
 from attndsl.tilemap import save_tile_map, summary  # noqa: E402
-from patterns.neighborhood import neighborhood  # noqa: E402
-from patterns.radial import radial, radial_block  # noqa: E402
-from patterns.sliding_tile import sliding_tile_3d  # noqa: E402
+from attndsl.patterns.neighborhood import neighborhood  # noqa: E402
+from attndsl.patterns.radial import radial, radial_block  # noqa: E402
+from attndsl.patterns.sliding_tile import sliding_tile_3d  # noqa: E402
 
 CASES = [
     # name, mask, block_m, block_n, what

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import attndsl  # noqa: E402
 from attndsl.tilemap import summary, tile_map  # noqa: E402
-from patterns.radial import radial  # noqa: E402
-from patterns.sliding_tile import sliding_tile, sta_layout  # noqa: E402
+from attndsl.patterns.radial import radial  # noqa: E402
+from attndsl.patterns.sliding_tile import sliding_tile, sta_layout  # noqa: E402
 
 
 class JointAttention(nn.Module):

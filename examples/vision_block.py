@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import attndsl  # noqa: E402
 from attndsl.tilemap import summary, tile_map  # noqa: E402
-from patterns.neighborhood import neighborhood  # noqa: E402
+from attndsl.patterns.neighborhood import neighborhood  # noqa: E402
 
 
 class NeighborhoodAttention2d(nn.Module):

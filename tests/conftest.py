@@ -7,12 +7,21 @@
 * ``ATTNDSL_VERIFY_MEMO=1``: every launch that a repeated call takes from the runner's memo
   (``Runner._launch``) is checked against a fresh computation of its grid, constants and argument
   specialisation, so a call key that misses something fails here rather than launching wrongly.
+* ``ATTNDSL_CACHE_DIR``: generated kernels go to a temporary directory of this test session
+  (removed at exit), never into the user's own ``~/.cache/attndsl``. Export it to keep them.
 * Tests marked ``gpu`` are skipped when CUDA is not available.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("ATTNDSL_POISON", "1")
 os.environ.setdefault("ATTNDSL_VERIFY_MEMO", "1")
+if "ATTNDSL_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="attndsl-test-cache-")
+    os.environ["ATTNDSL_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 

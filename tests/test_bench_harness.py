@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from attndsl import cli
-from attndsl.bench import cases as C
-from attndsl.bench import harness as Hn
+from benchmarks import cases as C
+from benchmarks import harness as Hn
 
 
 # ---------------------------------------------------------------- density

@@ -33,7 +33,7 @@ def test_deterministic_learnable_gradients(kind):
         t = torch.randn(B, Hq, Lq, Lkv, requires_grad=True)
         mod = lambda s, b, h, q, k: s + t[b, h, q, k]  # noqa: E731
     elif kind in ("t5", "t5_oblong"):  # scatter: tiles of one bucket (uniform) and, summed per diagonal, of a few
-        from patterns.relative_bias import t5_bucket_bias
+        from attndsl.patterns.relative_bias import t5_bucket_bias
         t = torch.randn(Hq, 16, requires_grad=True)
         mod = t5_bucket_bias(t, 16, 24, bidirectional=False)
     elif kind == "grid":  # scatter not along diagonals (a 2-D grid distance): per entry of each tile

@@ -9,7 +9,7 @@ import attndsl
 from attndsl import ir
 from attndsl.ir.evaluate import evaluate
 from attndsl.passes.diagonal import DIST, diagonal_index, shift_invariant
-from patterns.relative_bias import relative_position_bias, t5_bucket_bias
+from attndsl.patterns.relative_bias import relative_position_bias, t5_bucket_bias
 
 H, L = 2, 70
 

@@ -285,7 +285,7 @@ def test_shipped_relative_patterns_are_proven_in_range_by_intervals(monkeypatch)
     """T5 buckets (``where(dist < max_exact, dist, log bucket)``), clipped distances and per-head
     slopes are decided from their intervals at L=16384, with no dense evaluation."""
     from attndsl.runtime import checks
-    from patterns import alibi, relative_position_bias, t5_bucket_bias
+    from attndsl.patterns import alibi, relative_position_bias, t5_bucket_bias
 
     def no_dense(*a):
         raise AssertionError("evaluated densely")

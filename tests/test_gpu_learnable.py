@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attndsl
-from patterns.relative_bias import relative_position_bias, t5_bucket_bias
+from attndsl.patterns.relative_bias import relative_position_bias, t5_bucket_bias
 from test_learnable import _dense_ref_kw, causal, causal_offset, compare, sliding
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

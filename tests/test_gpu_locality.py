@@ -2,7 +2,7 @@
 
 NA-2D (128x128 image, kernel 13, 8x8 tile-major layout), STA (16x32x32 video, tiles 4x8x8,
 window 3x3x3 tiles) and radial attention (16 frames x 1024 tokens), as registered in
-``attndsl.bench.cases``. For each: forward and backward in bf16 against FlexAttention (compiled,
+``benchmarks.cases``. For each: forward and backward in bf16 against FlexAttention (compiled,
 ``create_block_mask``) on the same inputs, both measured against a float32 SDPA result with the dense mask
 (ours must be about as accurate as Flex in bf16); the visit counts of the forward kernel against
 the tiles the mask touches; and the box visit plan with the layout's tile sizes in use.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attndsl
-from attndsl.bench import cases as C
+from benchmarks import cases as C
 from attndsl.spec import VisitBox
 
 pytestmark = pytest.mark.gpu

@@ -4,7 +4,7 @@ equivalent dense boolean mask, long sequences, the indexer's bounded memory, blo
     python -m pytest -q -m gpu tests/test_gpu_selectors.py -s      # -s shows the timings
 
 Timings are printed (``do_bench``, median), not asserted; the benchmark harness records them
-(``python -m attndsl.bench --cases dsa_topk1024 --L 8192,32768,131072 --Hkv 1 --bwd``).
+(``python -m benchmarks --cases dsa_topk1024 --L 8192,32768,131072 --Hkv 1 --bwd``).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_dsa_trains_learnable_biases_and_low_rank_factors():
     """DSA top-128 with learnable ALiBi slopes, a learnable relative-position table, a learnable T5
     bucket table and low-rank factors (u per head, w shared), bf16 on the GPU: output, lse and every
     gradient against the float64 gathering oracle; then DSA top-1024 at L=8192 timed against Flex."""
-    from patterns.relative_bias import relative_position_bias, t5_bucket_bias
+    from attndsl.patterns.relative_bias import relative_position_bias, t5_bucket_bias
     B, H, Hkv, L, D, K = 1, 8, 1, 1024, 128, 128
     idx = random_causal_indices(L, K, device=DEV, seed=4)
     g = torch.Generator(device=DEV).manual_seed(5)

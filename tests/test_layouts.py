@@ -138,7 +138,7 @@ def test_coordinates_trace_to_coord_nodes_and_evaluate_like_tensors():
 def test_layout_masks_run_under_flex_attention_on_cpu():
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from patterns.neighborhood import neighborhood
+    from attndsl.patterns.neighborhood import neighborhood
 
     lay = Layout((8, 8), tile=(4, 4))
     m = neighborhood(lay, 3)
@@ -243,7 +243,7 @@ def test_box_plan_is_chosen_for_layout_masks_and_fixes_tiles():
 def test_backward_kernels_get_their_own_box_tiles(monkeypatch):
     """dK/dV and dQ cap their inner tile (more float32 tiles live there): the plans are built per
     kernel, and the kernels agree with the reference when the three tile shapes differ."""
-    from patterns.sliding_tile import sliding_tile_3d
+    from attndsl.patterns.sliding_tile import sliding_tile_3d
     _, sta = sliding_tile_3d((16, 32, 32), (4, 8, 8), (3, 3, 3))
     s = attndsl.compile(mask_mod=sta, block_m=128, block_n=128).spec
     assert (s.tiles, s.bwd_tiles, s.dq_tiles) == ((128, 128), (64, 128), (128, 64))
@@ -285,8 +285,8 @@ def test_tile_map_replays_the_kernel_visits_and_writes_a_png(tmp_path):
     import zlib
 
     from attndsl.tilemap import FULL, png_bytes, render, save_tile_map, tile_map
-    from patterns.neighborhood import neighborhood
-    from patterns.radial import radial
+    from attndsl.patterns.neighborhood import neighborhood
+    from attndsl.patterns.radial import radial
 
     for mask, bs in ((neighborhood(Layout((8, 8), tile=(4, 4), suffix=16), 3, dilation=(2, 1)), 16),
                      (radial(4, 16, block=2, split_threshold=4), 16),
@@ -363,8 +363,8 @@ from triton.compiler import ASTSource
 import attndsl
 from attndsl.runtime import cache
 from attndsl.spec import VisitBox
-from patterns.neighborhood import neighborhood
-from patterns.radial import radial
+from attndsl.patterns.neighborhood import neighborhood
+from attndsl.patterns.radial import radial
 
 BF16 = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 INT_PTRS = {"VISITS", "TBL_FULL", "TBL_PART", "TBL_CNT"}

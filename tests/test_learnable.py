@@ -32,7 +32,7 @@ from triton.runtime.errors import InterpreterError
 import attndsl
 import attndsl.reference as reference
 from attndsl.runtime import cache
-from patterns.relative_bias import relative_position_bias, t5_bucket_bias
+from attndsl.patterns.relative_bias import relative_position_bias, t5_bucket_bias
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -1016,7 +1016,7 @@ def test_zz_report_errors():
 def test_diagonal_table_gradient_under_layout_masks(layout):
     """Neighborhood attention's box visit plans pick the dQ kernel's key tiles per query tile; the
     table gradient is still summed per diagonal there, against the reference with GQA."""
-    from patterns.neighborhood import neighborhood_1d, neighborhood_2d
+    from attndsl.patterns.neighborhood import neighborhood_1d, neighborhood_2d
     mask, L = (neighborhood_1d(96, 13)[1], 96) if layout == "1-d" else (neighborhood_2d(8, 16, 5, tile=(4, 4))[1], 128)
     gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=L, Lkv=L, seed=3)
     table = randn(4, 2 * 20 + 1, gen=gen)

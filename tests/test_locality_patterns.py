@@ -24,9 +24,9 @@ import torch
 import attndsl
 from attndsl import Layout
 from attndsl.spec import VisitBox
-from patterns.neighborhood import neighborhood
-from patterns.radial import radial, radial_block, radial_via_tables
-from patterns.sliding_tile import sliding_tile, sta_layout
+from attndsl.patterns.neighborhood import neighborhood
+from attndsl.patterns.radial import radial, radial_block, radial_via_tables
+from attndsl.patterns.sliding_tile import sliding_tile, sta_layout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-import patterns as P
+import attndsl.patterns as P
 
 # (Lq, Lkv): square, Lq < Lkv, Lq > Lkv, sizes that are not multiples of any block size.
 SIZES = [(1, 1), (7, 7), (33, 65), (64, 17), (96, 96), (70, 150)]

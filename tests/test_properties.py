@@ -23,7 +23,7 @@ from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
 import attndsl
-import patterns as P
+import attndsl.patterns as P
 from attndsl.testing import (LAYOUT_PATTERNS, MASK_PATTERNS, SCORE_PATTERNS, Mismatch, Shape, assert_matches_reference, dtypes,
                              masks, patterns, random_qkv, score_mods, shapes)
 
@@ -561,7 +561,7 @@ def test_known_bug_padded_keys_with_layout_text_tokens():
     tokens after it (extra="global": text keys are seen by everyone, so ``is_extra(kv)`` is true
     past the end too), L = 17, tiles 16x16: every output row is wrong."""
     from attndsl.layout import Layout
-    from patterns.neighborhood import neighborhood
+    from attndsl.patterns.neighborhood import neighborhood
 
     mask_mod = neighborhood(Layout((3, 4), suffix=5), 3)
     q, k, v = random_qkv(Shape(1, 1, 1, 17, 17, 16), torch.float32, seed=0)

@@ -8,7 +8,7 @@ import attndsl
 from attndsl import ir
 from attndsl.ir.evaluate import evaluate
 from attndsl.passes.uniform import uniform_loads
-from patterns.relative_bias import relative_position_bias, t5_bucket, t5_bucket_bias
+from attndsl.patterns.relative_bias import relative_position_bias, t5_bucket, t5_bucket_bias
 from test_learnable import _case, causal, compare, randn
 
 H = 2

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-import codegen
+from attndsl import codegen
 
 _LOCK = threading.Lock()
 _MODULES: dict = {}

@@ -453,7 +453,7 @@ class PatternCase:
 
 
 def _p():
-    import patterns  # the project's pattern package (a top-level package next to attndsl)
+    from attndsl import patterns  # the project's pattern package (a top-level package next to attndsl)
     return patterns
 
 
@@ -541,7 +541,7 @@ def _layout_pattern(draw, name: str, max_len: int):
 
     budget = draw(st.one_of(st.integers(min(16, max_len), max_len), st.just(max_len)))
     if name == "neighborhood":
-        from patterns.neighborhood import neighborhood
+        from attndsl.patterns.neighborhood import neighborhood
 
         nd = draw(st.integers(1, 3))
         prefix = draw(st.integers(0, min(3, budget // 4)))
@@ -559,7 +559,7 @@ def _layout_pattern(draw, name: str, max_len: int):
         return (f"neighborhood({lay!r}, kernel_size={tuple(ks)}, dilation={tuple(ds)}, causal={tuple(cs)}, "
                 f"extra={extra!r})", mask, {}, (lay.grid_end, len(lay)))
     if name == "sliding_tile":
-        from patterns.sliding_tile import sliding_tile, sta_layout
+        from attndsl.patterns.sliding_tile import sliding_tile, sta_layout
 
         text = draw(st.integers(0, min(4, budget // 4)))
         text_first = draw(st.booleans())
@@ -579,7 +579,7 @@ def _layout_pattern(draw, name: str, max_len: int):
         return (f"sliding_tile(sta_layout({shape}, {tile}, {text}, text_first={text_first}), {window})",
                 sliding_tile(lay, window), {}, (lay.grid_end, len(lay)))
     if name == "radial":
-        from patterns.radial import radial
+        from attndsl.patterns.radial import radial
 
         text = draw(st.integers(0, min(3, budget // 4)))
         frames = draw(st.integers(1, max(1, min(8, (budget - text) // 2))))

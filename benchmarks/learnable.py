@@ -1,6 +1,6 @@
 """Issue #6 timings: learnable tables and pair biases, sinks, sigmoid, low-rank bias.
 
-``python -m attndsl.bench.learnable [--L 16384] [--quick]`` on a GPU. Every case is checked
+``python -m benchmarks.learnable [--L 16384] [--quick]`` on a GPU. Every case is checked
 before it is timed (ours against FlexAttention/SDPA or the float64 reference) and timed with
 ``triton.testing.do_bench(warmup=50, rep=200, median)``; ours and the anchors run in this one
 process on the same inputs. Prints one line per figure and a markdown table at the end.
@@ -88,7 +88,7 @@ def main(argv=None):
 
     if "t5" in cases:
         def t5():
-            from patterns.relative_bias import t5_bucket_bias
+            from attndsl.patterns.relative_bias import t5_bucket_bias
             for tdt in (torch.bfloat16, torch.float32):
                 table = (0.1 * torch.randn(H, 32, device=dev, dtype=tdt)).requires_grad_()
                 mod = t5_bucket_bias(table, 32, 128, bidirectional=False)

@@ -428,7 +428,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m attndsl.bench",
+        prog="python -m benchmarks",
         description="Time attndsl against FlexAttention and SDPA (shared/bench/README.md protocol).")
     return add_arguments(p)
 
@@ -1089,7 +1089,7 @@ def supervise(cfg: BenchConfig, argv: Sequence[str], collector: _Collector) -> N
     rounds = 0
     while remaining and time.time() < deadline - 10 and rounds <= len(collector.jobs):
         rounds += 1
-        cmd = [sys.executable, "-m", "attndsl.bench", *argv,
+        cmd = [sys.executable, "-m", "benchmarks", *argv,
                "--worker-jobs", ",".join(map(str, remaining)), "--deadline", repr(deadline)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, stdin=subprocess.DEVNULL, text=True,
                                 bufsize=1, env=env, cwd=root, start_new_session=True)

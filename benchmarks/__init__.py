@@ -1,4 +1,4 @@
-"""Benchmark harness: attndsl vs FlexAttention and SDPA (``python -m attndsl.bench --help``).
+"""Benchmark harness: attndsl vs FlexAttention and SDPA (``python -m benchmarks --help``).
 
 Importing this package needs no GPU and does not import the compiler core; the harness
 loads ``attndsl`` lazily when a case runs.

@@ -192,7 +192,7 @@ register_case(Case("dsa_topk2048", "DSA: top-2048 (DeepSeek-V3.2's k) of random 
                    _dsa_topk(2048), small_L=4096))
 DSA_CASES = ["dsa_topk1024", "dsa_topk2048"]
 #: the issue-4 runs: lengths 8192, 32768, 131072, forward and backward, e.g.
-#: python -m attndsl.bench --cases dsa_topk1024 --L 8192,32768,131072 --Hkv 1 --bwd
+#: python -m benchmarks --cases dsa_topk1024 --L 8192,32768,131072 --Hkv 1 --bwd
 DSA_LENGTHS = [8192, 32768, 131072]
 
 
@@ -208,7 +208,7 @@ def _natten2d_k13(*, L, **_):
     import math
 
     from attndsl import Layout
-    from patterns.neighborhood import neighborhood
+    from attndsl.patterns.neighborhood import neighborhood
     side = math.isqrt(L)
     if side * side != L or side % 8 or side < 13:
         raise ValueError(f"natten2d needs a square image of 8x8 tiles, side >= 13; L={L}")
@@ -218,7 +218,7 @@ def _natten2d_k13(*, L, **_):
 
 
 def _sta3d(*, L, **_):
-    from patterns.sliding_tile import sliding_tile_3d
+    from attndsl.patterns.sliding_tile import sliding_tile_3d
     shapes = {16384: (16, 32, 32), 6912: (12, 24, 24)}
     if L not in shapes:
         raise ValueError(f"sta3d runs at L in {sorted(shapes)}")
@@ -228,7 +228,7 @@ def _sta3d(*, L, **_):
 
 
 def _radial(*, L, device, **_):
-    from patterns.radial import radial, radial_via_tables
+    from attndsl.patterns.radial import radial, radial_via_tables
     F = 16 if L >= 16384 else 4
     if L % F or (L // F) % 128:
         raise ValueError(f"radial needs frames of a multiple of 128 tokens; L={L}")
