@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import ir
-from .dsl.symbolic import Sym, lift
+from .dsl.capture import coord_op, tracing
 from .ir.coords import Grid, coord_value, index_value
 
 _KERNEL_SIZES = (64, 128, 32, 16)
@@ -106,8 +106,8 @@ class Layout:
         if not 0 <= axis < self.ndim:
             raise IndexError(f"axis {axis} out of range for a {self.ndim}-D layout")
         attr = self.grid.attr(axis)
-        if isinstance(idx, Sym):
-            return Sym(ir.coord(lift(idx), attr))
+        if tracing() and isinstance(idx, torch.Tensor):  # one opaque op while a pattern is traced
+            return coord_op(idx, list(attr[0]), list(attr[1]), attr[2], attr[3])
         return coord_value(attr, idx)
 
     def coords(self, idx) -> tuple:

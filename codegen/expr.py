@@ -12,10 +12,10 @@ import attndsl.ir.coords  # noqa: F401  (ir.coords.coord_expr)
 from attndsl.ir import BOOL, FLOAT, INT, Node
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
-          "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
+          "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^", "bitand": "&", "bitor": "|", "bitxor": "^"}
 _FUNC = {"exp": "tl.exp", "exp2": "tl.exp2", "log": "tl.log", "log2": "tl.log2", "sqrt": "tl.sqrt",
          "sigmoid": "tl.sigmoid", "floor": "tl.floor", "abs": "tl.abs", "minimum": "tl.minimum",
-         "maximum": "tl.maximum", "where": "tl.where", "tanh": "_tanh"}
+         "maximum": "tl.maximum", "where": "tl.where", "tanh": "_tanh", "erf": "tl.erf"}
 NONNEG_VARS = {"b", "h", "q", "kv", "q_lo", "q_hi", "kv_lo", "kv_hi", "q_max", "kv_max"}
 
 

@@ -7,22 +7,37 @@ import sys
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _skip(filename: str) -> bool:
+def is_internal(filename: str) -> bool:
+    """True for frames of attndsl itself, torch, hypothesis and the interpreter's own modules: a
+    pattern's line is the innermost frame that is none of these."""
     f = os.path.abspath(filename)
     if f.startswith(_PKG_DIR + os.sep):
         return True
     parts = f.split(os.sep)
-    return "torch" in parts or "<frozen" in filename or "hypothesis" in parts
+    return "torch" in parts or "<frozen" in filename or "hypothesis" in parts or filename.startswith("<frozen")
+
+
 
 
 def user_site() -> str:
     """``file:line`` of the innermost frame that belongs to the user, not attndsl or torch."""
     frame = sys._getframe(1)
     while frame is not None:
-        if not _skip(frame.f_code.co_filename):
+        if not is_internal(frame.f_code.co_filename):
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
+
+
+def traceback_site(tb) -> str | None:
+    """``file:line`` of the innermost user frame of a traceback (where a pattern raised), or None."""
+    site = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not is_internal(code.co_filename):
+            site = f"{code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return site
 
 
 class PatternError(Exception):

@@ -1,10 +1,10 @@
 """Integer functions torch lacks, usable in pattern files on traced values and on tensors alike."""
 from __future__ import annotations
 
-from .. import ir
+import torch
+
 from ..ir.intmath import bit_length_value
-from .errors import PatternError
-from .symbolic import Sym, lift
+from .capture import bit_length_op, tracing
 
 
 def bit_length(x):
@@ -14,9 +14,9 @@ def bit_length(x):
     rules for block analysis); on tensors (FlexAttention, references) a branch-free binary search
     over shifts; on Python ints ``abs(x).bit_length()``. ``2 ** bit_length(x)`` is ``1 << bit_length(x)``.
     """
-    if isinstance(x, Sym):
-        n = lift(x)
-        if n.dtype == ir.FLOAT:
+    if isinstance(x, torch.Tensor) and tracing():
+        if x.is_floating_point():
+            from .errors import PatternError
             raise PatternError("bit_length of a floating value", "convert with .long() first")
-        return Sym(ir.node("bit_length", n))
+        return bit_length_op(x)
     return bit_length_value(x)

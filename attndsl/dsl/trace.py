@@ -1,18 +1,24 @@
-"""Tracing: call a pattern function on symbolic index values and collect its IR."""
+"""Tracing: capture a pattern function with torch's ``make_fx`` and lower the graph to IR.
+
+One path for every pattern: :func:`attndsl.dsl.capture.capture` records what torch runs on 0-d
+index tensors (as FlexAttention traces a ``mask_mod``/``score_mod``), and
+:func:`attndsl.dsl.lower.lower_graph` turns that aten graph into the IR the passes analyse.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .. import ir
+from .capture import capture
 from .errors import PatternError
-from .symbolic import Sym, TraceContext, _CTX, lift
+from .lower import HANDLED_PACKETS, Buffers, lower_graph
 
 
 @dataclass
 class Trace:
-    """What tracing a pattern produced: IR roots and the tensors they read."""
+    """What tracing a pattern produced: IR roots and the tensors they read.
+
+    ``buffers[i]`` is the kernel's view of ``tensors[i]`` (slot ``i``), in order of first use."""
 
     mask: ir.Node | None
     score: ir.Node | None
@@ -20,56 +26,76 @@ class Trace:
     tensors: list = field(default_factory=list)
 
 
-def index_syms():
-    return tuple(Sym(ir.var(n)) for n in ir.INDEX_VARS)
-
-
 def _site_of(fn) -> str:
     code = getattr(fn, "__code__", None)
     if code is None:
-        return getattr(fn, "__name__", repr(fn))
+        code = getattr(getattr(fn, "__call__", None), "__code__", None)
+        return getattr(fn, "__name__", repr(fn)) if code is None else f"{code.co_filename}:{code.co_firstlineno}"
     return f"{code.co_filename}:{code.co_firstlineno}"
 
 
-def _call(fn, args, what):
+def _trace_one(fn, what: str, bufs: Buffers) -> tuple:
+    if not callable(fn):
+        raise PatternError(f"{what} must be callable, got {type(fn).__name__}", site="<call>")
+    n = 5 if what == "score_mod" else 4
     try:
-        return fn(*args)
-    except PatternError:
+        gm = capture(fn, n, HANDLED_PACKETS)
+    except PatternError as e:
+        if e.site in (None, "<unknown>") or not e.site or e.site.startswith("<unknown"):
+            raise PatternError(str(e).split(": ", 1)[-1], site=_site_of(fn)) from e.__cause__
+        if "failed while tracing: TypeError" in str(e) and "positional argument" in str(e):
+            raise PatternError(f"{what} {getattr(fn, '__name__', fn)!r} {str(e).split('TypeError: ', 1)[-1]}",
+                               "a score_mod takes (score, b, h, q_idx, kv_idx)" if n == 5
+                               else "a mask_mod takes (b, h, q_idx, kv_idx)", site=_site_of(fn)) from None
         raise
-    except RecursionError:
-        raise
-    except TypeError as e:
-        raise PatternError(f"{what} {getattr(fn, '__name__', fn)!r} failed while tracing: {e}",
-                           f"a {what} takes {'(score, b, h, q_idx, kv_idx)' if what == 'score_mod' else '(b, h, q_idx, kv_idx)'}",
-                           site=_site_of(fn)) from e
+    inputs = [ir.var(v) for v in ir.INDEX_VARS]
+    if n == 5:
+        inputs.insert(0, ir.var(ir.SCORE, ir.FLOAT))
+    return lower_graph(gm, inputs, bufs)
 
 
 def trace(mask_mod=None, score_mod=None) -> Trace:
-    """Trace ``mask_mod(b, h, q_idx, kv_idx)`` and ``score_mod(score, b, h, q_idx, kv_idx)``."""
-    ctx = TraceContext()
-    _CTX.append(ctx)
-    try:
-        mask = None
-        if mask_mod is not None:
-            if not callable(mask_mod):
-                raise PatternError(f"mask_mod must be callable, got {type(mask_mod).__name__}", site="<call>")
-            r = _call(mask_mod, index_syms(), "mask_mod")
-            if isinstance(r, torch.Tensor) and r.dim() == 0 and r.dtype == torch.bool:
-                r = bool(r)
-            mask = ir.coerce(lift(r, "mask result"), ir.BOOL) if not isinstance(r, Sym) else r.node
-            if mask.dtype != ir.BOOL:
-                article = "an" if mask.dtype == ir.INT else "a"
-                raise PatternError(f"mask_mod returned {article} {mask.dtype} value, expected a boolean",
-                                   site=_site_of(mask_mod))
-        score = None
-        if score_mod is not None:
-            if not callable(score_mod):
-                raise PatternError(f"score_mod must be callable, got {type(score_mod).__name__}", site="<call>")
-            r = _call(score_mod, (Sym(ir.var(ir.SCORE, ir.FLOAT)),) + index_syms(), "score_mod")
-            score = lift(r, "score result")
-            if score.dtype == ir.BOOL:
-                raise PatternError("score_mod returned a boolean", "did you mean mask_mod?", site=_site_of(score_mod))
-            score = ir.coerce(score, ir.FLOAT)
-        return Trace(mask, score, ctx.buffers, ctx.tensors)
-    finally:
-        _CTX.pop()
+    """Trace ``mask_mod(b, h, q_idx, kv_idx)`` and ``score_mod(score, b, h, q_idx, kv_idx)`` to IR.
+
+    Args:
+        mask_mod: a function of four 0-d int tensors returning a 0-d bool tensor (or a Python bool),
+            or None.
+        score_mod: a function of the float score and the four indices returning the new score, or None.
+
+    Returns:
+        :class:`Trace` with the mask (BOOL) and score (FLOAT) roots, and the captured tensors with
+        their buffers (one per distinct tensor, mask's first).
+
+    Raises:
+        PatternError: naming the construct and the pattern's ``file:line`` when something cannot be
+            traced or lowered.
+    """
+    bufs = Buffers()
+    mask = score = None
+    if mask_mod is not None:
+        r, site = _trace_one(mask_mod, "mask_mod", bufs)
+        mask = _result(r, site, mask_mod, "mask")
+        if mask.dtype != ir.BOOL:
+            article = "an" if mask.dtype == ir.INT else "a"
+            raise PatternError(f"mask_mod returned {article} {mask.dtype} value, expected a boolean",
+                               site=site or _site_of(mask_mod))
+    if score_mod is not None:
+        r, site = _trace_one(score_mod, "score_mod", bufs)
+        score = _result(r, site, score_mod, "score")
+        if score.dtype == ir.BOOL:
+            raise PatternError("score_mod returned a boolean", "did you mean mask_mod?", site=site or _site_of(score_mod))
+        score = ir.coerce(score, ir.FLOAT)
+    return Trace(mask, score, bufs.buffers, bufs.tensors)
+
+
+def _result(r, site, fn, what) -> ir.Node:
+    if isinstance(r, ir.Node):
+        return r
+    if isinstance(r, (bool, int, float)):
+        return ir.const(r)
+    shape = getattr(r, "shape", None)
+    if shape is not None and tuple(shape) != ():
+        raise PatternError(f"the {what} function returned a value of shape {tuple(shape)}, expected a scalar "
+                           "(one value per b, h, q_idx, kv_idx)",
+                           "index captured tensors in every dimension", site=site or _site_of(fn))
+    raise PatternError(f"the {what} function returned a {type(r).__name__}", site=site or _site_of(fn))

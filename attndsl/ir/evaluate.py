@@ -26,11 +26,12 @@ _BIN = {
     "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
     "and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor,
     "shl": torch.bitwise_left_shift, "shr": torch.bitwise_right_shift,
+    "bitand": torch.bitwise_and, "bitor": torch.bitwise_or, "bitxor": torch.bitwise_xor,
 }
 _UN = {
     "neg": torch.neg, "abs": torch.abs, "not": torch.logical_not, "exp": torch.exp, "exp2": torch.exp2,
     "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-    "floor": torch.floor,
+    "floor": torch.floor, "erf": torch.erf,
 }
 
 

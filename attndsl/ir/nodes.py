@@ -20,12 +20,14 @@ SCORE = "score"
 ARITH = {"add", "sub", "mul", "truediv", "floordiv", "mod", "minimum", "maximum"}
 COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
 LOGIC = {"and", "or", "xor"}
-UNARY_FLOAT = {"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "floor"}
+UNARY_FLOAT = {"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "floor", "erf"}
 UNARY = UNARY_FLOAT | {"neg", "abs", "not", "to_float", "to_int"}
 #: Integer-only ops: ``bit_length(x)`` (of ``|x|``, as Python's ``int.bit_length``), shifts
 #: ``shl(a, s) = a * 2**s`` and ``shr(a, s) = floor(a / 2**s)``; ``coord`` (built by :func:`coord`)
-#: is a layout coordinate of an index, its layout and axis in ``attr`` (see ``ir/coords.py``).
-INT_OPS = {"bit_length", "shl", "shr", "coord"}
+#: is a layout coordinate of an index, its layout and axis in ``attr`` (see ``ir/coords.py``);
+#: ``bitand``/``bitor``/``bitxor`` are two's-complement bitwise ops on integers (``&``, ``|``, ``^``
+#: of bool operands stay the logic ops ``and``/``or``/``xor``).
+INT_OPS = {"bit_length", "shl", "shr", "coord", "bitand", "bitor", "bitxor"}
 
 _INTERN: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
 

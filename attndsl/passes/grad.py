@@ -14,6 +14,7 @@ from .simplify import simplify
 
 ZERO, ONE = const(0.0), const(1.0)
 _LN2 = 0.6931471805599453
+_TWO_OVER_SQRT_PI = 1.1283791670955126
 
 
 def derivative(expr: Node, wrt: Node) -> Node:
@@ -92,6 +93,8 @@ def _rule(n: Node, d) -> Node:
         return node("truediv", d(a[0]), mul(const(2.0), n))
     if op == "tanh":
         return mul(sub(ONE, mul(n, n)), d(a[0]))
+    if op == "erf":  # 2/sqrt(pi) exp(-x^2)
+        return mul(mul(const(_TWO_OVER_SQRT_PI), node("exp", node("neg", mul(a[0], a[0])))), d(a[0]))
     if op == "sigmoid":
         return mul(mul(n, sub(ONE, n)), d(a[0]))
     if op == "abs":

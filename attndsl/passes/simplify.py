@@ -33,6 +33,7 @@ _FOLD = {
     "to_float": float, "to_int": math.trunc,
     "bit_length": lambda a: abs(a).bit_length(),
     "shl": lambda a, b: a << b if 0 <= b < 63 else None, "shr": lambda a, b: a >> b if 0 <= b < 63 else None,
+    "bitand": lambda a, b: a & b, "bitor": lambda a, b: a | b, "bitxor": lambda a, b: a ^ b, "erf": math.erf,
 }
 _NEGATE = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
 
