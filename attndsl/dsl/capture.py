@@ -140,45 +140,29 @@ class _CaptureMode(TorchFunctionMode):
 
 
 # -- decompositions ------------------------------------------------------------------------------
-class _Decompositions(dict):
-    """torch's core aten decompositions for ops the lowering does not know, plus custom ops with a
-    Python (CompositeExplicitAutograd) kernel, which are traced through that kernel."""
+_CORE: dict = {}
 
-    def __init__(self, keep):
+
+def _core(keep) -> dict:
+    """torch's core aten decompositions, less the ops the lowering handles whole (``keep``)."""
+    d = _CORE.get(keep)
+    if d is None:
         from torch._decomp import core_aten_decompositions
 
-        super().__init__({op: fn for op, fn in core_aten_decompositions().items()
-                          if getattr(op, "overloadpacket", None) not in keep})
-        self._keep = keep
-
-    def _explicit(self, op):
-        if not isinstance(op, torch._ops.OpOverload) or op.namespace in ("aten", "prims", "attndsl"):
-            return False
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd")
-
-    def __contains__(self, op):
-        return dict.__contains__(self, op) or self._explicit(op)
-
-    def __getitem__(self, op):
-        if dict.__contains__(self, op):
-            return dict.__getitem__(self, op)
-        if self._explicit(op):
-            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-            return lambda *a, **k: op.redispatch(keys, *a, **k)
-        raise KeyError(op)
-
-    def get(self, op, default=None):
-        return self[op] if op in self else default
-
-
-_DECOMP: dict = {}
-
-
-def decompositions(keep) -> dict:
-    d = _DECOMP.get(id(keep))
-    if d is None:
-        d = _DECOMP[id(keep)] = _Decompositions(keep)
+        d = _CORE[keep] = {op: fn for op, fn in core_aten_decompositions().items()
+                           if getattr(op, "overloadpacket", None) not in keep}
     return d
+
+
+def _python_kernel(op):
+    """A decomposition for a custom op with a Python (CompositeExplicitAutograd) kernel: run that
+    kernel, so the torch ops inside it are what the graph records (attn-gym's ``approx::tanh``)."""
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace in ("aten", "prims", "attndsl"):
+        return None
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeExplicitAutograd"):
+        return None
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    return lambda *a, **k: op.redispatch(keys, *a, **k)
 
 
 @contextmanager
@@ -200,10 +184,17 @@ def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:
         args = [torch.zeros((), dtype=torch.int32) for _ in range(4)]
         if n_args == 5:
             args.insert(0, torch.zeros((), dtype=torch.float32))
+    table = _core(keep)
     try:
-        with _active(), fake, fx_traceback.preserve_node_meta(), _CaptureMode():
-            return make_fx(fn, tracing_mode="real", decomposition_table=decompositions(keep),
-                           pre_dispatch=False)(*args)
+        for _ in range(4):  # again with custom ops traced through their Python kernels, if any
+            with _active(), fake, fx_traceback.preserve_node_meta(), _CaptureMode():
+                gm = make_fx(fn, tracing_mode="real", decomposition_table=table, pre_dispatch=False)(*args)
+            extra = {n.target: k for n in gm.graph.nodes if n.op == "call_function"
+                     and n.target not in table and (k := _python_kernel(n.target)) is not None}
+            if not extra:
+                return gm
+            table = {**table, **extra}
+        return gm
     except PatternError:
         raise
     except RecursionError:

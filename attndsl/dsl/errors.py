@@ -1,12 +1,14 @@
 """Errors that point at the user's pattern file and line."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@functools.lru_cache(maxsize=4096)
 def is_internal(filename: str) -> bool:
     """True for frames of attndsl itself, torch, hypothesis and the interpreter's own modules: a
     pattern's line is the innermost frame that is none of these."""
