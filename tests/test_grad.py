@@ -85,6 +85,9 @@ NAMED = {
     "relative_bias": lambda s, b, h, q, kv: s * (1.0 + (q - kv).abs().float() * 0.1),
     "neg": lambda s, b, h, q, kv: -s,
     "constant": lambda s, b, h, q, kv: (q - kv).float() * 0.5,
+    "erf": lambda s, b, h, q, kv: torch.erf(s * 0.7) * 3.0,
+    "gelu": lambda s, b, h, q, kv: torch.nn.functional.gelu(s),
+    "gelu_tanh": lambda s, b, h, q, kv: torch.nn.functional.gelu(s, approximate="tanh"),
 }
 
 

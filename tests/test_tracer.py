@@ -402,6 +402,68 @@ def test_unsupported_construct_names_file_and_line(kind, fn, needle):
         assert needle in msg, msg
 
 
+def bad_inner_sin(b, h, q_idx, kv_idx):
+    return torch.sin(q_idx.float()) > 0  # BAD
+
+
+def test_error_names_the_mask_line_inside_torch_and_masks():
+    """torch's own and_masks calls the mask from torch's file: the error names the mask's line."""
+    from torch.nn.attention.flex_attention import and_masks
+
+    line = _line_of(bad_inner_sin)
+    combined = and_masks(lambda b, h, q, kv: q >= kv, bad_inner_sin)
+    with pytest.raises(attndsl.PatternError) as ei:
+        trace(mask_mod=combined)
+    msg = str(ei.value)
+    assert f"{THIS_FILE}:{line}" in msg and "torch.sin" in msg, msg
+    with pytest.raises(attndsl.PatternError, match=f"{THIS_FILE}:{line}"):  # and through the public call
+        attndsl.attention(torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16),
+                          mask_mod=combined)
+
+
+# a custom op with a CUDA kernel only (like a compiled extension's): nothing to trace through
+torch.library.define("attndsl_test::opaque", "(Tensor x) -> Tensor")
+torch.library.impl("attndsl_test::opaque", "CUDA", lambda x: x.clone())
+torch.library.register_fake("attndsl_test::opaque", lambda x: torch.empty_like(x))
+
+
+def bad_custom_op(score, b, h, q_idx, kv_idx):
+    return torch.ops.attndsl_test.opaque(score)  # BAD
+
+
+def test_custom_op_without_python_kernel_names_op_and_line():
+    with pytest.raises(attndsl.PatternError) as ei:
+        trace(score_mod=bad_custom_op)
+    msg = str(ei.value)
+    assert f"{THIS_FILE}:{_line_of(bad_custom_op)}" in msg and "attndsl_test.opaque" in msg, msg
+
+
+@torch.library.custom_op("attndsl_test::softsign", mutates_args=())
+def _softsign(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + x.abs())
+
+
+@_softsign.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_custom_op_with_python_kernel_traces_through_it():
+    assert_score_same(lambda s, b, h, q, kv: _softsign(s) * 3.0)
+
+
+def test_captured_learnable_tensor_keeps_requires_grad():
+    w = torch.randn(H, requires_grad=True)
+    t = trace(score_mod=lambda s, b, h, q, kv: s + w[h] * (q - kv))
+    assert t.tensors == [w] and t.tensors[0] is w and t.tensors[0].requires_grad
+
+
+def test_tensor_created_inside_the_pattern_is_a_constant():
+    t = trace(score_mod=lambda s, b, h, q, kv: s * torch.tensor(0.5) + torch.tensor([1.0, 2.0])[1])
+    assert not t.tensors
+    assert_score_same(lambda s, b, h, q, kv: s * torch.tensor(0.5) + torch.tensor([1.0, 2.0])[1])
+
+
 def test_slice_1d_message_says_slicing():
     with pytest.raises(attndsl.PatternError, match="slic"):
         trace(mask_mod=bad_slice_1d)

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..ir.coords import coord_value
 from ..ir.intmath import bit_length_value
-from .errors import PatternError, is_internal, traceback_site
+from .errors import PatternError, definition_site, is_internal, traceback_site
 
 _STATE = threading.local()
 
@@ -200,7 +200,7 @@ def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:
     except RecursionError:
         raise
     except Exception as e:  # the user's function failed on traced values: say where
-        site = traceback_site(e.__traceback__)
+        site = traceback_site(e.__traceback__) or definition_site(fn)
         what = getattr(fn, "__name__", type(fn).__name__)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if type(e).__name__ in ("DataDependentOutputException", "GuardOnDataDependentSymNode"):

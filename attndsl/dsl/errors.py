@@ -42,6 +42,14 @@ def traceback_site(tb) -> str | None:
     return site
 
 
+def definition_site(fn) -> str:
+    """``file:line`` where ``fn`` is defined (for errors with no better line), or its name."""
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    if code is None:
+        return getattr(fn, "__name__", repr(fn))
+    return f"{code.co_filename}:{code.co_firstlineno}"
+
+
 class PatternError(Exception):
     """A pattern uses a construct the DSL cannot compile (the message names file:line)."""
 

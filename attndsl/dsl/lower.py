@@ -129,8 +129,8 @@ class Lowering:
         return out
 
     @staticmethod
-    def pack(a: np.ndarray):
-        return a[()] if a.ndim == 0 else a
+    def pack(a):
+        return a[()] if isinstance(a, np.ndarray) and a.ndim == 0 else a
 
     def ew(self, f, *vals):
         """Apply ``f`` on nodes elementwise, broadcasting arrays as torch does."""

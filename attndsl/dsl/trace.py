@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .. import ir
 from .capture import capture
-from .errors import PatternError
+from .errors import PatternError, definition_site
 from .lower import HANDLED_PACKETS, Buffers, lower_graph
 
 
@@ -26,14 +26,6 @@ class Trace:
     tensors: list = field(default_factory=list)
 
 
-def _site_of(fn) -> str:
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        code = getattr(getattr(fn, "__call__", None), "__code__", None)
-        return getattr(fn, "__name__", repr(fn)) if code is None else f"{code.co_filename}:{code.co_firstlineno}"
-    return f"{code.co_filename}:{code.co_firstlineno}"
-
-
 def _trace_one(fn, what: str, bufs: Buffers) -> tuple:
     if not callable(fn):
         raise PatternError(f"{what} must be callable, got {type(fn).__name__}", site="<call>")
@@ -41,12 +33,11 @@ def _trace_one(fn, what: str, bufs: Buffers) -> tuple:
     try:
         gm = capture(fn, n, HANDLED_PACKETS)
     except PatternError as e:
-        if e.site in (None, "<unknown>") or not e.site or e.site.startswith("<unknown"):
-            raise PatternError(str(e).split(": ", 1)[-1], site=_site_of(fn)) from e.__cause__
-        if "failed while tracing: TypeError" in str(e) and "positional argument" in str(e):
-            raise PatternError(f"{what} {getattr(fn, '__name__', fn)!r} {str(e).split('TypeError: ', 1)[-1]}",
+        cause = e.__cause__
+        if isinstance(cause, TypeError) and "positional argument" in str(cause):  # a wrong signature
+            raise PatternError(f"{what} {getattr(fn, '__name__', fn)!r} failed while tracing: {cause}",
                                "a score_mod takes (score, b, h, q_idx, kv_idx)" if n == 5
-                               else "a mask_mod takes (b, h, q_idx, kv_idx)", site=_site_of(fn)) from None
+                               else "a mask_mod takes (b, h, q_idx, kv_idx)", site=definition_site(fn)) from None
         raise
     inputs = [ir.var(v) for v in ir.INDEX_VARS]
     if n == 5:
@@ -78,12 +69,12 @@ def trace(mask_mod=None, score_mod=None) -> Trace:
         if mask.dtype != ir.BOOL:
             article = "an" if mask.dtype == ir.INT else "a"
             raise PatternError(f"mask_mod returned {article} {mask.dtype} value, expected a boolean",
-                               site=site or _site_of(mask_mod))
+                               site=site or definition_site(mask_mod))
     if score_mod is not None:
         r, site = _trace_one(score_mod, "score_mod", bufs)
         score = _result(r, site, score_mod, "score")
         if score.dtype == ir.BOOL:
-            raise PatternError("score_mod returned a boolean", "did you mean mask_mod?", site=site or _site_of(score_mod))
+            raise PatternError("score_mod returned a boolean", "did you mean mask_mod?", site=site or definition_site(score_mod))
         score = ir.coerce(score, ir.FLOAT)
     return Trace(mask, score, bufs.buffers, bufs.tensors)
 
@@ -97,5 +88,5 @@ def _result(r, site, fn, what) -> ir.Node:
     if shape is not None and tuple(shape) != ():
         raise PatternError(f"the {what} function returned a value of shape {tuple(shape)}, expected a scalar "
                            "(one value per b, h, q_idx, kv_idx)",
-                           "index captured tensors in every dimension", site=site or _site_of(fn))
-    raise PatternError(f"the {what} function returned a {type(r).__name__}", site=site or _site_of(fn))
+                           "index captured tensors in every dimension", site=site or definition_site(fn))
+    raise PatternError(f"the {what} function returned a {type(r).__name__}", site=site or definition_site(fn))
