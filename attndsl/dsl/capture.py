@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..ir.coords import coord_value
 from ..ir.intmath import bit_length_value
-from .errors import PatternError, definition_site, is_internal, traceback_site
+from .errors import PatternError, definition_site, traceback_site, user_site
 
 _STATE = threading.local()
 
@@ -69,15 +69,6 @@ def _bit_length_fake(x):
 
 
 # -- the torch-function mode --------------------------------------------------------------------
-def _user_line() -> str:
-    f = sys._getframe(2)
-    while f is not None:
-        if not is_internal(f.f_code.co_filename):
-            return f"{f.f_code.co_filename}:{f.f_lineno}"
-        f = f.f_back
-    return ""
-
-
 def _traced(x) -> bool:
     return isinstance(x, FakeTensor)
 
@@ -126,7 +117,7 @@ def _getitem(t, idx):
 class _CaptureMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        site = _user_line()
+        site = user_site(sys._getframe(1), "")
         if site:
             fx_traceback.set_stack_trace([site])
         refused = _REFUSED.get(func)

@@ -21,14 +21,15 @@ def is_internal(filename: str) -> bool:
 
 
 
-def user_site() -> str:
-    """``file:line`` of the innermost frame that belongs to the user, not attndsl or torch."""
-    frame = sys._getframe(1)
+def user_site(frame=None, default: str = "<unknown>") -> str:
+    """``file:line`` of the innermost frame (from ``frame``, default the caller's) that belongs to
+    the user, not attndsl or torch; ``default`` when there is none."""
+    frame = frame or sys._getframe(1)
     while frame is not None:
         if not is_internal(frame.f_code.co_filename):
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
-    return "<unknown>"
+    return default
 
 
 def traceback_site(tb) -> str | None:
