@@ -158,6 +158,12 @@ VMAP_MASKS = {
     "row_any": (lambda b, h, q, kv: (TABLE3D[h, q % 4] == kv % 7).any(), {"or"}),
     "row_dot": (lambda b, h, q, kv: torch.dot(TABLE3D[h, q % 4].float(), TABLE3D[h, kv % 4].float()) > 20,
                 {"mul", "add"}),
+    "negative_index": (lambda b, h, q, kv: TABLE3D[h, -1, q % 6] > TABLE3D[-2][h][kv % 6], {"load"}),
+    "max_over_row": (lambda b, h, q, kv: TABLE3D[h, q % 4].max(dim=0).values + TABLE2D[h].amin() > kv % 7,
+                     {"maximum", "minimum"}),
+    "built_table_indexed": (lambda b, h, q, kv: (q - kv) % 5 < torch.tensor([1, 3, 2])[h], {"where"}),
+    "mean_two_tensors_max": (lambda b, h, q, kv: torch.max(TABLE3D[h, q % 4].float().mean(), kv.float() / 4) > 2.5,
+                             {"maximum", "truediv"}),
 }
 
 
@@ -365,6 +371,10 @@ def bad_full_tensor(b, h, q_idx, kv_idx):
     return DOC > q_idx  # BAD
 
 
+def bad_argmax(b, h, q_idx, kv_idx):
+    return TABLE2D[h].max(dim=0).indices > kv_idx  # BAD
+
+
 def bad_big_unroll(b, h, q_idx, kv_idx):
     return BIG[q_idx].sum() > kv_idx  # BAD
 
@@ -388,6 +398,7 @@ BAD = [
     ("score", bad_nested_helper, "torch.cos"),
     ("mask", bad_full_tensor, "shape (20,)"),
     ("mask", bad_big_unroll, "5000 elements"),
+    ("mask", bad_argmax, "indices of torch.max"),
 ]
 
 

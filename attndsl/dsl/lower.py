@@ -79,6 +79,14 @@ class View:
         return [i for i, d in enumerate(self.dims) if isinstance(d, tuple)]
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A result the lowering cannot give (the indices of ``max(dim)``); an error only where used."""
+
+    what: str
+    hint: str = ""
+
+
 def _view_of(t: torch.Tensor) -> View:
     return View(t, tuple((0, 1, s) for s in t.shape))
 
@@ -98,6 +106,10 @@ class Lowering:
             return v
         if isinstance(v, (bool, int, float)):
             return ir.const(v)
+        if isinstance(v, Refused):
+            self.fail(f"{v.what} are not supported", v.hint)
+        if not isinstance(v, (np.ndarray, View)):
+            self.fail(f"a value of type {type(v).__name__} where a tensor is needed")
         a = self.array(v)
         if a.size != 1:
             self.fail(f"a value of shape {tuple(a.shape)} where a scalar is needed")
@@ -167,8 +179,10 @@ class Lowering:
                 if i.dtype == ir.FLOAT:
                     self.fail("a captured tensor indexed by a floating value",
                               "convert with .long()/.int() or use // for integer division")
-                start, step, _ = dims[d]
+                start, step, size = dims[d]
                 i = ir.coerce(i, ir.INT)
+                if i.op == "const" and ir.const_value(i) < 0:  # t[-1], as torch wraps it
+                    i = ir.const(ir.const_value(i) + size)
                 if step != 1:
                     i = ir.node("mul", i, ir.const(step))
                 if start:
@@ -176,19 +190,28 @@ class Lowering:
                 dims[d] = i
             return View(v.tensor, tuple(dims))
         a = self.array(v)
-        ix = []
-        for d, i in enumerate(indices):
+        if len(indices) > a.ndim:
+            self.fail(f"a value of rank {a.ndim} indexed with {len(indices)} indices")
+        d = 0
+        for i in indices:
             if i is None:
-                ix.append(slice(None))
-            elif isinstance(i, ir.Node) or self.shape(i) == ():
-                n = self.scalar(i)
-                if n.op != "const":
-                    self.fail("indexing a computed array by a traced index",
-                              "index the captured tensor itself, e.g. table[h, q_idx]")
-                ix.append(int(ir.const_value(n)))
-            else:
-                self.fail("indexing with a tensor of indices")
-        return self.pack(a[tuple(ix)])
+                d += 1
+                continue
+            if not (isinstance(i, ir.Node) or self.shape(i) == ()):
+                self.fail("indexing with a tensor of indices", "index with scalar index expressions")
+            n = ir.coerce(self.scalar(i), ir.INT)
+            if n.op == "const":
+                a = np.take(a, int(ir.const_value(n)), axis=d)
+                continue
+            # a small array the pattern built (torch.tensor([...])[h]): select by comparisons
+            size = a.shape[d]
+            parts = [np.take(a, j, axis=d) for j in range(size)]
+            out = parts[-1]
+            for j in range(size - 2, -1, -1):
+                hit = ir.node("eq", n, ir.const(j))
+                out = self.array(self.ew(lambda x, y, c=hit: ir.node("where", c, x, y), parts[j], out))
+            a = out
+        return self.pack(a)
 
     def select(self, v, dim, k):
         shape = self.shape(v)
@@ -418,7 +441,7 @@ def lower_graph(gm: torch.fx.GraphModule, inputs: list, buffers: Buffers):
 def _fix_dtype(lo: Lowering, node, r):
     """Coerce a result to the kind torch computed (bool add, int casts, float promotion)."""
     v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor) or isinstance(r, View):
+    if not isinstance(v, torch.Tensor) or isinstance(r, (View, Refused)):
         return r
     kind = _kind(v.dtype)
     if kind is None:
@@ -519,8 +542,11 @@ def _lower_call(lo: Lowering, node, args, kwargs):
         x = args[0]
         dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
         keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-        if name in ("max", "min") and dims is None and len(args) > 1:
-            lo.fail(f"torch.{name} with two tensors", "use torch.maximum/torch.minimum")
+        if name in ("max", "min") and len(args) > 1 and not isinstance(args[1], (int, list, tuple)):
+            return lo.ew(_n("maximum" if name == "max" else "minimum"), args[0], args[1])
+        if name in ("max", "min") and dims is not None:  # (values, indices): indices are not supported
+            return lo.reduce(_REDUCE[name], x, dims, keep), Refused(
+                f"the indices of torch.{name} over a dimension", "use .amax()/.amin() for the values")
         if name == "mean":
             n = math.prod(lo.shape(x)) // max(1, math.prod(meta.shape))
             s = lo.reduce(_REDUCE["sum"], x, dims, keep)
