@@ -310,7 +310,8 @@ def _gelu(x, approximate="none"):
         inner = ir.node("mul", ir.const(math.sqrt(2 / math.pi)),
                         ir.node("add", x, ir.node("mul", ir.const(0.044715), ir.node("mul", x, ir.node("mul", x, x)))))
         return ir.node("mul", half_x, ir.node("add", ir.const(1.0), ir.node("tanh", inner)))
-    return ir.node("mul", half_x, ir.node("add", ir.const(1.0), ir.node("erf", ir.node("mul", x, ir.const(math.sqrt(0.5))))))
+    erf = ir.node("erf", ir.node("mul", x, ir.const(math.sqrt(0.5))))
+    return ir.node("mul", half_x, ir.node("add", ir.const(1.0), erf))
 
 
 def _clamp(x, lo=None, hi=None):
@@ -341,7 +342,8 @@ _EW = {
     "bitwise_and": _logic("and", "bitand"), "__and__": _logic("and", "bitand"),
     "bitwise_or": _logic("or", "bitor"), "__or__": _logic("or", "bitor"),
     "bitwise_xor": _logic("xor", "bitxor"), "__xor__": _logic("xor", "bitxor"),
-    "bitwise_not": lambda x: ir.node("not", x) if x.dtype == ir.BOOL else ir.node("sub", ir.node("neg", x), ir.const(1)),
+    "bitwise_not": lambda x: (ir.node("not", x) if x.dtype == ir.BOOL
+                              else ir.node("sub", ir.node("neg", x), ir.const(1))),  # ~x = -x - 1
     "bitwise_left_shift": _n("shl"), "__lshift__": _n("shl"),
     "bitwise_right_shift": _n("shr"), "__rshift__": _n("shr"),
     "where": lambda c, x, y: ir.node("where", ir.coerce(c, ir.BOOL), x, y),
@@ -378,7 +380,7 @@ _SHAPE = {"view", "reshape", "_unsafe_view", "expand", "unsqueeze", "squeeze", "
 _CREATE = {"scalar_tensor", "full", "full_like", "new_full", "new_ones", "new_zeros", "new_empty", "ones", "zeros",
            "ones_like", "zeros_like", "arange", "lift_fresh_copy", "tensor"}
 #: aten ops the lowering handles itself: they are kept whole, not decomposed, while capturing.
-HANDLED = (set(_EW) | {"div"} | set(_REDUCE) | _IDENTITY | _SHAPE | _CREATE
+HANDLED = (set(_EW) | set(_REDUCE) | _IDENTITY | _SHAPE | _CREATE
            | {"div", "index", "select", "slice", "dot", "vdot", "mv", "mean", "where", "sym_size"})
 HANDLED_PACKETS = frozenset(getattr(torch.ops.aten, n) for n in HANDLED if hasattr(torch.ops.aten, n))
 

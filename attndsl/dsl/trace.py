@@ -74,7 +74,8 @@ def trace(mask_mod=None, score_mod=None) -> Trace:
         r, site = _trace_one(score_mod, "score_mod", bufs)
         score = _result(r, site, score_mod, "score")
         if score.dtype == ir.BOOL:
-            raise PatternError("score_mod returned a boolean", "did you mean mask_mod?", site=site or definition_site(score_mod))
+            raise PatternError("score_mod returned a boolean", "did you mean mask_mod?",
+                               site=site or definition_site(score_mod))
         score = ir.coerce(score, ir.FLOAT)
     return Trace(mask, score, bufs.buffers, bufs.tensors)
 
