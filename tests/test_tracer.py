@@ -217,6 +217,14 @@ SCORES = {
                         {"maximum", "sigmoid", "log"}),
     "trunc_div_score": (lambda s, b, h, q, kv: s + torch.div(q - kv, 2, rounding_mode="trunc"), {"floordiv"}),
     "pow_half_scalar_base": (lambda s, b, h, q, kv: (s * s + 1.0) ** 0.5 + 2.0 ** (s * 0.1), {"sqrt", "exp2"}),
+    # through torch's decompositions
+    "masked_fill": (lambda s, b, h, q, kv: s.masked_fill(q < kv, -1e4), {"where"}),
+    "softplus_logsigmoid": (lambda s, b, h, q, kv: torch.nn.functional.softplus(s) + torch.nn.functional.logsigmoid(s),
+                            {"log", "exp"}),
+    "hardtanh_leaky_elu": (lambda s, b, h, q, kv: torch.nn.functional.hardtanh(s) + torch.nn.functional.leaky_relu(s, 0.1)
+                           + torch.nn.functional.elu(s), {"where", "minimum", "exp"}),
+    "sign_full_like": (lambda s, b, h, q, kv: torch.where(q >= kv, s * torch.sign(q - kv - 2), torch.full_like(s, -3.0)),
+                       {"where"}),
 }
 
 

@@ -135,12 +135,15 @@ _CORE: dict = {}
 
 
 def _core(keep) -> dict:
-    """torch's core aten decompositions, less the ops the lowering handles whole (``keep``)."""
+    """torch's registered aten decompositions (the core set and the rest: ``hardtanh``, ``elu``...),
+    less the ops the lowering handles whole (``keep``)."""
     d = _CORE.get(keep)
     if d is None:
-        from torch._decomp import core_aten_decompositions
+        from torch._decomp import core_aten_decompositions, decomposition_table
 
-        d = _CORE[keep] = {op: fn for op, fn in core_aten_decompositions().items()
+        table = {**{op: fn for op, fn in decomposition_table.items() if op.namespace == "aten"},
+                 **core_aten_decompositions()}
+        d = _CORE[keep] = {op: fn for op, fn in table.items()
                            if getattr(op, "overloadpacket", None) not in keep}
     return d
 
