@@ -302,6 +302,13 @@ def test_score_identity_and_constant_results():
     assert_score_same(lambda s, b, h, q, kv: (q - kv) * 1.0)
 
 
+def test_default_arguments_bind_captured_values():
+    """``def mod(s, b, h, q, kv, bias=bias)`` (binding a loop variable) traces with its default."""
+    fn = lambda s, b, h, q, kv, table=SLOPES, k=2.0: s * k + table[h]  # noqa: E731
+    t = assert_score_same(fn)
+    assert len(t.tensors) == 1 and t.tensors[0] is SLOPES
+
+
 def test_mask_returning_python_bool():
     t = trace(mask_mod=lambda b, h, q, kv: True)
     assert ir.is_const(t.mask, True)

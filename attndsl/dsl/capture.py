@@ -179,10 +179,14 @@ def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:
         if n_args == 5:
             args.insert(0, torch.zeros((), dtype=torch.float32))
     table = _core(keep)
+
+    def call(*a):  # make_fx counts the function's parameters: keep defaults (bias=bias) out of it
+        return fn(*a)
+
     try:
         for _ in range(4):  # again with custom ops traced through their Python kernels, if any
             with _active(), fake, fx_traceback.preserve_node_meta(), _CaptureMode():
-                gm = make_fx(fn, tracing_mode="real", decomposition_table=table, pre_dispatch=False)(*args)
+                gm = make_fx(call, tracing_mode="real", decomposition_table=table, pre_dispatch=False)(*args)
             extra = {n.target: k for n in gm.graph.nodes if n.op == "call_function"
                      and n.target not in table and (k := _python_kernel(n.target)) is not None}
             if not extra:
