@@ -309,6 +309,19 @@ def test_default_arguments_bind_captured_values():
     assert len(t.tensors) == 1 and t.tensors[0] is SLOPES
 
 
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_trace_inside_an_outer_make_fx_leaves_its_graph_alone(mode):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def outer(x):
+        t = trace(mask_mod=lambda b, h, q, kv: (DOC[q] == DOC[kv]) & (q >= kv))
+        assert t.tensors[0] is DOC and ir.expr_str(t.mask) == "((buf0[q] == buf0[kv]) & (q >= kv))"
+        return x + 1
+
+    gm = make_fx(outer, tracing_mode=mode)(torch.randn(3))
+    assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] == ["aten.add.Tensor"]
+
+
 def test_mask_returning_python_bool():
     t = trace(mask_mod=lambda b, h, q, kv: True)
     assert ir.is_const(t.mask, True)

@@ -31,6 +31,7 @@ import torch.fx.traceback as fx_traceback
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..ir.coords import coord_value
 from ..ir.intmath import bit_length_value
@@ -173,6 +174,11 @@ def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:
     ``n_args == 5``, then int32 ``b, h, q_idx, kv_idx``). ``keep``: aten overload packets the
     lowering handles itself (not decomposed). Errors raised by the function become
     :class:`PatternError` at the user's line."""
+    with _disable_current_modes():  # an outer trace (make_fx, FakeTensorMode) sees none of this
+        return _capture(fn, n_args, keep)
+
+
+def _capture(fn, n_args, keep):
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         args = [torch.zeros((), dtype=torch.int32) for _ in range(4)]
