@@ -135,16 +135,20 @@ class _CaptureMode(TorchFunctionMode):
 _CORE: dict = {}
 
 
+#: Activations outside torch's core decompositions that lower through where/clamp/exp.
+_MORE = ("hardtanh", "leaky_relu", "elu", "celu", "selu", "hardsigmoid", "hardswish", "mish", "threshold",
+         "softshrink", "hardshrink", "xlogy", "logit")
+
+
 def _core(keep) -> dict:
-    """torch's registered aten decompositions (the core set and the rest: ``hardtanh``, ``elu``...),
-    less the ops the lowering handles whole (``keep``)."""
+    """torch's core aten decompositions and those of a few more activations, less the ops the
+    lowering handles whole (``keep``)."""
     d = _CORE.get(keep)
     if d is None:
-        from torch._decomp import core_aten_decompositions, decomposition_table
+        from torch._decomp import core_aten_decompositions, get_decompositions
 
-        table = {**{op: fn for op, fn in decomposition_table.items() if op.namespace == "aten"},
-                 **core_aten_decompositions()}
-        d = _CORE[keep] = {op: fn for op, fn in table.items()
+        more = get_decompositions([getattr(torch.ops.aten, n) for n in _MORE if hasattr(torch.ops.aten, n)])
+        d = _CORE[keep] = {op: fn for op, fn in {**more, **core_aten_decompositions()}.items()
                            if getattr(op, "overloadpacket", None) not in keep}
     return d
 

@@ -389,7 +389,7 @@ def _op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         ns = target.namespace
         base = target._opname
-        return f"torch.{base}" if ns == "aten" else f"torch.ops.{ns}.{base}"
+        return f"torch.{base}" if ns in ("aten", "prims") else f"torch.ops.{ns}.{base}"
     return getattr(target, "__name__", str(target))
 
 
