@@ -167,6 +167,14 @@ VMAP_MASKS = {
 }
 
 
+def test_trace_says_which_tensor_shapes_the_ir_bakes_in():
+    t = trace(mask_mod=VMAP_MASKS["row_dot"][0])  # unrolls TABLE3D's last dimension
+    assert t.sized == frozenset({0})
+    t = trace(mask_mod=lambda b, h, q, kv: (DOC[q] == DOC[kv]) & (TABLE2D[h, -1] > 2))
+    assert t.tensors[1] is TABLE2D and t.sized == frozenset({1})  # t[-1] reads TABLE2D's size
+    assert trace(mask_mod=MASKS["index_2d"][0]).sized == frozenset()  # runtime shapes only
+
+
 @pytest.mark.parametrize("name", sorted(VMAP_MASKS))
 def test_vmap_construct_matches_flex_create_mask(name):
     from torch.nn.attention.flex_attention import create_mask

@@ -33,12 +33,17 @@ MAX_UNROLL = 4096
 
 
 class Buffers:
-    """The tensors a pattern captures; each distinct tensor becomes one kernel buffer."""
+    """The tensors a pattern captures; each distinct tensor becomes one kernel buffer.
+
+    ``sized``: the tensors (by identity) whose sizes the IR bakes in — a dimension unrolled
+    (``torch.dot`` over a row, ``.any(-1)``), sliced or indexed from its end (``t[-1]``). A cache
+    that reuses the IR for other tensors must check their shapes too."""
 
     def __init__(self):
         self.tensors: list[torch.Tensor] = []
         self.buffers: list[ir.Buffer] = []
         self._slot_of: dict[int, int] = {}
+        self.sized: dict[int, torch.Tensor] = {}
 
     def buffer_for(self, t: torch.Tensor, site=None) -> ir.Buffer:
         slot = self._slot_of.get(id(t))
@@ -130,6 +135,8 @@ class Lowering:
             self.fail(f"a captured tensor used whole, {n} elements of shape {tuple(v.shape)} (at most {MAX_UNROLL} "
                       f"are unrolled)", "index every dimension with an index expression, e.g. table[h, q_idx - kv_idx]")
         buf = self.buf.buffer_for(v.tensor, self.site)
+        if v.shape:
+            self.buf.sized[id(v.tensor)] = v.tensor
         out = np.empty(v.shape, dtype=object)
         free = v.free()
         for pos in np.ndindex(*v.shape):
@@ -183,6 +190,7 @@ class Lowering:
                 i = ir.coerce(i, ir.INT)
                 if i.op == "const" and ir.const_value(i) < 0:  # t[-1], as torch wraps it
                     i = ir.const(ir.const_value(i) + size)
+                    self.buf.sized[id(v.tensor)] = v.tensor
                 if step != 1:
                     i = ir.node("mul", i, ir.const(step))
                 if start:
@@ -225,6 +233,7 @@ class Lowering:
         dim = dim % len(shape)
         rng = range(*slice(start, end, step).indices(shape[dim]))
         if isinstance(v, View):
+            self.buf.sized[id(v.tensor)] = v.tensor
             d = v.free()[dim]
             s0, st, _ = v.dims[d]
             dims = list(v.dims)

@@ -18,12 +18,17 @@ from .lower import HANDLED_PACKETS, Buffers, lower_graph
 class Trace:
     """What tracing a pattern produced: IR roots and the tensors they read.
 
-    ``buffers[i]`` is the kernel's view of ``tensors[i]`` (slot ``i``), in order of first use."""
+    ``buffers[i]`` is the kernel's view of ``tensors[i]`` (slot ``i``), in order of first use.
+    ``sized`` holds the slots whose tensor's *shape* the IR depends on (a dimension unrolled by a
+    reduction such as ``torch.dot`` over a captured row, a slice, an index from the end): the IR is
+    valid for other tensors in those slots only if their shapes are the same. Other captured
+    tensors are read with runtime shapes and strides."""
 
     mask: ir.Node | None
     score: ir.Node | None
     buffers: list = field(default_factory=list)
     tensors: list = field(default_factory=list)
+    sized: frozenset = frozenset()
 
 
 def _trace_one(fn, what: str, bufs: Buffers) -> tuple:
@@ -77,7 +82,8 @@ def trace(mask_mod=None, score_mod=None) -> Trace:
             raise PatternError("score_mod returned a boolean", "did you mean mask_mod?",
                                site=site or definition_site(score_mod))
         score = ir.coerce(score, ir.FLOAT)
-    return Trace(mask, score, bufs.buffers, bufs.tensors)
+    sized = frozenset(i for i, t in enumerate(bufs.tensors) if id(t) in bufs.sized)
+    return Trace(mask, score, bufs.buffers, bufs.tensors, sized)
 
 
 def _result(r, site, fn, what) -> ir.Node:
