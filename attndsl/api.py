@@ -320,8 +320,8 @@ def _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_op
     """Run while dynamo traces (its result is a constant of the graph): the pattern's op metadata
     and where each captured tensor sits (paths the traced code follows to bind them per call)."""
     from .runtime.patterns import paths_of
-    compiled, _ = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options)
-    paths = paths_of(mask_mod, score_mod, compiled.tensors)
+    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+    paths = paths_of(mask_mod, score_mod, tensors)
     if paths is None:
         raise RuntimeError(
             "attndsl.attention under torch.compile: the pattern reads a tensor that is not held in a closure "
@@ -400,9 +400,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
 
     Under ``torch.compile`` the call is one ``torch.library`` op (``attndsl::attention_fwd``, with a fake
     implementation and autograd), so ``fullgraph=True`` and ``dynamic=True`` work; the pattern is
-    resolved while dynamo traces. A closure created *inside* the compiled function that holds a
-    tensor cannot be resolved there (dynamo cannot read its cells): build it outside (or with
-    :func:`compile`) or capture the tensor through a global or module attribute.
+    resolved while dynamo traces (Python constants the pattern reads are taken as they are then:
+    changing a global constant later does not retrace); its captured tensors are graph inputs, bound
+    per call. A closure created *inside* the compiled function that holds a tensor cannot be
+    resolved there (dynamo cannot read its cells): build it outside, e.g. in ``__init__`` (an
+    in-place update of the tensor is seen), or with :func:`compile`, or capture the tensor through a
+    global.
     """
     if block_mask is not None:
         from .flex import mask_of_block_mask
@@ -417,10 +420,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         from .flex import aux_output, check_aux
         check_aux(return_aux, return_lse, normalizer)
         return_lse = bool(return_aux.lse)
-    check_inputs(query, key, value, scale)
     kw = dict(scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
               bias_factors=bias_factors, indices=indices, blocks=blocks)
     if torch.compiler.is_compiling():
+        # NOTE: a closure made inside the compiled function that holds a tensor cannot be resolved here
+        # (dynamo cannot read its cells: ClosureConversionError); build it outside or with attndsl.compile
         meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options)
         from .runtime.patterns import follow
         got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, **kw)

@@ -192,3 +192,23 @@ def test_composed_and_partial_patterns_are_cached(traces):
         out = attndsl.attention(q, k, v, mask_mod=m)
     check(out, q, k, v, mask_mod=m)
     assert traces[0] == 1
+
+
+def test_selectors_bind_the_current_tensors(traces):
+    from attndsl.selectors import BlockSelection
+    global BIAS
+    old = BIAS
+    q, k, v = qkv()
+    sel = BlockSelection(torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32), 16, 16)
+    try:
+        first = attndsl.attention(q, k, v, score_mod=global_bias, blocks=sel)
+        BIAS = torch.randn(2, 64)
+        second = attndsl.attention(q, k, v, score_mod=global_bias, blocks=sel)
+        assert not torch.allclose(first, second)
+        third = attndsl.attention(q, k, v, score_mod=global_bias, blocks=sel)
+        assert torch.equal(second, third) and traces[0] == 1
+        dense = attndsl.attention(q, k, v, score_mod=global_bias,
+                                  mask_mod=lambda b, h, qi, ki: (ki // 16 == 0) | (qi // 16 == 1))
+        assert torch.allclose(second, dense, atol=1e-5)  # the selection as a mask, with the new BIAS
+    finally:
+        BIAS = old

@@ -12,6 +12,7 @@ Eager calls (not under torch.compile) take the shorter ``torch.autograd.Function
 """
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Optional
 
@@ -28,10 +29,18 @@ _LOCK = threading.Lock()
 
 
 def register(compiled) -> str:
-    """The registry key of a compiled pattern (one per spec and compile options)."""
+    """The registry key of a compiled pattern (one per spec and compile options). The registry keeps
+    a copy without captured tensors (the ops take them as inputs; a registered pattern must not
+    keep the first call's tensors alive)."""
     key = f"{compiled.spec.key}|{compiled.deterministic}|{compiled._tiles}"
     with _LOCK:
-        REGISTRY.setdefault(key, compiled)
+        if key not in REGISTRY:
+            template = copy.copy(compiled)
+            template.__dict__.pop("_block_variants", None)
+            template.__dict__.pop("_gather_runners", None)
+            template.tensors, template._runners = [], {}
+            template.mask_mod = template.score_mod = None
+            REGISTRY[key] = template
     return key
 
 

@@ -110,6 +110,11 @@ class _Walk:
                 self.sub(("arg", i), y, names)
             for k, y in x.keywords.items():
                 self.sub(("kw", k), y, names)
+        elif t is types.MethodType:  # a bound method: its function, and the object's attributes it names
+            parts.append(("method",))
+            self.sub(("attr", "__func__"), x.__func__, names)
+            self.sub(("attr", "__self__"), x.__self__, _code_info(x.__func__.__code__)[0]
+                     if isinstance(x.__func__, types.FunctionType) else names)
         elif isinstance(x, types.ModuleType):
             parts.append(("module", x.__name__))
         elif isinstance(x, type):
@@ -177,7 +182,7 @@ def _walk(mask_mod, score_mod, track: bool = False) -> _Walk:
     for i, fn in enumerate((mask_mod, score_mod)):
         if fn is None:
             w.parts.append(None)
-        elif isinstance(fn, types.FunctionType) or _is_composed(fn) or isinstance(fn, functools.partial):
+        elif isinstance(fn, (types.FunctionType, types.MethodType, functools.partial)) or _is_composed(fn):
             w.sub(("item", i), fn, ())
         else:  # a callable object: its state is opaque
             raise Uncacheable(f"{type(fn).__name__} object as a pattern")
