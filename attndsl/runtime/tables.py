@@ -13,6 +13,8 @@ attention with the same ``doc_ids``: the table is built once and found again by
 
 An entry holds its tensors, so their memory cannot be freed and reused by another tensor at the
 same address while the entry lives (an address is only an identity while the tensor is alive).
+Where the mask's data-dependent parts can be bounded per tile, a new table is built in
+O(L + tiles²) from those bounds (``runtime/tilebounds.py``), else by the dense table kernel.
 Inference-mode tensors have no version counter: their tables are built per call. While a CUDA
 graph is being captured tables are built inside the capture (a replay then rebuilds them from
 the tensors' current contents), never taken from the cache.
@@ -20,10 +22,15 @@ the tensors' current contents), never taken from the cache.
 from __future__ import annotations
 
 import collections
+import os
 
 import torch
 
 from ..ir.graph import loads
+from .tilebounds import BoundedTables, TileBounds, Unsupported
+
+#: build tables from per-tile bounds where possible (``ATTNDSL_TABLE_BOUNDS=0``: always the kernel)
+BOUNDS = os.environ.get("ATTNDSL_TABLE_BOUNDS", "1") != "0"
 
 #: tables kept (least recently used dropped first); a table of L=32K is about 1 MB
 MAX_TABLES = 32
@@ -67,6 +74,11 @@ class TableCache:
             self.entries.move_to_end(key)
             return hit[0]
         tables = runner.new_tables(q, k, tensors)
+        if BOUNDS and spec.tiles is None:  # O(L + tiles²) from per-tile bounds where the mask allows
+            try:
+                tables.tables = BoundedTables(TileBounds(spec, tensors, tables.shape, q.device))
+            except Unsupported:
+                pass
         self.entries[key] = (tables, tuple(tensors[s] for s in slots))
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
