@@ -48,8 +48,8 @@ class _Exact:
 
 
 class _Iv:
-    """Per (b, h, q tile, kv tile) bounds: ints ``lo <= x <= hi``; bools ``sure`` (true on the whole
-    tile) and ``maybe`` (true somewhere)."""
+    """Per (b, h, q tile, kv tile) bounds: ints ``lo <= x <= hi`` (int64); booleans (bool tensors)
+    ``lo``: true on the whole tile, ``hi``: true somewhere."""
 
     __slots__ = ("lo", "hi", "boolean")
 
@@ -155,7 +155,9 @@ class TileBounds:
             shp[d:d + 1] = [n, block]
             lo = lo.reshape(shp).amin(d + 1)
             hi = hi.reshape(shp).amax(d + 1)
-        return _Iv(lo, hi, boolean)
+        if boolean:
+            return _Iv(lo.bool(), hi.bool(), True)
+        return _Iv(lo, hi)
 
     def _interval(self, n, vals, BM, BN, R, C):
         args = []
@@ -172,20 +174,20 @@ class TileBounds:
         if op == "or":
             return _Iv(args[0].lo | args[1].lo, args[0].hi | args[1].hi, True)
         if op == "not":
-            return _Iv(1 - args[0].hi, 1 - args[0].lo, True)
+            return _Iv(~args[0].hi, ~args[0].lo, True)
         if op in ("lt", "le", "gt", "ge", "eq", "ne"):
             a, b = args
             if op in ("gt", "ge"):
                 a, b, op = b, a, {"gt": "lt", "ge": "le"}[op]
             if op == "lt":
-                return _Iv((a.hi < b.lo).long(), (a.lo < b.hi).long(), True)
+                return _Iv(a.hi < b.lo, a.lo < b.hi, True)
             if op == "le":
-                return _Iv((a.hi <= b.lo).long(), (a.lo <= b.hi).long(), True)
+                return _Iv(a.hi <= b.lo, a.lo <= b.hi, True)
             same = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
             overlap = (a.lo <= b.hi) & (b.lo <= a.hi)
             if op == "eq":
-                return _Iv(same.long(), overlap.long(), True)
-            return _Iv((~overlap).long(), (~same).long(), True)  # ne
+                return _Iv(same, overlap, True)
+            return _Iv(~overlap, ~same, True)  # ne
         if any(a.boolean for a in args):
             raise Unsupported(f"{op} of booleans across both axes")
         if op == "add":
@@ -217,7 +219,7 @@ class TileBounds:
             root = self._tiles(root, BM, BN, R, C)
         if not root.boolean:
             raise Unsupported("mask is not boolean")
-        full, nonempty = root.lo.bool(), root.hi.bool()
+        full, nonempty = root.lo, root.hi
         q_lo = torch.arange(R, device=self.device) * BM
         kv_lo = torch.arange(C, device=self.device) * BN
         edge = ((q_lo + BM > Lq)[:, None] | (kv_lo + BN > Lkv)[None, :]).view(1, 1, R, C)
