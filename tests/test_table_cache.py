@@ -235,3 +235,22 @@ def test_unbounded_masks_fall_back_to_the_kernel(kernel_launches):
     want, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=m)
     assert float((out.double() - want).abs().max()) < 1e-4
     assert kernel_launches[0] == 1
+
+
+@pytest.mark.gpu
+def test_bounded_tables_match_the_kernel_on_gpu():
+    """64 packed documents at L=8192 on the GPU: the bounds builder's tables equal the kernel's."""
+    from attndsl.patterns import document
+    g = torch.Generator().manual_seed(0)
+    L = 8192
+    cuts = torch.sort(torch.randperm(L - 1, generator=g)[:63] + 1).values
+    lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([L])])).tolist()
+    ids = doc_ids_from_lengths(lengths, device="cuda")
+    attn = attndsl.compile(mask_mod=document(ids))
+    q = torch.randn(1, 2, L, 64, device="cuda", dtype=torch.bfloat16)
+    r = attn.runner(q)
+    for transposed, br, bc in ((False, r.cfg.fwd.block_m, r.cfg.fwd.block_n),
+                               (True, r.cfg.dkdv.block_n, r.cfg.dkdv.block_m)):
+        want = r.table(r.new_tables(q, q, attn.tensors), attn.tensors, transposed, br, bc)
+        got = TileBounds(attn.spec, attn.tensors, (1, 2, L, L), q.device).table(transposed, br, bc)
+        assert _sets(got) == _sets(want)

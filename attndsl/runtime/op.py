@@ -10,7 +10,6 @@ sinks and ``bias_factors`` get gradients).
 Eager calls (not under torch.compile) take the shorter ``torch.autograd.Function`` path of
 ``attndsl/api.py``: the same runner launches, without the dispatcher's per-op host time.
 """
-from __future__ import annotations
 
 import copy
 import threading
