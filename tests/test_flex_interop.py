@@ -120,3 +120,19 @@ def test_signature_matches_torch():
     theirs = inspect.signature(F.flex_attention)
     assert list(ours.parameters) == list(theirs.parameters)
     assert [p.kind for p in ours.parameters.values()] == [p.kind for p in theirs.parameters.values()]
+
+
+@pytest.mark.parametrize("kind", ["torch", "attndsl"])
+def test_flex_drop_in_under_torch_compile(kind):
+    import torch._dynamo
+    torch._dynamo.reset()
+    make = F.create_block_mask if kind == "torch" else attndsl.create_block_mask
+    bm = make(causal, None, None, 32, 32, device="cpu")
+    q, k, v = qkv()
+    f = torch.compile(lambda q, k, v, bm: attndsl.flex_attention(q, k, v, score_mod=softcap, block_mask=bm,
+                                                                 return_aux=F.AuxRequest(lse=True)),
+                      fullgraph=True, backend="aot_eager")
+    out, aux = f(q, k, v, bm)
+    want, waux = F.flex_attention(q, k, v, score_mod=softcap, block_mask=F.create_block_mask(
+        causal, None, None, 32, 32, device="cpu"), return_aux=F.AuxRequest(lse=True))
+    assert close(out, want) and close(aux.lse, waux.lse)
