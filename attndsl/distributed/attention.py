@@ -95,6 +95,8 @@ class ContextParallelAttention:
         return int(pairs[list(mine)].sum())
 
     # -- the call ---------------------------------------------------------------------------------
+    # host code (planning, the ring loop, collectives): torch.compile runs it as a graph break
+    @torch.compiler.disable
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
                  sinks: torch.Tensor | None = None, bias_factors=None, return_lse: bool = False):
         """Context-parallel attention of this rank's shards.
@@ -144,11 +146,10 @@ class ContextParallelAttention:
                                  f"along dim 2), got u {tuple(u.shape)}, w {tuple(w.shape)}")
 
     # -- blocks -----------------------------------------------------------------------------------
-    def _blocks(self, owner: int, gathered: bool):
+    def _blocks(self, pairs: torch.Tensor, owner: int | None, gathered: bool):
         """``(q chunk index, q chunk, q slice, kv chunk, kv slice)`` this rank computes against the
-        key/value buffer of ``owner`` (or the gathered, global-order sequence)."""
+        key/value buffer of ``owner`` (or the gathered, global-order sequence), given the plan."""
         r = self.group.rank
-        pairs = self._plan
         mine = self.sharding.chunk_slices(r)
         if gathered:
             whole = Chunk(0, self.sharding.length)
@@ -213,13 +214,12 @@ class _CPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cp: ContextParallelAttention, scale, q, k, v, sinks, u, w, *learnable):
         B, Hq, n = q.shape[0], q.shape[1], q.shape[2]
-        cp.pairs(B, Hq)
-        mine = cp.sharding.chunk_slices(cp.group.rank)
+        pairs = cp.pairs(B, Hq)  # kept for the backward: the blocks it recomputes are these
         out_acc = torch.zeros(B, Hq, n, v.shape[-1], dtype=torch.float32, device=q.device)
         lse_acc = torch.full((B, Hq, n), _NEG_INF, dtype=torch.float32, device=q.device)
         gathered = cp.method == "allgather"
         for owner, (kb, vb, wb) in _kv_stream(cp, (k, v, w), gathered):
-            for i, qc, qs, kc, ks in cp._blocks(owner, gathered):
+            for i, qc, qs, kc, ks in cp._blocks(pairs, owner, gathered):
                 bf = None if u is None else (_slice(u, qs), _slice(wb, ks))
                 o, lse = cp.pattern(q[:, :, qs], kb[:, :, ks], vb[:, :, ks], qc, kc, scale=scale, bias_factors=bf)
                 _merge(out_acc[:, :, qs], lse_acc[:, :, qs], o, lse)
@@ -230,7 +230,7 @@ class _CPFunction(torch.autograd.Function):
             lse_acc = new
         out = out_acc.to(v.dtype)
         ctx.save_for_backward(q, k, v, sinks, u, w, out, lse_acc)
-        ctx.cp, ctx.scale, ctx.mine = cp, scale, mine
+        ctx.cp, ctx.scale, ctx.pairs = cp, scale, pairs
         ctx.learnable = learnable
         ctx.set_materialize_grads(False)
         return out, lse_acc
@@ -251,7 +251,7 @@ class _CPFunction(torch.autograd.Function):
         gathered = cp.method == "allgather"
 
         def block_grads(kb, vb, wb, owner, gk, gv, gw):
-            for i, qc, qs, kc, ks in cp._blocks(owner, gathered):
+            for i, qc, qs, kc, ks in cp._blocks(ctx.pairs, owner, gathered):
                 qi, ki, vi = _leaf(q[:, :, qs]), _leaf(kb[:, :, ks]), _leaf(vb[:, :, ks])
                 ui, wi = _leaf(_slice(u, qs)), _leaf(_slice(wb, ks))
                 with torch.enable_grad():

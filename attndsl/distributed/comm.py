@@ -24,6 +24,9 @@ class Group:
         self.rank = dist.get_rank(group) if self.active else 0
         self.size = dist.get_world_size(group) if self.active else 1
         self.backend = dist.get_backend(group) if self.active else None
+        # benchmarks only: every transfer becomes a local stand-in of the same shapes (the ring
+        # "receives" what it sent), so the compute alone can be timed; results are then wrong
+        self.offline = False
 
     def global_rank(self, r: int) -> int:
         if self.group is None or not self.active:
@@ -40,14 +43,14 @@ class Group:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the group in place (no-op for a world of one)."""
-        if self.size > 1:
+        if self.size > 1 and not self.offline:
             dist.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``t`` (same shape everywhere), in rank order."""
-        if self.size == 1:
-            return [t]
+        if self.size == 1 or self.offline:
+            return [t] * self.size
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return parts
@@ -55,8 +58,8 @@ class Group:
     def reduce_scatter(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """``Σ_ranks parts[self.rank]``: NCCL's reduce-scatter; gloo has none, so there the stacked
         parts are all-reduced and this rank's part is kept (O(P) memory, fine for CPU runs)."""
-        if self.size == 1:
-            return parts[0]
+        if self.size == 1 or self.offline:
+            return parts[self.rank]
         if self.backend == "nccl":
             out = torch.empty_like(parts[0])
             dist.reduce_scatter(out, [p.contiguous() for p in parts], group=self.group)
@@ -89,7 +92,7 @@ class RingExchange:
         self.recv = [torch.empty_like(t) for t in self.sent]
         self.reqs = []
         self.stream = _side_stream(self.sent[0].device) if self.sent else None
-        if group.size == 1:
+        if group.size == 1 or group.offline:
             self.recv = self.sent
             return
         ctx = contextlib.nullcontext()
