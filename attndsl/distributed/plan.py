@@ -1,8 +1,9 @@
 """Which (query chunk, key chunk) pairs a mask leaves non-empty, and a balancer built on it.
 
-The decision is the block analysis's tile classification (``passes.block_analysis.tile_class``:
-``may`` is false only when no (q, kv) pair of the box is allowed) evaluated on the host at shard
-granularity, with the chunks' *global* bounds. Captured per-token tensors read at ``q``/``kv``
+The decision is the block analysis's tile classification (the interval analysis of
+``passes.bounds`` that ``passes.block_analysis.tile_class`` runs: ``may`` is false only when no
+(q, kv) pair of the box is allowed) evaluated on the host at shard granularity, with the chunks'
+*global* bounds. Captured per-token tensors read at ``q``/``kv``
 (document ids) are bounded by their minimum and maximum over each chunk, so a document mask skips
 chunk pairs that share no document. Everything is evaluated as broadcast torch tensors over all
 pairs at once, so the same code counts non-empty tiles of a 256K sequence (2048² tiles) for the
@@ -16,7 +17,6 @@ from .. import ir
 from ..dsl import trace
 from ..ir.evaluate import evaluate
 from ..ir.nodes import const
-from ..passes.block_analysis import tile_class
 from ..passes.bounds import IntervalAnalysis
 from ..passes.simplify import simplify
 from .sharding import Chunk, Sharding
@@ -176,8 +176,18 @@ def balance(mask_mod, length: int, world_size: int, *, chunks_per_rank: int = 2,
 
 
 def imbalance(mask_mod, sharding: Sharding, tile: int = 128, batch: int = 1, heads: int = 1) -> float:
-    """Max over mean of the ranks' visited tiles (1.0 = perfectly balanced), by the block
-    analysis at ``tile`` granularity."""
+    """How unevenly a sharding spreads the mask's work over the ranks.
+
+    Args:
+        mask_mod: the mask over global positions.
+        sharding: the :class:`Sharding` to rate.
+        tile: tile size the work is counted in (clamped to the smallest chunk).
+        batch, heads: ``b`` and ``h`` range over these.
+
+    Returns:
+        The slowest rank's visited tiles (block analysis, :func:`tile_counts`) over the mean:
+        1.0 is perfectly balanced, ``P`` is one rank doing everything.
+    """
     tile = max(1, min(tile, min(c.length for r in sharding.ranks for c in r)))
     per_tile = tile_counts(mask_mod, sharding.length, tile, batch, heads)
     pos_cost = per_tile.repeat_interleave(tile)[:sharding.length].double() / tile
