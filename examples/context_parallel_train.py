@@ -7,7 +7,7 @@ The other parameters' gradients are partial sums of each rank's tokens and are a
 so every rank takes the same optimizer step on the gradient of the whole sequence's loss.
 
     torchrun --nproc_per_node 2 examples/context_parallel_train.py --device cpu     # gloo, Triton interpreter
-    torchrun --nproc_per_node 4 examples/context_parallel_train.py --device cuda --seq-len 16384 --dim 512
+    torchrun --nproc_per_node 4 examples/context_parallel_train.py --device cuda --seq-len 16384 --dim 512 --heads 8 --layers 2
 
 ``--mask document`` packs random-length documents instead (the balancer picks the sharding).
 """
