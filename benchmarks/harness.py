@@ -2,9 +2,15 @@
 
 Follows ``shared/bench/README.md``:
 
-* ours (``attndsl.compile``), FlexAttention (``torch.compile(flex_attention, dynamic=False)``
-  with ``create_block_mask`` built once and reused) and SDPA where the pattern allows, on the
-  same fresh random inputs, one after the other;
+* ours twice: the one-shot ``attndsl.attention(q, k, v, mask_mod=..., score_mod=...)`` as model
+  code calls it (every call pays its own host work and block table; api "attention") and a
+  pattern ``attndsl.compile``d once with its block table built once (api "compiled"); then
+  FlexAttention (``torch.compile(flex_attention, dynamic=False)`` with ``create_block_mask``
+  built once and reused) and SDPA where the pattern allows, on the same fresh random inputs,
+  one after the other; model-shaped cases fix their own shapes, and the transformer-block case
+  times a whole ``torch.compile``d block with each attention inside (``run_block_case``);
+* host time per call (a loop of calls with no sync, ``time.perf_counter`` ÷ the count) for
+  every timed callable, next to its GPU time;
 * every case is checked before it is timed (ours vs Flex on the benchmark inputs, and ours vs
   the float64 ``attndsl.reference`` at a small size in fp32); a case that fails is reported
   and not timed;
@@ -19,8 +25,10 @@ case that raises is reported and the next one runs; a worker that dies (segfault
 CUDA error such as an illegal address, a hang past ``--case-timeout-s``) is replaced by a
 fresh worker that carries on with the remaining cases. A global ``--budget-s`` keeps the
 whole run inside one device call; cases it cannot reach are reported as skipped. One JSON
-line is printed per case as it finishes, the JSON file (``$OUT/bench.json`` or ``--json``)
-is rewritten after every case, and a markdown table ends the run.
+line is printed per case as it finishes, the detailed JSON log (``$OUT/bench.json`` or ``--json``)
+and the results file (``benchmarks/results.py``: ``<gpu>-<yyyy-mm-dd>.json`` in ``--results-dir``,
+one row per case x pass x api) are rewritten after every case, and a markdown table ends the run.
+``python -m benchmarks.table`` turns the newest results file into BENCHMARKS.md's table.
 
 Nothing here touches the GPU at import time.
 """
@@ -1529,8 +1537,13 @@ def list_cases(out=None) -> None:
     out = out or sys.stdout
     for name, c in _cases.CASES.items():
         extra = f" (L fixed at {c.fixed_L})" if c.fixed_L else ""
+        if c.shape:
+            extra = " (" + ", ".join(f"{k}={v}" for k, v in c.shape.items()) + ")"
         default = " [default]" if name in _cases.DEFAULT_CASES else ""
-        print(f"{name:28s} {c.description}{extra}{default}", file=out)
+        print(f"{name:30s} {c.description}{extra}{default}", file=out)
+    print("\ngroups (--cases GROUP):", file=out)
+    for g, names in _cases.GROUPS.items():
+        print(f"  {g:12s} {','.join(names)}", file=out)
 
 
 def main_from_namespace(ns: argparse.Namespace, argv: Sequence[str]) -> int:
