@@ -9,6 +9,7 @@ instead. With no results file, the section says that no table was generated at t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -171,7 +172,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--results-dir", default=str(root / "benchmarks" / "results"))
     p.add_argument("--md", default=str(root / "BENCHMARKS.md"), help="the file to update (default: BENCHMARKS.md)")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the table, change no file")
+    p.add_argument("--add", nargs="+", default=[], metavar="FILE",
+                   help="results files (e.g. fetched from a GPU run's $OUT) to merge into the same-named file of "
+                        "--results-dir first: rows measured again replace the old ones")
     ns = p.parse_args(argv)
+    for f in ns.add:
+        try:
+            rows = _results.load_results(f)
+        except (OSError, ValueError) as e:
+            print(f"error: {f}: {e}", file=sys.stderr)
+            return 2
+        dest = Path(ns.results_dir) / Path(f).name
+        old = _results.load_results(dest) if dest.is_file() else []
+        Path(ns.results_dir).mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(_results.merge_rows(old, rows), indent=1, default=str) + "\n")
+        print(f"{dest}: {len(rows)} rows merged from {f}")
     path = Path(ns.results) if ns.results else _results.newest_results(ns.results_dir)
     if ns.results and not path.is_file():
         print(f"error: no such results file: {path}", file=sys.stderr)

@@ -831,3 +831,19 @@ def test_compile_block_falls_back_to_fullgraph_false(monkeypatch):
     calls.clear()
     c, fullgraph, err = Hn.compile_block(object(), lambda c: None)
     assert calls == [True] and fullgraph is True and err is None
+
+
+def test_table_add_merges_fetched_files(tmp_path):
+    res, fetched = tmp_path / "results", tmp_path / "out"
+    fetched.mkdir()
+    rows = R.load_results(FIXTURE)
+    name = "h100-2000-01-01.json"
+    (fetched / name).write_text(json.dumps(rows[:4]))
+    md = tmp_path / "B.md"
+    md.write_text(f"{T.START}\n{T.END}\n")
+    assert T.main(["--add", str(fetched / name), "--results-dir", str(res), "--md", str(md)]) == 0
+    (fetched / name).write_text(json.dumps([dict(rows[0], ours_ms=9.0)] + rows[4:8]))
+    assert T.main(["--add", str(fetched / name), "--results-dir", str(res), "--md", str(md)]) == 0
+    merged = R.load_results(res / name)
+    assert len(merged) == 8 and merged[0]["ours_ms"] == 9.0 and merged[1] == rows[1]
+    assert "| 9.000 |" in md.read_text()
