@@ -281,13 +281,16 @@ LOCALITY_CASES = ["natten2d_128x128_k13", "sta3d_16x32x32_tile4x8x8_win3", "radi
 # issue 6: learnable tables, sigmoid attention, low-rank bias (formerly only in learnable.py)
 # ---------------------------------------------------------------------------------------
 
-def _t5_causal(*, H, device, seed, **_):
+def _t5_causal(*, H, device, seed, dtype=torch.float32, **_):
     from attndsl.patterns.relative_bias import t5_bucket_bias
     g = _generator(device, seed)
-    table = (0.1 * torch.randn(H, 32, device=device, generator=g)).requires_grad_()
+    # in the call's dtype, as a bf16 model holds it (FlexAttention fails to compile a float32 table
+    # with bf16 inputs: docs/experiments.md)
+    table = (0.1 * torch.randn(H, 32, device=device, generator=g)).to(dtype).requires_grad_()
     causal = lambda b, h, q, k: q >= k  # noqa: E731
     return CaseInstance(mask_mod=causal, score_mod=t5_bucket_bias(table, 32, 128, bidirectional=False),
-                        leaves=(table,), notes="learnable float32 table [H, 32], T5 buckets up to 128, causal")
+                        leaves=(table,), notes=f"learnable {str(dtype).replace('torch.', '')} table [H, 32], T5 buckets up to "
+                                                    "128, causal")
 
 
 def _sigmoid_causal(*, L, **_):
