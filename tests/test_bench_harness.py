@@ -14,6 +14,7 @@ import torch
 
 from attndsl import cli
 from benchmarks import cases as C
+from benchmarks import block as Bk
 from benchmarks import harness as Hn
 
 
@@ -825,11 +826,11 @@ def test_compile_block_falls_back_to_fullgraph_false(monkeypatch):
             raise RuntimeError("Unsupported: graph break in attndsl.attention\nsecond line")
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    c, fullgraph, err = Hn.compile_block(object(), run)
+    c, fullgraph, err = Bk.compile_block(object(), run)
     assert calls == [True, False] and c == ("compiled", False) and fullgraph is False
     assert err == "RuntimeError: second line"
     calls.clear()
-    c, fullgraph, err = Hn.compile_block(object(), lambda c: None)
+    c, fullgraph, err = Bk.compile_block(object(), lambda c: None)
     assert calls == [True] and fullgraph is True and err is None
 
 
