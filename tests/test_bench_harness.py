@@ -1,4 +1,6 @@
-"""CPU tests of the benchmark harness and the CLI: the pure parts, no GPU, no compiler core.
+"""CPU tests of the benchmark harness, its results format and table generator, and the CLI: the pure
+parts, no GPU, no compiler core (the results table is tested on a synthetic fixture,
+``tests/fixtures/bench_results_synthetic.json``: no figure in it was measured).
 
 The GPU paths (do_bench, compiled FlexAttention, peak memory, the attndsl kernels) are not
 exercised here; the harness's own pipeline is run end to end on the CPU with the
