@@ -98,8 +98,42 @@ def _distinct(rows, key) -> str:
     return ", ".join(vals) if vals else "?"
 
 
+SUMMARY_COLUMNS = ("pattern", "B·Hq/Hkv", "L", "D", "fwd ms", "Flex ÷ ours", "SDPA ÷ ours", "fwd+bwd ms",
+                   "Flex ÷ ours", "SDPA ÷ ours", "host µs ours / SDPA")
+
+
+def _summary_cells(r: Optional[Dict[str, Any]]) -> List[str]:
+    if r is None:
+        return ["—", "—", "—"]
+    if (r.get("status") or "ok") != "ok":
+        return [f"**{r.get('status')}**", "—", "—"]
+    return [_num(r.get("ours_ms")), _ratio(_results._ratio(r.get("flex_ms"), r.get("ours_ms"))),
+            _ratio(_results._ratio(r.get("sdpa_ms"), r.get("ours_ms")))]
+
+
+def render_summary(rows: Sequence[Dict[str, Any]]) -> str:
+    """One line per case: the one-shot ``attndsl.attention`` call (what model code runs), forward and
+    forward+backward, against FlexAttention and SDPA."""
+    by_case: Dict[tuple, Dict[str, Dict[str, Any]]] = {}
+    for r in _order(rows):
+        if r.get("api") != "attention":
+            continue
+        key = (r.get("case"), r.get("B"), r.get("Hq"), r.get("Hkv"), r.get("Lq"), r.get("Lkv"), r.get("D"), r.get("Dv"))
+        by_case.setdefault(key, {})[r.get("pass")] = r
+    out = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for (case, B, Hq, Hkv, Lq, Lkv, D, Dv), passes in by_case.items():
+        f, fb = passes.get("fwd"), passes.get("fwd+bwd")
+        heads = f"{B}·{Hq}" + (f"/{Hkv}" if Hkv != Hq else "")
+        ok = f is not None and (f.get("status") or "ok") == "ok" and f.get("host_us") is not None
+        host = f"{_num(f.get('host_us'), 0)} / {_num(f.get('sdpa_host_us'), 0)}" if ok else "—"
+        out.append("| " + " | ".join([_esc(case, 40), heads, str(Lq) if Lq == Lkv else f"{Lq}/{Lkv}",
+                                      str(D) if Dv in (None, D) else f"{D}/{Dv}", *_summary_cells(f),
+                                      *_summary_cells(fb), host]) + " |")
+    return "\n".join(out)
+
+
 def render_table(rows: Sequence[Dict[str, Any]], source: Optional[str] = None) -> str:
-    """The markdown of the results table (header line, table, legend)."""
+    """The markdown of the results: header line, the summary (one-shot call), the full table, legend."""
     if not rows:
         return "The results file holds no rows."
     out = [f"GPU: {_distinct(rows, 'gpu')} · torch {_distinct(rows, 'torch')} · triton {_distinct(rows, 'triton')}"
@@ -110,6 +144,13 @@ def render_table(rows: Sequence[Dict[str, Any]], source: Optional[str] = None) -
         out.append("")
         out.append("Command: " + "; ".join(f"`{c}`" for c in cmds)
                    + (f" → `{source}`" if source else ""))
+    out.append("")
+    out.append("**At a glance**: the one-shot `attndsl.attention` call, as model code makes it (ms per call, "
+               "ratios anchor ÷ ours: above 1, attndsl is faster).")
+    out.append("")
+    out.append(render_summary(rows))
+    out.append("")
+    out.append("**Every row**: both ways of calling attndsl, forward and forward+backward.")
     out.append("")
     out.append("| " + " | ".join(COLUMNS) + " |")
     out.append("|" + "---|" * len(COLUMNS))

@@ -646,10 +646,19 @@ def test_table_from_fixture():
     lines = md.splitlines()
     assert lines[0].startswith("GPU: SYNTHETIC test fixture") and "commit 0000000" in lines[0]
     assert "`python -m benchmarks --cases full --bwd`" in md
-    table = [ln for ln in lines if ln.startswith("|")]
+    start = lines.index("| " + " | ".join(T.COLUMNS) + " |")
+    table = [ln for ln in lines[start:] if ln.startswith("|")]
     ncol = len(T.COLUMNS)
     for ln in table:
         assert ln.replace("\\|", "").count("|") == ncol + 1, ln
+    # the summary: one line per case, the one-shot call's forward and forward+backward
+    s0 = lines.index("| " + " | ".join(T.SUMMARY_COLUMNS) + " |")
+    summary = [ln for ln in lines[s0 + 2:start] if ln.startswith("|")]
+    assert [ln.split(" | ")[0][2:] for ln in summary] == ["gpt2_step", "packed_docs_64x32k", "transformer_block_gpt2",
+                                                         "causal", "alibi_causal", "radial_16x1024"]
+    assert summary[0] == ("| gpt2_step | 8·12 | 2048 | 64 | 2.000 | 0.75× | 0.25× | 5.000 | 1.20× | 0.40× "
+                          "| 20 / 5 |")
+    assert "| **error** | — | — | **error** |" in summary[1] and "| 2.100 | 1.19× | 0.86× | **failed** |" in summary[3]
     body = [ln for ln in table[2:] if not ln.startswith("| **")]
     assert len(body) == len(rows)
     families = [ln.split("**")[1] for ln in table[2:] if ln.startswith("| **")]
