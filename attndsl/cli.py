@@ -474,10 +474,10 @@ def cmd_cache(ns, out=None) -> int:
 # --------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line, ``PROG: error: ...``, and exits 2."""
+    """argparse that reports a bad argument as one line, ``attndsl: error: ...``, and exits 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"attndsl: error: {message} (see '{self.prog} --help')\n")
 
 
 PATTERN_HELP = ("FILE.py (its module-level mask_mod/score_mod), FILE.py:FUNC or FILE.py:FACTORY(literal args); "
@@ -580,7 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pattern, 3 ``bench`` without a CUDA device)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and "--cases" in argv:
-        print("attndsl bench: error: the protocol cases (--cases) run with 'python -m benchmarks' from a checkout; "
+        print("attndsl: error: the protocol cases (--cases) run with 'python -m benchmarks' from a checkout; "
               "'attndsl bench PATTERN' times your own pattern", file=sys.stderr)
         return 2
     parser = build_parser()
@@ -591,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.command == "bench":
         ns.L_given = ns.L is not None
         ns.L = 4096 if ns.L is None else ns.L
-    prog = f"attndsl {ns.command}"
+    prog = "attndsl"
     try:
         return COMMANDS[ns.command](ns)
     except CLIError as e:
