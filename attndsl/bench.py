@@ -16,11 +16,15 @@ Each result is a row (a dict), the format ``benchmarks/results/*.json`` uses too
 ``api``        ``"attention"`` (one-shot call) or ``"compiled"`` (``attndsl.compile`` once, then calls)
 ``ours_ms``    median time of one call (ms); ``flex_ms``, ``sdpa_ms`` the same for FlexAttention
                and SDPA (``None`` where they do not apply or failed: see ``flex_error``)
-``host_us``    median host time of issuing one of our calls (µs; the GPU is not waited for)
+``host_us``    median host time of issuing one of our calls (µs; the GPU is not waited for);
+               ``flex_host_us``, ``sdpa_host_us`` the same for FlexAttention and SDPA
 ``peak_mib``   peak GPU memory during one of our calls (MiB, inputs included; ``None`` on CPU)
-``flex_mask_ms``  FlexAttention's ``create_block_mask`` (built once, not in ``flex_ms``)
-``gpu``, ``torch``, ``triton``, ``commit``, ``device``  where it ran (``commit``: the source checkout's
-               ``git`` revision, ``None`` for an installed package)
+``flex_block_mask_ms``  FlexAttention's ``create_block_mask`` (built once, not in ``flex_ms``)
+``table_ms``   our block-table kernel alone (compiled rows of data-dependent masks; it is part of
+               every ``ours_ms`` call)
+``gpu``, ``torch``, ``triton``, ``commit``, ``device``, ``date``  where and when it ran (``commit``:
+               the source checkout's ``git`` revision, ``None`` for an installed package)
+``Dv``, ``status``  the value head dim (``D`` here) and ``"ok"`` (a failed check raises instead)
 =============  ===============================================================================
 
 On CUDA times come from ``triton.testing.do_bench(warmup=25, rep=100, return_mode="median")``. With
@@ -29,6 +33,7 @@ the procedure at tiny sizes, not a performance figure.
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import platform
 import statistics
@@ -47,7 +52,7 @@ __all__ = ["BenchConfig", "CheckFailed", "NoDevice", "ROW_KEYS", "bench", "markd
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Keys every row has (in this order in the JSON file).
 ROW_KEYS = ("case", "B", "Hq", "Hkv", "Lq", "Lkv", "D", "dtype", "pass", "api", "ours_ms", "flex_ms", "sdpa_ms",
-            "host_us", "peak_mib", "gpu", "torch", "triton", "commit")
+            "host_us", "flex_host_us", "sdpa_host_us", "peak_mib", "gpu", "torch", "triton", "commit")
 #: Exit code of ``attndsl bench`` on a machine without a CUDA device.
 EXIT_NO_GPU = 3
 FLEX_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # ||ours - flex|| / ||flex||
@@ -229,7 +234,8 @@ def _environment(device: str) -> Dict[str, Any]:
                                     text=True, timeout=5).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             commit = None
-    return {"gpu": gpu, "torch": torch.__version__, "triton": tv, "commit": commit, "device": device}
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return {"gpu": gpu, "torch": torch.__version__, "triton": tv, "commit": commit, "device": device, "date": date}
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +324,9 @@ def bench(mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = N
     calls = {"attention": lambda q, k, v: attndsl.attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod),
              "compiled": compiled}
     env = _environment(dev)
+    table_ms = None
+    if spec.data_dependent:  # the block table every call builds, timed alone
+        table_ms = timer.ms(lambda: compiled.build_block_tables(*plain))
     rows = []
     for p in cfg.passes:
         def step(f, p=p):
@@ -333,14 +342,18 @@ def bench(mask_mod: Optional[Callable] = None, score_mod: Optional[Callable] = N
         say(f"{p}: FlexAttention and SDPA")
         flex_ms = timer.ms(step(flex), grads) if flex is not None and (p == "fwd" or flex_bwd) else None
         sdpa_ms = timer.ms(step(sdpa), grads) if sdpa is not None else None
+        flex_host = timer.host_us(step(flex)) if flex_ms is not None else None
+        sdpa_host = timer.host_us(step(sdpa)) if sdpa_ms is not None else None
         for api, f in calls.items():
             say(f"{p}: attndsl, {api}")
             ours_ms = timer.ms(step(f), grads)
             rows.append(dict(
-                case=name, B=cfg.B, Hq=cfg.Hq, Hkv=cfg.Hkv, Lq=cfg.Lq, Lkv=cfg.Lkv, D=cfg.D, dtype=cfg.dtype,
+                case=name, B=cfg.B, Hq=cfg.Hq, Hkv=cfg.Hkv, Lq=cfg.Lq, Lkv=cfg.Lkv, D=cfg.D, Dv=cfg.D, dtype=cfg.dtype,
                 **{"pass": p}, api=api, ours_ms=_round(ours_ms), flex_ms=_round(flex_ms), sdpa_ms=_round(sdpa_ms),
-                host_us=_round(timer.host_us(step(f)), 1), peak_mib=_round(timer.peak_mib(step(f)), 1),
-                **env, flex_mask_ms=_round(flex_mask_ms), flex_error=flex_error, quick=cfg.quick))
+                host_us=_round(timer.host_us(step(f)), 1), flex_host_us=_round(flex_host, 1),
+                sdpa_host_us=_round(sdpa_host, 1), peak_mib=_round(timer.peak_mib(step(f)), 1), **env,
+                flex_block_mask_ms=_round(flex_mask_ms), table_ms=_round(table_ms) if api == "compiled" else None,
+                status="ok", flex_error=flex_error, quick=cfg.quick))
         for t in qkv:
             t.grad = None
     return rows

@@ -49,6 +49,12 @@ PATTERNS = textwrap.dedent("""
     def overflow(score, b, h, q_idx, kv_idx):
         return torch.exp(score * 100.0)
 
+    def documents(n, size, device="cpu"):
+        ids = torch.arange(n, device=device) // size
+        def same_document(b, h, q_idx, kv_idx):
+            return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+        return same_document
+
     def variadic(*args):
         return args[0]
 
@@ -142,6 +148,43 @@ def test_bench_dry_run_on_cpu_writes_rows_table_and_plot(pat, tmp_path, capsys):
         assert r["torch"] == torch.__version__ and r["device"] == "cpu"
         assert (r["flex_ms"] is not None) == (r["pass"] == "fwd")  # FlexAttention has no CPU backward
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_dry_run_of_a_data_dependent_mask_times_its_table(pat, tmp_path):
+    """A mask that reads a captured tensor: Flex's block mask and our block table are timed apart
+    (the table only on the compiled rows), SDPA does not apply."""
+    out_json = tmp_path / "rows.json"
+    assert cli.main(["bench", f"{pat}:documents(32, 8)", "--device", "cpu", "--quick", "--H", "1", "--L", "32",
+                     "--D", "16", "--pass", "fwd", "--json", str(out_json), "--quiet"]) == 0
+    rows = json.loads(out_json.read_text())
+    assert [r["api"] for r in rows] == ["attention", "compiled"]
+    att, comp = rows
+    assert att["table_ms"] is None and comp["table_ms"] > 0
+    assert att["flex_block_mask_ms"] > 0 and att["flex_ms"] > 0 and att["sdpa_ms"] is None
+    assert att["Dv"] == 16 and att["status"] == "ok" and att["flex_host_us"] > 0 and att["sdpa_host_us"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_on_a_gpu(pat, tmp_path, capsys):
+    """On a GPU: compiled Flex and SDPA next to ours, peak memory, every row well-formed."""
+    from attndsl.bench import ROW_KEYS
+    out_json = tmp_path / "rows.json"
+    assert cli.main(["bench", f"{pat}:causal", "--L", "2048", "--H", "8", "--Hkv", "2", "--D", "64", "--quick",
+                     "--json", str(out_json), "--markdown", "--quiet"]) == 0
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 4
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r) and r["device"] == "cuda"
+        assert r["ours_ms"] > 0 and r["flex_ms"] > 0 and r["sdpa_ms"] > 0 and r["peak_mib"] > 0
+        assert r["flex_block_mask_ms"] > 0 and r["host_us"] > 0
+    assert "| case |" in capsys.readouterr().out
+    out_json2 = tmp_path / "docs.json"
+    assert cli.main(["bench", f"{pat}:documents(4096, 512, device='cuda')", "--L", "4096", "--H", "4", "--quick",
+                     "--json", str(out_json2), "--quiet"]) == 0
+    rows = json.loads(out_json2.read_text())
+    assert all(r["sdpa_ms"] is None and r["flex_ms"] > 0 for r in rows)
+    assert [r["table_ms"] is not None for r in rows] == [False, True, False, True]
 
 
 def test_sdpa_applies_to_causal_masks_only():
