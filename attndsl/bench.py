@@ -102,6 +102,20 @@ class BenchConfig:
 # --------------------------------------------------------------------------------------------
 # timing
 
+def wall_clock_ms(fn: Callable[[], Any], reps: int, grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> float:
+    """Median wall-clock time of ``fn()`` over ``reps`` calls after one warm-up call (ms), the
+    ``.grad`` of ``grad_to_none`` reset before each: CPU timing, where no device needs syncing."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(ts))
+
+
 class _Timer:
     def __init__(self, device: str, quick: bool):
         self.cuda = device == "cuda"
@@ -116,15 +130,7 @@ class _Timer:
             from triton.testing import do_bench
             warmup, rep = (10, 30) if self.quick else (25, 100)
             return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
-        fn()  # CPU: the interpreter, a few wall-clock repetitions
-        ts = []
-        for _ in range(1 if self.quick else 3):
-            for t in grad_to_none or ():
-                t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return float(statistics.median(ts))
+        return wall_clock_ms(fn, 1 if self.quick else 3, grad_to_none)  # CPU: the interpreter
 
     def host_us(self, fn: Callable[[], Any]) -> float:
         """Median time until one call returns to Python, with an idle GPU before each."""

@@ -485,6 +485,11 @@ PATTERN_HELP = ("FILE.py (its module-level mask_mod/score_mod), FILE.py:FUNC or 
                 "{'mask_mod': ..., 'score_mod': ...}")
 
 
+def _pattern_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default=None, metavar="PATTERN", help="the pattern")
+    p.add_argument("--score", default=None, metavar="FILE.py[:FUNC]", help="a score_mod (with a mask PATTERN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="attndsl", description="attndsl: a compiler-driven attention DSL. A PATTERN is " + PATTERN_HELP
                 + ".", epilog="'attndsl COMMAND --help' describes each command. Also: python -m attndsl.")
@@ -495,8 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="print the IR, visit plan and generated source summary of a pattern",
                        description="Print attndsl.compile(mask_mod, score_mod).explain(), or with --source the "
                                    "generated Triton module. PATTERN is " + PATTERN_HELP + ".")
-    s.add_argument("pattern", nargs="?", default=None, metavar="PATTERN", help="the pattern")
-    s.add_argument("--score", default=None, metavar="FILE.py[:FUNC]", help="a score_mod (with a mask PATTERN)")
+    _pattern_arguments(s)
     s.add_argument("--source", action="store_true", help="print the generated Triton source instead")
 
     b = sub.add_parser("bench", help="time a pattern against FlexAttention and SDPA (needs a GPU)",
@@ -506,8 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(no mask/score_mod, or causal). Exits 3 without a CUDA device, 1 when the "
                                    "check fails. The protocol cases of the repository run with "
                                    "'python -m benchmarks' from a checkout. PATTERN is " + PATTERN_HELP + ".")
-    b.add_argument("pattern", nargs="?", default=None, metavar="PATTERN", help="the pattern")
-    b.add_argument("--score", default=None, metavar="FILE.py[:FUNC]", help="a score_mod (with a mask PATTERN)")
+    _pattern_arguments(b)
     b.add_argument("--B", type=positive_int, default=1, help="batch (default 1)")
     b.add_argument("--H", type=positive_int, default=16, help="query heads (default 16)")
     b.add_argument("--Hkv", type=positive_int, default=None, help="key/value heads (default: --H)")
@@ -532,8 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dtypes, tiles and seeds with hypothesis; compare the compiled pattern's output, "
                                    "logsumexp and gradients with attndsl.reference; print the minimal failing "
                                    "example. Exits 0 on a pass, 1 on a failure. PATTERN is " + PATTERN_HELP + ".")
-    k.add_argument("pattern", nargs="?", default=None, metavar="PATTERN", help="the pattern")
-    k.add_argument("--score", default=None, metavar="FILE.py[:FUNC]", help="a score_mod (with a mask PATTERN)")
+    _pattern_arguments(k)
     k.add_argument("--max-examples", type=positive_int, default=20, help="examples to try (default 20)")
     k.add_argument("--max-len", type=positive_int, default=64, help="longest sequence drawn (default 64)")
     k.add_argument("--max-heads", type=positive_int, default=4, help="most query heads drawn (default 4)")
