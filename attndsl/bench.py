@@ -420,12 +420,15 @@ def plot_rows(rows: Sequence[Dict[str, Any]], path: str) -> None:
     for i, s in enumerate(series):
         xs = [j + i * width for j in range(len(groups))]
         ax.bar(xs, [g.get(s) or 0.0 for g in groups.values()], width, label=s)
+        for x, g in zip(xs, groups.values()):
+            if g.get(s) is None:  # not applicable or failed: say so rather than draw a zero
+                ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{c}\n{p}" for c, p in groups], fontsize=8)
     ax.set_ylabel("time per call (ms, lower is better)")
     r = rows[0] if rows else {}
     ax.set_title(f"B={r.get('B')} H={r.get('Hq')}/{r.get('Hkv')} L={r.get('Lq')} D={r.get('D')} {r.get('dtype')} "
-                 f"on {r.get('gpu')}", fontsize=9)
+                 f"on {r.get('gpu')}" + (" (interpreter dry run)" if r.get("device") == "cpu" else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -336,6 +336,8 @@ def cmd_tilemap(ns, out=None) -> int:
         tmap = save_tile_map(attn, ns.out, ns.length, title=ns.title, grid_every=ns.grid_every, dpi=ns.dpi)
     except OSError as e:
         raise CLIError(f"--out {ns.out}: {e.strerror or e}") from None
+    except ValueError as e:  # matplotlib: an image format it does not write
+        raise CLIError(f"--out {ns.out}: {e}") from None
     tiles = map_tiles(attn)
     print(f"{ns.out}: {summary(tmap)} (tiles {tiles[0]}x{tiles[1]}; blue = full, orange = partial, "
           f"white = skipped)", file=out)

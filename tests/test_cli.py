@@ -298,6 +298,7 @@ def test_tilemap_cli_writes_a_png(tmp_path, capsys):
     (["tilemap", "{pat}:causal", "--out", "{tmp}/m.png", "--length", "-5"], "--length: expected a positive integer, got -5"),
     (["tilemap", "{pat}:causal", "--out", "{tmp}/no/such/dir/m.png", "--length", "64"], "does not exist"),
     (["tilemap", "{pat}:causal", "--out", "{tmp}", "--length", "64"], "is a directory"),
+    (["tilemap", "{pat}:causal", "--out", "{tmp}/m.xyz", "--length", "64"], "not supported"),
     (["tilemap", "{tmp}/absent.py:causal", "--out", "{tmp}/m.png", "--length", "64"], "no such file"),
     (["tilemap", "{pat}:sliding_window(4", "--out", "{tmp}/m.png", "--length", "64"], "cannot parse"),
     (["tilemap", "{pat}:sliding_window(x)", "--out", "{tmp}/m.png", "--length", "64"], "Python literals"),
