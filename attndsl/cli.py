@@ -367,6 +367,11 @@ def cmd_bench(ns, out=None) -> int:
                             device=ns.device, passes=passes, quick=ns.quick)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    for spec in (ns.pattern, ns.score):  # a missing file is a bad argument on any machine
+        if spec is not None and not Path(split_spec(spec)[0]).expanduser().is_file():
+            raise CLIError(f"no such file: {split_spec(spec)[0]}")
+    if ns.pattern is None and ns.score is None:
+        load_parts(None)  # raises: name a pattern
     if cfg.device == "cuda" and not _cuda_available():
         print("attndsl bench: no CUDA device (torch.cuda.is_available() is False): timings need a GPU; "
               "'--device cpu' runs a dry run in Triton's interpreter at small sizes", file=sys.stderr)

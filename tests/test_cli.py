@@ -308,6 +308,8 @@ def test_tilemap_cli_writes_a_png(tmp_path, capsys):
     (["bench", "{pat}:causal", "--L", "0"], "--L: expected a positive integer, got 0"),
     (["bench", "{pat}:causal", "--json", "{tmp}/no/such/dir/r.json"], "does not exist"),
     (["bench", "{pat}:causal", "--dtype", "fp8"], "invalid choice"),
+    (["bench", "{tmp}/absent.py:causal"], "no such file"),
+    (["bench", "--L", "64"], "name a pattern"),
     (["check", "{pat}:causal", "--dtypes", "fp8"], "comma-separated list"),
     (["check", "{pat}:causal", "--max-examples", "-1"], "positive integer"),
     (["frobnicate"], "invalid choice"),
