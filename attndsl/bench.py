@@ -212,14 +212,17 @@ def _reference_check(mask_mod, score_mod, cfg: BenchConfig, layout_len: Optional
     """Ours against the float64 reference at a small size in float32 (raises :class:`CheckFailed`)."""
     import attndsl
     from .testing import Mismatch, assert_matches_reference, random_qkv
-    cap = 1024 if cfg.device == "cuda" else 128
+    cap = 512 if cfg.device == "cuda" else 128
+    # float32 on a GPU: other accumulation orders than the CPU's, so the GPU suite's tolerance
+    rtol = 1e-4 if cfg.device == "cuda" else None
     Lq = layout_len or min(cfg.Lq, cap)
     Lkv = layout_len or min(cfg.Lkv, cap)
     Hkv = 1
     Hq = 1 if cfg.Hq == cfg.Hkv else min(2, cfg.Hq // cfg.Hkv)
     q, k, v = random_qkv((1, Hq, Hkv, Lq, Lkv, cfg.D), torch.float32, device=cfg.device, seed=0)
     try:
-        assert_matches_reference(attndsl.compile(mask_mod=mask_mod, score_mod=score_mod), q, k, v, grads=grads, seed=0)
+        assert_matches_reference(attndsl.compile(mask_mod=mask_mod, score_mod=score_mod), q, k, v, grads=grads, seed=0,
+                                 rtol=rtol)
     except Mismatch as e:
         raise CheckFailed(f"against the float64 reference (B=1 Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={cfg.D}, "
                           f"float32): {e}") from None

@@ -7,7 +7,7 @@ the very IR expressions the kernels evaluate): for the forward kernel's tiling i
 ``visit_counts`` (tests check that). :func:`draw_tile_map` draws it with matplotlib (tile indices
 on the axes, a legend, a title) and :func:`save_tile_map` writes the picture::
 
-    attndsl tilemap patterns/neighborhood.py:neighborhood_2d(64,64,13) --out na2d.png
+    attndsl tilemap "patterns/neighborhood.py:neighborhood_2d(64, 64, 13)" --out na2d.png
 """
 from __future__ import annotations
 
