@@ -8,6 +8,7 @@ import torch
 
 from . import codegen_bridge
 from .dsl import trace
+from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
 from .runtime.autograd import AttentionFunction
@@ -26,8 +27,10 @@ class CompiledAttention:
     rebinding a Python name to a new tensor needs a new ``compile``.
     """
 
-    def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
-                 num_warps=None, num_stages=None, name="attn", deterministic=False):
+    def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,
+                 normalizer: str = "softmax", block_m: int | None = None, block_n: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, name: str = "attn",
+                 deterministic: bool = False) -> None:
         self.mask_mod, self.score_mod = mask_mod, score_mod
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
@@ -83,7 +86,8 @@ class CompiledAttention:
         """The generated Triton module's source text."""
         return codegen_bridge.render(self.spec)
 
-    def build_block_tables(self, query, key, value=None) -> BlockTables | None:
+    def build_block_tables(self, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor | None = None) -> BlockTables | None:
         """Build the device-side block table now (data-dependent masks); None when closed form suffices
         (or the call is empty: it launches nothing). ``value``: when its head dim differs from the
         query's, the call's tiles may too; pass it so the table is built for them."""
@@ -99,8 +103,11 @@ class CompiledAttention:
     # torch.compile runs the call as it is (a graph break): the tracer, the checks and the Triton
     # launches are host code that dynamo cannot and need not trace
     @torch.compiler.disable
-    def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None,
-                 sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
+                 return_lse: bool = False, block_tables: BlockTables | None = None,
+                 sigmoid_bias: float | torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                 bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None, indices: torch.Tensor | None = None,
+                 blocks=None, check_indices: bool | None = None) -> AttentionResult:
         if indices is not None or blocks is not None:
             # index selectors (attndsl.selectors): token-level gather kernels or block-table mode
             from .selectors import selected_call
@@ -154,7 +161,8 @@ class CompiledAttention:
             return got
         return got if return_lse else got[0]
 
-    def visit_counts(self, query, key, value, *, scale=None, runs=False):
+    def visit_counts(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
+                     runs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tiles each forward program visited, ``[B*Hq, n_q_tiles]`` (for tests and tuning); with
         ``runs=True`` also how many of them it visited in constant runs (one table entry per run,
         ``codegen/runs.py``), as a pair."""
@@ -178,8 +186,10 @@ class CompiledAttention:
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
 
 
-def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001
-            num_warps=None, num_stages=None, deterministic=False) -> CompiledAttention:
+def compile(*, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,  # noqa: A001
+            normalizer: str = "softmax", block_m: int | None = None, block_n: int | None = None,
+            num_warps: int | None = None, num_stages: int | None = None,
+            deterministic: bool = False) -> CompiledAttention:
     """Trace and analyse a pattern once; the result is called like :func:`attention`
     (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call).
     Tile sizes, warps and pipeline stages override the heuristics (mainly for tuning and tests)."""
@@ -188,9 +198,12 @@ def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None
 
 
 @torch.compiler.disable
-def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
-              normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None,
-              check_indices=None, deterministic=False):
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask_mod: MaskMod | None = None,
+              score_mod: ScoreMod | None = None, scale: float | None = None, return_lse: bool = False,
+              normalizer: str = "softmax", sigmoid_bias: float | torch.Tensor | None = None,
+              sinks: torch.Tensor | None = None, bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+              indices: torch.Tensor | None = None, blocks=None, check_indices: bool | None = None,
+              deterministic: bool = False) -> AttentionResult:
     """Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     ``query [B, Hq, Lq, D]``, ``key [B, Hkv, Lkv, D]``, ``value [B, Hkv, Lkv, Dv]`` with ``Hq % Hkv == 0``
