@@ -8,6 +8,7 @@ import torch
 
 from . import codegen_bridge
 from .dsl import trace
+from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
 from .runtime.autograd import AttentionFunction
@@ -39,8 +40,10 @@ class CompiledAttention:
     rebinding a Python name to a new tensor needs a new ``compile``.
     """
 
-    def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
-                 num_warps=None, num_stages=None, name="attn", deterministic=False):
+    def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,
+                 normalizer: str = "softmax", block_m: int | None = None, block_n: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, name: str = "attn",
+                 deterministic: bool = False) -> None:
         self.mask_mod, self.score_mod = mask_mod, score_mod
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
@@ -98,7 +101,8 @@ class CompiledAttention:
         """The generated Triton module's source text."""
         return codegen_bridge.render(self.spec)
 
-    def build_block_tables(self, query, key, value=None) -> BlockTables | None:
+    def build_block_tables(self, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor | None = None) -> BlockTables | None:
         """Build the device-side block table now (data-dependent masks); None when closed form suffices
         (or the call is empty: it launches nothing). ``value``: when its head dim differs from the
         query's, the call's tiles may too; pass it so the table is built for them."""
@@ -112,9 +116,10 @@ class CompiledAttention:
         return tables
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
-                 return_lse: bool = False, block_tables: BlockTables | None = None, sigmoid_bias=None,
-                 sinks: torch.Tensor | None = None, bias_factors=None, indices: torch.Tensor | None = None,
-                 blocks=None, check_indices: bool | None = None):
+                 return_lse: bool = False, block_tables: BlockTables | None = None,
+                 sigmoid_bias: float | torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                 bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None, indices: torch.Tensor | None = None,
+                 blocks=None, check_indices: bool | None = None) -> AttentionResult:
         """Run the compiled pattern; arguments, shapes and results as :func:`attention`.
 
         ``block_tables``: tables from :meth:`build_block_tables` for this call's shape (eager mode;
@@ -177,7 +182,8 @@ class CompiledAttention:
             return got
         return got if return_lse else got[0]
 
-    def visit_counts(self, query, key, value, *, scale=None, runs=False):
+    def visit_counts(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
+                     runs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Tiles each forward program visited, ``[B*Hq, n_q_tiles]`` (for tests and tuning); with
         ``runs=True`` also how many of them it visited in constant runs (one table entry per run,
         ``codegen/runs.py``), as a pair."""
@@ -260,8 +266,10 @@ def op_call(meta: OpMeta, tensors, query, key, value, *, scale=None, return_lse=
     return (out, lse) if return_lse else out
 
 
-def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001
-            num_warps=None, num_stages=None, deterministic=False) -> CompiledAttention:
+def compile(*, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,  # noqa: A001
+            normalizer: str = "softmax", block_m: int | None = None, block_n: int | None = None,
+            num_warps: int | None = None, num_stages: int | None = None,
+            deterministic: bool = False) -> CompiledAttention:
     """Trace and analyse a pattern once; the result is called like :func:`attention`.
 
     Args:
@@ -291,10 +299,6 @@ def clear_cache() -> None:
     PATTERNS.clear()
     TABLES.clear()
     indexcheck.clear()
-
-
-def _options(normalizer, deterministic, kernel_options) -> tuple:
-    return (normalizer, bool(deterministic), _tile_options(kernel_options))
 
 
 def _tile_options(kernel_options) -> tuple:
@@ -330,11 +334,13 @@ def _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_op
     return compiled.op_meta, paths
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask_mod=None, score_mod=None,
-              block_mask=None, scale: float | None = None, enable_gqa: bool | None = None, return_lse: bool = False,
-              return_aux=None, kernel_options: dict | None = None, normalizer: str = "softmax", sigmoid_bias=None,
-              sinks: torch.Tensor | None = None, bias_factors=None, indices: torch.Tensor | None = None, blocks=None,
-              check_indices: bool | None = None, deterministic: bool = False):
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask_mod: MaskMod | None = None,
+              score_mod: ScoreMod | None = None, block_mask=None, scale: float | None = None,
+              enable_gqa: bool | None = None, return_lse: bool = False, return_aux=None,
+              kernel_options: dict | None = None, normalizer: str = "softmax",
+              sigmoid_bias: float | torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+              bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None, indices: torch.Tensor | None = None,
+              blocks=None, check_indices: bool | None = None, deterministic: bool = False):
     r"""Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     .. math::

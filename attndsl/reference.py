@@ -41,8 +41,10 @@ def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None, bias_factor
     return s, mask
 
 
-def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, normalizer="softmax",
-              sigmoid_bias=None, sinks=None, bias_factors=None):
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask_mod=None, score_mod=None,
+              scale: float | None = None, normalizer: str = "softmax", sigmoid_bias=None,
+              sinks: torch.Tensor | None = None, bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, lse)`` in float64 (``lse`` is None for sigmoid); differentiable with respect to
     query, key, value, sinks, bias factors and captured tensors that require grad."""
     B, Hq, Lq, D = query.shape
