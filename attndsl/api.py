@@ -13,7 +13,7 @@ from .runtime import cache
 from .runtime.autograd import AttentionFunction
 import math
 
-from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, index_check_for
+from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, check_tiles, index_check_for
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
@@ -29,6 +29,7 @@ class CompiledAttention:
     def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
                  num_warps=None, num_stages=None, name="attn", deterministic=False):
         self.mask_mod, self.score_mod = mask_mod, score_mod
+        check_tiles(block_m, block_n, num_warps, num_stages)
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
         # floating tensors that require grad and are read by score_mod learn; mask tensors are constants
