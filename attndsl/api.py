@@ -67,7 +67,7 @@ class CompiledAttention:
         key = (interpret, q.shape[-1], dv, q.device.index, q.element_size())
         r = self._runners.get(key)
         if r is None:
-            module = cache.load(self.spec, interpret)
+            module = cache.load(self.spec, interpret, float64=q.dtype == torch.float64)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
             cfg = choose(q.shape[-1], interpret, *tiles, element_size=q.element_size(), head_dim_v=dv)
             if self.spec.tiles:  # ... per kernel

@@ -181,14 +181,18 @@ def _import(path: Path, source: str, interpret: bool, tag: str):
     return module
 
 
-def load(spec, interpret: bool, render=None):
+def load(spec, interpret: bool, render=None, float64: bool = False):
     """The generated module for ``spec`` (interpreted or compiled kernels).
 
     ``render`` (default ``codegen.render``) turns the spec into source; other kernel families
     (the index-selector kernels) pass their own and a spec name of their own. The module runs the
-    rendered text; the file on disk is (re)written when it is missing or differs from it."""
+    rendered text; the file on disk is (re)written when it is missing or differs from it.
+    ``float64``: a copy of the interpreted module whose kernels compute and accumulate in float64
+    (its ``ACC_DTYPE``), for float64 inputs on the CPU."""
     render = render or codegen.render
-    key = (spec.key, spec.name, interpret)
+    if float64 and not interpret:
+        raise ValueError("float64 kernels run only through Triton's interpreter (CPU tensors)")
+    key = (spec.key, spec.name, interpret, float64)
     m = _MODULES.get(key)
     if m is not None:
         return m
@@ -215,9 +219,13 @@ def load(spec, interpret: bool, render=None):
                 log.warning("cache entry %s differs from the source this process renders for its spec (edited, "
                             "damaged or foreign); it is rewritten, not imported", path)
             _write(path, source)
-        tag = "interp" if interpret else "gpu"
+        tag = "interp64" if float64 else "interp" if interpret else "gpu"
         m = _import(path, source, interpret, tag)
+        if float64:
+            import triton.language as tl
+            m.ACC_DTYPE = tl.constexpr(tl.float64)  # read by the interpreted kernels when they run
         log.info("loaded kernels of %s (key %s, %s) in %.1f ms", spec.name, spec.key,
-                 "interpreter" if interpret else "GPU", 1e3 * (time.perf_counter() - start))
+                 "interpreter, float64" if float64 else "interpreter" if interpret else "GPU",
+                 1e3 * (time.perf_counter() - start))
         _MODULES[key] = m
         return m

@@ -14,7 +14,8 @@ _DEVICES = ("cpu", "cuda")
 TILE_SIZES = (16, 32, 64, 128, 256)
 
 
-def check_inputs(query, key, value, scale=None):
+def check_inputs(query, key, value, scale=None, *, float64: bool = True):
+    """``float64=False``: a path with no float64 kernels (the token selectors) refuses float64."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -22,6 +23,9 @@ def check_inputs(query, key, value, scale=None):
             raise ValueError(f"{name} must have shape [B, H, L, D], got rank {t.dim()} ({tuple(t.shape)})")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.dtype == torch.float64 and not float64:
+            raise TypeError(f"{name} has dtype float64, which index selectors (indices=) do not support; use "
+                            "float32, float16 or bfloat16")
         if t.dtype == torch.float64 and t.device.type != "cpu":
             raise TypeError(f"{name} has dtype float64 on {t.device}: float64 runs only on CPU tensors (through "
                             "Triton's interpreter, e.g. for torch.autograd.gradcheck); on the GPU use float32, "
