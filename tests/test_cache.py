@@ -178,3 +178,46 @@ def test_usable_directory_gives_no_warning(fresh):
         warnings.simplefilter("always")
         assert cache.cache_dir() == fresh
     assert not [w for w in got if _fallback_warning(w)]
+
+
+# --- logging (issue 26, part 8) ---------------------------------------------------------------------
+def test_compile_and_cache_events_are_logged(fresh, caplog):
+    q, k, v = qkv()
+    with caplog.at_level(logging.DEBUG, logger="attndsl"):
+        comp = attndsl.compile(mask_mod=causal)
+        check_output(comp, q, k, v)
+    compiled = [r for r in caplog.records if r.name == "attndsl.compile"]
+    assert len(compiled) == 1 and compiled[0].levelno == logging.INFO
+    msg = compiled[0].getMessage()
+    assert comp.spec.key in msg and "attn_fwd" in msg and "attn_bwd_dq" in msg and " ms " in msg
+    assert any(r.name == "attndsl.cache" and "cache miss" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    cache._MODULES.clear()  # a new process: the file is found and matches
+    with caplog.at_level(logging.DEBUG, logger="attndsl"):
+        check_output(attndsl.compile(mask_mod=causal), q, k, v)
+    assert any(r.name == "attndsl.cache" and r.levelno == logging.DEBUG and "cache hit" in r.getMessage()
+               for r in caplog.records)
+    assert not any("cache miss" in r.getMessage() for r in caplog.records)
+
+
+def test_logging_is_quiet_by_default(tmp_path):
+    """With no logging configured, a first compile (and a rejected file) prints nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import torch, attndsl\n"
+        "from attndsl.runtime import cache\n"
+        "c = attndsl.compile(mask_mod=lambda b, h, q, kv: q >= kv)\n"
+        "x = torch.randn(1, 1, 8, 16)\n"
+        "c(x, x, x)\n"
+        "p = cache.source_path(c.spec); p.write_text('raise SystemExit(42)\\n')\n"
+        "cache._MODULES.clear(); attndsl.compile(mask_mod=lambda b, h, q, kv: q >= kv)(x, x, x)\n"
+        "import logging; assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger('attndsl').handlers)\n"
+    )
+    env = dict(os.environ, ATTNDSL_CACHE_DIR=str(tmp_path / "c"), PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "attndsl" not in r.stderr and r.stdout == "", r.stderr[-2000:]

@@ -32,7 +32,11 @@ from pathlib import Path
 
 from attndsl import codegen
 
+#: ``attndsl.cache``: hits (DEBUG), misses (INFO), rejected files and directories (WARNING);
+#: ``attndsl.compile``: each pattern's kernels generated and loaded on first use (INFO). The package
+#: logger has a NullHandler: nothing shows unless the application configures logging.
 log = logging.getLogger("attndsl.cache")
+compile_log = logging.getLogger("attndsl.compile")
 
 _LOCK = threading.Lock()
 _MODULES: dict = {}
@@ -213,7 +217,7 @@ def load(spec, interpret: bool, render=None, float64: bool = False):
             log.debug("cache hit: %s", path.name)
         else:
             if on_disk is None and not path.exists():
-                log.debug("cache miss: %s (writing it)", path.name)
+                log.info("cache miss: %s (writing it)", path)
             else:
                 STATS["rebuilt"] += 1
                 log.warning("cache entry %s differs from the source this process renders for its spec (edited, "
@@ -224,8 +228,11 @@ def load(spec, interpret: bool, render=None, float64: bool = False):
         if float64:
             import triton.language as tl
             m.ACC_DTYPE = tl.constexpr(tl.float64)  # read by the interpreted kernels when they run
-        log.info("loaded kernels of %s (key %s, %s) in %.1f ms", spec.name, spec.key,
-                 "interpreter, float64" if float64 else "interpreter" if interpret else "GPU",
-                 1e3 * (time.perf_counter() - start))
+        if compile_log.isEnabledFor(logging.INFO):
+            kernels = sorted(k for k, v in vars(m).items() if k.startswith(f"{spec.name}_") and hasattr(v, "__getitem__"))
+            compile_log.info("pattern %s (key %s): kernels %s generated and loaded for %s in %.1f ms (source %s)",
+                             spec.name, spec.key, ", ".join(kernels),
+                             "the interpreter, float64" if float64 else "the interpreter" if interpret else "the GPU",
+                             1e3 * (time.perf_counter() - start), path)
         _MODULES[key] = m
         return m
