@@ -27,7 +27,7 @@ class CompiledAttention:
     """
 
     def __init__(self, mask_mod=None, score_mod=None, *, normalizer="softmax", block_m=None, block_n=None,
-                 num_warps=None, num_stages=None, name="attn", deterministic=False):
+                 num_warps=None, num_stages=None, name="attn", deterministic=False, precise_delta=False):
         self.mask_mod, self.score_mod = mask_mod, score_mod
         check_tiles(block_m, block_n, num_warps, num_stages)
         t = trace(mask_mod, score_mod)
@@ -42,6 +42,8 @@ class CompiledAttention:
         self.index_check = index_check_for(self.spec)
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
+        # the backward's delta from a float32 copy of the output (docs/precision.md)
+        self.precise_delta = bool(precise_delta)
 
     def __deepcopy__(self, memo):
         """A copy that reads the copies of its captured tensors (``copy.deepcopy`` of a model copies
@@ -76,6 +78,7 @@ class CompiledAttention:
             cfg = for_pattern(cfg, self.spec.has_mask, self.spec.score is not None, self.spec.data_dependent)
             r = Runner(self.spec, module, cfg, interpret, q.shape[-1], head_dim_v=dv)
             r.deterministic = self.deterministic
+            r.precise_delta = self.precise_delta
             self._runners[key] = r
         return r
 
@@ -180,25 +183,27 @@ class CompiledAttention:
 
 
 def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001
-            num_warps=None, num_stages=None, deterministic=False) -> CompiledAttention:
+            num_warps=None, num_stages=None, deterministic=False, precise_delta=False) -> CompiledAttention:
     """Trace and analyse a pattern once; the result is called like :func:`attention`
-    (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call).
-    Tile sizes, warps and pipeline stages override the heuristics (mainly for tuning and tests)."""
+    (``normalizer`` and ``precise_delta`` are fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias``
+    go to the call). Tile sizes (powers of two from 16 to 256), warps and pipeline stages override the
+    heuristics (mainly for tuning and tests)."""
     return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n,
-                             num_warps=num_warps, num_stages=num_stages, deterministic=deterministic)
+                             num_warps=num_warps, num_stages=num_stages, deterministic=deterministic,
+                             precise_delta=precise_delta)
 
 
 @torch.compiler.disable
 def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
               normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None,
-              check_indices=None, deterministic=False):
+              check_indices=None, deterministic=False, precise_delta=False):
     """Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     ``query [B, Hq, Lq, D]``, ``key [B, Hkv, Lkv, D]``, ``value [B, Hkv, Lkv, Dv]`` with ``Hq % Hkv == 0``
     (``Dv`` may differ from ``D``, as in MLA). Returns the output ``[B, Hq, Lq, Dv]`` (and, with
-    ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32). Rows whose every key is
-    masked give zeros and ``lse = -inf``; so does every row of an empty call (a size of 0), which
-    launches nothing. The pattern is traced on every call
+    ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32; float64 for float64
+    inputs). Rows whose every key is masked give zeros and ``lse = -inf``; so does every row of an
+    empty call (a size of 0), which launches nothing. The pattern is traced on every call
     (tracing is cheap; kernels are cached by the IR hash); use :func:`compile` in hot loops.
 
     Further keywords: ``normalizer="sigmoid"`` computes ``Σ_j σ(s_ij + sigmoid_bias)·v_j``
@@ -206,6 +211,14 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, r
     denominator (a fully masked row gives 0 and ``lse = sink``); ``bias_factors=(u, w)`` adds
     ``u·wᵀ`` to the scaled score inside the kernel. Captured floating tensors read by ``score_mod``
     that require grad receive gradients; ``deterministic=True`` makes those bitwise repeatable.
+    ``sinks`` must be finite, or ``-inf`` for a head with no sink.
+
+    Precision: in float16/bfloat16 the backward's ``delta = rowsum(dO·O)`` uses the output rounded
+    to the input dtype, and a score modifier with a large multiplier (``slope[h] * (q_idx - kv_idx)``)
+    amplifies that rounding in the learnable tensor's gradient; ``precise_delta=True`` keeps a
+    float32 copy of the output for the backward (one float32 output of memory) and computes
+    ``delta`` from it (see docs/precision.md). float64 inputs (CPU only, through Triton's
+    interpreter) compute in float64 throughout, so ``torch.autograd.gradcheck`` applies.
 
     Index selectors (:mod:`attndsl.selectors`) restrict the keys before the mask:
     ``indices [B, G, Lq, K]`` (int32, ``-1`` = unused) lists the keys each query visits, shared by
@@ -214,6 +227,7 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, r
     :class:`~attndsl.selectors.BlockSelection`) lists key blocks per query block (MoBA, NSA).
     """
     check_inputs(query, key, value, scale)
-    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, deterministic=deterministic)(
+    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, deterministic=deterministic,
+                             precise_delta=precise_delta)(
         query, key, value, scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
         bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)

@@ -240,6 +240,9 @@ class Runner:
                  head_dim_v: int | None = None):
         self.spec = spec
         self.deterministic = deterministic
+        #: the forward also returns its output in float32, kept for the backward's delta = rowsum(dO·O)
+        #: (``precise_delta``: learnable-tensor gradients in float16/bfloat16 lose less to rounding)
+        self.precise_delta = False
         self.learnable = spec.learnable_slots
         # facts of the spec the backward consults on every call
         self._loaded_once = frozenset(s for s in self.learnable if sum(g.slot == s for g in spec.grad_loads) == 1)
@@ -451,8 +454,8 @@ class Runner:
             if min(Lq, Lkv) < need:
                 raise ValueError(f"the pattern's layout has {need} tokens up to the end of its grid; "
                                  f"got Lq={Lq}, Lkv={Lkv}")
-        out = _new((B, Hq, Lq, v.shape[3]), q)
         softmax = self.spec.normalizer == "softmax"
+        out = _new((B, Hq, Lq, v.shape[3]), q, torch.float32 if self.precise_delta and softmax and q.element_size() < 4 else None)
         # sigmoid kernels keep no row statistics: no lse (``out`` fills its pointer slot)
         lse = _new((B, Hq, Lq), q, acc_dtype(q)) if softmax else None
         stats = lse if softmax else out
