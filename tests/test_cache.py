@@ -155,7 +155,8 @@ def test_read_only_directory(fresh, monkeypatch):
     """A read-only file system (or home): ``os.access`` says no even to root there."""
     fresh.mkdir(mode=0o700)
     real = os.access
-    monkeypatch.setattr(cache.os, "access", lambda p, mode, **kw: False if str(p) == str(fresh) else real(p, mode, **kw))
+    monkeypatch.setattr(cache.os, "access",
+                        lambda p, mode, **kw: False if str(p) == str(fresh) else real(p, mode, **kw))
     _assert_falls_back_once(fresh, "not writable")
 
 
@@ -215,7 +216,8 @@ def test_logging_is_quiet_by_default(tmp_path):
         "c(x, x, x)\n"
         "p = cache.source_path(c.spec); p.write_text('raise SystemExit(42)\\n')\n"
         "cache._MODULES.clear(); attndsl.compile(mask_mod=lambda b, h, q, kv: q >= kv)(x, x, x)\n"
-        "import logging; assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger('attndsl').handlers)\n"
+        "import logging\n"
+        "assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger('attndsl').handlers)\n"
     )
     env = dict(os.environ, ATTNDSL_CACHE_DIR=str(tmp_path / "c"), PYTHONPATH=str(root))
     r = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)

@@ -229,7 +229,8 @@ def load(spec, interpret: bool, render=None, float64: bool = False):
             import triton.language as tl
             m.ACC_DTYPE = tl.constexpr(tl.float64)  # read by the interpreted kernels when they run
         if compile_log.isEnabledFor(logging.INFO):
-            kernels = sorted(k for k, v in vars(m).items() if k.startswith(f"{spec.name}_") and hasattr(v, "__getitem__"))
+            kernels = sorted(k for k, v in vars(m).items()
+                             if k.startswith(f"{spec.name}_") and hasattr(v, "__getitem__"))
             compile_log.info("pattern %s (key %s): kernels %s generated and loaded for %s in %.1f ms (source %s)",
                              spec.name, spec.key, ", ".join(kernels),
                              "the interpreter, float64" if float64 else "the interpreter" if interpret else "the GPU",

@@ -455,7 +455,8 @@ class Runner:
                 raise ValueError(f"the pattern's layout has {need} tokens up to the end of its grid; "
                                  f"got Lq={Lq}, Lkv={Lkv}")
         softmax = self.spec.normalizer == "softmax"
-        out = _new((B, Hq, Lq, v.shape[3]), q, torch.float32 if self.precise_delta and softmax and q.element_size() < 4 else None)
+        wide = self.precise_delta and softmax and q.element_size() < 4  # a float32 output for the backward
+        out = _new((B, Hq, Lq, v.shape[3]), q, torch.float32 if wide else None)
         # sigmoid kernels keep no row statistics: no lse (``out`` fills its pointer slot)
         lse = _new((B, Hq, Lq), q, acc_dtype(q)) if softmax else None
         stats = lse if softmax else out
