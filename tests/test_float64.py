@@ -43,6 +43,15 @@ def test_float64_matches_the_reference_to_float64_precision():
         assert g.dtype == F64 and (g - w).abs().max() < 1e-11
 
 
+@pytest.mark.parametrize("D", [16, 48])
+def test_float64_mask_only_is_exact(D):
+    """No score modifier: the scale is not folded into the exponent (it would be rounded to float32)."""
+    q, k, v = (randn(1, 2, 40, D, seed=s, requires_grad=False) for s in range(20, 23))
+    out = attndsl.attention(q, k, v, mask_mod=mask)
+    ref, _ = attndsl.reference.attention(q, k, v, mask_mod=mask)
+    assert (out - ref).abs().max() < 1e-12
+
+
 def test_gradcheck_mask_score_mod_learnable():
     """The standard check of an autograd op, on the public call: every input that learns is
     perturbed (q, k, v and the captured slope), outputs out and lse."""

@@ -483,7 +483,8 @@ class Runner:
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and self._even_dims(),
                            KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v),
                            W_TMA=lambda c: c.tma and extras.w is not None and tma_ready(self.interpret, extras.w),
-                           FOLD_SCALE=scale > 0)
+                           # float64: Triton would round the folded scale·log2(e) to a float32 scalar
+                           FOLD_SCALE=scale > 0 and q.dtype != torch.float64)
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
