@@ -157,8 +157,9 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
 def check_sink_values(sinks) -> None:
     """Each sink logit is finite, or ``-inf`` meaning "no sink" for that head (it adds
     ``exp(-inf) = 0`` to the denominator). ``+inf`` would take the whole softmax mass and NaN
-    poisons it: both are refused (one reduction and a sync; skipped under ``torch.compile``)."""
-    if compiling() or sinks.numel() == 0:
+    poisons it: both are refused (one reduction and a sync; skipped under ``torch.compile`` and,
+    like the other value checks, with ``ATTNDSL_CHECK_INDICES=0``)."""
+    if compiling() or sinks.numel() == 0 or not default_check():
         return
     bad = torch.isnan(sinks) | torch.isposinf(sinks)
     if bool(bad.any()):
