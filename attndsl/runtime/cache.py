@@ -200,13 +200,9 @@ def load(spec, interpret: bool, render=None, float64: bool = False):
     m = _MODULES.get(key)
     if m is not None:
         return m
-    with _LOCK:
-        m = _MODULES.get(key)
-        if m is not None:
-            return m
-        start = time.perf_counter()
-        source = render(spec)
-        STATS["render"] += 1
+    start = time.perf_counter()
+    source = render(spec)  # pure and cheap: threads racing here render the same text
+    STATS["render"] += 1
     path = source_path(spec)  # outside the lock: cache_dir takes it on first use
     with _LOCK:
         m = _MODULES.get(key)
