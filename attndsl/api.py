@@ -58,10 +58,10 @@ class CompiledAttention:
         self.index_check = index_check_for(self.spec)
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
-        #: the pattern's name for the torch.library ops (runtime/op.py), and what traced code needs
-        self.op_meta = OpMeta(op.register(self), self.spec.normalizer)
         # the backward's delta from a float32 copy of the output (docs/precision.md)
         self.precise_delta = bool(precise_delta)
+        #: the pattern's name for the torch.library ops (runtime/op.py), and what traced code needs
+        self.op_meta = OpMeta(op.register(self), self.spec.normalizer)
 
     def __deepcopy__(self, memo):
         """A copy that reads the copies of its captured tensors (``copy.deepcopy`` of a model copies
