@@ -59,7 +59,11 @@ def _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block):
         r = variant.runner(q, v.shape[-1])
         return r, SelectionTables(sel, variant.spec, buffers, call_shape(q, k))
     r = compiled.runner(q, v.shape[-1])
-    return r, (TABLES.get(r, q, k, buffers) if compiled.spec.data_dependent else None)
+    # Under torch.compile the tables are built for each call, not kept: with mode="reduce-overhead"
+    # the ops run in the CUDA graph's memory pool (its warm-up run is not a capture), where a
+    # tensor that outlives the call is an allocation the graph does not track (and a replay must
+    # read the captured tensors' current data anyway)
+    return r, (TABLES.fresh(r, q, k, buffers) if compiled.spec.data_dependent else None)
 
 
 @torch.library.custom_op("attndsl::attention_fwd", mutates_args=())

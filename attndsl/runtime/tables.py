@@ -55,6 +55,18 @@ class TableCache:
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self._slots: dict = {}  # spec key -> mask slots
 
+    @staticmethod
+    def fresh(runner, q, k, tensors):
+        """New :class:`BlockTables` for this call, not cached (built on first use by each kernel);
+        O(L + tiles²) from per-tile bounds where the mask allows."""
+        tables = runner.new_tables(q, k, tensors)
+        if BOUNDS and runner.spec.tiles is None:
+            try:
+                tables.tables = BoundedTables(TileBounds(runner.spec, tensors, tables.shape, q.device))
+            except Unsupported:
+                pass
+        return tables
+
     def get(self, runner, q, k, tensors):
         """The :class:`BlockTables` of this call: cached, or new (and cached) when the key is new."""
         spec = runner.spec
@@ -73,12 +85,7 @@ class TableCache:
         if hit is not None:
             self.entries.move_to_end(key)
             return hit[0]
-        tables = runner.new_tables(q, k, tensors)
-        if BOUNDS and spec.tiles is None:  # O(L + tiles²) from per-tile bounds where the mask allows
-            try:
-                tables.tables = BoundedTables(TileBounds(spec, tensors, tables.shape, q.device))
-            except Unsupported:
-                pass
+        tables = self.fresh(runner, q, k, tensors)
         self.entries[key] = (tables, tuple(tensors[s] for s in slots))
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
