@@ -153,6 +153,8 @@ def main() -> int:
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--json", default=None)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the untimed round that compiles both sides' kernels in parallel")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -160,12 +162,24 @@ def main() -> int:
         return 0
     caches = {x: tempfile.mkdtemp(prefix=f"ab-{x}-") for x in ("a", "b")}
     results = {"a": [], "b": []}
+
+    def command(side):
+        path = os.path.abspath(getattr(args, side))
+        env = dict(os.environ, PYTHONPATH=path, ATTNDSL_CACHE_DIR=caches[side])
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--a", args.a, "--b", args.b,
+               "--L", str(args.L), "--H", str(args.H), "--D", str(args.D), "--cases", args.cases]
+        return cmd, env, path
+
+    if args.warmup:
+        # compile both sides' kernels at once (Triton's disk cache keeps them); timings discarded
+        procs = [subprocess.Popen(c, env=e, cwd=p, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for c, e, p in (command("a"), command("b"))]
+        for pr in procs:
+            pr.wait()
+        print("warm-up done", flush=True)
     for r in range(args.rounds):
         for side in ("a", "b"):
-            path = os.path.abspath(getattr(args, side))
-            env = dict(os.environ, PYTHONPATH=path, ATTNDSL_CACHE_DIR=caches[side])
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--a", args.a, "--b", args.b,
-                   "--L", str(args.L), "--H", str(args.H), "--D", str(args.D), "--cases", args.cases]
+            cmd, env, path = command(side)
             proc = subprocess.run(cmd, env=env, cwd=path, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
             if line is None:
