@@ -414,10 +414,19 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     global.
     """
     if block_mask is not None:
-        from .flex import mask_of_block_mask
+        from .flex import block_mask_parts
         if mask_mod is not None:
             raise ValueError("pass either mask_mod= or block_mask= (whose mask_mod is used), not both")
-        mask_mod = mask_of_block_mask(block_mask, query, key)
+        mask_mod, parts = block_mask_parts(block_mask, query, key)
+        if parts is not None:  # a torch BlockMask whose block tensors say more than its mask_mod
+            if indices is not None or blocks is not None:
+                raise ValueError("block_mask= with a BlockMask whose block tensors select key blocks cannot be "
+                                 "combined with indices= or blocks=; pass one selection")
+            return _block_mask_call(parts, query, key, value, score_mod=score_mod, scale=scale, enable_gqa=enable_gqa,
+                                    return_lse=return_lse, return_aux=return_aux, kernel_options=kernel_options,
+                                    normalizer=normalizer, sigmoid_bias=sigmoid_bias, sinks=sinks,
+                                    bias_factors=bias_factors, check_indices=check_indices,
+                                    deterministic=deterministic)
     if enable_gqa is False and query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1]:
         raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={query.shape[1]} "
                          f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA (attndsl.attention accepts "
@@ -440,3 +449,22 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     if return_aux is not None:
         return aux_output(got, return_aux)
     return got
+
+
+def _block_mask_call(parts, query, key, value, *, return_lse, return_aux, sinks, normalizer, **kw):
+    """:func:`attention` over a torch BlockMask's block selections (``attndsl.flex.block_mask_parts``):
+    one call per part, merged through the logsumexp; the sinks join the first part only."""
+    from .flex import aux_output, check_aux, merge_parts
+    if return_aux is not None:
+        check_aux(return_aux, return_lse, normalizer)
+        return_lse = bool(return_aux.lse)
+    softmax = normalizer == "softmax"
+    if len(parts) == 1:
+        got = attention(query, key, value, mask_mod=parts[0].mask_mod, blocks=parts[0].blocks,
+                        return_lse=return_lse, sinks=sinks, normalizer=normalizer, **kw)
+    else:
+        got = merge_parts([attention(query, key, value, mask_mod=p.mask_mod, blocks=p.blocks,
+                                     return_lse=softmax, sinks=sinks if i == 0 else None,
+                                     normalizer=normalizer, **kw)
+                           for i, p in enumerate(parts)], softmax, return_lse)
+    return aux_output(got, return_aux) if return_aux is not None else got

@@ -133,15 +133,208 @@ def mask_of_block_mask(block_mask, query: torch.Tensor, key: torch.Tensor):
     if seq is None:
         raise TypeError(f"block_mask must be a torch.nn.attention.flex_attention.BlockMask or the result of "
                         f"attndsl.create_block_mask, got {type(block_mask).__name__}")
-    if mask_mod is None or _noop(mask_mod):
-        return None
     if getattr(mask_mod, "__name__", "") == "_sliced_mask_mod_error":
         raise RuntimeError("Cannot use mask_mod from a sliced BlockMask")
     Lq, Lkv = query.shape[-2], key.shape[-2]
     if (int(seq[0]), int(seq[1])) != (Lq, Lkv):
         raise ValueError(f"block_mask was created for lengths (Q_LEN, KV_LEN) = {tuple(seq)} but the call has "
                          f"q_len={Lq} and kv_len={Lkv}; create the block mask for the call's lengths")
+    if mask_mod is None or _noop(mask_mod):
+        return None
     return mask_mod
+
+
+# ---------------------------------------------------------------------------------------------
+# torch BlockMasks: what their block tensors mean
+# ---------------------------------------------------------------------------------------------
+# FlexAttention visits, per (b, h, q block), the kv blocks listed in kv_indices (partial: mask_mod
+# applies) and full_kv_indices (full: mask_mod is skipped). A BlockMask made by torch's
+# create_block_mask lists exactly the blocks its mask_mod implies, so the mask_mod alone says the
+# same (the fast path: closed-form analysis, no tables to read); any other (from_kv_blocks, VSA)
+# runs as a block selection of the listed blocks.
+
+#: how often each path was taken (tests read it): "mask_mod" (fast), "selection", "split"
+#: (full blocks that disagree with the mask_mod: two selections merged), "checks" (host checks run)
+PATH_COUNTS = {"mask_mod": 0, "selection": 0, "split": 0, "checks": 0}
+
+#: the verdict per BlockMask object: id -> (weakref, {key: verdict})
+_VERDICTS: dict = {}
+
+#: dense evaluation of a mask_mod (for the fast-path check only) up to this many (b, h, q, kv) points
+DENSE_CHECK_LIMIT = 1 << 28
+
+
+@dataclass(frozen=True)
+class BlockMaskPart:
+    """One call of a BlockMask's selection path: ``mask_mod`` on the key blocks ``blocks``."""
+    mask_mod: Callable | None
+    blocks: Any  # attndsl.selectors.BlockSelection
+
+
+def _is_torch_block_mask(block_mask) -> bool:
+    return getattr(block_mask, "kv_num_blocks", None) is not None and getattr(block_mask, "kv_indices", None) is not None
+
+
+def _block_sizes(block_mask) -> tuple[int, int]:
+    bs = block_mask.BLOCK_SIZE
+    qb, kb = (bs, bs) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
+    for name, x in (("Q_BLOCK_SIZE", qb), ("KV_BLOCK_SIZE", kb)):
+        if x < 16 or x & (x - 1):
+            raise ValueError(f"block_mask.BLOCK_SIZE {tuple(bs) if not isinstance(bs, int) else bs}: attndsl runs a "
+                             f"BlockMask's blocks with tiles inside them, so {name} must be a power of two >= 16, "
+                             f"got {x}")
+    return qb, kb
+
+
+def _listed(num: torch.Tensor, idx: torch.Tensor, nqb: int) -> torch.Tensor:
+    """The first ``num`` entries of ``idx`` per row, the rest -1: ``[Bm, Hm, nqb, K]`` int32."""
+    num, idx = num[..., :nqb], idx[..., :nqb, :]
+    used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].to(torch.int64)
+    return torch.where(used, idx.to(torch.int32), torch.full_like(idx, -1, dtype=torch.int32))
+
+
+def _check_broadcast(block_mask, query: torch.Tensor) -> None:
+    Bm, Hm = block_mask.kv_num_blocks.shape[:2]
+    B, Hq = query.shape[:2]
+    if Bm not in (1, B) or Hm not in (1, Hq):
+        raise ValueError(f"block_mask has batch {Bm} and heads {Hm} (kv_num_blocks {tuple(block_mask.kv_num_blocks.shape)}); "
+                         f"the call has B={B} and Hq={Hq}: each must be 1 or the call's")
+
+
+def _dense_classes(mask_mod, B: int, H: int, Lq: int, Lkv: int, qb: int, kb: int, device):
+    """``(all true, any true)`` per (b, h, q block, kv block) from evaluating ``mask_mod`` on every
+    in-range point, a q block at a time (None when too large or when the mask_mod does not
+    broadcast over index tensors)."""
+    if B * H * Lq * Lkv > DENSE_CHECK_LIMIT:
+        return None
+    nqb, nkb = -(-Lq // qb), -(-Lkv // kb)
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    kv = torch.arange(Lkv, device=device).view(1, 1, 1, Lkv)
+    pad = nkb * kb - Lkv
+    alls, anys = [], []
+    try:
+        with torch.no_grad():
+            for i in range(nqb):
+                q = torch.arange(i * qb, min(Lq, (i + 1) * qb), device=device).view(1, 1, -1, 1)
+                m = torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool).expand(B, H, q.shape[2], Lkv)
+                all_m = torch.nn.functional.pad(m, (0, pad), value=True).view(B, H, -1, nkb, kb)
+                any_m = torch.nn.functional.pad(m, (0, pad), value=False).view(B, H, -1, nkb, kb)
+                alls.append(all_m.all(-1).all(2))
+                anys.append(any_m.any(-1).any(2))
+    except Exception:  # a mask_mod written for scalars only: no verdict, the selection path is exact
+        return None
+    return torch.stack(alls, 2), torch.stack(anys, 2)
+
+
+def _verdict(block_mask, mask_mod, query: torch.Tensor, key: torch.Tensor, qb: int, kb: int) -> str:
+    """How to run ``block_mask`` (eager calls; one host check per BlockMask, call shape and tensor
+    versions): ``"mask_mod"`` when its mask_mod alone means the same, ``"union"`` when its full
+    blocks are full of the mask_mod's True (one selection, the mask applied everywhere is exact),
+    ``"split"`` otherwise."""
+    from .api import _compiled
+    bm = block_mask
+    B, Hq, Lq, Lkv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    compiled, tensors = _compiled(mask_mod, None, "softmax", False, None) if mask_mod is not None else (None, ())
+    parts = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, *tensors]
+    vkey = (B, Hq, Lq, Lkv, getattr(compiled, "spec", None) and compiled.spec.key,
+            tuple((id(t), t._version) if isinstance(t, torch.Tensor) else None for t in parts))
+    entry = _VERDICTS.get(id(bm))
+    if entry is not None and entry[0]() is bm and vkey in entry[1]:
+        return entry[1][vkey]
+    PATH_COUNTS["checks"] += 1
+    nqb, nkb = -(-Lq // qb), -(-Lkv // kb)
+    dev = bm.kv_num_blocks.device
+
+    def dense(num, idx):
+        if num is None:
+            return torch.zeros((1, 1, nqb, nkb), dtype=torch.bool, device=dev)
+        from .selectors.blocks import BlockSelection
+        got = BlockSelection(_listed(num, idx, nqb), qb, kb).selected(nkb)
+        # rows the BlockMask does not have visit nothing
+        return torch.nn.functional.pad(got, (0, 0, 0, nqb - got.shape[2])) if got.shape[2] < nqb else got
+
+    part, full = dense(bm.kv_num_blocks, bm.kv_indices), dense(bm.full_kv_num_blocks, bm.full_kv_indices)
+    listed = part | full
+    if mask_mod is None:
+        verdict = "union"  # no mask: every listed block is visited whole, full or not
+    else:
+        from .selectors.blocks import _tile_class
+        all_t, any_t = _tile_class(compiled.spec, tensors, B, Hq, Lq, Lkv, qb, kb, dev)
+        # sound with the closed form's over-approximated "any" and under-approximated "all"
+        ok_any = bool((any_t & ~listed).logical_not().all())
+        ok_all = bool((full & ~all_t).logical_not().all())
+        if not (ok_any and ok_all):
+            got = _dense_classes(mask_mod, B, Hq, Lq, Lkv, qb, kb, dev)
+            if got is not None:
+                all_t, any_t = got
+                ok_any = bool((any_t & ~listed).logical_not().all())
+                ok_all = bool((full & ~all_t).logical_not().all())
+        verdict = "mask_mod" if ok_any and ok_all else ("union" if ok_all else "split")
+    if entry is None or entry[0]() is not bm:
+        import weakref
+        key_id = id(bm)
+        try:
+            ref = weakref.ref(bm, lambda _r, k=key_id: _VERDICTS.pop(k, None))
+        except TypeError:  # not weak-referenceable: no cache
+            return verdict
+        entry = _VERDICTS[key_id] = (ref, {})
+    entry[1][vkey] = verdict
+    return verdict
+
+
+def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
+    """What ``block_mask=`` means for this call: ``(mask_mod, None)`` (run the mask_mod alone) or
+    ``(None, [BlockMaskPart, ...])`` (block selections whose results are merged).
+
+    A :class:`PatternMask` is its mask_mod. A torch ``BlockMask`` is run from its mask_mod alone when
+    its block tensors list exactly what the mask_mod implies (checked once per BlockMask, eager
+    calls only); otherwise, and always under ``torch.compile`` (no host reads while tracing), as a
+    block selection: the listed kv blocks (partial and full) with the mask_mod. Full blocks skip the
+    mask_mod in FlexAttention; where they might not be full of its True, they run as a second
+    selection without the mask_mod, merged with the first through the logsumexp."""
+    mask_mod = mask_of_block_mask(block_mask, query, key)
+    if not _is_torch_block_mask(block_mask):
+        PATH_COUNTS["mask_mod"] += 1
+        return mask_mod, None
+    from .selectors.blocks import BlockSelection
+    qb, kb = _block_sizes(block_mask)
+    _check_broadcast(block_mask, query)
+    bm = block_mask
+    nqb = -(-query.shape[2] // qb)
+    has_full = bm.full_kv_num_blocks is not None
+    if torch.compiler.is_compiling():
+        verdict = "union" if mask_mod is None or not has_full else "split"
+    else:
+        verdict = _verdict(bm, mask_mod, query, key, qb, kb)
+        if verdict == "mask_mod":
+            PATH_COUNTS["mask_mod"] += 1
+            return mask_mod, None
+    part = _listed(bm.kv_num_blocks, bm.kv_indices, nqb)
+    full = _listed(bm.full_kv_num_blocks, bm.full_kv_indices, nqb) if has_full else None
+    if verdict == "split":
+        PATH_COUNTS["split"] += 1
+        return None, [BlockMaskPart(mask_mod, BlockSelection(part, qb, kb)),
+                      BlockMaskPart(None, BlockSelection(full, qb, kb))]
+    PATH_COUNTS["selection"] += 1
+    sel = part if full is None else torch.cat([part, full], dim=-1)
+    return None, [BlockMaskPart(mask_mod, BlockSelection(sel, qb, kb))]
+
+
+def merge_parts(results: list, softmax: bool, return_lse: bool):
+    """One result from the block selections' results: softmax parts ``(out, lse)`` merged through
+    the logsumexp (rows no part reaches: 0 and ``-inf``); sigmoid parts summed."""
+    if not softmax:
+        out = sum(r.float() for r in results)
+        return out.to(results[0].dtype)
+    lses = [lse for _, lse in results]
+    lse = lses[0]
+    for other in lses[1:]:
+        lse = torch.logaddexp(lse, other)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # no nan through exp(-inf - -inf)
+    out = sum(o.float() * torch.exp(l - safe).unsqueeze(-1) for o, l in results)
+    out = out.to(results[0][0].dtype)
+    return (out, lse) if return_lse else out
 
 
 def check_aux(return_aux, return_lse: bool, normalizer: str) -> None:
