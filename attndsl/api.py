@@ -353,10 +353,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         value (Tensor): ``[B, Hkv, Lkv, Dv]`` (``Dv`` may differ from ``D``, as in MLA).
         mask_mod (Callable | None): ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
         score_mod (Callable | None): ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
-        block_mask (BlockMask | None): a FlexAttention ``BlockMask`` (from
-            ``torch.nn.attention.flex_attention.create_block_mask``) or :func:`attndsl.create_block_mask`'s
-            object: its ``mask_mod`` is used (nothing it materialised is read); its lengths must be the
-            call's. A BlockMask without a mask (``noop_mask``) means no mask. Not with ``mask_mod``.
+        block_mask (BlockMask | PatternMask | None): :func:`attndsl.create_block_mask`'s object (its
+            ``mask_mod``, O(1)) or a FlexAttention ``BlockMask``, meaning what it means in
+            FlexAttention: a key is visible iff its kv block is listed for the (b, h, query block)
+            in the block tensors (partial or full) and the block is full or ``mask_mod`` holds.
+            One whose block tensors are exactly what its ``mask_mod`` implies (torch's
+            ``create_block_mask``) runs from the ``mask_mod`` alone; this is checked on the host
+            once per BlockMask (call shape and tensor versions). Any other (``from_kv_blocks``,
+            VSA), and every BlockMask under ``torch.compile``, runs as a block selection of the
+            listed blocks (full blocks that may disagree with the ``mask_mod``: a second selection
+            without it, merged through the logsumexp). ``BLOCK_SIZE`` must be powers of two
+            >= 16; its batch and heads 1 or the call's; its lengths the call's. Not with
+            ``mask_mod``, nor (a block-tensor mask) with ``indices``/``blocks``.
         scale (float | None): score scale; default ``1/sqrt(D)``.
         enable_gqa (bool | None): ``None`` (default): heads may differ (``Hq % Hkv == 0``). ``False``:
             refuse ``Hq != Hkv`` as FlexAttention does; ``True``: as None.

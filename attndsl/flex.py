@@ -1,9 +1,11 @@
 """FlexAttention interop: ``from attndsl import flex_attention, create_block_mask`` ports code unchanged.
 
-A FlexAttention ``BlockMask`` is a materialised block-sparse summary of a ``mask_mod``; attndsl
-analyses the ``mask_mod`` itself, so a BlockMask is read for its ``mask_mod`` and lengths only.
-:func:`create_block_mask` returns a :class:`PatternMask` that records them without evaluating
-anything (no O(L²) pass, no device memory).
+A FlexAttention ``BlockMask`` made by torch's ``create_block_mask`` is a materialised summary of
+its ``mask_mod``; attndsl analyses the ``mask_mod`` itself and runs it from that (after one host
+check that the block tensors are indeed what the ``mask_mod`` implies). A BlockMask whose block
+tensors say more (``BlockMask.from_kv_blocks``, VSA) runs as a block selection
+(:mod:`attndsl.selectors.blocks`). :func:`create_block_mask` returns a :class:`PatternMask` that
+records the ``mask_mod`` and lengths without evaluating anything (no O(L²) pass, no device memory).
 """
 from __future__ import annotations
 
@@ -375,8 +377,11 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         key (Tensor): ``[B, Hkv, S, E]``.
         value (Tensor): ``[B, Hkv, S, Ev]``.
         score_mod (Callable | None): ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
-        block_mask (BlockMask | PatternMask | None): FlexAttention's BlockMask (its ``mask_mod`` is
-            used, nothing materialised is read) or :func:`create_block_mask`'s result.
+        block_mask (BlockMask | PatternMask | None): :func:`create_block_mask`'s result, or
+            FlexAttention's BlockMask with FlexAttention's meaning (its listed kv blocks, partial
+            and full, with ``mask_mod`` skipped on full blocks): run from the ``mask_mod`` alone when
+            the block tensors are what it implies (checked once per BlockMask), else as block
+            selections (see :func:`attndsl.attention`).
         scale (float | None): default ``1/sqrt(E)``.
         enable_gqa (bool): as FlexAttention: ``Hq != Hkv`` raises unless True.
         return_lse (bool): deprecated in FlexAttention; also return the logsumexp ``[B, Hq, L]``.
