@@ -229,9 +229,9 @@ def _dense_classes(mask_mod, B: int, H: int, Lq: int, Lkv: int, qb: int, kb: int
     return torch.stack(alls, 2), torch.stack(anys, 2)
 
 
-def _verdict(block_mask, mask_mod, query: torch.Tensor, key: torch.Tensor, qb: int, kb: int) -> str:
+def _verdict(block_mask, mask_mod, query: torch.Tensor, key: torch.Tensor, qb: int, kb: int) -> str | None:
     """How to run ``block_mask`` (eager calls; one host check per BlockMask, call shape and tensor
-    versions): ``"mask_mod"`` when its mask_mod alone means the same, ``"union"`` when its full
+    versions; None inside a CUDA graph capture when not checked before): ``"mask_mod"`` when its mask_mod alone means the same, ``"union"`` when its full
     blocks are full of the mask_mod's True (one selection, the mask applied everywhere is exact),
     ``"split"`` otherwise."""
     from .api import _compiled
@@ -244,6 +244,8 @@ def _verdict(block_mask, mask_mod, query: torch.Tensor, key: torch.Tensor, qb: i
     entry = _VERDICTS.get(id(bm))
     if entry is not None and entry[0]() is bm and vkey in entry[1]:
         return entry[1][vkey]
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # no host reads inside a CUDA graph capture: not checked
     PATH_COUNTS["checks"] += 1
     nqb, nkb = -(-Lq // qb), -(-Lkv // kb)
     dev = bm.kv_num_blocks.device
@@ -291,7 +293,8 @@ def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
 
     A :class:`PatternMask` is its mask_mod. A torch ``BlockMask`` is run from its mask_mod alone when
     its block tensors list exactly what the mask_mod implies (checked once per BlockMask, eager
-    calls only); otherwise, and always under ``torch.compile`` (no host reads while tracing), as a
+    calls only); otherwise, and under ``torch.compile`` or in a CUDA graph capture of a BlockMask
+    not checked before (no host reads there), as a
     block selection: the listed kv blocks (partial and full) with the mask_mod. Full blocks skip the
     mask_mod in FlexAttention; where they might not be full of its True, they run as a second
     selection without the mask_mod, merged with the first through the logsumexp."""
@@ -305,13 +308,12 @@ def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
     bm = block_mask
     nqb = -(-query.shape[2] // qb)
     has_full = bm.full_kv_num_blocks is not None
-    if torch.compiler.is_compiling():
+    verdict = None if torch.compiler.is_compiling() else _verdict(bm, mask_mod, query, key, qb, kb)
+    if verdict is None:  # not checked (tracing, graph capture): the selections are exact without a check
         verdict = "union" if mask_mod is None or not has_full else "split"
-    else:
-        verdict = _verdict(bm, mask_mod, query, key, qb, kb)
-        if verdict == "mask_mod":
-            PATH_COUNTS["mask_mod"] += 1
-            return mask_mod, None
+    elif verdict == "mask_mod":
+        PATH_COUNTS["mask_mod"] += 1
+        return mask_mod, None
     part = _listed(bm.kv_num_blocks, bm.kv_indices, nqb)
     full = _listed(bm.full_kv_num_blocks, bm.full_kv_indices, nqb) if has_full else None
     if verdict == "split":

@@ -288,3 +288,43 @@ def test_from_kv_blocks_under_torch_compile():
     ref, _ = attndsl.reference.attention(*(t.double() for t in (q, k, v)), score_mod=softcap,
                                          mask_mod=lambda b, h, i, j: seen[b, h, i, j])
     assert close(f(q, k, v, bm), ref, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hm", [1, 4])
+def test_from_kv_blocks_against_compiled_flex_on_gpu(Hm):
+    """FlexAttention's compiled kernel is the oracle of what a BlockMask means (full blocks skip the
+    mask_mod); attndsl must agree, forward and gradients, eagerly and in a CUDA graph."""
+    torch.manual_seed(0)
+    dev, L, nb = "cuda", 512, 4
+    sel = torch.rand(2, Hm, nb, nb, device=dev) < 0.6
+    sel[..., 0] = True
+    full = sel & (torch.rand(2, Hm, nb, nb, device=dev) < 0.5)
+    full[..., 0, 3] = True  # a full block the causal mask_mod would empty
+    part = sel & ~full
+
+    def lists_dev(s):
+        c, i = lists(s.cpu())
+        return c.to(dev), i.to(dev)
+    bm = F.BlockMask.from_kv_blocks(*lists_dev(part), *lists_dev(full), BLOCK_SIZE=128, mask_mod=causal)
+    q = torch.randn(2, 4, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, L, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    flex = torch.compile(F.flex_attention)
+    want = flex(q, k, v, block_mask=bm, enable_gqa=True)
+    got = attndsl.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    assert close(got, want, 2e-2)
+    g1 = torch.autograd.grad(got.float().sum(), (q, k, v))
+    g2 = torch.autograd.grad(want.float().sum(), (q, k, v))
+    assert all(close(a, b, 5e-2) for a, b in zip(g1, g2))
+    with torch.no_grad():
+        graph, static = torch.cuda.CUDAGraph(), None
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            attndsl.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)  # warm-up
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(graph):
+            static = attndsl.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert close(static, want, 2e-2)
