@@ -229,24 +229,12 @@ def _dense_classes(mask_mod, B: int, H: int, Lq: int, Lkv: int, qb: int, kb: int
     return torch.stack(alls, 2), torch.stack(anys, 2)
 
 
-def _verdict(block_mask, mask_mod, query: torch.Tensor, key: torch.Tensor, qb: int, kb: int) -> str | None:
-    """How to run ``block_mask`` (eager calls; one host check per BlockMask, call shape and tensor
-    versions; None inside a CUDA graph capture when not checked before): ``"mask_mod"`` when its mask_mod alone means the same, ``"union"`` when its full
-    blocks are full of the mask_mod's True (one selection, the mask applied everywhere is exact),
-    ``"split"`` otherwise."""
-    from .api import _compiled
-    bm = block_mask
-    B, Hq, Lq, Lkv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
-    compiled, tensors = _compiled(mask_mod, None, "softmax", False, None) if mask_mod is not None else (None, ())
-    parts = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, *tensors]
-    vkey = (B, Hq, Lq, Lkv, getattr(compiled, "spec", None) and compiled.spec.key,
-            tuple((id(t), t._version) if isinstance(t, torch.Tensor) else None for t in parts))
-    entry = _VERDICTS.get(id(bm))
-    if entry is not None and entry[0]() is bm and vkey in entry[1]:
-        return entry[1][vkey]
-    if query.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None  # no host reads inside a CUDA graph capture: not checked
+def _classify(bm, mask_mod, compiled, tensors, query, key, qb: int, kb: int) -> str:
+    """The verdict of one host check: ``"mask_mod"`` when the mask_mod alone means the same as
+    ``bm``, ``"union"`` when its full blocks are full of the mask_mod's True (one selection of the
+    listed blocks, the mask applied everywhere, is exact), ``"split"`` otherwise."""
     PATH_COUNTS["checks"] += 1
+    B, Hq, Lq, Lkv = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
     nqb, nkb = -(-Lq // qb), -(-Lkv // kb)
     dev = bm.kv_num_blocks.device
 
@@ -260,31 +248,48 @@ def _verdict(block_mask, mask_mod, query: torch.Tensor, key: torch.Tensor, qb: i
 
     part, full = dense(bm.kv_num_blocks, bm.kv_indices), dense(bm.full_kv_num_blocks, bm.full_kv_indices)
     listed = part | full
-    if mask_mod is None:
-        verdict = "union"  # no mask: every listed block is visited whole, full or not
-    else:
-        from .selectors.blocks import _tile_class
-        all_t, any_t = _tile_class(compiled.spec, tensors, B, Hq, Lq, Lkv, qb, kb, dev)
-        # sound with the closed form's over-approximated "any" and under-approximated "all"
-        ok_any = bool((any_t & ~listed).logical_not().all())
-        ok_all = bool((full & ~all_t).logical_not().all())
-        if not (ok_any and ok_all):
-            got = _dense_classes(mask_mod, B, Hq, Lq, Lkv, qb, kb, dev)
-            if got is not None:
-                all_t, any_t = got
-                ok_any = bool((any_t & ~listed).logical_not().all())
-                ok_all = bool((full & ~all_t).logical_not().all())
-        verdict = "mask_mod" if ok_any and ok_all else ("union" if ok_all else "split")
+    if mask_mod is None:  # no mask: every listed block is visited whole, full or not
+        return "mask_mod" if bool(listed.all()) else "union"
+    from .selectors.blocks import _tile_class
+    all_t, any_t = _tile_class(compiled.spec, tensors, B, Hq, Lq, Lkv, qb, kb, dev)
+    # every block the mask reaches is listed, every full block is full of its True: sound with the
+    # closed form's over-approximated "any" and under-approximated "all"
+    ok_any = not bool((any_t & ~listed).any())
+    ok_all = not bool((full & ~all_t).any())
+    if not (ok_any and ok_all):
+        got = _dense_classes(mask_mod, B, Hq, Lq, Lkv, qb, kb, dev)
+        if got is not None:
+            all_t, any_t = got
+            ok_any = not bool((any_t & ~listed).any())
+            ok_all = not bool((full & ~all_t).any())
+    return "mask_mod" if ok_any and ok_all else ("union" if ok_all else "split")
+
+
+def _plan(bm, mask_mod, query, key, qb: int, kb: int) -> dict | None:
+    """The cached plan of ``bm`` for this call (``{"verdict": ..., "parts": ...}``): checked once per
+    BlockMask, call shape and version of its block tensors and of the tensors the mask_mod reads.
+    None inside a CUDA graph capture when not checked before (no host reads there)."""
+    from .api import _compiled
+    compiled, tensors = _compiled(mask_mod, None, "softmax", False, None) if mask_mod is not None else (None, ())
+    watched = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, *tensors]
+    vkey = (tuple(query.shape[:3]), key.shape[2], compiled.spec.key if compiled is not None else None,
+            tuple((id(t), t._version) if isinstance(t, torch.Tensor) else None for t in watched))
+    entry = _VERDICTS.get(id(bm))
+    if entry is not None and entry[0]() is bm and vkey in entry[1]:
+        return entry[1][vkey]
+    if query.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    plan = {"verdict": _classify(bm, mask_mod, compiled, tensors, query, key, qb, kb), "parts": None}
     if entry is None or entry[0]() is not bm:
         import weakref
         key_id = id(bm)
         try:
             ref = weakref.ref(bm, lambda _r, k=key_id: _VERDICTS.pop(k, None))
-        except TypeError:  # not weak-referenceable: no cache
-            return verdict
+        except TypeError:  # not weak-referenceable: checked on every call
+            return plan
         entry = _VERDICTS[key_id] = (ref, {})
-    entry[1][vkey] = verdict
-    return verdict
+    entry[1][vkey] = plan
+    return plan
 
 
 def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
@@ -294,10 +299,11 @@ def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
     A :class:`PatternMask` is its mask_mod. A torch ``BlockMask`` is run from its mask_mod alone when
     its block tensors list exactly what the mask_mod implies (checked once per BlockMask, eager
     calls only); otherwise, and under ``torch.compile`` or in a CUDA graph capture of a BlockMask
-    not checked before (no host reads there), as a
-    block selection: the listed kv blocks (partial and full) with the mask_mod. Full blocks skip the
-    mask_mod in FlexAttention; where they might not be full of its True, they run as a second
-    selection without the mask_mod, merged with the first through the logsumexp."""
+    not checked before (no host reads there), as a block selection: the listed kv blocks (partial
+    and full) with the mask_mod. Full blocks skip the mask_mod in FlexAttention; where they might
+    not be full of its True, they run as a second selection without the mask_mod, merged with the
+    first through the logsumexp. The selections are kept with the check's verdict, so their block
+    tables are built once too."""
     mask_mod = mask_of_block_mask(block_mask, query, key)
     if not _is_torch_block_mask(block_mask):
         PATH_COUNTS["mask_mod"] += 1
@@ -306,23 +312,26 @@ def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
     qb, kb = _block_sizes(block_mask)
     _check_broadcast(block_mask, query)
     bm = block_mask
-    nqb = -(-query.shape[2] // qb)
     has_full = bm.full_kv_num_blocks is not None
-    verdict = None if torch.compiler.is_compiling() else _verdict(bm, mask_mod, query, key, qb, kb)
-    if verdict is None:  # not checked (tracing, graph capture): the selections are exact without a check
-        verdict = "union" if mask_mod is None or not has_full else "split"
-    elif verdict == "mask_mod":
+    plan = None if torch.compiler.is_compiling() else _plan(bm, mask_mod, query, key, qb, kb)
+    if plan is None:  # not checked (tracing, graph capture): the selections are exact without a check
+        plan = {"verdict": "union" if mask_mod is None or not has_full else "split", "parts": None}
+    verdict = plan["verdict"]
+    if verdict == "mask_mod":
         PATH_COUNTS["mask_mod"] += 1
         return mask_mod, None
-    part = _listed(bm.kv_num_blocks, bm.kv_indices, nqb)
-    full = _listed(bm.full_kv_num_blocks, bm.full_kv_indices, nqb) if has_full else None
-    if verdict == "split":
-        PATH_COUNTS["split"] += 1
-        return None, [BlockMaskPart(mask_mod, BlockSelection(part, qb, kb)),
-                      BlockMaskPart(None, BlockSelection(full, qb, kb))]
-    PATH_COUNTS["selection"] += 1
-    sel = part if full is None else torch.cat([part, full], dim=-1)
-    return None, [BlockMaskPart(mask_mod, BlockSelection(sel, qb, kb))]
+    PATH_COUNTS[verdict if verdict == "split" else "selection"] += 1
+    if plan["parts"] is None:
+        nqb = -(-query.shape[2] // qb)
+        part = _listed(bm.kv_num_blocks, bm.kv_indices, nqb)
+        full = _listed(bm.full_kv_num_blocks, bm.full_kv_indices, nqb) if has_full else None
+        if verdict == "split":
+            plan["parts"] = [BlockMaskPart(mask_mod, BlockSelection(part, qb, kb)),
+                             BlockMaskPart(None, BlockSelection(full, qb, kb))]
+        else:
+            sel = part if full is None else torch.cat([part, full], dim=-1)
+            plan["parts"] = [BlockMaskPart(mask_mod, BlockSelection(sel, qb, kb))]
+    return None, plan["parts"]
 
 
 def merge_parts(results: list, softmax: bool, return_lse: bool):

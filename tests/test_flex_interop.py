@@ -1,6 +1,7 @@
 """FlexAttention interop (issue 26 part 2): block_mask=, enable_gqa=, return_aux=, kernel_options=,
 and the drop-ins ``attndsl.flex_attention`` / ``attndsl.create_block_mask``, against eager torch
 flex_attention on CPU."""
+import sys
 import warnings
 
 import pytest
@@ -73,8 +74,10 @@ def test_return_aux_and_return_lse(dtype):
 
 def test_noop_block_mask_means_no_mask():
     q, k, v = qkv()
-    bm = F.create_block_mask(F.noop_mask, None, None, 32, 32, device="cpu")
+    bm = F.create_block_mask(F.noop_mask, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+    before = dict(sys.modules["attndsl.flex"].PATH_COUNTS)
     assert close(attndsl.attention(q, k, v, block_mask=bm), attndsl.attention(q, k, v))
+    assert sys.modules["attndsl.flex"].PATH_COUNTS["mask_mod"] == before["mask_mod"] + 1  # every block listed
 
 
 def test_create_block_mask_is_light_and_accepted_everywhere():
@@ -144,8 +147,6 @@ def test_flex_drop_in_under_torch_compile(kind):
 # checked against a dense mask built from the block tensors: key visible iff its block is listed
 # for (b, h, q block) and (the block is full or mask_mod holds), as FlexAttention's kernels do.
 # ---------------------------------------------------------------------------------------------
-import sys  # noqa: E402
-
 FLEX = sys.modules["attndsl.flex"]
 
 
@@ -187,14 +188,20 @@ def check_against_dense(bm, dense, B=1, Hq=2, Hkv=2, L=64, D=16, score_mod=None,
 def test_from_kv_blocks_random_noop(Bm, Hm, B):
     sel = torch.rand(Bm, Hm, 4, 4) < 0.5
     sel[..., 0] = True
+    sel[..., 0, 3] = False  # not every block: the mask_mod (none) alone would say more
     cnt, idx = lists(sel)
     bm = F.BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=16)
     before = dict(FLEX.PATH_COUNTS)
     check_against_dense(bm, dense_of(sel, torch.zeros_like(sel), None, Bm, Hm, 64, 64, 16, 16), B=B)
     assert FLEX.PATH_COUNTS["selection"] == before["selection"] + 1
-    # and torch's own eager CPU path reads only the mask_mod: the block tensors must change the answer
+    q, k, v = (torch.randn(B, 2, 64, 16) for _ in range(3))
+    for _ in range(2):  # checked once; the selection (and its block tables) kept with the verdict
+        attndsl.attention(q, k, v, block_mask=bm)
+    assert FLEX.PATH_COUNTS["checks"] == before["checks"] + 1
+    assert FLEX.PATH_COUNTS["selection"] == before["selection"] + 3
     q, k, v = qkv(L=64)
-    if Bm == 1 and not sel.all():
+    # and torch's own eager CPU path reads only the mask_mod: the block tensors must change the answer
+    if Bm == 1:
         assert not close(attndsl.attention(q, k, v, block_mask=bm), F.flex_attention(q, k, v, block_mask=bm))
 
 
