@@ -1,5 +1,9 @@
 """attndsl: attention patterns as a few lines of Python, compiled to fused Triton kernels."""
+import logging as _logging
 import os as _os
+
+# quiet unless the application configures logging: attndsl.cache, attndsl.compile report there
+_logging.getLogger("attndsl").addHandler(_logging.NullHandler())
 
 # An installed attndsl holds ``attndsl.codegen`` and ``attndsl.patterns`` (setup.py maps the
 # top-level folders there). A source checkout on PYTHONPATH has them beside this package: make

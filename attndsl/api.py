@@ -17,7 +17,7 @@ import math
 from typing import NamedTuple
 
 from .runtime import op
-from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, index_check_for
+from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, check_tiles, index_check_for
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
@@ -43,8 +43,9 @@ class CompiledAttention:
     def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,
                  normalizer: str = "softmax", block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, name: str = "attn",
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, precise_delta: bool = False) -> None:
         self.mask_mod, self.score_mod = mask_mod, score_mod
+        check_tiles(block_m, block_n, num_warps, num_stages)
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
         # floating tensors that require grad and are read by score_mod learn; mask tensors are constants
@@ -57,6 +58,8 @@ class CompiledAttention:
         self.index_check = index_check_for(self.spec)
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
+        # the backward's delta from a float32 copy of the output (docs/precision.md)
+        self.precise_delta = bool(precise_delta)
         #: the pattern's name for the torch.library ops (runtime/op.py), and what traced code needs
         self.op_meta = OpMeta(op.register(self), self.spec.normalizer)
 
@@ -84,7 +87,7 @@ class CompiledAttention:
         key = (interpret, q.shape[-1], dv, q.device.index, q.element_size())
         r = self._runners.get(key)
         if r is None:
-            module = cache.load(self.spec, interpret)
+            module = cache.load(self.spec, interpret, float64=q.dtype == torch.float64)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
             cfg = choose(q.shape[-1], interpret, *tiles, element_size=q.element_size(), head_dim_v=dv)
             if self.spec.tiles:  # ... per kernel
@@ -93,6 +96,7 @@ class CompiledAttention:
             cfg = for_pattern(cfg, self.spec.has_mask, self.spec.score is not None, self.spec.data_dependent)
             r = Runner(self.spec, module, cfg, interpret, q.shape[-1], head_dim_v=dv)
             r.deterministic = self.deterministic
+            r.precise_delta = self.precise_delta
             self._runners[key] = r
         return r
 
@@ -261,6 +265,7 @@ def op_call(meta: OpMeta, tensors, query, key, value, *, scale=None, return_lse=
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     out, lse = torch.ops.attndsl.attention_fwd(query, key, value, list(tensors), sinks, u, w, indices, sel,
                                                meta.key, scale, float(sigmoid_bias or 0.0), q_block, kv_block)
+    out = out.to(query.dtype)  # a precise_delta pattern's op returns the float32 copy its backward reads
     if not softmax:
         return out
     return (out, lse) if return_lse else out
@@ -269,15 +274,18 @@ def op_call(meta: OpMeta, tensors, query, key, value, *, scale=None, return_lse=
 def compile(*, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None,  # noqa: A001
             normalizer: str = "softmax", block_m: int | None = None, block_n: int | None = None,
             num_warps: int | None = None, num_stages: int | None = None,
-            deterministic: bool = False) -> CompiledAttention:
+            deterministic: bool = False, precise_delta: bool = False) -> CompiledAttention:
     """Trace and analyse a pattern once; the result is called like :func:`attention`.
 
     Args:
         mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True: the pair attends), or None.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, or None.
         normalizer: ``"softmax"`` or ``"sigmoid"`` (fixed here; ``sigmoid_bias`` goes to the call).
-        block_m, block_n, num_warps, num_stages: override the tile-size heuristics (tuning, tests).
+        block_m, block_n, num_warps, num_stages: override the tile-size heuristics (tuning, tests);
+            tiles are powers of two from 16 to 256.
         deterministic: bitwise-repeatable gradients of learnable captured tensors.
+        precise_delta: compute the backward's ``delta = rowsum(dO·O)`` from a float32 copy of the
+            output (16-bit inputs; see :func:`attention` and docs/precision.md).
 
     Returns:
         A :class:`CompiledAttention`, called as ``compiled(query, key, value, **kwargs)`` with the
@@ -287,7 +295,8 @@ def compile(*, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = Non
         which binds them per call).
     """
     return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n,
-                             num_warps=num_warps, num_stages=num_stages, deterministic=deterministic)
+                             num_warps=num_warps, num_stages=num_stages, deterministic=deterministic,
+                             precise_delta=precise_delta)
 
 
 def clear_cache() -> None:
@@ -309,22 +318,23 @@ def _tile_options(kernel_options) -> tuple:
     return tile_options(kernel_options)
 
 
-def _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options):
+def _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta=False):
     """``(compiled pattern, its captured tensors bound for this call)`` through the pattern cache."""
     tiles = _tile_options(kernel_options)
 
     def make():
         return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=tiles[0], block_n=tiles[1],
-                                 num_warps=tiles[2], num_stages=tiles[3], deterministic=deterministic)
-    return PATTERNS.lookup(mask_mod, score_mod, (normalizer, bool(deterministic), tiles), make)
+                                 num_warps=tiles[2], num_stages=tiles[3], deterministic=deterministic,
+                                 precise_delta=precise_delta)
+    return PATTERNS.lookup(mask_mod, score_mod, (normalizer, bool(deterministic), bool(precise_delta), tiles), make)
 
 
 @torch.compiler.assume_constant_result
-def _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options):
+def _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta=False):
     """Run while dynamo traces (its result is a constant of the graph): the pattern's op metadata
     and where each captured tensor sits (paths the traced code follows to bind them per call)."""
     from .runtime.patterns import paths_of
-    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
     paths = paths_of(mask_mod, score_mod, tensors)
     if paths is None:
         raise RuntimeError(
@@ -340,7 +350,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
               kernel_options: dict | None = None, normalizer: str = "softmax",
               sigmoid_bias: float | torch.Tensor | None = None, sinks: torch.Tensor | None = None,
               bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None, indices: torch.Tensor | None = None,
-              blocks=None, check_indices: bool | None = None, deterministic: bool = False):
+              blocks=None, check_indices: bool | None = None, deterministic: bool = False,
+              precise_delta: bool = False):
     r"""Fused attention with an optional mask and score modifier (FlexAttention conventions).
 
     .. math::
@@ -348,7 +359,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         \quad s_{ij} = \text{scale}\cdot q_i\cdot k_j, \quad j \text{ over keys where mask\_mod}(b, h, i, j)
 
     Args:
-        query (Tensor): ``[B, Hq, Lq, D]``, float16, bfloat16 or float32.
+        query (Tensor): ``[B, Hq, Lq, D]``, float16, bfloat16 or float32 (float64 on the CPU).
         key (Tensor): ``[B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA).
         value (Tensor): ``[B, Hkv, Lkv, Dv]`` (``Dv`` may differ from ``D``, as in MLA).
         mask_mod (Callable | None): ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
@@ -389,6 +400,15 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
             values on every call (a host sync); ``None`` (default): once per captured tensor version
             (see below); ``False``: never (the kernels clamp: wrong values, no fault).
         deterministic (bool): bitwise-repeatable gradients of learnable captured tensors.
+        precise_delta (bool): in float16/bfloat16 the backward's ``delta = rowsum(dO·O)`` uses the
+            output rounded to the input dtype, and a score modifier with a large multiplier
+            (``slope[h] * (q_idx - kv_idx)``) amplifies that rounding in a learnable tensor's
+            gradient; ``True`` keeps a float32 copy of the output for the backward (one float32
+            output of memory) and computes ``delta`` from it (docs/precision.md).
+
+    float64 inputs (CPU tensors only, through Triton's interpreter) compute in float64 throughout
+    (lse too), so ``torch.autograd.gradcheck`` applies. ``sinks`` must be finite, or ``-inf`` for a
+    head with no sink.
 
     Returns:
         ``out [B, Hq, Lq, Dv]`` in the inputs' dtype; with ``return_lse`` the pair ``(out, lse)``;
@@ -448,11 +468,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     if torch.compiler.is_compiling():
         # NOTE: a closure made inside the compiled function that holds a tensor cannot be resolved here
         # (dynamo cannot read its cells: ClosureConversionError); build it outside or with attndsl.compile
-        meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+        meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
         from .runtime.patterns import follow
         got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, **kw)
     else:
-        compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+        compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
         got = compiled._call(tensors, query, key, value, check_indices=check_indices, **kw)
     if return_aux is not None:
         return aux_output(got, return_aux)

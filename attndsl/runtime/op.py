@@ -85,10 +85,20 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, buffers: list[Tensor], sinks:
 
 @attention_fwd.register_fake
 def _(q, k, v, buffers, sinks, u, w, indices, blocks, pattern, scale, sigmoid_bias, q_block, kv_block):
-    out = q.new_empty((*q.shape[:3], v.shape[3]))
-    softmax = REGISTRY[pattern].spec.normalizer == "softmax"
-    lse = q.new_empty(q.shape[:3] if softmax else (0,), dtype=torch.float32)
+    compiled = REGISTRY[pattern]
+    softmax = compiled.spec.normalizer == "softmax"
+    out = q.new_empty((*q.shape[:3], v.shape[3]), dtype=out_dtype(compiled, q, indices))
+    lse = q.new_empty(q.shape[:3] if softmax else (0,), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
+
+
+def out_dtype(compiled, q: Tensor, indices) -> torch.dtype:
+    """The forward op's output dtype: float32 for a 16-bit softmax call of a ``precise_delta`` pattern
+    (the copy the backward's delta reads; the caller casts it to q's dtype), else q's."""
+    if (getattr(compiled, "precise_delta", False) and indices is None and compiled.spec.normalizer == "softmax"
+            and q.element_size() < 4):
+        return torch.float32
+    return q.dtype
 
 
 def _grad_slots(compiled) -> list[int]:
@@ -165,7 +175,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, sinks, u, w, indices, blocks, *buffers = ctx.saved_tensors
     pattern, scale, sigmoid_bias, q_block, kv_block = ctx.args
     if dout is None:
-        dout = torch.zeros_like(out)
+        dout = torch.zeros_like(out, dtype=q.dtype)
     if dlse is not None and dlse.numel() == 0:
         dlse = None
     got = list(attention_bwd(q, k, v, out, lse, dout, dlse, buffers, sinks, u, w, indices, blocks, pattern, scale,
