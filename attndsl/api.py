@@ -454,7 +454,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
                                     return_lse=return_lse, return_aux=return_aux, kernel_options=kernel_options,
                                     normalizer=normalizer, sigmoid_bias=sigmoid_bias, sinks=sinks,
                                     bias_factors=bias_factors, check_indices=check_indices,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, precise_delta=precise_delta)
     if enable_gqa is False and query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1]:
         raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={query.shape[1]} "
                          f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA (attndsl.attention accepts "

@@ -337,15 +337,16 @@ def block_mask_parts(block_mask, query: torch.Tensor, key: torch.Tensor):
 def merge_parts(results: list, softmax: bool, return_lse: bool):
     """One result from the block selections' results: softmax parts ``(out, lse)`` merged through
     the logsumexp (rows no part reaches: 0 and ``-inf``); sigmoid parts summed."""
+    def wide(t):  # float32 accumulation, float64 kept
+        return t.to(torch.promote_types(t.dtype, torch.float32))
     if not softmax:
-        out = sum(r.float() for r in results)
-        return out.to(results[0].dtype)
+        return sum(wide(r) for r in results).to(results[0].dtype)
     lses = [lse for _, lse in results]
     lse = lses[0]
     for other in lses[1:]:
         lse = torch.logaddexp(lse, other)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # no nan through exp(-inf - -inf)
-    out = sum(o.float() * torch.exp(l - safe).unsqueeze(-1) for o, l in results)
+    out = sum(wide(o) * torch.exp(wide(l) - wide(safe)).unsqueeze(-1) for o, l in results)
     out = out.to(results[0][0].dtype)
     return (out, lse) if return_lse else out
 
