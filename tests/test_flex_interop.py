@@ -335,3 +335,20 @@ def test_from_kv_blocks_against_compiled_flex_on_gpu(Hm):
         graph.replay()
         torch.cuda.synchronize()
         assert close(static, want, 2e-2)
+
+
+def test_from_kv_blocks_split_path_in_float64_with_sinks():
+    full = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    full[..., 0, 2] = True  # full above the diagonal: seen whole, the causal mask_mod skipped
+    part = torch.tril(torch.ones(4, 4, dtype=torch.bool)).view(1, 1, 4, 4)
+    bm = F.BlockMask.from_kv_blocks(*lists(part), *lists(full), BLOCK_SIZE=16, mask_mod=causal)
+    q, k, v = qkv(L=64, dtype=torch.float64)
+    sinks = torch.randn(2, dtype=torch.float64)
+    before = dict(FLEX.PATH_COUNTS)
+    out, lse = attndsl.attention(q, k, v, block_mask=bm, sinks=sinks, return_lse=True)
+    assert FLEX.PATH_COUNTS["split"] == before["split"] + 1
+    assert out.dtype == torch.float64
+    seen = dense_of(part, full, causal, 1, 1, 64, 64, 16, 16)
+    # the sinks join the softmax once
+    ref, ref_lse = attndsl.reference.attention(q, k, v, mask_mod=lambda b, h, i, j: seen[b, 0, i, j], sinks=sinks)
+    assert close(out, ref, 1e-10) and close(lse, ref_lse, 1e-10)
