@@ -300,14 +300,17 @@ def compile(*, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = Non
 
 
 def clear_cache() -> None:
-    """Forget the patterns :func:`attention` has traced, the block tables it keeps and the index
-    checks it remembers (the next call traces and builds again). Kernels stay loaded and the
-    on-disk source cache is untouched; patterns named by compiled ``torch.compile`` graphs stay
-    registered (``attndsl.runtime.op.REGISTRY``)."""
+    """Forget the patterns :func:`attention` has traced, the block tables it keeps, the index
+    checks it remembers and what it decided for each torch ``BlockMask`` (the next call traces,
+    checks and builds again). Kernels stay loaded and the on-disk source cache is untouched;
+    patterns named by compiled ``torch.compile`` graphs stay registered
+    (``attndsl.runtime.op.REGISTRY``)."""
+    from . import flex
     from .runtime import indexcheck
     PATTERNS.clear()
     TABLES.clear()
     indexcheck.clear()
+    flex.forget_block_masks()
 
 
 def _tile_options(kernel_options) -> tuple:

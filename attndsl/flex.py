@@ -159,8 +159,13 @@ def mask_of_block_mask(block_mask, query: torch.Tensor, key: torch.Tensor):
 #: (full blocks that disagree with the mask_mod: two selections merged), "checks" (host checks run)
 PATH_COUNTS = {"mask_mod": 0, "selection": 0, "split": 0, "checks": 0}
 
-#: the verdict per BlockMask object: id -> (weakref, {key: verdict})
+#: the plan per BlockMask object: id -> (weakref, {call and version key: {"verdict", "parts"}})
 _VERDICTS: dict = {}
+
+def forget_block_masks() -> None:
+    """Drop every BlockMask's cached verdict and selections (:func:`attndsl.clear_cache`)."""
+    _VERDICTS.clear()
+
 
 #: dense evaluation of a mask_mod (for the fast-path check only) up to this many (b, h, q, kv) points
 DENSE_CHECK_LIMIT = 1 << 28
