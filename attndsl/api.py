@@ -300,14 +300,17 @@ def compile(*, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = Non
 
 
 def clear_cache() -> None:
-    """Forget the patterns :func:`attention` has traced, the block tables it keeps and the index
-    checks it remembers (the next call traces and builds again). Kernels stay loaded and the
-    on-disk source cache is untouched; patterns named by compiled ``torch.compile`` graphs stay
-    registered (``attndsl.runtime.op.REGISTRY``)."""
+    """Forget the patterns :func:`attention` has traced, the block tables it keeps, the index
+    checks it remembers and what it decided for each torch ``BlockMask`` (the next call traces,
+    checks and builds again). Kernels stay loaded and the on-disk source cache is untouched;
+    patterns named by compiled ``torch.compile`` graphs stay registered
+    (``attndsl.runtime.op.REGISTRY``)."""
+    from . import flex
     from .runtime import indexcheck
     PATTERNS.clear()
     TABLES.clear()
     indexcheck.clear()
+    flex.forget_block_masks()
 
 
 def _tile_options(kernel_options) -> tuple:
@@ -364,10 +367,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         value (Tensor): ``[B, Hkv, Lkv, Dv]`` (``Dv`` may differ from ``D``, as in MLA).
         mask_mod (Callable | None): ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
         score_mod (Callable | None): ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
-        block_mask (BlockMask | None): a FlexAttention ``BlockMask`` (from
-            ``torch.nn.attention.flex_attention.create_block_mask``) or :func:`attndsl.create_block_mask`'s
-            object: its ``mask_mod`` is used (nothing it materialised is read); its lengths must be the
-            call's. A BlockMask without a mask (``noop_mask``) means no mask. Not with ``mask_mod``.
+        block_mask (BlockMask | PatternMask | None): :func:`attndsl.create_block_mask`'s object (its
+            ``mask_mod``, O(1)) or a FlexAttention ``BlockMask``, meaning what it means in
+            FlexAttention: a key is visible iff its kv block is listed for the (b, h, query block)
+            in the block tensors (partial or full) and the block is full or ``mask_mod`` holds.
+            One whose block tensors are exactly what its ``mask_mod`` implies (torch's
+            ``create_block_mask``) runs from the ``mask_mod`` alone; this is checked on the host
+            once per BlockMask (call shape and tensor versions). Any other (``from_kv_blocks``,
+            VSA), and every BlockMask under ``torch.compile``, runs as a block selection of the
+            listed blocks (full blocks that may disagree with the ``mask_mod``: a second selection
+            without it, merged through the logsumexp). ``BLOCK_SIZE`` must be powers of two
+            >= 16; its batch and heads 1 or the call's; its lengths the call's. Not with
+            ``mask_mod``, nor (a block-tensor mask) with ``indices``/``blocks``.
         scale (float | None): score scale; default ``1/sqrt(D)``.
         enable_gqa (bool | None): ``None`` (default): heads may differ (``Hq % Hkv == 0``). ``False``:
             refuse ``Hq != Hkv`` as FlexAttention does; ``True``: as None.
@@ -434,10 +445,19 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     global.
     """
     if block_mask is not None:
-        from .flex import mask_of_block_mask
+        from .flex import block_mask_parts
         if mask_mod is not None:
             raise ValueError("pass either mask_mod= or block_mask= (whose mask_mod is used), not both")
-        mask_mod = mask_of_block_mask(block_mask, query, key)
+        mask_mod, parts = block_mask_parts(block_mask, query, key)
+        if parts is not None:  # a torch BlockMask whose block tensors say more than its mask_mod
+            if indices is not None or blocks is not None:
+                raise ValueError("block_mask= with a BlockMask whose block tensors select key blocks cannot be "
+                                 "combined with indices= or blocks=; pass one selection")
+            return _block_mask_call(parts, query, key, value, score_mod=score_mod, scale=scale, enable_gqa=enable_gqa,
+                                    return_lse=return_lse, return_aux=return_aux, kernel_options=kernel_options,
+                                    normalizer=normalizer, sigmoid_bias=sigmoid_bias, sinks=sinks,
+                                    bias_factors=bias_factors, check_indices=check_indices,
+                                    deterministic=deterministic, precise_delta=precise_delta)
     if enable_gqa is False and query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1]:
         raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={query.shape[1]} "
                          f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA (attndsl.attention accepts "
@@ -460,3 +480,22 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     if return_aux is not None:
         return aux_output(got, return_aux)
     return got
+
+
+def _block_mask_call(parts, query, key, value, *, return_lse, return_aux, sinks, normalizer, **kw):
+    """:func:`attention` over a torch BlockMask's block selections (``attndsl.flex.block_mask_parts``):
+    one call per part, merged through the logsumexp; the sinks join the first part only."""
+    from .flex import aux_output, check_aux, merge_parts
+    if return_aux is not None:
+        check_aux(return_aux, return_lse, normalizer)
+        return_lse = bool(return_aux.lse)
+    softmax = normalizer == "softmax"
+    if len(parts) == 1:
+        got = attention(query, key, value, mask_mod=parts[0].mask_mod, blocks=parts[0].blocks,
+                        return_lse=return_lse, sinks=sinks, normalizer=normalizer, **kw)
+    else:
+        got = merge_parts([attention(query, key, value, mask_mod=p.mask_mod, blocks=p.blocks,
+                                     return_lse=softmax, sinks=sinks if i == 0 else None,
+                                     normalizer=normalizer, **kw)
+                           for i, p in enumerate(parts)], softmax, return_lse)
+    return aux_output(got, return_aux) if return_aux is not None else got
