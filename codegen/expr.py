@@ -163,7 +163,7 @@ class ExprEmitter:
         if op == "bit_length":
             return f"_bit_length({a[0]})"
         if op == "to_float":
-            return f"({a[0]}).to(tl.float32)"
+            return f"({a[0]}).to(ACC_DTYPE)"
         if op == "to_int":
             return f"({a[0]}).to(tl.int32)"
         if op == "load":
@@ -206,7 +206,7 @@ class ExprEmitter:
         else:
             val = f"tl.load({ptr})"
         if kind == FLOAT:
-            val = f"{val}.to(tl.float32)"
+            val = f"{val}.to(ACC_DTYPE)"
         elif kind == BOOL:
             val = f"{val} != 0"
         name = self._fresh()
@@ -229,7 +229,7 @@ class ExprEmitter:
             off = " + " + clamped_offset(p, idx)
         val = f"tl.load({p}{off})"
         if kind == FLOAT:
-            return f"{val}.to(tl.float32)"
+            return f"{val}.to(ACC_DTYPE)"
         if kind == BOOL:
             return f"{val} != 0"
         return val
