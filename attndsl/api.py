@@ -48,6 +48,9 @@ class CompiledAttention:
         check_tiles(block_m, block_n, num_warps, num_stages)
         t = trace(mask_mod, score_mod)
         self.tensors = list(t.tensors)
+        # slot -> shape of the captured tensors whose sizes the IR bakes in (unrolled dims): another
+        # tensor in such a slot must have the same shape (the pattern cache checks)
+        self.sized = {i: tuple(self.tensors[i].shape) for i in sorted(t.sized)}
         # floating tensors that require grad and are read by score_mod learn; mask tensors are constants
         learnable = frozenset(i for i, x in enumerate(self.tensors) if x.requires_grad and x.dtype.is_floating_point)
         self.spec = build_spec(t.mask, t.score, t.buffers, name=name, normalizer=normalizer, learnable=learnable,

@@ -212,3 +212,19 @@ def test_selectors_bind_the_current_tensors(traces):
         assert torch.allclose(second, dense, atol=1e-5)  # the selection as a mask, with the new BIAS
     finally:
         BIAS = old
+
+
+def test_unrolled_captured_size_is_part_of_the_entry(traces):
+    """``torch.dot`` over a captured row unrolls its length into the IR (``Trace.sized``): a fresh
+    closure holding a row of another length is traced again, one of the same length is a hit."""
+    def rope_bias(rope):
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + torch.dot(rope[b, h, q_idx], rope[b, h, kv_idx]) * 0.1
+        return mod
+
+    q, k, v = qkv()
+    for d, n_traces in ((4, 1), (8, 2), (8, 2)):
+        mod = rope_bias(torch.randn(1, 2, 32, d))
+        out = attndsl.attention(q, k, v, score_mod=mod)
+        check(out, q, k, v, score_mod=mod)
+        assert traces[0] == n_traces
