@@ -296,3 +296,22 @@ def check_extents(shape) -> None:
         if n >= MAX_EXTENT:
             raise ValueError(f"{name} {n} is too large: batch, heads and sequence lengths must be below "
                              f"2**30 = {MAX_EXTENT} (kernel index arithmetic is sized for that)")
+
+
+def spec_roots(spec) -> list:
+    """Every IR root of a KernelSpec that codegen emits: the mask and score modifier, their
+    derivative and gradient loads, the tile classifications and the visit plans."""
+    roots = [spec.mask, spec.score, spec.dscore, spec.tile_full, spec.tile_nonempty]
+    roots += [g.grad for g in spec.grad_loads] + [g.load for g in spec.grad_loads]
+    for rng in (spec.fwd_range, spec.bwd_range, spec.dq_range):
+        if rng is None:
+            continue
+        flat = getattr(rng, "flat", rng)
+        if flat is not None:
+            roots += [*flat.outer, *flat.inner]
+        for axis in getattr(rng, "box_outer", ()) + getattr(rng, "box_inner", ()):
+            roots += list(axis)
+        roots += [getattr(rng, "tile_full", None), getattr(rng, "tile_nonempty", None)]
+        for extra in getattr(rng, "extras", ()):
+            roots += [*extra.range.outer, *extra.range.inner, extra.tile_full, extra.tile_nonempty]
+    return [r for r in roots if isinstance(r, Node)]
