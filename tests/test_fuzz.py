@@ -28,9 +28,9 @@ def _run(case):
     fuzz.check_case(case)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
-@given(case=fuzz.cases(max_len=48))
+@given(case=fuzz.cases(max_len=40))
 def test_fuzz_short(case):
     _run(case)
 
@@ -42,7 +42,7 @@ def test_fuzz_300(case):
     _run(case)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(mask=fuzz.masks(max_len=40), score=fuzz.score_mods(max_len=40))
 def test_reference_agrees_with_flex_eager(mask, score):
     """The oracle against FlexAttention's eager forward on the fuzzer's patterns (float64, CPU):
@@ -57,7 +57,7 @@ def test_reference_agrees_with_flex_eager(mask, score):
 @pytest.mark.xfail(strict=True, reason="codegen: a score_mod that is a constant (ignores the score) fails in the "
                                        "kernel ('axis 1 out of bounds for shape []'); found by the fuzzer")
 def test_constant_score_mod():
-    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    q, k, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 75, 16), torch.randn(1, 1, 75, 16)
     from attndsl.testing import assert_matches_reference
     assert_matches_reference(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: (q_idx * 0).float() - 1.5)
 
@@ -65,8 +65,8 @@ def test_constant_score_mod():
 @pytest.mark.xfail(strict=True, reason="codegen: a score_mod of q alone with bias_factors fails in the kernel "
                                        "('input and other must have equal reduction dimensions'); found by the fuzzer")
 def test_query_only_score_mod_with_low_rank_bias():
-    q, k, v = (torch.randn(1, 1, 20, 16) for _ in range(3))
+    q, k, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 75, 16), torch.randn(1, 1, 75, 16)
     from attndsl.testing import assert_matches_reference
-    u, w = torch.randn(1, 1, 20, 2), torch.randn(1, 1, 20, 2)
+    u, w = torch.randn(1, 1, 1, 2), torch.randn(1, 1, 75, 2)
     assert_matches_reference(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: (q_idx.clamp(-3, 3) / 3) * 0.2,
                              bias_factors=(u, w))
