@@ -79,7 +79,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if stats:
         tr.write_line(f"{stats['kernels']} distinct kernels ({stats['cached']} compiled before, cached), "
                       f"{stats['compiled']} compiled now in {stats['seconds']:.1f} s; {skipped} launches not "
-                      "recorded (an argument with no signature type)")
+                      "recorded (a test's own kernel, or an argument with no signature type)")
     if failures:
         if failures[0][0] is None:
             tr.write_line(failures[0][1], red=True)
