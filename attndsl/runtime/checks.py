@@ -293,7 +293,7 @@ class DivisorCheck:
         dynamic = default_check() and not compiling()
         if key in self.decided and not (dynamic and any(self.reads)):
             return
-        extremes = _value_extremes([b for b, r in zip(self.bounds, self.reads) if r], tensors)
+        extremes = _value_extremes([b for b, r in zip(self.bounds, self.reads) if r], tensors) if dynamic else {}
         for b, r in zip(self.bounds, self.reads):
             if (r and dynamic) or (not r and key not in self.decided):
                 _check_divisor(b, tensors, shape, device, extremes)
