@@ -109,30 +109,34 @@ def test_extents_are_capped():
 
 # ----------------------------------------------------------------------- kernels vs reference
 
-_BIG = (1 << 40) + torch.arange(64) * 1000  # int64 values far past int32, small differences
-_I16 = (30000 + torch.arange(64) * 7).to(torch.int16)  # int16 sums overflow int16
-_U8 = (torch.arange(64) % 3).to(torch.uint8)
+def _patterns(device="cpu"):
+    big = ((1 << 40) + torch.arange(512) * 1000).to(device)  # int64 values far past int32, small differences
+    i16 = (30000 + torch.arange(512) * 7).to(torch.int16).to(device)  # int16 sums overflow int16
+    u8 = (torch.arange(512) % 3).to(torch.uint8).to(device)
+    masks = {
+        "scaled_difference": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) * 100000007 >= 0,
+        "squared_distance": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) ** 2 * 1000003 <= 100 * 1000003,
+        "hashed": lambda b, h, q_idx, kv_idx: (q_idx * 2654435761 + kv_idx * 40503) % 7 != 0,
+        "index_product": lambda b, h, q_idx, kv_idx: (q_idx * kv_idx * 1000003) % 5 != 1,
+        "strided_hash": lambda b, h, q_idx, kv_idx: (q_idx * 1000000007) % 64 >= (kv_idx * 1000000009) % 64,
+        "large_constant": lambda b, h, q_idx, kv_idx: (q_idx + 3000000000) // 2 >= (kv_idx + 3000000001) // 2,
+        "wide_divisor": lambda b, h, q_idx, kv_idx: (q_idx * 100000007) // (kv_idx + 100) % 3 == 0,
+        "wide_floor_mod": lambda b, h, q_idx, kv_idx: ((kv_idx - q_idx) * 1000000007) % (q_idx + 5) < 3,
+        "int64_capture": lambda b, h, q_idx, kv_idx: big[kv_idx] - big[q_idx] <= 0,
+        "int16_capture": lambda b, h, q_idx, kv_idx: i16[q_idx] + i16[kv_idx] > 60200,
+        "uint8_capture": lambda b, h, q_idx, kv_idx: u8[kv_idx] - 1 >= 0,
+        "head_batch_product": lambda b, h, q_idx, kv_idx: ((h + 1) * 1500000000 + kv_idx) % 4 != 3,
+    }
+    scores = {
+        "squared_bias": lambda s, b, h, q_idx, kv_idx: s - ((q_idx - kv_idx) * 2000) ** 2 * 1e-9,
+        "hashed_bias": lambda s, b, h, q_idx, kv_idx: s + ((q_idx * 2654435761 + kv_idx) % 1000) * 1e-3,
+        "int64_capture_bias": lambda s, b, h, q_idx, kv_idx: s + ((big[q_idx] - big[kv_idx]) // 1000) * 0.05,
+        "large_constant_bias": lambda s, b, h, q_idx, kv_idx: s + ((kv_idx - 3000000000) % 17) * 0.1,
+    }
+    return masks, scores
 
-MASKS = {
-    "scaled_difference": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) * 100000007 >= 0,
-    "squared_distance": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) ** 2 * 1000003 <= 100 * 1000003,
-    "hashed": lambda b, h, q_idx, kv_idx: (q_idx * 2654435761 + kv_idx * 40503) % 7 != 0,
-    "index_product": lambda b, h, q_idx, kv_idx: (q_idx * kv_idx * 1000003) % 5 != 1,
-    "strided_hash": lambda b, h, q_idx, kv_idx: (q_idx * 1000000007) % 64 >= (kv_idx * 1000000009) % 64,
-    "large_constant": lambda b, h, q_idx, kv_idx: (q_idx + 3000000000) // 2 >= (kv_idx + 3000000001) // 2,
-    "wide_divisor": lambda b, h, q_idx, kv_idx: (q_idx * 100000007) // (kv_idx + 100) % 3 == 0,
-    "wide_floor_mod": lambda b, h, q_idx, kv_idx: ((kv_idx - q_idx) * 1000000007) % (q_idx + 5) < 3,
-    "int64_capture": lambda b, h, q_idx, kv_idx: _BIG[kv_idx] - _BIG[q_idx] <= 0,
-    "int16_capture": lambda b, h, q_idx, kv_idx: _I16[q_idx] + _I16[kv_idx] > 60200,
-    "uint8_capture": lambda b, h, q_idx, kv_idx: _U8[kv_idx] - 1 >= 0,
-    "head_batch_product": lambda b, h, q_idx, kv_idx: ((h + 1) * 1500000000 + kv_idx) % 4 != 3,
-}
-SCORES = {
-    "squared_bias": lambda s, b, h, q_idx, kv_idx: s - ((q_idx - kv_idx) * 2000) ** 2 * 1e-9,
-    "hashed_bias": lambda s, b, h, q_idx, kv_idx: s + ((q_idx * 2654435761 + kv_idx) % 1000) * 1e-3,
-    "int64_capture_bias": lambda s, b, h, q_idx, kv_idx: s + ((_BIG[q_idx] - _BIG[kv_idx]) // 1000) * 0.05,
-    "large_constant_bias": lambda s, b, h, q_idx, kv_idx: s + ((kv_idx - 3000000000) % 17) * 0.1,
-}
+
+MASKS, SCORES = _patterns()
 
 
 @pytest.mark.parametrize("name", list(MASKS))
@@ -198,3 +202,14 @@ def test_divisor_over_heads_and_captured_values():
     steps[6] = 0  # the same pattern, new values: checked again on this call
     with pytest.raises(ZeroDivisionError, match="which is 0 at kv_idx=6"):
         attndsl.attention(*qkv, mask_mod=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(MASKS) + list(SCORES))
+def test_overflow_prone_patterns_on_gpu(name):
+    """The same sweep compiled for the GPU (bf16 and fp32, L = 300: several tiles)."""
+    masks, scores = _patterns("cuda")
+    kw = dict(mask_mod=masks[name]) if name in masks else dict(score_mod=scores[name])
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = random_qkv((2, 4, 2, 300, 280, 64), dtype=dtype, device="cuda")
+        assert_matches_reference(*qkv, msg=name, **kw)
