@@ -10,7 +10,7 @@ from __future__ import annotations
 from attndsl import ir
 import attndsl.ir.coords  # noqa: F401  (ir.coords.coord_expr)
 from attndsl.ir import BOOL, FLOAT, INT, Node
-from attndsl.passes.int_width import INT32, wide
+from attndsl.passes.int_width import INT32, MAX_EXTENT, wide
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
           "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^"}
@@ -118,6 +118,16 @@ class ExprEmitter:
     def emit(self, n: Node, min_stage: int = 0) -> str:
         """The code naming ``n`` (emitting its definition if needed)."""
         return self._emit(n, min_stage)[0]
+
+    def emit_bound(self, n: Node, min_stage: int = 0) -> str:
+        """The code of a visit-plan bound (a position the plan clamps into ``[0, t_max]``), always
+        int32: a bound computed in int64 (``lengths[b] - 1`` over an int32 or int64 tensor) is first
+        clamped into ``[-1, MAX_EXTENT]``, which changes no clamped result, so loop indices keep
+        their type."""
+        code = self._emit(n, min_stage)[0]
+        if n.dtype == INT and self.is64(n):
+            return f"tl.minimum(tl.maximum({code}, -1), {MAX_EXTENT}).to(tl.int32)"
+        return code
 
     def _emit(self, n: Node, min_stage: int):
         if n.op == "const":
