@@ -28,6 +28,9 @@ def _box_lines(what, box, other) -> list:
 
 
 def explain(compiled) -> str:
+    """The account ``CompiledAttention.explain()`` returns: the simplified IR, captured tensors and
+    their gradients, the visit plans (key range per query tile, query range per key tile) and the
+    generated source's size, kernels and file in the kernel cache."""
     spec = compiled.spec
     out = [f"pattern {spec.key}"]
     roots = {}
@@ -76,5 +79,12 @@ def explain(compiled) -> str:
         else:
             out.append("closed form: no block-mask tensor is built")
     src = compiled.source
-    out.append(f"generated Triton: {len(src.splitlines())} lines, cached at runtime.cache.source_path(spec)")
+    kernels = [line.split("def ", 1)[1].split("(", 1)[0] for line, prev in zip(src.splitlines()[1:], src.splitlines())
+               if prev.strip().startswith("@triton.jit") and line.lstrip().startswith("def ")]
+    from .runtime.cache import source_path
+    path = source_path(spec)
+    out.append(f"generated Triton: {len(src.splitlines())} lines, {len(kernels)} @triton.jit functions "
+               f"({', '.join(kernels)})")
+    out.append(f"  source file: {path}" + ("" if path.exists() else " (written on the first call)"))
+    out.append("  print it with attn.source, or: attndsl show PATTERN --source")
     return "\n".join(out)

@@ -27,6 +27,8 @@ arithmetic (outside ``[0, shape)`` on the first axis) and mean nothing.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from . import ir
@@ -45,7 +47,8 @@ class Layout:
     tokens before/after the grid.
     """
 
-    def __init__(self, shape, tile=None, *, prefix: int = 0, suffix: int = 0):
+    def __init__(self, shape: int | Sequence[int], tile: int | Sequence[int] | None = None, *, prefix: int = 0,
+                 suffix: int = 0) -> None:
         shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
         if not 1 <= len(shape) <= 3:
             raise ValueError(f"a layout has 1 to 3 axes, got shape {shape}")

@@ -41,8 +41,10 @@ def scores_and_mask(q, k, mask_mod=None, score_mod=None, scale=None, bias_factor
     return s, mask
 
 
-def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, normalizer="softmax",
-              sigmoid_bias=None, sinks=None, bias_factors=None):
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask_mod=None, score_mod=None,
+              scale: float | None = None, normalizer: str = "softmax", sigmoid_bias=None,
+              sinks: torch.Tensor | None = None, bias_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, lse)`` in float64 (``lse`` is None for sigmoid); differentiable with respect to
     query, key, value, sinks, bias factors and captured tensors that require grad."""
     B, Hq, Lq, D = query.shape
@@ -54,16 +56,27 @@ def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, n
         p = torch.sigmoid(s + b) * mask
         return p @ v64, None
     s = s.masked_fill(~mask, float("-inf"))
+    p, lse = _softmax(s, sinks)
+    return p @ v64, lse
+
+
+def _softmax(s, sinks=None):
+    """``(p, lse)`` of scores ``s [B, Hq, Lq, K]`` (``-inf`` = masked), with per-head sink logits
+    joining the denominator. A row whose every score (and sink) is ``-inf`` has ``p = 0`` and
+    ``lse = -inf``, as the kernels give, and passes no NaN back to anything: the logsumexp runs on
+    zeros in such rows (its backward would otherwise compute ``exp(-inf - -inf)``), and a ``-inf``
+    sink means "no sink"."""
+    B, Hq, Lq = s.shape[:3]
     if sinks is not None:
         sink = sinks.to(torch.float64).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
-        lse = torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1)
-        p = torch.exp(s - lse[..., None])
-        return p @ v64, lse
-    lse = torch.logsumexp(s, dim=-1)
-    dead = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
-    out = p @ v64
-    return out, lse
+        full = torch.cat([s, sink], dim=-1)
+    else:
+        full = s
+    dead = torch.isneginf(full).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(full.masked_fill(dead, 0.0), dim=-1, keepdim=True)
+    p = torch.exp(s - lse).masked_fill(dead, 0.0)
+    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    return p, lse
 
 
 def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=None, scale=None,
@@ -115,12 +128,7 @@ def sparse_attention(query, key, value, indices, *, mask_mod=None, score_mod=Non
         b = -torch.log(torch.tensor(float(Lkv), dtype=torch.float64)) if sigmoid_bias is None else sigmoid_bias
         return torch.einsum("bhqk,bhqkd->bhqd", torch.sigmoid(s + b) * keep, vs), None
     s = s.masked_fill(~keep, float("-inf"))
-    if sinks is not None:
-        s = torch.cat([s, sinks.to(torch.float64).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)], dim=-1)
-        vs = torch.cat([vs, torch.zeros_like(vs[:, :, :, :1])], dim=3)
-    lse = torch.logsumexp(s, dim=-1)
-    dead = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
+    p, lse = _softmax(s, sinks)
     out = torch.einsum("bhqk,bhqkd->bhqd", p, vs)
     return out, lse
 
@@ -152,8 +160,6 @@ def block_sparse_attention(query, key, value, blocks, *, mask_mod=None, score_mo
     sel = block_selection_mask(blocks, B, Hq, Lq, Lkv)
     s, mask = scores_and_mask(query, key, mask_mod, score_mod, scale)
     s = s.masked_fill(~(mask & sel), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    dead = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(dead, torch.zeros_like(lse), lse)[..., None])
+    p, lse = _softmax(s)
     out = p @ value.to(torch.float64).repeat_interleave(Hq // Hkv, dim=1)
     return out, lse

@@ -4,17 +4,14 @@
 the very IR expressions the kernels evaluate): for the forward kernel's tiling it returns an
 ``[n_q_tiles, n_kv_tiles]`` int8 map, 0 = not visited, 1 = visited with the mask evaluated
 (partial), 2 = visited as a full tile. Its row sums equal the forward kernel's
-``visit_counts`` (tests check that). :func:`save_tile_map` writes it as a PNG with a tiny
-pure-Python PNG writer (zlib only, no imaging library), so the picture of a pattern is produced by
-the project itself::
+``visit_counts`` (tests check that). :func:`draw_tile_map` draws it with matplotlib (tile indices
+on the axes, a legend, a title) and :func:`save_tile_map` writes the picture::
 
-    attndsl tilemap patterns/neighborhood.py:neighborhood_2d(64,64,13) --out na2d.png
+    attndsl tilemap "patterns/neighborhood.py:neighborhood_2d(64, 64, 13)" --out na2d.png
 """
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 
 import torch
 
@@ -23,7 +20,6 @@ from .ir.evaluate import evaluate
 from .spec import VisitBox
 
 NOT_VISITED, PARTIAL, FULL = 0, 1, 2
-COLORS = {NOT_VISITED: (255, 255, 255), PARTIAL: (230, 120, 30), FULL: (30, 70, 160)}
 
 
 def _ev(node, env):
@@ -146,47 +142,76 @@ def _touched(compiled, Lq, Lkv, bm, bn, b, h):
     return p.view(nq, bm, nk, bn).any(3).any(1)
 
 
-# --- PNG ---------------------------------------------------------------------------------------
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+# --- drawing ---------------------------------------------------------------------------------
+#: Colours of the three tile classes (matplotlib colour specs) and their legend labels.
+COLORS = {NOT_VISITED: "#ffffff", PARTIAL: "#e6781e", FULL: "#1e46a0"}
+LABELS = {FULL: "full (mask skipped)", PARTIAL: "partial (mask evaluated)", NOT_VISITED: "skipped (never visited)"}
 
 
-def png_bytes(rgb) -> bytes:
-    """An 8-bit RGB PNG of ``rgb`` (``[H, W, 3]`` uint8 tensor or nested lists)."""
-    t = torch.as_tensor(rgb, dtype=torch.uint8)
-    H, W, C = t.shape
-    if C != 3:
-        raise ValueError("expected [H, W, 3] RGB data")
-    rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), t.reshape(H, W * 3)], 1)  # filter 0 per row
-    raw = rows.contiguous().numpy().tobytes()
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
+def default_title(compiled, tmap: torch.Tensor, Lq: int, Lkv: int, tiles: tuple[int, int]) -> str:
+    """``'<mask name>: L=4096, tiles 64x64 (64 x 64 tiles)'`` and a line of :func:`summary`."""
+    name = getattr(compiled.mask_mod, "__name__", None) or type(compiled.mask_mod).__name__
+    lengths = f"L={Lq}" if Lq == Lkv else f"Lq={Lq}, Lkv={Lkv}"
+    v, f = int((tmap > 0).sum()), int((tmap == FULL).sum())
+    return (f"{name}: {lengths}, tiles {tiles[0]}x{tiles[1]} ({tmap.shape[0]} x {tmap.shape[1]} tiles)\n"
+            f"{v / tmap.numel():.1%} of tiles visited: {f} full, {v - f} partial")
 
 
-def render(tmap: torch.Tensor, scale: int | None = None, grid_every: int | None = None) -> torch.Tensor:
-    """RGB image of a tile map: white = skipped, orange = partial (mask evaluated), blue = full.
-    ``grid_every`` draws light lines every that many tiles."""
+def draw_tile_map(tmap: torch.Tensor, *, title: str | None = None, grid_every: int | None = None,
+                  ax=None):
+    """Draw a tile map with matplotlib: one cell per (query tile, key tile), query tiles down the
+    rows and key tiles along the columns, axes labelled with tile indices, a legend of the three
+    classes and ``title``. ``grid_every`` draws light lines every that many tiles (default: every
+    tile when the map has at most 48 tiles a side, none otherwise). Draws into ``ax`` when given,
+    else into a new :class:`matplotlib.figure.Figure` (no pyplot state); returns the figure."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
     nq, nk = tmap.shape
-    if scale is None:
-        scale = max(1, min(16, 512 // max(nq, nk)))
-    img = torch.empty(nq, nk, 3, dtype=torch.uint8)
-    for k, col in COLORS.items():
-        img[tmap == k] = torch.tensor(col, dtype=torch.uint8)
-    img = img.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    if grid_every and scale >= 2:
-        light = torch.tensor((200, 200, 200), dtype=torch.uint8)
-        for i in range(0, nq, grid_every):
-            img[i * scale, :][(img[i * scale, :] == 255).all(-1)] = light
-        for j in range(0, nk, grid_every):
-            img[:, j * scale][(img[:, j * scale] == 255).all(-1)] = light
-    return img
+    if ax is None:
+        side = 6.0
+        fig = Figure(figsize=(side * min(2.0, max(0.6, nk / max(nq, 1))) + 2.2, side))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    cmap = ListedColormap([COLORS[NOT_VISITED], COLORS[PARTIAL], COLORS[FULL]])
+    ax.imshow(tmap.to(torch.int64).numpy(), cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3),
+              interpolation="nearest", aspect="auto" if max(nq, nk) > 4 * min(nq, nk) else "equal")
+    ax.set_xlabel("key tile (kv_idx // block_n)")
+    ax.set_ylabel("query tile (q_idx // block_m)")
+    ax.xaxis.set_label_position("top")
+    ax.xaxis.tick_top()
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    if grid_every is None:
+        grid_every = 1 if max(nq, nk) <= 48 else 0
+    if grid_every:
+        ax.set_xticks([x - 0.5 for x in range(0, nk + 1, grid_every)], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(0, nq + 1, grid_every)], minor=True)
+        ax.grid(which="minor", color="#c8c8c8", linewidth=0.5)
+        ax.tick_params(which="minor", length=0)
+    handles = [Patch(facecolor=COLORS[k], edgecolor="#808080", label=LABELS[k]) for k in (FULL, PARTIAL, NOT_VISITED)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
-def save_tile_map(compiled, path, Lq=None, Lkv=None, *, scale=None, grid_every=None, **kw) -> torch.Tensor:
-    """Compute the tile map of ``compiled`` and write it to ``path`` as a PNG; returns the map."""
+def save_tile_map(compiled, path, Lq=None, Lkv=None, *, title: str | None = None, grid_every=None, dpi: int = 110,
+                  **kw) -> torch.Tensor:
+    """Compute the tile map of ``compiled`` (``kw``: :func:`tile_map`'s ``block_m``, ``block_n``,
+    ``b``, ``h``), draw it with :func:`draw_tile_map` and write it to ``path`` (the format follows
+    the suffix: ``.png``, ``.svg``, ``.pdf``); returns the map. ``title`` defaults to
+    :func:`default_title`."""
     tmap = tile_map(compiled, Lq, Lkv, **kw)
-    with open(path, "wb") as f:
-        f.write(png_bytes(render(tmap, scale, grid_every)))
+    if Lq is None:
+        Lq = len(compiled.mask_mod.layout)
+    tiles = map_tiles(compiled, kw.get("block_m"), kw.get("block_n"))
+    title = default_title(compiled, tmap, Lq, Lq if Lkv is None else Lkv, tiles) if title is None else title
+    draw_tile_map(tmap, title=title, grid_every=grid_every).savefig(path, dpi=dpi)
     return tmap
 
 

@@ -2,9 +2,15 @@
 
 Follows ``shared/bench/README.md``:
 
-* ours (``attndsl.compile``), FlexAttention (``torch.compile(flex_attention, dynamic=False)``
-  with ``create_block_mask`` built once and reused) and SDPA where the pattern allows, on the
-  same fresh random inputs, one after the other;
+* ours twice: the one-shot ``attndsl.attention(q, k, v, mask_mod=..., score_mod=...)`` as model
+  code calls it (every call pays its own host work and block table; api "attention") and a
+  pattern ``attndsl.compile``d once with its block table built once (api "compiled"); then
+  FlexAttention (``torch.compile(flex_attention, dynamic=False)`` with ``create_block_mask``
+  built once and reused) and SDPA where the pattern allows, on the same fresh random inputs,
+  one after the other; model-shaped cases fix their own shapes, and the transformer-block case
+  times a whole ``torch.compile``d block with each attention inside (``run_block_case``);
+* host time per call (a loop of calls with no sync, ``time.perf_counter`` ÷ the count) for
+  every timed callable, next to its GPU time;
 * every case is checked before it is timed (ours vs Flex on the benchmark inputs, and ours vs
   the float64 ``attndsl.reference`` at a small size in fp32); a case that fails is reported
   and not timed;
@@ -19,8 +25,10 @@ case that raises is reported and the next one runs; a worker that dies (segfault
 CUDA error such as an illegal address, a hang past ``--case-timeout-s``) is replaced by a
 fresh worker that carries on with the remaining cases. A global ``--budget-s`` keeps the
 whole run inside one device call; cases it cannot reach are reported as skipped. One JSON
-line is printed per case as it finishes, the JSON file (``$OUT/bench.json`` or ``--json``)
-is rewritten after every case, and a markdown table ends the run.
+line is printed per case as it finishes, the detailed JSON log (``$OUT/bench.json`` or ``--json``)
+and the results file (``benchmarks/results.py``: ``<gpu>-<yyyy-mm-dd>.json`` in ``--results-dir``,
+one row per case x pass x api) are rewritten after every case, and a markdown table ends the run.
+``python -m benchmarks.table`` turns the newest results file into BENCHMARKS.md's table.
 
 Nothing here touches the GPU at import time.
 """
@@ -36,6 +44,7 @@ import math
 import os
 import platform
 import queue
+import shlex
 import signal
 import statistics
 import subprocess
@@ -49,6 +58,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import cases as _cases
+from . import results as _results
 
 # --------------------------------------------------------------------------------------
 # protocol constants
@@ -66,6 +76,17 @@ REF_HEADS = 2         # heads of the small reference check
 PROTO_PREFIX = "@@attndsl-bench "
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2.0**20
+# host-time loops: enough calls for ~100 ms of GPU work, at least 10 and at most 100
+HOST_MIN_CALLS, HOST_MAX_CALLS, HOST_LOOP_MS = 2, 100, 100.0
+
+
+def host_calls(gpu_ms: Optional[float]) -> int:
+    """How many calls a host-time loop makes for a call of ``gpu_ms`` GPU time: many for short calls
+    (host time is what decides them), few for long ones (the launch queue must not fill up, and a
+    2-second call must not cost 20 s)."""
+    if gpu_ms is None or not (gpu_ms > 0):
+        return HOST_MIN_CALLS
+    return int(max(HOST_MIN_CALLS, min(HOST_MAX_CALLS, HOST_LOOP_MS / gpu_ms)))
 
 
 # --------------------------------------------------------------------------------------
@@ -335,19 +356,36 @@ class BenchConfig:
     isolate: bool = True
     json_path: Optional[str] = None
     md_path: Optional[str] = None
+    #: where the results file ``<gpu>-<yyyy-mm-dd>.json`` goes (None: not written)
+    results_dir: Optional[str] = None
+    #: the commit the figures belong to (default: git HEAD of the checkout, when there is one)
+    commit: Optional[str] = None
+    #: the command line, as recorded in the results
+    command: str = "python -m benchmarks"
 
     @property
     def hkv(self) -> int:
         return self.H if self.Hkv is None else self.Hkv
 
+    def dims(self, name: str):
+        """(B, Hq, Hkv) of a case: a model case's own shape, else the configured one (a case's
+        ``default_hkv`` where --Hkv is not given)."""
+        c = _cases.get_case(name)
+        sh = c.shape or {}
+        H = sh.get("H", self.H)
+        Hkv = sh.get("Hkv", self.Hkv if self.Hkv is not None else (c.default_hkv or H))
+        return sh.get("B", self.B), H, Hkv
+
     def jobs(self):
-        """(case_name, L, D) in run order; a case with fixed_L runs once per D."""
+        """(case_name, L, D) in run order; a case with fixed_L runs once per D, a model-shaped case
+        (fixed shape) once."""
         seen, out = set(), []
         for L in self.Ls:
             for D in self.Ds:
                 for name in self.cases:
                     c = _cases.get_case(name)
-                    key = (name, c.fixed_L or L, D)
+                    sh = c.shape or {}
+                    key = (name, sh.get("L", c.fixed_L or L), sh.get("D", D))
                     if key not in seen:
                         seen.add(key)
                         out.append(key)
@@ -365,7 +403,8 @@ def _int_list(s: str) -> List[int]:
 
 
 def resolve_cases(spec: Optional[str], quick: bool = False) -> List[str]:
-    """Comma list of names or fnmatch globs ('all' = every registered case)."""
+    """Comma list of names, fnmatch globs or groups (``_cases.GROUPS``: default, quick, models,
+    protocol, locality, learnable, full); 'all' = every registered case."""
     if not spec:
         return list(_cases.QUICK_CASES if quick else _cases.DEFAULT_CASES)
     names: List[str] = []
@@ -374,20 +413,24 @@ def resolve_cases(spec: Optional[str], quick: bool = False) -> List[str]:
             continue
         if item == "all":
             hits = _cases.case_names()
+        elif item in _cases.GROUPS:
+            hits = list(_cases.GROUPS[item])
         elif any(ch in item for ch in "*?["):
             hits = [n for n in _cases.case_names() if fnmatch.fnmatchcase(n, item)]
         else:
             hits = [item] if item in _cases.CASES else []
         if not hits:
-            raise ValueError(f"unknown benchmark case {item!r}; known: {', '.join(_cases.case_names())}")
+            raise ValueError(f"unknown benchmark case {item!r}; known: {', '.join(_cases.case_names())}; "
+                             f"groups: {', '.join(_cases.GROUPS)}")
         names += [h for h in hits if h not in names]
     return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None,
-                   help="comma list of cases or globs, 'all' for every registered case "
-                        f"(default: {','.join(_cases.DEFAULT_CASES)})")
+                   help="comma list of cases, globs or groups (" + ", ".join(_cases.GROUPS) + "); 'all' for "
+                        f"every registered case (default: {','.join(_cases.DEFAULT_CASES)}); 'full' is the "
+                        "table of BENCHMARKS.md, model-shaped cases first")
     p.add_argument("--L", type=_int_list, default=None,
                    help="sequence length(s), comma list (default 16384; 4096 with --quick)")
     p.add_argument("--D", type=_int_list, default=[128], help="head dim(s), comma list (default 128)")
@@ -418,7 +461,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="run the cases in this process (no worker subprocess, no restart after a crash)")
     p.add_argument("--json", dest="json_path", default=None,
-                   help="write results here (default: $OUT/bench.json when $OUT is set)")
+                   help="write the detailed per-case log here (default: $OUT/bench.json when $OUT is set)")
+    p.add_argument("--results-dir", default=None,
+                   help="write the results file <gpu>-<yyyy-mm-dd>.json (rows: case x pass x api) here "
+                        "(default: $OUT/benchmarks/results when $OUT is set, else the repository's "
+                        "benchmarks/results for a GPU run of attndsl; dry runs write none unless asked)")
+    p.add_argument("--commit", default=None,
+                   help="commit the figures belong to (default: git rev-parse --short HEAD of the checkout)")
     p.add_argument("--list", action="store_true", help="list the registered cases and exit")
     # internal: worker mode
     p.add_argument("--worker-jobs", default=None, help=argparse.SUPPRESS)
@@ -439,13 +488,20 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
                       Hkv=ns.Hkv, dtype=ns.dtype, bwd=ns.bwd, quick=ns.quick, device=ns.device,
                       ours=ns.ours, ref_L=ns.ref_L, tol=ns.tol, grad_tol=ns.grad_tol, ref_tol=ns.ref_tol,
                       seed=ns.seed, budget_s=ns.budget_s, case_timeout_s=ns.case_timeout_s,
-                      isolate=ns.isolate, json_path=ns.json_path)
+                      isolate=ns.isolate, json_path=ns.json_path, results_dir=ns.results_dir, commit=ns.commit)
     if cfg.json_path is None and os.environ.get("OUT"):
         cfg.json_path = os.path.join(os.environ["OUT"], "bench.json")
+    if cfg.results_dir is None:
+        if os.environ.get("OUT"):
+            cfg.results_dir = os.path.join(os.environ["OUT"], "benchmarks", "results")
+        elif cfg.device == "cuda" and cfg.ours == "attndsl":
+            cfg.results_dir = str(_repo_root() / "benchmarks" / "results")
     if cfg.json_path:
         cfg.md_path = os.path.splitext(cfg.json_path)[0] + ".md"
-    if cfg.H % cfg.hkv:
-        raise ValueError(f"H={cfg.H} is not a multiple of Hkv={cfg.hkv}")
+    for name in cfg.cases:
+        B, H, Hkv = cfg.dims(name)
+        if H % Hkv:
+            raise ValueError(f"H={H} is not a multiple of Hkv={Hkv} (case {name})")
     return cfg
 
 
@@ -480,6 +536,19 @@ class CudaBackend:
         peak = torch.cuda.max_memory_allocated()
         del res
         return peak / MIB, (peak - base) / MIB
+
+    def host_us(self, fn, n: int, grad_to_none=None) -> float:
+        """Host time per call in µs: ``n`` calls with no sync between them (``time.perf_counter``), ÷ n."""
+        fn()
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        t1 = time.perf_counter()
+        self.sync()
+        return (t1 - t0) / n * 1e6
 
     def alive(self) -> bool:
         try:
@@ -523,6 +592,15 @@ class CpuBackend:
         fn()
         return None, None
 
+    def host_us(self, fn, n: int, grad_to_none=None) -> float:
+        n = min(n, self.reps)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        return (time.perf_counter() - t0) / n * 1e6
+
     def alive(self) -> bool:
         return True
 
@@ -537,18 +615,23 @@ class CpuBackend:
 class Ours:
     """What the harness needs from the implementation under test."""
 
-    def __init__(self, name, compile_fn, reference_fn, version="?"):
+    def __init__(self, name, compile_fn, reference_fn, version="?", attention_fn=None):
         self.name, self.compile, self.reference, self.version = name, compile_fn, reference_fn, version
+        #: the one-shot call ``attention(q, k, v, mask_mod=..., score_mod=..., ...)``
+        self.attention = attention_fn
 
 
 def load_ours(kind: str, flex_fn) -> Ours:
     if kind == "attndsl":
         import attndsl  # lazily: the core may be unfinished when this module is imported
         import attndsl.reference as ref
-        return Ours("attndsl", attndsl.compile, ref.attention, getattr(attndsl, "__version__", "?"))
+        return Ours("attndsl", attndsl.compile, ref.attention, getattr(attndsl, "__version__", "?"),
+                    attndsl.attention)
     if kind == "flex":
+        def attention(q, k, v, mask_mod=None, score_mod=None, scale=None, return_lse=False):
+            return _FlexStandIn(flex_fn, mask_mod, score_mod)(q, k, v, scale=scale, return_lse=return_lse)
         return Ours("flex-standin", lambda mask_mod=None, score_mod=None, **kw:
-                    _FlexStandIn(flex_fn, mask_mod, score_mod), dense_reference, torch.__version__)
+                    _FlexStandIn(flex_fn, mask_mod, score_mod), dense_reference, torch.__version__, attention)
     raise ValueError(f"unknown implementation {kind!r}")
 
 
@@ -638,13 +721,20 @@ def environment_meta(cfg: BenchConfig, ctx: Optional[Context] = None) -> Dict[st
         meta["gpu"] = torch.cuda.get_device_name() if cfg.device == "cuda" else platform.processor() or "cpu"
     except Exception as e:
         meta["gpu"] = f"unavailable ({type(e).__name__}: {e})"
-    try:
-        root = Path(__file__).resolve().parents[2]
-        meta["git"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        meta["git"] = None
+    meta["git"] = cfg.commit or git_commit()
+    meta["commit"] = meta["git"]
+    meta["command"] = cfg.command
     return meta
+
+
+def git_commit() -> Optional[str]:
+    """``git rev-parse --short HEAD`` of this checkout (None where there is no git or no repository)."""
+    try:
+        out = subprocess.run(["git", "-C", str(_repo_root()), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:
+        return None
 
 
 def _r(x, nd=4):
@@ -675,22 +765,24 @@ def _check_finite_nonzero(o, what) -> Optional[str]:
     return None
 
 
-def reference_check(case: _cases.Case, D: int, cfg: BenchConfig, ctx: Context, ours: Ours) -> Dict[str, Any]:
+def reference_check(case: _cases.Case, D: int, cfg: BenchConfig, ctx: Context, ours: Ours,
+                    Dv: Optional[int] = None, gqa: bool = False) -> Dict[str, Any]:
     """ours (fp32 inputs) vs the float64 reference at a small size; returns result fields."""
     Ls = cfg.ref_L or case.small_L
     H = REF_HEADS
-    Hkv = H if cfg.hkv == cfg.H else 1
+    Hkv = 1 if gqa else H
     dev = ctx.device
-    inst = case.build(L=Ls, H=H, device=dev, seed=cfg.seed + 1)
+    inst = case.build(L=Ls, H=H, device=dev, seed=cfg.seed + 1, dtype=torch.float32)
     gen = torch.Generator(device=dev)
     gen.manual_seed(_cases.case_seed(case.name, cfg.seed + 1))
     q = _randn((1, H, Ls, D), torch.float32, dev, gen)
     k = _randn((1, Hkv, Ls, D), torch.float32, dev, gen)
-    v = _randn((1, Hkv, Ls, cfg.Dv or D), torch.float32, dev, gen)
+    v = _randn((1, Hkv, Ls, Dv or D), torch.float32, dev, gen)
     attn = ours.compile(mask_mod=_ours_mask(inst), score_mod=inst.score_mod, **inst.compile_kwargs)
-    res = attn(q, k, v, return_lse=True, **inst.call_kwargs)
+    res = attn(q, k, v, return_lse=inst.lse, **inst.call_kwargs)
     o, lse = (res[0], res[1]) if isinstance(res, (tuple, list)) else (res, None)
-    ref_o, ref_lse = ours.reference(q, k, v, mask_mod=inst.mask_mod, score_mod=inst.score_mod, scale=None)
+    ref_o, ref_lse = ours.reference(q, k, v, mask_mod=inst.mask_mod, score_mod=inst.score_mod, scale=None,
+                                    **inst.ref_kwargs)
     out = dict(ref_L=Ls, ref_rel_err=_r(rel_error(o, ref_o), 8))
     problems = []
     bad = _check_finite_nonzero(o, "ref-size output")
@@ -715,15 +807,49 @@ def _ours_mask(inst):
     return inst.mask_mod if isinstance(m, str) and m == "same" else m
 
 
+def attention_kwargs(attention_fn: Callable, inst: _cases.CaseInstance):
+    """Keyword arguments of the one-shot call for a case, as model code writes it: the mask and score
+    mod, the per-call tensors, and those compile options the one-shot call takes (``normalizer``);
+    returns (kwargs, names of compile options it does not take, e.g. tile sizes)."""
+    import inspect
+    try:
+        params = inspect.signature(attention_fn).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):
+        params, takes_any = {}, True
+    kw = dict(mask_mod=_ours_mask(inst), score_mod=inst.score_mod, **inst.call_kwargs)
+    dropped, tiles = [], {}
+    for n, x in inst.compile_kwargs.items():
+        if takes_any or n in params:
+            kw[n] = x
+        elif n in _TILE_OPTIONS and "kernel_options" in params:
+            tiles[_TILE_OPTIONS[n]] = x  # FlexAttention's spelling of tile sizes
+        else:
+            dropped.append(n)
+    if tiles:
+        kw["kernel_options"] = tiles
+    return kw, dropped
+
+
+#: compile options of tiles, as FlexAttention's ``kernel_options`` (the one-shot call takes those)
+_TILE_OPTIONS = {"block_m": "BLOCK_M", "block_n": "BLOCK_N", "num_warps": "num_warps", "num_stages": "num_stages"}
+
+
 def run_case(name: str, L: int, D: int, cfg: BenchConfig, ctx: Context) -> Dict[str, Any]:
     """Check, then time one case. Never raises: errors land in the returned dict."""
-    r: Dict[str, Any] = dict(case=name, L=L, B=cfg.B, H=cfg.H, Hkv=cfg.hkv, D=D, dtype=cfg.dtype,
+    B, H, Hkv = cfg.dims(name)
+    case = _cases.get_case(name)
+    r: Dict[str, Any] = dict(case=name, family=case.family, L=L, B=B, H=H, Hkv=Hkv, D=D, dtype=cfg.dtype,
                              bwd=cfg.bwd, status="error", phase="setup")
-    if cfg.Dv is not None:
+    if cfg.Dv is not None and case.shape is None:
         r["Dv"] = cfg.Dv
     t_case = time.time()
     try:
-        _run_case_inner(r, name, L, D, cfg, ctx)
+        if case.runner == "block":
+            from .block import run_block_case  # a whole torch.compile'd transformer block
+            run_block_case(r, name, L, D, cfg, ctx)
+        else:
+            _run_case_inner(r, name, L, D, cfg, ctx)
     except Exception as e:
         r["status"] = "error"
         r["error"] = f"{type(e).__name__}: {e}"[:2000]
@@ -741,27 +867,45 @@ def run_case(name: str, L: int, D: int, cfg: BenchConfig, ctx: Context) -> Dict[
     return r
 
 
+def _err(e: BaseException) -> str:
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"[:300]
+
+
+def _sdpa_callable(inst, gqa):
+    """SDPA serving the case on (q, k, v), or None where it does not apply."""
+    import torch.nn.functional as F
+    if inst.sdpa is not None:
+        causal = inst.sdpa == "causal"
+        kw = dict(enable_gqa=True) if gqa else {}
+        return lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=causal, **kw)
+    if inst.sdpa_fn is not None:
+        return inst.sdpa_fn
+    return None
+
+
 def _run_case_inner(r, name, L, D, cfg, ctx):
     be, dev, dt = ctx.backend, ctx.device, ctx.dtype
-    B, H, Hkv = cfg.B, cfg.H, cfg.hkv
+    B, H, Hkv = r["B"], r["H"], r["Hkv"]
+    Dv = r.get("Dv")
     case = _cases.get_case(name)
     r["description"] = case.description
 
     r["phase"] = "build"
-    inst = case.build(L=L, H=H, device=dev, seed=cfg.seed)
+    inst = case.build(L=L, H=H, B=B, device=dev, seed=cfg.seed, dtype=dt)
     if inst.notes:
         r["notes"] = inst.notes
     gen = torch.Generator(device=dev)
     gen.manual_seed(_cases.case_seed(name, cfg.seed))
     q = _randn((B, H, L, D), dt, dev, gen)
     k = _randn((B, Hkv, L, D), dt, dev, gen)
-    v = _randn((B, Hkv, L, cfg.Dv or D), dt, dev, gen)
+    v = _randn((B, Hkv, L, Dv or D), dt, dev, gen)
     gqa = H != Hkv
     r["density"] = _r(inst.density if getattr(inst, "density", None) is not None else
                       mask_density(inst.mask_mod, L, L, dev, B=B, H=H, uses_bh=inst.mask_uses_bh), 6)
     use_flex = getattr(inst, "flex", True)
 
-    # ---- ours: compile, block table (built once), first call ----
+    # ---- ours, compiled: compile, block table (built once), first call ----
     r["phase"] = "ours.load"
     ours = ctx.ours()
     r["phase"] = "ours.compile"
@@ -787,6 +931,22 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     be.sync()
     r["ours_first_call_s"] = _r(time.time() - t0, 3)
 
+    # ---- ours, one-shot: attndsl.attention(q, k, v, mask_mod=..., ...) as model code calls it ----
+    r["phase"] = "attention.first_call"
+    att_kw, dropped = attention_kwargs(ours.attention, inst)
+    if dropped:
+        r["att_dropped_kwargs"] = dropped
+    att_call = lambda a, b_, c: ours.attention(a, b_, c, **att_kw)  # noqa: E731
+    o_att = None
+    try:
+        t0 = time.time()
+        o_att = _first(att_call(q, k, v))
+        be.sync()
+        r["att_first_call_s"] = _r(time.time() - t0, 3)
+    except Exception as e:  # the compiled rows still stand
+        r["att_status"], r["att_error"] = "error", _err(e)
+        att_call = None
+
     # ---- Flex: block mask (built once), compile ----
     r["phase"] = "flex.create_block_mask"
     bm = None
@@ -803,33 +963,54 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
             pass
     r["phase"] = "flex.compile"
     flex_fn = lambda: ctx.flex(q, k, v, score_mod=inst.score_mod, block_mask=bm, enable_gqa=gqa)  # noqa: E731
-    t0 = time.time()
-    o_flex = flex_fn() if use_flex else None
-    be.sync()
+    o_flex = None
     if use_flex:
-        r["flex_compile_s"] = _r(time.time() - t0, 2)
-    else:
+        t0 = time.time()
+        try:
+            o_flex = flex_fn()
+            be.sync()
+            r["flex_compile_s"] = _r(time.time() - t0, 2)
+        except Exception as e:  # Flex failing to compile a pattern (InductorError, shared memory) is
+            # a finding about Flex: ours is still checked (SDPA, the float64 reference) and timed
+            r["flex_error"] = _err(e)
+            use_flex = False
+            if not ctx.backend.alive():
+                raise
+    if not use_flex:
         flex_fn = None
-        r["flex_skipped"] = "FlexAttention not run for this case at this length (see notes)"
+        r.setdefault("flex_skipped", "FlexAttention not run for this case (see notes / flex_error)")
+    sdpa_call = _sdpa_callable(inst, gqa)
+    sdpa_fn = (lambda: sdpa_call(q, k, v)) if sdpa_call is not None else None  # noqa: E731
 
-    # ---- checks before timing ----
+    # ---- checks before timing: ours against Flex (or SDPA where Flex does not run) ----
     r["phase"] = "check"
     problems = []
-    if o_flex is None:
-        o_flex = o  # no Flex output to compare with: the float64 reference check below still runs
+    anchor, o_anchor = ("flex", o_flex) if use_flex else (("sdpa", sdpa_fn()) if sdpa_fn is not None else (None, None))
+    r["check_anchor"] = anchor
     r["check_rel_err_flex"] = _r(rel_error(o, o_flex), 8) if use_flex else None
-    for t, what in ((o, "ours"), (o_flex, "flex")):
-        bad = _check_finite_nonzero(t, what)
+    if anchor == "sdpa":
+        r["check_rel_err_sdpa"] = _r(rel_error(o, o_anchor), 8)
+    for t, what in ((o, "ours"), (o_anchor, anchor)):
+        bad = _check_finite_nonzero(t, what) if t is not None else None
         if bad:
             problems.append(bad)
     r["check_nonfinite"] = int((~torch.isfinite(o.float())).sum().item())
-    if tuple(o.shape) != tuple(o_flex.shape):
-        problems.append(f"shape {tuple(o.shape)} vs flex {tuple(o_flex.shape)}")
-    elif use_flex and not (r["check_rel_err_flex"] < cfg.tol):
-        problems.append(f"rel err vs flex {r['check_rel_err_flex']:.3g} >= {cfg.tol:g}")
-    del o, o_flex
+    if o_anchor is not None:
+        if tuple(o.shape) != tuple(o_anchor.shape):
+            problems.append(f"shape {tuple(o.shape)} vs {anchor} {tuple(o_anchor.shape)}")
+        else:
+            e = rel_error(o, o_anchor)
+            if not (e < cfg.tol):
+                problems.append(f"rel err vs {anchor} {e:.3g} >= {cfg.tol:g}")
+    if o_att is not None:  # the one-shot call must give what the compiled one gives
+        e = rel_error(o_att, o)
+        r["check_rel_err_att"] = _r(e, 8)
+        if not (e < cfg.tol) or tuple(o_att.shape) != tuple(o.shape):
+            r["att_status"], r["att_error"] = "failed", f"attention vs compiled rel err {e:.3g} >= {cfg.tol:g}"
+            att_call = None
+    del o, o_flex, o_att, o_anchor
     r["phase"] = "check.reference"
-    ref = reference_check(case, D, cfg, ctx, ours)
+    ref = reference_check(case, D, cfg, ctx, ours, Dv=Dv, gqa=gqa)
     problems += ref.pop("_problems")
     r.update(ref)
     if problems:
@@ -839,37 +1020,30 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         return
 
     # ---- timing (forward) ----
-    sdpa_fn = None
-    if inst.sdpa is not None:
-        import torch.nn.functional as F
-        causal = inst.sdpa == "causal"
-        kw = dict(enable_gqa=True) if gqa else {}
-        sdpa_fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)  # noqa: E731
     ours_fn = lambda: _call_ours(attn, q, k, v, tables, inst.call_kwargs)  # noqa: E731
-    flops = attention_flops(B, H, L, L, D, r["density"], Dv=cfg.Dv)
-
-    r["phase"] = "time.ours"
-    r["ours_ms"] = _r(be.bench(ours_fn))
+    att_fn = (lambda: att_call(q, k, v)) if att_call is not None else None  # noqa: E731
+    flops = attention_flops(B, H, L, L, D, r["density"], Dv=Dv)
+    timed = (("ours", ours_fn), ("att", att_fn), ("flex", flex_fn), ("sdpa", sdpa_fn))
+    for who, fn in timed:
+        if fn is None:
+            continue
+        r["phase"] = f"time.{who}"
+        r[f"{who}_ms"] = _r(be.bench(fn))
+        r[f"{who}_host_us"] = _r(be.host_us(fn, host_calls(r[f"{who}_ms"])), 1)
+    if att_fn is not None:
+        r["att_status"] = "ok"
     if tables is not None:
         r["phase"] = "time.ours_table"
         r["ours_table_ms"] = _r(be.bench(lambda: builder(q, k, v)))
-    if flex_fn is not None:
-        r["phase"] = "time.flex"
-        r["flex_ms"] = _r(be.bench(flex_fn))
     if bm is not None:
         r["phase"] = "time.flex_block_mask"
         r["flex_block_mask_ms"] = _r(be.bench(lambda: ctx.create_block_mask(inst.mask_mod, bmB, bmH, L, L,
                                                                             device=dev)))
-    if sdpa_fn is not None:
-        r["phase"] = "time.sdpa"
-        r["sdpa_ms"] = _r(be.bench(sdpa_fn))
     r["phase"] = "memory"
-    r["ours_peak_mib"], r["ours_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(ours_fn))
-    if flex_fn is not None:
-        r["flex_peak_mib"], r["flex_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(flex_fn))
-    if sdpa_fn is not None:
-        r["sdpa_peak_mib"], r["sdpa_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(sdpa_fn))
-    for who in ("ours", "flex", "sdpa"):
+    for who, fn in timed:
+        if fn is not None:
+            r[f"{who}_peak_mib"], r[f"{who}_peak_extra_mib"] = map(lambda x: _r(x, 1), be.peak_mib(fn))
+    for who in ("ours", "att", "flex", "sdpa"):
         if r.get(f"{who}_ms") is not None:
             r[f"{who}_tflops"] = _r(tflops(flops, r[f"{who}_ms"]), 1)
     r["flex_over_ours"] = _r(ratio(r.get("flex_ms"), r.get("ours_ms")), 3)
@@ -883,8 +1057,8 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
     r["bwd_status"] = "running"
     r["phase"] = "bwd.setup"
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    grads = [qg, kg, vg]
-    do = _randn((B, H, L, cfg.Dv or D), dt, dev, gen)
+    grads = [qg, kg, vg, *inst.leaves]
+    do = _randn((B, H, L, Dv or D), dt, dev, gen)
 
     def clear():
         for t in grads:
@@ -896,68 +1070,85 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
         return fb
 
     ours_fb = make_fb(lambda a, b_, c: _call_ours(attn, a, b_, c, tables, inst.call_kwargs))
+    att_fb = make_fb(att_call) if att_call is not None else None
     flex_fb = make_fb(lambda a, b_, c: ctx.flex(a, b_, c, score_mod=inst.score_mod, block_mask=bm, enable_gqa=gqa)) \
         if use_flex else None
-    r["phase"] = "bwd.ours_first_call"
-    clear()
-    t0 = time.time()
-    ours_fb()
-    be.sync()
-    r["ours_bwd_first_s"] = _r(time.time() - t0, 3)
-    g_ours = [t.grad for t in grads]
-    r["phase"] = "bwd.flex_compile"
-    clear()
-    g_flex = [None] * 3
-    if flex_fb is not None:
+    sdpa_fb = make_fb(sdpa_call) if sdpa_call is not None else None
+
+    def grads_of(fb, phase):
+        r["phase"] = phase
+        clear()
         t0 = time.time()
+        fb()
+        be.sync()
+        got = [t.grad for t in (qg, kg, vg)]
+        clear()
+        return got, time.time() - t0
+
+    g_ours, r["ours_bwd_first_s"] = grads_of(ours_fb, "bwd.ours_first_call")
+    r["ours_bwd_first_s"] = _r(r["ours_bwd_first_s"], 3)
+    g_anchor, g_anchor_name = None, None
+    if flex_fb is not None:
         try:
-            flex_fb()
-            be.sync()
-            r["flex_bwd_compile_s"] = _r(time.time() - t0, 2)
-            g_flex = [t.grad for t in grads]
+            g_anchor, t = grads_of(flex_fb, "bwd.flex_compile")
+            r["flex_bwd_compile_s"], g_anchor_name = _r(t, 2), "flex"
         except Exception as e:  # e.g. Flex's backward needing more shared memory than the GPU has:
             # ours is still timed (its gradients are then checked for finiteness only here)
-            r["flex_bwd_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+            r["flex_bwd_error"] = _err(e)
             flex_fb = None
-    clear()
+    if g_anchor is None and sdpa_fb is not None:
+        g_anchor, _ = grads_of(sdpa_fb, "bwd.sdpa_first_call")
+        g_anchor_name = "sdpa"
+    r["grad_anchor"] = g_anchor_name
     r["phase"] = "bwd.check"
     bproblems = []
-    for n, a, b_ in zip(("dq", "dk", "dv"), g_ours, g_flex):
+    for n, a, b_ in zip(("dq", "dk", "dv"), g_ours, g_anchor or [None] * 3):
         if a is None:
             bproblems.append(f"ours gave no {n}")
             continue
-        e = rel_error(a, b_) if b_ is not None else 0.0
-        r[f"grad_rel_err_{n}"] = _r(e, 8) if b_ is not None else None
         bad = _check_finite_nonzero(a, f"ours {n}")
         if bad:
             bproblems.append(bad)
+        if b_ is None:
+            r[f"grad_rel_err_{n}"] = None
+            continue
+        e = rel_error(a, b_)
+        r[f"grad_rel_err_{n}"] = _r(e, 8)
         if not (e < cfg.grad_tol):
-            bproblems.append(f"{n} rel err vs flex {e:.3g} >= {cfg.grad_tol:g}")
-    del g_ours, g_flex
+            bproblems.append(f"{n} rel err vs {g_anchor_name} {e:.3g} >= {cfg.grad_tol:g}")
     if bproblems:
         r["bwd_status"] = "failed"
         r["bwd_error"] = "; ".join(bproblems)
         r.pop("phase", None)
         return
-    sdpa_fb = None
-    if inst.sdpa is not None:
-        import torch.nn.functional as F
-        causal = inst.sdpa == "causal"
-        kw = dict(enable_gqa=True) if gqa else {}
-        sdpa_fb = make_fb(lambda a, b_, c: F.scaled_dot_product_attention(a, b_, c, is_causal=causal, **kw))
-    fb_flops = attention_flops(B, H, L, L, D, r["density"], fwd_bwd=True, Dv=cfg.Dv)
-    for who, fn in (("ours", ours_fb), ("flex", flex_fb), ("sdpa", sdpa_fb)):
+    if att_fb is not None:
+        try:
+            g_att, _ = grads_of(att_fb, "bwd.attention_first_call")
+            e = max(rel_error(a, b_) for a, b_ in zip(g_att, g_ours))
+            r["grad_rel_err_att"] = _r(e, 8)
+            if not (e < cfg.grad_tol):
+                r["att_bwd_status"], r["att_bwd_error"] = "failed", f"attention vs compiled grad rel err {e:.3g}"
+                att_fb = None
+        except Exception as e:
+            r["att_bwd_status"], r["att_bwd_error"] = "error", _err(e)
+            att_fb = None
+    del g_ours, g_anchor
+    fb_flops = attention_flops(B, H, L, L, D, r["density"], fwd_bwd=True, Dv=Dv)
+    for who, fn in (("ours", ours_fb), ("att", att_fb), ("flex", flex_fb), ("sdpa", sdpa_fb)):
         if fn is None:
             continue
         r["phase"] = f"bwd.time.{who}"
         ms = be.bench(fn, grad_to_none=grads)
         r[f"{who}_fwd_bwd_ms"] = _r(ms)
         r[f"{who}_fwd_bwd_tflops"] = _r(tflops(fb_flops, ms), 1)
+        r[f"{who}_fwd_bwd_host_us"] = _r(be.host_us(fn, host_calls(ms), grad_to_none=grads), 1)
         clear()
         r["phase"] = f"bwd.memory.{who}"
         peak, extra = be.peak_mib(fn)
         r[f"{who}_fwd_bwd_peak_mib"], r[f"{who}_fwd_bwd_peak_extra_mib"] = _r(peak, 1), _r(extra, 1)
         clear()
+    if att_fb is not None:
+        r["att_bwd_status"] = "ok"
     r["flex_over_ours_fwd_bwd"] = _r(ratio(r.get("flex_fwd_bwd_ms"), r.get("ours_fwd_bwd_ms")), 3)
     r["sdpa_over_ours_fwd_bwd"] = _r(ratio(r.get("sdpa_fwd_bwd_ms"), r.get("ours_fwd_bwd_ms")), 3)
     r["bwd_status"] = "ok"
@@ -970,8 +1161,9 @@ def _run_case_inner(r, name, L, D, cfg, ctx):
 
 def _skipped(job, cfg, why):
     name, L, D = job
-    return dict(case=name, L=L, B=cfg.B, H=cfg.H, Hkv=cfg.hkv, D=D, dtype=cfg.dtype, bwd=cfg.bwd,
-                status="skipped", error=why)
+    B, H, Hkv = cfg.dims(name)
+    return dict(case=name, family=_cases.get_case(name).family, L=L, B=B, H=H, Hkv=Hkv, D=D, dtype=cfg.dtype,
+                bwd=cfg.bwd, status="skipped", error=why)
 
 
 def run_jobs(cfg: BenchConfig, job_ids: Sequence[int], emit: Callable[..., None],
@@ -1024,6 +1216,7 @@ class _Collector:
 
     def on_meta(self, meta):
         if self.meta is None:
+            meta = dict(meta, command=self.cfg.command)  # a worker's own argv is not the command
             self.meta = meta
             print("# " + header_line(meta), file=self.out, flush=True)
             print(json.dumps(dict(meta=meta), default=str), file=self.out, flush=True)
@@ -1041,6 +1234,15 @@ class _Collector:
         return [self.results[i] for i in sorted(self.results)]
 
     def write(self, final=False):
+        if self.cfg.results_dir and self.results:
+            try:
+                meta = self.meta or {}
+                self.results_path = _results.write_results(
+                    _results.all_rows(self.ordered(), meta, self.cfg.bwd), self.cfg.results_dir,
+                    meta.get("gpu"), meta.get("started"))
+            except OSError as e:
+                print(f"# could not write the results file in {self.cfg.results_dir}: {e}", file=sys.stderr,
+                      flush=True)
         if not self.cfg.json_path:
             return
         try:
@@ -1062,10 +1264,18 @@ class _Collector:
         self.write(final=True)
         print("", file=self.out)
         print(markdown_report(self.ordered(), self.meta), file=self.out, flush=True)
+        from .table import render_table  # the rows as BENCHMARKS.md shows them: both apis, host time
+        print("", file=self.out)
+        print(render_table(_results.all_rows(self.ordered(), self.meta or {}, self.cfg.bwd)), file=self.out,
+              flush=True)
+        if getattr(self, "results_path", None):
+            print(f"# results: {self.results_path} (python -m benchmarks.table regenerates BENCHMARKS.md's table)",
+                  file=self.out, flush=True)
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    """The checkout holding this ``benchmarks/`` folder."""
+    return Path(__file__).resolve().parents[1]
 
 
 def _kill_group(proc: subprocess.Popen):
@@ -1134,8 +1344,11 @@ def supervise(cfg: BenchConfig, argv: Sequence[str], collector: _Collector) -> N
                     sys.stderr.write(line)  # keep stdout for JSON lines and the table
                     sys.stderr.flush()
             now = time.time()
-            if current is not None and now - started > cfg.case_timeout_s:
-                killed_for = f"timed out after {cfg.case_timeout_s:.0f} s (worker killed)"
+            limit = cfg.case_timeout_s
+            if current is not None:
+                limit = max(limit, _cases.get_case(collector.jobs[current][0]).timeout_s or 0.0)
+            if current is not None and now - started > limit:
+                killed_for = f"timed out after {limit:.0f} s (worker killed)"
             elif now > deadline + 5:
                 killed_for = "time budget exhausted while running (worker killed)"
             if killed_for:
@@ -1189,8 +1402,13 @@ def list_cases(out=None) -> None:
     out = out or sys.stdout
     for name, c in _cases.CASES.items():
         extra = f" (L fixed at {c.fixed_L})" if c.fixed_L else ""
+        if c.shape:
+            extra = " (" + ", ".join(f"{k}={v}" for k, v in c.shape.items()) + ")"
         default = " [default]" if name in _cases.DEFAULT_CASES else ""
-        print(f"{name:28s} {c.description}{extra}{default}", file=out)
+        print(f"{name:30s} {c.description}{extra}{default}", file=out)
+    print("\ngroups (--cases GROUP):", file=out)
+    for g, names in _cases.GROUPS.items():
+        print(f"  {g:12s} {','.join(names)}", file=out)
 
 
 def main_from_namespace(ns: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -1202,6 +1420,7 @@ def main_from_namespace(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg.command = " ".join(["python -m benchmarks", *(shlex.quote(a) for a in argv)])
     if ns.worker_jobs is not None:
         ids = [int(x) for x in ns.worker_jobs.split(",") if x != ""]
         return _worker_main(cfg, ids, ns.deadline)

@@ -1,6 +1,9 @@
 """Issue #6 timings: learnable tables and pair biases, sinks, sigmoid, low-rank bias.
 
-``python -m benchmarks.learnable [--L 16384] [--quick]`` on a GPU. Every case is checked
+``python -m benchmarks.learnable [--L 16384] [--cases t5,pair,sinks,sigmoid,lowrank]`` on a GPU; rows
+in the results format (``benchmarks/results.py``) go to ``<gpu>-<date>.json`` like the harness's.
+The T5, sigmoid and low-rank cases also run in the main harness (``python -m benchmarks --cases
+learnable``), which adds the one-shot call, host time and peak memory. Every case is checked
 before it is timed (ours against FlexAttention/SDPA or the float64 reference) and timed with
 ``triton.testing.do_bench(warmup=50, rep=200, median)``; ours and the anchors run in this one
 process on the same inputs. Prints one line per figure and a markdown table at the end.
@@ -8,9 +11,11 @@ process on the same inputs. Prints one line per figure and a markdown table at t
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import re
 import sys
 import traceback
 
@@ -35,10 +40,25 @@ def fwd_bwd(call, leaves, do):
     return run
 
 
+#: filled by main(): the shape and versions every row records (benchmarks/results.py's format)
+SHAPE: dict = {}
+
+
 def row(case, what, ours, anchor=None, anchor_name="", note=""):
-    r = dict(case=case, what=what, ours_ms=round(ours, 3), anchor=anchor_name,
-             anchor_ms=None if anchor is None else round(anchor, 3),
-             ratio=None if anchor is None else round(anchor / ours, 2), note=note)
+    """One row of the results format (benchmarks/results.py): api "compiled" (this script times
+    ``attndsl.compile``d patterns); the anchor lands in flex_ms or sdpa_ms by its name, an anchor of
+    our own (a no-bias baseline) only in ``anchor``/``anchor_ms``. Host time and peak memory are not
+    taken here (null)."""
+    m = re.search(r"L=(\d+)", case)
+    L = int(m.group(1)) if m else SHAPE.get("L")
+    anchor_ms = None if anchor is None else round(anchor, 3)
+    r = dict(case=re.sub(r",? ?L=\d+", "", case).strip(), family="learnable", B=1, Hq=SHAPE.get("H"),
+             Hkv=SHAPE.get("H"), Lq=L, Lkv=L, D=SHAPE.get("D"), dtype="bf16", **{"pass": what}, api="compiled",
+             ours_ms=round(ours, 3), flex_ms=anchor_ms if anchor_name == "flex" else None,
+             sdpa_ms=anchor_ms if anchor_name.startswith("SDPA") else None, host_us=None, flex_host_us=None,
+             sdpa_host_us=None, peak_mib=None, anchor=anchor_name, anchor_ms=anchor_ms,
+             ratio=None if anchor is None else round(anchor / ours, 2), note=note, status="ok")
+    r.update({k: SHAPE.get(k) for k in ("gpu", "torch", "triton", "cuda", "commit", "command", "date")})
     ROWS.append(r)
     print(json.dumps(r), flush=True)
 
@@ -53,6 +73,10 @@ def main(argv=None):
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--cases", default="t5,pair,sinks,sigmoid,lowrank")
+    ap.add_argument("--commit", default=None, help="commit the figures belong to (default: git HEAD)")
+    ap.add_argument("--results-dir", default=None,
+                    help="write the rows to <gpu>-<date>.json here (default: $OUT/benchmarks/results, else "
+                         "the repository's benchmarks/results)")
     args = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     torch._dynamo.config.recompile_limit = 256
@@ -61,6 +85,11 @@ def main(argv=None):
     import triton
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     dev, dt, H, D = "cuda", torch.bfloat16, args.H, args.D
+    from .harness import git_commit
+    SHAPE.update(L=args.L, H=H, D=D, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                 triton=triton.__version__, cuda=torch.version.cuda, commit=args.commit or git_commit(),
+                 command="python -m benchmarks.learnable " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     torch.manual_seed(0)
     causal = lambda b, h, q, k: q >= k  # noqa: E731
     cases = args.cases.split(",")
@@ -220,6 +249,11 @@ def main(argv=None):
     out = os.environ.get("OUT")
     if out:
         json.dump(ROWS, open(os.path.join(out, "learnable.json"), "w"), indent=1)
+    from . import results
+    rdir = args.results_dir or (os.path.join(out, "benchmarks", "results") if out else
+                                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "benchmarks", "results"))
+    print(f"# results: {results.write_results(ROWS, rdir, SHAPE['gpu'], SHAPE['date'])}", flush=True)
 
 
 if __name__ == "__main__":

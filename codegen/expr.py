@@ -198,7 +198,7 @@ class ExprEmitter:
         if op == "bit_length":
             return f"_bit_length({a[0]})"
         if op == "to_float":
-            return f"({a[0]}).to(tl.float32)"
+            return f"({a[0]}).to(ACC_DTYPE)"
         if op == "to_int":
             return f"({a[0]}).to(tl.int{64 if n in self.i64 else 32})"
         if op == "load":
@@ -269,11 +269,11 @@ def _is_int64(tdt: str) -> bool:
 
 
 def _load_value(val: str, kind: str, tdt: str) -> str:
-    """A loaded element as the IR types it: float32, a boolean, or an integer of its tensor's
-    width (int64 stays int64; 8- and 16-bit integers become int32, so arithmetic on them does not
-    wrap where torch's int64 would not)."""
+    """A loaded element as the IR types it: ACC_DTYPE (float32, or float64 on CPU), a boolean, or an
+    integer of its tensor's width (int64 stays int64; 8- and 16-bit integers become int32, so
+    arithmetic on them does not wrap where torch's int64 would not)."""
     if kind == FLOAT:
-        return f"{val}.to(tl.float32)"
+        return f"{val}.to(ACC_DTYPE)"
     if kind == BOOL:
         return f"{val} != 0"
     if not _is_int64(tdt) and str(tdt).replace("torch.", "") != "int32":

@@ -427,12 +427,12 @@ def forward(spec: KernelSpec, table: bool) -> str:
     run_fold = runs and _run_folds(spec)
     if _softmax(spec):
         init = (FOLDED_SCALE if fold or run_fold else "") + f'''    if HAS_SINKS:
-        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
-        m_i = tl.zeros([BLOCK_M], tl.float32) + sink
-        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
+        sink = tl.load(Sinks + h).to(ACC_DTYPE) * LOG2E
+        m_i = tl.zeros([BLOCK_M], ACC_DTYPE) + sink
+        l_i = tl.zeros([BLOCK_M], ACC_DTYPE) + 1.0
     else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
 '''
         # {c}: folded, s holds unscaled scores, scaled inside the exponent's multiply-add
         # {add}: a run's scalar bias, added to the max and taken out of the exponent's shift
@@ -552,7 +552,7 @@ def {name}(
         if UPCAST:
             u = u.to(tl.float32)
 {pre1}{_indent(plan, I1)}
-{init}    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+{init}    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
     visited = 0
 {loops}{finish}    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < LQ) & dv_ok[None, :])
@@ -583,7 +583,7 @@ def {spec.name}_bwd_delta(
     ok = (offs_m[:, None] < LQ) & (offs_dv[None, :] < HEAD_DV)
     o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, mask=ok, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None].to(tl.int64) * stride_dm + offs_dv[None, :] * stride_dd, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
 '''
 
@@ -746,8 +746,8 @@ def {spec.name}_bwd_dkdv(
         v = v.to(tl.float32)
     if HAS_BIAS:
         offs_r = tl.arange(0, BLOCK_R)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC_DTYPE)
     offs_m0 = tl.arange(0, BLOCK_M)
     q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :] * stride_dod
@@ -755,7 +755,7 @@ def {spec.name}_bwd_dkdv(
                      mask=(offs_n[:, None] < LKV) & d2_ok[None, :], other=0.0)
         if UPCAST:
             k2 = k2.to(tl.float32)
-        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], tl.float32)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], ACC_DTYPE)
         q2_offs = offs_m0[:, None] * stride_qm + offs_d2[None, :] * stride_qd
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -767,7 +767,7 @@ def {spec.name}_bwd_dkdv(
                         mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK), other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
-            dw = tl.zeros([BLOCK_N, BLOCK_R], tl.float32)
+            dw = tl.zeros([BLOCK_N, BLOCK_R], ACC_DTYPE)
 {pre1}{_indent(plan, I2)}{loops}        if HAS_BIAS:
             dw_ptrs = DW + (bh.to(tl.int64) * LKV + offs_n[:, None]) * RANK + offs_r[None, :]
             tl.store(dw_ptrs, dw, mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK))
@@ -893,7 +893,7 @@ def _span_adds(key: str, last: str, contrib: str, dst: str, B: str) -> str:
                    for k in range(SPAN_UNROLL))
     return (f"{B}span = tl.arange(0, {SCATTER_SPAN})\n"
             f"{B}for chunk in range(0, {last} + 1, {SCATTER_SPAN}):\n"
-            f"{B}    per_row = tl.zeros([BLOCK_M, {SCATTER_SPAN}], tl.float32)\n"
+            f"{B}    per_row = tl.zeros([BLOCK_M, {SCATTER_SPAN}], ACC_DTYPE)\n"
             f"{B}    for e in range(chunk, tl.minimum(chunk + {SCATTER_SPAN}, {last} + 1), {SPAN_UNROLL}):\n{sums}{puts}"
             f"{B}    tl.atomic_add({dst} + chunk + span, tl.sum(per_row, 0), mask=span <= {last} - chunk)\n")
 
@@ -997,11 +997,11 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
                for a in gl.load.args]
         off = clamped_offset(p, idx)
         if gl.scope == "program":
-            init += f"    gacc{i} = tl.zeros([1, 1], tl.float32)\n"
+            init += f"    gacc{i} = tl.zeros([1, 1], ACC_DTYPE)\n"
             loop += f"{B}gacc{i} += tl.sum(tl.sum({contrib}, 1, keep_dims=True), 0, keep_dims=True)\n"
             final += _reduced_write(gl, i, off, "1", "pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m + tl.zeros([1, 1], tl.int64)", "")
         elif gl.scope == "row":
-            init += f"    gacc{i} = tl.zeros([BLOCK_M, 1], tl.float32)\n"
+            init += f"    gacc{i} = tl.zeros([BLOCK_M, 1], ACC_DTYPE)\n"
             loop += f"{B}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
             final += _reduced_write(gl, i, off, "BLOCK_M", "(pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * BLOCK_M + "
                                     "tl.arange(0, BLOCK_M)[:, None]", ", mask=q_idx < LQ")
@@ -1156,11 +1156,11 @@ def {spec.name}_bwd_dq(
         w_base = W + b.to(tl.int64) * stride_wb + (h // W_GROUP).to(tl.int64) * stride_wh
         if UPCAST:
             u = u.to(tl.float32)
-        du = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+        du = tl.zeros([BLOCK_M, BLOCK_R], ACC_DTYPE)
 {pre1}{_indent(plan, I1)}
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     if HAS_D2:
-        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], ACC_DTYPE)
 {g_init}{loops}    dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_ok)
     if HAS_D2:

@@ -22,6 +22,9 @@ import triton.language as tl
 
 #: compiled for an NVIDIA GPU (this module is imported once per backend): PTX inline assembly works
 PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.version.hip is None)
+#: the type scores, statistics and accumulators are computed in; float64 calls (CPU, interpreter)
+#: run a copy of this module where it is tl.float64 (attndsl.runtime.cache.load)
+ACC_DTYPE = tl.constexpr(tl.float32)
 
 
 @triton.jit

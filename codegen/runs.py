@@ -89,7 +89,7 @@ def search(spec: KernelSpec, inner: str, block: str, ind: str) -> str:
         for j, (ld, los) in idx.items():
             p = f"buf{ld.attr[0]}"
             code += (f"{ind}uo{j}_{side} = {clamped_offset(p, los)}\n"
-                     f"{ind}uc{j}_{side} = tl.load({p} + uo{j}_{side}).to(tl.float32)\n")
+                     f"{ind}uc{j}_{side} = tl.load({p} + uo{j}_{side}).to(ACC_DTYPE)\n")
     return code
 
 
@@ -106,7 +106,7 @@ def bind(spec: KernelSpec, em: ExprEmitter, inner: str, stage: int) -> None:
 
 
 def grad_init(i: int, rows: str) -> str:
-    return f"    gpre{i} = tl.zeros([{rows}], tl.float32)\n    gsuf{i} = tl.zeros([{rows}], tl.float32)\n"
+    return f"    gpre{i} = tl.zeros([{rows}], ACC_DTYPE)\n    gsuf{i} = tl.zeros([{rows}], ACC_DTYPE)\n"
 
 
 def grad_loop(i: int, contrib: str, rows_ok: str, B: str) -> str:

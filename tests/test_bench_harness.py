@@ -1,4 +1,6 @@
-"""CPU tests of the benchmark harness and the CLI: the pure parts, no GPU, no compiler core.
+"""CPU tests of the benchmark harness, its results format and table generator, and the CLI: the pure
+parts, no GPU, no compiler core (the results table is tested on a synthetic fixture,
+``tests/fixtures/bench_results_synthetic.json``: no figure in it was measured).
 
 The GPU paths (do_bench, compiled FlexAttention, peak memory, the attndsl kernels) are not
 exercised here; the harness's own pipeline is run end to end on the CPU with the
@@ -14,6 +16,7 @@ import torch
 
 from attndsl import cli
 from benchmarks import cases as C
+from benchmarks import block as Bk
 from benchmarks import harness as Hn
 
 
@@ -371,16 +374,11 @@ def test_cli_parser():
         p.parse_args(["frobnicate"])
 
 
-def test_cli_bench_forwards_arguments(monkeypatch):
-    seen = {}
-
-    def fake(ns, argv):
-        seen["ns"], seen["argv"] = ns, argv
-        return 0
-    monkeypatch.setattr(Hn, "main_from_namespace", fake)
-    assert cli.main(["bench", "--cases", "causal,sliding_window_1024", "--L", "4096", "--bwd", "--quick"]) == 0
-    assert seen["argv"] == ["--cases", "causal,sliding_window_1024", "--L", "4096", "--bwd", "--quick"]
-    assert seen["ns"].cases == "causal,sliding_window_1024" and seen["ns"].L == [4096] and seen["ns"].bwd
+def test_cli_bench_points_protocol_cases_to_the_harness(capsys):
+    """'attndsl bench' times a user's pattern (tests/test_cli.py); the protocol cases run with
+    'python -m benchmarks' from a checkout, and asking the CLI for them says so."""
+    assert cli.main(["bench", "--cases", "causal,sliding_window_1024", "--L", "4096", "--bwd", "--quick"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
 
 
 def test_split_spec(tmp_path):
@@ -548,3 +546,330 @@ def test_harness_times_a_value_head_dim_apart_from_d(tmp_path, capsys):
     (r,) = rows[1:]
     assert r["status"] == "ok" and r["Dv"] == 24 and r["check_rel_err_flex"] < 1e-5 and r["ref_rel_err"] < 1e-5
     assert "| causal | 64 | 16/24 |" in stdout and "Dv=24" in stdout
+
+
+# ---------------------------------------------------------------- results format (issue 30 part 5)
+
+from benchmarks import results as R  # noqa: E402
+from benchmarks import table as T  # noqa: E402
+
+FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "bench_results_synthetic.json"
+
+
+def _case_result(**kw):
+    r = dict(case="gpt2_step", family="model", L=2048, B=8, H=12, Hkv=12, D=64, dtype="bf16", bwd=True,
+             status="ok", bwd_status="ok", att_status="ok", att_bwd_status="ok", density=0.5,
+             ours_table="device_table", ours_table_ms=0.05, flex_block_mask_ms=3.0,
+             ours_ms=1.0, att_ms=2.0, flex_ms=1.5, sdpa_ms=0.5, ours_host_us=10.0, att_host_us=20.0,
+             flex_host_us=30.0, sdpa_host_us=5.0, ours_peak_mib=100.0, att_peak_mib=101.0,
+             ours_fwd_bwd_ms=4.0, att_fwd_bwd_ms=5.0, flex_fwd_bwd_ms=6.0, sdpa_fwd_bwd_ms=2.0,
+             ours_fwd_bwd_host_us=40.0, att_fwd_bwd_host_us=50.0)
+    r.update(kw)
+    return r
+
+
+META = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11.0", triton="3.6.0", cuda="13.0", commit="abc1234",
+            command="python -m benchmarks --cases full --bwd", started="2026-12-06T08:00:00+00:00")
+
+
+def test_rows_from_result_format():
+    rows = R.rows_from_result(_case_result(), META)
+    assert [(r["pass"], r["api"]) for r in rows] == [("fwd", "attention"), ("fwd", "compiled"),
+                                                     ("fwd+bwd", "attention"), ("fwd+bwd", "compiled")]
+    for r in rows:
+        assert R.validate_row(r) == [], r
+        assert set(R.REQUIRED) <= set(r)
+        assert (r["Hq"], r["Hkv"], r["Lq"], r["Lkv"], r["B"], r["D"]) == (12, 12, 2048, 2048, 8, 64)
+        assert (r["gpu"], r["torch"], r["triton"], r["commit"], r["date"]) == (
+            "NVIDIA H100 80GB HBM3", "2.11.0", "3.6.0", "abc1234", "2026-12-06")
+        assert r["status"] == "ok"
+    fa, fc, ba, bc = rows
+    assert (fa["ours_ms"], fa["host_us"], fa["peak_mib"]) == (2.0, 20.0, 101.0)  # the one-shot call's own
+    assert (fc["ours_ms"], fc["host_us"], fc["peak_mib"]) == (1.0, 10.0, 100.0)
+    assert fa["flex_ms"] == fc["flex_ms"] == 1.5 and fa["sdpa_host_us"] == 5.0 and fa["flex_host_us"] == 30.0
+    assert fc["flex_over_ours"] == 1.5 and fa["flex_over_ours"] == 0.75 and fc["sdpa_over_ours"] == 0.5
+    assert fc["table_ms"] == 0.05 and fa["table_ms"] is None  # the one-shot call builds its table inside
+    assert fa["flex_block_mask_ms"] == 3.0
+    assert (bc["ours_ms"], bc["host_us"], ba["ours_ms"], bc["flex_ms"]) == (4.0, 40.0, 5.0, 6.0)
+    assert fc["tflops"] == pytest.approx(4 * 8 * 12 * 2048 * 2048 * 64 * 0.5 / 1e-3 / 1e12, abs=0.06)
+    assert bc["tflops"] == pytest.approx(2.5 * 4 * 8 * 12 * 2048 * 2048 * 64 * 0.5 / 4e-3 / 1e12, abs=0.06)
+    # forward only: two rows
+    assert len(R.rows_from_result(_case_result(bwd=False), META)) == 2
+
+
+def test_rows_of_failed_cases_carry_no_times():
+    failed = R.rows_from_result(_case_result(status="failed", check_detail="rel err vs flex 0.3"), META)
+    assert all(r["status"] == "failed" and r["ours_ms"] is None and r["flex_ms"] is None for r in failed)
+    assert all("rel err" in r["error"] for r in failed)
+    att_err = R.rows_from_result(_case_result(att_status="error", att_error="TypeError: x",
+                                              att_bwd_status=None), META)
+    assert [r["status"] for r in att_err] == ["error", "ok", "error", "ok"]
+    assert att_err[0]["ours_ms"] is None and att_err[1]["ours_ms"] == 1.0
+    bwd_failed = R.rows_from_result(_case_result(bwd_status="failed", bwd_error="dk"), META)
+    assert [r["status"] for r in bwd_failed] == ["ok", "ok", "failed", "failed"]
+    assert bwd_failed[3]["ours_ms"] is None
+    bad = dict(failed[0], api="eager", Lq=0)
+    bad.pop("host_us")
+    assert len(R.validate_row(bad)) == 3
+
+
+def test_results_file_name_merge_and_newest(tmp_path):
+    assert R.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert R.results_filename("NVIDIA H200", "2026-12-06T08:00:00") == "h200-2026-12-06.json"
+    rows = R.rows_from_result(_case_result(), META)
+    p = R.write_results(rows, tmp_path, META["gpu"], META["started"])
+    assert p.name == "h100-80gb-hbm3-2026-12-06.json" and R.load_results(p) == rows
+    # a later run of the same case replaces its rows in place; a new case is appended
+    again = R.rows_from_result(_case_result(ours_ms=0.9), META)
+    other = R.rows_from_result(_case_result(case="vit_b16"), META)
+    R.write_results(again[:2] + other, tmp_path, META["gpu"], META["started"])
+    got = R.load_results(p)
+    assert len(got) == 8 and got[1]["ours_ms"] == 0.9 and got[3] == rows[3] and got[4]["case"] == "vit_b16"
+    (tmp_path / "h100-2026-12-07.json").write_text("[]")
+    (tmp_path / "notes.json").write_text("{}")
+    assert R.newest_results(tmp_path).name == "h100-2026-12-07.json"
+    assert R.newest_results(tmp_path / "absent") is None
+    (tmp_path / "h100-2026-12-07.json").write_text("{}")
+    with pytest.raises(ValueError, match="list of rows"):
+        R.load_results(tmp_path / "h100-2026-12-07.json")
+
+
+def test_table_from_fixture():
+    rows = R.load_results(FIXTURE)
+    assert all(R.validate_row(r) == [] for r in rows)
+    md = T.render_table(rows, source="tests/fixtures/bench_results_synthetic.json")
+    lines = md.splitlines()
+    assert lines[0].startswith("GPU: SYNTHETIC test fixture") and "commit 0000000" in lines[0]
+    assert "`python -m benchmarks --cases full --bwd`" in md
+    start = lines.index("| " + " | ".join(T.COLUMNS) + " |")
+    table = [ln for ln in lines[start:] if ln.startswith("|")]
+    ncol = len(T.COLUMNS)
+    for ln in table:
+        assert ln.replace("\\|", "").count("|") == ncol + 1, ln
+    # the summary: one line per case, the one-shot call's forward and forward+backward
+    s0 = lines.index("| " + " | ".join(T.SUMMARY_COLUMNS) + " |")
+    summary = [ln for ln in lines[s0 + 2:start] if ln.startswith("|")]
+    assert [ln.split(" | ")[0][2:] for ln in summary] == ["gpt2_step", "packed_docs_64x32k", "transformer_block_gpt2",
+                                                         "causal", "alibi_causal", "radial_16x1024"]
+    assert summary[0] == ("| gpt2_step | 8·12 | 2048 | 64 | 2.000 | 0.75× | 0.25× | 5.000 | 1.20× | 0.40× "
+                          "| 20 / 5 |")
+    assert "| **error** | — | — | **error** |" in summary[1] and "| 2.100 | 1.19× | 0.86× | **failed** |" in summary[3]
+    body = [ln for ln in table[2:] if not ln.startswith("| **")]
+    assert len(body) == len(rows)
+    families = [ln.split("**")[1] for ln in table[2:] if ln.startswith("| **")]
+    assert families == ["model", "dense/causal", "score mod", "locality"]  # FAMILY_ORDER
+    gpt2 = [ln for ln in body if ln.startswith("| gpt2_step |")]
+    assert gpt2[0] == ("| gpt2_step | 8·12 | 2048 | 64 | fwd | attention | 2.000 | 0.75× | 0.25× | 20 / 30 / 5 "
+                       "| 101 / 102 / 99 | closed form | ok |")
+    assert "| gpt2_step | 8·12 | 2048 | 64 | fwd+bwd | compiled | 4.000 | 1.50× | 0.50× | 40 / 60 / 15 |" in gpt2[3]
+    docs = [ln for ln in body if ln.startswith("| packed_docs_64x32k |")]
+    assert "| 0.250 / 8.000 |" in docs[1] and "in each call / 8.000" in docs[0]
+    assert "**error**: RuntimeError: synthetic" in docs[0]
+    block = [ln for ln in body if ln.startswith("| transformer_block_gpt2 |")]
+    assert "ok (graph break (fullgraph=False))" in block[0] and "ok (fullgraph)" in block[1]
+    assert any("**failed**: dk rel err" in ln for ln in body if ln.startswith("| causal |"))
+    assert any("**skipped**: time budget" in ln for ln in body)
+
+
+def test_table_section_replace_and_main(tmp_path, capsys):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\n{T.START}\nold\n{T.END}\n\n## Method\n")
+    assert T.main(["--results-dir", str(tmp_path / "none"), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert T.NOT_GENERATED in text and "old" not in text and text.endswith("## Method\n")
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "synthetic-2000-01-01.json").write_text(FIXTURE.read_text())
+    assert T.main(["--results-dir", str(res), "--md", str(md)]) == 0
+    text = md.read_text()
+    assert text.count(T.START) == 1 and "| gpt2_step | 8·12 |" in text and T.NOT_GENERATED not in text
+    assert text.startswith("# Benchmarks\n\n" + T.START + "\nGPU: SYNTHETIC")
+    md.write_text("no markers")
+    assert T.main(["--results", str(FIXTURE), "--md", str(md)]) == 2
+    assert "markers" in capsys.readouterr().err
+    assert T.main(["--results", str(tmp_path / "absent.json"), "--print"]) == 2
+
+
+def test_benchmarks_md_has_the_table_markers():
+    root = FIXTURE.parents[2]
+    text = (root / "BENCHMARKS.md").read_text()
+    assert text.count(T.START) == 1 and text.count(T.END) == 1 and text.index(T.START) < text.index(T.END)
+    # the table opens the file: nothing but the title and a short lead before it
+    assert text.index(T.START) < 1500
+
+
+# ---------------------------------------------------------------- the case list
+
+def test_model_cases_and_groups():
+    shapes = {n: C.get_case(n).shape for n in C.MODEL_CASES}
+    assert shapes == {
+        "llama3_8b": dict(B=1, H=32, Hkv=8, L=8192, D=128),
+        "gpt2_step": dict(B=8, H=12, Hkv=12, L=2048, D=64),
+        "vit_b16": dict(B=32, H=12, Hkv=12, L=197, D=64),
+        "packed_docs_64x32k": dict(B=1, H=16, Hkv=16, L=32768, D=128),
+        "transformer_block_gpt2": dict(B=8, H=12, Hkv=12, L=2048, D=64)}
+    assert C.get_case("transformer_block_gpt2").runner == "block"
+    assert C.get_case("vit_b16").build(L=197, H=12, device="cpu").mask_mod is None
+    assert C.get_case("gpt2_step").build(L=8, H=1, device="cpu").sdpa == "causal"
+    # the model cases share one module-level mask function, as model code does
+    assert C.get_case("llama3_8b").build(L=8, H=1, device="cpu").mask_mod is C.causal_mask
+    # the protocol cases of shared/bench/README.md, each registered
+    assert set(C.PROTOCOL_CASES) >= {"dense", "causal", "sliding_window_1024", "document_causal", "prefix_lm_2048",
+                                     "alibi_causal", "softcap_causal", "natten2d_128x128_k13",
+                                     "sta3d_16x32x32_tile4x8x8_win3", "radial_16x1024", "dsa_topk2048",
+                                     "t5_causal", "sigmoid_causal", "lowrank_r16"}
+    assert all(n in C.CASES for g in C.GROUPS.values() for n in g)
+    assert C.GROUPS["full"][:len(C.MODEL_CASES)] == C.MODEL_CASES  # models first: a budget cuts the tail
+    assert not set(C.GROUPS) & set(C.CASES)
+    assert Hn.resolve_cases("models,causal") == C.MODEL_CASES + ["causal"]
+    assert Hn.resolve_cases("full") == C.MODEL_CASES + C.PROTOCOL_CASES
+
+
+def test_packed_documents_and_learnable_cases():
+    inst = C.get_case("packed_docs_64x32k").build(L=32768, H=1, device="cpu")
+    assert "64 documents" in inst.notes or "documents" in inst.notes
+    n_docs = int(inst.notes.split()[0])
+    assert 2 <= n_docs <= 64
+    t5 = C.get_case("t5_causal").build(L=64, H=4, device="cpu")
+    (table,) = t5.leaves
+    assert table.shape == (4, 32) and table.requires_grad and t5.score_mod is not None
+    sig = C.get_case("sigmoid_causal").build(L=64, H=2, device="cpu")
+    assert sig.compile_kwargs == dict(normalizer="sigmoid") and not sig.lse and not sig.flex
+    assert sig.ref_kwargs["sigmoid_bias"] == pytest.approx(-math.log(64))
+    lr = C.get_case("lowrank_r16").build(L=32, H=2, B=1, device="cpu", dtype=torch.float64)
+    u, w = lr.call_kwargs["bias_factors"]
+    assert u.shape == w.shape == (1, 2, 32, 16) and u.dtype == torch.float64 and lr.leaves == (u, w)
+    # SDPA's form of the bias (extra head dims) is the bias: compare with a dense additive mask
+    q, k, v = (torch.randn(1, 2, 32, 16, dtype=torch.float64) for _ in range(3))
+    bias = (u @ w.transpose(-1, -2)).detach()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.allclose(lr.sdpa_fn(q, k, v), ref, atol=1e-10)
+
+
+def test_jobs_and_dims_of_model_and_dsa_cases():
+    cfg = Hn.BenchConfig(cases=["gpt2_step", "causal", "dsa_topk2048"], Ls=[4096, 16384], Ds=[128])
+    assert cfg.jobs() == [("gpt2_step", 2048, 64), ("causal", 4096, 128), ("dsa_topk2048", 4096, 128),
+                          ("causal", 16384, 128), ("dsa_topk2048", 16384, 128)]
+    assert cfg.dims("gpt2_step") == (8, 12, 12) and cfg.dims("causal") == (1, 16, 16)
+    assert cfg.dims("dsa_topk2048") == (1, 16, 1)  # DSA: one KV head unless --Hkv says otherwise
+    cfg.Hkv = 4
+    assert cfg.dims("dsa_topk2048") == (1, 16, 4) and cfg.dims("llama3_8b") == (1, 32, 8)
+
+
+def test_host_calls_bounds():
+    assert Hn.host_calls(None) == Hn.HOST_MIN_CALLS
+    assert Hn.host_calls(0.01) == Hn.HOST_MAX_CALLS
+    assert Hn.host_calls(5.0) == 20 and Hn.host_calls(100.0) == Hn.HOST_MIN_CALLS == 2
+
+
+def test_dry_run_writes_both_api_rows(tmp_path, capsys):
+    """The stand-in run writes the results file: fwd and fwd+bwd rows for both apis, host times."""
+    argv = ["--device", "cpu", "--ours", "flex", "--L", "64", "--D", "16", "--H", "2", "--dtype", "fp32",
+            "--ref-L", "64", "--cases", "causal,document_causal", "--no-isolate", "--results-dir", str(tmp_path),
+            "--commit", "feedbee"]
+    assert Hn.main(argv) == 0
+    out = capsys.readouterr().out
+    (path,) = tmp_path.glob("*.json")
+    assert path.name.endswith(__import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+                              .strftime("%Y-%m-%d") + ".json")
+    assert f"# results: {path}" in out
+    rows = R.load_results(path)
+    assert [(r["case"], r["pass"], r["api"]) for r in rows] == [
+        ("causal", "fwd", "attention"), ("causal", "fwd", "compiled"),
+        ("document_causal", "fwd", "attention"), ("document_causal", "fwd", "compiled")]
+    for r in rows:
+        assert R.validate_row(r) == [] and r["status"] == "ok" and r["commit"] == "feedbee"
+        assert r["ours_ms"] > 0 and r["flex_ms"] > 0 and r["host_us"] > 0 and r["flex_host_us"] > 0
+        assert r["command"].startswith("python -m benchmarks --device cpu")
+    assert rows[0]["sdpa_ms"] > 0 and rows[0]["sdpa_host_us"] > 0 and rows[2]["sdpa_ms"] is None
+    assert rows[3]["table"] == "device_table" and rows[3]["table_ms"] > 0 and rows[2]["table_ms"] is None
+    assert rows[0]["check_rel_err_att"] < 1e-6
+
+
+def test_dry_run_writes_no_results_file_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    cfg = Hn.config_from_args(Hn.build_parser().parse_args(["--device", "cpu"]))
+    assert cfg.results_dir is None
+    cfg = Hn.config_from_args(Hn.build_parser().parse_args([]))  # a GPU run of attndsl: the repository's folder
+    assert cfg.results_dir == str(Hn._repo_root() / "benchmarks" / "results")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    cfg = Hn.config_from_args(Hn.build_parser().parse_args(["--device", "cpu"]))
+    assert cfg.results_dir == str(tmp_path / "benchmarks" / "results")
+
+
+def test_transformer_block_case_on_cpu(tmp_path, capsys):
+    """The block runner end to end on the CPU (eager blocks, no torch.compile there): ours one-shot and
+    compiled inside the block, checked against the SDPA block, timed, written as rows."""
+    name = "_test_tiny_block"
+    C.register_case(C.Case(name, "tiny block", C._model_causal, runner="block",
+                           shape=dict(B=1, H=2, Hkv=2, L=32, D=16), family="model"), replace=True)
+    try:
+        argv = ["--device", "cpu", "--ours", "flex", "--dtype", "fp32", "--cases", name, "--no-isolate",
+                "--results-dir", str(tmp_path)]
+        assert Hn.main(argv) == 0
+        (res,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith('{"case"')]
+        assert res["status"] == "ok" and res["d_model"] == 32
+        for who in ("att", "ours", "flex", "sdpa"):
+            assert res[f"{who}_ms"] > 0 and res[f"{who}_host_us"] > 0, who
+            assert res[f"{who}_fullgraph"] is None  # not compiled on the CPU
+        assert res["ours_check_rel_err"] < 1e-5 and res["flex_check_rel_err"] < 1e-5
+        rows = R.load_results(next(tmp_path.glob("*.json")))
+        assert [(r["api"], r["status"]) for r in rows] == [("attention", "ok"), ("compiled", "ok")]
+        assert all(r["d_model"] == 32 and "tflops" not in r for r in rows)
+    finally:
+        del C.CASES[name]
+
+
+def test_compile_block_falls_back_to_fullgraph_false(monkeypatch):
+    calls = []
+
+    def fake_compile(m, fullgraph):
+        calls.append(fullgraph)
+        return ("compiled", fullgraph)
+
+    def run(c):
+        if c[1]:
+            raise RuntimeError("Unsupported: graph break in attndsl.attention\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    c, fullgraph, err = Bk.compile_block(object(), run)
+    assert calls == [True, False] and c == ("compiled", False) and fullgraph is False
+    assert err == "RuntimeError: second line"
+    calls.clear()
+    c, fullgraph, err = Bk.compile_block(object(), lambda c: None)
+    assert calls == [True] and fullgraph is True and err is None
+
+
+def test_table_add_merges_fetched_files(tmp_path):
+    res, fetched = tmp_path / "results", tmp_path / "out"
+    fetched.mkdir()
+    rows = R.load_results(FIXTURE)
+    name = "h100-2000-01-01.json"
+    (fetched / name).write_text(json.dumps(rows[:4]))
+    md = tmp_path / "B.md"
+    md.write_text(f"{T.START}\n{T.END}\n")
+    assert T.main(["--add", str(fetched / name), "--results-dir", str(res), "--md", str(md)]) == 0
+    (fetched / name).write_text(json.dumps([dict(rows[0], ours_ms=9.0)] + rows[4:8]))
+    assert T.main(["--add", str(fetched / name), "--results-dir", str(res), "--md", str(md)]) == 0
+    merged = R.load_results(res / name)
+    assert len(merged) == 8 and merged[0]["ours_ms"] == 9.0 and merged[1] == rows[1]
+    assert "| 9.000 |" in md.read_text()
+
+
+def test_flex_failing_to_compile_is_recorded_and_ours_still_checked_and_timed(tmp_path, capsys, monkeypatch):
+    """FlexAttention refusing a pattern (an InductorError on a GPU) is a finding about Flex: ours is
+    checked against SDPA and the float64 reference instead, and timed."""
+    import torch.nn.attention.flex_attention as fa
+
+    def refusing(*a, **kw):
+        raise RuntimeError("InductorError: synthetic refusal")
+    monkeypatch.setattr(fa, "flex_attention", refusing)
+    argv = ["--device", "cpu", "--L", "64", "--D", "16", "--H", "2", "--dtype", "fp32", "--ref-L", "64",
+            "--cases", "causal", "--no-isolate", "--results-dir", str(tmp_path)]
+    assert Hn.main(argv) == 0
+    (row,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith('{"case"')]
+    assert row["status"] == "ok" and "synthetic refusal" in row["flex_error"]
+    assert row["check_anchor"] == "sdpa" and row["check_rel_err_sdpa"] < 1e-5 and row["ref_rel_err"] < 1e-5
+    assert row["ours_ms"] > 0 and row["att_ms"] > 0 and "flex_ms" not in row
+    rows = R.load_results(next(tmp_path.glob("*.json")))
+    assert all(r["flex_ms"] is None and r["ours_ms"] > 0 for r in rows)

@@ -113,8 +113,14 @@ def test_non_floating_inputs(dtype):
 
 
 def test_unsupported_float_dtype():
-    e = both_entry_points(*(t(1, 2, 8, 32, dtype=torch.float64) for _ in range(3)))
-    assert isinstance(e, TypeError) and "float64" in str(e) and "float16" in str(e)
+    e = both_entry_points(*(t(1, 2, 8, 32, dtype=torch.float8_e4m3fn) for _ in range(3)))
+    assert isinstance(e, TypeError) and "float8_e4m3fn" in str(e) and "float16" in str(e)
+
+
+def test_float64_only_on_cpu():
+    """float64 runs through the interpreter (CPU tensors); elsewhere it is refused, naming the device."""
+    e = both_entry_points(*(t(1, 2, 8, 32, dtype=torch.float64, device="meta") for _ in range(3)))
+    assert isinstance(e, TypeError) and "float64" in str(e) and "meta" in str(e) and "CPU" in str(e)
 
 
 @pytest.mark.parametrize("d", [8, 4, 512, 300])

@@ -71,7 +71,8 @@ def evaluate(roots, env: dict, tensors, float_dtype=torch.float64, device=None):
             c, a, b = (vals[x] for x in n.args)
             r = torch.where(c, a, b)
         elif n.op == "to_float":
-            r = vals[n.args[0]].to(float_dtype)
+            # an integer becomes a float32 (torch's .float(), the kernels' scores): round as they do
+            r = vals[n.args[0]].to(torch.float32).to(float_dtype)
         elif n.op == "to_int":
             r = vals[n.args[0]].trunc().to(torch.int64) if vals[n.args[0]].is_floating_point() else vals[n.args[0]].to(torch.int64)
         elif n.op == "coord":

@@ -16,7 +16,9 @@ class AttentionFunction(torch.autograd.Function):
         # one key for the call's launches, forward and backward (block tables: no memo)
         key = runner.call_key(q, k, v, scale, extras, buffers) if tables is None else None
         out, lse, _ = runner.forward(q, k, v, scale, buffers, tables, extras, key=key)
+        # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads
         ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
+        out = out.to(q.dtype)
         ctx.runner, ctx.scale, ctx.tables, ctx.sigmoid_bias, ctx.key = runner, scale, tables, sigmoid_bias, key
         # an unused lse gets None, not a zero tensor the backward would subtract (two launches a call)
         ctx.set_materialize_grads(False)
@@ -26,7 +28,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
         if dout is None:
-            dout = torch.zeros_like(out)
+            dout = torch.zeros_like(out, dtype=q.dtype)
         extras = Extras(sinks, u, w, ctx.sigmoid_bias)
         dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(
             q, k, v, out, lse, dout, dlse, ctx.scale, buffers, ctx.tables, extras, key=ctx.key)

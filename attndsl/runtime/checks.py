@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+#: devices the kernels run on: CUDA (compiled) and CPU (Triton's interpreter)
+_DEVICES = ("cpu", "cuda")
+#: tile sizes a kernel takes: powers of two (``tl.arange`` needs them), at least 16 (``tl.dot``)
+TILE_SIZES = (16, 32, 64, 128, 256)
 
 
-def check_inputs(query, key, value, scale=None):
+def check_inputs(query, key, value, scale=None, *, float64: bool = True):
+    """``float64=False``: a path with no float64 kernels (the token selectors) refuses float64."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -17,12 +23,23 @@ def check_inputs(query, key, value, scale=None):
             raise ValueError(f"{name} must have shape [B, H, L, D], got rank {t.dim()} ({tuple(t.shape)})")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.dtype == torch.float64 and not float64:
+            raise TypeError(f"{name} has dtype float64, which index selectors (indices=) do not support; use "
+                            "float32, float16 or bfloat16")
+        if t.dtype == torch.float64 and t.device.type != "cpu":
+            raise TypeError(f"{name} has dtype float64 on {t.device}: float64 runs only on CPU tensors (through "
+                            "Triton's interpreter, e.g. for torch.autograd.gradcheck); on the GPU use float32, "
+                            "float16 or bfloat16")
+        if t.dtype not in _FLOATS and t.dtype != torch.float64:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32 "
+                            "(and float64 on CPU)")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if query.device.type not in _DEVICES:
+        raise ValueError(f"the inputs are on the {query.device.type!r} device; attndsl runs kernels on 'cuda' "
+                         "tensors, or on 'cpu' tensors through Triton's interpreter")
     B, Hq, Lq, D = query.shape
     Bk, Hkv, Lkv, Dk = key.shape
     if tuple(value.shape[:3]) != (Bk, Hkv, Lkv):
@@ -37,10 +54,38 @@ def check_inputs(query, key, value, scale=None):
         raise ValueError(f"head dim {D} is outside the supported range 16..256")
     if not 16 <= value.shape[3] <= 256:
         raise ValueError(f"value head dim {value.shape[3]} is outside the supported range 16..256")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python number, got {type(scale).__name__}")
-    if scale is not None and not math.isfinite(scale):
+    check_scale(scale)
+
+
+def check_scale(scale) -> None:
+    """None, or a finite real number: Python or NumPy (``np.float32``), never a bool."""
+    if scale is None:
+        return
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
+        what = f"{scale!r}" if isinstance(scale, bool) else type(scale).__name__
+        raise TypeError(f"scale must be a real number (a Python or NumPy float or int), got {what}")
+    if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_tiles(block_m=None, block_n=None, num_warps=None, num_stages=None) -> None:
+    """The tuning overrides of ``attndsl.compile``, refused before any kernel is built: tile sizes
+    are powers of two from 16 to 256, warps a power of two from 1 to 32, stages at least 1."""
+    for name, x in (("block_m", block_m), ("block_n", block_n)):
+        if x is None:
+            continue
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+        if int(x) not in TILE_SIZES:
+            raise ValueError(f"{name}={x} is not a tile size the kernels take: use a power of two from 16 to 256 "
+                             f"({', '.join(map(str, TILE_SIZES))})")
+    if num_warps is not None:
+        if isinstance(num_warps, bool) or not isinstance(num_warps, numbers.Integral) \
+                or int(num_warps) not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps={num_warps!r}: use a power of two from 1 to 32")
+    if num_stages is not None:
+        if isinstance(num_stages, bool) or not isinstance(num_stages, numbers.Integral) or int(num_stages) < 1:
+            raise ValueError(f"num_stages={num_stages!r}: use an int of at least 1")
 
 
 def call_shape(query, key) -> tuple:
@@ -77,6 +122,7 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
             raise TypeError(f"sinks must be floating, got {sinks.dtype}")
         if sinks.device != query.device:
             raise ValueError(f"sinks are on {sinks.device}, the inputs on {query.device}")
+        check_sink_values(sinks)
     if bias_factors is not None:
         try:
             u, w = bias_factors
@@ -106,6 +152,20 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
             raise ValueError(f"bias_factors u length {u.shape[2]} differs from the query length {Lq}")
         if w.shape[2] != Lkv:
             raise ValueError(f"bias_factors w length {w.shape[2]} differs from the key length {Lkv}")
+
+
+def check_sink_values(sinks) -> None:
+    """Each sink logit is finite, or ``-inf`` meaning "no sink" for that head (it adds
+    ``exp(-inf) = 0`` to the denominator). ``+inf`` would take the whole softmax mass and NaN
+    poisons it: both are refused (one reduction and a sync; skipped under ``torch.compile`` and,
+    like the other value checks, with ``ATTNDSL_CHECK_INDICES=0``)."""
+    if compiling() or sinks.numel() == 0 or not default_check():
+        return
+    bad = torch.isnan(sinks) | torch.isposinf(sinks)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"sinks[{i}] is {float(sinks[i])}: sink logits must be finite, or -inf for a head "
+                         "with no sink")
 
 
 def _check_sigmoid_bias(bias):
@@ -146,8 +206,9 @@ class IndexRangeCheck:
         self.dynamic = tuple(b for b, r in zip(self.bounds, reads) if r)
         self.decided: set = set()  # call shapes (with the captured tensors' shapes) already checked
 
-    def __call__(self, tensors, shape, device):
-        self.divisors(tensors, shape, device)
+    def __call__(self, tensors, shape, device, dynamic: bool = True):
+        """``dynamic=False``: the indices of index variables alone (no sync; see ``runtime/indexcheck.py``)."""
+        self.divisors(tensors, shape, device, dynamic)
         if not self.bounds or 0 in shape:  # an empty call reads no captured tensor
             return
         key = (shape, tuple(tuple(t.shape) for t in tensors))
@@ -157,7 +218,7 @@ class IndexRangeCheck:
             if len(self.decided) >= _MAX_DECIDED:
                 self.decided.clear()
             self.decided.add(key)
-        if self.dynamic and default_check() and not compiling():
+        if dynamic and self.dynamic and default_check() and not compiling():
             extremes = _value_extremes(self.dynamic, tensors)
             for b in self.dynamic:
                 _check_bound(b, tensors, shape, device, extremes)
@@ -284,13 +345,13 @@ class DivisorCheck:
         self.reads = tuple(bool(loads([b.index])) for b in self.bounds)
         self.decided: set = set()
 
-    def __call__(self, tensors, shape, device):
+    def __call__(self, tensors, shape, device, dynamic: bool = True):
         from ..passes.int_width import check_extents
         check_extents(shape)
         if not self.bounds or 0 in shape:
             return
         key = (shape, tuple(tuple(t.shape) for t in tensors))
-        dynamic = default_check() and not compiling()
+        dynamic = dynamic and default_check() and not compiling()
         if key in self.decided and not (dynamic and any(self.reads)):
             return
         extremes = _value_extremes([b for b, r in zip(self.bounds, self.reads) if r], tensors) if dynamic else {}

@@ -27,12 +27,13 @@ class EmptyAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, softmax, *others):
         B, Hq, Lq = q.shape[:3]
         out = q.new_zeros((B, Hq, Lq, v.shape[3]))
+        stats = torch.float64 if q.dtype == torch.float64 else torch.float32  # lse's dtype, as the kernels'
         if not softmax:
             lse = None
         elif sinks is not None:
-            lse = sinks.detach().to(torch.float32)[None, :, None].expand(B, Hq, Lq).contiguous()
+            lse = sinks.detach().to(stats)[None, :, None].expand(B, Hq, Lq).contiguous()
         else:
-            lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+            lse = torch.full((B, Hq, Lq), float("-inf"), dtype=stats, device=q.device)
         # shapes only: every gradient is a zero tensor of its input's shape
         ctx.like = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) else None for t in (q, k, v, *others)]
         ctx.sinks_dtype = sinks.dtype if sinks is not None else None

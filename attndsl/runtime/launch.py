@@ -26,6 +26,12 @@ VERIFY_MEMO = os.environ.get("ATTNDSL_VERIFY_MEMO", "0") == "1"
 MEMO_SIZE = 256
 
 
+def acc_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype kernels compute in for inputs like ``q`` (their ``ACC_DTYPE``), and of the row
+    statistics and gradient scratch: float32, or float64 for float64 inputs (CPU only)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def use_interpreter(t: torch.Tensor) -> bool:
     """CPU tensors run through Triton's interpreter, so everything works without a GPU."""
     return t.device.type == "cpu" or os.environ.get("ATTNDSL_FORCE_INTERPRET") == "1"
@@ -234,6 +240,9 @@ class Runner:
                  head_dim_v: int | None = None):
         self.spec = spec
         self.deterministic = deterministic
+        #: the forward also returns its output in float32, kept for the backward's delta = rowsum(dO·O)
+        #: (``precise_delta``: learnable-tensor gradients in float16/bfloat16 lose less to rounding)
+        self.precise_delta = False
         self.learnable = spec.learnable_slots
         # facts of the spec the backward consults on every call
         self._loaded_once = frozenset(s for s in self.learnable if sum(g.slot == s for g in spec.grad_loads) == 1)
@@ -287,7 +296,7 @@ class Runner:
 
     def _consts(self, dtype):
         upcast = self.interpret and dtype == torch.bfloat16
-        prec = "ieee" if dtype == torch.float32 else "tf32"
+        prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
         return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HAS_D2=self.bd2 > 0, BLOCK_D2=max(self.bd2, 16),
                     HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv, UPCAST=upcast, DOT_PRECISION=prec)
 
@@ -445,10 +454,11 @@ class Runner:
             if min(Lq, Lkv) < need:
                 raise ValueError(f"the pattern's layout has {need} tokens up to the end of its grid; "
                                  f"got Lq={Lq}, Lkv={Lkv}")
-        out = _new((B, Hq, Lq, v.shape[3]), q)
         softmax = self.spec.normalizer == "softmax"
+        wide = self.precise_delta and softmax and q.element_size() < 4  # a float32 output for the backward
+        out = _new((B, Hq, Lq, v.shape[3]), q, torch.float32 if wide else None)
         # sigmoid kernels keep no row statistics: no lse (``out`` fills its pointer slot)
-        lse = _new((B, Hq, Lq), q, torch.float32) if softmax else None
+        lse = _new((B, Hq, Lq), q, acc_dtype(q)) if softmax else None
         stats = lse if softmax else out
         visits = stats
         if count_visits:
@@ -473,7 +483,8 @@ class Runner:
                            EVEN_KV=lambda c: Lkv % c.block_n == 0 and self._even_dims(),
                            KV_TMA=lambda c: c.tma and tma_ready(self.interpret, k, v),
                            W_TMA=lambda c: c.tma and extras.w is not None and tma_ready(self.interpret, extras.w),
-                           FOLD_SCALE=scale > 0)
+                           # float64: Triton would round the folded scale·log2(e) to a float32 scalar
+                           FOLD_SCALE=scale > 0 and q.dtype != torch.float64)
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
@@ -497,7 +508,7 @@ class Runner:
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
         else:
-            delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+            delta = torch.empty((B, Hq, Lq), dtype=acc_dtype(q), device=q.device)
             bm = 64 if not self.interpret else self.cfg.dq.block_m
             kernel = self._kernel("bwd_delta")
             args = [out, dout, delta, *_strides(out), *_strides(dout), Hq, Lq]
@@ -506,11 +517,11 @@ class Runner:
                              key=key, tiles=False, HEAD_DV=self.head_dim_v, BLOCK_M=bm, BLOCK_DV=self.bdv)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
-                delta = delta - dlse.to(torch.float32)
+                delta = delta - dlse.to(delta.dtype)
         dq, dk, dv = _like(q), _like(k), _like(v)
         R = extras.u.shape[3] if extras.u is not None else 1
-        du = torch.empty((B, Hq, Lq, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
-        dw = torch.empty((B, Hq, Lkv, R), dtype=torch.float32, device=q.device) if extras.u is not None else q
+        du = torch.empty((B, Hq, Lq, R), dtype=acc_dtype(q), device=q.device) if extras.u is not None else q
+        dw = torch.empty((B, Hq, Lkv, R), dtype=acc_dtype(q), device=q.device) if extras.u is not None else q
         dbufs, partials = {}, []
         gl_args, gl_consts = [], {}
         for i, gl in enumerate(self.spec.grad_loads):
@@ -526,21 +537,21 @@ class Runner:
                     dbufs[gl.slot] = _new(t.shape, t)
                     gl_consts[f"GL{i}_ZERO_FILL"] = True
                 else:
-                    dbufs[gl.slot] = torch.zeros(t.shape, dtype=t.dtype if alone else torch.float32, device=t.device)
+                    dbufs[gl.slot] = torch.zeros(t.shape, dtype=t.dtype if alone else acc_dtype(q), device=t.device)
             gl_consts.setdefault(f"GL{i}_ZERO_FILL", False)
             gl_consts[f"GL{i}_ATOMIC"] = not exact
             gl_consts[f"GL{i}_WIDE"] = wide_offsets(t)
             if det and gl.scope in ("program", "row"):
                 # per-program partial sums and their offsets; sized for any tile of 16 rows or more
                 n = B * Hq * (cdiv(Lq, 16) if gl.scope == "program" else Lq + 256)
-                vals = torch.zeros(n, dtype=torch.float32, device=q.device)
+                vals = torch.zeros(n, dtype=acc_dtype(q), device=q.device)
                 offs = torch.full((n,), -1, dtype=torch.int64, device=q.device)
                 gl_args += [vals, offs]
                 partials.append((gl.slot, vals, offs, 1))
             elif det and gl.scope in ("scatter", "col"):
                 # one row of partial sums per program over the slice of the table it can touch
                 n, row = private_rows(gl, t.shape, B, Hq, Lq)
-                vals = torch.zeros(n * row, dtype=torch.float32, device=q.device)
+                vals = torch.zeros(n * row, dtype=acc_dtype(q), device=q.device)
                 offs = torch.full((n,), -1, dtype=torch.int64, device=q.device)
                 gl_args += [vals, offs]
                 partials.append((gl.slot, vals, offs, row))
@@ -577,7 +588,7 @@ class Runner:
         dsinks = None
         if extras.sinks is not None:
             # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
-            p_sink = torch.exp(extras.sinks.float()[None, :, None] - lse)
+            p_sink = torch.exp(extras.sinks.to(lse.dtype)[None, :, None] - lse)
             dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(extras.sinks.dtype)
         if extras.u is not None:
             du = _reduce_to(du, extras.u.shape).to(extras.u.dtype)

@@ -234,7 +234,7 @@ def _topk_blocks(gate: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(torch.isneginf(val), torch.full_like(idx, -1), idx).to(torch.int32)
 
 
-def moba_select(query, key, *, block_size: int = 64, topk: int = 3) -> BlockSelection:
+def moba_select(query: torch.Tensor, key: torch.Tensor, *, block_size: int = 64, topk: int = 3) -> BlockSelection:
     """MoBA gating at block granularity (Lu et al., 2025, arXiv:2502.13189), causal.
 
     Each query block ``i`` scores every earlier key block ``j < i`` by the mean-pooled query block
@@ -254,7 +254,7 @@ def moba_select(query, key, *, block_size: int = 64, topk: int = 3) -> BlockSele
     return BlockSelection(_topk_blocks(gate, topk), block_size, block_size)
 
 
-def nsa_select(query, key, *, block_size: int = 64, n_select: int = 16, q_tile: int = 64, n_init: int = 1,
+def nsa_select(query: torch.Tensor, key: torch.Tensor, *, block_size: int = 64, n_select: int = 16, q_tile: int = 64, n_init: int = 1,
                n_local: int = 2, scale: float | None = None, k_cmp=None, chunk_tiles: int = 64) -> BlockSelection:
     """NSA's selection branch (Yuan et al., 2025, arXiv:2502.11089) at query-tile granularity.
 

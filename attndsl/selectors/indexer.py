@@ -167,8 +167,8 @@ class LightningIndexer:
 _DEFAULT: dict = {}
 
 
-def lightning_indexer(q_i, k_i, weights=None, *, topk: int = 2048, scale: float = 1.0,
-                      max_chunk_elems: int = 1 << 26):
+def lightning_indexer(q_i: torch.Tensor, k_i: torch.Tensor, weights: torch.Tensor | None = None, *, topk: int = 2048,
+                      scale: float = 1.0, max_chunk_elems: int = 1 << 26) -> torch.Tensor:
     """DSA's indexer (ReLU, causal) and top-k: ``indices [B, G, Lq, topk]`` int32, ``-1`` unused."""
     key = (scale,)
     ix = _DEFAULT.get(key)

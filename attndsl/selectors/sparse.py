@@ -271,7 +271,7 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     dK/dV) are added with atomic adds, so ``deterministic=True`` is refused for learnable tensors."""
     from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs
     from ..runtime.empty import empty_call, is_empty
-    check_inputs(query, key, value, scale)
+    check_inputs(query, key, value, scale, float64=False)
     check_captured(compiled.tensors, query.device)
     compiled.index_check(compiled.tensors, call_shape(query, key), query.device)
     normalizer = getattr(compiled.spec, "normalizer", "softmax")

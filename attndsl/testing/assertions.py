@@ -37,8 +37,9 @@ def default_tolerance(dtype: torch.dtype) -> float:
         raise ValueError(f"no default tolerance for {dtype}; pass rtol/atol") from None
 
 
-def random_qkv(shape, dtype: torch.dtype = torch.float32, device="cpu", requires_grad: bool = True,
-               seed: Optional[int] = None, std: float = 1.0):
+def random_qkv(shape: Shape | tuple, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               requires_grad: bool = True, seed: Optional[int] = None,
+               std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lkv, D]``, ``v [B, Hkv, Lkv, Dv]`` with standard-normal entries.
 
     ``shape`` is a :class:`~attndsl.testing.Shape` (or a tuple ``B, Hq, Hkv, Lq, Lkv, D[, Dv]``).
@@ -100,7 +101,7 @@ def assert_matches_reference(fn_or_compiled, q: torch.Tensor, k: torch.Tensor,
                              grads: bool = True, lse_grad: bool = True, atol: Optional[float] = None,
                              rtol: Optional[float] = None, lse_rtol: Optional[float] = None,
                              seed: Optional[int] = None,
-                             msg: str = "") -> dict:
+                             msg: str = "") -> dict[str, float]:
     """Check an attention implementation against :func:`attndsl.reference.attention` (float64).
 
     Called as ``assert_matches_reference(q, k, v, mask_mod=..., ...)`` it tests
