@@ -208,7 +208,7 @@ class IndexRangeCheck:
 
     def __call__(self, tensors, shape, device, dynamic: bool = True):
         """``dynamic=False``: the indices of index variables alone (no sync; see ``runtime/indexcheck.py``)."""
-        self.divisors(tensors, shape, device, dynamic)
+        self.divisors(tensors, shape, device)  # value-dependent divisors too: rare, and never a silent number
         if not self.bounds or 0 in shape:  # an empty call reads no captured tensor
             return
         key = (shape, tuple(tuple(t.shape) for t in tensors))
@@ -345,13 +345,14 @@ class DivisorCheck:
         self.reads = tuple(bool(loads([b.index])) for b in self.bounds)
         self.decided: set = set()
 
-    def __call__(self, tensors, shape, device, dynamic: bool = True):
+    def __call__(self, tensors, shape, device):
         from ..passes.int_width import check_extents
         check_extents(shape)
         if not self.bounds or 0 in shape:
             return
         key = (shape, tuple(tuple(t.shape) for t in tensors))
-        dynamic = dynamic and default_check() and not compiling()
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        dynamic = default_check() and not compiling() and not capturing
         if key in self.decided and not (dynamic and any(self.reads)):
             return
         extremes = _value_extremes([b for b, r in zip(self.bounds, self.reads) if r], tensors) if dynamic else {}
