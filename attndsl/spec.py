@@ -114,6 +114,9 @@ class KernelSpec:
     bwd_tiles: tuple | None = None      # (block_m, block_n) of the dK/dV box plan (VisitBox), else None
     dq_tiles: tuple | None = None       # (block_m, block_n) of the dQ box plan (VisitBox), else None
     uniform_loads: tuple = ()    # UniformLoad entries (passes/uniform.py): loads tested for one entry per tile
+    #: integer nodes of this spec's IR computed in int64 (passes/int_width.py: their value can leave
+    #: int32 at some batch/head/length below 2**30); every other integer node is int32
+    wide_ints: frozenset = frozenset()
 
     @property
     def has_mask(self) -> bool:

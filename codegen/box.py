@@ -53,8 +53,8 @@ def plan_lines(em: ExprEmitter, box: VisitBox, stage: int, t_max: str) -> list[s
             em.names[ir.coord(ir.var(t), grid.attr(a))] = em._emit(ir.coord(ir.var(f"{t}_lo"), grid.attr(a)), 2)
     for a in range(nd):
         e, top = box.tile_shape[a], grid.shape[a] - 1
-        olo, ohi = (em.emit(x, stage) for x in box.box_outer[a])
-        ilo, ihi = (em.emit(x, stage) for x in box.box_inner[a])
+        olo, ohi = (em.emit_bound(x, stage) for x in box.box_outer[a])
+        ilo, ihi = (em.emit_bound(x, stage) for x in box.box_inner[a])
         lines += [
             f"bx_lo{a} = tl.maximum({olo}, 0)",
             f"bx_hi{a} = tl.minimum({ohi}, {top})",
@@ -69,8 +69,8 @@ def plan_lines(em: ExprEmitter, box: VisitBox, stage: int, t_max: str) -> list[s
     B = box.block
     for k, x in enumerate(box.extras):
         r = x.range
-        lo, hi = (em.emit(v, stage) for v in r.outer)
-        ilo, ihi = (em.emit(v, stage) for v in r.inner)
+        lo, hi = (em.emit_bound(v, stage) for v in r.outer)
+        ilo, ihi = (em.emit_bound(v, stage) for v in r.inner)
         s = f"_x{k}"
         lines += [
             f"lo{s} = tl.maximum({lo}, 0)",

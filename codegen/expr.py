@@ -10,6 +10,7 @@ from __future__ import annotations
 from attndsl import ir
 import attndsl.ir.coords  # noqa: F401  (ir.coords.coord_expr)
 from attndsl.ir import BOOL, FLOAT, INT, Node
+from attndsl.passes.int_width import INT32, MAX_EXTENT, wide
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",
           "eq": "==", "ne": "!=", "and": "&", "or": "|", "xor": "^", "bitand": "&", "bitor": "|", "bitxor": "^"}
@@ -59,6 +60,8 @@ def clamped_offset(p: str, idx: list[str], wide: bool = True) -> str:
 
 def literal(n: Node) -> str:
     v = n.attr[1]
+    if n.dtype == INT and not INT32[0] <= v <= INT32[1]:
+        return f"tl.full((), {v}, tl.int64)"  # a bare literal past int32 is a Triton error
     if n.dtype == FLOAT:
         if v != v:
             return 'float("nan")'
@@ -83,6 +86,7 @@ class ExprEmitter:
         self.count = 0
         self.nn: dict = {}
         self.uniform_index: dict = {}  # tile-uniform load -> its per-tile index codes (lo == hi)
+        self.i64: set = set()  # integer nodes whose emitted value is int64 (passes/int_width.py)
 
     def block(self, stage: int, indent: str) -> str:
         return "".join(indent + line + "\n" for line in self.lines[stage])
@@ -115,6 +119,16 @@ class ExprEmitter:
         """The code naming ``n`` (emitting its definition if needed)."""
         return self._emit(n, min_stage)[0]
 
+    def emit_bound(self, n: Node, min_stage: int = 0) -> str:
+        """The code of a visit-plan bound (a position the plan clamps into ``[0, t_max]``), always
+        int32: a bound computed in int64 (``lengths[b] - 1`` over an int32 or int64 tensor) is first
+        clamped into ``[-1, MAX_EXTENT]``, which changes no clamped result, so loop indices keep
+        their type."""
+        code = self._emit(n, min_stage)[0]
+        if n.dtype == INT and self.is64(n):
+            return f"tl.minimum(tl.maximum({code}, -1), {MAX_EXTENT}).to(tl.int32)"
+        return code
+
     def _emit(self, n: Node, min_stage: int):
         if n.op == "const":
             return literal(n), 0
@@ -132,12 +146,33 @@ class ExprEmitter:
             return self._emit_load(n, min_stage)
         parts = [self._emit(a, min_stage) for a in n.args]
         stage = max([min_stage] + [s for _, s in parts])
-        code = self._expr(n, [c for c, _ in parts])
+        code = self._int_width(n, [c for c, _ in parts])
         name = f"{self.prefix}{self.count}"
         self.count += 1
         self.lines[stage].append(f"{name} = {code}")
         self.names[n] = (name, stage)
         return name, stage
+
+    def is64(self, n: Node) -> bool:
+        """Whether the emitted value of integer node ``n`` is int64."""
+        return n in self.i64 or (n.op == "const" and n.dtype == INT and not INT32[0] <= n.attr[1] <= INT32[1])
+
+    def _int_width(self, n: Node, a: list[str]) -> str:
+        """Code for ``n`` with torch's int64 semantics: a node that can leave int32 (``wide``) is
+        computed from int64 operands; one that cannot, but reads an int64 operand (a value of an
+        int64 tensor), is brought back to int32 so the kernel's integer types stay int32."""
+        ints = [i for i, x in enumerate(n.args) if x.dtype == INT and not (n.op in ("shl", "shr") and i == 1)]
+        if n.dtype == INT and wide(n):
+            a = [f"({c}).to(tl.int64)" if i in ints and not self.is64(n.args[i]) and n.args[i].op != "const" else c
+                 for i, c in enumerate(a)]
+            self.i64.add(n)
+            if n.op == "bit_length":  # the prelude's _bit_length covers 32 bits: split the high word
+                return f"tl.where(tl.abs({a[0]}) >> 32 > 0, 32 + _bit_length(tl.abs({a[0]}) >> 32), _bit_length({a[0]}))"
+            return self._expr(n, a)
+        code = self._expr(n, a)
+        if n.dtype == INT and any(self.is64(n.args[i]) for i in ints):
+            return f"({code}).to(tl.int32)"
+        return code
 
     def _expr(self, n: Node, a: list[str]) -> str:
         op = n.op
@@ -165,7 +200,7 @@ class ExprEmitter:
         if op == "to_float":
             return f"({a[0]}).to(ACC_DTYPE)"
         if op == "to_int":
-            return f"({a[0]}).to(tl.int32)"
+            return f"({a[0]}).to(tl.int{64 if n in self.i64 else 32})"
         if op == "load":
             return self._load(n, a)
         if op in _FUNC:
@@ -205,10 +240,9 @@ class ExprEmitter:
             val = f"_gather({ptr})"  # an address per element (see module._gather)
         else:
             val = f"tl.load({ptr})"
-        if kind == FLOAT:
-            val = f"{val}.to(ACC_DTYPE)"
-        elif kind == BOOL:
-            val = f"{val} != 0"
+        val = _load_value(val, kind, tdt)
+        if kind == INT and _is_int64(tdt):
+            self.i64.add(n)
         name = self._fresh()
         self.lines[stage].append(f"{name} = {val}")
         self.names[n] = (name, stage)
@@ -227,9 +261,21 @@ class ExprEmitter:
         else:
             # clamp into the tensor so padded rows/columns never read out of bounds
             off = " + " + clamped_offset(p, idx)
-        val = f"tl.load({p}{off})"
-        if kind == FLOAT:
-            return f"{val}.to(ACC_DTYPE)"
-        if kind == BOOL:
-            return f"{val} != 0"
-        return val
+        return _load_value(f"tl.load({p}{off})", kind, tdt)
+
+
+def _is_int64(tdt: str) -> bool:
+    return str(tdt).replace("torch.", "") in ("int64", "uint64")
+
+
+def _load_value(val: str, kind: str, tdt: str) -> str:
+    """A loaded element as the IR types it: ACC_DTYPE (float32, or float64 on CPU), a boolean, or an
+    integer of its tensor's width (int64 stays int64; 8- and 16-bit integers become int32, so
+    arithmetic on them does not wrap where torch's int64 would not)."""
+    if kind == FLOAT:
+        return f"{val}.to(ACC_DTYPE)"
+    if kind == BOOL:
+        return f"{val} != 0"
+    if not _is_int64(tdt) and str(tdt).replace("torch.", "") != "int32":
+        return f"{val}.to(tl.int32)"
+    return val

@@ -33,8 +33,8 @@ def _plan_lines(em: ExprEmitter, rng: VisitRange, stage: int, block: str, t_max:
         return []
     if isinstance(rng, VisitBox):  # a box of tiles over layout coordinates (codegen/box.py)
         return _box.plan_lines(em, rng, stage, t_max)
-    lo, hi = (em.emit(x, stage) for x in rng.outer)
-    ilo, ihi = (em.emit(x, stage) for x in rng.inner)
+    lo, hi = (em.emit_bound(x, stage) for x in rng.outer)
+    ilo, ihi = (em.emit_bound(x, stage) for x in rng.inner)
     return [
         f"lo = tl.maximum({lo}, 0)",
         f"hi = tl.minimum({hi}, {t_max})",

@@ -70,11 +70,16 @@ def test_folding_agrees_with_torch_on_negative_operands():
 
 
 def test_no_folding_of_undefined_operations():
-    # division by zero and log of a negative number are left for the runtime, not crashed on
-    for e in (N("floordiv", C(3), C(0)), N("mod", C(3), C(0)), N("log", C(-1.0)), N("sqrt", C(-4.0)),
+    # float division by zero and log of a negative number are left for the runtime, not crashed on
+    for e in (N("floordiv", C(3.0), C(0.0)), N("mod", C(3.0), C(0.0)), N("log", C(-1.0)), N("sqrt", C(-4.0)),
               N("truediv", C(1.0), C(0.0))):
         r = simplify(e)
         assert r.dtype == e.dtype
+    # integer division by zero is torch's ZeroDivisionError: an error where the node is built
+    from attndsl.dsl.errors import PatternError
+    for op in ("floordiv", "mod"):
+        with pytest.raises(PatternError, match="integer division by zero"):
+            N(op, C(3), C(0))
 
 
 # --- identities ------------------------------------------------------------------------------

@@ -178,6 +178,13 @@ def node(op: str, *args: Node) -> Node:
             args = tuple(coerce(a, FLOAT) for a in args)
         elif op in ("neg", "abs") and args[0].dtype == BOOL:
             args = (coerce(args[0], INT),)
+    if op in ("floordiv", "mod") and dtype == INT and is_const(args[1], 0):
+        # torch raises ZeroDivisionError for integer division by zero; so does the pattern, here
+        from ..dsl.errors import PatternError  # (lazily: the IR does not depend on the tracer)
+        from .printer import expr_str
+        sym = "//" if op == "floordiv" else "%"
+        raise PatternError(f"integer division by zero: `{expr_str(args[0])} {sym} 0`",
+                           "torch raises ZeroDivisionError for it; divide by a nonzero value")
     return _make(op, args, dtype)
 
 

@@ -1,6 +1,7 @@
 """Fusion: mask + score modifier (+ later layouts, selectors, normalisers) → one KernelSpec."""
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 from .. import ir
@@ -10,6 +11,7 @@ from .block_analysis import is_data_dependent, tile_class, tile_range
 from .box_analysis import box_plans
 from .diagonal import diagonal_index
 from .grad import derivative
+from .int_width import spec_roots, wide_nodes
 from .simplify import simplify
 from .uniform import uniform_loads
 
@@ -101,5 +103,6 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
         mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options),
         normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles,
         dq_range=dq_range, bwd_tiles=bwd_tiles, dq_tiles=dq_tiles, uniform_loads=uniform_loads(score))
+    spec = dataclasses.replace(spec, wide_ints=wide_nodes(spec_roots(spec)))
     _CACHE[ck] = spec
     return spec

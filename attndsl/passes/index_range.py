@@ -57,18 +57,52 @@ def index_bounds(roots) -> tuple[IndexBound, ...]:
             if (slot, d, a) in seen:
                 continue
             seen.add((slot, d, a))
-            env = {v: (const(0), ir.var(LAST[v])) for v in ir.INDEX_VARS}
-            values, mapping = [], {}
-            for m in _outer_loads(a):
-                if m.dtype == ir.BOOL:
-                    continue  # a boolean read stays unbounded: the index is then checked densely
-                name = f"value{len(values)}"
-                values.append((m.attr[0], name))
-                mapping[m] = ir.var(name, m.dtype)
-                env[name] = (ir.var(f"{name}_min", m.dtype), ir.var(f"{name}_max", m.dtype))
-            lo, hi = _BranchIntervals(env)(substitute(a, mapping) if mapping else a)
-            out.append(IndexBound(slot, d, a, lo, hi, tuple(values), expr_str(a), _on_dist(a)))
+            lo, hi, values = _call_interval(a)
+            out.append(IndexBound(slot, d, a, lo, hi, values, expr_str(a), _on_dist(a)))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class DivisorBound:
+    """An integer divisor (of ``//`` or ``%``) that is not a constant, with its interval over the
+    call as for :class:`IndexBound` (same fields): a call where it can be zero is refused, as torch
+    raises ZeroDivisionError."""
+
+    index: Node
+    lo: Node | None
+    hi: Node | None
+    values: tuple = ()
+    text: str = ""
+    on_dist: Node | None = None
+
+
+def divisor_bounds(roots) -> tuple[DivisorBound, ...]:
+    """Every non-constant integer divisor the IR computes, with its interval over the call."""
+    from ..ir.graph import topo_order
+    roots = [r for r in roots if r is not None]
+    divisors = {n.args[1]: None for n in topo_order(roots)
+                if n.op in ("floordiv", "mod") and n.dtype == ir.INT and n.args[1].op != "const"}
+    out = []
+    for a in divisors:
+        lo, hi, values = _call_interval(a)
+        out.append(DivisorBound(a, lo, hi, values, expr_str(a), _on_dist(a)))
+    return tuple(out)
+
+
+def _call_interval(a: Node):
+    """``(lo, hi, values)``: the interval of ``a`` over ``b < B, h < Hq, q < Lq, kv < Lkv`` as IR over
+    :data:`LAST`, and the captured values it reads (see :class:`IndexBound`)."""
+    env = {v: (const(0), ir.var(LAST[v])) for v in ir.INDEX_VARS}
+    values, mapping = [], {}
+    for m in _outer_loads(a):
+        if m.dtype == ir.BOOL:
+            continue  # a boolean read stays unbounded: the expression is then checked densely
+        name = f"value{len(values)}"
+        values.append((m.attr[0], name))
+        mapping[m] = ir.var(name, m.dtype)
+        env[name] = (ir.var(f"{name}_min", m.dtype), ir.var(f"{name}_max", m.dtype))
+    lo, hi = _BranchIntervals(env)(substitute(a, mapping) if mapping else a)
+    return lo, hi, tuple(values)
 
 
 class _BranchIntervals(IntervalAnalysis):

@@ -67,6 +67,8 @@ def _local(n: Node, args) -> Node:
         return const(coord_value(n.attr, const_value(args[0])))
     a = args[0] if args else None
     b = args[1] if len(args) > 1 else None
+    if op in ("floordiv", "mod") and n.dtype == INT and is_const(b, 0):
+        return node(op, a, b)  # the divisor simplified to 0: ir.node raises the PatternError
     zero = 0 if n.dtype == INT else 0.0
     if op == "add":
         if is_const(a) and const_value(a) == 0 and n.dtype == INT:

@@ -199,6 +199,7 @@ class IndexRangeCheck:
 
     def __init__(self, roots):
         from ..passes.index_range import index_bounds
+        self.divisors = DivisorCheck(roots)  # (S1: integer semantics, issue 31)
         self.bounds = index_bounds(roots)
         reads = [_reads_values(b) for b in self.bounds]
         self.static = tuple(b for b, r in zip(self.bounds, reads) if not r)
@@ -207,6 +208,7 @@ class IndexRangeCheck:
 
     def __call__(self, tensors, shape, device, dynamic: bool = True):
         """``dynamic=False``: the indices of index variables alone (no sync; see ``runtime/indexcheck.py``)."""
+        self.divisors(tensors, shape, device)  # value-dependent divisors too: rare, and never a silent number
         if not self.bounds or 0 in shape:  # an empty call reads no captured tensor
             return
         key = (shape, tuple(tuple(t.shape) for t in tensors))
@@ -324,3 +326,78 @@ def _check_densely(b, tensors, shape, device, size):
                 f"(valid: 0..{size - 1}) for this call (B={B}, Hq={Hq}, Lq={Lq}, Lkv={Lkv}). The kernels would "
                 "clamp it and compute wrong values; size the tensor for every (b, h, q_idx, kv_idx) of the call, or "
                 "clamp the index in the pattern")
+
+
+class DivisorCheck:
+    """Refuses a call where an integer divisor of the pattern (``q_idx % (kv_idx - 5)``) is zero at
+    some position, naming the expression and the position: torch and the reference raise
+    ZeroDivisionError there, a kernel would compute a number. Also refuses extents the kernels'
+    integer widths are not sized for (``passes/int_width.py``).
+
+    A divisor whose interval over the call (``passes/index_range.py``) excludes zero costs nothing
+    more; otherwise it is evaluated densely, once per call shape (every call when it reads
+    captured values, unless ``ATTNDSL_CHECK_INDICES=0``)."""
+
+    def __init__(self, roots):
+        from ..ir.graph import loads
+        from ..passes.index_range import divisor_bounds
+        self.bounds = divisor_bounds(roots)
+        self.reads = tuple(bool(loads([b.index])) for b in self.bounds)
+        self.decided: set = set()
+
+    def __call__(self, tensors, shape, device):
+        from ..passes.int_width import check_extents
+        check_extents(shape)
+        if not self.bounds or 0 in shape:
+            return
+        key = (shape, tuple(tuple(t.shape) for t in tensors))
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        dynamic = default_check() and not compiling() and not capturing
+        if key in self.decided and not (dynamic and any(self.reads)):
+            return
+        extremes = _value_extremes([b for b, r in zip(self.bounds, self.reads) if r], tensors) if dynamic else {}
+        for b, r in zip(self.bounds, self.reads):
+            if (r and dynamic) or (not r and key not in self.decided):
+                _check_divisor(b, tensors, shape, device, extremes)
+        if len(self.decided) >= _MAX_DECIDED:
+            self.decided.clear()
+        self.decided.add(key)
+
+
+def _check_divisor(b, tensors, shape, device, extremes):
+    from ..ir.evaluate import evaluate
+    from ..passes.index_range import LAST, index_vars
+    if b.lo is not None and b.hi is not None:
+        env = {LAST[v]: torch.tensor(n - 1) for v, n in zip(("b", "h", "q", "kv"), shape)}
+        env.update({k: torch.tensor(x, dtype=torch.float64) for k, x in extremes.items()})
+        try:
+            lo, hi = (float(x) for x in evaluate([b.lo, b.hi], env, tensors))
+            if lo > 0 or hi < 0:
+                return
+        except (IndexError, ValueError, OverflowError, RuntimeError):
+            pass  # undecided: evaluate the divisor itself
+    B, Hq, Lq, Lkv = shape
+    expr = b.on_dist if b.on_dist is not None else b.index
+    names = index_vars(b)
+    span = {"b": B, "h": Hq, "q": Lq, "kv": Lkv, "dist": Lq + Lkv - 1}
+    first = {"dist": 1 - Lkv}
+    rows = max(1, _DENSE_CHUNK // max(1, math.prod(span[v] for v in names[1:])))
+    for start in range(0, span[names[0]] if names else 1, rows):
+        env = {}
+        for i, v in enumerate(names):
+            n = min(rows, span[v] - start) if i == 0 else span[v]
+            env[v] = (torch.arange(n, device=device) + first.get(v, 0) + (start if i == 0 else 0)).view(
+                [n if j == i else 1 for j in range(len(names))])
+        (d,) = evaluate([expr], env, tensors, device=device)
+        zero = d == 0
+        if bool(zero.any()):
+            pos = [int(x) for x in zero.nonzero()[0]] if zero.dim() else []
+            at = {v: p + first.get(v, 0) + (start if i == 0 else 0) for i, (v, p) in enumerate(zip(names, pos))}
+            if "dist" in at:  # the first pair on that diagonal
+                dist = at.pop("dist")
+                at["q"], at["kv"] = max(dist, 0), max(-dist, 0)
+            where = ", ".join(f"{'q_idx' if v == 'q' else 'kv_idx' if v == 'kv' else v}={x}" for v, x in at.items())
+            raise ZeroDivisionError(
+                f"the pattern divides (// or %) by `{b.text}`, which is 0{' at ' + where if where else ''} for this "
+                f"call (B={B}, Hq={Hq}, Lq={Lq}, Lkv={Lkv}); torch raises ZeroDivisionError for integer division by "
+                "zero, so the kernels refuse it too")

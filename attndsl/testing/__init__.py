@@ -14,7 +14,10 @@ Use them to test your own pattern files against attndsl's float64 oracle
         assert_matches_reference(attndsl.compile(mask_mod=my_window(window)), q, k, v)
 
 See docs/testing.md. Strategies live in :mod:`attndsl.testing.strategies`, the comparison in
-:mod:`attndsl.testing.assertions`.
+:mod:`attndsl.testing.assertions`. :mod:`attndsl.testing.fuzz` is an independent fuzzer (random
+patterns from every DSL construct and random calls, checked against the reference and
+FlexAttention's eager forward); :mod:`attndsl.testing.sm90` compiles the kernels a CPU run
+launched for an H100, so a kernel the GPU compiler rejects fails without a GPU.
 """
 from .assertions import LSE_TOLERANCE, TOLERANCES, Mismatch, assert_matches_reference, default_tolerance, random_qkv
 from .strategies import (LAYOUT_PATTERNS, MASK_PATTERNS, SCORE_PATTERNS, PatternCase, Shape, dtypes, lengths, masks, patterns,
