@@ -517,8 +517,10 @@ def {name}(
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
     # under a causal mask the last query tiles see the most keys: start them first, across the
     # heads of a section, so the short ones fill the tail of the grid
-    tile, pid_bh = _program_tile(SECTION)
-    pid_m = tl.num_programs(0) - 1 - tile
+    # ``prog``, not ``tile``: the loops' ``tile`` may be int64 (a bound read from an int64 tensor),
+    # and a name assigned before a loop is loop-carried, its type fixed by the first assignment
+    prog, pid_bh = _program_tile(SECTION)
+    pid_m = tl.num_programs(0) - 1 - prog
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -1122,8 +1124,8 @@ def {spec.name}_bwd_dq(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
-    tile, pid_bh = _program_tile(SECTION)
-    pid_m = tl.num_programs(0) - 1 - tile  # longest query tiles first, as in the forward
+    prog, pid_bh = _program_tile(SECTION)  # not ``tile``: see the forward
+    pid_m = tl.num_programs(0) - 1 - prog  # longest query tiles first, as in the forward
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
