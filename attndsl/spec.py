@@ -92,6 +92,14 @@ class GradLoad:
 
 
 @dataclass(frozen=True)
+class Param:
+    """One kernel parameter: ``kind`` is "tensor" (a pointer), "int", "float" or "constexpr"."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class Lowering:
     """Decisions codegen and the runtime both read (``passes/lower.py`` makes them)."""
 
@@ -105,6 +113,14 @@ class Lowering:
     max_bins: int = 256            # a binned dim has at most this many entries ...
     bin_piece: int = 64            # ... summed in pieces of at most this many bins
     load_stages: tuple = ()        # (load, "program" | "row" | "col" | "pair") per captured load of the mask
+    signatures: tuple = ()         # ((kernel, (Param, ...)), ...): each kernel's parameters in order
+
+    def signature(self, kernel: str) -> tuple:
+        """The parameters of ``kernel`` ("fwd", "bwd_dq", "gather_bwd", "table", ...)."""
+        for k, params in self.signatures:
+            if k == kernel:
+                return params
+        raise KeyError(f"no kernel {kernel!r} in this spec (have {[k for k, _ in self.signatures]})")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
-from . import kernels
+from . import kernels, table as _table
 from .prelude import HEADER
 
 #: Bump when generated code changes meaning; old cache entries are then ignored.
@@ -30,5 +30,5 @@ def render(spec: KernelSpec) -> str:
     parts = [HEADER.format(version=CODEGEN_VERSION, key=spec.key, ir=ir_text.replace('"""', "'''")),
              kernels.forward(spec, table), kernels.preprocess(spec), kernels.dkdv(spec, table), kernels.dq(spec, table)]
     if table:
-        parts += [kernels.block_table(spec, False), kernels.block_table(spec, True)]
+        parts += [_table.block_table(spec, False), _table.block_table(spec, True)]
     return "\n".join(parts)

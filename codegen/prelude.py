@@ -93,7 +93,7 @@ def _tanh(x):
 
 @triton.jit
 def _sigmoid_half(x, inputs):
-    """sigmoid(2x), for scores in units of 1/2 (``kernels.score_unit``). On NVIDIA GPUs with 16-bit
+    """sigmoid(2x), for scores in units of 1/2 (``attention.score_unit``). On NVIDIA GPUs with 16-bit
     inputs (``inputs``: a pointer to them) one hardware tanh, sigmoid(2x) = 0.5 + 0.5 * tanh(x),
     instead of an exp2 and a reciprocal (two special-function ops per score, the forward's
     bottleneck): P meets V in 16 bits there. Its absolute error is about 1e-7, so probabilities
@@ -129,7 +129,7 @@ def _softmax_update(m_i, l_i, acc, s, v, qk_scale, s_add, DOT_PRECISION: tl.cons
     """One key tile of the online softmax (FlashAttention-2) on scores ``s`` in log2 units.
 
     SCALED: ``s`` holds unscaled scores, multiplied by ``qk_scale`` inside the exponent's
-    multiply-add (``kernels.folds_scale``). RUN_ADD: ``s_add``, a scalar bias of the tile, joins
+    multiply-add (``attention._folds_scale``). RUN_ADD: ``s_add``, a scalar bias of the tile, joins
     the max and leaves the exponent's shift (a constant run's bias, ``codegen/runs.py``).
     Returns the new (m_i, l_i, acc)."""
     if SCALED:
@@ -172,7 +172,7 @@ def _softmax_probs(s, lse):
 
 @triton.jit
 def _sigmoid_probs(s, sigmoid_bias, inputs):
-    """Sigmoid attention's probabilities from scores in units of 1/2 (``kernels.score_unit``)."""
+    """Sigmoid attention's probabilities from scores in units of 1/2 (``attention.score_unit``)."""
     return _sigmoid_half(s + sigmoid_bias * 0.5, inputs)
 
 

@@ -34,10 +34,9 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import (EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, SECOND_PART, _dot, buffer_params, plain_score_lines,
-                      score_unit)
+from .attention import I1, I2, I3, SECOND_PART, _dot, plain_score_lines, score_unit
 from .prelude import HEADER
-from .writer import Writer
+from .writer import Writer, kernel_def
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
 SELECTOR_VERSION = 6
@@ -60,13 +59,6 @@ def _common_env():
     return {"b": ("b", 0), "q": ("q_idx", 0), "q_lo": ("q_idx", 0), "q_hi": ("q_idx", 0),
             "q_max": ("q_max", 0), "kv_max": ("kv_max", 0), "h": ("h_idx", 1),
             "kv": ("kv_idx", 2), "score": ("score", 2)}
-
-
-_SIG = """
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ib, stride_ig, stride_im, stride_ij,"""
 
 
 def _prologue(w: Writer, em: ExprEmitter) -> None:
@@ -200,25 +192,15 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool, w: Writer
     w.line('s = tl.where(keep, s, float("-inf"))')
 
 
-def _signature(w: Writer, name: str, params: str) -> None:
+def _signature(w: Writer, name: str, params) -> None:
     w.line("")
-    w.line("@triton.jit")
-    w.line(f"def {name}(")
-    w.emitted(params.strip("\n"))
-    w.line("):")
+    w.emitted(kernel_def(name, params))
 
 
 def gather_forward(spec: KernelSpec) -> str:
     em = ExprEmitter(_common_env(), 3, prefix="v")
     w = Writer()
-    _signature(w, f"{spec.name}_fwd", f"""
-    Q, K, V, IDX, Out, Lse,{_SIG}
-    stride_ob, stride_oh, stride_om, stride_od,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
-    {buffer_params(spec)}
-    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, {EXTRA_CONSTS}""")
+    _signature(w, f"{spec.name}_fwd", spec.lowering.signature("gather_fwd"))
     softmax = spec.normalizer == "softmax"
     body = Writer(3)
     _score_and_mask(spec, em, False, body)
@@ -253,19 +235,7 @@ def gather_backward(spec: KernelSpec) -> str:
     _score_and_mask(spec, em, True, body)
     grads = _grad_code(spec, em, body.ind)
     w = Writer()
-    _signature(w, f"{spec.name}_bwd", f"""
-    Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV, DU, DW,{_SIG}
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dub, stride_duh, stride_dum, stride_dwb, stride_dwh, stride_dwn,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
-    {buffer_params(spec)}{"".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))}
-    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, {EXTRA_CONSTS}{_grad_consts(spec)}""")
+    _signature(w, f"{spec.name}_bwd", spec.lowering.signature("gather_bwd"))
     with w.indented():
         w.code('''
             """Gather backward: dQ (and dU) in registers; dK/dV (and dW, captured tensors' gradients)
@@ -437,11 +407,6 @@ def _binned_adds(spec: KernelSpec, i: int, key: str, rows: str, contrib: str, ds
     return init, loop, final
 
 
-def _grad_consts(spec: KernelSpec) -> str:
-    s = "".join(f" GL{i}_BINS: tl.constexpr, GL{i}_PIECES: tl.constexpr," for i in range(len(spec.grad_loads)))
-    return s + (" BIN_PRECISION: tl.constexpr," if spec.grad_loads else "")
-
-
 def render_gather(spec: KernelSpec) -> str:
     """The generated module of gather kernels for ``spec`` (kernels ``{name}_fwd``, ``{name}_bwd``)."""
     return _finish(spec, [gather_forward(spec), gather_backward(spec)], "token-selector gather kernels")
@@ -470,19 +435,7 @@ def indexer_scores(spec: KernelSpec) -> str:
     pre = em.take(0, I1) + es.take(0, I1)
     inner = es.take(1, I3)
     return f'''
-@triton.jit
-def {spec.name}_scores(
-    QI, KI, W, S,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kg, stride_kn, stride_kd,
-    stride_wb, stride_wh, stride_wm,
-    stride_sb, stride_sg, stride_sm, stride_sn,
-    G, HPG, LQ, LKV, T0, NT, S0, NS, scale,
-    {buffer_params(spec)}
-    HEAD_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_W: tl.constexpr,
-):
-    """Rows T0..T0+NT-1, keys S0..S0+NS-1 of I = sum_j w[j] * f(q_I[j] . k_I), masked to -inf."""
+{kernel_def(f"{spec.name}_scores", spec.lowering.signature("scores"))}    """Rows T0..T0+NT-1, keys S0..S0+NS-1 of I = sum_j w[j] * f(q_I[j] . k_I), masked to -inf."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bg = tl.program_id(2)

@@ -69,3 +69,25 @@ class Writer:
 
     def text(self) -> str:
         return "\n".join(self._lines) + "\n"
+
+
+def _wrapped(items: list[str], width: int) -> list[str]:
+    lines, cur = [], INDENT
+    for it in items:
+        piece = f"{it}, "
+        if len(cur) + len(piece) > width and cur.strip():
+            lines.append(cur.rstrip())
+            cur = INDENT
+        cur += piece
+    if cur.strip():
+        lines.append(cur.rstrip())
+    return lines
+
+
+def kernel_def(name: str, params, width: int = 110) -> str:
+    """``@triton.jit`` and the ``def`` line of a kernel from its signature (``spec.lowering``):
+    runtime parameters, then (from a new line) ``NAME: tl.constexpr`` ones, wrapped at ``width``."""
+    runtime = [p.name for p in params if p.kind != "constexpr"]
+    consts = [f"{p.name}: tl.constexpr" for p in params if p.kind == "constexpr"]
+    body = "\n".join(_wrapped(runtime, width) + _wrapped(consts, width))
+    return f"@triton.jit\ndef {name}(\n{body}\n):\n"

@@ -75,9 +75,9 @@ CASES = _cases()
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_generated_source_matches_golden(name):
-    """The rendered module equals tests/golden/<name>.py (ATTNDSL_UPDATE_GOLDEN=1 rewrites it)."""
+    """The rendered module equals tests/golden/<name>.txt (ATTNDSL_UPDATE_GOLDEN=1 rewrites it)."""
     src = CASES[name]()
-    path = GOLDEN / f"{name}.py"
+    path = GOLDEN / f"{name}.txt"  # text, not a module: never imported or linted
     if os.environ.get("ATTNDSL_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(exist_ok=True)
         path.write_text(src)
@@ -86,11 +86,11 @@ def test_generated_source_matches_golden(name):
     want = path.read_text()
     if src != want:
         diff = "".join(difflib.unified_diff(want.splitlines(True), src.splitlines(True),
-                                            f"golden/{name}.py", f"rendered {name}", n=2))
+                                            f"golden/{name}.txt", f"rendered {name}", n=2))
         pytest.fail(f"generated source of {name!r} changed (ATTNDSL_UPDATE_GOLDEN=1 to accept):\n{diff[:20000]}")
 
 
 def test_golden_sources_compile_as_python():
     """Every stored module is valid Python (a bad edit of a golden file would hide behind the diff)."""
-    for path in GOLDEN.glob("*.py"):
+    for path in GOLDEN.glob("*.txt"):
         compile(path.read_text(), str(path), "exec")

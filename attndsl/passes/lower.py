@@ -15,6 +15,9 @@ Recorded (see :class:`attndsl.spec.Lowering`):
   zero the rest of a full-size learnable gradient (``GL{i}_ZERO_FILL``).
 - ``binned``: per learnable load, the dimension the gather kernels bin its gradient along, or None;
   ``max_bins`` and ``bin_piece`` size those bins.
+- ``signatures``: every kernel's parameters (:class:`attndsl.spec.Param`), in order: codegen
+  renders each ``def`` from them and the runtime checks (dense) or fills by name (gather,
+  indexer) its arguments against them.
 - ``load_stages``: per captured load of the mask, the loop level it depends on ("program",
   "row" (q only), "col" (kv only) or "pair"): a row load is read once per query tile.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from .. import ir
 from ..ir import Node
-from ..spec import KernelSpec, Lowering, VisitBox
+from ..spec import KernelSpec, Lowering, Param, VisitBox
 
 #: a table whose kv-indexed dimension has at most this many entries is binned in registers by the
 #: gather backward, in pieces of at most ``BIN_PIECE`` bins: one one-hot product per piece that the
@@ -132,4 +135,98 @@ def lower(spec: KernelSpec) -> Lowering:
         binned=tuple(binned_dim(gl.load) for gl in spec.grad_loads),
         max_bins=MAX_BINS, bin_piece=BIN_PIECE,
         load_stages=load_stages(spec.mask),
+        signatures=signatures(spec),
     )
+
+
+# -- kernel signatures ---------------------------------------------------------------------------
+def _strides(*names: str) -> list:
+    return [f"stride_{n}" for n in names]
+
+
+def _ints(*names: str) -> list:
+    return [Param(n, "int") for n in names]
+
+
+def _tensors(*names: str) -> list:
+    return [Param(n, "tensor") for n in names]
+
+
+def _consts(*names: str) -> list:
+    return [Param(n, "constexpr") for n in names]
+
+
+def _qkv_strides(*tensors: str) -> list:
+    """``stride_{t}b, stride_{t}h, stride_{t}{row}, stride_{t}d`` per tensor prefix (row: m for
+    query-like tensors, n for key-like ones)."""
+    out = []
+    for t in tensors:
+        row = "n" if t in ("k", "v", "dk", "dv") else "m"
+        out += _ints(*_strides(f"{t}b", f"{t}h", f"{t}{row}", f"{t}d"))
+    return out
+
+
+_EXTRAS = (_tensors("Sinks", "U", "W") + _ints(*_strides("ub", "uh", "um", "ur", "wb", "wh", "wn", "wr"), "W_GROUP", "RANK")
+           + [Param("sigmoid_bias", "float")])
+_EXTRA_CONSTS = _consts("HAS_SINKS", "HAS_BIAS", "BLOCK_R")
+_TABLE = _tensors("TBL_FULL", "TBL_PART", "TBL_CNT") + _ints("tbl_stride_b", "tbl_stride_h", "tbl_stride_r")
+_DIMS = _consts("HEAD_D", "BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BLOCK_DV", "HAS_D2", "BLOCK_D2", "UPCAST",
+                "DOT_PRECISION")
+_GATHER_DIMS = _consts("HEAD_D", "BLOCK_H", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BLOCK_DV", "HAS_D2", "BLOCK_D2",
+                       "UPCAST", "DOT_PRECISION")
+
+
+def _buffers(spec: KernelSpec) -> list:
+    out = []
+    for b in spec.buffers:
+        p = f"buf{b.slot}"
+        out += [Param(p, "tensor")] + _ints(*(f"{p}_size{d}" for d in range(b.ndim)),
+                                            *(f"{p}_stride{d}" for d in range(b.ndim)))
+    return out
+
+
+def signatures(spec: KernelSpec) -> tuple:
+    """((kernel, (Param, ...)), ...): every kernel's parameters in order, as codegen writes its
+    ``def`` and the runtime fills its arguments. Kernels: the dense family ("fwd", "bwd_delta",
+    "bwd_dkdv", "bwd_dq", and "table"/"table_t" for block tables), the gather family
+    ("gather_fwd", "gather_bwd") and the lightning indexer ("scores")."""
+    bufs = _buffers(spec)
+    table = _TABLE if spec.data_dependent else []
+    n = len(spec.grad_loads)
+    grads = [p for i, g in enumerate(spec.grad_loads) for p in _tensors(f"DBUF{g.slot}_{i}", f"GOFF{g.slot}_{i}")]
+    grad_consts = [p for i in range(n) for p in _consts(f"GL{i}_ATOMIC", f"GL{i}_ZERO_FILL", f"GL{i}_WIDE")]
+    grad_consts += _consts("DETERMINISTIC") if n else []
+    sel_grads = [Param(f"DBUF{g.slot}_{i}", "tensor") for i, g in enumerate(spec.grad_loads)]
+    sel_consts = [p for i in range(n) for p in _consts(f"GL{i}_BINS", f"GL{i}_PIECES")]
+    sel_consts += _consts("BIN_PRECISION") if n else []
+    scalars = [Param("sm_scale", "float"), Param("SECTION", "int")]
+    sigs = {
+        "fwd": (_tensors("Q", "K", "V", "Out", "Lse", "VISITS") + _qkv_strides("q", "k", "v", "o")
+                + _ints("HQ", "GROUP", "LQ", "LKV") + scalars + _EXTRAS + bufs + table + _DIMS
+                + _consts("COUNT_VISITS", "EVEN_KV", "KV_TMA", "W_TMA", "FOLD_SCALE") + _EXTRA_CONSTS),
+        "bwd_delta": (_tensors("Out", "DO", "Delta") + _qkv_strides("o") + _ints(*_strides("db", "dh", "dm", "dd"))
+                      + _ints("HQ", "LQ") + _consts("HEAD_DV", "BLOCK_M", "BLOCK_DV")),
+        "bwd_dkdv": (_tensors("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW")
+                     + _qkv_strides("q", "k", "v", "do", "dk", "dv") + _ints("HQ", "HKV", "GROUP", "LQ", "LKV")
+                     + scalars + _EXTRAS + bufs + table + _DIMS + _consts("EVEN_Q") + _EXTRA_CONSTS),
+        "bwd_dq": (_tensors("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU") + _qkv_strides("q", "k", "v", "do", "dq")
+                   + _ints("HQ", "GROUP", "LQ", "LKV") + scalars + _EXTRAS + bufs + grads + table + _DIMS
+                   + _consts("EVEN_KV") + _EXTRA_CONSTS + grad_consts),
+        "gather_fwd": (_tensors("Q", "K", "V", "IDX", "Out", "Lse") + _qkv_strides("q", "k", "v")
+                       + _ints(*_strides("ib", "ig", "im", "ij")) + _qkv_strides("o")
+                       + _ints("NU", "HPU", "GROUP", "QPG", "LQ", "LKV", "NSEL") + [Param("sm_scale", "float")]
+                       + _EXTRAS + bufs + _GATHER_DIMS + _EXTRA_CONSTS),
+        "gather_bwd": (_tensors("Q", "K", "V", "IDX", "Out", "DO", "Lse", "DLse", "DQ", "DK", "DV", "DU", "DW")
+                       + _qkv_strides("q", "k", "v") + _ints(*_strides("ib", "ig", "im", "ij"))
+                       + _qkv_strides("o", "do", "dq", "dk", "dv")
+                       + _ints(*_strides("dub", "duh", "dum", "dwb", "dwh", "dwn"))
+                       + _ints("NU", "HPU", "GROUP", "QPG", "LQ", "LKV", "NSEL") + [Param("sm_scale", "float")]
+                       + _EXTRAS + bufs + sel_grads + _GATHER_DIMS + _consts("HAS_DLSE") + _EXTRA_CONSTS + sel_consts),
+        "scores": (_tensors("QI", "KI", "W", "S") + _ints(*_strides("qb", "qh", "qm", "qd", "kb", "kg", "kn", "kd",
+                                                                    "wb", "wh", "wm", "sb", "sg", "sm", "sn"))
+                   + _ints("G", "HPG", "LQ", "LKV", "T0", "NT", "S0", "NS") + [Param("scale", "float")] + bufs
+                   + _consts("HEAD_D", "BLOCK_T", "BLOCK_S", "BLOCK_D", "UPCAST", "DOT_PRECISION", "HAS_W")),
+    }
+    if spec.data_dependent:
+        sigs["table"] = sigs["table_t"] = (_TABLE + _ints("TH", "LQ", "LKV") + bufs + _consts("BLOCK_R", "BLOCK_C"))
+    return tuple((k, tuple(v)) for k, v in sigs.items())
