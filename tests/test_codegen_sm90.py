@@ -35,30 +35,26 @@ def document(b, h, q_idx, kv_idx):  # data-dependent: block-table kernels too
 PTR = {"int64": "*i64", "int32": "*i32", "float32": "*fp32", "bool": "*i1"}
 BF16 = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 INT_PTRS = {"VISITS", "TBL_FULL", "TBL_PART", "TBL_CNT"}
-INT_ARGS = {"HQ", "HKV", "GROUP", "LQ", "LKV", "SECTION", "W_GROUP", "RANK", "TH"}
 CONSTS = dict(HEAD_D=64, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, HEAD_DV=64, BLOCK_DV=64, HAS_D2=False,
               BLOCK_D2=16, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, BLOCK_C=64)
+SCALAR = {"int": "i32", "float": "fp32"}
 done = []
-for fn, kinds in ((key_padding, ("fwd", "dkdv", "dq")), (document, ("fwd", "dkdv", "dq", "table", "table_t"))):
+for fn, kinds in ((key_padding, ("fwd", "bwd_dkdv", "bwd_dq")), (document, ("fwd", "bwd_dkdv", "bwd_dq", "table", "table_t"))):
     attn = attndsl.compile(mask_mod=fn, block_m=64, block_n=64)
     assert attn.spec.data_dependent == (fn is document)
     mod = cache.load(attn.spec, False)
-    bufs = {f"buf{b.slot}": b for b in attn.spec.buffers}
-    names = attndsl.codegen.kernel_names(attn.spec)
+    dtypes = {f"buf{b.slot}": b.torch_dtype for b in attn.spec.buffers}
     for kind in kinds:
-        k = getattr(mod, names[kind])
+        k = getattr(mod, f"{attn.spec.name}_{kind}")
         sig, cx = {}, {}
-        for name, p in zip(k.arg_names, k.params):
-            if p.is_constexpr:
-                sig[name], cx[name] = "constexpr", CONSTS.get(name, False)
-            elif name in bufs:
-                sig[name] = PTR[bufs[name].torch_dtype]
-            elif name[0].isupper() and name not in INT_ARGS:
-                sig[name] = "*bf16" if name in BF16 else "*i32" if name in INT_PTRS else "*fp32"
-            elif name in ("sm_scale", "sigmoid_bias"):
-                sig[name] = "fp32"
+        for p in attn.spec.lowering.signature(kind):  # the kernel's signature, from the spec
+            if p.kind == "constexpr":
+                sig[p.name], cx[p.name] = "constexpr", CONSTS.get(p.name, False)
+            elif p.kind == "tensor":
+                sig[p.name] = (PTR[dtypes[p.name]] if p.name in dtypes else "*bf16" if p.name in BF16
+                               else "*i32" if p.name in INT_PTRS else "*fp32")
             else:
-                sig[name] = "i32"
+                sig[p.name] = SCALAR[p.kind]
         triton.compile(ASTSource(k, sig, cx), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
         done.append(f"{fn.__name__}:{kind}")
 print("compiled", " ".join(done))
@@ -78,5 +74,5 @@ def test_int64_plan_kernels_compile_for_sm90(tmp_path):
     if r.returncode and "ptxas" in out.lower() and "not found" in out.lower():
         pytest.skip("no CUDA toolchain")
     assert r.returncode == 0 and "compiled" in r.stdout, out[-4000:]
-    for k in ("key_padding:fwd", "key_padding:dkdv", "key_padding:dq", "document:table", "document:table_t"):
+    for k in ("key_padding:fwd", "key_padding:bwd_dkdv", "key_padding:bwd_dq", "document:table", "document:table_t"):
         assert k in r.stdout
