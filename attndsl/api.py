@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from . import codegen_bridge
+from . import codegen
 from .dsl import trace
 from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
@@ -106,7 +106,7 @@ class CompiledAttention:
     @property
     def source(self) -> str:
         """The generated Triton module's source text."""
-        return codegen_bridge.render(self.spec)
+        return codegen.render(self.spec)
 
     def build_block_tables(self, query: torch.Tensor, key: torch.Tensor,
                            value: torch.Tensor | None = None) -> BlockTables | None:

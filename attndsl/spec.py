@@ -92,6 +92,38 @@ class GradLoad:
 
 
 @dataclass(frozen=True)
+class Param:
+    """One kernel parameter: ``kind`` is "tensor" (a pointer), "int", "float" or "constexpr"."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """Decisions codegen and the runtime both read (``passes/lower.py`` makes them)."""
+
+    additive: Node | None = None   # R when score_mod is score + R (a bias): one multiply-add per score
+    fwd_runs: bool = False         # constant-run loops (codegen/runs.py) in the forward,
+    bwd_runs: bool = False         # ... the dK/dV kernel
+    dq_runs: bool = False          # ... and the dQ kernel
+    run_folds: bool = False        # the forward's run loop folds scale and the run's bias into exp2
+    dq_whole_range: bool = False   # dQ visits its whole closed-form range (GL{i}_ZERO_FILL possible)
+    binned: tuple = ()             # per grad load: the dim its gather gradient is binned along, or None
+    max_bins: int = 256            # a binned dim has at most this many entries ...
+    bin_piece: int = 64            # ... summed in pieces of at most this many bins
+    load_stages: tuple = ()        # (load, "program" | "row" | "col" | "pair") per captured load of the mask
+    signatures: tuple = ()         # ((kernel, (Param, ...)), ...): each kernel's parameters in order
+
+    def signature(self, kernel: str) -> tuple:
+        """The parameters of ``kernel`` ("fwd", "bwd_dq", "gather_bwd", "table", ...)."""
+        for k, params in self.signatures:
+            if k == kernel:
+                return params
+        raise KeyError(f"no kernel {kernel!r} in this spec (have {[k for k, _ in self.signatures]})")
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     key: str
     mask: Node | None
@@ -117,6 +149,7 @@ class KernelSpec:
     #: integer nodes of this spec's IR computed in int64 (passes/int_width.py: their value can leave
     #: int32 at some batch/head/length below 2**30); every other integer node is int32
     wide_ints: frozenset = frozenset()
+    lowering: Lowering = field(default_factory=Lowering)  # passes/lower.py, set by build_spec
 
     @property
     def has_mask(self) -> bool:

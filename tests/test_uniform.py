@@ -214,7 +214,8 @@ def test_t5_runs_at_both_ends_and_per_tile_test_under_block_tables(bidirectional
 
 def test_run_loop_folds_a_scalar_bias_into_the_exponent():
     """The softmax forward's run loop takes a bias of the run's entries (and b, h) out of the
-    exponent's shift (``_run_folds``); a bias with a per-element part keeps the scaled scores."""
+    exponent's shift (``spec.lowering.run_folds``; the prelude's ``_softmax_update`` with SCALED and
+    RUN_ADD); a bias with a per-element part keeps the scaled scores."""
     def fwd_run_loop(mod):
         src = attndsl.compile(mask_mod=causal, score_mod=mod).source
         fwd = src[src.index("def attn_fwd("):src.index("def attn_bwd_delta(")]
@@ -222,9 +223,9 @@ def test_run_loop_folds_a_scalar_bias_into_the_exponent():
     table, slopes = torch.randn(H, 16), torch.randn(H)
     t5 = t5_bucket_bias(table, 16, 40, bidirectional=False)
     for mod in (t5, lambda s, b, h, q, kv: t5(s, b, h, q, kv) + slopes[h]):
-        assert "p = tl.exp2(s * qk_scale - (m_use - s_add)[:, None])" in fwd_run_loop(mod)
+        assert "_softmax_update(m_i, l_i, acc, s, v, qk_scale, s_add, DOT_PRECISION, True, True)" in fwd_run_loop(mod)
     loop = fwd_run_loop(lambda s, b, h, q, kv: t5(s, b, h, q, kv) + slopes[h] * (kv - q))
-    assert "s_add" not in loop and "p = tl.exp2(s - m_use[:, None])" in loop
+    assert "s_add" not in loop and "_softmax_update(m_i, l_i, acc, s, v, 1.0, 0.0, DOT_PRECISION, False, False)" in loop
 
 
 @pytest.mark.parametrize("scale", [0.3, 20.0, -20.0, 0.0])

@@ -12,6 +12,7 @@ from .box_analysis import box_plans
 from .diagonal import diagonal_index
 from .grad import derivative
 from .int_width import spec_roots, wide_nodes
+from .lower import lower
 from .simplify import simplify
 from .uniform import uniform_loads
 
@@ -54,6 +55,11 @@ def grad_loads(score: Node | None, learnable: frozenset) -> tuple:
             diagonal = diagonal_index(ld) if scope == "scatter" else None
             out.append(GradLoad(ld, derivative(score, ld), ld.attr[0], scope, diagonal))
     return tuple(out)
+
+
+def run_lowering(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with its lowering decisions recorded (``passes/lower.py``): the last pass."""
+    return dataclasses.replace(spec, lowering=lower(spec))
 
 
 def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", options=(),
@@ -104,5 +110,6 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
         normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles,
         dq_range=dq_range, bwd_tiles=bwd_tiles, dq_tiles=dq_tiles, uniform_loads=uniform_loads(score))
     spec = dataclasses.replace(spec, wide_ints=wide_nodes(spec_roots(spec)))
+    spec = run_lowering(spec)
     _CACHE[ck] = spec
     return spec

@@ -152,3 +152,29 @@ def choose(head_dim: int, interpret: bool, block_m: int | None = None, block_n: 
         dkdv = replace(dkdv, block_m=block_m or dkdv.block_m, block_n=block_n or dkdv.block_n)
         dq = replace(dq, block_m=block_m or dq.block_m, block_n=block_n or dq.block_n)
     return Configs(fwd, dkdv, dq, small, wide)
+
+
+# -- the gather (token selector) and indexer kernels -----------------------------------------
+@dataclass(frozen=True)
+class GatherConfig:
+    """Slots per chunk of the gather kernels and their launch options."""
+
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def gather_config(head_dim: int, interpret: bool, block_n: int | None = None) -> GatherConfig:
+    """Slots per chunk and launch options (``block_n``: the ``attndsl.compile(block_n=...)`` override)."""
+    if block_n:
+        return replace(gather_config(head_dim, interpret), block_n=int(block_n))
+    if interpret:
+        return GatherConfig(64, 4, 1)
+    d = block_d(head_dim)
+    return GatherConfig(64 if d <= 128 else 32, 4, 2)
+
+
+def indexer_tiles(interpret: bool) -> tuple[int, int]:
+    """(query rows, keys) per program of the lightning indexer: large on the interpreter, where
+    programs are costly."""
+    return (256, 512) if interpret else (64, 64)

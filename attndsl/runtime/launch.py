@@ -15,7 +15,6 @@ from .. import ir
 from . import cache
 from .fastlaunch import Direct, launcher
 from .scope import NO_CONTEXT, launch_scope
-from ..codegen_bridge import dq_visits_whole_range
 from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section, split_head_dim
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
@@ -130,6 +129,62 @@ def buffer_args(tensors, dense=frozenset()) -> list:
     return args
 
 
+def buffer_named(tensors, dense=frozenset()) -> dict:
+    """``buffer_args`` by parameter name: ``buf{slot}``, ``buf{slot}_size{d}``, ``buf{slot}_stride{d}``."""
+    out = {}
+    for i, t in enumerate(tensors):
+        if i in dense:
+            t = t.contiguous()
+        if t.dtype == torch.bool:
+            t = t.view(torch.uint8)
+        out[f"buf{i}"] = t
+        out.update((f"buf{i}_size{d}", n) for d, n in enumerate(t.shape))
+        out.update((f"buf{i}_stride{d}", st) for d, st in enumerate(t.stride()))
+    return out
+
+
+def strides_named(t: torch.Tensor, *names: str) -> dict:
+    """``stride_{name}`` of each dimension of ``t`` (``strides_named(q, "qb", "qh", "qm", "qd")``)."""
+    return {f"stride_{n}": st for n, st in zip(names, t.stride())}
+
+
+def fill(kernel: str, params, named: dict, consts: dict) -> list:
+    """The positional arguments of ``kernel`` taken by name from ``named`` in its signature's order
+    (``spec.lowering.signature``); a parameter with no value, a value with no parameter, or a
+    constexpr missing from ``consts`` raises TypeError naming it."""
+    runtime = [p.name for p in params if p.kind != "constexpr"]
+    missing = [n for n in runtime if n not in named]
+    unknown = sorted(set(named) - set(runtime))
+    if missing or unknown:
+        raise TypeError(f"{kernel}: no value for {missing}; no parameter for {unknown}")
+    args = [named[n] for n in runtime]
+    check_arguments(kernel, params, args, consts)
+    return args
+
+
+#: keywords of a launch that are Triton's options, not the kernel's parameters
+LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+
+
+def check_arguments(kernel: str, params, args, consts) -> None:
+    """The launch of ``kernel`` fills exactly its signature (``spec.lowering.signature``): one
+    positional argument per runtime parameter, in order and of its kind (a tensor for a pointer, a
+    number otherwise), and every constexpr by name (``LAUNCH_OPTIONS`` aside). Raises TypeError
+    naming what disagrees."""
+    runtime = [p for p in params if p.kind != "constexpr"]
+    wanted = {p.name for p in params if p.kind == "constexpr"}
+    consts = [c for c in consts if c not in LAUNCH_OPTIONS]
+    if len(args) != len(runtime):
+        raise TypeError(f"{kernel}: {len(args)} arguments for {len(runtime)} parameters "
+                        f"({', '.join(p.name for p in runtime)})")
+    if set(consts) != wanted:
+        raise TypeError(f"{kernel}: constexprs missing {sorted(wanted - set(consts))}, "
+                        f"unknown {sorted(set(consts) - wanted)}")
+    for p, a in zip(runtime, args):
+        if (p.kind == "tensor") != isinstance(a, torch.Tensor):
+            raise TypeError(f"{kernel}: parameter {p.name} ({p.kind}) got {type(a).__name__}")
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host (``triton.cdiv`` is a constexpr function: microseconds a call)."""
     return -(-a // b)
@@ -200,6 +255,13 @@ class Extras:
         return (None if self.sinks is None else tensor_key(self.sinks),
                 None if self.u is None else (tensor_key(self.u), tensor_key(self.w)))
 
+    def named(self, q, k) -> dict:
+        """``args`` by parameter name (the signature's ``Sinks, U, W, stride_u*, stride_w*, W_GROUP,
+        RANK, sigmoid_bias``)."""
+        names = ("Sinks", "U", "W", "stride_ub", "stride_uh", "stride_um", "stride_ur", "stride_wb", "stride_wh",
+                 "stride_wn", "stride_wr", "W_GROUP", "RANK", "sigmoid_bias")
+        return dict(zip(names, self.args(q, k), strict=True))
+
     def consts(self) -> dict:
         r = self.u.shape[3] if self.u is not None else 1
         return dict(HAS_SINKS=self.sinks is not None, HAS_BIAS=self.u is not None, BLOCK_R=max(16, 1 << (r - 1).bit_length()))
@@ -246,7 +308,7 @@ class Runner:
         self.learnable = spec.learnable_slots
         # facts of the spec the backward consults on every call
         self._loaded_once = frozenset(s for s in self.learnable if sum(g.slot == s for g in spec.grad_loads) == 1)
-        self._dq_whole_range = dq_visits_whole_range(spec)
+        self._dq_whole_range = spec.lowering.dq_whole_range
         self.mod = module
         self.cfg = configs
         self.interpret = interpret
@@ -258,6 +320,7 @@ class Runner:
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
         self._kernels: dict = {}
+        self._signature_of: dict = {}  # kernel -> its name in spec.lowering.signatures
 
     # -- helpers ------------------------------------------------------------------------------
     def _sms(self, device) -> int:
@@ -331,6 +394,7 @@ class Runner:
         got = self._kernels.get(suffix)
         if got is None:
             got = self._kernels[suffix] = getattr(self.mod, f"{self.spec.name}_{suffix}")
+            self._signature_of[got] = suffix
         return got
 
     def _memo_of(self, kernel, key) -> Memo | None:
@@ -382,6 +446,9 @@ class Runner:
                 if hit is not None and check != hit.check:
                     raise AssertionError(f"launch memo of {which}: the call key {key} was memoised with "
                                          f"{hit.check}, this call needs {check}")
+                if hit is None:  # a launch decided here (not memoised): check it against the signature
+                    kname = self._signature_of[kernel]
+                    check_arguments(kname, self.spec.lowering.signature(kname), full, all_consts)
                 with self.mode(args[0]), (_descriptor_scratch() if scratch else NO_CONTEXT):
                     if hit is not None:
                         hit.launch(full)
@@ -428,9 +495,11 @@ class Runner:
         part = torch.empty((TB, TH, R, C), dtype=torch.int32, device=dev)
         count = torch.empty((TB, TH, R, 2), dtype=torch.int32, device=dev)
         kernel = getattr(self.mod, f"{spec.name}_table{'_t' if transposed else ''}")
+        args, consts = [full, part, count, TH * R * C, R * C, C, TH, Lq, Lkv, *buffer_args(buffers)], dict(BLOCK_R=br, BLOCK_C=bc)
+        kname = "table_t" if transposed else "table"
+        check_arguments(kname, spec.lowering.signature(kname), args, consts)
         with self.mode(full):
-            self._run(kernel, (R, TB * TH), [full, part, count, TH * R * C, R * C, C, TH, Lq, Lkv, *buffer_args(buffers)],
-                      dict(BLOCK_R=br, BLOCK_C=bc))
+            self._run(kernel, (R, TB * TH), args, consts)
         t = Table(full, part, count, spec.mask_uses_b, spec.mask_uses_h)
         if tables is not None:
             tables.tables[key] = t
@@ -585,11 +654,7 @@ class Runner:
             self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), args, self.cfg.dq, "dq",
                          table_args=self._table_args(tables, buffers, False), key=key, fixed=fixed, **consts,
                          **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self._even_dims())
-        dsinks = None
-        if extras.sinks is not None:
-            # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
-            p_sink = torch.exp(extras.sinks.to(lse.dtype)[None, :, None] - lse)
-            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(extras.sinks.dtype)
+        dsinks = sink_gradient(extras.sinks, lse, delta) if extras.sinks is not None else None
         if extras.u is not None:
             du = _reduce_to(du, extras.u.shape).to(extras.u.dtype)
             if extras.w.shape[1] == Hkv and Hkv != Hq:
@@ -604,6 +669,14 @@ class Runner:
         return dq, dk, dv, dsinks, du, dw, dbufs
 
 
+def sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """∂L/∂sinks from the rows' logsumexp ``lse`` [B, H, L] and ``delta`` = rowsum(dO·O) − dlse
+    (dense and gather kernels alike): d out_i / d sink = −p_sink_i · out_i and
+    d lse_i / d sink = p_sink_i."""
+    p_sink = torch.exp(sinks.to(lse.dtype)[None, :, None] - lse)  # lse is float64 for float64 calls
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 def _row_bytes(*tensors) -> int:
     """Bytes of one head's rows of these [B, H, L, D] tensors together."""
     return sum(t.shape[2] * t.shape[3] * t.element_size() for t in tensors)
@@ -611,7 +684,7 @@ def _row_bytes(*tensors) -> int:
 
 def wide_offsets(t: torch.Tensor) -> bool:
     """Do offsets into learnable tensor ``t`` (passed contiguous) need 64 bits? Otherwise the dQ
-    kernel keys a scattered gradient's entries in 32 bits (``codegen.kernels._scatter_code``)."""
+    kernel keys a scattered gradient's entries in 32 bits (``codegen.grads._scatter_code``)."""
     return t.numel() > 2**31
 
 

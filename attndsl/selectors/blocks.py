@@ -25,6 +25,7 @@ import torch
 
 from .. import ir
 from ..ir.evaluate import evaluate
+from ..passes.fuse import run_lowering
 from ..runtime.checks import call_shape
 from ..runtime.launch import BlockTables, Table
 
@@ -186,9 +187,10 @@ def block_variant(compiled, blocks: BlockSelection):
         v._runners = {}
         s = compiled.spec
         # table mode; with no mask, partial tiles (at the ends) only check the lengths
-        v.spec = dataclasses.replace(s, data_dependent=True, mask_uses_b=True, mask_uses_h=True,
-                                     mask=s.mask if s.mask is not None else ir.const(True),
-                                     name=f"{s.name}_blk", key=f"{s.key}b1")
+        # (lowered again: runs, dQ's range and the table kernels' signatures follow the table mode)
+        v.spec = run_lowering(dataclasses.replace(s, data_dependent=True, mask_uses_b=True, mask_uses_h=True,
+                                                  mask=s.mask if s.mask is not None else ir.const(True),
+                                                  name=f"{s.name}_blk", key=f"{s.key}b1"))
         bm, bn, *rest = compiled._tiles
         # the largest default tiles are 128 (queries) and 64 (keys)
         if (bm or 128) > blocks.q_block:

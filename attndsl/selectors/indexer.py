@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import codegen_bridge, ir
+from .. import codegen, ir
 from ..dsl import trace
 from ..ir.evaluate import evaluate
 from ..passes import build_spec
 from ..runtime import cache
 from ..runtime.checks import IndexRangeCheck, check_captured
-from ..runtime.config import block_d
+from ..runtime.config import block_d, indexer_tiles
 from ..runtime.scope import launch_scope
-from ..runtime.launch import buffer_args, cdiv, use_interpreter
+from ..runtime.launch import buffer_named, cdiv, fill, strides_named, use_interpreter
 
 
 def relu(score, b, h, q_idx, kv_idx):
@@ -62,7 +62,7 @@ class LightningIndexer:
     def _module(self, interpret: bool):
         m = self._mods.get(interpret)
         if m is None:
-            m = self._mods[interpret] = cache.load(self.spec, interpret, render=codegen_bridge.render_indexer)
+            m = self._mods[interpret] = cache.load(self.spec, interpret, render=codegen.render_indexer)
         return m
 
     @staticmethod
@@ -103,21 +103,23 @@ class LightningIndexer:
         grid = (cdiv(n, bt), cdiv(m, bs), B * G)
         w = weights if weights is not None else q_i
         ws = list(weights.stride()) if weights is not None else [0, 0, 0]
+        named = dict(QI=q_i, KI=k_i, W=w, S=out, **strides_named(q_i, "qb", "qh", "qm", "qd"),
+                     **strides_named(k_i, "kb", "kg", "kn", "kd"), stride_wb=ws[0], stride_wh=ws[1], stride_wm=ws[2],
+                     **strides_named(out, "sb", "sg", "sm", "sn"), G=G, HPG=HI // G, LQ=Lq, LKV=Lkv, T0=t0, NT=n,
+                     S0=s0, NS=m, scale=self.scale, **buffer_named(self.tensors))
+        consts = dict(HEAD_D=DI, BLOCK_T=bt, BLOCK_S=bs, BLOCK_D=block_d(DI),
+                      UPCAST=interpret and q_i.dtype == torch.bfloat16,
+                      DOT_PRECISION="ieee" if q_i.dtype == torch.float32 else "tf32", HAS_W=weights is not None)
+        args = fill("scores", self.spec.lowering.signature("scores"), named, consts)
         with launch_scope(q_i, interpret):
-            getattr(self._module(interpret), f"{self.spec.name}_scores")[grid](
-                q_i, k_i, w, out, *q_i.stride(), *k_i.stride(), *ws, *out.stride(),
-                G, HI // G, Lq, Lkv, t0, n, s0, m, self.scale, *buffer_args(self.tensors),
-                HEAD_D=DI, BLOCK_T=bt, BLOCK_S=bs, BLOCK_D=block_d(DI),
-                UPCAST=interpret and q_i.dtype == torch.bfloat16,
-                DOT_PRECISION="ieee" if q_i.dtype == torch.float32 else "tf32", HAS_W=weights is not None,
-                num_warps=4)
+            getattr(self._module(interpret), f"{self.spec.name}_scores")[grid](*args, **consts, num_warps=4)
         return out
 
     def tiles(self, interpret: bool) -> tuple[int, int]:
         """(query rows, keys) per program: large on the interpreter, where programs are costly."""
         if self.block is not None:
             return self.block
-        return (256, 512) if interpret else (64, 64)
+        return indexer_tiles(interpret)
 
     def key_range(self, t0: int, t1: int, B: int, G: int, Lq: int, Lkv: int, device) -> tuple[int, int]:
         """Keys the mask may allow for query rows ``[t0, t1)`` (closed form; ``[0, Lkv)`` if unknown)."""

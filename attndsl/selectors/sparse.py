@@ -21,13 +21,13 @@ import math
 import torch
 import triton
 
-from .. import codegen_bridge
+from .. import codegen
 from ..runtime import cache
-from ..runtime.config import block_d, split_head_dim
+from ..runtime.config import GatherConfig, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
 from ..runtime.checks import compiling, default_check
-from ..runtime.launch import Extras, _new, buffer_args, use_interpreter
+from ..runtime.launch import Extras, _new, buffer_named, fill, sink_gradient, strides_named, use_interpreter
 
 GATHER_TAG = "sel"
 
@@ -90,26 +90,9 @@ def units(Hq: int, Hkv: int, G: int, max_heads: int = 64) -> int:
     return hpp
 
 
-@dataclasses.dataclass(frozen=True)
-class GatherConfig:
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def gather_config(head_dim: int, interpret: bool, block_n: int | None = None) -> GatherConfig:
-    """Slots per chunk and launch options (``block_n``: the ``attndsl.compile(block_n=...)`` override)."""
-    if block_n:
-        return dataclasses.replace(gather_config(head_dim, interpret), block_n=int(block_n))
-    if interpret:
-        return GatherConfig(64, 4, 1)
-    d = block_d(head_dim)
-    return GatherConfig(64 if d <= 128 else 32, 4, 2)
-
-
 def gather_spec(spec):
     """The spec of the gather kernels: the pattern's, under a name and key of their own."""
-    sel_v = codegen_bridge.SELECTOR_VERSION
+    sel_v = codegen.SELECTOR_VERSION
     return dataclasses.replace(spec, name=f"{spec.name}_{GATHER_TAG}", key=f"{spec.key}s{sel_v}")
 
 
@@ -126,7 +109,7 @@ class GatherRunner:
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.bdv = block_d(self.head_dim_v)
         self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
-        self.mod = cache.load(self.spec, interpret, render=codegen_bridge.render_gather)
+        self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
 
     def _mode(self, t):
         return launch_scope(t, self.interpret)
@@ -140,18 +123,19 @@ class GatherRunner:
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
     def _grad_consts(self, buffers) -> dict:
-        """Bins per piece and pieces per learnable table (``codegen.selector.binned_dim``; no pieces:
+        """Bins per piece and pieces per learnable table (``spec.lowering.binned``, ``passes/lower.py``; no pieces:
         added per element) and the precision of the binning products: float32-exact on the GPU too
         (three TF32 products)."""
         if not self.spec.grad_loads:
             return {}
         consts = {"BIN_PRECISION": "ieee" if self.interpret else "tf32x3"}
+        low = self.spec.lowering
         for i, gl in enumerate(self.spec.grad_loads):
-            d = codegen_bridge.binned_dim(gl)
-            n = buffers[gl.slot].shape[d] if d is not None else codegen_bridge.MAX_BINS + 1
-            width = min(codegen_bridge.BIN_PIECE, max(16, triton.next_power_of_2(n)))
+            d = low.binned[i]
+            n = buffers[gl.slot].shape[d] if d is not None else low.max_bins + 1
+            width = min(low.bin_piece, max(16, triton.next_power_of_2(n)))
             consts[f"GL{i}_BINS"] = width  # bins per piece
-            consts[f"GL{i}_PIECES"] = -(-n // width) if n <= codegen_bridge.MAX_BINS else 0
+            consts[f"GL{i}_PIECES"] = -(-n // width) if n <= low.max_bins else 0
         return consts
 
     def _shape_args(self, q, k, indices, extras):
@@ -162,16 +146,20 @@ class GatherRunner:
         if extras.w is not None and 1 != extras.w.shape[1] == Hq != Hkv:
             hpp = 1  # w rows per query head: the packed heads of a unit would each need their own
         nu = Hq // hpp
-        return (B, nu, Lq), hpp, [nu, hpp, Hq // Hkv, Hq // G, Lq, Lkv, indices.shape[3]]
+        return (B, nu, Lq), hpp, dict(NU=nu, HPU=hpp, GROUP=Hq // Hkv, QPG=Hq // G, LQ=Lq, LKV=Lkv,
+                                      NSEL=indices.shape[3])
 
     def forward(self, q, k, v, indices, scale, buffers, extras: Extras):
         (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
         out = _new((*q.shape[:3], v.shape[3]), q)
         lse = _new((B, q.shape[1], Lq), q, torch.float32)
-        args = [q, k, v, indices, out, lse, *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
-                *shape_args, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable)]
+        named = dict(Q=q, K=k, V=v, IDX=indices, Out=out, Lse=lse, **_qkv_strides(q, k, v, indices),
+                     **strides_named(out, "ob", "oh", "om", "od"), **shape_args, sm_scale=scale,
+                     **extras.named(q, k), **buffer_named(buffers, self.learnable))
+        consts = {**extras.consts(), **self._consts(q, hpp)}
+        args = fill("gather_fwd", self.spec.lowering.signature("gather_fwd"), named, consts)
         with self._mode(q):
-            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, **extras.consts(), **self._consts(q, hpp))
+            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, **consts)
         return out, lse
 
     def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras):
@@ -188,18 +176,27 @@ class GatherRunner:
         bias_strides = [*_broadcast_strides(du, extras.u)[:3], *_broadcast_strides(dw, extras.w)[:3]]
         dbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device)
                  for slot in sorted(self.learnable)}
-        args = [q, k, v, indices, out, dout, lse, dl, dq, dk, dv, du, dw, *q.stride(), *k.stride(), *v.stride(),
-                *indices.stride(), *out.stride(), *dout.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-                *bias_strides, *shape_args, scale, *extras.args(q, k), *buffer_args(buffers, self.learnable),
-                *(dbufs[gl.slot] for gl in self.spec.grad_loads)]
+        named = dict(Q=q, K=k, V=v, IDX=indices, Out=out, DO=dout, Lse=lse, DLse=dl, DQ=dq, DK=dk, DV=dv, DU=du, DW=dw,
+                     **_qkv_strides(q, k, v, indices), **strides_named(out, "ob", "oh", "om", "od"),
+                     **strides_named(dout, "dob", "doh", "dom", "dod"), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
+                     **strides_named(dk, "dkb", "dkh", "dkn", "dkd"), **strides_named(dv, "dvb", "dvh", "dvn", "dvd"),
+                     **dict(zip(("stride_dub", "stride_duh", "stride_dum", "stride_dwb", "stride_dwh", "stride_dwn"),
+                                bias_strides, strict=True)),
+                     **shape_args, sm_scale=scale, **extras.named(q, k), **buffer_named(buffers, self.learnable),
+                     **{f"DBUF{gl.slot}_{i}": dbufs[gl.slot] for i, gl in enumerate(self.spec.grad_loads)})
+        consts = dict(HAS_DLSE=dlse is not None, **extras.consts(), **self._consts(q, hpp), **self._grad_consts(buffers))
+        args = fill("gather_bwd", self.spec.lowering.signature("gather_bwd"), named, consts)
         with self._mode(q):
-            getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, HAS_DLSE=dlse is not None,
-                                                                     **extras.consts(), **self._consts(q, hpp),
-                                                                     **self._grad_consts(buffers))
+            getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, **consts)
         du = du.to(extras.u.dtype) if extras.u is not None else None
         dw = dw.to(extras.w.dtype) if extras.w is not None else None
         return (dq, dk.to(k.dtype), dv.to(v.dtype), du, dw,
                 {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()})
+
+
+def _qkv_strides(q, k, v, indices) -> dict:
+    return {**strides_named(q, "qb", "qh", "qm", "qd"), **strides_named(k, "kb", "kh", "kn", "kd"),
+            **strides_named(v, "vb", "vh", "vn", "vd"), **strides_named(indices, "ib", "ig", "im", "ij")}
 
 
 def _broadcast_strides(buf, factor) -> list:
@@ -237,12 +234,10 @@ class SparseAttentionFunction(torch.autograd.Function):
                                                         Extras(sinks, u, w, ctx.sigmoid_bias))
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
             delta = (out.float() * dout.float()).sum(-1)
             if dlse is not None:
                 delta = delta - dlse.float()
-            p_sink = torch.exp(sinks.float()[None, :, None] - lse)
-            dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+            dsinks = sink_gradient(sinks, lse, delta)
         grads = tuple(dbufs.get(i) for i in range(len(buffers)))
         return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
                                         (dq, dk, dv, dsinks, du, dw, None, None, None, None) + grads)

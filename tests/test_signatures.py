@@ -1,0 +1,117 @@
+"""Every kernel launch fills exactly the kernel's parameters: no missing one, no extra one.
+
+Each launch through Triton's interpreter is recorded (positional arguments bound to the leading
+parameters, the rest by name) for several patterns and modes: the dense forward and backward, a
+block-table pattern, a learnable table, sigmoid, the gather kernels and the indexer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+import attndsl
+from attndsl.patterns.causal import causal
+from attndsl.patterns.document import document
+from attndsl.patterns.relative_bias import relative_position_bias
+
+
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg"}  # Triton's, not the kernel's
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    seen = []
+    run = InterpretedFunction.run
+
+    def spy(self, *args, grid, warmup, **kwargs):
+        names = list(self.arg_names)
+        bound = set(names[:len(args)])
+        kwargs_ = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
+        seen.append((self.fn.__name__, len(args) <= len(names), bound & set(kwargs_), bound | set(kwargs_), set(names)))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    return seen
+
+
+def _check(seen, want_kernels, spec=None):
+    names = {s[0] for s in seen}
+    assert want_kernels <= names, (want_kernels, names)
+    for name, fits, twice, given, params in seen:
+        assert fits, f"{name}: more positional arguments than parameters"
+        assert not twice, f"{name}: {sorted(twice)} given both by position and by name"
+        assert given == params, f"{name}: missing {sorted(params - given)}, unknown {sorted(given - params)}"
+
+
+def _qkv(L=40, H=2, D=16, grad=True):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(1, H, L, D, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("case", ["dense", "causal", "document", "learnable", "sigmoid"])
+def test_dense_kernels_get_every_parameter(case, launches):
+    doc = torch.tensor([0] * 15 + [1] * 25, dtype=torch.int32)
+    table = torch.zeros(2, 9, requires_grad=True)
+    kw = {"dense": {}, "causal": dict(mask_mod=causal), "document": dict(mask_mod=document(doc)),
+          "learnable": dict(mask_mod=causal, score_mod=relative_position_bias(table, 4)),
+          "sigmoid": dict(mask_mod=causal, normalizer="sigmoid")}[case]
+    attn = attndsl.compile(**kw)
+    q, k, v = _qkv()
+    attn(q, k, v).sum().backward()
+    want = {f"{attn.spec.name}_fwd", f"{attn.spec.name}_bwd_dkdv", f"{attn.spec.name}_bwd_dq"}
+    if case == "document":
+        want |= {f"{attn.spec.name}_table", f"{attn.spec.name}_table_t"}
+    _check(launches, want)
+
+
+def test_gather_and_indexer_kernels_get_every_parameter(launches):
+    from attndsl.selectors import LightningIndexer
+    from attndsl.selectors.sparse import random_causal_indices
+    attn = attndsl.compile(mask_mod=causal)
+    q, k, v = _qkv(L=24)
+    idx = random_causal_indices(24, 8)
+    attn(q, k, v, indices=idx).sum().backward()
+    ix = LightningIndexer(topk=4)
+    g = torch.Generator().manual_seed(1)
+    ix(torch.randn(1, 2, 24, 16, generator=g), torch.randn(1, 1, 24, 16, generator=g))
+    _check(launches, {"attn_sel_fwd", "attn_sel_bwd", f"{ix.spec.name}_scores"})
+
+
+def test_rendered_defs_are_the_spec_signatures():
+    """Codegen writes each kernel's ``def`` from ``spec.lowering.signatures``: the generated
+    functions' parameters are those, in order (constexprs marked)."""
+    from attndsl.codegen import render, render_gather, render_indexer
+    from attndsl.selectors import LightningIndexer
+    from attndsl.selectors.sparse import gather_spec
+    import ast
+    doc = torch.tensor([0] * 15 + [1] * 25, dtype=torch.int32)
+    table = torch.zeros(2, 9, requires_grad=True)
+    cases = []
+    for kw in ({}, dict(mask_mod=document(doc)), dict(mask_mod=causal, score_mod=relative_position_bias(table, 4))):
+        spec = attndsl.compile(**kw).spec
+        cases.append((render(spec), spec, {f"{spec.name}_{k}": k for k in ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")}
+                      | ({f"{spec.name}_table": "table", f"{spec.name}_table_t": "table_t"} if spec.data_dependent else {})))
+        gs = gather_spec(spec)
+        cases.append((render_gather(gs), gs, {f"{gs.name}_fwd": "gather_fwd", f"{gs.name}_bwd": "gather_bwd"}))
+    ix = LightningIndexer().spec
+    cases.append((render_indexer(ix), ix, {f"{ix.name}_scores": "scores"}))
+    for src, spec, kernels in cases:
+        defs = {f.name: f for f in ast.parse(src).body if isinstance(f, ast.FunctionDef)}
+        for fn, key in kernels.items():
+            got = [(a.arg, a.annotation is not None) for a in defs[fn].args.args]
+            want = [(p.name, p.kind == "constexpr") for p in spec.lowering.signature(key)]
+            assert got == want, fn
+
+
+def test_check_arguments_names_what_disagrees():
+    from attndsl.runtime.launch import check_arguments
+    from attndsl.spec import Param
+    params = (Param("Q", "tensor"), Param("LQ", "int"), Param("BLOCK", "constexpr"))
+    q = torch.zeros(1)
+    check_arguments("k", params, [q, 3], {"BLOCK": 16})
+    with pytest.raises(TypeError, match="2 parameters"):
+        check_arguments("k", params, [q, 3, 4], {"BLOCK": 16})
+    with pytest.raises(TypeError, match="LQ"):
+        check_arguments("k", params, [q, q], {"BLOCK": 16})
+    with pytest.raises(TypeError, match="BLOCK"):
+        check_arguments("k", params, [q, 3], {})
