@@ -103,6 +103,8 @@ def _make_record(fn, args, kwargs):
         t = _arg_type(v)
         if t is None:
             return None
+        if t == "*fp64":
+            return None  # float64 calls run only in the interpreter (refused on CUDA): nothing to compile
         sig.append((n, t))
     if fn.__qualname__ != fn.__name__:
         return None  # not at module level: cannot be imported by name in the compile process
