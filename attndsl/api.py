@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from . import codegen_bridge
+from . import codegen
 from .dsl import trace
 from .passes import build_spec
 from .runtime import cache
@@ -81,7 +81,7 @@ class CompiledAttention:
     @property
     def source(self) -> str:
         """The generated Triton module's source text."""
-        return codegen_bridge.render(self.spec)
+        return codegen.render(self.spec)
 
     def build_block_tables(self, query, key, value=None) -> BlockTables | None:
         """Build the device-side block table now (data-dependent masks); None when closed form suffices

@@ -92,6 +92,22 @@ class GradLoad:
 
 
 @dataclass(frozen=True)
+class Lowering:
+    """Decisions codegen and the runtime both read (``passes/lower.py`` makes them)."""
+
+    additive: Node | None = None   # R when score_mod is score + R (a bias): one multiply-add per score
+    fwd_runs: bool = False         # constant-run loops (codegen/runs.py) in the forward,
+    bwd_runs: bool = False         # ... the dK/dV kernel
+    dq_runs: bool = False          # ... and the dQ kernel
+    run_folds: bool = False        # the forward's run loop folds scale and the run's bias into exp2
+    dq_whole_range: bool = False   # dQ visits its whole closed-form range (GL{i}_ZERO_FILL possible)
+    binned: tuple = ()             # per grad load: the dim its gather gradient is binned along, or None
+    max_bins: int = 256            # a binned dim has at most this many entries ...
+    bin_piece: int = 64            # ... summed in pieces of at most this many bins
+    load_stages: tuple = ()        # (load, "program" | "row" | "col" | "pair") per captured load of the mask
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     key: str
     mask: Node | None
@@ -114,6 +130,7 @@ class KernelSpec:
     bwd_tiles: tuple | None = None      # (block_m, block_n) of the dK/dV box plan (VisitBox), else None
     dq_tiles: tuple | None = None       # (block_m, block_n) of the dQ box plan (VisitBox), else None
     uniform_loads: tuple = ()    # UniformLoad entries (passes/uniform.py): loads tested for one entry per tile
+    lowering: Lowering = field(default_factory=Lowering)  # passes/lower.py, set by build_spec
 
     @property
     def has_mask(self) -> bool:

@@ -1,2 +1,7 @@
-"""Triton source emission from a KernelSpec. Never imports the tracer."""
+"""Triton source emission from a KernelSpec. Never imports the tracer.
+
+The runtime uses only these entries: ``render`` (the dense kernels of a spec), ``render_gather``
+(token-selector gather kernels), ``render_indexer`` (the lightning indexer), the version constants
+that key the kernel cache, and ``kernel_names``."""
 from .module import CODEGEN_VERSION, kernel_names, render
+from .selector import SELECTOR_VERSION, render_gather, render_indexer

@@ -96,26 +96,23 @@ def _tile_class(spec: KernelSpec, rng, em: ExprEmitter, table: bool):
     return None
 
 
-def _split_extras_loop(src: str, rng, table: bool, visit_if: str) -> str:
-    """Two loops where a box plan's per-tile test is only for its extra (non-grid) ranges.
+def _split_extras(rng, table: bool, visit_if: str) -> bool:
+    """Two loops where a box plan's per-tile test is only for its extra (non-grid) ranges?
 
     ``if nonempty:`` around a loop body keeps Triton from pipelining the K/V loads of every
     iteration. When only the extras need that test (the box itself is exact), the box's tiles get
     a loop of their own without it (``range(0, bx_n)``) and the extras keep theirs
-    (``range(bx_n, n_tiles)``); both run the same iteration code, so names agree."""
-    if table or not visit_if or not isinstance(rng, VisitBox) or rng.tile_check or not rng.extras:
-        return src
-    lines = src.split("\n")
-    head = next(i for i, ln in enumerate(lines) if ln.strip() == "for it in range(0, n_tiles):")
-    ind = len(lines[head]) - len(lines[head].lstrip())
-    end = next((i for i in range(head + 1, len(lines))
-                if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= ind), len(lines))
-    test = visit_if.rstrip("\n")
-    cut = next(i for i in range(head, end) if lines[i] == test)
-    box_loop = ([lines[head].replace("range(0, n_tiles)", "range(0, bx_n)")] + lines[head + 1:cut]
-                + [ln[4:] if ln.strip() else ln for ln in lines[cut + 1:end]])
-    extras_loop = [lines[head].replace("range(0, n_tiles)", "range(bx_n, n_tiles)")] + lines[head + 1:end]
-    return "\n".join(lines[:head] + box_loop + extras_loop + lines[end:])
+    (``range(bx_n, n_tiles)``); both run the same iteration code."""
+    return not table and bool(visit_if) and isinstance(rng, VisitBox) and not rng.tile_check and bool(rng.extras)
+
+
+def _hoist_loads(spec: KernelSpec, em: ExprEmitter, stages: dict) -> None:
+    """Emit the mask's captured loads whose loop level (``spec.lowering.load_stages``) is in
+    ``stages`` (level -> emitter stage) ahead of the loops: a document mask's ``doc_ids[q_idx]``
+    is then read once per query tile, not on every partial tile or column tile."""
+    for ld, level in spec.lowering.load_stages:
+        if level in stages:
+            em.emit(ld, stages[level])
 
 
 def _indent(lines, ind):
@@ -127,14 +124,14 @@ def _dot(a: str, b: str) -> str:
 
 
 def _loop_head(spec: KernelSpec, run: bool, runs: bool, table: bool, rng, inner: str, ind: str,
-               part: str = "both") -> str:
+               part: str = "both", bounds: tuple | None = None) -> str:
     """``for it in ...:`` and the iteration's tile: a constant-run loop (``codegen/runs.py``) or the
     general loop (beside run loops it starts at ``n_run``), whole or split into its full and its
     partial tiles (``part``)."""
     if run:
         return f"{ind}for it in range(0, n_run):\n{_indent(_runs.tile_lines(spec, inner), ind + I1)}"
     first = "n_run" if runs else "0"
-    bounds = {"both": (first, "n_tiles"), "full": (first, "n_full"), "partial": ("n_full", "n_tiles")}[part]
+    bounds = bounds or {"both": (first, "n_tiles"), "full": (first, "n_full"), "partial": ("n_full", "n_tiles")}[part]
     return (f"{ind}for it in range({bounds[0]}, {bounds[1]}):\n"
             f"{_indent(_tile_of_iteration(table, rng, runs, part), ind + I1)}")
 
@@ -260,40 +257,19 @@ def _uniform_loads(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, inne
 
 def score_unit(normalizer: str) -> str:
     """What the kernels multiply scores by. Softmax: log2 e, for exp2. Sigmoid: 1/2, so that scale,
-    unit and bias fold into one multiply-add per score, p = σ(2s) = 0.5 + 0.5·tanh(s) (``SIGMOID``;
+    unit and bias fold into one multiply-add per score, p = σ(2s) = 0.5 + 0.5·tanh(s) (``_sigmoid_probs``;
     1.5–2.4% faster forward on an H100 than a log2 unit and a multiply inside the sigmoid)."""
     return "LOG2E" if normalizer == "softmax" else "0.5"
 
 
-#: a sigmoid probability from a score in units of 1/2 (``score_unit``) and the bias
-SIGMOID = "_sigmoid_half(s + sigmoid_bias * 0.5, Q)"
 
 
-def _additive(spec: KernelSpec):
-    """``R`` when score_mod is ``score + R`` with R free of the score (a bias; the sum may hold
-    several terms in any order, ``score + t[h, ...] + s[h]``, R then their sum): the kernels then
-    compute ``s = qk·(scale·unit) + R·unit`` (``score_unit``), one fused multiply-add per score, as with
-    no bias."""
-    sc = spec.score
-    if sc is None:
-        return None
-    terms = []
-
-    def flatten(n):
-        if n.op == "add":
-            for a in n.args:
-                flatten(a)
-        else:
-            terms.append(n)
-    flatten(sc)
-    score = [t for t in terms if t.op == "var" and t.attr == ir.SCORE]
-    rest = [t for t in terms if not (t.op == "var" and t.attr == ir.SCORE)]
-    if len(score) != 1 or not rest or any(ir.SCORE in ir.free_vars(t) for t in rest):
-        return None
-    r = rest[0]
-    for t in rest[1:]:
-        r = ir.node("add", r, t)
-    return r
+def plain_score_lines(spec: KernelSpec, ind: str, qk: str, bias: str) -> str:
+    """``s``, the scores in the normaliser's units (``score_unit``) with no score_mod: the scaled
+    ``qk`` (plus a low-rank bias ``u·wᵀ`` where ``HAS_BIAS``)."""
+    unit = score_unit(spec.normalizer)
+    return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * {unit}\n"
+            f"{ind}else:\n{ind}    s = {qk} * (sm_scale * {unit})\n")
 
 
 def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mode="tested") -> str:
@@ -305,9 +281,8 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mod
     ``mode`` says how this loop treats them (:func:`_uniform_loads`)."""
     unit = score_unit(spec.normalizer)
     if spec.score is None:
-        return (f"{ind}if HAS_BIAS:\n{ind}    s = ({qk} * sm_scale + {bias}) * {unit}\n"
-                f"{ind}else:\n{ind}    s = {qk} * (sm_scale * {unit})\n")
-    rest = _additive(spec)
+        return plain_score_lines(spec, ind, qk, bias)
+    rest = spec.lowering.additive
     head = ""
     if rest is None:
         head = f"{ind}score = {qk} * sm_scale\n"
@@ -350,31 +325,16 @@ FOLDED_SCALE = '''    if FOLD_SCALE:
 '''
 
 
-def _run_folds(spec: KernelSpec) -> bool:
-    """Does the softmax forward's constant-run loop scale scores inside its exponent? There a bias
-    ``score + R`` whose R reads only the run's entries (and b, h) is one scalar per tile: the
-    running max is ``max(qk)·c + R`` and ``p = exp2(qk·c − (m − R))``, one multiply-add per score
-    as with no bias (``_folds_scale``). On an H100 (bf16, causal, L=16384; BENCHMARKS.md) a T5
-    table's forward 0.6–2.1% faster in three same-session comparisons out of four, 0.7% slower in
-    one: about 1%, near the noise."""
-    rest = _additive(spec)
-    if not _softmax(spec) or rest is None:
-        return False
-    runs = _runs.loads(spec, "kv")
-    scalar = ir.substitute(rest, {ld: ir.var(f"_uv{j}", ir.FLOAT) for ld, j in runs.items()})
-    return ir.free_vars(scalar) <= {"b", "h"} | {f"_uv{j}" for j in runs.values()}
-
-
 def _run_score_lines(spec: KernelSpec, em: ExprEmitter, ind: str, bias: str) -> str:
-    """The run loop's folded scores and ``s_add``, the run's scalar bias (see ``_run_folds``)."""
+    """The run loop's folded scores and ``s_add``, the run's scalar bias (``Lowering.run_folds``, ``passes/lower.py``)."""
     head = _uniform_loads(spec, em, ind, 2, "kv", "run", "qk")
-    rest = em.emit(_additive(spec), 2)
+    rest = em.emit(spec.lowering.additive, 2)
     return head + em.take(2, ind) + _folded_score_lines(ind, bias, rest)
 
 
 def _folded_score_lines(ind: str, bias: str, add: str | None = None) -> str:
     """s: the scores in units of 1/scale (see ``_folds_scale``), a low-rank bias divided by the
-    scale. ``add``: a scalar bias per tile, kept apart as ``s_add`` in log2 units (``_run_folds``);
+    scale. ``add``: a scalar bias per tile, kept apart as ``s_add`` in log2 units (``Lowering.run_folds``);
     a scale that is not positive adds it to the scaled scores and leaves ``s_add`` 0."""
     head = f"{ind}s_add = {add} * LOG2E\n" if add else ""
     plus = " + s_add" if add else ""
@@ -409,12 +369,13 @@ def forward(spec: KernelSpec, table: bool) -> str:
            "kv_max": ("kv_max", 1), "q_max": ("q_max", 1), "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2),
            "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
     em = ExprEmitter(env, 3, prefix="v")
+    _hoist_loads(spec, em, {"program": 0, "row": 1})
     plan = _plan_lines(em, spec.fwd_range, 1, "BLOCK_N", "kv_max", table)
     if table:
         plan = _table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m")
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)
-    runs = _runs.applies(spec, spec.fwd_range, table, "kv")
+    runs = spec.lowering.fwd_runs
     check, visit_if, Bg = "", "", I2
     cls = _tile_class(spec, spec.fwd_range, em, table)
     if cls is not None:
@@ -424,45 +385,25 @@ def forward(spec: KernelSpec, table: bool) -> str:
         visit_if = f"{I2}if {nonempty}:\n"
         Bg = I3
     fold = _folds_scale(spec)
-    run_fold = runs and _run_folds(spec)
+    run_fold = spec.lowering.run_folds
     if _softmax(spec):
-        init = (FOLDED_SCALE if fold or run_fold else "") + f'''    if HAS_SINKS:
-        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
-        m_i = tl.zeros([BLOCK_M], tl.float32) + sink
-        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-'''
-        # {c}: folded, s holds unscaled scores, scaled inside the exponent's multiply-add
-        # {add}: a run's scalar bias, added to the max and taken out of the exponent's shift
-        update = '''{B}m_new = tl.maximum(m_i, tl.max(s, 1){c}{add})
-{B}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-{B}p = tl.exp2(s{c} - {shift}[:, None])
-{B}alpha = tl.exp2(m_i - m_use)
-{B}l_i = l_i * alpha + tl.sum(p, 1)
-{B}acc = acc * alpha[:, None] + {pv}
-{B}m_i = m_new
-'''
-        finish = '''    dead = l_i == 0.0
-    l_safe = tl.where(dead, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-'''
+        init = ((FOLDED_SCALE if fold or run_fold else "")
+                + "    m_i, l_i = _softmax_start(Sinks + h, True, BLOCK_M, HAS_SINKS)\n")
+        finish = "    out, lse = _softmax_finish(acc, m_i, l_i)\n"
         store_lse = "    tl.store(Lse + pid_bh.to(tl.int64) * LQ + offs_m, lse, mask=offs_m < LQ)\n"
     else:
         init = ""
-        update = "{B}p = " + SIGMOID + "\n{B}acc += {pv}\n"
         finish = "    out = acc\n"
         store_lse = ""
 
-    def kv_loop(mode: str, part: str = "both") -> str:
+    def kv_loop(mode: str, part: str = "both", bounds: tuple | None = None, tested: bool = True) -> str:
         """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general
         one, whole or as a loop over its full tiles (no mask code) and one over its partial tiles
-        (``part``)."""
+        (``part``); ``bounds`` of its iterations and, with ``tested`` False, no emptiness test per
+        tile (``_split_extras``)."""
         run = mode == "run"
-        B = I2 if run else Bg
-        head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1, part)
+        B = I2 if run or not tested else Bg
+        head = _loop_head(spec, run, runs, table, spec.fwd_range, "kv", I1, part, bounds)
         folded = fold or (run and run_fold)
         if fold:
             score_block = _folded_score_lines(B, _dot("u", "wT"))
@@ -480,19 +421,25 @@ def forward(spec: KernelSpec, table: bool) -> str:
             masked = (f"{B}if is_partial:\n" if part == "both" else "") + mask_body + \
                 f"{M}s = tl.where({keep}, s, float(\"-inf\"))\n"
         em.forget(2)
-        tile = _kv_tile(B, "" if run else check + visit_if, "v", "v_offs", "(offs_n[:, None] < LKV) & dv_ok[None, :]",
-                        tma=True)
+        tile = _kv_tile(B, "" if run else check + (visit_if if tested else ""), "v", "v_offs",
+                        "(offs_n[:, None] < LKV) & dv_ok[None, :]", tma=True)
+        if _softmax(spec):
+            run_add = folded and not fold  # a run's scalar bias joins the max, leaves the exponent
+            update = (f"{B}m_i, l_i, acc = _softmax_update(m_i, l_i, acc, s, v, {'qk_scale' if folded else '1.0'}, "
+                      f"{'s_add' if run_add else '0.0'}, DOT_PRECISION, {folded}, {run_add})\n")
+        else:
+            update = f"{B}acc = _sigmoid_update(acc, s, v, sigmoid_bias, Q, DOT_PRECISION)\n"
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {B}if HAS_D2:
 {B}    qk = {_dot_acc("q2", "kT2", "qk")}
-{score_block}{masked}{update.format(B=B, pv=_dot("p.to(v.dtype)", "v"), c=" * qk_scale" if folded else "",
-                                   add=" + s_add" if folded and not fold else "",
-                                   shift="(m_use - s_add)" if folded and not fold else "m_use")}{B}visited += 1
+{score_block}{masked}{update}{B}visited += 1
 '''
 
     mode = "plain" if runs else "tested"
     if _split_loop(spec, spec.fwd_range, cls):
         loops = kv_loop(mode, "full") + kv_loop(mode, "partial")
+    elif _split_extras(spec.fwd_range, table, visit_if):
+        loops = kv_loop(mode, bounds=("0", "bx_n"), tested=False) + kv_loop(mode, bounds=("bx_n", "n_tiles"))
     else:
         loops = kv_loop(mode)
     if runs:
@@ -517,8 +464,10 @@ def {name}(
     """Forward ({spec.normalizer}): one program per (query tile, batch*head), fp32 accumulation, exp2."""
     # under a causal mask the last query tiles see the most keys: start them first, across the
     # heads of a section, so the short ones fill the tail of the grid
-    tile, pid_bh = _program_tile(SECTION)
-    pid_m = tl.num_programs(0) - 1 - tile
+    # ``prog``, not ``tile``: the loops' ``tile`` may be int64 (a bound read from an int64 tensor),
+    # and a name assigned before a loop is loop-carried, its type fixed by the first assignment
+    prog, pid_bh = _program_tile(SECTION)
+    pid_m = tl.num_programs(0) - 1 - prog
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -560,7 +509,7 @@ def {name}(
         tl.store(VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visited)
         tl.store(VISITS + (tl.num_programs(1) + pid_bh).to(tl.int64) * tl.num_programs(0) + pid_m, {"n_run" if runs else "0"})
 '''
-    return _split_extras_loop(src, spec.fwd_range, table, visit_if)
+    return src
 
 
 def preprocess(spec: KernelSpec) -> str:
@@ -602,27 +551,24 @@ def _bwd_mask(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, part: str
     return head + code + f"{body_ind}s = tl.where({keep}, s, float(\"-inf\"))\n"
 
 
-def _bwd_dscore(spec: KernelSpec, em: ExprEmitter, ind: str, stage: int, p: str, dp: str, ds: str, row: str) -> str:
-    """ds = ∂L/∂score (natural units, before ∂score_mod) from probabilities and dP."""
+def _bwd_dscore(spec: KernelSpec, ind: str, p: str, dp: str, ds: str, row: str, raw: bool = False) -> str:
+    """ds = ∂L/∂score (natural units, before ∂score_mod) from probabilities and dP, then times
+    ∂score_mod/∂score; with ``raw`` the first kept as ``ds_raw`` (the chain rule of learnable loads)."""
+    first = f"{ds}_raw" if raw and spec.score is not None else ds
     if _softmax(spec):
         delta = "delta[None, :]" if row == "col" else "delta[:, None]"
-        lines = f"{ind}{ds} = {p} * ({dp} - {delta})\n"
+        lines = f"{ind}{first} = _softmax_dscore({p}, {dp}, {delta})\n"
     else:
-        # σ' = p - p²: Triton contracts it into one fused multiply-add (its default through 3.9),
-        # the dQ kernel's registers 220 → 210 and the sigmoid forward+backward at L=4096 1.5-4%
-        # faster on an H100 than p·(1 − p) (BENCHMARKS.md). An explicit tl.fma(-p, p, p) kept 220
-        # registers and was 4% slower. Unfused (the interpreter) its absolute error stays ~1e-7,
-        # the hardware tanh's own
-        lines = f"{ind}{ds} = ({p} - {p} * {p}) * {dp}\n"
+        lines = f"{ind}{first} = _sigmoid_dscore({p}, {dp})\n"
     if spec.score is not None:
-        lines += f"{ind}{ds} = {ds} * dmod\n"
+        lines += f"{ind}{ds} = {first} * dmod\n"
     return lines
 
 
 def _probs(spec: KernelSpec, ind: str, p: str, lse: str) -> str:
     if _softmax(spec):
-        return f"{ind}{p} = tl.exp2(s - {lse})\n"
-    return f"{ind}{p} = {SIGMOID}\n"
+        return f"{ind}{p} = _softmax_probs(s, {lse})\n"
+    return f"{ind}{p} = _sigmoid_probs(s, sigmoid_bias, Q)\n"
 
 
 def dkdv(spec: KernelSpec, table: bool) -> str:
@@ -631,11 +577,12 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
            "kv_max": ("kv_max", 0), "q_max": ("q_max", 0), "h": ("h", 1),
            "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2)}
     em = ExprEmitter(env, 3, prefix="v")
+    _hoist_loads(spec, em, {"program": 0, "col": 0})
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_n") if table
             else _plan_lines(em, spec.bwd_range, 1, "BLOCK_M", "q_max", False))
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I2)
-    runs = _runs.applies(spec, spec.bwd_range, table, "q")
+    runs = spec.lowering.bwd_runs
     check, visit_if, Bg = "", "", I3
     cls = _tile_class(spec, spec.bwd_range, em, table)
     if cls is not None:
@@ -644,18 +591,18 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         visit_if = f"{I3}if {nonempty}:\n"
         Bg = I4
 
-    def q_loop(mode: str, part: str = "both") -> str:
+    def q_loop(mode: str, part: str = "both", bounds: tuple | None = None, tested: bool = True) -> str:
         """The loop over query tiles: a constant-run loop ("run": full tiles, no mask) or the general
-        one, whole or split into its full and its partial tiles (``part``)."""
+        one, whole or split into its full and its partial tiles (``part``); ``bounds`` and
+        ``tested`` as in the forward's ``kv_loop``."""
         run = mode == "run"
-        B = I3 if run else Bg
-        head = _loop_head(spec, run, runs, table, spec.bwd_range, "q", I2, part)
+        B = I3 if run or not tested else Bg
+        head = _loop_head(spec, run, runs, table, spec.bwd_range, "q", I2, part, bounds)
         score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q", mode=mode)
         mask = "" if run or part == "full" else _bwd_mask(spec, em, B, 2, part)
-        ds = _bwd_dscore(spec, em, B, 2, "pT", "dpT", "dsT", "col")
+        ds = _bwd_dscore(spec, B, "pT", "dpT", "dsT", "col")
         if _softmax(spec):
-            stats = f'''{B}lse = tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-{B}lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            stats = f'''{B}lse = _lse_log2(tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0))
 {B}delta = tl.load(Delta + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 '''
         else:
@@ -665,7 +612,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
             q_hi = q_lo + BLOCK_M - 1
             offs_m = q_lo + offs_m0
             q_idx = offs_m[None, :]
-{"" if run else check + visit_if}{B}if EVEN_Q:
+{"" if run else check + (visit_if if tested else "")}{B}if EVEN_Q:
 {B}    q = tl.load(q_base + q_lo.to(tl.int64) * stride_qm + q_offs)
 {B}    do = tl.load(do_base + q_lo.to(tl.int64) * stride_dom + do_offs)
 {B}else:
@@ -701,6 +648,8 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
     mode = "plain" if runs else "tested"
     if _split_backward(spec, spec.bwd_range, cls, runs):
         loops = q_loop(mode, "full") + q_loop(mode, "partial")
+    elif _split_extras(spec.bwd_range, table, visit_if):
+        loops = q_loop(mode, bounds=("0", "bx_n"), tested=False) + q_loop(mode, bounds=("bx_n", "n_tiles"))
     else:
         loops = q_loop(mode)
     if runs:
@@ -779,7 +728,7 @@ def {spec.name}_bwd_dkdv(
                  dk2.to(DK.dtype.element_ty), mask=(offs_n[:, None] < LKV) & d2_ok[None, :])
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=v_ok)
 '''
-    return _split_extras_loop(src, spec.bwd_range, table, visit_if)
+    return src
 
 
 #: a scattered gradient's tile whose entries lie within ``SCATTER_CHUNKS`` chunks of this many
@@ -931,14 +880,6 @@ def _reduced_write(gl, i: int, off: str, rows: str, part: str, mask: str) -> str
             f"        tl.atomic_add({dst} + ({off}) + {z}, gacc{i}{mask})\n")
 
 
-def dq_visits_whole_range(spec: KernelSpec) -> bool:
-    """Does each dQ program visit every key tile of its closed-form range ``[t_begin, t_end)`` (no
-    block table, box plan or per-tile emptiness test)? Then the tiles it does not visit are exactly
-    the others, and it can zero them in a full-size gradient (``GL{i}_ZERO_FILL``)."""
-    rng = spec.dq_range or spec.fwd_range
-    return not spec.data_dependent and not isinstance(rng, VisitBox) and not (rng.tile_check and spec.tile_full is not None)
-
-
 def _zero_unvisited(gl, i: int, p: str) -> str:
     """Zero the key tiles of this query-tile row that the loop did not visit, so a full-size
     gradient can start uninitialised (one pass over the untouched part instead of a memset of all)."""
@@ -1034,7 +975,7 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
             dst = f"DBUF{gl.slot}_{i}"
             loop += (f"{B}if GL{i}_ATOMIC:\n{B}    tl.atomic_add({dst} + ({off}), {contrib}, mask={ok})\n"
                      f"{B}else:\n{B}    tl.store({dst} + ({off}), {contrib}.to({dst}.dtype.element_ty), mask={ok})\n")
-            if dq_visits_whole_range(spec):
+            if spec.lowering.dq_whole_range:
                 final += _zero_unvisited(gl, i, p)
     if mode == "run":
         return run_init, loop, run_final
@@ -1048,9 +989,10 @@ def dq(spec: KernelSpec, table: bool) -> str:
            "kv_max": ("kv_max", 1), "q_max": ("q_max", 1), "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2),
            "kv_hi": ("kv_hi", 2), "score": ("score", 2), DIST: (DIST, 2)}
     em = ExprEmitter(env, 3, prefix="v")
+    _hoist_loads(spec, em, {"program": 0, "row": 1})
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_m") if table
             else _plan_lines(em, dq_rng, 1, "BLOCK_N", "kv_max", False))
-    runs = _runs.applies(spec, dq_rng, table, "kv")
+    runs = spec.lowering.dq_runs
     check, visit_if, Bg = "", "", I2
     cls = _tile_class(spec, dq_rng, em, table)
     if cls is not None:
@@ -1061,20 +1003,20 @@ def dq(spec: KernelSpec, table: bool) -> str:
         Bg = I3
     grads = {}
 
-    def kv_loop(mode: str, part: str = "both") -> str:
+    def kv_loop(mode: str, part: str = "both", bounds: tuple | None = None, tested: bool = True) -> str:
         """The loop over key tiles: a constant-run loop ("run": full tiles, no mask) or the general
-        one, whole or split into its full and its partial tiles (``part``)."""
+        one, whole or split into its full and its partial tiles (``part``); ``bounds`` and
+        ``tested`` as in the forward's."""
         run = mode == "run"
-        B = I2 if run else Bg
-        head = _loop_head(spec, run, runs, table, dq_rng, "kv", I1, part)
+        B = I2 if run or not tested else Bg
+        head = _loop_head(spec, run, runs, table, dq_rng, "kv", I1, part, bounds)
         score = _score_lines(spec, em, B, 2, "qk", _dot("u", "wT"), backward=True, mode=mode)
         mask = "" if run or part == "full" else _bwd_mask(spec, em, B, 2, part)
-        ds = _bwd_dscore(spec, em, B, 2, "p", "dp", "ds", "row")
+        ds = _bwd_dscore(spec, B, "p", "dp", "ds", "row", raw=bool(spec.grad_loads))
         grads[mode] = _grad_load_code(spec, em, B, mode)
-        if spec.grad_loads:
-            ds = ds.replace(f"{B}ds = ds * dmod", f"{B}ds_raw = ds\n{B}ds = ds * dmod")
         em.forget(2)
-        tile = _kv_tile(B, "" if run else check + visit_if, "vT", "vT_offs", "(offs_n[None, :] < LKV) & dv_ok[:, None]")
+        tile = _kv_tile(B, "" if run else check + (visit_if if tested else ""), "vT", "vT_offs",
+                        "(offs_n[None, :] < LKV) & dv_ok[:, None]")
         return f'''{head}{tile}{B}qk = {_dot("q", "kT")}
 {B}if HAS_D2:
 {B}    qk = {_dot_acc("q2", "kT2", "qk")}
@@ -1089,6 +1031,8 @@ def dq(spec: KernelSpec, table: bool) -> str:
     mode = "plain" if runs else "tested"
     if _split_backward(spec, dq_rng, cls, runs):
         loops = kv_loop(mode, "full") + kv_loop(mode, "partial")
+    elif _split_extras(dq_rng, table, visit_if):
+        loops = kv_loop(mode, bounds=("0", "bx_n"), tested=False) + kv_loop(mode, bounds=("bx_n", "n_tiles"))
     else:
         loops = kv_loop(mode)
     g_init, _, g_final = grads[mode]
@@ -1099,8 +1043,7 @@ def dq(spec: KernelSpec, table: bool) -> str:
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)
     if _softmax(spec):
-        stats = '''    lse = tl.load(Lse + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+        stats = '''    lse = _lse_log2(tl.load(Lse + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0))
     delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 '''
     else:
@@ -1122,8 +1065,8 @@ def {spec.name}_bwd_dq(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
     {EXTRA_CONSTS} {_grad_consts(spec)}
 ):
-    tile, pid_bh = _program_tile(SECTION)
-    pid_m = tl.num_programs(0) - 1 - tile  # longest query tiles first, as in the forward
+    prog, pid_bh = _program_tile(SECTION)  # not ``tile``: see the forward
+    pid_m = tl.num_programs(0) - 1 - prog  # longest query tiles first, as in the forward
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -1171,7 +1114,7 @@ def {spec.name}_bwd_dq(
         du_ptrs = DU + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :]
         tl.store(du_ptrs, du, mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK))
 {g_final}'''
-    return _split_extras_loop(src, dq_rng, table, visit_if)
+    return src
 
 
 def block_table(spec: KernelSpec, transposed: bool) -> str:
@@ -1187,6 +1130,7 @@ def block_table(spec: KernelSpec, transposed: bool) -> str:
            f"{row}_max": (f"{row}_max", 1), f"{col}_max": (f"{col}_max", 1),
            col: (f"{col}_idx", 2), f"{col}_lo": (f"{col}_lo", 2), f"{col}_hi": (f"{col}_hi", 2)}
     em = ExprEmitter(env, 3, prefix="v")
+    _hoist_loads(spec, em, {"program": 0, "col" if transposed else "row": 1})
     plan = _plan_lines(em, rng, 1, "BLOCK_C", f"{col}_max", False)
     pre0 = em.take(0, I1)
     pre1 = em.take(1, I1)

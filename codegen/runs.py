@@ -16,21 +16,12 @@ keep the per-tile test).
 """
 from __future__ import annotations
 
-from attndsl import ir
-from attndsl.spec import KernelSpec, VisitBox
+from attndsl.passes.lower import run_loads
+from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter, clamped_offset
 
-
-def loads(spec: KernelSpec, inner: str) -> dict:
-    """The tile-uniform loads that vary along the kernel's inner index: load -> j."""
-    return {ul.load: j for j, ul in enumerate(spec.uniform_loads) if inner in ir.free_vars(ul.load)}
-
-
-def applies(spec: KernelSpec, rng, table: bool, inner: str) -> bool:
-    if table or isinstance(rng, VisitBox) or not loads(spec, inner):
-        return False
-    return not (rng.tile_check and spec.tile_full is not None)
+loads = run_loads  # the tile-uniform loads along a kernel's inner index (whether runs apply: spec.lowering)
 
 
 def _index_code(spec: KernelSpec, inner: str, prefix: str, test: bool):

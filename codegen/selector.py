@@ -27,17 +27,20 @@ the runtime can run top-k per chunk in bounded memory.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from attndsl import ir
 from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .kernels import (EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, I4, SECOND_PART, SIGMOID, _dot, buffer_params,
+from .kernels import (EXTRA_CONSTS, EXTRA_PARAMS, I1, I2, I3, SECOND_PART, _dot, buffer_params, plain_score_lines,
                       score_unit)
-from .module import HEADER, LN2, LOG2E
+from .prelude import HEADER
+from .writer import Writer
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
-SELECTOR_VERSION = 5
+SELECTOR_VERSION = 6
 
 
 def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
@@ -49,8 +52,7 @@ def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
     ir_text = listing(roots) if roots else "  (no modifiers)"
     head = HEADER.format(version=f"sel{SELECTOR_VERSION}", key=f"{spec.key} ({what})",
                          ir=ir_text.replace('"""', "'''"))
-    src = "\n".join([head] + parts)
-    return src.replace("LOG2E", LOG2E).replace("* LN2", "* " + LN2)
+    return "\n".join([head] + parts)
 
 
 def _common_env():
@@ -66,143 +68,290 @@ _SIG = """
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ib, stride_ig, stride_im, stride_ij,"""
 
-_PROLOGUE = """
-    pid_q = tl.program_id(0)
-    pid_bu = tl.program_id(1)
-    b = pid_bu // NU
-    u = pid_bu % NU
-    h0 = u * HPU
-    hk = h0 // GROUP
-    g = h0 // QPG
-    q_idx = pid_q + tl.zeros([1, 1], tl.int32)  # a tile: the interpreter refuses a block mask "&" a scalar one
-    q_max = LQ - 1
-    kv_max = LKV - 1
-{pre0}
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ok = offs_h < HPU
-    d_ok = offs_d < HEAD_D
-    offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (may differ from the query/key one)
-    dv_ok = offs_dv < HEAD_DV
-    heads = h0 + offs_h
-    h_idx = heads[:, None]
-    hd_ok = h_ok[:, None] & d_ok[None, :]
-    hdv_ok = h_ok[:, None] & dv_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
-                + pid_q.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=hd_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-{second_part}        q2 = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
-                     + pid_q.to(tl.int64) * stride_qm + offs_d2[None, :] * stride_qd, mask=h_ok[:, None] & d2_ok[None, :],
-                     other=0.0)
-        if UPCAST:
-            q2 = q2.to(tl.float32)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    idx_base = IDX + b.to(tl.int64) * stride_ib + g.to(tl.int64) * stride_ig + pid_q.to(tl.int64) * stride_im
-    if HAS_BIAS:  # low-rank bias: this query's u rows for the packed heads; w rows are gathered per chunk
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < RANK
-        u = tl.load(U + b.to(tl.int64) * stride_ub + heads[:, None].to(tl.int64) * stride_uh
-                    + pid_q.to(tl.int64) * stride_um + offs_r[None, :] * stride_ur, mask=h_ok[:, None] & r_ok[None, :],
-                    other=0.0)
-        if UPCAST:
-            u = u.to(tl.float32)
-        w_base = W + b.to(tl.int64) * stride_wb + (h0 // W_GROUP).to(tl.int64) * stride_wh
-{pre1}"""
 
-_GATHER = """
-        offs_j = j0 + tl.arange(0, BLOCK_N)
-        sel = tl.load(idx_base + offs_j.to(tl.int64) * stride_ij, mask=offs_j < NSEL, other=-1)
-        valid = (sel >= 0) & (sel < LKV)
-        kv_safe = tl.where(valid, sel, 0).to(tl.int64)
-        kv_idx = kv_safe[None, :]
-        kd_ok = valid[None, :] & d_ok[:, None]
-        kT = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kd_ok, other=0.0)
-        if HAS_D2:
-            kT2 = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d2[:, None] * stride_kd,
-                          mask=valid[None, :] & d2_ok[:, None], other=0.0)
-        {vload}
+def _prologue(w: Writer, em: ExprEmitter) -> None:
+    """The program's query token, packed heads, q tile, bases; the pattern's program-level (stage
+    0) and per-head (stage 1) sub-expressions where their inputs exist."""
+    w.code("""
+        pid_q = tl.program_id(0)
+        pid_bu = tl.program_id(1)
+        b = pid_bu // NU
+        u = pid_bu % NU
+        h0 = u * HPU
+        hk = h0 // GROUP
+        g = h0 // QPG
+        q_idx = pid_q + tl.zeros([1, 1], tl.int32)  # a tile: the interpreter refuses a block mask "&" a scalar one
+        q_max = LQ - 1
+        kv_max = LKV - 1
+    """)
+    w.emitted(em.take(0, w.ind))
+    w.code("""
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        h_ok = offs_h < HPU
+        d_ok = offs_d < HEAD_D
+        offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (may differ from the query/key one)
+        dv_ok = offs_dv < HEAD_DV
+        heads = h0 + offs_h
+        h_idx = heads[:, None]
+        hd_ok = h_ok[:, None] & d_ok[None, :]
+        hdv_ok = h_ok[:, None] & dv_ok[None, :]
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
+                    + pid_q.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=hd_ok, other=0.0)
         if UPCAST:
-            kT = kT.to(tl.float32)
-            {vname} = {vname}.to(tl.float32)
-            if HAS_D2:
-                kT2 = kT2.to(tl.float32)
-        qk = {qk}
+            q = q.to(tl.float32)
+    """)
+    w.emitted(SECOND_PART.format(I=w.ind))
+    w.code("""
         if HAS_D2:
-            qk = tl.dot(q2, kT2, qk, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            wT = tl.load(w_base + kv_safe[None, :] * stride_wn + offs_r[:, None] * stride_wr,
-                         mask=valid[None, :] & r_ok[:, None], other=0.0)
+            q2 = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None].to(tl.int64) * stride_qh
+                         + pid_q.to(tl.int64) * stride_qm + offs_d2[None, :] * stride_qd, mask=h_ok[:, None] & d2_ok[None, :],
+                         other=0.0)
             if UPCAST:
-                wT = wT.to(tl.float32)
-"""
+                q2 = q2.to(tl.float32)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        idx_base = IDX + b.to(tl.int64) * stride_ib + g.to(tl.int64) * stride_ig + pid_q.to(tl.int64) * stride_im
+        if HAS_BIAS:  # low-rank bias: this query's u rows for the packed heads; w rows are gathered per chunk
+            offs_r = tl.arange(0, BLOCK_R)
+            r_ok = offs_r < RANK
+            u = tl.load(U + b.to(tl.int64) * stride_ub + heads[:, None].to(tl.int64) * stride_uh
+                        + pid_q.to(tl.int64) * stride_um + offs_r[None, :] * stride_ur, mask=h_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            if UPCAST:
+                u = u.to(tl.float32)
+            w_base = W + b.to(tl.int64) * stride_wb + (h0 // W_GROUP).to(tl.int64) * stride_wh
+    """)
+    w.emitted(em.take(1, w.ind))
 
-_VLOAD = ("v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_dv[None, :] * stride_vd, "
-          "mask=valid[:, None] & dv_ok[None, :], other=0.0)")
-_VTLOAD = ("vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_dv[:, None] * stride_vd, "
-           "mask=valid[None, :] & dv_ok[:, None], other=0.0)")
+
+@contextmanager
+def _chunk_loop(w: Writer, transposed_v: bool):
+    """``for j0 in range(0, NSEL, BLOCK_N):`` over the selected slots, and inside it the chunk's
+    gathered keys, values and scores ``qk``. The body (the ``with`` block's) runs only for chunks
+    with a used slot: chunks of unused slots (the ``-1`` tail of rows with fewer than K keys) cost
+    one index load, no gather."""
+    v = "vT" if transposed_v else "v"
+    vload = (f"vT = tl.load(v_base + kv_safe[None, :] * stride_vn + offs_dv[:, None] * stride_vd, "
+             f"mask=valid[None, :] & dv_ok[:, None], other=0.0)" if transposed_v else
+             f"v = tl.load(v_base + kv_safe[:, None] * stride_vn + offs_dv[None, :] * stride_vd, "
+             f"mask=valid[:, None] & dv_ok[None, :], other=0.0)")
+    with w.block("for j0 in range(0, NSEL, BLOCK_N):"):
+        w.code("""
+            offs_j = j0 + tl.arange(0, BLOCK_N)
+            sel = tl.load(idx_base + offs_j.to(tl.int64) * stride_ij, mask=offs_j < NSEL, other=-1)
+            valid = (sel >= 0) & (sel < LKV)
+        """)
+        with w.block("if tl.sum(valid.to(tl.int32), 0) > 0:"):
+            w.code("""
+                kv_safe = tl.where(valid, sel, 0).to(tl.int64)
+                kv_idx = kv_safe[None, :]
+                kd_ok = valid[None, :] & d_ok[:, None]
+                kT = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kd_ok, other=0.0)
+                if HAS_D2:
+                    kT2 = tl.load(k_base + kv_safe[None, :] * stride_kn + offs_d2[:, None] * stride_kd,
+                                  mask=valid[None, :] & d2_ok[:, None], other=0.0)
+            """)
+            w.line(vload)
+            w.code(f"""
+                if UPCAST:
+                    kT = kT.to(tl.float32)
+                    {v} = {v}.to(tl.float32)
+                    if HAS_D2:
+                        kT2 = kT2.to(tl.float32)
+                qk = {_dot("q", "kT")}
+                if HAS_D2:
+                    qk = tl.dot(q2, kT2, qk, input_precision=DOT_PRECISION)
+                if HAS_BIAS:
+                    wT = tl.load(w_base + kv_safe[None, :] * stride_wn + offs_r[:, None] * stride_wr,
+                                 mask=valid[None, :] & r_ok[:, None], other=0.0)
+                    if UPCAST:
+                        wT = wT.to(tl.float32)
+            """)
+            yield w
 
 
-def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool) -> str:
-    """Score (log2 units for softmax, 1/2 for sigmoid), its derivative in the backward, and the mask, inside the slot loop.
+def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool, w: Writer) -> None:
+    """Score (log2 units for softmax, 1/2 for sigmoid), its derivative in the backward, and the
+    mask, inside the slot loop.
 
     ``keep``: the pairs that count (a valid slot, a real head, the mask). Sub-expressions that do
     not depend on the slot land in the prologue (stages 0 and 1), so the caller takes those stages
     only after calling this."""
-    out = ""
-    unit = score_unit(_norm(spec))
     bias = _dot("u", "wT")  # the low-rank bias joins the scaled score before score_mod
     if spec.score is not None:
         s = em.emit(spec.score, 0)
         ds = em.emit(spec.dscore, 0) if backward else None
-        out += (f"{I2}score = qk * sm_scale\n{I2}if HAS_BIAS:\n{I3}score += {bias}\n"
-                + em.take(2, I2) + f"{I2}s = {s} * {unit}\n")
+        w.line("score = qk * sm_scale")
+        with w.block("if HAS_BIAS:"):
+            w.line(f"score += {bias}")
+        w.emitted(em.take(2, w.ind))
+        w.line(f"s = {s} * {score_unit(spec.normalizer)}")
         if backward:
-            out += f"{I2}dmod = {ds}\n"
+            w.line(f"dmod = {ds}")
     else:
-        out += (f"{I2}if HAS_BIAS:\n{I3}s = (qk * sm_scale + {bias}) * {unit}\n"
-                f"{I2}else:\n{I3}s = qk * (sm_scale * {unit})\n")
+        w.emitted(plain_score_lines(spec, w.ind, "qk", bias))
     keep = "valid[None, :] & h_ok[:, None]"
     if spec.mask is not None:
         m = em.emit(spec.mask, 0)
-        out += em.take(2, I2)
+        w.emitted(em.take(2, w.ind))
         keep = f"({m}) & {keep}"
-    return out + f"{I2}keep = {keep}\n{I2}s = tl.where(keep, s, float(\"-inf\"))\n"
+    w.line(f"keep = {keep}")
+    w.line('s = tl.where(keep, s, float("-inf"))')
 
 
-#: a table whose kv-indexed dimension has at most this many entries is binned in registers
-#: (``_grad_code``), in pieces of at most ``BIN_PIECE`` bins: one one-hot product per piece that the
-#: chunk's keys fall in. One [heads, 256] product spilled on an H100 (BENCHMARKS.md)
-MAX_BINS = 256
-BIN_PIECE = 64
+def _signature(w: Writer, name: str, params: str) -> None:
+    w.line("")
+    w.line("@triton.jit")
+    w.line(f"def {name}(")
+    w.emitted(params.strip("\n"))
+    w.line("):")
 
 
-def binned_dim(gl) -> int | None:
-    """The dimension a learnable load's gradient can be binned along, or None.
+def gather_forward(spec: KernelSpec) -> str:
+    em = ExprEmitter(_common_env(), 3, prefix="v")
+    w = Writer()
+    _signature(w, f"{spec.name}_fwd", f"""
+    Q, K, V, IDX, Out, Lse,{_SIG}
+    stride_ob, stride_oh, stride_om, stride_od,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
+    {buffer_params(spec)}
+    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, {EXTRA_CONSTS}""")
+    softmax = spec.normalizer == "softmax"
+    body = Writer(3)
+    _score_and_mask(spec, em, False, body)
+    with w.indented():
+        w.line(f'"""Gather forward ({spec.normalizer}): one program per (query token, batch*unit); heads packed in M."""')
+        _prologue(w, em)
+        w.line("acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)")
+        if softmax:
+            w.line("m_i, l_i = _softmax_start(Sinks + heads, h_ok, BLOCK_H, HAS_SINKS)")
+        with _chunk_loop(w, transposed_v=False):
+            w.emitted(body.text())
+            if softmax:
+                w.line("m_i, l_i, acc = _softmax_update(m_i, l_i, acc, s, v, 1.0, 0.0, DOT_PRECISION, False, False)")
+            else:  # sigmoid: no row normaliser, no running maximum, no lse
+                w.line("acc = _sigmoid_update(acc, s, v, sigmoid_bias, Q, DOT_PRECISION)")
+        if softmax:
+            w.line("out, lse = _softmax_finish(acc, m_i, l_i)")
+            w.line("tl.store(Lse + (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q, lse, mask=h_ok)")
+        else:
+            w.line("out = acc")
+        w.code("""
+            tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
+                     + pid_q.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hdv_ok)
+        """)
+    return w.text()
 
-    Binned: exactly one dimension follows ``kv_idx``, its index is clamped (not a plain ``kv_idx``)
-    and does not follow the head, as in ``table[h, bucket(q_idx - kv_idx)]``. Every packed head then
-    sees the same entry at a slot, so one matrix product with the slots' one-hot entries sums a chunk
-    into per-head bins."""
-    args = gl.load.args
-    kv_dims = [d for d, a in enumerate(args) if "kv" in ir.free_vars(a)]
-    if len(kv_dims) != 1:
-        return None
-    a = args[kv_dims[0]]
-    if a.op == "var" or "h" in ir.free_vars(a):
-        return None
-    return kv_dims[0]
+
+def gather_backward(spec: KernelSpec) -> str:
+    em = ExprEmitter(_common_env(), 3, prefix="v")
+    softmax = spec.normalizer == "softmax"
+    body = Writer(3)
+    _score_and_mask(spec, em, True, body)
+    grads = _grad_code(spec, em, body.ind)
+    w = Writer()
+    _signature(w, f"{spec.name}_bwd", f"""
+    Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV, DU, DW,{_SIG}
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dub, stride_duh, stride_dum, stride_dwb, stride_dwh, stride_dwn,
+    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
+    {buffer_params(spec)}{"".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))}
+    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, {EXTRA_CONSTS}{_grad_consts(spec)}""")
+    with w.indented():
+        w.code('''
+            """Gather backward: dQ (and dU) in registers; dK/dV (and dW, captured tensors' gradients)
+            added into float32 buffers with atomic adds."""
+        ''')
+        _prologue(w, em)
+        w.code("""
+            do = tl.load(DO + b.to(tl.int64) * stride_dob + heads[:, None].to(tl.int64) * stride_doh
+                         + pid_q.to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod, mask=hdv_ok, other=0.0)
+            o = tl.load(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
+                        + pid_q.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, mask=hdv_ok, other=0.0)
+            if UPCAST:
+                do = do.to(tl.float32)
+            row = (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if HAS_DLSE:
+                # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
+                delta = delta - tl.load(DLse + row, mask=h_ok, other=0.0)
+            lse = _lse_log2(tl.load(Lse + row, mask=h_ok, other=0.0))
+            dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+            dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+            dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+            if HAS_D2:
+                dq2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
+            if HAS_BIAS:
+                du = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+                dw_base = DW + b.to(tl.int64) * stride_dwb + (h0 // W_GROUP).to(tl.int64) * stride_dwh
+        """)
+        w.emitted(grads[0])
+        with _chunk_loop(w, transposed_v=True):
+            w.emitted(body.text())
+            if softmax:
+                w.line("p = _softmax_probs(s, lse[:, None])")
+            else:
+                w.line("p = _sigmoid_probs(s, sigmoid_bias, Q)")
+            w.line(f"dp = {_dot('do', 'vT')}")
+            w.line("ds_raw = _softmax_dscore(p, dp, delta[:, None])" if softmax else "ds_raw = _sigmoid_dscore(p, dp)")
+            w.line("ds = ds_raw * dmod" if spec.score is not None else "ds = ds_raw")
+            w.emitted(grads[1])
+            w.code(f"""
+                if HAS_BIAS:  # the bias joins the score before score_mod: its gradient is ds, unscaled
+                    du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
+                    dw_rows = {_dot("tl.trans(ds).to(u.dtype)", "u")}
+                    tl.atomic_add(dw_base + kv_safe[:, None] * stride_dwn + offs_r[None, :], dw_rows,
+                                  mask=valid[:, None] & r_ok[None, :], sem="relaxed")
+                # each row block is added as soon as it is made: two [BLOCK_N, D] float32 blocks live at
+                # once would spill
+                dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
+                dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
+                tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk_rows,
+                              mask=valid[:, None] & d_ok[None, :], sem="relaxed")
+                if HAS_D2:
+                    dq2 += {_dot("ds.to(kT2.dtype)", "tl.trans(kT2)")}
+                    dk2_rows = {_dot("tl.trans(ds).to(q2.dtype)", "q2")} * sm_scale
+                    tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d2[None, :] * stride_dkd, dk2_rows,
+                                  mask=valid[:, None] & d2_ok[None, :], sem="relaxed")
+                dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
+                tl.atomic_add(dv_base + kv_safe[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv_rows,
+                              mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
+            """)
+        w.code("""
+            dq = dq * sm_scale
+            tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
+                     + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
+            if HAS_D2:
+                dq2 = dq2 * sm_scale
+                tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
+                         + pid_q.to(tl.int64) * stride_dqm + offs_d2[None, :] * stride_dqd, dq2.to(DQ.dtype.element_ty),
+                         mask=h_ok[:, None] & d2_ok[None, :])
+            if HAS_BIAS:  # added: u may be shared by the batch or the heads (stride 0)
+                tl.atomic_add(DU + b.to(tl.int64) * stride_dub + heads[:, None].to(tl.int64) * stride_duh
+                              + pid_q.to(tl.int64) * stride_dum + offs_r[None, :], du, mask=h_ok[:, None] & r_ok[None, :],
+                              sem="relaxed")
+        """)
+        w.emitted(grads[2])
+    return w.text()
 
 
-def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
+def _grad_code(spec: KernelSpec, em: ExprEmitter, B: str) -> tuple[str, str, str]:
     """(init, slot-loop body, final) adding each learnable captured tensor's gradient into its
     float32 buffer ``DBUF{slot}_{i}``: ``ds_raw · ∂score_mod/∂(loaded value)`` over the kept pairs.
 
     How, by the load's index:
     - it does not follow ``kv_idx`` (a slope per head, a value per query): summed over the slots in
       registers, added once per packed head after the loop;
-    - a table whose one kv-indexed dimension has at most ``MAX_BINS`` entries (``binned_dim``;
+    - a table whose one kv-indexed dimension has at most ``max_bins`` entries (``spec.lowering.binned``;
       relative-position and T5 tables): summed into [heads, bins] in registers by matrix products
       with the chunk's one-hot entries, ``GL{i}_PIECES`` pieces of ``GL{i}_BINS`` bins, each only
       when a key of the chunk falls in it; added once per bin after the loop. Per-element adds
@@ -214,7 +363,7 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
     init, loop, final = "", "", ""
     for i, gl in enumerate(spec.grad_loads):
         p, dst = f"buf{gl.slot}", f"DBUF{gl.slot}_{i}"
-        loop += f"{I2}gmod{i} = {em.emit(gl.grad, 0)}\n"
+        loop += f"{B}gmod{i} = {em.emit(gl.grad, 0)}\n"
         follows_kv = any("kv" in ir.free_vars(a) for a in gl.load.args)
         follows_h = any("h" in ir.free_vars(a) for a in gl.load.args)
         idx = [em.emit(a, 0) for a in gl.load.args]
@@ -229,7 +378,7 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
         contrib = f"tl.where(keep, ds_raw * gmod{i}, 0.0)"
         if not follows_kv:
             init += f"{I1}gacc{i} = tl.zeros([BLOCK_H, 1], tl.float32)\n"
-            loop += f"{I2}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
+            loop += f"{B}gacc{i} += tl.sum({contrib}, 1, keep_dims=True)\n"
             final += (f"{I1}goff{i} = {off} + tl.zeros([BLOCK_H, 1], tl.int64)\n"
                       f"{I1}tl.atomic_add({dst} + goff{i}, gacc{i}, mask=h_ok[:, None]{ok}, sem=\"relaxed\")\n")
             continue
@@ -240,44 +389,45 @@ def _grad_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str]:
             element = (f"goff{i} = {off} + tl.zeros([1, BLOCK_N], tl.int64)\n",
                        f"tl.atomic_add({dst} + goff{i}, tl.sum({contrib}, 0, keep_dims=True), "
                        f"mask=valid[None, :]{ok}, sem=\"relaxed\")\n")
-        kd = binned_dim(gl)
+        kd = spec.lowering.binned[i]
         if kd is None:
-            loop += "".join(I2 + line for line in element)
+            loop += "".join(B + line for line in element)
             continue
         key = f"tl.minimum(tl.maximum({idx[kd]}, 0), {p}_size{kd} - 1)"
         rows = " + ".join(t for d, t in enumerate(terms) if d != kd) or "0"
-        b_init, b_loop, b_final = _binned_adds(i, key, rows, contrib, f"{dst} + ", f"{p}_stride{kd}",
-                                               f"{p}_size{kd}", ok)
+        b_init, b_loop, b_final = _binned_adds(spec, i, key, rows, contrib, f"{dst} + ", f"{p}_stride{kd}",
+                                               f"{p}_size{kd}", ok, B)
         init, final = init + b_init, final + b_final
-        loop += b_loop + f"{I2}else:\n" + "".join(I3 + line for line in element)
-    return init, em.take(2, I2) + loop if spec.grad_loads else loop, final
+        loop += b_loop + f"{B}else:\n" + "".join(B + I1 + line for line in element)
+    return init, em.take(2, B) + loop if spec.grad_loads else loop, final
 
 
-def _binned_adds(i: int, key: str, rows: str, contrib: str, dst: str, stride: str, size: str,
-                 ok: str) -> tuple[str, str, str]:
+def _binned_adds(spec: KernelSpec, i: int, key: str, rows: str, contrib: str, dst: str, stride: str, size: str,
+                 ok: str, B: str) -> tuple[str, str, str]:
     """(init, loop, final) of a table's gradient summed into per-head bins (see ``_grad_code``):
     ``key`` the slots' entries along the binned dim, ``rows`` the offset of each packed head's row;
     ``GL{i}_PIECES`` pieces of ``GL{i}_BINS`` bins. The loop part is an ``if GL{i}_PIECES > 0:``
     block, the caller's ``else`` follows it."""
     width, pieces = f"GL{i}_BINS", f"GL{i}_PIECES"
     init, final = "", ""
-    loop = (f"{I2}if {pieces} > 0:\n"
-            f"{I3}gkey{i} = tl.trans({key} + tl.zeros([1, BLOCK_N], tl.int32))\n"
-            f"{I3}gc{i} = {contrib}\n"
-            f"{I3}if {pieces} == 1:  # every key in the one piece: no test\n"
-            f"{I4}gbins{i}_0 = tl.dot(gc{i}, (gkey{i} == tl.arange(0, {width})[None, :]).to(tl.float32), "
+    B1, B2 = B + I1, B + I2
+    loop = (f"{B}if {pieces} > 0:\n"
+            f"{B1}gkey{i} = tl.trans({key} + tl.zeros([1, BLOCK_N], tl.int32))\n"
+            f"{B1}gc{i} = {contrib}\n"
+            f"{B1}if {pieces} == 1:  # every key in the one piece: no test\n"
+            f"{B2}gbins{i}_0 = tl.dot(gc{i}, (gkey{i} == tl.arange(0, {width})[None, :]).to(tl.float32), "
             f"gbins{i}_0, input_precision=BIN_PRECISION)\n"
-            f"{I3}else:\n"
-            f"{I4}gpiece{i} = gkey{i} // {width}\n"
-            f"{I4}ghot{i} = gkey{i} % {width} == tl.arange(0, {width})[None, :]\n")
-    for c in range(MAX_BINS // BIN_PIECE):
+            f"{B1}else:\n"
+            f"{B2}gpiece{i} = gkey{i} // {width}\n"
+            f"{B2}ghot{i} = gkey{i} % {width} == tl.arange(0, {width})[None, :]\n")
+    for c in range(spec.lowering.max_bins // spec.lowering.bin_piece):
         acc, lo = f"gbins{i}_{c}", (f"{c} * {width} + " if c else "")
         init += f"{I1}if {pieces} > {c}:\n{I2}{acc} = tl.zeros([BLOCK_H, {width}], tl.float32)\n"
         # a piece no key of the chunk falls in costs one compare (a saturated table's keys mostly
         # fall in its last piece)
-        loop += (f"{I4}if {pieces} > {c}:\n"
-                 f"{I4}{I1}if tl.sum((gpiece{i} == {c}).to(tl.int32)) > 0:\n"
-                 f"{I4}{I2}{acc} = tl.dot(gc{i}, (ghot{i} & (gpiece{i} == {c})).to(tl.float32), {acc}, "
+        loop += (f"{B2}if {pieces} > {c}:\n"
+                 f"{B2}{I1}if tl.sum((gpiece{i} == {c}).to(tl.int32)) > 0:\n"
+                 f"{B2}{I2}{acc} = tl.dot(gc{i}, (ghot{i} & (gpiece{i} == {c})).to(tl.float32), {acc}, "
                  f"input_precision=BIN_PRECISION)\n")
         final += (f"{I1}if {pieces} > {c}:\n"
                   f"{I2}gbin{i} = {lo}tl.arange(0, {width})[None, :]\n"
@@ -290,165 +440,6 @@ def _binned_adds(i: int, key: str, rows: str, contrib: str, dst: str, stride: st
 def _grad_consts(spec: KernelSpec) -> str:
     s = "".join(f" GL{i}_BINS: tl.constexpr, GL{i}_PIECES: tl.constexpr," for i in range(len(spec.grad_loads)))
     return s + (" BIN_PRECISION: tl.constexpr," if spec.grad_loads else "")
-
-
-def _skip_empty_chunks(src: str) -> str:
-    """Put the slot loop's body after ``valid = ...`` under ``if any(valid)``: chunks of unused slots
-    (the ``-1`` tail of rows with fewer than K keys) cost one index load, no gather."""
-    out, inside = [], False
-    for line in src.split("\n"):
-        if inside and line.startswith(I2):
-            line = I1 + line
-        elif inside and line.strip():
-            inside = False
-        out.append(line)
-        if line.startswith(I2 + "valid = ") and not inside:
-            out.append(f"{I2}if tl.sum(valid.to(tl.int32), 0) > 0:")
-            inside = True
-    return "\n".join(out)
-
-
-def _norm(spec: KernelSpec) -> str:
-    return getattr(spec, "normalizer", "softmax")
-
-
-def gather_forward(spec: KernelSpec) -> str:
-    em = ExprEmitter(_common_env(), 3, prefix="v")
-    body = _score_and_mask(spec, em, backward=False)
-    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1), second_part=SECOND_PART.format(I=I1))
-    if _norm(spec) == "softmax":
-        # a sink logit joins the denominator: start the running max at it with a count of one
-        init = f"""{I1}if HAS_SINKS:
-{I2}m_i = tl.load(Sinks + heads, mask=h_ok, other=0.0).to(tl.float32) * LOG2E
-{I2}l_i = tl.zeros([BLOCK_H], tl.float32) + 1.0
-{I1}else:
-{I2}m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-{I2}l_i = tl.zeros([BLOCK_H], tl.float32)
-"""
-        update = f"""{I2}m_new = tl.maximum(m_i, tl.max(s, 1))
-{I2}m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-{I2}p = tl.exp2(s - m_use[:, None])
-{I2}alpha = tl.exp2(m_i - m_use)
-{I2}l_i = l_i * alpha + tl.sum(p, 1)
-{I2}acc = acc * alpha[:, None] + {_dot("p.to(v.dtype)", "v")}
-{I2}m_i = m_new
-"""
-        finish = f"""{I1}dead = l_i == 0.0
-{I1}l_safe = tl.where(dead, 1.0, l_i)
-{I1}out = acc / l_safe[:, None]
-{I1}lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-{I1}tl.store(Lse + (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q, lse, mask=h_ok)
-"""
-    else:  # sigmoid: no row normaliser, no running maximum, no lse
-        init = ""
-        update = f"""{I2}p = {SIGMOID}
-{I2}acc += {_dot("p.to(v.dtype)", "v")}
-"""
-        finish = f"{I1}out = acc\n"
-    return _skip_empty_chunks(f'''
-@triton.jit
-def {spec.name}_fwd(
-    Q, K, V, IDX, Out, Lse,{_SIG}
-    stride_ob, stride_oh, stride_om, stride_od,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
-    {buffer_params(spec)}
-    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, {EXTRA_CONSTS}
-):
-    """Gather forward ({_norm(spec)}): one program per (query token, batch*unit); heads packed in M."""{pro}
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-{init}    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VLOAD, vname="v")}{body}{update}{finish}    tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
-             + pid_q.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=hdv_ok)
-''')
-
-
-def gather_backward(spec: KernelSpec) -> str:
-    em = ExprEmitter(_common_env(), 3, prefix="v")
-    body = _score_and_mask(spec, em, backward=True)
-    dmod = " * dmod" if spec.score is not None else ""
-    if _norm(spec) == "softmax":
-        prob, dsc = "tl.exp2(s - lse[:, None])", "p * (dp - delta[:, None])"
-    else:
-        prob, dsc = SIGMOID, "(p - p * p) * dp"  # σ' contracted to one FMA (kernels._bwd_dscore)
-    g_init, g_loop, g_final = _grad_code(spec, em)
-    pro = _PROLOGUE.format(pre0=em.take(0, I1), pre1=em.take(1, I1), second_part=SECOND_PART.format(I=I1))
-    grads = "".join(f"DBUF{g.slot}_{i}, " for i, g in enumerate(spec.grad_loads))
-    return _skip_empty_chunks(f'''
-@triton.jit
-def {spec.name}_bwd(
-    Q, K, V, IDX, Out, DO, Lse, DLse, DQ, DK, DV, DU, DW,{_SIG}
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dub, stride_duh, stride_dum, stride_dwb, stride_dwh, stride_dwn,
-    NU, HPU, GROUP, QPG, LQ, LKV, NSEL, sm_scale, {EXTRA_PARAMS}
-    {buffer_params(spec)}{grads}
-    HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DLSE: tl.constexpr, {EXTRA_CONSTS}{_grad_consts(spec)}
-):
-    """Gather backward: dQ (and dU) in registers; dK/dV (and dW, captured tensors' gradients)
-    added into float32 buffers with atomic adds."""{pro}
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + heads[:, None].to(tl.int64) * stride_doh
-                 + pid_q.to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod, mask=hdv_ok, other=0.0)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
-                + pid_q.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, mask=hdv_ok, other=0.0)
-    if UPCAST:
-        do = do.to(tl.float32)
-    row = (b * (NU * HPU) + heads).to(tl.int64) * LQ + pid_q
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
-        delta = delta - tl.load(DLse + row, mask=h_ok, other=0.0)
-    lse = tl.load(Lse + row, mask=h_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-    dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    if HAS_D2:
-        dq2 = tl.zeros([BLOCK_H, BLOCK_D2], tl.float32)
-    if HAS_BIAS:
-        du = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
-        dw_base = DW + b.to(tl.int64) * stride_dwb + (h0 // W_GROUP).to(tl.int64) * stride_dwh
-{g_init}    for j0 in range(0, NSEL, BLOCK_N):{_GATHER.format(qk=_dot("q", "kT"), vload=_VTLOAD, vname="vT")}{body}        p = {prob}
-        dp = {_dot("do", "vT")}
-        ds_raw = {dsc}
-        ds = ds_raw{dmod}
-{g_loop}        if HAS_BIAS:  # the bias joins the score before score_mod: its gradient is ds, unscaled
-            du += {_dot("ds.to(wT.dtype)", "tl.trans(wT)")}
-            dw_rows = {_dot("tl.trans(ds).to(u.dtype)", "u")}
-            tl.atomic_add(dw_base + kv_safe[:, None] * stride_dwn + offs_r[None, :], dw_rows,
-                          mask=valid[:, None] & r_ok[None, :], sem="relaxed")
-        # each row block is added as soon as it is made: two [BLOCK_N, D] float32 blocks live at
-        # once would spill
-        dq += {_dot("ds.to(kT.dtype)", "tl.trans(kT)")}
-        dk_rows = {_dot("tl.trans(ds).to(q.dtype)", "q")} * sm_scale
-        tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d[None, :] * stride_dkd, dk_rows,
-                      mask=valid[:, None] & d_ok[None, :], sem="relaxed")
-        if HAS_D2:
-            dq2 += {_dot("ds.to(kT2.dtype)", "tl.trans(kT2)")}
-            dk2_rows = {_dot("tl.trans(ds).to(q2.dtype)", "q2")} * sm_scale
-            tl.atomic_add(dk_base + kv_safe[:, None] * stride_dkn + offs_d2[None, :] * stride_dkd, dk2_rows,
-                          mask=valid[:, None] & d2_ok[None, :], sem="relaxed")
-        dv_rows = {_dot("tl.trans(p).to(do.dtype)", "do")}
-        tl.atomic_add(dv_base + kv_safe[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv_rows,
-                      mask=valid[:, None] & dv_ok[None, :], sem="relaxed")
-    dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
-             + pid_q.to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=hd_ok)
-    if HAS_D2:
-        dq2 = dq2 * sm_scale
-        tl.store(DQ + b.to(tl.int64) * stride_dqb + heads[:, None].to(tl.int64) * stride_dqh
-                 + pid_q.to(tl.int64) * stride_dqm + offs_d2[None, :] * stride_dqd, dq2.to(DQ.dtype.element_ty),
-                 mask=h_ok[:, None] & d2_ok[None, :])
-    if HAS_BIAS:  # added: u may be shared by the batch or the heads (stride 0)
-        tl.atomic_add(DU + b.to(tl.int64) * stride_dub + heads[:, None].to(tl.int64) * stride_duh
-                      + pid_q.to(tl.int64) * stride_dum + offs_r[None, :], du, mask=h_ok[:, None] & r_ok[None, :],
-                      sem="relaxed")
-{g_final}''')
 
 
 def render_gather(spec: KernelSpec) -> str:

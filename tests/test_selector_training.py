@@ -224,12 +224,12 @@ def test_each_table_takes_the_way_its_index_allows():
     """Which way each kind's gradient is added (so the cases above cover every way): bins (in pieces
     of 64) for tables whose one kv-indexed dim has at most 256 entries and is head-free, per element
     otherwise (no pieces)."""
-    from attndsl import codegen_bridge
+    from attndsl.passes import lower
     from attndsl.selectors.sparse import gather_runner
     gen = torch.Generator().manual_seed(0)
     want = {"rel_table": (64, 1), "t5": (32, 1), "shared_table": (16, 1), "pieced_table": (64, 3),
             "wide_table": (64, 0), "per_key": (64, 0), "pair_hqk": (64, 0), "slopes": (64, 0)}
-    assert (codegen_bridge.MAX_BINS, codegen_bridge.BIN_PIECE) == (256, 64)
+    assert (lower.MAX_BINS, lower.BIN_PIECE) == (256, 64)
     for kind, (bins, pieces) in want.items():
         learn, score_mod = _gather_learnable(kind, 1, 2, 8, 8, gen, F32)
         attn = attndsl.compile(score_mod=score_mod)

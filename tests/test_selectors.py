@@ -279,10 +279,10 @@ def test_int64_and_strided_indices_and_compiled_once():
 
 
 def test_selector_kernel_source_fuses_the_pattern():
-    from attndsl import codegen_bridge
+    from attndsl import codegen
     from attndsl.selectors.sparse import gather_spec
     attn = attndsl.compile(mask_mod=window(4), score_mod=softcap)
-    src = codegen_bridge.render_gather(gather_spec(attn.spec))
+    src = codegen.render_gather(gather_spec(attn.spec))
     assert "tl.atomic_add" in src and "_tanh" in src and "def attn_sel_fwd" in src and "def attn_sel_bwd" in src
 
 
@@ -475,7 +475,7 @@ def test_selector_kernels_compile_for_h100(tmp_path):
 
 def _compile_selector_kernels(tmp_path):
     import importlib.util
-    from attndsl import codegen_bridge
+    from attndsl import codegen
     from attndsl.selectors import LightningIndexer
     from attndsl.selectors.sparse import gather_spec
 
@@ -497,7 +497,7 @@ def _compile_selector_kernels(tmp_path):
     for normalizer in ("softmax", "sigmoid"):
         gs = gather_spec(attndsl.compile(mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (q >= k),
                                          score_mod=learnable_bias, normalizer=normalizer).spec)
-        mod = load(codegen_bridge.render_gather(gs), f"gather_{normalizer}")
+        mod = load(codegen.render_gather(gs), f"gather_{normalizer}")
         c = dict(HEAD_D=192, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, HAS_D2=True, BLOCK_D2=64, HEAD_DV=128,
                  BLOCK_DV=128, UPCAST=False, DOT_PRECISION="tf32", HAS_SINKS=normalizer == "softmax",
                  HAS_BIAS=True, BLOCK_R=16)
@@ -510,7 +510,7 @@ def _compile_selector_kernels(tmp_path):
                                                           GL0_PIECES=0, GL1_BINS=64, GL1_PIECES=3,
                                                           BIN_PRECISION="tf32x3"), ptrs)
     ix = LightningIndexer()
-    mod = load(codegen_bridge.render_indexer(ix.spec), "indexer")
+    mod = load(codegen.render_indexer(ix.spec), "indexer")
     _aot_compile(getattr(mod, f"{ix.spec.name}_scores"),
                  dict(HEAD_D=64, BLOCK_T=64, BLOCK_S=64, BLOCK_D=64, UPCAST=False, DOT_PRECISION="tf32", HAS_W=True),
                  {"QI": "*bf16", "KI": "*bf16", "W": "*fp32", "S": "*fp32"})

@@ -1,13 +1,18 @@
-"""Graph views of the IR (networkx) and the dependency facts passes and codegen ask for."""
-from __future__ import annotations
+"""Graph views of the IR (networkx) and the dependency facts passes and codegen ask for.
 
-import networkx as nx
+The passes walk the DAG directly (``topo_order``, ``free_vars``, ``substitute``): they need no
+graph algorithm beyond a traversal. ``to_networkx`` is a view for analysis and debugging, so
+networkx is imported only there and is not a hard dependency (torch installs it anyway)."""
+from __future__ import annotations
 
 from .nodes import Node
 
 
-def to_networkx(roots) -> nx.DiGraph:
-    """Edges point from an operand to its user."""
+def to_networkx(roots):
+    """The IR reachable from ``roots`` as a ``networkx.DiGraph``; edges point from an operand to
+    its user. Needs networkx installed (``pip install attndsl[graph]``)."""
+    import networkx as nx
+
     g = nx.DiGraph()
     stack = list(roots)
     seen = set()

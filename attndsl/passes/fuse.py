@@ -1,6 +1,7 @@
 """Fusion: mask + score modifier (+ later layouts, selectors, normalisers) → one KernelSpec."""
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 from .. import ir
@@ -10,6 +11,7 @@ from .block_analysis import is_data_dependent, tile_class, tile_range
 from .box_analysis import box_plans
 from .diagonal import diagonal_index
 from .grad import derivative
+from .lower import lower
 from .simplify import simplify
 from .uniform import uniform_loads
 
@@ -52,6 +54,11 @@ def grad_loads(score: Node | None, learnable: frozenset) -> tuple:
             diagonal = diagonal_index(ld) if scope == "scatter" else None
             out.append(GradLoad(ld, derivative(score, ld), ld.attr[0], scope, diagonal))
     return tuple(out)
+
+
+def run_lowering(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with its lowering decisions recorded (``passes/lower.py``): the last pass."""
+    return dataclasses.replace(spec, lowering=lower(spec))
 
 
 def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", options=(),
@@ -101,5 +108,6 @@ def build_spec(mask: Node | None, score: Node | None, buffers, name="attn", opti
         mask_uses_b="b" in fv, mask_uses_h="h" in fv, name=name, options=tuple(options),
         normalizer=normalizer, grad_loads=grad_loads(score, learnable), tiles=box_tiles,
         dq_range=dq_range, bwd_tiles=bwd_tiles, dq_tiles=dq_tiles, uniform_loads=uniform_loads(score))
+    spec = run_lowering(spec)
     _CACHE[ck] = spec
     return spec

@@ -15,7 +15,6 @@ from .. import ir
 from . import cache
 from .fastlaunch import Direct, launcher
 from .scope import NO_CONTEXT, launch_scope
-from ..codegen_bridge import dq_visits_whole_range
 from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section, split_head_dim
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
@@ -237,7 +236,7 @@ class Runner:
         self.learnable = spec.learnable_slots
         # facts of the spec the backward consults on every call
         self._loaded_once = frozenset(s for s in self.learnable if sum(g.slot == s for g in spec.grad_loads) == 1)
-        self._dq_whole_range = dq_visits_whole_range(spec)
+        self._dq_whole_range = spec.lowering.dq_whole_range
         self.mod = module
         self.cfg = configs
         self.interpret = interpret

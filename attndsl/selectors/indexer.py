@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import codegen_bridge, ir
+from .. import codegen, ir
 from ..dsl import trace
 from ..ir.evaluate import evaluate
 from ..passes import build_spec
@@ -62,7 +62,7 @@ class LightningIndexer:
     def _module(self, interpret: bool):
         m = self._mods.get(interpret)
         if m is None:
-            m = self._mods[interpret] = cache.load(self.spec, interpret, render=codegen_bridge.render_indexer)
+            m = self._mods[interpret] = cache.load(self.spec, interpret, render=codegen.render_indexer)
         return m
 
     @staticmethod

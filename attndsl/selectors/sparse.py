@@ -21,7 +21,7 @@ import math
 import torch
 import triton
 
-from .. import codegen_bridge
+from .. import codegen
 from ..runtime import cache
 from ..runtime.config import block_d, split_head_dim
 from ..runtime.scope import launch_scope
@@ -109,7 +109,7 @@ def gather_config(head_dim: int, interpret: bool, block_n: int | None = None) ->
 
 def gather_spec(spec):
     """The spec of the gather kernels: the pattern's, under a name and key of their own."""
-    sel_v = codegen_bridge.SELECTOR_VERSION
+    sel_v = codegen.SELECTOR_VERSION
     return dataclasses.replace(spec, name=f"{spec.name}_{GATHER_TAG}", key=f"{spec.key}s{sel_v}")
 
 
@@ -126,7 +126,7 @@ class GatherRunner:
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.bdv = block_d(self.head_dim_v)
         self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
-        self.mod = cache.load(self.spec, interpret, render=codegen_bridge.render_gather)
+        self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
 
     def _mode(self, t):
         return launch_scope(t, self.interpret)
@@ -140,18 +140,19 @@ class GatherRunner:
                     num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
 
     def _grad_consts(self, buffers) -> dict:
-        """Bins per piece and pieces per learnable table (``codegen.selector.binned_dim``; no pieces:
+        """Bins per piece and pieces per learnable table (``spec.lowering.binned``, ``passes/lower.py``; no pieces:
         added per element) and the precision of the binning products: float32-exact on the GPU too
         (three TF32 products)."""
         if not self.spec.grad_loads:
             return {}
         consts = {"BIN_PRECISION": "ieee" if self.interpret else "tf32x3"}
+        low = self.spec.lowering
         for i, gl in enumerate(self.spec.grad_loads):
-            d = codegen_bridge.binned_dim(gl)
-            n = buffers[gl.slot].shape[d] if d is not None else codegen_bridge.MAX_BINS + 1
-            width = min(codegen_bridge.BIN_PIECE, max(16, triton.next_power_of_2(n)))
+            d = low.binned[i]
+            n = buffers[gl.slot].shape[d] if d is not None else low.max_bins + 1
+            width = min(low.bin_piece, max(16, triton.next_power_of_2(n)))
             consts[f"GL{i}_BINS"] = width  # bins per piece
-            consts[f"GL{i}_PIECES"] = -(-n // width) if n <= codegen_bridge.MAX_BINS else 0
+            consts[f"GL{i}_PIECES"] = -(-n // width) if n <= low.max_bins else 0
         return consts
 
     def _shape_args(self, q, k, indices, extras):

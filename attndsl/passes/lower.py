@@ -1,0 +1,135 @@
+"""Lowering: the decisions code generation and the runtime both depend on, made once per spec.
+
+``lower(spec)`` is a pure function of a KernelSpec's analysed IR and plans; ``build_spec`` stores
+its result as ``spec.lowering``. Codegen emits from it and the runtime launches from it, so neither
+re-derives a decision from the IR, and neither imports the other's private code to agree.
+
+Recorded (see :class:`attndsl.spec.Lowering`):
+
+- ``additive``: ``R`` when score_mod is ``score + R`` with R free of the score (a bias): the kernels
+  compute ``s = qk·(scale·unit) + R·unit``, one fused multiply-add per score.
+- ``fwd_runs`` / ``bwd_runs`` / ``dq_runs``: whether each kernel's loop gets constant-run loops
+  (``codegen/runs.py``), and ``run_folds``: whether the forward's run loop folds the scale and the
+  run's scalar bias into the exponent.
+- ``dq_whole_range``: the dQ kernel visits every key tile of its closed-form range, so it can
+  zero the rest of a full-size learnable gradient (``GL{i}_ZERO_FILL``).
+- ``binned``: per learnable load, the dimension the gather kernels bin its gradient along, or None;
+  ``max_bins`` and ``bin_piece`` size those bins.
+- ``load_stages``: per captured load of the mask, the loop level it depends on ("program",
+  "row" (q only), "col" (kv only) or "pair"): a row load is read once per query tile.
+"""
+from __future__ import annotations
+
+from .. import ir
+from ..ir import Node
+from ..spec import KernelSpec, Lowering, VisitBox
+
+#: a table whose kv-indexed dimension has at most this many entries is binned in registers by the
+#: gather backward, in pieces of at most ``BIN_PIECE`` bins: one one-hot product per piece that the
+#: chunk's keys fall in. One [heads, 256] product spilled on an H100 (BENCHMARKS.md)
+MAX_BINS = 256
+BIN_PIECE = 64
+
+
+def additive_bias(score: Node | None) -> Node | None:
+    """``R`` when ``score`` is ``score + R`` with R free of the score variable (the sum may hold
+    several terms in any order, ``score + t[h, ...] + s[h]``, R then their sum); else None."""
+    if score is None:
+        return None
+    terms = []
+
+    def flatten(n):
+        if n.op == "add":
+            for a in n.args:
+                flatten(a)
+        else:
+            terms.append(n)
+    flatten(score)
+    is_score = [t.op == "var" and t.attr == ir.SCORE for t in terms]
+    rest = [t for t, s in zip(terms, is_score) if not s]
+    if sum(is_score) != 1 or not rest or any(ir.SCORE in ir.free_vars(t) for t in rest):
+        return None
+    r = rest[0]
+    for t in rest[1:]:
+        r = ir.node("add", r, t)
+    return r
+
+
+def run_loads(spec: KernelSpec, inner: str) -> dict:
+    """The tile-uniform loads that vary along a kernel's inner index: load -> j."""
+    return {ul.load: j for j, ul in enumerate(spec.uniform_loads) if inner in ir.free_vars(ul.load)}
+
+
+def runs_apply(spec: KernelSpec, rng, table: bool, inner: str) -> bool:
+    """Constant-run loops for a closed-form range without per-tile classification that has
+    tile-uniform loads along its inner index (block tables and box plans keep per-tile tests)."""
+    if table or isinstance(rng, VisitBox) or not run_loads(spec, inner):
+        return False
+    return not (rng.tile_check and spec.tile_full is not None)
+
+
+def _run_folds(spec: KernelSpec, additive: Node | None) -> bool:
+    """Does the softmax forward's constant-run loop scale scores inside its exponent? There a bias
+    ``score + R`` whose R reads only the run's entries (and b, h) is one scalar per tile: the
+    running max is ``max(qk)·c + R`` and ``p = exp2(qk·c − (m − R))``, one multiply-add per score as
+    with no bias. On an H100 (bf16, causal, L=16384; BENCHMARKS.md) a T5 table's forward about 1%
+    faster, near the noise."""
+    if spec.normalizer != "softmax" or additive is None:
+        return False
+    runs = run_loads(spec, "kv")
+    scalar = ir.substitute(additive, {ld: ir.var(f"_uv{j}", ir.FLOAT) for ld, j in runs.items()})
+    return ir.free_vars(scalar) <= {"b", "h"} | {f"_uv{j}" for j in runs.values()}
+
+
+def dq_visits_whole_range(spec: KernelSpec) -> bool:
+    """Does each dQ program visit every key tile of its closed-form range ``[t_begin, t_end)`` (no
+    block table, box plan or per-tile emptiness test)? Then the tiles it does not visit are exactly
+    the others, and it can zero them in a full-size gradient (``GL{i}_ZERO_FILL``)."""
+    rng = spec.dq_range or spec.fwd_range
+    return not spec.data_dependent and not isinstance(rng, VisitBox) and not (rng.tile_check and spec.tile_full is not None)
+
+
+def binned_dim(load: Node) -> int | None:
+    """The dimension a learnable load's gradient can be binned along in the gather backward, or None.
+
+    Binned: exactly one dimension follows ``kv_idx``, its index is clamped (not a plain ``kv_idx``)
+    and does not follow the head, as in ``table[h, bucket(q_idx - kv_idx)]``. Every packed head then
+    sees the same entry at a slot, so one matrix product with the slots' one-hot entries sums a chunk
+    into per-head bins."""
+    args = load.args
+    kv_dims = [d for d, a in enumerate(args) if "kv" in ir.free_vars(a)]
+    if len(kv_dims) != 1:
+        return None
+    a = args[kv_dims[0]]
+    if a.op == "var" or "h" in ir.free_vars(a):
+        return None
+    return kv_dims[0]
+
+
+def load_stages(mask: Node | None) -> tuple:
+    """(load, stage) per captured load of the mask: "program", "row", "col" or "pair"."""
+    if mask is None:
+        return ()
+    out = []
+    for ld in ir.loads([mask]):
+        fv = ir.free_vars(ld)
+        q, kv = "q" in fv, "kv" in fv
+        out.append((ld, "pair" if q and kv else "row" if q else "col" if kv else "program"))
+    return tuple(out)
+
+
+def lower(spec: KernelSpec) -> Lowering:
+    """The lowering decisions of ``spec`` (pure: the same spec always lowers the same way)."""
+    additive = additive_bias(spec.score)
+    fwd_runs = runs_apply(spec, spec.fwd_range, spec.data_dependent, "kv")
+    return Lowering(
+        additive=additive,
+        fwd_runs=fwd_runs,
+        bwd_runs=runs_apply(spec, spec.bwd_range, spec.data_dependent, "q"),
+        dq_runs=runs_apply(spec, spec.dq_range or spec.fwd_range, spec.data_dependent, "kv"),
+        run_folds=fwd_runs and _run_folds(spec, additive),
+        dq_whole_range=dq_visits_whole_range(spec),
+        binned=tuple(binned_dim(gl.load) for gl in spec.grad_loads),
+        max_bins=MAX_BINS, bin_piece=BIN_PIECE,
+        load_stages=load_stages(spec.mask),
+    )
