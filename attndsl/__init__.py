@@ -9,14 +9,16 @@ if (not _os.path.isdir(_os.path.join(__path__[0], "codegen"))
         and _os.path.isfile(_os.path.join(_root, "codegen", "__init__.py"))):
     __path__.append(_root)
 from . import reference
-from .api import CompiledAttention, attention, compile
+from .api import CompiledAttention, attention, clear_cache, compile
+from .flex import PatternMask, create_block_mask, flex_attention
 from . import selectors  # index selectors: indices= (DSA), blocks= (MoBA, NSA), the lightning indexer
 from .lowrank import BiasFactors, factorize_bias
 from .dsl import Mask, PatternError, ScoreMod, and_masks, chain, mask, not_mask, or_masks, score_mod
 from .dsl.intops import bit_length
 from .layout import Layout
 
-__all__ = ["attention", "compile", "CompiledAttention", "reference", "PatternError", "mask", "score_mod",
+__all__ = ["attention", "compile", "CompiledAttention", "clear_cache", "flex_attention", "create_block_mask",
+           "PatternMask", "reference", "PatternError", "mask", "score_mod",
            "and_masks", "or_masks", "not_mask", "chain", "Mask", "ScoreMod",
            "factorize_bias", "BiasFactors", "Layout", "bit_length"]
 __version__ = "0.1.0"

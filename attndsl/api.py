@@ -13,10 +13,23 @@ from .runtime import cache
 from .runtime.autograd import AttentionFunction
 import math
 
+from typing import NamedTuple
+
+from .runtime import op
 from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, index_check_for
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
-from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
+from .runtime.indexcheck import check_indices_of
+from .runtime.launch import BlockTables, Runner, use_interpreter
+from .runtime.patterns import PATTERNS
+from .runtime.tables import TABLES
+
+
+class OpMeta(NamedTuple):
+    """What traced code needs of a compiled pattern: its registry key and normalizer."""
+
+    key: str
+    normalizer: str
 
 
 class CompiledAttention:
@@ -41,6 +54,8 @@ class CompiledAttention:
         self.index_check = index_check_for(self.spec)
         # bitwise-repeatable gradients of learnable tensors: partial sums reduced in a fixed order
         self.deterministic = bool(deterministic)
+        #: the pattern's name for the torch.library ops (runtime/op.py), and what traced code needs
+        self.op_meta = OpMeta(op.register(self), self.spec.normalizer)
 
     def __deepcopy__(self, memo):
         """A copy that reads the copies of its captured tensors (``copy.deepcopy`` of a model copies
@@ -90,66 +105,74 @@ class CompiledAttention:
         if not self.spec.data_dependent or is_empty(query, key):
             return None
         check_captured(self.tensors, query.device)
-        self.index_check(self.tensors, call_shape(query, key), query.device)
+        check_indices_of(self.index_check, self.tensors, call_shape(query, key), query.device)
         r = self.runner(query, None if value is None else value.shape[-1])
         tables = r.new_tables(query, key, self.tensors)
         r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
         return tables
 
-    # torch.compile runs the call as it is (a graph break): the tracer, the checks and the Triton
-    # launches are host code that dynamo cannot and need not trace
-    @torch.compiler.disable
-    def __call__(self, query, key, value, *, scale=None, return_lse=False, block_tables=None,
-                 sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
+                 return_lse: bool = False, block_tables: BlockTables | None = None, sigmoid_bias=None,
+                 sinks: torch.Tensor | None = None, bias_factors=None, indices: torch.Tensor | None = None,
+                 blocks=None, check_indices: bool | None = None):
+        """Run the compiled pattern; arguments, shapes and results as :func:`attention`.
+
+        ``block_tables``: tables from :meth:`build_block_tables` for this call's shape (eager mode;
+        tables are also cached automatically, see :func:`attention`). Under ``torch.compile`` the
+        call is one ``torch.library`` op (``attndsl::attention_fwd``) reading ``self.tensors``."""
+        return self._call(self.tensors, query, key, value, scale=scale, return_lse=return_lse,
+                          block_tables=block_tables, sigmoid_bias=sigmoid_bias, sinks=sinks,
+                          bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)
+
+    def _call(self, tensors, query, key, value, *, scale=None, return_lse=False, block_tables=None,
+              sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
+        """The call with the captured tensors ``tensors`` (bound per call by :func:`attention`)."""
+        if torch.compiler.is_compiling():
+            if block_tables is not None:
+                raise ValueError("block_tables= is an eager-mode argument; under torch.compile the tables of a "
+                                 "call are cached by its captured tensors (attndsl.attention's docstring)")
+            return op_call(self.op_meta, tensors, query, key, value, scale=scale, return_lse=return_lse,
+                           sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
+                           blocks=blocks)
         if indices is not None or blocks is not None:
             # index selectors (attndsl.selectors): token-level gather kernels or block-table mode
             from .selectors import selected_call
-            return selected_call(self, query, key, value, indices=indices, blocks=blocks, check_indices=check_indices,
-                                 block_tables=block_tables, scale=scale, return_lse=return_lse,
-                                 sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors)
+            if check_indices is None and query.is_cuda and torch.cuda.is_current_stream_capturing():
+                check_indices = False  # no sync inside a CUDA graph capture
+            if tensors is not self.tensors:
+                # bound in place: block variants (copies of this object) share the list
+                self.tensors[:] = tensors
+            return selected_call(self, query, key, value, indices=indices, blocks=blocks,
+                                 check_indices=check_indices, block_tables=block_tables, scale=scale,
+                                 return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
+                                 bias_factors=bias_factors)
         check_inputs(query, key, value, scale)
-        check_captured(self.tensors, query.device)
+        check_captured(tensors, query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
                      bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
         if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
             learnable = sorted(self.spec.learnable_slots)
             return empty_call(query, key, value, softmax=self.spec.normalizer == "softmax", return_lse=return_lse,
-                              sinks=sinks, others=(*(bias_factors or ()), *(self.tensors[s] for s in learnable)))
-        self.index_check(self.tensors, call_shape(query, key), query.device)
+                              sinks=sinks, others=(*(bias_factors or ()), *(tensors[s] for s in learnable)))
+        check_indices_of(self.index_check, tensors, call_shape(query, key), query.device, check_indices)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
             sigmoid_bias = -math.log(key.shape[2])
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         if self.deterministic:
-            from .runtime.launch import MAX_PRIVATE_PARTIALS, gl_exact, private_rows
-            for gl in self.spec.grad_loads:
-                if gl.scope in ("scatter", "col") and self.tensors[gl.slot].requires_grad:
-                    n, row = private_rows(gl, self.tensors[gl.slot].shape, query.shape[0], query.shape[1],
-                                          query.shape[2])
-                    if n * row > MAX_PRIVATE_PARTIALS:
-                        raise ValueError(
-                            f"deterministic=True: learnable tensor #{gl.slot} (shape {tuple(self.tensors[gl.slot].shape)}) "
-                            f"is shared by many (q, kv) pairs; its bitwise-repeatable gradient keeps {row} partial "
-                            f"sums for each of {n} query tiles ({n * row * 4 / 2**30:.1f} GiB, over the "
-                            f"{MAX_PRIVATE_PARTIALS * 4 / 2**30:.0f} GiB limit); index it by head first "
-                            "(table[h, ...]) to shrink each row, or use deterministic=False")
-                if gl.scope == "exact" and not gl_exact(gl, query.shape[0], query.shape[1]):
-                    raise NotImplementedError(
-                        f"deterministic=True: learnable tensor #{gl.slot} has no batch/head dimension but the "
-                        f"call has B={query.shape[0]}, Hq={query.shape[1]}, so its gradient would be summed with "
-                        "atomic adds; give it the batch/head dimensions (expand) or use deterministic=False")
+            check_deterministic(self.spec, tensors, query)
         r = self.runner(query, value.shape[-1])
         tables = None
         if self.spec.data_dependent:
-            shape = call_shape(query, key)
             if block_tables is not None:
+                shape = call_shape(query, key)
                 if block_tables.shape != shape:
                     raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
                 tables = block_tables
             else:
-                tables = r.new_tables(query, key, self.tensors)
+                tables = TABLES.get(r, query, key, tensors)
         got = AttentionFunction.apply(query, key, value, sinks, u, w, r, scale, tables,
-                                      float(sigmoid_bias or 0.0), *self.tensors)
+                                      float(sigmoid_bias or 0.0), *tensors)
         if self.spec.normalizer != "softmax":  # out alone (return_lse was refused above)
             return got
         return got if return_lse else got[0]
@@ -163,7 +186,7 @@ class CompiledAttention:
             raise ValueError(f"visit_counts of an empty call (query {tuple(query.shape)}, key {tuple(key.shape)}): "
                              "no kernel runs, nothing is visited")
         check_captured(self.tensors, query.device)
-        self.index_check(self.tensors, call_shape(query, key), query.device)
+        check_indices_of(self.index_check, self.tensors, call_shape(query, key), query.device)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         r = self.runner(query, value.shape[-1])
         tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
@@ -178,41 +201,236 @@ class CompiledAttention:
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
 
 
+def check_deterministic(spec, tensors, query) -> None:
+    """Refuse ``deterministic=True`` calls whose repeatable gradients cannot be kept (before launch)."""
+    from .runtime.launch import MAX_PRIVATE_PARTIALS, gl_exact, private_rows
+    for gl in spec.grad_loads:
+        if gl.scope in ("scatter", "col") and tensors[gl.slot].requires_grad:
+            n, row = private_rows(gl, tensors[gl.slot].shape, query.shape[0], query.shape[1], query.shape[2])
+            if n * row > MAX_PRIVATE_PARTIALS:
+                raise ValueError(
+                    f"deterministic=True: learnable tensor #{gl.slot} (shape {tuple(tensors[gl.slot].shape)}) "
+                    f"is shared by many (q, kv) pairs; its bitwise-repeatable gradient keeps {row} partial "
+                    f"sums for each of {n} query tiles ({n * row * 4 / 2**30:.1f} GiB, over the "
+                    f"{MAX_PRIVATE_PARTIALS * 4 / 2**30:.0f} GiB limit); index it by head first "
+                    "(table[h, ...]) to shrink each row, or use deterministic=False")
+        if gl.scope == "exact" and not gl_exact(gl, query.shape[0], query.shape[1]):
+            raise NotImplementedError(
+                f"deterministic=True: learnable tensor #{gl.slot} has no batch/head dimension but the "
+                f"call has B={query.shape[0]}, Hq={query.shape[1]}, so its gradient would be summed with "
+                "atomic adds; give it the batch/head dimensions (expand) or use deterministic=False")
+
+
+def op_call(meta: OpMeta, tensors, query, key, value, *, scale=None, return_lse=False, sigmoid_bias=None,
+            sinks=None, bias_factors=None, indices=None, blocks=None):
+    """The call as the ``attndsl::attention_fwd`` op (what torch.compile traces): validation in plain
+    Python on shapes and dtypes, then one op. Value checks of indices are not run here (no sync
+    in a graph); ``check_indices=True`` in eager mode runs them."""
+    check_inputs(query, key, value, scale)
+    check_captured(tensors, query.device)
+    check_extras(query, key, normalizer=meta.normalizer, return_lse=return_lse, sinks=sinks,
+                 bias_factors=bias_factors, sigmoid_bias=sigmoid_bias)
+    softmax = meta.normalizer == "softmax"
+    q_block = kv_block = 0
+    sel = None
+    if indices is not None and blocks is not None:
+        raise ValueError("pass either indices= (token selection) or blocks= (block selection), not both")
+    if indices is not None:
+        from .selectors.sparse import validate_indices
+        validate_indices(indices, query, key, False)
+        if indices.shape[0] != query.shape[0]:
+            indices = indices.expand(query.shape[0], -1, -1, -1)
+    elif blocks is not None:
+        from .selectors.blocks import BlockSelection
+        if not isinstance(blocks, BlockSelection):
+            raise TypeError(f"blocks must be an attndsl.selectors.BlockSelection, got {type(blocks).__name__}")
+        blocks.check(query, key)
+        sel, q_block, kv_block = blocks.indices, blocks.q_block, blocks.kv_block
+    if is_empty(query, key):
+        return empty_call(query, key, value, softmax=softmax, return_lse=return_lse, sinks=sinks,
+                          others=(*(bias_factors or ()), *(t for t in tensors if t.requires_grad)))
+    if not softmax and sigmoid_bias is None:
+        sigmoid_bias = -math.log(key.shape[2])
+    u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = torch.ops.attndsl.attention_fwd(query, key, value, list(tensors), sinks, u, w, indices, sel,
+                                               meta.key, scale, float(sigmoid_bias or 0.0), q_block, kv_block)
+    if not softmax:
+        return out
+    return (out, lse) if return_lse else out
+
+
 def compile(*, mask_mod=None, score_mod=None, normalizer="softmax", block_m=None, block_n=None,  # noqa: A001
             num_warps=None, num_stages=None, deterministic=False) -> CompiledAttention:
-    """Trace and analyse a pattern once; the result is called like :func:`attention`
-    (``normalizer`` is fixed here; ``sinks``, ``bias_factors`` and ``sigmoid_bias`` go to the call).
-    Tile sizes, warps and pipeline stages override the heuristics (mainly for tuning and tests)."""
+    """Trace and analyse a pattern once; the result is called like :func:`attention`.
+
+    Args:
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True: the pair attends), or None.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, or None.
+        normalizer: ``"softmax"`` or ``"sigmoid"`` (fixed here; ``sigmoid_bias`` goes to the call).
+        block_m, block_n, num_warps, num_stages: override the tile-size heuristics (tuning, tests).
+        deterministic: bitwise-repeatable gradients of learnable captured tensors.
+
+    Returns:
+        A :class:`CompiledAttention`, called as ``compiled(query, key, value, **kwargs)`` with the
+        keywords of :func:`attention` (``sinks``, ``bias_factors``, ``indices``, ``blocks``, ...).
+        Its captured tensors are held by reference: an in-place change is seen by later calls;
+        rebinding a Python name to another tensor needs a new ``compile`` (or use :func:`attention`,
+        which binds them per call).
+    """
     return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=block_m, block_n=block_n,
                              num_warps=num_warps, num_stages=num_stages, deterministic=deterministic)
 
 
-@torch.compiler.disable
-def attention(query, key, value, *, mask_mod=None, score_mod=None, scale=None, return_lse=False,
-              normalizer="softmax", sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None,
-              check_indices=None, deterministic=False):
-    """Fused attention with an optional mask and score modifier (FlexAttention conventions).
+def clear_cache() -> None:
+    """Forget the patterns :func:`attention` has traced, the block tables it keeps and the index
+    checks it remembers (the next call traces and builds again). Kernels stay loaded and the
+    on-disk source cache is untouched; patterns named by compiled ``torch.compile`` graphs stay
+    registered (``attndsl.runtime.op.REGISTRY``)."""
+    from .runtime import indexcheck
+    PATTERNS.clear()
+    TABLES.clear()
+    indexcheck.clear()
 
-    ``query [B, Hq, Lq, D]``, ``key [B, Hkv, Lkv, D]``, ``value [B, Hkv, Lkv, Dv]`` with ``Hq % Hkv == 0``
-    (``Dv`` may differ from ``D``, as in MLA). Returns the output ``[B, Hq, Lq, Dv]`` (and, with
-    ``return_lse``, the natural-log logsumexp ``[B, Hq, Lq]`` in float32). Rows whose every key is
-    masked give zeros and ``lse = -inf``; so does every row of an empty call (a size of 0), which
-    launches nothing. The pattern is traced on every call
-    (tracing is cheap; kernels are cached by the IR hash); use :func:`compile` in hot loops.
 
-    Further keywords: ``normalizer="sigmoid"`` computes ``Σ_j σ(s_ij + sigmoid_bias)·v_j``
-    (default bias ``-log(Lkv)``, no lse); ``sinks [Hq]`` are per-head logits that join the softmax
-    denominator (a fully masked row gives 0 and ``lse = sink``); ``bias_factors=(u, w)`` adds
-    ``u·wᵀ`` to the scaled score inside the kernel. Captured floating tensors read by ``score_mod``
-    that require grad receive gradients; ``deterministic=True`` makes those bitwise repeatable.
+def _options(normalizer, deterministic, kernel_options) -> tuple:
+    return (normalizer, bool(deterministic), _tile_options(kernel_options))
 
-    Index selectors (:mod:`attndsl.selectors`) restrict the keys before the mask:
-    ``indices [B, G, Lq, K]`` (int32, ``-1`` = unused) lists the keys each query visits, shared by
-    the query heads of group ``g`` (DeepSeek Sparse Attention); out-of-range entries raise unless
-    ``check_indices=False`` (then they are unused slots). ``blocks`` (a
-    :class:`~attndsl.selectors.BlockSelection`) lists key blocks per query block (MoBA, NSA).
+
+def _tile_options(kernel_options) -> tuple:
+    """(block_m, block_n, num_warps, num_stages) from FlexAttention's ``kernel_options``."""
+    if kernel_options is None:
+        return (None, None, None, None)
+    from .flex import tile_options
+    return tile_options(kernel_options)
+
+
+def _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options):
+    """``(compiled pattern, its captured tensors bound for this call)`` through the pattern cache."""
+    tiles = _tile_options(kernel_options)
+
+    def make():
+        return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=tiles[0], block_n=tiles[1],
+                                 num_warps=tiles[2], num_stages=tiles[3], deterministic=deterministic)
+    return PATTERNS.lookup(mask_mod, score_mod, (normalizer, bool(deterministic), tiles), make)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options):
+    """Run while dynamo traces (its result is a constant of the graph): the pattern's op metadata
+    and where each captured tensor sits (paths the traced code follows to bind them per call)."""
+    from .runtime.patterns import paths_of
+    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+    paths = paths_of(mask_mod, score_mod, tensors)
+    if paths is None:
+        raise RuntimeError(
+            "attndsl.attention under torch.compile: the pattern reads a tensor that is not held in a closure "
+            "cell, global or default of its functions; capture it there, or build the pattern outside the "
+            "compiled region with attndsl.compile")
+    return compiled.op_meta, paths
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, mask_mod=None, score_mod=None,
+              block_mask=None, scale: float | None = None, enable_gqa: bool | None = None, return_lse: bool = False,
+              return_aux=None, kernel_options: dict | None = None, normalizer: str = "softmax", sigmoid_bias=None,
+              sinks: torch.Tensor | None = None, bias_factors=None, indices: torch.Tensor | None = None, blocks=None,
+              check_indices: bool | None = None, deterministic: bool = False):
+    r"""Fused attention with an optional mask and score modifier (FlexAttention conventions).
+
+    .. math::
+        \text{out}_i = \sum_j \operatorname{softmax}_j\big(\text{score\_mod}(s_{ij}, b, h, i, j)\big)\, v_j,
+        \quad s_{ij} = \text{scale}\cdot q_i\cdot k_j, \quad j \text{ over keys where mask\_mod}(b, h, i, j)
+
+    Args:
+        query (Tensor): ``[B, Hq, Lq, D]``, float16, bfloat16 or float32.
+        key (Tensor): ``[B, Hkv, Lkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA).
+        value (Tensor): ``[B, Hkv, Lkv, Dv]`` (``Dv`` may differ from ``D``, as in MLA).
+        mask_mod (Callable | None): ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+        score_mod (Callable | None): ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+        block_mask (BlockMask | None): a FlexAttention ``BlockMask`` (from
+            ``torch.nn.attention.flex_attention.create_block_mask``) or :func:`attndsl.create_block_mask`'s
+            object: its ``mask_mod`` is used (nothing it materialised is read); its lengths must be the
+            call's. A BlockMask without a mask (``noop_mask``) means no mask. Not with ``mask_mod``.
+        scale (float | None): score scale; default ``1/sqrt(D)``.
+        enable_gqa (bool | None): ``None`` (default): heads may differ (``Hq % Hkv == 0``). ``False``:
+            refuse ``Hq != Hkv`` as FlexAttention does; ``True``: as None.
+        return_lse (bool): also return the natural-log logsumexp ``[B, Hq, Lq]`` (float32).
+        return_aux (AuxRequest | None): FlexAttention's ``AuxRequest(lse=True)``: return
+            ``(out, AuxOutput(lse=lse))``. ``max_scores`` is not computed (NotImplementedError).
+        kernel_options (dict | None): FlexAttention's kernel options; ``BLOCK_M``, ``BLOCK_N``,
+            ``num_warps`` and ``num_stages`` set our tiles; Flex's other documented options tune
+            Flex's own kernel and are ignored; an unknown key raises.
+        normalizer (str): ``"softmax"`` or ``"sigmoid"``: ``Σ_j σ(s_ij + sigmoid_bias)·v_j``
+            (default bias ``-log(Lkv)``, no lse).
+        sigmoid_bias (float | None): see ``normalizer``.
+        sinks (Tensor | None): ``[Hq]`` per-head logits that join the softmax denominator (a fully
+            masked row gives 0 and ``lse = sink``); they receive gradients.
+        bias_factors (tuple[Tensor, Tensor] | None): ``(u [B|1, Hq|1, Lq, R], w [B|1, Hq|Hkv|1, Lkv, R])``;
+            adds ``u·wᵀ`` to the scaled score inside the kernel.
+        indices (Tensor | None): ``[B, G, Lq, K]`` int32 (``-1`` = unused): the keys each query visits,
+            shared by the query heads of group ``g`` (DeepSeek Sparse Attention,
+            :mod:`attndsl.selectors`); out-of-range entries raise unless ``check_indices=False``.
+        blocks (BlockSelection | None): key blocks per query block (MoBA, NSA).
+        check_indices (bool | None): ``True``: check every index the pattern computes from captured
+            values on every call (a host sync); ``None`` (default): once per captured tensor version
+            (see below); ``False``: never (the kernels clamp: wrong values, no fault).
+        deterministic (bool): bitwise-repeatable gradients of learnable captured tensors.
+
+    Returns:
+        ``out [B, Hq, Lq, Dv]`` in the inputs' dtype; with ``return_lse`` the pair ``(out, lse)``;
+        with ``return_aux`` the pair ``(out, AuxOutput)``. Rows whose every key is masked give zeros
+        and ``lse = -inf``; so does every row of an empty call (a size of 0), which launches nothing.
+        Captured floating tensors read by ``score_mod`` that require grad receive gradients.
+
+    What is cached, and how to clear it (:func:`attndsl.clear_cache`):
+
+    * **Patterns**: the trace, analysis and kernels of a pattern are kept (LRU, 256 patterns) and
+      found again by the functions' code and the Python constants they read (closure cells, the
+      globals their code names, defaults; ints, floats, bools, strings, tuples/lists/dicts of
+      those, nested functions), with each captured tensor's dtype, rank and ``requires_grad``
+      (and shape, when the code reads a shape). A fresh closure from a factory
+      (``sliding_window(256)`` inside ``forward``) is found again. Captured tensors are bound per
+      call: a closure cell or global rebound to another tensor is read, an in-place change is
+      seen. A pattern holding something else (an arbitrary object) is traced on every call.
+    * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
+      by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
+      and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
+    * **Index checks** of indices computed from captured values (``table[ids[q_idx]]``): by default
+      once per captured tensor version (a host sync the first time only).
+
+    Under ``torch.compile`` the call is one ``torch.library`` op (``attndsl::attention_fwd``, with a fake
+    implementation and autograd), so ``fullgraph=True`` and ``dynamic=True`` work; the pattern is
+    resolved while dynamo traces (Python constants the pattern reads are taken as they are then:
+    changing a global constant later does not retrace); its captured tensors are graph inputs, bound
+    per call. A closure created *inside* the compiled function that holds a tensor cannot be
+    resolved there (dynamo cannot read its cells): build it outside, e.g. in ``__init__`` (an
+    in-place update of the tensor is seen), or with :func:`compile`, or capture the tensor through a
+    global.
     """
-    check_inputs(query, key, value, scale)
-    return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, deterministic=deterministic)(
-        query, key, value, scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
-        bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)
+    if block_mask is not None:
+        from .flex import mask_of_block_mask
+        if mask_mod is not None:
+            raise ValueError("pass either mask_mod= or block_mask= (whose mask_mod is used), not both")
+        mask_mod = mask_of_block_mask(block_mask, query, key)
+    if enable_gqa is False and query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1]:
+        raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={query.shape[1]} "
+                         f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA (attndsl.attention accepts "
+                         "GQA with enable_gqa=None, its default).")
+    if return_aux is not None:
+        from .flex import aux_output, check_aux
+        check_aux(return_aux, return_lse, normalizer)
+        return_lse = bool(return_aux.lse)
+    kw = dict(scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
+              bias_factors=bias_factors, indices=indices, blocks=blocks)
+    if torch.compiler.is_compiling():
+        # NOTE: a closure made inside the compiled function that holds a tensor cannot be resolved here
+        # (dynamo cannot read its cells: ClosureConversionError); build it outside or with attndsl.compile
+        meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+        from .runtime.patterns import follow
+        got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, **kw)
+    else:
+        compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options)
+        got = compiled._call(tensors, query, key, value, check_indices=check_indices, **kw)
+    if return_aux is not None:
+        return aux_output(got, return_aux)
+    return got

@@ -145,7 +145,8 @@ class IndexRangeCheck:
         self.dynamic = tuple(b for b, r in zip(self.bounds, reads) if r)
         self.decided: set = set()  # call shapes (with the captured tensors' shapes) already checked
 
-    def __call__(self, tensors, shape, device):
+    def __call__(self, tensors, shape, device, dynamic: bool = True):
+        """``dynamic=False``: the indices of index variables alone (no sync; see ``runtime/indexcheck.py``)."""
         if not self.bounds or 0 in shape:  # an empty call reads no captured tensor
             return
         key = (shape, tuple(tuple(t.shape) for t in tensors))
@@ -155,7 +156,7 @@ class IndexRangeCheck:
             if len(self.decided) >= _MAX_DECIDED:
                 self.decided.clear()
             self.decided.add(key)
-        if self.dynamic and default_check() and not compiling():
+        if dynamic and self.dynamic and default_check() and not compiling():
             extremes = _value_extremes(self.dynamic, tensors)
             for b in self.dynamic:
                 _check_bound(b, tensors, shape, device, extremes)
