@@ -1,4 +1,5 @@
-"""The decode call's float64 oracle: :func:`attndsl.reference.attention` on the logical cache.
+"""The decode call's float64 oracle: :func:`attndsl.reference.attention` (``sparse_attention`` for
+indices) on the logical cache.
 
 Each sequence's keys and values are gathered into a padded ``[B, Hkv, L, D]`` tensor (through the
 page table for a paged pool), the query rows are placed at their positions ``q_offsets[b] + i`` of a
@@ -54,29 +55,9 @@ def decode_reference(query, k_cache, v_cache, *, seq_lens, q_offsets=None, page_
     def in_cache(b, h, q_idx, kv_idx):
         return kv_idx < lens_t[b]
 
-    if indices is not None:
-        # the selected positions of each query row, as a mask over the padded grid
-        G = indices.shape[1]
-        sel = torch.zeros((B, G, L, L), dtype=torch.bool)
-        for b in range(B):
-            for g in range(G):
-                for i in range(Lq):
-                    ids = [int(j) for j in indices[b, g, i].tolist() if 0 <= int(j) < L]
-                    sel[b, g, offs_l[b] + i, ids] = True
-        qpg = Hq // G
-
-        def selected(b, h, q_idx, kv_idx):
-            return sel[b, h // qpg, q_idx, kv_idx]
-    else:
-        selected = None
-
     def full_mask(b, h, q_idx, kv_idx):
         m = in_cache(b, h, q_idx, kv_idx)
-        if base is not None:
-            m = m & base(b, h, q_idx, kv_idx)
-        if selected is not None:
-            m = m & selected(b, h, q_idx, kv_idx)
-        return m
+        return m & base(b, h, q_idx, kv_idx) if base is not None else m
 
     bf = None
     if bias_factors is not None:
@@ -88,8 +69,16 @@ def decode_reference(query, k_cache, v_cache, *, seq_lens, q_offsets=None, page_
             for b in range(B):
                 uf[b, :, offs_l[b]:offs_l[b] + Lq] = u[b]
         bf = (uf, w[:, :, :L])
-    out, lse = reference.attention(qf, k, v, mask_mod=full_mask, score_mod=score_mod, scale=scale,
-                                   normalizer=normalizer, sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bf)
+    kw = dict(mask_mod=full_mask, score_mod=score_mod, scale=scale, normalizer=normalizer, sigmoid_bias=sigmoid_bias,
+              sinks=sinks, bias_factors=bf)
+    if indices is None:
+        out, lse = reference.attention(qf, k, v, **kw)
+    else:  # each query row's selection at its position (a key listed twice counts twice)
+        full = torch.full((B, indices.shape[1], L, indices.shape[3]), -1, dtype=torch.int64, device=indices.device)
+        for b in range(B):
+            sel = indices[b].to(torch.int64)
+            full[b, :, offs_l[b]:offs_l[b] + Lq] = torch.where(sel < lens[b], sel, -1)
+        out, lse = reference.sparse_attention(qf, k, v, full, **kw)
     rows = torch.stack([torch.arange(o, o + Lq) for o in offs_l]).to(out.device)  # [B, Lq]
     out = torch.stack([out[b, :, rows[b]] for b in range(B)])
     if lse is not None:
