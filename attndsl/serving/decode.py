@@ -17,7 +17,7 @@ import triton
 from .. import codegen, ir
 from ..runtime import cache
 from ..runtime.config import block_d
-from ..runtime.launch import buffer_args, use_interpreter
+from ..runtime.launch import _new, buffer_args, use_interpreter
 from ..runtime.scope import launch_scope
 from ..spec import VisitBox
 
@@ -302,14 +302,15 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     if nsplit < 1:
         _fail(f"num_splits must be >= 1, got {num_splits}")
     direct = nsplit == 1
-    out = torch.empty((B, Hq, Lq, Dv), dtype=query.dtype, device=query.device)
+    # _new: NaN-filled under ATTNDSL_POISON, so an element no program writes fails the tests
+    out = _new((B, Hq, Lq, Dv), query)
     softmax = normalizer == "softmax"
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=query.device) if softmax else out
+    lse = _new((B, Hq, Lq), query, torch.float32) if softmax else out
     if direct:
         op = lp = out
     else:
-        op = torch.empty((B * Hq * Lq * nsplit * Dv,), dtype=torch.float32, device=query.device)
-        lp = torch.empty((B * Hq * Lq * nsplit,), dtype=torch.float32, device=query.device)
+        op = _new((B * Hq * Lq * nsplit * Dv,), query, torch.float32)
+        lp = _new((B * Hq * Lq * nsplit,), query, torch.float32)
     if paged:
         ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
         vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))

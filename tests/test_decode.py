@@ -1,0 +1,322 @@
+"""Decode kernels (attndsl.serving) against the float64 oracle, in Triton's CPU interpreter.
+
+Every case compares ``attndsl.serving.decode`` with ``decode_reference``: ``attndsl.reference`` on
+each sequence's logical cache (gathered through the page table) with the queries placed at their
+positions, so a pattern must mean what it means in training.
+"""
+import math
+
+import pytest
+import torch
+
+from attndsl.patterns import (alibi, alibi_slopes, causal, causal_bottom_right, chunked, document, prefix_lm,
+                              relative_position_bias, sliding_window, softcap, t5_bucket_bias)
+from attndsl.patterns.neighborhood import neighborhood_1d, neighborhood_2d
+from attndsl.patterns.sliding_tile import sliding_tile, sta_layout
+from attndsl.patterns.tree import tree_ancestors, tree_mask
+from attndsl.serving import PagedKVCache, decode
+from attndsl.serving.decode import visited_width
+from attndsl.serving.reference import decode_reference, logical_cache
+
+D = 16
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _paged(B, Hkv, lens, page_size, seed, max_seq_len=128, dv=D):
+    """A paged cache holding sequences of ``lens`` tokens (pages handed out interleaved, so a
+    sequence's pages are not contiguous in the pool)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(2 * B * (max_seq_len // page_size) + 1, page_size, Hkv, D, head_dim_v=dv, max_batch=B,
+                         max_seq_len=max_seq_len, dtype=torch.float32)
+    cache.k_pool.normal_(generator=g)  # never-written rows hold garbage the kernel must not read
+    cache.v_pool.normal_(generator=g)
+    done = [0] * B
+    while any(d < n for d, n in zip(done, lens)):
+        for s, n in enumerate(lens):
+            step = min(page_size, n - done[s])
+            if step > 0:
+                cache.prefill(s, torch.randn(Hkv, step, D, generator=g), torch.randn(Hkv, step, dv, generator=g))
+                done[s] += step
+    return cache
+
+
+def _check(q, k, v, *, atol=TOL["atol"], **kw):
+    out, lse = decode(q, k, v, return_lse=True, **kw)
+    kw.pop("num_splits", None)
+    kw.pop("kernel_options", None)
+    kw.pop("max_seq_len", None)
+    ro, rl = decode_reference(q, k, v, **kw)
+    torch.testing.assert_close(out.double(), ro, atol=atol, rtol=TOL["rtol"])
+    torch.testing.assert_close(lse.double(), rl, atol=atol, rtol=TOL["rtol"])
+    return out, lse
+
+
+def _contiguous(B, Hkv, L, seed, dv=D):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, dv, generator=g)
+
+
+def _patterns(L, Hq):
+    doc = torch.tensor([0] * 30 + [1] * 45 + [2] * (L - 75), dtype=torch.int32)
+    rel = torch.randn(Hq, 2 * 8 + 1)
+    t5 = torch.randn(Hq, 8)
+    _, nb1 = neighborhood_1d(L, 9, tile=16)
+    _, nb2 = neighborhood_2d(8, L // 8, 3, tile=(4, 4))
+    sta = sliding_tile(sta_layout((8, L // 8), (4, 4)), (1, 3))
+    return {
+        "none": dict(),
+        "causal": dict(mask_mod=causal),
+        "causal_bottom_right": dict(mask_mod=causal_bottom_right(L, L)),
+        "sliding_window": dict(mask_mod=sliding_window(24)),
+        "sliding_window_bidirectional": dict(mask_mod=sliding_window(10, causal=False)),
+        "chunked": dict(mask_mod=chunked(16)),
+        "prefix_lm": dict(mask_mod=prefix_lm(20)),
+        "document": dict(mask_mod=document(doc)),
+        "alibi": dict(mask_mod=causal, score_mod=alibi(alibi_slopes(Hq))),
+        "softcap": dict(mask_mod=causal, score_mod=softcap(5.0)),
+        "relative_bias": dict(score_mod=relative_position_bias(rel, 8)),
+        "t5": dict(mask_mod=causal, score_mod=t5_bucket_bias(t5, 8, 32)),
+        "neighborhood_1d": dict(mask_mod=nb1),
+        "neighborhood_2d": dict(mask_mod=nb2),
+        "sliding_tile": dict(mask_mod=sta),
+    }
+
+
+PATTERN_NAMES = list(_patterns(128, 4))
+
+
+@pytest.mark.parametrize("name", PATTERN_NAMES)
+@pytest.mark.parametrize("lq", [1, 4, 16])
+def test_patterns_paged(name, lq):
+    """Every shipped pattern through a paged cache (page 16 < BLOCK_N: per-row page lookups), ragged
+    lengths, GQA (4 query heads over 2 KV heads), one and three splits."""
+    B, Hq, Hkv, L = 2, 4, 2, 128
+    pat = _patterns(L, Hq)[name]
+    lens = [L, 70 + lq]
+    cache = _paged(B, Hkv, lens, 16, seed=lq)
+    q = torch.randn(B, Hq, lq, D)
+    for ns in (1, 3):
+        _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table, num_splits=ns,
+               **pat)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_paged_equals_contiguous(page_size):
+    """The same logical cache, paged (scalar page lookup per tile at page 32, per row at 16) and
+    contiguous, gives bit-identical results: same tiles, same arithmetic."""
+    B, Hq, Hkv, lq = 3, 8, 2, 2
+    lens = [37, 128, 96]
+    cache = _paged(B, Hkv, lens, page_size, seed=page_size)
+    k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
+    q = torch.randn(B, Hq, lq, D)
+    for pat in (dict(mask_mod=causal), dict(mask_mod=sliding_window(40), score_mod=softcap(4.0))):
+        for ns in (1, 2):
+            a = decode(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table,
+                       num_splits=ns, return_lse=True, **pat)
+            b = decode(q, k, v, seq_lens=cache.seq_lens, num_splits=ns, return_lse=True, **pat)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _check(q, k, v, seq_lens=cache.seq_lens, mask_mod=causal, num_splits=2)
+
+
+def test_offsets_chunked_prefill():
+    """Explicit q_offsets: a chunk of queries in the middle of a sequence whose cache already holds
+    later tokens (they must be masked by causality, not by the length)."""
+    B, Hq, Hkv, L, lq = 2, 4, 4, 96, 8
+    k, v = _contiguous(B, Hkv, L, 3)
+    q = torch.randn(B, Hq, lq, D)
+    lens = torch.tensor([96, 60])
+    offs = torch.tensor([40, 17])
+    for pat in (dict(mask_mod=causal), dict(mask_mod=sliding_window(16)), dict(mask_mod=chunked(32))):
+        _check(q, k, v, seq_lens=lens, q_offsets=offs, num_splits=2, **pat)
+
+
+def test_split_counts_agree():
+    B, Hq, Hkv, L, lq = 2, 8, 2, 128, 3
+    k, v = _contiguous(B, Hkv, L, 4)
+    q = torch.randn(B, Hq, lq, D)
+    lens = torch.tensor([128, 77])
+    outs = [decode(q, k, v, seq_lens=lens, mask_mod=causal, num_splits=n, return_lse=True) for n in (1, 2, 4, 7)]
+    for o, l in outs[1:]:
+        torch.testing.assert_close(o, outs[0][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l, outs[0][1], atol=1e-5, rtol=1e-5)
+    # more splits than visited tiles: the empty splits write dead partials the merge ignores
+    _check(q, k, v, seq_lens=lens, mask_mod=sliding_window(8), num_splits=6)
+
+
+@pytest.mark.parametrize("parents", [[-1, 0, 0, 1, 1, 2, 3, -1], [-1, 0, 1, 2]])
+def test_tree_mask(parents):
+    """Speculative decoding: drafts appended to the cache, their tree given as parents or a bool mask."""
+    B, Hq, Hkv = 2, 4, 2
+    n = len(parents)
+    par = torch.tensor(parents)
+    prefix = torch.tensor([50, 90])
+    cache = _paged(B, Hkv, [50 + n, 90 + n], 32, seed=n)
+    q = torch.randn(B, Hq, n, D)
+    _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table,
+           mask_mod=tree_mask(par, prefix), num_splits=2)
+    anc = tree_ancestors(par)
+    _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table,
+           mask_mod=tree_mask(anc, prefix))
+    # the mask itself: draft i sees the prefix and exactly its ancestors
+    m = tree_mask(par, prefix)
+    for i in range(n):
+        anc_i = {i}
+        j = i
+        while parents[j] >= 0:
+            j = parents[j]
+            anc_i.add(j)
+        seen = [int(j) for j in range(n) if bool(m(0, 0, torch.tensor(50 + i), torch.tensor(50 + j)))]
+        assert set(seen) == anc_i
+        assert bool(m(0, 0, torch.tensor(50 + i), torch.tensor(49)))
+
+
+def test_tree_64_drafts():
+    """A 64-draft tree (Lq = 64: several row blocks of BLOCK_M packed heads x tokens)."""
+    B, Hq, Hkv, n = 1, 2, 1, 64
+    g = torch.Generator().manual_seed(7)
+    par = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)])
+    k, v = _contiguous(B, Hkv, 128, 8)
+    q = torch.randn(B, Hq, n, D)
+    lens = torch.tensor([120])
+    _check(q, k, v, seq_lens=lens, mask_mod=tree_mask(par, lens - n), num_splits=2)
+
+
+def test_sinks_gqa_sigmoid():
+    B, Hq, Hkv, L, lq = 2, 8, 2, 64, 2
+    k, v = _contiguous(B, Hkv, L, 9)
+    q = torch.randn(B, Hq, lq, D)
+    lens = torch.tensor([64, 5])
+    sinks = torch.randn(Hq)
+    for ns in (1, 3):  # sinks in the kernel (one split) or in the merge
+        _check(q, k, v, seq_lens=lens, mask_mod=causal, sinks=sinks, num_splits=ns)
+    # a row with nothing to see: lse = the sink, output 0
+    out, lse = decode(q, k, v, seq_lens=lens, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 0, sinks=sinks,
+                      num_splits=2, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    torch.testing.assert_close(lse, sinks.view(1, Hq, 1).expand(B, Hq, lq))
+    for ns in (1, 2):
+        o = decode(q, k, v, seq_lens=lens, mask_mod=causal, normalizer="sigmoid", sigmoid_bias=-2.0, num_splits=ns)
+        ro, _ = decode_reference(q, k, v, seq_lens=lens, mask_mod=causal, normalizer="sigmoid", sigmoid_bias=-2.0)
+        torch.testing.assert_close(o.double(), ro, **TOL)
+    # default sigmoid bias: -log(seq_lens[b]) per sequence
+    o = decode(q, k, v, seq_lens=lens, normalizer="sigmoid", num_splits=2)
+    for b in range(B):
+        n = int(lens[b])
+        ro, _ = decode_reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], seq_lens=lens[b:b + 1],
+                                 normalizer="sigmoid", sigmoid_bias=-math.log(n))
+        torch.testing.assert_close(o[b:b + 1].double(), ro, **TOL)
+
+
+def test_bias_factors_and_value_dim():
+    B, Hq, Hkv, L, lq, R, dv = 2, 4, 2, 64, 3, 4, 32
+    k, v = _contiguous(B, Hkv, L, 10, dv=dv)
+    q = torch.randn(B, Hq, lq, D)
+    u, w = torch.randn(B, Hq, lq, R), torch.randn(1, Hkv, L, R)
+    lens = torch.tensor([64, 41])
+    _check(q, k, v, seq_lens=lens, mask_mod=causal, bias_factors=(u, w), num_splits=2)
+
+
+def test_learnable_alibi_read_in_forward():
+    """A captured slope that requires grad is read (under no_grad); with autograd on, a clear error."""
+    B, Hq, Hkv, L, lq = 2, 4, 2, 64, 2
+    k, v = _contiguous(B, Hkv, L, 11)
+    q = torch.randn(B, Hq, lq, D)
+    lens = torch.tensor([64, 30])
+    slopes = torch.nn.Parameter(alibi_slopes(Hq) * 3)
+    with torch.no_grad():
+        _check(q, k, v, seq_lens=lens, mask_mod=causal, score_mod=alibi(slopes), num_splits=2)
+    with pytest.raises(RuntimeError, match="attndsl.attention"):
+        decode(q, k, v, seq_lens=lens, mask_mod=causal, score_mod=alibi(slopes))
+    with pytest.raises(RuntimeError, match="query requires grad.*attndsl.attention"):
+        decode(q.requires_grad_(), k, v, seq_lens=lens)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_dsa_indices(paged):
+    """Token selector (DSA top-k decode): only the selected rows, through the page table when paged;
+    -1 slots, repeats and positions past the sequence's length are handled like the training path."""
+    B, Hq, Hkv, lq, K = 2, 8, 4, 3, 24
+    lens = [100, 57]
+    g = torch.Generator().manual_seed(12)
+    cache = _paged(B, Hkv, lens, 16, seed=12)
+    idx = torch.randint(-1, 110, (B, 2, lq, K), generator=g).int()
+    q = torch.randn(B, Hq, lq, D)
+    if paged:
+        kv = dict(k=cache.k_pool, v=cache.v_pool, page_table=cache.page_table)
+    else:
+        k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
+        kv = dict(k=k, v=v)
+    kk, vv = kv.pop("k"), kv.pop("v")
+    for pat in (dict(mask_mod=causal), dict(score_mod=softcap(3.0))):
+        for ns in (1, 2):
+            _check(q, kk, vv, seq_lens=cache.seq_lens, indices=idx, num_splits=ns, **kv, **pat)
+
+
+def test_visited_width_is_the_window():
+    """The host's split planning sees the window, not the cache (no device read)."""
+    from attndsl.api import _compiled
+    comp, tensors = _compiled(sliding_window(4096), None, "softmax", False, None)
+    assert visited_width(comp.spec, tensors, 32768, 1, 32) == 4096
+    comp, tensors = _compiled(causal, None, "softmax", False, None)
+    assert visited_width(comp.spec, tensors, 32768, 1, 32) == 32768
+    doc = torch.zeros(64, dtype=torch.int32)
+    comp, tensors = _compiled(document(doc), None, "softmax", False, None)
+    assert visited_width(comp.spec, tensors, 64, 1, 4) == 64
+
+
+def test_kernel_options_tiles():
+    """Other tiles (BLOCK_N 16 with page 32: one page lookup per tile) give the same answers."""
+    B, Hq, Hkv, lq = 2, 4, 2, 4
+    cache = _paged(B, Hkv, [128, 66], 32, seed=13)
+    q = torch.randn(B, Hq, lq, D)
+    _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table, mask_mod=causal,
+           kernel_options={"BLOCK_N": 16, "BLOCK_M": 16}, num_splits=3)
+
+
+def test_paged_cache_helpers():
+    Hkv = 2
+    cache = PagedKVCache(8, 16, Hkv, D, max_batch=2, max_seq_len=64, dtype=torch.float32)
+    k1, v1 = torch.randn(Hkv, 20, D), torch.randn(Hkv, 20, D)
+    cache.prefill(1, k1, v1)
+    assert cache.length(1) == 20 and cache.seq_lens.tolist() == [0, 20] and cache.free_pages == 6
+    k2, v2 = torch.randn(2, Hkv, 3, D), torch.randn(2, Hkv, 3, D)
+    cache.append(k2, v2)
+    assert cache.seq_lens.tolist() == [3, 23]
+    gk, gv = cache.gather(1)
+    assert torch.equal(gk, torch.cat([k1, k2[1]], 1)) and torch.equal(gv, torch.cat([v1, v2[1]], 1))
+    cache.reserve(0, 40)
+    cache.reserve(1, 40)
+    k3, v3 = torch.randn(2, Hkv, 1, D), torch.randn(2, Hkv, 1, D)
+    cache.append_step(k3, v3)
+    assert cache.seq_lens.tolist() == [4, 24] and cache.length(0) == 4
+    gk, _ = cache.gather(0)
+    assert torch.equal(gk, torch.cat([k2[0], k3[0]], 1))
+    cache.free(0)
+    assert cache.length(0) == 0 and cache.seq_lens.tolist() == [0, 24]
+    with pytest.raises(ValueError, match="exceed max_seq_len=64"):
+        cache.reserve(0, 65)
+    small = PagedKVCache(2, 16, Hkv, D, max_batch=2, max_seq_len=64, dtype=torch.float32)
+    small.reserve(0, 20)
+    with pytest.raises(RuntimeError, match="needs 1 more pages, 0 free"):
+        small.reserve(1, 5)
+    with pytest.raises(ValueError, match="power of two"):
+        PagedKVCache(4, 24, 1, D, max_batch=1, max_seq_len=32)
+
+
+def test_bad_inputs():
+    B, Hq, Hkv, L = 2, 4, 2, 32
+    k, v = _contiguous(B, Hkv, L, 14)
+    q = torch.randn(B, Hq, 1, D)
+    lens = torch.tensor([32, 20])
+    with pytest.raises(ValueError, match="seq_lens must be a \\[B=2\\]"):
+        decode(q, k, v, seq_lens=torch.tensor([3]))
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        decode(torch.randn(B, 3, 1, D), k, v, seq_lens=lens)
+    with pytest.raises(ValueError, match="page_table must be"):
+        decode(q, k, v, seq_lens=lens, page_table=torch.zeros(3, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="G=3 must divide"):
+        decode(q, k, v, seq_lens=lens, indices=torch.zeros(B, 3, 1, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="bias_factors w"):
+        decode(q, k, v, seq_lens=lens, bias_factors=(torch.randn(B, Hq, 1, 2), torch.randn(B, Hq, L, 2)))
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        decode(q, k, v, seq_lens=lens, kernel_options={"BLOCK_N": 24})
