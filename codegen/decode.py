@@ -163,23 +163,23 @@ def _prologue(w: Writer, gather: bool) -> None:
 def _rows(w: Writer, scalar_page: bool) -> None:
     """``k_rows``/``v_rows``: the element offsets of the tile's key rows ``offs_n`` (logical
     positions; ``n_ok`` the rows that exist). ``scalar_page``: the tile lies in one page."""
-    w.code("""
-        if PAGED:
-            in_page = (offs_n % PAGE_SIZE).to(tl.int64)
-    """)
-    if scalar_page:
-        w.code("""
-            if PAGED:
-                if BLOCK_N <= PAGE_SIZE:  # the whole tile lies in one page: one lookup
+    per_row = """
+        page = tl.load(pt_base + (offs_n // PAGE_SIZE).to(tl.int64) * stride_ptp, mask=n_ok, other=0).to(tl.int64)
+        in_page = (offs_n % PAGE_SIZE).to(tl.int64)
+    """
+    with w.block("if PAGED:"):
+        if scalar_page:
+            # the whole tile lies in one page: one lookup, and rows kv_lo % PAGE_SIZE + arange (contiguous:
+            # vectorised loads, where offs_n % PAGE_SIZE would hide the contiguity from Triton)
+            with w.block("if BLOCK_N <= PAGE_SIZE:"):
+                w.code("""
                     page = tl.load(pt_base + (kv_lo // PAGE_SIZE).to(tl.int64) * stride_ptp).to(tl.int64)
-                else:
-                    page = tl.load(pt_base + (offs_n // PAGE_SIZE).to(tl.int64) * stride_ptp, mask=n_ok, other=0).to(tl.int64)
-        """)
-    else:
-        w.code("""
-            if PAGED:
-                page = tl.load(pt_base + (offs_n // PAGE_SIZE).to(tl.int64) * stride_ptp, mask=n_ok, other=0).to(tl.int64)
-        """)
+                    in_page = (kv_lo % PAGE_SIZE + offs_n0).to(tl.int64)
+                """)
+            with w.block("else:"):
+                w.code(per_row)
+        else:
+            w.code(per_row)
     w.code("""
         if PAGED:
             k_rows = page * stride_kb + in_page * stride_kn
