@@ -288,7 +288,9 @@ def test_paged_cache_helpers():
     cache.reserve(1, 40)
     k3, v3 = torch.randn(2, Hkv, 1, D), torch.randn(2, Hkv, 1, D)
     cache.append_step(k3, v3)
-    assert cache.seq_lens.tolist() == [4, 24] and cache.length(0) == 4
+    assert cache.seq_lens.tolist() == [4, 24] and cache.length(0) == 3  # the host sees it after a sync
+    cache.sync_lengths()
+    assert cache.length(0) == 4
     gk, _ = cache.gather(0)
     assert torch.equal(gk, torch.cat([k2[0], k3[0]], 1))
     cache.free(0)

@@ -120,12 +120,10 @@ def test_cuda_graph_decode_step():
         step()
     torch.cuda.current_stream().wait_stream(s)
     cache.seq_lens -= 1
-    cache._lens = [n - 1 for n in cache._lens]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    # capture records the device ops without running them; only the host's copy of the lengths moved
-    cache._lens = [n - 1 for n in cache._lens]
+    # capture records the device ops without running them
     torch.cuda.synchronize()
     start = cache.seq_lens.clone()
     for t in range(steps):

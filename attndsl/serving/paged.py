@@ -12,7 +12,8 @@ Two ways to write new keys and values:
   on the host as needed (a small host-to-device copy of the touched page-table rows);
 * :meth:`PagedKVCache.append_step`: one token per sequence at position ``seq_lens[b]``, torch ops on
   device tensors only, so it can be captured in a CUDA graph with the decode call; the pages must
-  have been :meth:`reserve`\\ d.
+  have been reserved (:meth:`PagedKVCache.reserve`), and :meth:`PagedKVCache.sync_lengths` brings
+  the host's lengths up to date afterwards.
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ class PagedKVCache:
     def append_step(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """One token per sequence slot, ``k_new [max_batch, Hkv, 1, D]``, written at position
         ``seq_lens[b]`` and ``seq_lens += 1``: device ops only (capturable in a CUDA graph). The
-        pages must be reserved (:meth:`reserve`); the host lengths advance by one for every slot."""
+        pages must be reserved (:meth:`reserve`). The host's lengths do not move (a graph replay could
+        not move them): call :meth:`sync_lengths` before the next :meth:`append`."""
         B = self.seq_lens.shape[0]
         if k_new.shape[0] != B or k_new.shape[2] != 1:
             raise ValueError(f"append_step: k_new must be [max_batch={B}, Hkv, 1, D], got {tuple(k_new.shape)}")
@@ -141,7 +143,11 @@ class PagedKVCache:
         self.k_pool[page, row] = k_new[:, :, 0].to(self.k_pool.dtype)
         self.v_pool[page, row] = v_new[:, :, 0].to(self.v_pool.dtype)
         self.seq_lens += 1
-        self._lens = [n + 1 for n in self._lens]
+
+    def sync_lengths(self) -> None:
+        """Copy ``seq_lens`` to the host's lengths (a device read): after :meth:`append_step` calls
+        (eager or replayed from a graph, which the host does not see) and before :meth:`append`."""
+        self._lens = [int(n) for n in self.seq_lens.tolist()]
 
     # -- reads ----------------------------------------------------------------------------------
     def gather(self, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
