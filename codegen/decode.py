@@ -55,6 +55,7 @@ _SIG = """
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT: tl.constexpr, SIGMOID_DEFAULT: tl.constexpr,
+    QOFF_FROM_LEN: tl.constexpr,
     {consts}"""
 
 
@@ -105,8 +106,11 @@ def _prologue(w: Writer, gather: bool) -> None:
         hk = rest % HKV
         b = rest // HKV
         h0 = hk * GROUP
-        q_off = tl.load(QOFF + b)
         kv_len = tl.load(SEQ + b)
+        if QOFF_FROM_LEN:  # the default: the new tokens are the cache's last ones
+            q_off = kv_len - LQ
+        else:
+            q_off = tl.load(QOFF + b)
         kv_max = kv_len - 1
         offs_r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     """)

@@ -15,7 +15,7 @@ from attndsl.patterns.neighborhood import neighborhood_1d, neighborhood_2d
 from attndsl.patterns.sliding_tile import sliding_tile, sta_layout
 from attndsl.patterns.tree import tree_ancestors, tree_mask
 from attndsl.serving import PagedKVCache, decode
-from attndsl.serving.decode import visited_width
+from attndsl.serving.decoding import visited_width
 from attndsl.serving.reference import decode_reference, logical_cache
 
 D = 16
@@ -334,7 +334,7 @@ from attndsl.api import _compiled
 from attndsl.patterns import alibi, causal, document, sliding_window
 from attndsl.patterns.tree import tree_mask
 from attndsl.runtime import cache
-from attndsl.serving.decode import decode_spec
+from attndsl.serving.decoding import decode_spec
 
 doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
 prefix = torch.tensor([10, 20], dtype=torch.int64)

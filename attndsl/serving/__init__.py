@@ -4,7 +4,7 @@
 generated from the pattern (``codegen/decode.py``); ``PagedKVCache`` holds the page pools, the
 page table and the sequence lengths, and writes new keys and values into the pool.
 """
-from .decode import decode
+from .decoding import decode
 from .paged import PagedKVCache
 
 __all__ = ["decode", "PagedKVCache"]

@@ -163,6 +163,6 @@ class PagedKVCache:
 
     def decode(self, query: torch.Tensor, **kwargs):
         """:func:`attndsl.serving.decode` over this cache (``query [max_batch, Hq, Lq, D]``)."""
-        from .decode import decode
+        from .decoding import decode
         kwargs.setdefault("max_seq_len", self.max_pages * self.page_size)
         return decode(query, self.k_pool, self.v_pool, seq_lens=self.seq_lens, page_table=self.page_table, **kwargs)

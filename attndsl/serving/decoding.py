@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -91,13 +92,24 @@ def _width(outer, max_seq_len, q_len, num_heads) -> int:
     return max(hi - lo + 1, 0)
 
 
-def num_splits_for(programs: int, units: int, device: torch.device, interpret: bool, min_units: int = 2) -> int:
-    """Splits per (batch, KV head, row block): enough programs to fill the GPU about twice, each
-    with at least ``min_units`` key tiles (or index chunks) of the ``units`` visited."""
+def num_splits_for(programs: int, units: int, device: torch.device, interpret: bool, min_units: int = 2,
+                   per_sm: int = 2) -> int:
+    """Splits per (batch, KV head, row block), flash-decoding's wave heuristic: with ``per_sm``
+    programs resident per SM, the smallest split count whose last wave is within 85% of the best
+    wave efficiency (``waves / ceil(waves)``), each split keeping ``min_units`` key tiles (or index
+    chunks) of the ``units`` visited. A grid that already fills the GPU is not split."""
     if interpret or device.type != "cuda" or programs <= 0:
         return 1
-    want = triton.cdiv(2 * _sms(device.index if device.index is not None else torch.cuda.current_device()), programs)
-    return max(1, min(want, units // min_units if units >= min_units else 1))
+    slots = per_sm * _sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= 0.8 * slots:
+        return 1
+    most = max(1, min(128, slots, units // min_units))
+    eff = []
+    for s in range(1, most + 1):
+        waves = programs * s / slots
+        eff.append(waves / math.ceil(waves))
+    best = max(eff)
+    return next(s for s, e in enumerate(eff, 1) if e >= 0.85 * best)
 
 
 class DecodeRunner:
@@ -284,8 +296,6 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     if max_seq_len is None:
         max_seq_len = page_table.shape[1] * page_size if paged else k_cache.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    if q_offsets is None:
-        q_offsets = seq_lens - Lq
     group = Hq // Hkv
     gather = indices is not None
     rows = group if gather else group * Lq
@@ -322,14 +332,15 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     istr = indices.stride() if gather else (0, 0, 0, 0)
     qpg = Hq // indices.shape[1] if gather else 1
     extra, extra_consts = _extra_args(query, Hkv, sinks if direct else None, bias_factors, sigmoid_bias)
-    args = [query, k_cache, v_cache, pt, seq_lens, q_offsets, idx, out, lse, op, lp,
+    args = [query, k_cache, v_cache, pt, seq_lens, seq_lens if q_offsets is None else q_offsets, idx, out, lse, op, lp,
             *query.stride(), *ks, *vs, *out.stride(), *pts, *istr,
             Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb, scale, *extra, *buffer_args(tensors)]
     consts = dict(HEAD_D=D, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), HEAD_DV=Dv,
                   BLOCK_DV=block_d(Dv), PAGED=paged, PAGE_SIZE=max(page_size, 1),
                   UPCAST=interpret and query.dtype == torch.bfloat16,
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DIRECT=direct,
-                  SIGMOID_DEFAULT=not softmax and sigmoid_bias is None, HAS_SINKS=sinks is not None and direct,
+                  SIGMOID_DEFAULT=not softmax and sigmoid_bias is None,
+                  QOFF_FROM_LEN=q_offsets is None, HAS_SINKS=sinks is not None and direct,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra_consts)
     kernel = r.k_gather if gather else r.k_decode
     with launch_scope(query, interpret):
