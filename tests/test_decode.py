@@ -252,6 +252,24 @@ def test_dsa_indices(paged):
             _check(q, kk, vv, seq_lens=cache.seq_lens, indices=idx, num_splits=ns, **kv, **pat)
 
 
+def test_head_dependent_ranges():
+    """A visit range that follows the head (a per-row vector in the packed rows) is reduced over the
+    rows: a window per head, from arithmetic on ``h`` and from a captured table read at ``h``."""
+    B, Hq, Hkv, L, lq = 2, 8, 2, 128, 2
+    k, v = _contiguous(B, Hkv, L, 15)
+    q = torch.randn(B, Hq, lq, D)
+    lens = torch.tensor([128, 90])
+    widths = torch.tensor([4, 60, 9, 33, 100, 1, 17, 64])
+
+    def by_arith(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < 12 * (h + 1))
+
+    def by_table(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < widths[h])
+    for m in (by_arith, by_table):
+        _check(q, k, v, seq_lens=lens, mask_mod=m, num_splits=3)
+
+
 def test_visited_width_is_the_window():
     """The host's split planning sees the window, not the cache (no device read)."""
     from attndsl.api import _compiled
@@ -357,7 +375,8 @@ for label, mask, score, norm in cases:
         k = getattr(mod, names[kind])
         cx_all = dict(HEAD_D=128, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEAD_DV=128, BLOCK_DV=128, PAGED=bool(paged),
                       PAGE_SIZE=page, UPCAST=False, DOT_PRECISION="tf32", DIRECT=bool(direct), SIGMOID_DEFAULT=True,
-                      HAS_SINKS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_S=8, SOFTMAX=norm == "softmax")
+                      HAS_SINKS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_S=8, SOFTMAX=norm == "softmax",
+                      QOFF_FROM_LEN=not direct)
         sig, cx = {}, {}
         for name, p in zip(k.arg_names, k.params):
             if p.is_constexpr:
