@@ -193,6 +193,25 @@ def run(args):
             except Exception as e:  # noqa: BLE001
                 row["ours_graph_error"] = f"{type(e).__name__}: {e}"[:300]
 
+    def case_base(B, L, nbytes, **extra):
+        return dict(B=B, Hq=HQ, Hkv=HKV, Lq=1, Lkv=L, D=D, dtype=str(dtype).replace("torch.", ""),
+                    **{"pass": "fwd"}, bytes=nbytes, **extra)
+
+    def setup(B, L):
+        """A full cache of B sequences of L tokens (paged, page 128; and contiguous) and one query token each."""
+        st = Setup(B, L, 16 if cpu else 128, dev, dtype, gen)
+        qq = torch.randn(B, HQ, 1, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+        return st, qq, st.cache.seq_lens
+
+    def checked(row, fn, ref):
+        """Check ours against ``ref`` on the benchmark inputs, then time it; False (row emitted) on a mismatch."""
+        row["rel_err"] = round(_rel(fn(), ref), 5)
+        if row["rel_err"] > TOL:
+            emit(dict(row, failed="check"))
+            return False
+        time_ours(fn, row)
+        return True
+
     def flex_row(row, fn, ref_out=None):
         if flex is None:
             return
@@ -221,25 +240,19 @@ def run(args):
     # -- plain decode -------------------------------------------------------------------------
     for B, L in plan:
         nbytes = B * HKV * L * 2 * D * esize
-        base = dict(B=B, Hq=HQ, Hkv=HKV, Lq=1, Lkv=L, D=D, dtype=str(dtype).replace("torch.", ""), **{"pass": "fwd"},
-                    bytes=nbytes)
+        base = case_base(B, L, nbytes)
         if 4 * nbytes > MAX_BYTES or over_budget():
             emit(dict(base, case="plain", skipped="too large" if 4 * nbytes > MAX_BYTES else "budget"))
             continue
         try:
-            s = Setup(B, L, 16 if cpu else 128, dev, dtype, gen)
-            q = torch.randn(B, HQ, 1, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-            lens = s.cache.seq_lens
+            s, q, lens = setup(B, L)
             sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, s.k, s.v, enable_gqa=True)  # noqa: E731
             ref = sdpa()
             # contiguous
             row = dict(base, case="plain", layout="contiguous", api="decode")
             fn = lambda: decode(q, s.k, s.v, seq_lens=lens)  # noqa: E731
-            row["rel_err"] = round(_rel(fn(), ref), 5)
-            if row["rel_err"] > TOL:
-                emit(dict(row, failed="check"))
+            if not checked(row, fn, ref):
                 continue
-            time_ours(fn, row)
             row["sdpa_ms"] = round(_bench(sdpa), 4)
             if flex is not None:
                 lens_c = lens
@@ -259,11 +272,8 @@ def run(args):
                     sp.cache.v_pool[pt] = s.v.transpose(1, 2).reshape(B, -1, ps, HKV, D)
                 row = dict(base, case="plain", layout=f"paged{ps}", api="decode", page_size=ps)
                 fn = lambda: sp.cache.decode(q)  # noqa: E731
-                row["rel_err"] = round(_rel(fn(), ref), 5)
-                if row["rel_err"] > TOL:
-                    emit(dict(row, failed="check"))
+                if not checked(row, fn, ref):
                     continue
-                time_ours(fn, row)
                 if flex is not None and ps == s.page_size:
                     pa, fk, fv = s.flex_paged()
                     logical = create_block_mask(length_mask, B, None, 1, L, BLOCK_SIZE=ps, device=dev)
@@ -280,13 +290,10 @@ def run(args):
             torch.cuda.empty_cache()
     # -- a 4096 window over 32K ------------------------------------------------------------------
     B, L, W = (2, 256, 64) if cpu else (8, 32768, 4096)
-    base = dict(B=B, Hq=HQ, Hkv=HKV, Lq=1, Lkv=L, D=D, dtype=str(dtype).replace("torch.", ""), **{"pass": "fwd"},
-                window=W, bytes=B * HKV * W * 2 * D * esize)
+    base = case_base(B, L, B * HKV * W * 2 * D * esize, window=W)
     if not over_budget():
         try:
-            s = Setup(B, L, 16 if cpu else 128, dev, dtype, gen)
-            q = torch.randn(B, HQ, 1, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-            lens = s.cache.seq_lens
+            s, q, lens = setup(B, L)
             win = sliding_window(W)
             ref = torch.nn.functional.scaled_dot_product_attention(q, s.k[:, :, L - W:], s.v[:, :, L - W:],
                                                                    enable_gqa=True)
@@ -300,11 +307,8 @@ def run(args):
                     fn = lambda: decode(q, s.k, s.v, seq_lens=lens, mask_mod=win)  # noqa: E731
                 else:
                     fn = lambda: s.cache.decode(q, mask_mod=win)  # noqa: E731
-                row["rel_err"] = round(_rel(fn(), ref), 5)
-                if row["rel_err"] > TOL:
-                    emit(dict(row, failed="check"))
+                if not checked(row, fn, ref):
                     continue
-                time_ours(fn, row)
                 if flex is not None:
                     if layout == "contiguous":
                         bm = create_block_mask(window_flex, B, None, 1, L, device=dev)
@@ -321,13 +325,10 @@ def run(args):
             traceback.print_exc()
     # -- DSA top-2048 over 128K ------------------------------------------------------------------
     B, L, K = (2, 256, 32) if cpu else (8, 131072, 2048)
-    base = dict(B=B, Hq=HQ, Hkv=HKV, Lq=1, Lkv=L, D=D, dtype=str(dtype).replace("torch.", ""), **{"pass": "fwd"},
-                topk=K, bytes=B * HKV * K * 2 * D * esize)
+    base = case_base(B, L, B * HKV * K * 2 * D * esize, topk=K)
     if not over_budget():
         try:
-            s = Setup(B, L, 16 if cpu else 128, dev, dtype, gen)
-            q = torch.randn(B, HQ, 1, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-            lens = s.cache.seq_lens
+            s, q, lens = setup(B, L)
             idx = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(b))[:K].sort().values
                                for b in range(B)]).to(torch.int32).view(B, 1, 1, K).to(dev)
             sel = idx.view(B, 1, K, 1).expand(B, HKV, K, D).to(torch.int64)
@@ -339,11 +340,8 @@ def run(args):
                     fn = lambda: decode(q, s.k, s.v, seq_lens=lens, indices=idx)  # noqa: E731
                 else:
                     fn = lambda: s.cache.decode(q, indices=idx)  # noqa: E731
-                row["rel_err"] = round(_rel(fn(), ref), 5)
-                if row["rel_err"] > TOL:
-                    emit(dict(row, failed="check"))
+                if not checked(row, fn, ref):
                     continue
-                time_ours(fn, row)
                 # the aim: within 1.5x of reading the selected rows at the copy's read bandwidth
                 row["copy_floor_ms"] = round(base["bytes"] / (copy / 2) / 1e6, 4)
                 emit(row)
