@@ -18,6 +18,7 @@ import triton
 from .. import codegen, ir
 from ..runtime import cache
 from ..runtime.config import block_d
+from ..runtime.fastlaunch import launcher
 from ..runtime.launch import _new, buffer_args, use_interpreter
 from ..runtime.scope import launch_scope
 from ..spec import VisitBox
@@ -136,21 +137,82 @@ def runner_for(spec, interpret: bool) -> DecodeRunner:
     return r
 
 
-def _extra_args(q, hkv, sinks, bias_factors, sigmoid_bias) -> tuple[list, dict]:
+def _extra_args(q, hkv, sinks, bias_factors, sigmoid_bias) -> list:
     """Sinks, the low-rank factors and the sigmoid bias (``kernels.EXTRA_PARAMS``)."""
     hq = q.shape[1]
     if bias_factors is None:
-        bias, rank = [q, q, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1], 1
+        bias = [q, q, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
     else:
         u, w = bias_factors
         su = [0 if u.shape[0] == 1 else u.stride(0), 0 if u.shape[1] == 1 else u.stride(1), u.stride(2), u.stride(3)]
         sw = [0 if w.shape[0] == 1 else w.stride(0), 0 if w.shape[1] == 1 else w.stride(1), w.stride(2), w.stride(3)]
         w_group = hq // hkv if w.shape[1] == hkv else hq
-        rank = u.shape[3]
-        bias = [u, w, *su, *sw, w_group, rank]
-    args = [sinks if sinks is not None else q, *bias, float(sigmoid_bias or 0.0)]
-    consts = dict(HAS_BIAS=bias_factors is not None, BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
-    return args, consts
+        bias = [u, w, *su, *sw, w_group, u.shape[3]]
+    return [sinks if sinks is not None else q, *bias, float(sigmoid_bias or 0.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything of a decode launch fixed by the call's shapes and options (memoised per call key)."""
+
+    kernel: object
+    merge: object
+    grid: tuple
+    nsplit: int
+    shape_args: tuple           # HQ, HKV, GROUP, QPG, LQ, NSEL, NSPLIT, NROWB
+    consts: dict
+    warps: tuple                # (num_warps, num_stages)
+    merge_consts: dict
+    merge_warps: tuple
+
+
+_PLANS: dict = {}
+
+
+def _plan(spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, normalizer, sigmoid_bias,
+          q_offsets, max_seq_len, num_splits, kernel_options, interpret) -> Plan:
+    B, Hq, Lq, D = query.shape
+    r = runner_for(spec, interpret)
+    cfg = decode_config(D, interpret, kernel_options)
+    group = Hq // Hkv
+    gather = indices is not None
+    rows = group if gather else group * Lq
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
+    nrowb = triton.cdiv(rows, block_m)
+    programs = B * Hkv * nrowb * (Lq if gather else 1)
+    if gather:
+        nsel = indices.shape[3]
+        units = triton.cdiv(nsel, cfg.block_n)
+    else:
+        nsel = 0
+        units = triton.cdiv(visited_width(spec, tensors, max_seq_len, Lq, Hq), cfg.block_n)
+    nsplit = int(num_splits) if num_splits else num_splits_for(programs, units, query.device, interpret)
+    if nsplit < 1:
+        _fail(f"num_splits must be >= 1, got {num_splits}")
+    direct = nsplit == 1
+    softmax = normalizer == "softmax"
+    rank = bias_factors[0].shape[3] if bias_factors is not None else 1
+    consts = dict(HEAD_D=D, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), HEAD_DV=Dv,
+                  BLOCK_DV=block_d(Dv), PAGED=paged, PAGE_SIZE=max(page_size, 1),
+                  UPCAST=interpret and query.dtype == torch.bfloat16,
+                  DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DIRECT=direct,
+                  SIGMOID_DEFAULT=not softmax and sigmoid_bias is None, QOFF_FROM_LEN=q_offsets is None,
+                  HAS_SINKS=sinks is not None and direct, HAS_BIAS=bias_factors is not None,
+                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
+    merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=block_d(Dv), BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
+                        HAS_SINKS=sinks is not None, SOFTMAX=softmax)
+    qpg = Hq // indices.shape[1] if gather else 1
+    return Plan(r.k_gather if gather else r.k_decode, r.k_merge, (nsplit, programs), nsplit,
+                (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb), consts, (cfg.num_warps, cfg.num_stages),
+                merge_consts, (4 if Dv >= 128 else 2, 1))
+
+
+def _launch(kernel, grid, args, consts, warps, interpret) -> None:
+    """Through ``runtime.fastlaunch`` on a GPU (no per-call binding after the first launch)."""
+    if interpret:
+        kernel[grid](*args, **consts, num_warps=warps[0], num_stages=warps[1])
+    else:
+        launcher(kernel)(grid, args, consts, warps[0], warps[1])
 
 
 def _fail(msg: str):
@@ -289,29 +351,22 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                                                       sinks, bias_factors, indices, tensors)
     if return_lse and normalizer != "softmax":
         _fail("return_lse needs the softmax normalizer")
-    spec = compiled.spec
     interpret = use_interpreter(query)
-    r = runner_for(spec, interpret)
-    cfg = decode_config(D, interpret, kernel_options)
     if max_seq_len is None:
         max_seq_len = page_table.shape[1] * page_size if paged else k_cache.shape[2]
+    key = (compiled.spec.key, interpret, query.device.index, tuple(query.shape), query.dtype, Hkv, Dv, paged,
+           page_size, None if indices is None else tuple(indices.shape), sinks is not None,
+           None if bias_factors is None else bias_factors[0].shape[3], normalizer, sigmoid_bias is None,
+           q_offsets is None, max_seq_len, num_splits, tuple(sorted((kernel_options or {}).items())))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(compiled.spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks,
+                                   bias_factors, normalizer, sigmoid_bias, q_offsets, max_seq_len, num_splits,
+                                   kernel_options, interpret)
     scale = D ** -0.5 if scale is None else float(scale)
-    group = Hq // Hkv
-    gather = indices is not None
-    rows = group if gather else group * Lq
-    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
-    nrowb = triton.cdiv(rows, block_m)
-    programs = B * Hkv * nrowb * (Lq if gather else 1)
-    if gather:
-        nsel = indices.shape[3]
-        units = triton.cdiv(nsel, cfg.block_n)
-    else:
-        nsel = 0
-        units = triton.cdiv(visited_width(spec, tensors, max_seq_len, Lq, Hq), cfg.block_n)
-    nsplit = int(num_splits) if num_splits else num_splits_for(programs, units, query.device, interpret)
-    if nsplit < 1:
-        _fail(f"num_splits must be >= 1, got {num_splits}")
-    direct = nsplit == 1
+    nsplit, direct = plan.nsplit, plan.nsplit == 1
     # _new: NaN-filled under ATTNDSL_POISON, so an element no program writes fails the tests
     out = _new((B, Hq, Lq, Dv), query)
     softmax = normalizer == "softmax"
@@ -328,28 +383,18 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     else:
         ks, vs = k_cache.stride(), v_cache.stride()
         pt, pts = seq_lens, (0, 0)
+    gather = indices is not None
     idx = indices if gather else seq_lens
     istr = indices.stride() if gather else (0, 0, 0, 0)
-    qpg = Hq // indices.shape[1] if gather else 1
-    extra, extra_consts = _extra_args(query, Hkv, sinks if direct else None, bias_factors, sigmoid_bias)
+    extra = _extra_args(query, Hkv, sinks if direct else None, bias_factors, sigmoid_bias)
     args = [query, k_cache, v_cache, pt, seq_lens, seq_lens if q_offsets is None else q_offsets, idx, out, lse, op, lp,
-            *query.stride(), *ks, *vs, *out.stride(), *pts, *istr,
-            Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb, scale, *extra, *buffer_args(tensors)]
-    consts = dict(HEAD_D=D, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), HEAD_DV=Dv,
-                  BLOCK_DV=block_d(Dv), PAGED=paged, PAGE_SIZE=max(page_size, 1),
-                  UPCAST=interpret and query.dtype == torch.bfloat16,
-                  DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DIRECT=direct,
-                  SIGMOID_DEFAULT=not softmax and sigmoid_bias is None,
-                  QOFF_FROM_LEN=q_offsets is None, HAS_SINKS=sinks is not None and direct,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra_consts)
-    kernel = r.k_gather if gather else r.k_decode
+            *query.stride(), *ks, *vs, *out.stride(), *pts, *istr, *plan.shape_args, scale, *extra,
+            *buffer_args(tensors)]
     with launch_scope(query, interpret):
-        kernel[(nsplit, programs)](*args, **consts)
+        _launch(plan.kernel, plan.grid, args, plan.consts, plan.warps, interpret)
         if not direct:
-            r.k_merge[(B * Hq * Lq,)](op, lp, out, lse, sinks if sinks is not None else out, Hq, Lq, nsplit,
-                                      *out.stride(), HEAD_DV=Dv, BLOCK_DV=block_d(Dv),
-                                      BLOCK_S=max(2, triton.next_power_of_2(nsplit)), HAS_SINKS=sinks is not None,
-                                      SOFTMAX=softmax, num_warps=4 if Dv >= 128 else 2)
+            _launch(plan.merge, (B * Hq * Lq,), [op, lp, out, lse, sinks if sinks is not None else out, Hq, Lq,
+                                                 nsplit, *out.stride()], plan.merge_consts, plan.merge_warps, interpret)
     if return_lse:
         return out, lse
     return out
