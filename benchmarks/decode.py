@@ -1,6 +1,6 @@
 """Decoding benchmark: ``attndsl.serving.decode`` against SDPA and FlexAttention's decoding path.
 
-    python -m benchmarks.decode [--quick] [--json PATH] [--no-flex] [--budget-s 330]
+    python -m benchmarks.decode [--quick] [--sweep] [--json PATH] [--no-flex] [--budget-s 330]
     python -m benchmarks.decode --device cpu      # a dry run of every code path at tiny sizes
 
 Cases (bf16, 32 query heads over 8 KV heads, D=128, one new token unless said):
@@ -349,6 +349,40 @@ def run(args):
         except Exception as e:  # noqa: BLE001
             emit(dict(base, case="dsa2048", error=f"{type(e).__name__}: {e}"[:500]))
             traceback.print_exc()
+    # -- tile sweep of the headline case (--sweep) --------------------------------------------------
+    if args.sweep and not over_budget():
+        B, L = (2, 256) if cpu else (8, 32768)
+        try:
+            s, q, lens = setup(B, L)
+            ref = torch.nn.functional.scaled_dot_product_attention(q, s.k, s.v, enable_gqa=True)
+            combos = [dict(BLOCK_N=bn, num_warps=nw, num_stages=ns) for bn, nw, ns in
+                      ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2),
+                       (128, 8, 3))]
+            for ko in combos:
+                for splits in (None, "x2"):
+                    if over_budget():
+                        break
+                    ns_arg = None
+                    if splits == "x2":  # twice the heuristic's split count
+                        from attndsl.serving.decoding import num_splits_for
+                        ns_arg = 2 * num_splits_for(B * HKV, L // ko["BLOCK_N"], torch.device(dev), cpu)
+                    for layout in ("contiguous", "paged128"):
+                        row = dict(case_base(B, L, B * HKV * L * 2 * D * esize), case="sweep", layout=layout,
+                                   api="decode", kernel_options=ko, num_splits=ns_arg or "auto")
+                        if layout == "contiguous":
+                            fn = lambda: decode(q, s.k, s.v, seq_lens=lens, kernel_options=ko,  # noqa: E731
+                                                num_splits=ns_arg)
+                        else:
+                            fn = lambda: s.cache.decode(q, kernel_options=ko, num_splits=ns_arg)  # noqa: E731
+                        try:
+                            if checked(row, fn, ref):
+                                emit(row)
+                        except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
+                            emit(dict(row, error=f"{type(e).__name__}: {e}"[:300]))
+            del s
+        except Exception as e:  # noqa: BLE001
+            emit(dict(case="sweep", error=f"{type(e).__name__}: {e}"[:500]))
+            traceback.print_exc()
     print(f"wrote {len(rows)} rows to {out_path} in {time.time() - t_start:.0f} s")
     return rows
 
@@ -359,6 +393,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep", action="store_true", help="also time tile options of the B=8, 32K case")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this long")
     args = p.parse_args(argv)
     run(args)
