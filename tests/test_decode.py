@@ -415,3 +415,14 @@ def test_decode_kernels_compile_for_sm90(tmp_path):
     if r.returncode and "ptxas" in out.lower() and "not found" in out.lower():
         pytest.skip("no CUDA toolchain")
     assert r.returncode == 0 and "compiled" in r.stdout, out[-4000:]
+
+
+def test_serve_example_runs():
+    """examples/serve_decode.py (eager on a CPU) runs and agrees with the oracle."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "examples" / "serve_decode.py"), "--steps", "2"], cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
