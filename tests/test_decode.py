@@ -426,3 +426,22 @@ def test_serve_example_runs():
     r = subprocess.run([sys.executable, str(root / "examples" / "serve_decode.py"), "--steps", "2"], cwd=root,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+def test_empty_slot_and_bf16():
+    """A slot holding no tokens (seq_lens 0) gives zeros and lse -inf (every element written: outputs
+    are NaN-poisoned in the tests); bfloat16 inputs through the interpreter (dot operands upcast)."""
+    B, Hq, Hkv, L, lq = 2, 4, 2, 64, 1
+    k, v = _contiguous(B, Hkv, L, 16)
+    q = torch.randn(B, Hq, lq, D)
+    lens = torch.tensor([0, 50])
+    for ns in (1, 2):
+        out, lse = decode(q, k, v, seq_lens=lens, mask_mod=causal, num_splits=ns, return_lse=True)
+        assert torch.equal(out[0], torch.zeros_like(out[0])) and bool(torch.isneginf(lse[0]).all())
+        ro, rl = decode_reference(q[1:], k[1:], v[1:], seq_lens=lens[1:], mask_mod=causal)
+        torch.testing.assert_close(out[1:].double(), ro, **TOL)
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    lens = torch.tensor([64, 37])
+    out = decode(qb, kb, vb, seq_lens=lens, mask_mod=sliding_window(20), num_splits=2)
+    ro, _ = decode_reference(qb, kb, vb, seq_lens=lens, mask_mod=sliding_window(20))
+    torch.testing.assert_close(out.double(), ro, atol=2e-2, rtol=2e-2)
