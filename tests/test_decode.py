@@ -12,6 +12,7 @@ import torch
 from attndsl.patterns import (alibi, alibi_slopes, causal, causal_bottom_right, chunked, document, prefix_lm,
                               relative_position_bias, sliding_window, softcap, t5_bucket_bias)
 from attndsl.patterns.neighborhood import neighborhood_1d, neighborhood_2d
+from attndsl.patterns.radial import radial, radial_block, radial_via_tables
 from attndsl.patterns.sliding_tile import sliding_tile, sta_layout
 from attndsl.patterns.tree import tree_ancestors, tree_mask
 from attndsl.serving import PagedKVCache, decode
@@ -79,6 +80,9 @@ def _patterns(L, Hq):
         "neighborhood_1d": dict(mask_mod=nb1),
         "neighborhood_2d": dict(mask_mod=nb2),
         "sliding_tile": dict(mask_mod=sta),
+        "radial": dict(mask_mod=radial(4, L // 4, block=16, split_threshold=16)),
+        "radial_block": dict(mask_mod=radial_block(4, L // 4, block=16, split_threshold=16)),
+        "radial_tables": dict(mask_mod=radial_via_tables(4, L // 4, block=16, split_threshold=16)),
     }
 
 
