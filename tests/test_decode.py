@@ -256,6 +256,31 @@ def test_dsa_indices(paged):
             _check(q, kk, vv, seq_lens=cache.seq_lens, indices=idx, num_splits=ns, **kv, **pat)
 
 
+def _streaming(b, h, q_idx, kv_idx):  # StreamingLLM: 4 attention-sink tokens and a 32-token window
+    return (kv_idx < 4) | ((q_idx >= kv_idx) & (q_idx - kv_idx < 32))
+
+
+def _dilated(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & ((q_idx - kv_idx) % 64 < 16)
+
+
+@pytest.mark.parametrize("lq", [1, 4])
+def test_tile_classified_plans(lq):
+    """Masks whose closed-form hull holds empty tiles (sink tokens + window, a dilated band): the
+    kernel tests each tile (spec.tile_full / tile_nonempty), skips the empty ones and masks the
+    partial ones."""
+    from attndsl.api import _compiled
+    from codegen.decode import _plan
+    B, Hq, Hkv = 2, 4, 2
+    cache = _paged(B, Hkv, [128, 101], 16, seed=20 + lq)
+    q = torch.randn(B, Hq, lq, D)
+    for m in (_streaming, _dilated):
+        assert _plan(_compiled(m, None, "softmax", False, None)[0].spec)[1]  # the per-tile test is on
+        for ns in (1, 3):
+            _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table, mask_mod=m,
+                   num_splits=ns, kernel_options={"BLOCK_N": 16})
+
+
 def test_head_dependent_ranges():
     """A visit range that follows the head (a per-row vector in the packed rows) is reduced over the
     rows: a window per head, from arithmetic on ``h`` and from a captured table read at ``h``."""
@@ -367,7 +392,8 @@ done = []
 cases = [("causal", causal, None, "softmax"), ("window", sliding_window(4096), None, "softmax"),
          ("document", document(doc), None, "softmax"), ("alibi", causal, alibi(torch.rand(8)), "softmax"),
          ("tree", tree_mask(torch.tensor([-1, 0, 0, 1]), prefix), None, "softmax"),
-         ("sigmoid", causal, None, "sigmoid")]
+         ("sigmoid", causal, None, "sigmoid"),
+         ("streaming", lambda b, h, q, kv: (kv < 4) | ((q >= kv) & (q - kv < 32)), None, "softmax")]
 for label, mask, score, norm in cases:
     comp, tensors = _compiled(mask, score, norm, False, None)
     spec = decode_spec(comp.spec)
