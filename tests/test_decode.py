@@ -475,3 +475,30 @@ def test_empty_slot_and_bf16():
     out = decode(qb, kb, vb, seq_lens=lens, mask_mod=sliding_window(20), num_splits=2)
     ro, _ = decode_reference(qb, kb, vb, seq_lens=lens, mask_mod=sliding_window(20))
     torch.testing.assert_close(out.double(), ro, atol=2e-2, rtol=2e-2)
+
+
+def test_reads_only_the_visited_tiles():
+    """K/V rows the plan never visits are never read: NaN there (which would poison a loaded tile even
+    where masked, as 0 * NaN) leaves the output exact. A 24-token window at position 127 with 16-key
+    tiles visits tiles 6 and 7 only; a DSA selection reads only its rows."""
+    B, Hq, Hkv, L = 2, 4, 2, 128
+    k, v = _contiguous(B, Hkv, L, 17)
+    q = torch.randn(B, Hq, 1, D)
+    lens = torch.tensor([128, 128])
+    ro, _ = decode_reference(q, k, v, seq_lens=lens, mask_mod=sliding_window(24))
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, :96] = float("nan")
+    vp[:, :, :96] = float("nan")
+    for ns in (1, 2):
+        out = decode(q, kp, vp, seq_lens=lens, mask_mod=sliding_window(24), num_splits=ns,
+                     kernel_options={"BLOCK_N": 16})
+        torch.testing.assert_close(out.double(), ro, **TOL)
+    idx = torch.tensor([3, 50, 77, -1, 120, 50]).int().view(1, 1, 1, 6).expand(B, 1, 1, 6).contiguous()
+    ro, _ = decode_reference(q, k, v, seq_lens=lens, indices=idx)
+    keep = torch.zeros(L, dtype=torch.bool)
+    keep[[3, 50, 77, 120]] = True
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, ~keep] = float("nan")
+    vp[:, :, ~keep] = float("nan")
+    out = decode(q, kp, vp, seq_lens=lens, indices=idx, num_splits=2)
+    torch.testing.assert_close(out.double(), ro, **TOL)
