@@ -16,6 +16,7 @@ from . import reference
 from .api import CompiledAttention, attention, clear_cache, compile
 from .flex import PatternMask, create_block_mask, flex_attention
 from . import selectors  # index selectors: indices= (DSA), blocks= (MoBA, NSA), the lightning indexer
+from . import serving  # decoding with a (paged) KV cache: serving.decode, serving.PagedKVCache
 from .lowrank import BiasFactors, factorize_bias
 from .dsl import Mask, PatternError, ScoreMod, and_masks, chain, mask, not_mask, or_masks, score_mod
 from .dsl.intops import bit_length

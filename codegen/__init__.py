@@ -5,3 +5,4 @@ The runtime uses only these entries: ``render`` (the dense kernels of a spec), `
 that key the kernel cache, and ``kernel_names``."""
 from .module import CODEGEN_VERSION, kernel_names, render
 from .selector import SELECTOR_VERSION, render_gather, render_indexer
+from .decode import DECODE_VERSION, render_decode

@@ -16,6 +16,7 @@ from .prefix_lm import prefix_lm
 from .relative_bias import relative_position_bias, t5_bucket, t5_bucket_bias
 from .sliding_window import sliding_window
 from .softcap import softcap
+from .tree import tree_ancestors, tree_mask
 
 __all__ = [
     "alibi",
@@ -31,4 +32,6 @@ __all__ = [
     "softcap",
     "t5_bucket",
     "t5_bucket_bias",
+    "tree_ancestors",
+    "tree_mask",
 ]
