@@ -5,4 +5,11 @@ The runtime uses only these entries: ``render`` (the dense kernels of a spec), `
 that key the kernel cache, and ``kernel_names``."""
 from .module import CODEGEN_VERSION, kernel_names, render
 from .selector import SELECTOR_VERSION, render_gather, render_indexer
-from .decode import DECODE_VERSION, render_decode
+
+
+def __getattr__(name):
+    # the decode family (``render_decode``, ``DECODE_VERSION``) is loaded on first use by attndsl.serving
+    if name in ("DECODE_VERSION", "render_decode"):
+        from . import decode
+        return getattr(decode, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
