@@ -213,3 +213,18 @@ def test_overflow_prone_patterns_on_gpu(name):
     for dtype in (torch.float32, torch.bfloat16):
         qkv = random_qkv((2, 4, 2, 300, 280, 64), dtype=dtype, device="cuda")
         assert_matches_reference(*qkv, msg=name, **kw)
+
+
+def test_bitwise_and_erf_have_interval_rules():
+    """The tracer lowers integer ``& | ^`` (attn-gym's morton NATTEN mask) and ``erf``; the width pass
+    bounds them: non-negative operands of ``&`` stay under the smaller high, and ``|``/``^`` under
+    the next power of two; ``erf`` lies in [-1, 1]. (Found on the merged tree: the pass raised for them.)"""
+    from attndsl import ir
+    from attndsl.passes import int_width
+    q, kv = ir.var("q", ir.INT), ir.var("kv", ir.INT)
+    lo, hi = int_width.value_range(ir.node("bitand", q, ir.const(255, ir.INT)))
+    assert lo == 0 and hi == 255
+    lo, hi = int_width.value_range(ir.node("bitor", q, kv))
+    assert lo == 0 and hi >= 2**30 - 1
+    lo, hi = int_width.value_range(ir.node("bitxor", ir.node("sub", q, kv), ir.const(7, ir.INT)))
+    assert lo < 0 < hi

@@ -88,6 +88,18 @@ def _floor(x):
     return x if abs(x) == _INF else math.floor(x)
 
 
+
+def _bitwise(op: str, x: tuple, y: tuple) -> tuple:
+    """Bounds of ``x & y``, ``x | y``, ``x ^ y`` (two's complement, as torch's int64): with both
+    operands non-negative, ``&`` lies in [0, min(highs)] and ``|``/``^`` in [0, 2**k - 1] for k bits
+    of the larger high; otherwise any value of ``k + 1`` signed bits."""
+    if _INF in (abs(x[0]), abs(x[1]), abs(y[0]), abs(y[1])):
+        return (-_INF, _INF)
+    k = max(int(v).bit_length() for v in (*x, *y))
+    if x[0] >= 0 and y[0] >= 0:
+        return (0, min(x[1], y[1])) if op == "bitand" else (0, (1 << k) - 1)
+    return (-(1 << k), (1 << k) - 1)
+
 class IntWidths:
     """Intervals of IR nodes over every legal call, and which integer nodes need 64 bits.
 
@@ -159,6 +171,8 @@ class IntWidths:
             return (math.trunc(x[0]) if abs(x[0]) != _INF else x[0], math.trunc(x[1]) if abs(x[1]) != _INF else x[1])
         if op in ("exp", "exp2", "sqrt", "log", "log2", "tanh", "sigmoid"):
             return _monotone(op, x)
+        if op == "erf":
+            return (-1.0, 1.0)
         if op == "bit_length":
             m = max(abs(x[0]), abs(x[1]))
             return (0, int(m).bit_length() if m != _INF else 64)
@@ -190,6 +204,8 @@ class IntWidths:
                 return (-_INF, _INF) if op == "shl" else (min(x[0], 0), max(x[1], 0))
             f = (lambda p, s: p * (1 << s)) if op == "shl" else (lambda p, s: p // (1 << s) if abs(p) != _INF else p)
             return _corners(f, x, (int(y[0]), int(y[1])))
+        if op in ("bitand", "bitor", "bitxor"):
+            return _bitwise(op, x, y)
         raise NotImplementedError(f"no interval rule for IR op '{op}'")
 
     def _floordiv(self, n, x, y):
