@@ -43,6 +43,7 @@ from .writer import Writer, kernel_def
 #: Bump when the decode kernels change meaning; it is part of their cache key.
 DECODE_VERSION = 2
 
+
 def _env() -> dict:
     # stage 0: program scalars; 1: per row [BLOCK_M, 1] (head, query position); 2: per key tile
     return {"b": ("b", 0), "q_lo": ("q_lo", 0), "q_hi": ("q_hi", 0), "q_max": ("q_max", 0),
