@@ -36,27 +36,12 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from .expr import ExprEmitter
-from .kernels import EXTRA_CONSTS, EXTRA_PARAMS, _dot, buffer_params, plain_score_lines, score_unit
+from .attention import _dot, plain_score_lines, score_unit
 from .prelude import HEADER
-from .writer import Writer
+from .writer import Writer, kernel_def
 
 #: Bump when the decode kernels change meaning; it is part of their cache key.
-DECODE_VERSION = 1
-
-_SIG = """
-    Q, K, V, PT, SEQ, QOFF, IDX, Out, Lse, OP, LP,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_ptb, stride_ptp, stride_ib, stride_ig, stride_im, stride_ij,
-    HQ, HKV, GROUP, QPG, LQ, NSEL, NSPLIT, NROWB, sm_scale, {extra}
-    {buffers}
-    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT: tl.constexpr, SIGMOID_DEFAULT: tl.constexpr,
-    QOFF_FROM_LEN: tl.constexpr,
-    {consts}"""
+DECODE_VERSION = 2
 
 
 def _env() -> dict:
@@ -68,8 +53,9 @@ def _env() -> dict:
 
 def _scalar(em: ExprEmitter, x, stage: int, reduce: str) -> str:
     """A plan expression as one scalar per program: an expression of the per-row ``h`` is reduced
-    over the rows (``reduce``: "min" or "max"; padded rows repeat a real one)."""
-    code = em.emit(x, stage)
+    over the rows (``reduce``: "min" or "max"; padded rows repeat a real one). An integer one is a
+    plan bound: int32 (``emit_bound``), as the dense plan's, whatever the captured tensors' widths."""
+    code = em.emit(x, stage) if x.dtype == ir.BOOL else em.emit_bound(x, stage)
     if "h" in ir.free_vars(x):
         if x.dtype == ir.BOOL:
             return f"(tl.{reduce}(({code}).to(tl.int32)) > 0)"
@@ -258,11 +244,9 @@ def _epilogue(spec: KernelSpec, w: Writer) -> None:
 
 
 def _signature(w: Writer, spec: KernelSpec, name: str) -> None:
+    """The ``def`` of a decode or gather decode kernel: the spec's "decode" signature (``spec.lowering``)."""
     w.line("")
-    w.line("@triton.jit")
-    w.line(f"def {name}(")
-    w.emitted(_SIG.format(extra=EXTRA_PARAMS, buffers=buffer_params(spec), consts=EXTRA_CONSTS).strip("\n"))
-    w.line("):")
+    w.emitted(kernel_def(name, spec.lowering.signature("decode")))
 
 
 def decode_kernel(spec: KernelSpec) -> str:
@@ -298,7 +282,7 @@ def decode_kernel(spec: KernelSpec) -> str:
             per = (t_end - t_begin + NSPLIT - 1) // NSPLIT
             it_begin = tl.minimum(t_begin + split * per, t_end)
             it_end = tl.minimum(it_begin + per, t_end)
-            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
             offs_n0 = tl.arange(0, BLOCK_N)
         """)
         if softmax:  # HAS_SINKS only where this program writes the final output (DIRECT)
@@ -349,7 +333,7 @@ def gather_kernel(spec: KernelSpec) -> str:
             per = (n_chunks + NSPLIT - 1) // NSPLIT
             it_begin = tl.minimum(split * per, n_chunks)
             it_end = tl.minimum(it_begin + per, n_chunks)
-            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
             offs_j0 = tl.arange(0, BLOCK_N)
         """)
         if softmax:
@@ -377,15 +361,8 @@ def gather_kernel(spec: KernelSpec) -> str:
     return w.text()
 
 
-MERGE = '''
-@triton.jit
-def {name}_decode_merge(
-    OP, LP, Out, Lse, Sinks, HQ, LQ, NSPLIT,
-    stride_ob, stride_oh, stride_om, stride_od,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-):
-    """One (batch, head, token): the splits' partials merged by their logsumexp (sinks join once)."""
+#: the merge kernel's body (its ``def`` is the spec's "decode_merge" signature)
+MERGE = '''    """One (batch, head, token): the splits' partials merged by their logsumexp (sinks join once)."""
     row = tl.program_id(0).to(tl.int64)  # (b * HQ + h) * LQ + t
     t = row % LQ
     h = (row // LQ) % HQ
@@ -417,6 +394,11 @@ def {name}_decode_merge(
 '''
 
 
+def merge_kernel(spec: KernelSpec) -> str:
+    """``{name}_decode_merge``: the splits' partials merged (see the module doc)."""
+    return "\n" + kernel_def(f"{spec.name}_decode_merge", spec.lowering.signature("decode_merge")) + MERGE
+
+
 def kernel_names(spec: KernelSpec) -> dict[str, str]:
     n = spec.name
     return {"decode": f"{n}_decode", "gather": f"{n}_decode_gather", "merge": f"{n}_decode_merge"}
@@ -432,4 +414,4 @@ def render_decode(spec: KernelSpec) -> str:
     ir_text = listing(roots) if roots else "  (no modifiers)"
     head = HEADER.format(version=f"dec{DECODE_VERSION}", key=f"{spec.key} (decode kernels)",
                          ir=ir_text.replace('"""', "'''"))
-    return "\n".join([head, decode_kernel(spec), gather_kernel(spec), MERGE.format(name=spec.name)])
+    return "\n".join([head, decode_kernel(spec), gather_kernel(spec), merge_kernel(spec)])

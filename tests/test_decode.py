@@ -281,6 +281,24 @@ def test_tile_classified_plans(lq):
                    num_splits=ns, kernel_options={"BLOCK_N": 16})
 
 
+def test_rendered_defs_are_the_decode_signatures():
+    """The decode, gather decode and merge kernels' ``def`` are the spec's "decode" and
+    "decode_merge" signatures (spec.lowering), captured tensors' parameters included, in order."""
+    import ast
+    from attndsl import codegen
+    from attndsl.api import _compiled
+    from attndsl.serving.decoding import decode_spec
+    doc = torch.tensor([0] * 50 + [1] * 78)
+    for mask, score in ((causal, None), (document(doc), alibi(alibi_slopes(4)))):
+        spec = decode_spec(_compiled(mask, score, "softmax", False, None)[0].spec)
+        assert bool(spec.buffers) == (score is not None)  # the second case's include captured tensors
+        defs = {f.name: f for f in ast.parse(codegen.render_decode(spec)).body if isinstance(f, ast.FunctionDef)}
+        names = codegen.decode.kernel_names(spec)
+        for kind, key in (("decode", "decode"), ("gather", "decode"), ("merge", "decode_merge")):
+            got = [(a.arg, a.annotation is not None) for a in defs[names[kind]].args.args]
+            assert got == [(p.name, p.kind == "constexpr") for p in spec.lowering.signature(key)], kind
+
+
 def test_head_dependent_ranges():
     """A visit range that follows the head (a per-row vector in the packed rows) is reduced over the
     rows: a window per head, from arithmetic on ``h`` and from a captured table read at ``h``."""

@@ -189,7 +189,8 @@ def signatures(spec: KernelSpec) -> tuple:
     """((kernel, (Param, ...)), ...): every kernel's parameters in order, as codegen writes its
     ``def`` and the runtime fills its arguments. Kernels: the dense family ("fwd", "bwd_delta",
     "bwd_dkdv", "bwd_dq", and "table"/"table_t" for block tables), the gather family
-    ("gather_fwd", "gather_bwd") and the lightning indexer ("scores")."""
+    ("gather_fwd", "gather_bwd"), the lightning indexer ("scores") and the decode family ("decode"
+    for both the split-KV and the gather decode kernel, "decode_merge")."""
     bufs = _buffers(spec)
     table = _TABLE if spec.data_dependent else []
     n = len(spec.grad_loads)
@@ -227,6 +228,17 @@ def signatures(spec: KernelSpec) -> tuple:
                    + _ints("G", "HPG", "LQ", "LKV", "T0", "NT", "S0", "NS") + [Param("scale", "float")] + bufs
                    + _consts("HEAD_D", "BLOCK_T", "BLOCK_S", "BLOCK_D", "UPCAST", "DOT_PRECISION", "HAS_W")),
     }
+    # the decode family (codegen/decode.py): "decode" is the split-KV kernel's and the gather
+    # decode's (one signature, so the runtime fills both alike), "decode_merge" the partials' merge
+    sigs["decode"] = (_tensors("Q", "K", "V", "PT", "SEQ", "QOFF", "IDX", "Out", "Lse", "OP", "LP")
+                      + _qkv_strides("q", "k", "v", "o") + _ints(*_strides("ptb", "ptp", "ib", "ig", "im", "ij"))
+                      + _ints("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB") + [Param("sm_scale", "float")]
+                      + _EXTRAS + bufs
+                      + _consts("HEAD_D", "BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BLOCK_DV", "PAGED", "PAGE_SIZE",
+                                "UPCAST", "DOT_PRECISION", "DIRECT", "SIGMOID_DEFAULT", "QOFF_FROM_LEN")
+                      + _EXTRA_CONSTS)
+    sigs["decode_merge"] = (_tensors("OP", "LP", "Out", "Lse", "Sinks") + _ints("HQ", "LQ", "NSPLIT")
+                            + _qkv_strides("o") + _consts("HEAD_DV", "BLOCK_DV", "BLOCK_S", "HAS_SINKS", "SOFTMAX"))
     if spec.data_dependent:
         sigs["table"] = sigs["table_t"] = (_TABLE + _ints("TH", "LQ", "LKV") + bufs + _consts("BLOCK_R", "BLOCK_C"))
     return tuple((k, tuple(v)) for k, v in sigs.items())

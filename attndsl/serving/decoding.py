@@ -19,7 +19,7 @@ from .. import codegen, ir
 from ..runtime import cache
 from ..runtime.config import block_d
 from ..runtime.fastlaunch import launcher
-from ..runtime.launch import _new, buffer_args, use_interpreter
+from ..runtime.launch import _new, buffer_named, fill, use_interpreter
 from ..runtime.scope import launch_scope
 from ..spec import VisitBox
 
@@ -137,8 +137,9 @@ def runner_for(spec, interpret: bool) -> DecodeRunner:
     return r
 
 
-def _extra_args(q, hkv, sinks, bias_factors, sigmoid_bias) -> list:
-    """Sinks, the low-rank factors and the sigmoid bias (``kernels.EXTRA_PARAMS``)."""
+def _extra_args(q, hkv, sinks, bias_factors, sigmoid_bias) -> dict:
+    """Sinks, the low-rank factors and the sigmoid bias, by parameter name (the "decode" signature's
+    ``Sinks, U, W, stride_u*, stride_w*, W_GROUP, RANK, sigmoid_bias``)."""
     hq = q.shape[1]
     if bias_factors is None:
         bias = [q, q, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
@@ -148,7 +149,10 @@ def _extra_args(q, hkv, sinks, bias_factors, sigmoid_bias) -> list:
         sw = [0 if w.shape[0] == 1 else w.stride(0), 0 if w.shape[1] == 1 else w.stride(1), w.stride(2), w.stride(3)]
         w_group = hq // hkv if w.shape[1] == hkv else hq
         bias = [u, w, *su, *sw, w_group, u.shape[3]]
-    return [sinks if sinks is not None else q, *bias, float(sigmoid_bias or 0.0)]
+    names = ("U", "W", "stride_ub", "stride_uh", "stride_um", "stride_ur", "stride_wb", "stride_wh", "stride_wn",
+             "stride_wr", "W_GROUP", "RANK")
+    return dict(zip(names, bias, strict=True), Sinks=sinks if sinks is not None else q,
+                sigmoid_bias=float(sigmoid_bias or 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +163,9 @@ class Plan:
     merge: object
     grid: tuple
     nsplit: int
-    shape_args: tuple           # HQ, HKV, GROUP, QPG, LQ, NSEL, NSPLIT, NROWB
+    shape_args: tuple           # _SHAPE_ARGS
+    signatures: dict            # "decode"/"decode_merge" -> the kernel's parameters (spec.lowering)
+    order: dict                 # "decode"/"decode_merge" -> the names of its runtime parameters, in order
     consts: dict
     warps: tuple                # (num_warps, num_stages)
     merge_consts: dict
@@ -167,6 +173,20 @@ class Plan:
 
 
 _PLANS: dict = {}
+_SHAPE_ARGS = ("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB")
+
+
+def _strides(t: str, row: str, strides) -> dict:
+    """``stride_{t}b, stride_{t}h, stride_{t}{row}, stride_{t}d`` (the signatures' names)."""
+    return dict(zip((f"stride_{t}b", f"stride_{t}h", f"stride_{t}{row}", f"stride_{t}d"), strides, strict=True))
+
+
+def _fill(plan: Plan, kernel: str, named: dict, consts: dict, check: bool) -> list:
+    """The positional arguments of ``kernel`` from ``named``: checked against its signature
+    (``launch.fill``) on a plan's first call, taken in the plan's stored order after."""
+    if check:
+        return fill(kernel, plan.signatures[kernel], named, consts)
+    return [named[n] for n in plan.order[kernel]]
 
 
 def _plan(spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, normalizer, sigmoid_bias,
@@ -202,8 +222,10 @@ def _plan(spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks, bias_
     merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=block_d(Dv), BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
                         HAS_SINKS=sinks is not None, SOFTMAX=softmax)
     qpg = Hq // indices.shape[1] if gather else 1
+    sigs = {k: r.spec.lowering.signature(k) for k in ("decode", "decode_merge")}
+    order = {k: tuple(p.name for p in ps if p.kind != "constexpr") for k, ps in sigs.items()}
     return Plan(r.k_gather if gather else r.k_decode, r.k_merge, (nsplit, programs), nsplit,
-                (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb), consts, (cfg.num_warps, cfg.num_stages),
+                (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb), sigs, order, consts, (cfg.num_warps, cfg.num_stages),
                 merge_consts, (4 if Dv >= 128 else 2, 1))
 
 
@@ -359,7 +381,8 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
            None if bias_factors is None else bias_factors[0].shape[3], normalizer, sigmoid_bias is None,
            q_offsets is None, max_seq_len, num_splits, tuple(sorted((kernel_options or {}).items())))
     plan = _PLANS.get(key)
-    if plan is None:
+    fresh = plan is None  # a new plan's arguments are checked against the signatures (launch.fill)
+    if fresh:
         if len(_PLANS) > 1024:
             _PLANS.clear()
         plan = _PLANS[key] = _plan(compiled.spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks,
@@ -386,15 +409,22 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     gather = indices is not None
     idx = indices if gather else seq_lens
     istr = indices.stride() if gather else (0, 0, 0, 0)
-    extra = _extra_args(query, Hkv, sinks if direct else None, bias_factors, sigmoid_bias)
-    args = [query, k_cache, v_cache, pt, seq_lens, seq_lens if q_offsets is None else q_offsets, idx, out, lse, op, lp,
-            *query.stride(), *ks, *vs, *out.stride(), *pts, *istr, *plan.shape_args, scale, *extra,
-            *buffer_args(tensors)]
+    named = dict(Q=query, K=k_cache, V=v_cache, PT=pt, SEQ=seq_lens, QOFF=seq_lens if q_offsets is None else q_offsets,
+                 IDX=idx, Out=out, Lse=lse, OP=op, LP=lp, sm_scale=scale,
+                 **_strides("q", "m", query.stride()), **_strides("k", "n", ks), **_strides("v", "n", vs),
+                 **_strides("o", "m", out.stride()), stride_ptb=pts[0], stride_ptp=pts[1],
+                 **dict(zip(("stride_ib", "stride_ig", "stride_im", "stride_ij"), istr, strict=True)),
+                 **dict(zip(_SHAPE_ARGS, plan.shape_args, strict=True)),
+                 **_extra_args(query, Hkv, sinks if direct else None, bias_factors, sigmoid_bias),
+                 **buffer_named(tensors))
+    args = _fill(plan, "decode", named, plan.consts, fresh)
     with launch_scope(query, interpret):
         _launch(plan.kernel, plan.grid, args, plan.consts, plan.warps, interpret)
         if not direct:
-            _launch(plan.merge, (B * Hq * Lq,), [op, lp, out, lse, sinks if sinks is not None else out, Hq, Lq,
-                                                 nsplit, *out.stride()], plan.merge_consts, plan.merge_warps, interpret)
+            merge = dict(OP=op, LP=lp, Out=out, Lse=lse, Sinks=sinks if sinks is not None else out, HQ=Hq, LQ=Lq,
+                         NSPLIT=nsplit, **_strides("o", "m", out.stride()))
+            _launch(plan.merge, (B * Hq * Lq,), _fill(plan, "decode_merge", merge, plan.merge_consts, fresh),
+                    plan.merge_consts, plan.merge_warps, interpret)
     if return_lse:
         return out, lse
     return out
