@@ -4,6 +4,7 @@ scales, tile-uniform loads), the partial tile's mask, probabilities and ∂L/∂
 itself lives once as ``@triton.jit`` helpers in ``codegen/prelude.py``; these write the calls."""
 from __future__ import annotations
 
+from attndsl import ir
 from attndsl.spec import KernelSpec
 
 from . import runs as _runs
@@ -138,6 +139,17 @@ def plain_score_lines(spec: KernelSpec, ind: str, qk: str, bias: str) -> str:
             f"{ind}else:\n{ind}    s = {qk} * (sm_scale * {unit})\n")
 
 
+def scores_of(spec: KernelSpec, code: str, qk: str) -> str:
+    """``code`` (score_mod's value) times the normaliser's unit, as a whole [rows, keys] tile. A
+    score_mod that ignores the score and one of the indices (a constant, or a function of ``q`` or
+    ``kv`` alone) has a smaller shape: it is broadcast over ``qk``'s tile, or the softmax's row
+    reductions and the product with V would see a scalar or a row."""
+    fv = ir.free_vars(spec.score)
+    full = ir.SCORE in fv or {"q", "kv"} <= fv
+    unit = score_unit(spec.normalizer)
+    return f"{code} * {unit}" if full else f"{code} * {unit} + tl.zeros_like({qk})"
+
+
 def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mode="tested") -> str:
     """score = qk * scale (+ u·wᵀ); s = score_mod(score) in the normaliser's units (``score_unit``).
 
@@ -160,7 +172,7 @@ def _score_lines(spec, em, ind, stage, qk, bias, backward=False, inner="kv", mod
         if bias:
             tail += f"{ind}if HAS_BIAS:\n{ind}    s += {bias} * {unit}\n"
     else:
-        tail = f"{ind}s = {em.emit(spec.score, stage)} * {unit}\n"
+        tail = f"{ind}s = {scores_of(spec, em.emit(spec.score, stage), qk)}\n"
     if backward:
         tail += f"{ind}dmod = {em.emit(spec.dscore, stage)}\n"
         own = _runs.loads(spec, inner) if mode != "plain" else {}

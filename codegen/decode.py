@@ -36,7 +36,7 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from .expr import ExprEmitter
-from .attention import _dot, plain_score_lines, score_unit
+from .attention import _dot, plain_score_lines, score_unit, scores_of
 from .prelude import HEADER
 from .writer import Writer, kernel_def
 
@@ -202,7 +202,7 @@ def _score(spec: KernelSpec, em: ExprEmitter, w: Writer) -> None:
     with w.block("if HAS_BIAS:"):
         w.line(f"score += {bias}")
     w.emitted(em.take(2, w.ind))
-    w.line(f"s = {s} * {score_unit(spec.normalizer)}")
+    w.line(f"s = {scores_of(spec, s, 'qk')}")
 
 
 def _mask(spec: KernelSpec, em: ExprEmitter, w: Writer, keep: str) -> None:

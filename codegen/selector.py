@@ -34,7 +34,7 @@ from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
-from .attention import I1, I2, I3, SECOND_PART, _dot, plain_score_lines, score_unit
+from .attention import I1, I2, I3, SECOND_PART, _dot, plain_score_lines, score_unit, scores_of
 from .prelude import HEADER
 from .writer import Writer, kernel_def
 
@@ -178,7 +178,7 @@ def _score_and_mask(spec: KernelSpec, em: ExprEmitter, backward: bool, w: Writer
         with w.block("if HAS_BIAS:"):
             w.line(f"score += {bias}")
         w.emitted(em.take(2, w.ind))
-        w.line(f"s = {s} * {score_unit(spec.normalizer)}")
+        w.line(f"s = {scores_of(spec, s, 'qk')}")
         if backward:
             w.line(f"dmod = {ds}")
     else:

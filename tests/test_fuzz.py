@@ -54,17 +54,17 @@ def test_reference_agrees_with_flex_eager(mask, score):
     fuzz.check_flex(case, q, k, v)
 
 
-@pytest.mark.xfail(strict=True, reason="codegen: a score_mod that is a constant (ignores the score) fails in the "
-                                       "kernel ('axis 1 out of bounds for shape []'); found by the fuzzer")
 def test_constant_score_mod():
+    """Found by the fuzzer: a score_mod that ignores the score was a scalar in the kernel ('axis 1
+    out of bounds for shape []'); it is broadcast over the tile now (codegen.attention.scores_of)."""
     q, k, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 75, 16), torch.randn(1, 1, 75, 16)
     from attndsl.testing import assert_matches_reference
     assert_matches_reference(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: (q_idx * 0).float() - 1.5)
 
 
-@pytest.mark.xfail(strict=True, reason="codegen: a score_mod of q alone with bias_factors fails in the kernel "
-                                       "('input and other must have equal reduction dimensions'); found by the fuzzer")
 def test_query_only_score_mod_with_low_rank_bias():
+    """Found by the fuzzer: a score_mod of q alone was a [rows, 1] column in the kernel ('input and
+    other must have equal reduction dimensions'); it is broadcast over the tile now."""
     q, k, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 75, 16), torch.randn(1, 1, 75, 16)
     from attndsl.testing import assert_matches_reference
     u, w = torch.randn(1, 1, 1, 2), torch.randn(1, 1, 75, 2)
