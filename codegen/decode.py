@@ -32,12 +32,11 @@ are looked up per row. The mask and score modifier see logical positions.
 from __future__ import annotations
 
 from attndsl import ir
-from attndsl.ir import listing
 from attndsl.spec import KernelSpec, VisitBox, VisitRange
 
 from .expr import ExprEmitter
 from .attention import _dot, plain_score_lines, score_unit, scores_of
-from .prelude import HEADER
+from .prelude import module_header
 from .writer import Writer, kernel_def
 
 #: Bump when the decode kernels change meaning; it is part of their cache key.
@@ -406,12 +405,5 @@ def kernel_names(spec: KernelSpec) -> dict[str, str]:
 
 def render_decode(spec: KernelSpec) -> str:
     """The generated module of the decode kernels for ``spec`` (see :func:`kernel_names`)."""
-    roots = {}
-    if spec.mask is not None:
-        roots["mask"] = spec.mask
-    if spec.score is not None:
-        roots["score_mod"] = spec.score
-    ir_text = listing(roots) if roots else "  (no modifiers)"
-    head = HEADER.format(version=f"dec{DECODE_VERSION}", key=f"{spec.key} (decode kernels)",
-                         ir=ir_text.replace('"""', "'''"))
+    head = module_header(spec, f"dec{DECODE_VERSION}", f"{spec.key} (decode kernels)")
     return "\n".join([head, decode_kernel(spec), gather_kernel(spec), merge_kernel(spec)])

@@ -1,11 +1,10 @@
 """Assemble one generated module per KernelSpec: helpers plus every kernel the spec needs."""
 from __future__ import annotations
 
-from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from . import kernels, table as _table
-from .prelude import HEADER
+from .prelude import module_header
 
 #: Bump when generated code changes meaning; old cache entries are then ignored.
 CODEGEN_VERSION = 4
@@ -20,14 +19,8 @@ def kernel_names(spec: KernelSpec) -> dict[str, str]:
 
 
 def render(spec: KernelSpec) -> str:
-    roots = {}
-    if spec.mask is not None:
-        roots["mask"] = spec.mask
-    if spec.score is not None:
-        roots["score_mod"] = spec.score
-    ir_text = listing(roots) if roots else "  (dense, no modifiers)"
     table = spec.data_dependent
-    parts = [HEADER.format(version=CODEGEN_VERSION, key=spec.key, ir=ir_text.replace('"""', "'''")),
+    parts = [module_header(spec, CODEGEN_VERSION, spec.key, "  (dense, no modifiers)"),
              kernels.forward(spec, table), kernels.preprocess(spec), kernels.dkdv(spec, table), kernels.dq(spec, table)]
     if table:
         parts += [_table.block_table(spec, False), _table.block_table(spec, True)]

@@ -208,3 +208,16 @@ def _sigmoid_dscore(p, dp):
     absolute error stays ~1e-7, the hardware tanh's own."""
     return (p - p * p) * dp
 '''
+
+
+def module_header(spec, version, key: str, empty: str = "  (no modifiers)") -> str:
+    """``HEADER`` for one generated module of ``spec``: its codegen version, cache key and the
+    listing of the pattern's IR (mask and score_mod), shared by every kernel family's module."""
+    from attndsl.ir import listing
+    roots = {}
+    if spec.mask is not None:
+        roots["mask"] = spec.mask
+    if spec.score is not None:
+        roots["score_mod"] = spec.score
+    ir_text = listing(roots) if roots else empty
+    return HEADER.format(version=version, key=key, ir=ir_text.replace('"""', "'''"))

@@ -30,12 +30,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from attndsl import ir
-from attndsl.ir import listing
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter
 from .attention import I1, I2, I3, SECOND_PART, _dot, plain_score_lines, score_unit, scores_of
-from .prelude import HEADER
+from .prelude import module_header
 from .writer import Writer, kernel_def
 
 #: Bump when the selector kernels change meaning; it is part of their cache key.
@@ -43,14 +42,7 @@ SELECTOR_VERSION = 6
 
 
 def _finish(spec: KernelSpec, parts: list[str], what: str) -> str:
-    roots = {}
-    if spec.mask is not None:
-        roots["mask"] = spec.mask
-    if spec.score is not None:
-        roots["score_mod"] = spec.score
-    ir_text = listing(roots) if roots else "  (no modifiers)"
-    head = HEADER.format(version=f"sel{SELECTOR_VERSION}", key=f"{spec.key} ({what})",
-                         ir=ir_text.replace('"""', "'''"))
+    head = module_header(spec, f"sel{SELECTOR_VERSION}", f"{spec.key} ({what})")
     return "\n".join([head] + parts)
 
 
