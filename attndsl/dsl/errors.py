@@ -55,6 +55,7 @@ class PatternError(Exception):
     """A pattern uses a construct the DSL cannot compile (the message names file:line)."""
 
     def __init__(self, what: str, hint: str = "", site: str | None = None):
+        self.what, self.hint, self.located = what, hint, site is not None
         self.site = site or user_site()
         msg = f"{self.site}: {what}"
         if hint:

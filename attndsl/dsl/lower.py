@@ -427,8 +427,11 @@ def lower_graph(gm: torch.fx.GraphModule, inputs: list, buffers: Buffers):
         elif node.op == "call_function":
             try:
                 r = _lower_call(lo, node, val(node.args), val(node.kwargs))
-            except PatternError:
-                raise
+            except PatternError as e:
+                if e.located or lo.site is None:
+                    raise
+                # raised where the IR is built (e.g. an integer division by zero): the op's own line
+                raise PatternError(e.what, e.hint, site=lo.site) from None
             except TypeError as e:
                 lo.fail(f"'{_op_name(node.target)}' {e}")
             env[node] = _fix_dtype(lo, node, r)
