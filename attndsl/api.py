@@ -17,7 +17,7 @@ import math
 from typing import NamedTuple
 
 from .runtime import op
-from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, check_tiles, index_check_for
+from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, check_gpu_tiles, check_tiles, index_check_for
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
@@ -90,6 +90,8 @@ class CompiledAttention:
         key = (interpret, q.shape[-1], dv, q.device.index, q.element_size())
         r = self._runners.get(key)
         if r is None:
+            if not interpret:
+                check_gpu_tiles(*self._tiles[:2])
             module = cache.load(self.spec, interpret, float64=q.dtype == torch.float64)
             tiles = (self.spec.tiles or self._tiles[:2]) + self._tiles[2:]  # box plans fix the tile sizes
             cfg = choose(q.shape[-1], interpret, *tiles, element_size=q.element_size(), head_dim_v=dv)

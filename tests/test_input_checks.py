@@ -36,11 +36,24 @@ def refused(call, kind=ValueError):
     return str(ei.value)
 
 
-@pytest.mark.parametrize("kw,value", [("block_m", 48), ("block_n", 7), ("block_m", 8), ("block_n", 512),
+@pytest.mark.parametrize("kw,value", [("block_m", 48), ("block_n", 7), ("block_n", 512),
                                       ("block_m", 0), ("block_n", -16)])
 def test_tile_sizes_must_be_powers_of_two(no_launch, kw, value):
     msg = refused(lambda: attndsl.compile(mask_mod=causal, **{kw: value}))
     assert f"{kw}={value}" in msg and "power of two" in msg and "16" in msg and "256" in msg
+
+
+def test_tiles_under_16_run_only_in_the_interpreter():
+    """Powers of two under 16 are taken on the CPU (exact visit plans in tests) and refused for a GPU
+    launch before anything is built, naming the value."""
+    from attndsl.runtime.checks import check_gpu_tiles
+    attn = attndsl.compile(mask_mod=causal, block_m=8, block_n=4)
+    q = torch.randn(1, 1, 24, 16)
+    out = attn(q, q, q)
+    ref, _ = attndsl.reference.attention(q, q, q, mask_mod=causal)
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="block_m=8 runs only in the CPU interpreter"):
+        check_gpu_tiles(8, 16)
 
 
 def test_tile_size_type_and_warps(no_launch):

@@ -12,6 +12,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _DEVICES = ("cpu", "cuda")
 #: tile sizes a kernel takes: powers of two (``tl.arange`` needs them), at least 16 (``tl.dot``)
 TILE_SIZES = (16, 32, 64, 128, 256)
+#: smaller powers of two run in Triton's interpreter only (exact visit plans in tests); a GPU
+#: launch needs 16 or more (``check_gpu_tiles``)
+INTERPRETER_TILE_SIZES = (1, 2, 4, 8) + TILE_SIZES
 
 
 def check_inputs(query, key, value, scale=None, *, float64: bool = True):
@@ -68,6 +71,14 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be finite, got {scale}")
 
 
+def check_gpu_tiles(block_m=None, block_n=None) -> None:
+    """Tile sizes under 16 run only in the interpreter: refuse them for a GPU launch."""
+    for name, x in (("block_m", block_m), ("block_n", block_n)):
+        if x is not None and int(x) < 16:
+            raise ValueError(f"{name}={x} runs only in the CPU interpreter; GPU kernels take a power of two "
+                             f"from 16 to 256 ({', '.join(map(str, TILE_SIZES))})")
+
+
 def check_tiles(block_m=None, block_n=None, num_warps=None, num_stages=None) -> None:
     """The tuning overrides of ``attndsl.compile``, refused before any kernel is built: tile sizes
     are powers of two from 16 to 256, warps a power of two from 1 to 32, stages at least 1."""
@@ -76,9 +87,9 @@ def check_tiles(block_m=None, block_n=None, num_warps=None, num_stages=None) -> 
             continue
         if isinstance(x, bool) or not isinstance(x, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-        if int(x) not in TILE_SIZES:
+        if int(x) not in INTERPRETER_TILE_SIZES:
             raise ValueError(f"{name}={x} is not a tile size the kernels take: use a power of two from 16 to 256 "
-                             f"({', '.join(map(str, TILE_SIZES))})")
+                             f"({', '.join(map(str, TILE_SIZES))}; 1 to 8 run in the CPU interpreter only)")
     if num_warps is not None:
         if isinstance(num_warps, bool) or not isinstance(num_warps, numbers.Integral) \
                 or int(num_warps) not in (1, 2, 4, 8, 16, 32):
