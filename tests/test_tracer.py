@@ -647,3 +647,15 @@ def test_composition_argument_errors():
         attndsl.or_masks()
     with pytest.raises(ValueError):
         attndsl.chain()
+
+
+def test_indices_live_on_the_captured_tensors_device():
+    # VSA's mask (attn-gym) compares a row of a CUDA tensor with kv_tile.unsqueeze(-1): the traced
+    # indices must sit on the tensors' device (meta stands in for CUDA on a CPU-only machine)
+    topk = torch.zeros(2, 2, 4, 2, dtype=torch.int32, device="meta")
+
+    def vsa(b, h, q_idx, kv_idx):
+        return (topk[b, h, q_idx // 16] == (kv_idx // 16).unsqueeze(-1)).any(dim=-1)
+
+    t = trace(mask_mod=vsa)
+    assert str(t.mask) == "<bool ((buf0[b, h, (q // 16), 0] == (kv // 16)) | (buf0[b, h, (q // 16), 1] == (kv // 16)))>"

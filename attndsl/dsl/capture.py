@@ -173,6 +173,38 @@ def _active():
         _STATE.depth -= 1
 
 
+def _held_devices(fn, seen=None) -> set:
+    """The non-CPU devices of the tensors ``fn`` holds: in closure cells, defaults and the globals its
+    code names, through nested functions, composed patterns (``.fn``) and lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return set()
+    seen.add(id(fn))
+    if isinstance(fn, torch.Tensor):
+        return set() if fn.device.type == "cpu" else {fn.device}
+    if isinstance(fn, (list, tuple)):
+        return set().union(*(_held_devices(x, seen) for x in fn)) if fn else set()
+    if isinstance(fn, dict):
+        return _held_devices(list(fn.values()), seen)
+    if not callable(fn):
+        return set()
+    inner = getattr(fn, "fn", None)
+    if inner is not None and inner is not fn:
+        return _held_devices(inner, seen)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return set()
+    held = []
+    for c in fn.__closure__ or ():
+        try:
+            held.append(c.cell_contents)
+        except ValueError:  # a cell not yet assigned
+            pass
+    held += [fn.__globals__[n] for n in code.co_names if n in fn.__globals__]
+    held += list(fn.__defaults__ or ())
+    return _held_devices(held, seen)
+
+
 def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:
     """``make_fx`` graph of ``fn`` called on ``n_args`` 0-d fake tensors (a float32 score first when
     ``n_args == 5``, then int32 ``b, h, q_idx, kv_idx``). ``keep``: aten overload packets the
@@ -184,10 +216,14 @@ def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:
 
 def _capture(fn, n_args, keep):
     fake = FakeTensorMode(allow_non_fake_inputs=True)
+    # the indices live where the pattern's tensors do: ``t[b, h, q_tile] == kv_tile.unsqueeze(-1)``
+    # mixes them in ops torch refuses across devices (only 0-d CPU tensors may meet a CUDA one)
+    held = _held_devices(fn)
+    device = held.pop() if len(held) == 1 else "cpu"
     with fake:
-        args = [torch.zeros((), dtype=torch.int32) for _ in range(4)]
+        args = [torch.zeros((), dtype=torch.int32, device=device) for _ in range(4)]
         if n_args == 5:
-            args.insert(0, torch.zeros((), dtype=torch.float32))
+            args.insert(0, torch.zeros((), dtype=torch.float32, device=device))
     table = _core(keep)
 
     def call(*a):  # make_fx counts the function's parameters: keep defaults (bias=bias) out of it
