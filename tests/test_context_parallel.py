@@ -355,7 +355,7 @@ def _nccl_worker(rank, P, port, tmpdir, cases):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P", [1, 2, 4])  # P=1: the sharded path's kernels (global offsets) on one GPU
 def test_nccl_matches_single_process(P):
     if torch.cuda.device_count() < P:
         pytest.skip(f"needs {P} GPUs")
