@@ -1,0 +1,181 @@
+"""The Hopper (sm_90) forward: when it runs, its launch, and an offline compile check.
+
+The Gluon forward of ``codegen/hopper.py`` is chosen per call only where all of these hold, and
+the portable Triton kernels run everywhere else:
+
+* the pattern is one this target renders (:func:`attndsl.codegen.hopper.supports`, decided once
+  per spec and kept in :attr:`HopperForward.unsupported`);
+* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``.
+  Off by default until measurements say where it wins (``benchmarks/hopper.py``);
+* the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
+  value head dim both 64 or both 128, q/k/v contiguous in ``[B, H, L, D]`` order (the kernel reads
+  them through 2-D TMA views of ``[B*H*L, D]``), no sink logits, low-rank bias, block tables or
+  visit counts.
+
+The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
+key) are the portable forward's, so the portable backward runs after either forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from .. import codegen  # noqa: F401  (attndsl.codegen: the installed codegen package)
+from ..codegen import hopper as _gen
+
+__all__ = ["HopperForward", "enable", "enabled", "HopperConfig", "config_for", "compile_sm90"]
+
+_ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
+
+
+def enable(on: bool | None) -> None:
+    """Turn the Hopper forward on or off for this process (None: follow ``ATTNDSL_HOPPER``)."""
+    _ENABLED[0] = on
+
+
+def enabled() -> bool:
+    if _ENABLED[0] is not None:
+        return bool(_ENABLED[0])
+    return os.environ.get("ATTNDSL_HOPPER", "0") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperConfig:
+    """Tiles of the Hopper forward: ``block_m`` rows per consumer warp group, ``consumers`` groups
+    per program, ``block_n`` keys per K/V tile and ``stages`` buffers in the K/V ring."""
+
+    block_m: int = 64
+    block_n: int = 128
+    stages: int = 2
+    consumers: int = 2
+
+
+def config_for(head_dim: int) -> HopperConfig:
+    """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
+    (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 2 stages
+    takes 160 KiB of the H100's 227, D=64 with 4 stages 144 KiB."""
+    if head_dim == 128:
+        return HopperConfig(stages=2)
+    if head_dim == 64:
+        return HopperConfig(stages=4)
+    raise ValueError(f"the Hopper forward supports head dims 64 and 128, got {head_dim}")
+
+
+def _sm90(dev: torch.device) -> bool:
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(dev) == (9, 0)
+
+
+def hopper_spec(spec):
+    """``spec`` renamed for its Hopper module: kernel names and the module cache key differ from
+    the portable module's."""
+    return dataclasses.replace(spec, name=f"{spec.name}_sm90")
+
+
+class HopperForward:
+    """The Hopper forward of one spec. ``unsupported``: why this pattern runs on the portable
+    kernels only (None when the Hopper target renders it)."""
+
+    def __init__(self, spec):
+        self.spec = hopper_spec(spec)
+        self.unsupported = _gen.supports(spec)
+        self._kernel = None
+
+    def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
+        """Whether this call runs the Hopper forward (see the module docstring)."""
+        if self.unsupported is not None or not enabled():
+            return False
+        if tables is not None or count_visits:
+            return False
+        if extras is not None and (getattr(extras, "sinks", None) is not None or getattr(extras, "u", None) is not None):
+            return False
+        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+            return False
+        d = q.shape[-1]
+        if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
+            return False
+        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+            return False
+        if min(q.shape[2], k.shape[2]) < 1 or q.numel() >= 2**31 or k.numel() >= 2**31:
+            return False
+        if any(t.data_ptr() % 16 for t in (q, k, v)):
+            return False
+        return _sm90(q.device)
+
+    def kernel(self):
+        if self._kernel is None:
+            from . import cache
+            mod = cache.load(self.spec, interpret=False, render=_gen.render)
+            self._kernel = getattr(mod, _gen.kernel_name(self.spec))
+        return self._kernel
+
+    def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None):
+        """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`)."""
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        B, Hq, Lq, D = q.shape
+        Hkv, Lkv = k.shape[1], k.shape[2]
+        cfg = cfg or config_for(D)
+        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        q_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, D], el)
+        kv_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], el)
+        q_desc = TensorDescriptor.from_tensor(q.view(B * Hq * Lq, D), [cfg.block_m, D], q_layout)
+        k_desc = TensorDescriptor.from_tensor(k.view(B * Hkv * Lkv, D), [cfg.block_n, D], kv_layout)
+        v_desc = TensorDescriptor.from_tensor(v.view(B * Hkv * Lkv, D), [cfg.block_n, D], kv_layout)
+        out = torch.empty_like(q)
+        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+        rows = cfg.block_m * cfg.consumers
+        grid = ((Lq + rows - 1) // rows, B * Hq)
+        self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2),
+                            Hq, Hq // Hkv, Lq, Lkv, float(scale),
+                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
+                            CONSUMERS=cfg.consumers, num_warps=4)
+        return out, lse
+
+
+def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConfig | None = None):
+    """Compile ``spec``'s Hopper forward for sm_90 with no GPU present (Triton's NVIDIA backend and
+    its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``...).
+    Raises whatever the compiler raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from . import cache
+    cfg = cfg or config_for(head_dim)
+    hs = hopper_spec(spec)
+    mod = cache.load(hs, interpret=False, render=_gen.render)
+    fn = getattr(mod, _gen.kernel_name(hs))
+    el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    base = torch.empty(16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
+
+    def desc(rows):
+        return mangle_type(TensorDescriptor.from_tensor(
+            base, [rows, head_dim], gl.NVMMASharedLayout.get_default_for([rows, head_dim], el)))
+
+    sig = {}
+    for p in _gen.signature(hs):
+        if p.kind == "constexpr":
+            sig[p.name] = "constexpr"
+        elif p.name == "q_desc":
+            sig[p.name] = desc(cfg.block_m)
+        elif p.name in ("k_desc", "v_desc"):
+            sig[p.name] = desc(cfg.block_n)
+        elif p.name == "Out":
+            sig[p.name] = "*" + dtype
+        elif p.kind == "tensor":
+            sig[p.name] = "*fp32"
+        elif p.kind == "float":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
+                  CONSUMERS=cfg.consumers)
+    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4))
