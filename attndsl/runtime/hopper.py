@@ -25,7 +25,7 @@ import torch
 from .. import codegen  # noqa: F401  (attndsl.codegen: the installed codegen package)
 from ..codegen import hopper as _gen
 
-__all__ = ["HopperForward", "enable", "enabled", "HopperConfig", "config_for", "compile_sm90"]
+__all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90"]
 
 _ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
 
@@ -61,6 +61,28 @@ def config_for(head_dim: int) -> HopperConfig:
     if head_dim == 64:
         return HopperConfig(stages=4)
     raise ValueError(f"the Hopper forward supports head dims 64 and 128, got {head_dim}")
+
+
+#: Triton releases whose Gluon API the Hopper module is written for (3.6: ``tma.async_copy_global_to_shared``,
+#: ``gl.warp_specialize(functions_and_args, worker_num_warps, worker_num_regs)``; 3.9 renamed the TMA copies)
+GLUON_VERSIONS = ("3.6",)
+
+
+def gluon_available() -> bool:
+    """Whether this Triton has the Gluon API the Hopper module is written for (``GLUON_VERSIONS``).
+    Other versions run the portable kernels."""
+    if not _GLUON:
+        try:
+            import triton
+            from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+            ok = triton.__version__.startswith(GLUON_VERSIONS)
+        except Exception:  # no Gluon at all
+            ok = False
+        _GLUON.append(ok)
+    return _GLUON[0]
+
+
+_GLUON: list = []
 
 
 def _sm90(dev: torch.device) -> bool:
@@ -103,7 +125,7 @@ class HopperForward:
             return False
         if any(t.data_ptr() % 16 for t in (q, k, v)):
             return False
-        return _sm90(q.device)
+        return _sm90(q.device) and gluon_available()
 
     def kernel(self):
         if self._kernel is None:
