@@ -1,0 +1,174 @@
+"""The Hopper (sm_90, Gluon) forward on an H100: against the portable Triton forward and the
+float64 oracle, with hypothesis-drawn shapes (Lq != Lkv, lengths that are not multiples of the
+tiles, GQA), and forward+backward through the runtime with the Hopper forward selected (the
+portable backward reads its output and logsumexp).
+
+Skipped without a compute capability 9.0 device or without Triton 3.6's Gluon.
+Run: ``python -m pytest -q -m gpu tests/test_gpu_hopper.py``.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import attndsl
+import attndsl.reference
+from attndsl.runtime import hopper
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.gluon_available()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Triton 3.6's Gluon")]
+
+DEV = "cuda"
+# max |got - want| / max |want| (output) and absolute error of the logsumexp, as tests/test_gpu.py
+# (the logsumexp comes from float32 scores of the same inputs: only float32 rounding)
+TOL = {torch.bfloat16: dict(out=1e-2, lse=1e-3), torch.float16: dict(out=2e-3, lse=1e-3)}
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def sliding(b, h, q_idx, kv_idx):
+    d = q_idx - kv_idx
+    return (d >= 0) & (d < 257)
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch.tanh(score / 30.0)
+
+
+def alibi_like(score, b, h, q_idx, kv_idx):
+    # ALiBi's linear distance penalty with per-head slopes computed from h (no captured tensor)
+    return score + torch.exp2(-(h + 1.0)) * (kv_idx - q_idx)
+
+
+PATTERNS = {
+    "dense": (None, None),
+    "causal": (causal, None),
+    "sliding_window": (sliding, None),
+    "softcap": (None, softcap),
+    "alibi_like_causal": (causal, alibi_like),
+}
+_COMPILED: dict = {}
+
+
+def compiled(name):
+    if name not in _COMPILED:
+        mask, score = PATTERNS[name]
+        _COMPILED[name] = attndsl.compile(mask_mod=mask, score_mod=score)
+    return _COMPILED[name]
+
+
+def rel(got, want):
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
+
+
+def lse_err(got, want):
+    live = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), live), "rows with no key must give -inf, and only those"
+    return float((got[live].double() - want[live]).abs().max()) if live.any() else 0.0
+
+
+def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, device=DEV, dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, Lkv, D, device=DEV, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, Lkv, D, device=DEV, dtype=dtype, generator=g)
+    return q, k, v
+
+
+def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0):
+    comp = compiled(name)
+    mask, score = PATTERNS[name]
+    q, k, v = inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed)
+    scale = 1.0 / math.sqrt(D)
+    hf = hopper.HopperForward(comp.spec)
+    assert hf.unsupported is None, hf.unsupported
+    out, lse = hf.forward(q, k, v, scale)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    ref, ref_lse = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=mask, score_mod=score,
+                                               scale=scale)
+    hopper.enable(False)  # the portable forward, whatever ATTNDSL_HOPPER says
+    try:
+        tri, tri_lse = comp(q, k, v, scale=scale, return_lse=True)
+    finally:
+        hopper.enable(None)
+    ctx = f"{name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype}"
+    assert rel(out, ref) <= TOL[dtype]["out"], f"out vs float64: {rel(out, ref):.3g} ({ctx})"
+    assert lse_err(lse, ref_lse) <= TOL[dtype]["lse"], f"lse vs float64 ({ctx})"
+    # no worse than the portable forward, within rounding of the output dtype
+    assert rel(out, tri.float()) <= 2 * TOL[dtype]["out"], f"out vs Triton: {rel(out, tri.float()):.3g} ({ctx})"
+    assert lse_err(lse, tri_lse.double()) <= TOL[dtype]["lse"], f"lse vs Triton ({ctx})"
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("D", [64, 128])
+def test_fixed_shapes(name, D):
+    check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(B=st.integers(1, 2), group=st.sampled_from([1, 2]), Hkv=st.integers(1, 3), Lq=st.integers(1, 700),
+       Lkv=st.integers(1, 700), D=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_drawn_shapes(name, B, group, Hkv, Lq, Lkv, D, dtype, seed):
+    check(name, B, Hkv * group, Hkv, Lq, Lkv, D, dtype, seed)
+
+
+def test_selected_by_runtime_and_backward_runs():
+    """With the Hopper forward on, a call runs it (the runner says so) and forward+backward matches
+    the oracle: the portable backward reads the Hopper forward's output and logsumexp."""
+    comp = compiled("causal")
+    q, k, v = (t.requires_grad_() for t in inputs(1, 4, 2, 600, 600, 128, torch.bfloat16, 1))
+    hopper.enable(True)
+    try:
+        calls = []
+        orig = hopper.HopperForward.forward
+
+        def spy(self, *a, **kw):
+            calls.append(1)
+            return orig(self, *a, **kw)
+
+        hopper.HopperForward.forward = spy
+        try:
+            out = comp(q, k, v)
+        finally:
+            hopper.HopperForward.forward = orig
+        assert calls, "the runtime did not pick the Hopper forward on this sm_90 call"
+        dout = torch.randn_like(out)
+        out.backward(dout)
+    finally:
+        hopper.enable(None)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal)
+    ref.backward(dout.double())
+    assert rel(out.detach(), ref.detach()) <= 1e-2
+    for got, want, n in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv")):
+        assert rel(got, want) <= 2e-2, n
+
+
+def test_falls_back_where_unsupported():
+    """Non-contiguous inputs and head dims other than 64/128 run the portable forward, enabled or not."""
+    comp = compiled("causal")
+    hf = hopper.HopperForward(comp.spec)
+    hopper.enable(True)
+    try:
+        q, k, v = inputs(1, 2, 2, 256, 256, 128, torch.bfloat16, 2)
+        assert hf.applies(q, k, v)
+        assert not hf.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)
+        q96, k96, v96 = inputs(1, 2, 2, 256, 256, 96, torch.bfloat16, 2)
+        assert not hf.applies(q96, k96, v96)
+        assert not hf.applies(q.float(), k.float(), v.float())
+        out = comp(q96, k96, v96)  # runs (portable)
+        assert out.shape == q96.shape
+    finally:
+        hopper.enable(None)
