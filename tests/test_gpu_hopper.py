@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attndsl
 import attndsl.reference
+from attndsl.patterns import causal, sliding_window, softcap
 from attndsl.runtime import hopper
 
 
@@ -29,19 +30,6 @@ DEV = "cuda"
 TOL = {torch.bfloat16: dict(out=1e-2, lse=1e-3), torch.float16: dict(out=2e-3, lse=1e-3)}
 
 
-def causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def sliding(b, h, q_idx, kv_idx):
-    d = q_idx - kv_idx
-    return (d >= 0) & (d < 257)
-
-
-def softcap(score, b, h, q_idx, kv_idx):
-    return 30.0 * torch.tanh(score / 30.0)
-
-
 def alibi_like(score, b, h, q_idx, kv_idx):
     # ALiBi's linear distance penalty with per-head slopes computed from h (no captured tensor)
     return score + torch.exp2(-(h + 1.0)) * (kv_idx - q_idx)
@@ -50,8 +38,8 @@ def alibi_like(score, b, h, q_idx, kv_idx):
 PATTERNS = {
     "dense": (None, None),
     "causal": (causal, None),
-    "sliding_window": (sliding, None),
-    "softcap": (None, softcap),
+    "sliding_window": (sliding_window(257), None),
+    "softcap": (None, softcap(30.0)),
     "alibi_like_causal": (causal, alibi_like),
 }
 _COMPILED: dict = {}

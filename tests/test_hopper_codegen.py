@@ -7,20 +7,12 @@ import torch
 
 import attndsl
 from attndsl.codegen import hopper as gen
+from attndsl.patterns import causal, sliding_window, softcap
 from attndsl.runtime import hopper
 
 
-def causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def window(b, h, q_idx, kv_idx):
-    d = q_idx - kv_idx
-    return (d >= 0) & (d < 300)
-
-
-def softcap(score, b, h, q_idx, kv_idx):
-    return 20.0 * torch.tanh(score / 20.0)
+window = sliding_window(300)
+softcap = softcap(20.0)
 
 
 def distance_bias(score, b, h, q_idx, kv_idx):
