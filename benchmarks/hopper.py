@@ -120,6 +120,8 @@ def main(argv=None) -> int:
 
             # the Hopper forward itself (no runtime around it)
             checked("attndsl Hopper fwd (Gluon)", lambda: hf.forward(q, k, v, scale))
+            nopipe = hopper.HopperConfig(**{**vars(hopper.config_for(D)), "pipeline": False})
+            checked("attndsl Hopper fwd, no pipelining", lambda: hf.forward(q, k, v, scale, nopipe))
             # our portable forward through the runtime
             hopper.enable(False)
             try:
@@ -138,8 +140,11 @@ def main(argv=None) -> int:
                 for consumers in (1, 2):
                     for stages in (1, 2, 3):
                         for bn in (64, 128):
-                            cfg = hopper.HopperConfig(block_m=64, block_n=bn, stages=stages, consumers=consumers)
-                            checked(f"  Hopper c={consumers} s={stages} bn={bn}", lambda: hf.forward(q, k, v, scale, cfg))
+                            for pipe in (True, False):
+                                cfg = hopper.HopperConfig(block_m=64, block_n=bn, stages=stages, consumers=consumers,
+                                                          pipeline=pipe)
+                                checked(f"  Hopper c={consumers} s={stages} bn={bn} p={int(pipe)}",
+                                        lambda: hf.forward(q, k, v, scale, cfg))
             # forward+backward: Hopper forward + portable backward, and all portable
             qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
             dout = torch.randn_like(q)

@@ -105,7 +105,7 @@ def kernel_name(spec: KernelSpec) -> str:
 def signature(spec: KernelSpec) -> tuple:
     t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "Out", "Lse")]
     i = [Param(n, "int") for n in ("stride_ob", "stride_oh", "stride_om", "HQ", "GROUP", "LQ", "LKV")]
-    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS")]
+    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE")]
     return tuple(t + i + [Param("sm_scale", "float")] + c)
 
 
@@ -115,8 +115,43 @@ def _env(stage_of_q: int) -> dict:
             "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2), "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
 
 
+def _tile_step(w: Writer, head: list, score_body: str, score: list, mask_body: str, keep: str) -> None:
+    """One key tile's softmax step on ``qk`` (iteration ``it``): the scores (score_mod), the mask
+    on a partial tile, the running max and sum, the rescale factor ``alpha`` and ``p16`` (P in the
+    inputs' type, as the A operand of the P·V wgmma). Written once per place it runs (the
+    pipelined loop's first tile and its loop body); its names are per tile."""
+    w.code("""
+    is_partial = it >= n_full
+    tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
+    kv_lo = tile * BLOCK_N
+    kv_hi = kv_lo + BLOCK_N - 1
+    kv_idx = gl.expand_dims(kv_lo + offs_n0, 0)
+    """)
+    for ln in head:
+        w.line(ln)
+    w.emitted("".join(w.ind + ln + "\n" for ln in score_body.splitlines()))
+    for ln in score:
+        w.line(ln)
+    with w.block("if is_partial:"):
+        w.emitted("".join(w.ind + ln + "\n" for ln in mask_body.splitlines()))
+        w.line(f's = gl.where({keep}, s, float("-inf"))')
+    w.code("""
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    m_i = m_new
+    p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
+    """)
+
+
 def _consumer(spec: KernelSpec, w: Writer) -> None:
-    """One consumer warp group: the online softmax of ``BLOCK_M`` query rows over the K/V ring."""
+    """One consumer warp group: the online softmax of ``BLOCK_M`` query rows over the K/V ring.
+
+    ``PIPELINE`` (FlashAttention-3's intra-warpgroup overlap): the next tile's ``Q·Kᵀ`` and this
+    tile's ``P·V`` are issued together and the softmax of the next tile runs while ``P·V`` is in
+    flight; without it each tile waits for its ``Q·Kᵀ``, then its ``P·V``."""
     em = ExprEmitter(_env(1), 3, prefix="v")
     unit = score_unit(spec.normalizer)
     # the pattern's per-tile code, emitted first so that its hoisted parts can be written ahead of the loop
@@ -135,13 +170,15 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     if spec.mask is not None:
         m, mask_body = em.branch(2, "", lambda: em.emit(spec.mask, 2))
         keep = f"({m}) & (kv_idx < LKV)"
-    w.code(f'''
+    step = (head, score_body, score, mask_body, keep)
+    w.code(f"""
     @gluon.jit
     def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse,
                  stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale,
                  n_full, f_begin, t_begin, n_first, f_end, n_tiles,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
-        """Online softmax of query rows q0..q0+BLOCK_M over the visited key tiles (one warp group)."""
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                 PIPELINE: gl.constexpr):
+        \"\"\"Online softmax of query rows q0..q0+BLOCK_M over the visited key tiles (one warp group).\"\"\"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -154,54 +191,71 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
         offs_m = q0 + gl.arange(0, BLOCK_M, layout=row_layout)
         q_idx = gl.expand_dims(offs_m, 1)
         offs_n0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    ''')
+    """)
     with w.indented():
         w.emitted(em.take(0, w.ind))
         w.emitted(em.take(1, w.ind))
-        w.code('''
+        w.code("""
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
         acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
         qk0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        p16 = gl.zeros([BLOCK_M, BLOCK_N], k_smem.dtype, layout=p_layout)
         mbarrier.wait(q_bar, 0)
-        ''')
-        with w.block("for it in range(0, n_tiles):"):
-            w.code('''
-            tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
-            is_partial = it >= n_full
-            kv_lo = tile * BLOCK_N
-            kv_hi = kv_lo + BLOCK_N - 1
-            kv_idx = gl.expand_dims(kv_lo + offs_n0, 0)
-            slot = it % STAGES
-            phase = (it // STAGES) & 1
-            mbarrier.wait(k_ready.index(slot), phase)
-            qk = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
-            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            ''')
-            for ln in head:
-                w.line(ln)
-            w.emitted("".join(w.ind + ln + "\n" for ln in score_body.splitlines()))
-            for ln in score:
-                w.line(ln)
-            with w.block("if is_partial:"):
-                w.emitted("".join(w.ind + ln + "\n" for ln in mask_body.splitlines()))
-                w.line(f's = gl.where({keep}, s, float("-inf"))')
-            w.code('''
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(s - gl.expand_dims(m_use, 1))
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-            p16 = gl.convert_layout(p.to(k_smem.dtype), p_layout)
-            mbarrier.wait(v_ready.index(slot), phase)
-            acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(kv_empty.index(slot), count=1)
-            m_i = m_new
-            ''')
+        """)
+        with w.block("if PIPELINE:"):
+            with w.block("if n_tiles > 0:"):
+                w.code("""
+                it = 0
+                mbarrier.wait(k_ready.index(0), 0)
+                qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+                """)
+                _tile_step(w, *step)
+            with w.block("for it in range(1, n_tiles):"):
+                w.code("""
+                slot = it % STAGES
+                prev = (it - 1) % STAGES
+                mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+                qk = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+                # wgmma groups complete in order: at most one pending means Q·Kᵀ is done, P·V may not be
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+                """)
+                _tile_step(w, *step)
+                w.code("""
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(kv_empty.index(prev), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+                """)
+            with w.block("if n_tiles > 0:"):
+                w.code("""
+                last = (n_tiles - 1) % STAGES
+                mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(kv_empty.index(last), count=1)
+                """)
+        with w.block("else:"):
+            with w.block("for it in range(0, n_tiles):"):
+                w.code("""
+                slot = it % STAGES
+                phase = (it // STAGES) & 1
+                mbarrier.wait(k_ready.index(slot), phase)
+                qk = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+                """)
+                _tile_step(w, *step)
+                w.code("""
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+                mbarrier.wait(v_ready.index(slot), phase)
+                acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(kv_empty.index(slot), count=1)
+                """)
         # _softmax_finish's rule: a row with nothing visited gives 0 and -inf, never NaN
-        w.code('''
+        w.code("""
         dead = l_i == 0.0
         l_safe = gl.where(dead, 1.0, l_i)
         lse = gl.where(dead, float("-inf"), gl.where(m_i == float("inf"), m_i, (m_i + gl.log2(l_safe)) * LN2))
@@ -211,7 +265,7 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
         od = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
         o_ptrs = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + gl.expand_dims(om.to(gl.int64) * stride_om, 1) + gl.expand_dims(od, 0)
         gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(om < LQ, 1))
-        ''')
+        """)
 
 
 def _kernel(spec: KernelSpec, w: Writer) -> None:
@@ -266,7 +320,7 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, stride_ob, stride_oh, stride_om, "
                   "b, h, pid_bh")
         consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, "
-                    f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES))" for c in range(2)]
+                    f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE))" for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
                 f"q_row, kv_row, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
         # the default partition (this program's warps) is the first consumer group; the second

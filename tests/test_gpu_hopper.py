@@ -71,14 +71,14 @@ def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
     return q, k, v
 
 
-def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0):
+def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, cfg=None):
     comp = compiled(name)
     mask, score = PATTERNS[name]
     q, k, v = inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed)
     scale = 1.0 / math.sqrt(D)
     hf = hopper.HopperForward(comp.spec)
     assert hf.unsupported is None, hf.unsupported
-    out, lse = hf.forward(q, k, v, scale)
+    out, lse = hf.forward(q, k, v, scale, cfg)
     torch.cuda.synchronize()
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
@@ -89,7 +89,7 @@ def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0):
         tri, tri_lse = comp(q, k, v, scale=scale, return_lse=True)
     finally:
         hopper.enable(None)
-    ctx = f"{name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype}"
+    ctx = f"{cfg} {name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype}"
     assert rel(out, ref) <= TOL[dtype]["out"], f"out vs float64: {rel(out, ref):.3g} ({ctx})"
     assert lse_err(lse, ref_lse) <= TOL[dtype]["lse"], f"lse vs float64 ({ctx})"
     # no worse than the portable forward, within rounding of the output dtype
@@ -99,8 +99,17 @@ def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0):
 
 @pytest.mark.parametrize("name", list(PATTERNS))
 @pytest.mark.parametrize("D", [64, 128])
-def test_fixed_shapes(name, D):
-    check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16)
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_fixed_shapes(name, D, pipeline):
+    cfg = hopper.HopperConfig(**{**vars(hopper.config_for(D)), "pipeline": pipeline})
+    check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16, cfg=cfg)
+
+
+@pytest.mark.parametrize("consumers,stages,block_n", [(1, 2, 128), (2, 1, 128), (2, 3, 64), (1, 3, 64)])
+def test_other_tiles(consumers, stages, block_n):
+    """Ring depths, one consumer group, narrower key tiles (the benchmark's sweep), causal, D=128."""
+    cfg = hopper.HopperConfig(block_n=block_n, stages=stages, consumers=consumers)
+    check("causal", 1, 2, 1, 900, 1100, 128, torch.float16, cfg=cfg)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))

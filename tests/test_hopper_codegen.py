@@ -75,10 +75,11 @@ def _toolchain() -> bool:
 
 
 @pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
-@pytest.mark.parametrize("mask,score,d", [(None, None, 128), (causal, distance_bias, 64)])
-def test_compiles_for_sm90(mask, score, d):
-    spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
-    k = hopper.compile_sm90(spec, "bf16", d)
+def test_compiles_for_sm90():
+    """One kernel (mask and score_mod, the default tiles; about 6 s): the rest compile by hand
+    (``attndsl.runtime.hopper.compile_sm90``)."""
+    spec = attndsl.compile(mask_mod=causal, score_mod=distance_bias).spec
+    k = hopper.compile_sm90(spec, "bf16", 128)
     ptx = k.asm["ptx"]
     for what in ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor", "mbarrier.try_wait"):
         assert what in ptx, what

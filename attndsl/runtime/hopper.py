@@ -44,12 +44,15 @@ def enabled() -> bool:
 @dataclasses.dataclass(frozen=True)
 class HopperConfig:
     """Tiles of the Hopper forward: ``block_m`` rows per consumer warp group, ``consumers`` groups
-    per program, ``block_n`` keys per K/V tile and ``stages`` buffers in the K/V ring."""
+    per program, ``block_n`` keys per K/V tile, ``stages`` buffers in the K/V ring; ``pipeline``:
+    each group overlaps a tile's softmax with the previous tile's P·V (FlashAttention-3's
+    intra-warpgroup pipelining)."""
 
     block_m: int = 64
     block_n: int = 128
     stages: int = 2
     consumers: int = 2
+    pipeline: bool = True
 
 
 def config_for(head_dim: int) -> HopperConfig:
@@ -154,7 +157,7 @@ class HopperForward:
         self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2),
                             Hq, Hq // Hkv, Lq, Lkv, float(scale),
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
-                            CONSUMERS=cfg.consumers, num_warps=4)
+                            CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, num_warps=4)
         return out, lse
 
 
@@ -198,6 +201,6 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
         else:
             sig[p.name] = "i32"
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
-                  CONSUMERS=cfg.consumers)
+                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline)
     return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))
