@@ -87,8 +87,6 @@ def supports(spec: KernelSpec) -> str | None:
         return "learnable tensors"
     if not isinstance(spec.fwd_range, VisitRange):
         return "layout (box) visit plan"
-    if spec.fwd_range.tile_check and spec.tile_full is not None:
-        return "per-tile classification of the visit range"
     if spec.lowering.fwd_runs:
         return "constant-run loops"
     for root in (spec.mask, spec.score):
@@ -115,7 +113,7 @@ def _env(stage_of_q: int) -> dict:
             "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2), "kv_hi": ("kv_hi", 2), "score": ("score", 2)}
 
 
-def _tile_step(w: Writer, head: list, score_body: str, score: list, mask_body: str, keep: str) -> None:
+def _tile_step(w: Writer, cls: str, head: list, score_body: str, score: list, mask_body: str, keep: str) -> None:
     """One key tile's softmax step on ``qk`` (iteration ``it``): the scores (score_mod), the mask
     on a partial tile, the running max and sum, the rescale factor ``alpha`` and ``p16`` (P in the
     inputs' type, as the A operand of the P·V wgmma). Written once per place it runs (the
@@ -127,6 +125,7 @@ def _tile_step(w: Writer, head: list, score_body: str, score: list, mask_body: s
     kv_hi = kv_lo + BLOCK_N - 1
     kv_idx = gl.expand_dims(kv_lo + offs_n0, 0)
     """)
+    w.emitted("".join(w.ind + ln + "\n" for ln in cls.splitlines()))
     for ln in head:
         w.line(ln)
     w.emitted("".join(w.ind + ln + "\n" for ln in score_body.splitlines()))
@@ -154,6 +153,13 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     flight; without it each tile waits for its ``Q·Kᵀ``, then its ``P·V``."""
     em = ExprEmitter(_env(1), 3, prefix="v")
     unit = score_unit(spec.normalizer)
+    cls = ""
+    if spec.fwd_range.tile_check and spec.tile_full is not None:
+        # per-tile classification (plan.py's _tile_class): a tile the plan counts partial may be
+        # full for these rows; a tile straddling the end of the keys never is. Empty tiles are
+        # loaded and masked whole (their P is 0), not skipped
+        full = em.emit(spec.tile_full, 2)
+        cls = em.take(2, "") + f"is_partial = is_partial & (({full} == 0) | (kv_lo + BLOCK_N > LKV))\n"
     # the pattern's per-tile code, emitted first so that its hoisted parts can be written ahead of the loop
     head = [] if spec.score is None else ["score = qk * sm_scale"]
     if spec.score is None:
@@ -170,7 +176,7 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     if spec.mask is not None:
         m, mask_body = em.branch(2, "", lambda: em.emit(spec.mask, 2))
         keep = f"({m}) & (kv_idx < LKV)"
-    step = (head, score_body, score, mask_body, keep)
+    step = (cls, head, score_body, score, mask_body, keep)
     w.code(f"""
     @gluon.jit
     def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse,

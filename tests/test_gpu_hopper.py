@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attndsl
 import attndsl.reference
-from attndsl.patterns import causal, sliding_window, softcap
+from attndsl.patterns import causal, chunked, prefix_lm, sliding_window, softcap
 from attndsl.runtime import hopper
 
 
@@ -35,12 +35,20 @@ def alibi_like(score, b, h, q_idx, kv_idx):
     return score + torch.exp2(-(h + 1.0)) * (kv_idx - q_idx)
 
 
+def band_or_global(b, h, q_idx, kv_idx):
+    # a disjunction: its visit range needs a per-tile classification
+    return ((q_idx - kv_idx).abs() <= 100) | (kv_idx < 16)
+
+
 PATTERNS = {
     "dense": (None, None),
     "causal": (causal, None),
     "sliding_window": (sliding_window(257), None),
     "softcap": (None, softcap(30.0)),
     "alibi_like_causal": (causal, alibi_like),
+    "prefix_lm": (prefix_lm(150), None),
+    "chunked": (chunked(256), None),
+    "band_or_global": (band_or_global, None),
 }
 _COMPILED: dict = {}
 

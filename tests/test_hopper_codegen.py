@@ -19,8 +19,13 @@ def distance_bias(score, b, h, q_idx, kv_idx):
     return score - (h + 1) * 0.01 * (q_idx - kv_idx).abs()
 
 
+def either(b, h, q_idx, kv_idx):
+    return ((q_idx - kv_idx).abs() <= 8) | (kv_idx < 4)
+
+
 def test_supported_patterns_render():
-    for mask, score in [(None, None), (causal, None), (window, None), (None, softcap), (causal, distance_bias)]:
+    for mask, score in [(None, None), (causal, None), (window, None), (None, softcap), (causal, distance_bias),
+                        (either, None)]:
         spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
         assert gen.supports(spec) is None
         src = gen.render(hopper.hopper_spec(spec))
@@ -29,6 +34,8 @@ def test_supported_patterns_render():
         assert "gl.warp_specialize" in src and "warpgroup_mma" in src and "tma.async_copy_global_to_shared" in src
         if mask is not None:
             assert "if is_partial:" in src
+        if mask is either:  # per-tile classification
+            assert "is_partial = is_partial & (" in src
         if score is softcap:
             assert "tl.sigmoid" in src or "_tanh" in src
 
@@ -39,12 +46,8 @@ def test_unsupported_patterns_are_refused_with_a_reason():
     def doc(b, h, q_idx, kv_idx):
         return ids[q_idx] == ids[kv_idx]
 
-    def either(b, h, q_idx, kv_idx):
-        return ((q_idx - kv_idx).abs() <= 8) | (kv_idx < 4)
-
     cases = {"sigmoid": attndsl.compile(mask_mod=causal, normalizer="sigmoid").spec,
-             "table": attndsl.compile(mask_mod=doc).spec,
-             "tile": attndsl.compile(mask_mod=either).spec}
+             "table": attndsl.compile(mask_mod=doc).spec}
     for what, spec in cases.items():
         why = gen.supports(spec)
         assert why, what
