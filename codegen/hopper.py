@@ -101,9 +101,10 @@ def kernel_name(spec: KernelSpec) -> str:
 
 #: the Hopper forward's parameters, in order (the runtime fills them by name)
 def signature(spec: KernelSpec) -> tuple:
-    t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "Out", "Lse")]
+    t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "Out", "Lse", "Sinks")]
     i = [Param(n, "int") for n in ("stride_ob", "stride_oh", "stride_om", "HQ", "GROUP", "LQ", "LKV")]
-    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE")]
+    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE",
+                                              "HAS_SINKS")]
     return tuple(t + i + [Param("sm_scale", "float")] + c)
 
 
@@ -179,11 +180,11 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     step = (cls, head, score_body, score, mask_body, keep)
     w.code(f"""
     @gluon.jit
-    def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse,
+    def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks,
                  stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale,
                  n_full, f_begin, t_begin, n_first, f_end, n_tiles,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                 PIPELINE: gl.constexpr):
+                 PIPELINE: gl.constexpr, HAS_SINKS: gl.constexpr):
         \"\"\"Online softmax of query rows q0..q0+BLOCK_M over the visited key tiles (one warp group).\"\"\"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
@@ -202,8 +203,12 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
         w.emitted(em.take(0, w.ind))
         w.emitted(em.take(1, w.ind))
         w.code("""
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
+        if HAS_SINKS:  # _softmax_start: the head's sink logit joins the denominator with a count of one
+            m_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout) + gl.load(Sinks + h).to(gl.float32) * LOG2E
+            l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout) + 1.0
+        else:
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+            l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
         acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
         qk0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         p16 = gl.zeros([BLOCK_M, BLOCK_N], k_smem.dtype, layout=p_layout)
@@ -323,10 +328,10 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         kv_row = (b * (HQ // GROUP) + hk) * LKV
         ''')
         tiles = "n_full, f_begin, t_begin, n_first, f_end, n_tiles"
-        common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, stride_ob, stride_oh, stride_om, "
+        common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks, stride_ob, stride_oh, stride_om, "
                   "b, h, pid_bh")
         consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, "
-                    f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE))" for c in range(2)]
+                    f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, HAS_SINKS))" for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
                 f"q_row, kv_row, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
         # the default partition (this program's warps) is the first consumer group; the second

@@ -177,3 +177,31 @@ def test_falls_back_where_unsupported():
         assert out.shape == q96.shape
     finally:
         hopper.enable(None)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_sinks(pipeline):
+    """Per-head sink logits join the denominator (forward) and get their gradient from the Hopper
+    forward's logsumexp (portable backward)."""
+    comp = compiled("sliding_window")
+    mask, _ = PATTERNS["sliding_window"]
+    q, k, v = inputs(1, 4, 4, 700, 650, 128, torch.bfloat16, 3)
+    sinks = torch.randn(4, device=DEV, dtype=torch.float32) * 2
+    hf = hopper.HopperForward(comp.spec)
+    cfg = hopper.HopperConfig(**{**vars(hopper.config_for(128)), "pipeline": pipeline})
+    out, lse = hf.forward(q, k, v, 1 / math.sqrt(128), cfg, sinks=sinks)
+    ref, ref_lse = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=mask, sinks=sinks.double())
+    assert rel(out, ref) <= TOL[torch.bfloat16]["out"]
+    assert lse_err(lse, ref_lse) <= TOL[torch.bfloat16]["lse"]
+    # through the runtime, with the backward
+    s = sinks.clone().requires_grad_()
+    hopper.enable(True)
+    try:
+        o = comp(q, k, v, sinks=s)
+        o.float().square().sum().backward()
+    finally:
+        hopper.enable(None)
+    s64 = sinks.double().requires_grad_()
+    r, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=mask, sinks=s64)
+    r.square().sum().backward()
+    assert rel(s.grad, s64.grad) <= 2e-2

@@ -9,8 +9,8 @@ the portable Triton kernels run everywhere else:
   Off by default until measurements say where it wins (``benchmarks/hopper.py``);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
   value head dim both 64 or both 128, q/k/v contiguous in ``[B, H, L, D]`` order (the kernel reads
-  them through 2-D TMA views of ``[B*H*L, D]``), no sink logits, low-rank bias, block tables or
-  visit counts.
+  them through 2-D TMA views of ``[B*H*L, D]``), no low-rank bias, block tables or visit counts
+  (sink logits are supported).
 
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
@@ -115,7 +115,7 @@ class HopperForward:
             return False
         if tables is not None or count_visits:
             return False
-        if extras is not None and (getattr(extras, "sinks", None) is not None or getattr(extras, "u", None) is not None):
+        if extras is not None and getattr(extras, "u", None) is not None:
             return False
         if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
             return False
@@ -137,8 +137,9 @@ class HopperForward:
             self._kernel = getattr(mod, _gen.kernel_name(self.spec))
         return self._kernel
 
-    def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None):
-        """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`)."""
+    def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None):
+        """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`);
+        ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None."""
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         B, Hq, Lq, D = q.shape
@@ -154,10 +155,11 @@ class HopperForward:
         lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
         rows = cfg.block_m * cfg.consumers
         grid = ((Lq + rows - 1) // rows, B * Hq)
-        self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2),
                             Hq, Hq // Hkv, Lq, Lkv, float(scale),
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
-                            CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, num_warps=4)
+                            CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=sinks is not None,
+                            num_warps=4)
         return out, lse
 
 
@@ -201,6 +203,6 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
         else:
             sig[p.name] = "i32"
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
-                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline)
+                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=True)
     return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))
