@@ -28,6 +28,7 @@ runs on the portable kernels.
 from __future__ import annotations
 
 from attndsl import ir
+from attndsl.passes.lower import _buffers
 from attndsl.spec import KernelSpec, Param, VisitRange
 
 from .attention import score_unit, scores_of
@@ -81,17 +82,10 @@ def supports(spec: KernelSpec) -> str | None:
         return f"normaliser {spec.normalizer!r} (the Hopper forward is softmax only)"
     if spec.data_dependent:
         return "data-dependent mask (needs a block table)"
-    if spec.buffers:
-        return "captured tensors"
-    if spec.grad_loads:
-        return "learnable tensors"
     if not isinstance(spec.fwd_range, VisitRange):
         return "layout (box) visit plan"
     if spec.lowering.fwd_runs:
         return "constant-run loops"
-    for root in (spec.mask, spec.score):
-        if root is not None and ir.loads([root]):
-            return "captured loads"
     return None
 
 
@@ -105,7 +99,13 @@ def signature(spec: KernelSpec) -> tuple:
     i = [Param(n, "int") for n in ("stride_ob", "stride_oh", "stride_om", "HQ", "GROUP", "LQ", "LKV")]
     c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE",
                                               "HAS_SINKS")]
-    return tuple(t + i + [Param("sm_scale", "float")] + c)
+    # captured tensors (score_mod's tables): pointer, sizes and strides, as the portable kernels take them
+    return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + c)
+
+
+def _buffer_names(spec: KernelSpec) -> str:
+    """The captured tensors' parameters, passed on to the consumer partitions ("" for none)."""
+    return "".join(f"{p.name}, " for p in _buffers(spec))
 
 
 def _env(stage_of_q: int) -> dict:
@@ -181,7 +181,7 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     w.code(f"""
     @gluon.jit
     def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks,
-                 stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale,
+                 stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale, {_buffer_names(spec)}
                  n_full, f_begin, t_begin, n_first, f_end, n_tiles,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                  PIPELINE: gl.constexpr, HAS_SINKS: gl.constexpr):
@@ -328,9 +328,10 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         kv_row = (b * (HQ // GROUP) + hk) * LKV
         ''')
         tiles = "n_full, f_begin, t_begin, n_first, f_end, n_tiles"
+        bufs = _buffer_names(spec)
         common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks, stride_ob, stride_oh, stride_om, "
                   "b, h, pid_bh")
-        consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, "
+        consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, {bufs}"
                     f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, HAS_SINKS))" for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
                 f"q_row, kv_row, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")

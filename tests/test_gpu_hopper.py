@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attndsl
 import attndsl.reference
-from attndsl.patterns import causal, chunked, prefix_lm, sliding_window, softcap
+from attndsl.patterns import alibi, alibi_slopes, causal, chunked, prefix_lm, sliding_window, softcap
 from attndsl.runtime import hopper
 
 
@@ -46,6 +46,8 @@ PATTERNS = {
     "sliding_window": (sliding_window(257), None),
     "softcap": (None, softcap(30.0)),
     "alibi_like_causal": (causal, alibi_like),
+    # a captured tensor (slopes[h], read once per program); 8 slopes cover every drawn head count
+    "alibi": (causal, alibi(alibi_slopes(8, device=DEV))) if torch.cuda.is_available() else (causal, None),
     "prefix_lm": (prefix_lm(150), None),
     "chunked": (chunked(256), None),
     "band_or_global": (band_or_global, None),
@@ -86,7 +88,7 @@ def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, cfg=None):
     scale = 1.0 / math.sqrt(D)
     hf = hopper.HopperForward(comp.spec)
     assert hf.unsupported is None, hf.unsupported
-    out, lse = hf.forward(q, k, v, scale, cfg)
+    out, lse = hf.forward(q, k, v, scale, cfg, buffers=comp.tensors)
     torch.cuda.synchronize()
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()

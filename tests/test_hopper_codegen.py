@@ -24,8 +24,9 @@ def either(b, h, q_idx, kv_idx):
 
 
 def test_supported_patterns_render():
+    from attndsl.patterns import alibi, alibi_slopes
     for mask, score in [(None, None), (causal, None), (window, None), (None, softcap), (causal, distance_bias),
-                        (either, None)]:
+                        (either, None), (causal, alibi(alibi_slopes(4)))]:
         spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
         assert gen.supports(spec) is None
         src = gen.render(hopper.hopper_spec(spec))
@@ -34,6 +35,8 @@ def test_supported_patterns_render():
         assert "gl.warp_specialize" in src and "warpgroup_mma" in src and "tma.async_copy_global_to_shared" in src
         if mask is not None:
             assert "if is_partial:" in src
+        if score is not None and score.__name__ == "alibi_bias":  # a captured tensor: its pointer, sizes, strides
+            assert "buf0, buf0_size0, buf0_stride0" in src
         if mask is either:  # per-tile classification
             assert "is_partial = is_partial & (" in src
         if score is softcap:

@@ -137,9 +137,14 @@ class HopperForward:
             self._kernel = getattr(mod, _gen.kernel_name(self.spec))
         return self._kernel
 
-    def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None):
+    def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
+                buffers=()):
         """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`);
-        ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None."""
+        ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None;
+        ``buffers``: the pattern's captured tensors, in slot order."""
+        from .launch import buffer_args
+        if len(buffers) != len(self.spec.buffers):
+            raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         B, Hq, Lq, D = q.shape
@@ -156,7 +161,7 @@ class HopperForward:
         rows = cfg.block_m * cfg.consumers
         grid = ((Lq + rows - 1) // rows, B * Hq)
         self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2),
-                            Hq, Hq // Hkv, Lq, Lkv, float(scale),
+                            Hq, Hq // Hkv, Lq, Lkv, float(scale), *buffer_args(buffers),
                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
                             CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=sinks is not None,
                             num_warps=4)

@@ -521,7 +521,7 @@ class Runner:
         extras = extras or Extras()
         if (self.hopper is not None and not self.precise_delta
                 and self.hopper.applies(q, k, v, extras, tables, count_visits)):
-            out, lse = self.hopper.forward(q, k, v, scale, sinks=extras.sinks)
+            out, lse = self.hopper.forward(q, k, v, scale, sinks=extras.sinks, buffers=buffers)
             return out, lse, None
         B, Hq, Lq = q.shape[:3]
         Hkv, Lkv = k.shape[1], k.shape[2]
