@@ -115,10 +115,11 @@ def test_fixed_shapes(name, D, pipeline):
     check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16, cfg=cfg)
 
 
-@pytest.mark.parametrize("consumers,stages,block_n", [(1, 2, 128), (2, 1, 128), (2, 3, 64), (1, 3, 64)])
-def test_other_tiles(consumers, stages, block_n):
+@pytest.mark.parametrize("consumers,stages,block_n,pipeline", [(1, 2, 128, True), (2, 1, 128, False), (2, 3, 64, True),
+                                                               (1, 3, 64, False)])
+def test_other_tiles(consumers, stages, block_n, pipeline):
     """Ring depths, one consumer group, narrower key tiles (the benchmark's sweep), causal, D=128."""
-    cfg = hopper.HopperConfig(block_n=block_n, stages=stages, consumers=consumers)
+    cfg = hopper.HopperConfig(block_n=block_n, stages=stages, consumers=consumers, pipeline=pipeline)
     check("causal", 1, 2, 1, 900, 1100, 128, torch.float16, cfg=cfg)
 
 

@@ -89,3 +89,11 @@ def test_compiles_for_sm90():
     ptx = k.asm["ptx"]
     for what in ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor", "mbarrier.try_wait"):
         assert what in ptx, what
+
+
+def test_config_refuses_a_deadlocking_ring():
+    with pytest.raises(ValueError, match="stages"):
+        hopper.HopperConfig(stages=1, pipeline=True)
+    hopper.HopperConfig(stages=1, pipeline=False)
+    with pytest.raises(ValueError, match="consumers"):
+        hopper.HopperConfig(consumers=3)

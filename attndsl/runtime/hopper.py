@@ -54,6 +54,16 @@ class HopperConfig:
     consumers: int = 2
     pipeline: bool = True
 
+    def __post_init__(self):
+        if self.consumers not in (1, 2):
+            raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
+        if self.stages < 1 or (self.pipeline and self.stages < 2):
+            # a pipelined group frees tile i's buffer only after asking for tile i+1's: one buffer deadlocks
+            raise ValueError(f"stages must be >= 1, and >= 2 with pipeline=True; got stages={self.stages}, "
+                             f"pipeline={self.pipeline}")
+        if self.block_m != 64 or self.block_n not in (64, 128):
+            raise ValueError(f"block_m must be 64 and block_n 64 or 128, got {self.block_m}, {self.block_n}")
+
 
 def config_for(head_dim: int) -> HopperConfig:
     """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
