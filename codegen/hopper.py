@@ -54,24 +54,33 @@ def _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end):
 
 
 @gluon.jit
-def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, q_row, kv_row,
+def _kv_tile(ring, slot):
+    """Buffer ``slot`` of a K or V ring as the [BLOCK_N, D] operand of a wgmma (a [1, 1, BLOCK_N, D] TMA box)."""
+    buf = ring.index(slot)
+    return buf.reshape([buf.shape[2], buf.shape[3]])
+
+
+@gluon.jit
+def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h, hk, q_lo,
                  n_full, f_begin, t_begin, n_first, f_end, n_tiles,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-    """The producer warp: the query tiles once, then K and V of each visited tile into the ring."""
+    """The producer warp: the query tiles once, then K and V of each visited tile into the ring.
+    The descriptors are 4-D over [B, H, L, D] with any strides: rows past a head's length read
+    as zeros."""
     mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
     for c in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [q_row + c * BLOCK_M, 0], q_bar, q_smem.index(c))
+        tma.async_copy_global_to_shared(q_desc, [b, h, q_lo + c * BLOCK_M, 0], q_bar, q_smem.index(c))
     for it in range(0, n_tiles):
         tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
         slot = it % STAGES
         # a fresh barrier counts as having completed the phase before its first: the first pass
         # over the ring does not wait
         mbarrier.wait(kv_empty.index(slot), ((it // STAGES) & 1) ^ 1)
-        row = kv_row + tile * BLOCK_N
+        row = tile * BLOCK_N
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(slot), k_smem.index(slot))
+        tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(slot), v_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
 '''
 
 
@@ -198,6 +207,7 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
         offs_m = q0 + gl.arange(0, BLOCK_M, layout=row_layout)
         q_idx = gl.expand_dims(offs_m, 1)
         offs_n0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        q_tile = q_smem.reshape([BLOCK_M, HEAD_D])  # a [1, 1, BLOCK_M, D] TMA box
     """)
     with w.indented():
         w.emitted(em.take(0, w.ind))
@@ -219,7 +229,7 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 w.code("""
                 it = 0
                 mbarrier.wait(k_ready.index(0), 0)
-                qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                qk = warpgroup_mma(q_tile, _kv_tile(k_smem, 0).permute((1, 0)), qk0, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
                 """)
                 _tile_step(w, *step)
@@ -228,9 +238,9 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 slot = it % STAGES
                 prev = (it - 1) % STAGES
                 mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
-                qk = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p16, v_smem.index(prev), acc, is_async=True)
+                acc = warpgroup_mma(p16, _kv_tile(v_smem, prev), acc, is_async=True)
                 # wgmma groups complete in order: at most one pending means Q·Kᵀ is done, P·V may not be
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
                 """)
@@ -244,7 +254,7 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 w.code("""
                 last = (n_tiles - 1) % STAGES
                 mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p16, v_smem.index(last), acc, is_async=True)
+                acc = warpgroup_mma(p16, _kv_tile(v_smem, last), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(kv_empty.index(last), count=1)
                 """)
@@ -254,14 +264,14 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 slot = it % STAGES
                 phase = (it // STAGES) & 1
                 mbarrier.wait(k_ready.index(slot), phase)
-                qk = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
                 """)
                 _tile_step(w, *step)
                 w.code("""
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
                 mbarrier.wait(v_ready.index(slot), phase)
-                acc = warpgroup_mma(p16, v_smem.index(slot), acc, is_async=True)
+                acc = warpgroup_mma(p16, _kv_tile(v_smem, slot), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(kv_empty.index(slot), count=1)
                 """)
@@ -310,9 +320,9 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
             w.line(ln)
         w.code(f'''
         dtype: gl.constexpr = q_desc.dtype
-        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, BLOCK_M, HEAD_D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -322,10 +332,6 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=CONSUMERS)
-        # rows of the [B*H*L, D] views: TMA reads rows past this head's length from the next head
-        # (masked: kv_idx < LKV; query rows past LQ are never stored) or as zeros at the end
-        q_row = pid_bh * LQ + q_lo
-        kv_row = (b * (HQ // GROUP) + hk) * LKV
         ''')
         tiles = "n_full, f_begin, t_begin, n_first, f_end, n_tiles"
         bufs = _buffer_names(spec)
@@ -334,7 +340,7 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, {bufs}"
                     f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, HAS_SINKS))" for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
-                f"q_row, kv_row, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
+                f"b, h, hk, q_lo, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
         # the default partition (this program's warps) is the first consumer group; the second
         # group and the producer warp are workers, their registers set by setmaxnreg
         with w.block("if CONSUMERS == 2:"):

@@ -115,6 +115,18 @@ def test_fixed_shapes(name, D, pipeline):
     check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16, cfg=cfg)
 
 
+def test_strided_views():
+    """q/k/v stored [B, L, H, D] (the usual projection output), read through 4-D descriptors; GQA."""
+    B, L, Lkv = 2, 333, 517
+    q = torch.randn(B, L, 8, 128, device=DEV, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(B, Lkv, 2, 128, device=DEV, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    comp = compiled("causal")
+    out, lse = hopper.HopperForward(comp.spec).forward(q, k, v, 1 / math.sqrt(128))
+    ref, ref_lse = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=causal)
+    assert rel(out, ref) <= TOL[torch.bfloat16]["out"]
+    assert lse_err(lse, ref_lse) <= TOL[torch.bfloat16]["lse"]
+
+
 @pytest.mark.parametrize("consumers,stages,block_n,pipeline", [(1, 2, 128, True), (2, 1, 128, False), (2, 3, 64, True),
                                                                (1, 3, 64, False)])
 def test_other_tiles(consumers, stages, block_n, pipeline):
@@ -165,14 +177,16 @@ def test_selected_by_runtime_and_backward_runs():
 
 
 def test_falls_back_where_unsupported():
-    """Non-contiguous inputs and head dims other than 64/128 run the portable forward, enabled or not."""
+    """Inputs TMA cannot read and head dims other than 64/128 run the portable forward, enabled or not."""
     comp = compiled("causal")
     hf = hopper.HopperForward(comp.spec)
     hopper.enable(True)
     try:
         q, k, v = inputs(1, 2, 2, 256, 256, 128, torch.bfloat16, 2)
         assert hf.applies(q, k, v)
-        assert not hf.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)
+        assert hf.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, v)  # [B, L, H, D] storage
+        wide = torch.zeros(1, 2, 256, 129, device=DEV, dtype=torch.bfloat16)[..., 1:]  # rows of 258 bytes
+        assert not hf.applies(wide, k, v)
         q96, k96, v96 = inputs(1, 2, 2, 256, 256, 96, torch.bfloat16, 2)
         assert not hf.applies(q96, k96, v96)
         assert not hf.applies(q.float(), k.float(), v.float())

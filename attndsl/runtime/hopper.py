@@ -8,9 +8,10 @@ the portable Triton kernels run everywhere else:
 * it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``.
   Off by default until measurements say where it wins (``benchmarks/hopper.py``);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
-  value head dim both 64 or both 128, q/k/v contiguous in ``[B, H, L, D]`` order (the kernel reads
-  them through 2-D TMA views of ``[B*H*L, D]``), no low-rank bias, block tables or visit counts
-  (sink logits are supported).
+  value head dim both 64 or both 128, q/k/v whose strides a TMA descriptor takes (last stride 1,
+  the others and the base 16-byte aligned: ``[B, L, H, D]`` views too; the kernel reads them
+  through 4-D descriptors), no low-rank bias, block tables or visit counts (sink logits and
+  score_mod's captured tensors are supported).
 
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
@@ -104,6 +105,22 @@ def _sm90(dev: torch.device) -> bool:
     return torch.cuda.get_device_capability(dev) == (9, 0)
 
 
+def _tma_strides(t: torch.Tensor) -> bool:
+    """Can ``t`` ([B, H, L, D]) be read through a 4-D TMA descriptor: last stride 1, the base and
+    the other strides multiples of 16 bytes (any order of the leading dims: [B, L, H, D] views too)."""
+    es = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(n == 1 or (st * es) % 16 == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1])))
+
+
+def _descriptor(TensorDescriptor, gl, t: torch.Tensor, rows: int, el):
+    """A 4-D descriptor over ``t`` [B, H, L, D] with [1, 1, rows, D] boxes: rows past L read as zeros."""
+    box = [1, 1, rows, t.shape[-1]]
+    # a dim of one element may have any stride in torch: give it one TMA accepts
+    strides = [st if n > 1 else t.shape[-1] for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+    return TensorDescriptor(t, list(t.shape), strides, box, gl.NVMMASharedLayout.get_default_for(box, el))
+
+
 def hopper_spec(spec):
     """``spec`` renamed for its Hopper module: kernel names and the module cache key differ from
     the portable module's."""
@@ -132,11 +149,7 @@ class HopperForward:
         d = q.shape[-1]
         if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
             return False
-        if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-            return False
-        if min(q.shape[2], k.shape[2]) < 1 or q.numel() >= 2**31 or k.numel() >= 2**31:
-            return False
-        if any(t.data_ptr() % 16 for t in (q, k, v)):
+        if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in (q, k, v)):
             return False
         return _sm90(q.device) and gluon_available()
 
@@ -161,12 +174,10 @@ class HopperForward:
         Hkv, Lkv = k.shape[1], k.shape[2]
         cfg = cfg or config_for(D)
         el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-        q_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, D], el)
-        kv_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], el)
-        q_desc = TensorDescriptor.from_tensor(q.view(B * Hq * Lq, D), [cfg.block_m, D], q_layout)
-        k_desc = TensorDescriptor.from_tensor(k.view(B * Hkv * Lkv, D), [cfg.block_n, D], kv_layout)
-        v_desc = TensorDescriptor.from_tensor(v.view(B * Hkv * Lkv, D), [cfg.block_n, D], kv_layout)
-        out = torch.empty_like(q)
+        q_desc = _descriptor(TensorDescriptor, gl, q, cfg.block_m, el)
+        k_desc = _descriptor(TensorDescriptor, gl, k, cfg.block_n, el)
+        v_desc = _descriptor(TensorDescriptor, gl, v, cfg.block_n, el)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the portable forward's
         lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
         rows = cfg.block_m * cfg.consumers
         grid = ((Lq + rows - 1) // rows, B * Hq)
@@ -195,11 +206,10 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
     fn = getattr(mod, _gen.kernel_name(hs))
     el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base = torch.empty(16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
+    base = torch.empty(1, 1, 16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
 
     def desc(rows):
-        return mangle_type(TensorDescriptor.from_tensor(
-            base, [rows, head_dim], gl.NVMMASharedLayout.get_default_for([rows, head_dim], el)))
+        return mangle_type(_descriptor(TensorDescriptor, gl, base, rows, el))
 
     sig = {}
     for p in _gen.signature(hs):
