@@ -17,8 +17,10 @@ into three partitions (``gl.warp_specialize``):
 
 What depends on the pattern comes from the spec, never from a hand-written variant: the visit plan
 (``spec.fwd_range``'s closed-form range, emitted by ``codegen/plan.py``; full tiles first, with no
-mask code, then the partial ones), the mask on partial tiles and the score modifier (emitted by
-``codegen/expr.py`` at the loop level where their inputs exist). The module starts with the
+mask code, then the partial ones; a per-tile classification where the plan has one), the mask on
+partial tiles, the score modifier and its captured-tensor loads (emitted by ``codegen/expr.py`` at
+the loop level where their inputs exist). ``PIPELINE`` picks FlashAttention-3's intra-warpgroup
+overlap of one tile's softmax with the previous tile's P·V. The module starts with the
 portable module's header (``codegen/prelude.py``): Gluon kernels call its ``@triton.jit`` index
 helpers and ``tl`` elementwise ops, which take the layouts of their Gluon operands.
 
