@@ -101,8 +101,12 @@ def main(argv=None) -> int:
                         row(rows, out_path, case=case, impl=name, ms=None, note="failed")
             except Exception:
                 traceback.print_exc()
-            comp = attndsl.compile(mask_mod=causal if is_causal else None)
-            hf = hopper.HopperForward(comp.spec)
+            try:
+                comp = attndsl.compile(mask_mod=causal if is_causal else None)
+                hf = hopper.HopperForward(comp.spec)
+            except Exception:
+                traceback.print_exc()
+                continue
 
             def checked(name, fn, **extra):
                 try:
