@@ -67,7 +67,9 @@ def test_never_selected_off_sm90(monkeypatch):
     assert hopper.enabled()
     assert not hf.applies(q, q, q)  # CPU tensors
     monkeypatch.setenv("ATTNDSL_HOPPER", "0")
-    assert not hopper.enabled()
+    assert hopper.enabled() is False
+    monkeypatch.delenv("ATTNDSL_HOPPER")
+    assert hopper.enabled() is None and not hopper.MEASURED_WINS  # off until measured
     hopper.enable(True)
     try:
         assert hopper.enabled()

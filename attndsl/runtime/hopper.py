@@ -5,8 +5,9 @@ the portable Triton kernels run everywhere else:
 
 * the pattern is one this target renders (:func:`attndsl.codegen.hopper.supports`, decided once
   per spec and kept in :attr:`HopperForward.unsupported`);
-* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``.
-  Off by default until measurements say where it wins (``benchmarks/hopper.py``);
+* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``;
+  with neither set, only where ``MEASURED_WINS`` says it was measured faster (empty until
+  ``benchmarks/hopper.py`` has run on an H100: off by default);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
   value head dim both 64 or both 128, q/k/v whose strides a TMA descriptor takes (last stride 1,
   the others and the base 16-byte aligned: ``[B, L, H, D]`` views too; the kernel reads them
@@ -36,10 +37,26 @@ def enable(on: bool | None) -> None:
     _ENABLED[0] = on
 
 
-def enabled() -> bool:
+def enabled() -> bool | None:
+    """True (every call that can take it), False (none), or None: the calls ``MEASURED_WINS`` names.
+    ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table)."""
     if _ENABLED[0] is not None:
         return bool(_ENABLED[0])
-    return os.environ.get("ATTNDSL_HOPPER", "0") == "1"
+    env = os.environ.get("ATTNDSL_HOPPER")
+    return None if env is None else env == "1"
+
+
+#: Where the Hopper forward was measured faster than the portable one on an H100 (same run):
+#: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Calls
+#: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take it only there. Empty until
+#: ``benchmarks/hopper.py`` has run on an H100: the selection is off by default.
+MEASURED_WINS: dict = {}
+
+
+def _measured_win(spec, q, k) -> bool:
+    key = (spec.mask is not None, spec.score is not None, q.shape[-1], q.dtype)
+    least = MEASURED_WINS.get(key)
+    return least is not None and q.shape[2] * k.shape[2] >= least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +155,10 @@ class HopperForward:
 
     def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
         """Whether this call runs the Hopper forward (see the module docstring)."""
-        if self.unsupported is not None or not enabled():
+        on = enabled()
+        if self.unsupported is not None or on is False:
+            return False
+        if on is None and not _measured_win(self.spec, q, k):
             return False
         if tables is not None or count_visits:
             return False
