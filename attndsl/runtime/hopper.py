@@ -24,7 +24,6 @@ import os
 
 import torch
 
-from .. import codegen  # noqa: F401  (attndsl.codegen: the installed codegen package)
 from ..codegen import hopper as _gen
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90"]
