@@ -25,6 +25,15 @@ def _sm90() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Triton 3.6's Gluon")]
 
 DEV = "cuda"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hopper_runs():
+    """A child process runs small Hopper forwards first, with a time limit: a kernel that hangs or
+    is wrong fails this file at once instead of stalling the GPU run."""
+    err = hopper.smoke_test()
+    if err is not None:
+        pytest.fail(err, pytrace=False)
 # max |got - want| / max |want| (output) and absolute error of the logsumexp, as tests/test_gpu.py
 # (the logsumexp comes from float32 scores of the same inputs: only float32 rounding)
 TOL = {torch.bfloat16: dict(out=1e-2, lse=1e-3), torch.float16: dict(out=2e-3, lse=1e-3)}

@@ -26,7 +26,8 @@ import torch
 
 from ..codegen import hopper as _gen
 
-__all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90"]
+__all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
+           "smoke_test", "MEASURED_WINS"]
 
 _ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
 
@@ -250,3 +251,44 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
                   CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=True)
     return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))
+
+
+_SMOKE = r"""
+import math, sys, torch
+import attndsl
+from attndsl.runtime import hopper
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+for d in (128, 64):
+    for mask in (None, causal):
+        for pipe in (True, False):
+            q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            cfg = hopper.HopperConfig(**{**vars(hopper.config_for(d)), "pipeline": pipe})
+            out, lse = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec).forward(q, k, v, 1 / math.sqrt(d), cfg)
+            torch.cuda.synchronize()
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)
+            err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
+            if not err < 2e-2:
+                sys.exit(f"D={d} mask={mask is not None} pipeline={pipe}: relative error {err:.3g} against SDPA")
+print("ok")
+"""
+
+
+def smoke_test(timeout: float = 300) -> str | None:
+    """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes) in a child
+    process with a time limit and compare them with SDPA. Returns None when they pass, else what
+    went wrong (an error, a wrong result, or a hang: the child is killed, so a deadlocked kernel
+    cannot stall the caller). For the GPU tests and the benchmark, before anything else runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    # the child imports this attndsl, wherever it lives
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [os.environ.get("PYTHONPATH", "")])
+    try:
+        p = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "ATTNDSL_HOPPER": "0", "PYTHONPATH": path.rstrip(os.pathsep)})
+    except subprocess.TimeoutExpired:
+        return f"the Hopper forward did not finish within {timeout:.0f} s (a deadlock?)"
+    if p.returncode != 0 or "ok" not in p.stdout:
+        return f"the Hopper smoke test failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}"
+    return None
