@@ -14,6 +14,7 @@ import triton
 from .. import ir
 from . import cache
 from .fastlaunch import Direct, launcher
+from .hopper import HopperForward
 from .scope import NO_CONTEXT, launch_scope
 from .config import INTERPRETER_SECTION, Configs, TileConfig, block_d, forward_tiles, section, split_head_dim
 
@@ -321,6 +322,9 @@ class Runner:
         self._memo: dict = {}
         self._kernels: dict = {}
         self._signature_of: dict = {}  # kernel -> its name in spec.lowering.signatures
+        # the Hopper (sm_90, Gluon) forward: whether the spec allows it is decided here, once
+        # (``hopper.unsupported``); whether a call takes it, per call (runtime/hopper.py)
+        self.hopper = None if interpret else HopperForward(spec)
 
     # -- helpers ------------------------------------------------------------------------------
     def _sms(self, device) -> int:
@@ -515,6 +519,10 @@ class Runner:
         """Returns (out, lse or None for sigmoid, visits or None). ``key``: the call's ``call_key``
         (None: no memo, as for block tables and visit counts)."""
         extras = extras or Extras()
+        if (self.hopper is not None and not self.precise_delta
+                and self.hopper.applies(q, k, v, extras, tables, count_visits)):
+            out, lse = self.hopper.forward(q, k, v, scale, sinks=extras.sinks, buffers=buffers)
+            return out, lse, None
         B, Hq, Lq = q.shape[:3]
         Hkv, Lkv = k.shape[1], k.shape[2]
         if self.spec.tiles:

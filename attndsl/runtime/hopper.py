@@ -1,0 +1,294 @@
+"""The Hopper (sm_90) forward: when it runs, its launch, and an offline compile check.
+
+The Gluon forward of ``codegen/hopper.py`` is chosen per call only where all of these hold, and
+the portable Triton kernels run everywhere else:
+
+* the pattern is one this target renders (:func:`attndsl.codegen.hopper.supports`, decided once
+  per spec and kept in :attr:`HopperForward.unsupported`);
+* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``;
+  with neither set, only where ``MEASURED_WINS`` says it was measured faster (empty until
+  ``benchmarks/hopper.py`` has run on an H100: off by default);
+* the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
+  value head dim both 64 or both 128, q/k/v whose strides a TMA descriptor takes (last stride 1,
+  the others and the base 16-byte aligned: ``[B, L, H, D]`` views too; the kernel reads them
+  through 4-D descriptors), no low-rank bias, block tables or visit counts (sink logits and
+  score_mod's captured tensors are supported).
+
+The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
+key) are the portable forward's, so the portable backward runs after either forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from ..codegen import hopper as _gen
+
+__all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
+           "smoke_test", "MEASURED_WINS"]
+
+_ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
+
+
+def enable(on: bool | None) -> None:
+    """Turn the Hopper forward on or off for this process (None: follow ``ATTNDSL_HOPPER``)."""
+    _ENABLED[0] = on
+
+
+def enabled() -> bool | None:
+    """True (every call that can take it), False (none), or None: the calls ``MEASURED_WINS`` names.
+    ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table)."""
+    if _ENABLED[0] is not None:
+        return bool(_ENABLED[0])
+    env = os.environ.get("ATTNDSL_HOPPER")
+    return None if env is None else env == "1"
+
+
+#: Where the Hopper forward was measured faster than the portable one on an H100 (same run):
+#: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Calls
+#: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take it only there. Empty until
+#: ``benchmarks/hopper.py`` has run on an H100: the selection is off by default.
+MEASURED_WINS: dict = {}
+
+
+def _measured_win(spec, q, k) -> bool:
+    key = (spec.mask is not None, spec.score is not None, q.shape[-1], q.dtype)
+    least = MEASURED_WINS.get(key)
+    return least is not None and q.shape[2] * k.shape[2] >= least
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperConfig:
+    """Tiles of the Hopper forward: ``block_m`` rows per consumer warp group, ``consumers`` groups
+    per program, ``block_n`` keys per K/V tile, ``stages`` buffers in the K/V ring; ``pipeline``:
+    each group overlaps a tile's softmax with the previous tile's P·V (FlashAttention-3's
+    intra-warpgroup pipelining)."""
+
+    block_m: int = 64
+    block_n: int = 128
+    stages: int = 2
+    consumers: int = 2
+    pipeline: bool = True
+
+    def __post_init__(self):
+        if self.consumers not in (1, 2):
+            raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
+        if self.stages < 1 or (self.pipeline and self.stages < 2):
+            # a pipelined group frees tile i's buffer only after asking for tile i+1's: one buffer deadlocks
+            raise ValueError(f"stages must be >= 1, and >= 2 with pipeline=True; got stages={self.stages}, "
+                             f"pipeline={self.pipeline}")
+        if self.block_m != 64 or self.block_n not in (64, 128):
+            raise ValueError(f"block_m must be 64 and block_n 64 or 128, got {self.block_m}, {self.block_n}")
+
+
+def config_for(head_dim: int) -> HopperConfig:
+    """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
+    (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 2 stages
+    takes 160 KiB of the H100's 227, D=64 with 4 stages 144 KiB."""
+    if head_dim == 128:
+        return HopperConfig(stages=2)
+    if head_dim == 64:
+        return HopperConfig(stages=4)
+    raise ValueError(f"the Hopper forward supports head dims 64 and 128, got {head_dim}")
+
+
+#: Triton releases whose Gluon API the Hopper module is written for (3.6: ``tma.async_copy_global_to_shared``,
+#: ``gl.warp_specialize(functions_and_args, worker_num_warps, worker_num_regs)``; 3.9 renamed the TMA copies)
+GLUON_VERSIONS = ("3.6",)
+
+
+def gluon_available() -> bool:
+    """Whether this Triton has the Gluon API the Hopper module is written for (``GLUON_VERSIONS``).
+    Other versions run the portable kernels."""
+    if not _GLUON:
+        try:
+            import triton
+            from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+            ok = triton.__version__.startswith(GLUON_VERSIONS)
+        except Exception:  # no Gluon at all
+            ok = False
+        _GLUON.append(ok)
+    return _GLUON[0]
+
+
+_GLUON: list = []
+
+
+def _sm90(dev: torch.device) -> bool:
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(dev) == (9, 0)
+
+
+def _tma_strides(t: torch.Tensor) -> bool:
+    """Can ``t`` ([B, H, L, D]) be read through a 4-D TMA descriptor: last stride 1, the base and
+    the other strides multiples of 16 bytes (any order of the leading dims: [B, L, H, D] views too)."""
+    es = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(n == 1 or (st * es) % 16 == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1])))
+
+
+def _descriptor(TensorDescriptor, gl, t: torch.Tensor, rows: int, el):
+    """A 4-D descriptor over ``t`` [B, H, L, D] with [1, 1, rows, D] boxes: rows past L read as zeros."""
+    box = [1, 1, rows, t.shape[-1]]
+    # a dim of one element may have any stride in torch: give it one TMA accepts
+    strides = [st if n > 1 else t.shape[-1] for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+    return TensorDescriptor(t, list(t.shape), strides, box, gl.NVMMASharedLayout.get_default_for(box, el))
+
+
+def hopper_spec(spec):
+    """``spec`` renamed for its Hopper module: kernel names and the module cache key differ from
+    the portable module's."""
+    return dataclasses.replace(spec, name=f"{spec.name}_sm90")
+
+
+class HopperForward:
+    """The Hopper forward of one spec. ``unsupported``: why this pattern runs on the portable
+    kernels only (None when the Hopper target renders it)."""
+
+    def __init__(self, spec):
+        self.spec = hopper_spec(spec)
+        self.unsupported = _gen.supports(spec)
+        self._kernel = None
+
+    def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
+        """Whether this call runs the Hopper forward (see the module docstring)."""
+        on = enabled()
+        if self.unsupported is not None or on is False:
+            return False
+        if on is None and not _measured_win(self.spec, q, k):
+            return False
+        if tables is not None or count_visits:
+            return False
+        if extras is not None and getattr(extras, "u", None) is not None:
+            return False
+        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+            return False
+        d = q.shape[-1]
+        if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
+            return False
+        if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in (q, k, v)):
+            return False
+        return _sm90(q.device) and gluon_available()
+
+    def kernel(self):
+        if self._kernel is None:
+            from . import cache
+            mod = cache.load(self.spec, interpret=False, render=_gen.render)
+            self._kernel = getattr(mod, _gen.kernel_name(self.spec))
+        return self._kernel
+
+    def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
+                buffers=()):
+        """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`);
+        ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None;
+        ``buffers``: the pattern's captured tensors, in slot order."""
+        from .launch import buffer_args
+        if len(buffers) != len(self.spec.buffers):
+            raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        B, Hq, Lq, D = q.shape
+        Hkv, Lkv = k.shape[1], k.shape[2]
+        cfg = cfg or config_for(D)
+        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        q_desc = _descriptor(TensorDescriptor, gl, q, cfg.block_m, el)
+        k_desc = _descriptor(TensorDescriptor, gl, k, cfg.block_n, el)
+        v_desc = _descriptor(TensorDescriptor, gl, v, cfg.block_n, el)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the portable forward's
+        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+        rows = cfg.block_m * cfg.consumers
+        grid = ((Lq + rows - 1) // rows, B * Hq)
+        self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2),
+                            Hq, Hq // Hkv, Lq, Lkv, float(scale), *buffer_args(buffers),
+                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
+                            CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=sinks is not None,
+                            num_warps=4)
+        return out, lse
+
+
+def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConfig | None = None):
+    """Compile ``spec``'s Hopper forward for sm_90 with no GPU present (Triton's NVIDIA backend and
+    its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``...).
+    Raises whatever the compiler raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from . import cache
+    cfg = cfg or config_for(head_dim)
+    hs = hopper_spec(spec)
+    mod = cache.load(hs, interpret=False, render=_gen.render)
+    fn = getattr(mod, _gen.kernel_name(hs))
+    el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    base = torch.empty(1, 1, 16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
+
+    def desc(rows):
+        return mangle_type(_descriptor(TensorDescriptor, gl, base, rows, el))
+
+    sig = {}
+    for p in _gen.signature(hs):
+        if p.kind == "constexpr":
+            sig[p.name] = "constexpr"
+        elif p.name == "q_desc":
+            sig[p.name] = desc(cfg.block_m)
+        elif p.name in ("k_desc", "v_desc"):
+            sig[p.name] = desc(cfg.block_n)
+        elif p.name == "Out":
+            sig[p.name] = "*" + dtype
+        elif p.kind == "tensor":
+            sig[p.name] = "*fp32"
+        elif p.kind == "float":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
+                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=True)
+    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4))
+
+
+_SMOKE = r"""
+import math, sys, torch
+import attndsl
+from attndsl.runtime import hopper
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+for d in (128, 64):
+    for mask in (None, causal):
+        for pipe in (True, False):
+            q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            cfg = hopper.HopperConfig(**{**vars(hopper.config_for(d)), "pipeline": pipe})
+            out, lse = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec).forward(q, k, v, 1 / math.sqrt(d), cfg)
+            torch.cuda.synchronize()
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)
+            err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
+            if not err < 2e-2:
+                sys.exit(f"D={d} mask={mask is not None} pipeline={pipe}: relative error {err:.3g} against SDPA")
+print("ok")
+"""
+
+
+def smoke_test(timeout: float = 300) -> str | None:
+    """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes) in a child
+    process with a time limit and compare them with SDPA. Returns None when they pass, else what
+    went wrong (an error, a wrong result, or a hang: the child is killed, so a deadlocked kernel
+    cannot stall the caller). For the GPU tests and the benchmark, before anything else runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    # the child imports this attndsl, wherever it lives
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [os.environ.get("PYTHONPATH", "")])
+    try:
+        p = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "ATTNDSL_HOPPER": "0", "PYTHONPATH": path.rstrip(os.pathsep)})
+    except subprocess.TimeoutExpired:
+        return f"the Hopper forward did not finish within {timeout:.0f} s (a deadlock?)"
+    if p.returncode != 0 or "ok" not in p.stdout:
+        return f"the Hopper smoke test failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}"
+    return None

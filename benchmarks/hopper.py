@@ -1,0 +1,191 @@
+"""The Hopper (Gluon, warp-specialised) forward against our Triton forward, SDPA (cuDNN) and
+FlexAttention, on an H100.
+
+    python -m benchmarks.hopper [--quick] [--sweep] [--json PATH]
+
+Cases: B=1, H=16, D=128, bf16, L in {4096, 16384} (``--quick``: 4096 only), dense and causal.
+Per case, forward only: ``attndsl`` Hopper forward (``HopperForward.forward``), ``attndsl``
+portable Triton forward (the runtime with the Hopper forward off), SDPA with the cuDNN backend
+(and the FlashAttention backend as a second anchor), FlexAttention compiled (block mask built
+once, outside the timing). Then forward+backward: the runtime with the Hopper forward on (Hopper
+forward, portable backward) and off. Every timed call is first checked against SDPA (max relative
+error under 2e-2). Timings: ``triton.testing.do_bench`` (median ms); TFLOP/s counts
+4·B·H·Lq·Lkv·D for the forward (half that under a causal mask), 3.5× that for forward+backward
+(the backward counted as 2.5 forwards).
+``--sweep``: the Hopper forward's tiles (consumers, stages, block_n) on each case.
+Each case runs in its own try/except and prints its full traceback on failure; rows are written to
+``$OUT/hopper.json`` (or ``--json``) after every case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+B, H, D = 1, 16, 128
+DTYPE = torch.bfloat16
+TOL = 2e-2
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1e-6)
+
+
+def tflops(L: int, is_causal: bool, ms: float, bwd: bool = False) -> float:
+    flops = 4.0 * B * H * L * L * D * (0.5 if is_causal else 1.0) * (3.5 if bwd else 1.0)
+    return flops / (ms * 1e-3) / 1e12
+
+
+def bench(fn, quick: bool) -> float:
+    import triton
+    return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 500,
+                                         return_mode="median"))
+
+
+def row(rows, out_path, **kw):
+    rows.append(kw)
+    ms = kw.get("ms")
+    extra = f"  {kw['note']}" if kw.get("note") else ""
+    print(f"{kw['case']:<18} {kw['impl']:<34} " + (f"{ms:8.3f} ms  {kw['tflops']:6.1f} TFLOP/s" if ms is not None
+                                                    else "   failed") + extra, flush=True)
+    if out_path is not None:
+        out_path.write_text(json.dumps(rows, indent=1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="L=4096 only, shorter timing")
+    ap.add_argument("--sweep", action="store_true", help="also time the Hopper forward's tile configurations")
+    ap.add_argument("--json", default=None, help="where to write the rows (default $OUT/hopper.json)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.hopper needs a CUDA device")
+        return 1
+    import attndsl
+    from attndsl.runtime import hopper
+    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper.json" if os.environ.get("OUT") else None)
+    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}, gluon ready: {hopper.gluon_available()}", flush=True)
+    rows: list = []
+    # small Hopper forwards in a child process with a time limit: a hang or a wrong result skips
+    # the Hopper rows instead of stalling the whole run
+    smoke = hopper.smoke_test()
+    hopper_ok = smoke is None
+    if not hopper_ok:
+        print(f"Hopper forward smoke test FAILED, its rows are skipped:\n{smoke}", flush=True)
+    lengths = [4096] if args.quick else [4096, 16384]
+    for L in lengths:
+        for is_causal in (False, True):
+            case = f"{'causal' if is_causal else 'dense'} L={L}"
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=DTYPE) for _ in range(3))
+            scale = 1.0 / math.sqrt(D)
+            want = None
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                from torch.nn.functional import scaled_dot_product_attention as sdpa
+                for name, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+                                      ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+                    try:
+                        with sdpa_kernel(backend):
+                            got = sdpa(q, k, v, is_causal=is_causal, scale=scale)
+                            want = got if want is None else want
+                            ms = bench(lambda: sdpa(q, k, v, is_causal=is_causal, scale=scale), args.quick)
+                        row(rows, out_path, case=case, impl=name, ms=ms, tflops=tflops(L, is_causal, ms))
+                    except Exception:
+                        traceback.print_exc()
+                        row(rows, out_path, case=case, impl=name, ms=None, note="failed")
+            except Exception:
+                traceback.print_exc()
+            try:
+                comp = attndsl.compile(mask_mod=causal if is_causal else None)
+                hf = hopper.HopperForward(comp.spec)
+            except Exception:
+                traceback.print_exc()
+                continue
+
+            def checked(name, fn, **extra):
+                try:
+                    got = fn()
+                    got = got[0] if isinstance(got, tuple) else got
+                    err = rel(got, want) if want is not None else float("nan")
+                    if want is not None and not err <= TOL:
+                        row(rows, out_path, case=case, impl=name, ms=None, note=f"WRONG: rel err {err:.3g} vs SDPA")
+                        return
+                    ms = bench(fn, args.quick)
+                    row(rows, out_path, case=case, impl=name, ms=ms, tflops=tflops(L, is_causal, ms), err=err, **extra)
+                except Exception:
+                    traceback.print_exc()
+                    row(rows, out_path, case=case, impl=name, ms=None, note="failed")
+
+            # the Hopper forward itself (no runtime around it)
+            if hopper_ok:
+                checked("attndsl Hopper fwd (Gluon)", lambda: hf.forward(q, k, v, scale))
+                nopipe = hopper.HopperConfig(**{**vars(hopper.config_for(D)), "pipeline": False})
+                checked("attndsl Hopper fwd, no pipelining", lambda: hf.forward(q, k, v, scale, nopipe))
+            # our portable forward through the runtime
+            hopper.enable(False)
+            try:
+                checked("attndsl Triton fwd", lambda: comp(q, k, v, scale=scale))
+            finally:
+                hopper.enable(None)
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                flex = torch.compile(flex_attention, dynamic=False)
+                bm = create_block_mask(causal, None, None, L, L, device="cuda") if is_causal else None
+                checked("FlexAttention (compiled)", lambda: flex(q, k, v, block_mask=bm, scale=scale))
+            except Exception:
+                traceback.print_exc()
+                row(rows, out_path, case=case, impl="FlexAttention (compiled)", ms=None, note="failed")
+            if args.sweep and hopper_ok:
+                for consumers in (1, 2):
+                    for stages in (1, 2, 3):
+                        for bn in (64, 128):
+                            for pipe in (True, False):
+                                if pipe and stages < 2:
+                                    continue  # deadlocks by design (HopperConfig refuses it)
+                                cfg = hopper.HopperConfig(block_m=64, block_n=bn, stages=stages, consumers=consumers,
+                                                          pipeline=pipe)
+                                checked(f"  Hopper c={consumers} s={stages} bn={bn} p={int(pipe)}",
+                                        lambda: hf.forward(q, k, v, scale, cfg))
+            # forward+backward: Hopper forward + portable backward, and all portable
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            dout = torch.randn_like(q)
+
+            def fwd_bwd():
+                qg.grad = kg.grad = vg.grad = None
+                o = comp(qg, kg, vg, scale=scale)
+                o.backward(dout)
+                return o
+
+            for on, name in ((True, "attndsl fwd+bwd, Hopper fwd"), (False, "attndsl fwd+bwd, Triton fwd")):
+                if on and not hopper_ok:
+                    continue
+                hopper.enable(on)
+                try:
+                    o = fwd_bwd()
+                    err = rel(o, want) if want is not None else float("nan")
+                    ms = bench(fwd_bwd, args.quick)
+                    row(rows, out_path, case=case, impl=name, ms=ms, tflops=tflops(L, is_causal, ms, bwd=True), err=err)
+                except Exception:
+                    traceback.print_exc()
+                    row(rows, out_path, case=case, impl=name, ms=None, note="failed")
+                finally:
+                    hopper.enable(None)
+            del q, k, v, qg, kg, vg
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

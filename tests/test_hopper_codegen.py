@@ -1,0 +1,101 @@
+"""The Hopper target without a GPU: which specs it renders, that the rendering is deterministic and
+carries the pattern's code, that the runtime never picks it off sm_90, and (where Triton 3.6's
+Gluon and its NVIDIA backend are installed) that two generated kernels compile for sm_90 with the
+warp-specialised machinery in their PTX."""
+import pytest
+import torch
+
+import attndsl
+from attndsl.codegen import hopper as gen
+from attndsl.patterns import causal, sliding_window, softcap
+from attndsl.runtime import hopper
+
+
+window = sliding_window(300)
+softcap = softcap(20.0)
+
+
+def distance_bias(score, b, h, q_idx, kv_idx):
+    return score - (h + 1) * 0.01 * (q_idx - kv_idx).abs()
+
+
+def either(b, h, q_idx, kv_idx):
+    return ((q_idx - kv_idx).abs() <= 8) | (kv_idx < 4)
+
+
+def test_supported_patterns_render():
+    from attndsl.patterns import alibi, alibi_slopes
+    for mask, score in [(None, None), (causal, None), (window, None), (None, softcap), (causal, distance_bias),
+                        (either, None), (causal, alibi(alibi_slopes(4)))]:
+        spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
+        assert gen.supports(spec) is None
+        src = gen.render(hopper.hopper_spec(spec))
+        assert src == gen.render(hopper.hopper_spec(spec))  # pure: the cache compares texts
+        compile(src, "<hopper>", "exec")
+        assert "gl.warp_specialize" in src and "warpgroup_mma" in src and "tma.async_copy_global_to_shared" in src
+        if mask is not None:
+            assert "if is_partial:" in src
+        if score is not None and score.__name__ == "alibi_bias":  # a captured tensor: its pointer, sizes, strides
+            assert "buf0, buf0_size0, buf0_stride0" in src
+        if mask is either:  # per-tile classification
+            assert "is_partial = is_partial & (" in src
+        if score is softcap:
+            assert "tl.sigmoid" in src or "_tanh" in src
+
+
+def test_unsupported_patterns_are_refused_with_a_reason():
+    ids = torch.zeros(64, dtype=torch.int32)
+
+    def doc(b, h, q_idx, kv_idx):
+        return ids[q_idx] == ids[kv_idx]
+
+    cases = {"sigmoid": attndsl.compile(mask_mod=causal, normalizer="sigmoid").spec,
+             "table": attndsl.compile(mask_mod=doc).spec}
+    for what, spec in cases.items():
+        why = gen.supports(spec)
+        assert why, what
+        with pytest.raises(ValueError, match="does not render"):
+            gen.render(spec)
+        assert hopper.HopperForward(spec).unsupported == why
+
+
+def test_never_selected_off_sm90(monkeypatch):
+    spec = attndsl.compile(mask_mod=causal).spec
+    hf = hopper.HopperForward(spec)
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("ATTNDSL_HOPPER", "1")
+    assert hopper.enabled()
+    assert not hf.applies(q, q, q)  # CPU tensors
+    monkeypatch.setenv("ATTNDSL_HOPPER", "0")
+    assert hopper.enabled() is False
+    monkeypatch.delenv("ATTNDSL_HOPPER")
+    assert hopper.enabled() is None and not hopper.MEASURED_WINS  # off until measured
+    hopper.enable(True)
+    try:
+        assert hopper.enabled()
+    finally:
+        hopper.enable(None)
+
+
+def _toolchain() -> bool:
+    from attndsl.testing import sm90
+    return hopper.gluon_available() and sm90.available()
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
+def test_compiles_for_sm90():
+    """One kernel (mask and score_mod, the default tiles; about 6 s): the rest compile by hand
+    (``attndsl.runtime.hopper.compile_sm90``)."""
+    spec = attndsl.compile(mask_mod=causal, score_mod=distance_bias).spec
+    k = hopper.compile_sm90(spec, "bf16", 128)
+    ptx = k.asm["ptx"]
+    for what in ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor", "mbarrier.try_wait"):
+        assert what in ptx, what
+
+
+def test_config_refuses_a_deadlocking_ring():
+    with pytest.raises(ValueError, match="stages"):
+        hopper.HopperConfig(stages=1, pipeline=True)
+    hopper.HopperConfig(stages=1, pipeline=False)
+    with pytest.raises(ValueError, match="consumers"):
+        hopper.HopperConfig(consumers=3)
