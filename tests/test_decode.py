@@ -520,3 +520,125 @@ def test_reads_only_the_visited_tiles():
     vp[:, :, ~keep] = float("nan")
     out = decode(q, kp, vp, seq_lens=lens, indices=idx, num_splits=2)
     torch.testing.assert_close(out.double(), ro, **TOL)
+
+
+def test_memoised_calls_take_new_tensors(monkeypatch):
+    """A repeated call of one shape launches the memoised plan: no checks, no planning; its fresh
+    inputs (data, lengths, offsets, page table, sinks, captured tensors) are the ones read."""
+    from attndsl.serving import decoding
+    B, Hq, Hkv, lq = 2, 4, 2, 2
+    doc = torch.tensor([0] * 40 + [1] * 88, dtype=torch.int32)
+    kw = lambda d: dict(mask_mod=document(d), sinks=torch.randn(Hq), num_splits=2)  # noqa: E731
+    cache = _paged(B, Hkv, [128, 70], 16, seed=21)
+    q = torch.randn(B, Hq, lq, D)
+    _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table, **kw(doc))
+    planned = []
+
+    def recorded(name, f):
+        return lambda *a: (planned.append(name), f(*a))[1]
+    monkeypatch.setattr(decoding, "_check", recorded("check", decoding._check))
+    monkeypatch.setattr(decoding, "_plan", recorded("plan", decoding._plan))
+    for seed in (22, 23):
+        other = _paged(B, Hkv, [90, 128], 16, seed=seed)  # other pages, lengths, data: same shapes
+        doc2 = torch.tensor([0] * 70 + [1] * 58, dtype=torch.int32)
+        _check(torch.randn(B, Hq, lq, D), other.k_pool, other.v_pool, seq_lens=other.seq_lens,
+               page_table=other.page_table, q_offsets=torch.tensor([3, 100]), **kw(doc2))
+    assert planned == ["check", "plan"]  # q_offsets (first given here) is a new call key; then memoised
+
+
+def test_memo_key_sees_shapes_and_options():
+    """Another shape, stride or option is another plan (checked and planned again), never a stale one."""
+    from attndsl.serving import decoding
+    B, Hq, Hkv, L = 2, 4, 2, 64
+    k, v = _contiguous(B, Hkv, L, 5)
+    lens = torch.tensor([64, 33])
+    q = torch.randn(B, Hq, 1, D)
+    decoding._PLANS.clear()
+    for _ in range(2):
+        _check(q, k, v, seq_lens=lens, mask_mod=causal)
+        _check(q, k, v, seq_lens=lens, mask_mod=causal, num_splits=3)
+        _check(q, k[:, :, :48], v[:, :, :48], seq_lens=lens.clamp(max=48), mask_mod=causal)  # other extent
+        _check(torch.randn(B, Hq, 3, D), k, v, seq_lens=lens, mask_mod=causal)
+        assert len(decoding._PLANS) == 4
+    with pytest.raises(ValueError, match="k_cache"):
+        decode(q, k.half(), v, seq_lens=lens)  # a new key checks again
+
+
+def _compiled_step(fn, *args):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    cnt = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=cnt), cnt
+
+
+def test_fullgraph_compile_decode_contiguous():
+    """A decode step under torch.compile(fullgraph=True) is the attndsl::decode op: compiled output
+    equals eager, both match the oracle; new lengths and captured tensors need no recompile."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    B, Hq, Hkv, L, Dm = 2, 4, 2, 64, 32
+    torch.manual_seed(0)
+    wq = torch.randn(Dm, Hq * D) / Dm ** 0.5
+    sinks = torch.randn(Hq)
+    slopes = alibi_slopes(Hq)
+    k, v = _contiguous(B, Hkv, L, 31)
+    # patterns made outside the compiled step (a closure made inside it that holds a tensor cannot be
+    # resolved while dynamo traces: attndsl.attention's limit too)
+    win, bias = sliding_window(24), alibi(slopes)
+
+    def step(x, k, v, lens):
+        q = (x @ wq).view(B, 1, Hq, D).transpose(1, 2)
+        o, lse = decode(q, k, v, seq_lens=lens, mask_mod=win, score_mod=bias, sinks=sinks, return_lse=True)
+        return o.transpose(1, 2).reshape(B, Hq * D), lse
+
+    cstep, cnt = _compiled_step(step)
+    with torch.no_grad():
+        for lens in (torch.tensor([64, 17]), torch.tensor([40, 64])):
+            x = torch.randn(B, Dm)
+            eo, el = step(x, k, v, lens)
+            co, cl = cstep(x, k, v, lens)
+            torch.testing.assert_close(co, eo, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(cl, el, atol=1e-6, rtol=1e-6)
+            q = (x @ wq).view(B, 1, Hq, D).transpose(1, 2)
+            ro, rl = decode_reference(q, k, v, seq_lens=lens, mask_mod=win, score_mod=bias, sinks=sinks)
+            torch.testing.assert_close(co.double(), ro.transpose(1, 2).reshape(B, Hq * D), **TOL)
+            torch.testing.assert_close(cl.double(), rl, **TOL)
+        assert cnt.frame_count == 1
+        rec = EagerAndRecordGraphs()
+        torch.compile(step, fullgraph=True, backend=rec)(torch.randn(B, Dm), k, v, torch.tensor([64, 17]))
+        assert "attndsl.decode" in rec.graphs[0].code
+
+
+def test_fullgraph_compile_paged_step_with_append():
+    """A whole serving step compiled with fullgraph=True: project a token, append it to the paged
+    cache (device ops only), decode over the cache. Compiled steps track eager steps on a copy of the
+    cache, and every step matches the oracle on the logical cache."""
+    B, Hq, Hkv, Dm, ps = 2, 4, 2, 32, 16
+    torch.manual_seed(1)
+    wq, wk, wv = (torch.randn(Dm, h * D) / Dm ** 0.5 for h in (Hq, Hkv, Hkv))
+
+    def make():
+        c = _paged(B, Hkv, [40, 21], ps, seed=41, max_seq_len=64)
+        for s in range(B):
+            c.reserve(s, 64)
+        return c
+
+    eager_cache, comp_cache = make(), make()
+
+    def step(cache, x):
+        q = (x @ wq).view(B, 1, Hq, D).transpose(1, 2)
+        kn = (x @ wk).view(B, 1, Hkv, D).transpose(1, 2)
+        vn = (x @ wv).view(B, 1, Hkv, D).transpose(1, 2)
+        cache.append_step(kn, vn)
+        return cache.decode(q, mask_mod=causal), q
+
+    cstep, cnt = _compiled_step(step)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(B, Dm)
+            eo, _ = step(eager_cache, x)
+            co, q = cstep(comp_cache, x)
+            torch.testing.assert_close(co, eo, atol=1e-6, rtol=1e-6)
+            assert torch.equal(comp_cache.seq_lens, eager_cache.seq_lens)
+            ro, _ = decode_reference(q, comp_cache.k_pool, comp_cache.v_pool, seq_lens=comp_cache.seq_lens,
+                                     page_table=comp_cache.page_table, mask_mod=causal)
+            torch.testing.assert_close(co.double(), ro, **TOL)
+    assert cnt.frame_count == 1
