@@ -642,3 +642,29 @@ def test_fullgraph_compile_paged_step_with_append():
                                      page_table=comp_cache.page_table, mask_mod=causal)
             torch.testing.assert_close(co.double(), ro, **TOL)
     assert cnt.frame_count == 1
+
+
+def test_tuning_regimes_and_config():
+    """The TUNING key of the benchmark's cases (an H100's 132 SMs), the wide-head adjustment and the
+    kernel_options overrides."""
+    from attndsl.serving.decoding import TUNING, decode_config, decode_layout, decode_regime
+    sms = 132
+    assert decode_regime(64 * 8, 4096, sms, False) == "many"       # B=64 at 4K
+    assert decode_regime(8 * 8, 4096, sms, False) == "short"       # a 4096 window, B=8
+    assert decode_regime(8 * 8, 32768, sms, False) == "long"       # B=8 at 32K
+    assert decode_regime(1 * 8, 131072, sms, False) == "long"      # B=1 at 128K
+    assert decode_regime(8 * 8, 2048, sms, True) == "gather"
+    assert [decode_layout(p) for p in (0, 16, 32, 64, 256)] == ["contiguous", "paged_small", "paged_small", "paged",
+                                                                 "paged"]
+    assert all(len(v) == 4 for v in TUNING.values())
+    bn, nw, ns, per_sm = TUNING[("short", "paged_small")]
+    cfg = decode_config(128, False, None, ("short", "paged_small"))
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.per_sm) == (bn, nw, ns, per_sm)
+    wide = decode_config(256, False, None, ("short", "paged_small"))
+    assert wide.block_n == max(16, bn // 2) and wide.num_stages <= 2
+    cfg = decode_config(128, False, {"BLOCK_N": 16, "per_sm": 8}, ("many", "contiguous"))
+    assert (cfg.block_n, cfg.per_sm) == (16, 8)
+    with pytest.raises(ValueError, match="per_sm"):
+        decode_config(128, False, {"per_sm": 0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        decode_config(128, False, {"BLOCK_K": 16})
