@@ -108,14 +108,15 @@ def copy_gbps(dev, nbytes=2**30):
 class Setup:
     """One cache: a paged pool (pages shuffled) and the same logical content contiguous."""
 
-    def __init__(self, B, L, page_size, dev, dtype, gen, contiguous=True):
+    def __init__(self, B, L, page_size, dev, dtype, gen, contiguous=True, shuffle=True):
         from attndsl.serving import PagedKVCache
         self.B, self.L, self.page_size = B, L, page_size
         pages = B * (L // page_size)
         self.cache = PagedKVCache(pages, page_size, HKV, D, max_batch=B, max_seq_len=L, dtype=dtype, device=dev)
         self.cache.k_pool.normal_(generator=gen)
         self.cache.v_pool.normal_(generator=gen)
-        perm = torch.randperm(pages, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+        perm = (torch.randperm(pages, generator=torch.Generator().manual_seed(0)) if shuffle
+                else torch.arange(pages)).to(torch.int32)
         self.cache.page_table.copy_(perm.view(B, -1).to(dev))
         self.cache.seq_lens.fill_(L)
         self.k = self.v = None
@@ -375,9 +376,10 @@ def sweep_cases(cpu: bool):
     """``(name, regime, B, L, window or None, layouts)``: the cases whose aims the first GPU run missed."""
     if cpu:
         return [("window", "short", 2, 256, 64, ("contiguous", "paged16")),
-                ("many", "many", 4, 128, None, ("contiguous", "contiguous_pad", "paged16"))]
+                ("many", "many", 4, 128, None, ("contiguous", "contiguous_pad", "paged16", "paged16_inorder"))]
     return [("window4096", "short", 8, 32768, 4096, ("contiguous", "paged128", "paged16")),
-            ("B64_4K", "many", 64, 4096, None, ("contiguous", "contiguous_pad", "paged128", "paged16")),
+            ("B64_4K", "many", 64, 4096, None, ("contiguous", "contiguous_pad", "paged128", "paged16",
+                                                          "paged16_inorder")),
             ("B8_32K", "long", 8, 32768, None, ("paged16",)),
             ("B1_128K", "long", 1, 131072, None, ("paged16",))]
 
@@ -408,7 +410,8 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
                                                                    enable_gqa=True)
             pat = dict(mask_mod=sliding_window(W)) if W else {}
             for layout in layouts:
-                ps = int(layout[5:]) if layout.startswith("paged") else 0
+                inorder = layout.endswith("_inorder")  # pages in allocation order, not shuffled
+                ps = int(layout[5:].replace("_inorder", "")) if layout.startswith("paged") else 0
                 kk, vv = st.k, st.v
                 if layout == "contiguous_pad":
                     # the same cache with each (sequence, head) region one 64-row tile longer: do
@@ -416,18 +419,19 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
                     # DRAM channels (paged pages, shuffled, were faster than contiguous at B=64, 4K)?
                     kk = torch.zeros(B, HKV, L + 64, D, device=dev, dtype=dtype)[:, :, :L].copy_(st.k)
                     vv = torch.zeros(B, HKV, L + 64, D, device=dev, dtype=dtype)[:, :, :L].copy_(st.v)
-                if ps and ps != st.page_size:
-                    sp = Setup(B, L, ps, dev, dtype, gen, contiguous=False)
+                if ps and (ps != st.page_size or inorder):
+                    sp = Setup(B, L, ps, dev, dtype, gen, contiguous=False, shuffle=not inorder)
                     pt = sp.cache.page_table.to(torch.int64)
                     sp.cache.k_pool[pt] = st.k.transpose(1, 2).reshape(B, -1, ps, HKV, D)
                     sp.cache.v_pool[pt] = st.v.transpose(1, 2).reshape(B, -1, ps, HKV, D)
                 else:
                     sp = st
-                key = (regime, decode_layout(ps) if layout != "contiguous_pad" else "contiguous_pad")
+                probe = layout in ("contiguous_pad", "paged16_inorder")  # layouts, not TUNING keys
+                key = (regime, layout if probe else decode_layout(ps))
                 current = TUNING[(regime, decode_layout(ps))]
                 tiles = SWEEP_TILES + (SWEEP_SMALL_PAGE_TILES if 0 < ps < 64 else ())
                 cands = [(*t, p) for t in tiles for p in SWEEP_PER_SM[regime]]
-                if layout == "contiguous_pad":  # a probe of the layout, not of the tiles
+                if probe:  # a probe of the layout, not of the tiles
                     cands = [c for c in cands if c[:3] == current[:3]]
                 if cpu:  # the dry run: a few candidates (the interpreter ignores warps and stages)
                     cands = cands[:: max(1, len(cands) // 3)]
@@ -475,7 +479,7 @@ def sweep_table(rows, tuning) -> str:
     lines = ["", "decode sweep (CUDA-graph replay, ms; frac = achieved / copy bandwidth)"]
     for key, rs in by_key.items():
         cases = sorted({(r["sweep_case"], r["layout"]) for r in rs})
-        cur = tuple(tuning.get(key, tuning[(key[0], "contiguous")]))
+        cur = tuple(tuning.get(key, tuning[(key[0], "paged_small" if "paged" in key[1] else "contiguous")]))
         t = {(r["sweep_case"], r["layout"], tuple(r["config"])): r for r in rs}
         lines.append(f"{key}: current {cur}")
         best, best_score = None, None
