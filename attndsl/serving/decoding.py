@@ -71,7 +71,7 @@ SHORT_WIDTH = 8192
 #: programs per SM below which a grid does not fill the GPU (the "many" regime's bound, and the split
 #: heuristic's default)
 FILL_PER_SM = 2
-_OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm")
+OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm")
 
 
 def decode_regime(programs: int, width: int, sms: int, gather: bool) -> str:
@@ -104,10 +104,10 @@ def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = 
             bn, ns = max(16, bn // 2), min(ns, 2)
         cfg = DecodeConfig(bn, 64, nw, ns, per_sm)
     ko = dict(kernel_options or {})
-    unknown = set(ko) - set(_OPTION_KEYS)
+    unknown = set(ko) - set(OPTION_KEYS)
     if unknown:
         raise ValueError(f"decode kernel_options: unknown keys {sorted(unknown)}; "
-                         f"expected {', '.join(_OPTION_KEYS)}")
+                         f"expected {', '.join(OPTION_KEYS)}")
     cfg = DecodeConfig(int(ko.get("BLOCK_N", cfg.block_n)), int(ko.get("BLOCK_M", cfg.block_m)),
                        int(ko.get("num_warps", cfg.num_warps)), int(ko.get("num_stages", cfg.num_stages)),
                        int(ko.get("per_sm", cfg.per_sm)))
@@ -517,6 +517,29 @@ def run(spec, tensors: list, query: torch.Tensor, k_cache: torch.Tensor, v_cache
     return out, (lse if softmax else None)
 
 
+def _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, score_mod, scale, normalizer,
+            sigmoid_bias, sinks, bias_factors, indices, max_seq_len, num_splits, kernel_options):
+    """:func:`attndsl.serving.decode` while dynamo traces: the pattern resolved once (a constant of
+    the graph), its captured tensors followed from the functions (graph inputs bound per call), the
+    shapes checked in plain Python, then the ``attndsl::decode`` op. Returns ``(out, lse | None)``."""
+    from ..api import _resolve_for_trace
+    from ..runtime.patterns import follow
+    meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, False, None)
+    tensors = [follow((mask_mod, score_mod), p) for p in paths]
+    _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table, sinks, bias_factors, indices)
+    _check_grads(query, k_cache, v_cache, sinks, bias_factors, tensors)
+    ko = dict(kernel_options or {})
+    unknown = set(ko) - set(OPTION_KEYS)
+    if unknown:
+        _fail(f"kernel_options: unknown keys {sorted(unknown)}; expected {', '.join(OPTION_KEYS)}")
+    u, w = bias_factors if bias_factors is not None else (None, None)
+    out, lse = torch.ops.attndsl.decode(query, k_cache, v_cache, seq_lens, q_offsets, page_table, tensors, sinks, u, w,
+                                        indices, meta.key, query.shape[-1] ** -0.5 if scale is None else float(scale),
+                                        None if sigmoid_bias is None else float(sigmoid_bias), int(max_seq_len or 0),
+                                        int(num_splits or 0), [int(ko.get(n, 0)) for n in OPTION_KEYS])
+    return out, (lse if normalizer == "softmax" else None)
+
+
 #: the compiled pattern of a call with neither mask_mod nor score_mod, by normaliser (no pattern walk)
 _PLAIN: dict = {}
 
@@ -595,8 +618,7 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     if return_lse and normalizer != "softmax":
         _fail("return_lse needs the softmax normalizer")
     if torch.compiler.is_compiling():
-        from .op import traced_decode
-        out, lse = traced_decode(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, score_mod, scale,
+        out, lse = _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, score_mod, scale,
                                  normalizer, sigmoid_bias, sinks, bias_factors, indices, max_seq_len, num_splits,
                                  kernel_options)
     else:
