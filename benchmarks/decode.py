@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode [--quick] [--json PATH] [--no-flex] [--budget-s 330]
     python -m benchmarks.decode --sweep           # tile/split candidates of the missed aims -> TUNING lines
+    python -m benchmarks.decode --summarize decode.json   # the sweep table of a run's JSON rows
     python -m benchmarks.decode --host-cpu        # host time per call, kernel launches stubbed (no GPU)
     python -m benchmarks.decode --device cpu      # a dry run of every code path at tiny sizes
 
@@ -548,10 +549,17 @@ def main(argv=None):
                    help="only time the tile/split candidates of the cases that missed their aims (prints TUNING lines)")
     p.add_argument("--sweep-cases", default=None,
                    help="with --sweep: a comma-separated subset of window4096,B64_4K,B8_32K,B1_128K")
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="print the sweep table of a --sweep run's JSON rows (e.g. one stopped by a timeout)")
     p.add_argument("--host-cpu", action="store_true",
                    help="only the host time per call with kernel launches stubbed (CPU tensors)")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this long")
     args = p.parse_args(argv)
+    if args.summarize:
+        from attndsl.serving.decoding import TUNING
+        rows = [r for r in json.loads(Path(args.summarize).read_text()) if r.get("case") == "sweep" and "ours_ms" in r]
+        print(sweep_table(rows, TUNING))
+        return 0
     if args.host_cpu:
         print(json.dumps(dict(case="host_cpu", unit="us per call", **host_cpu())))
         return 0
