@@ -369,7 +369,8 @@ def run(args):
 SWEEP_TILES = ((32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2),
                (128, 8, 3))
 SWEEP_SMALL_PAGE_TILES = ((16, 4, 4), (16, 4, 6), (16, 2, 4))
-#: split policies (programs per SM the split heuristic counts) by regime
+#: split policies (programs per SM the split heuristic counts) by regime; each candidate also runs with
+#: the rotated start (``rotate``) for the current and the default tiles
 SWEEP_PER_SM = {"short": (1, 2, 4, 8), "many": (2, 8), "long": (2, 4)}
 
 
@@ -431,24 +432,27 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
                 key = (regime, layout if probe else decode_layout(ps))
                 current = TUNING[(regime, decode_layout(ps))]
                 tiles = SWEEP_TILES + (SWEEP_SMALL_PAGE_TILES if 0 < ps < 64 else ())
-                cands = [(*t, p) for t in tiles for p in SWEEP_PER_SM[regime]]
+                cands = [(*t, p, 0) for t in tiles for p in SWEEP_PER_SM[regime]]
+                # the rotated start with the current entry's tiles and the default tiles, every split policy
+                cands += [(*t[:3], p, 1) for t in {current[:3], (64, 4, 3)} for p in SWEEP_PER_SM[regime]]
                 if probe:  # a probe of the layout, not of the tiles
                     cands = [c for c in cands if c[:3] == current[:3]]
                 if cpu:  # the dry run: a few candidates (the interpreter ignores warps and stages)
                     cands = cands[:: max(1, len(cands) // 3)]
                 if current not in cands:
                     cands.insert(0, current)
-                for bn, nw, ns, per_sm in cands:
+                for bn, nw, ns, per_sm, rot in cands:
                     if over_budget():
                         break
-                    ko = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, per_sm=per_sm)
+                    ko = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, per_sm=per_sm, rotate=rot)
                     if ps:
                         fn = lambda: sp.cache.decode(q, kernel_options=ko, **pat)  # noqa: E731
                     else:
                         fn = lambda: decode(q, kk, vv, seq_lens=lens, kernel_options=ko, **pat)  # noqa: E731
                     row = dict(B=B, Hq=HQ, Hkv=HKV, Lq=1, Lkv=L, D=D, dtype=str(dtype).replace("torch.", ""),
                                bytes=nbytes, case="sweep", sweep_case=name, layout=layout, tuning_key=list(key),
-                               config=[bn, nw, ns, per_sm], current=(bn, nw, ns, per_sm) == current, window=W)
+                               config=[bn, nw, ns, per_sm, rot], current=(bn, nw, ns, per_sm, rot) == current,
+                               window=W)
                     try:
                         row["rel_err"] = round(_rel(fn(), ref), 5)
                         if row["rel_err"] > TOL:

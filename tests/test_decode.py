@@ -424,7 +424,7 @@ for label, mask, score, norm in cases:
         cx_all = dict(HEAD_D=128, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEAD_DV=128, BLOCK_DV=128, PAGED=bool(paged),
                       PAGE_SIZE=page, UPCAST=False, DOT_PRECISION="tf32", DIRECT=bool(direct), SIGMOID_DEFAULT=True,
                       HAS_SINKS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_S=8, SOFTMAX=norm == "softmax",
-                      QOFF_FROM_LEN=not direct)
+                      QOFF_FROM_LEN=not direct, ROTATE=bool(direct))
         sig, cx = {}, {}
         for name, p in zip(k.arg_names, k.params):
             if p.is_constexpr:
@@ -656,10 +656,10 @@ def test_tuning_regimes_and_config():
     assert decode_regime(8 * 8, 2048, sms, True) == "gather"
     assert [decode_layout(p) for p in (0, 16, 32, 64, 256)] == ["contiguous", "paged_small", "paged_small", "paged",
                                                                  "paged"]
-    assert all(len(v) == 4 for v in TUNING.values())
-    bn, nw, ns, per_sm = TUNING[("short", "paged_small")]
+    assert all(len(v) == 5 for v in TUNING.values())
+    bn, nw, ns, per_sm, rotate = TUNING[("short", "paged_small")]
     cfg = decode_config(128, False, None, ("short", "paged_small"))
-    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.per_sm) == (bn, nw, ns, per_sm)
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.per_sm, cfg.rotate) == (bn, nw, ns, per_sm, bool(rotate))
     wide = decode_config(256, False, None, ("short", "paged_small"))
     assert wide.block_n == max(16, bn // 2) and wide.num_stages <= 2
     cfg = decode_config(128, False, {"BLOCK_N": 16, "per_sm": 8}, ("many", "contiguous"))
@@ -668,3 +668,22 @@ def test_tuning_regimes_and_config():
         decode_config(128, False, {"per_sm": 0})
     with pytest.raises(ValueError, match="unknown keys"):
         decode_config(128, False, {"BLOCK_K": 16})
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_rotated_start(paged):
+    """``rotate``: every program walks its key range from a tile of its own (wrapping); the answers
+    are the oracle's for one split and several, with partial tiles (length, window edges) anywhere
+    in the walk."""
+    B, Hq, Hkv, lq = 3, 4, 2, 2
+    cache = _paged(B, Hkv, [128, 70, 33], 16, seed=51)
+    q = torch.randn(B, Hq, lq, D)
+    if paged:
+        kv = dict(k=cache.k_pool, v=cache.v_pool, page_table=cache.page_table)
+    else:
+        k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
+        kv = dict(k=k, v=v)
+    for pat in (dict(), dict(mask_mod=sliding_window(40)), dict(mask_mod=causal, score_mod=softcap(4.0))):
+        for ns in (1, 3):
+            _check(q, kv["k"], kv["v"], seq_lens=cache.seq_lens, page_table=kv.get("page_table"), num_splits=ns,
+                   kernel_options={"BLOCK_N": 16, "rotate": 1}, **pat)

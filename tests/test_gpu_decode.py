@@ -174,7 +174,8 @@ def test_compiled_step_reduce_overhead():
 
 
 @pytest.mark.parametrize("ko", [dict(BLOCK_N=16, num_stages=4), dict(BLOCK_N=32, num_warps=8, per_sm=4),
-                                dict(BLOCK_N=128, num_warps=8, num_stages=2)])
+                                dict(BLOCK_N=128, num_warps=8, num_stages=2), dict(rotate=1),
+                                dict(rotate=1, per_sm=8, num_stages=4)])
 def test_sweep_options_are_correct(ko):
     """The tile options ``benchmarks/decode.py --sweep`` times give right answers (pages of 16)."""
     B, Hq, Hkv, D = 4, 32, 8, 128

@@ -41,9 +41,11 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     per_sm: int = 2   # programs the split heuristic counts resident per SM (more: more, shorter splits)
+    rotate: bool = False  # each program starts its key range at a tile of its own (ROTATE)
 
 
-#: GPU tiles of the decode kernel by case: ``(regime, layout) -> (BLOCK_N, num_warps, num_stages, per_sm)``
+#: GPU tiles of the decode kernel by case: ``(regime, layout) -> (BLOCK_N, num_warps, num_stages, per_sm,
+#: rotate)``
 #: for head dims up to 128 (wider heads halve BLOCK_N and keep at most 2 stages). ``regime``
 #: (:func:`decode_regime`): ``"many"`` (the grid of sequences x KV heads already fills the GPU: B=64
 #: at 4K), ``"short"`` (it does not, and the visited range is at most ``SHORT_WIDTH`` keys: a 4096
@@ -51,27 +53,27 @@ class DecodeConfig:
 #: ``"contiguous"``, ``"paged"`` (pages of at least 64 rows) or ``"paged_small"`` (16 or 32).
 #: Rows come from ``python -m benchmarks.decode --sweep`` on an H100, which prints the best
 #: entry of each case in this form; an entry nobody measured yet keeps the first run's defaults
-#: (64, 4, 3, 2: measured 2026-12-06 at 0.97 of the copy's bandwidth for B=8 at 32K).
-TUNING: dict[tuple[str, str], tuple[int, int, int, int]] = {
-    ("long", "contiguous"): (64, 4, 3, 2),
-    ("long", "paged"): (64, 4, 3, 2),
-    ("long", "paged_small"): (64, 4, 3, 2),
-    ("short", "contiguous"): (64, 4, 3, 2),
-    ("short", "paged"): (64, 4, 3, 2),
-    ("short", "paged_small"): (64, 4, 3, 2),
-    ("many", "contiguous"): (64, 4, 3, 2),
-    ("many", "paged"): (64, 4, 3, 2),
-    ("many", "paged_small"): (64, 4, 3, 2),
-    ("gather", "contiguous"): (64, 4, 3, 2),
-    ("gather", "paged"): (64, 4, 3, 2),
-    ("gather", "paged_small"): (64, 4, 3, 2),
+#: (64, 4, 3, 2, no rotation: measured 2026-12-06 at 0.97 of the copy's bandwidth for B=8 at 32K).
+TUNING: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
+    ("long", "contiguous"): (64, 4, 3, 2, 0),
+    ("long", "paged"): (64, 4, 3, 2, 0),
+    ("long", "paged_small"): (64, 4, 3, 2, 0),
+    ("short", "contiguous"): (64, 4, 3, 2, 0),
+    ("short", "paged"): (64, 4, 3, 2, 0),
+    ("short", "paged_small"): (64, 4, 3, 2, 0),
+    ("many", "contiguous"): (64, 4, 3, 2, 0),
+    ("many", "paged"): (64, 4, 3, 2, 0),
+    ("many", "paged_small"): (64, 4, 3, 2, 0),
+    ("gather", "contiguous"): (64, 4, 3, 2, 0),
+    ("gather", "paged"): (64, 4, 3, 2, 0),
+    ("gather", "paged_small"): (64, 4, 3, 2, 0),
 }
 #: the longest visited range (keys) of the "short" regime
 SHORT_WIDTH = 8192
 #: programs per SM below which a grid does not fill the GPU (the "many" regime's bound, and the split
 #: heuristic's default)
 FILL_PER_SM = 2
-OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm")
+OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm", "rotate")
 
 
 def decode_regime(programs: int, width: int, sms: int, gather: bool) -> str:
@@ -94,15 +96,15 @@ def decode_layout(page_size: int) -> str:
 def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = None,
                   case: tuple[str, str] = ("long", "contiguous")) -> DecodeConfig:
     """Tiles of the decode kernels for a :data:`TUNING` ``case``; ``kernel_options`` may set
-    ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages`` and ``per_sm`` (the split heuristic's
-    programs per SM)."""
+    ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``, ``per_sm`` (the split heuristic's
+    programs per SM) and ``rotate`` (0/1: each program starts at a tile of its own)."""
     if interpret:
         cfg = DecodeConfig(32, 64, 4, 1)
     else:
-        bn, nw, ns, per_sm = TUNING.get(case, TUNING[("long", "contiguous")])
+        bn, nw, ns, per_sm, rotate = TUNING.get(case, TUNING[("long", "contiguous")])
         if block_d(head_dim) > 128:  # wider rows: half the keys per tile, two stages of shared memory
             bn, ns = max(16, bn // 2), min(ns, 2)
-        cfg = DecodeConfig(bn, 64, nw, ns, per_sm)
+        cfg = DecodeConfig(bn, 64, nw, ns, per_sm, bool(rotate))
     ko = dict(kernel_options or {})
     unknown = set(ko) - set(OPTION_KEYS)
     if unknown:
@@ -110,7 +112,7 @@ def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = 
                          f"expected {', '.join(OPTION_KEYS)}")
     cfg = DecodeConfig(int(ko.get("BLOCK_N", cfg.block_n)), int(ko.get("BLOCK_M", cfg.block_m)),
                        int(ko.get("num_warps", cfg.num_warps)), int(ko.get("num_stages", cfg.num_stages)),
-                       int(ko.get("per_sm", cfg.per_sm)))
+                       int(ko.get("per_sm", cfg.per_sm)), bool(ko.get("rotate", cfg.rotate)))
     for name, v in (("BLOCK_N", cfg.block_n), ("BLOCK_M", cfg.block_m)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"decode kernel_options: {name} must be a power of two >= 16, got {v}")
@@ -323,7 +325,7 @@ def _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, 
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DIRECT=direct,
                   SIGMOID_DEFAULT=not softmax and sigmoid_bias is None, QOFF_FROM_LEN=q_offsets is None,
                   HAS_SINKS=sinks is not None and direct, HAS_BIAS=bias_factors is not None,
-                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
+                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()), ROTATE=cfg.rotate and not gather)
     merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=block_d(Dv), BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
                         HAS_SINKS=sinks is not None, SOFTMAX=softmax)
     names = codegen.decode.kernel_names(r.spec)
@@ -536,7 +538,7 @@ def _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, 
     out, lse = torch.ops.attndsl.decode(query, k_cache, v_cache, seq_lens, q_offsets, page_table, tensors, sinks, u, w,
                                         indices, meta.key, query.shape[-1] ** -0.5 if scale is None else float(scale),
                                         None if sigmoid_bias is None else float(sigmoid_bias), int(max_seq_len or 0),
-                                        int(num_splits or 0), [int(ko.get(n, 0)) for n in OPTION_KEYS])
+                                        int(num_splits or 0), [int(ko.get(n, -1)) for n in OPTION_KEYS])
     return out, (lse if normalizer == "softmax" else None)
 
 
@@ -599,8 +601,9 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
             on it, ``B`` and the heads, so one shape serves every step of a CUDA graph.
         num_splits (int | None): key splits per (sequence, KV head); default from the SM count
             and the visited range at ``max_seq_len``.
-        kernel_options (dict | None): ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages`` and
-            ``per_sm`` (programs per SM the split heuristic counts); default from :data:`TUNING`.
+        kernel_options (dict | None): ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``,
+            ``per_sm`` (programs per SM the split heuristic counts) and ``rotate`` (0/1: each program
+            starts its key range at a tile of its own); default from :data:`TUNING`.
 
     Returns:
         ``out [B, Hq, Lq, Dv]`` in the query's dtype; with ``return_lse`` ``(out, lse)``. A row with

@@ -28,10 +28,10 @@ def decode_op(query: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
               sigmoid_bias: Optional[float], max_seq_len: int, num_splits: int,
               options: list[int]) -> tuple[Tensor, Tensor]:
     """``(out [B, Hq, Lq, Dv], lse [B, Hq, Lq] float32)``; ``lse`` is empty (``[0]``) for the sigmoid
-    normaliser. ``max_seq_len`` / ``num_splits`` 0: the default; ``options``: ``BLOCK_N, BLOCK_M,
-    num_warps, num_stages, per_sm`` (0: the default)."""
+    normaliser. ``max_seq_len`` / ``num_splits`` 0: the default; ``options``: ``kernel_options`` in
+    the order of ``decoding.OPTION_KEYS`` (-1: the default)."""
     compiled = REGISTRY[pattern]
-    ko = {n: v for n, v in zip(OPTION_KEYS, options) if v}
+    ko = {n: v for n, v in zip(OPTION_KEYS, options) if v >= 0}
     out, lse = run(compiled.spec, list(buffers), query, k_cache, v_cache, seq_lens, q_offsets, page_table,
                    scale=scale, normalizer=compiled.spec.normalizer, sigmoid_bias=sigmoid_bias, sinks=sinks,
                    bias_factors=None if u is None else (u, w), indices=indices, max_seq_len=max_seq_len or None,
