@@ -235,6 +235,14 @@ def test_learnable_alibi_read_in_forward():
         decode(q.requires_grad_(), k, v, seq_lens=lens)
 
 
+def _layout(cache, paged):
+    """``(k, v, kwargs)``: the cache's pools with its page table, or its logical cache contiguous."""
+    if paged:
+        return cache.k_pool, cache.v_pool, dict(page_table=cache.page_table)
+    k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
+    return k, v, {}
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_dsa_indices(paged):
     """Token selector (DSA top-k decode): only the selected rows, through the page table when paged;
@@ -245,12 +253,7 @@ def test_dsa_indices(paged):
     cache = _paged(B, Hkv, lens, 16, seed=12)
     idx = torch.randint(-1, 110, (B, 2, lq, K), generator=g).int()
     q = torch.randn(B, Hq, lq, D)
-    if paged:
-        kv = dict(k=cache.k_pool, v=cache.v_pool, page_table=cache.page_table)
-    else:
-        k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
-        kv = dict(k=k, v=v)
-    kk, vv = kv.pop("k"), kv.pop("v")
+    kk, vv, kv = _layout(cache, paged)
     for pat in (dict(mask_mod=causal), dict(score_mod=softcap(3.0))):
         for ns in (1, 2):
             _check(q, kk, vv, seq_lens=cache.seq_lens, indices=idx, num_splits=ns, **kv, **pat)
@@ -678,12 +681,8 @@ def test_rotated_start(paged):
     B, Hq, Hkv, lq = 3, 4, 2, 2
     cache = _paged(B, Hkv, [128, 70, 33], 16, seed=51)
     q = torch.randn(B, Hq, lq, D)
-    if paged:
-        kv = dict(k=cache.k_pool, v=cache.v_pool, page_table=cache.page_table)
-    else:
-        k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
-        kv = dict(k=k, v=v)
+    k, v, kv = _layout(cache, paged)
     for pat in (dict(), dict(mask_mod=sliding_window(40)), dict(mask_mod=causal, score_mod=softcap(4.0))):
         for ns in (1, 3):
-            _check(q, kv["k"], kv["v"], seq_lens=cache.seq_lens, page_table=kv.get("page_table"), num_splits=ns,
-                   kernel_options={"BLOCK_N": 16, "rotate": 1}, **pat)
+            _check(q, k, v, seq_lens=cache.seq_lens, num_splits=ns, kernel_options={"BLOCK_N": 16, "rotate": 1},
+                   **kv, **pat)
