@@ -1,6 +1,9 @@
 """Decoding benchmark: ``attndsl.serving.decode`` against SDPA and FlexAttention's decoding path.
 
-    python -m benchmarks.decode [--quick] [--sweep] [--json PATH] [--no-flex] [--budget-s 330]
+    python -m benchmarks.decode [--quick] [--json PATH] [--no-flex] [--budget-s 330]
+    python -m benchmarks.decode --sweep           # tile/split candidates of the missed aims -> TUNING lines
+    python -m benchmarks.decode --summarize decode.json   # the sweep table of a run's JSON rows
+    python -m benchmarks.decode --host-cpu        # host time per call, kernel launches stubbed (no GPU)
     python -m benchmarks.decode --device cpu      # a dry run of every code path at tiny sizes
 
 Cases (bf16, 32 query heads over 8 KV heads, D=128, one new token unless said):
@@ -19,6 +22,11 @@ replays (``do_bench``, median), host time per call (a loop without syncs), the K
 needs, the achieved bandwidth (bytes ÷ time) and its fraction of a device-to-device copy's bandwidth
 measured in the same run (bytes read + written ÷ time). Rows follow the results format
 (``shared/bench/README.md``); written to ``$OUT/decode.json`` (or ``--json``) after every case.
+
+``--sweep`` times, from CUDA-graph replays, the candidates of ``SWEEP_TILES`` x ``SWEEP_PER_SM`` on
+the cases whose aims the first run missed (a 4096 window over 32K; B=64 at 4K; pages of 16) and
+prints per ``attndsl.serving.decoding.TUNING`` key the current entry's times and the best
+candidate's as a line to paste into the table.
 """
 from __future__ import annotations
 
@@ -101,14 +109,15 @@ def copy_gbps(dev, nbytes=2**30):
 class Setup:
     """One cache: a paged pool (pages shuffled) and the same logical content contiguous."""
 
-    def __init__(self, B, L, page_size, dev, dtype, gen, contiguous=True):
+    def __init__(self, B, L, page_size, dev, dtype, gen, contiguous=True, shuffle=True):
         from attndsl.serving import PagedKVCache
         self.B, self.L, self.page_size = B, L, page_size
         pages = B * (L // page_size)
         self.cache = PagedKVCache(pages, page_size, HKV, D, max_batch=B, max_seq_len=L, dtype=dtype, device=dev)
         self.cache.k_pool.normal_(generator=gen)
         self.cache.v_pool.normal_(generator=gen)
-        perm = torch.randperm(pages, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+        perm = (torch.randperm(pages, generator=torch.Generator().manual_seed(0)) if shuffle
+                else torch.arange(pages)).to(torch.int32)
         self.cache.page_table.copy_(perm.view(B, -1).to(dev))
         self.cache.seq_lens.fill_(L)
         self.k = self.v = None
@@ -228,6 +237,8 @@ def run(args):
         except Exception as e:  # noqa: BLE001
             row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
 
+    if args.sweep:
+        return sweep(args, dev, dtype, esize, gen, copy, emit, over_budget)
     Bs = [1, 16, 64] if not args.quick else [1, 8, 64]
     Ls = [4096, 32768, 131072] if not args.quick else [32768]
     if cpu:
@@ -349,42 +360,187 @@ def run(args):
         except Exception as e:  # noqa: BLE001
             emit(dict(base, case="dsa2048", error=f"{type(e).__name__}: {e}"[:500]))
             traceback.print_exc()
-    # -- tile sweep of the headline case (--sweep) --------------------------------------------------
-    if args.sweep and not over_budget():
-        B, L = (2, 256) if cpu else (8, 32768)
-        try:
-            s, q, lens = setup(B, L)
-            ref = torch.nn.functional.scaled_dot_product_attention(q, s.k, s.v, enable_gqa=True)
-            combos = [dict(BLOCK_N=bn, num_warps=nw, num_stages=ns) for bn, nw, ns in
-                      ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2),
-                       (128, 8, 3))]
-            for ko in combos:
-                for splits in (None, "x2"):
-                    if over_budget():
-                        break
-                    ns_arg = None
-                    if splits == "x2":  # twice the heuristic's split count
-                        from attndsl.serving.decoding import num_splits_for
-                        ns_arg = 2 * num_splits_for(B * HKV, L // ko["BLOCK_N"], torch.device(dev), cpu)
-                    for layout in ("contiguous", "paged128"):
-                        row = dict(case_base(B, L, B * HKV * L * 2 * D * esize), case="sweep", layout=layout,
-                                   api="decode", kernel_options=ko, num_splits=ns_arg or "auto")
-                        if layout == "contiguous":
-                            fn = lambda: decode(q, s.k, s.v, seq_lens=lens, kernel_options=ko,  # noqa: E731
-                                                num_splits=ns_arg)
-                        else:
-                            fn = lambda: s.cache.decode(q, kernel_options=ko, num_splits=ns_arg)  # noqa: E731
-                        try:
-                            if checked(row, fn, ref):
-                                emit(row)
-                        except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
-                            emit(dict(row, error=f"{type(e).__name__}: {e}"[:300]))
-            del s
-        except Exception as e:  # noqa: BLE001
-            emit(dict(case="sweep", error=f"{type(e).__name__}: {e}"[:500]))
-            traceback.print_exc()
     print(f"wrote {len(rows)} rows to {out_path} in {time.time() - t_start:.0f} s")
     return rows
+
+
+#: the tile candidates ``--sweep`` times: (BLOCK_N, num_warps, num_stages); pages of 16 also try BLOCK_N 16
+#: (one page per tile: one scalar page lookup)
+SWEEP_TILES = ((32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2),
+               (128, 8, 3))
+SWEEP_SMALL_PAGE_TILES = ((16, 4, 4), (16, 4, 6), (16, 2, 4))
+#: split policies (programs per SM the split heuristic counts) by regime; each candidate also runs with
+#: the rotated start (``rotate``) for the current and the default tiles
+SWEEP_PER_SM = {"short": (1, 2, 4, 8), "many": (2, 8), "long": (2, 4)}
+
+
+def sweep_cases(cpu: bool):
+    """``(name, regime, B, L, window or None, layouts)``: the cases whose aims the first GPU run missed."""
+    if cpu:
+        return [("window", "short", 2, 256, 64, ("contiguous", "paged16")),
+                ("many", "many", 4, 128, None, ("contiguous", "contiguous_pad", "paged16", "paged16_inorder"))]
+    return [("window4096", "short", 8, 32768, 4096, ("contiguous", "paged128", "paged16")),
+            ("B64_4K", "many", 64, 4096, None, ("contiguous", "contiguous_pad", "paged128", "paged16",
+                                                          "paged16_inorder")),
+            ("B8_32K", "long", 8, 32768, None, ("paged16",)),
+            ("B1_128K", "long", 1, 131072, None, ("paged16",))]
+
+
+def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
+    """Time the tile and split candidates of the cases that missed their aims (CUDA-graph replays,
+    each checked first) and print, per TUNING key, the best candidate against the current entry."""
+    from attndsl.patterns import sliding_window
+    from attndsl.serving import decode
+    from attndsl.serving.decoding import TUNING, decode_layout
+    global WARMUP_MS, REP_MS
+    WARMUP_MS, REP_MS = 25, 100  # some 230 candidates: shorter timing runs (medians of graph replays)
+    cpu = dev == "cpu"
+    rows = []
+    wanted = set(args.sweep_cases.split(",")) if args.sweep_cases else None
+    for name, regime, B, L, W, layouts in sweep_cases(cpu):
+        if wanted is not None and name not in wanted:
+            continue
+        if over_budget():
+            break
+        nbytes = B * HKV * (W or L) * 2 * D * esize
+        try:
+            st = Setup(B, L, 16 if cpu else 128, dev, dtype, gen)
+            q = torch.randn(B, HQ, 1, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+            lens = st.cache.seq_lens
+            lo = L - W if W else 0
+            ref = torch.nn.functional.scaled_dot_product_attention(q, st.k[:, :, lo:], st.v[:, :, lo:],
+                                                                   enable_gqa=True)
+            pat = dict(mask_mod=sliding_window(W)) if W else {}
+            for layout in layouts:
+                inorder = layout.endswith("_inorder")  # pages in allocation order, not shuffled
+                ps = int(layout[5:].replace("_inorder", "")) if layout.startswith("paged") else 0
+                kk, vv = st.k, st.v
+                if layout == "contiguous_pad":
+                    # the same cache with each (sequence, head) region one 64-row tile longer: do
+                    # programs that start in lockstep at 1 MiB-aligned regions contend for the same
+                    # DRAM channels (paged pages, shuffled, were faster than contiguous at B=64, 4K)?
+                    kk = torch.zeros(B, HKV, L + 64, D, device=dev, dtype=dtype)[:, :, :L].copy_(st.k)
+                    vv = torch.zeros(B, HKV, L + 64, D, device=dev, dtype=dtype)[:, :, :L].copy_(st.v)
+                if ps and (ps != st.page_size or inorder):
+                    sp = Setup(B, L, ps, dev, dtype, gen, contiguous=False, shuffle=not inorder)
+                    pt = sp.cache.page_table.to(torch.int64)
+                    sp.cache.k_pool[pt] = st.k.transpose(1, 2).reshape(B, -1, ps, HKV, D)
+                    sp.cache.v_pool[pt] = st.v.transpose(1, 2).reshape(B, -1, ps, HKV, D)
+                else:
+                    sp = st
+                probe = layout in ("contiguous_pad", "paged16_inorder")  # layouts, not TUNING keys
+                key = (regime, layout if probe else decode_layout(ps))
+                current = TUNING[(regime, decode_layout(ps))]
+                tiles = SWEEP_TILES + (SWEEP_SMALL_PAGE_TILES if 0 < ps < 64 else ())
+                cands = [(*t, p, 0) for t in tiles for p in SWEEP_PER_SM[regime]]
+                # the rotated start with the current entry's tiles and the default tiles, every split policy
+                cands += [(*t[:3], p, 1) for t in {current[:3], (64, 4, 3)} for p in SWEEP_PER_SM[regime]]
+                if probe:  # a probe of the layout, not of the tiles
+                    cands = [c for c in cands if c[:3] == current[:3]]
+                if cpu:  # the dry run: a few candidates (the interpreter ignores warps and stages)
+                    cands = cands[:: max(1, len(cands) // 3)]
+                if current not in cands:
+                    cands.insert(0, current)
+                for bn, nw, ns, per_sm, rot in cands:
+                    if over_budget():
+                        break
+                    ko = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns, per_sm=per_sm, rotate=rot)
+                    if ps:
+                        fn = lambda: sp.cache.decode(q, kernel_options=ko, **pat)  # noqa: E731
+                    else:
+                        fn = lambda: decode(q, kk, vv, seq_lens=lens, kernel_options=ko, **pat)  # noqa: E731
+                    row = dict(B=B, Hq=HQ, Hkv=HKV, Lq=1, Lkv=L, D=D, dtype=str(dtype).replace("torch.", ""),
+                               bytes=nbytes, case="sweep", sweep_case=name, layout=layout, tuning_key=list(key),
+                               config=[bn, nw, ns, per_sm, rot], current=(bn, nw, ns, per_sm, rot) == current,
+                               window=W)
+                    try:
+                        row["rel_err"] = round(_rel(fn(), ref), 5)
+                        if row["rel_err"] > TOL:
+                            emit(dict(row, failed="check"))
+                            continue
+                        row["ours_ms"] = round(_bench(fn) if cpu else _graph_ms(fn), 4)
+                    except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
+                        emit(dict(row, error=f"{type(e).__name__}: {e}"[:300]))
+                        continue
+                    emit(row)
+                    rows.append(row)
+                del sp
+            del st
+        except Exception as e:  # noqa: BLE001
+            emit(dict(case="sweep", sweep_case=name, error=f"{type(e).__name__}: {e}"[:500]))
+            traceback.print_exc()
+        if not cpu:
+            torch.cuda.empty_cache()
+    print(sweep_table(rows, TUNING))
+    return rows
+
+
+def sweep_table(rows, tuning) -> str:
+    """Per TUNING key: each case's time with the current entry, and the candidate with the lowest sum
+    of time ratios over the key's cases (all cases measured) as a line to paste into TUNING."""
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault(tuple(r["tuning_key"]), []).append(r)
+    lines = ["", "decode sweep (CUDA-graph replay, ms; frac = achieved / copy bandwidth)"]
+    for key, rs in by_key.items():
+        cases = sorted({(r["sweep_case"], r["layout"]) for r in rs})
+        cur = tuple(tuning.get(key, tuning[(key[0], "paged_small" if "paged" in key[1] else "contiguous")]))
+        t = {(r["sweep_case"], r["layout"], tuple(r["config"])): r for r in rs}
+        lines.append(f"{key}: current {cur}")
+        best, best_score = None, None
+        for cfg in sorted({tuple(r["config"]) for r in rs}):
+            if not all((c, lay, cfg) in t for c, lay in cases):
+                continue
+            base = [t.get((c, lay, cur)) for c, lay in cases]
+            score = sum(t[(c, lay, cfg)]["ours_ms"] / (b["ours_ms"] if b else 1.0) for (c, lay), b in zip(cases, base))
+            if best_score is None or score < best_score:
+                best, best_score = cfg, score
+        for c, lay in cases:
+            cur_r, best_r = t.get((c, lay, cur)), t.get((c, lay, best)) if best else None
+            fmt = lambda r: "-" if r is None else f"{r['ours_ms']:.4f} ms ({r.get('frac_of_copy', 0):.2f})"  # noqa: E731
+            lines.append(f"    {c:<12} {lay:<11} current {fmt(cur_r):<22} best {fmt(best_r)}")
+        if best is not None and key in tuning:
+            lines.append(f"    TUNING[{key!r}] = {best!r}")
+    return "\n".join(lines)
+
+
+def host_cpu(calls: int = 1000) -> dict:
+    """Host time per decode call (µs) with the kernel launches stubbed, on CPU tensors of the benchmark's
+    head configuration (B=8, 32/8 heads, D=128, cache 1024): the Python and torch work of a call."""
+    import attndsl  # noqa: F401
+    from attndsl.patterns import sliding_window
+    from attndsl.runtime.scope import NO_CONTEXT
+    from attndsl.serving import PagedKVCache, decoding
+    if hasattr(decoding, "_start"):  # the launch of a plan's first call and of its memoised ones
+        decoding._start = lambda *a, **k: (lambda args: None)
+    else:  # before the launch memo (older internals)
+        decoding._launch = lambda *a, **k: None
+    decoding.launch_scope = lambda *a: NO_CONTEXT
+    B, L = 8, 1024
+    q = torch.randn(B, HQ, 1, D)
+    k, v = torch.randn(B, HKV, L, D), torch.randn(B, HKV, L, D)
+    lens = torch.full((B,), L, dtype=torch.int32)
+    c = PagedKVCache(B * L // 16, 16, HKV, D, max_batch=B, max_seq_len=L, dtype=torch.float32)
+    c.seq_lens.fill_(L)
+    idx = torch.randint(0, L, (B, 1, 1, 64), dtype=torch.int32)
+    win = sliding_window(256)
+    cases = {"plain": lambda: decoding.decode(q, k, v, seq_lens=lens),
+             "window": lambda: decoding.decode(q, k, v, seq_lens=lens, mask_mod=win),
+             "paged16": lambda: c.decode(q), "dsa": lambda: decoding.decode(q, k, v, seq_lens=lens, indices=idx)}
+    got = {}
+    with torch.no_grad():
+        for name, f in cases.items():
+            f()
+            best = min(_timed(f, calls) for _ in range(5))
+            got[name] = round(best, 1)
+    return got
+
+
+def _timed(f, calls):
+    t = time.perf_counter()
+    for _ in range(calls):
+        f()
+    return (time.perf_counter() - t) / calls * 1e6
 
 
 def main(argv=None):
@@ -393,9 +549,24 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sweep", action="store_true", help="also time tile options of the B=8, 32K case")
+    p.add_argument("--sweep", action="store_true",
+                   help="only time the tile/split candidates of the cases that missed their aims (prints TUNING lines)")
+    p.add_argument("--sweep-cases", default=None,
+                   help="with --sweep: a comma-separated subset of window4096,B64_4K,B8_32K,B1_128K")
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="print the sweep table of a --sweep run's JSON rows (e.g. one stopped by a timeout)")
+    p.add_argument("--host-cpu", action="store_true",
+                   help="only the host time per call with kernel launches stubbed (CPU tensors)")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this long")
     args = p.parse_args(argv)
+    if args.summarize:
+        from attndsl.serving.decoding import TUNING
+        rows = [r for r in json.loads(Path(args.summarize).read_text()) if r.get("case") == "sweep" and "ours_ms" in r]
+        print(sweep_table(rows, TUNING))
+        return 0
+    if args.host_cpu:
+        print(json.dumps(dict(case="host_cpu", unit="us per call", **host_cpu())))
+        return 0
     run(args)
     return 0
 

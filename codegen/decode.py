@@ -15,7 +15,9 @@ Kernels (``render_decode``):
   that reads ``h`` is reduced over the rows (the union of the rows' ranges). Query row ``t`` of
   sequence ``b`` sits at position ``QOFF[b] + t``; ``kv_max = SEQ[b] - 1``. The visited key tiles
   ``[t_begin, t_end)`` are cut into ``NSPLIT`` contiguous pieces, one per program (an empty piece
-  runs no iteration and writes a dead partial). Each program writes a float32 partial
+  runs no iteration and writes a dead partial; ``ROTATE``: each program walks its piece from a tile
+  of its own, wrapping, so programs that start together do not read aligned regions in
+  lockstep). Each program writes a float32 partial
   ``(out, lse)`` (``DIRECT``: with one split, the final output instead, sinks included).
 * ``{name}_decode_gather``: the same for a token selector (``indices [B, G, LQ, K]`` of logical
   key positions, DSA top-k): one program per (split, batch x KV head x row block x query token),
@@ -40,7 +42,7 @@ from .prelude import module_header
 from .writer import Writer, kernel_def
 
 #: Bump when the decode kernels change meaning; it is part of their cache key.
-DECODE_VERSION = 2
+DECODE_VERSION = 3
 
 
 def _env() -> dict:
@@ -283,11 +285,18 @@ def decode_kernel(spec: KernelSpec) -> str:
             it_end = tl.minimum(it_begin + per, t_end)
             acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC_DTYPE)
             offs_n0 = tl.arange(0, BLOCK_N)
+            if ROTATE:  # each program starts its piece at its own tile (wrapping): no lockstep over aligned regions
+                n_it = tl.maximum(it_end - it_begin, 1)
+                shift = (tl.program_id(1) * 17 + split * 5) % n_it
         """)
         if softmax:  # HAS_SINKS only where this program writes the final output (DIRECT)
             w.line("m_i, l_i = _softmax_start(Sinks + heads, row_ok, BLOCK_M, HAS_SINKS)")
-        with w.block("for tile in range(it_begin, it_end):"):
+        with w.block("for it in range(it_begin, it_end):"):
             w.code("""
+                if ROTATE:
+                    tile = it_begin + (it - it_begin + shift) % n_it
+                else:
+                    tile = it
                 kv_lo = tile * BLOCK_N
                 kv_hi = kv_lo + BLOCK_N - 1
                 offs_n = kv_lo + offs_n0

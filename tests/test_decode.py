@@ -235,6 +235,14 @@ def test_learnable_alibi_read_in_forward():
         decode(q.requires_grad_(), k, v, seq_lens=lens)
 
 
+def _layout(cache, paged):
+    """``(k, v, kwargs)``: the cache's pools with its page table, or its logical cache contiguous."""
+    if paged:
+        return cache.k_pool, cache.v_pool, dict(page_table=cache.page_table)
+    k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
+    return k, v, {}
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_dsa_indices(paged):
     """Token selector (DSA top-k decode): only the selected rows, through the page table when paged;
@@ -245,12 +253,7 @@ def test_dsa_indices(paged):
     cache = _paged(B, Hkv, lens, 16, seed=12)
     idx = torch.randint(-1, 110, (B, 2, lq, K), generator=g).int()
     q = torch.randn(B, Hq, lq, D)
-    if paged:
-        kv = dict(k=cache.k_pool, v=cache.v_pool, page_table=cache.page_table)
-    else:
-        k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
-        kv = dict(k=k, v=v)
-    kk, vv = kv.pop("k"), kv.pop("v")
+    kk, vv, kv = _layout(cache, paged)
     for pat in (dict(mask_mod=causal), dict(score_mod=softcap(3.0))):
         for ns in (1, 2):
             _check(q, kk, vv, seq_lens=cache.seq_lens, indices=idx, num_splits=ns, **kv, **pat)
@@ -424,7 +427,7 @@ for label, mask, score, norm in cases:
         cx_all = dict(HEAD_D=128, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEAD_DV=128, BLOCK_DV=128, PAGED=bool(paged),
                       PAGE_SIZE=page, UPCAST=False, DOT_PRECISION="tf32", DIRECT=bool(direct), SIGMOID_DEFAULT=True,
                       HAS_SINKS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_S=8, SOFTMAX=norm == "softmax",
-                      QOFF_FROM_LEN=not direct)
+                      QOFF_FROM_LEN=not direct, ROTATE=bool(direct))
         sig, cx = {}, {}
         for name, p in zip(k.arg_names, k.params):
             if p.is_constexpr:
@@ -520,3 +523,166 @@ def test_reads_only_the_visited_tiles():
     vp[:, :, ~keep] = float("nan")
     out = decode(q, kp, vp, seq_lens=lens, indices=idx, num_splits=2)
     torch.testing.assert_close(out.double(), ro, **TOL)
+
+
+def test_memoised_calls_take_new_tensors(monkeypatch):
+    """A repeated call of one shape launches the memoised plan: no checks, no planning; its fresh
+    inputs (data, lengths, offsets, page table, sinks, captured tensors) are the ones read."""
+    from attndsl.serving import decoding
+    B, Hq, Hkv, lq = 2, 4, 2, 2
+    doc = torch.tensor([0] * 40 + [1] * 88, dtype=torch.int32)
+    kw = lambda d: dict(mask_mod=document(d), sinks=torch.randn(Hq), num_splits=2)  # noqa: E731
+    cache = _paged(B, Hkv, [128, 70], 16, seed=21)
+    q = torch.randn(B, Hq, lq, D)
+    _check(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens, page_table=cache.page_table, **kw(doc))
+    planned = []
+
+    def recorded(name, f):
+        return lambda *a: (planned.append(name), f(*a))[1]
+    monkeypatch.setattr(decoding, "_check", recorded("check", decoding._check))
+    monkeypatch.setattr(decoding, "_plan", recorded("plan", decoding._plan))
+    for seed in (22, 23):
+        other = _paged(B, Hkv, [90, 128], 16, seed=seed)  # other pages, lengths, data: same shapes
+        doc2 = torch.tensor([0] * 70 + [1] * 58, dtype=torch.int32)
+        _check(torch.randn(B, Hq, lq, D), other.k_pool, other.v_pool, seq_lens=other.seq_lens,
+               page_table=other.page_table, q_offsets=torch.tensor([3, 100]), **kw(doc2))
+    assert planned == ["check", "plan"]  # q_offsets (first given here) is a new call key; then memoised
+
+
+def test_memo_key_sees_shapes_and_options():
+    """Another shape, stride or option is another plan (checked and planned again), never a stale one."""
+    from attndsl.serving import decoding
+    B, Hq, Hkv, L = 2, 4, 2, 64
+    k, v = _contiguous(B, Hkv, L, 5)
+    lens = torch.tensor([64, 33])
+    q = torch.randn(B, Hq, 1, D)
+    decoding._PLANS.clear()
+    for _ in range(2):
+        _check(q, k, v, seq_lens=lens, mask_mod=causal)
+        _check(q, k, v, seq_lens=lens, mask_mod=causal, num_splits=3)
+        _check(q, k[:, :, :48], v[:, :, :48], seq_lens=lens.clamp(max=48), mask_mod=causal)  # other extent
+        _check(torch.randn(B, Hq, 3, D), k, v, seq_lens=lens, mask_mod=causal)
+        assert len(decoding._PLANS) == 4
+    with pytest.raises(ValueError, match="k_cache"):
+        decode(q, k.half(), v, seq_lens=lens)  # a new key checks again
+
+
+def _compiled_step(fn, *args):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    cnt = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=cnt), cnt
+
+
+def test_fullgraph_compile_decode_contiguous():
+    """A decode step under torch.compile(fullgraph=True) is the attndsl::decode op: compiled output
+    equals eager, both match the oracle; new lengths and captured tensors need no recompile."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+    B, Hq, Hkv, L, Dm = 2, 4, 2, 64, 32
+    torch.manual_seed(0)
+    wq = torch.randn(Dm, Hq * D) / Dm ** 0.5
+    sinks = torch.randn(Hq)
+    slopes = alibi_slopes(Hq)
+    k, v = _contiguous(B, Hkv, L, 31)
+    # patterns made outside the compiled step (a closure made inside it that holds a tensor cannot be
+    # resolved while dynamo traces: attndsl.attention's limit too)
+    win, bias = sliding_window(24), alibi(slopes)
+
+    def step(x, k, v, lens):
+        q = (x @ wq).view(B, 1, Hq, D).transpose(1, 2)
+        o, lse = decode(q, k, v, seq_lens=lens, mask_mod=win, score_mod=bias, sinks=sinks, return_lse=True)
+        return o.transpose(1, 2).reshape(B, Hq * D), lse
+
+    cstep, cnt = _compiled_step(step)
+    with torch.no_grad():
+        for lens in (torch.tensor([64, 17]), torch.tensor([40, 64])):
+            x = torch.randn(B, Dm)
+            eo, el = step(x, k, v, lens)
+            co, cl = cstep(x, k, v, lens)
+            torch.testing.assert_close(co, eo, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(cl, el, atol=1e-6, rtol=1e-6)
+            q = (x @ wq).view(B, 1, Hq, D).transpose(1, 2)
+            ro, rl = decode_reference(q, k, v, seq_lens=lens, mask_mod=win, score_mod=bias, sinks=sinks)
+            torch.testing.assert_close(co.double(), ro.transpose(1, 2).reshape(B, Hq * D), **TOL)
+            torch.testing.assert_close(cl.double(), rl, **TOL)
+        assert cnt.frame_count == 1
+        rec = EagerAndRecordGraphs()
+        torch.compile(step, fullgraph=True, backend=rec)(torch.randn(B, Dm), k, v, torch.tensor([64, 17]))
+        assert "attndsl.decode" in rec.graphs[0].code
+
+
+def test_fullgraph_compile_paged_step_with_append():
+    """A whole serving step compiled with fullgraph=True: project a token, append it to the paged
+    cache (device ops only), decode over the cache. Compiled steps track eager steps on a copy of the
+    cache, and every step matches the oracle on the logical cache."""
+    B, Hq, Hkv, Dm, ps = 2, 4, 2, 32, 16
+    torch.manual_seed(1)
+    wq, wk, wv = (torch.randn(Dm, h * D) / Dm ** 0.5 for h in (Hq, Hkv, Hkv))
+
+    def make():
+        c = _paged(B, Hkv, [40, 21], ps, seed=41, max_seq_len=64)
+        for s in range(B):
+            c.reserve(s, 64)
+        return c
+
+    eager_cache, comp_cache = make(), make()
+
+    def step(cache, x):
+        q = (x @ wq).view(B, 1, Hq, D).transpose(1, 2)
+        kn = (x @ wk).view(B, 1, Hkv, D).transpose(1, 2)
+        vn = (x @ wv).view(B, 1, Hkv, D).transpose(1, 2)
+        cache.append_step(kn, vn)
+        return cache.decode(q, mask_mod=causal), q
+
+    cstep, cnt = _compiled_step(step)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(B, Dm)
+            eo, _ = step(eager_cache, x)
+            co, q = cstep(comp_cache, x)
+            torch.testing.assert_close(co, eo, atol=1e-6, rtol=1e-6)
+            assert torch.equal(comp_cache.seq_lens, eager_cache.seq_lens)
+            ro, _ = decode_reference(q, comp_cache.k_pool, comp_cache.v_pool, seq_lens=comp_cache.seq_lens,
+                                     page_table=comp_cache.page_table, mask_mod=causal)
+            torch.testing.assert_close(co.double(), ro, **TOL)
+    assert cnt.frame_count == 1
+
+
+def test_tuning_regimes_and_config():
+    """The TUNING key of the benchmark's cases (an H100's 132 SMs), the wide-head adjustment and the
+    kernel_options overrides."""
+    from attndsl.serving.decoding import TUNING, decode_config, decode_layout, decode_regime
+    sms = 132
+    assert decode_regime(64 * 8, 4096, sms, False) == "many"       # B=64 at 4K
+    assert decode_regime(8 * 8, 4096, sms, False) == "short"       # a 4096 window, B=8
+    assert decode_regime(8 * 8, 32768, sms, False) == "long"       # B=8 at 32K
+    assert decode_regime(1 * 8, 131072, sms, False) == "long"      # B=1 at 128K
+    assert decode_regime(8 * 8, 2048, sms, True) == "gather"
+    assert [decode_layout(p) for p in (0, 16, 32, 64, 256)] == ["contiguous", "paged_small", "paged_small", "paged",
+                                                                 "paged"]
+    assert all(len(v) == 5 for v in TUNING.values())
+    bn, nw, ns, per_sm, rotate = TUNING[("short", "paged_small")]
+    cfg = decode_config(128, False, None, ("short", "paged_small"))
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.per_sm, cfg.rotate) == (bn, nw, ns, per_sm, bool(rotate))
+    wide = decode_config(256, False, None, ("short", "paged_small"))
+    assert wide.block_n == max(16, bn // 2) and wide.num_stages <= 2
+    cfg = decode_config(128, False, {"BLOCK_N": 16, "per_sm": 8}, ("many", "contiguous"))
+    assert (cfg.block_n, cfg.per_sm) == (16, 8)
+    with pytest.raises(ValueError, match="per_sm"):
+        decode_config(128, False, {"per_sm": 0})
+    with pytest.raises(ValueError, match="unknown keys"):
+        decode_config(128, False, {"BLOCK_K": 16})
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_rotated_start(paged):
+    """``rotate``: every program walks its key range from a tile of its own (wrapping); the answers
+    are the oracle's for one split and several, with partial tiles (length, window edges) anywhere
+    in the walk."""
+    B, Hq, Hkv, lq = 3, 4, 2, 2
+    cache = _paged(B, Hkv, [128, 70, 33], 16, seed=51)
+    q = torch.randn(B, Hq, lq, D)
+    k, v, kv = _layout(cache, paged)
+    for pat in (dict(), dict(mask_mod=sliding_window(40)), dict(mask_mod=causal, score_mod=softcap(4.0))):
+        for ns in (1, 3):
+            _check(q, k, v, seq_lens=cache.seq_lens, num_splits=ns, kernel_options={"BLOCK_N": 16, "rotate": 1},
+                   **kv, **pat)

@@ -138,3 +138,52 @@ def test_cuda_graph_decode_step():
         ro, _ = decode_reference(q_buf, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens,
                                  page_table=cache.page_table, mask_mod=win)
         assert rel(out, ro) < 1e-2
+
+
+def test_compiled_step_reduce_overhead():
+    """A serving step (append_step + decode) under torch.compile(fullgraph=True,
+    mode="reduce-overhead"): the attndsl::decode op inside inductor's CUDA graph; every replayed step
+    equals an eager step on a copy of the cache and matches the oracle."""
+    B, Hq, Hkv, D, steps = 4, 8, 2, 128, 4
+    dtype = torch.bfloat16
+    lens = [500, 33, 700, 260]
+    caches = [_cache(B, Hkv, D, lens, 16, dtype, seed=3) for _ in range(2)]
+    for c in caches:
+        for s, n in enumerate(lens):
+            c.reserve(s, n + steps)
+    win = sliding_window(128)
+
+    def step(cache, q, k, v):
+        cache.append_step(k, v)
+        return cache.decode(q, mask_mod=win)
+
+    cstep = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    g = torch.Generator(device=DEV).manual_seed(4)
+    with torch.no_grad():
+        for _ in range(steps):
+            q = torch.randn(B, Hq, 1, D, device=DEV, generator=g).to(dtype)
+            k = torch.randn(B, Hkv, 1, D, device=DEV, generator=g).to(dtype)
+            v = torch.randn(B, Hkv, 1, D, device=DEV, generator=g).to(dtype)
+            eager = step(caches[0], q, k, v)
+            comp = cstep(caches[1], q, k, v).clone()
+            assert torch.equal(caches[0].seq_lens, caches[1].seq_lens)
+            assert rel(comp, eager) < 1e-3
+            ro, _ = decode_reference(q, caches[1].k_pool, caches[1].v_pool, seq_lens=caches[1].seq_lens,
+                                     page_table=caches[1].page_table, mask_mod=win)
+            assert rel(comp, ro) < 1e-2
+
+
+@pytest.mark.parametrize("ko", [dict(BLOCK_N=16, num_stages=4), dict(BLOCK_N=32, num_warps=8, per_sm=4),
+                                dict(BLOCK_N=128, num_warps=8, num_stages=2), dict(rotate=1),
+                                dict(rotate=1, per_sm=8, num_stages=4)])
+def test_sweep_options_are_correct(ko):
+    """The tile options ``benchmarks/decode.py --sweep`` times give right answers (pages of 16)."""
+    B, Hq, Hkv, D = 4, 32, 8, 128
+    cache = _cache(B, Hkv, D, [1024, 777, 65, 300], 16, torch.bfloat16, seed=5)
+    q = torch.randn(B, Hq, 1, D, device=DEV, dtype=torch.bfloat16)
+    for pat in (dict(), dict(mask_mod=sliding_window(200))):
+        for _ in range(2):  # the memoised launch too
+            out = cache.decode(q, kernel_options=ko, **pat)
+            ro, _ = decode_reference(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens,
+                                     page_table=cache.page_table, **pat)
+            assert rel(out, ro) < 1e-2, (ko, pat)

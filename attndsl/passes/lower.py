@@ -235,7 +235,7 @@ def signatures(spec: KernelSpec) -> tuple:
                       + _ints("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB") + [Param("sm_scale", "float")]
                       + _EXTRAS + bufs
                       + _consts("HEAD_D", "BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BLOCK_DV", "PAGED", "PAGE_SIZE",
-                                "UPCAST", "DOT_PRECISION", "DIRECT", "SIGMOID_DEFAULT", "QOFF_FROM_LEN")
+                                "UPCAST", "DOT_PRECISION", "DIRECT", "SIGMOID_DEFAULT", "QOFF_FROM_LEN", "ROTATE")
                       + _EXTRA_CONSTS)
     sigs["decode_merge"] = (_tensors("OP", "LP", "Out", "Lse", "Sinks") + _ints("HQ", "LQ", "NSPLIT")
                             + _qkv_strides("o") + _consts("HEAD_DV", "BLOCK_DV", "BLOCK_S", "HAS_SINKS", "SOFTMAX"))

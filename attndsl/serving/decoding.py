@@ -19,7 +19,7 @@ from .. import codegen, ir
 from ..runtime import cache
 from ..runtime.config import block_d
 from ..runtime.fastlaunch import launcher
-from ..runtime.launch import _new, buffer_named, fill, use_interpreter
+from ..runtime.launch import VERIFY_MEMO, _new, buffer_named, fill, use_interpreter
 from ..runtime.scope import launch_scope
 from ..spec import VisitBox
 
@@ -34,30 +34,90 @@ def decode_spec(spec):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
+    """Tiles, warps and split policy of one decode launch."""
+
     block_n: int
     block_m: int      # rows per program at most (GQA heads x query tokens)
     num_warps: int
     num_stages: int
+    per_sm: int = 2   # programs the split heuristic counts resident per SM (more: more, shorter splits)
+    rotate: bool = False  # each program starts its key range at a tile of its own (ROTATE)
 
 
-def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = None) -> DecodeConfig:
-    """Tiles of the decode kernels; ``kernel_options`` may set ``BLOCK_N``, ``BLOCK_M``,
-    ``num_warps``, ``num_stages``."""
+#: GPU tiles of the decode kernel by case: ``(regime, layout) -> (BLOCK_N, num_warps, num_stages, per_sm,
+#: rotate)``
+#: for head dims up to 128 (wider heads halve BLOCK_N and keep at most 2 stages). ``regime``
+#: (:func:`decode_regime`): ``"many"`` (the grid of sequences x KV heads already fills the GPU: B=64
+#: at 4K), ``"short"`` (it does not, and the visited range is at most ``SHORT_WIDTH`` keys: a 4096
+#: window), ``"long"`` (B=8 at 32K, B=1 at 128K), ``"gather"`` (``indices``, DSA top-k). ``layout``:
+#: ``"contiguous"``, ``"paged"`` (pages of at least 64 rows) or ``"paged_small"`` (16 or 32).
+#: Rows come from ``python -m benchmarks.decode --sweep`` on an H100, which prints the best
+#: entry of each case in this form; an entry nobody measured yet keeps the first run's defaults
+#: (64, 4, 3, 2, no rotation: measured 2026-12-06 at 0.97 of the copy's bandwidth for B=8 at 32K).
+TUNING: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
+    ("long", "contiguous"): (64, 4, 3, 2, 0),
+    ("long", "paged"): (64, 4, 3, 2, 0),
+    ("long", "paged_small"): (64, 4, 3, 2, 0),
+    ("short", "contiguous"): (64, 4, 3, 2, 0),
+    ("short", "paged"): (64, 4, 3, 2, 0),
+    ("short", "paged_small"): (64, 4, 3, 2, 0),
+    ("many", "contiguous"): (64, 4, 3, 2, 0),
+    ("many", "paged"): (64, 4, 3, 2, 0),
+    ("many", "paged_small"): (64, 4, 3, 2, 0),
+    ("gather", "contiguous"): (64, 4, 3, 2, 0),
+    ("gather", "paged"): (64, 4, 3, 2, 0),
+    ("gather", "paged_small"): (64, 4, 3, 2, 0),
+}
+#: the longest visited range (keys) of the "short" regime
+SHORT_WIDTH = 8192
+#: programs per SM below which a grid does not fill the GPU (the "many" regime's bound, and the split
+#: heuristic's default)
+FILL_PER_SM = 2
+OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm", "rotate")
+
+
+def decode_regime(programs: int, width: int, sms: int, gather: bool) -> str:
+    """The :data:`TUNING` regime of a launch of ``programs`` (batch x KV heads x row blocks) over a
+    visited range of ``width`` keys on ``sms`` multiprocessors."""
+    if gather:
+        return "gather"
+    if programs >= 0.8 * FILL_PER_SM * sms:
+        return "many"
+    return "short" if width <= SHORT_WIDTH else "long"
+
+
+def decode_layout(page_size: int) -> str:
+    """The :data:`TUNING` layout of a cache with pages of ``page_size`` rows (0: contiguous)."""
+    if page_size == 0:
+        return "contiguous"
+    return "paged" if page_size >= 64 else "paged_small"
+
+
+def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = None,
+                  case: tuple[str, str] = ("long", "contiguous")) -> DecodeConfig:
+    """Tiles of the decode kernels for a :data:`TUNING` ``case``; ``kernel_options`` may set
+    ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``, ``per_sm`` (the split heuristic's
+    programs per SM) and ``rotate`` (0/1: each program starts at a tile of its own)."""
     if interpret:
         cfg = DecodeConfig(32, 64, 4, 1)
     else:
-        d = block_d(head_dim)
-        cfg = DecodeConfig(64 if d <= 128 else 32, 64, 4, 3 if d <= 128 else 2)
+        bn, nw, ns, per_sm, rotate = TUNING.get(case, TUNING[("long", "contiguous")])
+        if block_d(head_dim) > 128:  # wider rows: half the keys per tile, two stages of shared memory
+            bn, ns = max(16, bn // 2), min(ns, 2)
+        cfg = DecodeConfig(bn, 64, nw, ns, per_sm, bool(rotate))
     ko = dict(kernel_options or {})
-    unknown = set(ko) - {"BLOCK_N", "BLOCK_M", "num_warps", "num_stages"}
+    unknown = set(ko) - set(OPTION_KEYS)
     if unknown:
         raise ValueError(f"decode kernel_options: unknown keys {sorted(unknown)}; "
-                         "expected BLOCK_N, BLOCK_M, num_warps, num_stages")
+                         f"expected {', '.join(OPTION_KEYS)}")
     cfg = DecodeConfig(int(ko.get("BLOCK_N", cfg.block_n)), int(ko.get("BLOCK_M", cfg.block_m)),
-                       int(ko.get("num_warps", cfg.num_warps)), int(ko.get("num_stages", cfg.num_stages)))
+                       int(ko.get("num_warps", cfg.num_warps)), int(ko.get("num_stages", cfg.num_stages)),
+                       int(ko.get("per_sm", cfg.per_sm)), bool(ko.get("rotate", cfg.rotate)))
     for name, v in (("BLOCK_N", cfg.block_n), ("BLOCK_M", cfg.block_m)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"decode kernel_options: {name} must be a power of two >= 16, got {v}")
+    if cfg.per_sm < 1:
+        raise ValueError(f"decode kernel_options: per_sm must be >= 1, got {cfg.per_sm}")
     return cfg
 
 
@@ -114,7 +174,7 @@ def num_splits_for(programs: int, units: int, device: torch.device, interpret: b
 
 
 class DecodeRunner:
-    """Launches the decode kernels of one spec for one backend."""
+    """The decode kernels of one spec for one backend."""
 
     def __init__(self, spec, interpret: bool):
         self.spec = decode_spec(spec)
@@ -155,24 +215,71 @@ def _extra_args(q, hkv, sinks, bias_factors, sigmoid_bias) -> dict:
                 sigmoid_bias=float(sigmoid_bias or 0.0))
 
 
-@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel of a plan: its grid, constants and warps, and after its first launch the argument
+    list with every value the call key fixes (``fixed``), the positions of the per-call values
+    (tensors and float scalars, ``var``) and the prepared launch (``runtime.fastlaunch``)."""
+
+    __slots__ = ("kernel", "name", "grid", "consts", "warps", "fixed", "var", "run")
+
+    def __init__(self, kernel, name: str, grid: tuple, consts: dict, warps: tuple):
+        self.kernel, self.name, self.grid, self.consts, self.warps = kernel, name, grid, consts, warps
+        self.fixed = self.var = self.run = None
+
+    def first(self, signature, named: dict, interpret: bool) -> None:
+        """The first launch: arguments checked against the kernel's signature (``launch.fill``),
+        split into fixed and per-call values, launched, and the launch of later calls kept."""
+        args = fill(self.name, signature, named, self.consts)
+        order = [p.name for p in signature if p.kind != "constexpr"]
+        self.var = tuple((i, n) for i, n in enumerate(order) if isinstance(named[n], (torch.Tensor, float)))
+        self.fixed = args
+        self.run = _start(self.kernel, self.grid, args, self.consts, self.warps, interpret)
+
+    def again(self, values: dict) -> None:
+        """A later launch: the per-call ``values`` (by parameter name) into the fixed arguments."""
+        args = self.fixed.copy()
+        for i, n in self.var:
+            args[i] = values[n]
+        self.run(args)
+
+    def verify(self, signature, named: dict) -> None:
+        """``VERIFY_MEMO``: the arguments a fresh computation gives agree with the memoised ones."""
+        fresh = fill(self.name, signature, named, self.consts)
+        var = {i for i, _ in self.var}
+        stale = [(p.name, a, b) for i, (p, a, b) in enumerate(zip([p for p in signature if p.kind != "constexpr"],
+                                                                   self.fixed, fresh))
+                 if i not in var and a != b]
+        if stale:
+            raise AssertionError(f"decode launch memo of {self.name}: memoised arguments differ from a fresh "
+                                 f"computation: {stale}")
+
+
+def _start(kernel, grid, args, consts, warps, interpret):
+    """Launch once; returns the launch of later argument lists of the same plan (a ``Direct`` or
+    ``Launcher`` one on a GPU: no per-call binding or specialisation)."""
+    if interpret:
+        kernel[grid](*args, **consts, num_warps=warps[0], num_stages=warps[1])
+        return lambda a: kernel[grid](*a, **consts, num_warps=warps[0], num_stages=warps[1])
+    return launcher(kernel).prepared(grid, args, consts, warps[0], warps[1])
+
+
 class Plan:
-    """Everything of a decode launch fixed by the call's shapes and options (memoised per call key)."""
+    """Everything of a decode call fixed by its call key (shapes, strides, dtypes, alignments,
+    options): the kernels' launches, split count and output shapes; memoised in ``_PLANS``."""
 
-    kernel: object
-    merge: object
-    grid: tuple
-    nsplit: int
-    shape_args: tuple           # _SHAPE_ARGS
-    signatures: dict            # "decode"/"decode_merge" -> the kernel's parameters (spec.lowering)
-    order: dict                 # "decode"/"decode_merge" -> the names of its runtime parameters, in order
-    consts: dict
-    warps: tuple                # (num_warps, num_stages)
-    merge_consts: dict
-    merge_warps: tuple
+    __slots__ = ("decode", "merge", "nsplit", "direct", "interpret", "signatures", "buf_names", "case", "shape_args")
+
+    def __init__(self, decode: Launch, merge: Launch, nsplit: int, interpret: bool, signatures: dict, n_buffers: int,
+                 case: tuple, shape_args: tuple):
+        self.decode, self.merge, self.nsplit, self.direct = decode, merge, nsplit, nsplit == 1
+        self.interpret, self.signatures, self.case = interpret, signatures, case
+        self.shape_args = shape_args  # _SHAPE_ARGS
+        self.buf_names = tuple(f"buf{i}" for i in range(n_buffers))
 
 
+#: call key -> Plan (cleared when it grows past PLANS_SIZE: keys are distinct call shapes)
 _PLANS: dict = {}
+PLANS_SIZE = 1024
 _SHAPE_ARGS = ("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB")
 
 
@@ -181,32 +288,32 @@ def _strides(t: str, row: str, strides) -> dict:
     return dict(zip((f"stride_{t}b", f"stride_{t}h", f"stride_{t}{row}", f"stride_{t}d"), strides, strict=True))
 
 
-def _fill(plan: Plan, kernel: str, named: dict, consts: dict, check: bool) -> list:
-    """The positional arguments of ``kernel`` from ``named``: checked against its signature
-    (``launch.fill``) on a plan's first call, taken in the plan's stored order after."""
-    if check:
-        return fill(kernel, plan.signatures[kernel], named, consts)
-    return [named[n] for n in plan.order[kernel]]
+def _device_sms(device: torch.device, interpret: bool) -> int:
+    if interpret or device.type != "cuda":
+        return 1
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _plan(spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, normalizer, sigmoid_bias,
-          q_offsets, max_seq_len, num_splits, kernel_options, interpret) -> Plan:
+def _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, normalizer, sigmoid_bias,
+          q_offsets, max_seq_len, num_splits, kernel_options, n_buffers, interpret) -> Plan:
     B, Hq, Lq, D = query.shape
     r = runner_for(spec, interpret)
-    cfg = decode_config(D, interpret, kernel_options)
     group = Hq // Hkv
     gather = indices is not None
     rows = group if gather else group * Lq
+    width = indices.shape[3] if gather else visited_width(spec, (), max_seq_len, Lq, Hq)
+    # the regime (TUNING) from the default row block; the tiles from the regime
+    per_token = Lq if gather else 1
+    case = (decode_regime(B * Hkv * triton.cdiv(rows, 64) * per_token, width, _device_sms(query.device, interpret),
+                          gather), decode_layout(page_size if paged else 0))
+    cfg = decode_config(D, interpret, kernel_options, case)
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
     nrowb = triton.cdiv(rows, block_m)
-    programs = B * Hkv * nrowb * (Lq if gather else 1)
-    if gather:
-        nsel = indices.shape[3]
-        units = triton.cdiv(nsel, cfg.block_n)
-    else:
-        nsel = 0
-        units = triton.cdiv(visited_width(spec, tensors, max_seq_len, Lq, Hq), cfg.block_n)
-    nsplit = int(num_splits) if num_splits else num_splits_for(programs, units, query.device, interpret)
+    programs = B * Hkv * nrowb * per_token
+    units = triton.cdiv(width, cfg.block_n)
+    nsel = indices.shape[3] if gather else 0
+    nsplit = int(num_splits) if num_splits else num_splits_for(programs, units, query.device, interpret,
+                                                               per_sm=cfg.per_sm)
     if nsplit < 1:
         _fail(f"num_splits must be >= 1, got {num_splits}")
     direct = nsplit == 1
@@ -218,30 +325,23 @@ def _plan(spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks, bias_
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DIRECT=direct,
                   SIGMOID_DEFAULT=not softmax and sigmoid_bias is None, QOFF_FROM_LEN=q_offsets is None,
                   HAS_SINKS=sinks is not None and direct, HAS_BIAS=bias_factors is not None,
-                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
+                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()), ROTATE=cfg.rotate and not gather)
     merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=block_d(Dv), BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
                         HAS_SINKS=sinks is not None, SOFTMAX=softmax)
-    qpg = Hq // indices.shape[1] if gather else 1
+    names = codegen.decode.kernel_names(r.spec)
+    dec = Launch(r.k_gather if gather else r.k_decode, names["gather" if gather else "decode"], (nsplit, programs),
+                 consts, (cfg.num_warps, cfg.num_stages))
+    merge = Launch(r.k_merge, names["merge"], (B * Hq * Lq,), merge_consts, (4 if Dv >= 128 else 2, 1))
     sigs = {k: r.spec.lowering.signature(k) for k in ("decode", "decode_merge")}
-    order = {k: tuple(p.name for p in ps if p.kind != "constexpr") for k, ps in sigs.items()}
-    return Plan(r.k_gather if gather else r.k_decode, r.k_merge, (nsplit, programs), nsplit,
-                (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb), sigs, order, consts, (cfg.num_warps, cfg.num_stages),
-                merge_consts, (4 if Dv >= 128 else 2, 1))
-
-
-def _launch(kernel, grid, args, consts, warps, interpret) -> None:
-    """Through ``runtime.fastlaunch`` on a GPU (no per-call binding after the first launch)."""
-    if interpret:
-        kernel[grid](*args, **consts, num_warps=warps[0], num_stages=warps[1])
-    else:
-        launcher(kernel)(grid, args, consts, warps[0], warps[1])
+    qpg = Hq // indices.shape[1] if gather else 1
+    return Plan(dec, merge, nsplit, interpret, sigs, n_buffers, case, (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb))
 
 
 def _fail(msg: str):
     raise ValueError(f"attndsl.serving.decode: {msg}")
 
 
-def _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table, sinks, bias_factors, indices, tensors):
+def _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table, sinks, bias_factors, indices):
     """Shapes, dtypes and devices, before any launch; returns (B, Hq, Lq, D, Hkv, Dv, paged, page_size)."""
     if query.dim() != 4:
         _fail(f"query must be [B, Hq, Lq, D], got shape {tuple(query.shape)}")
@@ -301,16 +401,161 @@ def _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table, sinks, bias
                   "share a selection)")
         if indices.dtype not in (torch.int32, torch.int64) or indices.device != query.device:
             _fail(f"indices must be int32/int64 on {query.device}, got {indices.dtype} on {indices.device}")
-    if torch.is_grad_enabled():
-        grads = [n for n, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache), ("sinks", sinks))
-                 if t is not None and t.requires_grad]
-        grads += ["bias_factors"] if bias_factors is not None and any(t.requires_grad for t in bias_factors) else []
-        grads += ["a captured tensor"] if any(t.requires_grad for t in tensors) else []
-        if grads:
-            raise RuntimeError(
-                f"attndsl.serving.decode is inference only, but {', '.join(grads)} requires grad: run it under "
-                "torch.no_grad() / torch.inference_mode(), or use attndsl.attention for training")
     return B, Hq, Lq, D, Hkv, v_cache.shape[-1], paged, page_size
+
+
+def _check_grads(query, k_cache, v_cache, sinks, bias_factors, tensors) -> None:
+    """Inference only: no input (nor captured tensor) may require grad while autograd is on."""
+    if not torch.is_grad_enabled():
+        return
+    grads = [n for n, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache), ("sinks", sinks))
+             if t is not None and t.requires_grad]
+    grads += ["bias_factors"] if bias_factors is not None and any(t.requires_grad for t in bias_factors) else []
+    grads += ["a captured tensor"] if any(t.requires_grad for t in tensors) else []
+    if grads:
+        raise RuntimeError(
+            f"attndsl.serving.decode is inference only, but {', '.join(grads)} requires grad: run it under "
+            "torch.no_grad() / torch.inference_mode(), or use attndsl.attention for training")
+
+
+def _tk(t) -> tuple | None:
+    """What of a tensor fixes a decode launch but its address: dtype, shape, strides, device and
+    16-byte alignment (Triton specialises pointers by it)."""
+    return None if t is None else (t.dtype, t.shape, t.stride(), t.device, t.data_ptr() & 15)
+
+
+def _named(plan: Plan, values: dict, query, k_cache, v_cache, page_table, indices, bias_factors, tensors, Hkv) -> dict:
+    """Every argument of the decode kernel by parameter name: the per-call ``values`` and what the
+    call key fixes (strides, shape arguments, buffer sizes)."""
+    out = values["Out"]
+    if page_table is not None:
+        ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
+        vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))
+        pts = (page_table.stride(0), page_table.stride(1))
+    else:
+        ks, vs, pts = k_cache.stride(), v_cache.stride(), (0, 0)
+    istr = indices.stride() if indices is not None else (0, 0, 0, 0)
+    extra = _extra_args(query, Hkv, None, bias_factors, None)
+    named = dict(**_strides("q", "m", query.stride()), **_strides("k", "n", ks), **_strides("v", "n", vs),
+                 **_strides("o", "m", out.stride()), stride_ptb=pts[0], stride_ptp=pts[1],
+                 **dict(zip(("stride_ib", "stride_ig", "stride_im", "stride_ij"), istr, strict=True)),
+                 **dict(zip(_SHAPE_ARGS, plan.shape_args, strict=True)),
+                 **{n: a for n, a in extra.items() if not isinstance(a, (torch.Tensor, float))},
+                 **buffer_named(tensors))
+    named.update(values)
+    return named
+
+
+def run(spec, tensors: list, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        seq_lens: torch.Tensor, q_offsets=None, page_table=None, *, scale: float | None = None,
+        normalizer: str = "softmax", sigmoid_bias: float | None = None, sinks=None, bias_factors=None, indices=None,
+        max_seq_len: int | None = None, num_splits: int | None = None, kernel_options: dict | None = None):
+    """The decode call of a traced pattern (``spec``) with its captured ``tensors`` bound: ``(out, lse)``,
+    ``lse`` None for the sigmoid normaliser; arguments as :func:`decode`.
+
+    The first call of a call key (every shape, stride, dtype, device and alignment, and the options)
+    checks the inputs, plans the launch (tiles, splits) and launches through Triton; later calls of the
+    key only allocate the outputs, put this call's tensors into the memoised argument lists and
+    launch them (``runtime.fastlaunch``): no analysis, no environment reads, no device sync."""
+    u, w = bias_factors if bias_factors is not None else (None, None)
+    key = (spec.key, normalizer, _tk(query), _tk(k_cache), _tk(v_cache), _tk(seq_lens), _tk(q_offsets),
+           _tk(page_table), _tk(sinks), _tk(u), _tk(w), _tk(indices), sigmoid_bias is None, max_seq_len, num_splits,
+           tuple(sorted(kernel_options.items())) if kernel_options else None, *map(_tk, tensors))
+    plan = _PLANS.get(key)
+    fresh = plan is None
+    Hkv = k_cache.shape[2] if page_table is not None else k_cache.shape[1]
+    if fresh:
+        _, _, _, _, Hkv, Dv, paged, page_size = _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table, sinks,
+                                                       bias_factors, indices)
+        if max_seq_len is None:
+            max_seq_len = page_table.shape[1] * page_size if paged else k_cache.shape[2]
+        if len(_PLANS) >= PLANS_SIZE:
+            _PLANS.clear()
+        plan = _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, normalizer,
+                     sigmoid_bias, q_offsets, max_seq_len, num_splits, kernel_options, len(tensors),
+                     use_interpreter(query))
+    _check_grads(query, k_cache, v_cache, sinks, bias_factors, tensors)
+    B, Hq, Lq, D = query.shape
+    Dv = v_cache.shape[3]
+    scale = D ** -0.5 if scale is None else float(scale)
+    direct = plan.direct
+    # _new: NaN-filled under ATTNDSL_POISON, so an element no program writes fails the tests
+    out = _new((B, Hq, Lq, Dv), query)
+    softmax = normalizer == "softmax"
+    lse = _new((B, Hq, Lq), query, torch.float32) if softmax else out
+    if direct:
+        op = lp = out
+    else:
+        op = _new((B * Hq * Lq * plan.nsplit * Dv,), query, torch.float32)
+        lp = _new((B * Hq * Lq * plan.nsplit,), query, torch.float32)
+    values = dict(Q=query, K=k_cache, V=v_cache, PT=seq_lens if page_table is None else page_table, SEQ=seq_lens,
+                  QOFF=seq_lens if q_offsets is None else q_offsets, IDX=seq_lens if indices is None else indices,
+                  Out=out, Lse=lse, OP=op, LP=lp, sm_scale=scale, U=query if u is None else u,
+                  W=query if w is None else w, Sinks=sinks if sinks is not None and direct else query,
+                  sigmoid_bias=float(sigmoid_bias or 0.0))
+    for n, t in zip(plan.buf_names, tensors):
+        values[n] = t.view(torch.uint8) if t.dtype == torch.bool else t
+    if not direct:
+        merge = dict(OP=op, LP=lp, Out=out, Lse=lse, Sinks=sinks if sinks is not None else out)
+    dec, mrg = plan.decode, plan.merge
+    with launch_scope(query, plan.interpret):
+        if fresh or VERIFY_MEMO:
+            named = _named(plan, values, query, k_cache, v_cache, page_table, indices, bias_factors, tensors, Hkv)
+            if not direct:
+                merge_named = dict(merge, HQ=Hq, LQ=Lq, NSPLIT=plan.nsplit, **_strides("o", "m", out.stride()))
+        if fresh:
+            dec.first(plan.signatures["decode"], named, plan.interpret)
+            if not direct:
+                mrg.first(plan.signatures["decode_merge"], merge_named, plan.interpret)
+            _PLANS[key] = plan  # only a plan that launched: a failed first launch is planned again
+            return out, (lse if softmax else None)
+        if VERIFY_MEMO:
+            dec.verify(plan.signatures["decode"], named)
+            if not direct:
+                mrg.verify(plan.signatures["decode_merge"], merge_named)
+        dec.again(values)
+        if not direct:
+            mrg.again(merge)
+    return out, (lse if softmax else None)
+
+
+def _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, score_mod, scale, normalizer,
+            sigmoid_bias, sinks, bias_factors, indices, max_seq_len, num_splits, kernel_options):
+    """:func:`attndsl.serving.decode` while dynamo traces: the pattern resolved once (a constant of
+    the graph), its captured tensors followed from the functions (graph inputs bound per call), the
+    shapes checked in plain Python, then the ``attndsl::decode`` op. Returns ``(out, lse | None)``."""
+    from ..api import _resolve_for_trace
+    from ..runtime.patterns import follow
+    meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, False, None)
+    tensors = [follow((mask_mod, score_mod), p) for p in paths]
+    _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table, sinks, bias_factors, indices)
+    _check_grads(query, k_cache, v_cache, sinks, bias_factors, tensors)
+    ko = dict(kernel_options or {})
+    unknown = set(ko) - set(OPTION_KEYS)
+    if unknown:
+        _fail(f"kernel_options: unknown keys {sorted(unknown)}; expected {', '.join(OPTION_KEYS)}")
+    u, w = bias_factors if bias_factors is not None else (None, None)
+    out, lse = torch.ops.attndsl.decode(query, k_cache, v_cache, seq_lens, q_offsets, page_table, tensors, sinks, u, w,
+                                        indices, meta.key, query.shape[-1] ** -0.5 if scale is None else float(scale),
+                                        None if sigmoid_bias is None else float(sigmoid_bias), int(max_seq_len or 0),
+                                        int(num_splits or 0), [int(ko.get(n, -1)) for n in OPTION_KEYS])
+    return out, (lse if normalizer == "softmax" else None)
+
+
+#: the compiled pattern of a call with neither mask_mod nor score_mod, by normaliser (no pattern walk)
+_PLAIN: dict = {}
+
+
+def _pattern(mask_mod, score_mod, normalizer):
+    """``(compiled pattern, its captured tensors)`` through ``attndsl.attention``'s pattern cache."""
+    if mask_mod is None and score_mod is None:
+        got = _PLAIN.get(normalizer)
+        if got is None:
+            from ..api import _compiled
+            got = _PLAIN[normalizer] = _compiled(None, None, normalizer, False, None)
+        return got
+    from ..api import _compiled
+    return _compiled(mask_mod, score_mod, normalizer, False, None)
 
 
 def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, seq_lens: torch.Tensor,
@@ -356,75 +601,35 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
             on it, ``B`` and the heads, so one shape serves every step of a CUDA graph.
         num_splits (int | None): key splits per (sequence, KV head); default from the SM count
             and the visited range at ``max_seq_len``.
-        kernel_options (dict | None): ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``.
+        kernel_options (dict | None): ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``,
+            ``per_sm`` (programs per SM the split heuristic counts) and ``rotate`` (0/1: each program
+            starts its key range at a tile of its own); default from :data:`TUNING`.
 
     Returns:
         ``out [B, Hq, Lq, Dv]`` in the query's dtype; with ``return_lse`` ``(out, lse)``. A row with
         no visible key gives zeros and ``lse = -inf`` (``lse = sink`` with sinks).
+
+    Under ``torch.compile`` the call is one ``torch.library`` op (``attndsl::decode``, with a fake
+    implementation), so a model's decode step compiles with ``fullgraph=True`` and captures in a
+    CUDA graph. Eagerly, repeated calls of one shape reuse a memoised launch (see :func:`run`).
 
     Inference only: with autograd on, inputs (or captured tensors) that require grad raise a
     ``RuntimeError`` naming :func:`attndsl.attention` (no fallback). Values are not checked on the
     host (no device sync): ``seq_lens[b] <= max_pages * page_size`` and valid page-table entries are
     the caller's to keep.
     """
-    from ..api import _compiled
-    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, False, None)
-    B, Hq, Lq, D, Hkv, Dv, paged, page_size = _check(query, k_cache, v_cache, seq_lens, q_offsets, page_table,
-                                                      sinks, bias_factors, indices, tensors)
     if return_lse and normalizer != "softmax":
         _fail("return_lse needs the softmax normalizer")
-    interpret = use_interpreter(query)
-    if max_seq_len is None:
-        max_seq_len = page_table.shape[1] * page_size if paged else k_cache.shape[2]
-    key = (compiled.spec.key, interpret, query.device.index, tuple(query.shape), query.dtype, Hkv, Dv, paged,
-           page_size, None if indices is None else tuple(indices.shape), sinks is not None,
-           None if bias_factors is None else bias_factors[0].shape[3], normalizer, sigmoid_bias is None,
-           q_offsets is None, max_seq_len, num_splits, tuple(sorted((kernel_options or {}).items())))
-    plan = _PLANS.get(key)
-    fresh = plan is None  # a new plan's arguments are checked against the signatures (launch.fill)
-    if fresh:
-        if len(_PLANS) > 1024:
-            _PLANS.clear()
-        plan = _PLANS[key] = _plan(compiled.spec, tensors, query, Hkv, Dv, paged, page_size, indices, sinks,
-                                   bias_factors, normalizer, sigmoid_bias, q_offsets, max_seq_len, num_splits,
-                                   kernel_options, interpret)
-    scale = D ** -0.5 if scale is None else float(scale)
-    nsplit, direct = plan.nsplit, plan.nsplit == 1
-    # _new: NaN-filled under ATTNDSL_POISON, so an element no program writes fails the tests
-    out = _new((B, Hq, Lq, Dv), query)
-    softmax = normalizer == "softmax"
-    lse = _new((B, Hq, Lq), query, torch.float32) if softmax else out
-    if direct:
-        op = lp = out
+    if torch.compiler.is_compiling():
+        out, lse = _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, score_mod, scale,
+                                 normalizer, sigmoid_bias, sinks, bias_factors, indices, max_seq_len, num_splits,
+                                 kernel_options)
     else:
-        op = _new((B * Hq * Lq * nsplit * Dv,), query, torch.float32)
-        lp = _new((B * Hq * Lq * nsplit,), query, torch.float32)
-    if paged:
-        ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
-        vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))
-        pt, pts = page_table, (page_table.stride(0), page_table.stride(1))
-    else:
-        ks, vs = k_cache.stride(), v_cache.stride()
-        pt, pts = seq_lens, (0, 0)
-    gather = indices is not None
-    idx = indices if gather else seq_lens
-    istr = indices.stride() if gather else (0, 0, 0, 0)
-    named = dict(Q=query, K=k_cache, V=v_cache, PT=pt, SEQ=seq_lens, QOFF=seq_lens if q_offsets is None else q_offsets,
-                 IDX=idx, Out=out, Lse=lse, OP=op, LP=lp, sm_scale=scale,
-                 **_strides("q", "m", query.stride()), **_strides("k", "n", ks), **_strides("v", "n", vs),
-                 **_strides("o", "m", out.stride()), stride_ptb=pts[0], stride_ptp=pts[1],
-                 **dict(zip(("stride_ib", "stride_ig", "stride_im", "stride_ij"), istr, strict=True)),
-                 **dict(zip(_SHAPE_ARGS, plan.shape_args, strict=True)),
-                 **_extra_args(query, Hkv, sinks if direct else None, bias_factors, sigmoid_bias),
-                 **buffer_named(tensors))
-    args = _fill(plan, "decode", named, plan.consts, fresh)
-    with launch_scope(query, interpret):
-        _launch(plan.kernel, plan.grid, args, plan.consts, plan.warps, interpret)
-        if not direct:
-            merge = dict(OP=op, LP=lp, Out=out, Lse=lse, Sinks=sinks if sinks is not None else out, HQ=Hq, LQ=Lq,
-                         NSPLIT=nsplit, **_strides("o", "m", out.stride()))
-            _launch(plan.merge, (B * Hq * Lq,), _fill(plan, "decode_merge", merge, plan.merge_consts, fresh),
-                    plan.merge_consts, plan.merge_warps, interpret)
+        compiled, tensors = _pattern(mask_mod, score_mod, normalizer)
+        out, lse = run(compiled.spec, tensors, query, k_cache, v_cache, seq_lens, q_offsets, page_table, scale=scale,
+                       normalizer=normalizer, sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors,
+                       indices=indices, max_seq_len=max_seq_len, num_splits=num_splits,
+                       kernel_options=kernel_options)
     if return_lse:
         return out, lse
     return out
