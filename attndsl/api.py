@@ -11,7 +11,7 @@ from .dsl import trace
 from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
-from .runtime.autograd import AttentionFunction
+from .runtime.autograd import Call, apply as _apply
 import math
 
 from typing import NamedTuple
@@ -21,7 +21,7 @@ from .runtime.checks import call_shape, check_captured, check_extras, check_inpu
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
-from .runtime.launch import BlockTables, Runner, use_interpreter
+from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES
 
@@ -31,6 +31,57 @@ class OpMeta(NamedTuple):
 
     key: str
     normalizer: str
+
+
+#: ``check_indices`` of a call that ran every check itself (``CompiledAttention._run``)
+_CHECKED = object()
+#: call plans kept per compiled pattern (one per call key) before the map starts over
+_MAX_PLANS = 256
+
+
+class _Plan(NamedTuple):
+    """What the checks of one call key decided (``plan_key``): a later call with the same key
+    skips them and launches at once."""
+
+    runner: Runner
+    scale: float  # the default scale, 1/sqrt(D)
+    extras: Extras  # no sinks or low-rank factors (a plain call); the sigmoid bias of the length
+    memo: tuple | None  # the runner's launch-memo key (``Runner.call_key``); None with block tables
+    shape: tuple  # (B, Hq, Lq, Lkv)
+    value_checks: bool  # the pattern's index checks read captured values: run every call
+    whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
+
+
+class _Plans(dict):
+    """``plan_key -> _Plan`` of one compiled pattern, for the runners in ``runners`` (a copy of
+    the pattern with runners of its own starts a map of its own)."""
+
+    def __init__(self, runners: dict):
+        super().__init__()
+        self.runners = runners
+
+
+def plan_key(tensors, query, key, value, scale, return_lse) -> tuple | None:
+    """What the input checks of a plain call (no sinks, low-rank factors, sigmoid bias or tables)
+    depend on, and what fixes its launches: each tensor's shape, strides, dtype, device and 16-byte
+    alignment, the scale's sign, ``return_lse``. None: a call the checks must see every time (not
+    plain tensors, a scale that is not a finite Python number)."""
+    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
+        return None
+    if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
+        return None
+    got = [query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
+           key.shape, key.stride(), key.dtype, key.device, key.data_ptr() & 15,
+           value.shape, value.stride(), value.dtype, value.device, value.data_ptr() & 15,
+           scale is None or scale > 0, return_lse]
+    for t in tensors:
+        got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+    return tuple(got)
+
+
+def _any_grad(sinks, u, w, tensors) -> bool:
+    return (sinks is not None and sinks.requires_grad) or (u is not None and (u.requires_grad or w.requires_grad)) \
+        or any(t.requires_grad for t in tensors)
 
 
 class CompiledAttention:
@@ -76,6 +127,7 @@ class CompiledAttention:
         memo[id(self)] = new
         new.tensors = [copy.deepcopy(t, memo) for t in self.tensors]
         new._runners = {}
+        new.__dict__.pop("_plans", None)
         new.__dict__.pop("_block_variants", None)
         new.__dict__.pop("_gather_runners", None)
         return new
@@ -160,6 +212,16 @@ class CompiledAttention:
                                  check_indices=check_indices, block_tables=block_tables, scale=scale,
                                  return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
                                  bias_factors=bias_factors)
+        plain = sinks is None and bias_factors is None and sigmoid_bias is None and block_tables is None \
+            and not self.deterministic
+        if plain:  # the common call: its checks were passed by an earlier call of the same key
+            pkey = plan_key(tensors, query, key, value, scale, return_lse)
+            plans = self.__dict__.get("_plans")
+            if plans is None or plans.runners is not self._runners:  # a copy's runners: its own plans
+                plans = self._plans = _Plans(self._runners)
+            plan = plans.get(pkey) if pkey is not None else None
+            if plan is not None:
+                return self._run(plan, tensors, query, key, value, scale, sinks, None, None, None, check_indices)
         check_inputs(query, key, value, scale)
         check_captured(tensors, query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
@@ -168,28 +230,52 @@ class CompiledAttention:
             learnable = sorted(self.spec.learnable_slots)
             return empty_call(query, key, value, softmax=self.spec.normalizer == "softmax", return_lse=return_lse,
                               sinks=sinks, others=(*(bias_factors or ()), *(tensors[s] for s in learnable)))
-        check_indices_of(self.index_check, tensors, call_shape(query, key), query.device, check_indices)
+        shape = call_shape(query, key)
+        check_indices_of(self.index_check, tensors, shape, query.device, check_indices)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
             sigmoid_bias = -math.log(key.shape[2])
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
-        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         if self.deterministic:
             check_deterministic(self.spec, tensors, query)
         r = self.runner(query, value.shape[-1])
+        extras = Extras(sinks, u, w, float(sigmoid_bias or 0.0))
+        if self.spec.data_dependent and block_tables is not None:
+            if block_tables.shape != shape:
+                raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
+        # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
+        memo = None if self.spec.data_dependent else r.call_key(
+            query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale), extras, tensors)
+        plan = _Plan(r, query.shape[-1] ** -0.5, extras, memo, shape, self.index_check.reads_values(),
+                     return_lse or self.spec.normalizer != "softmax")
+        if plain and pkey is not None:  # every check above passed for this key: later calls skip them
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            plans[pkey] = plan
+        return self._run(plan, tensors, query, key, value, scale, sinks, u, w, block_tables, _CHECKED)
+
+    def _run(self, plan, tensors, query, key, value, scale, sinks, u, w, block_tables=None, check_indices=None):
+        """Launch a call whose checks passed (``plan``): the runner's forward directly when nothing
+        needs a gradient, else through the autograd Function. The index checks that read captured
+        values run again (``check_indices`` as passed, see :func:`attention`; ``_CHECKED``: this
+        call ran every check itself)."""
+        if check_indices is not _CHECKED and (plan.value_checks or check_indices is True):
+            check_indices_of(self.index_check, tensors, plan.shape, query.device, check_indices)
+        scale = plan.scale if scale is None else float(scale)
+        r = plan.runner
         tables = None
         if self.spec.data_dependent:
-            if block_tables is not None:
-                shape = call_shape(query, key)
-                if block_tables.shape != shape:
-                    raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
-                tables = block_tables
-            else:
-                tables = TABLES.get(r, query, key, tensors)
-        got = AttentionFunction.apply(query, key, value, sinks, u, w, r, scale, tables,
-                                      float(sigmoid_bias or 0.0), *tensors)
-        if self.spec.normalizer != "softmax":  # out alone (return_lse was refused above)
+            tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                        or _any_grad(sinks, u, w, tensors)):
+            got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, plan.extras, plan.memo), *tensors)
+        else:  # inference: no graph node, no saved tensors
+            out, lse, _ = r.forward(query, key, value, scale, tensors, tables, plan.extras, key=plan.memo)
+            if out.dtype != query.dtype:  # float32 under precise_delta
+                out = out.to(query.dtype)
+            got = out if lse is None else (out, lse)
+        if plan.whole:  # sigmoid: out alone (return_lse was refused); softmax with return_lse: (out, lse)
             return got
-        return got if return_lse else got[0]
+        return got[0]
 
     def visit_counts(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
                      runs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -2,25 +2,24 @@
 
 Measures what issue 30 part 2 is about, the Python work around the launches: pattern lookup,
 checks, runner and table lookups, autograd plumbing. Each case is timed as a loop of calls
-without syncs (the median of 5 loops), so a case whose kernels are short measures the host.
+without syncs, so a case whose kernels are short measures the host.
 
     python benchmarks/host_overhead.py [--calls 500] [--cases causal]   # CPU, launches stubbed
     python benchmarks/host_overhead.py --gpu                            # CUDA, real launches, bf16
 
 CPU (default): kernel launches are replaced by no-ops and the launch context by the one a GPU
 launch on the current device takes (the interpreter would dominate otherwise), so it runs on any
-machine; SDPA runs for real on tiny CPU tensors (L=16, D=16: its compute is a few microseconds,
+machine, timed by this process's CPU time (other processes do not count); SDPA runs for real on tiny CPU tensors (L=16, D=16: its compute is a few microseconds,
 so its figure is mostly its own host path). ``--gpu``: real launches on a small, host-bound shape
 (B=1, H=4, L=128, D=64 bf16 by default; ``--L``/``--B``/``--H``/``--D`` change it).
 
-Columns: ``fwd`` (inputs do not require grad: inference), ``fwd+bwd`` (inputs require grad; one
+Each figure is the fastest of 7 loops. Columns: ``fwd`` (inputs do not require grad: inference), ``fwd+bwd`` (inputs require grad; one
 ``torch.autograd.grad`` of the output per call) and each one's ratio to SDPA's on the same loop.
 Aims (issue 30): one-shot ``attndsl.attention`` <= 2x SDPA, a compiled pattern <= 1.5x.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,17 +82,17 @@ def cases(dev, dtype, B, H, L, D):
     }
 
 
-def timeit(fn, calls: int) -> float:
-    """Median over 5 loops of ``calls`` calls, in microseconds per call (no sync inside a loop)."""
+def timeit(fn, calls: int, clock=time.perf_counter) -> float:
+    """The fastest of 7 loops of ``calls`` calls, in microseconds per call (no sync inside a loop)."""
     for _ in range(20):
         fn()
     best = []
-    for _ in range(5):
-        t = time.perf_counter()
+    for _ in range(7):
+        t = clock()
         for _ in range(calls):
             fn()
-        best.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(best)
+        best.append((clock() - t) / calls * 1e6)
+    return min(best)
 
 
 def with_backward(call, inputs):
@@ -138,6 +137,8 @@ def main():
     if not a.gpu:
         stub_launches()
     sync = torch.cuda.synchronize if a.gpu else (lambda: None)
+    # CPU: this process's CPU time (the machine may be shared); GPU: wall time (the GPU may lag)
+    clock = time.perf_counter if a.gpu else time.process_time
     print(f"host time per call, us ({'CUDA ' + torch.cuda.get_device_name() if a.gpu else 'CPU, launches stubbed'}; "
           f"B={a.B} H={a.H} L={L} D={a.D} {str(dtype).split('.')[-1]}; torch {torch.__version__})")
     print(f"{'case':46s} {'fwd':>8s} {'x sdpa':>7s} {'fwd+bwd':>9s} {'x sdpa':>7s}")
@@ -149,9 +150,9 @@ def main():
         if a.profile:
             profile(name, fwd, with_backward(*make(True)), a.calls)
             continue
-        t_f = timeit(fwd, a.calls)
+        t_f = timeit(fwd, a.calls, clock)
         sync()
-        t_b = timeit(with_backward(*make(True)), a.calls)
+        t_b = timeit(with_backward(*make(True)), a.calls, clock)
         sync()
         if base is None:
             base = (t_f, t_b)

@@ -217,6 +217,10 @@ class IndexRangeCheck:
         self.dynamic = tuple(b for b, r in zip(self.bounds, reads) if r)
         self.decided: set = set()  # call shapes (with the captured tensors' shapes) already checked
 
+    def reads_values(self) -> bool:
+        """Does any check read captured values (and so run on every call, not once per shape)?"""
+        return bool(self.dynamic) or any(self.divisors.reads)
+
     def __call__(self, tensors, shape, device, dynamic: bool = True):
         """``dynamic=False``: the indices of index variables alone (no sync; see ``runtime/indexcheck.py``)."""
         self.divisors(tensors, shape, device)  # value-dependent divisors too: rare, and never a silent number
