@@ -112,7 +112,7 @@ def profile(name, fwd, fwd_bwd, calls):
     for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         for _ in range(20):
             fn()
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.process_time)  # CPU time: the machine may be shared
         prof.enable()
         for _ in range(calls):
             fn()
