@@ -135,13 +135,15 @@ class CompiledAttention:
     # -- kernels ---------------------------------------------------------------------------
     def runner(self, q: torch.Tensor, dv: int | None = None) -> Runner:
         """The runner for queries like ``q`` and values of head dim ``dv`` (default: q's)."""
-        interpret = use_interpreter(q)
         dv = q.shape[-1] if dv is None else dv
+        dev = q.device
         # per element size too: a launch that overflows shared memory keeps its smaller tiles for
-        # later calls, and float32 inputs need twice the shared memory of 16-bit ones
-        key = (interpret, q.shape[-1], dv, q.device.index, q.element_size())
+        # later calls, and float32 inputs need twice the shared memory of 16-bit ones. Keyed by the
+        # device: whether it runs in the interpreter (ATTNDSL_FORCE_INTERPRET) is decided once
+        key = (dev.type, dev.index, q.shape[-1], dv, q.element_size())
         r = self._runners.get(key)
         if r is None:
+            interpret = use_interpreter(q)
             if not interpret:
                 check_gpu_tiles(*self._tiles[:2])
             module = cache.load(self.spec, interpret, float64=q.dtype == torch.float64)
@@ -557,17 +559,19 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         from .flex import aux_output, check_aux
         check_aux(return_aux, return_lse, normalizer)
         return_lse = bool(return_aux.lse)
-    kw = dict(scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
-              bias_factors=bias_factors, indices=indices, blocks=blocks)
     if torch.compiler.is_compiling():
         # NOTE: a closure made inside the compiled function that holds a tensor cannot be resolved here
         # (dynamo cannot read its cells: ClosureConversionError); build it outside or with attndsl.compile
         meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
         from .runtime.patterns import follow
-        got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, **kw)
+        got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, scale=scale,
+                      return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors,
+                      indices=indices, blocks=blocks)
     else:
         compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
-        got = compiled._call(tensors, query, key, value, check_indices=check_indices, **kw)
+        got = compiled._call(tensors, query, key, value, scale=scale, return_lse=return_lse,
+                             sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
+                             blocks=blocks, check_indices=check_indices)
     if return_aux is not None:
         return aux_output(got, return_aux)
     return got
