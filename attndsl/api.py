@@ -89,6 +89,13 @@ class CompiledAttention:
 
     Captured tensors are held by reference: mutating them in place is seen by later calls,
     rebinding a Python name to a new tensor needs a new ``compile``.
+
+    Calls are planned per *call key* (each input's and captured tensor's shape, strides, dtype,
+    device and 16-byte alignment, the scale's sign, ``return_lse``; up to 256 keys): the first call
+    of a key runs every input check, later ones skip them and launch at once. Checks of captured
+    *values* (indices read from captured tensors) still run as documented in :func:`attention`;
+    calls with ``sinks``, ``bias_factors``, ``sigmoid_bias``, ``block_tables``, selectors or
+    ``deterministic=True`` are checked in full every time.
     """
 
     def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,
@@ -525,6 +532,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
+    * **Call plans**: the input checks a call passed, per call key (shapes, strides, dtypes,
+      devices, alignment; see :class:`CompiledAttention`), kept with the cached pattern.
     * **Index checks** of indices computed from captured values (``table[ids[q_idx]]``): by default
       once per captured tensor version (a host sync the first time only).
 

@@ -4,17 +4,20 @@ Measures what issue 30 part 2 is about, the Python work around the launches: pat
 checks, runner and table lookups, autograd plumbing. Each case is timed as a loop of calls
 without syncs, so a case whose kernels are short measures the host.
 
-    python benchmarks/host_overhead.py [--calls 500] [--cases causal]   # CPU, launches stubbed
-    python benchmarks/host_overhead.py --gpu                            # CUDA, real launches, bf16
+    python benchmarks/host_overhead.py [--calls 200] [--cases causal] [--profile]   # CPU, launches stubbed
+    python benchmarks/host_overhead.py --gpu                                         # CUDA, real launches, bf16
 
 CPU (default): kernel launches are replaced by no-ops and the launch context by the one a GPU
 launch on the current device takes (the interpreter would dominate otherwise), so it runs on any
-machine, timed by this process's CPU time (other processes do not count); SDPA runs for real on tiny CPU tensors (L=16, D=16: its compute is a few microseconds,
-so its figure is mostly its own host path). ``--gpu``: real launches on a small, host-bound shape
-(B=1, H=4, L=128, D=64 bf16 by default; ``--L``/``--B``/``--H``/``--D`` change it).
+machine; timed by this process's CPU time (other processes on a shared machine do not count).
+SDPA runs for real on tiny CPU tensors (L=16, D=16: its compute is a few microseconds, so its
+figure is mostly its own host path). ``--gpu``: wall time, real launches on a small, host-bound
+shape (B=1, H=4, L=128, D=64 bf16 by default; ``--L``/``--B``/``--H``/``--D`` change it; SDPA
+runs the same shape).
 
-Each figure is the fastest of 7 loops. Columns: ``fwd`` (inputs do not require grad: inference), ``fwd+bwd`` (inputs require grad; one
-``torch.autograd.grad`` of the output per call) and each one's ratio to SDPA's on the same loop.
+Each figure is the fastest of 15 loops. Columns: ``fwd`` (inputs do not require grad:
+inference), ``fwd+bwd`` (inputs require grad; one ``torch.autograd.grad`` of the output per call)
+and each one's ratio to SDPA's on the same loop.
 Aims (issue 30): one-shot ``attndsl.attention`` <= 2x SDPA, a compiled pattern <= 1.5x.
 """
 from __future__ import annotations
@@ -83,11 +86,11 @@ def cases(dev, dtype, B, H, L, D):
 
 
 def timeit(fn, calls: int, clock=time.perf_counter) -> float:
-    """The fastest of 7 loops of ``calls`` calls, in microseconds per call (no sync inside a loop)."""
+    """The fastest of 15 loops of ``calls`` calls, in microseconds per call (no sync inside a loop)."""
     for _ in range(20):
         fn()
     best = []
-    for _ in range(7):
+    for _ in range(15):
         t = clock()
         for _ in range(calls):
             fn()
@@ -123,7 +126,7 @@ def profile(name, fwd, fwd_bwd, calls):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--calls", type=int, default=500)
+    p.add_argument("--calls", type=int, default=200, help="calls per timed loop")
     p.add_argument("--gpu", action="store_true", help="real launches on CUDA (no stubs), bf16")
     p.add_argument("--cases", default="", help="only the cases whose name contains this")
     p.add_argument("--B", type=int, default=1)
