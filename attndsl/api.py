@@ -17,7 +17,8 @@ import math
 from typing import NamedTuple
 
 from .runtime import op
-from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, check_gpu_tiles, check_tiles, index_check_for
+from .runtime.checks import (call_shape, check_captured, check_extras, check_gpu_tiles, check_inputs,
+                             check_sink_values, check_tiles, index_check_for)
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
@@ -45,7 +46,7 @@ class _Plan(NamedTuple):
 
     runner: Runner
     scale: float  # the default scale, 1/sqrt(D)
-    extras: Extras  # no sinks or low-rank factors (a plain call); the sigmoid bias of the length
+    extras: Extras  # the sigmoid bias of the length (sinks and low-rank factors are bound per call)
     memo: tuple | None  # the runner's launch-memo key (``Runner.call_key``); None with block tables
     shape: tuple  # (B, Hq, Lq, Lkv)
     value_checks: bool  # the pattern's index checks read captured values: run every call
@@ -61,11 +62,12 @@ class _Plans(dict):
         self.runners = runners
 
 
-def plan_key(tensors, query, key, value, scale, return_lse) -> tuple | None:
-    """What the input checks of a plain call (no sinks, low-rank factors, sigmoid bias or tables)
-    depend on, and what fixes its launches: each tensor's shape, strides, dtype, device and 16-byte
-    alignment, the scale's sign, ``return_lse``. None: a call the checks must see every time (not
-    plain tensors, a scale that is not a finite Python number)."""
+def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_factors=None) -> tuple | None:
+    """What the input checks of a call (no sigmoid bias or tables) depend on, and what fixes its
+    launches: each tensor's shape, strides, dtype, device and 16-byte alignment (inputs, captured
+    tensors, sinks, low-rank factors), the scale's sign, ``return_lse``. None: a call the checks
+    must see every time (tensors of other types, a scale that is not a finite Python number,
+    ``bias_factors`` that are not a pair of tensors)."""
     if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
         return None
     if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
@@ -76,7 +78,21 @@ def plan_key(tensors, query, key, value, scale, return_lse) -> tuple | None:
            scale is None or scale > 0, return_lse]
     for t in tensors:
         got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+    extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
+    if len(extra) not in (1, 3):
+        return None
+    for t in extra:
+        if t is None:
+            got.append(None)
+        elif type(t) in _PLAIN_TENSORS:
+            got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+        else:
+            return None
     return tuple(got)
+
+
+#: tensor types whose metadata a plan key may stand for (sinks and factors are often parameters)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _any_grad(sinks, u, w, tensors) -> bool:
@@ -94,8 +110,9 @@ class CompiledAttention:
     device and 16-byte alignment, the scale's sign, ``return_lse``; up to 256 keys): the first call
     of a key runs every input check, later ones skip them and launch at once. Checks of captured
     *values* (indices read from captured tensors) still run as documented in :func:`attention`;
-    calls with ``sinks``, ``bias_factors``, ``sigmoid_bias``, ``block_tables``, selectors or
-    ``deterministic=True`` are checked in full every time.
+    ``sinks`` are keyed like the inputs (their values are checked once per version of the
+    tensor); calls with ``sigmoid_bias``, ``block_tables``, selectors or ``deterministic=True``
+    are checked in full every time.
     """
 
     def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,
@@ -221,16 +238,18 @@ class CompiledAttention:
                                  check_indices=check_indices, block_tables=block_tables, scale=scale,
                                  return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
                                  bias_factors=bias_factors)
-        plain = sinks is None and bias_factors is None and sigmoid_bias is None and block_tables is None \
-            and not self.deterministic
+        plain = sigmoid_bias is None and block_tables is None and not self.deterministic
         if plain:  # the common call: its checks were passed by an earlier call of the same key
-            pkey = plan_key(tensors, query, key, value, scale, return_lse)
+            pkey = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
             plans = self.__dict__.get("_plans")
             if plans is None or plans.runners is not self._runners:  # a copy's runners: its own plans
                 plans = self._plans = _Plans(self._runners)
             plan = plans.get(pkey) if pkey is not None else None
             if plan is not None:
-                return self._run(plan, tensors, query, key, value, scale, sinks, None, None, None, check_indices)
+                if sinks is not None:  # values: once per version of the tensor
+                    check_sink_values(sinks)
+                u, w = bias_factors if bias_factors is not None else (None, None)
+                return self._run(plan, tensors, query, key, value, scale, sinks, u, w, None, check_indices)
         check_inputs(query, key, value, scale)
         check_captured(tensors, query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
@@ -254,8 +273,8 @@ class CompiledAttention:
         # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
         memo = None if self.spec.data_dependent else r.call_key(
             query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale), extras, tensors)
-        plan = _Plan(r, query.shape[-1] ** -0.5, extras, memo, shape, self.index_check.reads_values(),
-                     return_lse or self.spec.normalizer != "softmax")
+        plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
+                     self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax")
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
@@ -274,11 +293,12 @@ class CompiledAttention:
         tables = None
         if self.spec.data_dependent:
             tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
+        extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or _any_grad(sinks, u, w, tensors)):
-            got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, plan.extras, plan.memo), *tensors)
+            got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
         else:  # inference: no graph node, no saved tensors
-            out, lse, _ = r.forward(query, key, value, scale, tensors, tables, plan.extras, key=plan.memo)
+            out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)

@@ -228,3 +228,25 @@ def test_value_checks_are_flagged_per_pattern():
     assert attndsl.compile(score_mod=by_doc).index_check.reads_values()
     assert not attndsl.compile(score_mod=by_pos).index_check.reads_values()
     assert isinstance(attndsl.compile(score_mod=by_pos).index_check, checks.IndexRangeCheck)
+
+
+def test_sinks_and_low_rank_factors_are_planned_and_sink_values_checked_per_version(input_checks):
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    sinks = torch.tensor([0.3, -0.2])
+    u, w = torch.randn(1, 2, 32, 3), torch.randn(1, 1, 32, 3)
+    for _ in range(2):
+        check(attn(q, k, v, sinks=sinks), q, k, v, mask_mod=causal, sinks=sinks)
+        check(attn(q, k, v, bias_factors=(u, w)), q, k, v, mask_mod=causal, bias_factors=(u, w))
+    assert input_checks.call_count == 2  # one plan each
+    s2 = torch.tensor([-1.0, 0.5])  # another tensor of the key: bound per call
+    check(attn(q, k, v, sinks=s2), q, k, v, mask_mod=causal, sinks=s2)
+    sinks[1] = float("nan")  # in place: a new version, checked again
+    with pytest.raises(ValueError, match=r"sinks\[1\] is nan"):
+        attn(q, k, v, sinks=sinks)
+    with pytest.raises(ValueError, match=r"sinks must have shape \[Hq\]"):
+        attn(q, k, v, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="bias_factors u length"):
+        attn(q, k, v, bias_factors=(u[:, :, :16], w))
+    with pytest.raises(TypeError, match="must be a pair"):
+        attn(q, k, v, bias_factors=(u, w, w))
