@@ -11,17 +11,18 @@ from .dsl import trace
 from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
-from .runtime.autograd import AttentionFunction
+from .runtime.autograd import Call, apply as _apply
 import math
 
 from typing import NamedTuple
 
 from .runtime import op
-from .runtime.checks import call_shape, check_captured, check_extras, check_inputs, check_gpu_tiles, check_tiles, index_check_for
+from .runtime.checks import (call_shape, check_captured, check_extras, check_gpu_tiles, check_inputs,
+                             check_sink_values, check_tiles, index_check_for)
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
-from .runtime.launch import BlockTables, Runner, use_interpreter
+from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES
 
@@ -33,11 +34,85 @@ class OpMeta(NamedTuple):
     normalizer: str
 
 
+#: ``check_indices`` of a call that ran every check itself (``CompiledAttention._run``)
+_CHECKED = object()
+#: call plans kept per compiled pattern (one per call key) before the map starts over
+_MAX_PLANS = 256
+
+
+class _Plan(NamedTuple):
+    """What the checks of one call key decided (``plan_key``): a later call with the same key
+    skips them and launches at once."""
+
+    runner: Runner
+    scale: float  # the default scale, 1/sqrt(D)
+    extras: Extras  # the sigmoid bias of the length (sinks and low-rank factors are bound per call)
+    memo: tuple | None  # the runner's launch-memo key (``Runner.call_key``); None with block tables
+    shape: tuple  # (B, Hq, Lq, Lkv)
+    value_checks: bool  # the pattern's index checks read captured values: run every call
+    whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
+
+
+class _Plans(dict):
+    """``plan_key -> _Plan`` of one compiled pattern, for the runners in ``runners`` (a copy of
+    the pattern with runners of its own starts a map of its own)."""
+
+    def __init__(self, runners: dict):
+        super().__init__()
+        self.runners = runners
+
+
+def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_factors=None) -> tuple | None:
+    """What the input checks of a call (no sigmoid bias or tables) depend on, and what fixes its
+    launches: each tensor's shape, strides, dtype, device and 16-byte alignment (inputs, captured
+    tensors, sinks, low-rank factors), the scale's sign, ``return_lse``. None: a call the checks
+    must see every time (tensors of other types, a scale that is not a finite Python number,
+    ``bias_factors`` that are not a pair of tensors)."""
+    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
+        return None
+    if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
+        return None
+    got = [query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
+           key.shape, key.stride(), key.dtype, key.device, key.data_ptr() & 15,
+           value.shape, value.stride(), value.dtype, value.device, value.data_ptr() & 15,
+           scale is None or scale > 0, return_lse]
+    for t in tensors:
+        got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+    extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
+    if len(extra) not in (1, 3):
+        return None
+    for t in extra:
+        if t is None:
+            got.append(None)
+        elif type(t) in _PLAIN_TENSORS:
+            got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+        else:
+            return None
+    return tuple(got)
+
+
+#: tensor types whose metadata a plan key may stand for (sinks and factors are often parameters)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _any_grad(sinks, u, w, tensors) -> bool:
+    return (sinks is not None and sinks.requires_grad) or (u is not None and (u.requires_grad or w.requires_grad)) \
+        or any(t.requires_grad for t in tensors)
+
+
 class CompiledAttention:
     """A pattern traced and analysed once; kernels are built per backend/dtype/head dim on first use.
 
     Captured tensors are held by reference: mutating them in place is seen by later calls,
     rebinding a Python name to a new tensor needs a new ``compile``.
+
+    Calls are planned per *call key* (each input's and captured tensor's shape, strides, dtype,
+    device and 16-byte alignment, the scale's sign, ``return_lse``; up to 256 keys): the first call
+    of a key runs every input check, later ones skip them and launch at once. Checks of captured
+    *values* (indices read from captured tensors) still run as documented in :func:`attention`;
+    ``sinks`` are keyed like the inputs (their values are checked once per version of the
+    tensor); calls with ``sigmoid_bias``, ``block_tables``, selectors or ``deterministic=True``
+    are checked in full every time.
     """
 
     def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,
@@ -76,6 +151,7 @@ class CompiledAttention:
         memo[id(self)] = new
         new.tensors = [copy.deepcopy(t, memo) for t in self.tensors]
         new._runners = {}
+        new.__dict__.pop("_plans", None)
         new.__dict__.pop("_block_variants", None)
         new.__dict__.pop("_gather_runners", None)
         return new
@@ -83,13 +159,15 @@ class CompiledAttention:
     # -- kernels ---------------------------------------------------------------------------
     def runner(self, q: torch.Tensor, dv: int | None = None) -> Runner:
         """The runner for queries like ``q`` and values of head dim ``dv`` (default: q's)."""
-        interpret = use_interpreter(q)
         dv = q.shape[-1] if dv is None else dv
+        dev = q.device
         # per element size too: a launch that overflows shared memory keeps its smaller tiles for
-        # later calls, and float32 inputs need twice the shared memory of 16-bit ones
-        key = (interpret, q.shape[-1], dv, q.device.index, q.element_size())
+        # later calls, and float32 inputs need twice the shared memory of 16-bit ones. Keyed by the
+        # device: whether it runs in the interpreter (ATTNDSL_FORCE_INTERPRET) is decided once
+        key = (dev.type, dev.index, q.shape[-1], dv, q.element_size())
         r = self._runners.get(key)
         if r is None:
+            interpret = use_interpreter(q)
             if not interpret:
                 check_gpu_tiles(*self._tiles[:2])
             module = cache.load(self.spec, interpret, float64=q.dtype == torch.float64)
@@ -160,6 +238,18 @@ class CompiledAttention:
                                  check_indices=check_indices, block_tables=block_tables, scale=scale,
                                  return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
                                  bias_factors=bias_factors)
+        plain = sigmoid_bias is None and block_tables is None and not self.deterministic
+        if plain:  # the common call: its checks were passed by an earlier call of the same key
+            pkey = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
+            plans = self.__dict__.get("_plans")
+            if plans is None or plans.runners is not self._runners:  # a copy's runners: its own plans
+                plans = self._plans = _Plans(self._runners)
+            plan = plans.get(pkey) if pkey is not None else None
+            if plan is not None:
+                if sinks is not None:  # values: once per version of the tensor
+                    check_sink_values(sinks)
+                u, w = bias_factors if bias_factors is not None else (None, None)
+                return self._run(plan, tensors, query, key, value, scale, sinks, u, w, None, check_indices)
         check_inputs(query, key, value, scale)
         check_captured(tensors, query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
@@ -168,28 +258,53 @@ class CompiledAttention:
             learnable = sorted(self.spec.learnable_slots)
             return empty_call(query, key, value, softmax=self.spec.normalizer == "softmax", return_lse=return_lse,
                               sinks=sinks, others=(*(bias_factors or ()), *(tensors[s] for s in learnable)))
-        check_indices_of(self.index_check, tensors, call_shape(query, key), query.device, check_indices)
+        shape = call_shape(query, key)
+        check_indices_of(self.index_check, tensors, shape, query.device, check_indices)
         if self.spec.normalizer == "sigmoid" and sigmoid_bias is None:
             sigmoid_bias = -math.log(key.shape[2])
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
-        scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         if self.deterministic:
             check_deterministic(self.spec, tensors, query)
         r = self.runner(query, value.shape[-1])
+        extras = Extras(sinks, u, w, float(sigmoid_bias or 0.0))
+        if self.spec.data_dependent and block_tables is not None:
+            if block_tables.shape != shape:
+                raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
+        # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
+        memo = None if self.spec.data_dependent else r.call_key(
+            query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale), extras, tensors)
+        plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
+                     self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax")
+        if plain and pkey is not None:  # every check above passed for this key: later calls skip them
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            plans[pkey] = plan
+        return self._run(plan, tensors, query, key, value, scale, sinks, u, w, block_tables, _CHECKED)
+
+    def _run(self, plan, tensors, query, key, value, scale, sinks, u, w, block_tables=None, check_indices=None):
+        """Launch a call whose checks passed (``plan``): the runner's forward directly when nothing
+        needs a gradient, else through the autograd Function. The index checks that read captured
+        values run again (``check_indices`` as passed, see :func:`attention`; ``_CHECKED``: this
+        call ran every check itself)."""
+        if check_indices is not _CHECKED and (plan.value_checks or check_indices is True):
+            check_indices_of(self.index_check, tensors, plan.shape, query.device, check_indices)
+        scale = plan.scale if scale is None else float(scale)
+        r = plan.runner
         tables = None
         if self.spec.data_dependent:
-            if block_tables is not None:
-                shape = call_shape(query, key)
-                if block_tables.shape != shape:
-                    raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
-                tables = block_tables
-            else:
-                tables = TABLES.get(r, query, key, tensors)
-        got = AttentionFunction.apply(query, key, value, sinks, u, w, r, scale, tables,
-                                      float(sigmoid_bias or 0.0), *tensors)
-        if self.spec.normalizer != "softmax":  # out alone (return_lse was refused above)
+            tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
+        extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                        or _any_grad(sinks, u, w, tensors)):
+            got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
+        else:  # inference: no graph node, no saved tensors
+            out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo)
+            if out.dtype != query.dtype:  # float32 under precise_delta
+                out = out.to(query.dtype)
+            got = out if lse is None else (out, lse)
+        if plan.whole:  # sigmoid: out alone (return_lse was refused); softmax with return_lse: (out, lse)
             return got
-        return got if return_lse else got[0]
+        return got[0]
 
     def visit_counts(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
                      runs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -437,6 +552,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
+    * **Call plans**: the input checks a call passed, per call key (shapes, strides, dtypes,
+      devices, alignment; see :class:`CompiledAttention`), kept with the cached pattern.
     * **Index checks** of indices computed from captured values (``table[ids[q_idx]]``): by default
       once per captured tensor version (a host sync the first time only).
 
@@ -471,17 +588,19 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         from .flex import aux_output, check_aux
         check_aux(return_aux, return_lse, normalizer)
         return_lse = bool(return_aux.lse)
-    kw = dict(scale=scale, return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
-              bias_factors=bias_factors, indices=indices, blocks=blocks)
     if torch.compiler.is_compiling():
         # NOTE: a closure made inside the compiled function that holds a tensor cannot be resolved here
         # (dynamo cannot read its cells: ClosureConversionError); build it outside or with attndsl.compile
         meta, paths = _resolve_for_trace(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
         from .runtime.patterns import follow
-        got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, **kw)
+        got = op_call(meta, [follow((mask_mod, score_mod), p) for p in paths], query, key, value, scale=scale,
+                      return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors,
+                      indices=indices, blocks=blocks)
     else:
         compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
-        got = compiled._call(tensors, query, key, value, check_indices=check_indices, **kw)
+        got = compiled._call(tensors, query, key, value, scale=scale, return_lse=return_lse,
+                             sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
+                             blocks=blocks, check_indices=check_indices)
     if return_aux is not None:
         return aux_output(got, return_aux)
     return got

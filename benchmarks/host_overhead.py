@@ -1,35 +1,53 @@
-"""Per-call host time of the Python call path, with every kernel launch stubbed out (CPU).
+"""Per-call host time of the Python call path, forward and forward+backward, next to SDPA's.
 
 Measures what issue 30 part 2 is about, the Python work around the launches: pattern lookup,
-checks, runner and table lookups, autograd plumbing. Kernels are replaced by no-ops (the
-interpreter would dominate otherwise), so run it on any machine:
+checks, runner and table lookups, autograd plumbing. Each case is timed as a loop of calls
+without syncs, so a case whose kernels are short measures the host.
 
-    python benchmarks/host_overhead.py [--calls 2000]
+    python benchmarks/host_overhead.py [--calls 200] [--cases causal] [--profile]   # CPU, launches stubbed
+    python benchmarks/host_overhead.py --gpu                                         # CUDA, real launches, bf16
 
-On a GPU, time the real path against SDPA with ``--gpu`` (no stubs, no syncs inside the loop).
+CPU (default): kernel launches are replaced by no-ops and the launch context by the one a GPU
+launch on the current device takes (the interpreter would dominate otherwise), so it runs on any
+machine; timed by this process's CPU time (other processes on a shared machine do not count).
+SDPA runs for real on tiny CPU tensors (L=16, D=16: its compute is a few microseconds, so its
+figure is mostly its own host path). ``--gpu``: wall time, real launches on a small, host-bound
+shape (B=1, H=4, L=128, D=64 bf16 by default; ``--L``/``--B``/``--H``/``--D`` change it; SDPA
+runs the same shape).
+
+Each figure is the fastest of 15 loops. Columns: ``fwd`` (inputs do not require grad:
+inference), ``fwd+bwd`` (inputs require grad; one ``torch.autograd.grad`` of the output per call)
+and each one's ratio to SDPA's on the same loop.
+Aims (issue 30): one-shot ``attndsl.attention`` <= 2x SDPA, a compiled pattern <= 1.5x.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's attndsl, not an installed one
+
 
 def stub_launches():
+    """Kernel launches become no-ops, and the launch context the one a GPU launch on the current
+    device takes (none), so the loop times the Python path alone."""
     from attndsl.runtime import launch
+    from attndsl.runtime.scope import NO_CONTEXT
     launch.Runner._run = lambda self, *a, **k: None
     launch.Runner._prepared = lambda self, *a, **k: (lambda args: None)
+    launch.Runner.mode = lambda self, t: NO_CONTEXT
 
 
-def cases(dev, dtype):
+def cases(dev, dtype, B, H, L, D):
+    """name -> make(requires_grad) -> (call, inputs): ``call()`` returns the output."""
     import attndsl
     from attndsl.patterns import doc_ids_from_lengths, document, sliding_window
-    L = 64 if dev == "cpu" else 256  # short kernels: the loop measures the host, not the GPU
-    q, k, v = (torch.randn(1, 4, L, 64, device=dev, dtype=dtype) for _ in range(3))
     ids = doc_ids_from_lengths([L // 4, L - L // 4], device=dev)
-    slopes = torch.rand(4, device=dev)
+    slopes = torch.rand(H, device=dev)
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
@@ -38,43 +56,110 @@ def cases(dev, dtype):
         return score + slopes[h] * (kv_idx - q_idx)
 
     compiled = attndsl.compile(mask_mod=causal)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def inputs(grad, like=None):
+        return [torch.randn(B, H, L, D, device=dev, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+    def case(fn):
+        def make(grad):
+            q, k, v = inputs(grad)
+            return (lambda: fn(q, k, v)), (q, k, v)
+        return make
+
+    def sdpa_case(grad):
+        # tiny CPU tensors: SDPA computes for real on the CPU; its figure is mostly host time
+        shape = (B, H, L, D) if dev != "cpu" else (1, 1, 16, 16)
+        q, k, v = (torch.randn(*shape, device=dev, dtype=dtype, requires_grad=grad) for _ in range(3))
+        return (lambda: sdpa(q, k, v, is_causal=True)), (q, k, v)
+
     return {
-        "attention causal": lambda: attndsl.attention(q, k, v, mask_mod=causal),
-        "attention sliding_window(256) made per call": lambda: attndsl.attention(q, k, v,
-                                                                                 mask_mod=sliding_window(256)),
-        "attention causal+alibi": lambda: attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi),
-        "attention document(ids) made per call": lambda: attndsl.attention(q, k, v, mask_mod=document(ids)),
-        "compiled causal": lambda: compiled(q, k, v),
-        "sdpa causal": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa causal": sdpa_case,
+        "attention causal": case(lambda q, k, v: attndsl.attention(q, k, v, mask_mod=causal)),
+        "compiled causal": case(lambda q, k, v: compiled(q, k, v)),
+        "attention sliding_window(256) made per call": case(
+            lambda q, k, v: attndsl.attention(q, k, v, mask_mod=sliding_window(256))),
+        "attention causal+alibi": case(lambda q, k, v: attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)),
+        "attention document(ids) made per call": case(
+            lambda q, k, v: attndsl.attention(q, k, v, mask_mod=document(ids))),
     }
 
 
-def timeit(fn, calls: int) -> float:
+def timeit(fn, calls: int, clock=time.perf_counter) -> float:
+    """The fastest of 15 loops of ``calls`` calls, in microseconds per call (no sync inside a loop)."""
     for _ in range(20):
         fn()
     best = []
-    for _ in range(5):
-        t = time.perf_counter()
+    for _ in range(15):
+        t = clock()
         for _ in range(calls):
             fn()
-        best.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(best)
+        best.append((clock() - t) / calls * 1e6)
+    return min(best)
+
+
+def with_backward(call, inputs):
+    """A call followed by the gradient of its output with respect to the inputs."""
+    out = call()
+    grad_out = torch.randn_like(out)
+
+    def step():
+        return torch.autograd.grad(call(), inputs, grad_out)
+    return step
+
+
+def profile(name, fwd, fwd_bwd, calls):
+    """Print the functions taking the most time of ``calls`` calls of each (cProfile)."""
+    import cProfile
+    import pstats
+    for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        for _ in range(20):
+            fn()
+        prof = cProfile.Profile(time.process_time)  # CPU time: the machine may be shared
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        print(f"--- {name}, {what}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--calls", type=int, default=500)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=200, help="calls per timed loop")
     p.add_argument("--gpu", action="store_true", help="real launches on CUDA (no stubs), bf16")
+    p.add_argument("--cases", default="", help="only the cases whose name contains this")
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--L", type=int, default=None, help="default 64 (CPU), 128 (GPU)")
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--profile", action="store_true", help="cProfile each selected case's loop (fwd, fwd+bwd)")
     a = p.parse_args()
     dev, dtype = ("cuda", torch.bfloat16) if a.gpu else ("cpu", torch.float32)
+    L = a.L or (128 if a.gpu else 64)
     if not a.gpu:
         stub_launches()
-    for name, fn in cases(dev, dtype).items():
-        if name.startswith("sdpa") and not a.gpu:
-            continue  # CPU SDPA computes for real: not a host-time figure
-        print(f"{name:48s} {timeit(fn, a.calls):8.1f} us/call")
-    if a.gpu:
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if a.gpu else (lambda: None)
+    # CPU: this process's CPU time (the machine may be shared); GPU: wall time (the GPU may lag)
+    clock = time.perf_counter if a.gpu else time.process_time
+    print(f"host time per call, us ({'CUDA ' + torch.cuda.get_device_name() if a.gpu else 'CPU, launches stubbed'}; "
+          f"B={a.B} H={a.H} L={L} D={a.D} {str(dtype).split('.')[-1]}; torch {torch.__version__})")
+    print(f"{'case':46s} {'fwd':>8s} {'x sdpa':>7s} {'fwd+bwd':>9s} {'x sdpa':>7s}")
+    base = None
+    for name, make in cases(dev, dtype, a.B, a.H, L, a.D).items():
+        if a.cases and a.cases not in name and not name.startswith("sdpa"):
+            continue
+        fwd, _ = make(False)
+        if a.profile:
+            profile(name, fwd, with_backward(*make(True)), a.calls)
+            continue
+        t_f = timeit(fwd, a.calls, clock)
+        sync()
+        t_b = timeit(with_backward(*make(True)), a.calls, clock)
+        sync()
+        if base is None:
+            base = (t_f, t_b)
+        print(f"{name:46s} {t_f:8.1f} {t_f / base[0]:6.2f}x {t_b:9.1f} {t_b / base[1]:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,25 +1,36 @@
 """The autograd Function tying the forward and backward kernels together."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .launch import Extras
+from .launch import Extras, Runner
+
+
+class Call(NamedTuple):
+    """What a call's launches need besides the tensors: one argument of the Function, not five."""
+
+    runner: Runner
+    scale: float
+    tables: object  # BlockTables or None
+    extras: Extras  # holds the same sinks / u / w the Function takes as inputs (for their gradients)
+    key: tuple | None  # the launch-memo key (``Runner.call_key``) of forward and backward; None: no memo
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Inputs: q, k, v, sinks, u, w, then the captured tensors; all may receive gradients.
-    Outputs: (out, lse) for softmax; ``out`` alone for sigmoid, which has no row statistics."""
+    """Inputs: q, k, v, sinks, u, w, a :class:`Call`, then the captured tensors; all tensors may
+    receive gradients. Outputs: (out, lse) for softmax; ``out`` alone for sigmoid, which has no
+    row statistics."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, u, w, runner, scale, tables, sigmoid_bias, *buffers):
-        extras = Extras(sinks, u, w, sigmoid_bias)
-        # one key for the call's launches, forward and backward (block tables: no memo)
-        key = runner.call_key(q, k, v, scale, extras, buffers) if tables is None else None
-        out, lse, _ = runner.forward(q, k, v, scale, buffers, tables, extras, key=key)
+    def forward(ctx, q, k, v, sinks, u, w, call, *buffers):
+        out, lse, _ = call.runner.forward(q, k, v, call.scale, buffers, call.tables, call.extras, key=call.key)
         # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads
         ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
-        out = out.to(q.dtype)
-        ctx.runner, ctx.scale, ctx.tables, ctx.sigmoid_bias, ctx.key = runner, scale, tables, sigmoid_bias, key
+        if out.dtype != q.dtype:
+            out = out.to(q.dtype)
+        ctx.call = call
         # an unused lse gets None, not a zero tensor the backward would subtract (two launches a call)
         ctx.set_materialize_grads(False)
         return out if lse is None else (out, lse)
@@ -29,12 +40,26 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out, dtype=q.dtype)
-        extras = Extras(sinks, u, w, ctx.sigmoid_bias)
-        dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(
-            q, k, v, out, lse, dout, dlse, ctx.scale, buffers, ctx.tables, extras, key=ctx.key)
+        call = ctx.call
+        dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward(
+            q, k, v, out, lse, dout, dlse, call.scale, buffers, call.tables, call.extras, key=call.key)
         grads = [dbufs.get(i) if t.requires_grad else None for i, t in enumerate(buffers)] if buffers else ()
-        return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
-                                        (dq, dk, dv, dsinks, du, dw, None, None, None, None, *grads))
+        if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to tie
+            return (dq, dk, dv, dsinks, du, dw, None, *grads)
+        return refuse_second_derivative((q, k, v, sinks, u, w, *buffers), (dq, dk, dv, dsinks, du, dw, None, *grads))
+
+
+#: ``torch.autograd.Function.apply`` without its Python wrapper (which binds default arguments for
+#: ``setup_context`` Functions and unwraps dead functorch wrappers: microseconds a call)
+_raw_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, AttentionFunction)
+
+
+def apply(q, k, v, sinks, u, w, call: Call, *buffers):
+    """``AttentionFunction.apply``; the C entry directly where no functorch transform is active
+    (the Python wrapper's work is then for arguments this call does not have)."""
+    if torch._C._are_functorch_transforms_active():
+        return AttentionFunction.apply(q, k, v, sinks, u, w, call, *buffers)
+    return _raw_apply(q, k, v, sinks, u, w, call, *buffers)
 
 
 def refuse_second_derivative(inputs, grads):

@@ -1,6 +1,7 @@
 """Input validation: every mistake is reported before any kernel is launched."""
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 import os
@@ -165,18 +166,37 @@ def check_extras(query, key, *, normalizer, return_lse, sinks, bias_factors, sig
             raise ValueError(f"bias_factors w length {w.shape[2]} differs from the key length {Lkv}")
 
 
+#: sinks tensors whose values were checked, by address, dtype, shape, strides and version counter
+#: (the tensors are held, so an address is not reused while it is remembered)
+_SINKS_CHECKED: collections.OrderedDict = collections.OrderedDict()
+_SINKS_MEMO_SIZE = 64
+
+
 def check_sink_values(sinks) -> None:
     """Each sink logit is finite, or ``-inf`` meaning "no sink" for that head (it adds
     ``exp(-inf) = 0`` to the denominator). ``+inf`` would take the whole softmax mass and NaN
-    poisons it: both are refused (one reduction and a sync; skipped under ``torch.compile`` and,
-    like the other value checks, with ``ATTNDSL_CHECK_INDICES=0``)."""
+    poisons it: both are refused (one reduction and a sync, once per version of the sinks tensor:
+    a model's sinks parameter is checked again after each optimizer step, not on every layer's
+    call; skipped under ``torch.compile`` and, like the other value checks, with
+    ``ATTNDSL_CHECK_INDICES=0``)."""
     if compiling() or sinks.numel() == 0 or not default_check():
+        return
+    try:
+        key = (sinks.data_ptr(), sinks.dtype, sinks.shape, sinks.stride(), sinks._version)
+    except RuntimeError:  # inference tensors: no version counter, check every call
+        key = None
+    if key is not None and key in _SINKS_CHECKED:
+        _SINKS_CHECKED.move_to_end(key)
         return
     bad = torch.isnan(sinks) | torch.isposinf(sinks)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"sinks[{i}] is {float(sinks[i])}: sink logits must be finite, or -inf for a head "
                          "with no sink")
+    if key is not None:
+        _SINKS_CHECKED[key] = sinks
+        if len(_SINKS_CHECKED) > _SINKS_MEMO_SIZE:
+            _SINKS_CHECKED.popitem(last=False)
 
 
 def _check_sigmoid_bias(bias):
@@ -216,6 +236,10 @@ class IndexRangeCheck:
         self.static = tuple(b for b, r in zip(self.bounds, reads) if not r)
         self.dynamic = tuple(b for b, r in zip(self.bounds, reads) if r)
         self.decided: set = set()  # call shapes (with the captured tensors' shapes) already checked
+
+    def reads_values(self) -> bool:
+        """Does any check read captured values (and so run on every call, not once per shape)?"""
+        return bool(self.dynamic) or any(self.divisors.reads)
 
     def __call__(self, tensors, shape, device, dynamic: bool = True):
         """``dynamic=False``: the indices of index variables alone (no sync; see ``runtime/indexcheck.py``)."""

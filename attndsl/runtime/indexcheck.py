@@ -58,4 +58,7 @@ def check_indices_of(check, tensors, shape, device, explicit: bool | None = None
 
 
 def clear() -> None:
+    """Forget every value check passed (captured-tensor indices, sink logits)."""
+    from .checks import _SINKS_CHECKED
     _CHECKED.clear()
+    _SINKS_CHECKED.clear()

@@ -66,6 +66,13 @@ def _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block):
     return r, (TABLES.fresh(r, q, k, buffers) if compiled.spec.data_dependent else None)
 
 
+def _memo_key(r, q, k, v, scale, extras, buffers, tables):
+    """The runner's launch-memo key of a dense call (as the eager path passes it): later calls of the
+    key replay the launch decisions (grid, constants, specialisation). None with block tables (their
+    tensors are per call)."""
+    return r.call_key(q, k, v, scale, extras, buffers) if tables is None else None
+
+
 @torch.library.custom_op("attndsl::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, buffers: list[Tensor], sinks: Optional[Tensor],
                   u: Optional[Tensor], w: Optional[Tensor], indices: Optional[Tensor], blocks: Optional[Tensor],
@@ -81,7 +88,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, buffers: list[Tensor], sinks:
         out, lse = gather_runner(compiled, q, v.shape[-1]).forward(q, k, v, indices, scale, buffers, extras)
     else:
         r, tables = _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block)
-        out, lse, _ = r.forward(q, k, v, scale, buffers, tables, extras)
+        out, lse, _ = r.forward(q, k, v, scale, buffers, tables, extras, key=_memo_key(r, q, k, v, scale, extras,
+                                                                                        buffers, tables))
     if compiled.spec.normalizer != "softmax":
         lse = q.new_empty((0,), dtype=torch.float32)
     return out, lse
@@ -135,7 +143,8 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dou
     else:
         r, tables = _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block)
         dq, dk, dv, dsinks, du, dw, dbufs = r.backward(q, k, v, out, lse if softmax else None,
-                                                       dout, dlse if softmax else None, scale, buffers, tables, extras)
+                                                       dout, dlse if softmax else None, scale, buffers, tables, extras,
+                                                       key=_memo_key(r, q, k, v, scale, extras, buffers, tables))
     got = [dq, dk, dv]
     if sinks is not None:
         got.append(dsinks)

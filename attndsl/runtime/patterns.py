@@ -282,8 +282,8 @@ class PatternCache:
             c = make()
             return c, c.tensors
         e = self.entries.get(key)
-        if e is not None and any(tuple(tensors[e.slots[i]].shape) != shape
-                                 for i, shape in getattr(e.compiled, "sized", {}).items()):
+        sized = getattr(e.compiled, "sized", None) if e is not None else None
+        if sized and any(tuple(tensors[e.slots[i]].shape) != shape for i, shape in sized.items()):
             e = None  # the IR unrolled a dimension of a tensor whose size differs now: trace again
         if e is not None:
             self.hits += 1

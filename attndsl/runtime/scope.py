@@ -9,13 +9,18 @@ import torch
 
 from .interpreter import interpreting
 
+#: the current CUDA device, asked of the driver directly: ``torch.cuda.current_device()`` first
+#: checks CUDA's lazy initialisation in Python (a microsecond a launch); a CUDA tensor's existence
+#: already proves it done. None on builds without CUDA (no CUDA tensor reaches it there).
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
+
 
 def launch_scope(t: torch.Tensor, interpret: bool):
     """The context for launching kernels on ``t``'s data."""
     if interpret:
         return interpreting()
     dev = t.device
-    if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+    if dev.type == "cuda" and dev.index != _current_device():
         return torch.cuda.device(dev)
     return NO_CONTEXT
 

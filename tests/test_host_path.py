@@ -1,0 +1,252 @@
+"""The short host path (issue 30 part 2): call plans that skip the checks a call key vouches for,
+and inference calls without the autograd Function. Every cache here must leave the errors and
+results exactly as the full path gives them.
+
+CPU tensors (Triton's interpreter); small shapes."""
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import attndsl
+import attndsl.reference
+from attndsl.runtime import checks
+
+BLOCK = 16
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def qkv(L=32, H=2, D=16, Lkv=None, grad=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(torch.seed())
+    shapes = [(1, H, L, D), (1, H, Lkv or L, D), (1, H, Lkv or L, D)]
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_(grad) for s in shapes]
+
+
+def check(out, q, k, v, tol=1e-4, **kw):
+    want, _ = attndsl.reference.attention(q.detach().double(), k.detach().double(), v.detach().double(), **kw)
+    err = float((out.detach().double() - want).abs().max())
+    assert err < tol, f"max error {err:.3e} against the float64 reference"
+
+
+@pytest.fixture
+def input_checks(monkeypatch):
+    """A mock wrapping ``check_inputs`` as the API calls it (``.call_count``: the full checks run)."""
+    import attndsl.api
+    spy = mock.Mock(wraps=attndsl.api.check_inputs)
+    monkeypatch.setattr(attndsl.api, "check_inputs", spy)
+    return spy
+
+
+def test_a_plan_skips_the_checks_of_its_key_and_no_other(input_checks):
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    check(attn(q, k, v), q, k, v, mask_mod=causal)
+    assert input_checks.call_count == 1
+    q2, k2, v2 = qkv()  # other tensors, same key
+    check(attn(q2, k2, v2), q2, k2, v2, mask_mod=causal)
+    assert input_checks.call_count == 1
+    q3, k3, v3 = qkv(L=48)  # another shape: checked, then planned too
+    check(attn(q3, k3, v3), q3, k3, v3, mask_mod=causal)
+    attn(q3, k3, v3)
+    assert input_checks.call_count == 2
+    # a transposed layout (other strides) and another scale sign are other keys
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    check(attn(qt, k, v), qt, k, v, mask_mod=causal)
+    check(attn(q, k, v, scale=-0.2), q, k, v, mask_mod=causal, scale=-0.2)
+    assert input_checks.call_count == 4
+
+
+def test_bad_input_after_good_calls_of_another_key_still_raises():
+    """Each mistake differs from a planned call in something the key holds: the full checks see it."""
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    attn(q, k, v)
+    attn(q, k, v)
+    with pytest.raises(ValueError, match="head dims differ"):
+        attn(q, torch.randn(1, 2, 32, 32), v)
+    with pytest.raises(ValueError, match="must be a multiple of key/value heads"):
+        attn(q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1))
+    with pytest.raises(TypeError, match="share a dtype"):
+        attn(q, k.double(), v)
+    with pytest.raises(ValueError, match="rank 3"):
+        attn(q[0], k, v)
+    with pytest.raises(ValueError, match="outside the supported range"):
+        attn(*(t[..., :8] for t in (q, k, v)))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        attn(q, k, v, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        attn(q, k, v, scale=True)
+    with pytest.raises(ValueError, match="must agree in batch, heads and length"):
+        attn(q, k, v[:, :, :16])
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        attn(q, k, v, sinks=torch.zeros(3))
+    check(attn(q, k, v), q, k, v, mask_mod=causal)  # the good key still runs
+
+
+def test_a_captured_tensor_on_another_device_is_refused_after_a_planned_call():
+    ids = torch.zeros(32, dtype=torch.int64)
+
+    def doc(b, h, q_idx, kv_idx):
+        return ids[q_idx] == ids[kv_idx]
+    attn = attndsl.compile(mask_mod=doc, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    attn(q, k, v)
+    attn(q, k, v)
+    attn.tensors[0] = ids.to("meta")
+    with pytest.raises(ValueError, match="captures a tensor .* on meta"):
+        attn(q, k, v)
+
+
+def test_in_place_changes_of_captured_tensors_are_honoured_after_planning():
+    """A plan keeps no captured values: block tables follow the tensors' versions, index checks
+    of captured values run on every call."""
+    L = 32
+    ids = torch.tensor([0] * 10 + [1] * 22)
+
+    def doc(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+    attn = attndsl.compile(mask_mod=doc, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(L)
+    for _ in range(2):
+        check(attn(q, k, v), q, k, v, mask_mod=doc)
+    ids[:20] = 0  # other documents, in place
+    check(attn(q, k, v), q, k, v, mask_mod=doc)
+
+    bucket = torch.tensor([i % 5 for i in range(L)])
+    five = torch.randn(5)
+
+    def bucketed(score, b, h, q_idx, kv_idx):
+        return score + five[bucket[q_idx]]
+    attn = attndsl.compile(mask_mod=causal, score_mod=bucketed, block_m=BLOCK, block_n=BLOCK)
+    for _ in range(2):
+        check(attn(q, k, v), q, k, v, mask_mod=causal, score_mod=bucketed)
+    bucket[3] = 6  # past the 5-entry table, in place
+    with pytest.raises(IndexError, match="is 6 at q_idx=3"):
+        attn(q, k, v)
+    bucket[3] = 1
+    check(attn(q, k, v), q, k, v, mask_mod=causal, score_mod=bucketed)
+
+
+def test_one_shot_calls_plan_per_pattern_and_rebind_captured_tensors():
+    """``attndsl.attention`` reaches the same plans through the pattern cache; a global rebound to
+    another tensor of the same shape (the same plan key) is what the kernels read."""
+    attndsl.clear_cache()
+    global _BIAS
+    q, k, v = qkv()
+    for _ in range(3):
+        _BIAS = torch.randn(2, 32)
+        out = attndsl.attention(q, k, v, mask_mod=causal, score_mod=_global_bias)
+        check(out, q, k, v, mask_mod=causal, score_mod=_global_bias)
+
+
+_BIAS = torch.randn(2, 32)
+
+
+def _global_bias(score, b, h, q_idx, kv_idx):
+    return score + _BIAS[h, kv_idx]
+
+
+def test_inference_calls_make_no_graph_and_training_calls_get_gradients():
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(grad=False)
+    out = attn(q, k, v)
+    assert out.grad_fn is None and not out.requires_grad
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        out = attn(qg, kg, vg)  # the same plan key (requires_grad is not in it)
+    assert out.grad_fn is None
+    for _ in range(2):  # first call: planned; second: the plan
+        out, lse = attn(qg, kg, vg, return_lse=True)
+        assert out.grad_fn is not None
+        grads = torch.autograd.grad((out * out).sum() + lse.sum(), (qg, kg, vg))
+        l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref, ref_lse = attndsl.reference.attention(*l64, mask_mod=causal)
+        want = torch.autograd.grad((ref * ref).sum() + ref_lse.sum(), l64)
+        for g, w in zip(grads, want):
+            assert float((g.double() - w).abs().max()) < 1e-4
+    # a learnable captured tensor alone makes it a training call
+    slope = torch.tensor([0.5, -0.25], requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slope[h] * (kv_idx - q_idx)
+    attn = attndsl.compile(mask_mod=causal, score_mod=alibi, block_m=BLOCK, block_n=BLOCK)
+    for _ in range(2):
+        out = attn(q, k, v)
+        (g,) = torch.autograd.grad(out.sum(), slope)
+    s64 = slope.detach().double().requires_grad_()
+
+    def alibi64(score, b, h, q_idx, kv_idx):
+        return score + s64[h] * (kv_idx - q_idx)
+    ref, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=causal, score_mod=alibi64)
+    (want,) = torch.autograd.grad(ref.sum(), s64)
+    assert float((g.double() - want).abs().max()) < 1e-4
+
+
+def test_return_lse_and_sigmoid_lengths_are_part_of_the_plan():
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    assert isinstance(attn(q, k, v), torch.Tensor)
+    assert isinstance(attn(q, k, v, return_lse=True), tuple)
+    assert isinstance(attn(q, k, v), torch.Tensor)
+    sig = attndsl.compile(mask_mod=causal, normalizer="sigmoid", block_m=BLOCK, block_n=BLOCK)
+    for L in (32, 48, 32):  # the default bias -log(Lkv) follows the length
+        q, k, v = qkv(L=L)
+        check(sig(q, k, v), q, k, v, mask_mod=causal, normalizer="sigmoid")
+    with pytest.raises(ValueError, match="return_lse=True is not available"):
+        sig(q, k, v, return_lse=True)
+
+
+def test_copies_keep_plans_of_their_own():
+    """A deep copy has runners of its own, so plans of its own (never the original's runners)."""
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    attn(q, k, v)
+    twin = copy.deepcopy(attn)
+    check(twin(q, k, v), q, k, v, mask_mod=causal)
+    (plan,) = twin._plans.values()
+    assert plan.runner in twin._runners.values() and plan.runner not in attn._runners.values()
+    shallow = copy.copy(attn)
+    shallow._runners = {}  # as the block variants make theirs
+    check(shallow(q, k, v), q, k, v, mask_mod=causal)
+    assert shallow._plans is not attn._plans
+
+
+def test_value_checks_are_flagged_per_pattern():
+    """Patterns whose index checks read captured values re-check on every call (``reads_values``)."""
+    ids = torch.zeros(32, dtype=torch.int64)
+    table = torch.randn(4)
+
+    def by_doc(score, b, h, q_idx, kv_idx):
+        return score + table[ids[q_idx]]
+
+    def by_pos(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx % 4]
+    assert attndsl.compile(score_mod=by_doc).index_check.reads_values()
+    assert not attndsl.compile(score_mod=by_pos).index_check.reads_values()
+    assert isinstance(attndsl.compile(score_mod=by_pos).index_check, checks.IndexRangeCheck)
+
+
+def test_sinks_and_low_rank_factors_are_planned_and_sink_values_checked_per_version(input_checks):
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    sinks = torch.tensor([0.3, -0.2])
+    u, w = torch.randn(1, 2, 32, 3), torch.randn(1, 1, 32, 3)
+    for _ in range(2):
+        check(attn(q, k, v, sinks=sinks), q, k, v, mask_mod=causal, sinks=sinks)
+        check(attn(q, k, v, bias_factors=(u, w)), q, k, v, mask_mod=causal, bias_factors=(u, w))
+    assert input_checks.call_count == 2  # one plan each
+    s2 = torch.tensor([-1.0, 0.5])  # another tensor of the key: bound per call
+    check(attn(q, k, v, sinks=s2), q, k, v, mask_mod=causal, sinks=s2)
+    sinks[1] = float("nan")  # in place: a new version, checked again
+    with pytest.raises(ValueError, match=r"sinks\[1\] is nan"):
+        attn(q, k, v, sinks=sinks)
+    with pytest.raises(ValueError, match=r"sinks must have shape \[Hq\]"):
+        attn(q, k, v, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="bias_factors u length"):
+        attn(q, k, v, bias_factors=(u[:, :, :16], w))
+    with pytest.raises(TypeError, match="must be a pair"):
+        attn(q, k, v, bias_factors=(u, w, w))
