@@ -140,10 +140,6 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
     plan_lines = _plan_lines(em, rng, 1, "BLOCK_C", f"{col}_max", False)
     row_front, col_front = plan.along(row), plan.along(col)
     row_codes = [em.emit(f.node, 1) for f in row_front]
-    # the loop over unknown tiles: the mask per element (its row-level parts hoisted above)
-    m = em.emit(spec.mask, 2)
-    elem = em.take(2, " " * 12)
-
     iw = Writer(2)  # the chunk's interval code (inside the chunk loop)
     leaves = {f"{row}_lo": f"{row}_lo", f"{row}_hi": f"{row}_hi", f"{col}_lo": "c_lo", f"{col}_hi": "c_hi"}
     for f in row_front:
@@ -152,6 +148,10 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
         leaves.update({f"{f.name}_lo": f"{f.name}_lo", f"{f.name}_hi": f"{f.name}_hi"})
     ive = _IntervalEmitter(em, leaves, iw)
     must, may = ive(plan.must), ive(plan.may)
+    # the loop over unknown tiles: the mask per element (its row-level and b/h-only parts emitted
+    # above, first, so that they stay there)
+    m = em.emit(spec.mask, 2)
+    elem = em.take(2, " " * 12)
 
     w = Writer(1)
     _program_head(w)
