@@ -24,9 +24,6 @@ from .expr import ExprEmitter, literal
 from .plan import _hoist_loads, _plan_lines
 from .writer import Writer, kernel_def
 
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==",
-          "ne": "!=", "and": "&", "or": "|", "xor": "^"}
-
 
 def _program_head(w: Writer) -> None:
     w.code("""
@@ -108,26 +105,11 @@ class _IntervalEmitter:
                 code = f"({code}).to(tl.int64)"
         else:
             a = [self(x) for x in n.args]
-            code = self._expr(n, a)
+            code = self.em._expr(n, a)  # the same operator spelling, on int64 / int1 operands
         name = self.w.fresh("iv")
         self.w.line(f"{name} = {code}")
         self.names[n] = name
         return name
-
-    @staticmethod
-    def _expr(n, a) -> str:
-        op = n.op
-        if op in _INFIX:
-            return f"{a[0]} {_INFIX[op]} {a[1]}"
-        if op == "neg":
-            return f"-{a[0]}"
-        if op == "not":
-            return f"{a[0]} == 0"
-        if op in ("minimum", "maximum", "abs", "where"):
-            return f"tl.{op}({', '.join(a)})"
-        c = a[1]  # floordiv / mod by a positive constant (tile_plan checks): floor semantics
-        mod = f"(({a[0]}) % {c} + {c}) % {c}"
-        return mod if op == "mod" else f"(({a[0]}) - {mod}) // {c}"
 
 
 def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
