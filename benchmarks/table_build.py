@@ -72,8 +72,9 @@ def main():
 
     for what, transposed, br, bc in (("forward", False, r.cfg.fwd.block_m, r.cfg.fwd.block_n),
                                       ("dK/dV", True, r.cfg.dkdv.block_n, r.cfg.dkdv.block_m)):
-        builds = {"tile bounds (O(L + tiles^2))": lambda: bounded_table(r, shape, attn.tensors, transposed, br, bc, q.device),
-                  "dense table kernel (O(L^2))": lambda: dense_table(r, shape, attn.tensors, transposed, br, bc, q.device)}
+        args = (r, shape, attn.tensors, transposed, br, bc, q.device)
+        builds = {"tile bounds (O(L + tiles^2))": lambda: bounded_table(*args),
+                  "dense table kernel (O(L^2))": lambda: dense_table(*args)}
         if not cuda:
             builds.pop("dense table kernel (O(L^2))")  # minutes in the interpreter at these lengths
         for name, fn in builds.items():
