@@ -230,19 +230,36 @@ def test_unbounded_masks_fall_back_to_the_kernel(kernel_launches):
 
 
 @pytest.mark.gpu
-def test_bounded_tables_match_the_kernel_on_gpu():
-    """64 packed documents at L=8192 on the GPU: the bounds builder's tables equal the kernel's."""
+@pytest.mark.parametrize("mask", ["document-causal", "document-window", "per-head"])
+def test_bounded_tables_match_the_kernel_on_gpu(mask):
+    """64 packed documents at L=32768 on the GPU (forward and dK/dV tiles of the kernels): the
+    tile-bounds kernels' tables equal the dense kernel's, lists in the same order."""
     from attndsl.patterns import document
     g = torch.Generator().manual_seed(0)
-    L = 8192
+    L = 32768
     cuts = torch.sort(torch.randperm(L - 1, generator=g)[:63] + 1).values
     lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([L])])).tolist()
     ids = doc_ids_from_lengths(lengths, device="cuda")
-    attn = attndsl.compile(mask_mod=document(ids))
-    q = torch.randn(1, 2, L, 64, device="cuda", dtype=torch.bfloat16)
+    win = torch.tensor([256, 1024, 4096, 64], device="cuda")
+
+    def windowed(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx <= 2048)
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx <= win[h])
+
+    m = {"document-causal": document(ids), "document-window": windowed, "per-head": per_head}[mask]
+    attn = attndsl.compile(mask_mod=m)
+    H = 4 if mask == "per-head" else 2
+    q = torch.randn(1, H, L, 64, device="cuda", dtype=torch.bfloat16)
     r = attn.runner(q)
     for transposed, br, bc in ((False, r.cfg.fwd.block_m, r.cfg.fwd.block_n),
                                (True, r.cfg.dkdv.block_n, r.cfg.dkdv.block_m)):
-        want = dense_table(r, (1, 2, L, L), attn.tensors, transposed, br, bc, q.device)
-        got = bounded_table(r, (1, 2, L, L), attn.tensors, transposed, br, bc, q.device)
-        assert _sets(got) == _sets(want)
+        want = dense_table(r, (1, H, L, L), attn.tensors, transposed, br, bc, q.device)
+        got = bounded_table(r, (1, H, L, L), attn.tensors, transposed, br, bc, q.device)
+        assert got is not None
+        assert torch.equal(got.count, want.count), (mask, transposed)
+        for name in ("full", "part"):  # entries past each row's count are never read
+            n = want.count[..., 0 if name == "full" else 1]
+            keep = torch.arange(want.full.shape[-1], device="cuda") < n[..., None]
+            assert torch.equal(getattr(got, name)[keep], getattr(want, name)[keep]), (mask, transposed, name)
