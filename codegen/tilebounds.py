@@ -50,6 +50,19 @@ def _lo_hi(code: str, boolean: bool, reduce_axis: str) -> tuple[str, str]:
     return (f"tl.min({v}{reduce_axis}).to(tl.int64)", f"tl.max({v}{reduce_axis}).to(tl.int64)")
 
 
+def _steps(front, axis: str, stage: int) -> tuple[ExprEmitter, list]:
+    """Each integer frontier value at the next position of its tile (``{axis}_nxt``), for the
+    contiguity test (every step at most 1: the tile's values fill their integer range); None for
+    booleans. A second emitter, so the names differ from the values at the tile's positions."""
+    env = {"b": ("b", 0), "h": ("h", 0), axis: (f"{axis}_nxt", stage)}
+    em = ExprEmitter(env, stage + 1, prefix="w")
+    return em, [None if f.node.dtype == ir.BOOL else em.emit(f.node, stage) for f in front]
+
+
+def _contiguous(code: str, nxt: str, reduce_axis: str) -> str:
+    return f"tl.max(tl.abs(({nxt}).to(tl.int64) - ({code}).to(tl.int64)){reduce_axis}) <= 1"
+
+
 def bounds_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
     """``<name>_tbounds[_t]``: per column tile, the bounds of each column-axis frontier value."""
     _, col = axes(transposed)
@@ -57,24 +70,30 @@ def bounds_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
     front = plan.along(col)
     em = ExprEmitter(_env(None, col), 2, prefix="v")
     codes = [em.emit(f.node, 1) for f in front]
+    em2, nxt = _steps(front, col, 1)
     w = Writer(1)
     _program_head(w)
     w.emitted(em.take(0, w.ind))
+    w.emitted(em2.take(0, w.ind))
     w.code(f"""
         tiles = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         # positions past the end repeat the last one: the bounds are over the sequence only
         {col}_max = {c_len} - 1
         {col}_idx = tl.minimum(tiles[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :], {col}_max)
+        {col}_nxt = tl.minimum({col}_idx + 1, tl.minimum(tiles[:, None] * BLOCK_C + BLOCK_C - 1, {col}_max))
     """)
     w.emitted(em.take(1, w.ind))
+    w.emitted(em2.take(1, w.ind))
     w.line("ok = tiles < NT")
-    w.line(f"out = TBND + pid_bh.to(tl.int64) * {2 * len(front)} * NT + tiles")
+    w.line(f"out = TBND + pid_bh.to(tl.int64) * {3 * len(front)} * NT + tiles")
     for i, (f, code) in enumerate(zip(front, codes)):
         lo, hi = _lo_hi(code, f.node.dtype == ir.BOOL, ", 1")
-        w.line(f"tl.store(out + {2 * i} * NT, {lo}, mask=ok)")
-        w.line(f"tl.store(out + {2 * i + 1} * NT, {hi}, mask=ok)")
+        w.line(f"tl.store(out + {3 * i} * NT, {lo}, mask=ok)")
+        w.line(f"tl.store(out + {3 * i + 1} * NT, {hi}, mask=ok)")
+        ct = "ok" if nxt[i] is None else _contiguous(code, nxt[i], ", 1")  # (booleans: unused)
+        w.line(f"tl.store(out + {3 * i + 2} * NT, ({ct}).to(tl.int64), mask=ok)")
     name = f"{spec.name}_tbounds{'_t' if transposed else ''}"
-    doc = f'    """Per {col} tile: minimum and maximum of each frontier value along {col} (int64)."""\n'
+    doc = f'    """Per {col} tile: minimum, maximum and contiguity of each frontier value along {col} (int64)."""\n'
     return "\n" + kernel_def(name, bounds_signature(spec)) + doc + w.text()
 
 
@@ -122,14 +141,14 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
     plan_lines = _plan_lines(em, rng, 1, "BLOCK_C", f"{col}_max", False)
     row_front, col_front = plan.along(row), plan.along(col)
     row_codes = [em.emit(f.node, 1) for f in row_front]
+    em2, row_nxt = _steps(row_front, row, 1)
     iw = Writer(2)  # the chunk's interval code (inside the chunk loop)
     leaves = {f"{row}_lo": f"{row}_lo", f"{row}_hi": f"{row}_hi", f"{col}_lo": "c_lo", f"{col}_hi": "c_hi"}
-    for f in row_front:
-        leaves.update({f"{f.name}_lo": f"{f.name}_lo", f"{f.name}_hi": f"{f.name}_hi"})
-    for f in col_front:
-        leaves.update({f"{f.name}_lo": f"{f.name}_lo", f"{f.name}_hi": f"{f.name}_hi"})
+    for f in row_front + col_front:
+        leaves.update({f"{f.name}_{x}": f"{f.name}_{x}" for x in ("lo", "hi", "ct")})
     ive = _IntervalEmitter(em, leaves, iw)
     must, may = ive(plan.must), ive(plan.may)
+    known = None if plan.exact is None or ir.is_const(plan.exact, False) else ive(plan.exact)
     # the loop over unknown tiles: the mask per element (its row-level and b/h-only parts emitted
     # above, first, so that they stay there)
     m = em.emit(spec.mask, 2)
@@ -138,6 +157,7 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
     w = Writer(1)
     _program_head(w)
     w.emitted(em.take(0, w.ind))
+    w.emitted(em2.take(0, w.ind))
     w.code(f"""
         pid_r = pid_t
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -149,12 +169,16 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
         {col}_max = {c_len} - 1
         r_ok = offs_r[:, None] < {r_len}
         r_edge = {row}_lo + BLOCK_R > {r_len}
+        {row}_nxt = tl.minimum({row}_idx + 1, {row}_hi)
     """)
     w.emitted(em.take(1, w.ind))
-    for f, code in zip(row_front, row_codes):
+    w.emitted(em2.take(1, w.ind))
+    for f, code, nxt in zip(row_front, row_codes, row_nxt):
         lo, hi = _lo_hi(code, f.node.dtype == ir.BOOL, "")
         w.line(f"{f.name}_lo = {lo}")
         w.line(f"{f.name}_hi = {hi}")
+        if nxt is not None:
+            w.line(f"{f.name}_ct = {_contiguous(code, nxt, '')}")
         if f.node.dtype == ir.BOOL:
             w.line(f"{f.name}_lo = {f.name}_lo != 0")
             w.line(f"{f.name}_hi = {f.name}_hi != 0")
@@ -162,7 +186,7 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
         w.line(ln)
     w.code(f"""
         base = b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h + pid_r.to(tl.int64) * tbl_stride_r
-        bnd = TBND + pid_bh.to(tl.int64) * {2 * len(col_front)} * NT
+        bnd = TBND + pid_bh.to(tl.int64) * {3 * len(col_front)} * NT
         n_full = pid_r * 0
         n_part = pid_r * 0
     """)
@@ -174,9 +198,9 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
             c_hi = tl.minimum(c_lo + BLOCK_C, {c_len}) - 1
         """)
         for i, f in enumerate(col_front):
-            for j, side in enumerate(("lo", "hi")):
-                v = f"tl.load(bnd + {2 * i + j} * NT + tiles, mask=live, other=0)"
-                w.line(f"{f.name}_{side} = {v}{' != 0' if f.node.dtype == ir.BOOL else ''}")
+            for j, side in enumerate(("lo", "hi", "ct")):
+                v = f"tl.load(bnd + {3 * i + j} * NT + tiles, mask=live, other=0)"
+                w.line(f"{f.name}_{side} = {v}{' != 0' if f.node.dtype == ir.BOOL or side == 'ct' else ''}")
         w.emitted(iw.text() if iw.text().strip() else "")
         w.code(f"""
             sure = ({must}) & live
@@ -187,6 +211,12 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
             is_part = (sure & edge).to(tl.int32)
             unknown = (maybe & (sure == 0)).to(tl.int32)
         """)
+        if known is not None:  # where the bounds' verdict is exact, a maybe tile is partial as it stands
+            w.code(f"""
+                decided = unknown * ({known}).to(tl.int32)
+                is_part = is_part | decided
+                unknown = unknown - decided
+            """)
         with w.block("for _ in range(0, tl.sum(unknown, 0)):"):
             w.code(f"""
                 tile = tl.min(tl.where(unknown != 0, tiles, t_end), 0)

@@ -29,11 +29,11 @@ import functools
 from dataclasses import dataclass
 
 from .. import ir
-from ..ir import BOOL, FLOAT, Node
+from ..ir import BOOL, FLOAT, Node, node
 from ..ir.graph import free_vars, substitute, topo_order
 from ..ir.printer import expr_str
 from ..spec import KernelSpec, Param
-from .bounds import TRUE, IntervalAnalysis
+from .bounds import FALSE, TRUE, IntervalAnalysis
 
 AXES = ("q", "kv")
 #: ops of ``must`` / ``may`` (outside sub-expressions of ``b``/``h`` only) the table kernel emits
@@ -61,6 +61,8 @@ class TilePlan:
     frontier: tuple[Frontier, ...]
     must: Node
     may: Node
+    #: true only where the verdict (must, may) is the mask's truth on the tile (``_Exactness``)
+    exact: Node = None
 
     def along(self, axis: str) -> tuple[Frontier, ...]:
         """The frontier values that vary along ``axis``."""
@@ -112,7 +114,9 @@ def _plan(mask: Node) -> TilePlan | str:
     env.update({f.name: (ir.var(f"{f.name}_lo"), ir.var(f"{f.name}_hi"))
                 for f in frontier.values() if f.node.dtype != BOOL})
     bools = [f.name for f in frontier.values() if f.node.dtype == BOOL]
-    must, may = _TileIntervals(env, bools)(substitute(mask, sub))
+    analysis = _TileIntervals(env, bools)
+    root = substitute(mask, sub)
+    must, may = analysis(root)
     if may is TRUE:
         return "the interval rules never rule a tile out for this mask"
     efv: dict = {}
@@ -125,7 +129,107 @@ def _plan(mask: Node) -> TilePlan | str:
             return f"no interval rule emitted for '{n.op}'"
         if n.op in ("floordiv", "mod") and not (n.args[1].op == "const" and ir.const_value(n.args[1]) > 0):
             return f"'{n.op}' by a non-constant or non-positive divisor"
-    return TilePlan(tuple(frontier.values()), must, may)
+    axes_of = {ir.var(f.name, f.node.dtype): {f.axis} for f in frontier.values()}
+    exact = _Exactness(analysis, axes_of)(root)
+    exact = _and(exact[0], exact[1])
+    return TilePlan(tuple(frontier.values()), must, may, exact)
+
+
+# -- exactness: where the interval verdict is the truth, the tile needs no evaluation ---------------
+def _and(a: Node, b: Node) -> Node:
+    return b if a is TRUE else a if b is TRUE else FALSE if FALSE in (a, b) else node("and", a, b)
+
+
+def _or(a: Node, b: Node) -> Node:
+    return a if b is FALSE else b if a is FALSE else TRUE if TRUE in (a, b) else node("or", a, b)
+
+
+def _not(a: Node) -> Node:
+    return FALSE if a is TRUE else TRUE if a is FALSE else node("not", a)
+
+
+class _Exactness:
+    """Per boolean node of the substituted mask, IR ``(ee, fe)``: ``ee`` true only where its ``may``
+    is exact (maybe true ⇒ true at some pair of the tile), ``fe`` only where its ``must`` is (not
+    surely true ⇒ false at some pair). Where both hold at the root, a tile that is neither surely
+    full nor surely empty is partial: no evaluation needed (a document mask's diagonal tiles, and
+    tiles of a long document against a tile holding its end).
+
+    The facts used: a tile's bounds are attained (minimum and maximum over its positions); values of
+    the row axis and of the column axis vary independently over a tile, so a comparison of a
+    row-only and a column-only value (or of ``q - kv`` and a constant) is true somewhere iff its
+    bounds say so; equality needs both sides' values to fill their integer ranges (``contiguous``:
+    ``q``, ``kv``, sums of them, or a frontier value whose steps between neighbouring positions are
+    at most 1, checked per tile: ``_f{i}_ct``)."""
+
+    def __init__(self, analysis: _TileIntervals, axes_of: dict):
+        self.iv, self.axes_of = analysis, axes_of
+        self.memo: dict = {}
+        self.fv: dict = {}
+
+    def axes(self, n: Node) -> set:
+        out = set()
+        for v in topo_order([n]):
+            if v.op == "var":
+                out |= self.axes_of.get(v, {v.attr} & set(AXES))
+        return out
+
+    def tight(self, n: Node) -> bool:
+        """The interval analysis' bounds of ``n`` are attained in every tile."""
+        if n.op in ("var", "const") or _exact(n, self.fv):
+            return True
+        if n.op == "neg":
+            return self.tight(n.args[0])
+        if n.op in ("add", "sub"):
+            a, b = n.args
+            return self.tight(a) and self.tight(b) and not (self.axes(a) & self.axes(b))
+        return False
+
+    def contiguous(self, n: Node) -> Node:
+        """IR: ``n``'s values over a tile are every integer between its bounds (given ``tight``)."""
+        if n.op == "const" or _exact(n, self.fv) or (n.op == "var" and n.attr in AXES):
+            return TRUE
+        if n.op == "var" and n.dtype != BOOL:
+            return ir.var(f"{n.attr}_ct", BOOL)
+        if n.op == "neg":
+            return self.contiguous(n.args[0])
+        if n.op in ("add", "sub"):
+            return _and(self.contiguous(n.args[0]), self.contiguous(n.args[1]))
+        return FALSE
+
+    def __call__(self, n: Node):
+        got = self.memo.get(n)
+        if got is None:
+            got = self.memo[n] = self._rule(n)
+        return got
+
+    def _rule(self, n: Node):
+        must, may = self.iv(n)
+        generic = (_not(may), must)  # exact where surely nowhere / surely everywhere
+        if n.op == "var" or _exact(n, self.fv):  # a frontier boolean's (all, any), or b/h only
+            return (TRUE, TRUE)
+        if n.op == "not":
+            ee, fe = self(n.args[0])
+            return (fe, ee)
+        if n.op in ("and", "or"):
+            (am, ay), (bm, by) = self.iv(n.args[0]), self.iv(n.args[1])
+            (ae, af), (be, bf) = self(n.args[0]), self(n.args[1])
+            if n.op == "and":
+                ee = _or(_or(_and(am, be), _and(bm, ae)), _or(_not(ay), _not(by)))
+                fe = _and(_or(am, af), _or(bm, bf))
+            else:
+                ee = _or(_or(_and(ay, ae), _and(by, be)), _and(_not(ay), _not(by)))
+                fe = _or(_or(_and(_not(ay), bf), _and(_not(by), af)), _or(am, bm))
+            return (_or(ee, generic[0]), _or(fe, generic[1]))
+        if n.op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            a, b = n.args
+            if a.dtype == BOOL or not (self.tight(a) and self.tight(b)) or (self.axes(a) & self.axes(b)):
+                return generic
+            if n.op in ("eq", "ne"):
+                ct = _and(self.contiguous(a), self.contiguous(b))
+                return (ct, TRUE) if n.op == "eq" else (TRUE, ct)
+            return (TRUE, TRUE)
+        return generic
 
 
 @functools.lru_cache(maxsize=256)

@@ -92,7 +92,7 @@ def bounded_table(runner, shape, buffers, transposed: bool, br: int, bc: int, de
     full, part, count = _outputs(TB, TH, R, C, dev)
     bufs = buffer_args(buffers)
     # the scratch is not read when no value varies along the columns
-    scratch = torch.empty(TB * TH * 2 * m.n_col * C, dtype=torch.int64, device=dev) if m.n_col else full
+    scratch = torch.empty(TB * TH * 3 * m.n_col * C, dtype=torch.int64, device=dev) if m.n_col else full
     bounds_args = [scratch, *m.ints, *bufs]
     class_args = [full, part, count, TH * R * C, R * C, C, scratch, *m.ints, *bufs]
     with runner.mode(full):
