@@ -123,6 +123,14 @@ def test_random_masks_bounded_or_dense(mask, shape, tile):
     _compare(attn, (shape.B, shape.Hq, shape.Lq, shape.Lkv), [tile])
 
 
+@pytest.mark.slow
+@settings(max_examples=120, **FAST)
+@given(ats.masks(max_len=64, max_heads=2, data_dependent=True, max_depth=3), ats.shapes(max_len=64, max_heads=2),
+       st.sampled_from([(False, 16, 32), (True, 16, 16), (False, 32, 16), (True, 32, 16), (False, 8, 16)]))
+def test_random_masks_bounded_or_dense_long(mask, shape, tile):
+    test_random_masks_bounded_or_dense.hypothesis.inner_test(mask, shape, tile)
+
+
 def test_plans_of_common_masks():
     ids = doc_ids_from_lengths([10, 30, 7, 20])
     plan = tile_plan(attndsl.compile(mask_mod=document(ids)).spec)

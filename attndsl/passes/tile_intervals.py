@@ -16,8 +16,11 @@ read captured tensors one axis at a time. Then the mask splits into
 :func:`tile_plan` makes that split once per mask. ``must`` / ``may`` are IR over ``b``, ``h``, the
 tile bounds ``q_lo, q_hi, kv_lo, kv_hi`` and each frontier value's bounds ``_f{i}_lo, _f{i}_hi``:
 ``must`` true only where the mask holds on the whole tile, ``may`` false only where it holds nowhere.
-The table kernel (``codegen/tilebounds.py``) takes surely-full tiles as full, skips surely-empty ones,
-and evaluates the mask on the remaining tiles only, so its table is the dense table exactly.
+``exact`` (:class:`_Exactness`) is true only where that verdict is the truth on the tile, so a tile
+that is neither surely full nor surely empty is partial as it stands. The table kernel
+(``codegen/tilebounds.py``) takes surely-full tiles as full, skips surely-empty ones, takes exact
+maybe-tiles as partial, and evaluates the mask on the remaining tiles only (for 64 documents in
+32K, 110 of 131072 tiles): its table is the dense table exactly.
 
 A mask this does not cover gets ``None`` (with :func:`why_not` saying why) and the dense table
 kernel: a load indexed by both ``q`` and ``kv``, float arithmetic across the axes, an op with no
@@ -241,17 +244,18 @@ def tile_plan(spec) -> TilePlan | None:
     """The per-tile-bounds plan of ``spec``'s block tables, or None: the dense table kernel builds
     them (a layout box plan, no data-dependent mask, or see :func:`why_not`). Pure and cached per
     mask: codegen (which kernels to emit) and the runtime (which to launch) agree by calling it."""
-    got = why_not_or_plan(spec)
+    got = _plan_of(spec)
     return got if isinstance(got, TilePlan) else None
 
 
 def why_not(spec) -> str | None:
     """Why ``spec``'s tables are built by the dense kernel, or None when :func:`tile_plan` covers them."""
-    got = why_not_or_plan(spec)
+    got = _plan_of(spec)
     return None if isinstance(got, TilePlan) else got
 
 
-def why_not_or_plan(spec) -> TilePlan | str:
+def _plan_of(spec) -> TilePlan | str:
+    """The plan of ``spec``, or why it has none."""
     if spec.mask is None or not spec.data_dependent:
         return "no data-dependent mask"
     if spec.tiles is not None:
