@@ -236,3 +236,17 @@ def test_exactness_leaves_few_tiles_to_evaluate():
     for r, c in sample.tolist():
         block = dense[r * 128:(r + 1) * 128, c * 64:(c + 1) * 64]
         assert block.any() and not block.all(), (r, c)
+
+
+def test_per_batch_document_ids():
+    """Document ids per batch entry (``ids[b, q_idx]``): one table per batch entry, Lq != Lkv."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randint(0, 3, (50,), generator=g).sort().values,
+                       torch.randint(0, 5, (50,), generator=g).sort().values])
+
+    def m(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx] == ids[b, kv_idx]) & (q_idx >= kv_idx - 3)
+
+    attn = attndsl.compile(mask_mod=m)
+    assert tile_plan(attn.spec) is not None
+    _compare(attn, (2, 2, 37, 50), [(False, 16, 16), (True, 16, 32)])
