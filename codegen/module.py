@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from attndsl.spec import KernelSpec
 
-from . import kernels, table as _table
+from . import kernels, table as _table, tilebounds as _tilebounds
 from .prelude import module_header
 
 #: Bump when generated code changes meaning; old cache entries are then ignored.
@@ -23,5 +23,5 @@ def render(spec: KernelSpec) -> str:
     parts = [module_header(spec, CODEGEN_VERSION, spec.key, "  (dense, no modifiers)"),
              kernels.forward(spec, table), kernels.preprocess(spec), kernels.dkdv(spec, table), kernels.dq(spec, table)]
     if table:
-        parts += [_table.block_table(spec, False), _table.block_table(spec, True)]
+        parts += [_table.block_table(spec, False), _table.block_table(spec, True), _tilebounds.render(spec)]
     return "\n".join(parts)

@@ -485,29 +485,13 @@ class Runner:
         return lambda c: self.table(tables, buffers, False, c.block_m, c.block_n).args()
 
     def table(self, tables: BlockTables | None, buffers, transposed: bool, br: int, bc: int) -> Table:
-        key = (transposed, br, bc)
-        if tables is not None and key in tables.tables:
-            return tables.tables[key]
-        B, Hq, Lq, Lkv = tables.shape
-        spec = self.spec
-        TB = B if spec.mask_uses_b else 1
-        TH = Hq if spec.mask_uses_h else 1
-        rows, cols = (Lkv, Lq) if transposed else (Lq, Lkv)
-        R, C = cdiv(rows, br), cdiv(cols, bc)
-        dev = buffers[0].device if buffers else tables.device
-        full = torch.empty((TB, TH, R, C), dtype=torch.int32, device=dev)
-        part = torch.empty((TB, TH, R, C), dtype=torch.int32, device=dev)
-        count = torch.empty((TB, TH, R, 2), dtype=torch.int32, device=dev)
-        kernel = getattr(self.mod, f"{spec.name}_table{'_t' if transposed else ''}")
-        args, consts = [full, part, count, TH * R * C, R * C, C, TH, Lq, Lkv, *buffer_args(buffers)], dict(BLOCK_R=br, BLOCK_C=bc)
-        kname = "table_t" if transposed else "table"
-        check_arguments(kname, spec.lowering.signature(kname), args, consts)
-        with self.mode(full):
-            self._run(kernel, (R, TB * TH), args, consts)
-        t = Table(full, part, count, spec.mask_uses_b, spec.mask_uses_h)
-        if tables is not None:
-            tables.tables[key] = t
-        return t
+        """The block table for row tiles ``br`` and column tiles ``bc``: ``tables``' own, or built
+        now and kept there (``runtime/tables.py: build_table``)."""
+        got = tables.tables.get((transposed, br, bc)) if tables is not None else None
+        if got is None:
+            from .tables import build_table
+            got = build_table(self, tables, buffers, transposed, br, bc)
+        return got
 
     def new_tables(self, q, k, buffers) -> BlockTables:
         t = BlockTables((q.shape[0], q.shape[1], q.shape[2], k.shape[2]))

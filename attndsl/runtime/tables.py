@@ -14,7 +14,7 @@ attention with the same ``doc_ids``: the table is built once and found again by
 An entry holds its tensors, so their memory cannot be freed and reused by another tensor at the
 same address while the entry lives (an address is only an identity while the tensor is alive).
 Where the mask's data-dependent parts can be bounded per tile, a new table is built in
-O(L + tiles²) from those bounds (``runtime/tilebounds.py``), else by the dense table kernel.
+O(L + tiles²) by the tile-bounds kernels (``runtime/tilebounds.py``), else by the dense table kernel.
 Inference-mode tensors have no version counter: their tables are built per call. While a CUDA
 graph is being captured tables are built inside the capture (a replay then rebuilds them from
 the tensors' current contents), never taken from the cache.
@@ -27,9 +27,9 @@ import os
 import torch
 
 from ..ir.graph import loads
-from .tilebounds import BoundedTables, TileBounds, Unsupported
+from .tilebounds import bounded_table, dense_table
 
-#: build tables from per-tile bounds where possible (``ATTNDSL_TABLE_BOUNDS=0``: always the kernel)
+#: build tables from per-tile bounds where possible (``ATTNDSL_TABLE_BOUNDS=0``: always the dense kernel)
 BOUNDS = os.environ.get("ATTNDSL_TABLE_BOUNDS", "1") != "0"
 
 #: tables kept (least recently used dropped first); a table of L=32K is about 1 MB
@@ -47,6 +47,19 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def build_table(runner, tables, buffers, transposed: bool, br: int, bc: int):
+    """Build the table of one launch (rows ``br`` wide, columns ``bc``; rows are key tiles when
+    ``transposed``) for ``tables``' call shape, and keep it in ``tables``: from per-tile bounds
+    where the mask allows (and :data:`BOUNDS`), else by the dense table kernel. The tables of one
+    call shape are built on first use per tile size (forward, dK/dV and dQ tiles may differ)."""
+    dev = buffers[0].device if buffers else tables.device
+    t = bounded_table(runner, tables.shape, buffers, transposed, br, bc, dev) if BOUNDS else None
+    if t is None:
+        t = dense_table(runner, tables.shape, buffers, transposed, br, bc, dev)
+    tables.tables[(transposed, br, bc)] = t
+    return t
+
+
 class TableCache:
     """An LRU map from (pattern, call shape, captured tensors' identity and version) to tables."""
 
@@ -54,18 +67,6 @@ class TableCache:
         self.size = size
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self._slots: dict = {}  # spec key -> mask slots
-
-    @staticmethod
-    def fresh(runner, q, k, tensors):
-        """New :class:`BlockTables` for this call, not cached (built on first use by each kernel);
-        O(L + tiles²) from per-tile bounds where the mask allows."""
-        tables = runner.new_tables(q, k, tensors)
-        if BOUNDS and runner.spec.tiles is None:
-            try:
-                tables.tables = BoundedTables(TileBounds(runner.spec, tensors, tables.shape, q.device))
-            except Unsupported:
-                pass
-        return tables
 
     def get(self, runner, q, k, tensors):
         """The :class:`BlockTables` of this call: cached, or new (and cached) when the key is new."""
@@ -85,7 +86,7 @@ class TableCache:
         if hit is not None:
             self.entries.move_to_end(key)
             return hit[0]
-        tables = self.fresh(runner, q, k, tensors)
+        tables = runner.new_tables(q, k, tensors)
         self.entries[key] = (tables, tuple(tensors[s] for s in slots))
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
