@@ -18,6 +18,8 @@ Recorded (see :class:`attndsl.spec.Lowering`):
 - ``signatures``: every kernel's parameters (:class:`attndsl.spec.Param`), in order: codegen
   renders each ``def`` from them and the runtime checks (dense) or fills by name (gather,
   indexer) its arguments against them.
+- ``required_length``: the shortest query and key sequence the kernels can serve (a layout's box
+  visit plan covers its whole grid, prefix included; 0: any length), checked before launch.
 - ``load_stages``: per captured load of the mask, the loop level it depends on ("program",
   "row" (q only), "col" (kv only) or "pair"): a row load is read once per query tile.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 from .. import ir
 from ..ir import Node
 from ..spec import KernelSpec, Lowering, Param, VisitBox
+from .box_analysis import required_length
 
 #: a table whose kv-indexed dimension has at most this many entries is binned in registers by the
 #: gather backward, in pieces of at most ``BIN_PIECE`` bins: one one-hot product per piece that the
@@ -135,6 +138,7 @@ def lower(spec: KernelSpec) -> Lowering:
         binned=tuple(binned_dim(gl.load) for gl in spec.grad_loads),
         max_bins=MAX_BINS, bin_piece=BIN_PIECE,
         load_stages=load_stages(spec.mask),
+        required_length=required_length(spec),
         signatures=signatures(spec),
     )
 
