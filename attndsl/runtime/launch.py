@@ -342,7 +342,8 @@ class Runner:
         # block tables and visit counts are per-call tensors of the tiles' shape: no memo
         key = key if tables is None and not count_visits else None
         bufs = buffer_tensors(buffers, self.learnable)
-        own = dict(Q=q, K=k, V=v, Out=out, Lse=stats, VISITS=visits, sm_scale=scale, **extras.own(q), **bufs)
+        own = {"Q": q, "K": k, "V": v, "Out": out, "Lse": stats, "VISITS": visits, "sm_scale": scale, **extras.own(q),
+               **bufs}
         if self._memoised(self._memo_of(kernel, key), own):
             return out, lse, None
         which, cfg = self.forward_tiles(q)
@@ -384,7 +385,7 @@ class Runner:
             delta = torch.empty((B, Hq, Lq), dtype=acc_dtype(q), device=q.device)
             bm = 64 if not self.interpret else self.cfg.dq.block_m
             kernel = self._kernel("bwd_delta")
-            own = dict(Out=out, DO=dout, Delta=delta)
+            own = {"Out": out, "DO": dout, "Delta": delta}
             if not self._memoised(self._memo_of(kernel, key), own):
                 self._launch(kernel, lambda c: (cdiv(Lq, bm), B * Hq), own, TileConfig(bm, bm, 4, 3), "delta",
                              key=key, tiles=False,
@@ -407,7 +408,8 @@ class Runner:
                     "GROUP": Hq // Hkv, "LQ": Lq, "LKV": Lkv, **extras.layout(q, k), **buffer_layout(bufs)}
 
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
-        own = dict(Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv, Lse=lse, Delta=delta, DW=dw, sm_scale=scale, **xown, **bufs)
+        own = {"Q": q, "K": k, "V": v, "DO": dout, "DK": dk, "DV": dv, "Lse": lse, "Delta": delta, "DW": dw,
+               "sm_scale": scale, **xown, **bufs}
         consts = None
         if not self._memoised(self._memo_of(dkdv, key), own):
             consts = {**self._consts(q.dtype), **extras.consts()}
@@ -418,8 +420,8 @@ class Runner:
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
                          **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
-        own = dict(Q=q, K=k, V=v, DO=dout, DQ=dq, Lse=lse, Delta=delta, DU=du, sm_scale=scale, **xown, **bufs,
-                   **gl_named)
+        own = {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "sm_scale": scale,
+               **xown, **bufs, **gl_named}
         if not self._memoised(self._memo_of(dqk, key), own):
             consts = consts or {**self._consts(q.dtype), **extras.consts()}
             self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",

@@ -109,8 +109,8 @@ class Extras:
     def own(self, q) -> dict:
         """The call's own values of the extras' parameters (tensors, the sigmoid bias); ``q`` fills
         the pointer of an absent tensor."""
-        return dict(Sinks=q if self.sinks is None else self.sinks, U=q if self.u is None else self.u,
-                    W=q if self.w is None else self.w, sigmoid_bias=float(self.sigmoid_bias))
+        return {"Sinks": q if self.sinks is None else self.sinks, "U": q if self.u is None else self.u,
+                "W": q if self.w is None else self.w, "sigmoid_bias": float(self.sigmoid_bias)}
 
     def layout(self, q, k) -> dict:
         """The extras' parameters that ``key`` fixes: the factors' strides (0 where a factor

@@ -5,7 +5,9 @@ A runner keys its calls by what fixes those decisions (dtypes, shapes, strides, 
 ``Runner.call_key``). The first call of a key decides, fills the kernel's arguments by name
 (``marshal.fill``), launches and keeps a :class:`Memo`: the prepared launch and the argument list
 with the key-fixed values in place. A later call of the key only puts its own values (tensors,
-scale) into their slots and relaunches (``Memo.args``): no dict walk, no specialisation.
+scale) into their slots and relaunches (``Memo.args``): no dict walk, no specialisation. The dense
+kernels' signatures lead with a call's own values (``passes/lower.py``), so there the arguments are
+one list, ``[*own values, *the memoised rest]``.
 """
 from __future__ import annotations
 
@@ -51,10 +53,18 @@ class Memo:
     slots: tuple  # (names, positions): where each of a call's own values goes in ``template``
     check: tuple | None  # (grid, constants, arg_classes) when the runner verifies its memo
     allocator: bool  # needs Triton's scratch allocator set (device-side descriptors, not Direct)
+    #: ``template`` after the call's own values, when they lead it in order; else None
+    rest: list | None = None
+
+    def __post_init__(self):
+        if self.slots[1] == tuple(range(len(self.slots[1]))):
+            self.rest = self.template[len(self.slots[1]):]
 
     def args(self, own: dict) -> list:
         """The launch's arguments for a call whose own values (by name, in the memoising call's
         order: ``slots``) are ``own``."""
+        if self.rest is not None:
+            return [*own.values(), *self.rest]
         args = self.template.copy()
         for i, a in zip(self.slots[1], own.values()):
             args[i] = a
