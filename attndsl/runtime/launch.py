@@ -145,6 +145,8 @@ class Runner:
         self.head_dim = head_dim
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.dims = HeadDims(head_dim, self.head_dim_v)
+        # the query/key head dim in one power-of-two part, or two (192 = 128 + 64: no padding to 256)
+        self.bd, self.bd2, self.bdv = self.dims.tiles
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
         self._kernels: dict = {}
@@ -391,7 +393,7 @@ class Runner:
                              key=key, tiles=False,
                              fixed=lambda: {**strides_named(out, "ob", "oh", "om", "od"),
                                             **strides_named(dout, "db", "dh", "dm", "dd"), "HQ": Hq, "LQ": Lq},
-                             HEAD_DV=self.head_dim_v, BLOCK_M=bm, BLOCK_DV=self.dims.tiles[2])
+                             HEAD_DV=self.head_dim_v, BLOCK_M=bm, BLOCK_DV=self.bdv)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(delta.dtype)

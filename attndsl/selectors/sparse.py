@@ -113,6 +113,8 @@ class GatherRunner:
         self.head_dim = head_dim
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.dims = HeadDims(head_dim, self.head_dim_v)
+        # the query/key head dim in one power-of-two part, or two (192 = 128 + 64: no padding to 256)
+        self.bd, self.bd2, self.bdv = self.dims.tiles
         self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
         self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
 
