@@ -16,8 +16,8 @@ Recorded (see :class:`attndsl.spec.Lowering`):
 - ``binned``: per learnable load, the dimension the gather kernels bin its gradient along, or None;
   ``max_bins`` and ``bin_piece`` size those bins.
 - ``signatures``: every kernel's parameters (:class:`attndsl.spec.Param`), in order: codegen
-  renders each ``def`` from them and the runtime checks (dense) or fills by name (gather,
-  indexer) its arguments against them.
+  renders each ``def`` from them and the runtime fills its arguments by name from them
+  (``runtime/marshal.py``).
 - ``required_length``: the shortest query and key sequence the kernels can serve (a layout's box
   visit plan covers its whole grid, prefix included; 0: any length), checked before launch.
 - ``load_stages``: per captured load of the mask, the loop level it depends on ("program",
