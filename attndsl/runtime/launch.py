@@ -315,7 +315,6 @@ class Runner:
         t.device = q.device
         return t
 
-
     # -- forward -------------------------------------------------------------------------------
     def forward(self, q, k, v, scale, buffers, tables, extras: Extras | None = None, count_visits=False, key=None):
         """Returns (out, lse or None for sigmoid, visits or None). ``key``: the call's ``call_key``
