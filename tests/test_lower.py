@@ -67,18 +67,13 @@ def test_required_length_is_recorded_and_refused_before_launch(monkeypatch):
     import pytest
     from attndsl import Layout
     from attndsl.runtime import launch
-    layout = Layout((4, 8), tile=(2, 4), suffix=21)
-
-    def neighborhood_text(b, h, q, kv):
-        (qy, qx), (ky, kx) = layout.coords(q), layout.coords(kv)
-        win = ((qy - ky).abs() <= 1) & ((qx - kx).abs() <= 1)
-        return (layout.is_extra(kv) & ((kv < 40) | (kv > 45))) | (layout.in_grid(kv) & win)
-
-    attn = attndsl.compile(mask_mod=neighborhood_text, block_m=16, block_n=16)
-    assert attn.spec.tiles is not None and attn.spec.lowering.required_length == 32
+    from attndsl.patterns.neighborhood import neighborhood
+    layout = Layout((4, 8), tile=(2, 4), prefix=8)  # 8 global tokens before the grid
+    attn = attndsl.compile(mask_mod=neighborhood(layout, 3), block_m=8, block_n=8)
+    assert attn.spec.tiles is not None and attn.spec.lowering.required_length == 40
     assert attndsl.compile(mask_mod=causal).spec.lowering.required_length == 0
     monkeypatch.setattr(launch.Runner, "_run", lambda *a, **k: pytest.fail("a launch"))
     monkeypatch.setattr(launch.Runner, "_prepared", lambda *a, **k: pytest.fail("a launch"))
     q = torch.randn(1, 1, 20, 16)
-    with pytest.raises(ValueError, match="32 tokens.*Lq=20, Lkv=20"):
+    with pytest.raises(ValueError, match="40 tokens.*Lq=20, Lkv=20"):
         attn(q, q, q)
