@@ -17,6 +17,8 @@ from . import fastlaunch
 from .config import Configs, HeadDims, TileConfig, device_properties, forward_tiles, grid_section, multiprocessors, \
     retry_tiles
 from .fastlaunch import Direct
+# MAX_PRIVATE_PARTIALS, Extras, buffer_named and fill are also imported from here (api.py, runtime/op.py,
+# runtime/autograd.py, serving/decoding.py); their home is gradients.py and marshal.py
 from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, private_rows, reduce_to,  # noqa: F401
                         sink_gradient, wide_offsets)
 from .marshal import (Extras, buffer_args, buffer_layout, buffer_named, buffer_tensors, check_arguments, fill,  # noqa: F401
