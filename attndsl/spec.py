@@ -113,6 +113,7 @@ class Lowering:
     max_bins: int = 256            # a binned dim has at most this many entries ...
     bin_piece: int = 64            # ... summed in pieces of at most this many bins
     load_stages: tuple = ()        # (load, "program" | "row" | "col" | "pair") per captured load of the mask
+    required_length: int = 0       # Lq and Lkv must be at least this (a layout's box plan covers its whole grid)
     signatures: tuple = ()         # ((kernel, (Param, ...)), ...): each kernel's parameters in order
 
     def signature(self, kernel: str) -> tuple:

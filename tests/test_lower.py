@@ -58,3 +58,22 @@ def test_load_stages_of_the_mask():
 def test_lower_is_pure():
     spec = attndsl.compile(mask_mod=causal).spec
     assert lower.lower(spec) == lower.lower(spec) == spec.lowering
+
+
+def test_required_length_is_recorded_and_refused_before_launch(monkeypatch):
+    """A layout's box plan covers its whole grid: ``lowering.required_length`` is the grid's end
+    (prefix included), 0 for a 1-D plan; the runtime refuses shorter sequences from it, naming
+    both lengths, before any launch."""
+    import pytest
+    from attndsl import Layout
+    from attndsl.runtime import launch
+    from attndsl.patterns.neighborhood import neighborhood
+    layout = Layout((4, 8), tile=(2, 4), prefix=8)  # 8 global tokens before the grid
+    attn = attndsl.compile(mask_mod=neighborhood(layout, 3), block_m=8, block_n=8)
+    assert attn.spec.tiles is not None and attn.spec.lowering.required_length == 40
+    assert attndsl.compile(mask_mod=causal).spec.lowering.required_length == 0
+    monkeypatch.setattr(launch.Runner, "_run", lambda *a, **k: pytest.fail("a launch"))
+    monkeypatch.setattr(launch.Runner, "_prepared", lambda *a, **k: pytest.fail("a launch"))
+    q = torch.randn(1, 1, 20, 16)
+    with pytest.raises(ValueError, match="40 tokens.*Lq=20, Lkv=20"):
+        attn(q, q, q)

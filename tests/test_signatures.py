@@ -14,6 +14,8 @@ import attndsl
 from attndsl.patterns.causal import causal
 from attndsl.patterns.document import document
 from attndsl.patterns.relative_bias import relative_position_bias
+from attndsl.runtime.marshal import Extras
+from attndsl.spec import Param
 
 
 _LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg"}  # Triton's, not the kernel's
@@ -106,8 +108,7 @@ def test_rendered_defs_are_the_spec_signatures():
 
 
 def test_check_arguments_names_what_disagrees():
-    from attndsl.runtime.launch import check_arguments
-    from attndsl.spec import Param
+    from attndsl.runtime.marshal import check_arguments
     params = (Param("Q", "tensor"), Param("LQ", "int"), Param("BLOCK", "constexpr"))
     q = torch.zeros(1)
     check_arguments("k", params, [q, 3], {"BLOCK": 16})
@@ -117,3 +118,53 @@ def test_check_arguments_names_what_disagrees():
         check_arguments("k", params, [q, q], {"BLOCK": 16})
     with pytest.raises(TypeError, match="BLOCK"):
         check_arguments("k", params, [q, 3], {})
+
+
+def _with_signature(spec, kernel, edit):
+    """``spec`` with ``kernel``'s signature replaced by ``edit(params)``."""
+    import dataclasses
+    sigs = tuple((k, tuple(edit(list(p))) if k == kernel else p) for k, p in spec.lowering.signatures)
+    return dataclasses.replace(spec, lowering=dataclasses.replace(spec.lowering, signatures=sigs))
+
+
+@pytest.mark.parametrize("kernel, edit, named", [
+    ("fwd", lambda ps: ps + [Param("EXTRA_LEN", "int")], "EXTRA_LEN"),  # a parameter no value fills
+    ("fwd", lambda ps: [p for p in ps if p.name != "LKV"], "LKV"),  # a value with no parameter
+    ("bwd_delta", lambda ps: [p for p in ps if p.name != "Delta"], "Delta"),
+    ("bwd_dkdv", lambda ps: [p for p in ps if p.name != "stride_dvn"], "stride_dvn"),
+    ("bwd_dq", lambda ps: ps[:1] + [Param("DQ2", "tensor")] + ps[1:], "DQ2"),
+])
+def test_dense_runner_fills_by_name_and_names_what_disagrees(kernel, edit, named):
+    """The dense runner fills each kernel's arguments by name from ``spec.lowering``'s signature: a
+    signature with a parameter the runner has no value for, or without one it has a value for,
+    raises TypeError naming it before anything launches (on the first, memoising call)."""
+    comp = attndsl.CompiledAttention(causal, name=f"named_{kernel}_{named}".lower())
+    q, k, v = _qkv(grad=False)
+    runner = comp.runner(q)
+    runner.spec = _with_signature(runner.spec, kernel, edit)
+    key = runner.call_key(q, k, v, 0.25, Extras(), ())
+    if kernel == "fwd":
+        with pytest.raises(TypeError, match=named):
+            runner.forward(q, k, v, 0.25, (), None, key=key)
+        return
+    out, lse, _ = runner.forward(q, k, v, 0.25, (), None, key=key)
+    with pytest.raises(TypeError, match=named):
+        runner.backward(q, k, v, out, lse, torch.randn_like(out), None, 0.25, (), None, key=key)
+
+
+def test_memo_places_a_calls_own_values_by_name():
+    """A memoised launch's arguments are the memoising call's, with a later call's own values in
+    their parameters' places, whether they lead the signature (one list) or not (slot by slot)."""
+    from attndsl.runtime.memo import Memo, own_slots
+    params = (Param("A", "tensor"), Param("n", "int"), Param("B", "tensor"), Param("s", "float"),
+              Param("C", "constexpr"))
+    a, b, a2, b2 = (torch.zeros(1) for _ in range(4))
+    for own, later in (({"A": a, "B": b}, {"A": a2, "B": b2}), ({"B": b, "A": a}, {"B": b2, "A": a2})):
+        memo = Memo(None, [a, 7, b, 0.5], own_slots("k", params, own), None, False)
+        got = memo.args(later)
+        assert got[0] is a2 and got[2] is b2 and got[1] == 7 and got[3] == 0.5
+    memo = Memo(None, [a, b, 7, 0.5], own_slots("k", params[:1] + params[2:3] + params[1:2] + params[3:],
+                                                 {"A": a, "B": b}), None, False)
+    assert memo.rest == [7, 0.5] and memo.args({"A": a2, "B": b2}) == [a2, b2, 7, 0.5]
+    with pytest.raises(TypeError, match="Z"):
+        own_slots("k", params, {"A": a, "Z": b})

@@ -16,8 +16,10 @@ Recorded (see :class:`attndsl.spec.Lowering`):
 - ``binned``: per learnable load, the dimension the gather kernels bin its gradient along, or None;
   ``max_bins`` and ``bin_piece`` size those bins.
 - ``signatures``: every kernel's parameters (:class:`attndsl.spec.Param`), in order: codegen
-  renders each ``def`` from them and the runtime checks (dense) or fills by name (gather,
-  indexer) its arguments against them.
+  renders each ``def`` from them and the runtime fills its arguments by name from them
+  (``runtime/marshal.py``).
+- ``required_length``: the shortest query and key sequence the kernels can serve (a layout's box
+  visit plan covers its whole grid, prefix included; 0: any length), checked before launch.
 - ``load_stages``: per captured load of the mask, the loop level it depends on ("program",
   "row" (q only), "col" (kv only) or "pair"): a row load is read once per query tile.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 from .. import ir
 from ..ir import Node
 from ..spec import KernelSpec, Lowering, Param, VisitBox
+from .box_analysis import required_length
 
 #: a table whose kv-indexed dimension has at most this many entries is binned in registers by the
 #: gather backward, in pieces of at most ``BIN_PIECE`` bins: one one-hot product per piece that the
@@ -135,6 +138,7 @@ def lower(spec: KernelSpec) -> Lowering:
         binned=tuple(binned_dim(gl.load) for gl in spec.grad_loads),
         max_bins=MAX_BINS, bin_piece=BIN_PIECE,
         load_stages=load_stages(spec.mask),
+        required_length=required_length(spec),
         signatures=signatures(spec),
     )
 
@@ -166,8 +170,10 @@ def _qkv_strides(*tensors: str) -> list:
     return out
 
 
-_EXTRAS = (_tensors("Sinks", "U", "W") + _ints(*_strides("ub", "uh", "um", "ur", "wb", "wh", "wn", "wr"), "W_GROUP", "RANK")
-           + [Param("sigmoid_bias", "float")])
+#: the extras' parameters a call brings (``marshal.Extras.own``) and those its shapes fix (``Extras.layout``)
+_EXTRAS_OWN = _tensors("Sinks", "U", "W") + [Param("sigmoid_bias", "float")]
+_EXTRAS_LAYOUT = _ints(*_strides("ub", "uh", "um", "ur", "wb", "wh", "wn", "wr"), "W_GROUP", "RANK")
+_EXTRAS = _EXTRAS_OWN[:3] + _EXTRAS_LAYOUT + _EXTRAS_OWN[3:]
 _EXTRA_CONSTS = _consts("HAS_SINKS", "HAS_BIAS", "BLOCK_R")
 _TABLE = _tensors("TBL_FULL", "TBL_PART", "TBL_CNT") + _ints("tbl_stride_b", "tbl_stride_h", "tbl_stride_r")
 _DIMS = _consts("HEAD_D", "BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BLOCK_DV", "HAS_D2", "BLOCK_D2", "UPCAST",
@@ -179,10 +185,20 @@ _GATHER_DIMS = _consts("HEAD_D", "BLOCK_H", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BL
 def _buffers(spec: KernelSpec) -> list:
     out = []
     for b in spec.buffers:
-        p = f"buf{b.slot}"
-        out += [Param(p, "tensor")] + _ints(*(f"{p}_size{d}" for d in range(b.ndim)),
-                                            *(f"{p}_stride{d}" for d in range(b.ndim)))
+        out += _buffer_pointers(spec, b) + _buffer_layout(spec, b)
     return out
+
+
+def _buffer_pointers(spec: KernelSpec, *only) -> list:
+    """``buf{slot}`` of each captured tensor (or of ``only``)."""
+    return [Param(f"buf{b.slot}", "tensor") for b in only or spec.buffers]
+
+
+def _buffer_layout(spec: KernelSpec, *only) -> list:
+    """``buf{slot}_size{d}`` and ``buf{slot}_stride{d}`` of each captured tensor (or of ``only``)."""
+    return [p for b in only or spec.buffers
+            for p in _ints(*(f"buf{b.slot}_size{d}" for d in range(b.ndim)),
+                           *(f"buf{b.slot}_stride{d}" for d in range(b.ndim)))]
 
 
 def signatures(spec: KernelSpec) -> tuple:
@@ -190,8 +206,14 @@ def signatures(spec: KernelSpec) -> tuple:
     ``def`` and the runtime fills its arguments. Kernels: the dense family ("fwd", "bwd_delta",
     "bwd_dkdv", "bwd_dq", and "table"/"table_t" for block tables), the gather family
     ("gather_fwd", "gather_bwd"), the lightning indexer ("scores") and the decode family ("decode"
-    for both the split-KV and the gather decode kernel, "decode_merge")."""
+    for both the split-KV and the gather decode kernel, "decode_merge").
+
+    The dense kernels lead with the values each call brings (tensors, scale, sigmoid bias), followed
+    by those the call's shapes fix (strides, lengths, sections): the runtime's launch memo then
+    relaunches with ``[*call's own values, *memoised rest]`` (``runtime/memo.py``)."""
     bufs = _buffers(spec)
+    own = [Param("sm_scale", "float")] + _EXTRAS_OWN + _buffer_pointers(spec)
+    fixed = [Param("SECTION", "int")] + _EXTRAS_LAYOUT + _buffer_layout(spec)
     table = _TABLE if spec.data_dependent else []
     n = len(spec.grad_loads)
     grads = [p for i, g in enumerate(spec.grad_loads) for p in _tensors(f"DBUF{g.slot}_{i}", f"GOFF{g.slot}_{i}")]
@@ -200,18 +222,17 @@ def signatures(spec: KernelSpec) -> tuple:
     sel_grads = [Param(f"DBUF{g.slot}_{i}", "tensor") for i, g in enumerate(spec.grad_loads)]
     sel_consts = [p for i in range(n) for p in _consts(f"GL{i}_BINS", f"GL{i}_PIECES")]
     sel_consts += _consts("BIN_PRECISION") if n else []
-    scalars = [Param("sm_scale", "float"), Param("SECTION", "int")]
     sigs = {
-        "fwd": (_tensors("Q", "K", "V", "Out", "Lse", "VISITS") + _qkv_strides("q", "k", "v", "o")
-                + _ints("HQ", "GROUP", "LQ", "LKV") + scalars + _EXTRAS + bufs + table + _DIMS
+        "fwd": (_tensors("Q", "K", "V", "Out", "Lse", "VISITS") + own + _qkv_strides("q", "k", "v", "o")
+                + _ints("HQ", "GROUP", "LQ", "LKV") + fixed + table + _DIMS
                 + _consts("COUNT_VISITS", "EVEN_KV", "KV_TMA", "W_TMA", "FOLD_SCALE") + _EXTRA_CONSTS),
         "bwd_delta": (_tensors("Out", "DO", "Delta") + _qkv_strides("o") + _ints(*_strides("db", "dh", "dm", "dd"))
                       + _ints("HQ", "LQ") + _consts("HEAD_DV", "BLOCK_M", "BLOCK_DV")),
-        "bwd_dkdv": (_tensors("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW")
+        "bwd_dkdv": (_tensors("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW") + own
                      + _qkv_strides("q", "k", "v", "do", "dk", "dv") + _ints("HQ", "HKV", "GROUP", "LQ", "LKV")
-                     + scalars + _EXTRAS + bufs + table + _DIMS + _consts("EVEN_Q") + _EXTRA_CONSTS),
-        "bwd_dq": (_tensors("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU") + _qkv_strides("q", "k", "v", "do", "dq")
-                   + _ints("HQ", "GROUP", "LQ", "LKV") + scalars + _EXTRAS + bufs + grads + table + _DIMS
+                     + fixed + table + _DIMS + _consts("EVEN_Q") + _EXTRA_CONSTS),
+        "bwd_dq": (_tensors("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU") + own + grads
+                   + _qkv_strides("q", "k", "v", "do", "dq") + _ints("HQ", "GROUP", "LQ", "LKV") + fixed + table + _DIMS
                    + _consts("EVEN_KV") + _EXTRA_CONSTS + grad_consts),
         "gather_fwd": (_tensors("Q", "K", "V", "IDX", "Out", "Lse") + _qkv_strides("q", "k", "v")
                        + _ints(*_strides("ib", "ig", "im", "ij")) + _qkv_strides("o")

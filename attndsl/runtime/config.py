@@ -1,9 +1,14 @@
-"""Tile configurations: chosen by head dim and backend; the forward also by how many programs a call
-launches (a small grid gets smaller tiles, so every multiprocessor holds several programs) and by
-the pattern (with neither mask nor score modifier, taller tiles)."""
+"""Tile policy, in one place: tile configurations chosen by head dim and backend; the forward's also
+by how many programs a call launches (a small grid gets smaller tiles, so every multiprocessor holds
+several programs) and by the pattern (with neither mask nor score modifier, taller tiles); the
+smaller tiles a launch retries with when shared memory overflows; grid sections; the head-dim
+constants every attention kernel takes; and the gather and indexer kernels' tiles."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,37 @@ def forward_tiles(cfgs: Configs, n_programs: int, n_sms: int) -> tuple[str, Tile
     return "fwd", cfgs.fwd
 
 
+def retry_tiles(cfg: TileConfig, planned: bool) -> TileConfig | None:
+    """The configuration to retry a launch with after a shared-memory overflow, or None (give up).
+    ``planned``: the kernel's visit plans (layout box plans, ``spec.tiles``) were built for these
+    tile sizes, so only the stages may shrink."""
+    smaller = cfg.smaller()
+    if smaller is not None and planned and (smaller.block_m, smaller.block_n) != (cfg.block_m, cfg.block_n):
+        return None
+    return smaller
+
+
+@functools.lru_cache(maxsize=None)
+def device_properties(index: int):
+    """A CUDA device's properties, asked once (the launch path consults them on every call)."""
+    return torch.cuda.get_device_properties(index)
+
+
+def multiprocessors(device: torch.device, interpret: bool) -> int:
+    """Multiprocessors of ``device`` (the interpreter counts as one)."""
+    if interpret or device.type != "cuda":
+        return 1
+    return device_properties(device.index).multi_processor_count
+
+
+def grid_section(device: torch.device, interpret: bool, n_heads: int, bytes_per_head: int) -> int:
+    """Heads per section of a grid over ``n_heads`` rows (batch*head) on ``device`` whose programs
+    each read ``bytes_per_head`` of their head (``section``; the interpreter's is fixed)."""
+    if interpret or device.type != "cuda":
+        return INTERPRETER_SECTION
+    return section(bytes_per_head, device_properties(device.index).L2_cache_size, n_heads)
+
+
 def for_pattern(cfgs: Configs, has_mask: bool, has_score_mod: bool, data_dependent: bool) -> Configs:
     """The configurations a pattern may use. Wide forward tiles only without mask or score modifier:
     on an H100 (bf16, H=16, D=128; BENCHMARKS.md) 256x64 tiles ran no-mask forwards 2-8% faster
@@ -91,6 +127,34 @@ def section(bytes_per_head: int, l2_bytes: int, n_heads: int) -> int:
 
 def block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class HeadDims:
+    """The head dims of a runner's kernels and their tiles: query/key ``head_dim`` in one power-of-two
+    part ``bd`` or two (``bd`` + ``bd2``, ``split_head_dim``), value ``head_dim_v`` in ``bdv``."""
+
+    head_dim: int
+    head_dim_v: int
+
+    @functools.cached_property
+    def tiles(self) -> tuple[int, int, int]:
+        return (*split_head_dim(self.head_dim), block_d(self.head_dim_v))
+
+    @property
+    def even(self) -> bool:
+        """Both head dims fill their tiles: full rows load without a column mask (EVEN_KV, EVEN_Q)."""
+        bd, bd2, bdv = self.tiles
+        return self.head_dim == bd + bd2 and self.head_dim_v == bdv
+
+    def consts(self, dtype: torch.dtype, interpret: bool) -> dict:
+        """The constants every attention kernel (dense and gather) takes for inputs of ``dtype``: head
+        dims, their tiles, bf16 dot upcast in the interpreter (its bf16 ``tl.dot`` is wrong) and the
+        dot precision (exact for float32/float64 inputs, TF32 otherwise)."""
+        bd, bd2, bdv = self.tiles
+        return dict(HEAD_D=self.head_dim, BLOCK_D=bd, HAS_D2=bd2 > 0, BLOCK_D2=max(bd2, 16), HEAD_DV=self.head_dim_v,
+                    BLOCK_DV=bdv, UPCAST=interpret and dtype == torch.bfloat16,
+                    DOT_PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32")
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:

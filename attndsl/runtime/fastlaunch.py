@@ -135,3 +135,22 @@ def launcher(kernel) -> Launcher:
     if got is None:
         got = kernel._attndsl_launcher = Launcher(kernel)
     return got
+
+
+def run(kernel, grid: tuple, args: list, consts: dict, interpret: bool, num_warps: int = 4, num_stages: int = 3):
+    """One launch of ``kernel`` (inside its launch scope, ``scope.launch_scope``), for the dense and
+    gather runners alike: through the interpreter, or the compiled kernel its ``Launcher`` keeps
+    (Triton's defaults: 4 warps, 3 stages)."""
+    if interpret:
+        kernel[grid](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    else:
+        launcher(kernel)(grid, args, consts, num_warps, num_stages)
+
+
+def prepared(kernel, grid: tuple, args: list, consts: dict, interpret: bool, num_warps: int, num_stages: int):
+    """Launch (``run``), and return the launch of later argument lists whose non-tensor values,
+    dtypes and alignments are these (``Launcher.prepared``; the interpreter's ordinary launch)."""
+    if interpret:
+        run(kernel, grid, args, consts, True, num_warps, num_stages)
+        return lambda a: kernel[grid](*a, **consts, num_warps=num_warps, num_stages=num_stages)
+    return launcher(kernel).prepared(grid, args, consts, num_warps, num_stages)

@@ -131,15 +131,8 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dou
         from ..selectors.sparse import gather_runner
         if not softmax:  # the sigmoid kernels read no row statistics: a placeholder of the forward's shape
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        dq, dk, dv, du, dw, dbufs = gather_runner(compiled, q, v.shape[-1]).backward(
+        dq, dk, dv, dsinks, du, dw, dbufs = gather_runner(compiled, q, v.shape[-1]).backward(
             q, k, v, indices, out, lse, dout, dlse if softmax else None, scale, buffers, extras)
-        dsinks = None
-        if sinks is not None:
-            # d out_i / d sink = -p_sink_i * out_i and d lse_i / d sink = p_sink_i
-            delta = (out.float() * dout.float()).sum(-1)
-            if dlse is not None:
-                delta = delta - dlse.float()
-            dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
     else:
         r, tables = _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block)
         dq, dk, dv, dsinks, du, dw, dbufs = r.backward(q, k, v, out, lse if softmax else None,

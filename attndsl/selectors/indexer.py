@@ -21,8 +21,10 @@ from ..passes import build_spec
 from ..runtime import cache
 from ..runtime.checks import IndexRangeCheck, check_captured
 from ..runtime.config import block_d, indexer_tiles
+from ..runtime.fastlaunch import run
+from ..runtime.launch import cdiv, use_interpreter
+from ..runtime.marshal import buffer_named, fill, strides_named
 from ..runtime.scope import launch_scope
-from ..runtime.launch import buffer_named, cdiv, fill, strides_named, use_interpreter
 
 
 def relu(score, b, h, q_idx, kv_idx):
@@ -112,7 +114,7 @@ class LightningIndexer:
                       DOT_PRECISION="ieee" if q_i.dtype == torch.float32 else "tf32", HAS_W=weights is not None)
         args = fill("scores", self.spec.lowering.signature("scores"), named, consts)
         with launch_scope(q_i, interpret):
-            getattr(self._module(interpret), f"{self.spec.name}_scores")[grid](*args, **consts, num_warps=4)
+            run(getattr(self._module(interpret), f"{self.spec.name}_scores"), grid, args, consts, interpret)
         return out
 
     def tiles(self, interpret: bool) -> tuple[int, int]:

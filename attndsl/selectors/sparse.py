@@ -23,11 +23,14 @@ import triton
 
 from .. import codegen
 from ..runtime import cache
-from ..runtime.config import GatherConfig, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
+from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
 from ..runtime.checks import compiling, default_check
-from ..runtime.launch import Extras, _new, buffer_named, fill, sink_gradient, strides_named, use_interpreter
+from ..runtime.fastlaunch import run
+from ..runtime.gradients import row_delta, sink_gradient
+from ..runtime.launch import _new, use_interpreter
+from ..runtime.marshal import Extras, buffer_named, fill, qkv_strides, strides_named
 
 GATHER_TAG = "sel"
 
@@ -97,7 +100,10 @@ def gather_spec(spec):
 
 
 class GatherRunner:
-    """Launches the gather kernels of one spec for one backend and pair of head dims (query/key, value)."""
+    """Launches the gather kernels of one spec for one backend and pair of head dims (query/key,
+    value): the dense ``Runner``'s shape (arguments filled by name from ``spec.lowering``'s
+    signatures, ``fastlaunch.run``, head-dim constants and tiles from ``runtime/config.py``, the
+    sinks' gradient from ``runtime/gradients.py``), without its memo: each call fills afresh."""
 
     def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None,
                  head_dim_v: int | None = None):
@@ -105,22 +111,23 @@ class GatherRunner:
         self.learnable = spec.learnable_slots
         self.interpret = interpret
         self.head_dim = head_dim
-        self.bd, self.bd2 = split_head_dim(head_dim)  # 192 = 128 + 64 (runtime.config.split_head_dim)
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
-        self.bdv = block_d(self.head_dim_v)
+        self.dims = HeadDims(head_dim, self.head_dim_v)
+        # the query/key head dim in one power-of-two part, or two (192 = 128 + 64: no padding to 256)
+        self.bd, self.bd2, self.bdv = self.dims.tiles
         self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
         self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
 
-    def _mode(self, t):
-        return launch_scope(t, self.interpret)
-
     def _consts(self, q, hpp):
-        return dict(HEAD_D=self.head_dim, BLOCK_D=self.bd, HAS_D2=self.bd2 > 0, BLOCK_D2=max(self.bd2, 16),
-                    HEAD_DV=self.head_dim_v, BLOCK_DV=self.bdv,
-                    BLOCK_H=max(16, triton.next_power_of_2(hpp)), BLOCK_N=self.cfg.block_n,
-                    UPCAST=self.interpret and q.dtype == torch.bfloat16,
-                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                    num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages)
+        return dict(**self.dims.consts(q.dtype, self.interpret), BLOCK_H=max(16, triton.next_power_of_2(hpp)),
+                    BLOCK_N=self.cfg.block_n)
+
+    def _launch(self, kernel: str, suffix: str, grid, named: dict, consts: dict) -> None:
+        """Fill ``kernel``'s arguments by name and launch it (``fastlaunch.run``)."""
+        args = fill(kernel, self.spec.lowering.signature(kernel), named, consts)
+        with launch_scope(args[0], self.interpret):
+            run(getattr(self.mod, f"{self.spec.name}_{suffix}"), grid, args, consts, self.interpret,
+                self.cfg.num_warps, self.cfg.num_stages)
 
     def _grad_consts(self, buffers) -> dict:
         """Bins per piece and pieces per learnable table (``spec.lowering.binned``, ``passes/lower.py``; no pieces:
@@ -156,14 +163,12 @@ class GatherRunner:
         named = dict(Q=q, K=k, V=v, IDX=indices, Out=out, Lse=lse, **_qkv_strides(q, k, v, indices),
                      **strides_named(out, "ob", "oh", "om", "od"), **shape_args, sm_scale=scale,
                      **extras.named(q, k), **buffer_named(buffers, self.learnable))
-        consts = {**extras.consts(), **self._consts(q, hpp)}
-        args = fill("gather_fwd", self.spec.lowering.signature("gather_fwd"), named, consts)
-        with self._mode(q):
-            getattr(self.mod, f"{self.spec.name}_fwd")[(Lq, B * nu)](*args, **consts)
+        self._launch("gather_fwd", "fwd", (Lq, B * nu), named, {**extras.consts(), **self._consts(q, hpp)})
         return out, lse
 
     def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras):
-        """Returns (dq, dk, dv, du, dw, {slot: gradient of each learnable captured tensor})."""
+        """Returns (dq, dk, dv, dsinks, du, dw, {slot: gradient of each learnable captured tensor}),
+        as the dense ``Runner.backward``."""
         (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         dq = _new(q.shape, q)
@@ -185,18 +190,16 @@ class GatherRunner:
                      **shape_args, sm_scale=scale, **extras.named(q, k), **buffer_named(buffers, self.learnable),
                      **{f"DBUF{gl.slot}_{i}": dbufs[gl.slot] for i, gl in enumerate(self.spec.grad_loads)})
         consts = dict(HAS_DLSE=dlse is not None, **extras.consts(), **self._consts(q, hpp), **self._grad_consts(buffers))
-        args = fill("gather_bwd", self.spec.lowering.signature("gather_bwd"), named, consts)
-        with self._mode(q):
-            getattr(self.mod, f"{self.spec.name}_bwd")[(Lq, B * nu)](*args, **consts)
+        self._launch("gather_bwd", "bwd", (Lq, B * nu), named, consts)
+        dsinks = sink_gradient(extras.sinks, lse, row_delta(out, dout, dlse)) if extras.sinks is not None else None
         du = du.to(extras.u.dtype) if extras.u is not None else None
         dw = dw.to(extras.w.dtype) if extras.w is not None else None
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), du, dw,
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), dsinks, du, dw,
                 {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()})
 
 
 def _qkv_strides(q, k, v, indices) -> dict:
-    return {**strides_named(q, "qb", "qh", "qm", "qd"), **strides_named(k, "kb", "kh", "kn", "kd"),
-            **strides_named(v, "vb", "vh", "vn", "vd"), **strides_named(indices, "ib", "ig", "im", "ij")}
+    return {**qkv_strides(q, k, v), **strides_named(indices, "ib", "ig", "im", "ij")}
 
 
 def _broadcast_strides(buf, factor) -> list:
@@ -229,15 +232,9 @@ class SparseAttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         softmax = ctx.runner.spec.normalizer == "softmax"
-        dq, dk, dv, du, dw, dbufs = ctx.runner.backward(q, k, v, indices, out, lse, dout,
-                                                        dlse if softmax else None, ctx.scale, buffers,
-                                                        Extras(sinks, u, w, ctx.sigmoid_bias))
-        dsinks = None
-        if sinks is not None and ctx.needs_input_grad[3]:
-            delta = (out.float() * dout.float()).sum(-1)
-            if dlse is not None:
-                delta = delta - dlse.float()
-            dsinks = sink_gradient(sinks, lse, delta)
+        dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(q, k, v, indices, out, lse, dout,
+                                                                dlse if softmax else None, ctx.scale, buffers,
+                                                                Extras(sinks, u, w, ctx.sigmoid_bias))
         grads = tuple(dbufs.get(i) for i in range(len(buffers)))
         return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
                                         (dq, dk, dv, dsinks, du, dw, None, None, None, None) + grads)
