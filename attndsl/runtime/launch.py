@@ -294,7 +294,9 @@ class Runner:
     def table(self, tables: BlockTables | None, buffers, transposed: bool, br: int, bc: int) -> Table:
         """The block table for row tiles ``br`` and column tiles ``bc``: ``tables``' own, or built
         now and kept there (``runtime/tables.py: build_table``)."""
-        got = tables.tables.get((transposed, br, bc)) if tables is not None else None
+        key = (transposed, br, bc)
+        # ``in`` and ``[]``, not ``.get``: a selection's tables (selectors/blocks.py) build on ``__missing__``
+        got = tables.tables[key] if tables is not None and key in tables.tables else None
         if got is None:
             from .tables import build_table
             got = build_table(self, tables, buffers, transposed, br, bc)
