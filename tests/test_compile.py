@@ -223,3 +223,24 @@ def test_cuda_graph_capture_and_replay(how):
         want, _ = attndsl.reference.attention(sq.double(), sk.double(), sv.double(), mask_mod=mask, score_mod=sm)
         assert float((got.double() - eager.double()).abs().max()) < 2e-3
         assert float((got.double() - want).abs().max()) < 1e-2
+
+
+def test_document_mask_under_compile_builds_its_tables_per_call():
+    """A data-dependent mask under torch.compile: the op builds the call's block tables (never a
+    cached one: a CUDA graph's replay must read the captured tensors' current contents), so an
+    in-place change of the document ids between calls is honoured."""
+    from attndsl.patterns import doc_ids_from_lengths
+    ids = doc_ids_from_lengths([10, 17, 13])
+
+    def doc(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+
+    pattern = attndsl.compile(mask_mod=doc)
+    fn = torch.compile(lambda q, k, v: pattern(q, k, v), fullgraph=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    for new in (None, doc_ids_from_lengths([25, 15])):
+        if new is not None:
+            ids.copy_(new)
+        ref, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=doc)
+        out = fn(q, k, v)
+        assert float((out.double() - ref).abs().max()) < 1e-4

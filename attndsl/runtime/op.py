@@ -52,7 +52,6 @@ def _selection(compiled, blocks, q_block, kv_block):
 def _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block):
     """(runner, tables) of a dense or block-selection call."""
     from .checks import call_shape
-    from .tables import TABLES
     if blocks is not None:
         from ..selectors.blocks import SelectionTables
         sel, variant = _selection(compiled, blocks, q_block, kv_block)
@@ -63,7 +62,8 @@ def _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block):
     # the ops run in the CUDA graph's memory pool (its warm-up run is not a capture), where a
     # tensor that outlives the call is an allocation the graph does not track (and a replay must
     # read the captured tensors' current data anyway)
-    return r, (TABLES.fresh(r, q, k, buffers) if compiled.spec.data_dependent else None)
+    # (``Runner.table`` builds each on first use, from per-tile bounds where the mask allows)
+    return r, (r.new_tables(q, k, buffers) if compiled.spec.data_dependent else None)
 
 
 def _memo_key(r, q, k, v, scale, extras, buffers, tables):
