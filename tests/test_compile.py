@@ -244,3 +244,70 @@ def test_document_mask_under_compile_builds_its_tables_per_call():
         ref, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=doc)
         out = fn(q, k, v)
         assert float((out.double() - ref).abs().max()) < 1e-4
+
+
+def _attndsl_calls(fn, n):
+    """``{(file, function): calls}`` of attndsl's own Python functions over ``n`` calls of ``fn``."""
+    import cProfile
+    import os
+    import pstats
+    root = os.path.dirname(attndsl.__file__)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    return {(os.path.relpath(f, root), name): st[1]
+            for (f, _, name), st in pstats.Stats(prof).stats.items() if f.startswith(root)}
+
+
+#: what resolves a pattern (cache walk, trace, analysis, registration, captured-tensor paths): trace
+#: time only, never per call of a compiled model
+_RESOLUTION = {"_resolve_for_trace", "_compiled", "lookup", "walk", "_walk", "paths_of", "follow", "trace",
+               "build_spec", "register", "op_call", "check_inputs", "check_captured", "check_extras"}
+
+
+def test_one_shot_attention_under_compile_costs_what_a_compiled_pattern_costs():
+    """A compiled model calling ``attndsl.attention`` resolves its pattern once, while dynamo traces:
+    after the first call no pattern-cache lookup, walk, trace, analysis or input check runs per call,
+    and each call runs exactly the attndsl Python functions the same model with a pattern built by
+    ``attndsl.compile`` runs (one op, same runner), forward and forward+backward; its graph holds the
+    same ops. Its captured learnable tensor is still bound per call (an in-place change is seen)."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from attndsl.runtime.patterns import PATTERNS
+    x = torch.randn(1, 16, 32)
+    profiles, graphs = {}, {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = Block(compiled=compiled)
+        ops = graphs[compiled] = []
+
+        def record(gm, example, ops=ops):
+            ops.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+            return lookup_backend("aot_eager")(gm, example)
+        cnt = torch._dynamo.testing.CompileCounterWithBackend(record)
+        cmodel = torch.compile(model, fullgraph=True, backend=cnt)
+        fwd_bwd = lambda: cmodel(x).sum().backward()  # noqa: E731
+        with torch.no_grad():
+            cmodel(x)
+        fwd_bwd()
+        seen = (PATTERNS.hits, PATTERNS.misses, PATTERNS.uncacheable)
+        with torch.no_grad():
+            fwd = _attndsl_calls(lambda: cmodel(x), 3)
+        both = _attndsl_calls(fwd_bwd, 2)
+        assert (PATTERNS.hits, PATTERNS.misses, PATTERNS.uncacheable) == seen, "pattern cache consulted per call"
+        ran = {name for _, name in (*fwd, *both)}
+        assert not ran & _RESOLUTION, f"resolved per call of the compiled model: {sorted(ran & _RESOLUTION)}"
+        assert cnt.frame_count == 2, f"frames compiled: {cnt.frame_count} (inference + training, once each)"
+        profiles[compiled] = (fwd, both)
+        # the captured parameter is a graph input, bound per call: an in-place change is seen
+        with torch.no_grad():
+            before = cmodel(x)
+            model.slopes.mul_(3.0)
+            after, want = cmodel(x), model(x)
+            model.slopes.div_(3.0)
+        assert not torch.allclose(before, after) and torch.allclose(after, want, atol=1e-5)
+    assert graphs[False] == graphs[True], "the one-shot call's graph differs from the compiled pattern's"
+    assert profiles[False] == profiles[True], (
+        "per call, attention() under torch.compile runs other attndsl code than a compiled pattern: "
+        f"{set(profiles[False][0].items()) ^ set(profiles[True][0].items())}")
