@@ -212,6 +212,12 @@ def run(args):
         qq = torch.randn(B, HQ, 1, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
         return st, qq, st.cache.seq_lens
 
+    def ours(layout, s, q, lens, **kw):
+        """Our decode call on the contiguous cache or through the paged cache of setup ``s``."""
+        if layout == "contiguous":
+            return lambda: decode(q, s.k, s.v, seq_lens=lens, **kw)
+        return lambda: s.cache.decode(q, **kw)
+
     def checked(row, fn, ref):
         """Check ours against ``ref`` on the benchmark inputs, then time it; False (row emitted) on a mismatch."""
         row["rel_err"] = round(_rel(fn(), ref), 5)
@@ -314,11 +320,7 @@ def run(args):
                 return win(b, h, q_idx + offs[b], kv_idx) & (kv_idx < lens[b])
             for layout in ("contiguous", "paged"):
                 row = dict(base, case="window4096", layout=layout, api="decode")
-                if layout == "contiguous":
-                    fn = lambda: decode(q, s.k, s.v, seq_lens=lens, mask_mod=win)  # noqa: E731
-                else:
-                    fn = lambda: s.cache.decode(q, mask_mod=win)  # noqa: E731
-                if not checked(row, fn, ref):
+                if not checked(row, ours(layout, s, q, lens, mask_mod=win), ref):
                     continue
                 if flex is not None:
                     if layout == "contiguous":
@@ -347,11 +349,7 @@ def run(args):
                                                                    enable_gqa=True)
             for layout in ("contiguous", "paged"):
                 row = dict(base, case="dsa2048", layout=layout, api="decode")
-                if layout == "contiguous":
-                    fn = lambda: decode(q, s.k, s.v, seq_lens=lens, indices=idx)  # noqa: E731
-                else:
-                    fn = lambda: s.cache.decode(q, indices=idx)  # noqa: E731
-                if not checked(row, fn, ref):
+                if not checked(row, ours(layout, s, q, lens, indices=idx), ref):
                     continue
                 # the aim: within 1.5x of reading the selected rows at the copy's read bandwidth
                 row["copy_floor_ms"] = round(base["bytes"] / (copy / 2) / 1e6, 4)
