@@ -42,7 +42,8 @@ from .writer import Writer
 #: Bump when the generated Hopper code changes meaning (part of the module's cache key).
 HOPPER_VERSION = 1
 
-GLUON_HEADER = '''
+#: the Gluon imports and the helpers both Hopper kernels (forward, ``codegen/hopper_bwd.py``) call
+GLUON_COMMON = '''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -60,7 +61,9 @@ def _kv_tile(ring, slot):
     """Buffer ``slot`` of a K or V ring as the [BLOCK_N, D] operand of a wgmma (a [1, 1, BLOCK_N, D] TMA box)."""
     buf = ring.index(slot)
     return buf.reshape([buf.shape[2], buf.shape[3]])
+'''
 
+GLUON_HEADER = GLUON_COMMON + '''
 
 @gluon.jit
 def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h, hk, q_lo,

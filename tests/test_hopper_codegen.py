@@ -99,3 +99,110 @@ def test_config_refuses_a_deadlocking_ring():
     hopper.HopperConfig(stages=1, pipeline=False)
     with pytest.raises(ValueError, match="consumers"):
         hopper.HopperConfig(consumers=3)
+
+
+# -- the backward (codegen/hopper_bwd.py, attndsl/runtime/hopper_bwd.py) ------------------------
+
+from attndsl.codegen import hopper_bwd as gen_bwd  # noqa: E402
+from attndsl.runtime import hopper_bwd  # noqa: E402
+
+_LENGTHS = torch.tensor([100, 77], dtype=torch.int32)
+
+
+def key_padding(b, h, q_idx, kv_idx):
+    # a mask reading a captured tensor (per-batch lengths) with a closed-form visit range
+    return kv_idx < _LENGTHS[b]
+
+
+def _bwd_cases():
+    from attndsl.patterns import alibi, alibi_slopes
+    return {"dense": (None, None), "causal": (causal, None), "window": (window, None), "softcap": (None, softcap),
+            "causal_distance_bias": (causal, distance_bias), "either": (either, None),
+            "alibi": (causal, alibi(alibi_slopes(4))), "key_padding": (key_padding, None)}
+
+
+def test_backward_supported_patterns_render():
+    for name, (mask, score) in _bwd_cases().items():
+        spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
+        assert gen_bwd.supports_backward(spec) is None, name
+        hb = hopper_bwd.HopperBackward(spec)
+        assert hb.unsupported is None and hb.spec.name != hopper.hopper_spec(spec).name  # a module of its own
+        src = gen_bwd.render(hb.spec)
+        assert src == gen_bwd.render(hb.spec), name  # pure: the cache compares texts
+        compile(src, "<hopper-bwd>", "exec")
+        for what in ("gl.warp_specialize", "warpgroup_mma", "tma.async_copy_global_to_shared", "gl.atomic_add",
+                     "mbarrier.arrive(qdo_empty"):
+            assert what in src, (name, what)
+        if mask is not None:
+            assert "s = gl.where(" in src, name
+        if score is not None:
+            assert "dsT = dsT * dmod" in src, name  # the score modifier's derivative
+        if name == "alibi":
+            assert "buf0, buf0_size0, buf0_stride0" in src
+        if spec.bwd_range.tile_check and spec.tile_full is not None:  # per-tile classification
+            assert "is_partial = is_partial & (" in src, name
+
+
+def test_backward_unsupported_patterns_are_refused_with_a_reason():
+    ids = torch.zeros(64, dtype=torch.int32)
+
+    def doc(b, h, q_idx, kv_idx):
+        return ids[q_idx] == ids[kv_idx]
+
+    temperature = torch.ones(4, requires_grad=True)
+
+    def learnable_bias(score, b, h, q_idx, kv_idx):
+        return score * temperature[h]
+
+    cases = {"sigmoid": attndsl.compile(mask_mod=causal, normalizer="sigmoid").spec,
+             "table": attndsl.compile(mask_mod=doc).spec,
+             "learnable": attndsl.compile(mask_mod=causal, score_mod=learnable_bias).spec}
+    for what, spec in cases.items():
+        why = gen_bwd.supports_backward(spec)
+        assert why, what
+        if what == "learnable":
+            assert "learnable" in why and gen.supports(spec) is None  # the forward still renders it
+        with pytest.raises(ValueError, match="does not render"):
+            gen_bwd.render(spec)
+        assert hopper_bwd.HopperBackward(spec).unsupported == why
+
+
+def test_backward_never_selected_off_sm90(monkeypatch):
+    hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
+    q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "1")
+    assert hopper_bwd.backward_enabled()
+    assert not hb.applies(q, q, q, q)  # CPU tensors
+    monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
+    monkeypatch.setenv("ATTNDSL_HOPPER", "1")
+    assert hopper_bwd.backward_enabled() is False  # its own switch wins over the forward's
+    monkeypatch.delenv("ATTNDSL_HOPPER_BWD")
+    assert hopper_bwd.backward_enabled() is True  # else it follows the forward's
+    monkeypatch.delenv("ATTNDSL_HOPPER")
+    assert hopper_bwd.backward_enabled() is None and not hopper_bwd.MEASURED_BWD_WINS  # off until measured
+
+
+def test_backward_config_checks():
+    with pytest.raises(ValueError, match="consumers"):
+        hopper_bwd.HopperBwdConfig(consumers=3)
+    with pytest.raises(ValueError, match="block_m and block_n"):
+        hopper_bwd.HopperBwdConfig(block_n=128)
+    with pytest.raises(ValueError, match="head dims 64 and 128"):
+        hopper_bwd.bwd_config_for(96)
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("name,head_dim,dq_atomic", [("dense", 128, True), ("causal", 64, True),
+                                                      ("window", 128, False), ("causal_distance_bias", 128, True),
+                                                      ("alibi", 64, True), ("key_padding", 128, True),
+                                                      ("either", 64, False)])
+def test_backward_compiles_for_sm90(name, head_dim, dq_atomic):
+    """The generated backward compiles for sm_90 (about 3-5 s each) with the warp-specialised
+    machinery and, with DQ_ATOMIC, the float32 atomic adds of dQ in its PTX."""
+    mask, score = _bwd_cases()[name]
+    spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
+    k = hopper_bwd.compile_sm90_bwd(spec, "bf16" if head_dim == 128 else "fp16", head_dim, dq_atomic=dq_atomic)
+    ptx = k.asm["ptx"]
+    for what in ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor", "mbarrier.try_wait"):
+        assert what in ptx, what
+    assert ("atom.global.gpu.relaxed.add.f32" in ptx or "red.global.add.f32" in ptx) == dq_atomic

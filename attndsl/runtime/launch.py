@@ -18,6 +18,7 @@ from .config import Configs, HeadDims, TileConfig, device_properties, forward_ti
     retry_tiles
 from .fastlaunch import Direct
 from .hopper import HopperForward
+from .hopper_bwd import HopperBackward
 # MAX_PRIVATE_PARTIALS, Extras, buffer_named and fill are also imported from here (api.py, runtime/op.py,
 # runtime/autograd.py, serving/decoding.py); their home is gradients.py and marshal.py
 from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, private_rows, reduce_to,  # noqa: F401
@@ -157,6 +158,7 @@ class Runner:
         # the Hopper (sm_90, Gluon) forward: whether the spec allows it is decided here, once
         # (``hopper.unsupported``); whether a call takes it, per call (runtime/hopper.py)
         self.hopper = None if interpret else HopperForward(spec)
+        self.hopper_bwd = None if interpret else HopperBackward(spec)  # the same for the backward (hopper_bwd.py)
 
     # -- tile policy (runtime/config.py) ---------------------------------------------------------
     def section(self, t: torch.Tensor, n_heads: int, bytes_per_head: int) -> int:
@@ -408,7 +410,10 @@ class Runner:
         own = {"Q": q, "K": k, "V": v, "DO": dout, "DK": dk, "DV": dv, "Lse": lse, "Delta": delta, "DW": dw,
                "sm_scale": scale, **xown, **bufs}
         consts = None
-        if not self._memoised(self._memo_of(dkdv, key), own):
+        # the Hopper (sm_90) backward: dK/dV, and dQ unless deterministic (then the portable dQ kernel)
+        hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
+        dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det) if hop else None
+        if not hop and not self._memoised(self._memo_of(dkdv, key), own):
             consts = {**self._consts(q.dtype), **extras.consts()}
             self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), own, self.cfg.dkdv, "dkdv",
                          table_args=self._table_args(tables, buffers, True), key=key,
@@ -419,7 +424,9 @@ class Runner:
                          **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
         own = {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "sm_scale": scale,
                **xown, **bufs, **gl_named}
-        if not self._memoised(self._memo_of(dqk, key), own):
+        if dq_hop is not None:
+            dq = dq_hop
+        elif not self._memoised(self._memo_of(dqk, key), own):
             consts = consts or {**self._consts(q.dtype), **extras.consts()}
             self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
                          table_args=self._table_args(tables, buffers, False), key=key,

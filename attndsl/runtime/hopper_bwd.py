@@ -1,0 +1,197 @@
+"""The Hopper (sm_90) backward: when it runs, its launch, and an offline compile check.
+
+The Gluon backward of ``codegen/hopper_bwd.py`` (dK/dV resident per key tile, dQ added in float32)
+replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all of these hold:
+
+* the pattern is one it renders (:func:`attndsl.codegen.hopper_bwd.supports_backward`, decided once
+  per spec and kept in :attr:`HopperBackward.unsupported`): softmax, a closed-form visit range,
+  no constant-run loops, no learnable captured tensors (masks and score mods with captured tensors
+  that get no gradient are fine; sink logits too: their gradient comes from lse and delta on the
+  host, ``runtime/gradients.py``);
+* it is enabled: ``ATTNDSL_HOPPER_BWD=1`` (or ``0``: off), else as the Hopper forward
+  (``ATTNDSL_HOPPER``, ``hopper.enable``); with neither set, only where ``MEASURED_BWD_WINS`` lists
+  the case (empty until an H100 has measured it: off by default);
+* the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
+  bfloat16, head dim 64 or 128 for q, k and v alike, q/k/v/dO whose strides a TMA descriptor takes,
+  no low-rank bias and no block tables.
+
+Deterministic runs (``deterministic=True``) take the Gluon kernel for dK/dV only; dQ then comes
+from the portable dQ kernel (one program per query tile, no atomics). Otherwise dQ is added into
+a float32 buffer with atomic adds and scaled and cast on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from ..codegen import hopper_bwd as _gen
+from .hopper import _descriptor, _sm90, _tma_strides, enabled, gluon_available, hopper_spec
+
+__all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "compile_sm90_bwd",
+           "MEASURED_BWD_WINS"]
+
+#: Where the Hopper backward was measured faster than the portable one on an H100 (same run):
+#: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Empty
+#: until ``benchmarks/hopper.py --backward`` has run on an H100.
+MEASURED_BWD_WINS: dict = {}
+
+
+def backward_enabled() -> bool | None:
+    """True, False, or None (the calls ``MEASURED_BWD_WINS`` names): ``ATTNDSL_HOPPER_BWD`` ("1"
+    on, "0" off) when set, else the Hopper forward's setting (:func:`attndsl.runtime.hopper.enabled`)."""
+    env = os.environ.get("ATTNDSL_HOPPER_BWD")
+    if env is not None:
+        return env == "1"
+    return enabled()
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperBwdConfig:
+    """Tiles of the Hopper backward: ``block_n`` keys per consumer warp group (dK and dV of them in
+    its registers), ``consumers`` groups per program, ``block_m`` queries per Q/dO tile, ``stages``
+    buffers in the Q/dO ring."""
+
+    block_m: int = 64
+    block_n: int = 64
+    stages: int = 2
+    consumers: int = 2
+
+    def __post_init__(self):
+        if self.consumers not in (1, 2):
+            raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, got {self.stages}")
+        if self.block_m != 64 or self.block_n != 64:
+            # one wgmma row block per warp group, and dQ's tile shares dK/dV's layout
+            raise ValueError(f"block_m and block_n must be 64, got {self.block_m}, {self.block_n}")
+
+
+def bwd_config_for(head_dim: int) -> HopperBwdConfig:
+    """The tiles for a head dim. Shared memory per program: the K/V tiles (consumers·2·block_n·D)
+    and the Q/dO ring (stages·2·block_m·D), two bytes each: D=128 with 2 stages takes 128 KiB of the
+    H100's 227, D=64 with 4 stages 96 KiB (plus the layout conversions' scratch)."""
+    if head_dim == 128:
+        return HopperBwdConfig(stages=2)
+    if head_dim == 64:
+        return HopperBwdConfig(stages=4)
+    raise ValueError(f"the Hopper backward supports head dims 64 and 128, got {head_dim}")
+
+
+def _measured_win(spec, q, k) -> bool:
+    key = (spec.mask is not None, spec.score is not None, q.shape[-1], q.dtype)
+    least = MEASURED_BWD_WINS.get(key)
+    return least is not None and q.shape[2] * k.shape[2] >= least
+
+
+class HopperBackward:
+    """The Hopper backward of one spec. ``unsupported``: why this pattern's backward runs on the
+    portable kernels only (None when the Hopper target renders it)."""
+
+    def __init__(self, spec):
+        self.spec = dataclasses.replace(hopper_spec(spec), name=f"{spec.name}_sm90bwd")
+        self.unsupported = _gen.supports_backward(spec)
+        self._kernel = None
+
+    def applies(self, q, k, v, dout, extras=None, tables=None, precise: bool = False) -> bool:
+        """Whether this call runs the Hopper backward (see the module docstring)."""
+        on = backward_enabled()
+        if self.unsupported is not None or on is False or precise or tables is not None:
+            return False
+        if on is None and not _measured_win(self.spec, q, k):
+            return False
+        if extras is not None and getattr(extras, "u", None) is not None:
+            return False
+        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == dout.dtype):
+            return False
+        d = q.shape[-1]
+        if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d or dout.shape[-1] != d:
+            return False
+        if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in (q, k, v, dout)):
+            return False
+        return _sm90(q.device) and gluon_available()
+
+    def kernel(self):
+        if self._kernel is None:
+            from . import cache
+            mod = cache.load(self.spec, interpret=False, render=_gen.render)
+            self._kernel = getattr(mod, _gen.kernel_name(self.spec))
+        return self._kernel
+
+    def backward(self, q, k, v, dout, lse, delta, dk, dv, scale: float, buffers=(), deterministic: bool = False,
+                 cfg: HopperBwdConfig | None = None):
+        """Fill ``dk``, ``dv`` (``[B, Hkv, Lkv, D]``, last stride 1) and return dQ (``q``'s shape and
+        dtype, contiguous), or None with ``deterministic`` (then only dK/dV are computed: the caller
+        runs the portable dQ kernel). ``lse``, ``delta``: the forward's logsumexp (natural log) and
+        rowsum(dO·O) − dlse, ``[B, Hq, Lq]`` float32 contiguous; ``buffers``: the pattern's captured
+        tensors, in slot order."""
+        from .launch import buffer_args
+        if len(buffers) != len(self.spec.buffers):
+            raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        B, Hq, Lq, D = q.shape
+        Hkv, Lkv = k.shape[1], k.shape[2]
+        cfg = cfg or bwd_config_for(D)
+        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        descs = [_descriptor(TensorDescriptor, gl, t, rows, el)
+                 for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
+        lse, delta = lse.contiguous(), delta.contiguous()
+        dq_acc = q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if not deterministic else lse
+        rows = cfg.block_n * cfg.consumers
+        grid = ((Lkv + rows - 1) // rows, B * Hkv)
+        self.kernel()[grid](*descs, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
+                            dv.stride(0), dv.stride(1), dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv, float(scale),
+                            *buffer_args(buffers), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
+                            STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, num_warps=4)
+        if deterministic:
+            return None
+        return (dq_acc * scale).to(q.dtype)
+
+
+def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperBwdConfig | None = None,
+                     dq_atomic: bool = True):
+    """Compile ``spec``'s Hopper backward for sm_90 with no GPU present (Triton's NVIDIA backend and
+    its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``, ``.n_regs``, ``.n_spills``...).
+    Raises whatever the compiler raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from . import cache
+    cfg = cfg or bwd_config_for(head_dim)
+    hb = HopperBackward(spec)
+    if hb.unsupported is not None:
+        raise ValueError(f"the Hopper target does not render this pattern's backward: {hb.unsupported}")
+    mod = cache.load(hb.spec, interpret=False, render=_gen.render)
+    fn = getattr(mod, _gen.kernel_name(hb.spec))
+    el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    base = torch.empty(1, 1, 16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
+
+    def desc(rows):
+        return mangle_type(_descriptor(TensorDescriptor, gl, base, rows, el))
+
+    sig = {}
+    for p in _gen.signature(hb.spec):
+        if p.kind == "constexpr":
+            sig[p.name] = "constexpr"
+        elif p.name in ("q_desc", "do_desc"):
+            sig[p.name] = desc(cfg.block_m)
+        elif p.name in ("k_desc", "v_desc"):
+            sig[p.name] = desc(cfg.block_n)
+        elif p.name in ("DK", "DV"):
+            sig[p.name] = "*" + dtype
+        elif p.kind == "tensor":
+            sig[p.name] = "*fp32"
+        elif p.kind == "float":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
+                  CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
+    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4))

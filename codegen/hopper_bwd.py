@@ -1,0 +1,353 @@
+"""The Hopper (sm_90) backward: FlashAttention-3's shape in Gluon, rendered from the same KernelSpec
+as the portable dK/dV and dQ kernels (``codegen/kernels.py``).
+
+One program owns ``CONSUMERS`` key tiles of ``BLOCK_N`` rows of one (batch, kv head) and splits
+into partitions (``gl.warp_specialize``), as the forward (``codegen/hopper.py``) does with its
+query tiles:
+
+* a producer warp (``_hopper_bwd_load``) brings the program's K and V tiles once, then Q and dO
+  of every query tile the spec's dK/dV visit plan (``spec.bwd_range``, ``codegen/plan.py``) names,
+  for every query head of the kv head's group (GQA), into a ring of ``STAGES`` shared-memory
+  buffers through TMA, guarded by mbarriers ``q_ready``/``do_ready`` (the bytes arrived) and
+  ``qdo_empty`` (every consumer is done with the buffer);
+* ``CONSUMERS`` consumer warp groups (``{name}_bwd_sm90_consumer``), each keeping the dK and dV of
+  its own ``BLOCK_N`` keys in registers (wgmma accumulators) over the shared Q/dO stream. Per query
+  tile, transposed as the portable dK/dV kernel is (keys on the rows):
+  ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` (both in flight together), ``Pᵀ = exp2(sᵀ − lse)`` from the
+  forward's logsumexp, ``dV += Pᵀ·dO``, ``dSᵀ = Pᵀ∘(dPᵀ − delta)`` times ∂score_mod/∂score,
+  ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32) added into a float32
+  buffer with atomic adds (scaled and cast once at the end, on the host). Without it (the
+  deterministic option) the runtime runs the portable dQ kernel, one program per query tile.
+
+What depends on the pattern comes from the spec: the visit plan (full tiles first, with no mask
+code, then the partial ones; a per-tile classification where the plan has one), the mask on
+partial tiles, the score modifier, its derivative and their captured-tensor loads (``codegen/expr.py``,
+at the loop level of their inputs). The plan is the program's (its ``CONSUMERS * BLOCK_N`` keys):
+a query tile full for all of them is full for each consumer's, and one that a consumer's keys do
+not see is masked whole there.
+
+:func:`supports_backward` says which specs this target renders (decided once per spec); every
+other spec runs the portable backward.
+"""
+from __future__ import annotations
+
+from attndsl import ir
+from attndsl.passes.lower import _buffers
+from attndsl.spec import KernelSpec, Param, VisitRange
+
+from .attention import score_unit, scores_of
+from .expr import ExprEmitter
+from .hopper import GLUON_COMMON, HOPPER_VERSION, _buffer_names, supports
+from .plan import _plan_lines
+from .prelude import module_header
+from .writer import Writer
+
+#: Bump when the generated Hopper backward changes meaning (part of the module's cache key).
+HOPPER_BWD_VERSION = 1
+
+LOADER = '''
+
+@gluon.jit
+def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready,
+                     qdo_empty, b, hk, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """The producer warp: the program's K and V tiles once, then Q and dO of each visited query
+    tile (every query head of the group) into the ring. 4-D descriptors over [B, H, L, D]: rows
+    past a head's length read as zeros. The captured tensors, for a visit plan that reads them."""
+    mbarrier.expect(kv_bar, CONSUMERS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for c in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(k_desc, [b, hk, kv_lo + c * BLOCK_N, 0], kv_bar, k_smem.index(c))
+        tma.async_copy_global_to_shared(v_desc, [b, hk, kv_lo + c * BLOCK_N, 0], kv_bar, v_smem.index(c))
+    q_max = LQ - 1
+    kv_max = LKV - 1
+{plan0}
+    cnt = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+{plan1}
+        for it in range(0, n_tiles):
+            tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
+            slot = cnt % STAGES
+            # a fresh barrier counts as having completed the phase before its first: the first
+            # pass over the ring does not wait
+            mbarrier.wait(qdo_empty.index(slot), ((cnt // STAGES) & 1) ^ 1)
+            row = tile * BLOCK_M
+            mbarrier.expect(q_ready.index(slot), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, row, 0], q_ready.index(slot), q_smem.index(slot))
+            mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(do_desc, [b, h, row, 0], do_ready.index(slot), do_smem.index(slot))
+            cnt += 1
+'''
+
+
+def supports_backward(spec: KernelSpec) -> str | None:
+    """None when this target renders ``spec``'s backward; else why not (the runtime records it and
+    runs the portable backward). Decided from the spec alone."""
+    why = supports(spec)
+    if why is not None:
+        return why
+    if not isinstance(spec.bwd_range, VisitRange):
+        return "layout (box) visit plan of the dK/dV kernel"
+    if spec.lowering.bwd_runs:
+        return "constant-run loops in the dK/dV kernel"
+    if spec.grad_loads:
+        return "learnable captured tensors (their gradients come from the portable dQ kernel)"
+    return None
+
+
+def kernel_name(spec: KernelSpec) -> str:
+    return f"{spec.name}_bwd"
+
+
+def signature(spec: KernelSpec) -> tuple:
+    """The Hopper backward's parameters, in order (the runtime fills them by name)."""
+    t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "do_desc", "DK", "DV", "DQ", "Lse", "Delta")]
+    i = [Param(n, "int") for n in ("stride_dkb", "stride_dkh", "stride_dkn", "stride_dvb", "stride_dvh", "stride_dvn",
+                                   "HQ", "HKV", "GROUP", "LQ", "LKV")]
+    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC")]
+    return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + c)
+
+
+def _env() -> dict:
+    """Names of the index variables (the portable dK/dV kernel's stages: keys per program, the head
+    per group member, queries per tile). ``kv_lo``/``kv_hi`` are the program's keys (the plan's)."""
+    return {"b": ("b", 0), "kv": ("kv_idx", 0), "kv_lo": ("kv_lo", 0), "kv_hi": ("kv_hi", 0),
+            "kv_max": ("kv_max", 0), "q_max": ("q_max", 0), "h": ("h", 1),
+            "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2)}
+
+
+def _plan(spec: KernelSpec) -> tuple[str, str]:
+    """(per program, per query head) code of the dK/dV visit plan, for the producer and the
+    consumers alike (each computes it: the counts are scalars)."""
+    em = ExprEmitter(_env(), 3, prefix="w")
+    lines = _plan_lines(em, spec.bwd_range, 1, "BLOCK_M", "q_max", False)
+    return em.take(0, ""), em.take(1, "") + "".join(ln + "\n" for ln in lines)
+
+
+def _indent(text: str, ind: str) -> str:
+    return "".join(ind + ln + "\n" for ln in text.splitlines())
+
+
+def _tile_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str, str]:
+    """(classification, scores, mask body, keep) of one query tile, emitted at stage 2 with no
+    indentation: ``s`` (scores in log2 units) and ``dmod`` (∂score_mod/∂score) from ``qkT``."""
+    cls = ""
+    if spec.bwd_range.tile_check and spec.tile_full is not None:
+        # a tile the plan counts partial may be full for these keys; one straddling the end of the
+        # queries never is (its padding rows must be masked)
+        full = em.emit(spec.tile_full, 2)
+        cls = em.take(2, "") + f"is_partial = is_partial & (({full} == 0) | (q_lo + BLOCK_M > LQ))\n"
+    unit = score_unit(spec.normalizer)
+    if spec.score is None:
+        score = f"s = qkT * (sm_scale * {unit})\n"
+    else:
+        code = em.emit(spec.score, 2)
+        fv = ir.free_vars(spec.score)
+        full = ir.SCORE in fv or {"q", "kv"} <= fv
+        # Gluon creates tensors with a layout: gl.zeros_like, not tl.zeros_like (attention.scores_of)
+        s = scores_of(spec, code, "qkT") if full else f"{code} * {unit} + gl.zeros_like(qkT)"
+        dmod = em.emit(spec.dscore, 2)
+        # ``score`` (the env's name of the score variable) is bound before the score_mod's code
+        score = "score = qkT * sm_scale\n" + em.take(2, "") + f"s = {s}\ndmod = {dmod}\n"
+    mask_body, keep = "", "(q_idx < LQ) & (kv_idx < LKV)"
+    if spec.mask is not None:
+        m, mask_body = em.branch(2, "", lambda: em.emit(spec.mask, 2))
+        keep = f"({m}) & {keep}"
+    return cls, score, mask_body, keep
+
+
+def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
+    """One consumer warp group: dK/dV of ``BLOCK_N`` keys (rows ``kv0..``) over the Q/dO ring."""
+    em = ExprEmitter(_env(), 3, prefix="v")
+    cls, score, mask_body, keep = _tile_code(spec, em)
+    name = kernel_name(spec)
+    w.code(f"""
+    @gluon.jit
+    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, qdo_empty, DK, DV, DQ, Lse, Delta,
+                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, kv_lo, kv_hi, kv0,
+                 HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                 DQ_ATOMIC: gl.constexpr):
+        \"\"\"dK and dV of keys kv0..kv0+BLOCK_N (one warp group), and each visited query tile's dQ.\"\"\"
+        # the transposed score tile [BLOCK_N keys, BLOCK_M queries], the [64, HEAD_D] accumulators
+        # (dK, dV and a tile's dQ: BLOCK_M == BLOCK_N) and their A operands from registers
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+        a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        q_max = LQ - 1
+        kv_max = LKV - 1
+        offs_n = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+        kv_idx = gl.expand_dims(offs_n, 1)
+        offs_m0 = gl.arange(0, BLOCK_M, layout=col_layout)
+        k_tile = k_smem.reshape([BLOCK_N, HEAD_D])  # this group's [1, 1, BLOCK_N, D] TMA boxes
+        v_tile = v_smem.reshape([BLOCK_N, HEAD_D])
+        dtype: gl.constexpr = k_smem.dtype
+        # keys past LKV (zeros from TMA) add nothing to dQ whatever their score
+        kv_pad = kv0 + BLOCK_N > LKV
+        dq_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
+        dq_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, a_layout))
+        dq_offs = gl.expand_dims(dq_m0 * HEAD_D, 1) + gl.expand_dims(dq_d, 0)
+    """)
+    with w.indented():
+        w.emitted(_indent(plan0, w.ind))
+        w.emitted(em.take(0, w.ind))
+        w.code("""
+        dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
+        s0 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+        dq0 = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=a_layout)
+        mbarrier.wait(kv_bar, 0)
+        cnt = 0
+        """)
+        with w.block("for g in range(0, GROUP):"):
+            w.code("""
+            h = hk * GROUP + g
+            bh = (b * HQ + h).to(gl.int64)
+            """)
+            w.emitted(_indent(plan1, w.ind))
+            w.emitted(em.take(1, w.ind))
+            with w.block("for it in range(0, n_tiles):"):
+                w.code("""
+                slot = cnt % STAGES
+                phase = (cnt // STAGES) & 1
+                is_partial = it >= n_full
+                tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
+                q_lo = tile * BLOCK_M
+                q_hi = q_lo + BLOCK_M - 1
+                offs_m = q_lo + offs_m0
+                q_idx = gl.expand_dims(offs_m, 0)
+                """)
+                w.emitted(_indent(cls, w.ind))
+                w.code("""
+                # the forward's statistics, in log2 units (a dead row's -inf as 0: its P is 0)
+                lse = gl.load(Lse + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+                lse = gl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+                delta = gl.load(Delta + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+                q_tile = _kv_tile(q_smem, slot)
+                do_tile = _kv_tile(do_smem, slot)
+                mbarrier.wait(q_ready.index(slot), phase)
+                qkT = warpgroup_mma(k_tile, q_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(slot), phase)
+                dpT = warpgroup_mma(v_tile, do_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
+                # wgmma groups complete in order: one pending means Sᵀ is done, dPᵀ may not be
+                qkT = warpgroup_mma_wait(num_outstanding=1, deps=(qkT, ))
+                """)
+                w.emitted(_indent(score, w.ind))
+                with w.block("if is_partial:"):
+                    w.emitted(_indent(mask_body, w.ind))
+                    w.line(f's = gl.where({keep}, s, float("-inf"))')
+                w.code("""
+                pT = gl.exp2(s - gl.expand_dims(lse, 0))
+                dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), op_layout), do_tile, dv, is_async=True)
+                dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
+                dsT = pT * (dpT - gl.expand_dims(delta, 0))
+                """)
+                if spec.score is not None:
+                    w.line("dsT = dsT * dmod")
+                w.code("""
+                if kv_pad:
+                    dsT = gl.where(kv_idx < LKV, dsT, 0.0)
+                ds16 = dsT.to(dtype)
+                dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
+                if DQ_ATOMIC:
+                    # dQ = dS·K: dS from registers (the transposed tile through the layout
+                    # conversion's shared-memory round trip), added in float32
+                    dq = warpgroup_mma(gl.convert_layout(gl.permute(ds16, (1, 0)), op_layout), k_tile, dq0,
+                                       use_acc=False, is_async=True)
+                    dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+                    mbarrier.arrive(qdo_empty.index(slot), count=1)
+                    gl.atomic_add(DQ + (bh * LQ + q_lo) * HEAD_D + dq_offs, dq,
+                                  mask=gl.expand_dims(q_lo + dq_m0 < LQ, 1), sem="relaxed")
+                else:
+                    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+                    mbarrier.arrive(qdo_empty.index(slot), count=1)
+                cnt += 1
+                """)
+        w.code("""
+        om = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
+        od = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, a_layout))
+        ok = gl.expand_dims(om < LKV, 1)
+        rows = gl.expand_dims(om.to(gl.int64), 1)
+        dk_ptrs = DK + b.to(gl.int64) * stride_dkb + hk.to(gl.int64) * stride_dkh + rows * stride_dkn + gl.expand_dims(od, 0)
+        gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
+        dv_ptrs = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh + rows * stride_dvn + gl.expand_dims(od, 0)
+        gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+        """)
+
+
+def _kernel(spec: KernelSpec, w: Writer) -> None:
+    """The entry: the program's keys, shared memory, barriers, partitions."""
+    params = signature(spec)
+    runtime = ", ".join(p.name for p in params if p.kind != "constexpr")
+    consts = ", ".join(f"{p.name}: gl.constexpr" for p in params if p.kind == "constexpr")
+    name = kernel_name(spec)
+    w.code(f'''
+    @gluon.jit
+    def {name}({runtime},
+            {consts}):
+        """dK/dV (and dQ with DQ_ATOMIC), warp-specialised for Hopper: one program per CONSUMERS key tiles of one (batch, kv head)."""
+        pid_n = gl.program_id(0)  # the first key tiles see the most queries under a causal mask
+        pid_bh = gl.program_id(1)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+        kv_lo = pid_n * (BLOCK_N * CONSUMERS)
+        kv_hi = gl.minimum(kv_lo + BLOCK_N * CONSUMERS, LKV) - 1
+        dtype: gl.constexpr = q_desc.dtype
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(qdo_empty.index(i), count=CONSUMERS)
+    ''')
+    with w.indented():
+        bufs = _buffer_names(spec)
+        common = ("q_smem, do_smem, k_smem.index({c}), v_smem.index({c}), kv_bar, q_ready, do_ready, qdo_empty, DK, DV, "
+                  "DQ, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, kv_lo, "
+                  "kv_hi, kv_lo + {c} * BLOCK_N, HQ, GROUP, LQ, LKV, sm_scale, ")
+        consumer = [f"({name}_consumer, ({common.format(c=c)}{bufs}BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_ATOMIC))"
+                    for c in range(2)]
+        load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, "
+                f"do_ready, qdo_empty, b, hk, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
+                "CONSUMERS))")
+        # the default partition (this program's warps) is the first consumer group; the second
+        # group and the producer warp are workers, their registers set by setmaxnreg
+        with w.block("if CONSUMERS == 2:"):
+            w.line(f"gl.warp_specialize([{consumer[0]},")
+            w.line(f"                    {consumer[1]},")
+            w.line(f"                    {load}], [4, 1], [CONSUMER_REGS, LOADER_REGS])")
+        with w.block("else:"):
+            w.line(f"gl.warp_specialize([{consumer[0]},")
+            w.line(f"                    {load}], [1], [LOADER_REGS])")
+
+
+def render(spec: KernelSpec) -> str:
+    """The Gluon module of ``spec``'s Hopper backward (call only where :func:`supports_backward` is None)."""
+    why = supports_backward(spec)
+    if why is not None:
+        raise ValueError(f"the Hopper target does not render this pattern's backward: {why}")
+    plan0, plan1 = _plan(spec)
+    w = Writer()
+    w.code(GLUON_COMMON)
+    w.emitted(LOADER.replace("{plan0}", _indent(plan0, "    ").rstrip("\n"))
+              .replace("{plan1}", _indent(plan1, "        ").rstrip("\n")).replace("{bufs}", _buffer_names(spec)))
+    w.line()
+    w.line("#: registers per thread of a worker consumer warp group and of the producer warp (setmaxnreg)")
+    w.line("CONSUMER_REGS = gl.constexpr(240)")
+    w.line("LOADER_REGS = gl.constexpr(24)")
+    w.line()
+    w.line()
+    _consumer(spec, w, plan0, plan1)
+    w.line()
+    w.line()
+    _kernel(spec, w)
+    return module_header(spec, f"hopper{HOPPER_VERSION}-bwd{HOPPER_BWD_VERSION}", spec.key,
+                         "  (dense, no modifiers)") + w.text()
