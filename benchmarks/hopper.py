@@ -1,7 +1,7 @@
 """The Hopper (Gluon, warp-specialised) forward against our Triton forward, SDPA (cuDNN) and
 FlexAttention, on an H100.
 
-    python -m benchmarks.hopper [--quick] [--sweep] [--json PATH]
+    python -m benchmarks.hopper [--quick] [--sweep] [--backward] [--json PATH]
 
 Cases: B=1, H=16, D=128, bf16, L in {4096, 16384} (``--quick``: 4096 only), dense and causal.
 Per case, forward only: ``attndsl`` Hopper forward (``HopperForward.forward``), ``attndsl``
@@ -13,6 +13,11 @@ error under 2e-2). Timings: ``triton.testing.do_bench`` (median ms); TFLOP/s cou
 4·B·H·Lq·Lkv·D for the forward (half that under a causal mask), 3.5× that for forward+backward
 (the backward counted as 2.5 forwards).
 ``--sweep``: the Hopper forward's tiles (consumers, stages, block_n) on each case.
+``--backward``: instead, the Hopper backward (``codegen/hopper_bwd.py``) on the same cases: the
+backward alone (``torch.autograd.grad`` of one forward's output, delta included) and
+forward+backward, for the runtime with the Hopper backward (atomic and deterministic dQ, after the
+portable and after the Hopper forward), the portable backward, and SDPA (cuDNN, FlashAttention).
+Every variant's gradients are first checked against SDPA's (max relative error under 2e-2).
 Each case runs in its own try/except and prints its full traceback on failure; rows are written to
 ``$OUT/hopper.json`` (or ``--json``) after every case.
 """
@@ -66,11 +71,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="L=4096 only, shorter timing")
     ap.add_argument("--sweep", action="store_true", help="also time the Hopper forward's tile configurations")
+    ap.add_argument("--backward", action="store_true", help="time the Hopper backward instead of the forward")
     ap.add_argument("--json", default=None, help="where to write the rows (default $OUT/hopper.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.hopper needs a CUDA device")
         return 1
+    if args.backward:
+        return backward_main(args)
     import attndsl
     from attndsl.runtime import hopper
     out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper.json" if os.environ.get("OUT") else None)
@@ -183,6 +191,83 @@ def main(argv=None) -> int:
                 finally:
                     hopper.enable(None)
             del q, k, v, qg, kg, vg
+            torch.cuda.empty_cache()
+    return 0
+
+
+def backward_main(args) -> int:
+    """The ``--backward`` rows (see the module docstring)."""
+    import attndsl
+    from attndsl.runtime import hopper, hopper_bwd
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper_bwd.json" if os.environ.get("OUT") else None)
+    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}, gluon ready: {hopper.gluon_available()}", flush=True)
+    rows: list = []
+    smoke = hopper_bwd.smoke_test()
+    bwd_ok = smoke is None
+    if not bwd_ok:
+        print(f"Hopper backward smoke test FAILED, its rows are skipped:\n{smoke}", flush=True)
+    fwd_ok = hopper.smoke_test() is None if bwd_ok else False
+    lengths = [4096] if args.quick else [4096, 16384]
+    for L in lengths:
+        for is_causal in (False, True):
+            case = f"{'causal' if is_causal else 'dense'} L={L}"
+            torch.manual_seed(0)
+            q, k, v, dout = (torch.randn(B, H, L, D, device="cuda", dtype=DTYPE) for _ in range(4))
+            scale = 1.0 / math.sqrt(D)
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            want = None
+
+            def timed(name, forward, bwd_only_too=True):
+                """Check ``forward``'s gradients against SDPA's, then time forward+backward and
+                (``bwd_only_too``) the backward alone."""
+                try:
+                    o = forward()
+                    got = torch.autograd.grad(o, leaves, dout)
+                    err = max(rel(g, w) for g, w in zip(got, want)) if want is not None else float("nan")
+                    if want is not None and not err <= TOL:
+                        row(rows, out_path, case=case, impl=name, ms=None, note=f"WRONG: grad rel err {err:.3g} vs SDPA")
+                        return
+                    if bwd_only_too:
+                        ms = bench(lambda: torch.autograd.grad(o, leaves, dout, retain_graph=True), args.quick)
+                        row(rows, out_path, case=case, impl=name + ", bwd only", ms=ms,
+                            tflops=tflops(L, is_causal, ms) * 2.5, err=err)
+                    ms = bench(lambda: torch.autograd.grad(forward(), leaves, dout), args.quick)
+                    row(rows, out_path, case=case, impl=name + ", fwd+bwd", ms=ms, tflops=tflops(L, is_causal, ms, bwd=True),
+                        err=err)
+                except Exception:
+                    traceback.print_exc()
+                    row(rows, out_path, case=case, impl=name, ms=None, note="failed")
+
+            for name, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        o = sdpa(*leaves, is_causal=is_causal, scale=scale)
+                        got = torch.autograd.grad(o, leaves, dout)
+                        want = got if want is None else want
+                        timed(name, lambda: sdpa(*leaves, is_causal=is_causal, scale=scale))
+                except Exception:
+                    traceback.print_exc()
+                    row(rows, out_path, case=case, impl=name, ms=None, note="failed")
+            mask = causal if is_causal else None
+            variants = [("attndsl Triton fwd + Triton bwd", False, "0", False)]
+            if bwd_ok:
+                variants += [("attndsl Triton fwd + Hopper bwd", False, "1", False),
+                             ("attndsl Triton fwd + Hopper bwd (det.)", False, "1", True)]
+                if fwd_ok:
+                    variants += [("attndsl Hopper fwd + Hopper bwd", True, "1", False)]
+            for name, fwd_on, bwd_env, det in variants:
+                comp = attndsl.compile(mask_mod=mask, deterministic=det)
+                os.environ["ATTNDSL_HOPPER_BWD"] = bwd_env
+                hopper.enable(fwd_on)
+                try:
+                    timed(name, lambda: comp(*leaves, scale=scale))
+                finally:
+                    hopper.enable(None)
+                    del os.environ["ATTNDSL_HOPPER_BWD"]
+            del q, k, v, dout, leaves, want
             torch.cuda.empty_cache()
     return 0
 

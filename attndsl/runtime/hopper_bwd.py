@@ -30,7 +30,7 @@ from ..codegen import hopper_bwd as _gen
 from .hopper import _descriptor, _sm90, _tma_strides, enabled, gluon_available, hopper_spec
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "compile_sm90_bwd",
-           "MEASURED_BWD_WINS"]
+           "smoke_test", "MEASURED_BWD_WINS"]
 
 #: Where the Hopper backward was measured faster than the portable one on an H100 (same run):
 #: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Empty
@@ -195,3 +195,53 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
                   CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
     return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))
+
+
+_SMOKE = r"""
+import math, sys, torch
+import attndsl
+from attndsl.runtime import hopper_bwd
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+for d in (128, 64):
+    for mask in (None, causal):
+        for det in (False, True):
+            comp = attndsl.compile(mask_mod=mask)
+            q, k, v, do = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            out = torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=mask is not None)
+            out.backward(do.float())
+            o, lse = comp(q, k, v, return_lse=True)
+            delta = (o.float() * do.float()).sum(-1)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dq = hopper_bwd.HopperBackward(comp.spec).backward(q, k, v, do, lse, delta, dk, dv, 1 / math.sqrt(d),
+                                                             deterministic=det)
+            torch.cuda.synchronize()
+            for name, got, want in (("dq", dq, ref[0].grad), ("dk", dk, ref[1].grad), ("dv", dv, ref[2].grad)):
+                if got is None:
+                    continue
+                err = float((got.float() - want).abs().max()) / float(want.abs().max())
+                if not err < 3e-2:
+                    sys.exit(f"D={d} mask={mask is not None} deterministic={det}: {name} relative error {err:.3g}")
+print("ok")
+"""
+
+
+def smoke_test(timeout: float = 300) -> str | None:
+    """Run small Hopper backwards (D 64 and 128, dense and causal, atomic and deterministic dQ) in
+    a child process with a time limit and compare them with float32 SDPA's gradients. Returns None
+    when they pass, else what went wrong (an error, a wrong result, or a hang: the child is killed,
+    so a deadlocked kernel cannot stall the caller)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [os.environ.get("PYTHONPATH", "")])
+    try:
+        p = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "ATTNDSL_HOPPER": "0", "ATTNDSL_HOPPER_BWD": "0",
+                                "PYTHONPATH": path.rstrip(os.pathsep)})
+    except subprocess.TimeoutExpired:
+        return f"the Hopper backward did not finish within {timeout:.0f} s (a deadlock?)"
+    if p.returncode != 0 or "ok" not in p.stdout:
+        return f"the Hopper backward smoke test failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}"
+    return None

@@ -1,0 +1,248 @@
+"""The Hopper (sm_90, Gluon) backward on an H100: dQ/dK/dV against the portable Triton backward and
+the float64 oracle, with hypothesis-drawn shapes (Lq != Lkv, lengths that are not multiples of the
+tiles, GQA), dQ by atomic adds and deterministic (portable dQ kernel), through the runtime
+(``Runner.backward`` picks it with ``ATTNDSL_HOPPER_BWD=1``) and called directly.
+
+Skipped without a compute capability 9.0 device or without Triton 3.6's Gluon.
+Run: ``python -m pytest -q -m gpu tests/test_gpu_hopper_bwd.py``.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import attndsl
+import attndsl.reference
+from attndsl.patterns import alibi, alibi_slopes, causal, chunked, prefix_lm, sliding_window, softcap
+from attndsl.runtime import hopper, hopper_bwd
+
+
+def _sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.gluon_available()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Triton 3.6's Gluon")]
+
+DEV = "cuda"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hopper_bwd_runs():
+    """A child process runs small Hopper backwards first, with a time limit: a kernel that hangs or
+    is wrong fails this file at once instead of stalling the GPU run."""
+    err = hopper_bwd.smoke_test()
+    if err is not None:
+        pytest.fail(err, pytrace=False)
+
+
+# max |got - want| / max |want| of the gradients against float64, as tests/test_gpu.py's TOL
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+_LENGTHS = torch.tensor([611, 403], dtype=torch.int32, device=DEV) if torch.cuda.is_available() else None
+
+
+def key_padding(b, h, q_idx, kv_idx):
+    # a mask reading a captured tensor (per-batch key lengths), closed-form visit range
+    return kv_idx < _LENGTHS[b]
+
+
+def alibi_like(score, b, h, q_idx, kv_idx):
+    return score + torch.exp2(-(h + 1.0)) * (kv_idx - q_idx)
+
+
+def band_or_global(b, h, q_idx, kv_idx):
+    return ((q_idx - kv_idx).abs() <= 100) | (kv_idx < 16)
+
+
+PATTERNS = {
+    "dense": (None, None),
+    "causal": (causal, None),
+    "sliding_window": (sliding_window(257), None),
+    "softcap": (None, softcap(30.0)),
+    "causal_softcap": (causal, softcap(20.0)),
+    "alibi_like_causal": (causal, alibi_like),
+    "alibi": (causal, alibi(alibi_slopes(8, device=DEV))) if torch.cuda.is_available() else (causal, None),
+    "prefix_lm": (prefix_lm(150), None),
+    "chunked": (chunked(256), None),
+    "band_or_global": (band_or_global, None),
+    "key_padding": (key_padding, None),
+}
+_COMPILED: dict = {}
+
+
+def compiled(name):
+    if name not in _COMPILED:
+        mask, score = PATTERNS[name]
+        _COMPILED[name] = attndsl.compile(mask_mod=mask, score_mod=score)
+    return _COMPILED[name]
+
+
+def rel(got, want):
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
+
+
+def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, device=DEV, dtype=dtype, generator=g)
+    k = torch.randn(B, Hkv, Lkv, D, device=DEV, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, Lkv, D, device=DEV, dtype=dtype, generator=g)
+    do = torch.randn(B, Hq, Lq, D, device=DEV, dtype=dtype, generator=g)
+    return q, k, v, do
+
+
+def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False):
+    """(dq, dk, dv, Hopper backward calls) through the runtime, the forward portable."""
+    calls = []
+    orig = hopper_bwd.HopperBackward.backward
+
+    def spy(self, *a, **kw):
+        calls.append(1)
+        return orig(self, *a, **kw)
+
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNDSL_HOPPER_BWD", "1" if hopper_bwd_on else "0")
+    mp.setattr(hopper_bwd.HopperBackward, "backward", spy)
+    hopper.enable(False)
+    try:
+        runner_comp = attndsl.compile(mask_mod=comp[0], score_mod=comp[1], deterministic=deterministic)
+        out = runner_comp(q, k, v)
+        out.backward(do)
+        torch.cuda.synchronize()
+    finally:
+        hopper.enable(None)
+        mp.undo()
+    return q.grad, k.grad, v.grad, len(calls)
+
+
+def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, deterministic=False):
+    mask, score = PATTERNS[name]
+    assert hopper_bwd.HopperBackward(compiled(name).spec).unsupported is None
+    q, k, v, do = inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed)
+    got = grads((mask, score), q, k, v, do, True, deterministic)
+    assert got[3] == 1, "the runtime did not pick the Hopper backward on this sm_90 call"
+    tri = grads((mask, score), q, k, v, do, False)
+    assert tri[3] == 0
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, score_mod=score, scale=1 / math.sqrt(D))
+    ref.backward(do.double())
+    ctx = f"{name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype} deterministic={deterministic}"
+    for i, (n, want) in enumerate((("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad))):
+        g = got[i]
+        assert g.shape == want.shape and g.dtype == dtype, (n, ctx)
+        assert not g.isnan().any(), f"{n} has NaN ({ctx})"
+        assert rel(g, want) <= TOL[dtype], f"{n} vs float64: {rel(g, want):.3g} ({ctx})"
+        # no worse than the portable backward, within rounding of the output dtype
+        assert rel(g, tri[i]) <= 2 * TOL[dtype], f"{n} vs Triton: {rel(g, tri[i]):.3g} ({ctx})"
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("D", [64, 128])
+def test_fixed_shapes(name, D):
+    check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["dense", "causal", "causal_softcap", "key_padding"])
+def test_deterministic(name):
+    """dK/dV from the Hopper kernel, dQ from the portable dQ kernel: two runs give equal bits."""
+    check(name, 1, 4, 1, 700, 900, 128, torch.float16, deterministic=True)
+    mask, score = PATTERNS[name]
+    q, k, v, do = inputs(1, 4, 1, 700, 900, 128, torch.float16, 5)
+    a = grads((mask, score), q, k, v, do, True, True)
+    b = grads((mask, score), q, k, v, do, True, True)
+    for x, y in zip(a[:3], b[:3]):
+        assert torch.equal(x, y)
+
+
+def test_sinks_and_lse_gradient():
+    """Sink logits (their gradient from lse and delta on the host) and an lse gradient (delta
+    shifted) with the Hopper backward."""
+    mask, _ = PATTERNS["sliding_window"]
+    q, k, v, do = inputs(1, 4, 4, 700, 650, 128, torch.bfloat16, 3)
+    sinks = torch.randn(4, device=DEV, dtype=torch.float32) * 2
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNDSL_HOPPER_BWD", "1")
+    try:
+        comp = attndsl.compile(mask_mod=mask)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        s = sinks.clone().requires_grad_()
+        o, lse = comp(qq, kk, vv, sinks=s, return_lse=True)
+        dlse = torch.randn_like(lse)
+        torch.autograd.backward((o, lse), (do, dlse))
+    finally:
+        mp.undo()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s64 = sinks.double().requires_grad_()
+    r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, sinks=s64)
+    torch.autograd.backward((r, rl), (do.double(), dlse.double()))
+    for n, got, want in (("dq", qq.grad, q64.grad), ("dk", kk.grad, k64.grad), ("dv", vv.grad, v64.grad),
+                         ("dsinks", s.grad, s64.grad)):
+        assert rel(got, want) <= 2e-2, n
+
+
+def test_strided_views():
+    """q/k/v and dO stored [B, L, H, D], read through 4-D descriptors; GQA 4:1."""
+    B, L, Lkv = 2, 333, 517
+    q = torch.randn(B, L, 8, 128, device=DEV, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(B, Lkv, 2, 128, device=DEV, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    do = torch.randn(B, L, 8, 128, device=DEV, dtype=torch.bfloat16).transpose(1, 2)
+    got = grads((causal, None), q, k, v, do, True)
+    assert got[3] == 1
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal)
+    ref.backward(do.double())
+    for g, want in zip(got[:3], (q64.grad, k64.grad, v64.grad)):
+        assert rel(g, want) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("consumers,stages", [(1, 1), (1, 3), (2, 1), (2, 3)])
+def test_other_tiles(consumers, stages):
+    """One or two consumer groups, ring depths, called directly (dense and causal inputs)."""
+    for name in ("dense", "causal"):
+        comp = compiled(name)
+        mask, _ = PATTERNS[name]
+        q, k, v, do = inputs(1, 2, 1, 900, 1100, 128, torch.float16, 7)
+        hopper.enable(False)
+        try:
+            o, lse = comp(q, k, v, return_lse=True)
+        finally:
+            hopper.enable(None)
+        delta = (o.float() * do.float()).sum(-1)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        cfg = hopper_bwd.HopperBwdConfig(consumers=consumers, stages=stages)
+        dq = hopper_bwd.HopperBackward(comp.spec).backward(q, k, v, do, lse, delta, dk, dv, 1 / math.sqrt(128), cfg=cfg)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=mask)
+        ref.backward(do.double())
+        for n, g, want in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+            assert rel(g, want) <= TOL[torch.float16], (name, n, rel(g, want))
+
+
+def test_falls_back_where_unsupported():
+    """Head dims other than 64/128, float32 and TMA-unreadable inputs run the portable backward."""
+    hb = hopper_bwd.HopperBackward(compiled("causal").spec)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNDSL_HOPPER_BWD", "1")
+    try:
+        q, k, v, do = inputs(1, 2, 2, 256, 256, 128, torch.bfloat16, 2)
+        assert hb.applies(q, k, v, do)
+        q96, k96, v96, do96 = inputs(1, 2, 2, 256, 256, 96, torch.bfloat16, 2)
+        assert not hb.applies(q96, k96, v96, do96)
+        assert not hb.applies(q.float(), k.float(), v.float(), do.float())
+        wide = torch.zeros(1, 2, 256, 129, device=DEV, dtype=torch.bfloat16)[..., 1:]
+        assert not hb.applies(wide, k, v, do)
+        got = grads((causal, None), q96, k96, v96, do96, True)
+        assert got[3] == 0 and got[0].shape == q96.shape
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(B=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), Hkv=st.integers(1, 2), Lq=st.integers(1, 700),
+       Lkv=st.integers(1, 700), D=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_drawn_shapes(name, B, group, Hkv, Lq, Lkv, D, dtype, seed):
+    check(name, B, Hkv * group, Hkv, Lq, Lkv, D, dtype, seed)
