@@ -24,7 +24,9 @@ code, then the partial ones; a per-tile classification where the plan has one), 
 partial tiles, the score modifier, its derivative and their captured-tensor loads (``codegen/expr.py``,
 at the loop level of their inputs). The plan is the program's (its ``CONSUMERS * BLOCK_N`` keys):
 a query tile full for all of them is full for each consumer's, and one that a consumer's keys do
-not see is masked whole there.
+not see is masked whole there. A data-dependent mask (a document mask) reads its plan from the
+transposed block table the runtime builds for these tiles (``Runner.table``: rows of
+``CONSUMERS * BLOCK_N`` keys, columns of ``BLOCK_M`` queries).
 
 :func:`supports_backward` says which specs this target renders (decided once per spec); every
 other spec runs the portable backward.
@@ -37,8 +39,8 @@ from attndsl.spec import KernelSpec, Param, VisitRange
 
 from .attention import score_unit, scores_of
 from .expr import ExprEmitter
-from .hopper import GLUON_COMMON, HOPPER_VERSION, _buffer_names, supports
-from .plan import _plan_lines
+from .hopper import GLUON_COMMON, HOPPER_VERSION, _buffer_names
+from .plan import _hoist_loads, _plan_lines
 from .prelude import module_header
 from .writer import Writer
 
@@ -49,7 +51,7 @@ LOADER = '''
 
 @gluon.jit
 def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready,
-                     qdo_empty, b, hk, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M: gl.constexpr,
+                     qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     """The producer warp: the program's K and V tiles once, then Q and dO of each visited query
     tile (every query head of the group) into the ring. 4-D descriptors over [B, H, L, D]: rows
@@ -66,7 +68,7 @@ def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v
         h = hk * GROUP + g
 {plan1}
         for it in range(0, n_tiles):
-            tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
+            {tile}
             slot = cnt % STAGES
             # a fresh barrier counts as having completed the phase before its first: the first
             # pass over the ring does not wait
@@ -83,9 +85,10 @@ def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v
 def supports_backward(spec: KernelSpec) -> str | None:
     """None when this target renders ``spec``'s backward; else why not (the runtime records it and
     runs the portable backward). Decided from the spec alone."""
-    why = supports(spec)
-    if why is not None:
-        return why
+    if spec.normalizer != "softmax":
+        return f"normaliser {spec.normalizer!r} (the Hopper backward is softmax only)"
+    if spec.data_dependent:
+        return None  # its visit plan is a block table (rows of CONSUMERS * BLOCK_N keys)
     if not isinstance(spec.bwd_range, VisitRange):
         return "layout (box) visit plan of the dK/dV kernel"
     if spec.lowering.bwd_runs:
@@ -105,7 +108,23 @@ def signature(spec: KernelSpec) -> tuple:
     i = [Param(n, "int") for n in ("stride_dkb", "stride_dkh", "stride_dkn", "stride_dvb", "stride_dvh", "stride_dvn",
                                    "HQ", "HKV", "GROUP", "LQ", "LKV")]
     c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC")]
-    return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + c)
+    return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + list(_table_params(spec)) + c)
+
+
+#: a data-dependent mask's block table (``runtime/launch.py: Table.PARAMS``): per key-tile row, its
+#: full and partial query tiles and their counts
+TABLE = ("TBL_FULL", "TBL_PART", "TBL_CNT", "tbl_stride_b", "tbl_stride_h", "tbl_stride_r")
+
+
+def _table_params(spec: KernelSpec) -> tuple:
+    if not spec.data_dependent:
+        return ()
+    return tuple(Param(n, "tensor" if n.isupper() else "int") for n in TABLE)
+
+
+def _table_names(spec: KernelSpec) -> str:
+    """The block table's parameters, passed on to the partitions ("" for none)."""
+    return "".join(f"{n}, " for n in TABLE) if spec.data_dependent else ""
 
 
 def _env() -> dict:
@@ -119,9 +138,21 @@ def _env() -> dict:
 def _plan(spec: KernelSpec) -> tuple[str, str]:
     """(per program, per query head) code of the dK/dV visit plan, for the producer and the
     consumers alike (each computes it: the counts are scalars)."""
+    if spec.data_dependent:  # the table's row of this program (plan.py's _table_plan_lines)
+        return "", ("tbl_off = b.to(gl.int64) * tbl_stride_b + h.to(gl.int64) * tbl_stride_h + pid_n.to(gl.int64) * tbl_stride_r\n"
+                    "n_full = gl.load(TBL_CNT + tbl_off // tbl_stride_r * 2)\n"
+                    "n_tiles = n_full + gl.load(TBL_CNT + tbl_off // tbl_stride_r * 2 + 1)\n")
     em = ExprEmitter(_env(), 3, prefix="w")
     lines = _plan_lines(em, spec.bwd_range, 1, "BLOCK_M", "q_max", False)
     return em.take(0, ""), em.take(1, "") + "".join(ln + "\n" for ln in lines)
+
+
+def _tile_line(spec: KernelSpec) -> str:
+    """The query tile of iteration ``it``: full tiles first, then the partial ones."""
+    if spec.data_dependent:
+        return ("tile = gl.load(gl.where(it >= n_full, TBL_PART + tbl_off + (it - n_full), "
+                "TBL_FULL + tbl_off + it))")
+    return "tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)"
 
 
 def _indent(text: str, ind: str) -> str:
@@ -132,7 +163,7 @@ def _tile_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str, str]:
     """(classification, scores, mask body, keep) of one query tile, emitted at stage 2 with no
     indentation: ``s`` (scores in log2 units) and ``dmod`` (∂score_mod/∂score) from ``qkT``."""
     cls = ""
-    if spec.bwd_range.tile_check and spec.tile_full is not None:
+    if not spec.data_dependent and spec.bwd_range.tile_check and spec.tile_full is not None:
         # a tile the plan counts partial may be full for these keys; one straddling the end of the
         # queries never is (its padding rows must be masked)
         full = em.emit(spec.tile_full, 2)
@@ -159,13 +190,15 @@ def _tile_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str, str]:
 def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
     """One consumer warp group: dK/dV of ``BLOCK_N`` keys (rows ``kv0..``) over the Q/dO ring."""
     em = ExprEmitter(_env(), 3, prefix="v")
+    # the mask's captured loads of one key (a document mask's ids[kv]) once per program
+    _hoist_loads(spec, em, {"program": 0, "col": 0})
     cls, score, mask_body, keep = _tile_code(spec, em)
     name = kernel_name(spec)
     w.code(f"""
     @gluon.jit
     def {name}_consumer(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, qdo_empty, DK, DV, DQ, Lse, Delta,
-                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, kv_lo, kv_hi, kv0,
-                 HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}
+                 stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, kv_lo, kv_hi,
+                 kv0, HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}{_table_names(spec)}
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                  DQ_ATOMIC: gl.constexpr):
         \"\"\"dK and dV of keys kv0..kv0+BLOCK_N (one warp group), and each visited query tile's dQ.\"\"\"
@@ -208,11 +241,11 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
             w.emitted(_indent(plan1, w.ind))
             w.emitted(em.take(1, w.ind))
             with w.block("for it in range(0, n_tiles):"):
-                w.code("""
+                w.code(f"""
                 slot = cnt % STAGES
                 phase = (cnt // STAGES) & 1
                 is_partial = it >= n_full
-                tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
+                {_tile_line(spec)}
                 q_lo = tile * BLOCK_M
                 q_hi = q_lo + BLOCK_M - 1
                 offs_m = q_lo + offs_m0
@@ -311,12 +344,13 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
     with w.indented():
         bufs = _buffer_names(spec)
         common = ("q_smem, do_smem, k_smem.index({c}), v_smem.index({c}), kv_bar, q_ready, do_ready, qdo_empty, DK, DV, "
-                  "DQ, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, kv_lo, "
-                  "kv_hi, kv_lo + {c} * BLOCK_N, HQ, GROUP, LQ, LKV, sm_scale, ")
+                  "DQ, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, "
+                  "kv_lo, kv_hi, kv_lo + {c} * BLOCK_N, HQ, GROUP, LQ, LKV, sm_scale, ")
+        bufs += _table_names(spec)
         consumer = [f"({name}_consumer, ({common.format(c=c)}{bufs}BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_ATOMIC))"
                     for c in range(2)]
         load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, "
-                f"do_ready, qdo_empty, b, hk, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
+                f"do_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
                 "CONSUMERS))")
         # the default partition (this program's warps) is the first consumer group; the second
         # group and the producer warp are workers, their registers set by setmaxnreg
@@ -338,7 +372,7 @@ def render(spec: KernelSpec) -> str:
     w = Writer()
     w.code(GLUON_COMMON)
     w.emitted(LOADER.replace("{plan0}", _indent(plan0, "    ").rstrip("\n"))
-              .replace("{plan1}", _indent(plan1, "        ").rstrip("\n")).replace("{bufs}", _buffer_names(spec)))
+              .replace("{plan1}", _indent(plan1, "        ").rstrip("\n")).replace("{bufs}", _buffer_names(spec) + _table_names(spec)).replace("{tile}", _tile_line(spec)))
     w.line()
     w.line("#: registers per thread of a worker consumer warp group and of the producer warp (setmaxnreg)")
     w.line("CONSUMER_REGS = gl.constexpr(240)")

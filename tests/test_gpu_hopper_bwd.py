@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attndsl
 import attndsl.reference
-from attndsl.patterns import alibi, alibi_slopes, causal, chunked, prefix_lm, sliding_window, softcap
+from attndsl.patterns import alibi, alibi_slopes, causal, chunked, document, prefix_lm, sliding_window, softcap
 from attndsl.runtime import hopper, hopper_bwd
 
 
@@ -40,6 +40,9 @@ def _hopper_bwd_runs():
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 _LENGTHS = torch.tensor([611, 403], dtype=torch.int32, device=DEV) if torch.cuda.is_available() else None
+# packed documents of 1..300 tokens covering every drawn length (a data-dependent mask: block tables)
+_DOC_IDS = (torch.repeat_interleave(torch.arange(12), torch.tensor([37, 300, 5, 130, 1, 64, 250, 90, 17, 128, 77, 30]))
+            .to(torch.int32).to(DEV)) if torch.cuda.is_available() else None
 
 
 def key_padding(b, h, q_idx, kv_idx):
@@ -67,6 +70,7 @@ PATTERNS = {
     "chunked": (chunked(256), None),
     "band_or_global": (band_or_global, None),
     "key_padding": (key_padding, None),
+    "document": (document(_DOC_IDS), None) if torch.cuda.is_available() else (causal, None),
 }
 _COMPILED: dict = {}
 
@@ -144,7 +148,7 @@ def test_fixed_shapes(name, D):
     check(name, 2, 4, 2, 1000, 777, D, torch.bfloat16)
 
 
-@pytest.mark.parametrize("name", ["dense", "causal", "causal_softcap", "key_padding"])
+@pytest.mark.parametrize("name", ["dense", "causal", "causal_softcap", "key_padding", "document"])
 def test_deterministic(name):
     """dK/dV from the Hopper kernel, dQ from the portable dQ kernel: two runs give equal bits."""
     check(name, 1, 4, 1, 700, 900, 128, torch.float16, deterministic=True)

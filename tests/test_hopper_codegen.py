@@ -115,8 +115,9 @@ def key_padding(b, h, q_idx, kv_idx):
 
 
 def _bwd_cases():
-    from attndsl.patterns import alibi, alibi_slopes
-    return {"dense": (None, None), "causal": (causal, None), "window": (window, None), "softcap": (None, softcap),
+    from attndsl.patterns import alibi, alibi_slopes, document
+    ids = torch.tensor([0] * 40 + [1] * 50 + [2] * 38, dtype=torch.int32)
+    return {"document": (document(ids), None), "dense": (None, None), "causal": (causal, None), "window": (window, None), "softcap": (None, softcap),
             "causal_distance_bias": (causal, distance_bias), "either": (either, None),
             "alibi": (causal, alibi(alibi_slopes(4))), "key_padding": (key_padding, None)}
 
@@ -139,23 +140,20 @@ def test_backward_supported_patterns_render():
             assert "dsT = dsT * dmod" in src, name  # the score modifier's derivative
         if name == "alibi":
             assert "buf0, buf0_size0, buf0_stride0" in src
-        if spec.bwd_range.tile_check and spec.tile_full is not None:  # per-tile classification
+        if name == "document":  # a block table's plan; ids[kv] read once per program, before the loops
+            assert spec.data_dependent and "TBL_PART + tbl_off" in src and "gl.load(TBL_CNT" in src
+            assert src.index("buf0 + ") < src.index("for g in range(0, GROUP):", src.index("_consumer("))
+        if not spec.data_dependent and spec.bwd_range.tile_check and spec.tile_full is not None:  # per-tile classification
             assert "is_partial = is_partial & (" in src, name
 
 
 def test_backward_unsupported_patterns_are_refused_with_a_reason():
-    ids = torch.zeros(64, dtype=torch.int32)
-
-    def doc(b, h, q_idx, kv_idx):
-        return ids[q_idx] == ids[kv_idx]
-
     temperature = torch.ones(4, requires_grad=True)
 
     def learnable_bias(score, b, h, q_idx, kv_idx):
         return score * temperature[h]
 
     cases = {"sigmoid": attndsl.compile(mask_mod=causal, normalizer="sigmoid").spec,
-             "table": attndsl.compile(mask_mod=doc).spec,
              "learnable": attndsl.compile(mask_mod=causal, score_mod=learnable_bias).spec}
     for what, spec in cases.items():
         why = gen_bwd.supports_backward(spec)
@@ -195,7 +193,7 @@ def test_backward_config_checks():
 @pytest.mark.parametrize("name,head_dim,dq_atomic", [("dense", 128, True), ("causal", 64, True),
                                                       ("window", 128, False), ("causal_distance_bias", 128, True),
                                                       ("alibi", 64, True), ("key_padding", 128, True),
-                                                      ("either", 64, False)])
+                                                      ("either", 64, False), ("document", 128, True)])
 def test_backward_compiles_for_sm90(name, head_dim, dq_atomic):
     """The generated backward compiles for sm_90 (about 3-5 s each) with the warp-specialised
     machinery and, with DQ_ATOMIC, the float32 atomic adds of dQ in its PTX."""

@@ -4,8 +4,8 @@ The Gluon backward of ``codegen/hopper_bwd.py`` (dK/dV resident per key tile, dQ
 replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all of these hold:
 
 * the pattern is one it renders (:func:`attndsl.codegen.hopper_bwd.supports_backward`, decided once
-  per spec and kept in :attr:`HopperBackward.unsupported`): softmax, a closed-form visit range,
-  no constant-run loops, no learnable captured tensors (masks and score mods with captured tensors
+  per spec and kept in :attr:`HopperBackward.unsupported`): softmax, a closed-form visit range or
+  a data-dependent mask's block table, no constant-run loops, no learnable captured tensors (masks and score mods with captured tensors
   that get no gradient are fine; sink logits too: their gradient comes from lse and delta on the
   host, ``runtime/gradients.py``);
 * it is enabled: ``ATTNDSL_HOPPER_BWD=1`` (or ``0``: off), else as the Hopper forward
@@ -13,7 +13,8 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
   the case (empty until an H100 has measured it: off by default);
 * the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
   bfloat16, head dim 64 or 128 for q, k and v alike, q/k/v/dO whose strides a TMA descriptor takes,
-  no low-rank bias and no block tables.
+  no low-rank bias, no block selection (a data-dependent mask's own block tables are fine: the
+  runtime builds the one for this kernel's tiles, ``Runner.table``).
 
 Deterministic runs (``deterministic=True``) take the Gluon kernel for dK/dV only; dQ then comes
 from the portable dQ kernel (one program per query tile, no atomics). Otherwise dQ is added into
@@ -97,8 +98,13 @@ class HopperBackward:
     def applies(self, q, k, v, dout, extras=None, tables=None, precise: bool = False) -> bool:
         """Whether this call runs the Hopper backward (see the module docstring)."""
         on = backward_enabled()
-        if self.unsupported is not None or on is False or precise or tables is not None:
+        if self.unsupported is not None or on is False or precise:
             return False
+        # a data-dependent mask's own tables (built for any tiles); not a block selection's
+        if tables is not None:
+            from .launch import BlockTables
+            if not self.spec.data_dependent or type(tables) is not BlockTables:
+                return False
         if on is None and not _measured_win(self.spec, q, k):
             return False
         if extras is not None and getattr(extras, "u", None) is not None:
@@ -120,12 +126,14 @@ class HopperBackward:
         return self._kernel
 
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale: float, buffers=(), deterministic: bool = False,
-                 cfg: HopperBwdConfig | None = None):
+                 cfg: HopperBwdConfig | None = None, table=None):
         """Fill ``dk``, ``dv`` (``[B, Hkv, Lkv, D]``, last stride 1) and return dQ (``q``'s shape and
         dtype, contiguous), or None with ``deterministic`` (then only dK/dV are computed: the caller
         runs the portable dQ kernel). ``lse``, ``delta``: the forward's logsumexp (natural log) and
         rowsum(dO·O) − dlse, ``[B, Hq, Lq]`` float32 contiguous; ``buffers``: the pattern's captured
-        tensors, in slot order."""
+        tensors, in slot order; ``table``: for a data-dependent mask, ``table(rows, cols)`` gives the
+        transposed block table (``launch.Table``) of key tiles of ``rows`` and query tiles of
+        ``cols`` (``Runner.table``)."""
         from .launch import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
@@ -141,9 +149,14 @@ class HopperBackward:
         dq_acc = q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if not deterministic else lse
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
+        tbl = []
+        if self.spec.data_dependent:
+            if table is None:
+                raise ValueError("a data-dependent mask's Hopper backward needs its block table (table=)")
+            tbl = table(rows, cfg.block_m).args()
         self.kernel()[grid](*descs, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
                             dv.stride(0), dv.stride(1), dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv, float(scale),
-                            *buffer_args(buffers), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
+                            *buffer_args(buffers), *tbl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
                             STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, num_warps=4)
         if deterministic:
             return None
@@ -185,6 +198,8 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
             sig[p.name] = desc(cfg.block_n)
         elif p.name in ("DK", "DV"):
             sig[p.name] = "*" + dtype
+        elif p.name.startswith("TBL_"):
+            sig[p.name] = "*i32"
         elif p.kind == "tensor":
             sig[p.name] = "*fp32"
         elif p.kind == "float":

@@ -412,7 +412,8 @@ class Runner:
         consts = None
         # the Hopper (sm_90) backward: dK/dV, and dQ unless deterministic (then the portable dQ kernel)
         hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
-        dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det) if hop else None
+        dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det,
+                                          table=lambda r, c: self.table(tables, buffers, True, r, c)) if hop else None
         if not hop and not self._memoised(self._memo_of(dkdv, key), own):
             consts = {**self._consts(q.dtype), **extras.consts()}
             self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), own, self.cfg.dkdv, "dkdv",
