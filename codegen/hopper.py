@@ -346,15 +346,21 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
                     f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, HAS_SINKS))" for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
                 f"b, h, hk, q_lo, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
-        # the default partition (this program's warps) is the first consumer group; the second
-        # group and the producer warp are workers, their registers set by setmaxnreg
-        with w.block("if CONSUMERS == 2:"):
-            w.line(f"gl.warp_specialize([{consumer[0]},")
-            w.line(f"                    {consumer[1]},")
-            w.line(f"                    {load}], [4, 1], [CONSUMER_REGS, LOADER_REGS])")
-        with w.block("else:"):
-            w.line(f"gl.warp_specialize([{consumer[0]},")
-            w.line(f"                    {load}], [1], [LOADER_REGS])")
+        partitions(w, consumer, load)
+
+
+def partitions(w: Writer, consumer: list, load: str) -> None:
+    """``gl.warp_specialize`` of a Hopper kernel: ``consumer`` (the (function, args) code of the
+    first and the second consumer group) and the producer ``load``, for ``CONSUMERS`` 1 or 2. The
+    default partition (the program's warps) is the first consumer group; the second group and the
+    producer warp are workers, their registers set by setmaxnreg (``CONSUMER_REGS``, ``LOADER_REGS``)."""
+    with w.block("if CONSUMERS == 2:"):
+        w.line(f"gl.warp_specialize([{consumer[0]},")
+        w.line(f"                    {consumer[1]},")
+        w.line(f"                    {load}], [4, 1], [CONSUMER_REGS, LOADER_REGS])")
+    with w.block("else:"):
+        w.line(f"gl.warp_specialize([{consumer[0]},")
+        w.line(f"                    {load}], [1], [LOADER_REGS])")
 
 
 def render(spec: KernelSpec) -> str:

@@ -39,7 +39,7 @@ from attndsl.spec import KernelSpec, Param, VisitRange
 
 from .attention import score_unit, scores_of
 from .expr import ExprEmitter
-from .hopper import GLUON_COMMON, HOPPER_VERSION, _buffer_names
+from .hopper import GLUON_COMMON, HOPPER_VERSION, _buffer_names, partitions
 from .plan import _hoist_loads, _plan_lines
 from .prelude import module_header
 from .writer import Writer
@@ -352,15 +352,7 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, "
                 f"do_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
                 "CONSUMERS))")
-        # the default partition (this program's warps) is the first consumer group; the second
-        # group and the producer warp are workers, their registers set by setmaxnreg
-        with w.block("if CONSUMERS == 2:"):
-            w.line(f"gl.warp_specialize([{consumer[0]},")
-            w.line(f"                    {consumer[1]},")
-            w.line(f"                    {load}], [4, 1], [CONSUMER_REGS, LOADER_REGS])")
-        with w.block("else:"):
-            w.line(f"gl.warp_specialize([{consumer[0]},")
-            w.line(f"                    {load}], [1], [LOADER_REGS])")
+        partitions(w, consumer, load)
 
 
 def render(spec: KernelSpec) -> str:

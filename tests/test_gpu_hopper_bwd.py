@@ -14,17 +14,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attndsl
 import attndsl.reference
-from attndsl.patterns import alibi, alibi_slopes, causal, chunked, document, prefix_lm, sliding_window, softcap
+from attndsl.patterns import causal, document, softcap
 from attndsl.runtime import hopper, hopper_bwd
-
-
-def _sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.gluon_available()
-
+# the forward's GPU tests (tests/ is on the path: no package) share their checks and patterns
+import test_gpu_hopper
+from test_gpu_hopper import DEV, _sm90, rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU and Triton 3.6's Gluon")]
-
-DEV = "cuda"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,25 +46,11 @@ def key_padding(b, h, q_idx, kv_idx):
     return kv_idx < _LENGTHS[b]
 
 
-def alibi_like(score, b, h, q_idx, kv_idx):
-    return score + torch.exp2(-(h + 1.0)) * (kv_idx - q_idx)
 
-
-def band_or_global(b, h, q_idx, kv_idx):
-    return ((q_idx - kv_idx).abs() <= 100) | (kv_idx < 16)
-
-
+# the forward's patterns, and a score modifier under a mask, captured tensors in the mask
 PATTERNS = {
-    "dense": (None, None),
-    "causal": (causal, None),
-    "sliding_window": (sliding_window(257), None),
-    "softcap": (None, softcap(30.0)),
+    **test_gpu_hopper.PATTERNS,
     "causal_softcap": (causal, softcap(20.0)),
-    "alibi_like_causal": (causal, alibi_like),
-    "alibi": (causal, alibi(alibi_slopes(8, device=DEV))) if torch.cuda.is_available() else (causal, None),
-    "prefix_lm": (prefix_lm(150), None),
-    "chunked": (chunked(256), None),
-    "band_or_global": (band_or_global, None),
     "key_padding": (key_padding, None),
     "document": (document(_DOC_IDS), None) if torch.cuda.is_available() else (causal, None),
 }
@@ -80,11 +62,6 @@ def compiled(name):
         mask, score = PATTERNS[name]
         _COMPILED[name] = attndsl.compile(mask_mod=mask, score_mod=score)
     return _COMPILED[name]
-
-
-def rel(got, want):
-    got, want = got.double(), want.double()
-    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
 
 
 def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):

@@ -138,6 +138,30 @@ def _descriptor(TensorDescriptor, gl, t: torch.Tensor, rows: int, el):
     return TensorDescriptor(t, list(t.shape), strides, box, gl.NVMMASharedLayout.get_default_for(box, el))
 
 
+def call_fits(extras, q, k, *more) -> bool:
+    """The call conditions of both Hopper kernels (forward, ``hopper_bwd.py``): no low-rank bias
+    (``extras.u``), float16 or bfloat16 for ``q``, ``k`` and ``more`` alike, head dim 64 or 128 for
+    all of them, at least one query and one key, strides a TMA descriptor takes, a compute
+    capability 9.0 CUDA device and Triton 3.6's Gluon."""
+    if extras is not None and getattr(extras, "u", None) is not None:
+        return False
+    ts = (q, k) + more
+    if q.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in ts):
+        return False
+    if q.shape[-1] not in (64, 128) or any(t.shape[-1] != q.shape[-1] for t in ts):
+        return False
+    if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in ts):
+        return False
+    return _sm90(q.device) and gluon_available()
+
+
+def load_kernel(spec, render, kernel_name):
+    """The compiled module's entry kernel of ``spec`` (rendered by ``render``, cached per spec)."""
+    from . import cache
+    mod = cache.load(spec, interpret=False, render=render)
+    return getattr(mod, kernel_name(spec))
+
+
 def hopper_spec(spec):
     """``spec`` renamed for its Hopper module: kernel names and the module cache key differ from
     the portable module's."""
@@ -162,22 +186,11 @@ class HopperForward:
             return False
         if tables is not None or count_visits:
             return False
-        if extras is not None and getattr(extras, "u", None) is not None:
-            return False
-        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
-            return False
-        d = q.shape[-1]
-        if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d:
-            return False
-        if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in (q, k, v)):
-            return False
-        return _sm90(q.device) and gluon_available()
+        return call_fits(extras, q, k, v)
 
     def kernel(self):
         if self._kernel is None:
-            from . import cache
-            mod = cache.load(self.spec, interpret=False, render=_gen.render)
-            self._kernel = getattr(mod, _gen.kernel_name(self.spec))
+            self._kernel = load_kernel(self.spec, _gen.render, _gen.kernel_name)
         return self._kernel
 
     def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
@@ -213,42 +226,54 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
     """Compile ``spec``'s Hopper forward for sm_90 with no GPU present (Triton's NVIDIA backend and
     its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``...).
     Raises whatever the compiler raises."""
+    from . import cache
+    cfg = cfg or config_for(head_dim)
+    hs = hopper_spec(spec)
+    mod = cache.load(hs, interpret=False, render=_gen.render)
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
+                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=True)
+    return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hs)), _gen.signature(hs), hs.buffers, dtype, head_dim,
+                              {"q_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}, ("Out",), consts)
+
+
+#: Triton's names of the captured tensors' element types (``Buffer.torch_dtype``)
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
+                 "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def compile_gluon_sm90(fn, params, buffers, dtype: str, head_dim: int, boxes: dict, own: tuple, consts: dict):
+    """Compile the Gluon kernel ``fn`` (parameters ``params``, ``Param`` s) for sm_90 with no GPU:
+    ``boxes`` maps its descriptor parameters to their box rows (over [B, H, L, head_dim] tensors of
+    ``dtype``, "bf16" or "fp16"), ``own`` names the pointers of that dtype; the captured tensors'
+    (``buffers``) pointers take their element types, block tables int32, other pointers float32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from . import cache
-    cfg = cfg or config_for(head_dim)
-    hs = hopper_spec(spec)
-    mod = cache.load(hs, interpret=False, render=_gen.render)
-    fn = getattr(mod, _gen.kernel_name(hs))
     el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base = torch.empty(1, 1, 16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
-
-    def desc(rows):
-        return mangle_type(_descriptor(TensorDescriptor, gl, base, rows, el))
-
+    base = torch.empty(1, 1, 16 * max(boxes.values()), head_dim, dtype=tdt)
+    bufs = {f"buf{b.slot}": str(b.torch_dtype).replace("torch.", "") for b in buffers}
     sig = {}
-    for p in _gen.signature(hs):
+    for p in params:
         if p.kind == "constexpr":
             sig[p.name] = "constexpr"
-        elif p.name == "q_desc":
-            sig[p.name] = desc(cfg.block_m)
-        elif p.name in ("k_desc", "v_desc"):
-            sig[p.name] = desc(cfg.block_n)
-        elif p.name == "Out":
+        elif p.name in boxes:
+            sig[p.name] = mangle_type(_descriptor(TensorDescriptor, gl, base, boxes[p.name], el))
+        elif p.name in own:
             sig[p.name] = "*" + dtype
+        elif p.name in bufs:
+            sig[p.name] = "*" + _TRITON_TYPES.get(bufs[p.name], "fp32")
+        elif p.name.startswith("TBL_"):
+            sig[p.name] = "*i32"
         elif p.kind == "tensor":
             sig[p.name] = "*fp32"
         elif p.kind == "float":
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
-    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
-                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=True)
     return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4))
 

@@ -28,7 +28,7 @@ import os
 import torch
 
 from ..codegen import hopper_bwd as _gen
-from .hopper import _descriptor, _sm90, _tma_strides, enabled, gluon_available, hopper_spec
+from .hopper import _descriptor, call_fits, compile_gluon_sm90, enabled, hopper_spec, load_kernel
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "compile_sm90_bwd",
            "smoke_test", "MEASURED_BWD_WINS"]
@@ -107,22 +107,11 @@ class HopperBackward:
                 return False
         if on is None and not _measured_win(self.spec, q, k):
             return False
-        if extras is not None and getattr(extras, "u", None) is not None:
-            return False
-        if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == dout.dtype):
-            return False
-        d = q.shape[-1]
-        if d not in (64, 128) or k.shape[-1] != d or v.shape[-1] != d or dout.shape[-1] != d:
-            return False
-        if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in (q, k, v, dout)):
-            return False
-        return _sm90(q.device) and gluon_available()
+        return call_fits(extras, q, k, v, dout)
 
     def kernel(self):
         if self._kernel is None:
-            from . import cache
-            mod = cache.load(self.spec, interpret=False, render=_gen.render)
-            self._kernel = getattr(mod, _gen.kernel_name(self.spec))
+            self._kernel = load_kernel(self.spec, _gen.render, _gen.kernel_name)
         return self._kernel
 
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale: float, buffers=(), deterministic: bool = False,
@@ -166,50 +155,19 @@ class HopperBackward:
 def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperBwdConfig | None = None,
                      dq_atomic: bool = True):
     """Compile ``spec``'s Hopper backward for sm_90 with no GPU present (Triton's NVIDIA backend and
-    its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``, ``.n_regs``, ``.n_spills``...).
-    Raises whatever the compiler raises."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``...). Raises ValueError for a
+    spec it does not render, else whatever the compiler raises."""
     from . import cache
     cfg = cfg or bwd_config_for(head_dim)
     hb = HopperBackward(spec)
     if hb.unsupported is not None:
         raise ValueError(f"the Hopper target does not render this pattern's backward: {hb.unsupported}")
     mod = cache.load(hb.spec, interpret=False, render=_gen.render)
-    fn = getattr(mod, _gen.kernel_name(hb.spec))
-    el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base = torch.empty(1, 1, 16 * max(cfg.block_m, cfg.block_n), head_dim, dtype=tdt)
-
-    def desc(rows):
-        return mangle_type(_descriptor(TensorDescriptor, gl, base, rows, el))
-
-    sig = {}
-    for p in _gen.signature(hb.spec):
-        if p.kind == "constexpr":
-            sig[p.name] = "constexpr"
-        elif p.name in ("q_desc", "do_desc"):
-            sig[p.name] = desc(cfg.block_m)
-        elif p.name in ("k_desc", "v_desc"):
-            sig[p.name] = desc(cfg.block_n)
-        elif p.name in ("DK", "DV"):
-            sig[p.name] = "*" + dtype
-        elif p.name.startswith("TBL_"):
-            sig[p.name] = "*i32"
-        elif p.kind == "tensor":
-            sig[p.name] = "*fp32"
-        elif p.kind == "float":
-            sig[p.name] = "fp32"
-        else:
-            sig[p.name] = "i32"
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
-    return triton.compile(GluonASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4))
+    boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}
+    return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hb.spec)), _gen.signature(hb.spec), hb.spec.buffers,
+                              dtype, head_dim, boxes, ("DK", "DV"), consts)
 
 
 _SMOKE = r"""
