@@ -15,8 +15,9 @@ query tiles:
   tile, transposed as the portable dK/dV kernel is (keys on the rows):
   ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` (both in flight together), ``Pᵀ = exp2(sᵀ − lse)`` from the
   forward's logsumexp, ``dV += Pᵀ·dO``, ``dSᵀ = Pᵀ∘(dPᵀ − delta)`` times ∂score_mod/∂score,
-  ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32) added into a float32
-  buffer with atomic adds (scaled and cast once at the end, on the host). Without it (the
+  ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32, 64 columns at a time)
+  added into a float32 buffer ``[B, H, Lq rounded up to BLOCK_M, D]`` with atomic adds (scaled,
+  cut and cast once at the end, on the host). Without it (the
   deterministic option) the runtime runs the portable dQ kernel, one program per query tile.
 
 What depends on the pattern comes from the spec: the visit plan (full tiles first, with no mask
@@ -202,8 +203,8 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                  DQ_ATOMIC: gl.constexpr):
         \"\"\"dK and dV of keys kv0..kv0+BLOCK_N (one warp group), and each visited query tile's dQ.\"\"\"
-        # the transposed score tile [BLOCK_N keys, BLOCK_M queries], the [64, HEAD_D] accumulators
-        # (dK, dV and a tile's dQ: BLOCK_M == BLOCK_N) and their A operands from registers
+        # the transposed score tile [BLOCK_N keys, BLOCK_M queries], the [BLOCK_N, HEAD_D]
+        # accumulators (dK, dV) and their A operands from registers
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
         a_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=a_layout, k_width=2)
@@ -218,8 +219,13 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         dtype: gl.constexpr = k_smem.dtype
         # keys past LKV (zeros from TMA) add nothing to dQ whatever their score
         kv_pad = kv0 + BLOCK_N > LKV
-        dq_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_layout))
-        dq_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, a_layout))
+        # dQ's pieces: [BLOCK_M, DQ_COLS] accumulators, rows padded to whole query tiles
+        DQ_COLS: gl.constexpr = HEAD_D  # 64-column pieces spilled more (ptxas, D=128)
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_COLS, 16])
+        dq_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
+        dq_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+        dq_d = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, dq_layout))
+        LQ_DQ = (LQ + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         dq_offs = gl.expand_dims(dq_m0 * HEAD_D, 1) + gl.expand_dims(dq_d, 0)
     """)
     with w.indented():
@@ -229,7 +235,7 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         s0 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-        dq0 = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=a_layout)
+        dq0 = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
         mbarrier.wait(kv_bar, 0)
         cnt = 0
         """)
@@ -284,14 +290,21 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                 ds16 = dsT.to(dtype)
                 dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
                 if DQ_ATOMIC:
-                    # dQ = dS·K: dS from registers (the transposed tile through the layout
-                    # conversion's shared-memory round trip), added in float32
-                    dq = warpgroup_mma(gl.convert_layout(gl.permute(ds16, (1, 0)), op_layout), k_tile, dq0,
-                                       use_acc=False, is_async=True)
-                    dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-                    mbarrier.arrive(qdo_empty.index(slot), count=1)
-                    gl.atomic_add(DQ + (bh * LQ + q_lo) * HEAD_D + dq_offs, dq,
-                                  mask=gl.expand_dims(q_lo + dq_m0 < LQ, 1), sem="relaxed")
+                    # dQ = dS·K, DQ_COLS columns at a time: dS from registers (the transposed tile
+                    # through the layout conversion's shared-memory round trip), added in float32
+                    # into rows padded to whole query tiles (no masks, no branches around the adds)
+                    ds = gl.convert_layout(gl.permute(ds16, (1, 0)), dq_op_layout)
+                    # dV done (it was issued before dSᵀ): fewer accumulators in flight with dK and dQ
+                    # (ptxas serialises the wgmmas when they do not fit the registers at once)
+                    dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv, ))
+                    dq_base = DQ + (bh * LQ_DQ + q_lo) * HEAD_D
+                    for piece in gl.static_range(HEAD_D // DQ_COLS):
+                        dq = warpgroup_mma(ds, k_tile.slice(piece * DQ_COLS, DQ_COLS, dim=1), dq0, use_acc=False,
+                                           is_async=True)
+                        dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+                        if piece == 0:
+                            mbarrier.arrive(qdo_empty.index(slot), count=1)
+                        gl.atomic_add(dq_base + piece * DQ_COLS + dq_offs, dq, sem="relaxed")
                 else:
                     dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
                     mbarrier.arrive(qdo_empty.index(slot), count=1)

@@ -135,7 +135,9 @@ class HopperBackward:
         descs = [_descriptor(TensorDescriptor, gl, t, rows, el)
                  for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
         lse, delta = lse.contiguous(), delta.contiguous()
-        dq_acc = q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if not deterministic else lse
+        # rows padded to whole query tiles: the kernel's atomic adds need no masks
+        dq_acc = (q.new_zeros((B, Hq, -(-Lq // cfg.block_m) * cfg.block_m, D), dtype=torch.float32)
+                  if not deterministic else lse)
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
         tbl = []
@@ -149,7 +151,7 @@ class HopperBackward:
                             STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, num_warps=4)
         if deterministic:
             return None
-        return (dq_acc * scale).to(q.dtype)
+        return (dq_acc[:, :, :Lq] * scale).to(q.dtype)
 
 
 def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperBwdConfig | None = None,
