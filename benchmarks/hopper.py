@@ -201,9 +201,11 @@ def backward_main(args) -> int:
     from attndsl.runtime import hopper, hopper_bwd
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
-    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper_bwd.json" if os.environ.get("OUT") else None)
-    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}, gluon ready: {hopper.gluon_available()}", flush=True)
+    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper_bwd.json"
+                                                  if os.environ.get("OUT") else None)
+    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), "
+          f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
+          f"gluon ready: {hopper.gluon_available()}", flush=True)
     rows: list = []
     smoke = hopper_bwd.smoke_test()
     bwd_ok = smoke is None
@@ -228,20 +230,22 @@ def backward_main(args) -> int:
                     got = torch.autograd.grad(o, leaves, dout)
                     err = max(rel(g, w) for g, w in zip(got, want)) if want is not None else float("nan")
                     if want is not None and not err <= TOL:
-                        row(rows, out_path, case=case, impl=name, ms=None, note=f"WRONG: grad rel err {err:.3g} vs SDPA")
+                        row(rows, out_path, case=case, impl=name, ms=None,
+                            note=f"WRONG: grad rel err {err:.3g} vs SDPA")
                         return
                     if bwd_only_too:
                         ms = bench(lambda: torch.autograd.grad(o, leaves, dout, retain_graph=True), args.quick)
                         row(rows, out_path, case=case, impl=name + ", bwd only", ms=ms,
                             tflops=tflops(L, is_causal, ms) * 2.5, err=err)
                     ms = bench(lambda: torch.autograd.grad(forward(), leaves, dout), args.quick)
-                    row(rows, out_path, case=case, impl=name + ", fwd+bwd", ms=ms, tflops=tflops(L, is_causal, ms, bwd=True),
-                        err=err)
+                    row(rows, out_path, case=case, impl=name + ", fwd+bwd", ms=ms,
+                        tflops=tflops(L, is_causal, ms, bwd=True), err=err)
                 except Exception:
                     traceback.print_exc()
                     row(rows, out_path, case=case, impl=name, ms=None, note="failed")
 
-            for name, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION), ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
+            for name, backend in (("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+                                  ("SDPA flash", SDPBackend.FLASH_ATTENTION)):
                 try:
                     with sdpa_kernel(backend):
                         o = sdpa(*leaves, is_causal=is_causal, scale=scale)

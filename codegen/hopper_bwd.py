@@ -140,7 +140,8 @@ def _plan(spec: KernelSpec) -> tuple[str, str]:
     """(per program, per query head) code of the dK/dV visit plan, for the producer and the
     consumers alike (each computes it: the counts are scalars)."""
     if spec.data_dependent:  # the table's row of this program (plan.py's _table_plan_lines)
-        return "", ("tbl_off = b.to(gl.int64) * tbl_stride_b + h.to(gl.int64) * tbl_stride_h + pid_n.to(gl.int64) * tbl_stride_r\n"
+        return "", ("tbl_off = (b.to(gl.int64) * tbl_stride_b + h.to(gl.int64) * tbl_stride_h\n"
+                    "           + pid_n.to(gl.int64) * tbl_stride_r)\n"
                     "n_full = gl.load(TBL_CNT + tbl_off // tbl_stride_r * 2)\n"
                     "n_tiles = n_full + gl.load(TBL_CNT + tbl_off // tbl_stride_r * 2 + 1)\n")
     em = ExprEmitter(_env(), 3, prefix="w")

@@ -117,7 +117,8 @@ def key_padding(b, h, q_idx, kv_idx):
 def _bwd_cases():
     from attndsl.patterns import alibi, alibi_slopes, document
     ids = torch.tensor([0] * 40 + [1] * 50 + [2] * 38, dtype=torch.int32)
-    return {"document": (document(ids), None), "dense": (None, None), "causal": (causal, None), "window": (window, None), "softcap": (None, softcap),
+    return {"document": (document(ids), None), "dense": (None, None), "causal": (causal, None),
+            "window": (window, None), "softcap": (None, softcap),
             "causal_distance_bias": (causal, distance_bias), "either": (either, None),
             "alibi": (causal, alibi(alibi_slopes(4))), "key_padding": (key_padding, None)}
 
@@ -143,7 +144,8 @@ def test_backward_supported_patterns_render():
         if name == "document":  # a block table's plan; ids[kv] read once per program, before the loops
             assert spec.data_dependent and "TBL_PART + tbl_off" in src and "gl.load(TBL_CNT" in src
             assert src.index("buf0 + ") < src.index("for g in range(0, GROUP):", src.index("_consumer("))
-        if not spec.data_dependent and spec.bwd_range.tile_check and spec.tile_full is not None:  # per-tile classification
+        # per-tile classification
+        if not spec.data_dependent and spec.bwd_range.tile_check and spec.tile_full is not None:
             assert "is_partial = is_partial & (" in src, name
 
 
@@ -172,12 +174,18 @@ def test_backward_never_selected_off_sm90(monkeypatch):
     assert hopper_bwd.backward_enabled()
     assert not hb.applies(q, q, q, q)  # CPU tensors
     monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
-    monkeypatch.setenv("ATTNDSL_HOPPER", "1")
-    assert hopper_bwd.backward_enabled() is False  # its own switch wins over the forward's
+    assert hopper_bwd.backward_enabled() is False
     monkeypatch.delenv("ATTNDSL_HOPPER_BWD")
-    assert hopper_bwd.backward_enabled() is True  # else it follows the forward's
-    monkeypatch.delenv("ATTNDSL_HOPPER")
-    assert hopper_bwd.backward_enabled() is None and not hopper_bwd.MEASURED_BWD_WINS  # off until measured
+    monkeypatch.setenv("ATTNDSL_HOPPER", "1")
+    assert hopper_bwd.backward_enabled() is None  # the forward's switch is not the backward's
+    assert not hopper_bwd.MEASURED_BWD_WINS  # off until measured
+    hopper_bwd.enable_backward(True)
+    try:
+        assert hopper_bwd.backward_enabled()
+        monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
+        assert hopper_bwd.backward_enabled()  # enable_backward wins over the environment
+    finally:
+        hopper_bwd.enable_backward(None)
 
 
 def test_backward_config_checks():

@@ -5,12 +5,13 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
 
 * the pattern is one it renders (:func:`attndsl.codegen.hopper_bwd.supports_backward`, decided once
   per spec and kept in :attr:`HopperBackward.unsupported`): softmax, a closed-form visit range or
-  a data-dependent mask's block table, no constant-run loops, no learnable captured tensors (masks and score mods with captured tensors
+  a data-dependent mask's block table, no constant-run loops, no learnable captured tensors (masks
+  and score mods with captured tensors
   that get no gradient are fine; sink logits too: their gradient comes from lse and delta on the
   host, ``runtime/gradients.py``);
-* it is enabled: ``ATTNDSL_HOPPER_BWD=1`` (or ``0``: off), else as the Hopper forward
-  (``ATTNDSL_HOPPER``, ``hopper.enable``); with neither set, only where ``MEASURED_BWD_WINS`` lists
-  the case (empty until an H100 has measured it: off by default);
+* it is enabled: ``ATTNDSL_HOPPER_BWD=1`` in the environment (read per call) or
+  ``enable_backward(True)``, independently of the Hopper forward's switch; with neither set, only
+  where ``MEASURED_BWD_WINS`` lists the case (empty until an H100 has measured it: off by default);
 * the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
   bfloat16, head dim 64 or 128 for q, k and v alike, q/k/v/dO whose strides a TMA descriptor takes,
   no low-rank bias, no block selection (a data-dependent mask's own block tables are fine: the
@@ -28,10 +29,10 @@ import os
 import torch
 
 from ..codegen import hopper_bwd as _gen
-from .hopper import _descriptor, call_fits, compile_gluon_sm90, enabled, hopper_spec, load_kernel
+from .hopper import _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
 
-__all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "compile_sm90_bwd",
-           "smoke_test", "MEASURED_BWD_WINS"]
+__all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "enable_backward",
+           "compile_sm90_bwd", "smoke_test", "MEASURED_BWD_WINS"]
 
 #: Where the Hopper backward was measured faster than the portable one on an H100 (same run):
 #: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Empty
@@ -39,13 +40,23 @@ __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enab
 MEASURED_BWD_WINS: dict = {}
 
 
+_ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER_BWD
+
+
+def enable_backward(on: bool | None) -> None:
+    """Turn the Hopper backward on or off for this process (None: follow ``ATTNDSL_HOPPER_BWD``)."""
+    _ENABLED[0] = on
+
+
 def backward_enabled() -> bool | None:
-    """True, False, or None (the calls ``MEASURED_BWD_WINS`` names): ``ATTNDSL_HOPPER_BWD`` ("1"
-    on, "0" off) when set, else the Hopper forward's setting (:func:`attndsl.runtime.hopper.enabled`)."""
+    """True (every call that can take it), False (none), or None: the calls ``MEASURED_BWD_WINS``
+    names. ``enable_backward()`` wins over ``ATTNDSL_HOPPER_BWD`` ("1" on, "0" off, unset: the
+    table). Independent of the forward's switch: either Hopper kernel runs with the other's
+    portable counterpart."""
+    if _ENABLED[0] is not None:
+        return bool(_ENABLED[0])
     env = os.environ.get("ATTNDSL_HOPPER_BWD")
-    if env is not None:
-        return env == "1"
-    return enabled()
+    return None if env is None else env == "1"
 
 
 @dataclasses.dataclass(frozen=True)
