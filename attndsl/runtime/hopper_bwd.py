@@ -118,6 +118,8 @@ class HopperBackward:
                 return False
         if on is None and not _measured_win(self.spec, q, k):
             return False
+        if k.shape[0] * k.shape[1] > 65535:  # the grid's second dimension: (batch, kv head)
+            return False
         return call_fits(extras, q, k, v, dout)
 
     def kernel(self):
