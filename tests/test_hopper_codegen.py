@@ -212,3 +212,61 @@ def test_backward_compiles_for_sm90(name, head_dim, dq_atomic):
     for what in ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor", "mbarrier.try_wait"):
         assert what in ptx, what
     assert ("atom.global.gpu.relaxed.add.f32" in ptx or "red.global.add.f32" in ptx) == dq_atomic
+
+
+class _StandIn:
+    """A Hopper backward that applies to every call (CPU tensors): fills dK with 1 and dV with 2 and
+    returns dQ of 3s (None when deterministic); as the real one, asks for the block table of its
+    tiles where the mask is data-dependent."""
+
+    def __init__(self, data_dependent: bool):
+        self.data_dependent = data_dependent
+        self.calls, self.tables = [], []
+
+    def applies(self, q, k, v, dout, extras=None, tables=None, precise=False):
+        return True
+
+    def backward(self, q, k, v, dout, lse, delta, dk, dv, scale, buffers=(), deterministic=False, cfg=None,
+                 table=None):
+        self.calls.append(deterministic)
+        if self.data_dependent:
+            self.tables.append(table(128, 64))
+        dk.fill_(1.0)
+        dv.fill_(2.0)
+        return None if deterministic else torch.full_like(q, 3.0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_hook_in_runner(deterministic):
+    """``Runner.backward`` with a Hopper backward that applies (a stand-in, on the CPU): the portable
+    dK/dV kernel does not run (dK/dV are the stand-in's), dQ is the stand-in's, or with
+    ``deterministic`` the portable dQ kernel's (matching the float64 reference); a document mask's
+    stand-in gets the transposed block table of its tiles (rows of 128 keys)."""
+    import attndsl.reference
+    from attndsl.patterns import document
+    ids = torch.tensor([0] * 40 + [1] * 50 + [2] * 38, dtype=torch.int32)
+    for mask in (causal, document(ids)):
+        comp = attndsl.compile(mask_mod=mask, deterministic=deterministic)
+        q, k, v = (torch.randn(1, 2, 128, 64, requires_grad=True) for _ in range(3))
+        dout = torch.randn(1, 2, 128, 64)
+        runner = comp.runner(q)
+        stand_in = _StandIn(comp.spec.data_dependent)
+        runner.hopper_bwd = stand_in
+        try:
+            comp(q, k, v).backward(dout)
+        finally:
+            runner.hopper_bwd = None
+        assert stand_in.calls == [deterministic]
+        assert torch.equal(k.grad, torch.ones_like(k)) and torch.equal(v.grad, torch.full_like(v, 2.0))
+        if deterministic:
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            out64, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=mask)
+            (want,) = torch.autograd.grad(out64, q64, dout.double())
+            assert float((q.grad.double() - want).abs().max()) <= 1e-3 * float(want.abs().max())
+        else:
+            assert torch.equal(q.grad, torch.full_like(q, 3.0))
+        if comp.spec.data_dependent:
+            (t,) = stand_in.tables
+            assert t.full.shape[2] == 1  # one row of 128 keys (Lkv = 128)
+        else:
+            assert stand_in.tables == []
