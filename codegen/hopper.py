@@ -42,6 +42,11 @@ from .writer import Writer
 #: Bump when the generated Hopper code changes meaning (part of the module's cache key).
 HOPPER_VERSION = 1
 
+#: the Hopper kernels' parameters Triton does not specialise: lengths and head counts (a length of 1
+#: or a multiple of 16 would compile another kernel, seconds each, for no gain: TMA loads the
+#: tiles). Strides stay specialised (divisible by 16: vectorised stores of the outputs).
+UNSPECIALISED = ("HQ", "HKV", "GROUP", "LQ", "LKV")
+
 #: the Gluon imports and the helpers both Hopper kernels (forward, ``codegen/hopper_bwd.py``) call
 GLUON_COMMON = '''
 from triton.experimental import gluon
@@ -302,8 +307,9 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
     runtime = ", ".join(p.name for p in params if p.kind != "constexpr")
     consts = ", ".join(f"{p.name}: gl.constexpr" for p in params if p.kind == "constexpr")
     name = kernel_name(spec)
+    unspecialised = [n for n in UNSPECIALISED if any(p.name == n for p in params)]
     w.code(f'''
-    @gluon.jit
+    @gluon.jit(do_not_specialize={unspecialised!r})
     def {name}({runtime},
             {consts}):
         """Forward (softmax), warp-specialised for Hopper: one program per CONSUMERS query tiles of one (batch, head)."""

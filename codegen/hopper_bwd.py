@@ -40,7 +40,7 @@ from attndsl.spec import KernelSpec, Param, VisitRange
 
 from .attention import score_unit, scores_of
 from .expr import ExprEmitter
-from .hopper import GLUON_COMMON, HOPPER_VERSION, _buffer_names, partitions
+from .hopper import GLUON_COMMON, HOPPER_VERSION, UNSPECIALISED, _buffer_names, partitions
 from .plan import _hoist_loads, _plan_lines
 from .prelude import module_header
 from .writer import Writer
@@ -330,7 +330,7 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
     consts = ", ".join(f"{p.name}: gl.constexpr" for p in params if p.kind == "constexpr")
     name = kernel_name(spec)
     w.code(f'''
-    @gluon.jit
+    @gluon.jit(do_not_specialize={UNSPECIALISED!r})
     def {name}({runtime},
             {consts}):
         """dK/dV (and dQ with DQ_ATOMIC), warp-specialised for Hopper: one program per CONSUMERS key tiles of one (batch, kv head)."""
