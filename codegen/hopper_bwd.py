@@ -189,12 +189,27 @@ def _tile_code(spec: KernelSpec, em: ExprEmitter) -> tuple[str, str, str, str]:
     return cls, score, mask_body, keep
 
 
+def _own_tiles(spec: KernelSpec) -> tuple | None:
+    """(per program, per query head, per tile code, condition): whether a query tile may be visible
+    to this group's keys ``kv0..kv0_hi`` (``spec.tile_nonempty``), for the partial tiles of the
+    program's plan that are empty for one group (a causal mask's diagonal, a window's edges). A
+    skipped tile still waits for its buffers and frees them (the ring is shared). None where the
+    spec has no such test (a block table)."""
+    if spec.data_dependent or spec.tile_nonempty is None:
+        return None
+    env = {**_env(), "kv_lo": ("kv0", 0), "kv_hi": ("kv0_hi", 0)}
+    em = ExprEmitter(env, 3, prefix="u")
+    cond = em.emit(spec.tile_nonempty, 2)
+    return em.take(0, ""), em.take(1, ""), em.take(2, ""), cond
+
+
 def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
     """One consumer warp group: dK/dV of ``BLOCK_N`` keys (rows ``kv0..``) over the Q/dO ring."""
     em = ExprEmitter(_env(), 3, prefix="v")
     # the mask's captured loads of one key (a document mask's ids[kv]) once per program
     _hoist_loads(spec, em, {"program": 0, "col": 0})
     cls, score, mask_body, keep = _tile_code(spec, em)
+    own = _own_tiles(spec)
     name = kernel_name(spec)
     w.code(f"""
     @gluon.jit
@@ -232,6 +247,9 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
     with w.indented():
         w.emitted(_indent(plan0, w.ind))
         w.emitted(em.take(0, w.ind))
+        if own is not None:
+            w.line("kv0_hi = kv0 + BLOCK_N - 1")
+            w.emitted(_indent(own[0], w.ind))
         w.code("""
         dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
@@ -247,6 +265,8 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
             """)
             w.emitted(_indent(plan1, w.ind))
             w.emitted(em.take(1, w.ind))
+            if own is not None:
+                w.emitted(_indent(own[1], w.ind))
             with w.block("for it in range(0, n_tiles):"):
                 w.code(f"""
                 slot = cnt % STAGES
@@ -259,58 +279,70 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                 q_idx = gl.expand_dims(offs_m, 0)
                 """)
                 w.emitted(_indent(cls, w.ind))
-                w.code("""
-                # the forward's statistics, in log2 units (a dead row's -inf as 0: its P is 0)
-                lse = gl.load(Lse + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-                lse = gl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-                delta = gl.load(Delta + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-                q_tile = _kv_tile(q_smem, slot)
-                do_tile = _kv_tile(do_smem, slot)
-                mbarrier.wait(q_ready.index(slot), phase)
-                qkT = warpgroup_mma(k_tile, q_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
-                mbarrier.wait(do_ready.index(slot), phase)
-                dpT = warpgroup_mma(v_tile, do_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
-                # wgmma groups complete in order: one pending means Sᵀ is done, dPᵀ may not be
-                qkT = warpgroup_mma_wait(num_outstanding=1, deps=(qkT, ))
-                """)
-                w.emitted(_indent(score, w.ind))
-                with w.block("if is_partial:"):
-                    w.emitted(_indent(mask_body, w.ind))
-                    w.line(f's = gl.where({keep}, s, float("-inf"))')
-                w.code("""
-                pT = gl.exp2(s - gl.expand_dims(lse, 0))
-                dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), op_layout), do_tile, dv, is_async=True)
-                dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
-                dsT = pT * (dpT - gl.expand_dims(delta, 0))
-                """)
-                if spec.score is not None:
-                    w.line("dsT = dsT * dmod")
-                w.code("""
-                if kv_pad:
-                    dsT = gl.where(kv_idx < LKV, dsT, 0.0)
-                ds16 = dsT.to(dtype)
-                dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
-                if DQ_ATOMIC:
-                    # dQ = dS·K, DQ_COLS columns at a time: dS from registers (the transposed tile
-                    # through the layout conversion's shared-memory round trip), added in float32
-                    # into rows padded to whole query tiles (no masks, no branches around the adds)
-                    ds = gl.convert_layout(gl.permute(ds16, (1, 0)), dq_op_layout)
-                    # dV done (it was issued before dSᵀ): fewer accumulators in flight with dK and dQ
-                    # (ptxas serialises the wgmmas when they do not fit the registers at once)
-                    dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv, ))
-                    dq_base = DQ + (bh * LQ_DQ + q_lo) * HEAD_D
-                    for piece in gl.static_range(HEAD_D // DQ_COLS):
-                        dq = warpgroup_mma(ds, k_tile.slice(piece * DQ_COLS, DQ_COLS, dim=1), dq0, use_acc=False,
-                                           is_async=True)
-                        dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-                        if piece == 0:
-                            mbarrier.arrive(qdo_empty.index(slot), count=1)
-                        gl.atomic_add(dq_base + piece * DQ_COLS + dq_offs, dq, sem="relaxed")
-                else:
-                    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-                    mbarrier.arrive(qdo_empty.index(slot), count=1)
-                cnt += 1
-                """)
+                if own is not None:  # skip the tiles this group's keys do not see (the ring still turns)
+                    w.emitted(_indent(own[2], w.ind))
+                    w.line(f"visit = (it < n_full) | ({own[3]})")
+                    w.line("if visit:")
+                with w.indented(own is not None):
+                    w.code("""
+                    # the forward's statistics, in log2 units (a dead row's -inf as 0: its P is 0)
+                    lse = gl.load(Lse + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+                    lse = gl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+                    delta = gl.load(Delta + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+                    q_tile = _kv_tile(q_smem, slot)
+                    do_tile = _kv_tile(do_smem, slot)
+                    mbarrier.wait(q_ready.index(slot), phase)
+                    qkT = warpgroup_mma(k_tile, q_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
+                    mbarrier.wait(do_ready.index(slot), phase)
+                    dpT = warpgroup_mma(v_tile, do_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
+                    # wgmma groups complete in order: one pending means Sᵀ is done, dPᵀ may not be
+                    qkT = warpgroup_mma_wait(num_outstanding=1, deps=(qkT, ))
+                    """)
+                    w.emitted(_indent(score, w.ind))
+                    with w.block("if is_partial:"):
+                        w.emitted(_indent(mask_body, w.ind))
+                        w.line(f's = gl.where({keep}, s, float("-inf"))')
+                    w.code("""
+                    pT = gl.exp2(s - gl.expand_dims(lse, 0))
+                    dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), op_layout), do_tile, dv, is_async=True)
+                    dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
+                    dsT = pT * (dpT - gl.expand_dims(delta, 0))
+                    """)
+                    if spec.score is not None:
+                        w.line("dsT = dsT * dmod")
+                    w.code("""
+                    if kv_pad:
+                        dsT = gl.where(kv_idx < LKV, dsT, 0.0)
+                    ds16 = dsT.to(dtype)
+                    dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
+                    if DQ_ATOMIC:
+                        # dQ = dS·K, DQ_COLS columns at a time: dS from registers (the transposed tile
+                        # through the layout conversion's shared-memory round trip), added in float32
+                        # into rows padded to whole query tiles (no masks, no branches around the adds)
+                        ds = gl.convert_layout(gl.permute(ds16, (1, 0)), dq_op_layout)
+                        # dV done (it was issued before dSᵀ): fewer accumulators in flight with dK and dQ
+                        # (ptxas serialises the wgmmas when they do not fit the registers at once)
+                        dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv, ))
+                        dq_base = DQ + (bh * LQ_DQ + q_lo) * HEAD_D
+                        for piece in gl.static_range(HEAD_D // DQ_COLS):
+                            dq = warpgroup_mma(ds, k_tile.slice(piece * DQ_COLS, DQ_COLS, dim=1), dq0, use_acc=False,
+                                               is_async=True)
+                            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+                            if piece == 0:
+                                mbarrier.arrive(qdo_empty.index(slot), count=1)
+                            gl.atomic_add(dq_base + piece * DQ_COLS + dq_offs, dq, sem="relaxed")
+                    else:
+                        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+                        mbarrier.arrive(qdo_empty.index(slot), count=1)
+                    """)
+                if own is not None:
+                    w.code("""
+                    else:
+                        mbarrier.wait(q_ready.index(slot), phase)
+                        mbarrier.wait(do_ready.index(slot), phase)
+                        mbarrier.arrive(qdo_empty.index(slot), count=1)
+                    """)
+                w.line("cnt += 1")
         w.code("""
         om = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, a_layout))
         od = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, a_layout))

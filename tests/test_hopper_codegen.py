@@ -141,6 +141,8 @@ def test_backward_supported_patterns_render():
             assert "dsT = dsT * dmod" in src, name  # the score modifier's derivative
         if name == "alibi":
             assert "buf0, buf0_size0, buf0_stride0" in src
+        # a group skips the partial tiles its own keys do not see (not with a block table)
+        assert ("visit = (it < n_full) | (" in src) == (spec.tile_nonempty is not None and not spec.data_dependent)
         if name == "document":  # a block table's plan; ids[kv] read once per program, before the loops
             assert spec.data_dependent and "TBL_PART + tbl_off" in src and "gl.load(TBL_CNT" in src
             assert src.index("buf0 + ") < src.index("for g in range(0, GROUP):", src.index("_consumer("))
