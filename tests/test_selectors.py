@@ -349,6 +349,41 @@ def test_block_tables_follow_selection_and_mask():
     assert sorted(tt.full[0, 0, 2, :nf].tolist()) == [3, 6, 7] and tt.part[0, 0, 2, :npart].tolist() == [2]
 
 
+def test_both_kinds_of_block_tables_are_read_through_get_table():
+    """The runner reads tables through ``BlockTables.get_table``: the mask's own tables have no
+    entry until the runner builds and keeps one (then the same one, unbuilt again); a selection's
+    tables build on first ask from the selection (shared by later calls with the selection)."""
+    from attndsl.selectors.blocks import SelectionTables, block_variant
+    B, Hq, L = 1, 2, 64
+    q = torch.randn(B, Hq, L, 16)
+    doc = torch.tensor([i * 3 // L for i in range(L)], dtype=torch.int32)
+    attn = attndsl.compile(mask_mod=document(doc))
+    r = attn.runner(q)
+    own = r.new_tables(q, q, attn.tensors)
+    assert own.get_table((False, 16, 16)) is None
+    built = r.table(own, attn.tensors, False, 16, 16)
+    assert own.get_table((False, 16, 16)) is built and r.table(own, attn.tensors, False, 16, 16) is built
+    assert own.get_table((True, 16, 16)) is None  # each launch's tiles and orientation: an entry of its own
+    # the built table: per row tile, its full then partial column tiles are those the mask fills / touches
+    same = (doc[:, None] == doc[None, :]).view(4, 16, 4, 16).permute(0, 2, 1, 3)
+    for row in range(4):
+        nf, npart = built.count[0, 0, row].tolist()
+        assert sorted(built.full[0, 0, row, :nf].tolist()) == [c for c in range(4) if same[row, c].all()]
+        assert sorted(built.part[0, 0, row, :npart].tolist()) == [c for c in range(4) if same[row, c].any()
+                                                                  and not same[row, c].all()]
+    sel = BlockSelection(torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32), 32, 32)
+    variant = block_variant(attndsl.compile(mask_mod=causal), sel)
+    picked = SelectionTables(sel, variant.spec, variant.tensors, (B, Hq, L, L))
+    t = picked.get_table((False, 16, 16))
+    assert t is not None and picked.get_table((False, 16, 16)) is t
+    assert r.table(picked, (), False, 16, 16) is t  # never the table kernel: the selection's own
+    want = build_table(sel, variant.spec, [], (B, Hq, L, L), False, 16, 16)
+    for name in ("full", "part", "count"):
+        assert torch.equal(getattr(t, name), getattr(want, name)), name
+    again = SelectionTables(sel, variant.spec, variant.tensors, (B, Hq, L, L))
+    assert again.get_table((False, 16, 16)) is t and again.get_table((True, 16, 16)) is not None
+
+
 def test_moba_selection_and_attention():
     B, Hq, Hkv, L, D = 1, 4, 2, 100, 16
     q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=5)
