@@ -27,7 +27,8 @@ from ..runtime import fastlaunch
 from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
-from ..runtime.checks import compiling, default_check
+from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs, compiling, default_check
+from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
 from ..runtime.launch import VERIFY_MEMO, Runner, _new, use_interpreter
 from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
@@ -322,8 +323,6 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     Everything the dense path takes works here too: softmax (with ``sinks``) and sigmoid
     normalisers, low-rank ``bias_factors`` and learnable captured tensors. Their gradients (and
     dK/dV) are added with atomic adds, so ``deterministic=True`` is refused for learnable tensors."""
-    from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs
-    from ..runtime.empty import empty_call, is_empty
     check_inputs(query, key, value, scale, float64=False)
     check_captured(compiled.tensors, query.device)
     compiled.index_check(compiled.tensors, call_shape(query, key), query.device)
