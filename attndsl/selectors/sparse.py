@@ -22,8 +22,7 @@ import torch
 import triton
 
 from .. import codegen
-from ..runtime import cache
-from ..runtime import fastlaunch
+from ..runtime import cache, fastlaunch
 from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
@@ -128,7 +127,8 @@ class GatherRunner:
     def call_key(self, q, k, v, indices, scale, extras, buffers) -> tuple:
         """What fixes every launch decision of a forward call but the tensors' addresses: the dense
         runner's key (``Runner.call_key``: q/k/v's dtype, shapes, strides and alignment, the extras,
-        the captured tensors) and the indices' dtype, shape, strides and alignment."""
+        the captured tensors; it reads nothing of its runner, so it is shared as it stands) and the
+        indices' dtype, shape, strides and alignment."""
         return Runner.call_key(self, q, k, v, scale, extras, buffers), tensor_key(indices)
 
     def mode(self, t: torch.Tensor):
