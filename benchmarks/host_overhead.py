@@ -37,16 +37,20 @@ def stub_launches():
     device takes (none), so the loop times the Python path alone."""
     from attndsl.runtime import launch
     from attndsl.runtime.scope import NO_CONTEXT
+    from attndsl.selectors.sparse import GatherRunner
     launch.Runner._run = lambda self, *a, **k: None
-    launch.Runner._prepared = lambda self, *a, **k: (lambda args: None)
-    launch.Runner.mode = lambda self, t: NO_CONTEXT
+    for runner in (launch.Runner, GatherRunner):  # the dense and the gather (token selector) kernels
+        runner._prepared = lambda self, *a, **k: (lambda args: None)
+        runner.mode = lambda self, t: NO_CONTEXT
 
 
 def cases(dev, dtype, B, H, L, D):
     """name -> make(requires_grad) -> (call, inputs): ``call()`` returns the output."""
     import attndsl
     from attndsl.patterns import doc_ids_from_lengths, document, sliding_window
+    from attndsl.selectors import random_causal_indices
     ids = doc_ids_from_lengths([L // 4, L - L // 4], device=dev)
+    top = random_causal_indices(L, min(L, 32), device=dev)  # DSA-like: 32 keys per query, shared by the heads
     slopes = torch.rand(H, device=dev)
 
     def causal(b, h, q_idx, kv_idx):
@@ -82,6 +86,11 @@ def cases(dev, dtype, B, H, L, D):
         "attention causal+alibi": case(lambda q, k, v: attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)),
         "attention document(ids) made per call": case(
             lambda q, k, v: attndsl.attention(q, k, v, mask_mod=document(ids))),
+        # token selection (gather kernels); the fast mode: no pass over the indices with a host sync
+        "attention causal indices=top32 (fast mode)": case(
+            lambda q, k, v: attndsl.attention(q, k, v, mask_mod=causal, indices=top, check_indices=False)),
+        "compiled causal indices=top32 (fast mode)": case(
+            lambda q, k, v: compiled(q, k, v, indices=top, check_indices=False)),
     }
 
 

@@ -17,7 +17,7 @@ The ``_tbounds`` kernel exists only where the plan has column-axis frontier valu
 from __future__ import annotations
 
 from attndsl import ir
-from attndsl.passes.tile_intervals import TilePlan, axes, bounds_signature, class_signature, tile_plan
+from attndsl.passes.tile_intervals import TilePlan, axes, tile_plan
 from attndsl.spec import KernelSpec
 
 from .expr import ExprEmitter, literal
@@ -92,9 +92,10 @@ def bounds_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
         w.line(f"tl.store(out + {3 * i + 1} * NT, {hi}, mask=ok)")
         ct = "ok" if nxt[i] is None else _contiguous(code, nxt[i], ", 1")  # (booleans: unused)
         w.line(f"tl.store(out + {3 * i + 2} * NT, ({ct}).to(tl.int64), mask=ok)")
-    name = f"{spec.name}_tbounds{'_t' if transposed else ''}"
+    kernel = f"tbounds{'_t' if transposed else ''}"
+    name = f"{spec.name}_{kernel}"
     doc = f'    """Per {col} tile: minimum, maximum and contiguity of each frontier value along {col} (int64)."""\n'
-    return "\n" + kernel_def(name, bounds_signature(spec)) + doc + w.text()
+    return "\n" + kernel_def(name, spec.lowering.signature(kernel)) + doc + w.text()
 
 
 class _IntervalEmitter:
@@ -245,10 +246,11 @@ def class_kernel(spec: KernelSpec, plan: TilePlan, transposed: bool) -> str:
         tl.store(cnt, n_full)
         tl.store(cnt + 1, n_part)
     """)
-    name = f"{spec.name}_tclass{'_t' if transposed else ''}"
+    kernel = f"tclass{'_t' if transposed else ''}"
+    name = f"{spec.name}_{kernel}"
     doc = (f'    """Block table from per-tile bounds: for one {row} tile, the {col} tiles where the mask holds '
            f'everywhere / somewhere."""\n')
-    return "\n" + kernel_def(name, class_signature(spec)) + doc + w.text()
+    return "\n" + kernel_def(name, spec.lowering.signature(kernel)) + doc + w.text()
 
 
 def render(spec: KernelSpec) -> str:

@@ -224,3 +224,34 @@ def test_moba_blocks_bf16():
     do = torch.randn_like(o)
     for t in torch.autograd.grad(o, (q, k, v), do):
         assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_gather_memoised_direct_launches(verify, monkeypatch):
+    """Repeated token-selector calls of one key launch both gather kernels from the runner's memo
+    (``fastlaunch.Direct`` where this Triton allows it), give the first call's bits, output and
+    gradients (sinks' too; dK/dV up to their atomic adds' order), and match the float64 oracle; with the suite's verification each memoised
+    launch is also checked against a fresh one."""
+    from attndsl.selectors import sparse
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", verify)
+    B, H, Hkv, L, D, K = 1, 8, 2, 512, 64, 64
+    q, k, v = qkv(B, H, Hkv, L, D, seed=13, grad=True)
+    sinks = torch.randn(H, device=DEV, requires_grad=True)
+    idx = random_causal_indices(L, K, B=B, G=Hkv, device=DEV, seed=13)
+    attn = attndsl.compile(mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    runs = []
+    for _ in range(3):
+        out = attn(q, k, v, indices=idx, sinks=sinks, check_indices=False)
+        runs.append((out, *torch.autograd.grad((out.float() ** 2).sum(), (q, k, v, sinks))))
+    memo = sparse.gather_runner(attn, q)._memo
+    assert len(memo) == 2, list(memo)
+    for later in runs[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), runs[0], later):
+            # dK/dV add up with atomics in no fixed order: equal up to the summation order
+            assert torch.equal(a, b) if name not in ("dk", "dv") else rel(a, b) < 1e-3, name
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    ref, _ = reference.sparse_attention(*leaves[:3], idx, mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+                                        sinks=leaves[3])
+    assert rel(runs[-1][0], ref) < 2e-2
+    for got, want in zip(runs[-1][1:], torch.autograd.grad((ref ** 2).sum(), leaves)):
+        assert rel(got, want) < 3e-2

@@ -278,6 +278,125 @@ def test_int64_and_strided_indices_and_compiled_once():
     torch.testing.assert_close(o1, o3, rtol=0, atol=0)
 
 
+# --- the gather runner's launch memo: repeated calls of one key skip the launch decisions ----------
+def _sel_fwd_bwd(attn, q, k, v, idx, seed, **kw):
+    """Output, lse and the q/k/v gradients of one token-selector call (an lse gradient on its finite rows)."""
+    qo, ko, vo = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = attn(qo, ko, vo, indices=idx, return_lse=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    do, dl = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    torch.autograd.backward([out, lse], [do.to(out.dtype), torch.where(torch.isinf(lse), 0.0, dl)])
+    return out.detach(), lse.detach(), qo.grad, ko.grad, vo.grad
+
+
+def test_gather_memo_relaunch_equals_a_fresh_launch(monkeypatch):
+    """As users run (no verification): after the first call of a shape, calls with other tensors of
+    that layout (inputs, selection) decide no launch (both kernels come from the memo) and give the
+    bits a fresh launch (empty memo) gives on the same inputs, outputs and gradients, which match
+    the float64 oracle."""
+    from attndsl.selectors import sparse
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", False)
+    made = []
+    orig = sparse.GatherRunner._prepared
+    monkeypatch.setattr(sparse.GatherRunner, "_prepared", lambda self, fn, *a: made.append(fn) or orig(self, fn, *a))
+    B, Hq, Hkv, L, D, K = 1, 4, 2, 40, 16, 8
+    attn = attndsl.compile(mask_mod=causal, score_mod=softcap)
+    _sel_fwd_bwd(attn, *qkv(B, Hq, Hkv, L, L, D, seed=1), random_indices(B, 2, L, L, K, seed=1), 1)
+    assert len(made) == 2, made  # forward and backward, decided once
+    runner = gather_runner(attn, torch.zeros(B, Hq, L, D))
+    for seed in (2, 3):
+        q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=seed)
+        idx = random_indices(B, 2, L, L, K, seed=seed)
+        memoised = _sel_fwd_bwd(attn, q, k, v, idx, seed)
+        assert len(made) == 2, made
+        runner._memo.clear()
+        fresh = _sel_fwd_bwd(attn, q, k, v, idx, seed)
+        assert len(made) == 4, made
+        made[2:] = []
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), memoised, fresh):
+            assert torch.equal(a, b), name
+    check_against(lambda a, b, c: attn(a, b, c, indices=idx, return_lse=True),
+                  lambda a, b, c: reference.sparse_attention(a, b, c, idx, mask_mod=causal, score_mod=softcap),
+                  q, k, v, TOL[torch.float32])
+
+
+def _offset(t):
+    """The same values one element past an aligned base (another alignment class), differentiably."""
+    flat = torch.cat([t.new_zeros(1), t.flatten()])[1:]
+    return flat.view(t.shape)
+
+
+def test_gather_call_key_follows_shapes_strides_and_dtypes():
+    """Calls whose keys differ in one thing each (length, strides of q, alignment of k, dtype of the
+    inputs, of the indices, the indices' strides, a batch-of-one selection, sinks), interleaved with
+    the first key again: each new key is a memo entry of its own, a repeated one none, every call
+    matches the oracle, and no memoised launch disagrees with a fresh one (the suite's
+    ATTNDSL_VERIFY_MEMO raises otherwise)."""
+    from attndsl.selectors import sparse
+    assert sparse.VERIFY_MEMO
+    B, Hq, Hkv, L, D, K = 2, 4, 2, 24, 16, 6
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=4)
+    idx = random_indices(B, 2, L, L, K, seed=4)
+    one = random_indices(1, 2, L, L, K, seed=5)
+    q2, k2, v2 = qkv(B, Hq, Hkv, 17, 30, D, seed=5)
+    same = (lambda x, y, z: (x, y, z))  # noqa: E731
+    # (q, k, v, indices, keywords, what the call does to the inputs check_against gives it)
+    variants = {
+        "plain": (q, k, v, idx, {}, same),
+        "other lengths": (q2, k2, v2, random_indices(B, 2, 17, 30, K, seed=6), {}, same),
+        "q transposed layout": (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, idx, {}, same),
+        "k misaligned": (q, k, v, idx, {}, lambda x, y, z: (x, _offset(y), z)),
+        "float16": (q.half(), k.half(), v.half(), idx, {}, same),
+        "int64 indices": (q, k, v, idx.long(), {}, same),
+        "indices strided": (q, k, v, idx.transpose(2, 3).contiguous().transpose(2, 3), {}, same),
+        "batch-of-one selection": (q, k, v, one, {}, same),
+        "sinks": (q, k, v, idx, {"sinks": torch.randn(Hq)}, same),
+    }
+    attn = attndsl.compile(mask_mod=causal)
+    runner = gather_runner(attn, q)
+    seen = set()
+    for name in [n for v_ in variants for n in ("plain", v_)]:
+        a, b, c, ix, kw, prep = variants[name]
+        before = len(runner._memo)
+        check_against(lambda x, y, z: attn(*prep(x, y, z), indices=ix, return_lse=True, **kw),
+                      lambda x, y, z: reference.sparse_attention(x, y, z, ix, mask_mod=causal,
+                                                                 **{n: t.double() for n, t in kw.items()}),
+                      a, b, c, TOL[a.dtype], name)
+        assert len(runner._memo) == before + (0 if name in seen else 2), name
+        seen.add(name)
+
+
+def test_gather_memo_keys_the_lse_gradient():
+    """A backward without an lse gradient (``HAS_DLSE`` off) is another key than one with it."""
+    B, Hq, Hkv, L, D, K = 1, 2, 1, 20, 16, 5
+    q, k, v = qkv(B, Hq, Hkv, L, L, D, seed=7)
+    idx = random_indices(B, 1, L, L, K, seed=7)
+    attn = attndsl.compile(mask_mod=causal)
+    _sel_fwd_bwd(attn, q, k, v, idx, 7)
+    qo, ko, vo = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attn(qo, ko, vo, indices=idx)
+    do = torch.randn(out.shape)
+    out.backward(do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference.sparse_attention(q64, k64, v64, idx, mask_mod=causal)
+    (ref * do.double()).sum().backward()
+    for name, a, b in (("out", out, ref), ("dq", qo.grad, q64.grad), ("dk", ko.grad, k64.grad),
+                       ("dv", vo.grad, v64.grad)):
+        _close(name, a, b, TOL[torch.float32])
+    assert len(gather_runner(attn, q)._memo) == 3  # one forward, two backwards
+
+
+def test_gather_memo_verification_catches_an_incomplete_key(monkeypatch):
+    """A call key that leaves out the lengths would relaunch the first call's grid for the second:
+    the verification the suite runs with fails that call instead."""
+    from attndsl.selectors import sparse
+    monkeypatch.setattr(sparse.GatherRunner, "call_key", lambda self, *a: ("one key for every call",))
+    attn = attndsl.compile(mask_mod=causal)
+    attn(*qkv(1, 2, 2, 20, 20, 16), indices=random_indices(1, 1, 20, 20, 4, seed=1))
+    with pytest.raises(AssertionError, match="launch memo"):
+        attn(*qkv(1, 2, 2, 33, 33, 16), indices=random_indices(1, 1, 33, 33, 4, seed=1))
+
+
 def test_selector_kernel_source_fuses_the_pattern():
     from attndsl import codegen
     from attndsl.selectors.sparse import gather_spec
@@ -347,6 +466,41 @@ def test_block_tables_follow_selection_and_mask():
     tt = build_table(sel, spec, [], (B, Hq, L, L), True, 16, 16)    # dK/dV: key tiles as rows
     nf, npart = tt.count[0, 0, 2].tolist()
     assert sorted(tt.full[0, 0, 2, :nf].tolist()) == [3, 6, 7] and tt.part[0, 0, 2, :npart].tolist() == [2]
+
+
+def test_both_kinds_of_block_tables_are_read_through_get_table():
+    """The runner reads tables through ``BlockTables.get_table``: the mask's own tables have no
+    entry until the runner builds and keeps one (then the same one, unbuilt again); a selection's
+    tables build on first ask from the selection (shared by later calls with the selection)."""
+    from attndsl.selectors.blocks import SelectionTables, block_variant
+    B, Hq, L = 1, 2, 64
+    q = torch.randn(B, Hq, L, 16)
+    doc = torch.tensor([i * 3 // L for i in range(L)], dtype=torch.int32)
+    attn = attndsl.compile(mask_mod=document(doc))
+    r = attn.runner(q)
+    own = r.new_tables(q, q, attn.tensors)
+    assert own.get_table((False, 16, 16)) is None
+    built = r.table(own, attn.tensors, False, 16, 16)
+    assert own.get_table((False, 16, 16)) is built and r.table(own, attn.tensors, False, 16, 16) is built
+    assert own.get_table((True, 16, 16)) is None  # each launch's tiles and orientation: an entry of its own
+    # the built table: per row tile, its full then partial column tiles are those the mask fills / touches
+    same = (doc[:, None] == doc[None, :]).view(4, 16, 4, 16).permute(0, 2, 1, 3)
+    for row in range(4):
+        nf, npart = built.count[0, 0, row].tolist()
+        assert sorted(built.full[0, 0, row, :nf].tolist()) == [c for c in range(4) if same[row, c].all()]
+        assert sorted(built.part[0, 0, row, :npart].tolist()) == [c for c in range(4) if same[row, c].any()
+                                                                  and not same[row, c].all()]
+    sel = BlockSelection(torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32), 32, 32)
+    variant = block_variant(attndsl.compile(mask_mod=causal), sel)
+    picked = SelectionTables(sel, variant.spec, variant.tensors, (B, Hq, L, L))
+    t = picked.get_table((False, 16, 16))
+    assert t is not None and picked.get_table((False, 16, 16)) is t
+    assert r.table(picked, (), False, 16, 16) is t  # never the table kernel: the selection's own
+    want = build_table(sel, variant.spec, [], (B, Hq, L, L), False, 16, 16)
+    for name in ("full", "part", "count"):
+        assert torch.equal(getattr(t, name), getattr(want, name)), name
+    again = SelectionTables(sel, variant.spec, variant.tensors, (B, Hq, L, L))
+    assert again.get_table((False, 16, 16)) is t and again.get_table((True, 16, 16)) is not None
 
 
 def test_moba_selection_and_attention():

@@ -50,13 +50,15 @@ def _qkv(L=40, H=2, D=16, grad=True):
     return [torch.randn(1, H, L, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-@pytest.mark.parametrize("case", ["dense", "causal", "document", "learnable", "sigmoid"])
+@pytest.mark.parametrize("case", ["dense", "causal", "document", "document_bounds", "learnable", "sigmoid"])
 def test_dense_kernels_get_every_parameter(case, launches, monkeypatch):
-    # the table kernels themselves: not the per-tile bounds builder that replaces them for document masks
-    monkeypatch.setattr("attndsl.runtime.tables.BOUNDS", False)
+    # "document": the dense table kernels; "document_bounds": the per-tile bounds builder's kernels
+    # that replace them for document masks
+    monkeypatch.setattr("attndsl.runtime.tables.BOUNDS", case == "document_bounds")
     doc = torch.tensor([0] * 15 + [1] * 25, dtype=torch.int32)
     table = torch.zeros(2, 9, requires_grad=True)
     kw = {"dense": {}, "causal": dict(mask_mod=causal), "document": dict(mask_mod=document(doc)),
+          "document_bounds": dict(mask_mod=document(doc)),
           "learnable": dict(mask_mod=causal, score_mod=relative_position_bias(table, 4)),
           "sigmoid": dict(mask_mod=causal, normalizer="sigmoid")}[case]
     attn = attndsl.compile(**kw)
@@ -65,6 +67,8 @@ def test_dense_kernels_get_every_parameter(case, launches, monkeypatch):
     want = {f"{attn.spec.name}_fwd", f"{attn.spec.name}_bwd_dkdv", f"{attn.spec.name}_bwd_dq"}
     if case == "document":
         want |= {f"{attn.spec.name}_table", f"{attn.spec.name}_table_t"}
+    if case == "document_bounds":
+        want |= {f"{attn.spec.name}_{k}{t}" for k in ("tbounds", "tclass") for t in ("", "_t")}
     _check(launches, want)
 
 
@@ -94,7 +98,8 @@ def test_rendered_defs_are_the_spec_signatures():
     for kw in ({}, dict(mask_mod=document(doc)), dict(mask_mod=causal, score_mod=relative_position_bias(table, 4))):
         spec = attndsl.compile(**kw).spec
         cases.append((render(spec), spec, {f"{spec.name}_{k}": k for k in ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq")}
-                      | ({f"{spec.name}_table": "table", f"{spec.name}_table_t": "table_t"} if spec.data_dependent else {})))
+                      | ({f"{spec.name}_{k}": k for k in ("table", "table_t", "tbounds", "tbounds_t", "tclass", "tclass_t")}
+                         if spec.data_dependent else {})))
         gs = gather_spec(spec)
         cases.append((render_gather(gs), gs, {f"{gs.name}_fwd": "gather_fwd", f"{gs.name}_bwd": "gather_bwd"}))
     ix = LightningIndexer().spec

@@ -199,6 +199,34 @@ def test_one_launch_without_column_values(monkeypatch):
     assert launches[0] == 1
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_memoised_builds_take_new_tensors(monkeypatch, verify):
+    """A later build of one key (call shape, tiles, captured tensors' layout) relaunches the first
+    build's kernels with its own tensors: the table of the captured tensor's new contents, equal to
+    the dense kernel's, with no new launch prepared. ``verify=False``: as users run (the memo alone);
+    True: as the suite runs (each memoised launch checked against a fresh fill). A new length is a
+    new key."""
+    from attndsl.runtime import tilebounds
+    monkeypatch.setattr(tilebounds, "VERIFY_MEMO", verify)
+    made = []
+    orig = launch.Runner._prepared
+    monkeypatch.setattr(launch.Runner, "_prepared", lambda self, kernel, *a: made.append(kernel) or orig(self, kernel, *a))
+    ids = doc_ids_from_lengths([20, 30, 14])
+    attn = attndsl.compile(mask_mod=document(ids))
+    r = attn.runner(torch.randn(1, 1, 64, D))
+    tiles = [(False, 16, 32), (True, 32, 16)]
+    for lengths in ([20, 30, 14], [5, 50, 9], [64]):
+        bufs = (doc_ids_from_lengths(lengths),)  # another tensor of the same layout each time
+        for transposed, br, bc in tiles:
+            got = bounded_table(r, (1, 2, 64, 64), bufs, transposed, br, bc, ids.device)
+            want = dense_table(r, (1, 2, 64, 64), bufs, transposed, br, bc, ids.device)
+            assert _sets(got) == _sets(want), (lengths, transposed)
+        assert len(made) == 4, made  # bounds and classifier kernels of each of the two keys, prepared once
+    got = bounded_table(r, (1, 2, 50, 64), attn.tensors, False, 16, 32, ids.device)
+    assert _sets(got) == _sets(dense_table(r, (1, 2, 50, 64), attn.tensors, False, 16, 32, ids.device))
+    assert len(made) == 6
+
+
 def _tile_env(ids, BM, BN):
     """Per (q tile, kv tile) values of a document mask's tile-bound variables, as the kernels compute them."""
     L = ids.numel()

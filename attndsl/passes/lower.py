@@ -204,7 +204,8 @@ def _buffer_layout(spec: KernelSpec, *only) -> list:
 def signatures(spec: KernelSpec) -> tuple:
     """((kernel, (Param, ...)), ...): every kernel's parameters in order, as codegen writes its
     ``def`` and the runtime fills its arguments. Kernels: the dense family ("fwd", "bwd_delta",
-    "bwd_dkdv", "bwd_dq", and "table"/"table_t" for block tables), the gather family
+    "bwd_dkdv", "bwd_dq"; for block tables "table", and "tbounds"/"tclass" that build them from
+    per-tile bounds, each with a "_t" twin for the transposed tables), the gather family
     ("gather_fwd", "gather_bwd"), the lightning indexer ("scores") and the decode family ("decode"
     for both the split-KV and the gather decode kernel, "decode_merge").
 
@@ -261,5 +262,12 @@ def signatures(spec: KernelSpec) -> tuple:
     sigs["decode_merge"] = (_tensors("OP", "LP", "Out", "Lse", "Sinks") + _ints("HQ", "LQ", "NSPLIT")
                             + _qkv_strides("o") + _consts("HEAD_DV", "BLOCK_DV", "BLOCK_S", "HAS_SINKS", "SOFTMAX"))
     if spec.data_dependent:
+        # block tables: the dense table kernel (codegen/table.py), and the per-tile-bounds builder's
+        # two (codegen/tilebounds.py: each column tile's bounds "tbounds", the classifier "tclass",
+        # which reads them from TBND; NT = column tiles). "_t": the transposed tables of dK/dV
         sigs["table"] = sigs["table_t"] = (_TABLE + _ints("TH", "LQ", "LKV") + bufs + _consts("BLOCK_R", "BLOCK_C"))
+        tiles = _ints("TH", "LQ", "LKV", "NT")
+        sigs["tbounds"] = sigs["tbounds_t"] = _tensors("TBND") + tiles + bufs + _consts("BLOCK_C", "BLOCK_T")
+        sigs["tclass"] = sigs["tclass_t"] = (_TABLE + _tensors("TBND") + tiles + bufs
+                                             + _consts("BLOCK_R", "BLOCK_C", "BLOCK_T"))
     return tuple((k, tuple(v)) for k, v in sigs.items())

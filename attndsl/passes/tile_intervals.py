@@ -35,7 +35,6 @@ from .. import ir
 from ..ir import BOOL, FLOAT, Node, node
 from ..ir.graph import free_vars, substitute, topo_order
 from ..ir.printer import expr_str
-from ..spec import KernelSpec, Param
 from .bounds import FALSE, TRUE, IntervalAnalysis
 
 AXES = ("q", "kv")
@@ -263,28 +262,6 @@ def _plan_of(spec) -> TilePlan | str:
     return _cached(spec.mask)
 
 
-# -- the kernels' signatures (codegen/tilebounds.py renders them, runtime/tilebounds.py fills them) --
 def axes(transposed: bool) -> tuple[str, str]:
     """(row axis, column axis) of a table."""
     return ("kv", "q") if transposed else ("q", "kv")
-
-
-def _buffers(spec: KernelSpec) -> list:
-    """The captured tensors' parameters, as the dense table kernel takes them."""
-    return [p for p in spec.lowering.signature("table") if p.name.startswith("buf")]
-
-
-def bounds_signature(spec: KernelSpec) -> tuple:
-    """Parameters of ``<name>_tbounds`` / ``_tbounds_t``."""
-    ints = [Param(n, "int") for n in ("TH", "LQ", "LKV", "NT")]
-    return tuple([Param("TBND", "tensor"), *ints, *_buffers(spec),
-                  Param("BLOCK_C", "constexpr"), Param("BLOCK_T", "constexpr")])
-
-
-def class_signature(spec: KernelSpec) -> tuple:
-    """Parameters of ``<name>_tclass`` / ``_tclass_t``: the dense table kernel's, plus the bounds scratch."""
-    table = [Param(n, "tensor") for n in ("TBL_FULL", "TBL_PART", "TBL_CNT")]
-    table += [Param(n, "int") for n in ("tbl_stride_b", "tbl_stride_h", "tbl_stride_r")]
-    ints = [Param(n, "int") for n in ("TH", "LQ", "LKV", "NT")]
-    return tuple([*table, Param("TBND", "tensor"), *ints, *_buffers(spec),
-                  *(Param(n, "constexpr") for n in ("BLOCK_R", "BLOCK_C", "BLOCK_T"))])

@@ -115,11 +115,21 @@ class Table:
 
 
 class BlockTables:
-    """Device-side tile classification for data-dependent masks, reusable across calls."""
+    """Device-side tile classification for data-dependent masks, reusable across calls.
+
+    ``tables`` maps ``(transposed, rows, cols)`` (the tile sizes of one launch; rows are key tiles
+    when ``transposed``) to the :class:`Table` built for it. Read it through :meth:`get_table`: a
+    kind of tables that makes its entries on demand (``selectors/blocks.py: SelectionTables``)
+    overrides that method, not the dict."""
 
     def __init__(self, shape):
         self.shape = shape  # (B, Hq, Lq, Lkv)
         self.tables: dict = {}
+
+    def get_table(self, key: tuple) -> Table | None:
+        """The table of ``key`` = ``(transposed, rows, cols)``, or None when none is built yet (the
+        runner then builds it: ``runtime/tables.py: build_table``)."""
+        return self.tables.get(key)
 
     def __repr__(self):
         return f"BlockTables(shape={self.shape}, built={sorted(self.tables)})"
@@ -296,9 +306,7 @@ class Runner:
     def table(self, tables: BlockTables | None, buffers, transposed: bool, br: int, bc: int) -> Table:
         """The block table for row tiles ``br`` and column tiles ``bc``: ``tables``' own, or built
         now and kept there (``runtime/tables.py: build_table``)."""
-        key = (transposed, br, bc)
-        # ``in`` and ``[]``, not ``.get``: a selection's tables (selectors/blocks.py) build on ``__missing__``
-        got = tables.tables[key] if tables is not None and key in tables.tables else None
+        got = tables.get_table((transposed, br, bc)) if tables is not None else None
         if got is None:
             from .tables import build_table
             got = build_table(self, tables, buffers, transposed, br, bc)

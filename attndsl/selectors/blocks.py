@@ -145,34 +145,26 @@ def build_table(blocks: BlockSelection, spec, buffers, shape, transposed: bool, 
     return Table(full_l, part_l, count, TB > 1, TH > 1)
 
 
-class _LazyTables(dict):
-    """Every (transposed, rows, cols) the runner asks for is built from the selection on demand."""
-
-    def __init__(self, owner):
-        super().__init__()
-        self.owner = owner
-
-    def __contains__(self, key):
-        return True
-
-    def __missing__(self, key):
-        o = self.owner
-        ck = (o.spec.key, o.shape, key)
-        t = o.blocks._cache.get(ck)
-        if t is None:
-            t = o.blocks._cache[ck] = build_table(o.blocks, o.spec, o.buffers, o.shape, *key)
-        self[key] = t
-        return t
-
-
 class SelectionTables(BlockTables):
-    """Block tables that come from a :class:`BlockSelection` instead of the table kernel."""
+    """Block tables that come from a :class:`BlockSelection` instead of the table kernel: every
+    ``(transposed, rows, cols)`` the runner asks for is built from the selection on first use (and
+    kept by the selection, per spec and call shape, for later calls with it)."""
 
     def __init__(self, blocks: BlockSelection, spec, buffers, shape):
         super().__init__(shape)
         self.blocks, self.spec, self.buffers = blocks, spec, tuple(buffers)
         self.device = blocks.indices.device
-        self.tables = _LazyTables(self)
+
+    def get_table(self, key: tuple) -> Table:
+        """The table of ``key`` = ``(transposed, rows, cols)``, built now if it is new (never None)."""
+        t = self.tables.get(key)
+        if t is None:
+            ck = (self.spec.key, self.shape, key)
+            t = self.blocks._cache.get(ck)
+            if t is None:
+                t = self.blocks._cache[ck] = build_table(self.blocks, self.spec, self.buffers, self.shape, *key)
+            self.tables[key] = t
+        return t
 
 
 def block_variant(compiled, blocks: BlockSelection):

@@ -22,15 +22,16 @@ import torch
 import triton
 
 from .. import codegen
-from ..runtime import cache
+from ..runtime import cache, fastlaunch
 from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import refuse_second_derivative
-from ..runtime.checks import compiling, default_check
-from ..runtime.fastlaunch import run
+from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs, compiling, default_check
+from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
-from ..runtime.launch import _new, use_interpreter
-from ..runtime.marshal import Extras, buffer_named, fill, qkv_strides, strides_named
+from ..runtime.launch import VERIFY_MEMO, Runner, _new, use_interpreter
+from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
+from ..runtime.memo import MEMO_SIZE, Memo, arg_classes, own_slots, tensor_key
 
 GATHER_TAG = "sel"
 
@@ -102,8 +103,11 @@ def gather_spec(spec):
 class GatherRunner:
     """Launches the gather kernels of one spec for one backend and pair of head dims (query/key,
     value): the dense ``Runner``'s shape (arguments filled by name from ``spec.lowering``'s
-    signatures, ``fastlaunch.run``, head-dim constants and tiles from ``runtime/config.py``, the
-    sinks' gradient from ``runtime/gradients.py``), without its memo: each call fills afresh."""
+    signatures, head-dim constants and tiles from ``runtime/config.py``, the sinks' gradient from
+    ``runtime/gradients.py``) and its launch memo (``runtime/memo.py``): the first call of a key
+    (``call_key``) decides grid, constants and the key-fixed arguments, launches and keeps a
+    :class:`~attndsl.runtime.memo.Memo`; a later call of the key only puts its own values (tensors,
+    scale, sigmoid bias) into the memo's arguments and relaunches."""
 
     def __init__(self, spec, interpret: bool, head_dim: int, block_n: int | None = None,
                  head_dim_v: int | None = None):
@@ -117,17 +121,61 @@ class GatherRunner:
         self.bd, self.bd2, self.bdv = self.dims.tiles
         self.cfg = gather_config(max(head_dim, self.head_dim_v), interpret, block_n)
         self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
+        #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
+        self._memo: dict = {}
+
+    def call_key(self, q, k, v, indices, scale, extras, buffers) -> tuple:
+        """What fixes every launch decision of a forward call but the tensors' addresses: the dense
+        runner's key (``Runner.call_key``: q/k/v's dtype, shapes, strides and alignment, the extras,
+        the captured tensors; it reads nothing of its runner, so it is shared as it stands) and the
+        indices' dtype, shape, strides and alignment."""
+        return Runner.call_key(self, q, k, v, scale, extras, buffers), tensor_key(indices)
+
+    def mode(self, t: torch.Tensor):
+        """The launch context for kernels on ``t``'s data (its GPU, or the interpreter)."""
+        return launch_scope(t, self.interpret)
+
+    def _prepared(self, kernel, grid, args, consts):
+        """Launch, and return the launch of later argument lists of the same key (``fastlaunch.prepared``)."""
+        return fastlaunch.prepared(kernel, grid, args, consts, self.interpret, self.cfg.num_warps, self.cfg.num_stages)
 
     def _consts(self, q, hpp):
         return dict(**self.dims.consts(q.dtype, self.interpret), BLOCK_H=max(16, triton.next_power_of_2(hpp)),
                     BLOCK_N=self.cfg.block_n)
 
-    def _launch(self, kernel: str, suffix: str, grid, named: dict, consts: dict) -> None:
-        """Fill ``kernel``'s arguments by name and launch it (``fastlaunch.run``)."""
-        args = fill(kernel, self.spec.lowering.signature(kernel), named, consts)
-        with launch_scope(args[0], self.interpret):
-            run(getattr(self.mod, f"{self.spec.name}_{suffix}"), grid, args, consts, self.interpret,
-                self.cfg.num_warps, self.cfg.num_stages)
+    def _memoised(self, kernel: str, key, own: dict) -> bool:
+        """Launch ``kernel`` from its memo of ``key`` with the call's ``own`` values (True), unless
+        there is none or the memo is verified (``VERIFY_MEMO``: ``_launch`` checks and launches)."""
+        memo = self._memo.get((kernel, key))
+        if memo is None or VERIFY_MEMO:
+            return False
+        args = memo.args(own)
+        with self.mode(args[0]):
+            memo.launch(args)
+        return True
+
+    def _launch(self, kernel: str, key, own: dict, fixed: dict, grid: tuple, consts: dict) -> None:
+        """Fill ``kernel``'s arguments by name from the call's ``own`` values and the key-``fixed``
+        ones, launch it and memoise the launch by ``key``. Under ``VERIFY_MEMO`` a launch the memo
+        has is checked against this fresh one (grid, constants, arguments) and taken from the memo."""
+        params = self.spec.lowering.signature(kernel)
+        args = fill(kernel, params, {**own, **fixed}, consts)
+        check = (grid, consts, arg_classes(args))
+        hit = self._memo.get((kernel, key))
+        with self.mode(args[0]):
+            if hit is not None:
+                if check != hit.check:
+                    raise AssertionError(f"launch memo of {kernel}: the call key {key} was memoised with "
+                                         f"{hit.check}, this call needs {check}")
+                hit.verify(kernel, own, args)
+                hit.launch(args)
+                return
+            # the module's kernels are <name>_fwd and <name>_bwd ("gather_fwd", "gather_bwd" in the signatures)
+            fn = getattr(self.mod, f"{self.spec.name}_{kernel.removeprefix('gather_')}")
+            launch = self._prepared(fn, grid, args, consts)
+        if len(self._memo) >= MEMO_SIZE:
+            self._memo.clear()
+        self._memo[(kernel, key)] = Memo(launch, args, own_slots(kernel, params, own), check, False)
 
     def _grad_consts(self, buffers) -> dict:
         """Bins per piece and pieces per learnable table (``spec.lowering.binned``, ``passes/lower.py``; no pieces:
@@ -156,20 +204,25 @@ class GatherRunner:
         return (B, nu, Lq), hpp, dict(NU=nu, HPU=hpp, GROUP=Hq // Hkv, QPG=Hq // G, LQ=Lq, LKV=Lkv,
                                       NSEL=indices.shape[3])
 
-    def forward(self, q, k, v, indices, scale, buffers, extras: Extras):
-        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
-        out = _new((*q.shape[:3], v.shape[3]), q)
-        lse = _new((B, q.shape[1], Lq), q, torch.float32)
-        named = dict(Q=q, K=k, V=v, IDX=indices, Out=out, Lse=lse, **_qkv_strides(q, k, v, indices),
-                     **strides_named(out, "ob", "oh", "om", "od"), **shape_args, sm_scale=scale,
-                     **extras.named(q, k), **buffer_named(buffers, self.learnable))
-        self._launch("gather_fwd", "fwd", (Lq, B * nu), named, {**extras.consts(), **self._consts(q, hpp)})
+    def forward(self, q, k, v, indices, scale, buffers, extras: Extras, key=None):
+        """Returns (out, lse). ``key``: the call's ``call_key`` (None: computed here)."""
+        B, Hq, Lq = q.shape[:3]
+        out = _new((B, Hq, Lq, v.shape[3]), q)
+        lse = _new((B, Hq, Lq), q, torch.float32)
+        bufs = buffer_tensors(buffers, self.learnable)
+        own = {"Q": q, "K": k, "V": v, "IDX": indices, "Out": out, "Lse": lse, "sm_scale": scale, **extras.own(q),
+               **bufs}
+        key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
+        if not self._memoised("gather_fwd", key, own):
+            (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
+            fixed = {**_qkv_strides(q, k, v, indices), **strides_named(out, "ob", "oh", "om", "od"), **shape_args,
+                     **extras.layout(q, k), **buffer_layout(bufs)}
+            self._launch("gather_fwd", key, own, fixed, (Lq, B * nu), {**extras.consts(), **self._consts(q, hpp)})
         return out, lse
 
-    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras):
+    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras, key=None):
         """Returns (dq, dk, dv, dsinks, du, dw, {slot: gradient of each learnable captured tensor}),
-        as the dense ``Runner.backward``."""
-        (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
+        as the dense ``Runner.backward``. ``key``: the forward's ``call_key`` (None: computed here)."""
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         dq = _new(q.shape, q)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -178,19 +231,27 @@ class GatherRunner:
         # low-rank factors' gradients in float32 buffers of their own shapes (stride 0 where they broadcast)
         du, dw = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) if t is not None else q
                   for t in (extras.u, extras.w))
-        bias_strides = [*_broadcast_strides(du, extras.u)[:3], *_broadcast_strides(dw, extras.w)[:3]]
         dbufs = {slot: torch.zeros(buffers[slot].shape, dtype=torch.float32, device=q.device)
                  for slot in sorted(self.learnable)}
-        named = dict(Q=q, K=k, V=v, IDX=indices, Out=out, DO=dout, Lse=lse, DLse=dl, DQ=dq, DK=dk, DV=dv, DU=du, DW=dw,
-                     **_qkv_strides(q, k, v, indices), **strides_named(out, "ob", "oh", "om", "od"),
+        bufs = buffer_tensors(buffers, self.learnable)
+        own = {"Q": q, "K": k, "V": v, "IDX": indices, "Out": out, "DO": dout, "Lse": lse, "DLse": dl, "DQ": dq,
+               "DK": dk, "DV": dv, "DU": du, "DW": dw, "sm_scale": scale, **extras.own(q), **bufs,
+               **{f"DBUF{gl.slot}_{i}": dbufs[gl.slot] for i, gl in enumerate(self.spec.grad_loads)}}
+        key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
+        # the output's and the gradients' layouts (dlse: its alignment, or none)
+        key = (key, tensor_key(out), tensor_key(dout), None if dlse is None else tensor_key(dl))
+        if not self._memoised("gather_bwd", key, own):
+            (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
+            bias_strides = [*_broadcast_strides(du, extras.u)[:3], *_broadcast_strides(dw, extras.w)[:3]]
+            fixed = {**_qkv_strides(q, k, v, indices), **strides_named(out, "ob", "oh", "om", "od"),
                      **strides_named(dout, "dob", "doh", "dom", "dod"), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
                      **strides_named(dk, "dkb", "dkh", "dkn", "dkd"), **strides_named(dv, "dvb", "dvh", "dvn", "dvd"),
                      **dict(zip(("stride_dub", "stride_duh", "stride_dum", "stride_dwb", "stride_dwh", "stride_dwn"),
                                 bias_strides, strict=True)),
-                     **shape_args, sm_scale=scale, **extras.named(q, k), **buffer_named(buffers, self.learnable),
-                     **{f"DBUF{gl.slot}_{i}": dbufs[gl.slot] for i, gl in enumerate(self.spec.grad_loads)})
-        consts = dict(HAS_DLSE=dlse is not None, **extras.consts(), **self._consts(q, hpp), **self._grad_consts(buffers))
-        self._launch("gather_bwd", "bwd", (Lq, B * nu), named, consts)
+                     **shape_args, **extras.layout(q, k), **buffer_layout(bufs)}
+            consts = dict(HAS_DLSE=dlse is not None, **extras.consts(), **self._consts(q, hpp),
+                          **self._grad_consts(buffers))
+            self._launch("gather_bwd", key, own, fixed, (Lq, B * nu), consts)
         dsinks = sink_gradient(extras.sinks, lse, row_delta(out, dout, dlse)) if extras.sinks is not None else None
         du = du.to(extras.u.dtype) if extras.u is not None else None
         dw = dw.to(extras.w.dtype) if extras.w is not None else None
@@ -217,9 +278,10 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, u, w, indices, runner, scale, sigmoid_bias, *buffers):
         extras = Extras(sinks, u, w, sigmoid_bias)
-        out, lse = runner.forward(q, k, v, indices, scale, buffers, extras)
+        key = runner.call_key(q, k, v, indices, scale, extras, buffers)
+        out, lse = runner.forward(q, k, v, indices, scale, buffers, extras, key=key)
         ctx.save_for_backward(q, k, v, sinks, u, w, indices, out, lse, *buffers)
-        ctx.runner, ctx.scale, ctx.sigmoid_bias = runner, scale, sigmoid_bias
+        ctx.runner, ctx.scale, ctx.sigmoid_bias, ctx.key = runner, scale, sigmoid_bias, key
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)  # an unused lse gets None: the kernel skips its dlse term
         if runner.spec.normalizer != "softmax":
@@ -234,7 +296,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         softmax = ctx.runner.spec.normalizer == "softmax"
         dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(q, k, v, indices, out, lse, dout,
                                                                 dlse if softmax else None, ctx.scale, buffers,
-                                                                Extras(sinks, u, w, ctx.sigmoid_bias))
+                                                                Extras(sinks, u, w, ctx.sigmoid_bias), key=ctx.key)
         grads = tuple(dbufs.get(i) for i in range(len(buffers)))
         return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
                                         (dq, dk, dv, dsinks, du, dw, None, None, None, None) + grads)
@@ -261,8 +323,6 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     Everything the dense path takes works here too: softmax (with ``sinks``) and sigmoid
     normalisers, low-rank ``bias_factors`` and learnable captured tensors. Their gradients (and
     dK/dV) are added with atomic adds, so ``deterministic=True`` is refused for learnable tensors."""
-    from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs
-    from ..runtime.empty import empty_call, is_empty
     check_inputs(query, key, value, scale, float64=False)
     check_captured(compiled.tensors, query.device)
     compiled.index_check(compiled.tensors, call_shape(query, key), query.device)
