@@ -250,3 +250,125 @@ def test_sinks_and_low_rank_factors_are_planned_and_sink_values_checked_per_vers
         attn(q, k, v, bias_factors=(u[:, :, :16], w))
     with pytest.raises(TypeError, match="must be a pair"):
         attn(q, k, v, bias_factors=(u, w, w))
+
+
+# --- prepared launches: a call key's forward and backward without launch decisions ---------------
+@pytest.fixture
+def as_users_run(monkeypatch):
+    """The launch memo without the suite's verification (ATTNDSL_VERIFY_MEMO): the prepared
+    launches (``FastForward``/``FastBackward``) launch themselves, as they do for users. Returns
+    the list of prepared launches taken, by class."""
+    from attndsl.runtime import launch
+    monkeypatch.setattr(launch, "VERIFY_MEMO", False)
+    taken = []
+    for cls in (launch.FastForward, launch.FastBackward):
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _f=cls.__call__: taken.append(type(self).__name__)
+                            or _f(self, *a))
+    return taken
+
+
+def _grads(out, inputs, loss="square", lse=None):
+    total = (out * out).sum() if loss == "square" else out.sum()
+    if lse is not None:
+        total = total + (lse * lse).sum()
+    return torch.autograd.grad(total, inputs)
+
+
+def _reference_grads(inputs, loss="square", with_lse=False, **kw):
+    l64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref, ref_lse = attndsl.reference.attention(*l64[:3], **kw)
+    return ref, _grads(ref, l64, loss, ref_lse if with_lse else None)
+
+
+def test_prepared_calls_give_the_first_calls_bits_and_a_fresh_runners_gradients(as_users_run):
+    """Repeated forward+backward calls of one key take the prepared launches and give exactly the
+    bits of the first call (the ordinary path), and of a fresh compiled pattern's first call."""
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(L=40, grad=True)
+    runs = []
+    for _ in range(3):
+        out = attn(q, k, v)
+        runs.append((out, *_grads(out, (q, k, v))))
+    assert as_users_run == ["FastForward", "FastBackward"] * 2, as_users_run
+    fresh = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    out = fresh(q, k, v)
+    first = (out, *_grads(out, (q, k, v)))
+    for later in (*runs[1:], first):
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    ref, ref_grads = _reference_grads((q, k, v), mask_mod=causal)
+    check(runs[2][0], q, k, v, mask_mod=causal)
+    for g, r in zip(runs[2][1:], ref_grads):
+        assert float((g.double() - r).abs().max()) < 1e-4
+
+
+def test_prepared_launches_rekey_on_strides_dtype_lengths_and_gradient_layout(as_users_run):
+    """Calls that differ from a prepared one in strides, dtype, lengths, the output gradient's
+    layout or an lse gradient, interleaved with the first call again: each matches the float64
+    reference, forward and gradients (a stale prepared launch would not)."""
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(L=32, grad=True)
+    variants = {
+        "plain": ((q, k, v), "square", False),
+        "transposed q": ((q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(), k, v), "square",
+                         False),
+        "float64": (tuple(t.detach().double().requires_grad_() for t in (q, k, v)), "square", False),
+        "longer": (qkv(L=48, grad=True), "square", False),
+        "longer keys": (qkv(L=32, Lkv=48, grad=True), "square", False),
+        "broadcast gradient": ((q, k, v), "sum", False),
+        "lse gradient": ((q, k, v), "square", True),
+    }
+    for name in [n for v_ in variants for n in ("plain", v_, v_)]:
+        inputs, loss, with_lse = variants[name]
+        if with_lse:
+            out, lse = attn(*inputs, return_lse=True)
+        else:
+            out, lse = attn(*inputs), None
+        grads = _grads(out, inputs, loss, lse)
+        ref, ref_grads = _reference_grads(inputs, loss, with_lse, mask_mod=causal)
+        assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4, name
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            assert float((g.double() - r).abs().max()) < 1e-4, f"{name}: gradient {i}"
+    assert "FastForward" in as_users_run and "FastBackward" in as_users_run
+
+
+def test_prepared_launches_of_sinks_sigmoid_and_inference(as_users_run):
+    """Sinks (their gradient from the prepared backward), the sigmoid normaliser (no row
+    statistics) and inference calls (no autograd) through the prepared launches."""
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv(grad=True)
+    sinks = torch.tensor([0.3, -0.2], requires_grad=True)
+    for _ in range(3):
+        out = attn(q, k, v, sinks=sinks)
+        grads = _grads(out, (q, k, v, sinks))
+    l64 = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    ref, _ = attndsl.reference.attention(*l64[:3], mask_mod=causal, sinks=l64[3])
+    for g, r in zip((out, *grads), (ref, *_grads(ref, l64))):
+        assert float((g.double() - r.detach()).abs().max()) < 1e-4
+    sig = attndsl.compile(mask_mod=causal, normalizer="sigmoid", block_m=BLOCK, block_n=BLOCK)
+    for _ in range(3):
+        out = sig(q, k, v)
+        grads = _grads(out, (q, k, v))
+    ref, ref_grads = _reference_grads((q, k, v), mask_mod=causal, normalizer="sigmoid")
+    for g, r in zip((out, *grads), (ref, *ref_grads)):
+        assert float((g.double() - r.detach()).abs().max()) < 1e-4
+    with torch.no_grad():
+        for _ in range(3):
+            check(attn(q, k, v), q, k, v, mask_mod=causal)
+    assert as_users_run.count("FastBackward") == 4 and as_users_run.count("FastForward") >= 6, as_users_run
+
+
+def test_prepared_launch_arguments_are_verified_under_the_suite():
+    """Under ATTNDSL_VERIFY_MEMO (the suite's setting) a prepared call checks its arguments against
+    the ordinary path's: a wrong output template fails the call instead of launching."""
+    from attndsl.runtime import launch
+    assert launch.VERIFY_MEMO
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    attn(q, k, v)
+    (plan,) = attn._plans.values()
+    assert isinstance(plan.memo.fwd, launch.FastForward)
+    check(attn(q, k, v), q, k, v, mask_mod=causal)  # the prepared forward, verified
+    plan.memo.fwd.out = torch.empty(1).expand(1, 2, 31, 16)
+    with pytest.raises(AssertionError, match="prepared forward"):
+        attn(q, k, v)

@@ -30,8 +30,8 @@ MAX_PATTERNS = 256
 #: names whose presence in a pattern's code makes the key include captured tensors' full shapes
 #: (the trace may bake a size into the IR: ``kv_idx % t.shape[0]``)
 _SHAPE_NAMES = frozenset({"shape", "size", "numel", "len", "nelement", "dim", "ndim", "ndimension"})
-_CONST_TYPES = (int, float, bool, str, bytes, complex, type(None), type(Ellipsis), torch.dtype, torch.device,
-                torch.layout, torch.memory_format)
+_CONST_TYPES = frozenset({int, float, bool, str, bytes, complex, type(None), type(Ellipsis), torch.dtype, torch.device,
+                          torch.layout, torch.memory_format})
 
 
 class Uncacheable(Exception):
@@ -275,13 +275,12 @@ class PatternCache:
         try:
             key, tensors = walk(mask_mod, score_mod)
             key = (key, options)
-            hash(key)
+            e = self.entries.get(key)  # hashes the key: TypeError when something in it is unhashable
         except (Uncacheable, TypeError, RecursionError) as e:
             self.uncacheable += 1
             log.debug("attndsl: pattern %r/%r not cached (%s); traced for this call", mask_mod, score_mod, e)
             c = make()
             return c, c.tensors
-        e = self.entries.get(key)
         sized = getattr(e.compiled, "sized", None) if e is not None else None
         if sized and any(tuple(tensors[e.slots[i]].shape) != shape for i, shape in sized.items()):
             e = None  # the IR unrolled a dimension of a tensor whose size differs now: trace again
