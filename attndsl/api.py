@@ -47,7 +47,7 @@ class _Plan(NamedTuple):
     runner: Runner
     scale: float  # the default scale, 1/sqrt(D)
     extras: Extras  # the sigmoid bias of the length (sinks and low-rank factors are bound per call)
-    memo: Prepared | None  # the launches of the call key (``Runner.call_key``); None with block tables
+    memo: Prepared  # the launches of the call key (``Runner.call_key``)
     shape: tuple  # (B, Hq, Lq, Lkv)
     value_checks: bool  # the pattern's index checks read captured values: run every call
     whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
@@ -273,8 +273,8 @@ class CompiledAttention:
             if block_tables.shape != shape:
                 raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
         # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
-        memo = None if self.spec.data_dependent else Prepared(r.call_key(
-            query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale), extras, tensors))
+        memo = Prepared(r.call_key(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
+                                   extras, tensors))
         plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
                      self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax")
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
@@ -297,13 +297,14 @@ class CompiledAttention:
             tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
         extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
-                                        or _any_grad(sinks, u, w, tensors)):
+                                        or ((tensors or sinks is not None or u is not None)
+                                            and _any_grad(sinks, u, w, tensors))):
             got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
         else:  # inference: no graph node, no saved tensors
-            if plan.memo is not None:
+            if tables is None:
                 out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras)
-            else:
-                out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras)
+            else:  # block tables: the launches are memoised by the key, the tables are the call's
+                out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo.key)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)

@@ -372,3 +372,73 @@ def test_prepared_launch_arguments_are_verified_under_the_suite():
     plan.memo.fwd.out = torch.empty(1).expand(1, 2, 31, 16)
     with pytest.raises(AssertionError, match="prepared forward"):
         attn(q, k, v)
+
+
+def _leaf_causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _late_global_bias(score, b, h, q_idx, kv_idx):
+    return score + _LATE[h]  # noqa: F821 (set by the test below)
+
+
+def test_the_leaf_shortcut_of_the_pattern_walk_keys_as_the_full_walk():
+    """``patterns.walk`` skips the walk for plain functions with no closure, defaults or set
+    globals; its key is the full walk's, and a global that appears later (a tensor) is walked."""
+    from attndsl.runtime import patterns
+
+    def noop(score, b, h, q_idx, kv_idx):
+        return score
+    for m, s in ((_leaf_causal, None), (None, noop), (_leaf_causal, noop), (_leaf_causal, _late_global_bias)):
+        w = patterns._walk(m, s)
+        assert patterns.walk(m, s) == (tuple(w.parts), w.tensors)
+    assert patterns._leaves(_leaf_causal, _late_global_bias) is not None
+    global _LATE
+    _LATE = torch.randn(2)
+    try:
+        assert patterns._leaves(_leaf_causal, _late_global_bias) is None
+        key, tensors = patterns.walk(_leaf_causal, _late_global_bias)
+        assert len(tensors) == 1 and tensors[0] is _LATE
+        q, k, v = qkv()
+        check(attndsl.attention(q, k, v, mask_mod=_leaf_causal, score_mod=_late_global_bias), q, k, v,
+              mask_mod=_leaf_causal, score_mod=_late_global_bias)
+    finally:
+        del _LATE
+
+
+def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monkeypatch):
+    """A data-dependent mask (documents): the second call of a key decides no launch again (the
+    table of the memoised tiles joins the call's own values), an in-place change of the document
+    ids (a new table) and a new length are still right, forward and gradients; as users run
+    (no verification) and under the suite's verification alike."""
+    from attndsl.runtime import launch
+    made = []  # the attention kernels' launches decided and memoised (not the table builders')
+    orig = launch.Runner._prepared
+    monkeypatch.setattr(launch.Runner, "_prepared", lambda self, kernel, *a: (
+        kernel in self._signature_of and made.append(kernel)) or orig(self, kernel, *a))
+    for verify in (False, True):
+        monkeypatch.setattr(launch, "VERIFY_MEMO", verify)
+        made.clear()
+        ids = torch.tensor([0] * 13 + [1] * 19)
+
+        def doc(b, h, q_idx, kv_idx):
+            return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+        attn = attndsl.compile(mask_mod=doc, block_m=BLOCK, block_n=BLOCK)
+        q, k, v = qkv(L=32, grad=True)
+        for step in range(4):
+            if step == 2:
+                ids[:24] = 0  # other documents, in place: a new table, the same launches
+            out = attn(q, k, v)
+            grads = _grads(out, (q, k, v))
+            ref, ref_grads = _reference_grads((q, k, v), mask_mod=doc)
+            assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4, (verify, step)
+            for g, r in zip(grads, ref_grads):
+                assert float((g.double() - r).abs().max()) < 1e-4, (verify, step)
+            if step == 0:
+                first = len(made)
+        assert first == 4 and len(made) == 4, (verify, made)  # forward, delta, dK/dV, dQ: once
+        q2, k2, v2 = qkv(L=32, H=1, grad=True)  # another key: decided afresh
+        out = attn(q2, k2, v2)
+        assert len(made) == 5, (verify, made)
+        ref, _ = _reference_grads((q2, k2, v2), mask_mod=doc)
+        assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4

@@ -235,6 +235,27 @@ class Runner:
             memo.launch(args)
         return True
 
+    @staticmethod
+    def _tables_key(key, tables):
+        """The memo key of a call with ``tables``: ``key`` marked as a block-table call; None (no
+        memo) for tables other than ``BlockTables`` (a block selection's, whose layout is its own)."""
+        if tables is None or key is None:
+            return key
+        return (key, "tables") if type(tables) is BlockTables else None
+
+    def _table_memo(self, kernel, key, own: dict, tables, buffers, transposed: bool):
+        """``(memo, own, key)`` of a launch: the memo of ``kernel`` for ``key`` and the call's own
+        values. With block tables, the table of the memoised tiles joins the own values (its tensors
+        are the call's: ``TABLES`` keeps them per captured tensors' versions), provided its
+        arguments specialise as the memoised ones did; otherwise no memo and no key (decided afresh)."""
+        memo = self._memo_of(kernel, key)
+        if memo is None or tables is None:
+            return memo, own, key
+        targs = self._table_args(tables, buffers, transposed)(memo.cfg)
+        if arg_classes(targs) != memo.table_classes:
+            return None, own, None
+        return memo, {**own, **dict(zip(Table.PARAMS, targs, strict=True))}, key
+
     def _launch(self, kernel, grid, own: dict, cfg: TileConfig, which: str, table_args=None, key=None,
                 fixed=None, tiles=True, **consts):
         """Launch ``kernel`` with its arguments filled by name from the call's ``own`` values and
@@ -253,8 +274,11 @@ class Runner:
             try:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
-                if table_args is not None:
-                    named = {**named, **dict(zip(Table.PARAMS, table_args(cfg), strict=True))}
+                own_all, targs = own, None
+                if table_args is not None:  # the table's arguments are the call's own (see _table_memo)
+                    targs = table_args(cfg)
+                    tnamed = dict(zip(Table.PARAMS, targs, strict=True))
+                    named, own_all = {**named, **tnamed}, {**own, **tnamed}
                 scratch = (cs.get("KV_TMA") or cs.get("W_TMA")) and not self.interpret
                 g = grid(cfg)
                 all_consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs) if tiles else cs
@@ -264,7 +288,7 @@ class Runner:
                     if check != hit.check:
                         raise AssertionError(f"launch memo of {which}: the call key {key} was memoised with "
                                              f"{hit.check}, this call needs {check}")
-                    hit.verify(kname, own, full)
+                    hit.verify(kname, own_all, full)
                 with self.mode(full[0]), (descriptor_scratch() if scratch else NO_CONTEXT):
                     if hit is not None:
                         hit.launch(full)
@@ -275,8 +299,9 @@ class Runner:
                         if len(self._memo) >= MEMO_SIZE:
                             self._memo.clear()
                         # a Direct launch allocates the descriptors' scratch itself
-                        self._memo[memo_key] = Memo(launch, full, own_slots(kname, params, own), check,
-                                                    bool(scratch) and not isinstance(launch, Direct))
+                        self._memo[memo_key] = Memo(launch, full, own_slots(kname, params, own_all), check,
+                                                    bool(scratch) and not isinstance(launch, Direct), cfg=cfg,
+                                                    table_classes=None if targs is None else arg_classes(targs))
                 return cfg
             except triton.runtime.errors.OutOfResources:
                 smaller = retry_tiles(cfg, bool(self.spec.tiles)) if tiles else None
@@ -339,11 +364,12 @@ class Runner:
             bm = min(self.forward_tiles(q)[1].block_m, 16)
             visits = torch.zeros(2 * B * Hq * cdiv(Lq, bm), dtype=torch.int32, device=q.device)
         kernel = self._kernel("fwd")
-        # block tables and visit counts are per-call tensors of the tiles' shape: no memo
-        key = key if tables is None and not count_visits else None
+        # visit counts are per-call tensors of the tiles' shape: no memo; block tables: see _table_memo
+        key = None if count_visits else self._tables_key(key, tables)
         bufs = buffer_tensors(buffers, self.learnable)
         own = self._forward_own(q, k, v, out, stats, visits, scale, extras, bufs)
-        if self._memoised(self._memo_of(kernel, key), own):
+        memo, own, key = self._table_memo(kernel, key, own, tables, buffers, False)
+        if self._memoised(memo, own):
             return out, lse, None
         which, cfg = self.forward_tiles(q)
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, cfg, which,
@@ -361,7 +387,7 @@ class Runner:
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
-        elif key is not None and key not in self._fast_fwd:
+        elif key is not None and tables is None and key not in self._fast_fwd:
             self._keep(self._fast_fwd, key, FastForward.make(self, key, self._memo.get((kernel, key)), out, lse, buffers))
         return out, lse, (visits if count_visits else None)
 
@@ -417,8 +443,8 @@ class Runner:
         Hkv, Lkv = k.shape[1], k.shape[2]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic
-        fkey = key if tables is None else None
-        key = self._backward_key(key, dout, dlse) if fkey is not None else None
+        fkey = key
+        key = self._tables_key(self._backward_key(key, dout, dlse), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
@@ -452,20 +478,22 @@ class Runner:
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
         own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, scale, xown, bufs)
         consts = None
-        if not self._memoised(self._memo_of(dkdv, key), own):
+        memo, own, dkdv_key = self._table_memo(dkdv, key, own, tables, buffers, True)
+        if not self._memoised(memo, own):
             consts = {**self._consts(q.dtype), **extras.consts()}
             self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), own, self.cfg.dkdv, "dkdv",
-                         table_args=self._table_args(tables, buffers, True), key=key,
+                         table_args=self._table_args(tables, buffers, True), key=dkdv_key,
                          # the programs of a K/V head visit its query heads one after another
                          fixed=lambda: {**shared(), **strides_named(dk, "dkb", "dkh", "dkn", "dkd"),
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
                          **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
         own = self._dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named)
-        if not self._memoised(self._memo_of(dqk, key), own):
+        memo, own, dq_key = self._table_memo(dqk, key, own, tables, buffers, False)
+        if not self._memoised(memo, own):
             consts = consts or {**self._consts(q.dtype), **extras.consts()}
             self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
-                         table_args=self._table_args(tables, buffers, False), key=key,
+                         table_args=self._table_args(tables, buffers, False), key=dq_key,
                          fixed=lambda: {**shared(), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
                                         "SECTION": self._kv_section(q, k, v)},
                          **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self.dims.even)
@@ -481,7 +509,7 @@ class Runner:
             ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         if dbufs:
             dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
-        if key is not None and key not in self._fast_bwd:
+        if key is not None and tables is None and key not in self._fast_bwd:
             self._keep(self._fast_bwd, key, FastBackward.make(self, fkey, key, dout, dlse, extras, buffers, delta0,
                                                               (dq, dk, dv)))
         return dq, dk, dv, dsinks, du, dw, dbufs
@@ -665,7 +693,7 @@ class FastBackward:
     templates. Only for calls without learnable captured tensors and low-rank factors (their
     gradient buffers and reductions take the ordinary path). See :class:`FastForward`."""
 
-    __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "tpl", "convert")
+    __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "tpl", "convert", "allocator")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -685,6 +713,7 @@ class FastBackward:
         if any(m is None or m.rest is None or m.slots[0] != n for m, n in want) or any(t is None for t in b.tpl):
             return None
         b.convert = _needs_conversion(runner, buffers)
+        b.allocator = any(m.allocator for m, _ in want)
         return b
 
     def __call__(self, q, k, v, out, lse, dout, dlse, scale, buffers, extras):
@@ -702,15 +731,25 @@ class FastBackward:
         if VERIFY_MEMO:
             self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=self.key)
+        scope = r.mode(q)  # one launch scope for the three launches (as ``Runner._memoised`` enters it)
+        if scope is NO_CONTEXT and not self.allocator:
+            delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown)
+        else:
+            with scope, (descriptor_scratch() if self.allocator else NO_CONTEXT):
+                delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown)
+        dsinks = sink_gradient(s, stats, delta) if s is not None else None
+        return dq, dk, dv, dsinks, None, None, {}
+
+    def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown):
+        """The delta, dK/dV and dQ launches; returns the delta the gradients used."""
         if args_delta is not None:
-            _launch_in_scope(r, self.delta, args_delta)
+            self.delta.launch(args_delta)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(delta.dtype)
-        _launch_in_scope(r, self.dkdv, [q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.dkdv.rest])
-        _launch_in_scope(r, self.dq, [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.dq.rest])
-        dsinks = sink_gradient(s, stats, delta) if s is not None else None
-        return dq, dk, dv, dsinks, None, None, {}
+        self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.dkdv.rest])
+        self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.dq.rest])
+        return delta
 
     def _verify(self, q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras):
         """Under ``VERIFY_MEMO``: the argument lists are the ordinary path's (``_same_arguments``)."""
