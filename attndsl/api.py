@@ -559,7 +559,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
     * **Call plans**: the input checks a call passed, per call key (shapes, strides, dtypes,
-      devices, alignment; see :class:`CompiledAttention`), kept with the cached pattern.
+      devices, alignment; see :class:`CompiledAttention`), kept with the cached pattern, with the
+      key's launches prepared (tiles, grid, constants and argument specialisation decided once,
+      forward and backward: a later call allocates its outputs and launches). A call with block
+      tables takes its own tables into the prepared launches.
     * **Index checks** of indices computed from captured values (``table[ids[q_idx]]``): by default
       once per captured tensor version (a host sync the first time only).
 
