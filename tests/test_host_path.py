@@ -442,3 +442,44 @@ def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monk
         assert len(made) == 5, (verify, made)
         ref, _ = _reference_grads((q2, k2, v2), mask_mod=doc)
         assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4
+
+
+@pytest.mark.gpu
+def test_prepared_launches_on_a_gpu_and_in_a_cuda_graph(monkeypatch):
+    """On CUDA, as users run (no verification): repeated calls of a key take the prepared launches
+    (``Direct`` underneath: the stream of the runner's device, descriptor scratch per launch), give
+    the first call's bits and match the reference, forward and gradients; a prepared forward
+    captured in a CUDA graph replays on new contents of its inputs."""
+    from attndsl.runtime import launch
+    monkeypatch.setattr(launch, "VERIFY_MEMO", False)
+    attn = attndsl.compile(mask_mod=causal)
+    g = torch.Generator(device="cuda").manual_seed(torch.seed())
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    runs = []
+    for _ in range(3):
+        out = attn(q, k, v)
+        runs.append((out, *torch.autograd.grad((out.float() ** 2).sum(), (q, k, v))))
+    (plan,) = attn._plans.values()
+    assert isinstance(plan.memo.fwd, launch.FastForward) and isinstance(plan.memo.bwd, launch.FastBackward)
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = attndsl.reference.attention(*l64, mask_mod=causal)
+    assert float((runs[-1][0].double() - ref).abs().max()) < 2e-2
+    for got, want in zip(runs[-1][1:], torch.autograd.grad((ref ** 2).sum(), l64)):
+        assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 2e-2
+    qs, ks, vs = (t.detach().clone() for t in (q, k, v))
+    with torch.no_grad():
+        attn(qs, ks, vs)  # the inference plan's prepared forward, before the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attn(qs, ks, vs)
+        for t in (qs, ks, vs):
+            t.copy_(torch.randn(t.shape, device="cuda", dtype=t.dtype, generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = attn(qs, ks, vs)
+    assert torch.equal(out, want)
