@@ -22,7 +22,7 @@ from .runtime.checks import (call_shape, check_captured, check_extras, check_gpu
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
-from .runtime.launch import BlockTables, Extras, Runner, use_interpreter
+from .runtime.launch import BlockTables, Extras, Prepared, Runner, use_interpreter
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES
 
@@ -47,7 +47,7 @@ class _Plan(NamedTuple):
     runner: Runner
     scale: float  # the default scale, 1/sqrt(D)
     extras: Extras  # the sigmoid bias of the length (sinks and low-rank factors are bound per call)
-    memo: tuple | None  # the runner's launch-memo key (``Runner.call_key``); None with block tables
+    memo: Prepared  # the launches of the call key (``Runner.call_key``)
     shape: tuple  # (B, Hq, Lq, Lkv)
     value_checks: bool  # the pattern's index checks read captured values: run every call
     whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
@@ -72,23 +72,25 @@ def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_fac
         return None
     if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
         return None
-    got = [query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
+    got = (query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
            key.shape, key.stride(), key.dtype, key.device, key.data_ptr() & 15,
            value.shape, value.stride(), value.dtype, value.device, value.data_ptr() & 15,
-           scale is None or scale > 0, return_lse]
-    for t in tensors:
-        got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+           scale is None or scale > 0, return_lse)
+    if tensors:
+        got += tuple([x for t in tensors for x in (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
+    if sinks is None and bias_factors is None:  # the common call
+        return (*got, None)
     extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
     if len(extra) not in (1, 3):
         return None
     for t in extra:
         if t is None:
-            got.append(None)
+            got += (None,)
         elif type(t) in _PLAIN_TENSORS:
             got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
         else:
             return None
-    return tuple(got)
+    return got
 
 
 #: tensor types whose metadata a plan key may stand for (sinks and factors are often parameters)
@@ -271,8 +273,8 @@ class CompiledAttention:
             if block_tables.shape != shape:
                 raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
         # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
-        memo = None if self.spec.data_dependent else r.call_key(
-            query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale), extras, tensors)
+        memo = Prepared(r.call_key(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
+                                   extras, tensors))
         plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
                      self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax")
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
@@ -295,10 +297,14 @@ class CompiledAttention:
             tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
         extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
-                                        or _any_grad(sinks, u, w, tensors)):
+                                        or ((tensors or sinks is not None or u is not None)
+                                            and _any_grad(sinks, u, w, tensors))):
             got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
         else:  # inference: no graph node, no saved tensors
-            out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo)
+            if tables is None:
+                out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras)
+            else:  # block tables: the launches are memoised by the key, the tables are the call's
+                out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo.key)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)
@@ -553,7 +559,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
     * **Call plans**: the input checks a call passed, per call key (shapes, strides, dtypes,
-      devices, alignment; see :class:`CompiledAttention`), kept with the cached pattern.
+      devices, alignment; see :class:`CompiledAttention`), kept with the cached pattern, with the
+      key's launches prepared (tiles, grid, constants and argument specialisation decided once,
+      forward and backward: a later call allocates its outputs and launches). A call with block
+      tables takes its own tables into the prepared launches.
     * **Index checks** of indices computed from captured values (``table[ids[q_idx]]``): by default
       once per captured tensor version (a host sync the first time only).
 

@@ -6,6 +6,8 @@ without syncs, so a case whose kernels are short measures the host.
 
     python benchmarks/host_overhead.py [--calls 200] [--cases causal] [--profile]   # CPU, launches stubbed
     python benchmarks/host_overhead.py --gpu                                         # CUDA, real launches, bf16
+    python benchmarks/host_overhead.py --gpu --calls 100 --cases causal --B 8 --H 12 --L 2048 --D 64  # GPT-2 step
+    python benchmarks/host_overhead.py --gpu --calls 100 --cases causal --H 32 --Hkv 8 --L 8192 --D 128  # Llama-3-8B
 
 CPU (default): kernel launches are replaced by no-ops and the launch context by the one a GPU
 launch on the current device takes (the interpreter would dominate otherwise), so it runs on any
@@ -44,7 +46,7 @@ def stub_launches():
         runner.mode = lambda self, t: NO_CONTEXT
 
 
-def cases(dev, dtype, B, H, L, D):
+def cases(dev, dtype, B, H, L, D, Hkv=None):
     """name -> make(requires_grad) -> (call, inputs): ``call()`` returns the output."""
     import attndsl
     from attndsl.patterns import doc_ids_from_lengths, document, sliding_window
@@ -62,8 +64,8 @@ def cases(dev, dtype, B, H, L, D):
     compiled = attndsl.compile(mask_mod=causal)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def inputs(grad, like=None):
-        return [torch.randn(B, H, L, D, device=dev, dtype=dtype, requires_grad=grad) for _ in range(3)]
+    def inputs(grad):
+        return [torch.randn(B, h, L, D, device=dev, dtype=dtype, requires_grad=grad) for h in (H, Hkv or H, Hkv or H)]
 
     def case(fn):
         def make(grad):
@@ -73,9 +75,10 @@ def cases(dev, dtype, B, H, L, D):
 
     def sdpa_case(grad):
         # tiny CPU tensors: SDPA computes for real on the CPU; its figure is mostly host time
-        shape = (B, H, L, D) if dev != "cpu" else (1, 1, 16, 16)
-        q, k, v = (torch.randn(*shape, device=dev, dtype=dtype, requires_grad=grad) for _ in range(3))
-        return (lambda: sdpa(q, k, v, is_causal=True)), (q, k, v)
+        shapes = [(B, h, L, D) for h in (H, Hkv or H, Hkv or H)] if dev != "cpu" else [(1, 1, 16, 16)] * 3
+        q, k, v = (torch.randn(*s, device=dev, dtype=dtype, requires_grad=grad) for s in shapes)
+        gqa = dict(enable_gqa=True) if shapes[0][1] != shapes[1][1] else {}
+        return (lambda: sdpa(q, k, v, is_causal=True, **gqa)), (q, k, v)
 
     return {
         "sdpa causal": sdpa_case,
@@ -94,12 +97,15 @@ def cases(dev, dtype, B, H, L, D):
     }
 
 
-def timeit(fn, calls: int, clock=time.perf_counter) -> float:
-    """The fastest of 15 loops of ``calls`` calls, in microseconds per call (no sync inside a loop)."""
+def timeit(fn, calls: int, clock=time.perf_counter, sync=lambda: None) -> float:
+    """The fastest of 15 loops of ``calls`` calls, in microseconds per call (no sync inside a loop;
+    ``sync`` before each, so a GPU still busy with the last loop's kernels does not block this one's
+    launches: keep ``calls`` times the launches of a call under CUDA's launch queue, ~1000)."""
     for _ in range(20):
         fn()
     best = []
     for _ in range(15):
+        sync()
         t = clock()
         for _ in range(calls):
             fn()
@@ -140,6 +146,7 @@ def main():
     p.add_argument("--cases", default="", help="only the cases whose name contains this")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=4)
+    p.add_argument("--Hkv", type=int, default=None, help="key/value heads (GQA; default --H)")
     p.add_argument("--L", type=int, default=None, help="default 64 (CPU), 128 (GPU)")
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="cProfile each selected case's loop (fwd, fwd+bwd)")
@@ -152,19 +159,19 @@ def main():
     # CPU: this process's CPU time (the machine may be shared); GPU: wall time (the GPU may lag)
     clock = time.perf_counter if a.gpu else time.process_time
     print(f"host time per call, us ({'CUDA ' + torch.cuda.get_device_name() if a.gpu else 'CPU, launches stubbed'}; "
-          f"B={a.B} H={a.H} L={L} D={a.D} {str(dtype).split('.')[-1]}; torch {torch.__version__})")
+          f"B={a.B} H={a.H} Hkv={a.Hkv or a.H} L={L} D={a.D} {str(dtype).split('.')[-1]}; torch {torch.__version__})")
     print(f"{'case':46s} {'fwd':>8s} {'x sdpa':>7s} {'fwd+bwd':>9s} {'x sdpa':>7s}")
     base = None
-    for name, make in cases(dev, dtype, a.B, a.H, L, a.D).items():
+    for name, make in cases(dev, dtype, a.B, a.H, L, a.D, a.Hkv).items():
         if a.cases and a.cases not in name and not name.startswith("sdpa"):
             continue
         fwd, _ = make(False)
         if a.profile:
             profile(name, fwd, with_backward(*make(True)), a.calls)
             continue
-        t_f = timeit(fwd, a.calls, clock)
+        t_f = timeit(fwd, a.calls, clock, sync)
         sync()
-        t_b = timeit(with_backward(*make(True)), a.calls, clock)
+        t_b = timeit(with_backward(*make(True)), a.calls, clock, sync)
         sync()
         if base is None:
             base = (t_f, t_b)

@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..ir.coords import coord_value
 from ..ir.intmath import bit_length_value
 from .errors import PatternError, definition_site, traceback_site, user_site
+from .reach import held_tensors
 
 _STATE = threading.local()
 
@@ -173,36 +174,10 @@ def _active():
         _STATE.depth -= 1
 
 
-def _held_devices(fn, seen=None) -> set:
-    """The non-CPU devices of the tensors ``fn`` holds: in closure cells, defaults and the globals its
-    code names, through nested functions, composed patterns (``.fn``) and lists, tuples and dicts."""
-    seen = set() if seen is None else seen
-    if id(fn) in seen:
-        return set()
-    seen.add(id(fn))
-    if isinstance(fn, torch.Tensor):
-        return set() if fn.device.type == "cpu" else {fn.device}
-    if isinstance(fn, (list, tuple)):
-        return set().union(*(_held_devices(x, seen) for x in fn)) if fn else set()
-    if isinstance(fn, dict):
-        return _held_devices(list(fn.values()), seen)
-    if not callable(fn):
-        return set()
-    inner = getattr(fn, "fn", None)
-    if inner is not None and inner is not fn:
-        return _held_devices(inner, seen)
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return set()
-    held = []
-    for c in fn.__closure__ or ():
-        try:
-            held.append(c.cell_contents)
-        except ValueError:  # a cell not yet assigned
-            pass
-    held += [fn.__globals__[n] for n in code.co_names if n in fn.__globals__]
-    held += list(fn.__defaults__ or ())
-    return _held_devices(held, seen)
+def _held_devices(fn) -> set:
+    """The non-CPU devices of the tensors ``fn`` holds (``reach.held_tensors``: the pattern cache's
+    walk, lenient about objects it cannot key)."""
+    return {t.device for t in held_tensors(fn) if t.device.type != "cpu"}
 
 
 def capture(fn, n_args: int, keep) -> torch.fx.GraphModule:

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from .launch import Extras, Runner
+from .launch import Extras, Prepared, Runner
 
 
 class Call(NamedTuple):
@@ -15,7 +15,9 @@ class Call(NamedTuple):
     scale: float
     tables: object  # BlockTables or None
     extras: Extras  # holds the same sinks / u / w the Function takes as inputs (for their gradients)
-    key: tuple | None  # the launch-memo key (``Runner.call_key``) of forward and backward; None: no memo
+    #: the call key's prepared launches (``launch.Prepared``) of forward and backward (with block
+    #: tables: its key, for the launch memo); None: no memo
+    prepared: Prepared | None
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -25,7 +27,11 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, u, w, call, *buffers):
-        out, lse, _ = call.runner.forward(q, k, v, call.scale, buffers, call.tables, call.extras, key=call.key)
+        if call.prepared is not None and call.tables is None:
+            out, lse = call.runner.forward_prepared(call.prepared, q, k, v, call.scale, buffers, call.extras)
+        else:
+            out, lse, _ = call.runner.forward(q, k, v, call.scale, buffers, call.tables, call.extras,
+                                              key=call.prepared and call.prepared.key)
         # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads
         ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
         if out.dtype != q.dtype:
@@ -41,8 +47,13 @@ class AttentionFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out, dtype=q.dtype)
         call = ctx.call
-        dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward(
-            q, k, v, out, lse, dout, dlse, call.scale, buffers, call.tables, call.extras, key=call.key)
+        if call.prepared is not None and call.tables is None:
+            dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward_prepared(
+                call.prepared, q, k, v, out, lse, dout, dlse, call.scale, buffers, call.extras)
+        else:
+            dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward(
+                q, k, v, out, lse, dout, dlse, call.scale, buffers, call.tables, call.extras,
+                key=call.prepared and call.prepared.key)
         grads = [dbufs.get(i) if t.requires_grad else None for i, t in enumerate(buffers)] if buffers else ()
         if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to tie
             return (dq, dk, dv, dsinks, du, dw, None, *grads)

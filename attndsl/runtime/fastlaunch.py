@@ -29,6 +29,10 @@ except ImportError:  # another Triton layout: always the ordinary path
     _specialize = None
 
 
+#: the current raw stream of a CUDA device (what Triton's driver calls on CUDA builds); None without CUDA
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _specialization(args) -> tuple:
     n = len(args)
     return tuple(map(_specialize, repeat(_Backend, n), args, repeat(False, n), repeat(True, n), repeat(True, n)))
@@ -96,7 +100,8 @@ class Direct:
     constants bound: the arguments go straight to the launcher, which reads each tensor's address.
     Launch hooks (profilers) take the compiled kernel's own path, which calls them."""
 
-    __slots__ = ("ck", "launch", "function", "meta", "coop", "pdl", "grid", "tail", "scratch")
+    __slots__ = ("ck", "launch", "function", "meta", "coop", "pdl", "grid", "tail", "scratch", "scratch_like", "device",
+                 "stream")
 
     @staticmethod
     def make(entry, grid: tuple, consts: dict) -> "Direct | None":
@@ -114,17 +119,25 @@ class Direct:
         d.grid = (*grid, 1, 1)[:3]
         d.tail = tuple(consts[n] for n in tail)
         n = d.grid[0] * d.grid[1] * d.grid[2]
-        # device-side tensor descriptors live in global scratch, one slice per program
+        # the device of the launch that made it (the runner's: launches run inside its scope); its
+        # current stream is asked per launch, of that device (not first which device is current)
+        driver = triton.runtime.driver.active
+        d.device = driver.get_current_device()
+        d.stream = _raw_stream or driver.get_current_stream
+        # device-side tensor descriptors live in global scratch, one slice per program: allocated per
+        # launch as ``empty_like`` of a one-byte tensor expanded to its size (a third of ``torch.empty``'s
+        # host time)
         d.scratch = n * run.num_ctas * run.global_scratch_size if run.global_scratch_size else 0
+        d.scratch_like = torch.empty(1, dtype=torch.int8, device=torch.device("cuda", d.device)).expand(d.scratch) \
+            if d.scratch else None
         return d
 
     def __call__(self, args: list) -> None:
-        driver = triton.runtime.driver.active
-        stream = driver.get_current_stream(driver.get_current_device())
+        stream = self.stream(self.device)
         if _hooked(_knobs.runtime.launch_enter_hook) or _hooked(_knobs.runtime.launch_exit_hook):
             self.ck[self.grid](*args, *self.tail, stream=stream)
             return
-        scratch = torch.empty(self.scratch, dtype=torch.int8, device="cuda") if self.scratch else None
+        scratch = torch.empty_like(self.scratch_like) if self.scratch else None
         self.launch(*self.grid, stream, self.function, self.coop, self.pdl, scratch, None, self.meta, None,
                     None, None, *args, *self.tail)
 

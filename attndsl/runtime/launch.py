@@ -163,6 +163,9 @@ class Runner:
         self.bd, self.bd2, self.bdv = self.dims.tiles
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
+        #: call key -> its FastForward; backward key (``_backward_key``) -> its FastBackward (None: none)
+        self._fast_fwd: dict = {}
+        self._fast_bwd: dict = {}
         self._kernels: dict = {}
         self._signature_of: dict = {}  # kernel -> its name in spec.lowering.signatures
         # the Hopper (sm_90, Gluon) forward: whether the spec allows it is decided here, once
@@ -244,6 +247,27 @@ class Runner:
             memo.launch(args)
         return True
 
+    @staticmethod
+    def _tables_key(key, tables):
+        """The memo key of a call with ``tables``: ``key`` marked as a block-table call; None (no
+        memo) for tables other than ``BlockTables`` (a block selection's, whose layout is its own)."""
+        if tables is None or key is None:
+            return key
+        return (key, "tables") if type(tables) is BlockTables else None
+
+    def _table_memo(self, kernel, key, own: dict, tables, buffers, transposed: bool):
+        """``(memo, own, key)`` of a launch: the memo of ``kernel`` for ``key`` and the call's own
+        values. With block tables, the table of the memoised tiles joins the own values (its tensors
+        are the call's: ``TABLES`` keeps them per captured tensors' versions), provided its
+        arguments specialise as the memoised ones did; otherwise no memo and no key (decided afresh)."""
+        memo = self._memo_of(kernel, key)
+        if memo is None or tables is None:
+            return memo, own, key
+        targs = self._table_args(tables, buffers, transposed)(memo.cfg)
+        if arg_classes(targs) != memo.table_classes:
+            return None, own, None
+        return memo, {**own, **dict(zip(Table.PARAMS, targs, strict=True))}, key
+
     def _launch(self, kernel, grid, own: dict, cfg: TileConfig, which: str, table_args=None, key=None,
                 fixed=None, tiles=True, **consts):
         """Launch ``kernel`` with its arguments filled by name from the call's ``own`` values and
@@ -262,8 +286,11 @@ class Runner:
             try:
                 # constants that depend on the tile size are given as functions of the config
                 cs = {k_: (v_(cfg) if callable(v_) else v_) for k_, v_ in consts.items()}
-                if table_args is not None:
-                    named = {**named, **dict(zip(Table.PARAMS, table_args(cfg), strict=True))}
+                own_all, targs = own, None
+                if table_args is not None:  # the table's arguments are the call's own (see _table_memo)
+                    targs = table_args(cfg)
+                    tnamed = dict(zip(Table.PARAMS, targs, strict=True))
+                    named, own_all = {**named, **tnamed}, {**own, **tnamed}
                 scratch = (cs.get("KV_TMA") or cs.get("W_TMA")) and not self.interpret
                 g = grid(cfg)
                 all_consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs) if tiles else cs
@@ -273,7 +300,7 @@ class Runner:
                     if check != hit.check:
                         raise AssertionError(f"launch memo of {which}: the call key {key} was memoised with "
                                              f"{hit.check}, this call needs {check}")
-                    hit.verify(kname, own, full)
+                    hit.verify(kname, own_all, full)
                 with self.mode(full[0]), (descriptor_scratch() if scratch else NO_CONTEXT):
                     if hit is not None:
                         hit.launch(full)
@@ -284,8 +311,9 @@ class Runner:
                         if len(self._memo) >= MEMO_SIZE:
                             self._memo.clear()
                         # a Direct launch allocates the descriptors' scratch itself
-                        self._memo[memo_key] = Memo(launch, full, own_slots(kname, params, own), check,
-                                                    bool(scratch) and not isinstance(launch, Direct))
+                        self._memo[memo_key] = Memo(launch, full, own_slots(kname, params, own_all), check,
+                                                    bool(scratch) and not isinstance(launch, Direct), cfg=cfg,
+                                                    table_classes=None if targs is None else arg_classes(targs))
                 return cfg
             except triton.runtime.errors.OutOfResources:
                 smaller = retry_tiles(cfg, bool(self.spec.tiles)) if tiles else None
@@ -346,12 +374,12 @@ class Runner:
             bm = min(self.forward_tiles(q)[1].block_m, 16)
             visits = torch.zeros(2 * B * Hq * cdiv(Lq, bm), dtype=torch.int32, device=q.device)
         kernel = self._kernel("fwd")
-        # block tables and visit counts are per-call tensors of the tiles' shape: no memo
-        key = key if tables is None and not count_visits else None
+        # visit counts are per-call tensors of the tiles' shape: no memo; block tables: see _table_memo
+        key = None if count_visits else self._tables_key(key, tables)
         bufs = buffer_tensors(buffers, self.learnable)
-        own = {"Q": q, "K": k, "V": v, "Out": out, "Lse": stats, "VISITS": visits, "sm_scale": scale, **extras.own(q),
-               **bufs}
-        if self._memoised(self._memo_of(kernel, key), own):
+        own = self._forward_own(q, k, v, out, stats, visits, scale, extras, bufs)
+        memo, own, key = self._table_memo(kernel, key, own, tables, buffers, False)
+        if self._memoised(memo, own):
             return out, lse, None
         which, cfg = self.forward_tiles(q)
         cfg = self._launch(kernel, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, cfg, which,
@@ -369,7 +397,51 @@ class Runner:
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
+        elif key is not None and tables is None and key not in self._fast_fwd:
+            self._keep(self._fast_fwd, key, FastForward.make(self, key, self._memo.get((kernel, key)), out, lse, buffers))
         return out, lse, (visits if count_visits else None)
+
+    @staticmethod
+    def _forward_own(q, k, v, out, stats, visits, scale, extras, bufs) -> dict:
+        """The forward kernel's values that are the call's own (not fixed by its key), by name, in
+        the order its signature leads with them (``FastForward`` passes the same as a list)."""
+        return {"Q": q, "K": k, "V": v, "Out": out, "Lse": stats, "VISITS": visits, "sm_scale": scale, **extras.own(q),
+                **bufs}
+
+    def _keep(self, fast: dict, key, made) -> None:
+        """Keep a prepared launch (``FastForward``/``FastBackward``; None: the key has none) for ``key``."""
+        if len(fast) >= MEMO_SIZE:
+            fast.clear()
+        fast[key] = made
+
+    # -- prepared calls: the launches of a call key a holder sees again ----------------------------
+    def forward_prepared(self, p: "Prepared", q, k, v, scale, buffers, extras: Extras):
+        """``forward`` of a call with no block tables and the call key ``p.key``: the key's
+        ``FastForward`` once a call of the key has launched. Returns (out, lse or None)."""
+        f = p.fwd
+        if f is not None:
+            return f(q, k, v, scale, buffers, extras)
+        out, lse, _ = self.forward(q, k, v, scale, buffers, None, extras, key=p.key)
+        p.fwd = self._fast_fwd.get(p.key)
+        return out, lse
+
+    def backward_prepared(self, p: "Prepared", q, k, v, out, lse, dout, dlse, scale, buffers, extras: Extras):
+        """``backward`` of a call made by ``forward_prepared``: the ``FastBackward`` of its key and
+        this gradient's layout (dtype, shape, strides, alignment; whether there is an lse gradient)
+        once one has launched."""
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        b = p.bwd
+        if b is not None and b.dlse_none == (dlse is None) and b.dout_key == tensor_key(dout):
+            return b(q, k, v, out, lse, dout, dlse, scale, buffers, extras)
+        got = self.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=p.key)
+        p.bwd = self._fast_bwd.get(self._backward_key(p.key, dout, dlse))
+        return got
+
+    def _backward_key(self, key, dout, dlse) -> tuple:
+        """The backward's memo key: the forward's call key, the output gradient's layout, whether
+        there is an lse gradient, and the determinism."""
+        return (key, tensor_key(dout), dlse is None, self.deterministic)
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
@@ -381,15 +453,14 @@ class Runner:
         Hkv, Lkv = k.shape[1], k.shape[2]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic
-        if key is not None and tables is None:
-            key = (key, tensor_key(dout), dlse is None, det)
-        else:
-            key = None
+        fkey = key
+        key = self._tables_key(self._backward_key(key, dout, dlse), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
+            delta0 = None
         else:
-            delta = torch.empty((B, Hq, Lq), dtype=acc_dtype(q), device=q.device)
+            delta = delta0 = torch.empty((B, Hq, Lq), dtype=acc_dtype(q), device=q.device)
             bm = 64 if not self.interpret else self.cfg.dq.block_m
             kernel = self._kernel("bwd_delta")
             own = {"Out": out, "DO": dout, "Delta": delta}
@@ -415,30 +486,30 @@ class Runner:
                     "GROUP": Hq // Hkv, "LQ": Lq, "LKV": Lkv, **extras.layout(q, k), **buffer_layout(bufs)}
 
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
-        own = {"Q": q, "K": k, "V": v, "DO": dout, "DK": dk, "DV": dv, "Lse": lse, "Delta": delta, "DW": dw,
-               "sm_scale": scale, **xown, **bufs}
+        own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, scale, xown, bufs)
         consts = None
         # the Hopper (sm_90) backward: dK/dV, and dQ unless deterministic (then the portable dQ kernel)
         hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
         dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det,
                                           table=lambda r, c: self.table(tables, buffers, True, r, c)) if hop else None
-        if not hop and not self._memoised(self._memo_of(dkdv, key), own):
+        memo, own, dkdv_key = self._table_memo(dkdv, key, own, tables, buffers, True)
+        if not hop and not self._memoised(memo, own):
             consts = {**self._consts(q.dtype), **extras.consts()}
             self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), own, self.cfg.dkdv, "dkdv",
-                         table_args=self._table_args(tables, buffers, True), key=key,
+                         table_args=self._table_args(tables, buffers, True), key=dkdv_key,
                          # the programs of a K/V head visit its query heads one after another
                          fixed=lambda: {**shared(), **strides_named(dk, "dkb", "dkh", "dkn", "dkd"),
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
                          **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
-        own = {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "sm_scale": scale,
-               **xown, **bufs, **gl_named}
+        own = self._dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named)
+        memo, own, dq_key = self._table_memo(dqk, key, own, tables, buffers, False)
         if dq_hop is not None:
             dq = dq_hop
-        elif not self._memoised(self._memo_of(dqk, key), own):
+        elif not self._memoised(memo, own):
             consts = consts or {**self._consts(q.dtype), **extras.consts()}
             self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
-                         table_args=self._table_args(tables, buffers, False), key=key,
+                         table_args=self._table_args(tables, buffers, False), key=dq_key,
                          fixed=lambda: {**shared(), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
                                         "SECTION": self._kv_section(q, k, v)},
                          **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self.dims.even)
@@ -454,7 +525,24 @@ class Runner:
             ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         if dbufs:
             dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
+        # a prepared backward holds the portable launches only: a call the Hopper backward takes keeps
+        # this path, which asks it every call
+        if key is not None and tables is None and not hop and key not in self._fast_bwd:
+            self._keep(self._fast_bwd, key, FastBackward.make(self, fkey, key, dout, dlse, extras, buffers, delta0,
+                                                              (dq, dk, dv)))
         return dq, dk, dv, dsinks, du, dw, dbufs
+
+    @staticmethod
+    def _dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, scale, xown, bufs) -> dict:
+        """The dK/dV kernel's own values by name, in its signature's order (see ``_forward_own``)."""
+        return {"Q": q, "K": k, "V": v, "DO": dout, "DK": dk, "DV": dv, "Lse": lse, "Delta": delta, "DW": dw,
+                "sm_scale": scale, **xown, **bufs}
+
+    @staticmethod
+    def _dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named) -> dict:
+        """The dQ kernel's own values by name, in its signature's order (see ``_forward_own``)."""
+        return {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "sm_scale": scale,
+                **xown, **bufs, **gl_named}
 
     def _gradient_buffers(self, q, buffers, B, Hq, Lq, Lkv):
         """The learnable tensors' gradient buffers for the dQ kernel: ({slot: gradient}, deterministic
@@ -501,3 +589,201 @@ class Runner:
 def _row_bytes(*tensors) -> int:
     """Bytes of one head's rows of these [B, H, L, D] tensors together."""
     return sum(t.shape[2] * t.shape[3] * t.element_size() for t in tensors)
+
+
+# -- prepared calls ------------------------------------------------------------------------------
+class Prepared:
+    """The prepared launches of one call key (``Runner.call_key``), for a holder that sees the key
+    again (a call plan of ``attndsl.api``): the forward's ``FastForward`` and the ``FastBackward``
+    of the last gradient layout met. Set by ``Runner.forward_prepared``/``backward_prepared``
+    after a call of the key launched the ordinary way."""
+
+    __slots__ = ("key", "fwd", "bwd")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.fwd: FastForward | None = None
+        self.bwd: FastBackward | None = None
+
+
+def _template(t: torch.Tensor) -> torch.Tensor | None:
+    """A one-element tensor of ``t``'s dtype and device expanded to its shape: ``torch.empty_like``
+    of it is a contiguous tensor like ``t`` at a third of ``torch.empty(shape, dtype=, device=)``'s
+    host time. None where that would not give ``t``'s strides (a one-element ``t``)."""
+    tpl = torch.empty(1, dtype=t.dtype, device=t.device).expand(t.shape)
+    return tpl if torch.empty_like(tpl).stride() == t.stride() else None
+
+
+def _alloc(template: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor like ``template``'s (``_template``), poisoned under ATTNDSL_POISON."""
+    t = torch.empty_like(template)
+    return _poisoned(t) if POISON else t
+
+
+def _needs_conversion(runner, buffers) -> bool:
+    """Do these captured tensors reach the kernels other than as they are (``buffer_tensors``:
+    learnable ones made contiguous, booleans viewed as bytes)? Fixed by the call key."""
+    return any(i in runner.learnable or t.dtype == torch.bool for i, t in enumerate(buffers))
+
+
+def _same_arguments(what: str, fast: list, slow: list, addresses: bool = True) -> None:
+    """Under ``VERIFY_MEMO``: the prepared call's argument list is the one the ordinary path would
+    launch with (tensors alike in dtype, shape, strides, device and, with ``addresses``, address).
+    Raises AssertionError."""
+    if len(fast) != len(slow):
+        raise AssertionError(f"prepared {what}: {len(fast)} arguments, the ordinary path has {len(slow)}")
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            same = ((a.dtype, a.shape, a.stride(), a.device) == (b.dtype, b.shape, b.stride(), b.device)
+                    and (not addresses or a.data_ptr() == b.data_ptr()))
+        else:
+            same = type(a) is type(b) and a == b
+        if not same:
+            raise AssertionError(f"prepared {what}: argument {i} is {a!r}, the ordinary path has {b!r}")
+
+
+class FastForward:
+    """The forward of one call key once a call of it launched: the runner's memoised launch
+    (``Memo``) with the outputs allocated from templates (``_template``) and the call's own values
+    put straight into the list the memo launches (no name lookups, no key hashing). Made by
+    ``Runner.forward`` (``make``: None where the memo's arguments do not lead with the own values,
+    or the outputs have no template); used through ``Runner.forward_prepared``.
+
+    The Hopper forward is still asked per call (``HopperForward.applies``), and takes the ordinary
+    path when it applies. Under ``VERIFY_MEMO`` every call checks its argument list against the
+    ordinary path's and then launches the ordinary (verified) way."""
+
+    __slots__ = ("runner", "key", "memo", "out", "lse", "convert", "hopper")
+
+    @staticmethod
+    def make(runner, key, memo, out, lse, buffers) -> "FastForward | None":
+        if memo is None or memo.rest is None:
+            return None
+        names = ("Q", "K", "V", "Out", "Lse", "VISITS", "sm_scale", "Sinks", "U", "W", "sigmoid_bias",
+                 *(f"buf{i}" for i in range(len(buffers))))
+        f = FastForward()
+        f.runner, f.key, f.memo = runner, key, memo
+        f.out, f.lse = _template(out), None if lse is None else _template(lse)
+        if memo.slots[0] != names or f.out is None or (lse is not None and f.lse is None):
+            return None
+        f.convert = _needs_conversion(runner, buffers)
+        h = runner.hopper
+        f.hopper = h is not None and h.unsupported is None and not runner.precise_delta
+        return f
+
+    def __call__(self, q, k, v, scale, buffers, extras):
+        r = self.runner
+        if self.hopper and r.hopper.applies(q, k, v, extras, None, False):
+            return r.forward(q, k, v, scale, buffers, None, extras)[:2]
+        out = _alloc(self.out)
+        lse = stats = _alloc(self.lse) if self.lse is not None else None
+        if lse is None:
+            stats = out
+        bufs = buffer_tensors(buffers, r.learnable).values() if self.convert else buffers
+        s, u, w = extras.sinks, extras.u, extras.w
+        args = [q, k, v, out, stats, stats, scale, q if s is None else s, q if u is None else u, q if w is None else w,
+                float(extras.sigmoid_bias), *bufs, *self.memo.rest]
+        if VERIFY_MEMO:
+            own = r._forward_own(q, k, v, out, stats, stats, scale, extras, buffer_tensors(buffers, r.learnable))
+            _same_arguments("forward", args, self.memo.args(own))
+            want = [_new((*q.shape[:3], v.shape[3]), q, torch.float32 if self.out.dtype != q.dtype else None)]
+            if lse is not None:
+                want.append(_new(q.shape[:3], q, acc_dtype(q)))
+            _same_arguments("forward outputs", [out, *(() if lse is None else (lse,))], want, addresses=False)
+            return r.forward(q, k, v, scale, buffers, None, extras, key=self.key)[:2]
+        _launch_in_scope(r, self.memo, args)
+        return out, lse
+
+
+def _launch_in_scope(r, memo, args) -> None:
+    """``memo.launch(args)`` inside the runner's launch scope (as ``Runner._memoised``)."""
+    scope = r.mode(args[0])
+    if scope is NO_CONTEXT and not memo.allocator:
+        memo.launch(args)
+        return
+    with scope, (descriptor_scratch() if memo.allocator else NO_CONTEXT):
+        memo.launch(args)
+
+
+class FastBackward:
+    """The backward of one call key and gradient layout once a call of them launched: the delta,
+    dK/dV and dQ launches from the runner's memo, the row statistics and gradients allocated from
+    templates. Only for calls without learnable captured tensors and low-rank factors (their
+    gradient buffers and reductions take the ordinary path). See :class:`FastForward`."""
+
+    __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "tpl", "convert", "allocator",
+                 "hopper")
+
+    @staticmethod
+    def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
+        if runner.spec.grad_loads or extras.u is not None:
+            return None
+        memo = runner._memo
+        b = FastBackward()
+        b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
+        b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None else None
+        b.dkdv, b.dq = memo.get((runner._kernel("bwd_dkdv"), key)), memo.get((runner._kernel("bwd_dq"), key))
+        b.tpl = [_template(t) for t in (*grads, *(() if delta is None else (delta,)))]
+        xs = ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
+        want = [(b.dkdv, ("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", *xs)),
+                (b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs))]
+        if delta is not None:
+            want.append((b.delta, ("Out", "DO", "Delta")))
+        if any(m is None or m.rest is None or m.slots[0] != n for m, n in want) or any(t is None for t in b.tpl):
+            return None
+        b.convert = _needs_conversion(runner, buffers)
+        b.allocator = any(m.allocator for m, _ in want)
+        h = runner.hopper_bwd
+        b.hopper = h is not None and h.unsupported is None and not runner.precise_delta
+        return b
+
+    def __call__(self, q, k, v, out, lse, dout, dlse, scale, buffers, extras):
+        r = self.runner
+        if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, None, False):  # asked per call, as the forward
+            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=self.key)
+        if self.delta is not None:
+            stats, delta = lse, _alloc(self.tpl[3])
+            args_delta = [out, dout, delta, *self.delta.rest]
+        else:
+            stats = delta = out  # placeholders: sigmoid kernels read no row statistics
+            args_delta = None
+        dq, dk, dv = _alloc(self.tpl[0]), _alloc(self.tpl[1]), _alloc(self.tpl[2])
+        bufs = list(buffer_tensors(buffers, r.learnable).values()) if self.convert else buffers
+        s = extras.sinks
+        xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
+        if VERIFY_MEMO:
+            self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras)
+            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=self.key)
+        scope = r.mode(q)  # one launch scope for the three launches (as ``Runner._memoised`` enters it)
+        if scope is NO_CONTEXT and not self.allocator:
+            delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown)
+        else:
+            with scope, (descriptor_scratch() if self.allocator else NO_CONTEXT):
+                delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown)
+        dsinks = sink_gradient(s, stats, delta) if s is not None else None
+        return dq, dk, dv, dsinks, None, None, {}
+
+    def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown):
+        """The delta, dK/dV and dQ launches; returns the delta the gradients used."""
+        if args_delta is not None:
+            self.delta.launch(args_delta)
+            if dlse is not None:
+                # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
+                delta = delta - dlse.to(delta.dtype)
+        self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.dkdv.rest])
+        self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.dq.rest])
+        return delta
+
+    def _verify(self, q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras):
+        """Under ``VERIFY_MEMO``: the argument lists are the ordinary path's (``_same_arguments``)."""
+        r = self.runner
+        if args_delta is not None:
+            _same_arguments("backward delta", args_delta, self.delta.args({"Out": out, "DO": dout, "Delta": delta}))
+        named, xo = buffer_tensors(buffers, r.learnable), extras.own(q)
+        _same_arguments("backward dK/dV", [q, k, v, dout, dk, dv, stats, delta, q, scale, *xown],
+                        list(r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, scale, xo, named).values()))
+        _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown],
+                        list(r._dq_own(q, k, v, dout, dq, stats, delta, q, scale, xo, named, {}).values()))
+        _same_arguments("backward gradients", [dq, dk, dv, *(() if args_delta is None else (delta,))],
+                        [_like(q), _like(k), _like(v),
+                         *(() if args_delta is None else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)

@@ -53,6 +53,10 @@ class Memo:
     slots: tuple  # (names, positions): where each of a call's own values goes in ``template``
     check: tuple | None  # (grid, constants, arg_classes) when the runner verifies its memo
     allocator: bool  # needs Triton's scratch allocator set (device-side descriptors, not Direct)
+    #: the tiles launched (``TileConfig``): a block-table call takes the table of these tiles
+    cfg: object = None
+    #: ``arg_classes`` of the block-table arguments the memo was made with (None: no tables)
+    table_classes: tuple | None = None
     #: ``template`` after the call's own values, when they lead it in order; else None
     rest: list | None = None
 

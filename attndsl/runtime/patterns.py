@@ -23,158 +23,12 @@ import types
 
 import torch
 
+from ..dsl.reach import Uncacheable, Walk as _Walk, code_info as _code_info, is_composed as _is_composed
+
 log = logging.getLogger("attndsl")
 
 #: patterns kept (least recently used dropped first)
 MAX_PATTERNS = 256
-#: names whose presence in a pattern's code makes the key include captured tensors' full shapes
-#: (the trace may bake a size into the IR: ``kv_idx % t.shape[0]``)
-_SHAPE_NAMES = frozenset({"shape", "size", "numel", "len", "nelement", "dim", "ndim", "ndimension"})
-_CONST_TYPES = (int, float, bool, str, bytes, complex, type(None), type(Ellipsis), torch.dtype, torch.device,
-                torch.layout, torch.memory_format)
-
-
-class Uncacheable(Exception):
-    """The walk met something it cannot key: trace this call afresh."""
-
-
-@functools.lru_cache(maxsize=4096)
-def _code_info(code: types.CodeType) -> tuple[tuple[str, ...], bool]:
-    """(names the code and its nested code objects look up, whether any reads a shape)."""
-    names: list[str] = []
-    stack = [code]
-    while stack:
-        c = stack.pop()
-        names.extend(c.co_names)
-        stack.extend(x for x in c.co_consts if isinstance(x, types.CodeType))
-    uniq = tuple(dict.fromkeys(names))
-    return uniq, bool(_SHAPE_NAMES.intersection(uniq))
-
-
-class _Walk:
-    """One walk over a pattern's reachable Python state: ``key`` parts and the tensors in order."""
-
-    __slots__ = ("parts", "tensors", "seen", "shapes", "path", "paths")
-
-    def __init__(self, track: bool = False):
-        self.parts: list = []
-        self.tensors: list[torch.Tensor] = []
-        self.seen: dict[int, int] = {}
-        self.shapes = False
-        # with ``track``: the path from the roots to each tensor (``follow`` walks it again)
-        self.path: list | None = [] if track else None
-        self.paths: list[tuple] = []
-
-    def sub(self, step: tuple, x, names) -> None:
-        if self.path is None:
-            self.value(x, names)
-        else:
-            self.path.append(step)
-            self.value(x, names)
-            self.path.pop()
-
-    def value(self, x, names: tuple[str, ...]) -> None:
-        parts = self.parts
-        t = type(x)
-        if t in _CONST_TYPES:
-            # typed: 1, 1.0 and True are equal in Python but trace differently; float.hex tells
-            # -0.0 from 0.0 and keys nan
-            parts.append((t, x.hex() if t is float else x))
-            return
-        if isinstance(x, torch.Tensor):
-            parts.append(("T", x.dtype, x.dim(), x.requires_grad, x.device.type, len(self.tensors)))
-            self.tensors.append(x)
-            if self.path is not None:
-                self.paths.append(tuple(self.path))
-            return
-        i = self.seen.get(id(x))
-        if i is not None:  # cycles and shared objects (a recursive function, one tensor twice)
-            parts.append(("seen", i))
-            return
-        self.seen[id(x)] = len(parts)
-        if t is types.FunctionType:
-            self.function(x)
-        elif t in (tuple, list):
-            parts.append((t, len(x)))
-            for i, y in enumerate(x):
-                self.sub(("item", i), y, names)
-        elif t is dict:
-            parts.append((dict, len(x)))
-            for k, y in x.items():
-                self.value(k, names)
-                self.sub(("item", k), y, names)
-        elif t is functools.partial:
-            parts.append(("partial", len(x.args), tuple(sorted(x.keywords))))
-            self.sub(("attr", "func"), x.func, names)
-            for i, y in enumerate(x.args):
-                self.sub(("arg", i), y, names)
-            for k, y in x.keywords.items():
-                self.sub(("kw", k), y, names)
-        elif t is types.MethodType:  # a bound method: its function, and the object's attributes it names
-            parts.append(("method",))
-            self.sub(("attr", "__func__"), x.__func__, names)
-            self.sub(("attr", "__self__"), x.__self__, _code_info(x.__func__.__code__)[0]
-                     if isinstance(x.__func__, types.FunctionType) else names)
-        elif isinstance(x, types.ModuleType):
-            parts.append(("module", x.__name__))
-        elif isinstance(x, type):
-            parts.append(("type", x))
-        elif _is_composed(x):  # attndsl.mask / score_mod objects: their function and name
-            parts.append(("composed", t, x.__name__))
-            self.sub(("attr", "fn"), x.fn, names)
-        elif isinstance(x, (types.BuiltinFunctionType, types.MethodWrapperType)) or _is_torch_callable(x):
-            parts.append(("builtin", x))  # torch.where, math.exp, ...: hashable, keyed by identity
-        elif isinstance(x, torch.nn.Module):
-            # a module the pattern reads attributes of (``self.slopes[h]``): the attributes its code names
-            parts.append(("nn", t))
-            d = x.__dict__
-            for n in names:
-                if n in x._parameters or n in x._buffers or n in x._modules or n in d:
-                    parts.append(n)
-                    self.sub(("attr", n), getattr(x, n), names)
-        else:
-            raise Uncacheable(f"{t.__module__}.{t.__qualname__} object")
-
-    def function(self, fn) -> None:
-        code = fn.__code__
-        names, shapes = _code_info(code)
-        self.shapes |= shapes
-        self.parts.append(("fn", code))
-        cells = fn.__closure__ or ()
-        for i, c in enumerate(cells):
-            try:
-                v = c.cell_contents
-            except ValueError:  # a cell not yet assigned (a function defined before its helper)
-                self.parts.append(("empty-cell",))
-                continue
-            self.sub(("cell", i), v, names)
-        g = fn.__globals__
-        for n in names:
-            if n in g:
-                self.parts.append(n)
-                self.sub(("global", n), g[n], names)
-        if fn.__defaults__:
-            self.sub(("attr", "__defaults__"), fn.__defaults__, names)
-        if fn.__kwdefaults__:
-            self.sub(("attr", "__kwdefaults__"), fn.__kwdefaults__, names)
-
-
-def _is_composed(x) -> bool:
-    from ..dsl.compose import Mask, ScoreMod
-    return isinstance(x, (Mask, ScoreMod))
-
-
-def _is_torch_callable(x) -> bool:
-    # torch functions (C builtins, overload packets, ...) are process-wide constants
-    return getattr(type(x), "__module__", "").startswith("torch") and callable(x) and _hashable(x)
-
-
-def _hashable(x) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True
 
 
 def _walk(mask_mod, score_mod, track: bool = False) -> _Walk:
@@ -194,8 +48,39 @@ def _walk(mask_mod, score_mod, track: bool = False) -> _Walk:
 def walk(mask_mod, score_mod) -> tuple[tuple, list[torch.Tensor]]:
     """The structural key of a (mask_mod, score_mod) pair and the tensors it reads now, in walk
     order. Raises :class:`Uncacheable` when something reachable cannot be keyed."""
+    leaves = _leaves(mask_mod, score_mod)
+    if leaves is not None:
+        return leaves, []
     w = _walk(mask_mod, score_mod)
     return tuple(w.parts), w.tensors
+
+
+def _leaves(mask_mod, score_mod) -> tuple | None:
+    """The walk's key where each function is a *leaf* (or None): a plain function with no closure
+    cells or defaults whose code reads no shape and names no global that is set now
+    (``q_idx >= kv_idx``): its key part is its code alone, and it holds no tensor. None where one
+    is not: the full walk decides. (The full walk of such a pair gives this same key.)"""
+    if mask_mod is score_mod:  # one object twice: the walk keys the second as already seen
+        return None
+    parts = []
+    for fn in (mask_mod, score_mod):
+        if fn is None:
+            parts.append(None)
+            continue
+        if type(fn) is not types.FunctionType or fn.__closure__ is not None or fn.__defaults__ is not None \
+                or fn.__kwdefaults__ is not None:
+            return None
+        code = fn.__code__
+        names, shapes = _code_info(code)
+        if shapes:
+            return None
+        if names:
+            g = fn.__globals__
+            for n in names:
+                if n in g:
+                    return None
+        parts.append(("fn", code))
+    return tuple(parts)
 
 
 def paths_of(mask_mod, score_mod, traced: list[torch.Tensor]) -> tuple | None:
@@ -275,20 +160,20 @@ class PatternCache:
         try:
             key, tensors = walk(mask_mod, score_mod)
             key = (key, options)
-            hash(key)
+            e = self.entries.get(key)  # hashes the key: TypeError when something in it is unhashable
         except (Uncacheable, TypeError, RecursionError) as e:
             self.uncacheable += 1
             log.debug("attndsl: pattern %r/%r not cached (%s); traced for this call", mask_mod, score_mod, e)
             c = make()
             return c, c.tensors
-        e = self.entries.get(key)
-        sized = getattr(e.compiled, "sized", None) if e is not None else None
-        if sized and any(tuple(tensors[e.slots[i]].shape) != shape for i, shape in sized.items()):
-            e = None  # the IR unrolled a dimension of a tensor whose size differs now: trace again
         if e is not None:
-            self.hits += 1
-            self.entries.move_to_end(key)
-            return e.compiled, e.bind(tensors)
+            sized = getattr(e.compiled, "sized", None)
+            if sized and any(tuple(tensors[e.slots[i]].shape) != shape for i, shape in sized.items()):
+                e = None  # the IR unrolled a dimension of a tensor whose size differs now: trace again
+            else:
+                self.hits += 1
+                self.entries.move_to_end(key)
+                return e.compiled, e.bind(tensors) if e.slots else []
         self.misses += 1
         c = make()
         slots = _slots_of(c.tensors, tensors)
