@@ -12,9 +12,9 @@
 * Tests marked ``gpu`` are skipped when CUDA is not available.
 * Every distinct kernel launch the session runs through Triton's interpreter is also compiled for
   an H100 (sm_90), in background processes beside the tests (``attndsl.testing.sm90``): a kernel
-  the GPU compiler rejects fails the run even with no GPU. The first launch of each kernel is
-  compiled to a cubin, its other specialisations to TTGIR (``ATTNDSL_SM90_FULL=all``: all to a
-  cubin); ``ATTNDSL_SM90_JOBS`` sets the process count. Successes are cached
+  the GPU compiler rejects fails the run even with no GPU. Each launch goes to TTGIR, and on to a
+  cubin when its TTGIR has operations no earlier cubin had (``ATTNDSL_SM90_FULL=all``: every
+  launch to a cubin); ``ATTNDSL_SM90_JOBS`` sets the process count. Successes are cached
   (``ATTNDSL_SM90_CACHE``, default ``~/.cache/attndsl-sm90``); ``ATTNDSL_SM90=0`` turns it off.
 """
 import atexit

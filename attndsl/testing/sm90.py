@@ -334,16 +334,15 @@ class Compiler:
                 for k in self._sent[i]:
                     r, stage = self.records[k]
                     if k not in results:
-                        why = ("this launch's compile ended the process" if k == begun else
-                               "not compiled: the compile process ended first")
-                        failures.append((r, f"{why} (rc {p.returncode}):\n{log}"))
+                        failures.append((r, f"this launch's compile ended the process (rc {p.returncode}):\n{log}"
+                                         if k == begun else "not compiled: its compile process ended first"))
                     elif results[k]["error"] is None:
                         reached = results[k]["stage"]
                         stats["full" if reached == "cubin" else "ttgir"] += 1
                         (self.cache / k).write_text(reached)
                     else:
                         failures.append((r, results[k]["error"]))
-            self._procs, self._sent = [], [[] for _ in self._sent]
+            self._procs, self._sent = [], []
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
@@ -356,7 +355,7 @@ class Compiler:
             with contextlib.suppress(OSError):
                 p.kill()
                 p.wait()
-        self._procs = []
+        self._procs, self._sent = [], []
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
