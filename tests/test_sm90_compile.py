@@ -113,14 +113,19 @@ def test_new_operations_decide_the_full_compile(tmp_path, monkeypatch):
     assert again.finish()[1]["cached"] == 3
 
 
-def test_operations_ignore_names_locations_and_constant_values():
+def test_operations_ignore_names_locations_values_shapes_and_layouts():
     a = ('#blocked = #ttg.blocked<{sizePerThread = [1]}>\n'
          '    %c2 = arith.constant dense<2.0> : tensor<16xf32, #blocked> loc(#loc3)\n'
-         '    %5 = arith.mulf %3, %c2 : tensor<16xf32, #blocked> loc(#loc4)\n')
-    b = a.replace("2.0", "3.0").replace("%5", "%7").replace("#loc4", "#loc9").replace("#blocked", "#blocked1")
-    assert sm90.operations(a) == sm90.operations(b)
-    assert ("arith.mulf", " : tensor<16xf32, #ttg.blocked<{sizePerThread = [1]}>>") in sm90.operations(a)
-    assert sm90.operations(a) != sm90.operations(a.replace("f32", "f16"))
+         '    %5 = arith.mulf %3, %c2 : tensor<16xf32, #blocked> loc(#loc4)\n'
+         '    %6 = tt.elementwise_inline_asm %5 {asm_string = "tanh.approx.f32 $0, $1;", pure = true} : '
+         'tensor<16xf32, #blocked> -> tensor<16xf32, #blocked>\n')
+    b = (a.replace("2.0", "3.0").replace("%5", "%7").replace("#loc4", "#loc9").replace("#blocked", "#blocked1")
+         .replace("16x", "64x32x"))
+    ops = sm90.operations(a)
+    assert ops == sm90.operations(b)
+    assert ("arith.mulf", " : tensor<f32>") in ops
+    assert ops != sm90.operations(a.replace("f32", "f16"))  # element types count
+    assert ops != sm90.operations(a.replace("tanh.approx", "ex2.approx"))  # so do attributes (inline PTX)
 
 
 @needs_toolchain

@@ -18,11 +18,12 @@ pipeline to a cubin (ptxas). ``"new-ops"`` takes every launch through the fronte
 and TTGIR passes, which raise the errors a specialisation can cause (the frontend's type checks,
 such as "Loop-carried variable ... int32 ... re-assigned to int64", literal ranges, the layout
 passes), and goes on to LLVM IR, PTX and ptxas only when its TTGIR holds an operation (name,
-attributes, operand and result types with their layouts; constant values aside) that no launch
-the same :class:`Compiler` compiled to a cubin had. Those later stages lower and assemble operation by
-operation, so a kernel made only of operations that already went through them has nothing new
-for them to reject; they are three quarters of a full compile's time (measured: 0.16 s of CPU to
-TTGIR, 0.73 s to a cubin per kernel).
+attributes and element types; values, shapes and layouts aside) that no launch the same
+:class:`Compiler` compiled to a cubin had. Those later stages lower and assemble operation by
+operation, so a kernel made only of kinds of operation that already went through them has
+little new for them to reject (the shapes and layouts of a CPU run are the interpreter's tiles,
+not a GPU launch's); they are three quarters of a full compile's time (measured: 0.16 s of CPU
+to TTGIR, 0.73 s to a cubin per kernel) and much more for large tiles.
 
 Successes are remembered by a hash of the launch and the Triton version (``ATTNDSL_SM90_CACHE``,
 default ``~/.cache/attndsl-sm90``) with the stage reached, so a rerun compiles only what changed.
@@ -438,29 +439,29 @@ def _compile_one(rec: dict, stage: str, covered: _Coverage | None = None) -> str
     return reached
 
 
-_ALIAS = re.compile(r"^(#[\w.]+) = (.*)$")
 _OP = re.compile(r'^(?:[%\w#:, ]+= )?"?([a-z_]+\.[\w.]+)"?(.*)$')
 
 
 def operations(ttgir: str) -> set:
-    """The operations of a TTGIR module's text, each as ``(name, attributes and types)`` with
-    layout aliases spelled out and SSA names, locations and constant values left out: what LLVM
-    lowering, PTX generation and ptxas see of each operation."""
-    aliases, ops = {}, set()
+    """The operations of a TTGIR module's text, each as ``(name, attributes : types)`` with SSA
+    names, locations, constant values, tensor shapes and layouts left out: the kinds of operation
+    on the element types that LLVM lowering, PTX generation and ptxas see. (Shapes and layouts
+    follow the interpreter's tile sizes in a CPU run, not the ones a GPU launch picks.)"""
+    ops = set()
     for line in ttgir.splitlines():
-        m = _ALIAS.match(line)
-        if m:
-            aliases[m.group(1)] = m.group(2)
+        if line.startswith("#"):  # a layout alias
             continue
         m = _OP.match(re.sub(r"loc\([^)]*\)+", "", line).strip())
         if not m:
             continue
         name, rest = m.group(1), m.group(2)
-        attrs = " ".join(re.findall(r"\{[^{}]*\}", rest)) if name != "arith.constant" else ""
-        types = rest.rsplit(" : ", 1)[1] if " : " in rest else ""
-        if name == "arith.constant":
-            types = re.sub(r"dense<[^>]*>", "dense", types)
-        ops.add((name, re.sub(r"#[\w.]+", lambda a: aliases.get(a.group(0), a.group(0)), attrs + " : " + types)))
+        body, _, types = rest.rpartition(" : ") if " : " in rest else (rest, "", "")
+        # operands aside, what is left says how (a comparison's predicate, a dot's precision, inline PTX)
+        attrs = " ".join(re.sub(r"%[\w#]+", "", body).replace(",", " ").split()) if name != "arith.constant" else ""
+        key = re.sub(r"dense<[^>]*>", "dense", attrs + " : " + types)
+        key = re.sub(r",?\s*#[\w.]+(<\{[^{}]*\}>)?", "", key)  # layouts (aliases, short inline ones)
+        key = re.sub(r"\b(?:\d+x)+", "", key)  # shapes
+        ops.add((name, key))
     return ops
 
 
