@@ -444,7 +444,8 @@ _OP = re.compile(r'^(?:[%\w#:, ]+= )?"?([a-z_]+\.[\w.]+)"?(.*)$')
 
 def operations(ttgir: str) -> set:
     """The operations of a TTGIR module's text, each as ``(name, attributes : types)`` with SSA
-    names, locations, constant values, tensor shapes and layouts left out: the kinds of operation
+    names, locations, constant values, numbers in attributes, tensor shapes, layouts and function
+    signatures left out: the kinds of operation
     on the element types that LLVM lowering, PTX generation and ptxas see. (Shapes and layouts
     follow the interpreter's tile sizes in a CPU run, not the ones a GPU launch picks.)"""
     ops = set()
@@ -455,9 +456,12 @@ def operations(ttgir: str) -> set:
         if not m:
             continue
         name, rest = m.group(1), m.group(2)
+        if name == "tt.func":  # a function's signature: its argument list, lowered the same for any
+            continue
         body, _, types = rest.rpartition(" : ") if " : " in rest else (rest, "", "")
         # operands aside, what is left says how (a comparison's predicate, a dot's precision, inline PTX)
         attrs = " ".join(re.sub(r"%[\w#]+", "", body).replace(",", " ").split()) if name != "arith.constant" else ""
+        attrs = re.sub(r"\b\d+\b", "N", attrs)  # ranges, axes, loop bounds: sizes, like shapes
         key = re.sub(r"dense<[^>]*>", "dense", attrs + " : " + types)
         key = re.sub(r",?\s*#[\w.]+(<\{[^{}]*\}>)?", "", key)  # layouts (aliases, short inline ones)
         key = re.sub(r"\b(?:\d+x)+", "", key)  # shapes
