@@ -23,7 +23,9 @@ attributes and element types; values, shapes and layouts aside) that no launch t
 operation, so a kernel made only of kinds of operation that already went through them has
 little new for them to reject (the shapes and layouts of a CPU run are the interpreter's tiles,
 not a GPU launch's); they are three quarters of a full compile's time (measured: 0.16 s of CPU
-to TTGIR, 0.73 s to a cubin per kernel) and much more for large tiles.
+to TTGIR, 0.73 s to a cubin per kernel). A launch with a tensor larger than any GPU launch
+uses (:data:`MAX_GPU_TILE` elements: the interpreter's own tile choices) stops at TTGIR: ptxas
+takes minutes on it and no GPU runs it.
 
 Successes are remembered by a hash of the launch and the Triton version (``ATTNDSL_SM90_CACHE``,
 default ``~/.cache/attndsl-sm90``) with the stage reached, so a rerun compiles only what changed.
@@ -430,13 +432,31 @@ def _compile_one(rec: dict, stage: str, covered: _Coverage | None = None) -> str
     new = set()
 
     def go_on(ttgir) -> bool:
-        new.update(covered.missing(operations(str(ttgir))))
+        text = str(ttgir)
+        if _largest_tile(text) > MAX_GPU_TILE:
+            return False  # an interpreter-only tile size: ptxas takes minutes on it and no GPU runs it
+        new.update(covered.missing(operations(text)))
         return bool(new)
 
     reached = compile_kernel(fn, sig, consts, attrs, num_warps=rec["num_warps"], num_stages=rec["num_stages"],
                              go_on=go_on)
     covered.add(new)  # only after the whole compile succeeded
     return reached
+
+
+#: the most elements of one tensor in a GPU launch's TTGIR (128x128 tiles); larger ones come from
+#: the interpreter's tile choices (the lightning indexer's 256x512 on a CPU) and stop at TTGIR
+MAX_GPU_TILE = 128 * 128
+
+
+def _largest_tile(ttgir: str) -> int:
+    largest = 0
+    for dims in re.findall(r"tensor<((?:\d+x)+)", ttgir):
+        n = 1
+        for d in dims.rstrip("x").split("x"):
+            n *= int(d)
+        largest = max(largest, n)
+    return largest
 
 
 _OP = re.compile(r'^(?:[%\w#:, ]+= )?"?([a-z_]+\.[\w.]+)"?(.*)$')
