@@ -222,3 +222,16 @@ def test_key_padding_mask_on_gpu(B, L, D, dtype):
     out = attndsl.attention(q, k, v, mask_mod=_key_padding(lengths))
     ref, _ = reference.attention(q, k, v, mask_mod=_key_padding(lengths))
     assert torch.isfinite(out).all() and (out.double() - ref).abs().max() < 0.05
+
+
+def test_interpreter_only_tiles_are_not_recorded():
+    """Tiles under 16 run only in the interpreter (a GPU launch refuses them before the kernel, and
+    ``tl.dot`` needs 16): no GPU compiles them, so the sm_90 step does not either."""
+    from attndsl.patterns import causal
+    q, k, v = random_qkv((1, 1, 1, 16, 16, 16))
+    with sm90.record() as rec:
+        attndsl.compile(mask_mod=causal, block_m=8, block_n=4)(q, k, v)
+    assert not rec.records and rec.skipped
+    with sm90.record() as rec:
+        attndsl.compile(mask_mod=causal, block_m=16, block_n=16)(q, k, v)
+    assert rec.records

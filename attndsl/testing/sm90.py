@@ -122,6 +122,7 @@ class _KernelInfo:
 
 
 _INFO: dict = {}
+_GPU_MIN_TILE = 16  # attndsl.runtime.checks.TILE_SIZES[0]: smaller tiles run only in the interpreter
 
 
 def _make_record(fn, args, kwargs, do_not_specialize=()):
@@ -138,6 +139,8 @@ def _make_record(fn, args, kwargs, do_not_specialize=()):
     for n in info.names:
         v = bound.get(n)
         if n in info.constexpr:
+            if n in ("BLOCK_M", "BLOCK_N") and isinstance(v, int) and v < _GPU_MIN_TILE:
+                return None  # an interpreter-only tile (runtime.checks.check_gpu_tiles): no GPU launch has it
             sig.append((n, "constexpr"))
             consts.append((n, _constexpr_value(v)))
             continue
@@ -612,7 +615,8 @@ class _Session:
                 f"{stats['kernels']} distinct launches: {stats['cached']} compiled before (cached), {stats['full']} "
                 f"compiled now to a cubin and {stats['ttgir']} to TTGIR (full={self.compiler.full!r}, "
                 f"{self.compiler.jobs} processes beside the tests), {stats['seconds']:.1f} s waited after the tests; "
-                f"{skipped} launches not recorded (a test's own kernel, float64, or an argument with no Triton type)")
+                f"{skipped} launches not recorded (a test's own kernel, float64, tiles under 16 that only the "
+                f"interpreter runs, or an argument with no Triton type)")
         if failures:
             tr.write_line(f"{len(failures)} launches do not compile for sm_90:", red=True)
             tr.write_line(describe(failures))
