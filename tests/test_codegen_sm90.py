@@ -5,20 +5,13 @@ compiler does. A key-padding mask ``kv_idx < lengths[b]`` over an int64 ``length
 plan's tile indices int64, which once clashed with an int32 ``tile`` assigned before the loop
 (``CompilationError: Loop-carried variable tile has initial type int32 but is re-assigned to int64``).
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
+from attndsl.testing import sm90
 
 _SCRIPT = r"""
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import attndsl
 from attndsl.runtime import cache
+from attndsl.testing.sm90 import compile_kernel
 
 lengths = torch.tensor([100, 37], dtype=torch.int64)
 doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
@@ -55,7 +48,7 @@ for fn, kinds in ((key_padding, ("fwd", "bwd_dkdv", "bwd_dq")), (document, ("fwd
                                else "*i32" if p.name in INT_PTRS else "*fp32")
             else:
                 sig[p.name] = SCALAR[p.kind]
-        triton.compile(ASTSource(k, sig, cx), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+        compile_kernel(k, sig, cx, num_warps=4, num_stages=2)
         done.append(f"{fn.__name__}:{kind}")
 print("compiled", " ".join(done))
 """
@@ -65,14 +58,6 @@ def test_int64_plan_kernels_compile_for_sm90(tmp_path):
     """fwd, dK/dV, dQ of a key-padding mask over int64 lengths, and the same plus both block-table
     kernels of a document mask over int64 ids, compile for sm_90. In a fresh process: real compiles
     must not follow interpreted kernels in one process."""
-    pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, ATTNDSL_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    out = r.stderr + r.stdout
-    if r.returncode and "ptxas" in out.lower() and "not found" in out.lower():
-        pytest.skip("no CUDA toolchain")
-    assert r.returncode == 0 and "compiled" in r.stdout, out[-4000:]
+    out = sm90.run_compile_script(_SCRIPT, tmp_path)
     for k in ("key_padding:fwd", "key_padding:bwd_dkdv", "key_padding:bwd_dq", "document:table", "document:table_t"):
-        assert k in r.stdout
+        assert k in out

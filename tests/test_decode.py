@@ -394,14 +394,12 @@ def test_bad_inputs():
 
 _SM90 = r"""
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from attndsl import codegen
 from attndsl.api import _compiled
 from attndsl.patterns import alibi, causal, document, sliding_window
 from attndsl.patterns.tree import tree_mask
 from attndsl.runtime import cache
+from attndsl.testing.sm90 import compile_kernel
 from attndsl.serving.decoding import decode_spec
 
 doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
@@ -443,7 +441,7 @@ for label, mask, score, norm in cases:
                 sig[name] = "fp32"
             else:
                 sig[name] = "i32"
-        triton.compile(ASTSource(k, sig, cx), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        compile_kernel(k, sig, cx, num_warps=4, num_stages=3)
         done.append(f"{label}:{kind}")
 print("compiled", " ".join(done))
 """
@@ -453,19 +451,8 @@ def test_decode_kernels_compile_for_sm90(tmp_path):
     """The decode, gather and merge kernels of several patterns (int64 lengths and offsets, paged with
     one lookup per tile or per row, contiguous, sinks, low-rank bias, sigmoid) compile for sm_90
     (the interpreter does not check loop-carried types). In a fresh process, as test_codegen_sm90."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, ATTNDSL_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    r = subprocess.run([sys.executable, "-c", _SM90], cwd=root, env=env, capture_output=True, text=True, timeout=1500)
-    out = r.stderr + r.stdout
-    if r.returncode and "ptxas" in out.lower() and "not found" in out.lower():
-        pytest.skip("no CUDA toolchain")
-    assert r.returncode == 0 and "compiled" in r.stdout, out[-4000:]
+    from attndsl.testing import sm90
+    sm90.run_compile_script(_SM90, tmp_path, timeout=1500)
 
 
 def test_serve_example_runs():

@@ -28,7 +28,7 @@ def _run(case):
     fuzz.check_case(case)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+@settings(max_examples=10, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(case=fuzz.cases(max_len=40))
 def test_fuzz_short(case):
@@ -42,7 +42,7 @@ def test_fuzz_300(case):
     _run(case)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(mask=fuzz.masks(max_len=40), score=fuzz.score_mods(max_len=40))
 def test_reference_agrees_with_flex_eager(mask, score):
     """The oracle against FlexAttention's eager forward on the fuzzer's patterns (float64, CPU):

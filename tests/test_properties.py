@@ -163,7 +163,7 @@ def test_value_head_dim_with_sinks_low_rank_bias_learnable_and_sigmoid():
     assert set(errs) == {"out", "dq", "dk", "dv", "du", "dw", "dcaptured0"}
 
 
-@settings(max_examples=16, **FAST)
+@settings(max_examples=10, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS,
        scale=SCALES)
 def test_builtin_pattern_combinations(data, shape, dtype, tiles, seed, scale):
@@ -177,7 +177,7 @@ def test_builtin_pattern_combinations(data, shape, dtype, tiles, seed, scale):
 # random expression trees
 
 
-@settings(max_examples=30, **FAST)
+@settings(max_examples=20, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS)
 def test_random_masks_match_reference(data, shape, dtype, tiles, seed):
     mask_mod = data.draw(masks(MAX_LEN, MAX_HEADS), label="mask_mod")
@@ -185,7 +185,7 @@ def test_random_masks_match_reference(data, shape, dtype, tiles, seed):
     check(q, k, v, mask_mod, None, tiles, seed=seed)
 
 
-@settings(max_examples=25, **FAST)
+@settings(max_examples=16, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS,
        scale=SCALES)
 def test_random_score_mods_match_reference(data, shape, dtype, tiles, seed, scale):
@@ -194,7 +194,7 @@ def test_random_score_mods_match_reference(data, shape, dtype, tiles, seed, scal
     check(q, k, v, None, score_mod, tiles, scale=scale, seed=seed)
 
 
-@settings(max_examples=16, **FAST)
+@settings(max_examples=10, **FAST)
 @given(data=st.data(), shape=shapes(MAX_LEN, 2, MAX_HEADS, HEAD_DIMS), dtype=dtypes(), tiles=TILES, seed=SEEDS)
 def test_random_mask_and_score_mod_match_reference(data, shape, dtype, tiles, seed):
     if data.draw(st.booleans(), label="random mask"):

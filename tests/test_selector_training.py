@@ -139,7 +139,7 @@ def _property(grouping, B, Lq, Lkv, K, mask, kind, factors, R, normalizer, sinks
     _check(errs, TOL[F32], ctx)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**CASES)
 def test_token_selector_trains_learnable_tensors_and_low_rank_factors(grouping, B, Lq, Lkv, K, mask, kind, factors, R,
                                                                        normalizer, sinks, block_n, seed):

@@ -143,7 +143,7 @@ TOKEN_CASES = dict(grouping=st.sampled_from(GROUPINGS), B=st.integers(1, 2), Lq=
                    dv=st.sampled_from([16, 24, 32]), seed=st.integers(0, 2**16))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**TOKEN_CASES)
 def test_token_selector_matches_reference(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed):
     _token_case(grouping, B, Lq, Lkv, K, mask, score, block_n, dv, seed)
