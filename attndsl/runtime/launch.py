@@ -609,9 +609,10 @@ class Prepared:
 def _template(t: torch.Tensor) -> torch.Tensor | None:
     """A one-element tensor of ``t``'s dtype and device expanded to its shape: ``torch.empty_like``
     of it is a contiguous tensor like ``t`` at a third of ``torch.empty(shape, dtype=, device=)``'s
-    host time. None where that would not give ``t``'s strides (a one-element ``t``)."""
-    tpl = torch.empty(1, dtype=t.dtype, device=t.device).expand(t.shape)
-    return tpl if torch.empty_like(tpl).stride() == t.stride() else None
+    host time. None where that would not give ``t``'s strides (a one-element ``t``), or inside a
+    CUDA-graph capture before a template of that dtype and device exists (``fastlaunch.expanded``)."""
+    tpl = fastlaunch.expanded(t.shape, t.dtype, t.device)
+    return tpl if tpl is not None and torch.empty_like(tpl).stride() == t.stride() else None
 
 
 def _alloc(template: torch.Tensor) -> torch.Tensor:
