@@ -370,7 +370,7 @@ def test_prepared_launch_arguments_are_verified_under_the_suite():
     (plan,) = attn._plans.values()
     assert isinstance(plan.memo.fwd, launch.FastForward)
     check(attn(q, k, v), q, k, v, mask_mod=causal)  # the prepared forward, verified
-    plan.memo.fwd.out = torch.empty(1).expand(1, 2, 31, 16)
+    plan.memo.fwd.out = (torch.Size([1, 2, 31, 16]), torch.float32, q.device)  # a wrong output template
     with pytest.raises(AssertionError, match="prepared forward"):
         attn(q, k, v)
 
@@ -484,3 +484,27 @@ def test_prepared_launches_on_a_gpu_and_in_a_cuda_graph(monkeypatch):
         torch.cuda.synchronize()
         want = attn(qs, ks, vs)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("kind", ["causal", "document"])
+def test_no_tensor_of_a_call_outlives_it(kind):
+    """Memos and prepared launches keep no tensor of the calls that made them (inputs, outputs,
+    gradients, block tables): one made during a CUDA-graph warm-up or capture would hold memory of
+    the graph's pool (torch.compile's reduce-overhead mode refuses that), and a kept input keeps a
+    user's tensor alive."""
+    import gc
+    import weakref
+    ids = torch.tensor([0] * 20 + [1] * 12)
+
+    def document(b, h, q_idx, kv_idx):
+        return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+    attn = attndsl.compile(mask_mod=causal if kind == "causal" else document, block_m=BLOCK, block_n=BLOCK)
+    refs = []
+    for _ in range(3):  # planned, memoised, prepared
+        q, k, v = qkv(grad=True)
+        out, lse = attn(q, k, v, return_lse=True)
+        grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+        refs += [weakref.ref(t) for t in (q, k, v, out, lse, *grads)]
+        del q, k, v, out, lse, grads
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []

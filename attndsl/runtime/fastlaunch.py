@@ -100,7 +100,7 @@ class Direct:
     constants bound: the arguments go straight to the launcher, which reads each tensor's address.
     Launch hooks (profilers) take the compiled kernel's own path, which calls them."""
 
-    __slots__ = ("ck", "launch", "function", "meta", "coop", "pdl", "grid", "tail", "scratch", "scratch_like", "device",
+    __slots__ = ("ck", "launch", "function", "meta", "coop", "pdl", "grid", "tail", "scratch", "scratch_device", "device",
                  "stream")
 
     @staticmethod
@@ -124,11 +124,11 @@ class Direct:
         driver = triton.runtime.driver.active
         d.device = driver.get_current_device()
         d.stream = _raw_stream or driver.get_current_stream
-        # device-side tensor descriptors live in global scratch, one slice per program: allocated per
-        # launch as ``empty_like`` of a one-byte tensor expanded to its size (a third of ``torch.empty``'s
-        # host time)
+        # device-side tensor descriptors live in global scratch, one slice per program, allocated per
+        # launch (no tensor is kept between launches: one made during a CUDA-graph warm-up would hold
+        # memory of the graph's pool)
         d.scratch = n * run.num_ctas * run.global_scratch_size if run.global_scratch_size else 0
-        d.scratch_like = expanded((d.scratch,), torch.int8, torch.device("cuda", d.device)) if d.scratch else None
+        d.scratch_device = torch.device("cuda", d.device) if d.scratch else None
         return d
 
     def __call__(self, args: list) -> None:
@@ -136,32 +136,9 @@ class Direct:
         if _hooked(_knobs.runtime.launch_enter_hook) or _hooked(_knobs.runtime.launch_exit_hook):
             self.ck[self.grid](*args, *self.tail, stream=stream)
             return
-        if not self.scratch:
-            scratch = None
-        elif self.scratch_like is not None:
-            scratch = torch.empty_like(self.scratch_like)
-        else:  # made inside a CUDA-graph capture: no template (see ``expanded``)
-            scratch = torch.empty(self.scratch, dtype=torch.int8, device=torch.device("cuda", self.device))
+        scratch = torch.empty(self.scratch, dtype=torch.int8, device=self.scratch_device) if self.scratch else None
         self.launch(*self.grid, stream, self.function, self.coop, self.pdl, scratch, None, self.meta, None,
                     None, None, *args, *self.tail)
-
-
-#: one-element tensors per (dtype, device) that allocation templates expand (``expanded``)
-_BASES: dict = {}
-
-
-def expanded(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """A one-element tensor of ``dtype`` on ``device`` expanded to ``shape``: ``torch.empty_like`` of
-    it allocates a contiguous tensor at a third of ``torch.empty(shape, dtype=, device=)``'s host
-    time. The element is shared and never allocated inside a CUDA-graph capture (a template kept
-    past the capture would hold memory of the graph's pool); None while capturing before one exists."""
-    key = (dtype, device)
-    base = _BASES.get(key)
-    if base is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        base = _BASES[key] = torch.empty(1, dtype=dtype, device=device)
-    return base.expand(shape)
 
 
 def launcher(kernel) -> Launcher:

@@ -606,18 +606,17 @@ class Prepared:
         self.bwd: FastBackward | None = None
 
 
-def _template(t: torch.Tensor) -> torch.Tensor | None:
-    """A one-element tensor of ``t``'s dtype and device expanded to its shape: ``torch.empty_like``
-    of it is a contiguous tensor like ``t`` at a third of ``torch.empty(shape, dtype=, device=)``'s
-    host time. None where that would not give ``t``'s strides (a one-element ``t``), or inside a
-    CUDA-graph capture before a template of that dtype and device exists (``fastlaunch.expanded``)."""
-    tpl = fastlaunch.expanded(t.shape, t.dtype, t.device)
-    return tpl if tpl is not None and torch.empty_like(tpl).stride() == t.stride() else None
+def _template(t: torch.Tensor) -> tuple | None:
+    """``(shape, dtype, device)`` of a contiguous ``t``, from which ``_alloc`` makes tensors like it;
+    None where ``t`` is not contiguous. No tensor is kept: one made during a CUDA-graph warm-up or
+    capture would hold memory of the graph's pool past the call."""
+    return (t.shape, t.dtype, t.device) if t.is_contiguous() else None
 
 
-def _alloc(template: torch.Tensor) -> torch.Tensor:
+def _alloc(template: tuple) -> torch.Tensor:
     """A contiguous tensor like ``template``'s (``_template``), poisoned under ATTNDSL_POISON."""
-    t = torch.empty_like(template)
+    shape, dtype, device = template
+    t = torch.empty(shape, dtype=dtype, device=device)
     return _poisoned(t) if POISON else t
 
 
@@ -687,7 +686,7 @@ class FastForward:
         if VERIFY_MEMO:
             own = r._forward_own(q, k, v, out, stats, stats, scale, extras, buffer_tensors(buffers, r.learnable))
             _same_arguments("forward", args, self.memo.args(own))
-            want = [_new((*q.shape[:3], v.shape[3]), q, torch.float32 if self.out.dtype != q.dtype else None)]
+            want = [_new((*q.shape[:3], v.shape[3]), q, torch.float32 if self.out[1] != q.dtype else None)]
             if lse is not None:
                 want.append(_new(q.shape[:3], q, acc_dtype(q)))
             _same_arguments("forward outputs", [out, *(() if lse is None else (lse,))], want, addresses=False)

@@ -49,7 +49,7 @@ class Memo:
     """A launch whose every decision but the call's own values was taken once for its call key."""
 
     launch: object  # args -> None
-    template: list  # the kernel's arguments in signature order, as the memoising call filled them
+    template: list  # the kernel's arguments in signature order, as the memoising call filled them (own slots: None)
     slots: tuple  # (names, positions): where each of a call's own values goes in ``template``
     check: tuple | None  # (grid, constants, arg_classes) when the runner verifies its memo
     allocator: bool  # needs Triton's scratch allocator set (device-side descriptors, not Direct)
@@ -61,6 +61,10 @@ class Memo:
     rest: list | None = None
 
     def __post_init__(self):
+        # the memoising call's own tensors are not kept: a memo made during a CUDA-graph warm-up or
+        # capture would otherwise hold memory of the graph's pool (every later call brings its own)
+        own = set(self.slots[1])
+        self.template = [None if i in own else a for i, a in enumerate(self.template)]
         if self.slots[1] == tuple(range(len(self.slots[1]))):
             self.rest = self.template[len(self.slots[1]):]
 
