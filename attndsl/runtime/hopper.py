@@ -198,7 +198,7 @@ class HopperForward:
         """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`);
         ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None;
         ``buffers``: the pattern's captured tensors, in slot order."""
-        from .launch import buffer_args
+        from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
         from triton.experimental.gluon import language as gl

@@ -136,7 +136,7 @@ class HopperBackward:
         tensors, in slot order; ``table``: for a data-dependent mask, ``table(rows, cols)`` gives the
         transposed block table (``launch.Table``) of key tiles of ``rows`` and query tiles of
         ``cols`` (``Runner.table``)."""
-        from .launch import buffer_args
+        from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
         from triton.experimental.gluon import language as gl

@@ -23,8 +23,7 @@ from .hopper_bwd import HopperBackward
 # runtime/autograd.py, serving/decoding.py); their home is gradients.py and marshal.py
 from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, private_rows, reduce_to,  # noqa: F401
                         sink_gradient, wide_offsets)
-from .marshal import (Extras, buffer_args, buffer_layout, buffer_named, buffer_tensors, check_arguments, fill,  # noqa: F401
-                      qkv_strides, strides_named)
+from .marshal import Extras, buffer_layout, buffer_named, buffer_tensors, fill, qkv_strides, strides_named  # noqa: F401
 from .memo import MEMO_SIZE, Memo, arg_classes, descriptor_scratch, own_slots, tensor_key
 from .scope import NO_CONTEXT, launch_scope
 

@@ -90,7 +90,7 @@ def buffer_named(tensors, dense=frozenset()) -> dict:
 
 def buffer_args(tensors, dense=frozenset()) -> list:
     """``buffer_named`` in the signatures' order (pointer, sizes, strides per tensor), for the
-    block-table kernels' positional launch."""
+    Hopper kernels' positional launch (runtime/hopper.py, runtime/hopper_bwd.py)."""
     args = []
     for name, t in buffer_tensors(tensors, dense).items():
         args += [t, *t.shape, *t.stride()]
