@@ -64,9 +64,11 @@ PATTERNS = {
 _COMPILED: dict = {}
 
 
-def compiled(name):
+def compiled(name, patterns=None):
+    """The compiled pattern ``name`` of ``patterns`` (default: this file's; the backward's tests
+    pass theirs, a superset with the same names), compiled once per process."""
     if name not in _COMPILED:
-        mask, score = PATTERNS[name]
+        mask, score = (PATTERNS if patterns is None else patterns)[name]
         _COMPILED[name] = attndsl.compile(mask_mod=mask, score_mod=score)
     return _COMPILED[name]
 

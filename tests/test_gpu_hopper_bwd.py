@@ -54,14 +54,10 @@ PATTERNS = {
     "key_padding": (key_padding, None),
     "document": (document(_DOC_IDS), None) if torch.cuda.is_available() else (causal, None),
 }
-_COMPILED: dict = {}
 
 
 def compiled(name):
-    if name not in _COMPILED:
-        mask, score = PATTERNS[name]
-        _COMPILED[name] = attndsl.compile(mask_mod=mask, score_mod=score)
-    return _COMPILED[name]
+    return test_gpu_hopper.compiled(name, PATTERNS)
 
 
 def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
