@@ -227,7 +227,8 @@ def backward_main(args) -> int:
                 (``bwd_only_too``) the backward alone."""
                 try:
                     o = forward()
-                    got = torch.autograd.grad(o, leaves, dout)
+                    # keep the graph: the backward-only timing below replays it
+                    got = torch.autograd.grad(o, leaves, dout, retain_graph=bwd_only_too)
                     err = max(rel(g, w) for g, w in zip(got, want)) if want is not None else float("nan")
                     if want is not None and not err <= TOL:
                         row(rows, out_path, case=case, impl=name, ms=None,
