@@ -12,7 +12,11 @@ forward, portable backward) and off. Every timed call is first checked against S
 error under 2e-2). Timings: ``triton.testing.do_bench`` (median ms); TFLOP/s counts
 4·B·H·Lq·Lkv·D for the forward (half that under a causal mask), 3.5× that for forward+backward
 (the backward counted as 2.5 forwards).
-``--sweep``: the Hopper forward's tiles (consumers, stages, block_n) on each case.
+``--sweep``: instead of the default rows, per case SDPA, our Triton forward and every configuration
+of ``hopper.sweep_configs(D)`` (ping-pong on/off, pipelined/plain, 2 or 3 stages, key tiles of 64
+or 128, where they fit in shared memory; compiled up front in parallel), then the winner (ms,
+TFLOP/s, speed relative to cuDNN) and the winner with the other program order (heaviest query
+tiles first or not). ``--sweep --quick``: L=4096 only.
 ``--backward``: instead, the Hopper backward (``codegen/hopper_bwd.py``) on the same cases: the
 backward alone (``torch.autograd.grad`` of one forward's output, delta included) and
 forward+backward, for the runtime with the Hopper backward (atomic and deterministic dQ, after the
@@ -24,6 +28,7 @@ Each case runs in its own try/except and prints its full traceback on failure; r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -70,7 +75,7 @@ def row(rows, out_path, **kw):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="L=4096 only, shorter timing")
-    ap.add_argument("--sweep", action="store_true", help="also time the Hopper forward's tile configurations")
+    ap.add_argument("--sweep", action="store_true", help="time the Hopper forward's tile configurations instead")
     ap.add_argument("--backward", action="store_true", help="time the Hopper backward instead of the forward")
     ap.add_argument("--json", default=None, help="where to write the rows (default $OUT/hopper.json)")
     args = ap.parse_args(argv)
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
                     row(rows, out_path, case=case, impl=name, ms=None, note="failed")
 
             # the Hopper forward itself (no runtime around it)
-            if hopper_ok:
+            if hopper_ok and not args.sweep:
                 checked("attndsl Hopper fwd (Gluon)", lambda: hf.forward(q, k, v, scale))
                 nopipe = hopper.HopperConfig(**{**vars(hopper.config_for(D)), "pipeline": False})
                 checked("attndsl Hopper fwd, no pipelining", lambda: hf.forward(q, k, v, scale, nopipe))
@@ -147,6 +152,12 @@ def main(argv=None) -> int:
                 checked("attndsl Triton fwd", lambda: comp(q, k, v, scale=scale))
             finally:
                 hopper.enable(None)
+            if args.sweep:
+                if hopper_ok:
+                    sweep(hf, q, k, v, scale, case, rows, checked)
+                del q, k, v
+                torch.cuda.empty_cache()
+                continue
             try:
                 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
                 flex = torch.compile(flex_attention, dynamic=False)
@@ -155,17 +166,6 @@ def main(argv=None) -> int:
             except Exception:
                 traceback.print_exc()
                 row(rows, out_path, case=case, impl="FlexAttention (compiled)", ms=None, note="failed")
-            if args.sweep and hopper_ok:
-                for consumers in (1, 2):
-                    for stages in (1, 2, 3):
-                        for bn in (64, 128):
-                            for pipe in (True, False):
-                                if pipe and stages < 2:
-                                    continue  # deadlocks by design (HopperConfig refuses it)
-                                cfg = hopper.HopperConfig(block_m=64, block_n=bn, stages=stages, consumers=consumers,
-                                                          pipeline=pipe)
-                                checked(f"  Hopper c={consumers} s={stages} bn={bn} p={int(pipe)}",
-                                        lambda: hf.forward(q, k, v, scale, cfg))
             # forward+backward: Hopper forward + portable backward, and all portable
             qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
             dout = torch.randn_like(q)
@@ -193,6 +193,37 @@ def main(argv=None) -> int:
             del q, k, v, qg, kg, vg
             torch.cuda.empty_cache()
     return 0
+
+
+def label(cfg) -> str:
+    return f"  Hopper pp={int(cfg.pingpong)} pipe={int(cfg.pipeline)} s={cfg.stages} bn={cfg.block_n}"
+
+
+def sweep(hf, q, k, v, scale, case, rows, checked) -> None:
+    """``--sweep``'s rows of one case: every configuration of ``sweep_configs``, then the winner
+    beside cuDNN, and the winner with the other program order."""
+    from attndsl.runtime import hopper
+    cfgs = hopper.sweep_configs(q.shape[-1])
+    try:  # compile them all at once (threads); a failure here shows again at its launch
+        hopper.compile_ahead([(hf, (q, k, v, scale, c), {}) for c in cfgs])
+    except Exception:
+        traceback.print_exc()
+    start = len(rows)
+    for cfg in cfgs:
+        checked(label(cfg), lambda: hf.forward(q, k, v, scale, cfg), config=dataclasses.asdict(cfg),
+                heavy_first=hf.heavy_first)
+    timed = [r for r in rows[start:] if r.get("ms") is not None]
+    if not timed:
+        return
+    best = min(timed, key=lambda r: r["ms"])
+    cudnn = next((r["ms"] for r in rows if r["case"] == case and r["impl"] == "SDPA cuDNN" and r.get("ms")), None)
+    vs = f", {cudnn / best['ms']:.3f}x cuDNN's speed" if cudnn else ""
+    print(f"{case:<18} best: {best['impl'].strip()} {best['ms']:.3f} ms ({best['tflops']:.1f} TFLOP/s){vs}, "
+          f"heavy_first={hf.heavy_first}", flush=True)
+    cfg = hopper.HopperConfig(**best["config"])
+    other = not hf.heavy_first
+    checked(label(cfg) + f" heavy_first={int(other)}", lambda: hf.forward(q, k, v, scale, cfg, heavy_first=other),
+            config=best["config"], heavy_first=other)
 
 
 def backward_main(args) -> int:

@@ -11,16 +11,20 @@ into three partitions (``gl.warp_specialize``):
 * ``CONSUMERS`` consumer warp groups (``{name}_fwd_sm90_consumer``: the default partition and one
   worker per further group), each running the online softmax of its own ``BLOCK_M`` rows over the
   shared K/V stream: ``S = Q·Kᵀ`` and ``O += P·V`` as asynchronous warp-group MMAs (wgmma), the
-  scores in registers. Two groups run independently, so one group's softmax overlaps the other's
-  matrix products (the ping-pong of FlashAttention-3, left to the warp schedulers rather than
-  named barriers).
+  scores in registers. By default the two groups run independently (one group's softmax overlaps
+  the other's matrix products where the warp schedulers happen to interleave them); ``PINGPONG``
+  makes it strict, as FlashAttention-3's scheduler barrier: the groups take turns issuing their
+  matrix products (``_mma_turn`` / ``_mma_pass``, two mbarriers), so one group's softmax always
+  runs under the other's products instead of both colliding on the tensor cores.
 
 What depends on the pattern comes from the spec, never from a hand-written variant: the visit plan
 (``spec.fwd_range``'s closed-form range, emitted by ``codegen/plan.py``; full tiles first, with no
 mask code, then the partial ones; a per-tile classification where the plan has one), the mask on
 partial tiles, the score modifier and its captured-tensor loads (emitted by ``codegen/expr.py`` at
 the loop level where their inputs exist). ``PIPELINE`` picks FlashAttention-3's intra-warpgroup
-overlap of one tile's softmax with the previous tile's P·V. The module starts with the
+overlap of one tile's softmax with the previous tile's P·V. ``HEAVY_FIRST`` launches the query tiles
+in decreasing order of work, over all heads (:func:`heavy_first`, decided once per spec: plans whose
+visited range grows along the query tiles, such as causal ones). The module starts with the
 portable module's header (``codegen/prelude.py``): Gluon kernels call its ``@triton.jit`` index
 helpers and ``tl`` elementwise ops, which take the layouts of their Gluon operands.
 
@@ -29,7 +33,10 @@ runs on the portable kernels.
 """
 from __future__ import annotations
 
+import torch
+
 from attndsl import ir
+from attndsl.ir.evaluate import evaluate
 from attndsl.passes.lower import _buffers
 from attndsl.spec import KernelSpec, Param, VisitRange
 
@@ -40,7 +47,7 @@ from .prelude import module_header
 from .writer import Writer
 
 #: Bump when the generated Hopper code changes meaning (part of the module's cache key).
-HOPPER_VERSION = 1
+HOPPER_VERSION = 2
 
 #: the Hopper kernels' parameters Triton does not specialise: lengths and head counts (a length of 1
 #: or a multiple of 16 would compile another kernel, seconds each, for no gain: TMA loads the
@@ -91,6 +98,26 @@ def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready,
         tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _mma_turn(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong (FlashAttention-3's scheduler barrier): consumer group ``WG`` waits for its ``k``-th
+    turn to issue matrix products. ``turn.index(g)`` completes a phase each time the other group
+    passes the turn to ``g`` (one arrive per warp group: ``mbarrier.arrive`` syncs the group's
+    warps, then one thread arrives). Group 0 goes first: its turn 0 waits on the phase before a
+    fresh barrier's first, which counts as complete. Each group takes and passes the same number
+    of turns (both walk the program's one visit plan), and a group cannot pass twice before the
+    other has waited, so the parity of ``k`` names the phase without ambiguity."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
+
+
+@gluon.jit
+def _mma_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: group ``WG`` has issued its matrix products; the other group's turn."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
 '''
 
 
@@ -108,6 +135,27 @@ def supports(spec: KernelSpec) -> str | None:
     return None
 
 
+def heavy_first(spec: KernelSpec, length: int = 4096, rows: int = 128) -> bool:
+    """Whether the forward's work grows along the query tiles (a causal mask's last tiles visit
+    every key, its first almost none): the Hopper forward then launches its programs heaviest
+    first, so that the long ones do not start last and leave a tail. Decided once per spec from
+    the closed-form visit range at ``length`` queries and keys, tiles of ``rows`` rows: the last
+    query tile visits more keys than the middle one (a sliding window's first tiles are lighter,
+    the rest alike: not growing). A range that reads captured tensors (per batch or head) counts
+    as not growing."""
+    rng = spec.fwd_range
+    names = {"b", "h", "q_lo", "q_hi", "q_max", "kv_max"}
+    if not isinstance(rng, VisitRange) or any(ir.loads([x]) or not ir.free_vars(x) <= names for x in rng.outer):
+        return False
+    starts = torch.tensor([length // 2 // rows * rows, (length - 1) // rows * rows])
+    env = {"b": torch.tensor(0), "h": torch.tensor(0), "q_lo": starts,
+           "q_hi": torch.minimum(starts + rows, torch.tensor(length)) - 1,
+           "q_max": torch.tensor(length - 1), "kv_max": torch.tensor(length - 1)}
+    lo, hi = evaluate(list(rng.outer), env, ())
+    width = (hi.clamp(max=length - 1) - lo.clamp(min=0) + 1).clamp(min=0).broadcast_to(starts.shape)
+    return bool(width[1] > width[0])
+
+
 def kernel_name(spec: KernelSpec) -> str:
     return f"{spec.name}_fwd"
 
@@ -117,7 +165,7 @@ def signature(spec: KernelSpec) -> tuple:
     t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "Out", "Lse", "Sinks")]
     i = [Param(n, "int") for n in ("stride_ob", "stride_oh", "stride_om", "HQ", "GROUP", "LQ", "LKV")]
     c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE",
-                                              "HAS_SINKS")]
+                                              "PINGPONG", "HEAVY_FIRST", "HAS_SINKS")]
     # captured tensors (score_mod's tables): pointer, sizes and strides, as the portable kernels take them
     return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + c)
 
@@ -170,7 +218,13 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
 
     ``PIPELINE`` (FlashAttention-3's intra-warpgroup overlap): the next tile's ``Q·Kᵀ`` and this
     tile's ``P·V`` are issued together and the softmax of the next tile runs while ``P·V`` is in
-    flight; without it each tile waits for its ``Q·Kᵀ``, then its ``P·V``."""
+    flight; without it each tile waits for its ``Q·Kᵀ``, then its ``P·V``.
+
+    ``PINGPONG`` (group ``WG`` of two) takes turns with the other group, as FlashAttention-3's
+    mainloop does: pipelined, a turn covers one loop step's ``Q·Kᵀ`` and ``P·V`` (the first
+    ``Q·Kᵀ`` and the last ``P·V`` are outside the turns: ``n_tiles - 1`` turns); plain, a turn runs
+    from a tile's ``P·V`` to the next tile's issued ``Q·Kᵀ`` (the first turn before tile 0's
+    ``Q·Kᵀ``, the last passed after the last ``P·V``: ``n_tiles + 1`` turns)."""
     em = ExprEmitter(_env(1), 3, prefix="v")
     unit = score_unit(spec.normalizer)
     cls = ""
@@ -201,9 +255,9 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     @gluon.jit
     def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks,
                  stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale, {_buffer_names(spec)}
-                 n_full, f_begin, t_begin, n_first, f_end, n_tiles,
+                 n_full, f_begin, t_begin, n_first, f_end, n_tiles, turn,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                 PIPELINE: gl.constexpr, HAS_SINKS: gl.constexpr):
+                 PIPELINE: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr, HAS_SINKS: gl.constexpr):
         \"\"\"Online softmax of query rows q0..q0+BLOCK_M over the visited key tiles (one warp group).\"\"\"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
@@ -248,9 +302,11 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 slot = it % STAGES
                 prev = (it - 1) % STAGES
                 mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
+                _mma_turn(turn, it - 1, WG, PINGPONG)
                 qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p16, _kv_tile(v_smem, prev), acc, is_async=True)
+                _mma_pass(turn, WG, PINGPONG)
                 # wgmma groups complete in order: at most one pending means Q·Kᵀ is done, P·V may not be
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
                 """)
@@ -269,22 +325,28 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 mbarrier.arrive(kv_empty.index(last), count=1)
                 """)
         with w.block("else:"):
+            with w.block("if n_tiles > 0:"):
+                w.line("_mma_turn(turn, 0, WG, PINGPONG)")
             with w.block("for it in range(0, n_tiles):"):
                 w.code("""
                 slot = it % STAGES
                 phase = (it // STAGES) & 1
                 mbarrier.wait(k_ready.index(slot), phase)
                 qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
+                _mma_pass(turn, WG, PINGPONG)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
                 """)
                 _tile_step(w, *step)
                 w.code("""
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
                 mbarrier.wait(v_ready.index(slot), phase)
+                _mma_turn(turn, it + 1, WG, PINGPONG)
                 acc = warpgroup_mma(p16, _kv_tile(v_smem, slot), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(kv_empty.index(slot), count=1)
                 """)
+            with w.block("if n_tiles > 0:"):
+                w.line("_mma_pass(turn, WG, PINGPONG)")
         # _softmax_finish's rule: a row with nothing visited gives 0 and -inf, never NaN
         w.code("""
         dead = l_i == 0.0
@@ -313,9 +375,14 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
     def {name}({runtime},
             {consts}):
         """Forward (softmax), warp-specialised for Hopper: one program per CONSUMERS query tiles of one (batch, head)."""
-        # the last query tiles see the most keys under a causal mask: start them first
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        pid_bh = gl.program_id(1)
+        if HEAVY_FIRST:
+            # work grows along the query tiles (heavy_first): the grid is (B·HQ, query tiles), the
+            # heads vary fastest, and the last query tiles of every head start first
+            pid_m = gl.num_programs(1) - 1 - gl.program_id(1)
+            pid_bh = gl.program_id(0)
+        else:
+            pid_m = gl.program_id(0)
+            pid_bh = gl.program_id(1)
         b = pid_bh // HQ
         h = pid_bh % HQ
         hk = h // GROUP
@@ -338,7 +405,10 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG's turns
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -349,7 +419,8 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks, stride_ob, stride_oh, stride_om, "
                   "b, h, pid_bh")
         consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, {bufs}"
-                    f"{tiles}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, HAS_SINKS))" for c in range(2)]
+                    f"{tiles}, turn, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, PINGPONG, {c}, HAS_SINKS))"
+                    for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
                 f"b, h, hk, q_lo, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
         partitions(w, consumer, load)

@@ -99,6 +99,60 @@ def test_config_refuses_a_deadlocking_ring():
     hopper.HopperConfig(stages=1, pipeline=False)
     with pytest.raises(ValueError, match="consumers"):
         hopper.HopperConfig(consumers=3)
+    with pytest.raises(ValueError, match="stages=1, pipeline=False, pingpong=True"):
+        hopper.HopperConfig(stages=1, pipeline=False, pingpong=True)
+    with pytest.raises(ValueError, match="needs consumers=2, got 1"):
+        hopper.HopperConfig(consumers=1, pingpong=True)
+    assert not hopper.HopperConfig().pingpong  # off by default until the H100 sweep says otherwise
+
+
+def test_pingpong_turns_render():
+    """Ping-pong is a constexpr switch over shared helpers: each consumer group gets its index as a
+    constexpr, and both loop shapes take and pass turns (the counts are the helpers' and the
+    loops', checked on the GPU by ``tests/test_gpu_hopper.py``)."""
+    src = gen.render(hopper.hopper_spec(attndsl.compile(mask_mod=causal).spec))
+    assert "def _mma_turn(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):" in src
+    assert "PINGPONG, 0, HAS_SINKS))" in src and "PINGPONG, 1, HAS_SINKS))" in src
+    consumer = src[src.index("_consumer("):src.index("@gluon.jit(do_not_specialize")]
+    # pipelined: one turn per loop step (it - 1); plain: turn 0 before the loop, it + 1 before each P·V
+    assert consumer.count("_mma_turn(turn, ") == 3 and consumer.count("_mma_pass(turn, ") == 3
+    assert "_mma_turn(turn, it - 1, WG, PINGPONG)" in consumer and "_mma_turn(turn, it + 1, WG, PINGPONG)" in consumer
+
+
+def test_heavy_first_is_decided_once_per_spec():
+    """Programs start with the heaviest query tiles where the visit range grows along them (causal,
+    prefix-LM), not where it does not (dense, a sliding window: only its first tiles are lighter)."""
+    from attndsl.patterns import prefix_lm
+    want = {None: False, causal: True, window: False, prefix_lm(100): True}
+    for mask, heavy in want.items():
+        spec = attndsl.compile(mask_mod=mask).spec
+        assert gen.heavy_first(spec) is heavy, mask
+        assert hopper.HopperForward(spec).heavy_first is heavy
+    src = gen.render(hopper.hopper_spec(attndsl.compile().spec))
+    assert "if HEAVY_FIRST:" in src and "pid_m = gl.num_programs(1) - 1 - gl.program_id(1)" in src
+
+
+def test_sweep_configs_fit():
+    cfgs = hopper.sweep_configs(128)
+    assert len(set(cfgs)) == len(cfgs) == 16
+    assert {(c.pingpong, c.pipeline) for c in cfgs} == {(a, b) for a in (False, True) for b in (False, True)}
+    assert all(hopper.shared_bytes(c, 128) + 1024 <= hopper.SMEM_LIMIT for c in cfgs)
+    assert hopper.shared_bytes(hopper.HopperConfig(stages=3), 128) == 2 * 128 * (2 * 64 + 2 * 3 * 128)
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("cfg", hopper.sweep_configs(128), ids=lambda c: f"pp{int(c.pingpong)}-pipe{int(c.pipeline)}"
+                         f"-s{c.stages}-bn{c.block_n}")
+def test_sweep_configs_compile_for_sm90(cfg):
+    """Every configuration the benchmark sweeps compiles for sm_90 (causal, D=128, about 3 s each),
+    within the H100's shared memory, with one more barrier arrive per group per ping-pong site."""
+    k = hopper.compile_sm90(attndsl.compile(mask_mod=causal).spec, "bf16", 128, cfg)
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
+    assert k.metadata.shared <= hopper.SMEM_LIMIT
+    # kv_empty: twice per group pipelined (loop, last tile), once plain; ping-pong passes: once pipelined, twice plain
+    arrives = 2 * ((2 if cfg.pipeline else 1) + (0 if not cfg.pingpong else 1 if cfg.pipeline else 2))
+    assert ptx.count("mbarrier.arrive.shared::cta.b64") == arrives
 
 
 # -- the backward (codegen/hopper_bwd.py, attndsl/runtime/hopper_bwd.py) ------------------------

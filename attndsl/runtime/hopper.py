@@ -27,7 +27,7 @@ import torch
 from ..codegen import hopper as _gen
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
-           "smoke_test", "MEASURED_WINS"]
+           "smoke_test", "MEASURED_WINS", "sweep_configs", "shared_bytes", "compile_ahead"]
 
 _ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
 
@@ -64,21 +64,28 @@ class HopperConfig:
     """Tiles of the Hopper forward: ``block_m`` rows per consumer warp group, ``consumers`` groups
     per program, ``block_n`` keys per K/V tile, ``stages`` buffers in the K/V ring; ``pipeline``:
     each group overlaps a tile's softmax with the previous tile's P·V (FlashAttention-3's
-    intra-warpgroup pipelining)."""
+    intra-warpgroup pipelining); ``pingpong``: the two consumer groups take strict turns issuing
+    their matrix products (FlashAttention-3's scheduler barrier; needs ``consumers=2``)."""
 
     block_m: int = 64
     block_n: int = 128
     stages: int = 2
     consumers: int = 2
     pipeline: bool = True
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
             raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
-        if self.stages < 1 or (self.pipeline and self.stages < 2):
-            # a pipelined group frees tile i's buffer only after asking for tile i+1's: one buffer deadlocks
-            raise ValueError(f"stages must be >= 1, and >= 2 with pipeline=True; got stages={self.stages}, "
-                             f"pipeline={self.pipeline}")
+        if self.stages < 1 or ((self.pipeline or self.pingpong) and self.stages < 2):
+            # a pipelined group frees tile i's buffer only after asking for tile i+1's; a ping-pong
+            # group holds its turn from tile i's P·V to tile i+1's Q·Kᵀ, while the other group's
+            # P·V of tile i (which frees the one buffer) waits for that turn: one buffer deadlocks
+            raise ValueError(f"stages must be >= 1, and >= 2 with pipeline=True or pingpong=True; got "
+                             f"stages={self.stages}, pipeline={self.pipeline}, pingpong={self.pingpong}")
+        if self.pingpong and self.consumers != 2:
+            raise ValueError(f"pingpong takes turns between two consumer groups: needs consumers=2, got "
+                             f"{self.consumers}")
         if self.block_m != 64 or self.block_n not in (64, 128):
             raise ValueError(f"block_m must be 64 and block_n 64 or 128, got {self.block_m}, {self.block_n}")
 
@@ -92,6 +99,39 @@ def config_for(head_dim: int) -> HopperConfig:
     if head_dim == 64:
         return HopperConfig(stages=4)
     raise ValueError(f"the Hopper forward supports head dims 64 and 128, got {head_dim}")
+
+
+#: shared memory per block on an H100 (227 KiB)
+SMEM_LIMIT = 232448
+
+
+def shared_bytes(cfg: HopperConfig, head_dim: int, itemsize: int = 2) -> int:
+    """Shared memory of the forward's tiles under ``cfg``: the query tiles and the K/V ring (the
+    mbarriers add a few hundred bytes)."""
+    return itemsize * head_dim * (cfg.consumers * cfg.block_m + 2 * cfg.stages * cfg.block_n)
+
+
+def sweep_configs(head_dim: int) -> list:
+    """The tile configurations ``benchmarks/hopper.py --sweep`` times on an H100 (and
+    ``tests/test_hopper_codegen.py`` compiles offline): two consumer groups, ping-pong on and off,
+    pipelined and plain loops, rings of 2 and 3 buffers, key tiles of 64 and 128, those whose
+    tiles fit in shared memory with 1 KiB to spare."""
+    cfgs = [HopperConfig(block_n=bn, stages=st, pipeline=pipe, pingpong=pp)
+            for pp in (False, True) for pipe in (True, False) for st in (2, 3) for bn in (128, 64)]
+    return [c for c in cfgs if shared_bytes(c, head_dim) + 1024 <= SMEM_LIMIT]
+
+
+def compile_ahead(jobs, workers: int | None = None) -> None:
+    """Compile the kernels that ``HopperForward.forward(*args, **kwargs)`` would launch, for each
+    ``(hopper_forward, args, kwargs)`` of ``jobs``, in parallel threads (Triton's
+    ``AsyncCompileMode``; ptxas runs as a child process), so that a sweep over many tile
+    configurations does not compile them one after the other. A compile that fails is left to the
+    launch, which compiles again and raises its error."""
+    from concurrent.futures import ThreadPoolExecutor
+    from triton.runtime._async_compile import AsyncCompileMode
+    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        for hf, args, kwargs in jobs:
+            hf.warmup(*args, **kwargs)
 
 
 #: Triton releases whose Gluon API the Hopper module is written for (3.6: ``tma.async_copy_global_to_shared``,
@@ -170,11 +210,14 @@ def hopper_spec(spec):
 
 class HopperForward:
     """The Hopper forward of one spec. ``unsupported``: why this pattern runs on the portable
-    kernels only (None when the Hopper target renders it)."""
+    kernels only (None when the Hopper target renders it); ``heavy_first``: the programs start
+    with the query tiles of most work (:func:`attndsl.codegen.hopper.heavy_first`, decided here
+    once per spec)."""
 
     def __init__(self, spec):
         self.spec = hopper_spec(spec)
         self.unsupported = _gen.supports(spec)
+        self.heavy_first = self.unsupported is None and _gen.heavy_first(spec)
         self._kernel = None
 
     def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
@@ -194,10 +237,22 @@ class HopperForward:
         return self._kernel
 
     def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
-                buffers=()):
+                buffers=(), heavy_first: bool | None = None):
         """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`);
         ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None;
-        ``buffers``: the pattern's captured tensors, in slot order."""
+        ``buffers``: the pattern's captured tensors, in slot order; ``cfg``: the tiles (None:
+        :func:`config_for` the head dim); ``heavy_first``: the program order (None: the spec's,
+        :attr:`heavy_first`; the benchmark times both)."""
+        return self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=False)
+
+    def warmup(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
+               buffers=(), heavy_first: bool | None = None) -> None:
+        """Compile the kernel :meth:`forward` would launch with these arguments, without launching
+        it. Under ``triton.runtime._async_compile.AsyncCompileMode`` the compiles run in its
+        executor (the benchmark's sweep compiles its configurations in parallel)."""
+        self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=True)
+
+    def _launch(self, q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup: bool):
         from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
@@ -213,12 +268,16 @@ class HopperForward:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the portable forward's
         lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
         rows = cfg.block_m * cfg.consumers
-        grid = ((Lq + rows - 1) // rows, B * Hq)
-        self.kernel()[grid](q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2),
-                            Hq, Hq // Hkv, Lq, Lkv, float(scale), *buffer_args(buffers),
-                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
-                            CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=sinks is not None,
-                            num_warps=4)
+        heavy = self.heavy_first if heavy_first is None else heavy_first
+        # heaviest first: the query tiles on the grid's second axis, launched after every head's
+        # tile of the same index (the kernel reverses them)
+        tiles = (Lq + rows - 1) // rows
+        grid = (B * Hq, tiles) if heavy else (tiles, B * Hq)
+        self.kernel().run(q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0),
+                          out.stride(1), out.stride(2), Hq, Hq // Hkv, Lq, Lkv, float(scale), *buffer_args(buffers),
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
+                          CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong, HEAVY_FIRST=heavy,
+                          HAS_SINKS=sinks is not None, num_warps=4, grid=grid, warmup=warmup)
         return out, lse
 
 
@@ -231,7 +290,8 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
     hs = hopper_spec(spec)
     mod = cache.load(hs, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
-                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, HAS_SINKS=True)
+                  CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
+                  HEAVY_FIRST=_gen.heavy_first(spec), HAS_SINKS=True)
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hs)), _gen.signature(hs), hs.buffers, dtype, head_dim,
                               {"q_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}, ("Out",), consts)
 
@@ -284,24 +344,31 @@ import attndsl
 from attndsl.runtime import hopper
 def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
+runs, cases = [], []
 for d in (128, 64):
     for mask in (None, causal):
+        hf = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec)
+        q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for pipe in (True, False):
-            q, k, v = (torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            cfg = hopper.HopperConfig(**{**vars(hopper.config_for(d)), "pipeline": pipe})
-            out, lse = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec).forward(q, k, v, 1 / math.sqrt(d), cfg)
-            torch.cuda.synchronize()
-            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=mask is not None)
-            err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
-            if not err < 2e-2:
-                sys.exit(f"D={d} mask={mask is not None} pipeline={pipe}: relative error {err:.3g} against SDPA")
+            for pp in ((False, True) if d == 128 else (False,)):
+                cfg = hopper.HopperConfig(**{**vars(hopper.config_for(d)), "pipeline": pipe, "pingpong": pp})
+                runs.append((hf, (q, k, v, 1 / math.sqrt(d), cfg), {}))
+                cases.append(mask is not None)
+hopper.compile_ahead(runs)
+for (hf, (q, k, v, scale, cfg), _), is_causal in zip(runs, cases):
+    out, lse = hf.forward(q, k, v, scale, cfg)
+    torch.cuda.synchronize()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
+    if not err < 2e-2:
+        sys.exit(f"D={q.shape[-1]} causal={is_causal} {cfg}: relative error {err:.3g} against SDPA")
 print("ok")
 """
 
 
 def smoke_test(timeout: float = 300) -> str | None:
-    """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes) in a child
-    process with a time limit and compare them with SDPA. Returns None when they pass, else what
+    """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes, and at D=128 with
+    ping-pong too) in a child process with a time limit and compare them with SDPA. Returns None when they pass, else what
     went wrong (an error, a wrong result, or a hang: the child is killed, so a deadlocked kernel
     cannot stall the caller). For the GPU tests and the benchmark, before anything else runs."""
     import subprocess
