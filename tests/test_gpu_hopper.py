@@ -4,7 +4,8 @@ tiles, GQA), and forward+backward through the runtime with the Hopper forward se
 portable backward reads its output and logsumexp).
 
 Skipped without a compute capability 9.0 device or without Triton 3.6's Gluon.
-Run: ``python -m pytest -q -m gpu tests/test_gpu_hopper.py``.
+Run: ``python -m pytest -q -m gpu tests/test_gpu_hopper.py``; the ping-pong and program-order
+tests alone: ``-k "pingpong or program_order"``.
 """
 import math
 
@@ -92,14 +93,14 @@ def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
     return q, k, v
 
 
-def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, cfg=None):
+def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, cfg=None, heavy_first=None):
     comp = compiled(name)
     mask, score = PATTERNS[name]
     q, k, v = inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed)
     scale = 1.0 / math.sqrt(D)
     hf = hopper.HopperForward(comp.spec)
     assert hf.unsupported is None, hf.unsupported
-    out, lse = hf.forward(q, k, v, scale, cfg, buffers=comp.tensors)
+    out, lse = hf.forward(q, k, v, scale, cfg, buffers=comp.tensors, heavy_first=heavy_first)
     torch.cuda.synchronize()
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, Hq, Lq) and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
@@ -110,7 +111,7 @@ def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, cfg=None):
         tri, tri_lse = comp(q, k, v, scale=scale, return_lse=True)
     finally:
         hopper.enable(None)
-    ctx = f"{cfg} {name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype}"
+    ctx = f"{cfg} heavy_first={heavy_first} {name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype}"
     assert rel(out, ref) <= TOL[dtype]["out"], f"out vs float64: {rel(out, ref):.3g} ({ctx})"
     assert lse_err(lse, ref_lse) <= TOL[dtype]["lse"], f"lse vs float64 ({ctx})"
     # no worse than the portable forward, within rounding of the output dtype
@@ -233,3 +234,52 @@ def test_sinks(pipeline):
     r, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=mask, sinks=s64)
     r.square().sum().backward()
     assert rel(s.grad, s64.grad) <= 2e-2
+
+
+# -- ping-pong of the two consumer groups and the program order ----------------------------------
+
+#: the swept configurations with ping-pong on (pipelined and plain, 2 or 3 stages, key tiles 64/128)
+PINGPONG = [c for c in hopper.sweep_configs(128) if c.pingpong]
+#: GQA with Lq != Lkv; short queries; long queries over one key tile (a sliding window: programs
+#: past the window's reach visit no tile at all, the first visits one)
+PINGPONG_SHAPES = ((2, 4, 2, 1000, 777), (1, 3, 3, 77, 300), (1, 2, 1, 1000, 100))
+
+
+def _cfg_id(c):
+    return f"pp{int(c.pingpong)}-pipe{int(c.pipeline)}-s{c.stages}-bn{c.block_n}"
+
+
+@pytest.fixture(scope="module")
+def pingpong_compiled():
+    """The ping-pong kernels of the patterns below, compiled at once in threads before the tests
+    (the tests launch the same kernels: lengths are not specialised)."""
+    q, k, v = inputs(1, 2, 1, 300, 300, 128, torch.bfloat16, 0)
+    hopper.compile_ahead([(hopper.HopperForward(compiled(name).spec), (q, k, v, 0.1, c), {})
+                          for name in ("dense", "causal", "sliding_window") for c in PINGPONG])
+
+
+@pytest.mark.parametrize("cfg", PINGPONG, ids=_cfg_id)
+@pytest.mark.parametrize("name", ["dense", "causal", "sliding_window"])
+def test_pingpong(name, cfg, pingpong_compiled):
+    """Strict turns between the two consumer groups give the portable forward's and the float64
+    oracle's results, on programs of many, one and no visited key tiles (no deadlock: both groups
+    take and pass the same number of turns)."""
+    for B, Hq, Hkv, Lq, Lkv in PINGPONG_SHAPES:
+        check(name, B, Hq, Hkv, Lq, Lkv, 128, torch.bfloat16, cfg=cfg)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_pingpong_head_dim_64(pipeline):
+    cfg = hopper.HopperConfig(**{**vars(hopper.config_for(64)), "pipeline": pipeline, "pingpong": True})
+    check("causal", 1, 4, 2, 999, 1234, 64, torch.float16, cfg=cfg)
+    check("softcap", 2, 2, 1, 300, 129, 64, torch.float16, cfg=cfg)
+
+
+@pytest.mark.parametrize("heavy_first", [True, False])
+@pytest.mark.parametrize("name", ["causal", "dense", "prefix_lm"])
+def test_program_order(name, heavy_first):
+    """Either program order (heaviest query tiles first over all heads, or the plain grid) gives the
+    same results; the spec decides the default once (causal and prefix-LM heavy first)."""
+    assert hopper.HopperForward(compiled(name).spec).heavy_first == (name != "dense")
+    check(name, 2, 4, 2, 1100, 900, 128, torch.bfloat16, cfg=hopper.config_for(128), heavy_first=heavy_first)
+    check(name, 1, 3, 1, 129, 1500, 128, torch.bfloat16, seed=1, cfg=hopper.config_for(128), heavy_first=heavy_first)
