@@ -143,7 +143,7 @@ def test_sweep_configs_fit():
 @pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
 @pytest.mark.parametrize("cfg", hopper.sweep_configs(128), ids=lambda c: f"pp{int(c.pingpong)}-pipe{int(c.pipeline)}"
                          f"-s{c.stages}-bn{c.block_n}")
-def test_sweep_configs_compile_for_sm90(cfg):
+def test_sweep_configs_compiles_for_sm90(cfg):
     """Every configuration the benchmark sweeps compiles for sm_90 (causal, D=128, about 3 s each),
     within the H100's shared memory, with one more barrier arrive per group per ping-pong site."""
     k = hopper.compile_sm90(attndsl.compile(mask_mod=causal).spec, "bf16", 128, cfg)

@@ -126,12 +126,17 @@ def compile_ahead(jobs, workers: int | None = None) -> None:
     ``(hopper_forward, args, kwargs)`` of ``jobs``, in parallel threads (Triton's
     ``AsyncCompileMode``; ptxas runs as a child process), so that a sweep over many tile
     configurations does not compile them one after the other. A compile that fails is left to the
-    launch, which compiles again and raises its error."""
+    launch, which compiles again and raises its error; so is everything when the parallel compile
+    itself fails (a warning says why): this only saves time."""
+    import warnings
     from concurrent.futures import ThreadPoolExecutor
-    from triton.runtime._async_compile import AsyncCompileMode
-    with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool, AsyncCompileMode(pool, ignore_errors=True):
-        for hf, args, kwargs in jobs:
-            hf.warmup(*args, **kwargs)
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+        with ThreadPoolExecutor(workers or os.cpu_count() or 4) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for hf, args, kwargs in jobs:
+                hf.warmup(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the launches compile what is missing
+        warnings.warn(f"compiling the Hopper kernels ahead failed ({type(e).__name__}: {e}); they compile at launch")
 
 
 #: Triton releases whose Gluon API the Hopper module is written for (3.6: ``tma.async_copy_global_to_shared``,
@@ -366,7 +371,7 @@ print("ok")
 """
 
 
-def smoke_test(timeout: float = 300) -> str | None:
+def smoke_test(timeout: float = 240) -> str | None:
     """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes, and at D=128 with
     ping-pong too) in a child process with a time limit and compare them with SDPA. Returns None when they pass, else what
     went wrong (an error, a wrong result, or a hang: the child is killed, so a deadlocked kernel
