@@ -21,7 +21,10 @@ rows for DSA; relative error under 2e-2). Reported per row: GPU time of plain ca
 replays (``do_bench``, median; ``*_graph_ms`` one call per graph, ``*_step_ms`` per call of a
 graph of :data:`STEPS` calls, as a serving step replays one graph over its layers), host time per
 call (a loop without syncs), the K/V bytes the pattern needs, the achieved bandwidth (bytes ÷ time) and its fraction of a device-to-device copy's bandwidth
-measured in the same run (bytes read + written ÷ time). Rows follow the results format
+measured in the same run (bytes read + written ÷ time), and the speed-ups over Flex (``*_vs_flex``).
+Contiguous plain, window and DSA rows also time the other merge of split partials
+(``decoding.FUSED_MERGE``: by default the split kernel merges, ``twokernel_*`` columns time the merge
+kernel; ``fused_merge`` in ``kernel_options``), so one run decides the default. Rows follow the results format
 (``shared/bench/README.md``); written to ``$OUT/decode.json`` (or ``--json``) after every case.
 
 ``--sweep`` times, from CUDA-graph replays, the candidates of ``SWEEP_TILES`` x ``SWEEP_PER_SM`` on
@@ -172,6 +175,8 @@ def run(args):
     import attndsl  # noqa: F401
     from attndsl.patterns import sliding_window
     from attndsl.serving import decode
+    from attndsl.serving.decoding import FUSED_MERGE
+    other = {"kernel_options": {"fused_merge": int(not FUSED_MERGE)}}  # the other merge path, timed beside
     dev = args.device
     cpu = dev == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16
@@ -196,6 +201,11 @@ def run(args):
             row["frac_of_copy"] = round(row["ours_gbps"] / copy, 3)
         if row.get("ours_step_ms"):
             row["step_frac_of_copy"] = round(row["bytes"] / row["ours_step_ms"] / 1e6 / copy, 3)
+        for t in ("", "graph_", "step_"):  # speed-ups over Flex (the window aim: >= 3x)
+            for who in ("ours", "twokernel", "fusedmerge"):
+                mine, theirs = row.get(f"{who}_{t}ms"), row.get(f"flex_{t}ms")
+                if mine and theirs:
+                    row[f"{who}_{t}vs_flex"] = round(theirs / mine, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,13 +240,22 @@ def run(args):
             return lambda: decode(q, s.k, s.v, seq_lens=lens, **kw)
         return lambda: s.cache.decode(q, **kw)
 
-    def checked(row, fn, ref):
-        """Check ours against ``ref`` on the benchmark inputs, then time it; False (row emitted) on a mismatch."""
+    def checked(row, fn, ref, alt=None):
+        """Check ours against ``ref`` on the benchmark inputs, then time it; False (row emitted) on a mismatch.
+        ``alt``: the same call with the other merge (``fused_merge`` flipped), checked and timed into the
+        ``twokernel_*`` (or, when the merge kernel is the default, ``fusedmerge_*``) columns."""
         row["rel_err"] = round(_rel(fn(), ref), 5)
         if row["rel_err"] > TOL:
             emit(dict(row, failed="check"))
             return False
+        row["fused_merge"] = FUSED_MERGE
         time_ours(fn, row)
+        if alt is not None:
+            other = "twokernel" if FUSED_MERGE else "fusedmerge"
+            row[f"{other}_rel_err"] = round(_rel(alt(), ref), 5)
+            t = {}
+            time_ours(alt, t)
+            row.update({f"{other}_{k.removeprefix('ours_')}": v for k, v in t.items()})
         return True
 
     def flex_row(row, fn, ref_out=None):
@@ -281,7 +300,7 @@ def run(args):
             # contiguous
             row = dict(base, case="plain", layout="contiguous", api="decode")
             fn = lambda: decode(q, s.k, s.v, seq_lens=lens)  # noqa: E731
-            if not checked(row, fn, ref):
+            if not checked(row, fn, ref, lambda: decode(q, s.k, s.v, seq_lens=lens, **other)):
                 continue
             row["sdpa_ms"] = round(_bench(sdpa), 4)
             if flex is not None:
@@ -333,7 +352,8 @@ def run(args):
                 return win(b, h, q_idx + offs[b], kv_idx) & (kv_idx < lens[b])
             for layout in ("contiguous", "paged"):
                 row = dict(base, case="window4096", layout=layout, api="decode")
-                if not checked(row, ours(layout, s, q, lens, mask_mod=win), ref):
+                if not checked(row, ours(layout, s, q, lens, mask_mod=win), ref,
+                               ours(layout, s, q, lens, mask_mod=win, **other)):
                     continue
                 if flex is not None:
                     if layout == "contiguous":
@@ -362,7 +382,8 @@ def run(args):
                                                                    enable_gqa=True)
             for layout in ("contiguous", "paged"):
                 row = dict(base, case="dsa2048", layout=layout, api="decode")
-                if not checked(row, ours(layout, s, q, lens, indices=idx), ref):
+                if not checked(row, ours(layout, s, q, lens, indices=idx), ref,
+                               ours(layout, s, q, lens, indices=idx, **other)):
                     continue
                 # the aim: within 1.5x of reading the selected rows at the copy's read bandwidth
                 row["copy_floor_ms"] = round(base["bytes"] / (copy / 2) / 1e6, 4)
