@@ -241,20 +241,22 @@ def _epilogue(spec: KernelSpec, w: Writer) -> None:
     w.code("""
         rows = (b * HQ + heads).to(tl.int64) * LQ + t_row
         out_rows = b.to(tl.int64) * stride_ob + heads.to(tl.int64) * stride_oh + t_row.to(tl.int64) * stride_om
-        if DIRECT:
+    """)
+    with w.block("if DIRECT:"):
+        w.code("""
             tl.store(Out + out_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
                      mask=row_ok[:, None] & dv_ok[None, :])
-    """)
-    if softmax:
-        w.line("    tl.store(Lse + rows, lse, mask=row_ok)")
-    w.code("""
-        else:
+        """)
+        if softmax:
+            w.line("tl.store(Lse + rows, lse, mask=row_ok)")
+    with w.block("else:"):
+        w.code("""
             part = rows * NSPLIT + split
             tl.store(OP + part[:, None] * HEAD_DV + offs_dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :])
-    """)
-    if softmax:
-        w.line("    tl.store(LP + part, lse, mask=row_ok)")
-    w.code(f"""
+        """)
+        if softmax:
+            w.line("tl.store(LP + part, lse, mask=row_ok)")
+        w.code(f"""
             if FUSED:  # the splits of this program's rows count in; the last one to finish merges them all
                 tl.debug_barrier()  # every thread's partial stored before the release
                 done = tl.atomic_add(CNT + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
@@ -262,7 +264,7 @@ def _epilogue(spec: KernelSpec, w: Writer) -> None:
                     _merge_splits(OP, LP, Out, Lse, Sinks, rows, heads, out_rows, row_ok, stride_od, NSPLIT,
                                   HEAD_DV, BLOCK_DV, HAS_SINKS, {softmax})
                     tl.atomic_xchg(CNT + tl.program_id(1), 0, sem="relaxed", scope="gpu")  # zero for the next call
-    """)
+        """)
 
 
 def _signature(w: Writer, spec: KernelSpec, name: str) -> None:

@@ -318,7 +318,7 @@ _PLANS: dict = {}
 PLANS_SIZE = 1024
 _SHAPE_ARGS = ("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB")
 #: rows (query head x token) per program of the merge kernel
-MERGE_ROWS = 16
+MERGE_ROWS = 4
 
 
 def _strides(t: str, row: str, strides) -> dict:
