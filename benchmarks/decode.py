@@ -1,6 +1,6 @@
 """Decoding benchmark: ``attndsl.serving.decode`` against SDPA and FlexAttention's decoding path.
 
-    python -m benchmarks.decode [--quick] [--json PATH] [--no-flex] [--budget-s 330]
+    python -m benchmarks.decode [--quick] [--cases plain,window4096,dsa2048] [--json PATH] [--no-flex] [--budget-s 330]
     python -m benchmarks.decode --sweep           # tile/split candidates of the missed aims -> TUNING lines
     python -m benchmarks.decode --summarize decode.json   # the sweep table of a run's JSON rows
     python -m benchmarks.decode --host-cpu        # host time per call, kernel launches stubbed (no GPU)
@@ -286,8 +286,12 @@ def run(args):
     else:
         plan = [(B, L) for L in Ls for B in Bs]
     scale = D ** -0.5
+    cases = set(args.cases.split(",")) if args.cases else {"plain", "window4096", "dsa2048"}
+    unknown = cases - {"plain", "window4096", "dsa2048"}
+    if unknown:
+        raise SystemExit(f"--cases: unknown {sorted(unknown)}; expected plain, window4096, dsa2048")
     # -- plain decode -------------------------------------------------------------------------
-    for B, L in plan:
+    for B, L in (plan if "plain" in cases else []):
         nbytes = B * HKV * L * 2 * D * esize
         base = case_base(B, L, nbytes)
         if 4 * nbytes > MAX_BYTES or over_budget():
@@ -340,7 +344,7 @@ def run(args):
     # -- a 4096 window over 32K ------------------------------------------------------------------
     B, L, W = (2, 256, 64) if cpu else (8, 32768, 4096)
     base = case_base(B, L, B * HKV * W * 2 * D * esize, window=W)
-    if not over_budget():
+    if "window4096" in cases and not over_budget():
         try:
             s, q, lens = setup(B, L)
             win = sliding_window(W)
@@ -372,7 +376,7 @@ def run(args):
     # -- DSA top-2048 over 128K ------------------------------------------------------------------
     B, L, K = (2, 256, 32) if cpu else (8, 131072, 2048)
     base = case_base(B, L, B * HKV * K * 2 * D * esize, topk=K)
-    if not over_budget():
+    if "dsa2048" in cases and not over_budget():
         try:
             s, q, lens = setup(B, L)
             idx = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(b))[:K].sort().values
@@ -579,6 +583,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="B=8 at 32K, B=64 at 4K, B=1 at 128K, window, DSA")
     p.add_argument("--json", default=None)
+    p.add_argument("--cases", default=None, help="a comma-separated subset of plain,window4096,dsa2048 (default: all)")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", action="store_true",
