@@ -105,6 +105,7 @@ def test_counters_reset_between_calls():
     B, Hq, Hkv = 2, 8, 2
     cache = _cache(B, Hkv, [128, 90], 16, seed=64)
     kv = dict(seq_lens=cache.seq_lens, page_table=cache.page_table, num_splits=4, mask_mod=sliding_window(64))
+    decoding._PLANS.clear()
     for lq in (1, 1, 3, 1):  # the same plan twice, another plan, the first again
         q = torch.randn(B, Hq, lq, D)
         _both(q, cache.k_pool, cache.v_pool, **kv)
