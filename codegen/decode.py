@@ -18,13 +18,16 @@ Kernels (``render_decode``):
   runs no iteration and writes a dead partial; ``ROTATE``: each program walks its piece from a tile
   of its own, wrapping, so programs that start together do not read aligned regions in
   lockstep). Each program writes a float32 partial
-  ``(out, lse)`` (``DIRECT``: with one split, the final output instead, sinks included).
+  ``(out, lse)`` (``DIRECT``: with one split, the final output instead, sinks included);
+  ``FUSED``: then counts in on its program's counter (``CNT``, an acq_rel atomic), and the last
+  split of those rows merges the partials (``_merge_splits``) and zeroes the counter.
 * ``{name}_decode_gather``: the same for a token selector (``indices [B, G, LQ, K]`` of logical
   key positions, DSA top-k): one program per (split, batch x KV head x row block x query token),
   rows = the query heads of one token; the selected slots are split over programs in chunks of
   ``BLOCK_N`` and only the selected rows are read (paged: each translated through the page table).
-* ``{name}_decode_merge``: one program per (batch, head, token): the partials merged by their
-  logsumexp; sink logits join the denominator here, once. Sigmoid partials are summed.
+* ``{name}_decode_merge`` (the two-kernel path, without ``FUSED``): ``BLOCK_ROWS`` (batch, head,
+  token) rows per program, merged by ``_merge_splits``: the partials by their logsumexp, sink
+  logits joining the denominator once; sigmoid partials summed.
 
 Keys: contiguous ``K [B, Hkv, Lmax, D]`` (``PAGED`` false) or a paged pool
 ``K [pages, PAGE_SIZE, Hkv, D]`` with ``PT [B, max_pages]`` (``PAGED``): a key tile of
