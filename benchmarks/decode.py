@@ -1,6 +1,6 @@
 """Decoding benchmark: ``attndsl.serving.decode`` against SDPA and FlexAttention's decoding path.
 
-    python -m benchmarks.decode [--quick] [--json PATH] [--no-flex] [--budget-s 330]
+    python -m benchmarks.decode [--quick] [--cases plain,window4096,dsa2048] [--json PATH] [--no-flex] [--budget-s 330]
     python -m benchmarks.decode --sweep           # tile/split candidates of the missed aims -> TUNING lines
     python -m benchmarks.decode --summarize decode.json   # the sweep table of a run's JSON rows
     python -m benchmarks.decode --host-cpu        # host time per call, kernel launches stubbed (no GPU)
@@ -21,7 +21,10 @@ rows for DSA; relative error under 2e-2). Reported per row: GPU time of plain ca
 replays (``do_bench``, median; ``*_graph_ms`` one call per graph, ``*_step_ms`` per call of a
 graph of :data:`STEPS` calls, as a serving step replays one graph over its layers), host time per
 call (a loop without syncs), the K/V bytes the pattern needs, the achieved bandwidth (bytes ÷ time) and its fraction of a device-to-device copy's bandwidth
-measured in the same run (bytes read + written ÷ time). Rows follow the results format
+measured in the same run (bytes read + written ÷ time), and the speed-ups over Flex (``*_vs_flex``).
+Contiguous plain, window and DSA rows also time the other merge of split partials
+(``decoding.FUSED_MERGE``: by default the split kernel merges, ``twokernel_*`` columns time the merge
+kernel; ``fused_merge`` in ``kernel_options``), so one run decides the default. Rows follow the results format
 (``shared/bench/README.md``); written to ``$OUT/decode.json`` (or ``--json``) after every case.
 
 ``--sweep`` times, from CUDA-graph replays, the candidates of ``SWEEP_TILES`` x ``SWEEP_PER_SM`` on
@@ -172,6 +175,8 @@ def run(args):
     import attndsl  # noqa: F401
     from attndsl.patterns import sliding_window
     from attndsl.serving import decode
+    from attndsl.serving.decoding import FUSED_MERGE
+    other = {"kernel_options": {"fused_merge": int(not FUSED_MERGE)}}  # the other merge path, timed beside
     dev = args.device
     cpu = dev == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16
@@ -196,6 +201,11 @@ def run(args):
             row["frac_of_copy"] = round(row["ours_gbps"] / copy, 3)
         if row.get("ours_step_ms"):
             row["step_frac_of_copy"] = round(row["bytes"] / row["ours_step_ms"] / 1e6 / copy, 3)
+        for t in ("", "graph_", "step_"):  # speed-ups over Flex (the window aim: >= 3x)
+            for who in ("ours", "twokernel", "fusedmerge"):
+                mine, theirs = row.get(f"{who}_{t}ms"), row.get(f"flex_{t}ms")
+                if mine and theirs:
+                    row[f"{who}_{t}vs_flex"] = round(theirs / mine, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,13 +240,22 @@ def run(args):
             return lambda: decode(q, s.k, s.v, seq_lens=lens, **kw)
         return lambda: s.cache.decode(q, **kw)
 
-    def checked(row, fn, ref):
-        """Check ours against ``ref`` on the benchmark inputs, then time it; False (row emitted) on a mismatch."""
+    def checked(row, fn, ref, alt=None):
+        """Check ours against ``ref`` on the benchmark inputs, then time it; False (row emitted) on a mismatch.
+        ``alt``: the same call with the other merge (``fused_merge`` flipped), checked and timed into the
+        ``twokernel_*`` (or, when the merge kernel is the default, ``fusedmerge_*``) columns."""
         row["rel_err"] = round(_rel(fn(), ref), 5)
         if row["rel_err"] > TOL:
             emit(dict(row, failed="check"))
             return False
+        row["fused_merge"] = FUSED_MERGE
         time_ours(fn, row)
+        if alt is not None:
+            other = "twokernel" if FUSED_MERGE else "fusedmerge"
+            row[f"{other}_rel_err"] = round(_rel(alt(), ref), 5)
+            t = {}
+            time_ours(alt, t)
+            row.update({f"{other}_{k.removeprefix('ours_')}": v for k, v in t.items()})
         return True
 
     def flex_row(row, fn, ref_out=None):
@@ -267,8 +286,12 @@ def run(args):
     else:
         plan = [(B, L) for L in Ls for B in Bs]
     scale = D ** -0.5
+    cases = set(args.cases.split(",")) if args.cases else {"plain", "window4096", "dsa2048"}
+    unknown = cases - {"plain", "window4096", "dsa2048"}
+    if unknown:
+        raise SystemExit(f"--cases: unknown {sorted(unknown)}; expected plain, window4096, dsa2048")
     # -- plain decode -------------------------------------------------------------------------
-    for B, L in plan:
+    for B, L in (plan if "plain" in cases else []):
         nbytes = B * HKV * L * 2 * D * esize
         base = case_base(B, L, nbytes)
         if 4 * nbytes > MAX_BYTES or over_budget():
@@ -281,7 +304,7 @@ def run(args):
             # contiguous
             row = dict(base, case="plain", layout="contiguous", api="decode")
             fn = lambda: decode(q, s.k, s.v, seq_lens=lens)  # noqa: E731
-            if not checked(row, fn, ref):
+            if not checked(row, fn, ref, lambda: decode(q, s.k, s.v, seq_lens=lens, **other)):
                 continue
             row["sdpa_ms"] = round(_bench(sdpa), 4)
             if flex is not None:
@@ -321,7 +344,7 @@ def run(args):
     # -- a 4096 window over 32K ------------------------------------------------------------------
     B, L, W = (2, 256, 64) if cpu else (8, 32768, 4096)
     base = case_base(B, L, B * HKV * W * 2 * D * esize, window=W)
-    if not over_budget():
+    if "window4096" in cases and not over_budget():
         try:
             s, q, lens = setup(B, L)
             win = sliding_window(W)
@@ -333,7 +356,8 @@ def run(args):
                 return win(b, h, q_idx + offs[b], kv_idx) & (kv_idx < lens[b])
             for layout in ("contiguous", "paged"):
                 row = dict(base, case="window4096", layout=layout, api="decode")
-                if not checked(row, ours(layout, s, q, lens, mask_mod=win), ref):
+                if not checked(row, ours(layout, s, q, lens, mask_mod=win), ref,
+                               ours(layout, s, q, lens, mask_mod=win, **other)):
                     continue
                 if flex is not None:
                     if layout == "contiguous":
@@ -352,7 +376,7 @@ def run(args):
     # -- DSA top-2048 over 128K ------------------------------------------------------------------
     B, L, K = (2, 256, 32) if cpu else (8, 131072, 2048)
     base = case_base(B, L, B * HKV * K * 2 * D * esize, topk=K)
-    if not over_budget():
+    if "dsa2048" in cases and not over_budget():
         try:
             s, q, lens = setup(B, L)
             idx = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(b))[:K].sort().values
@@ -362,7 +386,8 @@ def run(args):
                                                                    enable_gqa=True)
             for layout in ("contiguous", "paged"):
                 row = dict(base, case="dsa2048", layout=layout, api="decode")
-                if not checked(row, ours(layout, s, q, lens, indices=idx), ref):
+                if not checked(row, ours(layout, s, q, lens, indices=idx), ref,
+                               ours(layout, s, q, lens, indices=idx, **other)):
                     continue
                 # the aim: within 1.5x of reading the selected rows at the copy's read bandwidth
                 row["copy_floor_ms"] = round(base["bytes"] / (copy / 2) / 1e6, 4)
@@ -558,6 +583,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="B=8 at 32K, B=64 at 4K, B=1 at 128K, window, DSA")
     p.add_argument("--json", default=None)
+    p.add_argument("--cases", default=None, help="a comma-separated subset of plain,window4096,dsa2048 (default: all)")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep", action="store_true",

@@ -18,13 +18,16 @@ Kernels (``render_decode``):
   runs no iteration and writes a dead partial; ``ROTATE``: each program walks its piece from a tile
   of its own, wrapping, so programs that start together do not read aligned regions in
   lockstep). Each program writes a float32 partial
-  ``(out, lse)`` (``DIRECT``: with one split, the final output instead, sinks included).
+  ``(out, lse)`` (``DIRECT``: with one split, the final output instead, sinks included);
+  ``FUSED``: then counts in on its program's counter (``CNT``, an acq_rel atomic), and the last
+  split of those rows merges the partials (``_merge_splits``) and zeroes the counter.
 * ``{name}_decode_gather``: the same for a token selector (``indices [B, G, LQ, K]`` of logical
   key positions, DSA top-k): one program per (split, batch x KV head x row block x query token),
   rows = the query heads of one token; the selected slots are split over programs in chunks of
   ``BLOCK_N`` and only the selected rows are read (paged: each translated through the page table).
-* ``{name}_decode_merge``: one program per (batch, head, token): the partials merged by their
-  logsumexp; sink logits join the denominator here, once. Sigmoid partials are summed.
+* ``{name}_decode_merge`` (the two-kernel path, without ``FUSED``): ``BLOCK_ROWS`` (batch, head,
+  token) rows per program, merged by ``_merge_splits``: the partials by their logsumexp, sink
+  logits joining the denominator once; sigmoid partials summed.
 
 Keys: contiguous ``K [B, Hkv, Lmax, D]`` (``PAGED`` false) or a paged pool
 ``K [pages, PAGE_SIZE, Hkv, D]`` with ``PT [B, max_pages]`` (``PAGED``): a key tile of
@@ -42,7 +45,7 @@ from .prelude import module_header
 from .writer import Writer, kernel_def
 
 #: Bump when the decode kernels change meaning; it is part of their cache key.
-DECODE_VERSION = 3
+DECODE_VERSION = 4
 
 
 def _env() -> dict:
@@ -222,26 +225,49 @@ def _update(spec: KernelSpec, w: Writer) -> None:
         w.line("acc = _sigmoid_update(acc, s, v, sigmoid_bias, Q, DOT_PRECISION)")
 
 
+def _start(w: Writer) -> None:
+    """The running max and sum before the first key: a sink joins here only where this program
+    writes the final output (``DIRECT``); split partials leave it to the merge."""
+    w.code("""
+        if DIRECT:
+            m_i, l_i = _softmax_start(Sinks + heads, row_ok, BLOCK_M, HAS_SINKS)
+        else:
+            m_i, l_i = _softmax_start(Sinks + heads, row_ok, BLOCK_M, False)
+    """)
+
+
 def _epilogue(spec: KernelSpec, w: Writer) -> None:
-    """The final output (``DIRECT``) or this split's float32 partial."""
+    """The final output (``DIRECT``) or this split's float32 partial; ``FUSED``: the last split of
+    the program's rows to finish merges them (``_merge_splits``, as the merge kernel does)."""
     softmax = spec.normalizer == "softmax"
     w.line("out, lse = _softmax_finish(acc, m_i, l_i)" if softmax else "out = acc")
     w.code("""
         rows = (b * HQ + heads).to(tl.int64) * LQ + t_row
-        if DIRECT:
-            tl.store(Out + b.to(tl.int64) * stride_ob + heads[:, None].to(tl.int64) * stride_oh
-                     + t_row[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
-                     out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+        out_rows = b.to(tl.int64) * stride_ob + heads.to(tl.int64) * stride_oh + t_row.to(tl.int64) * stride_om
     """)
-    if softmax:
-        w.line("    tl.store(Lse + rows, lse, mask=row_ok)")
-    w.code("""
-        else:
+    with w.block("if DIRECT:"):
+        w.code("""
+            tl.store(Out + out_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok[None, :])
+        """)
+        if softmax:
+            w.line("tl.store(Lse + rows, lse, mask=row_ok)")
+    with w.block("else:"):
+        w.code("""
             part = rows * NSPLIT + split
             tl.store(OP + part[:, None] * HEAD_DV + offs_dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :])
-    """)
-    if softmax:
-        w.line("    tl.store(LP + part, lse, mask=row_ok)")
+        """)
+        if softmax:
+            w.line("tl.store(LP + part, lse, mask=row_ok)")
+        w.code(f"""
+            if FUSED:  # the splits of this program's rows count in; the last one to finish merges them all
+                tl.debug_barrier()  # every thread's partial stored before the release
+                done = tl.atomic_add(CNT + tl.program_id(1), 1, sem="acq_rel", scope="gpu")
+                if done == NSPLIT - 1:  # after the acquire: the other splits' partials are visible
+                    _merge_splits(OP, LP, Out, Lse, Sinks, rows, heads, out_rows, row_ok, stride_od, NSPLIT,
+                                  HEAD_DV, BLOCK_DV, HAS_SINKS, {softmax})
+                    tl.atomic_xchg(CNT + tl.program_id(1), 0, sem="relaxed", scope="gpu")  # zero for the next call
+        """)
 
 
 def _signature(w: Writer, spec: KernelSpec, name: str) -> None:
@@ -289,8 +315,8 @@ def decode_kernel(spec: KernelSpec) -> str:
                 n_it = tl.maximum(it_end - it_begin, 1)
                 shift = (tl.program_id(1) * 17 + split * 5) % n_it
         """)
-        if softmax:  # HAS_SINKS only where this program writes the final output (DIRECT)
-            w.line("m_i, l_i = _softmax_start(Sinks + heads, row_ok, BLOCK_M, HAS_SINKS)")
+        if softmax:
+            _start(w)
         with w.block("for it in range(it_begin, it_end):"):
             w.code("""
                 if ROTATE:
@@ -345,7 +371,7 @@ def gather_kernel(spec: KernelSpec) -> str:
             offs_j0 = tl.arange(0, BLOCK_N)
         """)
         if softmax:
-            w.line("m_i, l_i = _softmax_start(Sinks + heads, row_ok, BLOCK_M, HAS_SINKS)")
+            _start(w)
         with w.block("for chunk in range(it_begin, it_end):"):
             w.code("""
                 offs_j = chunk * BLOCK_N + offs_j0
@@ -369,36 +395,56 @@ def gather_kernel(spec: KernelSpec) -> str:
     return w.text()
 
 
-#: the merge kernel's body (its ``def`` is the spec's "decode_merge" signature)
-MERGE = '''    """One (batch, head, token): the splits' partials merged by their logsumexp (sinks join once)."""
-    row = tl.program_id(0).to(tl.int64)  # (b * HQ + h) * LQ + t
-    t = row % LQ
-    h = (row // LQ) % HQ
-    b = row // (LQ * HQ)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < NSPLIT
+#: the merge of the splits' partials: one helper for the merge kernel and the fused path (``FUSED``)
+MERGE_SPLITS = '''
+@triton.jit
+def _merge_splits(OP, LP, Out, Lse, Sinks, rows, heads, out_rows, row_ok, stride_od, NSPLIT,
+                  HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTMAX: tl.constexpr):
+    """The ``NSPLIT`` float32 partials of ``rows`` (``OP``/``LP`` at ``row * NSPLIT + split``) merged
+    by their logsumexp, the sink logits of ``heads`` joining the denominator once (softmax), or
+    summed (sigmoid); stored to ``Out + out_rows`` and ``Lse + rows``. Partials are read through L2
+    (``.cg``): in the fused path other programs wrote them during this launch."""
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < HEAD_DV
-    o = tl.load(OP + (row * NSPLIT + offs_s[:, None]) * HEAD_DV + offs_dv[None, :], mask=s_ok[:, None] & dv_ok[None, :],
-                other=0.0)
+    ok = row_ok[:, None] & (offs_dv < HEAD_DV)[None, :]
+    part = rows * NSPLIT
+    o_ptr = OP + part[:, None] * HEAD_DV + offs_dv[None, :]
+    acc = tl.zeros([rows.shape[0], BLOCK_DV], tl.float32)
     if SOFTMAX:
-        lse = tl.load(LP + row * NSPLIT + offs_s, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
+        m = tl.full([rows.shape[0]], float("-inf"), tl.float32)
+        for s in range(0, NSPLIT):
+            m = tl.maximum(m, tl.load(LP + part + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
         if HAS_SINKS:
-            sink = tl.load(Sinks + h).to(tl.float32)
+            sink = tl.load(Sinks + heads, mask=row_ok, other=0.0).to(tl.float32)
             m = tl.maximum(m, sink)
         m_use = tl.where(m == float("-inf"), 0.0, m)
-        wts = tl.exp2((lse - m_use) * LOG2E)
-        denom = tl.sum(wts, 0)
+        denom = tl.zeros([rows.shape[0]], tl.float32)
         if HAS_SINKS:
             denom += tl.exp2((sink - m_use) * LOG2E)
+        for s in range(0, NSPLIT):
+            lse = tl.load(LP + part + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            wt = tl.exp2((lse - m_use) * LOG2E)
+            denom += wt
+            acc += tl.load(o_ptr + s * HEAD_DV, mask=ok, other=0.0, cache_modifier=".cg") * wt[:, None]
         dead = denom == 0.0
-        out = tl.sum(o * wts[:, None], 0) / tl.where(dead, 1.0, denom)
-        tl.store(Lse + row, tl.where(dead, float("-inf"), m_use + tl.log2(tl.where(dead, 1.0, denom)) * LN2))
+        acc = acc / tl.where(dead, 1.0, denom)[:, None]
+        tl.store(Lse + rows, tl.where(dead, float("-inf"), m_use + tl.log2(tl.where(dead, 1.0, denom)) * LN2),
+                 mask=row_ok)
     else:
-        out = tl.sum(o, 0)
-    tl.store(Out + b * stride_ob + h * stride_oh + t * stride_om + offs_dv * stride_od, out.to(Out.dtype.element_ty),
-             mask=dv_ok)
+        for s in range(0, NSPLIT):
+            acc += tl.load(o_ptr + s * HEAD_DV, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(Out + out_rows[:, None] + offs_dv[None, :] * stride_od, acc.to(Out.dtype.element_ty), mask=ok)
+'''
+
+#: the merge kernel's body (its ``def`` is the spec's "decode_merge" signature)
+MERGE = '''    """BLOCK_ROWS rows ``(b * HQ + h) * LQ + t``: their splits' partials merged (``_merge_splits``)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = offs < NROWS
+    rows = tl.minimum(offs, NROWS - 1)
+    t = rows % LQ
+    h = (rows // LQ) % HQ
+    b = rows // (LQ * HQ)
+    _merge_splits(OP, LP, Out, Lse, Sinks, rows, h, b * stride_ob + h * stride_oh + t * stride_om, row_ok,
+                  stride_od, NSPLIT, HEAD_DV, BLOCK_DV, HAS_SINKS, SOFTMAX)
 '''
 
 
@@ -415,4 +461,4 @@ def kernel_names(spec: KernelSpec) -> dict[str, str]:
 def render_decode(spec: KernelSpec) -> str:
     """The generated module of the decode kernels for ``spec`` (see :func:`kernel_names`)."""
     head = module_header(spec, f"dec{DECODE_VERSION}", f"{spec.key} (decode kernels)")
-    return "\n".join([head, decode_kernel(spec), gather_kernel(spec), merge_kernel(spec)])
+    return "\n".join([head, MERGE_SPLITS, decode_kernel(spec), gather_kernel(spec), merge_kernel(spec)])

@@ -406,7 +406,7 @@ doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
 prefix = torch.tensor([10, 20], dtype=torch.int64)
 PTR = {"int64": "*i64", "int32": "*i32", "float32": "*fp32", "bool": "*i1", "uint8": "*u8"}
 BF16 = {"Q", "K", "V", "Out", "U", "W"}
-INTP = {"PT": "*i32", "SEQ": "*i64", "QOFF": "*i64", "IDX": "*i32"}
+INTP = {"PT": "*i32", "SEQ": "*i64", "QOFF": "*i64", "IDX": "*i32", "CNT": "*i32"}
 done = []
 cases = [("causal", causal, None, "softmax"), ("window", sliding_window(4096), None, "softmax"),
          ("document", document(doc), None, "softmax"), ("alibi", causal, alibi(torch.rand(8)), "softmax"),
@@ -424,8 +424,8 @@ for label, mask, score, norm in cases:
         k = getattr(mod, names[kind])
         cx_all = dict(HEAD_D=128, BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEAD_DV=128, BLOCK_DV=128, PAGED=bool(paged),
                       PAGE_SIZE=page, UPCAST=False, DOT_PRECISION="tf32", DIRECT=bool(direct), SIGMOID_DEFAULT=True,
-                      HAS_SINKS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_S=8, SOFTMAX=norm == "softmax",
-                      QOFF_FROM_LEN=not direct, ROTATE=bool(direct))
+                      HAS_SINKS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_ROWS=16, SOFTMAX=norm == "softmax",
+                      QOFF_FROM_LEN=not direct, ROTATE=bool(direct), FUSED=not direct)
         sig, cx = {}, {}
         for name, p in zip(k.arg_names, k.params):
             if p.is_constexpr:
@@ -435,7 +435,7 @@ for label, mask, score, norm in cases:
             elif name in INTP:
                 sig[name] = INTP[name]
             elif name[0].isupper() and name not in ("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB",
-                                                    "W_GROUP", "RANK"):
+                                                    "NROWS", "W_GROUP", "RANK"):
                 sig[name] = "*bf16" if name in BF16 else "*fp32"
             elif name in ("sm_scale", "sigmoid_bias"):
                 sig[name] = "fp32"
@@ -449,7 +449,8 @@ print("compiled", " ".join(done))
 
 def test_decode_kernels_compile_for_sm90(tmp_path):
     """The decode, gather and merge kernels of several patterns (int64 lengths and offsets, paged with
-    one lookup per tile or per row, contiguous, sinks, low-rank bias, sigmoid) compile for sm_90
+    one lookup per tile or per row, contiguous, sinks, low-rank bias, sigmoid; the split ones with the
+    fused merge's atomic counter) compile for sm_90
     (the interpreter does not check loop-carried types). In a fresh process, as test_codegen_sm90."""
     from attndsl.testing import sm90
     sm90.run_compile_script(_SM90, tmp_path, timeout=1500)

@@ -187,3 +187,49 @@ def test_sweep_options_are_correct(ko):
             ro, _ = decode_reference(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens,
                                      page_table=cache.page_table, **pat)
             assert rel(out, ro) < 1e-2, (ko, pat)
+
+
+def test_cuda_graph_fused_merge():
+    """The fused merge (the last split of each program's rows merges the partials after an acq_rel
+    counter, and zeroes it) in one CUDA graph of several split calls (window, sinks, DSA indices;
+    they share the device's counters), replayed with new inputs: every replay equals the merge
+    kernel's eager result and the oracle (a counter left non-zero would skip or repeat a merge in
+    the next call), and the counters are zero after it."""
+    from attndsl.serving import decoding
+    B, Hq, Hkv, D = 4, 32, 8, 128
+    dtype = torch.bfloat16
+    cache = _cache(B, Hkv, D, [1024, 777, 65, 300], 64, dtype, seed=7)
+    g = torch.Generator(device=DEV).manual_seed(7)
+    q = torch.zeros(B, Hq, 1, D, device=DEV, dtype=dtype)
+    sinks = torch.randn(Hq, device=DEV)
+    idx = torch.zeros(B, 1, 1, 256, device=DEV, dtype=torch.int32)
+    calls = [dict(mask_mod=sliding_window(600), num_splits=4), dict(mask_mod=causal, sinks=sinks, num_splits=7),
+             dict(indices=idx, num_splits=3), dict(mask_mod=sliding_window(600), num_splits=16)]
+
+    def step(fused):
+        return [cache.decode(q, kernel_options={"fused_merge": fused}, **kw) for kw in calls]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up: compiles, plans (the counters are made here, outside the capture)
+        step(1)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(1)
+    plans = [p for p in decoding._PLANS.values() if p.counters is not None]
+    assert plans, "no fused plan"
+    for _ in range(4):
+        q.copy_(torch.randn(q.shape, device=DEV, generator=g).to(dtype))
+        idx.copy_(torch.randint(-1, 1100, idx.shape, device=DEV, generator=g, dtype=torch.int32))
+        for _ in range(3):  # replays of the same inputs give the same answer (each merges once)
+            graph.replay()
+        torch.cuda.synchronize()
+        two = step(0)
+        for out, ref2, kw in zip(outs, two, calls):
+            assert rel(out, ref2) < 1e-3, kw
+            ro, _ = decode_reference(q, cache.k_pool, cache.v_pool, seq_lens=cache.seq_lens,
+                                     page_table=cache.page_table, **{n: a for n, a in kw.items() if n != "num_splits"})
+            assert rel(out, ro) < 1e-2, kw
+    for buf in decoding._COUNTERS[q.device]:
+        assert int(buf.abs().sum()) == 0

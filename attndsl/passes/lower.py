@@ -251,16 +251,18 @@ def signatures(spec: KernelSpec) -> tuple:
                    + _consts("HEAD_D", "BLOCK_T", "BLOCK_S", "BLOCK_D", "UPCAST", "DOT_PRECISION", "HAS_W")),
     }
     # the decode family (codegen/decode.py): "decode" is the split-KV kernel's and the gather
-    # decode's (one signature, so the runtime fills both alike), "decode_merge" the partials' merge
-    sigs["decode"] = (_tensors("Q", "K", "V", "PT", "SEQ", "QOFF", "IDX", "Out", "Lse", "OP", "LP")
+    # decode's (one signature, so the runtime fills both alike; CNT: the fused merge's counters),
+    # "decode_merge" the partials' merge (the two-kernel path)
+    sigs["decode"] = (_tensors("Q", "K", "V", "PT", "SEQ", "QOFF", "IDX", "Out", "Lse", "OP", "LP", "CNT")
                       + _qkv_strides("q", "k", "v", "o") + _ints(*_strides("ptb", "ptp", "ib", "ig", "im", "ij"))
                       + _ints("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB") + [Param("sm_scale", "float")]
                       + _EXTRAS + bufs
                       + _consts("HEAD_D", "BLOCK_M", "BLOCK_N", "BLOCK_D", "HEAD_DV", "BLOCK_DV", "PAGED", "PAGE_SIZE",
-                                "UPCAST", "DOT_PRECISION", "DIRECT", "SIGMOID_DEFAULT", "QOFF_FROM_LEN", "ROTATE")
+                                "UPCAST", "DOT_PRECISION", "DIRECT", "SIGMOID_DEFAULT", "QOFF_FROM_LEN", "ROTATE",
+                                "FUSED")
                       + _EXTRA_CONSTS)
-    sigs["decode_merge"] = (_tensors("OP", "LP", "Out", "Lse", "Sinks") + _ints("HQ", "LQ", "NSPLIT")
-                            + _qkv_strides("o") + _consts("HEAD_DV", "BLOCK_DV", "BLOCK_S", "HAS_SINKS", "SOFTMAX"))
+    sigs["decode_merge"] = (_tensors("OP", "LP", "Out", "Lse", "Sinks") + _ints("HQ", "LQ", "NSPLIT", "NROWS")
+                            + _qkv_strides("o") + _consts("HEAD_DV", "BLOCK_DV", "BLOCK_ROWS", "HAS_SINKS", "SOFTMAX"))
     if spec.data_dependent:
         # block tables: the dense table kernel (codegen/table.py), and the per-tile-bounds builder's
         # two (codegen/tilebounds.py: each column tile's bounds "tbounds", the classifier "tclass",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 
 import torch
 import triton
@@ -42,6 +43,7 @@ class DecodeConfig:
     num_stages: int
     per_sm: int = 2   # programs the split heuristic counts resident per SM (more: more, shorter splits)
     rotate: bool = False  # each program starts its key range at a tile of its own (ROTATE)
+    fused_merge: bool = True  # the last split to finish merges the partials (FUSED), no merge kernel
 
 
 #: GPU tiles of the decode kernel by case: ``(regime, layout) -> (BLOCK_N, num_warps, num_stages, per_sm,
@@ -75,7 +77,11 @@ SHORT_WIDTH = 8192
 #: programs per SM below which a grid does not fill the GPU (the "many" regime's bound, and the split
 #: heuristic's default)
 FILL_PER_SM = 2
-OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm", "rotate")
+#: the merge of split partials: in the split kernel (the last split of a program's rows to finish,
+#: counted by an atomic counter per program; no second launch) or, False, in a merge kernel after
+#: it. ``kernel_options={"fused_merge": 0}`` picks the merge kernel per call (``--quick`` times both).
+FUSED_MERGE = True
+OPTION_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages", "per_sm", "rotate", "fused_merge")
 
 
 def decode_regime(programs: int, width: int, sms: int, gather: bool) -> str:
@@ -99,14 +105,15 @@ def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = 
                   case: tuple[str, str] = ("long", "contiguous")) -> DecodeConfig:
     """Tiles of the decode kernels for a :data:`TUNING` ``case``; ``kernel_options`` may set
     ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``, ``per_sm`` (the split heuristic's
-    programs per SM) and ``rotate`` (0/1: each program starts at a tile of its own)."""
+    programs per SM), ``rotate`` (0/1: each program starts at a tile of its own) and ``fused_merge``
+    (0/1: the partials merged by the split kernel's last split, or by a merge kernel)."""
     if interpret:
-        cfg = DecodeConfig(32, 64, 4, 1)
+        cfg = DecodeConfig(32, 64, 4, 1, fused_merge=FUSED_MERGE)
     else:
         bn, nw, ns, per_sm, rotate = TUNING.get(case, TUNING[("long", "contiguous")])
         if block_d(head_dim) > 128:  # wider rows: half the keys per tile, two stages of shared memory
             bn, ns = max(16, bn // 2), min(ns, 2)
-        cfg = DecodeConfig(bn, 64, nw, ns, per_sm, bool(rotate))
+        cfg = DecodeConfig(bn, 64, nw, ns, per_sm, bool(rotate), FUSED_MERGE)
     ko = dict(kernel_options or {})
     unknown = set(ko) - set(OPTION_KEYS)
     if unknown:
@@ -114,7 +121,8 @@ def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = 
                          f"expected {', '.join(OPTION_KEYS)}")
     cfg = DecodeConfig(int(ko.get("BLOCK_N", cfg.block_n)), int(ko.get("BLOCK_M", cfg.block_m)),
                        int(ko.get("num_warps", cfg.num_warps)), int(ko.get("num_stages", cfg.num_stages)),
-                       int(ko.get("per_sm", cfg.per_sm)), bool(ko.get("rotate", cfg.rotate)))
+                       int(ko.get("per_sm", cfg.per_sm)), bool(ko.get("rotate", cfg.rotate)),
+                       bool(ko.get("fused_merge", cfg.fused_merge)))
     for name, v in (("BLOCK_N", cfg.block_n), ("BLOCK_M", cfg.block_m)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"decode kernel_options: {name} must be a power of two >= 16, got {v}")
@@ -267,22 +275,50 @@ def _start(kernel, grid, args, consts, warps, interpret):
 
 class Plan:
     """Everything of a decode call fixed by its call key (shapes, strides, dtypes, alignments,
-    options): the kernels' launches, split count and output shapes; memoised in ``_PLANS``."""
+    options): the kernels' launches, split count and output shapes; memoised in ``_PLANS``.
+    ``counters``: the fused merge's (None: one split, or the merge kernel merges)."""
 
-    __slots__ = ("decode", "merge", "nsplit", "direct", "interpret", "signatures", "buf_names", "case", "shape_args")
+    __slots__ = ("decode", "merge", "nsplit", "direct", "counters", "sinks_in", "interpret", "signatures",
+                 "buf_names", "case", "shape_args")
 
-    def __init__(self, decode: Launch, merge: Launch, nsplit: int, interpret: bool, signatures: dict, n_buffers: int,
-                 case: tuple, shape_args: tuple):
+    def __init__(self, decode: Launch, merge: Launch, nsplit: int, counters, interpret: bool, signatures: dict,
+                 n_buffers: int, case: tuple, shape_args: tuple):
         self.decode, self.merge, self.nsplit, self.direct = decode, merge, nsplit, nsplit == 1
+        self.counters = counters
+        self.sinks_in = self.direct or counters is not None  # the decode kernel adds the sinks (HAS_SINKS)
         self.interpret, self.signatures, self.case = interpret, signatures, case
         self.shape_args = shape_args  # _SHAPE_ARGS
         self.buf_names = tuple(f"buf{i}" for i in range(n_buffers))
+
+
+#: the fused merge's counters per device (int32, zero between launches: the split that merges resets
+#: its program's counter). Every buffer made is kept for the process: a captured CUDA graph may use it.
+_COUNTERS: dict = {}
+
+
+def merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """``n`` zeroed int32 counters on ``device`` for the fused merge, from the device's kept buffer
+    (made, zeroed, once; a larger one when a plan needs more). None while the current stream
+    captures a CUDA graph and no kept buffer is large enough: a buffer made inside a capture would
+    be zeroed only by the graph's replays (that plan merges with the merge kernel instead).
+
+    Calls share the buffer one after another (each leaves it zero); fused calls running at once on
+    two streams of one device would share counters: give them ``kernel_options={"fused_merge": 0}``."""
+    kept = _COUNTERS.setdefault(device, [])
+    if kept and kept[-1].numel() >= n:
+        return kept[-1][:n]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    kept.append(torch.zeros(max(n, 2 * kept[-1].numel() if kept else 1024), dtype=torch.int32, device=device))
+    return kept[-1][:n]
 
 
 #: call key -> Plan (cleared when it grows past PLANS_SIZE: keys are distinct call shapes)
 _PLANS: dict = {}
 PLANS_SIZE = 1024
 _SHAPE_ARGS = ("HQ", "HKV", "GROUP", "QPG", "LQ", "NSEL", "NSPLIT", "NROWB")
+#: rows (query head x token) per program of the merge kernel
+MERGE_ROWS = 4
 
 
 def _strides(t: str, row: str, strides) -> dict:
@@ -319,6 +355,7 @@ def _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, 
     if nsplit < 1:
         _fail(f"num_splits must be >= 1, got {num_splits}")
     direct = nsplit == 1
+    counters = merge_counters(query.device, programs) if cfg.fused_merge and not direct else None
     softmax = normalizer == "softmax"
     rank = bias_factors[0].shape[3] if bias_factors is not None else 1
     consts = dict(HEAD_D=D, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), HEAD_DV=Dv,
@@ -326,17 +363,20 @@ def _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, 
                   UPCAST=interpret and query.dtype == torch.bfloat16,
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", DIRECT=direct,
                   SIGMOID_DEFAULT=not softmax and sigmoid_bias is None, QOFF_FROM_LEN=q_offsets is None,
-                  HAS_SINKS=sinks is not None and direct, HAS_BIAS=bias_factors is not None,
-                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()), ROTATE=cfg.rotate and not gather)
-    merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=block_d(Dv), BLOCK_S=max(2, triton.next_power_of_2(nsplit)),
-                        HAS_SINKS=sinks is not None, SOFTMAX=softmax)
+                  HAS_SINKS=sinks is not None and (direct or counters is not None), HAS_BIAS=bias_factors is not None,
+                  BLOCK_R=max(16, 1 << (rank - 1).bit_length()), ROTATE=cfg.rotate and not gather,
+                  FUSED=counters is not None)
+    merge_consts = dict(HEAD_DV=Dv, BLOCK_DV=block_d(Dv), BLOCK_ROWS=MERGE_ROWS, HAS_SINKS=sinks is not None,
+                        SOFTMAX=softmax)
     names = codegen.decode.kernel_names(r.spec)
     dec = Launch(r.k_gather if gather else r.k_decode, names["gather" if gather else "decode"], (nsplit, programs),
                  consts, (cfg.num_warps, cfg.num_stages))
-    merge = Launch(r.k_merge, names["merge"], (B * Hq * Lq,), merge_consts, (4 if Dv >= 128 else 2, 1))
+    merge = Launch(r.k_merge, names["merge"], (triton.cdiv(B * Hq * Lq, MERGE_ROWS),), merge_consts,
+                   (4 if Dv >= 128 else 2, 1))
     sigs = {k: r.spec.lowering.signature(k) for k in ("decode", "decode_merge")}
     qpg = Hq // indices.shape[1] if gather else 1
-    return Plan(dec, merge, nsplit, interpret, sigs, n_buffers, case, (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb))
+    return Plan(dec, merge, nsplit, counters, interpret, sigs, n_buffers, case,
+                (Hq, Hkv, group, qpg, Lq, nsel, nsplit, nrowb))
 
 
 def _fail(msg: str):
@@ -493,30 +533,32 @@ def run(spec, tensors: list, query: torch.Tensor, k_cache: torch.Tensor, v_cache
     values = dict(Q=query, K=k_cache, V=v_cache, PT=seq_lens if page_table is None else page_table, SEQ=seq_lens,
                   QOFF=seq_lens if q_offsets is None else q_offsets, IDX=seq_lens if indices is None else indices,
                   Out=out, Lse=lse, OP=op, LP=lp, sm_scale=scale, U=query if u is None else u,
-                  W=query if w is None else w, Sinks=sinks if sinks is not None and direct else query,
-                  sigmoid_bias=float(sigmoid_bias or 0.0))
+                  W=query if w is None else w, Sinks=sinks if sinks is not None and plan.sinks_in else query,
+                  CNT=seq_lens if plan.counters is None else plan.counters, sigmoid_bias=float(sigmoid_bias or 0.0))
     for n, t in zip(plan.buf_names, tensors):
         values[n] = t.view(torch.uint8) if t.dtype == torch.bool else t
-    if not direct:
+    merged = direct or plan.counters is not None  # no merge kernel
+    if not merged:
         merge = dict(OP=op, LP=lp, Out=out, Lse=lse, Sinks=sinks if sinks is not None else out)
     dec, mrg = plan.decode, plan.merge
     with launch_scope(query, plan.interpret):
         if fresh or VERIFY_MEMO:
             named = _named(plan, values, query, k_cache, v_cache, page_table, indices, bias_factors, tensors, Hkv)
-            if not direct:
-                merge_named = dict(merge, HQ=Hq, LQ=Lq, NSPLIT=plan.nsplit, **_strides("o", "m", out.stride()))
+            if not merged:
+                merge_named = dict(merge, HQ=Hq, LQ=Lq, NSPLIT=plan.nsplit, NROWS=B * Hq * Lq,
+                                   **_strides("o", "m", out.stride()))
         if fresh:
             dec.first(plan.signatures["decode"], named, plan.interpret)
-            if not direct:
+            if not merged:
                 mrg.first(plan.signatures["decode_merge"], merge_named, plan.interpret)
             _PLANS[key] = plan  # only a plan that launched: a failed first launch is planned again
             return out, (lse if softmax else None)
         if VERIFY_MEMO:
             dec.verify(plan.signatures["decode"], named)
-            if not direct:
+            if not merged:
                 mrg.verify(plan.signatures["decode_merge"], merge_named)
         dec.again(values)
-        if not direct:
+        if not merged:
             mrg.again(merge)
     return out, (lse if softmax else None)
 
@@ -546,18 +588,83 @@ def _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, 
 
 #: the compiled pattern of a call with neither mask_mod nor score_mod, by normaliser (no pattern walk)
 _PLAIN: dict = {}
+#: ``(mask_mod, score_mod, normalizer) -> (guard, compiled)`` for pattern functions that hold only
+#: constants (``sliding_window(4096)``: one int in a closure cell): found again by identity and a
+#: check of what they hold (:func:`_const_guard`), not by the pattern cache's walk
+_CONST: dict = {}
+CONST_SIZE = 256
+
+
+def _const_guard(mask_mod, score_mod) -> tuple | None:
+    """What must stay the same for ``_CONST``'s entry of two pattern functions to hold: per function
+    its code and the objects in its closure cells; None where a function is not a plain function
+    whose cells hold only immutable constants (ints, floats, strings, ...), with no defaults and no
+    name its code reads set in its globals (then the pattern cache's walk decides, every call)."""
+    from ..dsl.reach import _CONST_TYPES, code_info
+    guard = []
+    for fn in (mask_mod, score_mod):
+        if fn is None:
+            guard.append(None)
+            continue
+        if type(fn) is not types.FunctionType or fn.__defaults__ is not None or fn.__kwdefaults__ is not None:
+            return None
+        names, shapes = code_info(fn.__code__)
+        g = fn.__globals__
+        if shapes or any(n in g for n in names):
+            return None
+        try:
+            cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+        except ValueError:  # an empty cell
+            return None
+        if any(type(v) not in _CONST_TYPES for v in cells):
+            return None
+        guard.append((fn.__code__, cells, names))
+    return tuple(guard)
+
+
+def _holds(guard: tuple, mask_mod, score_mod) -> bool:
+    """The functions still have the guard's code, cell objects (by identity: ``-0.0`` is not ``0.0``),
+    no defaults and none of their code's names set in their globals."""
+    for fn, gd in zip((mask_mod, score_mod), guard):
+        if gd is None:
+            continue
+        code, cells, names = gd
+        if fn.__code__ is not code or fn.__defaults__ is not None or fn.__kwdefaults__ is not None:
+            return False
+        closure = fn.__closure__ or ()
+        if len(closure) != len(cells) or any(c.cell_contents is not v for c, v in zip(closure, cells)):
+            return False
+        if names and any(n in fn.__globals__ for n in names):
+            return False
+    return True
 
 
 def _pattern(mask_mod, score_mod, normalizer):
-    """``(compiled pattern, its captured tensors)`` through ``attndsl.attention``'s pattern cache."""
+    """``(compiled pattern, its captured tensors)`` through ``attndsl.attention``'s pattern cache;
+    functions holding only constants are found again by identity (``_CONST``), without its walk."""
     if mask_mod is None and score_mod is None:
         got = _PLAIN.get(normalizer)
         if got is None:
             from ..api import _compiled
             got = _PLAIN[normalizer] = _compiled(None, None, normalizer, False, None)
         return got
+    plain = type(mask_mod) in _FN_TYPES and type(score_mod) in _FN_TYPES  # hashable by identity
+    if plain:
+        hit = _CONST.get((mask_mod, score_mod, normalizer))
+        if hit is not None and _holds(hit[0], mask_mod, score_mod):
+            return hit[1], []
     from ..api import _compiled
-    return _compiled(mask_mod, score_mod, normalizer, False, None)
+    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, False, None)
+    if plain and not tensors and not compiled.tensors:
+        guard = _const_guard(mask_mod, score_mod)
+        if guard is not None:
+            if len(_CONST) >= CONST_SIZE:
+                _CONST.clear()
+            _CONST[(mask_mod, score_mod, normalizer)] = (guard, compiled)
+    return compiled, tensors
+
+
+_FN_TYPES = (types.FunctionType, type(None))
 
 
 def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, seq_lens: torch.Tensor,
