@@ -6,8 +6,8 @@ the portable Triton kernels run everywhere else:
 * the pattern is one this target renders (:func:`attndsl.codegen.hopper.supports`, decided once
   per spec and kept in :attr:`HopperForward.unsupported`);
 * it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``;
-  with neither set, only where ``MEASURED_WINS`` says it was measured faster (empty until
-  ``benchmarks/hopper.py`` has run on an H100: off by default);
+  with neither set, only where ``MEASURED_WINS`` says it was measured faster on an H100 (dense
+  and causal-like masks without a score mod, bf16, D=128, ``Lq * Lkv >= 4096²``);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
   value head dim both 64 or both 128, q/k/v whose strides a TMA descriptor takes (last stride 1,
   the others and the base 16-byte aligned: ``[B, L, H, D]`` views too; the kernel reads them
@@ -46,16 +46,21 @@ def enabled() -> bool | None:
     return None if env is None else env == "1"
 
 
-#: Where the Hopper forward was measured faster than the portable one on an H100 (same run):
-#: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Calls
-#: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take it only there. Empty until
-#: ``benchmarks/hopper.py`` has run on an H100: the selection is off by default.
-MEASURED_WINS: dict = {}
+#: Where the Hopper forward was measured faster than the portable one on an H100 (same run,
+#: ``python -m benchmarks.hopper --sweep``, 2026-12-06, bf16, D=128, B=1, H=16; BENCHMARKS.md):
+#: ``(plan, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from, where
+#: ``plan`` is "dense" (no mask), "growing" (a mask whose visited range grows along the query
+#: tiles, :func:`attndsl.codegen.hopper.heavy_first`: causal, prefix-LM) or "other". Calls with
+#: neither ``enable`` nor ``ATTNDSL_HOPPER`` set take the Hopper forward only here. Measured:
+#: dense 0.237 vs 0.286 ms (L=4096) and 3.63 vs 4.13 ms (L=16384); causal 0.137 vs 0.152 and
+#: 1.95 vs 2.14 ms. Unmeasured classes (sliding windows, score mods, D=64, fp16) stay portable.
+MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 4096 * 4096,
+                       ("growing", False, 128, torch.bfloat16): 4096 * 4096}
 
 
-def _measured_win(spec, q, k) -> bool:
-    key = (spec.mask is not None, spec.score is not None, q.shape[-1], q.dtype)
-    least = MEASURED_WINS.get(key)
+def _measured_win(hf: "HopperForward", q, k) -> bool:
+    plan = "dense" if hf.spec.mask is None else "growing" if hf.heavy_first else "other"
+    least = MEASURED_WINS.get((plan, hf.spec.score is not None, q.shape[-1], q.dtype))
     return least is not None and q.shape[2] * k.shape[2] >= least
 
 
@@ -92,10 +97,12 @@ class HopperConfig:
 
 def config_for(head_dim: int) -> HopperConfig:
     """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
-    (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 2 stages
-    takes 160 KiB of the H100's 227, D=64 with 4 stages 144 KiB."""
+    (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 3 stages
+    takes 224 KiB of the H100's 227, D=64 with 4 stages 144 KiB. D=128's ring of 3 won the H100
+    sweep (``benchmarks/hopper.py --sweep``: 6–14% faster than 2 on dense and causal at L=4096 and
+    16384; ping-pong within 1–2% either way, so it stays off)."""
     if head_dim == 128:
-        return HopperConfig(stages=2)
+        return HopperConfig(stages=3)
     if head_dim == 64:
         return HopperConfig(stages=4)
     raise ValueError(f"the Hopper forward supports head dims 64 and 128, got {head_dim}")
@@ -230,7 +237,7 @@ class HopperForward:
         on = enabled()
         if self.unsupported is not None or on is False:
             return False
-        if on is None and not _measured_win(self.spec, q, k):
+        if on is None and not _measured_win(self, q, k):
             return False
         if tables is not None or count_visits:
             return False
