@@ -56,6 +56,7 @@ KERNELS = ("fwd", "dkdv", "dq", "hopper")
 
 _LOCK = threading.Lock()
 _ENTRIES: list = []  # [dict key -> Tuned] once loaded (shipped, then the user's file over them)
+_LOOKUPS: dict = {}  # lookup's answers per call shape (cleared whenever the entries change)
 
 
 # -- entries ------------------------------------------------------------------------------------
@@ -174,6 +175,7 @@ def _loaded() -> dict:
                 for p in sorted(SHIPPED_DIR.glob("*.json")):
                     found.update(_read(p))
                 found.update(_read(user_file()))
+                _LOOKUPS.clear()
                 _ENTRIES.append(found)
     return _ENTRIES[0]
 
@@ -182,6 +184,7 @@ def reset() -> None:
     """Forget the entries read so far: the next lookup reads the files again."""
     with _LOCK:
         _ENTRIES.clear()
+        _LOOKUPS.clear()
 
 
 def entries() -> dict:
@@ -195,7 +198,14 @@ def lookup(spec, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> Tuned | N
     found = _loaded()
     if not found or os.environ.get("ATTNDSL_TUNING") == "0":
         return None
-    return found.get(entry_key(spec.key, q, k, head_dim_v))
+    # per call shape, remembered (the torch.compile op path asks on every call)
+    memo = (spec.key, q.shape[1:], k.shape[1:3], head_dim_v, q.dtype, q.device)
+    got = _LOOKUPS.get(memo, _LOOKUPS)
+    if got is _LOOKUPS:
+        if len(_LOOKUPS) >= 4096:
+            _LOOKUPS.clear()
+        got = _LOOKUPS[memo] = found.get(entry_key(spec.key, q, k, head_dim_v))
+    return got
 
 
 def _save(new: dict) -> Path:
@@ -207,6 +217,7 @@ def _save(new: dict) -> Path:
         _write(path, found)
         if _ENTRIES:
             _ENTRIES[0].update(new)
+        _LOOKUPS.clear()
     return path
 
 
@@ -250,6 +261,7 @@ def clear() -> None:
     with _LOCK:
         user_file().unlink(missing_ok=True)
         _ENTRIES.clear()
+        _LOOKUPS.clear()
 
 
 # -- the search ---------------------------------------------------------------------------------
