@@ -37,7 +37,7 @@ import torch
 from .runtime.config import Configs, TileConfig
 from .runtime.hopper import HopperConfig
 
-__all__ = ["autotune", "TuningResult", "Trial", "Tuned", "entry_key", "lookup", "entries", "export", "load",
+__all__ = ["autotune", "TuningResult", "Trial", "Tuned", "entry_key", "entry_for", "entries", "export", "load",
            "clear", "reset", "user_file", "SHIPPED_DIR", "TIMER"]
 
 log = logging.getLogger("attndsl.tuning")
@@ -56,7 +56,7 @@ KERNELS = ("fwd", "dkdv", "dq", "hopper")
 
 _LOCK = threading.Lock()
 _ENTRIES: list = []  # [dict key -> Tuned] once loaded (shipped, then the user's file over them)
-_LOOKUPS: dict = {}  # lookup's answers per call shape (cleared whenever the entries change)
+_LOOKUPS: dict = {}  # entry_for's answers per call shape (cleared whenever the entries change)
 
 
 # -- entries ------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def entries() -> dict:
     return dict(_loaded())
 
 
-def lookup(spec, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> Tuned | None:
+def entry_for(spec, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> Tuned | None:
     """The tuned entry for a call of ``spec`` with ``q``, ``k`` and values of head dim
     ``head_dim_v`` (:func:`entry_key`), or None: none, or ``ATTNDSL_TUNING=0``."""
     found = _loaded()
@@ -370,9 +370,10 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _default_timer(rep: int):
+def _default_timer(rep: int, interpret: bool):
+    """``triton.testing.do_bench`` on the GPU; in the interpreter the median of three runs."""
     def timer(fn, kernel, config) -> float:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if not interpret:
             import triton.testing
             return float(triton.testing.do_bench(fn, warmup=max(1, rep // 4), rep=rep))
         times = []
@@ -469,7 +470,7 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         reason skipped), and the file written.
     """
     from .api import CompiledAttention, _compiled
-    from .runtime.checks import check_inputs
+    from .runtime.checks import check_captured, check_inputs
     from .runtime.launch import Extras, Runner
     if isinstance(pattern, CompiledAttention):
         compiled = pattern
@@ -486,13 +487,12 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     unknown = set(candidates or ()) - set(KERNELS)
     if unknown:
         raise ValueError(f"candidates names unknown kernels {sorted(unknown)}; expected some of {list(KERNELS)}")
-    if compiled.spec.data_dependent or compiled.tensors:
-        from .runtime.checks import check_captured
-        check_captured(compiled.tensors, q.device)
-    timer = timer or TIMER or _default_timer(rep)
+    check_captured(compiled.tensors, q.device)
+    q, k, v = q.detach(), k.detach(), v.detach()
     spec, tensors, dv = compiled.spec, compiled.tensors, v.shape[-1]
     base = compiled.runner(q, dv)  # the untuned runner (no ``k``: no entry)
     interpret = base.interpret
+    timer = timer or TIMER or _default_timer(rep, interpret)
     scale = q.shape[-1] ** -0.5
     extras = Extras(sigmoid_bias=-math.log(k.shape[2]) if spec.normalizer == "sigmoid" else 0.0)
     gen = torch.Generator(device=q.device).manual_seed(0)
