@@ -65,25 +65,37 @@ def test_search_picks_the_fake_fastest(cache):
 
 
 def test_wrong_and_failing_candidates_are_skipped(cache, monkeypatch):
+    import triton
+    from attndsl.runtime import fastlaunch
     q, k, v = qkv()
-    wrong, bad, good = TileConfig(16, 32, 4, 1, tma=True), TileConfig(24, 32, 4, 1, tma=True), SMALL[0]
-    real = tuning._forward
+    wrong, bad, big, good = (TileConfig(16, 32, 4, 1, tma=True), TileConfig(32, 16, 4, 1, tma=True),
+                             TileConfig(16, 32, 4, 2, tma=True), SMALL[0])
+    real_forward, real_prepared = tuning._forward, fastlaunch.prepared
 
     def forward(r, *a):
-        out, lse = real(r, *a)
+        if r.cfg.fwd == bad:  # a launch that fails
+            raise RuntimeError("launch failed: invalid argument")
+        out, lse = real_forward(r, *a)
         if r.cfg.fwd == wrong:  # a kernel that computes the wrong thing
             out = out + 1e-2
         return out, lse
+
+    def prepared(kernel, grid, args, consts, interpret, num_warps, num_stages):
+        if num_stages == 2:  # as if two stages overflowed shared memory: the runner retries with one
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return real_prepared(kernel, grid, args, consts, interpret, num_warps, num_stages)
     monkeypatch.setattr(tuning, "_forward", forward)
-    fast = {wrong: 0.1, bad: 0.2, good: 0.5}
-    res = tuning.autotune(causal, q, k, v, backward=False, candidates={"fwd": [wrong, bad, good]},
+    monkeypatch.setattr(fastlaunch, "prepared", prepared)
+    fast = {wrong: 0.1, bad: 0.2, big: 0.3, good: 0.5}
+    res = tuning.autotune(causal, q, k, v, backward=False, candidates={"fwd": [wrong, bad, big, good]},
                           timer=lambda fn, kn, c: fast.get(c, 1.0), progress=False, save=False)
     errors = {t.config: t.error for t in res.trials}
     assert "max error" in errors[wrong]
-    assert "power of 2" in errors[bad], errors[bad]  # 24 rows: Triton's arange needs a power of two
+    assert errors[bad] == "RuntimeError: launch failed: invalid argument"
+    assert errors[big] == "out of shared memory: the launch fell back to 16x32 w4 s1 tma"
     assert errors[good] is None
     assert res.tuned.configs.fwd == good
-    assert {t.config for t in res.skipped} == {wrong, bad}
+    assert {t.config for t in res.skipped} == {wrong, bad, big}
 
 
 def test_progress_line(cache, capsys):
