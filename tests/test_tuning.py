@@ -236,6 +236,28 @@ def test_bad_arguments(cache):
         tuning.autotune(3, q, k, v, progress=False)
 
 
+def test_hopper_forward_follows_its_entry(monkeypatch):
+    """An entry's Hopper verdict replaces ``MEASURED_WINS`` for its runner (``enable``/``ATTNDSL_HOPPER``
+    still win); the call conditions are faked, as there is no sm_90 GPU here."""
+    from attndsl.runtime import hopper
+    monkeypatch.setattr(hopper, "call_fits", lambda *a: True)
+    monkeypatch.setattr(hopper, "_ENABLED", [None])
+    monkeypatch.delenv("ATTNDSL_HOPPER", raising=False)
+    hf = hopper.HopperForward(attndsl.compile(mask_mod=causal).spec)
+    assert hf.unsupported is None
+    short = torch.zeros(1, 1, 40, 128, dtype=torch.bfloat16)
+    long = torch.zeros(1, 1, 4096, 128, dtype=torch.bfloat16)
+    assert not hf.applies(short, short, short) and hf.applies(long, long, long)  # MEASURED_WINS
+    cfg = hopper.HopperConfig(stages=2)
+    r = type("R", (), {"hopper": hf, "cfg": None})()
+    tuning.Tuned("k", None, cfg, True).install(r)
+    assert hf.tuned == (cfg, True) and hf.applies(short, short, short)
+    tuning.Tuned("k", None, cfg, False).install(r)
+    assert not hf.applies(long, long, long)
+    hopper.enable(True)
+    assert hf.applies(long, long, long)
+
+
 @pytest.mark.gpu
 def test_gpu_autotune_causal_entry_is_used(tmp_path, monkeypatch):
     """On the GPU: tune a causal pattern at L=1024 (bf16, D=128), and check the entry is written,
