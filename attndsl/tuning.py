@@ -441,11 +441,11 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     best portable forward (calls of the entry take the Hopper forward exactly then, unless
     ``ATTNDSL_HOPPER``/``hopper.enable`` says otherwise). Each candidate's result is first
     compared with the default configuration's (within 1e-4 of its largest magnitude in float32,
-    2e-2 in 16-bit types); a candidate that differs, fails to compile or launch, or only launches
-    with smaller tiles (a shared-memory overflow) is skipped, with the reason in the result's
-    trials. Calls are timed without sinks, low-rank bias or sigmoid bias; the entry serves every
-    call of its key (:func:`entry_key`: pattern, ``Lq``/``Lkv`` rounded up to powers of two, head
-    dims, GQA group, dtype, GPU).
+    2e-2 in 16-bit types, 1e-9 in float64); a candidate that differs, fails to compile or launch,
+    or only launches with smaller tiles (a shared-memory overflow) is skipped, with the reason in
+    the result's trials. Calls are timed without sinks or low-rank bias (sigmoid patterns with
+    their default bias); the entry serves every call of its key (:func:`entry_key`: pattern,
+    ``Lq``/``Lkv`` rounded up to powers of two, head dims, GQA group, dtype, GPU).
 
     Args:
         pattern: a :class:`attndsl.CompiledAttention` (compiled without explicit tiles, which would
@@ -458,7 +458,8 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         backward: also tune the backward's dK/dV and dQ kernels.
         candidates: tiles to try instead of the defaults (:func:`candidate_tiles`), per kernel:
             ``{"fwd": [TileConfig, ...], "dkdv": [...], "dq": [...], "hopper": [HopperConfig, ...]}``;
-            kernels not named keep the default list. The default configuration is always tried first.
+            kernels not named keep the default list ("hopper" is ignored where the Hopper forward does
+            not take the call). The default configuration is always tried first.
         rep: milliseconds of timed repetitions per candidate (``triton.testing.do_bench``'s ``rep``).
         progress: show one stderr line with candidate i/n and the best time so far.
         timer: ``timer(fn, kernel, config) -> milliseconds`` (default :data:`TIMER`, else
