@@ -5,5 +5,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["attndsl", "attndsl.*"]) + ["attndsl.codegen", "attndsl.patterns"],
     package_dir={"attndsl.codegen": "codegen", "attndsl.patterns": "patterns"},
-    package_data={"attndsl": ["py.typed"]},
+    package_data={"attndsl": ["py.typed", "tuned/*.json", "tuned/README.md"]},
 )

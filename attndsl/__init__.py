@@ -21,9 +21,11 @@ from .lowrank import BiasFactors, factorize_bias
 from .dsl import Mask, PatternError, ScoreMod, and_masks, chain, mask, not_mask, or_masks, score_mod
 from .dsl.intops import bit_length
 from .layout import Layout
+from . import tuning  # autotuned tiles: tuning.autotune, export/load of entries (docs/tuning.md)
+from .tuning import autotune
 
 __all__ = ["attention", "compile", "CompiledAttention", "clear_cache", "flex_attention", "create_block_mask",
            "PatternMask", "reference", "PatternError", "mask", "score_mod",
            "and_masks", "or_masks", "not_mask", "chain", "Mask", "ScoreMod",
-           "factorize_bias", "BiasFactors", "Layout", "bit_length"]
+           "factorize_bias", "BiasFactors", "Layout", "bit_length", "autotune", "tuning"]
 __version__ = "0.1.0"

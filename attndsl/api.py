@@ -11,6 +11,7 @@ from .dsl import trace
 from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
+from . import tuning
 from .runtime.autograd import Call, apply as _apply
 import math
 
@@ -159,14 +160,18 @@ class CompiledAttention:
         return new
 
     # -- kernels ---------------------------------------------------------------------------
-    def runner(self, q: torch.Tensor, dv: int | None = None) -> Runner:
-        """The runner for queries like ``q`` and values of head dim ``dv`` (default: q's)."""
+    def runner(self, q: torch.Tensor, dv: int | None = None, k: torch.Tensor | None = None) -> Runner:
+        """The runner for queries like ``q`` and values of head dim ``dv`` (default: q's); with keys
+        ``k``, the tiles of a tuned entry of the call's key where there is one (``attndsl.tuning``)."""
         dv = q.shape[-1] if dv is None else dv
         dev = q.device
         # per element size too: a launch that overflows shared memory keeps its smaller tiles for
         # later calls, and float32 inputs need twice the shared memory of 16-bit ones. Keyed by the
         # device: whether it runs in the interpreter (ATTNDSL_FORCE_INTERPRET) is decided once
         key = (dev.type, dev.index, q.shape[-1], dv, q.element_size())
+        tuned = None if k is None or any(self._tiles) else tuning.entry_for(self.spec, q, k, dv)  # explicit tiles win
+        if tuned is not None:
+            key += (tuned.key,)
         r = self._runners.get(key)
         if r is None:
             interpret = use_interpreter(q)
@@ -180,6 +185,8 @@ class CompiledAttention:
                               replace(cfg.dq, block_m=self.spec.dq_tiles[0], block_n=self.spec.dq_tiles[1]))
             cfg = for_pattern(cfg, self.spec.has_mask, self.spec.score is not None, self.spec.data_dependent)
             r = Runner(self.spec, module, cfg, interpret, q.shape[-1], head_dim_v=dv)
+            if tuned is not None:
+                tuned.install(r)
             r.deterministic = self.deterministic
             r.precise_delta = self.precise_delta
             self._runners[key] = r
@@ -199,7 +206,7 @@ class CompiledAttention:
             return None
         check_captured(self.tensors, query.device)
         check_indices_of(self.index_check, self.tensors, call_shape(query, key), query.device)
-        r = self.runner(query, None if value is None else value.shape[-1])
+        r = self.runner(query, None if value is None else value.shape[-1], key)
         tables = r.new_tables(query, key, self.tensors)
         r.table(tables, self.tensors, False, r.cfg.fwd.block_m, r.cfg.fwd.block_n)
         return tables
@@ -267,7 +274,7 @@ class CompiledAttention:
         u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
         if self.deterministic:
             check_deterministic(self.spec, tensors, query)
-        r = self.runner(query, value.shape[-1])
+        r = self.runner(query, value.shape[-1], key)
         extras = Extras(sinks, u, w, float(sigmoid_bias or 0.0))
         if self.spec.data_dependent and block_tables is not None:
             if block_tables.shape != shape:
@@ -324,7 +331,7 @@ class CompiledAttention:
         check_captured(self.tensors, query.device)
         check_indices_of(self.index_check, self.tensors, call_shape(query, key), query.device)
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-        r = self.runner(query, value.shape[-1])
+        r = self.runner(query, value.shape[-1], key)
         tables = r.new_tables(query, key, self.tensors) if self.spec.data_dependent else None
         visits = r.forward(query, key, value, scale, self.tensors, tables, count_visits=True)[2]
         return (visits[0], visits[1]) if runs else visits[0]

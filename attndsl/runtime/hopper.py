@@ -230,6 +230,9 @@ class HopperForward:
         self.spec = hopper_spec(spec)
         self.unsupported = _gen.supports(spec)
         self.heavy_first = self.unsupported is None and _gen.heavy_first(spec)
+        #: ``(HopperConfig, whether it beat the portable forward)`` of a tuned entry (``attndsl.tuning``)
+        #: for this runner's calls; None: :func:`config_for` and ``MEASURED_WINS``
+        self.tuned = None
         self._kernel = None
 
     def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
@@ -237,7 +240,7 @@ class HopperForward:
         on = enabled()
         if self.unsupported is not None or on is False:
             return False
-        if on is None and not _measured_win(self, q, k):
+        if on is None and not (_measured_win(self, q, k) if self.tuned is None else self.tuned[1]):
             return False
         if tables is not None or count_visits:
             return False
@@ -272,7 +275,7 @@ class HopperForward:
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
-        cfg = cfg or config_for(D)
+        cfg = cfg or (self.tuned and self.tuned[0]) or config_for(D)
         el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         q_desc = _descriptor(TensorDescriptor, gl, q, cfg.block_m, el)
         k_desc = _descriptor(TensorDescriptor, gl, k, cfg.block_n, el)

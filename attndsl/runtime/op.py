@@ -57,7 +57,7 @@ def _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block):
         sel, variant = _selection(compiled, blocks, q_block, kv_block)
         r = variant.runner(q, v.shape[-1])
         return r, SelectionTables(sel, variant.spec, buffers, call_shape(q, k))
-    r = compiled.runner(q, v.shape[-1])
+    r = compiled.runner(q, v.shape[-1], k)
     # Under torch.compile the tables are built for each call, not kept: with mode="reduce-overhead"
     # the ops run in the CUDA graph's memory pool (its warm-up run is not a capture), where a
     # tensor that outlives the call is an allocation the graph does not track (and a replay must

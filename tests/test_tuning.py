@@ -1,0 +1,285 @@
+"""Autotuning (attndsl.tuning): the search with a fake timer in the interpreter, the on-disk entries,
+their keys, and how calls take them (or not)."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attndsl
+from attndsl import tuning
+from attndsl.runtime.config import TileConfig
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def window(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= 9
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache directory and no shipped entries; entries in effect forgotten before and after."""
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.delenv("ATTNDSL_TUNING", raising=False)
+    tuning.reset()
+    yield tmp_path
+    tuning.reset()
+
+
+def qkv(Lq=40, Lkv=40, Hq=2, Hkv=1, D=16, dtype=torch.float32, grad=False):
+    q = torch.randn(1, Hq, Lq, D, dtype=dtype, requires_grad=grad)
+    k = torch.randn(1, Hkv, Lkv, D, dtype=dtype, requires_grad=grad)
+    v = torch.randn(1, Hkv, Lkv, D, dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+SMALL = [TileConfig(16, 16, 4, 1, tma=True), TileConfig(16, 32, 4, 1, tma=True)]
+
+
+def ranked_timer(times: dict):
+    """A fake timer: each (kernel, config) a fixed random time; every call recorded."""
+    def timer(fn, kernel, cfg):
+        return times.setdefault((kernel, cfg), random.uniform(1.0, 2.0))
+    return timer
+
+
+def test_search_picks_the_fake_fastest(cache):
+    q, k, v = qkv()
+    times = {}
+    res = tuning.autotune(causal, q, k, v, timer=ranked_timer(times), progress=False, save=False)
+    for kn in ("fwd", "dkdv", "dq"):
+        tried = {c: t for (kk, c), t in times.items() if kk == kn}
+        assert len(tried) == 4  # the default (32x32) and three more interpreter tiles
+        assert getattr(res.tuned.configs, kn) == min(tried, key=tried.get)
+        assert res.best(kn).ms == min(tried.values())
+    assert not res.skipped and res.path is None
+    assert [t.default for t in res.trials if t.kernel == "fwd"] == [True, False, False, False]
+
+
+def test_wrong_and_failing_candidates_are_skipped(cache, monkeypatch):
+    import triton
+    from attndsl.runtime import fastlaunch
+    q, k, v = qkv()
+    wrong, bad, big, good = (TileConfig(16, 32, 4, 1, tma=True), TileConfig(32, 16, 4, 1, tma=True),
+                             TileConfig(16, 32, 4, 2, tma=True), SMALL[0])
+    real_forward, real_prepared = tuning._forward, fastlaunch.prepared
+
+    def forward(r, *a):
+        if r.cfg.fwd == bad:  # a launch that fails
+            raise RuntimeError("launch failed: invalid argument")
+        out, lse = real_forward(r, *a)
+        if r.cfg.fwd == wrong:  # a kernel that computes the wrong thing
+            out = out + 1e-2
+        return out, lse
+
+    def prepared(kernel, grid, args, consts, interpret, num_warps, num_stages):
+        if num_stages == 2:  # as if two stages overflowed shared memory: the runner retries with one
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return real_prepared(kernel, grid, args, consts, interpret, num_warps, num_stages)
+    monkeypatch.setattr(tuning, "_forward", forward)
+    monkeypatch.setattr(fastlaunch, "prepared", prepared)
+    fast = {wrong: 0.1, bad: 0.2, big: 0.3, good: 0.5}
+    res = tuning.autotune(causal, q, k, v, backward=False, candidates={"fwd": [wrong, bad, big, good]},
+                          timer=lambda fn, kn, c: fast.get(c, 1.0), progress=False, save=False)
+    errors = {t.config: t.error for t in res.trials}
+    assert "max error" in errors[wrong]
+    assert errors[bad] == "RuntimeError: launch failed: invalid argument"
+    assert errors[big] == "out of shared memory: the launch fell back to 16x32 w4 s1 tma"
+    assert errors[good] is None
+    assert res.tuned.configs.fwd == good
+    assert {t.config for t in res.skipped} == {wrong, bad, big}
+
+
+def test_progress_line(cache, capsys):
+    q, k, v = qkv()
+    tuning.autotune(causal, q, k, v, backward=False, candidates={"fwd": SMALL}, timer=lambda *a: 1.0, save=False)
+    err = capsys.readouterr().err
+    assert "attndsl.autotune [fwd] 3/3" in err and "best 1 ms" in err and err.endswith("\n")
+    tuning.autotune(causal, q, k, v, backward=False, candidates={"fwd": SMALL}, timer=lambda *a: 1.0, save=False,
+                    progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_cache_round_trips_on_disk(cache):
+    q, k, v = qkv()
+    res = tuning.autotune(causal, q, k, v, candidates={kn: SMALL for kn in ("fwd", "dkdv", "dq")},
+                          timer=lambda fn, kn, c: 1.0 if c == SMALL[1] else 2.0, progress=False)
+    assert res.path == cache / "cache" / "tuning.json" and res.path.is_file()
+    on_disk = json.loads(res.path.read_text())
+    assert on_disk["format"] == 1 and res.key in on_disk["entries"]
+    tuning.reset()  # forget: the next lookup reads the file again
+    spec = attndsl.compile(mask_mod=causal).spec
+    got = tuning.entry_for(spec, q, k, v.shape[-1])
+    assert got == res.tuned and got.configs.fwd == SMALL[1]
+    # a fresh process finds it too
+    code = ("import torch, attndsl\nfrom attndsl import tuning\n"
+            "def causal(b, h, q_idx, kv_idx):\n    return q_idx >= kv_idx\n"
+            "q = torch.zeros(1, 2, 33, 16); k = torch.zeros(1, 1, 64, 16)\n"
+            "print(tuning.entry_for(attndsl.compile(mask_mod=causal).spec, q, k, 16).configs.fwd)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "block_m=16, block_n=32" in p.stdout
+
+
+def test_key_rekeys(cache):
+    spec, other = attndsl.compile(mask_mod=causal).spec, attndsl.compile(mask_mod=window).spec
+    q, k, v = qkv(Lq=40, Lkv=40)
+    key = tuning.entry_key(spec.key, q, k, 16)
+    same_bucket = tuning.entry_key(spec.key, qkv(Lq=33, Lkv=64)[0], qkv(Lq=33, Lkv=64)[1], 16)
+    assert key == same_bucket and "|q64|kv64|" in key and key.endswith("|float32|cpu-interpreter")
+    q2, k2, _ = qkv(Lq=65, Lkv=40)
+    q3, k3, _ = qkv(Lq=40, Lkv=65)
+    qh, kh, _ = qkv(dtype=torch.float16)
+    qd, kd, _ = qkv(D=32)
+    qg, kg, _ = qkv(Hkv=2)
+    keys = {key, tuning.entry_key(other.key, q, k, 16), tuning.entry_key(spec.key, q2, k2, 16),
+            tuning.entry_key(spec.key, q3, k3, 16), tuning.entry_key(spec.key, qh, kh, 16),
+            tuning.entry_key(spec.key, qd, kd, 32), tuning.entry_key(spec.key, q, k, 32),
+            tuning.entry_key(spec.key, qg, kg, 16)}
+    assert len(keys) == 8
+
+
+def _tune_small(q, k, v):
+    """An entry whose forward tiles are 16 rows (the interpreter's default is 32)."""
+    return tuning.autotune(causal, q, k, v, backward=False, candidates={"fwd": [SMALL[0]]},
+                           timer=lambda fn, kn, c: 1.0 if c == SMALL[0] else 2.0, progress=False)
+
+
+def test_calls_take_entries_unless_overridden_or_off(cache, monkeypatch):
+    q, k, v = qkv()
+    res = _tune_small(q, k, v)
+    assert res.tuned.configs.fwd == SMALL[0]
+    tuned, explicit = attndsl.compile(mask_mod=causal), attndsl.compile(mask_mod=causal, block_m=32)
+    # visits per forward program: one column per query tile (16 rows: 3 tiles of 40; 32 rows: 2)
+    assert tuned.visit_counts(q, k, v).shape[1] == 3
+    assert tuned.runner(q, 16, k).cfg == res.tuned.configs
+    assert explicit.visit_counts(q, k, v).shape[1] == 2  # explicit tiles win
+    # the torch.compile op's runner too (runtime/op.py)
+    from attndsl.runtime.op import _dense_runner
+    assert _dense_runner(tuned, q, k, v, [], None, 0, 0)[0].cfg == res.tuned.configs
+    other = qkv(Lq=100)  # another bucket: no entry
+    assert tuned.runner(other[0], 16, other[1]).cfg.fwd.block_m == 32
+    monkeypatch.setenv("ATTNDSL_TUNING", "0")
+    assert attndsl.compile(mask_mod=causal).visit_counts(q, k, v).shape[1] == 2
+
+
+def test_outputs_with_an_entry_match_the_reference(cache):
+    q, k, v = qkv(grad=True)
+    res = tuning.autotune(causal, q.detach(), k.detach(), v.detach(),
+                          candidates={"fwd": [SMALL[0]], "dkdv": [SMALL[1]], "dq": [SMALL[1]]},
+                          timer=lambda fn, kn, c: 1.0 if c in SMALL else 2.0, progress=False)
+    assert res.tuned.configs.dkdv == SMALL[1]
+    out = attndsl.attention(q, k, v, mask_mod=causal)  # the pattern autotune tuned: its runners were reset
+    compiled = attndsl.api._compiled(causal, None, "softmax", False, None)[0]  # attention's, from its cache
+    assert [r.cfg for r in compiled._runners.values()] == [res.tuned.configs]
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want_out, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal)
+    want = torch.autograd.grad(want_out, (q64, k64, v64), dout.double())
+    torch.testing.assert_close(out.double(), want_out, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_export_load_and_shipped_entries(cache):
+    q, k, v = qkv()
+    res = _tune_small(q, k, v)
+    spec = attndsl.compile(mask_mod=causal).spec
+    out = cache / "export.json"
+    assert tuning.export(out) == 1
+    tuning.clear()  # the user's file is gone
+    assert not tuning.user_file().exists() and tuning.entry_for(spec, q, k, 16) is None
+    # shipped entries are defaults ...
+    shipped = cache / "shipped"
+    shipped.mkdir()
+    (shipped / "h100.json").write_text(out.read_text())
+    tuning.reset()
+    assert tuning.entry_for(spec, q, k, 16) == res.tuned
+    # ... under the user's entries
+    user = json.loads(out.read_text())
+    user["entries"][res.key]["fwd"]["block_n"] = 16
+    mine = cache / "mine.json"
+    mine.write_text(json.dumps(user))
+    assert tuning.load(mine) == 1
+    assert tuning.entry_for(spec, q, k, 16).configs.fwd == TileConfig(16, 16, 4, 1, tma=True)
+    tuning.reset()
+    assert tuning.entry_for(spec, q, k, 16).configs.fwd == TileConfig(16, 16, 4, 1, tma=True)
+    with pytest.raises(FileNotFoundError, match="no tuning file"):
+        tuning.load(cache / "missing.json")
+
+
+def test_damaged_files_are_ignored(cache, caplog):
+    tuning.user_file().write_text("{not json")
+    q, k, _ = qkv()
+    assert tuning.entry_for(attndsl.compile(mask_mod=causal).spec, q, k, 16) is None
+    assert "ignoring the tuning file" in caplog.text
+
+
+def test_bad_arguments(cache):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="explicit tiles"):
+        tuning.autotune(attndsl.compile(mask_mod=causal, block_m=16), q, k, v, progress=False)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        tuning.autotune(causal, q, k, v, candidates={"fwdd": SMALL}, progress=False)
+    with pytest.raises(TypeError, match="CompiledAttention or a mask_mod"):
+        tuning.autotune(3, q, k, v, progress=False)
+
+
+def test_hopper_forward_follows_its_entry(monkeypatch):
+    """An entry's Hopper verdict replaces ``MEASURED_WINS`` for its runner (``enable``/``ATTNDSL_HOPPER``
+    still win); the call conditions are faked, as there is no sm_90 GPU here."""
+    from attndsl.runtime import hopper
+    monkeypatch.setattr(hopper, "call_fits", lambda *a: True)
+    monkeypatch.setattr(hopper, "_ENABLED", [None])
+    monkeypatch.delenv("ATTNDSL_HOPPER", raising=False)
+    hf = hopper.HopperForward(attndsl.compile(mask_mod=causal).spec)
+    assert hf.unsupported is None
+    short = torch.zeros(1, 1, 40, 128, dtype=torch.bfloat16)
+    long = torch.zeros(1, 1, 4096, 128, dtype=torch.bfloat16)
+    assert not hf.applies(short, short, short) and hf.applies(long, long, long)  # MEASURED_WINS
+    cfg = hopper.HopperConfig(stages=2)
+    r = type("R", (), {"hopper": hf, "cfg": None})()
+    tuning.Tuned("k", None, cfg, True).install(r)
+    assert hf.tuned == (cfg, True) and hf.applies(short, short, short)
+    tuning.Tuned("k", None, cfg, False).install(r)
+    assert not hf.applies(long, long, long)
+    hopper.enable(True)
+    assert hf.applies(long, long, long)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_causal_entry_is_used(tmp_path, monkeypatch):
+    """On the GPU: tune a causal pattern at L=1024 (bf16, D=128), and check the entry is written,
+    taken by the next call's runner, and that the call matches the float64 reference."""
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+    from attndsl.runtime import hopper
+    q, k, v = (torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    # a few candidates per kernel (each one compiles): the default's and some of candidate_tiles'
+    cands = {"fwd": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 2, tma=True), TileConfig(128, 128, 8, 3)],
+             "dkdv": [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 4, 2)],
+             "dq": [TileConfig(64, 64, 4, 2), TileConfig(128, 32, 8, 2)],
+             "hopper": hopper.sweep_configs(128)[:3]}
+    res = tuning.autotune(causal, q, k, v, candidates=cands, rep=20)
+    print(res)
+    assert res.path.is_file() and res.best("fwd") is not None and res.best("dq") is not None
+    compiled = attndsl.compile(mask_mod=causal)
+    r = compiled.runner(q, 128, k)
+    assert r.cfg == res.tuned.configs
+    if res.tuned.hopper_wins is not None:
+        assert r.hopper.tuned == (res.tuned.hopper, res.tuned.hopper_wins)
+    out = compiled(q, k, v)
+    want, _ = attndsl.reference.attention(q, k, v, mask_mod=causal)
+    assert float((out.double() - want).abs().max()) < 2e-2
+    tuning.reset()
