@@ -80,7 +80,7 @@ def _new(shape, like, dtype=None):
     """An output of ``shape`` on ``like``'s device."""
     if dtype is None and shape == like.shape:
         return _like(like)
-    return _poisoned(torch.empty(shape, device=like.device, dtype=dtype or like.dtype))
+    return _poisoned(torch.empty(*shape, device=like.device, dtype=dtype or like.dtype))  # ints: see _alloc
 
 
 def _like(t):
@@ -606,16 +606,18 @@ class Prepared:
 
 
 def _template(t: torch.Tensor) -> tuple | None:
-    """``(shape, dtype, device)`` of a contiguous ``t``, from which ``_alloc`` makes tensors like it;
-    None where ``t`` is not contiguous. No tensor is kept: one made during a CUDA-graph warm-up or
-    capture would hold memory of the graph's pool past the call."""
-    return (t.shape, t.dtype, t.device) if t.is_contiguous() else None
+    """``(sizes, dtype, device)`` of a contiguous ``t`` (sizes a tuple of ints, at least one), from
+    which ``_alloc`` makes tensors like it; None where ``t`` is not contiguous. No tensor is kept:
+    one made during a CUDA-graph warm-up or capture would hold memory of the graph's pool past the
+    call."""
+    return (tuple(t.shape), t.dtype, t.device) if t.is_contiguous() and t.dim() else None
 
 
 def _alloc(template: tuple) -> torch.Tensor:
     """A contiguous tensor like ``template``'s (``_template``), poisoned under ATTNDSL_POISON."""
     shape, dtype, device = template
-    t = torch.empty(shape, dtype=dtype, device=device)
+    # sizes as separate ints: torch parses them in half the time of one torch.Size (~1 us a call)
+    t = torch.empty(*shape, dtype=dtype, device=device)
     return _poisoned(t) if POISON else t
 
 
