@@ -51,6 +51,7 @@ class _Plan(NamedTuple):
     shape: tuple  # (B, Hq, Lq, Lkv)
     value_checks: bool  # the pattern's index checks read captured values: run every call
     whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
+    tables: tuple | None  # data-dependent masks: the part of the block tables' key the call key fixes
 
 
 class _Plans(dict):
@@ -276,7 +277,8 @@ class CompiledAttention:
         memo = Prepared(r.call_key(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
                                    extras, tensors))
         plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
-                     self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax")
+                     self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax",
+                     TABLES.layout_key(r, query, key, tensors) if self.spec.data_dependent else None)
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
@@ -294,17 +296,14 @@ class CompiledAttention:
         r = plan.runner
         tables = None
         if self.spec.data_dependent:
-            tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
+            tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors, plan.tables)
         extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or ((tensors or sinks is not None or u is not None)
                                             and _any_grad(sinks, u, w, tensors))):
             got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
         else:  # inference: no graph node, no saved tensors
-            if tables is None:
-                out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras)
-            else:  # block tables: the launches are memoised by the key, the tables are the call's
-                out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo.key)
+            out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras, tables)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)

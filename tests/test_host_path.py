@@ -522,6 +522,16 @@ def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monk
             if step == 0:
                 first = len(made)
         assert first == 4 and len(made) == 4, (verify, made)  # forward, delta, dK/dV, dQ: once
+        (plan,) = attn._plans.values()  # the prepared launches take each call's tables
+        assert isinstance(plan.memo.fwd, launch.FastForward) and plan.memo.fwd.table is not None
+        assert isinstance(plan.memo.bwd, launch.FastBackward) and None not in plan.memo.bwd.tables
+        # a table whose arguments specialise otherwise than the memoised one's: the ordinary path
+        with mock.patch.object(launch.Table, "classes", lambda self: ()):
+            out = attn(q, k, v)
+            grads = _grads(out, (q, k, v))
+        assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4, verify
+        for g, r in zip(grads, ref_grads):
+            assert float((g.double() - r).abs().max()) < 1e-4, verify
         q2, k2, v2 = qkv(L=32, H=1, grad=True)  # another key: decided afresh
         out = attn(q2, k2, v2)
         assert len(made) == 5, (verify, made)
