@@ -52,6 +52,7 @@ class _Plan(NamedTuple):
     value_checks: bool  # the pattern's index checks read captured values: run every call
     whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
     tables: tuple | None  # data-dependent masks: the part of the block tables' key the call key fixes
+    call: Call  # the autograd Function's argument for calls with the default scale and no sinks, factors, tables
 
 
 class _Plans(dict):
@@ -276,9 +277,11 @@ class CompiledAttention:
         # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
         memo = Prepared(r.call_key(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
                                    extras, tensors))
-        plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
-                     self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax",
-                     TABLES.layout_key(r, query, key, tensors) if self.spec.data_dependent else None)
+        scale0, extras0 = query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias)
+        plan = _Plan(r, scale0, extras0, memo, shape, self.index_check.reads_values(),
+                     return_lse or self.spec.normalizer != "softmax",
+                     TABLES.layout_key(r, query, key, tensors) if self.spec.data_dependent else None,
+                     Call(r, scale0, None, extras0, memo))
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
@@ -292,6 +295,7 @@ class CompiledAttention:
         call ran every check itself)."""
         if check_indices is not _CHECKED and (plan.value_checks or check_indices is True):
             check_indices_of(self.index_check, tensors, plan.shape, query.device, check_indices)
+        default = scale is None and sinks is None and u is None  # plan.call's arguments, unless tables
         scale = plan.scale if scale is None else float(scale)
         r = plan.runner
         tables = None
@@ -301,7 +305,8 @@ class CompiledAttention:
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or ((tensors or sinks is not None or u is not None)
                                             and _any_grad(sinks, u, w, tensors))):
-            got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
+            call = plan.call if default and tables is None else Call(r, scale, tables, extras, plan.memo)
+            got = _apply(query, key, value, sinks, u, w, call, *tensors)
         else:  # inference: no graph node, no saved tensors
             out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras, tables)
             if out.dtype != query.dtype:  # float32 under precise_delta

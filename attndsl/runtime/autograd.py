@@ -32,8 +32,13 @@ class AttentionFunction(torch.autograd.Function):
                                                     call.tables)
         else:
             out, lse, _ = call.runner.forward(q, k, v, call.scale, buffers, call.tables, call.extras)
-        # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads
-        ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
+        # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads;
+        # sinks and factors are saved only when there are some (each saved slot costs unpacking)
+        ctx.saved_extras = sinks is not None or u is not None
+        if ctx.saved_extras:
+            ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse, *buffers)
         if out.dtype != q.dtype:
             out = out.to(q.dtype)
         ctx.call = call
@@ -43,7 +48,10 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse=None):
-        q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
+        if ctx.saved_extras:
+            q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
+        else:
+            (q, k, v, out, lse, *buffers), sinks, u, w = ctx.saved_tensors, None, None, None
         if dout is None:
             dout = torch.zeros_like(out, dtype=q.dtype)
         call = ctx.call

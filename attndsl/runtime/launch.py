@@ -722,7 +722,7 @@ class FastForward:
         r = self.runner
         if self.hopper and r.hopper.applies(q, k, v, extras, None, False):
             return r.forward(q, k, v, scale, buffers, None, extras)[:2]
-        targs = _table_args(r, self.table, tables, buffers)
+        targs = () if self.table is None else _table_args(r, self.table, tables, buffers)
         if targs is None:
             return None
         out = _alloc(self.out)
@@ -784,6 +784,8 @@ class FastBackward:
         if delta is not None:
             want.append((b.delta, ("Out", "DO", "Delta"), None))
         b.rest = [m.between(n, () if t is None else Table.PARAMS) for m, n, t in want]
+        if b.tables == (None, None):
+            b.tables = None  # no block tables: nothing to look up per call
         if any(r is None for r in b.rest) or any(t is None for t in b.tpl):
             return None
         b.convert = _needs_conversion(runner, buffers)
@@ -798,9 +800,13 @@ class FastBackward:
         r = self.runner
         if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, tables, False):  # asked per call, as the forward
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
-        t_dkdv, t_dq = (_table_args(r, t, tables, buffers) for t in self.tables)
-        if t_dkdv is None or t_dq is None:
-            return None
+        if self.tables is None:
+            t_dkdv = t_dq = ()
+        else:
+            t_dkdv = _table_args(r, self.tables[0], tables, buffers)
+            t_dq = _table_args(r, self.tables[1], tables, buffers)
+            if t_dkdv is None or t_dq is None:
+                return None
         if self.delta is not None:
             stats, delta = lse, _alloc(self.tpl[3])
             args_delta = [out, dout, delta, *self.rest[2]]
