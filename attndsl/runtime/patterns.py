@@ -65,6 +65,20 @@ def walk(mask_mod, score_mod) -> tuple[tuple, list[torch.Tensor]]:
     return tuple(w.parts), w.tensors
 
 
+class _Key(tuple):
+    """A walk's key, hashed once: its parts hold code objects, which Python hashes anew each time
+    (a kept walk's key is looked up in the cache on every call). Raises TypeError when a part is
+    unhashable."""
+
+    def __new__(cls, parts):
+        self = super().__new__(cls, parts)
+        self.hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self.hash
+
+
 def _walk_kept(flat: FlatWalks, mask_mod, score_mod) -> tuple[tuple, list[torch.Tensor]]:
     """:func:`walk`, through ``flat`` for flat patterns (their walks kept by what they read)."""
     leaves = _leaves(mask_mod, score_mod)
@@ -74,7 +88,7 @@ def _walk_kept(flat: FlatWalks, mask_mod, score_mod) -> tuple[tuple, list[torch.
     if got is not None:
         return got
     w = _walk(mask_mod, score_mod)
-    key = tuple(w.parts)
+    key = _Key(w.parts)
     flat.put(mask_mod, score_mod, key, w.tensors, w.shapes)
     return key, w.tensors
 
