@@ -558,7 +558,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       (and shape, when the code reads a shape). A fresh closure from a factory
       (``sliding_window(256)`` inside ``forward``) is found again. Captured tensors are bound per
       call: a closure cell or global rebound to another tensor is read, an in-place change is
-      seen. A pattern holding something else (an arbitrary object) is traced on every call.
+      seen. A pattern holding something else (an arbitrary object) is traced on every call. For
+      plain functions whose cells, globals and defaults hold only constants, tensors and modules,
+      the walk that finds the pattern is itself kept, by the identities of the objects read.
     * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
