@@ -211,14 +211,15 @@ def _leaves(mask_mod, score_mod) -> tuple | None:
     is not: the full walk decides. (The full walk of such a pair gives this same key.)"""
     if mask_mod is score_mod:  # one object twice: the walk keys the second as already seen
         return None
+    for fn in (mask_mod, score_mod):  # the cheap refusals of both first (a closure score_mod is common)
+        if fn is not None and (type(fn) is not types.FunctionType or fn.__closure__ is not None
+                               or fn.__defaults__ is not None or fn.__kwdefaults__ is not None):
+            return None
     parts = []
     for fn in (mask_mod, score_mod):
         if fn is None:
             parts.append(None)
             continue
-        if type(fn) is not types.FunctionType or fn.__closure__ is not None or fn.__defaults__ is not None \
-                or fn.__kwdefaults__ is not None:
-            return None
         code = fn.__code__
         names, shapes = _code_info(code)
         if shapes:
