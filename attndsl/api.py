@@ -52,6 +52,8 @@ class _Plan(NamedTuple):
     shape: tuple  # (B, Hq, Lq, Lkv)
     value_checks: bool  # the pattern's index checks read captured values: run every call
     whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
+    tables: tuple | None  # data-dependent masks: the part of the block tables' key the call key fixes
+    call: Call  # the autograd Function's argument for calls with the default scale and no sinks, factors, tables
 
 
 class _Plans(dict):
@@ -282,8 +284,11 @@ class CompiledAttention:
         # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
         memo = Prepared(r.call_key(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
                                    extras, tensors))
-        plan = _Plan(r, query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias), memo, shape,
-                     self.index_check.reads_values(), return_lse or self.spec.normalizer != "softmax")
+        scale0, extras0 = query.shape[-1] ** -0.5, Extras(sigmoid_bias=extras.sigmoid_bias)
+        plan = _Plan(r, scale0, extras0, memo, shape, self.index_check.reads_values(),
+                     return_lse or self.spec.normalizer != "softmax",
+                     TABLES.layout_key(r, query, key, tensors) if self.spec.data_dependent else None,
+                     Call(r, scale0, None, extras0, memo))
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
             if len(plans) >= _MAX_PLANS:
                 plans.clear()
@@ -297,21 +302,20 @@ class CompiledAttention:
         call ran every check itself)."""
         if check_indices is not _CHECKED and (plan.value_checks or check_indices is True):
             check_indices_of(self.index_check, tensors, plan.shape, query.device, check_indices)
+        default = scale is None and sinks is None and u is None  # plan.call's arguments, unless tables
         scale = plan.scale if scale is None else float(scale)
         r = plan.runner
         tables = None
         if self.spec.data_dependent:
-            tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors)
+            tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors, plan.tables)
         extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or ((tensors or sinks is not None or u is not None)
                                             and _any_grad(sinks, u, w, tensors))):
-            got = _apply(query, key, value, sinks, u, w, Call(r, scale, tables, extras, plan.memo), *tensors)
+            call = plan.call if default and tables is None else Call(r, scale, tables, extras, plan.memo)
+            got = _apply(query, key, value, sinks, u, w, call, *tensors)
         else:  # inference: no graph node, no saved tensors
-            if tables is None:
-                out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras)
-            else:  # block tables: the launches are memoised by the key, the tables are the call's
-                out, lse, _ = r.forward(query, key, value, scale, tensors, tables, extras, key=plan.memo.key)
+            out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras, tables)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)
@@ -561,7 +565,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       (and shape, when the code reads a shape). A fresh closure from a factory
       (``sliding_window(256)`` inside ``forward``) is found again. Captured tensors are bound per
       call: a closure cell or global rebound to another tensor is read, an in-place change is
-      seen. A pattern holding something else (an arbitrary object) is traced on every call.
+      seen. A pattern holding something else (an arbitrary object) is traced on every call. For
+      plain functions whose cells, globals and defaults hold only constants, tensors and modules,
+      the walk that finds the pattern is itself kept, by the identities of the objects read.
     * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.

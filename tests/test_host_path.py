@@ -407,6 +407,90 @@ def test_the_leaf_shortcut_of_the_pattern_walk_keys_as_the_full_walk():
         del _LATE
 
 
+_FLAT_SCALE = 2.0
+
+
+def _flat_alibi(slopes, w=4):
+    """A factory as models write them: a fresh closure per call over a tensor and a constant."""
+    def alibi(score, b, h, q_idx, kv_idx, s=slopes):
+        return torch.where(q_idx - kv_idx < w, score + s[h] * (kv_idx - q_idx) * _FLAT_SCALE, score)
+    return alibi
+
+
+def _flat_sized(t):
+    def sized(score, b, h, q_idx, kv_idx):
+        return score + t[kv_idx % t.shape[0]]
+    return sized
+
+
+def test_flat_pattern_walks_are_kept_by_what_they_read_and_rekey_on_every_change(monkeypatch):
+    """``patterns.FlatWalks``: a fresh closure reading the same objects (cells, globals, defaults)
+    is not walked again, and its key and tensors are the full walk's; another tensor, constant or
+    global, a tensor's requires_grad, dtype, device type or (code that reads one) shape changed in
+    place, each walk again. A pattern holding a container is walked on every call. The memo keeps
+    no tensor alive."""
+    import gc
+    import weakref
+    from attndsl.runtime import patterns
+    walks = [0]
+    real = patterns._walk
+    monkeypatch.setattr(patterns, "_walk", lambda *a, **k: walks.__setitem__(0, walks[0] + 1) or real(*a, **k))
+    flat = patterns.FlatWalks()
+
+    def kept(m, s=None, walked=None):
+        before = walks[0]
+        key, tensors = patterns._walk_kept(flat, m, s)
+        w = real(m, s)
+        assert key == tuple(w.parts) and len(tensors) == len(w.tensors)
+        assert all(a is b for a, b in zip(tensors, w.tensors))
+        if walked is not None:
+            assert walks[0] - before == walked
+        return key, tensors
+
+    slopes = torch.rand(2)
+    first, _ = kept(causal, _flat_alibi(slopes), walked=1)
+    for _ in range(2):  # fresh closures over the same objects: no walk
+        assert kept(causal, _flat_alibi(slopes), walked=0)[0] == first
+    assert kept(causal, _flat_alibi(slopes, 5), walked=1)[0] != first  # another constant
+    assert kept(causal, _flat_alibi(slopes, 4.0), walked=1)[0] != first  # equal, but a float
+    other = torch.rand(2)
+    key, tensors = kept(causal, _flat_alibi(other), walked=1)  # another tensor: bound, same key
+    assert key == first and tensors[0] is other
+    global _FLAT_SCALE
+    old = _FLAT_SCALE
+    try:
+        _FLAT_SCALE = 3.0  # a global rebound
+        assert kept(causal, _flat_alibi(slopes), walked=1)[0] != first
+    finally:
+        _FLAT_SCALE = old
+    assert kept(causal, _flat_alibi(slopes), walked=0)[0] == first
+    slopes.requires_grad_()  # in place: learnable now
+    assert kept(causal, _flat_alibi(slopes), walked=1)[0] != first
+    slopes.requires_grad_(False)
+    slopes.data = torch.rand(2, dtype=torch.float64)  # another dtype, same object
+    assert kept(causal, _flat_alibi(slopes), walked=1)[0] != first
+    slopes.data = torch.rand(2, 1)  # another rank
+    kept(causal, _flat_alibi(slopes), walked=1)
+    t = torch.rand(4)
+    sized, _ = kept(None, _flat_sized(t), walked=1)
+    assert kept(None, _flat_sized(t), walked=0)[0] == sized
+    t.data = torch.rand(6)  # the code reads the shape: the key has it
+    assert kept(None, _flat_sized(t), walked=1)[0] != sized
+    box = [torch.rand(2)]  # not flat: a container is walked on every call (it may change in place)
+
+    def boxed(score, b, h, q_idx, kv_idx):
+        return score + box[0][h]
+    kept(None, boxed, walked=1)
+    box[0] = torch.rand(2)
+    assert kept(None, boxed, walked=1)[1][0] is box[0]
+    gone = torch.rand(2)
+    ref = weakref.ref(gone)
+    kept(causal, _flat_alibi(gone))
+    del gone
+    gc.collect()
+    assert ref() is None
+
+
 def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monkeypatch):
     """A data-dependent mask (documents): the second call of a key decides no launch again (the
     table of the memoised tiles joins the call's own values), an in-place change of the document
@@ -438,6 +522,16 @@ def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monk
             if step == 0:
                 first = len(made)
         assert first == 4 and len(made) == 4, (verify, made)  # forward, delta, dK/dV, dQ: once
+        (plan,) = attn._plans.values()  # the prepared launches take each call's tables
+        assert isinstance(plan.memo.fwd, launch.FastForward) and plan.memo.fwd.table is not None
+        assert isinstance(plan.memo.bwd, launch.FastBackward) and None not in plan.memo.bwd.tables
+        # a table whose arguments specialise otherwise than the memoised one's: the ordinary path
+        with mock.patch.object(launch.Table, "classes", lambda self: ()):
+            out = attn(q, k, v)
+            grads = _grads(out, (q, k, v))
+        assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4, verify
+        for g, r in zip(grads, ref_grads):
+            assert float((g.double() - r).abs().max()) < 1e-4, verify
         q2, k2, v2 = qkv(L=32, H=1, grad=True)  # another key: decided afresh
         out = attn(q2, k2, v2)
         assert len(made) == 5, (verify, made)

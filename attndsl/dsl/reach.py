@@ -155,6 +155,18 @@ class Walk:
             self.sub(("attr", "__kwdefaults__"), fn.__kwdefaults__, names)
 
 
+def is_leaf(x) -> bool:
+    """Does the walk key ``x`` without looking inside it (a constant, a tensor, a module, a type, a
+    builtin or torch callable: ``Walk.value``'s branches that descend nowhere)? Such an object's
+    key part is fixed by its identity (a tensor's: by its keyed attributes besides)."""
+    t = type(x)
+    if t in _CONST_TYPES or isinstance(x, (torch.Tensor, types.ModuleType, type)):
+        return True
+    if t in (types.FunctionType, tuple, list, dict, functools.partial, types.MethodType) or is_composed(x):
+        return False
+    return isinstance(x, (types.BuiltinFunctionType, types.MethodWrapperType)) or _is_torch_callable(x)
+
+
 def is_composed(x) -> bool:
     """An ``attndsl.mask``/``score_mod`` composition (walked through its ``fn``)."""
     from .compose import Mask, ScoreMod

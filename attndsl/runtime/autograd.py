@@ -15,8 +15,8 @@ class Call(NamedTuple):
     scale: float
     tables: object  # BlockTables or None
     extras: Extras  # holds the same sinks / u / w the Function takes as inputs (for their gradients)
-    #: the call key's prepared launches (``launch.Prepared``) of forward and backward (with block
-    #: tables: its key, for the launch memo); None: no memo
+    #: the call key's prepared launches (``launch.Prepared``) of forward and backward (those of a
+    #: call with block tables take its tables); None: no memo
     prepared: Prepared | None
 
 
@@ -27,13 +27,18 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, u, w, call, *buffers):
-        if call.prepared is not None and call.tables is None:
-            out, lse = call.runner.forward_prepared(call.prepared, q, k, v, call.scale, buffers, call.extras)
+        if call.prepared is not None:
+            out, lse = call.runner.forward_prepared(call.prepared, q, k, v, call.scale, buffers, call.extras,
+                                                    call.tables)
         else:
-            out, lse, _ = call.runner.forward(q, k, v, call.scale, buffers, call.tables, call.extras,
-                                              key=call.prepared and call.prepared.key)
-        # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads
-        ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
+            out, lse, _ = call.runner.forward(q, k, v, call.scale, buffers, call.tables, call.extras)
+        # ``out`` is float32 under ``runner.precise_delta``: that copy is what the backward reads;
+        # sinks and factors are saved only when there are some (each saved slot costs unpacking)
+        ctx.saved_extras = sinks is not None or u is not None
+        if ctx.saved_extras:
+            ctx.save_for_backward(q, k, v, out, lse, sinks, u, w, *buffers)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse, *buffers)
         if out.dtype != q.dtype:
             out = out.to(q.dtype)
         ctx.call = call
@@ -43,17 +48,19 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse=None):
-        q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
+        if ctx.saved_extras:
+            q, k, v, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
+        else:
+            (q, k, v, out, lse, *buffers), sinks, u, w = ctx.saved_tensors, None, None, None
         if dout is None:
             dout = torch.zeros_like(out, dtype=q.dtype)
         call = ctx.call
-        if call.prepared is not None and call.tables is None:
+        if call.prepared is not None:
             dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward_prepared(
-                call.prepared, q, k, v, out, lse, dout, dlse, call.scale, buffers, call.extras)
+                call.prepared, q, k, v, out, lse, dout, dlse, call.scale, buffers, call.extras, call.tables)
         else:
             dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward(
-                q, k, v, out, lse, dout, dlse, call.scale, buffers, call.tables, call.extras,
-                key=call.prepared and call.prepared.key)
+                q, k, v, out, lse, dout, dlse, call.scale, buffers, call.tables, call.extras)
         grads = [dbufs.get(i) if t.requires_grad else None for i, t in enumerate(buffers)] if buffers else ()
         if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to tie
             return (dq, dk, dv, dsinks, du, dw, None, *grads)

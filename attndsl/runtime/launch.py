@@ -80,7 +80,7 @@ def _new(shape, like, dtype=None):
     """An output of ``shape`` on ``like``'s device."""
     if dtype is None and shape == like.shape:
         return _like(like)
-    return _poisoned(torch.empty(shape, device=like.device, dtype=dtype or like.dtype))
+    return _poisoned(torch.empty(*shape, device=like.device, dtype=dtype or like.dtype))  # ints: see _alloc
 
 
 def _like(t):
@@ -106,11 +106,22 @@ class Table:
     #: the kernels' parameter names of ``args`` (``passes/lower.py``'s ``_TABLE``), in its order
     PARAMS = ("TBL_FULL", "TBL_PART", "TBL_CNT", "tbl_stride_b", "tbl_stride_h", "tbl_stride_r")
 
-    def args(self) -> list:
-        TB, TH, R, C = self.full.shape
-        sb = TH * R * C if self.uses_b else 0
-        sh = R * C if self.uses_h else 0
-        return [self.full, self.part, self.count, sb, sh, C]
+    def args(self) -> tuple:
+        """The kernels' table arguments (``PARAMS``); worked out once (a table never changes)."""
+        got = self.__dict__.get("_args")
+        if got is None:
+            TB, TH, R, C = self.full.shape
+            sb = TH * R * C if self.uses_b else 0
+            sh = R * C if self.uses_h else 0
+            got = self._args = (self.full, self.part, self.count, sb, sh, C)
+        return got
+
+    def classes(self) -> tuple:
+        """``memo.arg_classes`` of :meth:`args` (what a launch memo's specialisation depends on)."""
+        got = self.__dict__.get("_classes")
+        if got is None:
+            got = self._classes = arg_classes(self.args())
+        return got
 
 
 class BlockTables:
@@ -373,6 +384,7 @@ class Runner:
             bm = min(self.forward_tiles(q)[1].block_m, 16)
             visits = torch.zeros(2 * B * Hq * cdiv(Lq, bm), dtype=torch.int32, device=q.device)
         kernel = self._kernel("fwd")
+        fkey = key
         # visit counts are per-call tensors of the tiles' shape: no memo; block tables: see _table_memo
         key = None if count_visits else self._tables_key(key, tables)
         bufs = buffer_tensors(buffers, self.learnable)
@@ -396,8 +408,9 @@ class Runner:
         if count_visits:
             n = B * Hq * cdiv(Lq, cfg.block_m)
             visits = visits[:2 * n].view(2, B * Hq, n // (B * Hq))
-        elif key is not None and tables is None and key not in self._fast_fwd:
-            self._keep(self._fast_fwd, key, FastForward.make(self, key, self._memo.get((kernel, key)), out, lse, buffers))
+        elif key is not None and key not in self._fast_fwd:  # key: None for tables other than BlockTables
+            self._keep(self._fast_fwd, key, FastForward.make(self, fkey, self._memo.get((kernel, key)), out, lse,
+                                                            buffers))
         return out, lse, (visits if count_visits else None)
 
     @staticmethod
@@ -414,27 +427,33 @@ class Runner:
         fast[key] = made
 
     # -- prepared calls: the launches of a call key a holder sees again ----------------------------
-    def forward_prepared(self, p: "Prepared", q, k, v, scale, buffers, extras: Extras):
-        """``forward`` of a call with no block tables and the call key ``p.key``: the key's
-        ``FastForward`` once a call of the key has launched. Returns (out, lse or None)."""
+    def forward_prepared(self, p: "Prepared", q, k, v, scale, buffers, extras: Extras, tables=None):
+        """``forward`` of a call with the call key ``p.key`` and no block tables, or the
+        :class:`BlockTables` of a data-dependent mask: the key's ``FastForward`` once a call of the
+        key has launched. Returns (out, lse or None)."""
         f = p.fwd
         if f is not None:
-            return f(q, k, v, scale, buffers, extras)
-        out, lse, _ = self.forward(q, k, v, scale, buffers, None, extras, key=p.key)
-        p.fwd = self._fast_fwd.get(p.key)
+            got = f(q, k, v, scale, buffers, extras, tables)
+            if got is not None:
+                return got
+        out, lse, _ = self.forward(q, k, v, scale, buffers, tables, extras, key=p.key)
+        p.fwd = self._fast_fwd.get(self._tables_key(p.key, tables))
         return out, lse
 
-    def backward_prepared(self, p: "Prepared", q, k, v, out, lse, dout, dlse, scale, buffers, extras: Extras):
-        """``backward`` of a call made by ``forward_prepared``: the ``FastBackward`` of its key and
-        this gradient's layout (dtype, shape, strides, alignment; whether there is an lse gradient)
-        once one has launched."""
+    def backward_prepared(self, p: "Prepared", q, k, v, out, lse, dout, dlse, scale, buffers, extras: Extras,
+                          tables=None):
+        """``backward`` of a call made by ``forward_prepared`` (with its ``tables``): the
+        ``FastBackward`` of its key and this gradient's layout (dtype, shape, strides, alignment;
+        whether there is an lse gradient) once one has launched."""
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         b = p.bwd
         if b is not None and b.dlse_none == (dlse is None) and b.dout_key == tensor_key(dout):
-            return b(q, k, v, out, lse, dout, dlse, scale, buffers, extras)
-        got = self.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=p.key)
-        p.bwd = self._fast_bwd.get(self._backward_key(p.key, dout, dlse))
+            got = b(q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables)
+            if got is not None:
+                return got
+        got = self.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=p.key)
+        p.bwd = self._fast_bwd.get(self._tables_key(self._backward_key(p.key, dout, dlse), tables))
         return got
 
     def _backward_key(self, key, dout, dlse) -> tuple:
@@ -526,7 +545,7 @@ class Runner:
             dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
         # a prepared backward holds the portable launches only: a call the Hopper backward takes keeps
         # this path, which asks it every call
-        if key is not None and tables is None and not hop and key not in self._fast_bwd:
+        if key is not None and not hop and key not in self._fast_bwd:
             self._keep(self._fast_bwd, key, FastBackward.make(self, fkey, key, dout, dlse, extras, buffers, delta0,
                                                               (dq, dk, dv)))
         return dq, dk, dv, dsinks, du, dw, dbufs
@@ -606,16 +625,18 @@ class Prepared:
 
 
 def _template(t: torch.Tensor) -> tuple | None:
-    """``(shape, dtype, device)`` of a contiguous ``t``, from which ``_alloc`` makes tensors like it;
-    None where ``t`` is not contiguous. No tensor is kept: one made during a CUDA-graph warm-up or
-    capture would hold memory of the graph's pool past the call."""
-    return (t.shape, t.dtype, t.device) if t.is_contiguous() else None
+    """``(sizes, dtype, device)`` of a contiguous ``t`` (sizes a tuple of ints, at least one), from
+    which ``_alloc`` makes tensors like it; None where ``t`` is not contiguous. No tensor is kept:
+    one made during a CUDA-graph warm-up or capture would hold memory of the graph's pool past the
+    call."""
+    return (tuple(t.shape), t.dtype, t.device) if t.is_contiguous() and t.dim() else None
 
 
 def _alloc(template: tuple) -> torch.Tensor:
     """A contiguous tensor like ``template``'s (``_template``), poisoned under ATTNDSL_POISON."""
     shape, dtype, device = template
-    t = torch.empty(shape, dtype=dtype, device=device)
+    # sizes as separate ints: torch parses them in half the time of one torch.Size (~1 us a call)
+    t = torch.empty(*shape, dtype=dtype, device=device)
     return _poisoned(t) if POISON else t
 
 
@@ -641,39 +662,69 @@ def _same_arguments(what: str, fast: list, slow: list, addresses: bool = True) -
             raise AssertionError(f"prepared {what}: argument {i} is {a!r}, the ordinary path has {b!r}")
 
 
+def _table_part(memo: Memo, transposed: bool) -> tuple | None:
+    """``(tiles, classes)`` of the block table a memoised launch takes (``Runner.table``'s key for
+    the memo's tiles, and ``arg_classes`` of the table arguments it was memoised with); None for a
+    launch without one."""
+    if memo.table_classes is None:
+        return None
+    c = memo.cfg
+    return (True, c.block_n, c.block_m) if transposed else (False, c.block_m, c.block_n), memo.table_classes
+
+
+def _table_args(runner, part, tables, buffers) -> tuple | None:
+    """A prepared launch's block-table arguments from this call's ``tables`` (``part``:
+    ``_table_part``; the table is built on first use, as ``Runner.table`` does): ``()`` for a launch
+    without a table, None where the table's arguments specialise unlike the memoised ones (the
+    ordinary path decides that launch afresh)."""
+    if part is None:
+        return ()
+    tiles, classes = part
+    t = tables.get_table(tiles) or runner.table(tables, buffers, *tiles)
+    return t.args() if t.classes() == classes else None
+
+
 class FastForward:
     """The forward of one call key once a call of it launched: the runner's memoised launch
     (``Memo``) with the outputs allocated from templates (``_template``) and the call's own values
-    put straight into the list the memo launches (no name lookups, no key hashing). Made by
-    ``Runner.forward`` (``make``: None where the memo's arguments do not lead with the own values,
-    or the outputs have no template); used through ``Runner.forward_prepared``.
+    put straight into the list the memo launches (no name lookups, no key hashing). A call with
+    the block tables of a data-dependent mask adds the table of the memoised tiles (its arguments
+    end the list). Made by ``Runner.forward`` (``make``: None where the memo's own values are not
+    in those places, or the outputs have no template); used through ``Runner.forward_prepared``.
 
     The Hopper forward is still asked per call (``HopperForward.applies``), and takes the ordinary
     path when it applies. Under ``VERIFY_MEMO`` every call checks its argument list against the
     ordinary path's and then launches the ordinary (verified) way."""
 
-    __slots__ = ("runner", "key", "memo", "out", "lse", "convert", "hopper")
+    __slots__ = ("runner", "key", "memo", "rest", "table", "out", "lse", "convert", "hopper")
 
     @staticmethod
     def make(runner, key, memo, out, lse, buffers) -> "FastForward | None":
-        if memo is None or memo.rest is None:
+        if memo is None:
             return None
         names = ("Q", "K", "V", "Out", "Lse", "VISITS", "sm_scale", "Sinks", "U", "W", "sigmoid_bias",
                  *(f"buf{i}" for i in range(len(buffers))))
         f = FastForward()
         f.runner, f.key, f.memo = runner, key, memo
+        f.table = _table_part(memo, False)
+        f.rest = memo.between(names, () if f.table is None else Table.PARAMS)
         f.out, f.lse = _template(out), None if lse is None else _template(lse)
-        if memo.slots[0] != names or f.out is None or (lse is not None and f.lse is None):
+        if f.rest is None or f.out is None or (lse is not None and f.lse is None):
             return None
         f.convert = _needs_conversion(runner, buffers)
         h = runner.hopper
-        f.hopper = h is not None and h.unsupported is None and not runner.precise_delta
+        # the Hopper forward takes no block tables (``HopperForward.applies``)
+        f.hopper = h is not None and h.unsupported is None and not runner.precise_delta and f.table is None
         return f
 
-    def __call__(self, q, k, v, scale, buffers, extras):
+    def __call__(self, q, k, v, scale, buffers, extras, tables=None):
+        """(out, lse or None); None where the call's block table specialises unlike the memoised one."""
         r = self.runner
         if self.hopper and r.hopper.applies(q, k, v, extras, None, False):
             return r.forward(q, k, v, scale, buffers, None, extras)[:2]
+        targs = () if self.table is None else _table_args(r, self.table, tables, buffers)
+        if targs is None:
+            return None
         out = _alloc(self.out)
         lse = stats = _alloc(self.lse) if self.lse is not None else None
         if lse is None:
@@ -681,15 +732,15 @@ class FastForward:
         bufs = buffer_tensors(buffers, r.learnable).values() if self.convert else buffers
         s, u, w = extras.sinks, extras.u, extras.w
         args = [q, k, v, out, stats, stats, scale, q if s is None else s, q if u is None else u, q if w is None else w,
-                float(extras.sigmoid_bias), *bufs, *self.memo.rest]
+                float(extras.sigmoid_bias), *bufs, *self.rest, *targs]
         if VERIFY_MEMO:
             own = r._forward_own(q, k, v, out, stats, stats, scale, extras, buffer_tensors(buffers, r.learnable))
-            _same_arguments("forward", args, self.memo.args(own))
+            _same_arguments("forward", args, self.memo.args({**own, **dict(zip(Table.PARAMS, targs))}))
             want = [_new((*q.shape[:3], v.shape[3]), q, torch.float32 if self.out[1] != q.dtype else None)]
             if lse is not None:
                 want.append(_new(q.shape[:3], q, acc_dtype(q)))
             _same_arguments("forward outputs", [out, *(() if lse is None else (lse,))], want, addresses=False)
-            return r.forward(q, k, v, scale, buffers, None, extras, key=self.key)[:2]
+            return r.forward(q, k, v, scale, buffers, tables, extras, key=self.key)[:2]
         _launch_in_scope(r, self.memo, args)
         return out, lse
 
@@ -707,11 +758,12 @@ def _launch_in_scope(r, memo, args) -> None:
 class FastBackward:
     """The backward of one call key and gradient layout once a call of them launched: the delta,
     dK/dV and dQ launches from the runner's memo, the row statistics and gradients allocated from
-    templates. Only for calls without learnable captured tensors and low-rank factors (their
-    gradient buffers and reductions take the ordinary path). See :class:`FastForward`."""
+    templates; with block tables, the dK/dV and dQ launches add the tables of their memoised tiles.
+    Only for calls without learnable captured tensors and low-rank factors (their gradient buffers
+    and reductions take the ordinary path). See :class:`FastForward`."""
 
-    __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "tpl", "convert", "allocator",
-                 "hopper")
+    __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "rest", "tables", "tpl", "convert",
+                 "allocator", "hopper")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -722,27 +774,42 @@ class FastBackward:
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
         b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None else None
         b.dkdv, b.dq = memo.get((runner._kernel("bwd_dkdv"), key)), memo.get((runner._kernel("bwd_dq"), key))
+        if b.dkdv is None or b.dq is None or (delta is not None and b.delta is None):
+            return None
         b.tpl = [_template(t) for t in (*grads, *(() if delta is None else (delta,)))]
+        b.tables = (_table_part(b.dkdv, True), _table_part(b.dq, False))
         xs = ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
-        want = [(b.dkdv, ("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", *xs)),
-                (b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs))]
+        want = [(b.dkdv, ("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", *xs), b.tables[0]),
+                (b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs), b.tables[1])]
         if delta is not None:
-            want.append((b.delta, ("Out", "DO", "Delta")))
-        if any(m is None or m.rest is None or m.slots[0] != n for m, n in want) or any(t is None for t in b.tpl):
+            want.append((b.delta, ("Out", "DO", "Delta"), None))
+        b.rest = [m.between(n, () if t is None else Table.PARAMS) for m, n, t in want]
+        if b.tables == (None, None):
+            b.tables = None  # no block tables: nothing to look up per call
+        if any(r is None for r in b.rest) or any(t is None for t in b.tpl):
             return None
         b.convert = _needs_conversion(runner, buffers)
-        b.allocator = any(m.allocator for m, _ in want)
+        b.allocator = any(m.allocator for m, _, _ in want)
         h = runner.hopper_bwd
         b.hopper = h is not None and h.unsupported is None and not runner.precise_delta
         return b
 
-    def __call__(self, q, k, v, out, lse, dout, dlse, scale, buffers, extras):
+    def __call__(self, q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables=None):
+        """The gradients as ``Runner.backward`` returns them; None where a block table of the call
+        specialises unlike the memoised one."""
         r = self.runner
-        if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, None, False):  # asked per call, as the forward
-            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=self.key)
+        if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, tables, False):  # asked per call, as the forward
+            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
+        if self.tables is None:
+            t_dkdv = t_dq = ()
+        else:
+            t_dkdv = _table_args(r, self.tables[0], tables, buffers)
+            t_dq = _table_args(r, self.tables[1], tables, buffers)
+            if t_dkdv is None or t_dq is None:
+                return None
         if self.delta is not None:
             stats, delta = lse, _alloc(self.tpl[3])
-            args_delta = [out, dout, delta, *self.delta.rest]
+            args_delta = [out, dout, delta, *self.rest[2]]
         else:
             stats = delta = out  # placeholders: sigmoid kernels read no row statistics
             args_delta = None
@@ -751,38 +818,43 @@ class FastBackward:
         s = extras.sinks
         xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
         if VERIFY_MEMO:
-            self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras)
-            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, None, extras, key=self.key)
+            self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
+                         t_dkdv, t_dq)
+            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
         scope = r.mode(q)  # one launch scope for the three launches (as ``Runner._memoised`` enters it)
         if scope is NO_CONTEXT and not self.allocator:
-            delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown)
+            delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq)
         else:
             with scope, (descriptor_scratch() if self.allocator else NO_CONTEXT):
-                delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown)
+                delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv,
+                                     t_dq)
         dsinks = sink_gradient(s, stats, delta) if s is not None else None
         return dq, dk, dv, dsinks, None, None, {}
 
-    def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown):
+    def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq):
         """The delta, dK/dV and dQ launches; returns the delta the gradients used."""
         if args_delta is not None:
             self.delta.launch(args_delta)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(delta.dtype)
-        self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.dkdv.rest])
-        self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.dq.rest])
+        self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.rest[0], *t_dkdv])
+        self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq])
         return delta
 
-    def _verify(self, q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras):
+    def _verify(self, q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
+                t_dkdv, t_dq):
         """Under ``VERIFY_MEMO``: the argument lists are the ordinary path's (``_same_arguments``)."""
         r = self.runner
         if args_delta is not None:
             _same_arguments("backward delta", args_delta, self.delta.args({"Out": out, "DO": dout, "Delta": delta}))
         named, xo = buffer_tensors(buffers, r.learnable), extras.own(q)
-        _same_arguments("backward dK/dV", [q, k, v, dout, dk, dv, stats, delta, q, scale, *xown],
-                        list(r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, scale, xo, named).values()))
-        _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown],
-                        list(r._dq_own(q, k, v, dout, dq, stats, delta, q, scale, xo, named, {}).values()))
+        _same_arguments("backward dK/dV", [q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.rest[0], *t_dkdv],
+                        self.dkdv.args({**r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, scale, xo, named),
+                                        **dict(zip(Table.PARAMS, t_dkdv))}))
+        _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq],
+                        self.dq.args({**r._dq_own(q, k, v, dout, dq, stats, delta, q, scale, xo, named, {}),
+                                      **dict(zip(Table.PARAMS, t_dq))}))
         _same_arguments("backward gradients", [dq, dk, dv, *(() if args_delta is None else (delta,))],
                         [_like(q), _like(k), _like(v),
                          *(() if args_delta is None else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)

@@ -78,6 +78,16 @@ class Memo:
             args[i] = a
         return args
 
+    def between(self, lead: tuple, tail: tuple = ()) -> list | None:
+        """The memoised arguments between a call's leading own values (named ``lead``) and its
+        trailing ones (``tail``: a block table's, which end the dense kernels' runtime arguments),
+        when those are exactly this memo's own slots; else None."""
+        names, pos = self.slots
+        n, m = len(lead), len(self.template)
+        if names != (*lead, *tail) or pos != (*range(n), *range(m - len(tail), m)):
+            return None
+        return self.template[n:m - len(tail)]
+
     def verify(self, kernel: str, own: dict, fresh: list) -> None:
         """Under the runner's verification: this call's ``own`` values land where the memo puts them,
         and the memo's other arguments are those a fresh fill gives (``fresh``). Raises

@@ -13,6 +13,14 @@ inside ``forward``) finds the same entry.
 What the walk does not understand (an arbitrary object in a closure, a tensor the pattern builds
 itself or reaches through an attribute) makes the pattern uncacheable: that call traces it again
 (correct, slower; logged at DEBUG on the ``attndsl`` logger).
+
+The walk itself is skipped for *flat* patterns (:class:`FlatWalks`): plain functions whose closure
+cells, defaults and named globals hold only constants, tensors, modules, types and builtins, as
+the factories' closures do (``document(ids)``, ``sliding_window(256)``, an ALiBi ``score_mod`` over
+its slopes). Such a function's walk is fixed by what it reads, object by object, so its result is
+kept under the identities of those objects and found again by them; each tensor's keyed
+attributes (dtype, rank, ``requires_grad``, device type; shape where the code reads one) are
+compared on every call.
 """
 from __future__ import annotations
 
@@ -20,10 +28,12 @@ import collections
 import functools
 import logging
 import types
+import weakref
 
 import torch
 
-from ..dsl.reach import Uncacheable, Walk as _Walk, code_info as _code_info, is_composed as _is_composed
+from ..dsl.reach import Uncacheable, Walk as _Walk, code_info as _code_info, is_composed as _is_composed, \
+    is_leaf as _is_leaf
 
 log = logging.getLogger("attndsl")
 
@@ -55,6 +65,145 @@ def walk(mask_mod, score_mod) -> tuple[tuple, list[torch.Tensor]]:
     return tuple(w.parts), w.tensors
 
 
+class _Key(tuple):
+    """A walk's key, hashed once: its parts hold code objects, which Python hashes anew each time
+    (a kept walk's key is looked up in the cache on every call). Raises TypeError when a part is
+    unhashable."""
+
+    def __new__(cls, parts):
+        self = super().__new__(cls, parts)
+        self.hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self.hash
+
+
+def _walk_kept(flat: FlatWalks, mask_mod, score_mod) -> tuple[tuple, list[torch.Tensor]]:
+    """:func:`walk`, through ``flat`` for flat patterns (their walks kept by what they read)."""
+    leaves = _leaves(mask_mod, score_mod)
+    if leaves is not None:
+        return leaves, []
+    got = flat.get(mask_mod, score_mod)
+    if got is not None:
+        return got
+    w = _walk(mask_mod, score_mod)
+    key = _Key(w.parts)
+    flat.put(mask_mod, score_mod, key, w.tensors, w.shapes)
+    return key, w.tensors
+
+
+#: a name the function's globals do not hold (what the walk skips)
+_ABSENT = object()
+
+
+def _reads(fn, objects: list) -> tuple | None:
+    """Append to ``objects`` what a plain function reads besides its code, in the walk's order
+    (closure cells, then the globals its code names, ``_ABSENT`` for one not set, then defaults,
+    then keyword defaults as name, value), and return the identity key of those objects; None
+    (nothing appended) for anything but a plain function whose cells are all set."""
+    if type(fn) is not types.FunctionType:
+        return None
+    code = fn.__code__
+    n = len(objects)
+    cells = fn.__closure__
+    if cells is not None:
+        try:
+            objects += [c.cell_contents for c in cells]
+        except ValueError:  # a cell not yet assigned
+            return None
+    names = _code_info(code)[0]
+    if names:
+        g = fn.__globals__
+        objects += [g.get(x, _ABSENT) for x in names]
+    d, kd = fn.__defaults__, fn.__kwdefaults__
+    if d:
+        objects += d
+    if kd:
+        for k, v in kd.items():
+            objects += (k, v)
+    # with the lengths: the same objects split otherwise between defaults and keyword defaults walk apart
+    return (code, len(d) if d else 0, len(kd) if kd else 0, *map(id, objects[n:]))
+
+
+def _both_reads(mask_mod, score_mod) -> tuple | None:
+    """(identity key, objects in walk order) of a pair of plain functions (or None); None otherwise."""
+    if mask_mod is score_mod:  # one object twice: the walk keys the second as already seen
+        return None
+    objects: list = []
+    a = b = None
+    if mask_mod is not None and (a := _reads(mask_mod, objects)) is None:
+        return None
+    if score_mod is not None and (b := _reads(score_mod, objects)) is None:
+        return None
+    return (a, b), objects
+
+
+class _Flat:
+    """One flat pattern's walk, kept by :class:`FlatWalks`: the objects it read (held, so their
+    identities stay theirs; tensors by weak reference, so the memo keeps none alive), where the
+    tensors sit among them with the attributes the walk keyed, and the walk's key."""
+
+    __slots__ = ("held", "where", "key")
+
+    def tensors(self, objects: list) -> list | None:
+        """The tensors of ``objects`` (the walk's, by identity) when each still has the attributes
+        it was keyed with; else None."""
+        out = []
+        for i, ref, dtype, dim, grad, dev, shape in self.where:
+            t = objects[i]
+            if (ref() is not t or t.dtype != dtype or t.dim() != dim or t.requires_grad != grad
+                    or t.device.type != dev or (shape is not None and tuple(t.shape) != shape)):
+                return None
+            out.append(t)
+        return out
+
+
+class FlatWalks:
+    """Walk results of flat patterns by the identities of what they read (see the module docstring).
+    A pattern that is not flat (it holds a nested function, a container, an object...) is walked
+    in full on every call."""
+
+    def __init__(self, size: int = MAX_PATTERNS):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, mask_mod, score_mod) -> tuple | None:
+        """``(key, tensors)`` as :func:`walk` gives them, when a flat pattern reading these very
+        objects was walked before (tensors keyed alike); None otherwise."""
+        got = _both_reads(mask_mod, score_mod)
+        if got is None:
+            return None
+        f = self.entries.get(got[0])
+        if f is None:
+            return None
+        tensors = f.tensors(got[1])
+        return None if tensors is None else (f.key, tensors)
+
+    def put(self, mask_mod, score_mod, key: tuple, walked: list, shapes: bool) -> None:
+        """Keep a full walk's ``key`` and tensors ``walked`` when the pattern is flat."""
+        got = _both_reads(mask_mod, score_mod)
+        if got is None:
+            return
+        ident, objects = got
+        if not all(x is _ABSENT or _is_leaf(x) for x in objects):
+            return
+        where = [i for i, x in enumerate(objects) if isinstance(x, torch.Tensor)]
+        if len(where) != len(walked) or any(objects[i] is not t for i, t in zip(where, walked)):
+            return  # not the walk's tensors in the walk's order: leave it to the walk
+        f = _Flat()
+        f.held = [None if isinstance(x, torch.Tensor) else x for x in objects]
+        f.where = [(i, weakref.ref(t), t.dtype, t.dim(), t.requires_grad, t.device.type,
+                    tuple(t.shape) if shapes else None) for i, t in zip(where, walked)]
+        f.key = key
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[ident] = f
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 def _leaves(mask_mod, score_mod) -> tuple | None:
     """The walk's key where each function is a *leaf* (or None): a plain function with no closure
     cells or defaults whose code reads no shape and names no global that is set now
@@ -62,14 +211,15 @@ def _leaves(mask_mod, score_mod) -> tuple | None:
     is not: the full walk decides. (The full walk of such a pair gives this same key.)"""
     if mask_mod is score_mod:  # one object twice: the walk keys the second as already seen
         return None
+    for fn in (mask_mod, score_mod):  # the cheap refusals of both first (a closure score_mod is common)
+        if fn is not None and (type(fn) is not types.FunctionType or fn.__closure__ is not None
+                               or fn.__defaults__ is not None or fn.__kwdefaults__ is not None):
+            return None
     parts = []
     for fn in (mask_mod, score_mod):
         if fn is None:
             parts.append(None)
             continue
-        if type(fn) is not types.FunctionType or fn.__closure__ is not None or fn.__defaults__ is not None \
-                or fn.__kwdefaults__ is not None:
-            return None
         code = fn.__code__
         names, shapes = _code_info(code)
         if shapes:
@@ -153,12 +303,13 @@ class PatternCache:
         self.size = size
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self.hits = self.misses = self.uncacheable = 0
+        self.flat = FlatWalks()
 
     def lookup(self, mask_mod, score_mod, options: tuple, make):
         """``(compiled, tensors)`` for this call: a cached compiled pattern with the tensors the
         functions hold now, or ``make()``'s fresh one (cached when its tensors can be bound)."""
         try:
-            key, tensors = walk(mask_mod, score_mod)
+            key, tensors = _walk_kept(self.flat, mask_mod, score_mod)
             key = (key, options)
             e = self.entries.get(key)  # hashes the key: TypeError when something in it is unhashable
         except (Uncacheable, TypeError, RecursionError) as e:
@@ -190,6 +341,7 @@ class PatternCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.flat.clear()
         self.hits = self.misses = self.uncacheable = 0
 
 

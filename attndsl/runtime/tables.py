@@ -68,20 +68,30 @@ class TableCache:
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self._slots: dict = {}  # spec key -> mask slots
 
-    def get(self, runner, q, k, tensors):
-        """The :class:`BlockTables` of this call: cached, or new (and cached) when the key is new."""
+    def layout_key(self, runner, q, k, tensors) -> tuple:
+        """The part of a call's key that its call plan fixes (``attndsl.api``'s plan key covers
+        it): the pattern, the backend, the call shape and device, which captured tensors the mask
+        reads and their dtypes, shapes and strides."""
         spec = runner.spec
         slots = self._slots.get(spec.key)
         if slots is None:
             slots = self._slots[spec.key] = mask_slots(spec)
-        if _capturing(q.device):
+        return (spec.key, runner.interpret, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, slots,
+                tuple((tensors[s].dtype, tensors[s].shape, tensors[s].stride()) for s in slots))
+
+    def get(self, runner, q, k, tensors, layout: tuple | None = None):
+        """The :class:`BlockTables` of this call: cached, or new (and cached) when the key is new.
+        ``layout``: the call's :meth:`layout_key`, when its plan kept it; the rest of the key is
+        each mask-read tensor's address and version counter."""
+        if layout is None:
+            layout = self.layout_key(runner, q, k, tensors)
+        device, slots = layout[6], layout[7]
+        if _capturing(device):
             return runner.new_tables(q, k, tensors)
         try:
-            ident = tuple((t.data_ptr(), t.dtype, t.shape, t.stride(), t._version)
-                          for t in (tensors[s] for s in slots))
+            key = (layout, tuple([(tensors[s].data_ptr(), tensors[s]._version) for s in slots]))
         except RuntimeError:  # inference tensors track no version: nothing to key on
             return runner.new_tables(q, k, tensors)
-        key = (spec.key, runner.interpret, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, ident)
         hit = self.entries.get(key)
         if hit is not None:
             self.entries.move_to_end(key)
