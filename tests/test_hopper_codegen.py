@@ -80,15 +80,15 @@ def test_never_selected_off_sm90(monkeypatch):
 def test_measured_wins_classes():
     """With neither switch set, the Hopper forward is taken only for the shape classes measured
     faster on an H100: no mask or a mask whose range grows along the query tiles, no score mod,
-    bf16, D=128, from Lq·Lkv = 4096²; a sliding window, a score mod, fp16, D=64 or a short call
+    bf16, D=128, from B·Hq·Lq·Lkv = 16·8192²; a sliding window, a score mod, fp16, D=64 or a short call
     stay portable."""
     from attndsl.patterns import sliding_window
 
     def softcap(score, b, h, q_idx, kv_idx):
         return 30.0 * torch.tanh(score / 30.0)
 
-    q = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
-    short = torch.empty(1, 2, 1024, 128, dtype=torch.bfloat16)
+    q = torch.empty(1, 16, 8192, 128, dtype=torch.bfloat16)
+    short = torch.empty(1, 16, 4096, 128, dtype=torch.bfloat16)
 
     def win(x=q, **kw):
         return hopper._measured_win(hopper.HopperForward(attndsl.compile(**kw).spec), x, x)

@@ -7,7 +7,7 @@ the portable Triton kernels run everywhere else:
   per spec and kept in :attr:`HopperForward.unsupported`);
 * it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``;
   with neither set, only where ``MEASURED_WINS`` says it was measured faster on an H100 (dense
-  and causal-like masks without a score mod, bf16, D=128, ``Lq * Lkv >= 4096²``);
+  and causal-like masks without a score mod, bf16, D=128, ``B * Hq * Lq * Lkv >= 16 * 8192²``);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
   value head dim both 64 or both 128, q/k/v whose strides a TMA descriptor takes (last stride 1,
   the others and the base 16-byte aligned: ``[B, L, H, D]`` views too; the kernel reads them
@@ -48,20 +48,24 @@ def enabled() -> bool | None:
 
 #: Where the Hopper forward was measured faster than the portable one on an H100 (same run,
 #: ``python -m benchmarks.hopper --sweep``, 2026-12-06, bf16, D=128, B=1, H=16; BENCHMARKS.md):
-#: ``(plan, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from, where
-#: ``plan`` is "dense" (no mask), "growing" (a mask whose visited range grows along the query
-#: tiles, :func:`attndsl.codegen.hopper.heavy_first`: causal, prefix-LM) or "other". Calls with
-#: neither ``enable`` nor ``ATTNDSL_HOPPER`` set take the Hopper forward only here. Measured:
-#: dense 0.237 vs 0.286 ms (L=4096) and 3.63 vs 4.13 ms (L=16384); causal 0.137 vs 0.152 and
-#: 1.95 vs 2.14 ms. Unmeasured classes (sliding windows, score mods, D=64, fp16) stay portable.
-MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 4096 * 4096,
-                       ("growing", False, 128, torch.bfloat16): 4096 * 4096}
+#: ``(plan, has_score_mod, head_dim, dtype)`` -> the smallest ``B * Hq * Lq * Lkv`` it is taken
+#: from, where ``plan`` is "dense" (no mask), "growing" (a mask whose visited range grows along the
+#: query tiles, :func:`attndsl.codegen.hopper.heavy_first`: causal, prefix-LM) or "other". Calls
+#: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take the Hopper forward only here. Kernel
+#: times: dense 0.237 vs 0.286 ms (L=4096) and 3.63 vs 4.13 ms (L=16384); causal 0.137 vs 0.152 and
+#: 1.95 vs 2.14 ms. The threshold (16 heads at 8192²) leaves out the L=4096 cases although their
+#: kernels win: the Gluon launch costs up to 280 µs of host time per call (descriptors and
+#: Gluon's launcher; the model benchmark's Llama row, against 33 µs for the portable launch), as
+#: long as a 4096² call's kernel, so an eager call there would wait on the host. Unmeasured classes
+#: (sliding windows, score mods, D=64, fp16) stay portable.
+MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 16 * 8192 * 8192,
+                       ("growing", False, 128, torch.bfloat16): 16 * 8192 * 8192}
 
 
 def _measured_win(hf: "HopperForward", q, k) -> bool:
     plan = "dense" if hf.spec.mask is None else "growing" if hf.heavy_first else "other"
     least = MEASURED_WINS.get((plan, hf.spec.score is not None, q.shape[-1], q.dtype))
-    return least is not None and q.shape[2] * k.shape[2] >= least
+    return least is not None and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= least
 
 
 @dataclasses.dataclass(frozen=True)
