@@ -20,6 +20,7 @@ key) are the portable forward's, so the portable backward runs after either forw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -186,12 +187,19 @@ def _tma_strides(t: torch.Tensor) -> bool:
             and all(n == 1 or (st * es) % 16 == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1])))
 
 
+@functools.lru_cache(maxsize=None)
+def _box_layout(gl, rows: int, d: int, el):
+    """The shared-memory layout of a [1, 1, rows, d] box (a frozen value: one per box and dtype, made
+    once; Gluon's ``get_default_for`` takes about 5-10 µs of host time per call)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], el)
+
+
 def _descriptor(TensorDescriptor, gl, t: torch.Tensor, rows: int, el):
     """A 4-D descriptor over ``t`` [B, H, L, D] with [1, 1, rows, D] boxes: rows past L read as zeros."""
-    box = [1, 1, rows, t.shape[-1]]
+    d = t.shape[-1]
     # a dim of one element may have any stride in torch: give it one TMA accepts
-    strides = [st if n > 1 else t.shape[-1] for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
-    return TensorDescriptor(t, list(t.shape), strides, box, gl.NVMMASharedLayout.get_default_for(box, el))
+    strides = [st if n > 1 else d for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, d], _box_layout(gl, rows, d, el))
 
 
 def call_fits(extras, q, k, *more) -> bool:
