@@ -11,7 +11,7 @@ from .dsl import trace
 from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
-from . import tuning
+from .runtime.tuned import entry_for
 from .runtime.autograd import Call, apply as _apply
 import math
 
@@ -171,7 +171,7 @@ class CompiledAttention:
         # later calls, and float32 inputs need twice the shared memory of 16-bit ones. Keyed by the
         # device: whether it runs in the interpreter (ATTNDSL_FORCE_INTERPRET) is decided once
         key = (dev.type, dev.index, q.shape[-1], dv, q.element_size())
-        tuned = None if k is None or any(self._tiles) else tuning.entry_for(self.spec, q, k, dv)  # explicit tiles win
+        tuned = None if k is None or any(self._tiles) else entry_for(self.spec, q, k, dv)  # explicit tiles win
         if tuned is not None:
             key += (tuned.key,)
         r = self._runners.get(key)

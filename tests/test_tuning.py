@@ -1,4 +1,4 @@
-"""Autotuning (attndsl.tuning): the search with a fake timer in the interpreter, the on-disk entries,
+"""Autotuning (attndsl.tuning, its entries in attndsl.runtime.tuned): the search with a fake timer in the interpreter, the on-disk entries,
 their keys, and how calls take them (or not)."""
 import json
 import os
@@ -12,6 +12,7 @@ import torch
 
 import attndsl
 from attndsl import tuning
+from attndsl.runtime import tuned
 from attndsl.runtime.config import TileConfig
 
 
@@ -27,7 +28,7 @@ def window(b, h, q_idx, kv_idx):
 def cache(tmp_path, monkeypatch):
     """A private cache directory and no shipped entries; entries in effect forgotten before and after."""
     monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(tuned, "SHIPPED_DIR", tmp_path / "shipped")
     monkeypatch.delenv("ATTNDSL_TUNING", raising=False)
     tuning.reset()
     yield tmp_path
@@ -246,7 +247,7 @@ def test_hopper_forward_follows_its_entry(monkeypatch):
     hf = hopper.HopperForward(attndsl.compile(mask_mod=causal).spec)
     assert hf.unsupported is None
     short = torch.zeros(1, 1, 40, 128, dtype=torch.bfloat16)
-    long = torch.zeros(1, 1, 4096, 128, dtype=torch.bfloat16)
+    long = torch.zeros(1, 16, 8192, 128, dtype=torch.bfloat16)  # 16 heads at 8192²: MEASURED_WINS
     assert not hf.applies(short, short, short) and hf.applies(long, long, long)  # MEASURED_WINS
     cfg = hopper.HopperConfig(stages=2)
     r = type("R", (), {"hopper": hf, "cfg": None})()

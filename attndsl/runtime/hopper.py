@@ -242,7 +242,7 @@ class HopperForward:
         self.spec = hopper_spec(spec)
         self.unsupported = _gen.supports(spec)
         self.heavy_first = self.unsupported is None and _gen.heavy_first(spec)
-        #: ``(HopperConfig, whether it beat the portable forward)`` of a tuned entry (``attndsl.tuning``)
+        #: ``(HopperConfig, whether it beat the portable forward)`` of a tuned entry (``attndsl.runtime.tuned``)
         #: for this runner's calls; None: :func:`config_for` and ``MEASURED_WINS``
         self.tuned = None
         self._kernel = None
