@@ -762,3 +762,36 @@ def test_selector_plans_of_learnable_tensors_and_rebound_globals():
     _sel_ref(q, k, v, idx, score_mod=alibi64)[0].sum().backward()
     for g in grads:
         torch.testing.assert_close(g.double(), s64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_gather_forwards_are_verified_under_the_suite_and_used_without_it(monkeypatch):
+    """The gather runner's prepared forward (``FastGather``): under ATTNDSL_VERIFY_MEMO its
+    arguments are checked against the verified launch's (a wrong position fails the call); as users
+    run, it launches (no ordinary fill) and gives a fresh runner's bits."""
+    from attndsl.runtime import launch
+    from attndsl.selectors import sparse
+    assert launch.VERIFY_MEMO
+    attn = attndsl.compile(mask_mod=causal)
+    L = 16
+    q, k, v = qkv(L=L)
+    idx = _sel(L, seed=2)
+    want = attn(q, k, v, indices=idx)
+    (fast,) = sparse.gather_runner(attn, q)._fast_fwd.values()
+    assert isinstance(fast, sparse.FastGather)
+    torch.testing.assert_close(attn(q, k, v, indices=idx), want, rtol=0, atol=0)  # verified
+    good = fast.pos
+    fast.pos = (good[1], good[0], *good[2:])  # q and k swapped
+    with pytest.raises(AssertionError, match="gather forward: argument 0"):
+        attn(q, k, v, indices=idx)
+    fast.pos = good
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", False)
+    filled = []
+    orig = sparse.fill
+    monkeypatch.setattr(sparse, "fill", lambda *a: filled.append(a) or orig(*a))
+    for seed in (3, 4):
+        q, k, v = qkv(L=L)
+        idx = _sel(L, seed=seed)
+        got = attn(q, k, v, indices=idx)
+        assert not filled  # the prepared launch
+        torch.testing.assert_close(got, attndsl.compile(mask_mod=causal)(q, k, v, indices=idx), rtol=0, atol=0)
+        filled.clear()

@@ -32,7 +32,8 @@ from ..runtime.checks import (call_shape, check_captured, check_extras, check_in
                               default_check)
 from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
-from ..runtime.launch import VERIFY_MEMO, Runner, _new, use_interpreter
+from ..runtime.launch import (VERIFY_MEMO, Runner, _alloc, _launch_in_scope, _needs_conversion, _new, _same_arguments,
+                              _template, use_interpreter)
 from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
 from ..runtime.memo import MEMO_SIZE, Memo, arg_classes, own_slots, tensor_key
 
@@ -137,6 +138,8 @@ class GatherRunner:
         self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
+        #: call key -> its FastGather (None: none), made after the key's first forward launch
+        self._fast_fwd: dict = {}
 
     def call_key(self, q, k, v, indices, scale, extras, buffers) -> tuple:
         """What fixes every launch decision of a forward call but the tensors' addresses: the dense
@@ -189,6 +192,7 @@ class GatherRunner:
             launch = self._prepared(fn, grid, args, consts)
         if len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
+            self._fast_fwd.clear()
         self._memo[(kernel, key)] = Memo(launch, args, own_slots(kernel, params, own), check, False)
 
     def _grad_consts(self, buffers) -> dict:
@@ -220,18 +224,25 @@ class GatherRunner:
 
     def forward(self, q, k, v, indices, scale, buffers, extras: Extras, key=None):
         """Returns (out, lse). ``key``: the call's ``call_key`` (None: computed here)."""
+        key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
+        fast = self._fast_fwd.get(key)
+        if fast is not None and not VERIFY_MEMO:
+            return fast(q, k, v, indices, scale, buffers, extras)
         B, Hq, Lq = q.shape[:3]
         out = _new((B, Hq, Lq, v.shape[3]), q)
         lse = _new((B, Hq, Lq), q, torch.float32)
         bufs = buffer_tensors(buffers, self.learnable)
         own = {"Q": q, "K": k, "V": v, "IDX": indices, "Out": out, "Lse": lse, "sm_scale": scale, **extras.own(q),
                **bufs}
-        key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
         if not self._memoised("gather_fwd", key, own):
             (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
             fixed = {**_qkv_strides(q, k, v, indices), **strides_named(out, "ob", "oh", "om", "od"), **shape_args,
                      **extras.layout(q, k), **buffer_layout(bufs)}
             self._launch("gather_fwd", key, own, fixed, (Lq, B * nu), {**extras.consts(), **self._consts(q, hpp)})
+        if fast is not None:  # under VERIFY_MEMO (else taken above): its arguments are the verified launch's
+            fast.verify(own, q, k, v, indices, out, lse, scale, buffers, extras)
+        elif key not in self._fast_fwd:
+            self._fast_fwd[key] = FastGather.make(self, self._memo.get(("gather_fwd", key)), out, lse, buffers)
         return out, lse
 
     def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras, key=None):
@@ -271,6 +282,50 @@ class GatherRunner:
         dw = dw.to(extras.w.dtype) if extras.w is not None else None
         return (dq, dk.to(k.dtype), dv.to(v.dtype), dsinks, du, dw,
                 {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()})
+
+
+class FastGather:
+    """The gather forward of one call key once a call of it launched (``launch.FastForward``'s
+    shape): the memoised launch with the outputs allocated from templates and the call's own values
+    put straight into their places in the memo's arguments (no dict of names). None from ``make``
+    where the memo's own values are not the ones listed here or an output has no template. Under
+    ``VERIFY_MEMO`` the ordinary path runs and checks this one's arguments (``verify``)."""
+
+    __slots__ = ("runner", "memo", "pos", "out", "lse", "convert")
+    OWN = ("Q", "K", "V", "IDX", "Out", "Lse", "sm_scale", "Sinks", "U", "W", "sigmoid_bias")
+
+    @staticmethod
+    def make(runner, memo, out, lse, buffers) -> "FastGather | None":
+        if memo is None or memo.slots[0] != (*FastGather.OWN, *(f"buf{i}" for i in range(len(buffers)))):
+            return None
+        f = FastGather()
+        f.runner, f.memo, f.pos = runner, memo, memo.slots[1]
+        f.out, f.lse = _template(out), _template(lse)
+        f.convert = _needs_conversion(runner, buffers)
+        return None if f.out is None or f.lse is None else f
+
+    def args(self, q, k, v, indices, out, lse, scale, buffers, extras) -> list:
+        """The launch's arguments for this call."""
+        bufs = buffer_tensors(buffers, self.runner.learnable).values() if self.convert else buffers
+        s, u, w = extras.sinks, extras.u, extras.w
+        args = self.memo.template.copy()
+        for i, a in zip(self.pos, (q, k, v, indices, out, lse, scale, q if s is None else s, q if u is None else u,
+                                   q if w is None else w, float(extras.sigmoid_bias), *bufs)):
+            args[i] = a
+        return args
+
+    def __call__(self, q, k, v, indices, scale, buffers, extras):
+        """(out, lse)."""
+        out, lse = _alloc(self.out), _alloc(self.lse)
+        _launch_in_scope(self.runner, self.memo, self.args(q, k, v, indices, out, lse, scale, buffers, extras))
+        return out, lse
+
+    def verify(self, own, q, k, v, indices, out, lse, scale, buffers, extras) -> None:
+        """Under ``VERIFY_MEMO``: this call's arguments and outputs are the ordinary path's
+        (``own``, ``out``, ``lse``); AssertionError otherwise."""
+        _same_arguments("gather forward", self.args(q, k, v, indices, out, lse, scale, buffers, extras),
+                        self.memo.args(own))
+        _same_arguments("gather forward outputs", [_alloc(self.out), _alloc(self.lse)], [out, lse], addresses=False)
 
 
 def _qkv_strides(q, k, v, indices) -> dict:
