@@ -116,8 +116,9 @@ class CompiledAttention:
     of a key runs every input check, later ones skip them and launch at once. Checks of captured
     *values* (indices read from captured tensors) still run as documented in :func:`attention`;
     ``sinks`` are keyed like the inputs (their values are checked once per version of the
-    tensor); calls with ``sigmoid_bias``, ``block_tables``, selectors or ``deterministic=True``
-    are checked in full every time.
+    tensor); token-selector calls (``indices=``) are planned the same way, with the indices'
+    layout in the key and their values checked as documented; calls with ``sigmoid_bias``,
+    ``block_tables``, ``blocks=`` or ``deterministic=True`` are checked in full every time.
     """
 
     def __init__(self, mask_mod: MaskMod | None = None, score_mod: ScoreMod | None = None, *,

@@ -602,3 +602,196 @@ def test_no_tensor_of_a_call_outlives_it(kind):
         del q, k, v, out, lse, grads
     gc.collect()
     assert [r for r in refs if r() is not None] == []
+
+
+# --- token selectors (indices=): call plans per key, as the dense path's ---------------------------
+def _sel(L=24, B=1, G=1, K=6, seed=0, dtype=torch.int32):
+    from attndsl.selectors import random_causal_indices
+    return random_causal_indices(L, K, B=B, G=G, seed=seed).to(dtype)
+
+
+@pytest.fixture
+def sparse_checks(monkeypatch):
+    """A mock wrapping the token-selector path's ``check_inputs`` (``.call_count``: full checks run)."""
+    from attndsl.selectors import sparse
+    spy = mock.Mock(wraps=sparse.check_inputs)
+    monkeypatch.setattr(sparse, "check_inputs", spy)
+    return spy
+
+
+def _sel_ref(q, k, v, idx, **kw):
+    return attndsl.reference.sparse_attention(q.detach().double(), k.detach().double(), v.detach().double(), idx,
+                                              **kw)
+
+
+def test_selector_plans_skip_shape_checks_and_rekey_on_every_layout_change(sparse_checks):
+    """The second call of a key runs no full check; each change of the inputs', the indices' or the
+    captured tensors' layout (dtype, shape, strides, batch-1 selection, scale sign, return_lse,
+    sinks) is a key of its own, checked in full once, and every call matches the oracle."""
+    attn = attndsl.compile(mask_mod=causal)
+    L = 24
+    q, k, v = qkv(L=L)
+    idx = _sel(L)
+    calls = [dict(indices=idx), dict(indices=idx),  # the second: planned
+             dict(indices=idx.long()), dict(indices=idx.transpose(2, 3).contiguous().transpose(2, 3)),
+             dict(indices=_sel(L, K=9)), dict(indices=_sel(L, G=2)), dict(indices=idx, scale=-0.3),
+             dict(indices=idx, return_lse=True), dict(indices=idx, sinks=torch.randn(2))]
+    full = [1, 1, 2, 3, 4, 5, 6, 7, 8]
+    for kw, n in zip(calls, full):
+        got = attn(q, k, v, **kw)
+        assert sparse_checks.call_count == n, kw.keys()
+        out = got[0] if isinstance(got, tuple) else got
+        ref_kw = {x: kw[x] for x in ("scale", "sinks") if x in kw}
+        want, want_lse = _sel_ref(q, k, v, kw["indices"], mask_mod=causal, **ref_kw)
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+        if isinstance(got, tuple):
+            torch.testing.assert_close(got[1].double(), want_lse, rtol=1e-4, atol=1e-5)
+    for kw in calls:  # all planned now
+        attn(q, k, v, **kw)
+    assert sparse_checks.call_count == full[-1]
+    q2, k2, v2 = qkv(L=L, H=4)  # another shape
+    attn(q2, k2, v2, indices=idx)
+    assert sparse_checks.call_count == full[-1] + 1
+    qb, kb, vb = (torch.cat([t, t]) for t in (q, k, v))  # batch 2, a batch-1 selection: expanded per call
+    for _ in range(2):
+        out = attn(qb, kb, vb, indices=idx)
+        torch.testing.assert_close(out.double(), _sel_ref(qb, kb, vb, idx.expand(2, -1, -1, -1),
+                                                          mask_mod=causal)[0], rtol=1e-4, atol=1e-5)
+    assert sparse_checks.call_count == full[-1] + 2
+
+
+def test_planned_selector_calls_still_check_values_and_refuse_bad_layouts():
+    """What the values decide is checked on every planned call: out-of-range indices (unless
+    ``check_indices=False``), sink logits per version, captured values a pattern indexes with;
+    indices of another dtype or shape get a key of their own and its full checks."""
+    attn = attndsl.compile(mask_mod=causal)
+    L = 16
+    q, k, v = qkv(L=L)
+    idx = _sel(L)
+    attn(q, k, v, indices=idx)
+    attn(q, k, v, indices=idx)  # planned
+    bad = idx.clone()
+    bad[0, 0, 5, 0] = L + 3
+    with pytest.raises(IndexError, match=r"indices\[0, 0, 5, 0\] = 19 is out of range for Lkv=16"):
+        attn(q, k, v, indices=bad)
+    fast = attn(q, k, v, indices=bad, check_indices=False)
+    torch.testing.assert_close(fast, attn(q, k, v, indices=torch.where(bad >= L, -1, bad)), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="int32"):
+        attn(q, k, v, indices=idx.float())
+    with pytest.raises(ValueError, match=r"Lq=16"):
+        attn(q, k, v, indices=idx[:, :, :8])
+    sinks = torch.randn(2)
+    attn(q, k, v, indices=idx, sinks=sinks)
+    attn(q, k, v, indices=idx, sinks=sinks)
+    sinks[1] = float("nan")  # an in-place change: a new version, checked again
+    with pytest.raises(ValueError, match="sink"):
+        attn(q, k, v, indices=idx, sinks=sinks)
+    # a pattern indexing a captured table with captured values: checked every call
+    ids = torch.zeros(L, dtype=torch.int64)
+    table = torch.randn(3)
+
+    def by_doc(score, b, h, q_idx, kv_idx):
+        return score + table[ids[kv_idx]]
+    doc = attndsl.compile(score_mod=by_doc)
+    for _ in range(2):
+        doc(q, k, v, indices=idx)
+    ids[4] = 7
+    with pytest.raises(IndexError):
+        doc(q, k, v, indices=idx)
+
+
+def test_planned_selector_calls_equal_fresh_ones_with_gradients_and_no_graph_for_inference():
+    """A planned call (inference without the autograd Function, training through it, with a scale
+    of its own) gives the bits of a fresh compile's first call, outputs and gradients."""
+    L = 24
+    q, k, v = qkv(L=L)
+    idx = _sel(L, seed=3)
+    planned = attndsl.compile(mask_mod=causal, score_mod=softcap)
+    for _ in range(2):
+        out = planned(q, k, v, indices=idx)
+    assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, attndsl.compile(mask_mod=causal, score_mod=softcap)(q, k, v, indices=idx),
+                               rtol=0, atol=0)
+
+    def fwd_bwd(attn, scale=None):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        o, lse = attn(qg, kg, vg, indices=idx, scale=scale, return_lse=True)
+        g = torch.Generator().manual_seed(1)
+        torch.autograd.backward([o, lse], [torch.randn(o.shape, generator=g),
+                                           torch.where(torch.isinf(lse), 0.0, torch.randn(lse.shape, generator=g))])
+        return o.detach(), lse.detach(), qg.grad, kg.grad, vg.grad
+    for scale in (None, 0.2):
+        fwd_bwd(planned, scale)
+        got = fwd_bwd(planned, scale)
+        want = fwd_bwd(attndsl.compile(mask_mod=causal, score_mod=softcap), scale)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            assert torch.equal(a, b), (name, scale)
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 8.0 * torch.tanh(score / 8.0)
+
+
+def test_selector_plans_of_learnable_tensors_and_rebound_globals():
+    """A learnable captured tensor gets its gradient through a planned call; a global rebound to
+    another tensor of the same layout (the same plan) is the one read."""
+    attndsl.clear_cache()
+    global _BIAS
+    L = 32
+    q, k, v = qkv(L=L)
+    idx = _sel(L, seed=5)
+    for _ in range(3):
+        _BIAS = torch.randn(2, 32)
+        out = attndsl.attention(q, k, v, mask_mod=causal, score_mod=_global_bias, indices=idx)
+        want, _ = _sel_ref(q, k, v, idx, mask_mod=causal, score_mod=_global_bias)
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    slopes = torch.rand(2, requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+    attn = attndsl.compile(score_mod=alibi)
+    grads = []
+    for _ in range(2):
+        slopes.grad = None
+        attn(q, k, v, indices=idx).sum().backward()
+        grads.append(slopes.grad.clone())
+    s64 = slopes.detach().double().requires_grad_()
+
+    def alibi64(score, b, h, q_idx, kv_idx):
+        return score + s64[h] * (kv_idx - q_idx)
+    _sel_ref(q, k, v, idx, score_mod=alibi64)[0].sum().backward()
+    for g in grads:
+        torch.testing.assert_close(g.double(), s64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_gather_forwards_are_verified_under_the_suite_and_used_without_it(monkeypatch):
+    """The gather runner's prepared forward (``FastGather``): under ATTNDSL_VERIFY_MEMO its
+    arguments are checked against the verified launch's (a wrong position fails the call); as users
+    run, it launches (no ordinary fill) and gives a fresh runner's bits."""
+    from attndsl.runtime import launch
+    from attndsl.selectors import sparse
+    assert launch.VERIFY_MEMO
+    attn = attndsl.compile(mask_mod=causal)
+    L = 16
+    q, k, v = qkv(L=L)
+    idx = _sel(L, seed=2)
+    want = attn(q, k, v, indices=idx)
+    (fast,) = sparse.gather_runner(attn, q)._fast_fwd.values()
+    assert isinstance(fast, sparse.FastGather)
+    torch.testing.assert_close(attn(q, k, v, indices=idx), want, rtol=0, atol=0)  # verified
+    good = fast.pos
+    fast.pos = (good[1], good[0], *good[2:])  # q and k swapped
+    with pytest.raises(AssertionError, match="gather forward: argument 0"):
+        attn(q, k, v, indices=idx)
+    fast.pos = good
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", False)
+    filled = []
+    orig = sparse.fill
+    monkeypatch.setattr(sparse, "fill", lambda *a: filled.append(a) or orig(*a))
+    for seed in (3, 4):
+        q, k, v = qkv(L=L)
+        idx = _sel(L, seed=seed)
+        got = attn(q, k, v, indices=idx)
+        assert not filled  # the prepared launch
+        torch.testing.assert_close(got, attndsl.compile(mask_mod=causal)(q, k, v, indices=idx), rtol=0, atol=0)
+        filled.clear()

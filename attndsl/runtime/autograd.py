@@ -67,17 +67,25 @@ class AttentionFunction(torch.autograd.Function):
         return refuse_second_derivative((q, k, v, sinks, u, w, *buffers), (dq, dk, dv, dsinks, du, dw, None, *grads))
 
 
-#: ``torch.autograd.Function.apply`` without its Python wrapper (which binds default arguments for
-#: ``setup_context`` Functions and unwraps dead functorch wrappers: microseconds a call)
-_raw_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, AttentionFunction)
+def raw_apply(function):
+    """``function.apply`` (an autograd Function's) as a function of its positional arguments that
+    calls the C entry directly where no functorch transform is active: the Python wrapper's work
+    (binding default arguments for ``setup_context`` Functions, unwrapping dead functorch wrappers,
+    microseconds a call) is then for arguments these calls do not have."""
+    raw = torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+    wrapped = function.apply
+    active = torch._C._are_functorch_transforms_active
+
+    def apply(*args):
+        if active():
+            return wrapped(*args)
+        return raw(*args)
+    apply.__doc__ = f"``{function.__name__}.apply`` (see ``raw_apply``)."
+    return apply
 
 
-def apply(q, k, v, sinks, u, w, call: Call, *buffers):
-    """``AttentionFunction.apply``; the C entry directly where no functorch transform is active
-    (the Python wrapper's work is then for arguments this call does not have)."""
-    if torch._C._are_functorch_transforms_active():
-        return AttentionFunction.apply(q, k, v, sinks, u, w, call, *buffers)
-    return _raw_apply(q, k, v, sinks, u, w, call, *buffers)
+#: ``AttentionFunction.apply(q, k, v, sinks, u, w, call, *buffers)`` (``raw_apply``)
+apply = raw_apply(AttentionFunction)
 
 
 def refuse_second_derivative(inputs, grads):

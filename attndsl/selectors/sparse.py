@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,11 +26,14 @@ from .. import codegen
 from ..runtime import cache, fastlaunch
 from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
 from ..runtime.scope import launch_scope
-from ..runtime.autograd import refuse_second_derivative
-from ..runtime.checks import call_shape, check_captured, check_extras, check_inputs, compiling, default_check
+from ..api import _any_grad, plan_key
+from ..runtime.autograd import raw_apply, refuse_second_derivative
+from ..runtime.checks import (call_shape, check_captured, check_extras, check_inputs, check_sink_values, compiling,
+                              default_check)
 from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
-from ..runtime.launch import VERIFY_MEMO, Runner, _new, use_interpreter
+from ..runtime.launch import (VERIFY_MEMO, Runner, _alloc, _launch_in_scope, _needs_conversion, _new, _same_arguments,
+                              _template, use_interpreter)
 from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
 from ..runtime.memo import MEMO_SIZE, Memo, arg_classes, own_slots, tensor_key
 
@@ -45,6 +49,16 @@ def validate_indices(indices, query, key, checked: bool | None = None) -> int:
     :func:`default_check`) the values are checked too: every entry must be ``-1`` or lie in
     ``[0, Lkv)``.
     """
+    G = _index_layout(indices, query)
+    if checked is None:
+        checked = default_check()
+    if checked and not compiling():
+        check_index_values(indices, key.shape[2])
+    return G
+
+
+def _index_layout(indices, query) -> int:
+    """The checks of ``indices`` that its type, dtype, shape and device decide; returns ``G``."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -62,17 +76,18 @@ def validate_indices(indices, query, key, checked: bool | None = None) -> int:
         raise ValueError(f"indices have G={G} groups; the query's {Hq} heads must be a multiple of it")
     if K == 0:
         raise ValueError("indices have K=0 slots per query")
-    if checked is None:
-        checked = default_check()
-    if checked and not compiling():
-        Lkv = key.shape[2]
-        bad = (indices < -1) | (indices >= Lkv)
-        if bool(bad.any()):
-            pos = tuple(int(x) for x in bad.nonzero()[0])
-            raise IndexError(
-                f"indices{list(pos)} = {int(indices[pos])} is out of range for Lkv={Lkv} (valid: -1 for an "
-                f"unused slot, or 0..{Lkv - 1}); pass check_indices=False to treat such entries as unused")
     return G
+
+
+def check_index_values(indices: torch.Tensor, Lkv: int) -> None:
+    """Every entry of ``indices`` is ``-1`` or in ``[0, Lkv)`` (one pass and a host sync), else
+    IndexError naming the first bad entry."""
+    bad = (indices < -1) | (indices >= Lkv)
+    if bool(bad.any()):
+        pos = tuple(int(x) for x in bad.nonzero()[0])
+        raise IndexError(
+            f"indices{list(pos)} = {int(indices[pos])} is out of range for Lkv={Lkv} (valid: -1 for an "
+            f"unused slot, or 0..{Lkv - 1}); pass check_indices=False to treat such entries as unused")
 
 
 def dedupe(indices: torch.Tensor) -> torch.Tensor:
@@ -123,6 +138,8 @@ class GatherRunner:
         self.mod = cache.load(self.spec, interpret, render=codegen.render_gather)
         #: (kernel, call key) -> Memo: repeated calls of one shape skip the launch decisions
         self._memo: dict = {}
+        #: call key -> its FastGather (None: none), made after the key's first forward launch
+        self._fast_fwd: dict = {}
 
     def call_key(self, q, k, v, indices, scale, extras, buffers) -> tuple:
         """What fixes every launch decision of a forward call but the tensors' addresses: the dense
@@ -175,6 +192,7 @@ class GatherRunner:
             launch = self._prepared(fn, grid, args, consts)
         if len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
+            self._fast_fwd.clear()
         self._memo[(kernel, key)] = Memo(launch, args, own_slots(kernel, params, own), check, False)
 
     def _grad_consts(self, buffers) -> dict:
@@ -206,18 +224,25 @@ class GatherRunner:
 
     def forward(self, q, k, v, indices, scale, buffers, extras: Extras, key=None):
         """Returns (out, lse). ``key``: the call's ``call_key`` (None: computed here)."""
+        key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
+        fast = self._fast_fwd.get(key)
+        if fast is not None and not VERIFY_MEMO:
+            return fast(q, k, v, indices, scale, buffers, extras)
         B, Hq, Lq = q.shape[:3]
         out = _new((B, Hq, Lq, v.shape[3]), q)
         lse = _new((B, Hq, Lq), q, torch.float32)
         bufs = buffer_tensors(buffers, self.learnable)
         own = {"Q": q, "K": k, "V": v, "IDX": indices, "Out": out, "Lse": lse, "sm_scale": scale, **extras.own(q),
                **bufs}
-        key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
         if not self._memoised("gather_fwd", key, own):
             (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
             fixed = {**_qkv_strides(q, k, v, indices), **strides_named(out, "ob", "oh", "om", "od"), **shape_args,
                      **extras.layout(q, k), **buffer_layout(bufs)}
             self._launch("gather_fwd", key, own, fixed, (Lq, B * nu), {**extras.consts(), **self._consts(q, hpp)})
+        if fast is not None:  # under VERIFY_MEMO (else taken above): its arguments are the verified launch's
+            fast.verify(own, q, k, v, indices, out, lse, scale, buffers, extras)
+        elif key not in self._fast_fwd:
+            self._fast_fwd[key] = FastGather.make(self, self._memo.get(("gather_fwd", key)), out, lse, buffers)
         return out, lse
 
     def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras, key=None):
@@ -259,6 +284,50 @@ class GatherRunner:
                 {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()})
 
 
+class FastGather:
+    """The gather forward of one call key once a call of it launched (``launch.FastForward``'s
+    shape): the memoised launch with the outputs allocated from templates and the call's own values
+    put straight into their places in the memo's arguments (no dict of names). None from ``make``
+    where the memo's own values are not the ones listed here or an output has no template. Under
+    ``VERIFY_MEMO`` the ordinary path runs and checks this one's arguments (``verify``)."""
+
+    __slots__ = ("runner", "memo", "pos", "out", "lse", "convert")
+    OWN = ("Q", "K", "V", "IDX", "Out", "Lse", "sm_scale", "Sinks", "U", "W", "sigmoid_bias")
+
+    @staticmethod
+    def make(runner, memo, out, lse, buffers) -> "FastGather | None":
+        if memo is None or memo.slots[0] != (*FastGather.OWN, *(f"buf{i}" for i in range(len(buffers)))):
+            return None
+        f = FastGather()
+        f.runner, f.memo, f.pos = runner, memo, memo.slots[1]
+        f.out, f.lse = _template(out), _template(lse)
+        f.convert = _needs_conversion(runner, buffers)
+        return None if f.out is None or f.lse is None else f
+
+    def args(self, q, k, v, indices, out, lse, scale, buffers, extras) -> list:
+        """The launch's arguments for this call."""
+        bufs = buffer_tensors(buffers, self.runner.learnable).values() if self.convert else buffers
+        s, u, w = extras.sinks, extras.u, extras.w
+        args = self.memo.template.copy()
+        for i, a in zip(self.pos, (q, k, v, indices, out, lse, scale, q if s is None else s, q if u is None else u,
+                                   q if w is None else w, float(extras.sigmoid_bias), *bufs)):
+            args[i] = a
+        return args
+
+    def __call__(self, q, k, v, indices, scale, buffers, extras):
+        """(out, lse)."""
+        out, lse = _alloc(self.out), _alloc(self.lse)
+        _launch_in_scope(self.runner, self.memo, self.args(q, k, v, indices, out, lse, scale, buffers, extras))
+        return out, lse
+
+    def verify(self, own, q, k, v, indices, out, lse, scale, buffers, extras) -> None:
+        """Under ``VERIFY_MEMO``: this call's arguments and outputs are the ordinary path's
+        (``own``, ``out``, ``lse``); AssertionError otherwise."""
+        _same_arguments("gather forward", self.args(q, k, v, indices, out, lse, scale, buffers, extras),
+                        self.memo.args(own))
+        _same_arguments("gather forward outputs", [_alloc(self.out), _alloc(self.lse)], [out, lse], addresses=False)
+
+
 def _qkv_strides(q, k, v, indices) -> dict:
     return {**qkv_strides(q, k, v), **strides_named(indices, "ib", "ig", "im", "ij")}
 
@@ -271,20 +340,28 @@ def _broadcast_strides(buf, factor) -> list:
     return [0 if n == 1 else st for n, st in zip(factor.shape, buf.stride())]
 
 
+class SparseCall(NamedTuple):
+    """What a gather call's launches need besides the tensors: one argument of the Function."""
+
+    runner: "GatherRunner"
+    scale: float
+    sigmoid_bias: float
+    key: tuple  # the runner's ``call_key`` of the call
+
+
 class SparseAttentionFunction(torch.autograd.Function):
-    """Inputs: q, k, v, sinks (or None), u, w (low-rank factors, or None), indices, runner, scale,
-    sigmoid bias, captured tensors."""
+    """Inputs: q, k, v, sinks (or None), u, w (low-rank factors, or None), indices, a
+    :class:`SparseCall`, captured tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, u, w, indices, runner, scale, sigmoid_bias, *buffers):
-        extras = Extras(sinks, u, w, sigmoid_bias)
-        key = runner.call_key(q, k, v, indices, scale, extras, buffers)
-        out, lse = runner.forward(q, k, v, indices, scale, buffers, extras, key=key)
+    def forward(ctx, q, k, v, sinks, u, w, indices, call, *buffers):
+        extras = Extras(sinks, u, w, call.sigmoid_bias)
+        out, lse = call.runner.forward(q, k, v, indices, call.scale, buffers, extras, key=call.key)
         ctx.save_for_backward(q, k, v, sinks, u, w, indices, out, lse, *buffers)
-        ctx.runner, ctx.scale, ctx.sigmoid_bias, ctx.key = runner, scale, sigmoid_bias, key
+        ctx.call = call
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)  # an unused lse gets None: the kernel skips its dlse term
-        if runner.spec.normalizer != "softmax":
+        if call.runner.spec.normalizer != "softmax":
             ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -293,20 +370,33 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, sinks, u, w, indices, out, lse, *buffers = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        softmax = ctx.runner.spec.normalizer == "softmax"
-        dq, dk, dv, dsinks, du, dw, dbufs = ctx.runner.backward(q, k, v, indices, out, lse, dout,
-                                                                dlse if softmax else None, ctx.scale, buffers,
-                                                                Extras(sinks, u, w, ctx.sigmoid_bias), key=ctx.key)
+        call = ctx.call
+        softmax = call.runner.spec.normalizer == "softmax"
+        dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward(q, k, v, indices, out, lse, dout,
+                                                                 dlse if softmax else None, call.scale, buffers,
+                                                                 Extras(sinks, u, w, call.sigmoid_bias), key=call.key)
         grads = tuple(dbufs.get(i) for i in range(len(buffers)))
         return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
-                                        (dq, dk, dv, dsinks, du, dw, None, None, None, None) + grads)
+                                        (dq, dk, dv, dsinks, du, dw, None, None) + grads)
+
+
+_apply = raw_apply(SparseAttentionFunction)
+
+
+class _GatherRunners(dict):
+    """``(interpret, D, Dv, device index) -> GatherRunner`` of one compiled pattern, and its call
+    plans (``plans``: plan key -> :class:`_SparsePlan`). A copy of the pattern drops both."""
+
+    def __init__(self):
+        super().__init__()
+        self.plans: dict = {}
 
 
 def gather_runner(compiled, query, dv: int | None = None) -> GatherRunner:
     """The (cached) gather runner of a :class:`~attndsl.api.CompiledAttention` for ``query`` and
     values of head dim ``dv`` (default: the query's)."""
     dv = query.shape[-1] if dv is None else dv
-    runners = compiled.__dict__.setdefault("_gather_runners", {})
+    runners = _runners_of(compiled)
     interpret = use_interpreter(query)
     key = (interpret, query.shape[-1], dv, query.device.index)
     r = runners.get(key)
@@ -316,20 +406,111 @@ def gather_runner(compiled, query, dv: int | None = None) -> GatherRunner:
     return r
 
 
+def _runners_of(compiled) -> _GatherRunners:
+    runners = compiled.__dict__.get("_gather_runners")
+    if runners is None:
+        runners = compiled._gather_runners = _GatherRunners()
+    return runners
+
+
+class _SparsePlan(NamedTuple):
+    """What the checks of one plan key (``_plan_key``) decided for a token-selector call: a later
+    call with the key skips the checks its shapes, dtypes, devices and strides vouch for."""
+
+    runner: GatherRunner
+    scale: float  # the default scale, 1/sqrt(D)
+    extras: Extras  # no sinks or factors; the sigmoid bias of the length
+    key: tuple  # the runner's call key (the call's scale sign, extras and captured tensors included)
+    shape: tuple  # (B, Hq, Lq, Lkv)
+    value_checks: bool  # the pattern's index checks read captured values: run every call
+    expand: bool  # the indices have batch 1 and the call more: expanded per call
+    call: SparseCall  # the Function's argument for calls with the default scale
+
+
+#: call plans kept per compiled pattern before the map starts over
+_MAX_PLANS = 256
+
+
+def _plan_key(tensors, query, key, value, indices, scale, return_lse, sinks, bias_factors) -> tuple | None:
+    """The dense path's plan key (``attndsl.api.plan_key``: the inputs', captured tensors', sinks'
+    and factors' shapes, strides, dtypes, devices and alignment, the scale's sign, ``return_lse``)
+    and the indices' dtype, shape, strides, device and alignment; None: a call checked in full."""
+    if type(indices) is not torch.Tensor:
+        return None
+    got = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
+    if got is None:
+        return None
+    return got, indices.dtype, indices.shape, indices.stride(), indices.device, indices.data_ptr() & 15
+
+
 def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=False, check_indices=None,
                 sinks=None, sigmoid_bias=None, bias_factors=None):
     """``compiled(query, key, value, indices=...)``: the token-selector path of the public API.
 
     Everything the dense path takes works here too: softmax (with ``sinks``) and sigmoid
     normalisers, low-rank ``bias_factors`` and learnable captured tensors. Their gradients (and
-    dK/dV) are added with atomic adds, so ``deterministic=True`` is refused for learnable tensors."""
+    dK/dV) are added with atomic adds, so ``deterministic=True`` is refused for learnable tensors.
+
+    Calls are planned per call key (``_plan_key``; calls without ``sigmoid_bias``): the checks that
+    shapes, dtypes, devices and strides decide run on the first call of a key only. What depends on
+    values runs on every call as before: the indices' range (``check_indices``), the sink logits
+    (once per version), the pattern's index checks that read captured values."""
+    tensors = compiled.tensors
+    pkey = plans = None
+    if sigmoid_bias is None:
+        pkey = _plan_key(tensors, query, key, value, indices, scale, return_lse, sinks, bias_factors)
+        plans = _runners_of(compiled).plans
+        plan = plans.get(pkey) if pkey is not None else None
+        if plan is not None:
+            if sinks is not None:  # values: once per version of the tensor
+                check_sink_values(sinks)
+            if plan.value_checks:
+                compiled.index_check(tensors, plan.shape, query.device)
+            if check_indices is None:
+                check_indices = default_check()
+            if check_indices and not compiling():
+                check_index_values(indices, plan.shape[3])
+            if compiled.deterministic:
+                _check_deterministic(compiled)
+            if plan.expand:
+                indices = indices.expand(query.shape[0], -1, -1, -1)
+            u, w = bias_factors if bias_factors is not None else (None, None)
+            return _run(plan, tensors, query, key, value, indices, scale, sinks, u, w, return_lse)
     check_inputs(query, key, value, scale, float64=False)
-    check_captured(compiled.tensors, query.device)
-    compiled.index_check(compiled.tensors, call_shape(query, key), query.device)
+    check_captured(tensors, query.device)
+    shape = call_shape(query, key)
+    compiled.index_check(tensors, shape, query.device)
     normalizer = getattr(compiled.spec, "normalizer", "softmax")
     check_extras(query, key, normalizer=normalizer, return_lse=return_lse, sinks=sinks, bias_factors=bias_factors,
                  sigmoid_bias=sigmoid_bias)
     validate_indices(indices, query, key, check_indices)
+    _check_deterministic(compiled)
+    u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
+    if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
+        learnable = sorted(compiled.spec.learnable_slots)
+        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks,
+                          others=(*(bias_factors or ()), *(tensors[s] for s in learnable)))
+    if normalizer == "sigmoid" and sigmoid_bias is None:
+        sigmoid_bias = -math.log(key.shape[2])
+    expand = indices.shape[0] != query.shape[0]
+    if expand:
+        indices = indices.expand(query.shape[0], -1, -1, -1)  # one selection for the whole batch
+    scale0 = query.shape[-1] ** -0.5
+    scale = scale0 if scale is None else float(scale)
+    r = gather_runner(compiled, query, value.shape[-1])
+    extras = Extras(sinks, u, w, float(sigmoid_bias or 0.0))
+    rkey = r.call_key(query, key, value, indices, scale, extras, tensors)
+    plan = _SparsePlan(r, scale0, Extras(sigmoid_bias=extras.sigmoid_bias), rkey, shape,
+                       compiled.index_check.reads_values(), expand,
+                       SparseCall(r, scale0, extras.sigmoid_bias, rkey))
+    if pkey is not None:  # every check above passed for this key: later calls skip those of shapes
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[pkey] = plan
+    return _run(plan, tensors, query, key, value, indices, scale, sinks, u, w, return_lse)
+
+
+def _check_deterministic(compiled) -> None:
     learnable = sorted(compiled.spec.learnable_slots)
     if compiled.deterministic and any(compiled.tensors[s].requires_grad for s in learnable):
         raise NotImplementedError(
@@ -337,18 +518,21 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
             f"tensors (#{', #'.join(map(str, learnable))}) with atomic adds in no fixed order, so they are not "
             "bitwise repeatable; use blocks= or a mask_mod (block-level selection) for repeatable gradients, "
             "or deterministic=False")
-    u, w = tuple(bias_factors) if bias_factors is not None else (None, None)
-    if is_empty(query, key):  # no (query, key) pair: every row is a fully masked one, no launch
-        return empty_call(query, key, value, softmax=normalizer == "softmax", return_lse=return_lse, sinks=sinks,
-                          others=(*(bias_factors or ()), *(compiled.tensors[s] for s in learnable)))
-    if normalizer == "sigmoid" and sigmoid_bias is None:
-        sigmoid_bias = -math.log(key.shape[2])
-    if indices.shape[0] != query.shape[0]:
-        indices = indices.expand(query.shape[0], -1, -1, -1)  # one selection for the whole batch
-    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    r = gather_runner(compiled, query, value.shape[-1])
-    out, lse = SparseAttentionFunction.apply(query, key, value, sinks, u, w, indices, r, scale,
-                                             float(sigmoid_bias or 0.0), *compiled.tensors)
+
+
+def _run(plan, tensors, query, key, value, indices, scale, sinks, u, w, return_lse):
+    """Launch a planned call: the runner's forward directly when nothing needs a gradient (no
+    graph node, nothing saved), else through the autograd Function."""
+    r = plan.runner
+    extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
+                                    or ((tensors or sinks is not None or u is not None)
+                                        and _any_grad(sinks, u, w, tensors))):
+        call = plan.call if scale is None else SparseCall(r, float(scale), plan.extras.sigmoid_bias, plan.key)
+        out, lse = _apply(query, key, value, sinks, u, w, indices, call, *tensors)
+    else:  # inference
+        out, lse = r.forward(query, key, value, indices, plan.scale if scale is None else float(scale), tensors,
+                             extras, key=plan.key)
     return (out, lse) if return_lse else out
 
 
