@@ -702,7 +702,7 @@ class FastForward:
     def make(runner, key, memo, out, lse, buffers) -> "FastForward | None":
         if memo is None:
             return None
-        names = ("Q", "K", "V", "Out", "Lse", "VISITS", "sm_scale", "Sinks", "U", "W", "sigmoid_bias",
+        names = ("Q", "K", "V", "Out", "Lse", "VISITS", "sm_scale", *Extras.PARAMS,
                  *(f"buf{i}" for i in range(len(buffers))))
         f = FastForward()
         f.runner, f.key, f.memo = runner, key, memo
@@ -730,9 +730,7 @@ class FastForward:
         if lse is None:
             stats = out
         bufs = buffer_tensors(buffers, r.learnable).values() if self.convert else buffers
-        s, u, w = extras.sinks, extras.u, extras.w
-        args = [q, k, v, out, stats, stats, scale, q if s is None else s, q if u is None else u, q if w is None else w,
-                float(extras.sigmoid_bias), *bufs, *self.rest, *targs]
+        args = [q, k, v, out, stats, stats, scale, *extras.values(q), *bufs, *self.rest, *targs]
         if VERIFY_MEMO:
             own = r._forward_own(q, k, v, out, stats, stats, scale, extras, buffer_tensors(buffers, r.learnable))
             _same_arguments("forward", args, self.memo.args({**own, **dict(zip(Table.PARAMS, targs))}))

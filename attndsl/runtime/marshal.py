@@ -106,11 +106,18 @@ class Extras:
     w: torch.Tensor | None = None
     sigmoid_bias: float = 0.0
 
+    #: the kernels' parameters of the extras, in the order of :meth:`values`
+    PARAMS = ("Sinks", "U", "W", "sigmoid_bias")
+
+    def values(self, q) -> tuple:
+        """The call's own values of :attr:`PARAMS` (tensors, the sigmoid bias); ``q`` fills the
+        pointer of an absent tensor (the prepared launches put them straight into their lists)."""
+        s, u, w = self.sinks, self.u, self.w
+        return (q if s is None else s, q if u is None else u, q if w is None else w, float(self.sigmoid_bias))
+
     def own(self, q) -> dict:
-        """The call's own values of the extras' parameters (tensors, the sigmoid bias); ``q`` fills
-        the pointer of an absent tensor."""
-        return {"Sinks": q if self.sinks is None else self.sinks, "U": q if self.u is None else self.u,
-                "W": q if self.w is None else self.w, "sigmoid_bias": float(self.sigmoid_bias)}
+        """:meth:`values` by parameter name."""
+        return dict(zip(self.PARAMS, self.values(q)))
 
     def layout(self, q, k) -> dict:
         """The extras' parameters that ``key`` fixes: the factors' strides (0 where a factor

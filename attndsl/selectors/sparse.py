@@ -292,7 +292,7 @@ class FastGather:
     ``VERIFY_MEMO`` the ordinary path runs and checks this one's arguments (``verify``)."""
 
     __slots__ = ("runner", "memo", "pos", "out", "lse", "convert")
-    OWN = ("Q", "K", "V", "IDX", "Out", "Lse", "sm_scale", "Sinks", "U", "W", "sigmoid_bias")
+    OWN = ("Q", "K", "V", "IDX", "Out", "Lse", "sm_scale", *Extras.PARAMS)
 
     @staticmethod
     def make(runner, memo, out, lse, buffers) -> "FastGather | None":
@@ -307,10 +307,8 @@ class FastGather:
     def args(self, q, k, v, indices, out, lse, scale, buffers, extras) -> list:
         """The launch's arguments for this call."""
         bufs = buffer_tensors(buffers, self.runner.learnable).values() if self.convert else buffers
-        s, u, w = extras.sinks, extras.u, extras.w
         args = self.memo.template.copy()
-        for i, a in zip(self.pos, (q, k, v, indices, out, lse, scale, q if s is None else s, q if u is None else u,
-                                   q if w is None else w, float(extras.sigmoid_bias), *bufs)):
+        for i, a in zip(self.pos, (q, k, v, indices, out, lse, scale, *extras.values(q), *bufs)):
             args[i] = a
         return args
 
