@@ -284,3 +284,27 @@ def test_gpu_autotune_causal_entry_is_used(tmp_path, monkeypatch):
     want, _ = attndsl.reference.attention(q, k, v, mask_mod=causal)
     assert float((out.double() - want).abs().max()) < 2e-2
     tuning.reset()
+
+
+def test_shipped_entries_parse_and_match_current_patterns():
+    """The shipped files load whole (no entry skipped as damaged), and each entry's pattern key is
+    one the benchmark's model cases still trace to: a change to the IR or KernelSpec that renames
+    the patterns would otherwise leave the shipped tiles silently unused."""
+    import json
+
+    from attndsl.api import _compiled
+    from benchmarks.cases import get_case
+
+    files = sorted(tuned.SHIPPED_DIR.glob("*.json"))
+    assert files, f"no shipped tuning files in {tuned.SHIPPED_DIR}"
+    keys = set()
+    for f in files:
+        raw = json.loads(f.read_text())["entries"]
+        got = tuned._read(f)
+        assert set(got) == set(raw), f"{f.name}: entries skipped as damaged: {sorted(set(raw) - set(got))}"
+        keys |= {k.split("|")[0] for k in got}
+    current = set()
+    for name in ("gpt2_step", "vit_b16", "llama3_8b", "packed_docs_64x32k"):
+        inst = get_case(name).build(L=256, H=2, B=1, device="cpu", seed=0, dtype=torch.bfloat16)
+        current.add(_compiled(inst.mask_mod, inst.score_mod, "softmax", False, None)[0].spec.key)
+    assert keys <= current, f"shipped entries for patterns no model case traces to: {sorted(keys - current)}"
