@@ -5,7 +5,7 @@ the portable Triton kernels run everywhere else:
 
 * the pattern is one this target renders (:func:`attndsl.codegen.hopper.supports`, decided once
   per spec and kept in :attr:`HopperForward.unsupported`);
-* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``;
+* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read once, :func:`enabled`) or ``enable(True)``;
   with neither set, only where ``MEASURED_WINS`` says it was measured faster on an H100 (dense
   and causal-like masks without a score mod, bf16, D=128, ``B * Hq * Lq * Lkv >= 16 * 8192²``);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
@@ -26,25 +26,41 @@ import os
 import torch
 
 from ..codegen import hopper as _gen
+from . import gluonlaunch
+from .marshal import buffer_args
+from .memo import MEMO_SIZE, tensor_key
+from .scope import NO_CONTEXT, launch_scope
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
            "smoke_test", "MEASURED_WINS", "sweep_configs", "shared_bytes", "compile_ahead"]
 
 _ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
+_ENV: list = []  # ATTNDSL_HOPPER's verdict, read on first use (enable(None) reads it again)
+
+
+def _env_switch(name: str) -> bool | None:
+    env = os.environ.get(name)
+    return None if env is None else env == "1"
 
 
 def enable(on: bool | None) -> None:
-    """Turn the Hopper forward on or off for this process (None: follow ``ATTNDSL_HOPPER``)."""
+    """Turn the Hopper forward on or off for this process; None: follow ``ATTNDSL_HOPPER`` as the
+    environment says now (it is read here and kept: calls do not read the environment)."""
     _ENABLED[0] = on
+    _ENV[:] = [_env_switch("ATTNDSL_HOPPER")]
 
 
 def enabled() -> bool | None:
     """True (every call that can take it), False (none), or None: the calls ``MEASURED_WINS`` names.
-    ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table)."""
-    if _ENABLED[0] is not None:
-        return bool(_ENABLED[0])
-    env = os.environ.get("ATTNDSL_HOPPER")
-    return None if env is None else env == "1"
+    ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table), which is read
+    once, on first use, and again by ``enable(None)`` (set it before the first call, or call
+    ``enable(None)`` after changing it)."""
+    on = _ENABLED[0]
+    if on is not None:
+        return bool(on)
+    if not _ENV:
+        _ENV.append(_env_switch("ATTNDSL_HOPPER"))
+    return _ENV[0]
 
 
 #: Where the Hopper forward was measured faster than the portable one on an H100 (same run,
@@ -100,6 +116,7 @@ class HopperConfig:
             raise ValueError(f"block_m must be 64 and block_n 64 or 128, got {self.block_m}, {self.block_n}")
 
 
+@functools.lru_cache(maxsize=None)
 def config_for(head_dim: int) -> HopperConfig:
     """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
     (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 3 stages
@@ -174,9 +191,18 @@ _GLUON: list = []
 
 
 def _sm90(dev: torch.device) -> bool:
-    if dev.type != "cuda" or not torch.cuda.is_available():
+    """Is ``dev`` a CUDA device of compute capability 9.0 (asked once per device)?"""
+    if dev.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(dev) == (9, 0)
+    got = _SM90.get(dev.index)
+    if got is None:
+        got = torch.cuda.is_available() and torch.cuda.get_device_capability(dev) == (9, 0)
+        if dev.index is not None:  # (a tensor's device always has its index)
+            _SM90[dev.index] = got
+    return got
+
+
+_SM90: dict = {}  # device index -> whether its compute capability is 9.0
 
 
 def _tma_strides(t: torch.Tensor) -> bool:
@@ -246,15 +272,17 @@ class HopperForward:
         #: for this runner's calls; None: :func:`config_for` and ``MEASURED_WINS``
         self.tuned = None
         self._kernel = None
+        #: the prepared launch of each launch key (``gluonlaunch.Prepared``; None: the ordinary one)
+        self._prepared: dict = {}
 
     def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
         """Whether this call runs the Hopper forward (see the module docstring)."""
+        if self.unsupported is not None or tables is not None or count_visits:
+            return False
         on = enabled()
-        if self.unsupported is not None or on is False:
+        if on is False:
             return False
         if on is None and not (_measured_win(self, q, k) if self.tuned is None else self.tuned[1]):
-            return False
-        if tables is not None or count_visits:
             return False
         return call_fits(extras, q, k, v)
 
@@ -280,32 +308,67 @@ class HopperForward:
         self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=True)
 
     def _launch(self, q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup: bool):
-        from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         cfg = cfg or (self.tuned and self.tuned[0]) or config_for(D)
-        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-        q_desc = _descriptor(TensorDescriptor, gl, q, cfg.block_m, el)
-        k_desc = _descriptor(TensorDescriptor, gl, k, cfg.block_n, el)
-        v_desc = _descriptor(TensorDescriptor, gl, v, cfg.block_n, el)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the portable forward's
-        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-        rows = cfg.block_m * cfg.consumers
         heavy = self.heavy_first if heavy_first is None else heavy_first
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the portable forward's
+        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+        # the runtime arguments after the descriptors
+        rest = [out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv,
+                Lq, Lkv, float(scale), *buffer_args(buffers)]
+        key = None
+        if gluonlaunch.PREPARED and not warmup:
+            # what fixes every launch decision but the addresses (gluonlaunch): the descriptors'
+            # shapes, strides and dtype, the other arguments' specialisation, tiles, grid, device
+            key = (cfg, heavy, tensor_key(q), tensor_key(k), tensor_key(v),
+                   None if sinks is None else tensor_key(sinks), *map(tensor_key, buffers), q.get_device())
+            prep = self._prepared.get(key)
+            if prep is not None:
+                scope = launch_scope(q, False)
+                if scope is NO_CONTEXT:
+                    if prep((q, k, v), rest):
+                        return out, lse
+                else:
+                    with scope:
+                        if prep((q, k, v), rest):
+                            return out, lse
+        gl, TensorDescriptor = _gluon()
+        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        descs = [_descriptor(TensorDescriptor, gl, q, cfg.block_m, el),
+                 _descriptor(TensorDescriptor, gl, k, cfg.block_n, el),
+                 _descriptor(TensorDescriptor, gl, v, cfg.block_n, el)]
         # heaviest first: the query tiles on the grid's second axis, launched after every head's
         # tile of the same index (the kernel reverses them)
-        tiles = (Lq + rows - 1) // rows
+        tiles = (Lq + cfg.block_m * cfg.consumers - 1) // (cfg.block_m * cfg.consumers)
         grid = (B * Hq, tiles) if heavy else (tiles, B * Hq)
-        self.kernel().run(q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0),
-                          out.stride(1), out.stride(2), Hq, Hq // Hkv, Lq, Lkv, float(scale), *buffer_args(buffers),
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
-                          CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong, HEAVY_FIRST=heavy,
-                          HAS_SINKS=sinks is not None, num_warps=4, grid=grid, warmup=warmup)
+        consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
+                      CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong, HEAVY_FIRST=heavy,
+                      HAS_SINKS=sinks is not None)
+        kernel = self.kernel()
+        with launch_scope(q, False):
+            ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=warmup)
+            if key is not None and key not in self._prepared:
+                if len(self._prepared) >= MEMO_SIZE:
+                    self._prepared.clear()
+                # None (kept: not asked again) where this Triton allows no prepared launch
+                self._prepared[key] = gluonlaunch.Prepared.make(kernel, ck, grid, [*descs, *rest], consts)
         return out, lse
+
+
+def _gluon():
+    """Gluon's language module and its host TMA descriptor class (imported on first use: Triton
+    builds without Gluon import this module too)."""
+    if not _GLUON_MODULES:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        _GLUON_MODULES.extend((gl, TensorDescriptor))
+    return _GLUON_MODULES
+
+
+_GLUON_MODULES: list = []
 
 
 def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConfig | None = None):
