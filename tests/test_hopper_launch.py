@@ -240,6 +240,8 @@ def test_environment_read_once(monkeypatch):
         hopper.enable(True)
         assert hopper.enabled() is True
         monkeypatch.delenv("ATTNDSL_HOPPER")
-    finally:
         hopper.enable(None)
-    assert hopper.enabled() is None
+        assert hopper.enabled() is None
+    finally:
+        monkeypatch.undo()  # the environment as it was, then the switch follows it
+        hopper.enable(None)
