@@ -222,9 +222,14 @@ _SM90: dict = {}  # device index -> whether its compute capability is 9.0
 def _tma_strides(t: torch.Tensor) -> bool:
     """Can ``t`` ([B, H, L, D]) be read through a 4-D TMA descriptor: last stride 1, the base and
     the other strides multiples of 16 bytes (any order of the leading dims: [B, L, H, D] views too)."""
+    st = t.stride()
+    if st[-1] != 1 or t.data_ptr() % 16:
+        return False
     es = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(n == 1 or (st * es) % 16 == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1])))
+    for n, s in zip(t.shape[:-1], st[:-1]):  # a loop, not all(...): this runs per call
+        if n != 1 and (s * es) % 16:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,13 +254,14 @@ def call_fits(extras, q, k, *more) -> bool:
     capability 9.0 CUDA device and Triton 3.6's Gluon."""
     if extras is not None and getattr(extras, "u", None) is not None:
         return False
-    ts = (q, k) + more
-    if q.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in ts):
+    dt, d = q.dtype, q.shape[-1]
+    if (dt is not torch.float16 and dt is not torch.bfloat16) or (d != 64 and d != 128):
         return False
-    if q.shape[-1] not in (64, 128) or any(t.shape[-1] != q.shape[-1] for t in ts):
+    if q.shape[2] < 1 or k.shape[2] < 1:
         return False
-    if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in ts):
-        return False
+    for t in (q, k, *more):  # (a loop, not any(...): this runs per call)
+        if t.dtype is not dt or t.shape[-1] != d or not _tma_strides(t):
+            return False
     return _sm90(q.device) and gluon_available()
 
 
@@ -332,7 +338,7 @@ class HopperForward:
         lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
         # the runtime arguments after the descriptors
         rest = [out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv,
-                Lq, Lkv, float(scale), *buffer_args(buffers)]
+                Lq, Lkv, float(scale), *(buffer_args(buffers) if buffers else ())]
         key = None
         if gluonlaunch.PREPARED and not warmup:
             # what fixes every launch decision but the addresses (gluonlaunch): the descriptors'
