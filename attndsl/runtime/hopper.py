@@ -16,6 +16,13 @@ the portable Triton kernels run everywhere else:
 
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
+
+The launch: the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
+and alignment, tiles, program order, device) goes through Gluon's ``kernel.run`` and keeps a
+prepared launch (:mod:`attndsl.runtime.gluonlaunch`); later calls of the key hand their tensors to
+the compiled kernel's C launcher directly, the TMA descriptors' tensor maps kept per address
+(``ATTNDSL_GLUON_PREPARED=0`` turns it off). :meth:`HopperForward.applies` asks nothing of the
+environment or the device per call (the switch and each device's capability are read once).
 """
 from __future__ import annotations
 
@@ -85,10 +92,12 @@ def enabled() -> bool | None:
 #: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take the Hopper forward only here. Kernel
 #: times: dense 0.237 vs 0.286 ms (L=4096) and 3.63 vs 4.13 ms (L=16384); causal 0.137 vs 0.152 and
 #: 1.95 vs 2.14 ms. The threshold (16 heads at 8192²) leaves out the L=4096 cases although their
-#: kernels win: the Gluon launch costs up to 280 µs of host time per call (descriptors and
+#: kernels win: the Gluon launch cost up to 280 µs of host time per call (descriptors and
 #: Gluon's launcher; the model benchmark's Llama row, against 33 µs for the portable launch), as
-#: long as a 4096² call's kernel, so an eager call there would wait on the host. Unmeasured classes
-#: (sliding windows, score mods, D=64, fp16) stay portable.
+#: long as a 4096² call's kernel, so an eager call there would wait on the host. That was before
+#: the prepared launch (``gluonlaunch``; ``benchmarks/hopper_host.py`` times both): lower the
+#: threshold once an H100 has measured the host time again. Unmeasured classes (sliding windows,
+#: score mods, D=64, fp16) stay portable.
 MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 16 * 8192 * 8192,
                        ("growing", False, 128, torch.bfloat16): 16 * 8192 * 8192}
 
