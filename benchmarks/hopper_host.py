@@ -35,17 +35,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's attndsl
 
 
-def fake_gpu():
-    """Triton 3.6's driver, compile and C launcher replaced by stand-ins (CPU mode)."""
+def fake_gpu(setattr=setattr, launched: list | None = None):
+    """Triton 3.6's driver (device, stream, target, ``fill_tma_descriptor``), compile and C launcher
+    replaced by stand-ins (CPU mode; ``tests/test_hopper_launch.py`` passes ``monkeypatch.setattr``).
+    The compiled kernel's launcher is Triton's own class with Triton's descriptor wrapper around a
+    C launcher that appends its arguments to ``launched`` (when given)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaLauncher, wrap_handle_tensordesc
     from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.jit import JITFunction
 
     class Utils:
         @staticmethod
         def fill_tma_descriptor(ptr, swizzle, elem_size, elem_type, block, shape, strides, padding):
-            return (ptr, swizzle, elem_size, elem_type, tuple(block), tuple(shape), tuple(strides), padding)
+            return ("tensor map", ptr, swizzle, elem_size, elem_type, tuple(block), tuple(shape), tuple(strides),
+                    padding)
 
     class Driver:
         utils = Utils()
@@ -59,8 +64,6 @@ def fake_gpu():
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
 
-    triton.runtime.driver.set_active(Driver())
-
     def compiled(signature):
         ck = object.__new__(CompiledKernel)
         ck.name, ck.function, ck.packed_metadata, ck.src, ck.module = "fwd", 1, (4, 1, 0), None, 1
@@ -68,7 +71,8 @@ def fake_gpu():
         run = object.__new__(CudaLauncher)
         metas = [dict(swizzle=128, elem_size=2, elem_type=10, block_size=[1, 1, 64, 128], fp4_padded=False)
                  for s in signature.values() if str(s).startswith("tensordesc")]
-        run.launch = wrap_handle_tensordesc(lambda *a: None, signature, metas)
+        run.launch = wrap_handle_tensordesc(lambda *a: None if launched is None else launched.append(a), signature,
+                                            metas)
         run.num_ctas, run.global_scratch_size, run.global_scratch_align = 1, 0, 1
         run.profile_scratch_size, run.profile_scratch_align = 0, 1
         run.launch_cooperative_grid = run.launch_pdl = False
@@ -80,8 +84,8 @@ def fake_gpu():
         self.device_caches[device][0][key] = ck
         return ck
 
-    from triton.runtime.jit import JITFunction
-    JITFunction._do_compile = do_compile
+    setattr(triton.runtime.driver, "_active", Driver())
+    setattr(JITFunction, "_do_compile", do_compile)
 
 
 def main(argv=None) -> int:

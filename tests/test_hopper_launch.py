@@ -245,3 +245,38 @@ def test_environment_read_once(monkeypatch):
     finally:
         monkeypatch.undo()  # the environment as it was, then the switch follows it
         hopper.enable(None)
+
+
+@pytest.mark.skipif(not (triton.__version__.startswith("3.6.") and hopper.gluon_available()),
+                    reason="needs Triton 3.6's Gluon (the launcher the prepared launch is written for)")
+def test_prepared_matches_triton_36(monkeypatch):
+    """With Triton 3.6 itself: Gluon's ``kernel.run`` (binder, specialisation, cache, launch
+    metadata), the compiled kernel's launcher class and its descriptor wrapper and
+    ``make_tensordesc_arg`` run for real; only the driver, the compile and the C side are stand-ins
+    (``benchmarks/hopper_host.py``'s ``fake_gpu``). The prepared launch hands the C launcher what
+    Triton's path hands it, for fresh tensors and a captured tensor."""
+    from benchmarks.hopper_host import fake_gpu
+    launched = []
+    fake_gpu(monkeypatch.setattr, launched)
+    monkeypatch.setattr(fastlaunch, "_raw_stream", None)
+    monkeypatch.setattr(gluonlaunch, "PREPARED", True)
+    comp = attndsl.compile(mask_mod=causal, score_mod=alibi(alibi_slopes(4)))
+    hf = hopper.HopperForward(comp.spec)
+    kernel = hf.kernel()
+    try:
+        q, k, v = qkv(D=128)
+        hf.forward(q, k, v, 0.1, buffers=comp.tensors)
+        assert len(launched) == 1 and len(hf._prepared) == 1
+        assert next(iter(hf._prepared.values())) is not None, "no prepared launch with Triton 3.6's launcher"
+        q, k, v = qkv(D=128)
+        out, lse = hf.forward(q, k, v, 0.2, buffers=comp.tensors)
+        got = launched[-1]
+        ordinary(hf, monkeypatch, q, k, v, 0.2, buffers=comp.tensors)
+        want = list(launched[-1])
+        assert len(launched) == 3
+        out_at = next(i for i, a in enumerate(want) if isinstance(a, torch.Tensor) and a.shape == q.shape)
+        want[out_at], want[out_at + 1], want[out_at + 2] = out, lse, lse  # Out, Lse, Sinks: the call's own
+        assert same(got, want)
+        assert ("tensor map", q.data_ptr()) == want[BASE][:2]
+    finally:
+        kernel.device_caches.clear()  # no stand-in compiled kernel stays in Gluon's cache
