@@ -110,6 +110,7 @@ class Prepared:
 
     def __call__(self, tensors, rest) -> bool:
         rt = fastlaunch._knobs.runtime
+        # asked here, before ``Direct``, whose own hooked path would hand Triton expanded descriptors
         if _hooked(rt.launch_enter_hook) or _hooked(rt.launch_exit_hook):
             return False
         args = []
