@@ -296,13 +296,13 @@ def backward_main(args) -> int:
                     variants += [("attndsl Hopper fwd + Hopper bwd", True, "1", False)]
             for name, fwd_on, bwd_env, det in variants:
                 comp = attndsl.compile(mask_mod=mask, deterministic=det)
-                os.environ["ATTNDSL_HOPPER_BWD"] = bwd_env
+                hopper_bwd.enable_backward(bwd_env == "1")  # (the environment is read once, not per call)
                 hopper.enable(fwd_on)
                 try:
                     timed(name, lambda: comp(*leaves, scale=scale))
                 finally:
                     hopper.enable(None)
-                    del os.environ["ATTNDSL_HOPPER_BWD"]
+                    hopper_bwd.enable_backward(None)
             del q, k, v, dout, leaves, want
             torch.cuda.empty_cache()
     return 0

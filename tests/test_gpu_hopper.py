@@ -283,3 +283,77 @@ def test_program_order(name, heavy_first):
     assert hopper.HopperForward(compiled(name).spec).heavy_first == (name != "dense")
     check(name, 2, 4, 2, 1100, 900, 128, torch.bfloat16, cfg=hopper.config_for(128), heavy_first=heavy_first)
     check(name, 1, 3, 1, 129, 1500, 128, torch.bfloat16, seed=1, cfg=hopper.config_for(128), heavy_first=heavy_first)
+
+
+# -- the prepared launch (runtime/gluonlaunch.py) --------------------------------------------------
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of the Hopper forward's launches: ``made`` (prepared launches made: one per first
+    call of a key, after Gluon's ``kernel.run``) and ``prepared`` (what each prepared launch returned:
+    True when it launched)."""
+    from attndsl.runtime import gluonlaunch
+    assert gluonlaunch.PREPARED, "ATTNDSL_GLUON_PREPARED=0 turns off what these tests check"
+    got = {"made": [], "prepared": []}
+    make, call = gluonlaunch.Prepared.make, gluonlaunch.Prepared.__call__
+
+    def spy_make(*a, **kw):
+        p = make(*a, **kw)
+        got["made"].append(p)
+        return p
+
+    def spy_call(self, tensors, rest):
+        r = call(self, tensors, rest)
+        got["prepared"].append(r)
+        return r
+
+    monkeypatch.setattr(gluonlaunch.Prepared, "make", staticmethod(spy_make))
+    monkeypatch.setattr(gluonlaunch.Prepared, "__call__", spy_call)
+    return got
+
+
+def test_prepared_launch_through_attention(launches):
+    """``attndsl.attention`` with the Hopper forward on, three calls of one shape with fresh inputs:
+    each matches the float64 oracle; the first launches through Gluon's ``kernel.run`` and makes
+    the prepared launch, the next two take it. Then the same shape stored [B, L, H, D] (other
+    strides: another key) launches the ordinary way first, and is right."""
+    B, Hq, Hkv, L, D = 1, 6, 2, 611, 128  # a shape no other test uses: its first call is a new key
+    hopper.enable(True)
+    try:
+        for seed in range(3):
+            q, k, v = inputs(B, Hq, Hkv, L, L, D, torch.bfloat16, 100 + seed)
+            out = attndsl.attention(q, k, v, mask_mod=causal)
+            torch.cuda.synchronize()
+            ref, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=causal)
+            assert rel(out, ref) <= TOL[torch.bfloat16]["out"], f"call {seed}: {rel(out, ref):.3g}"
+        assert len(launches["made"]) == 1 and launches["made"][0] is not None, \
+            "the first call did not make a prepared launch (Triton's launcher not as gluonlaunch expects?)"
+        assert launches["prepared"] == [True, True], launches["prepared"]
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                   for t in inputs(B, Hq, Hkv, L, L, D, torch.bfloat16, 200))
+        out = attndsl.attention(q, k, v, mask_mod=causal)
+        ref, _ = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=causal)
+        assert rel(out, ref) <= TOL[torch.bfloat16]["out"]
+        assert len(launches["made"]) == 2 and launches["prepared"] == [True, True]
+    finally:
+        hopper.enable(None)
+
+
+def test_prepared_launch_sinks_and_captured_tensor(launches):
+    """A score mod over a captured tensor (ALiBi slopes) and sink logits, fresh inputs and sinks per
+    call, through ``HopperForward.forward``: prepared from the second call, outputs and logsumexp
+    match the oracle; fp16 and D=64 are other keys."""
+    comp = compiled("alibi")
+    mask, score = PATTERNS["alibi"]
+    hf = hopper.HopperForward(comp.spec)
+    for seed, (D, dtype) in enumerate([(128, torch.bfloat16)] * 3 + [(64, torch.float16)] * 2):
+        q, k, v = inputs(2, 4, 2, 300, 333, D, dtype, 300 + seed)
+        sinks = torch.randn(4, device=DEV, dtype=torch.float32)
+        out, lse = hf.forward(q, k, v, 1 / math.sqrt(D), sinks=sinks, buffers=comp.tensors)
+        torch.cuda.synchronize()
+        ref, ref_lse = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=mask,
+                                                   score_mod=score, sinks=sinks.double(), scale=1 / math.sqrt(D))
+        assert rel(out, ref) <= TOL[dtype]["out"], f"call {seed}: {rel(out, ref):.3g}"
+        assert lse_err(lse, ref_lse) <= TOL[dtype]["lse"], f"call {seed}"
+    assert len(launches["made"]) == 2 and None not in launches["made"]
+    assert launches["prepared"] == [True, True, True]

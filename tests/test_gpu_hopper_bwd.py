@@ -1,7 +1,7 @@
 """The Hopper (sm_90, Gluon) backward on an H100: dQ/dK/dV against the portable Triton backward and
 the float64 oracle, with hypothesis-drawn shapes (Lq != Lkv, lengths that are not multiples of the
 tiles, GQA), dQ by atomic adds and deterministic (portable dQ kernel), through the runtime
-(``Runner.backward`` picks it with ``ATTNDSL_HOPPER_BWD=1``) and called directly.
+(``Runner.backward`` picks it with ``hopper_bwd.enable_backward(True)`` or ``ATTNDSL_HOPPER_BWD=1``) and called directly.
 
 Skipped without a compute capability 9.0 device or without Triton 3.6's Gluon.
 Run: ``python -m pytest -q -m gpu tests/test_gpu_hopper_bwd.py``.
@@ -80,9 +80,9 @@ def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False):
 
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNDSL_HOPPER_BWD", "1" if hopper_bwd_on else "0")
     mp.setattr(hopper_bwd.HopperBackward, "backward", spy)
     hopper.enable(False)
+    hopper_bwd.enable_backward(hopper_bwd_on)
     try:
         runner_comp = attndsl.compile(mask_mod=comp[0], score_mod=comp[1], deterministic=deterministic)
         out = runner_comp(q, k, v)
@@ -90,6 +90,7 @@ def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False):
         torch.cuda.synchronize()
     finally:
         hopper.enable(None)
+        hopper_bwd.enable_backward(None)
         mp.undo()
     return q.grad, k.grad, v.grad, len(calls)
 
@@ -139,8 +140,7 @@ def test_sinks_and_lse_gradient():
     mask, _ = PATTERNS["sliding_window"]
     q, k, v, do = inputs(1, 4, 4, 700, 650, 128, torch.bfloat16, 3)
     sinks = torch.randn(4, device=DEV, dtype=torch.float32) * 2
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNDSL_HOPPER_BWD", "1")
+    hopper_bwd.enable_backward(True)
     try:
         comp = attndsl.compile(mask_mod=mask)
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -149,7 +149,7 @@ def test_sinks_and_lse_gradient():
         dlse = torch.randn_like(lse)
         torch.autograd.backward((o, lse), (do, dlse))
     finally:
-        mp.undo()
+        hopper_bwd.enable_backward(None)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     s64 = sinks.double().requires_grad_()
     r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, sinks=s64)
@@ -200,8 +200,7 @@ def test_other_tiles(consumers, stages):
 def test_falls_back_where_unsupported():
     """Head dims other than 64/128, float32 and TMA-unreadable inputs run the portable backward."""
     hb = hopper_bwd.HopperBackward(compiled("causal").spec)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ATTNDSL_HOPPER_BWD", "1")
+    hopper_bwd.enable_backward(True)
     try:
         q, k, v, do = inputs(1, 2, 2, 256, 256, 128, torch.bfloat16, 2)
         assert hb.applies(q, k, v, do)
@@ -213,7 +212,7 @@ def test_falls_back_where_unsupported():
         got = grads((causal, None), q96, k96, v96, do96, True)
         assert got[3] == 0 and got[0].shape == q96.shape
     finally:
-        mp.undo()
+        hopper_bwd.enable_backward(None)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))

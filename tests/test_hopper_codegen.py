@@ -63,17 +63,21 @@ def test_never_selected_off_sm90(monkeypatch):
     spec = attndsl.compile(mask_mod=causal).spec
     hf = hopper.HopperForward(spec)
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
-    monkeypatch.setenv("ATTNDSL_HOPPER", "1")
-    assert hopper.enabled()
-    assert not hf.applies(q, q, q)  # CPU tensors
-    monkeypatch.setenv("ATTNDSL_HOPPER", "0")
-    assert hopper.enabled() is False
-    monkeypatch.delenv("ATTNDSL_HOPPER")
-    assert hopper.enabled() is None  # unset: the measured wins decide
-    hopper.enable(True)
     try:
+        monkeypatch.setenv("ATTNDSL_HOPPER", "1")
+        hopper.enable(None)  # the environment is read on first use and by enable(None)
+        assert hopper.enabled()
+        assert not hf.applies(q, q, q)  # CPU tensors
+        monkeypatch.setenv("ATTNDSL_HOPPER", "0")
+        hopper.enable(None)
+        assert hopper.enabled() is False
+        monkeypatch.delenv("ATTNDSL_HOPPER")
+        hopper.enable(None)
+        assert hopper.enabled() is None  # unset: the measured wins decide
+        hopper.enable(True)
         assert hopper.enabled()
     finally:
+        monkeypatch.undo()  # the environment as it was, then the switch follows it
         hopper.enable(None)
 
 
@@ -251,21 +255,28 @@ def test_backward_unsupported_patterns_are_refused_with_a_reason():
 def test_backward_never_selected_off_sm90(monkeypatch):
     hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
     q = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16)
-    monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "1")
-    assert hopper_bwd.backward_enabled()
-    assert not hb.applies(q, q, q, q)  # CPU tensors
-    monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
-    assert hopper_bwd.backward_enabled() is False
-    monkeypatch.delenv("ATTNDSL_HOPPER_BWD")
-    monkeypatch.setenv("ATTNDSL_HOPPER", "1")
-    assert hopper_bwd.backward_enabled() is None  # the forward's switch is not the backward's
-    assert not hopper_bwd.MEASURED_BWD_WINS  # off until measured
-    hopper_bwd.enable_backward(True)
     try:
+        monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "1")
+        hopper_bwd.enable_backward(None)  # the environment is read on first use and here
         assert hopper_bwd.backward_enabled()
+        assert not hb.applies(q, q, q, q)  # CPU tensors
         monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
+        assert hopper_bwd.backward_enabled()  # kept: calls do not read the environment
+        hopper_bwd.enable_backward(None)
+        assert hopper_bwd.backward_enabled() is False
+        monkeypatch.delenv("ATTNDSL_HOPPER_BWD")
+        monkeypatch.setenv("ATTNDSL_HOPPER", "1")
+        hopper.enable(None)
+        hopper_bwd.enable_backward(None)
+        assert hopper_bwd.backward_enabled() is None  # the forward's switch is not the backward's
+        assert not hopper_bwd.MEASURED_BWD_WINS  # off until measured
+        hopper_bwd.enable_backward(True)
+        monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
+        hopper_bwd.enable_backward(True)
         assert hopper_bwd.backward_enabled()  # enable_backward wins over the environment
     finally:
+        monkeypatch.undo()  # the environment as it was, then the switches follow it
+        hopper.enable(None)
         hopper_bwd.enable_backward(None)
 
 

@@ -243,6 +243,7 @@ def test_hopper_forward_follows_its_entry(monkeypatch):
     from attndsl.runtime import hopper
     monkeypatch.setattr(hopper, "call_fits", lambda *a: True)
     monkeypatch.setattr(hopper, "_ENABLED", [None])
+    monkeypatch.setattr(hopper, "_ENV", [None])  # ATTNDSL_HOPPER unset, whatever it was read as
     monkeypatch.delenv("ATTNDSL_HOPPER", raising=False)
     hf = hopper.HopperForward(attndsl.compile(mask_mod=causal).spec)
     assert hf.unsupported is None

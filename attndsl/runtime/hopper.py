@@ -5,7 +5,7 @@ the portable Triton kernels run everywhere else:
 
 * the pattern is one this target renders (:func:`attndsl.codegen.hopper.supports`, decided once
   per spec and kept in :attr:`HopperForward.unsupported`);
-* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read per call) or ``enable(True)``;
+* it is enabled: ``ATTNDSL_HOPPER=1`` in the environment (read once, :func:`enabled`) or ``enable(True)``;
   with neither set, only where ``MEASURED_WINS`` says it was measured faster on an H100 (dense
   and causal-like masks without a score mod, bf16, D=128, ``B * Hq * Lq * Lkv >= 16 * 8192²``);
 * the call: CUDA tensors on a compute capability 9.0 device, float16 or bfloat16, query/key and
@@ -16,6 +16,13 @@ the portable Triton kernels run everywhere else:
 
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
+
+The launch: the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
+and alignment, tiles, program order, device) goes through Gluon's ``kernel.run`` and keeps a
+prepared launch (:mod:`attndsl.runtime.gluonlaunch`); later calls of the key hand their tensors to
+the compiled kernel's C launcher directly, the TMA descriptors' tensor maps kept per address
+(``ATTNDSL_GLUON_PREPARED=0`` turns it off). :meth:`HopperForward.applies` asks nothing of the
+environment or the device per call (the switch and each device's capability are read once).
 """
 from __future__ import annotations
 
@@ -26,25 +33,55 @@ import os
 import torch
 
 from ..codegen import hopper as _gen
+from . import gluonlaunch
+from .marshal import buffer_args
+from .memo import MEMO_SIZE, tensor_key
+from .scope import NO_CONTEXT, launch_scope
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
            "smoke_test", "MEASURED_WINS", "sweep_configs", "shared_bytes", "compile_ahead"]
 
 _ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
+_ENV: list = []  # ATTNDSL_HOPPER's verdict, read on first use and by enable(None)
+
+
+def read_switch(forced: list, env: list, name: str) -> bool | None:
+    """A process-wide switch: ``forced[0]`` when not None, else the environment variable ``name``
+    ("1" on, anything else off, unset None), read on first use and kept in ``env`` (calls do not
+    read the environment; :func:`set_switch` with None reads it again)."""
+    on = forced[0]
+    if on is not None:
+        return bool(on)
+    if not env:
+        env.append(_env_switch(name))
+    return env[0]
+
+
+def set_switch(forced: list, env: list, name: str, on: bool | None) -> None:
+    """Force the switch of :func:`read_switch` on or off, or (None) make it follow ``name`` as the
+    environment says now."""
+    forced[0] = on
+    if on is None:
+        env[:] = [_env_switch(name)]
+
+
+def _env_switch(name: str) -> bool | None:
+    got = os.environ.get(name)
+    return None if got is None else got == "1"
 
 
 def enable(on: bool | None) -> None:
-    """Turn the Hopper forward on or off for this process (None: follow ``ATTNDSL_HOPPER``)."""
-    _ENABLED[0] = on
+    """Turn the Hopper forward on or off for this process; None: follow ``ATTNDSL_HOPPER`` as the
+    environment says now (read here and kept)."""
+    set_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER", on)
 
 
 def enabled() -> bool | None:
     """True (every call that can take it), False (none), or None: the calls ``MEASURED_WINS`` names.
-    ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table)."""
-    if _ENABLED[0] is not None:
-        return bool(_ENABLED[0])
-    env = os.environ.get("ATTNDSL_HOPPER")
-    return None if env is None else env == "1"
+    ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table), which is read
+    once, on first use, and again by ``enable(None)``: set it before the first call, or call
+    ``enable(None)`` after changing it."""
+    return read_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER")
 
 
 #: Where the Hopper forward was measured faster than the portable one on an H100 (same run,
@@ -55,10 +92,12 @@ def enabled() -> bool | None:
 #: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take the Hopper forward only here. Kernel
 #: times: dense 0.237 vs 0.286 ms (L=4096) and 3.63 vs 4.13 ms (L=16384); causal 0.137 vs 0.152 and
 #: 1.95 vs 2.14 ms. The threshold (16 heads at 8192²) leaves out the L=4096 cases although their
-#: kernels win: the Gluon launch costs up to 280 µs of host time per call (descriptors and
+#: kernels win: the Gluon launch cost up to 280 µs of host time per call (descriptors and
 #: Gluon's launcher; the model benchmark's Llama row, against 33 µs for the portable launch), as
-#: long as a 4096² call's kernel, so an eager call there would wait on the host. Unmeasured classes
-#: (sliding windows, score mods, D=64, fp16) stay portable.
+#: long as a 4096² call's kernel, so an eager call there would wait on the host. That was before
+#: the prepared launch (``gluonlaunch``; ``benchmarks/hopper_host.py`` times both): lower the
+#: threshold once an H100 has measured the host time again. Unmeasured classes (sliding windows,
+#: score mods, D=64, fp16) stay portable.
 MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 16 * 8192 * 8192,
                        ("growing", False, 128, torch.bfloat16): 16 * 8192 * 8192}
 
@@ -100,6 +139,7 @@ class HopperConfig:
             raise ValueError(f"block_m must be 64 and block_n 64 or 128, got {self.block_m}, {self.block_n}")
 
 
+@functools.lru_cache(maxsize=None)
 def config_for(head_dim: int) -> HopperConfig:
     """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
     (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 3 stages
@@ -174,17 +214,31 @@ _GLUON: list = []
 
 
 def _sm90(dev: torch.device) -> bool:
-    if dev.type != "cuda" or not torch.cuda.is_available():
+    """Is ``dev`` a CUDA device of compute capability 9.0 (asked once per device)?"""
+    if dev.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(dev) == (9, 0)
+    got = _SM90.get(dev.index)
+    if got is None:
+        got = torch.cuda.is_available() and torch.cuda.get_device_capability(dev) == (9, 0)
+        if dev.index is not None:  # (a tensor's device always has its index)
+            _SM90[dev.index] = got
+    return got
+
+
+_SM90: dict = {}  # device index -> whether its compute capability is 9.0
 
 
 def _tma_strides(t: torch.Tensor) -> bool:
     """Can ``t`` ([B, H, L, D]) be read through a 4-D TMA descriptor: last stride 1, the base and
     the other strides multiples of 16 bytes (any order of the leading dims: [B, L, H, D] views too)."""
+    st = t.stride()
+    if st[-1] != 1 or t.data_ptr() % 16:
+        return False
     es = t.element_size()
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(n == 1 or (st * es) % 16 == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1])))
+    for n, s in zip(t.shape[:-1], st[:-1]):  # a loop, not all(...): this runs per call
+        if n != 1 and (s * es) % 16:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,13 +263,14 @@ def call_fits(extras, q, k, *more) -> bool:
     capability 9.0 CUDA device and Triton 3.6's Gluon."""
     if extras is not None and getattr(extras, "u", None) is not None:
         return False
-    ts = (q, k) + more
-    if q.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in ts):
+    dt, d = q.dtype, q.shape[-1]
+    if (dt is not torch.float16 and dt is not torch.bfloat16) or (d != 64 and d != 128):
         return False
-    if q.shape[-1] not in (64, 128) or any(t.shape[-1] != q.shape[-1] for t in ts):
+    if q.shape[2] < 1 or k.shape[2] < 1:
         return False
-    if min(q.shape[2], k.shape[2]) < 1 or not all(_tma_strides(t) for t in ts):
-        return False
+    for t in (q, k, *more):  # (a loop, not any(...): this runs per call)
+        if t.dtype is not dt or t.shape[-1] != d or not _tma_strides(t):
+            return False
     return _sm90(q.device) and gluon_available()
 
 
@@ -246,15 +301,17 @@ class HopperForward:
         #: for this runner's calls; None: :func:`config_for` and ``MEASURED_WINS``
         self.tuned = None
         self._kernel = None
+        #: the prepared launch of each launch key (``gluonlaunch.Prepared``; None: the ordinary one)
+        self._prepared: dict = {}
 
     def applies(self, q, k, v, extras=None, tables=None, count_visits: bool = False) -> bool:
         """Whether this call runs the Hopper forward (see the module docstring)."""
+        if self.unsupported is not None or tables is not None or count_visits:
+            return False
         on = enabled()
-        if self.unsupported is not None or on is False:
+        if on is False:
             return False
         if on is None and not (_measured_win(self, q, k) if self.tuned is None else self.tuned[1]):
-            return False
-        if tables is not None or count_visits:
             return False
         return call_fits(extras, q, k, v)
 
@@ -280,32 +337,67 @@ class HopperForward:
         self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=True)
 
     def _launch(self, q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup: bool):
-        from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         cfg = cfg or (self.tuned and self.tuned[0]) or config_for(D)
-        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-        q_desc = _descriptor(TensorDescriptor, gl, q, cfg.block_m, el)
-        k_desc = _descriptor(TensorDescriptor, gl, k, cfg.block_n, el)
-        v_desc = _descriptor(TensorDescriptor, gl, v, cfg.block_n, el)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the portable forward's
-        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-        rows = cfg.block_m * cfg.consumers
         heavy = self.heavy_first if heavy_first is None else heavy_first
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the portable forward's
+        lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
+        # the runtime arguments after the descriptors
+        rest = [out, lse, lse if sinks is None else sinks, out.stride(0), out.stride(1), out.stride(2), Hq, Hq // Hkv,
+                Lq, Lkv, float(scale), *(buffer_args(buffers) if buffers else ())]
+        key = None
+        if gluonlaunch.PREPARED and not warmup:
+            # what fixes every launch decision but the addresses (gluonlaunch): the descriptors'
+            # shapes, strides and dtype, the other arguments' specialisation, tiles, grid, device
+            key = (cfg, heavy, tensor_key(q), tensor_key(k), tensor_key(v),
+                   None if sinks is None else tensor_key(sinks), *map(tensor_key, buffers), q.get_device())
+            prep = self._prepared.get(key)
+            if prep is not None:
+                scope = launch_scope(q, False)
+                if scope is NO_CONTEXT:
+                    if prep((q, k, v), rest):
+                        return out, lse
+                else:
+                    with scope:
+                        if prep((q, k, v), rest):
+                            return out, lse
+        gl, TensorDescriptor = _gluon()
+        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        descs = [_descriptor(TensorDescriptor, gl, q, cfg.block_m, el),
+                 _descriptor(TensorDescriptor, gl, k, cfg.block_n, el),
+                 _descriptor(TensorDescriptor, gl, v, cfg.block_n, el)]
         # heaviest first: the query tiles on the grid's second axis, launched after every head's
         # tile of the same index (the kernel reverses them)
-        tiles = (Lq + rows - 1) // rows
+        tiles = (Lq + cfg.block_m * cfg.consumers - 1) // (cfg.block_m * cfg.consumers)
         grid = (B * Hq, tiles) if heavy else (tiles, B * Hq)
-        self.kernel().run(q_desc, k_desc, v_desc, out, lse, lse if sinks is None else sinks, out.stride(0),
-                          out.stride(1), out.stride(2), Hq, Hq // Hkv, Lq, Lkv, float(scale), *buffer_args(buffers),
-                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
-                          CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong, HEAVY_FIRST=heavy,
-                          HAS_SINKS=sinks is not None, num_warps=4, grid=grid, warmup=warmup)
+        consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
+                      CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong, HEAVY_FIRST=heavy,
+                      HAS_SINKS=sinks is not None)
+        kernel = self.kernel()
+        with launch_scope(q, False):
+            ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=warmup)
+            if key is not None and key not in self._prepared:
+                if len(self._prepared) >= MEMO_SIZE:
+                    self._prepared.clear()
+                # None (kept: not asked again) where this Triton allows no prepared launch
+                self._prepared[key] = gluonlaunch.Prepared.make(kernel, ck, grid, [*descs, *rest], consts)
         return out, lse
+
+
+def _gluon():
+    """Gluon's language module and its host TMA descriptor class (imported on first use: Triton
+    builds without Gluon import this module too)."""
+    if not _GLUON_MODULES:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        _GLUON_MODULES.extend((gl, TensorDescriptor))
+    return _GLUON_MODULES
+
+
+_GLUON_MODULES: list = []
 
 
 def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConfig | None = None):

@@ -9,7 +9,7 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
   and score mods with captured tensors
   that get no gradient are fine; sink logits too: their gradient comes from lse and delta on the
   host, ``runtime/gradients.py``);
-* it is enabled: ``ATTNDSL_HOPPER_BWD=1`` in the environment (read per call) or
+* it is enabled: ``ATTNDSL_HOPPER_BWD=1`` in the environment (read once) or
   ``enable_backward(True)``, independently of the Hopper forward's switch; with neither set, only
   where ``MEASURED_BWD_WINS`` lists the case (empty until an H100 has measured it: off by default);
 * the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
@@ -29,7 +29,7 @@ import os
 import torch
 
 from ..codegen import hopper_bwd as _gen
-from .hopper import _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
+from .hopper import _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, read_switch, set_switch
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "enable_backward",
            "compile_sm90_bwd", "smoke_test", "MEASURED_BWD_WINS"]
@@ -41,22 +41,21 @@ MEASURED_BWD_WINS: dict = {}
 
 
 _ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER_BWD
+_ENV: list = []  # ATTNDSL_HOPPER_BWD's verdict, read on first use and by enable_backward(None)
 
 
 def enable_backward(on: bool | None) -> None:
-    """Turn the Hopper backward on or off for this process (None: follow ``ATTNDSL_HOPPER_BWD``)."""
-    _ENABLED[0] = on
+    """Turn the Hopper backward on or off for this process; None: follow ``ATTNDSL_HOPPER_BWD`` as
+    the environment says now (read here and kept)."""
+    set_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER_BWD", on)
 
 
 def backward_enabled() -> bool | None:
     """True (every call that can take it), False (none), or None: the calls ``MEASURED_BWD_WINS``
     names. ``enable_backward()`` wins over ``ATTNDSL_HOPPER_BWD`` ("1" on, "0" off, unset: the
-    table). Independent of the forward's switch: either Hopper kernel runs with the other's
-    portable counterpart."""
-    if _ENABLED[0] is not None:
-        return bool(_ENABLED[0])
-    env = os.environ.get("ATTNDSL_HOPPER_BWD")
-    return None if env is None else env == "1"
+    table), which is read once, on first use, and again by ``enable_backward(None)``. Independent
+    of the forward's switch: either Hopper kernel runs with the other's portable counterpart."""
+    return read_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER_BWD")
 
 
 @dataclasses.dataclass(frozen=True)
