@@ -91,9 +91,10 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
     return (f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
             f"{B}grot{i} = tl.gather({contrib}, gwrap{i} % BLOCK_N, 1)\n"
             f"{B}gwrap{i} = gwrap{i} // BLOCK_N\n"
-            f"{B}for w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
-            f"{B}    {d} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
-            f"{B}    dist = q_lo - kv_lo + w * BLOCK_N - {cols}\n"
+            # ``gw``, not ``w``: the dK/dV kernel's low-rank factor tile is ``w``
+            f"{B}for gw in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
+            f"{B}    {d} = tl.sum(tl.where(gwrap{i} == gw, grot{i}, 0.0), 0)\n"
+            f"{B}    dist = q_lo - kv_lo + gw * BLOCK_N - {cols}\n"
             f"{lines}"
             f"{B}    if DETERMINISTIC:\n{det[0]}{det[1]}"
             f"{B}    else:\n"
@@ -286,16 +287,21 @@ def dkdv_grad_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
     once, by one program of the key tile: each scope is summed over the indices it does not follow
     and added with atomic adds ("program": one scalar per tile; "row": one per query, summed over
     the tile's keys; "col": one per key; "exact": per element, a plain store where each element
-    belongs to one pair, ``GL{i}_ATOMIC`` False; "scatter": per element). Never deterministic: a
-    deterministic backward keeps the dQ kernel (``config.atomic_dq``)."""
+    belongs to one pair, ``GL{i}_ATOMIC`` False; "scatter": per element, or for a table read along
+    diagonals one add per diagonal, as the dQ kernel does, on the transposed tile: ``_diagonal_adds``).
+    Never deterministic: a deterministic backward keeps the dQ kernel (``config.atomic_dq``)."""
     code = ""
     live = "(q_idx < LQ) & (kv_idx < LKV)"
     for i, gl in enumerate(spec.grad_loads):
         p, dst = f"buf{gl.slot}", f"DBUF{gl.slot}_{i}"
+        # padding rows and keys add nothing (their unmasked scores may give inf * 0 there)
+        code += f"{B}gl{i} = tl.where({live}, dsT_raw * gmod{i}, 0.0)\n"
+        if gl.scope == "scatter" and gl.diagonal is not None:  # query rows, key columns, as in dQ
+            code += f"{B}gdst{i} = {dst}\n" + _diagonal_adds(i, f"tl.trans(gl{i})", *_diagonal_index(gl, p, em, B + I1), B)
+            continue
         idx, body = em.branch(2, B, lambda gl=gl: [em.emit(a, 2) for a in gl.load.args])
         off, ok = _bounded_offset(gl, p, idx)
-        # padding rows and keys add nothing (their unmasked scores may give inf * 0 there)
-        code += body + f"{B}gl{i} = tl.where({live}, dsT_raw * gmod{i}, 0.0)\n"
+        code += body
         if gl.scope == "program":
             code += f"{B}tl.atomic_add({dst} + ({off}), tl.sum(tl.sum(gl{i}, 1), 0))\n"
         elif gl.scope == "row":  # queries along the tile's columns

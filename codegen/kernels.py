@@ -196,7 +196,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
     ``DQ_ATOMIC`` also dQ (``_dq_adds``)."""
     env = {"b": ("b", 0), "kv": ("kv_idx", 0), "kv_lo": ("kv_lo", 0), "kv_hi": ("kv_hi", 0),
            "kv_max": ("kv_max", 0), "q_max": ("q_max", 0), "h": ("h", 1),
-           "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2)}
+           "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2), DIST: (DIST, 2)}
     em = ExprEmitter(env, 3, prefix="v")
     _hoist_loads(spec, em, {"program": 0, "col": 0})
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_n") if table

@@ -91,7 +91,8 @@ SCOPES = ["row", "col", "exact", "t5"]
 @pytest.mark.parametrize("kind", SCOPES)
 def test_learnable_scopes(kind):
     """Each scope's gradient (row: per query, col: per key, exact: per pair, t5: a relative-position
-    table, scattered, with constant-run loops) from the dK/dV kernel equals the dQ kernel's."""
+    table summed per diagonal, with constant-run loops, beside a learnable low-rank bias) from the
+    dK/dV kernel equals the dQ kernel's."""
     torch.manual_seed(1)
     B, Hq, Hkv, Lq, Lkv, D = 1, 2, 1, 45, 61, 16
     if kind == "row":
@@ -114,9 +115,13 @@ def test_learnable_scopes(kind):
         t = torch.randn(Hq, 16, requires_grad=True)
         mod = t5_bucket_bias(t, 16, 24, bidirectional=False)
     q, k, v = _qkv(B, Hq, Hkv, Lq, Lkv, D)
+    learn, kw = [t], {}
+    if kind == "t5":
+        uw = (torch.randn(B, Hq, Lq, 2, requires_grad=True), torch.randn(B, Hkv, Lkv, 2, requires_grad=True))
+        learn, kw = [t, *uw], {"bias_factors": uw}
     attn = attndsl.compile(mask_mod=causal, score_mod=mod, block_m=16, block_n=16)
     do = torch.randn(B, Hq, Lq, D)
-    two, one = _both_modes(attn, (q, k, v), [t], do)
+    two, one = _both_modes(attn, (q, k, v), learn, do, **kw)
     _close(one, two, 1e-5, f"{kind}: atomic vs two kernels")
 
 
