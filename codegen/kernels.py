@@ -176,18 +176,20 @@ def _dq_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
     this (key tile, query tile) pair, ``dQ += dS·K`` (and ``dU += dS·W`` of a low-rank bias, the
     learnable tensors' gradients: ``grads.dkdv_grad_adds``), added with float32 atomic adds into
     the query head's rows, so the backward runs five matrix products per pair instead of seven
-    (FlashAttention-2's shape). dQ is added unscaled; the runtime scales and casts it once."""
+    (FlashAttention-2's shape). dQ is added unscaled; the runtime scales and casts it once. The adds
+    are relaxed (no ordering: the sums are read only after the kernel), as the Hopper backward's."""
     I = B + I1
     return f'''{B}if DQ_ATOMIC:
 {I}dsq = tl.trans(dsT)
 {I}dq_rows = dqa_base + offs_m[:, None].to(tl.int64) * HEAD_D
-{I}tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq.to(k.dtype)", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :])
+{I}tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq.to(k.dtype)", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
+{I}              sem="relaxed")
 {I}if HAS_D2:
 {I}    tl.atomic_add(dq_rows + offs_d2[None, :], {_dot("dsq.to(k2.dtype)", "k2")},
-{I}                  mask=(offs_m[:, None] < LQ) & d2_ok[None, :])
+{I}                  mask=(offs_m[:, None] < LQ) & d2_ok[None, :], sem="relaxed")
 {I}if HAS_BIAS:
 {I}    tl.atomic_add(DU + (bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :], {_dot("dsq.to(w.dtype)", "w")},
-{I}                  mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK))
+{I}                  mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), sem="relaxed")
 {dkdv_grad_adds(spec, em, I)}'''
 
 

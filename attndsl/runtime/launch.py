@@ -770,8 +770,9 @@ def _launch_in_scope(r, memo, args) -> None:
 
 class FastBackward:
     """The backward of one call key and gradient layout once a call of them launched: the delta,
-    dK/dV and dQ launches from the runner's memo, the row statistics and gradients allocated from
-    templates; with block tables, the dK/dV and dQ launches add the tables of their memoised tiles.
+    dK/dV and dQ launches from the runner's memo (in the atomic dQ mode, ``config.atomic_dq``, no dQ
+    launch: a zeroed float32 dQ for the dK/dV kernel, then one scaling pass), the row statistics and
+    gradients allocated from templates; with block tables, the dK/dV and dQ launches add the tables of their memoised tiles.
     Only for calls without learnable captured tensors and low-rank factors (their gradient buffers
     and reductions take the ordinary path). See :class:`FastForward`."""
 
@@ -849,7 +850,8 @@ class FastBackward:
         return dq, dk, dv, dsinks, None, None, {}
 
     def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq):
-        """The delta, dK/dV and dQ launches; returns the delta the gradients used."""
+        """The delta, dK/dV and dQ launches (atomic mode: dQ from the dK/dV launch, scaled and cast
+        into ``dq``); returns the delta the gradients used."""
         if args_delta is not None:
             self.delta.launch(args_delta)
             if dlse is not None:
