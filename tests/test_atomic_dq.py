@@ -221,6 +221,20 @@ def test_the_mode_is_decided_in_one_place(monkeypatch):
         results.append(_grads(attn, (q, k, v), [], do))
         if mode == "1":
             assert "bwd_dq" not in launched
+    # the prepared launches themselves (conftest's ATTNDSL_VERIFY_MEMO checks them, then launches
+    # the ordinary way): a zeroed float32 dQ for the memoised dK/dV launch, no dQ launch
+    monkeypatch.setattr(launch, "VERIFY_MEMO", False)
+    fast = []
+    real_fast = launch.FastBackward._launch
+
+    def fast_spy(self, *a):
+        fast.append(self.atomic)
+        return real_fast(self, *a)
+    monkeypatch.setattr(launch.FastBackward, "_launch", fast_spy)
+    for mode in ("1", "1", "0", "0", "1", "1"):  # a changed mode takes the ordinary path once
+        monkeypatch.setenv(config.ATOMIC_DQ_ENV, mode)
+        results.append(_grads(attn, (q, k, v), [], do))
+    assert fast == [True, False, True]
     for g in results[1:]:
         _close(g, results[0], 1e-5, "modes and prepared calls")
 
