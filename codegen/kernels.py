@@ -180,15 +180,15 @@ def _dq_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
     are relaxed (no ordering: the sums are read only after the kernel), as the Hopper backward's."""
     I = B + I1
     return f'''{B}if DQ_ATOMIC:
-{I}dsq = tl.trans(dsT)
+{I}dsq = tl.trans(dsT.to(k.dtype))  # dK's operand too (q and k share a dtype): one conversion
 {I}dq_rows = dqa_base + offs_m[:, None].to(tl.int64) * HEAD_D
-{I}tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq.to(k.dtype)", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
+{I}tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
 {I}              sem="relaxed")
 {I}if HAS_D2:
-{I}    tl.atomic_add(dq_rows + offs_d2[None, :], {_dot("dsq.to(k2.dtype)", "k2")},
+{I}    tl.atomic_add(dq_rows + offs_d2[None, :], {_dot("dsq", "k2")},
 {I}                  mask=(offs_m[:, None] < LQ) & d2_ok[None, :], sem="relaxed")
 {I}if HAS_BIAS:
-{I}    tl.atomic_add(DU + (bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :], {_dot("dsq.to(w.dtype)", "w")},
+{I}    tl.atomic_add(DU + (bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :], {_dot("tl.trans(dsT.to(w.dtype))", "w")},
 {I}                  mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), sem="relaxed")
 {dkdv_grad_adds(spec, em, I)}'''
 

@@ -157,6 +157,19 @@ def test_document_mask_block_tables():
     _close(one, two, 1e-5, "atomic vs two kernels")
 
 
+def _launched(monkeypatch) -> list:
+    """The kernels (signature names) ``Runner._launch`` launches from now on, in order (conftest's
+    ATTNDSL_VERIFY_MEMO sends memoised launches through it too)."""
+    from attndsl.runtime import launch
+    launched, real = [], launch.Runner._launch
+
+    def spy(self, kernel, *a, **kw):
+        launched.append(self._signature_of[kernel])
+        return real(self, kernel, *a, **kw)
+    monkeypatch.setattr(launch.Runner, "_launch", spy)
+    return launched
+
+
 def test_deterministic_keeps_the_dq_kernel(monkeypatch):
     """deterministic=True ignores the atomic mode, however it is asked for: gradients bitwise
     repeatable, and the dQ kernel launched."""
@@ -170,14 +183,7 @@ def test_deterministic_keeps_the_dq_kernel(monkeypatch):
     q, k, v = _qkv(1, 2, 1, 40, 40, 16)
     attn = attndsl.compile(mask_mod=causal, score_mod=mod, block_m=16, block_n=16, deterministic=True)
     do = torch.randn(1, 2, 40, 16)
-    launched = []
-    from attndsl.runtime import launch
-    real = launch.Runner._launch
-
-    def spy(self, kernel, *a, **kw):
-        launched.append(self._signature_of[kernel])
-        return real(self, kernel, *a, **kw)
-    monkeypatch.setattr(launch.Runner, "_launch", spy)
+    launched = _launched(monkeypatch)
     g1 = _grads(attn, (q, k, v), [t], do)
     g2 = _grads(attn, (q, k, v), [t], do)
     assert "bwd_dq" in launched
@@ -203,13 +209,7 @@ def test_the_mode_is_decided_in_one_place(monkeypatch):
         Configs(*tiles, dq_mode="atomics")
 
     from attndsl.runtime import launch
-    launched = []
-    real = launch.Runner._launch
-
-    def spy(self, kernel, *a, **kw):
-        launched.append(self._signature_of[kernel])
-        return real(self, kernel, *a, **kw)
-    monkeypatch.setattr(launch.Runner, "_launch", spy)
+    launched = _launched(monkeypatch)
     torch.manual_seed(5)
     q, k, v = _qkv(1, 2, 2, 24, 24, 16)
     attn = attndsl.compile(mask_mod=causal, block_m=16, block_n=16)
