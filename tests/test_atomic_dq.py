@@ -157,6 +157,36 @@ def test_document_mask_block_tables():
     _close(one, two, 1e-5, "atomic vs two kernels")
 
 
+def test_layout_box_plan_and_block_selection():
+    """Visit plans of other shapes: a layout's box plan (2-D neighbourhood on an 8x8 grid in 4x4
+    tiles) and a block selection (MoBA/NSA blocks, GQA, its own transposed tables), each against
+    the two-kernel mode; the block selection against the float64 reference too."""
+    from attndsl import Layout
+    from attndsl.selectors import BlockSelection
+    torch.manual_seed(8)
+    lay = Layout((8, 8), tile=(4, 4))
+
+    def na(b, h, qi, ki):
+        (qy, qx), (ky, kx) = lay.coords(qi), lay.coords(ki)
+        return ((qy - ky).abs() <= 1) & ((qx - kx).abs() <= 1)
+    q, k, v = _qkv(1, 2, 1, 64, 64, 16)
+    do = torch.randn(1, 2, 64, 16)
+    attn = attndsl.compile(mask_mod=na, block_m=16, block_n=16)
+    two, one = _both_modes(attn, (q, k, v), [], do)
+    _close(one, two, 1e-5, "box plan: atomic vs two kernels")
+
+    Lq, Lkv = 50, 70
+    q, k, v = _qkv(1, 4, 2, Lq, Lkv, 16)
+    idx = torch.randint(-1, 5, (1, 2, 4, 2), generator=torch.Generator().manual_seed(9))  # 16-row blocks
+    sel = BlockSelection(idx.to(torch.int32), 16, 16)
+    attn = attndsl.compile(mask_mod=causal)
+    do = torch.randn(1, 4, Lq, 16)
+    two, one = _both_modes(attn, (q, k, v), [], do, blocks=sel)
+    _close(one, two, 1e-5, "blocks: atomic vs two kernels")
+    ro, _ = attndsl.reference.block_sparse_attention(q, k, v, sel, mask_mod=causal)
+    _close(one, torch.autograd.grad(ro, [q, k, v], do.double()), 1e-4, "blocks: atomic vs reference")
+
+
 def _launched(monkeypatch) -> list:
     """The kernels (signature names) ``Runner._launch`` launches from now on, in order (conftest's
     ATTNDSL_VERIFY_MEMO sends memoised launches through it too)."""
