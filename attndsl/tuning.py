@@ -49,8 +49,8 @@ TIMER: Callable | None = None
 @dataclass
 class Trial:
     """One timed (or skipped) candidate: ``kernel`` ("fwd", "dkdv", "dq", "dq_mode", "hopper"), its
-    ``config`` (a dQ mode, "kernel" or "atomic", for "dq_mode"), its time in milliseconds, or ``error`` why it was skipped; ``default``: the
-    configuration the runtime would use without tuning."""
+    ``config`` (for "dq_mode" a dQ mode, "kernel" or "atomic"), its time in milliseconds, or
+    ``error`` why it was skipped; ``default``: the configuration the runtime would use without tuning."""
 
     kernel: str
     config: object

@@ -297,7 +297,8 @@ def dkdv_grad_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
         # padding rows and keys add nothing (their unmasked scores may give inf * 0 there)
         code += f"{B}gl{i} = tl.where({live}, dsT_raw * gmod{i}, 0.0)\n"
         if gl.scope == "scatter" and gl.diagonal is not None:  # query rows, key columns, as in dQ
-            code += f"{B}gdst{i} = {dst}\n" + _diagonal_adds(i, f"tl.trans(gl{i})", *_diagonal_index(gl, p, em, B + I1), B)
+            diag = _diagonal_index(gl, p, em, B + I1)
+            code += f"{B}gdst{i} = {dst}\n" + _diagonal_adds(i, f"tl.trans(gl{i})", *diag, B)
             continue
         idx, body = em.branch(2, B, lambda gl=gl: [em.emit(a, 2) for a in gl.load.args])
         off, ok = _bounded_offset(gl, p, idx)

@@ -188,7 +188,8 @@ def _dq_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
 {I}    tl.atomic_add(dq_rows + offs_d2[None, :], {_dot("dsq", "k2")},
 {I}                  mask=(offs_m[:, None] < LQ) & d2_ok[None, :], sem="relaxed")
 {I}if HAS_BIAS:
-{I}    tl.atomic_add(DU + (bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :], {_dot("tl.trans(dsT.to(w.dtype))", "w")},
+{I}    tl.atomic_add(DU + (bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :],
+{I}                  {_dot("tl.trans(dsT.to(w.dtype))", "w")},
 {I}                  mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), sem="relaxed")
 {dkdv_grad_adds(spec, em, I)}'''
 

@@ -772,7 +772,8 @@ class FastBackward:
     """The backward of one call key and gradient layout once a call of them launched: the delta,
     dK/dV and dQ launches from the runner's memo (in the atomic dQ mode, ``config.atomic_dq``, no dQ
     launch: a zeroed float32 dQ for the dK/dV kernel, then one scaling pass), the row statistics and
-    gradients allocated from templates; with block tables, the dK/dV and dQ launches add the tables of their memoised tiles.
+    gradients allocated from templates; with block tables, the dK/dV and dQ launches add the tables
+    of their memoised tiles.
     Only for calls without learnable captured tensors and low-rank factors (their gradient buffers
     and reductions take the ordinary path). See :class:`FastForward`."""
 
@@ -875,7 +876,8 @@ class FastBackward:
         named, xo = buffer_tensors(buffers, r.learnable), extras.own(q)
         _same_arguments("backward dK/dV", [q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, *xown, *self.rest[0],
                                            *t_dkdv],
-                        self.dkdv.args({**r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, xo, named, {}),
+                        self.dkdv.args({**r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, xo, named,
+                                                      {}),
                                         **dict(zip(Table.PARAMS, t_dkdv))}))
         if not self.atomic:
             _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq],

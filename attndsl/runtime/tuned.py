@@ -2,10 +2,10 @@
 in effect (``docs/tuning.md``).
 
 An entry holds the portable kernels' tiles (forward, dK/dV, dQ), the backward's dQ mode ("dq_mode":
-"kernel", the dQ kernel, or "atomic", dQ added by the dK/dV kernel; ``config.atomic_dq``) and, where it was tuned, the Hopper
-forward's :class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward.
-Keys (:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers
-of two, the head dims, the GQA group, the dtype and the GPU. Entries shipped with the package
+"kernel", the dQ kernel, or "atomic", dQ added by the dK/dV kernel; ``config.atomic_dq``; entries
+without it: "kernel") and, where it was tuned, the Hopper forward's
+:class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward. Keys
+(:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers of two, the head dims, the GQA group, the dtype and the GPU. Entries shipped with the package
 (``attndsl/tuned/*.json``) are read first, the user's file (``tuning.json`` in the kernel cache
 directory, ``$ATTNDSL_CACHE_DIR``) over them; files are written atomically. ``CompiledAttention.runner``
 asks :func:`entry_for` once per call key; ``ATTNDSL_TUNING=0`` ignores every entry. The search
@@ -81,7 +81,8 @@ class Tuned:
         hop = d.get("hopper")
         wins = d.get("hopper_wins")
         times = tuple((k, v.get("default"), v.get("best")) for k, v in (d.get("ms") or {}).items())
-        return Tuned(key, Configs(tile(d["fwd"]), tile(d["dkdv"]), tile(d["dq"]), dq_mode=str(d.get("dq_mode", "kernel"))),
+        cfgs = Configs(tile(d["fwd"]), tile(d["dkdv"]), tile(d["dq"]), dq_mode=str(d.get("dq_mode", "kernel")))
+        return Tuned(key, cfgs,
                      None if hop is None else HopperConfig(**hop), None if wins is None else bool(wins), times)
 
 
