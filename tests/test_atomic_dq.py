@@ -24,10 +24,20 @@ def causal(b, h, q, k):
 
 @pytest.fixture(autouse=True)
 def _mode_follows_configs(monkeypatch):
-    """Each test decides the dQ mode itself: no process switch or environment left over."""
-    monkeypatch.delenv(config.ATOMIC_DQ_ENV, raising=False)
-    config.enable_atomic_dq(None)
+    """Each test decides the dQ mode itself: no process switch or environment left over (after it,
+    the environment as monkeypatch restores it is read again on first use)."""
+    _set_env(monkeypatch, None)
     yield
+    config.enable_atomic_dq(None)
+    config._ATOMIC_DQ_FROM_ENV.clear()
+
+
+def _set_env(monkeypatch, value: str | None) -> None:
+    """Set (None: unset) ``ATTNDSL_ATOMIC_DQ`` and have the runtime read it again (it reads it once)."""
+    if value is None:
+        monkeypatch.delenv(config.ATOMIC_DQ_ENV, raising=False)
+    else:
+        monkeypatch.setenv(config.ATOMIC_DQ_ENV, value)
     config.enable_atomic_dq(None)
 
 
@@ -203,7 +213,7 @@ def _launched(monkeypatch) -> list:
 def test_deterministic_keeps_the_dq_kernel(monkeypatch):
     """deterministic=True ignores the atomic mode, however it is asked for: gradients bitwise
     repeatable, and the dQ kernel launched."""
-    monkeypatch.setenv(config.ATOMIC_DQ_ENV, "1")
+    _set_env(monkeypatch, "1")
     assert not atomic_dq(Configs(*[TileConfig(16, 16)] * 3, dq_mode="atomic"), deterministic=True)
     torch.manual_seed(4)
     t = torch.rand(2, requires_grad=True)
@@ -228,13 +238,14 @@ def test_the_mode_is_decided_in_one_place(monkeypatch):
     kernel, atomic = Configs(*tiles), Configs(*tiles, dq_mode="atomic")
     assert not atomic_dq(kernel, False) and atomic_dq(atomic, False)
     monkeypatch.setenv(config.ATOMIC_DQ_ENV, "1")
+    assert not atomic_dq(kernel, False)  # read once: calls do not look at the environment
+    config.enable_atomic_dq(None)  # ... until it is read again
     assert atomic_dq(kernel, False)
-    monkeypatch.setenv(config.ATOMIC_DQ_ENV, "0")
+    _set_env(monkeypatch, "0")
     assert not atomic_dq(atomic, False)
     config.enable_atomic_dq(True)
     assert atomic_dq(kernel, False) and config.forced_dq_mode() == "atomic"
-    config.enable_atomic_dq(None)
-    monkeypatch.delenv(config.ATOMIC_DQ_ENV)
+    _set_env(monkeypatch, None)
     with pytest.raises(ValueError, match="dq_mode"):
         Configs(*tiles, dq_mode="atomics")
 
@@ -246,7 +257,7 @@ def test_the_mode_is_decided_in_one_place(monkeypatch):
     do = torch.randn(1, 2, 24, 16)
     results = []
     for mode in ("0", "1", "1", "0"):  # the repeated call takes the prepared (memoised) launches
-        monkeypatch.setenv(config.ATOMIC_DQ_ENV, mode)
+        _set_env(monkeypatch, mode)
         launched.clear()
         results.append(_grads(attn, (q, k, v), [], do))
         if mode == "1":
@@ -262,7 +273,7 @@ def test_the_mode_is_decided_in_one_place(monkeypatch):
         return real_fast(self, *a)
     monkeypatch.setattr(launch.FastBackward, "_launch", fast_spy)
     for mode in ("1", "1", "0", "0", "1", "1"):  # a changed mode takes the ordinary path once
-        monkeypatch.setenv(config.ATOMIC_DQ_ENV, mode)
+        _set_env(monkeypatch, mode)
         results.append(_grads(attn, (q, k, v), [], do))
     assert fast == [True, False, True]
     for g in results[1:]:
@@ -301,7 +312,7 @@ def test_tuned_entry_records_the_mode(tmp_path, monkeypatch):
         tuning.reset()
         attn = attndsl.compile(mask_mod=causal)
         assert attn.runner(q, 16, k).cfg.dq_mode == "atomic"
-        monkeypatch.setenv(config.ATOMIC_DQ_ENV, "0")  # a forced mode is not tuned
+        _set_env(monkeypatch, "0")  # a forced mode is not tuned
         res = tuning.autotune(causal, q, k, v, candidates={"fwd": [c], "dkdv": [c], "dq": [c]},
                               timer=lambda *a: 1.0, progress=False, save=False)
         assert all("forces the dQ mode" in t.error for t in res.trials if t.kernel == "dq_mode")
