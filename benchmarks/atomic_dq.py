@@ -78,8 +78,8 @@ def run_case(name: str, sweep: bool) -> list:
         raise AssertionError(f"{name}: the atomic mode's gradients differ: {errs}")
 
     def row(variant, ms, tiles=None):
-        r = {"case": name, "B": B, "Hq": Hq, "Hkv": Hkv, "Lq": L, "Lkv": L, "D": D, "dtype": str(DTYPE).replace("torch.", ""),
-             "pass": "fwd+bwd", "variant": variant, "ms": ms, "dkdv_tiles": tiles,
+        r = {"case": name, "B": B, "Hq": Hq, "Hkv": Hkv, "Lq": L, "Lkv": L, "D": D,
+             "dtype": str(DTYPE).replace("torch.", ""), "pass": "fwd+bwd", "variant": variant, "ms": ms, "dkdv_tiles": tiles,
              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
         rows.append(r)
         print(f"  {variant:<28} {ms:8.3f} ms" + (f"  dK/dV tiles {tiles}" if tiles else ""), flush=True)
