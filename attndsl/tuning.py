@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .runtime.config import Configs, TileConfig
+from .runtime.config import DQ_MODES, Configs, TileConfig, forced_dq_mode
 from .runtime.hopper import HopperConfig
 from .runtime.tuned import (KERNELS, SHIPPED_DIR, Tuned, clear, entries, entry_for, entry_key, export, load,
                             reset, user_file)
@@ -48,9 +48,9 @@ TIMER: Callable | None = None
 # -- the search ---------------------------------------------------------------------------------
 @dataclass
 class Trial:
-    """One timed (or skipped) candidate: ``kernel`` ("fwd", "dkdv", "dq", "hopper"), its
-    ``config``, its time in milliseconds, or ``error`` why it was skipped; ``default``: the
-    configuration the runtime would use without tuning."""
+    """One timed (or skipped) candidate: ``kernel`` ("fwd", "dkdv", "dq", "dq_mode", "hopper"), its
+    ``config`` (for "dq_mode" a dQ mode, "kernel" or "atomic"), its time in milliseconds, or
+    ``error`` why it was skipped; ``default``: the configuration the runtime would use without tuning."""
 
     kernel: str
     config: object
@@ -216,7 +216,10 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     the fastest of each as a tuned entry (on disk, and in effect for runners made from now on).
 
     Candidates are tried one kernel at a time, the others at their best so far: the portable
-    forward, then (``backward=True``) the dK/dV and the dQ kernels, and on a compute capability
+    forward, then (``backward=True``) the dK/dV and the dQ kernels, then the backward's dQ mode
+    (``Configs.dq_mode``: the dQ kernel, or dQ added by the dK/dV kernel with atomic adds, timed as
+    whole backwards at the best tiles; not for deterministic patterns, nor while
+    ``ATTNDSL_ATOMIC_DQ`` or ``enable_atomic_dq`` forces a mode), and on a compute capability
     9.0 GPU, where the Hopper forward renders the pattern and takes the call, the Hopper forward's
     configurations (``hopper.sweep_configs``); the entry records whether the best of those beat the
     best portable forward (calls of the entry take the Hopper forward exactly then, unless
@@ -238,7 +241,8 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         v: values ``[B, Hkv, Lkv, Dv]``.
         backward: also tune the backward's dK/dV and dQ kernels.
         candidates: tiles to try instead of the defaults (:func:`candidate_tiles`), per kernel:
-            ``{"fwd": [TileConfig, ...], "dkdv": [...], "dq": [...], "hopper": [HopperConfig, ...]}``;
+            ``{"fwd": [TileConfig, ...], "dkdv": [...], "dq": [...], "dq_mode": ["kernel", "atomic"],
+            "hopper": [HopperConfig, ...]}``;
             kernels not named keep the default list ("hopper" is ignored where the Hopper forward does
             not take the call). The default configuration is always tried first.
         rep: milliseconds of timed repetitions per candidate (``triton.testing.do_bench``'s ``rep``).
@@ -301,9 +305,14 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     want_fwd = _forward(ref_runner, q, k, v, scale, tensors, t, extras, None)
     want_bwd = _backward(ref_runner, q, k, v, *want_fwd, dout, scale, tensors, t, extras, None) if backward else None
 
-    kernels = ["fwd"] + (["dkdv", "dq"] if backward else [])
+    kernels = ["fwd"] + (["dkdv", "dq", "dq_mode"] if backward else [])
     lists = {kn: list((candidates or {}).get(kn) or candidate_tiles(kn, getattr(default, kn), interpret, fixed(kn)))
-             for kn in kernels}
+             for kn in kernels if kn != "dq_mode"}
+    if backward:  # the backward's dQ mode, at the best tiles: the dQ kernel (the default) or atomic adds
+        lists["dq_mode"] = list((candidates or {}).get("dq_mode") or DQ_MODES)
+        bad = sorted(set(lists["dq_mode"]) - set(DQ_MODES))
+        if bad:
+            raise ValueError(f"candidates['dq_mode'] names unknown modes {bad}; expected some of {list(DQ_MODES)}")
     for kn in kernels:  # the default first, always
         d = getattr(default, kn)
         lists[kn] = [d] + [c for c in lists[kn] if c != d]
@@ -335,7 +344,13 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     try:
         for kn in kernels:
             for i, cfg in enumerate(lists[kn]):
-                if fixed(kn) is not None and (cfg.block_m, cfg.block_n) != fixed(kn):
+                if kn == "dq_mode":
+                    why = _dq_mode_skipped(cfg, base.deterministic)
+                    if why is not None:
+                        trials.append(Trial(kn, cfg, error=why, default=i == 0))
+                        bar.step(kn, None)
+                        continue
+                elif fixed(kn) is not None and (cfg.block_m, cfg.block_n) != fixed(kn):
                     trials.append(Trial(kn, cfg, error=f"the pattern's layout plans fix the tiles at {fixed(kn)}"))
                     bar.step(kn, None)
                     continue
@@ -389,6 +404,17 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         path = save_entries({ekey: tuned})
         compiled._runners = {}  # runners made before the entry: made again (their call plans follow)
     return TuningResult(ekey, tuned, trials, path)
+
+
+def _dq_mode_skipped(mode: str, deterministic: bool) -> str | None:
+    """Why the dQ mode ``mode`` is not timed: the environment or ``enable_atomic_dq`` forces one
+    (every candidate would run it), or atomic adds for a deterministic pattern (never taken)."""
+    forced = forced_dq_mode()
+    if forced is not None:
+        return f"ATTNDSL_ATOMIC_DQ / enable_atomic_dq forces the dQ mode {forced!r}"
+    if mode == "atomic" and deterministic:
+        return "deterministic patterns keep the dQ kernel"
+    return None
 
 
 def _shrunk(r, kernel: str, cfg: TileConfig) -> str | None:

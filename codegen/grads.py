@@ -91,9 +91,10 @@ def _diagonal_adds(i: int, contrib: str, lines: str, off: str, B: str) -> str:
     return (f"{B}gwrap{i} = {rows} + {cols}[None, :]\n"
             f"{B}grot{i} = tl.gather({contrib}, gwrap{i} % BLOCK_N, 1)\n"
             f"{B}gwrap{i} = gwrap{i} // BLOCK_N\n"
-            f"{B}for w in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
-            f"{B}    {d} = tl.sum(tl.where(gwrap{i} == w, grot{i}, 0.0), 0)\n"
-            f"{B}    dist = q_lo - kv_lo + w * BLOCK_N - {cols}\n"
+            # ``gw``, not ``w``: the dK/dV kernel's low-rank factor tile is ``w``
+            f"{B}for gw in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):\n"
+            f"{B}    {d} = tl.sum(tl.where(gwrap{i} == gw, grot{i}, 0.0), 0)\n"
+            f"{B}    dist = q_lo - kv_lo + gw * BLOCK_N - {cols}\n"
             f"{lines}"
             f"{B}    if DETERMINISTIC:\n{det[0]}{det[1]}"
             f"{B}    else:\n"
@@ -261,3 +262,61 @@ def _grad_load_code(spec: KernelSpec, em: ExprEmitter, B: str, mode: str = "test
     if mode == "run":
         return run_init, loop, run_final
     return init, loop, final
+
+
+def _bounded_offset(gl, p: str, idx: list[str]) -> tuple[str, str]:
+    """(offset, in-bounds test) of a learnable load's element at index codes ``idx``, as the forward
+    read it (``ExprEmitter._emit_load``): a plain ``q``/``kv`` index unclamped and bounds-tested
+    (the forward read 0 there, so nothing is added), any other index clamped into the tensor. The
+    test is "" where no index is plain."""
+    terms, ok = [], []
+    for d, (a, x) in enumerate(zip(gl.load.args, idx)):
+        if a.op == "var" and a.attr in ("q", "kv"):
+            terms.append(f"({x}).to(tl.int64) * {p}_stride{d}")
+            ok.append(f"({x} < {p}_size{d})")
+        else:
+            terms.append(f"tl.minimum(tl.maximum({x}, 0), {p}_size{d} - 1).to(tl.int64) * {p}_stride{d}")
+    return " + ".join(terms) or "0", " & ".join(ok)
+
+
+def dkdv_grad_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
+    """The learnable tensors' gradients of one (key tile, query tile) pair of the dK/dV kernel when
+    it also computes dQ (``DQ_ATOMIC``; the dQ kernel, which adds them otherwise, does not run).
+
+    The tile is transposed (keys on the rows, ``dsT_raw``: ∂L/∂score_mod) and every pair is visited
+    once, by one program of the key tile: each scope is summed over the indices it does not follow
+    and added with atomic adds ("program": one scalar per tile; "row": one per query, summed over
+    the tile's keys; "col": one per key; "exact": per element, a plain store where each element
+    belongs to one pair, ``GL{i}_ATOMIC`` False; "scatter": per element, or for a table read along
+    diagonals one add per diagonal, as the dQ kernel does, on the transposed tile: ``_diagonal_adds``).
+    Never deterministic: a deterministic backward keeps the dQ kernel (``config.atomic_dq``)."""
+    code = ""
+    live = "(q_idx < LQ) & (kv_idx < LKV)"
+    for i, gl in enumerate(spec.grad_loads):
+        p, dst = f"buf{gl.slot}", f"DBUF{gl.slot}_{i}"
+        # padding rows and keys add nothing (their unmasked scores may give inf * 0 there)
+        code += f"{B}gl{i} = tl.where({live}, dsT_raw * gmod{i}, 0.0)\n"
+        if gl.scope == "scatter" and gl.diagonal is not None:  # query rows, key columns, as in dQ
+            diag = _diagonal_index(gl, p, em, B + I1)
+            code += f"{B}gdst{i} = {dst}\n" + _diagonal_adds(i, f"tl.trans(gl{i})", *diag, B)
+            continue
+        idx, body = em.branch(2, B, lambda gl=gl: [em.emit(a, 2) for a in gl.load.args])
+        off, ok = _bounded_offset(gl, p, idx)
+        code += body
+        if gl.scope == "program":
+            code += f"{B}tl.atomic_add({dst} + ({off}), tl.sum(tl.sum(gl{i}, 1), 0))\n"
+        elif gl.scope == "row":  # queries along the tile's columns
+            mask = " & ".join(["(q_idx < LQ)"] + ([ok] if ok else []))
+            code += f"{B}tl.atomic_add({dst} + ({off}), tl.sum(gl{i}, 0, keep_dims=True), mask={mask})\n"
+        elif gl.scope == "col":
+            mask = " & ".join(["(kv_idx < LKV)"] + ([ok] if ok else []))
+            code += f"{B}tl.atomic_add({dst} + ({off}), tl.sum(gl{i}, 1, keep_dims=True), mask={mask})\n"
+        else:
+            mask = " & ".join([live] + ([ok] if ok else []))
+            add = f"tl.atomic_add({dst} + ({off}), gl{i}, mask={mask})\n"
+            if gl.scope == "exact":
+                code += (f"{B}if GL{i}_ATOMIC:\n{B}    {add}{B}else:\n"
+                         f"{B}    tl.store({dst} + ({off}), gl{i}.to({dst}.dtype.element_ty), mask={mask})\n")
+            else:
+                code += B + add
+    return code

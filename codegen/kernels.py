@@ -15,7 +15,7 @@ from .attention import (FOLDED_SCALE, I1, I2, I3, I4, KV_DESCRIPTORS, SECOND_PAR
                         _dot_acc, _folded_score_lines, _folds_scale, _kv_tile, _probs, _run_score_lines,
                         _score_lines, _second_q_rows, _softmax)
 from .expr import ExprEmitter
-from .grads import _grad_load_code
+from .grads import _grad_load_code, dkdv_grad_adds
 from .plan import (_hoist_loads, _indent, _loop_head, _plan_lines, _split_backward, _split_extras, _split_loop,
                    _table_plan_lines, _tile_class)
 from .writer import kernel_def
@@ -171,11 +171,35 @@ def preprocess(spec: KernelSpec) -> str:
 '''
 
 
+def _dq_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
+    """The dK/dV kernel's dQ stage (``DQ_ATOMIC``, compiled out otherwise): the dQ kernel's work for
+    this (key tile, query tile) pair, ``dQ += dS·K`` (and ``dU += dS·W`` of a low-rank bias, the
+    learnable tensors' gradients: ``grads.dkdv_grad_adds``), added with float32 atomic adds into
+    the query head's rows, so the backward runs five matrix products per pair instead of seven
+    (FlashAttention-2's shape). dQ is added unscaled; the runtime scales and casts it once. The adds
+    are relaxed (no ordering: the sums are read only after the kernel), as the Hopper backward's."""
+    I = B + I1
+    return f'''{B}if DQ_ATOMIC:
+{I}dsq = tl.trans(dsT.to(k.dtype))  # dK's operand too (q and k share a dtype): one conversion
+{I}dq_rows = dqa_base + offs_m[:, None].to(tl.int64) * HEAD_D
+{I}tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
+{I}              sem="relaxed")
+{I}if HAS_D2:
+{I}    tl.atomic_add(dq_rows + offs_d2[None, :], {_dot("dsq", "k2")},
+{I}                  mask=(offs_m[:, None] < LQ) & d2_ok[None, :], sem="relaxed")
+{I}if HAS_BIAS:
+{I}    tl.atomic_add(DU + (bh.to(tl.int64) * LQ + offs_m[:, None]) * RANK + offs_r[None, :],
+{I}                  {_dot("tl.trans(dsT.to(w.dtype))", "w")},
+{I}                  mask=(offs_m[:, None] < LQ) & (offs_r[None, :] < RANK), sem="relaxed")
+{dkdv_grad_adds(spec, em, I)}'''
+
+
 def dkdv(spec: KernelSpec, table: bool) -> str:
-    """dK/dV (and dW of a low-rank bias): one program per (key tile, batch*kv head)."""
+    """dK/dV (and dW of a low-rank bias): one program per (key tile, batch*kv head); with
+    ``DQ_ATOMIC`` also dQ (``_dq_adds``)."""
     env = {"b": ("b", 0), "kv": ("kv_idx", 0), "kv_lo": ("kv_lo", 0), "kv_hi": ("kv_hi", 0),
            "kv_max": ("kv_max", 0), "q_max": ("q_max", 0), "h": ("h", 1),
-           "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2)}
+           "q": ("q_idx", 2), "q_lo": ("q_lo", 2), "q_hi": ("q_hi", 2), "score": ("score", 2), DIST: (DIST, 2)}
     em = ExprEmitter(env, 3, prefix="v")
     _hoist_loads(spec, em, {"program": 0, "col": 0})
     plan = (_table_plan_lines("", "b.to(tl.int64) * tbl_stride_b + h.to(tl.int64) * tbl_stride_h", "pid_n") if table
@@ -200,7 +224,8 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         head = _loop_head(spec, run, runs, table, spec.bwd_range, "q", I2, part, bounds)
         score = _score_lines(spec, em, B, 2, "qkT", _dot("w", "tl.trans(u)"), backward=True, inner="q", mode=mode)
         mask = "" if run or part == "full" else _bwd_mask(spec, em, B, 2, part)
-        ds = _bwd_dscore(spec, B, "pT", "dpT", "dsT", "col")
+        ds = _bwd_dscore(spec, B, "pT", "dpT", "dsT", "col", raw=bool(spec.grad_loads))
+        dq_adds = _dq_adds(spec, em, B)
         if _softmax(spec):
             stats = f'''{B}lse = _lse_log2(tl.load(Lse + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0))
 {B}delta = tl.load(Delta + bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -243,7 +268,7 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
 {B}    dk2 += {_dot("dsT.to(q2.dtype)", "q2")}
 {B}if HAS_BIAS:
 {B}    dw += {_dot("dsT.to(u.dtype)", "u")}
-'''
+{dq_adds}'''
 
     mode = "plain" if runs else "tested"
     if _split_backward(spec, spec.bwd_range, cls, runs):
@@ -294,6 +319,8 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
         bh = b * HQ + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        if DQ_ATOMIC:  # this query head's rows of the float32 dQ (contiguous [B, HQ, LQ, HEAD_D])
+            dqa_base = DQA + bh.to(tl.int64) * LQ * HEAD_D
         if HAS_BIAS:
             w = tl.load(W + b.to(tl.int64) * stride_wb + (h // W_GROUP).to(tl.int64) * stride_wh + offs_n[:, None].to(tl.int64) * stride_wn + offs_r[None, :] * stride_wr,
                         mask=(offs_n[:, None] < LKV) & (offs_r[None, :] < RANK), other=0.0)

@@ -7,7 +7,7 @@ from . import kernels, table as _table, tilebounds as _tilebounds
 from .prelude import module_header
 
 #: Bump when generated code changes meaning; old cache entries are then ignored.
-CODEGEN_VERSION = 4
+CODEGEN_VERSION = 5
 
 
 def kernel_names(spec: KernelSpec) -> dict[str, str]:

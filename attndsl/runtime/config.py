@@ -6,6 +6,7 @@ constants every attention kernel takes; and the gather and indexer kernels' tile
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +43,59 @@ class Configs:
     #: forward tiles for patterns with neither mask nor score modifier (every tile full, no per-score
     #: work beyond the normaliser), when the grid is not small; None: ``fwd``
     fwd_wide: TileConfig | None = None
+    #: how the portable backward computes dQ (:func:`atomic_dq` decides per call): "kernel", the dQ
+    #: kernel (one program per query tile, seven matrix products per tile pair in all), or "atomic",
+    #: added by the dK/dV kernel into a float32 buffer (five); ``dq``'s tiles serve the first only
+    dq_mode: str = "kernel"
+
+    def __post_init__(self):
+        if self.dq_mode not in DQ_MODES:
+            raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {self.dq_mode!r}")
+
+
+#: the portable backward's ways of computing dQ (``Configs.dq_mode``)
+DQ_MODES = ("kernel", "atomic")
+#: the environment variable that forces the dQ mode: "1" atomic, "0" the dQ kernel, unset: the configs'.
+#: Read on first use and kept (calls do not read the environment); ``enable_atomic_dq(None)`` reads it again
+ATOMIC_DQ_ENV = "ATTNDSL_ATOMIC_DQ"
+_ATOMIC_DQ: list = [None]  # enable_atomic_dq's setting; None: follow ATOMIC_DQ_ENV, then the configs
+_ATOMIC_DQ_FROM_ENV: list = []  # the environment's mode ("atomic", "kernel" or None), once read
+
+
+def enable_atomic_dq(on: bool | None) -> None:
+    """Force the portable backward's dQ mode for this process: True adds dQ in the dK/dV kernel
+    (atomic adds), False runs the dQ kernel, None follows ``ATTNDSL_ATOMIC_DQ`` as the environment
+    says now (read here and kept) and then each runner's ``Configs.dq_mode`` (a tuned entry's, else
+    "kernel"). Deterministic backwards always run the dQ kernel."""
+    _ATOMIC_DQ[0] = on
+    if on is None:
+        _ATOMIC_DQ_FROM_ENV[:] = [_env_dq_mode()]
+
+
+def _env_dq_mode() -> str | None:
+    env = os.environ.get(ATOMIC_DQ_ENV)
+    return None if env is None else ("atomic" if env == "1" else "kernel")
+
+
+def forced_dq_mode() -> str | None:
+    """The dQ mode :func:`enable_atomic_dq` or ``ATTNDSL_ATOMIC_DQ`` forces, or None (the configs')."""
+    on = _ATOMIC_DQ[0]
+    if on is not None:
+        return "atomic" if on else "kernel"
+    if not _ATOMIC_DQ_FROM_ENV:
+        _ATOMIC_DQ_FROM_ENV.append(_env_dq_mode())
+    return _ATOMIC_DQ_FROM_ENV[0]
+
+
+def atomic_dq(cfgs: Configs, deterministic: bool) -> bool:
+    """Does a portable backward with configs ``cfgs`` add dQ in the dK/dV kernel (and skip the dQ
+    kernel)? The one place this is decided (``Runner.backward`` and its prepared launches ask it
+    per call): never for ``deterministic`` runs (float atomic adds land in any order); else the
+    mode :func:`forced_dq_mode` says (``enable_atomic_dq``, then ``ATTNDSL_ATOMIC_DQ``), else
+    ``cfgs.dq_mode``. Off by default until a GPU measurement says where it wins."""
+    if deterministic:
+        return False
+    return (forced_dq_mode() or cfgs.dq_mode) == "atomic"
 
 
 #: a call whose default forward grid has at most this many programs per multiprocessor takes

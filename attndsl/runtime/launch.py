@@ -14,8 +14,8 @@ import torch
 import triton
 
 from . import fastlaunch
-from .config import Configs, HeadDims, TileConfig, device_properties, forward_tiles, grid_section, multiprocessors, \
-    retry_tiles
+from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties, forward_tiles, grid_section, \
+    multiprocessors, retry_tiles
 from .fastlaunch import Direct
 from .hopper import HopperForward
 from .hopper_bwd import HopperBackward
@@ -458,19 +458,25 @@ class Runner:
 
     def _backward_key(self, key, dout, dlse) -> tuple:
         """The backward's memo key: the forward's call key, the output gradient's layout, whether
-        there is an lse gradient, and the determinism."""
-        return (key, tensor_key(dout), dlse is None, self.deterministic)
+        there is an lse gradient, the determinism and the dQ mode (``config.atomic_dq``)."""
+        return (key, tensor_key(dout), dlse is None, self.deterministic, atomic_dq(self.cfg, self.deterministic))
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
                  key=None):
         """Returns (dq, dk, dv, dsinks, du, dw, {slot: dbuf}). ``key``: the forward's ``call_key``
-        (None: no memo)."""
+        (None: no memo).
+
+        dQ comes from the dQ kernel, or (``config.atomic_dq``: never deterministic) from the dK/dV
+        kernel, which then adds it (and dU, and the learnable tensors' gradients) into zeroed
+        float32 buffers with atomic adds; the dQ kernel does not run and one pass scales and
+        casts dQ."""
         extras = extras or Extras()
         B, Hq, Lq = q.shape[:3]
         Hkv, Lkv = k.shape[1], k.shape[2]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic
+        atomic = atomic_dq(self.cfg, det)
         fkey = key
         key = self._tables_key(self._backward_key(key, dout, dlse), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
@@ -492,10 +498,13 @@ class Runner:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(delta.dtype)
         dq, dk, dv = _like(q), _like(k), _like(v)
+        # atomic dQ: unscaled float32 sums, contiguous [B, Hq, Lq, D] (the kernel's row offsets)
+        dqa = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device) if atomic else q
         R = extras.u.shape[3] if extras.u is not None else 1
-        du = torch.empty((B, Hq, Lq, R), dtype=acc_dtype(q), device=q.device) if extras.u is not None else q
+        new = torch.zeros if atomic else torch.empty  # atomic: dU is added into, not stored
+        du = new((B, Hq, Lq, R), dtype=acc_dtype(q), device=q.device) if extras.u is not None else q
         dw = torch.empty((B, Hq, Lkv, R), dtype=acc_dtype(q), device=q.device) if extras.u is not None else q
-        dbufs, partials, gl_named, gl_consts = self._gradient_buffers(q, buffers, B, Hq, Lq, Lkv)
+        dbufs, partials, gl_named, gl_consts = self._gradient_buffers(q, buffers, B, Hq, Lq, Lkv, atomic)
         xown = extras.own(q)
         bufs = buffer_tensors(buffers, self.learnable)
 
@@ -504,7 +513,7 @@ class Runner:
                     "GROUP": Hq // Hkv, "LQ": Lq, "LKV": Lkv, **extras.layout(q, k), **buffer_layout(bufs)}
 
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
-        own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, scale, xown, bufs)
+        own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, dqa, du, scale, xown, bufs, gl_named)
         consts = None
         # the Hopper (sm_90) backward: dK/dV, and dQ unless deterministic (then the portable dQ kernel)
         hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
@@ -519,18 +528,22 @@ class Runner:
                          fixed=lambda: {**shared(), **strides_named(dk, "dkb", "dkh", "dkn", "dkd"),
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
-                         **consts, EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
-        own = self._dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named)
-        memo, own, dq_key = self._table_memo(dqk, key, own, tables, buffers, False)
+                         **consts, **gl_consts, DQ_ATOMIC=atomic,
+                         EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
         if dq_hop is not None:
             dq = dq_hop
-        elif not self._memoised(memo, own):
-            consts = consts or {**self._consts(q.dtype), **extras.consts()}
-            self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
-                         table_args=self._table_args(tables, buffers, False), key=dq_key,
-                         fixed=lambda: {**shared(), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
-                                        "SECTION": self._kv_section(q, k, v)},
-                         **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self.dims.even)
+        elif atomic:
+            torch.mul(dqa, scale, out=dq)  # the scale and the cast in one pass
+        else:
+            own = self._dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named)
+            memo, own, dq_key = self._table_memo(dqk, key, own, tables, buffers, False)
+            if not self._memoised(memo, own):
+                consts = consts or {**self._consts(q.dtype), **extras.consts()}
+                self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
+                             table_args=self._table_args(tables, buffers, False), key=dq_key,
+                             fixed=lambda: {**shared(), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
+                                            "SECTION": self._kv_section(q, k, v)},
+                             **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self.dims.even)
         dsinks = sink_gradient(extras.sinks, lse, delta) if extras.sinks is not None else None
         if extras.u is not None:
             du = reduce_to(du, extras.u.shape).to(extras.u.dtype)
@@ -551,10 +564,11 @@ class Runner:
         return dq, dk, dv, dsinks, du, dw, dbufs
 
     @staticmethod
-    def _dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, scale, xown, bufs) -> dict:
-        """The dK/dV kernel's own values by name, in its signature's order (see ``_forward_own``)."""
+    def _dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, dqa, du, scale, xown, bufs, gl_named) -> dict:
+        """The dK/dV kernel's own values by name, in its signature's order (see ``_forward_own``).
+        ``dqa``, ``du`` and ``gl_named``: the atomic dQ mode's outputs (placeholders otherwise)."""
         return {"Q": q, "K": k, "V": v, "DO": dout, "DK": dk, "DV": dv, "Lse": lse, "Delta": delta, "DW": dw,
-                "sm_scale": scale, **xown, **bufs}
+                "DQA": dqa, "DU": du, "sm_scale": scale, **xown, **bufs, **gl_named}
 
     @staticmethod
     def _dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named) -> dict:
@@ -562,8 +576,9 @@ class Runner:
         return {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "sm_scale": scale,
                 **xown, **bufs, **gl_named}
 
-    def _gradient_buffers(self, q, buffers, B, Hq, Lq, Lkv):
-        """The learnable tensors' gradient buffers for the dQ kernel: ({slot: gradient}, deterministic
+    def _gradient_buffers(self, q, buffers, B, Hq, Lq, Lkv, atomic: bool = False):
+        """The learnable tensors' gradient buffers for the dQ kernel (``atomic``: for the dK/dV
+        kernel's dQ stage, zeroed, never zero-filled by a kernel): ({slot: gradient}, deterministic
         partials [(slot, values, offsets, row length)], the kernel's ``DBUF{slot}_{i}``/``GOFF{slot}_{i}``
         arguments by name, its ``GL{i}_*`` constants)."""
         det = self.deterministic
@@ -576,7 +591,7 @@ class Runner:
                 # full-size tensor read once, whose elements are each written by one program, gets
                 # its gradient in its own dtype (no float32 copy and conversion pass)
                 alone = exact and gl.slot in self._loaded_once
-                if alone and self._zero_fills(gl, t, B, Hq, Lq, Lkv):
+                if alone and not atomic and self._zero_fills(gl, t, B, Hq, Lq, Lkv):
                     # the dQ kernel writes every element: visited tiles their gradient, the rest zeros
                     dbufs[gl.slot] = _new(t.shape, t)
                     consts[f"GL{i}_ZERO_FILL"] = True
@@ -755,13 +770,15 @@ def _launch_in_scope(r, memo, args) -> None:
 
 class FastBackward:
     """The backward of one call key and gradient layout once a call of them launched: the delta,
-    dK/dV and dQ launches from the runner's memo, the row statistics and gradients allocated from
-    templates; with block tables, the dK/dV and dQ launches add the tables of their memoised tiles.
+    dK/dV and dQ launches from the runner's memo (in the atomic dQ mode, ``config.atomic_dq``, no dQ
+    launch: a zeroed float32 dQ for the dK/dV kernel, then one scaling pass), the row statistics and
+    gradients allocated from templates; with block tables, the dK/dV and dQ launches add the tables
+    of their memoised tiles.
     Only for calls without learnable captured tensors and low-rank factors (their gradient buffers
     and reductions take the ordinary path). See :class:`FastForward`."""
 
     __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "rest", "tables", "tpl", "convert",
-                 "allocator", "hopper")
+                 "allocator", "hopper", "atomic")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -770,24 +787,26 @@ class FastBackward:
         memo = runner._memo
         b = FastBackward()
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
+        b.atomic = atomic_dq(runner.cfg, runner.deterministic)  # the dK/dV kernel adds dQ: no dQ launch
         b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None else None
-        b.dkdv, b.dq = memo.get((runner._kernel("bwd_dkdv"), key)), memo.get((runner._kernel("bwd_dq"), key))
-        if b.dkdv is None or b.dq is None or (delta is not None and b.delta is None):
+        b.dkdv = memo.get((runner._kernel("bwd_dkdv"), key))
+        b.dq = None if b.atomic else memo.get((runner._kernel("bwd_dq"), key))
+        if b.dkdv is None or (b.dq is None and not b.atomic) or (delta is not None and b.delta is None):
             return None
         b.tpl = [_template(t) for t in (*grads, *(() if delta is None else (delta,)))]
-        b.tables = (_table_part(b.dkdv, True), _table_part(b.dq, False))
+        b.tables = (_table_part(b.dkdv, True), None if b.atomic else _table_part(b.dq, False))
         xs = ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
-        want = [(b.dkdv, ("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", *xs), b.tables[0]),
+        want = [(b.dkdv, ("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", "DQA", "DU", *xs), b.tables[0]),
                 (b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs), b.tables[1])]
         if delta is not None:
             want.append((b.delta, ("Out", "DO", "Delta"), None))
-        b.rest = [m.between(n, () if t is None else Table.PARAMS) for m, n, t in want]
+        b.rest = [m.between(n, () if t is None else Table.PARAMS) if m is not None else [] for m, n, t in want]
         if b.tables == (None, None):
             b.tables = None  # no block tables: nothing to look up per call
         if any(r is None for r in b.rest) or any(t is None for t in b.tpl):
             return None
         b.convert = _needs_conversion(runner, buffers)
-        b.allocator = any(m.allocator for m, _, _ in want)
+        b.allocator = any(m.allocator for m, _, _ in want if m is not None)
         h = runner.hopper_bwd
         b.hopper = h is not None and h.unsupported is None and not runner.precise_delta
         return b
@@ -798,6 +817,8 @@ class FastBackward:
         r = self.runner
         if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, tables, False):  # asked per call, as the forward
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
+        if self.atomic != atomic_dq(r.cfg, r.deterministic):  # the dQ mode changed (ATTNDSL_ATOMIC_DQ): decide afresh
+            return None
         if self.tables is None:
             t_dkdv = t_dq = ()
         else:
@@ -830,14 +851,20 @@ class FastBackward:
         return dq, dk, dv, dsinks, None, None, {}
 
     def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq):
-        """The delta, dK/dV and dQ launches; returns the delta the gradients used."""
+        """The delta, dK/dV and dQ launches (atomic mode: dQ from the dK/dV launch, scaled and cast
+        into ``dq``); returns the delta the gradients used."""
         if args_delta is not None:
             self.delta.launch(args_delta)
             if dlse is not None:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(delta.dtype)
-        self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.rest[0], *t_dkdv])
-        self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq])
+        if self.atomic:
+            dqa = torch.zeros(q.shape, dtype=acc_dtype(q), device=q.device)
+            self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, dqa, q, scale, *xown, *self.rest[0], *t_dkdv])
+            torch.mul(dqa, scale, out=dq)
+        else:
+            self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, *xown, *self.rest[0], *t_dkdv])
+            self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq])
         return delta
 
     def _verify(self, q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
@@ -847,12 +874,15 @@ class FastBackward:
         if args_delta is not None:
             _same_arguments("backward delta", args_delta, self.delta.args({"Out": out, "DO": dout, "Delta": delta}))
         named, xo = buffer_tensors(buffers, r.learnable), extras.own(q)
-        _same_arguments("backward dK/dV", [q, k, v, dout, dk, dv, stats, delta, q, scale, *xown, *self.rest[0], *t_dkdv],
-                        self.dkdv.args({**r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, scale, xo, named),
+        _same_arguments("backward dK/dV", [q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, *xown, *self.rest[0],
+                                           *t_dkdv],
+                        self.dkdv.args({**r._dkdv_own(q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, xo, named,
+                                                      {}),
                                         **dict(zip(Table.PARAMS, t_dkdv))}))
-        _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq],
-                        self.dq.args({**r._dq_own(q, k, v, dout, dq, stats, delta, q, scale, xo, named, {}),
-                                      **dict(zip(Table.PARAMS, t_dq))}))
+        if not self.atomic:
+            _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq],
+                            self.dq.args({**r._dq_own(q, k, v, dout, dq, stats, delta, q, scale, xo, named, {}),
+                                          **dict(zip(Table.PARAMS, t_dq))}))
         _same_arguments("backward gradients", [dq, dk, dv, *(() if args_delta is None else (delta,))],
                         [_like(q), _like(k), _like(v),
                          *(() if args_delta is None else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)

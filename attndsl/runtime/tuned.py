@@ -1,10 +1,12 @@
 """Tuned entries: the tiles ``attndsl.autotune`` found, keyed per pattern and call shape, on disk and
 in effect (``docs/tuning.md``).
 
-An entry holds the portable kernels' tiles (forward, dK/dV, dQ) and, where it was tuned, the Hopper
-forward's :class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward.
-Keys (:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers
-of two, the head dims, the GQA group, the dtype and the GPU. Entries shipped with the package
+An entry holds the portable kernels' tiles (forward, dK/dV, dQ), the backward's dQ mode ("dq_mode":
+"kernel", the dQ kernel, or "atomic", dQ added by the dK/dV kernel; ``config.atomic_dq``; entries
+without it: "kernel") and, where it was tuned, the Hopper forward's
+:class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward. Keys
+(:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers of
+two, the head dims, the GQA group, the dtype and the GPU. Entries shipped with the package
 (``attndsl/tuned/*.json``) are read first, the user's file (``tuning.json`` in the kernel cache
 directory, ``$ATTNDSL_CACHE_DIR``) over them; files are written atomically. ``CompiledAttention.runner``
 asks :func:`entry_for` once per call key; ``ATTNDSL_TUNING=0`` ignores every entry. The search
@@ -39,8 +41,8 @@ FORMAT = 1
 FILE_NAME = "tuning.json"
 #: entries shipped with the package, read as defaults under the user's (``*.json`` here; may be empty)
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "tuned"
-#: the kernels an entry holds tiles for
-KERNELS = ("fwd", "dkdv", "dq", "hopper")
+#: the kernels an entry holds tiles for ("dq_mode": how the backward computes dQ, ``Configs.dq_mode``)
+KERNELS = ("fwd", "dkdv", "dq", "dq_mode", "hopper")
 
 _LOCK = threading.Lock()
 _ENTRIES: list = []  # [dict key -> Tuned] once loaded (shipped, then the user's file over them)
@@ -68,7 +70,7 @@ class Tuned:
     def to_json(self) -> dict:
         c = self.configs
         return {"fwd": dataclasses.asdict(c.fwd), "dkdv": dataclasses.asdict(c.dkdv), "dq": dataclasses.asdict(c.dq),
-                "hopper": None if self.hopper is None else dataclasses.asdict(self.hopper),
+                "dq_mode": c.dq_mode, "hopper": None if self.hopper is None else dataclasses.asdict(self.hopper),
                 "hopper_wins": self.hopper_wins,
                 "ms": {k: {"default": d, "best": b} for k, d, b in self.times}}
 
@@ -80,7 +82,8 @@ class Tuned:
         hop = d.get("hopper")
         wins = d.get("hopper_wins")
         times = tuple((k, v.get("default"), v.get("best")) for k, v in (d.get("ms") or {}).items())
-        return Tuned(key, Configs(tile(d["fwd"]), tile(d["dkdv"]), tile(d["dq"])),
+        cfgs = Configs(tile(d["fwd"]), tile(d["dkdv"]), tile(d["dq"]), dq_mode=str(d.get("dq_mode", "kernel")))
+        return Tuned(key, cfgs,
                      None if hop is None else HopperConfig(**hop), None if wins is None else bool(wins), times)
 
 
