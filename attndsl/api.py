@@ -224,32 +224,37 @@ class CompiledAttention:
         ``block_tables``: tables from :meth:`build_block_tables` for this call's shape (eager mode;
         tables are also cached automatically, see :func:`attention`). Under ``torch.compile`` the
         call is one ``torch.library`` op (``attndsl::attention_fwd``) reading ``self.tensors``."""
-        return self._call(self.tensors, query, key, value, scale=scale, return_lse=return_lse,
-                          block_tables=block_tables, sigmoid_bias=sigmoid_bias, sinks=sinks,
-                          bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)
-
-    def _call(self, tensors, query, key, value, *, scale=None, return_lse=False, block_tables=None,
-              sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
-        """The call with the captured tensors ``tensors`` (bound per call by :func:`attention`)."""
         if torch.compiler.is_compiling():
-            if block_tables is not None:
-                raise ValueError("block_tables= is an eager-mode argument; under torch.compile the tables of a "
-                                 "call are cached by its captured tensors (attndsl.attention's docstring)")
-            return op_call(self.op_meta, tensors, query, key, value, scale=scale, return_lse=return_lse,
-                           sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
-                           blocks=blocks)
+            return self._traced(self.tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks,
+                                bias_factors, indices, blocks)
+        return self._eager(self.tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks,
+                           bias_factors, indices, blocks, check_indices)
+
+    def _traced(self, tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks, bias_factors,
+                indices, blocks):
+        """The call while torch.compile traces it: the ``attndsl::attention_fwd`` op."""
+        if block_tables is not None:
+            raise ValueError("block_tables= is an eager-mode argument; under torch.compile the tables of a "
+                             "call are cached by its captured tensors (attndsl.attention's docstring)")
+        return op_call(self.op_meta, tensors, query, key, value, scale=scale, return_lse=return_lse,
+                       sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
+                       blocks=blocks)
+
+    def _eager(self, tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks, bias_factors,
+               indices, blocks, check_indices):
+        """The call with the captured tensors ``tensors`` (bound per call by :func:`attention`),
+        outside torch.compile; arguments positional, in :meth:`__call__`'s order."""
         if indices is not None or blocks is not None:
             # index selectors (attndsl.selectors): token-level gather kernels or block-table mode
-            from .selectors import selected_call
             if check_indices is None and query.is_cuda and torch.cuda.is_current_stream_capturing():
                 check_indices = False  # no sync inside a CUDA graph capture
             if tensors is not self.tensors:
                 # bound in place: block variants (copies of this object) share the list
                 self.tensors[:] = tensors
-            return selected_call(self, query, key, value, indices=indices, blocks=blocks,
-                                 check_indices=check_indices, block_tables=block_tables, scale=scale,
-                                 return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
-                                 bias_factors=bias_factors)
+            return _selected_call()(self, query, key, value, indices=indices, blocks=blocks,
+                                    check_indices=check_indices, block_tables=block_tables, scale=scale,
+                                    return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
+                                    bias_factors=bias_factors)
         plain = sigmoid_bias is None and block_tables is None and not self.deterministic
         if plain:  # the common call: its checks were passed by an earlier call of the same key
             pkey = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
@@ -260,7 +265,9 @@ class CompiledAttention:
             if plan is not None:
                 if sinks is not None:  # values: once per version of the tensor
                     check_sink_values(sinks)
-                u, w = bias_factors if bias_factors is not None else (None, None)
+                if bias_factors is None:
+                    return self._run(plan, tensors, query, key, value, scale, sinks, None, None, None, check_indices)
+                u, w = bias_factors
                 return self._run(plan, tensors, query, key, value, scale, sinks, u, w, None, check_indices)
         check_inputs(query, key, value, scale)
         check_captured(tensors, query.device)
@@ -347,6 +354,18 @@ class CompiledAttention:
 
     def __repr__(self):
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
+
+
+_selected = None
+
+
+def _selected_call():
+    """``attndsl.selectors.selected_call``, imported once, on first use (the selectors import this
+    module, so not at its top)."""
+    global _selected
+    if _selected is None:
+        from .selectors import selected_call as _selected
+    return _selected
 
 
 def check_deterministic(spec, tensors, query) -> None:
@@ -459,15 +478,23 @@ def _tile_options(kernel_options) -> tuple:
     return tile_options(kernel_options)
 
 
+#: ``_tile_options(None)``
+_NO_TILES = (None, None, None, None)
+
+
 def _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta=False):
     """``(compiled pattern, its captured tensors bound for this call)`` through the pattern cache."""
-    tiles = _tile_options(kernel_options)
+    tiles = _NO_TILES if kernel_options is None else _tile_options(kernel_options)
+    options = (normalizer, bool(deterministic), bool(precise_delta), tiles)
+    got = PATTERNS.found(mask_mod, score_mod, options)  # the same functions as an earlier call's
+    if got is not None:
+        return got
 
     def make():
         return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=tiles[0], block_n=tiles[1],
                                  num_warps=tiles[2], num_stages=tiles[3], deterministic=deterministic,
                                  precise_delta=precise_delta)
-    return PATTERNS.lookup(mask_mod, score_mod, (normalizer, bool(deterministic), bool(precise_delta), tiles), make)
+    return PATTERNS.lookup(mask_mod, score_mod, options, make)
 
 
 @torch.compiler.assume_constant_result
@@ -621,9 +648,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
                       indices=indices, blocks=blocks)
     else:
         compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
-        got = compiled._call(tensors, query, key, value, scale=scale, return_lse=return_lse,
-                             sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
-                             blocks=blocks, check_indices=check_indices)
+        got = compiled._eager(tensors, query, key, value, scale, return_lse, None, sigmoid_bias, sinks, bias_factors,
+                              indices, blocks, check_indices)
     if return_aux is not None:
         return aux_output(got, return_aux)
     return got
