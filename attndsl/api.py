@@ -75,12 +75,13 @@ def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_fac
         return None
     if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
         return None
-    got = (query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
-           key.shape, key.stride(), key.dtype, key.device, key.data_ptr() & 15,
-           value.shape, value.stride(), value.dtype, value.device, value.data_ptr() & 15,
+    # size(), not .shape: the same torch.Size at two thirds of the host time
+    got = (query.size(), query.stride(), query.dtype, query.device, query.data_ptr() & 15,
+           key.size(), key.stride(), key.dtype, key.device, key.data_ptr() & 15,
+           value.size(), value.stride(), value.dtype, value.device, value.data_ptr() & 15,
            scale is None or scale > 0, return_lse)
     if tensors:
-        got += tuple([x for t in tensors for x in (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
+        got += tuple([x for t in tensors for x in (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
     if sinks is None and bias_factors is None:  # the common call
         return (*got, None)
     extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
@@ -90,7 +91,7 @@ def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_fac
         if t is None:
             got += (None,)
         elif type(t) in _PLAIN_TENSORS:
-            got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+            got += (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)
         else:
             return None
     return got
@@ -310,20 +311,25 @@ class CompiledAttention:
         call ran every check itself)."""
         if check_indices is not _CHECKED and (plan.value_checks or check_indices is True):
             check_indices_of(self.index_check, tensors, plan.shape, query.device, check_indices)
-        default = scale is None and sinks is None and u is None  # plan.call's arguments, unless tables
+        if sinks is None and u is None:
+            extras, default = plan.extras, scale is None  # default: plan.call's arguments, unless tables
+        else:
+            extras, default = Extras(sinks, u, w, plan.extras.sigmoid_bias), False
         scale = plan.scale if scale is None else float(scale)
         r = plan.runner
         tables = None
         if self.spec.data_dependent:
             tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors, plan.tables)
-        extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or ((tensors or sinks is not None or u is not None)
                                             and _any_grad(sinks, u, w, tensors))):
             call = plan.call if default and tables is None else Call(r, scale, tables, extras, plan.memo)
             got = _apply(query, key, value, sinks, u, w, call, *tensors)
         else:  # inference: no graph node, no saved tensors
-            out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras, tables)
+            fast = plan.memo.fwd  # the key's FastForward (``Runner.forward_prepared``'s first try)
+            got = fast(query, key, value, scale, tensors, extras, tables) if fast is not None else None
+            out, lse = got if got is not None else r.forward_prepared(plan.memo, query, key, value, scale, tensors,
+                                                                      extras, tables)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)
