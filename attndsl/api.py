@@ -601,7 +601,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       call: a closure cell or global rebound to another tensor is read, an in-place change is
       seen. A pattern holding something else (an arbitrary object) is traced on every call. For
       plain functions whose cells, globals and defaults hold only constants, tensors and modules,
-      the walk that finds the pattern is itself kept, by the identities of the objects read.
+      the walk that finds the pattern is itself kept, by the identities of the objects read; and
+      the very function objects of earlier calls (a module-level ``causal``, a closure made once
+      in ``__init__``, no functions at all) are found by their identities without a walk, each
+      call checking that they still read the same objects (a rebound cell or global, or a held
+      tensor changed in dtype, rank, ``requires_grad``, device or shape, walks again).
     * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.

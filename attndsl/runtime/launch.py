@@ -445,13 +445,19 @@ class Runner:
         """``backward`` of a call made by ``forward_prepared`` (with its ``tables``): the
         ``FastBackward`` of its key and this gradient's layout (dtype, shape, strides, alignment;
         whether there is an lse gradient) once one has launched."""
+        b = p.bwd
+        if b is not None and b.dlse_none == (dlse is None):
+            # a gradient laid out as the memoised one's (whose last stride is 1): no stride check
+            key = tensor_key(dout)
+            if key != b.dout_key and dout.stride(-1) != 1:
+                dout = dout.contiguous()
+                key = tensor_key(dout)
+            if key == b.dout_key:
+                got = b(q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables)
+                if got is not None:
+                    return got
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        b = p.bwd
-        if b is not None and b.dlse_none == (dlse is None) and b.dout_key == tensor_key(dout):
-            got = b(q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables)
-            if got is not None:
-                return got
         got = self.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=p.key)
         p.bwd = self._fast_bwd.get(self._tables_key(self._backward_key(p.key, dout, dlse), tables))
         return got
@@ -825,13 +831,19 @@ class FastBackward:
             t_dq = _table_args(r, self.tables[1], tables, buffers)
             if t_dkdv is None or t_dq is None:
                 return None
+        empty = torch.empty  # _alloc, inline (below: poisoned under POISON)
         if self.delta is not None:
-            stats, delta = lse, _alloc(self.tpl[3])
+            shape, dtype, device = self.tpl[3]
+            stats, delta = lse, empty(*shape, dtype=dtype, device=device)
             args_delta = [out, dout, delta, *self.rest[2]]
         else:
             stats = delta = out  # placeholders: sigmoid kernels read no row statistics
             args_delta = None
-        dq, dk, dv = _alloc(self.tpl[0]), _alloc(self.tpl[1]), _alloc(self.tpl[2])
+        (sq, tq, cq), (sk, tk, ck), (sv, tv, cv) = self.tpl[:3]
+        dq, dk, dv = empty(*sq, dtype=tq, device=cq), empty(*sk, dtype=tk, device=ck), empty(*sv, dtype=tv, device=cv)
+        if POISON:
+            for t in (dq, dk, dv, *(() if args_delta is None else (delta,))):
+                _poisoned(t)
         bufs = list(buffer_tensors(buffers, r.learnable).values()) if self.convert else buffers
         s = extras.sinks
         xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)

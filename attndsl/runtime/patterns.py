@@ -251,7 +251,7 @@ class _Same:
         s.refs = tuple(None if fn is None else weakref.ref(fn) for fn in (mask_mod, score_mod))
         s.entry = entry
         if mask_mod is None and score_mod is None:
-            s.flat, s.fns, s.bare = _Flat(), (), (entry.compiled, [])
+            s.flat, s.fns, s.bare = _Flat(), (), entry.compiled
             s.flat.held, s.flat.where = [], []
             return s
         got = _flat_of(mask_mod, score_mod, walked, True)
@@ -266,7 +266,7 @@ class _Same:
                 fns.append((i, ref, fn.__code__, names, lengths, empty))
         s.fns = tuple(fns)
         # nothing read but unset globals: no list of objects to compare, nothing to bind
-        s.bare = (entry.compiled, []) if s.flat is not None and all(h is _ABSENT for h in s.flat.held) else None
+        s.bare = entry.compiled if s.flat is not None and all(h is _ABSENT for h in s.flat.held) else None
         return s
 
     def alive(self, mask_mod, score_mod) -> bool:
@@ -295,11 +295,11 @@ class _Same:
             for x in objects:
                 if x is not _ABSENT:
                     return None
-            return bare
+            return bare, []
         for x, h in zip(objects, held):
             if x is not h and h is not _TENSOR:
                 return None
-        tensors = flat.tensors(objects)
+        tensors = flat.tensors(objects) if flat.where else []
         if tensors is None:
             return None
         e = self.entry
@@ -420,7 +420,8 @@ class PatternCache:
         s = self.same.get((id(mask_mod), id(score_mod), options))
         if s is None:
             return None
-        got = s.found(mask_mod, score_mod)
+        # no functions: nothing to check (a fresh list each time: callers may keep it)
+        got = (s.bare, []) if not s.fns else s.found(mask_mod, score_mod)
         if got is not None:
             self.hits += 1
         return got
