@@ -476,7 +476,7 @@ class PatternCache:
         if s is not None and s.alive(mask_mod, score_mod):
             if s.flat is None:
                 return  # not flat: the walk decides every time
-            del self.same[ident]
+            self.same.pop(ident, None)  # (pop: another thread may have dropped it meanwhile)
             self.seen[ident] = s.refs
             return
         refs = self.seen.get(ident)
@@ -485,7 +485,7 @@ class PatternCache:
                 self.seen.clear()
             self.seen[ident] = tuple(None if fn is None else weakref.ref(fn) for fn in (mask_mod, score_mod))
             return
-        del self.seen[ident]
+        self.seen.pop(ident, None)
         if len(self.same) >= self.size:
             self.same.clear()
         self.same[ident] = _Same.make(mask_mod, score_mod, e, tensors)
