@@ -75,12 +75,13 @@ def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_fac
         return None
     if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
         return None
-    got = (query.shape, query.stride(), query.dtype, query.device, query.data_ptr() & 15,
-           key.shape, key.stride(), key.dtype, key.device, key.data_ptr() & 15,
-           value.shape, value.stride(), value.dtype, value.device, value.data_ptr() & 15,
+    # size(), not .shape: the same torch.Size at two thirds of the host time
+    got = (query.size(), query.stride(), query.dtype, query.device, query.data_ptr() & 15,
+           key.size(), key.stride(), key.dtype, key.device, key.data_ptr() & 15,
+           value.size(), value.stride(), value.dtype, value.device, value.data_ptr() & 15,
            scale is None or scale > 0, return_lse)
     if tensors:
-        got += tuple([x for t in tensors for x in (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
+        got += tuple([x for t in tensors for x in (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
     if sinks is None and bias_factors is None:  # the common call
         return (*got, None)
     extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
@@ -90,7 +91,7 @@ def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_fac
         if t is None:
             got += (None,)
         elif type(t) in _PLAIN_TENSORS:
-            got += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+            got += (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)
         else:
             return None
     return got
@@ -224,32 +225,37 @@ class CompiledAttention:
         ``block_tables``: tables from :meth:`build_block_tables` for this call's shape (eager mode;
         tables are also cached automatically, see :func:`attention`). Under ``torch.compile`` the
         call is one ``torch.library`` op (``attndsl::attention_fwd``) reading ``self.tensors``."""
-        return self._call(self.tensors, query, key, value, scale=scale, return_lse=return_lse,
-                          block_tables=block_tables, sigmoid_bias=sigmoid_bias, sinks=sinks,
-                          bias_factors=bias_factors, indices=indices, blocks=blocks, check_indices=check_indices)
-
-    def _call(self, tensors, query, key, value, *, scale=None, return_lse=False, block_tables=None,
-              sigmoid_bias=None, sinks=None, bias_factors=None, indices=None, blocks=None, check_indices=None):
-        """The call with the captured tensors ``tensors`` (bound per call by :func:`attention`)."""
         if torch.compiler.is_compiling():
-            if block_tables is not None:
-                raise ValueError("block_tables= is an eager-mode argument; under torch.compile the tables of a "
-                                 "call are cached by its captured tensors (attndsl.attention's docstring)")
-            return op_call(self.op_meta, tensors, query, key, value, scale=scale, return_lse=return_lse,
-                           sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
-                           blocks=blocks)
+            return self._traced(self.tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks,
+                                bias_factors, indices, blocks)
+        return self._eager(self.tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks,
+                           bias_factors, indices, blocks, check_indices)
+
+    def _traced(self, tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks, bias_factors,
+                indices, blocks):
+        """The call while torch.compile traces it: the ``attndsl::attention_fwd`` op."""
+        if block_tables is not None:
+            raise ValueError("block_tables= is an eager-mode argument; under torch.compile the tables of a "
+                             "call are cached by its captured tensors (attndsl.attention's docstring)")
+        return op_call(self.op_meta, tensors, query, key, value, scale=scale, return_lse=return_lse,
+                       sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
+                       blocks=blocks)
+
+    def _eager(self, tensors, query, key, value, scale, return_lse, block_tables, sigmoid_bias, sinks, bias_factors,
+               indices, blocks, check_indices):
+        """The call with the captured tensors ``tensors`` (bound per call by :func:`attention`),
+        outside torch.compile; arguments positional, in :meth:`__call__`'s order."""
         if indices is not None or blocks is not None:
             # index selectors (attndsl.selectors): token-level gather kernels or block-table mode
-            from .selectors import selected_call
             if check_indices is None and query.is_cuda and torch.cuda.is_current_stream_capturing():
                 check_indices = False  # no sync inside a CUDA graph capture
             if tensors is not self.tensors:
                 # bound in place: block variants (copies of this object) share the list
                 self.tensors[:] = tensors
-            return selected_call(self, query, key, value, indices=indices, blocks=blocks,
-                                 check_indices=check_indices, block_tables=block_tables, scale=scale,
-                                 return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
-                                 bias_factors=bias_factors)
+            return _selected_call()(self, query, key, value, indices=indices, blocks=blocks,
+                                    check_indices=check_indices, block_tables=block_tables, scale=scale,
+                                    return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
+                                    bias_factors=bias_factors)
         plain = sigmoid_bias is None and block_tables is None and not self.deterministic
         if plain:  # the common call: its checks were passed by an earlier call of the same key
             pkey = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
@@ -260,7 +266,9 @@ class CompiledAttention:
             if plan is not None:
                 if sinks is not None:  # values: once per version of the tensor
                     check_sink_values(sinks)
-                u, w = bias_factors if bias_factors is not None else (None, None)
+                if bias_factors is None:
+                    return self._run(plan, tensors, query, key, value, scale, sinks, None, None, None, check_indices)
+                u, w = bias_factors
                 return self._run(plan, tensors, query, key, value, scale, sinks, u, w, None, check_indices)
         check_inputs(query, key, value, scale)
         check_captured(tensors, query.device)
@@ -303,20 +311,25 @@ class CompiledAttention:
         call ran every check itself)."""
         if check_indices is not _CHECKED and (plan.value_checks or check_indices is True):
             check_indices_of(self.index_check, tensors, plan.shape, query.device, check_indices)
-        default = scale is None and sinks is None and u is None  # plan.call's arguments, unless tables
+        if sinks is None and u is None:
+            extras, default = plan.extras, scale is None  # default: plan.call's arguments, unless tables
+        else:
+            extras, default = Extras(sinks, u, w, plan.extras.sigmoid_bias), False
         scale = plan.scale if scale is None else float(scale)
         r = plan.runner
         tables = None
         if self.spec.data_dependent:
             tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors, plan.tables)
-        extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or ((tensors or sinks is not None or u is not None)
                                             and _any_grad(sinks, u, w, tensors))):
             call = plan.call if default and tables is None else Call(r, scale, tables, extras, plan.memo)
             got = _apply(query, key, value, sinks, u, w, call, *tensors)
         else:  # inference: no graph node, no saved tensors
-            out, lse = r.forward_prepared(plan.memo, query, key, value, scale, tensors, extras, tables)
+            fast = plan.memo.fwd  # the key's FastForward (``Runner.forward_prepared``'s first try)
+            got = fast(query, key, value, scale, tensors, extras, tables) if fast is not None else None
+            out, lse = got if got is not None else r.forward_prepared(plan.memo, query, key, value, scale, tensors,
+                                                                      extras, tables)
             if out.dtype != query.dtype:  # float32 under precise_delta
                 out = out.to(query.dtype)
             got = out if lse is None else (out, lse)
@@ -347,6 +360,18 @@ class CompiledAttention:
 
     def __repr__(self):
         return f"CompiledAttention(key={self.spec.key}, mask={self.mask_mod!r}, score_mod={self.score_mod!r})"
+
+
+_selected = None
+
+
+def _selected_call():
+    """``attndsl.selectors.selected_call``, imported once, on first use (the selectors import this
+    module, so not at its top)."""
+    global _selected
+    if _selected is None:
+        from .selectors import selected_call as _selected
+    return _selected
 
 
 def check_deterministic(spec, tensors, query) -> None:
@@ -459,15 +484,23 @@ def _tile_options(kernel_options) -> tuple:
     return tile_options(kernel_options)
 
 
+#: ``_tile_options(None)``
+_NO_TILES = (None, None, None, None)
+
+
 def _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta=False):
     """``(compiled pattern, its captured tensors bound for this call)`` through the pattern cache."""
-    tiles = _tile_options(kernel_options)
+    tiles = _NO_TILES if kernel_options is None else _tile_options(kernel_options)
+    options = (normalizer, bool(deterministic), bool(precise_delta), tiles)
+    got = PATTERNS.found(mask_mod, score_mod, options)  # the same functions as an earlier call's
+    if got is not None:
+        return got
 
     def make():
         return CompiledAttention(mask_mod, score_mod, normalizer=normalizer, block_m=tiles[0], block_n=tiles[1],
                                  num_warps=tiles[2], num_stages=tiles[3], deterministic=deterministic,
                                  precise_delta=precise_delta)
-    return PATTERNS.lookup(mask_mod, score_mod, (normalizer, bool(deterministic), bool(precise_delta), tiles), make)
+    return PATTERNS.lookup(mask_mod, score_mod, options, make)
 
 
 @torch.compiler.assume_constant_result
@@ -568,7 +601,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       call: a closure cell or global rebound to another tensor is read, an in-place change is
       seen. A pattern holding something else (an arbitrary object) is traced on every call. For
       plain functions whose cells, globals and defaults hold only constants, tensors and modules,
-      the walk that finds the pattern is itself kept, by the identities of the objects read.
+      the walk that finds the pattern is itself kept, by the identities of the objects read; and
+      the very function objects of earlier calls (a module-level ``causal``, a closure made once
+      in ``__init__``, no functions at all) are found by their identities without a walk, each
+      call checking that they still read the same objects (a rebound cell or global, or a held
+      tensor changed in dtype, rank, ``requires_grad``, device or shape, walks again).
     * **Block tables** of data-dependent masks (document masks): kept across calls and layers, keyed
       by the pattern, the call's shape and each mask-read captured tensor's address, shape, strides
       and version counter (an in-place change rebuilds). Not cached inside a CUDA graph capture.
@@ -621,9 +658,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
                       indices=indices, blocks=blocks)
     else:
         compiled, tensors = _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, precise_delta)
-        got = compiled._call(tensors, query, key, value, scale=scale, return_lse=return_lse,
-                             sigmoid_bias=sigmoid_bias, sinks=sinks, bias_factors=bias_factors, indices=indices,
-                             blocks=blocks, check_indices=check_indices)
+        got = compiled._eager(tensors, query, key, value, scale, return_lse, None, sigmoid_bias, sinks, bias_factors,
+                              indices, blocks, check_indices)
     if return_aux is not None:
         return aux_output(got, return_aux)
     return got

@@ -8,6 +8,7 @@ without syncs, so a case whose kernels are short measures the host.
     python benchmarks/host_overhead.py --gpu [--json host.json]                                # CUDA, real launches, bf16
     python benchmarks/host_overhead.py --gpu --cases causal --B 8 --H 12 --L 2048 --D 64 --calls 20  # GPT-2 step
     python benchmarks/host_overhead.py --gpu --cases causal --H 32 --Hkv 8 --L 8192 --D 128 --calls 5  # Llama-3-8B
+    python benchmarks/host_overhead.py --gpu --cases "no mask" --B 32 --H 12 --L 197 --D 64 --calls 20  # ViT-B/16
 
 CPU (default): kernel launches are replaced by no-ops and the launch context by the one a GPU
 launch on the current device takes (the interpreter would dominate otherwise), so it runs on any
@@ -82,6 +83,7 @@ def cases(dev, dtype, B, H, L, D, Hkv=None):
         return score + slopes[h] * (kv_idx - q_idx)
 
     compiled = attndsl.compile(mask_mod=causal)
+    dense = attndsl.compile()
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def inputs(grad):
@@ -104,6 +106,9 @@ def cases(dev, dtype, B, H, L, D, Hkv=None):
         "sdpa causal": sdpa_case,
         "attention causal": case(lambda q, k, v: attndsl.attention(q, k, v, mask_mod=causal)),
         "compiled causal": case(lambda q, k, v: compiled(q, k, v)),
+        # no mask (ViT): the one-shot call with neither function, and its compiled pattern
+        "attention no mask": case(lambda q, k, v: attndsl.attention(q, k, v)),
+        "compiled no mask": case(lambda q, k, v: dense(q, k, v)),
         "attention sliding_window(256) made per call": case(
             lambda q, k, v: attndsl.attention(q, k, v, mask_mod=sliding_window(256))),
         "attention causal+alibi": case(lambda q, k, v: attndsl.attention(q, k, v, mask_mod=causal, score_mod=alibi)),

@@ -795,3 +795,111 @@ def test_prepared_gather_forwards_are_verified_under_the_suite_and_used_without_
         assert not filled  # the prepared launch
         torch.testing.assert_close(got, attndsl.compile(mask_mod=causal)(q, k, v, indices=idx), rtol=0, atol=0)
         filled.clear()
+
+
+_SAME_BIAS = torch.randn(2, 32)
+
+
+def _same_global(score, b, h, q_idx, kv_idx):
+    return score + _SAME_BIAS[h, kv_idx]
+
+
+def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypatch):
+    """``PatternCache.found``: the very functions of earlier calls are found without a walk once met
+    in two walks (no mask at all, a plain mask, closures and globals holding tensors); every
+    rebinding (a closure cell, a global, a default, the code) and every change of a held tensor in
+    place (requires_grad, dtype, shape) walks again, and the tensors bound are always the ones held
+    now. A function made afresh per call is never recorded; the records keep no tensor alive."""
+    import gc
+    import weakref
+    from attndsl.api import _compiled
+    from attndsl.runtime import patterns
+    attndsl.clear_cache()
+    walks = [0]
+    real = patterns._walk_kept
+    monkeypatch.setattr(patterns, "_walk_kept", lambda *a: walks.__setitem__(0, walks[0] + 1) or real(*a))
+
+    def find(m, s=None, walked=None):
+        before = walks[0]
+        got = _compiled(m, s, "softmax", False, None)
+        if walked is not None:
+            assert walks[0] - before == walked, (m, s)
+        return got
+
+    table = torch.randn(2, 32)
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, kv_idx]
+
+    def rebind(t):
+        nonlocal table
+        table = t
+
+    global _SAME_BIAS
+    old = _SAME_BIAS
+    try:
+        for m, s in ((None, None), (causal, None), (causal, bias), (None, _same_global)):
+            first = find(m, s, walked=1)
+            assert find(m, s, walked=1)[0] is first[0]  # met in a second walk: recorded
+            for _ in range(2):
+                c, tensors = find(m, s, walked=0)
+                assert c is first[0] and all(a is b for a, b in zip(tensors, first[1]))
+        c, _ = find(causal, bias, walked=0)
+        rebind(torch.randn(2, 32))  # a closure cell rebound: walked, the new tensor bound
+        assert find(causal, bias, walked=1) == (c, [table])
+        find(causal, bias, walked=1)  # met again: recorded again
+        assert find(causal, bias, walked=0)[1][0] is table
+        _SAME_BIAS = torch.randn(2, 32)  # a global rebound
+        assert find(None, _same_global, walked=1)[1][0] is _SAME_BIAS
+        table.requires_grad_()  # in place: learnable now, another pattern
+        learn, tensors = find(causal, bias, walked=1)
+        assert learn is not c and tensors[0] is table
+        table.requires_grad_(False)
+        find(causal, bias, walked=1)
+        table.data = torch.randn(2, 32, dtype=torch.float64)  # another dtype, same object
+        assert find(causal, bias, walked=1)[0].tensors[0].dtype == torch.float64
+        table.data = torch.randn(2, 48)  # another shape, same object: walked (bound, same pattern)
+        assert find(causal, bias, walked=1)[1][0] is table
+        bias.__defaults__ = (1.0,)  # a default appears
+        find(causal, bias, walked=1)
+        bias.__defaults__ = None
+        find(causal, bias, walked=1)  # met in a second walk: recorded again
+        find(causal, bias, walked=0)
+        causal_code = causal.__code__
+        other = _leaf_causal.__code__
+        try:
+            causal.__code__ = other  # another code, same function object
+            find(causal, None, walked=1)
+        finally:
+            causal.__code__ = causal_code
+        for _ in range(3):  # a fresh closure per call: walked (the flat memo's), never recorded
+            w = torch.randn(2, 32)
+
+            def fresh(score, b, h, q_idx, kv_idx):
+                return score + w[h, kv_idx]
+            assert find(None, fresh, walked=1)[1][0] is w
+        assert all(r.flat is not None for r in patterns.PATTERNS.same.values())
+        def holding(t):
+            def holds(score, b, h, q_idx, kv_idx):
+                return score + t[h, kv_idx]
+            return holds
+        find(None, holding(torch.randn(2, 32)))  # traced (the compiled pattern holds this tensor)
+        gone = torch.randn(2, 32)
+        holds = holding(gone)
+        for n in (1, 1, 0):
+            find(None, holds, walked=n)
+        ref = weakref.ref(gone)
+        del holds, gone
+        gc.collect()
+        assert ref() is None
+        # end to end: a recorded pattern computes with the tensor held now
+        q, k, v = qkv()
+        for _ in range(3):
+            rebind(torch.randn(2, 32))
+            check(attndsl.attention(q, k, v, mask_mod=causal, score_mod=bias), q, k, v, mask_mod=causal,
+                  score_mod=bias)
+            check(attndsl.attention(q, k, v, mask_mod=causal, score_mod=bias), q, k, v, mask_mod=causal,
+                  score_mod=bias)
+    finally:
+        _SAME_BIAS = old
+        attndsl.clear_cache()

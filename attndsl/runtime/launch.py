@@ -25,7 +25,7 @@ from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, privat
                         sink_gradient, wide_offsets)
 from .marshal import Extras, buffer_layout, buffer_named, buffer_tensors, fill, qkv_strides, strides_named  # noqa: F401
 from .memo import MEMO_SIZE, Memo, arg_classes, descriptor_scratch, own_slots, tensor_key
-from .scope import NO_CONTEXT, launch_scope
+from .scope import NO_CONTEXT, _current_device, launch_scope
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 #: check every memoised launch against a fresh computation of its grid, constants and arguments
@@ -445,13 +445,19 @@ class Runner:
         """``backward`` of a call made by ``forward_prepared`` (with its ``tables``): the
         ``FastBackward`` of its key and this gradient's layout (dtype, shape, strides, alignment;
         whether there is an lse gradient) once one has launched."""
+        b = p.bwd
+        if b is not None and b.dlse_none == (dlse is None):
+            # a gradient laid out as the memoised one's (whose last stride is 1): no stride check
+            key = tensor_key(dout)
+            if key != b.dout_key and dout.stride(-1) != 1:
+                dout = dout.contiguous()
+                key = tensor_key(dout)
+            if key == b.dout_key:
+                got = b(q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables)
+                if got is not None:
+                    return got
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        b = p.bwd
-        if b is not None and b.dlse_none == (dlse is None) and b.dout_key == tensor_key(dout):
-            got = b(q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables)
-            if got is not None:
-                return got
         got = self.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=p.key)
         p.bwd = self._fast_bwd.get(self._tables_key(self._backward_key(p.key, dout, dlse), tables))
         return got
@@ -737,13 +743,23 @@ class FastForward:
         r = self.runner
         if self.hopper and r.hopper.applies(q, k, v, extras, None, False):
             return r.forward(q, k, v, scale, buffers, None, extras)[:2]
-        targs = () if self.table is None else _table_args(r, self.table, tables, buffers)
-        if targs is None:
-            return None
-        out = _alloc(self.out)
-        lse = stats = _alloc(self.lse) if self.lse is not None else None
-        if lse is None:
-            stats = out
+        if self.table is None:
+            targs = ()
+        else:
+            targs = _table_args(r, self.table, tables, buffers)
+            if targs is None:
+                return None
+        shape, dtype, device = self.out  # _alloc, inline (a call less on the path of every call)
+        out = torch.empty(*shape, dtype=dtype, device=device)
+        if self.lse is not None:
+            shape, dtype, device = self.lse
+            lse = stats = torch.empty(*shape, dtype=dtype, device=device)
+        else:
+            lse, stats = None, out
+        if POISON:
+            _poisoned(out)
+            if lse is not None:
+                _poisoned(lse)
         bufs = buffer_tensors(buffers, r.learnable).values() if self.convert else buffers
         args = [q, k, v, out, stats, stats, scale, *extras.values(q), *bufs, *self.rest, *targs]
         if VERIFY_MEMO:
@@ -760,12 +776,22 @@ class FastForward:
 
 def _launch_in_scope(r, memo, args) -> None:
     """``memo.launch(args)`` inside the runner's launch scope (as ``Runner._memoised``)."""
+    if not memo.allocator and _on_current_gpu(r, args[0]):
+        memo.launch(args)
+        return
     scope = r.mode(args[0])
     if scope is NO_CONTEXT and not memo.allocator:
         memo.launch(args)
         return
     with scope, (descriptor_scratch() if memo.allocator else NO_CONTEXT):
         memo.launch(args)
+
+
+def _on_current_gpu(r, t) -> bool:
+    """Does a launch of runner ``r`` on ``t``'s data need no launch scope (``scope.launch_scope``
+    would give NO_CONTEXT): a compiled (not interpreted) runner, ``t`` on the current CUDA device?
+    Asked by the device index alone (a tenth of ``launch_scope``'s host time); False: ask ``r.mode``."""
+    return not r.interpret and _current_device is not None and t.get_device() == _current_device()
 
 
 class FastBackward:
@@ -826,13 +852,19 @@ class FastBackward:
             t_dq = _table_args(r, self.tables[1], tables, buffers)
             if t_dkdv is None or t_dq is None:
                 return None
+        empty = torch.empty  # _alloc, inline (below: poisoned under POISON)
         if self.delta is not None:
-            stats, delta = lse, _alloc(self.tpl[3])
+            shape, dtype, device = self.tpl[3]
+            stats, delta = lse, empty(*shape, dtype=dtype, device=device)
             args_delta = [out, dout, delta, *self.rest[2]]
         else:
             stats = delta = out  # placeholders: sigmoid kernels read no row statistics
             args_delta = None
-        dq, dk, dv = _alloc(self.tpl[0]), _alloc(self.tpl[1]), _alloc(self.tpl[2])
+        (sq, tq, cq), (sk, tk, ck), (sv, tv, cv) = self.tpl[:3]
+        dq, dk, dv = empty(*sq, dtype=tq, device=cq), empty(*sk, dtype=tk, device=ck), empty(*sv, dtype=tv, device=cv)
+        if POISON:
+            for t in (dq, dk, dv, *(() if args_delta is None else (delta,))):
+                _poisoned(t)
         bufs = list(buffer_tensors(buffers, r.learnable).values()) if self.convert else buffers
         s = extras.sinks
         xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
@@ -840,7 +872,8 @@ class FastBackward:
             self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
                          t_dkdv, t_dq)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
-        scope = r.mode(q)  # one launch scope for the three launches (as ``Runner._memoised`` enters it)
+        # one launch scope for the three launches (as ``Runner._memoised`` enters it)
+        scope = NO_CONTEXT if _on_current_gpu(r, q) else r.mode(q)
         if scope is NO_CONTEXT and not self.allocator:
             delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq)
         else:

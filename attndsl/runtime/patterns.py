@@ -97,22 +97,18 @@ def _walk_kept(flat: FlatWalks, mask_mod, score_mod) -> tuple[tuple, list[torch.
 _ABSENT = object()
 
 
-def _reads(fn, objects: list) -> tuple | None:
-    """Append to ``objects`` what a plain function reads besides its code, in the walk's order
-    (closure cells, then the globals its code names, ``_ABSENT`` for one not set, then defaults,
-    then keyword defaults as name, value), and return the identity key of those objects; None
-    (nothing appended) for anything but a plain function whose cells are all set."""
-    if type(fn) is not types.FunctionType:
-        return None
-    code = fn.__code__
-    n = len(objects)
+def _read(fn, objects: list, names: tuple) -> tuple | None:
+    """Append to ``objects`` what the plain function ``fn`` reads besides its code, in the walk's
+    order (closure cells, then the globals ``names`` (its code's) holds, ``_ABSENT`` for one not
+    set, then defaults, then keyword defaults as name, value), and return ``(code, number of
+    defaults, number of keyword defaults)``; None (nothing appended) when a cell is not yet
+    assigned."""
     cells = fn.__closure__
     if cells is not None:
         try:
             objects += [c.cell_contents for c in cells]
         except ValueError:  # a cell not yet assigned
             return None
-    names = _code_info(code)[0]
     if names:
         g = fn.__globals__
         objects += [g.get(x, _ABSENT) for x in names]
@@ -123,7 +119,18 @@ def _reads(fn, objects: list) -> tuple | None:
         for k, v in kd.items():
             objects += (k, v)
     # with the lengths: the same objects split otherwise between defaults and keyword defaults walk apart
-    return (code, len(d) if d else 0, len(kd) if kd else 0, *map(id, objects[n:]))
+    return fn.__code__, len(d) if d else 0, len(kd) if kd else 0
+
+
+def _reads(fn, objects: list) -> tuple | None:
+    """:func:`_read` of a plain function, and the identity key of what it read (``_read``'s result
+    followed by the objects' ids); None (nothing appended) for anything but a plain function whose
+    cells are all set."""
+    if type(fn) is not types.FunctionType:
+        return None
+    n = len(objects)
+    got = _read(fn, objects, _code_info(fn.__code__)[0])
+    return None if got is None else (*got, *map(id, objects[n:]))
 
 
 def _both_reads(mask_mod, score_mod) -> tuple | None:
@@ -139,10 +146,15 @@ def _both_reads(mask_mod, score_mod) -> tuple | None:
     return (a, b), objects
 
 
+#: ``_Flat.held``'s place of a tensor (held by weak reference in ``_Flat.where``)
+_TENSOR = object()
+
+
 class _Flat:
     """One flat pattern's walk, kept by :class:`FlatWalks`: the objects it read (held, so their
-    identities stay theirs; tensors by weak reference, so the memo keeps none alive), where the
-    tensors sit among them with the attributes the walk keyed, and the walk's key."""
+    identities stay theirs; a tensor's place holds ``_TENSOR``, the tensor itself is held by weak
+    reference, so the memo keeps none alive), where the tensors sit among them with the attributes
+    the walk keyed, and the walk's key."""
 
     __slots__ = ("held", "where", "key")
 
@@ -152,11 +164,34 @@ class _Flat:
         out = []
         for i, ref, dtype, dim, grad, dev, shape in self.where:
             t = objects[i]
+            # the whole device, stricter than the walk's device type (a miss walks again), and
+            # cheaper to ask for than its type
             if (ref() is not t or t.dtype != dtype or t.dim() != dim or t.requires_grad != grad
-                    or t.device.type != dev or (shape is not None and tuple(t.shape) != shape)):
+                    or t.device != dev or (shape is not None and t.shape != shape)):
                 return None
             out.append(t)
         return out
+
+
+def _flat_of(mask_mod, score_mod, walked: list, shapes: bool) -> tuple | None:
+    """``(identity key, _Flat)`` of a flat pattern (see the module docstring) whose walk found the
+    tensors ``walked`` (the ``_Flat``'s key left unset; its tensors keyed with their shapes where
+    ``shapes``); None for a pattern that is not flat, or whose tensors are not the walk's in the
+    walk's order."""
+    got = _both_reads(mask_mod, score_mod)
+    if got is None:
+        return None
+    ident, objects = got
+    if not all(x is _ABSENT or _is_leaf(x) for x in objects):
+        return None
+    where = [i for i, x in enumerate(objects) if isinstance(x, torch.Tensor)]
+    if len(where) != len(walked) or any(objects[i] is not t for i, t in zip(where, walked)):
+        return None  # not the walk's tensors in the walk's order: leave it to the walk
+    f = _Flat()
+    f.held = [_TENSOR if isinstance(x, torch.Tensor) else x for x in objects]
+    f.where = [(i, weakref.ref(t), t.dtype, t.dim(), t.requires_grad, t.device, t.shape if shapes else None)
+               for i, t in zip(where, walked)]
+    return ident, f
 
 
 class FlatWalks:
@@ -182,19 +217,10 @@ class FlatWalks:
 
     def put(self, mask_mod, score_mod, key: tuple, walked: list, shapes: bool) -> None:
         """Keep a full walk's ``key`` and tensors ``walked`` when the pattern is flat."""
-        got = _both_reads(mask_mod, score_mod)
+        got = _flat_of(mask_mod, score_mod, walked, shapes)
         if got is None:
             return
-        ident, objects = got
-        if not all(x is _ABSENT or _is_leaf(x) for x in objects):
-            return
-        where = [i for i, x in enumerate(objects) if isinstance(x, torch.Tensor)]
-        if len(where) != len(walked) or any(objects[i] is not t for i, t in zip(where, walked)):
-            return  # not the walk's tensors in the walk's order: leave it to the walk
-        f = _Flat()
-        f.held = [None if isinstance(x, torch.Tensor) else x for x in objects]
-        f.where = [(i, weakref.ref(t), t.dtype, t.dim(), t.requires_grad, t.device.type,
-                    tuple(t.shape) if shapes else None) for i, t in zip(where, walked)]
+        ident, f = got
         f.key = key
         if len(self.entries) >= self.size:
             self.entries.clear()
@@ -202,6 +228,82 @@ class FlatWalks:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+class _Same:
+    """A pattern met again through the very function objects of earlier lookups (the pattern
+    cache's first try, :meth:`PatternCache.found`): per function given (mask_mod, score_mod) a weak
+    reference, its code, the global names that code reads and ``_read``'s lengths; what the
+    functions read (a flat pattern's objects, :class:`_Flat`, tensors keyed with their shapes too);
+    the cache entry they found. The same functions, with the same code, reading the same objects
+    (tensors with the attributes they had), are the same pattern; a closure cell or global rebound
+    to another object, or a tensor changed in dtype, rank, ``requires_grad``, device or shape, is a
+    miss (the walk decides)."""
+
+    __slots__ = ("refs", "fns", "flat", "entry", "bare")
+
+    @staticmethod
+    def make(mask_mod, score_mod, entry, walked: list) -> "_Same":
+        """The record of a pattern whose lookup found ``entry`` with the tensors ``walked``; one
+        with ``flat`` None where the pattern is not flat (plain functions reading only what the walk
+        keys by identity): it finds nothing, and spares later lookups the question."""
+        s = _Same()
+        s.refs = tuple(None if fn is None else weakref.ref(fn) for fn in (mask_mod, score_mod))
+        s.entry = entry
+        if mask_mod is None and score_mod is None:
+            s.flat, s.fns, s.bare = _Flat(), (), entry.compiled
+            s.flat.held, s.flat.where = [], []
+            return s
+        got = _flat_of(mask_mod, score_mod, walked, True)
+        s.flat = None if got is None else got[1]
+        fns = []
+        for i, (fn, ref) in enumerate(zip((mask_mod, score_mod), s.refs)):
+            if fn is not None:
+                names = _code_info(fn.__code__)[0]
+                lengths = _read(fn, [], names)
+                # reads nothing (no cells: fixed by the code; no globals named; no defaults)
+                empty = not names and fn.__closure__ is None and lengths[1:] == (0, 0)
+                fns.append((i, ref, fn.__code__, names, lengths, empty))
+        s.fns = tuple(fns)
+        # nothing read but unset globals: no list of objects to compare, nothing to bind
+        s.bare = entry.compiled if s.flat is not None and all(h is _ABSENT for h in s.flat.held) else None
+        return s
+
+    def alive(self, mask_mod, score_mod) -> bool:
+        """Was this record made for these very functions (not others that took their ids)?"""
+        return all(r is None or r() is fn for r, fn in zip(self.refs, (mask_mod, score_mod)))
+
+    def found(self, mask_mod, score_mod) -> tuple | None:
+        """``(compiled, tensors bound now)`` when these functions still read what they read; else None."""
+        flat = self.flat
+        if flat is None:
+            return None
+        objects: list = []
+        for i, ref, code, names, lengths, empty in self.fns:
+            fn = score_mod if i else mask_mod
+            if ref() is not fn or fn.__code__ is not code:
+                return None
+            if empty and fn.__defaults__ is None and fn.__kwdefaults__ is None:
+                continue
+            if _read(fn, objects, names) != lengths:
+                return None
+        held = flat.held
+        if len(objects) != len(held):
+            return None
+        bare = self.bare
+        if bare is not None:  # every object read was an unset global's _ABSENT
+            for x in objects:
+                if x is not _ABSENT:
+                    return None
+            return bare, []
+        for x, h in zip(objects, held):
+            if x is not h and h is not _TENSOR:
+                return None
+        tensors = flat.tensors(objects) if flat.where else []
+        if tensors is None:
+            return None
+        e = self.entry
+        return e.compiled, e.bind(tensors) if e.slots else []
 
 
 def _leaves(mask_mod, score_mod) -> tuple | None:
@@ -297,17 +399,39 @@ def _slots_of(traced: list[torch.Tensor], walked: list[torch.Tensor]) -> tuple[i
 
 
 class PatternCache:
-    """An LRU map from (pattern key, compile options) to :class:`Entry`."""
+    """An LRU map from (pattern key, compile options) to :class:`Entry`, searched first by the
+    identities of the pattern's functions where they are flat (:class:`_Same`)."""
 
     def __init__(self, size: int = MAX_PATTERNS):
         self.size = size
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self.hits = self.misses = self.uncacheable = 0
         self.flat = FlatWalks()
+        #: (id(mask_mod), id(score_mod), options) -> _Same, for functions met in two walks
+        self.same: dict = {}
+        #: the same key -> weak references of the functions, for functions met in one walk: a
+        #: pattern made afresh for each call (``sliding_window(256)`` inside ``forward``) is never
+        #: recorded by identity, only one met again
+        self.seen: dict = {}
+
+    def found(self, mask_mod, score_mod, options: tuple) -> tuple | None:
+        """``(compiled, tensors)`` of an earlier lookup of these very functions that still read
+        what they read then (:class:`_Same`); None: :meth:`lookup` decides."""
+        s = self.same.get((id(mask_mod), id(score_mod), options))
+        if s is None:
+            return None
+        # no functions: nothing to check (a fresh list each time: callers may keep it)
+        got = (s.bare, []) if not s.fns else s.found(mask_mod, score_mod)
+        if got is not None:
+            self.hits += 1
+        return got
 
     def lookup(self, mask_mod, score_mod, options: tuple, make):
         """``(compiled, tensors)`` for this call: a cached compiled pattern with the tensors the
         functions hold now, or ``make()``'s fresh one (cached when its tensors can be bound)."""
+        got = self.found(mask_mod, score_mod, options)
+        if got is not None:
+            return got
         try:
             key, tensors = _walk_kept(self.flat, mask_mod, score_mod)
             key = (key, options)
@@ -324,6 +448,7 @@ class PatternCache:
             else:
                 self.hits += 1
                 self.entries.move_to_end(key)
+                self._met(mask_mod, score_mod, options, e, tensors)
                 return e.compiled, e.bind(tensors) if e.slots else []
         self.misses += 1
         c = make()
@@ -337,12 +462,44 @@ class PatternCache:
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)
         log.debug("attndsl: pattern %r/%r traced and cached (%d cached)", mask_mod, score_mod, len(self.entries))
+        self._met(mask_mod, score_mod, options, e, tensors)
         return c, e.bind(tensors)
+
+    def _met(self, mask_mod, score_mod, options: tuple, e: Entry, tensors: list) -> None:
+        """Functions that found ``e`` (with the walk's ``tensors``) by a walk: recorded by identity
+        (:class:`_Same`) the second time they are met. A record of them that missed (a cell or
+        global rebound, a tensor changed) is dropped, and made again when they are met again."""
+        if type(mask_mod) not in _PLAIN_OR_NONE or type(score_mod) not in _PLAIN_OR_NONE:
+            return
+        ident = (id(mask_mod), id(score_mod), options)
+        s = self.same.get(ident)
+        if s is not None and s.alive(mask_mod, score_mod):
+            if s.flat is None:
+                return  # not flat: the walk decides every time
+            self.same.pop(ident, None)  # (pop: another thread may have dropped it meanwhile)
+            self.seen[ident] = s.refs
+            return
+        refs = self.seen.get(ident)
+        if refs is None or any(r is not None and r() is not fn for r, fn in zip(refs, (mask_mod, score_mod))):
+            if len(self.seen) >= 4 * self.size:
+                self.seen.clear()
+            self.seen[ident] = tuple(None if fn is None else weakref.ref(fn) for fn in (mask_mod, score_mod))
+            return
+        self.seen.pop(ident, None)
+        if len(self.same) >= self.size:
+            self.same.clear()
+        self.same[ident] = _Same.make(mask_mod, score_mod, e, tensors)
 
     def clear(self) -> None:
         self.entries.clear()
         self.flat.clear()
+        self.same.clear()
+        self.seen.clear()
         self.hits = self.misses = self.uncacheable = 0
+
+
+#: the function types :class:`_Same` records (``None``: no function)
+_PLAIN_OR_NONE = (types.FunctionType, type(None))
 
 
 PATTERNS = PatternCache()
