@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 
 import torch
 import triton
@@ -586,85 +585,11 @@ def _traced(query, k_cache, v_cache, seq_lens, q_offsets, page_table, mask_mod, 
     return out, (lse if normalizer == "softmax" else None)
 
 
-#: the compiled pattern of a call with neither mask_mod nor score_mod, by normaliser (no pattern walk)
-_PLAIN: dict = {}
-#: ``(mask_mod, score_mod, normalizer) -> (guard, compiled)`` for pattern functions that hold only
-#: constants (``sliding_window(4096)``: one int in a closure cell): found again by identity and a
-#: check of what they hold (:func:`_const_guard`), not by the pattern cache's walk
-_CONST: dict = {}
-CONST_SIZE = 256
-
-
-def _const_guard(mask_mod, score_mod) -> tuple | None:
-    """What must stay the same for ``_CONST``'s entry of two pattern functions to hold: per function
-    its code and the objects in its closure cells; None where a function is not a plain function
-    whose cells hold only immutable constants (ints, floats, strings, ...), with no defaults and no
-    name its code reads set in its globals (then the pattern cache's walk decides, every call)."""
-    from ..dsl.reach import _CONST_TYPES, code_info
-    guard = []
-    for fn in (mask_mod, score_mod):
-        if fn is None:
-            guard.append(None)
-            continue
-        if type(fn) is not types.FunctionType or fn.__defaults__ is not None or fn.__kwdefaults__ is not None:
-            return None
-        names, shapes = code_info(fn.__code__)
-        g = fn.__globals__
-        if shapes or any(n in g for n in names):
-            return None
-        try:
-            cells = tuple(c.cell_contents for c in fn.__closure__ or ())
-        except ValueError:  # an empty cell
-            return None
-        if any(type(v) not in _CONST_TYPES for v in cells):
-            return None
-        guard.append((fn.__code__, cells, names))
-    return tuple(guard)
-
-
-def _holds(guard: tuple, mask_mod, score_mod) -> bool:
-    """The functions still have the guard's code, cell objects (by identity: ``-0.0`` is not ``0.0``),
-    no defaults and none of their code's names set in their globals."""
-    for fn, gd in zip((mask_mod, score_mod), guard):
-        if gd is None:
-            continue
-        code, cells, names = gd
-        if fn.__code__ is not code or fn.__defaults__ is not None or fn.__kwdefaults__ is not None:
-            return False
-        closure = fn.__closure__ or ()
-        if len(closure) != len(cells) or any(c.cell_contents is not v for c, v in zip(closure, cells)):
-            return False
-        if names and any(n in fn.__globals__ for n in names):
-            return False
-    return True
-
-
 def _pattern(mask_mod, score_mod, normalizer):
-    """``(compiled pattern, its captured tensors)`` through ``attndsl.attention``'s pattern cache;
-    functions holding only constants are found again by identity (``_CONST``), without its walk."""
-    if mask_mod is None and score_mod is None:
-        got = _PLAIN.get(normalizer)
-        if got is None:
-            from ..api import _compiled
-            got = _PLAIN[normalizer] = _compiled(None, None, normalizer, False, None)
-        return got
-    plain = type(mask_mod) in _FN_TYPES and type(score_mod) in _FN_TYPES  # hashable by identity
-    if plain:
-        hit = _CONST.get((mask_mod, score_mod, normalizer))
-        if hit is not None and _holds(hit[0], mask_mod, score_mod):
-            return hit[1], []
+    """``(compiled pattern, its captured tensors)`` through ``attndsl.attention``'s pattern cache
+    (which finds functions met again by identity, re-reading what they hold, before any walk)."""
     from ..api import _compiled
-    compiled, tensors = _compiled(mask_mod, score_mod, normalizer, False, None)
-    if plain and not tensors and not compiled.tensors:
-        guard = _const_guard(mask_mod, score_mod)
-        if guard is not None:
-            if len(_CONST) >= CONST_SIZE:
-                _CONST.clear()
-            _CONST[(mask_mod, score_mod, normalizer)] = (guard, compiled)
-    return compiled, tensors
-
-
-_FN_TYPES = (types.FunctionType, type(None))
+    return _compiled(mask_mod, score_mod, normalizer, False, None)
 
 
 def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, seq_lens: torch.Tensor,
