@@ -1066,3 +1066,28 @@ def test_learnable_tensors_and_factors_keep_the_ordinary_gather_backward(gather_
         ref, _ = attndsl.reference.sparse_attention(*l64[:3], idx, mask_mod=causal, bias_factors=tuple(l64[3:]))
         _close_to((out, *grads[:3]), (ref, *_grads(ref, l64)[:3]), "factors")
     assert "FastGatherBackward" not in gather_as_users_run
+
+
+@pytest.mark.gpu
+def test_prepared_gather_backward_on_a_gpu(monkeypatch):
+    """On CUDA in bfloat16, as users run: repeated token-selector forward+backward calls of a key
+    take the prepared launches (dK/dV: one fill, one conversion), match the float64 oracle with
+    fresh inputs each call, and keep matching after a call of another length re-keys."""
+    from attndsl.selectors import random_causal_indices, sparse
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", False)
+    attn = attndsl.compile(mask_mod=causal)
+    g = torch.Generator(device="cuda").manual_seed(torch.seed())
+    for L in (512, 512, 512, 640, 512):
+        q, k, v = (torch.randn(2, 4, L, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        idx = random_causal_indices(L, 32, B=2, G=2, device="cuda", seed=L)
+        out = attn(q, k, v, indices=idx, check_indices=False)
+        grads = torch.autograd.grad((out.float() ** 2).sum(), (q, k, v))
+        assert all(t.dtype == torch.bfloat16 for t in grads)
+        l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref, _ = attndsl.reference.sparse_attention(*l64, idx, mask_mod=causal)
+        assert float((out.double() - ref).abs().max()) < 2e-2
+        for got, want in zip(grads, torch.autograd.grad((ref ** 2).sum(), l64)):
+            assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 2e-2
+    plans = sparse._runners_of(attn).plans.values()
+    assert all(isinstance(p.memo.bwd, sparse.FastGatherBackward) for p in plans), list(plans)

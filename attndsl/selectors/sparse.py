@@ -32,8 +32,8 @@ from ..runtime.checks import (call_shape, check_captured, check_extras, check_in
                               default_check)
 from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
-from ..runtime.launch import (VERIFY_MEMO, Prepared, Runner, _alloc, _launch_in_scope, _needs_conversion, _new, _same_arguments,
-                              _template, use_interpreter)
+from ..runtime.launch import (VERIFY_MEMO, Prepared, Runner, _alloc, _launch_in_scope, _needs_conversion, _new,
+                              _same_arguments, _template, use_interpreter)
 from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
 from ..runtime.memo import MEMO_SIZE, Memo, arg_classes, own_slots, tensor_key
 
