@@ -903,3 +903,191 @@ def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypat
     finally:
         _SAME_BIAS = old
         attndsl.clear_cache()
+
+
+# --- token selectors: the prepared backward (FastGatherBackward) ---------------------------------
+@pytest.fixture
+def gather_as_users_run(monkeypatch):
+    """The gather runner's memo without the suite's verification: the prepared launches
+    (``FastGather``/``FastGatherBackward``) launch themselves, as they do for users. Returns the
+    list of prepared launches taken, by class."""
+    from attndsl.selectors import sparse
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", False)
+    taken = []
+    for cls in (sparse.FastGather, sparse.FastGatherBackward):
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _f=cls.__call__: taken.append(type(self).__name__)
+                            or _f(self, *a))
+    return taken
+
+
+def _sel_grads(attn, inputs, idx, loss="square", with_lse=False, **kw):
+    """(out, *gradients of q, k, v and any extra leaves in ``inputs``) of one call with ``idx``."""
+    q, k, v = inputs[:3]
+    if with_lse:
+        out, lse = attn(q, k, v, indices=idx, return_lse=True, **kw)
+    else:
+        out, lse = attn(q, k, v, indices=idx, **kw), None
+    return (out, *_grads(out, inputs, loss, lse))
+
+
+def _sel_ref_grads(inputs, idx, loss="square", with_lse=False, sinks=False, **kw):
+    l64 = [t.detach().double().requires_grad_() for t in inputs]
+    if sinks:
+        kw["sinks"] = l64[3]
+    ref, ref_lse = attndsl.reference.sparse_attention(*l64[:3], idx, **kw)
+    return (ref, *_grads(ref, l64, loss, ref_lse if with_lse else None))
+
+
+def _close_to(got, want, what, tol=1e-4):
+    for i, (g, r) in enumerate(zip(got, want, strict=True)):
+        err = float((g.detach().double() - r.detach()).abs().max())
+        assert err < tol, f"{what}: {('out', 'dq', 'dk', 'dv', 'dsinks')[i]} off by {err:.2e}"
+
+
+def test_prepared_gather_backward_is_taken_from_the_second_call_and_matches_the_reference(gather_as_users_run):
+    """Forward+backward calls of one key with fresh inputs each time: the first launches the
+    ordinary way, every later one takes the prepared forward and backward; each call's output and
+    gradients match the float64 oracle, and the bits of a fresh pattern's first (ordinary) call."""
+    attn = attndsl.compile(mask_mod=causal, score_mod=softcap)
+    L = 24
+    for n in range(3):
+        inputs = qkv(L=L, grad=True)
+        idx = _sel(L, K=7, seed=n)
+        got = _sel_grads(attn, inputs, idx)
+        assert gather_as_users_run == ["FastGather", "FastGatherBackward"] * n, gather_as_users_run
+        _close_to(got, _sel_ref_grads(inputs, idx, mask_mod=causal, score_mod=softcap), f"call {n}")
+        fresh = _sel_grads(attndsl.compile(mask_mod=causal, score_mod=softcap), inputs, idx)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, fresh):
+            assert torch.equal(a, b), (n, name)
+
+
+def test_prepared_gather_backward_rekeys_on_shapes_dtypes_and_gradient_layouts(gather_as_users_run):
+    """Calls that differ from a prepared one in lengths, heads, value head dim, dtype (a 16-bit
+    key: dK/dV converted from the float32 accumulators), the output gradient's layout, an lse
+    gradient or sinks, interleaved with the first call again, each twice (the second prepared):
+    each matches the float64 oracle, output and gradients (a stale prepared launch would not)."""
+    attn = attndsl.compile(mask_mod=causal)
+    idx = _sel(24, K=6, seed=1)
+    sinks = torch.tensor([0.4, -0.3], requires_grad=True)
+    variants = {
+        "plain": lambda: (qkv(L=24, grad=True), idx, {}),
+        "longer": lambda: (qkv(L=40, grad=True), _sel(40, K=6, seed=2), {}),
+        "more heads": lambda: (qkv(L=24, H=4, grad=True), idx, {}),
+        # dK and dV of different sizes: their accumulators are two views of one flat buffer
+        "value head dim 32": lambda: ([*qkv(L=24, grad=True)[:2], torch.randn(1, 2, 24, 32, requires_grad=True)],
+                                      idx, {}),
+        "float16": lambda: (qkv(L=24, grad=True, dtype=torch.float16), idx, {"tol": 3e-2}),
+        "broadcast gradient": lambda: (qkv(L=24, grad=True), idx, {"loss": "sum"}),
+        "lse gradient": lambda: (qkv(L=24, grad=True), idx, {"with_lse": True}),
+        "sinks": lambda: ([*qkv(L=24, grad=True), sinks], idx, {"sinks": True}),
+    }
+    for name in [n for v_ in variants for n in ("plain", v_, v_)]:
+        inputs, sel, kw = variants[name]()
+        tol = kw.pop("tol", 1e-4)
+        call_kw = {"sinks": sinks} if kw.pop("sinks", False) else {}
+        got = _sel_grads(attn, inputs, sel, **kw, **call_kw)
+        want = _sel_ref_grads(inputs, sel, mask_mod=causal, sinks=bool(call_kw), **kw)
+        _close_to(got, want, name, tol)
+        if name == "float16":
+            assert all(g.dtype == torch.float16 for g in got[1:]), [g.dtype for g in got]
+    assert gather_as_users_run.count("FastGatherBackward") >= len(variants), gather_as_users_run
+
+
+def test_prepared_gather_backward_gradients_are_views_of_one_buffer_only_in_eager_mode():
+    """The eager Function's dK and dV come from one zeroed float32 buffer (one fill, one
+    conversion); the ordinary backward, as the ``torch.library`` op calls it, returns tensors that
+    alias nothing (a custom op's outputs may not alias each other)."""
+    from attndsl.selectors import sparse
+    attn = attndsl.compile(mask_mod=causal)
+    L = 16
+    q, k, v = qkv(L=L, grad=True, dtype=torch.float16)
+    idx = _sel(L, K=4, seed=3)
+    for _ in range(2):
+        _, dk, dv = torch.autograd.grad(attn(q, k, v, indices=idx).float().square().sum(), (q, k, v))
+        assert dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr()
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = sparse.gather_runner(attn, q).forward(q, k, v, idx, 0.25, [], sparse.Extras())
+    # the op checks that its outputs alias nothing (torch.library.custom_op), and raises otherwise
+    grads = torch.ops.attndsl.attention_bwd(q, k, v, out, lse, torch.randn_like(out), None, [], None, None, None, idx,
+                                            None, attn.op_meta.key, 0.25, 0.0, 0, 0)
+    assert len({g.untyped_storage().data_ptr() for g in grads[:3]}) == 3
+
+
+def test_prepared_gather_backward_arguments_are_verified_under_the_suite(monkeypatch):
+    """Under ATTNDSL_VERIFY_MEMO (the suite's setting) the prepared backward's argument list is
+    checked against the ordinary path's on every call: a wrong position fails the call."""
+    from attndsl.selectors import sparse
+    assert sparse.VERIFY_MEMO
+    attn = attndsl.compile(mask_mod=causal)
+    L = 16
+    q, k, v = qkv(L=L, grad=True)
+    idx = _sel(L, K=4, seed=4)
+    for _ in range(2):  # the second: verified against the first's prepared launch
+        _grads(attn(q, k, v, indices=idx), (q, k, v))
+    (fast,) = [b for b in sparse.gather_runner(attn, q)._fast_bwd.values() if b is not None]
+    assert isinstance(fast, sparse.FastGatherBackward)
+    good = fast.pos
+    fast.pos = (good[1], good[0], *good[2:])  # q and k swapped
+    with pytest.raises(AssertionError, match="gather backward: argument 0"):
+        _grads(attn(q, k, v, indices=idx), (q, k, v))
+    fast.pos = good
+    _grads(attn(q, k, v, indices=idx), (q, k, v))
+
+
+def test_learnable_tensors_and_factors_keep_the_ordinary_gather_backward(gather_as_users_run):
+    """Calls with learnable captured tensors or low-rank factors (per-call gradient buffers and
+    reductions) have no prepared backward; their gradients stay right on repeated calls."""
+    L = 16
+    idx = _sel(L, K=5, seed=6)
+    slopes = torch.rand(2, requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+    attn = attndsl.compile(score_mod=alibi)
+    s64 = slopes.detach().double().requires_grad_()
+
+    def alibi64(score, b, h, q_idx, kv_idx):
+        return score + s64[h] * (kv_idx - q_idx)
+    for _ in range(3):
+        inputs = [*qkv(L=L, grad=True), slopes]
+        got = _sel_grads(attn, inputs, idx)
+        l64 = [t.detach().double().requires_grad_() for t in inputs[:3]] + [s64]
+        s64.grad = None
+        ref, _ = attndsl.reference.sparse_attention(*l64[:3], idx, score_mod=alibi64)
+        _close_to(got, (ref, *_grads(ref, l64)), "learnable")
+    assert "FastGatherBackward" not in gather_as_users_run
+    u, w = torch.randn(1, 2, L, 2, requires_grad=True), torch.randn(1, 2, L, 2, requires_grad=True)
+    plain = attndsl.compile(mask_mod=causal)
+    for _ in range(2):
+        q, k, v = qkv(L=L, grad=True)
+        out = plain(q, k, v, indices=idx, bias_factors=(u, w))
+        grads = _grads(out, (q, k, v, u, w))
+        l64 = [t.detach().double().requires_grad_() for t in (q, k, v, u, w)]
+        ref, _ = attndsl.reference.sparse_attention(*l64[:3], idx, mask_mod=causal, bias_factors=tuple(l64[3:]))
+        _close_to((out, *grads[:3]), (ref, *_grads(ref, l64)[:3]), "factors")
+    assert "FastGatherBackward" not in gather_as_users_run
+
+
+@pytest.mark.gpu
+def test_prepared_gather_backward_on_a_gpu(monkeypatch):
+    """On CUDA in bfloat16, as users run: repeated token-selector forward+backward calls of a key
+    take the prepared launches (dK/dV: one fill, one conversion), match the float64 oracle with
+    fresh inputs each call, and keep matching after a call of another length re-keys."""
+    from attndsl.selectors import random_causal_indices, sparse
+    monkeypatch.setattr(sparse, "VERIFY_MEMO", False)
+    attn = attndsl.compile(mask_mod=causal)
+    g = torch.Generator(device="cuda").manual_seed(torch.seed())
+    for L in (512, 512, 512, 640, 512):
+        q, k, v = (torch.randn(2, 4, L, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        idx = random_causal_indices(L, 32, B=2, G=2, device="cuda", seed=L)
+        out = attn(q, k, v, indices=idx, check_indices=False)
+        grads = torch.autograd.grad((out.float() ** 2).sum(), (q, k, v))
+        assert all(t.dtype == torch.bfloat16 for t in grads)
+        l64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref, _ = attndsl.reference.sparse_attention(*l64, idx, mask_mod=causal)
+        assert float((out.double() - ref).abs().max()) < 2e-2
+        for got, want in zip(grads, torch.autograd.grad((ref ** 2).sum(), l64)):
+            assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 2e-2
+    plans = sparse._runners_of(attn).plans.values()
+    assert all(isinstance(p.memo.bwd, sparse.FastGatherBackward) for p in plans), list(plans)

@@ -310,7 +310,9 @@ def test_gather_memo_relaunch_equals_a_fresh_launch(monkeypatch):
         memoised = _sel_fwd_bwd(attn, q, k, v, idx, seed)
         assert len(made) == 2, made
         runner._memo.clear()
-        runner._fast_fwd.clear()  # the prepared forwards of the memo's keys
+        runner._fast_fwd.clear()  # the prepared forwards and backwards of the memo's keys
+        runner._fast_bwd.clear()
+        sparse._runners_of(attn).plans.clear()  # the call plans, which hold the prepared launches too
         fresh = _sel_fwd_bwd(attn, q, k, v, idx, seed)
         assert len(made) == 4, made
         made[2:] = []

@@ -32,8 +32,8 @@ from ..runtime.checks import (call_shape, check_captured, check_extras, check_in
                               default_check)
 from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
-from ..runtime.launch import (VERIFY_MEMO, Runner, _alloc, _launch_in_scope, _needs_conversion, _new, _same_arguments,
-                              _template, use_interpreter)
+from ..runtime.launch import (VERIFY_MEMO, Prepared, Runner, _alloc, _launch_in_scope, _needs_conversion, _new,
+                              _same_arguments, _template, use_interpreter)
 from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
 from ..runtime.memo import MEMO_SIZE, Memo, arg_classes, own_slots, tensor_key
 
@@ -140,6 +140,8 @@ class GatherRunner:
         self._memo: dict = {}
         #: call key -> its FastGather (None: none), made after the key's first forward launch
         self._fast_fwd: dict = {}
+        #: backward key (``_backward_key``) -> its FastGatherBackward (None: none), made after its first launch
+        self._fast_bwd: dict = {}
 
     def call_key(self, q, k, v, indices, scale, extras, buffers) -> tuple:
         """What fixes every launch decision of a forward call but the tensors' addresses: the dense
@@ -193,6 +195,7 @@ class GatherRunner:
         if len(self._memo) >= MEMO_SIZE:
             self._memo.clear()
             self._fast_fwd.clear()
+            self._fast_bwd.clear()
         self._memo[(kernel, key)] = Memo(launch, args, own_slots(kernel, params, own), check, False)
 
     def _grad_consts(self, buffers) -> dict:
@@ -245,13 +248,14 @@ class GatherRunner:
             self._fast_fwd[key] = FastGather.make(self, self._memo.get(("gather_fwd", key)), out, lse, buffers)
         return out, lse
 
-    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras, key=None):
+    def backward(self, q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras: Extras, key=None,
+                 shared: bool = False):
         """Returns (dq, dk, dv, dsinks, du, dw, {slot: gradient of each learnable captured tensor}),
-        as the dense ``Runner.backward``. ``key``: the forward's ``call_key`` (None: computed here)."""
+        as the dense ``Runner.backward``. ``key``: the forward's ``call_key`` (None: computed here).
+        ``shared``: dK and dV may be views of one tensor (``kv_accumulators``)."""
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         dq = _new(q.shape, q)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        acc, dk, dv = kv_accumulators(k, v, shared)
         dl = dlse.contiguous().to(torch.float32) if dlse is not None else lse
         # low-rank factors' gradients in float32 buffers of their own shapes (stride 0 where they broadcast)
         du, dw = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) if t is not None else q
@@ -263,8 +267,7 @@ class GatherRunner:
                "DK": dk, "DV": dv, "DU": du, "DW": dw, "sm_scale": scale, **extras.own(q), **bufs,
                **{f"DBUF{gl.slot}_{i}": dbufs[gl.slot] for i, gl in enumerate(self.spec.grad_loads)}}
         key = self.call_key(q, k, v, indices, scale, extras, buffers) if key is None else key
-        # the output's and the gradients' layouts (dlse: its alignment, or none)
-        key = (key, tensor_key(out), tensor_key(dout), None if dlse is None else tensor_key(dl))
+        key = self._backward_key(key, out, dout, dlse, dl)
         if not self._memoised("gather_bwd", key, own):
             (B, nu, Lq), hpp, shape_args = self._shape_args(q, k, indices, extras)
             bias_strides = [*_broadcast_strides(du, extras.u)[:3], *_broadcast_strides(dw, extras.w)[:3]]
@@ -277,11 +280,83 @@ class GatherRunner:
             consts = dict(HAS_DLSE=dlse is not None, **extras.consts(), **self._consts(q, hpp),
                           **self._grad_consts(buffers))
             self._launch("gather_bwd", key, own, fixed, (Lq, B * nu), consts)
+        fast = self._fast_bwd.get(key)
+        if fast is not None:  # only under VERIFY_MEMO (else ``backward_prepared`` took it): check its arguments
+            fast.verify(own, buffers, extras)
+        elif key not in self._fast_bwd:
+            self._fast_bwd[key] = FastGatherBackward.make(self, self._memo.get(("gather_bwd", key)), dout, dlse,
+                                                          dl, dq, buffers, extras)
         dsinks = sink_gradient(extras.sinks, lse, row_delta(out, dout, dlse)) if extras.sinks is not None else None
         du = du.to(extras.u.dtype) if extras.u is not None else None
         dw = dw.to(extras.w.dtype) if extras.w is not None else None
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dsinks, du, dw,
-                {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()})
+        dk, dv = kv_gradients(acc, dk, dv, k, v)
+        return dq, dk, dv, dsinks, du, dw, {slot: g.to(buffers[slot].dtype) for slot, g in dbufs.items()}
+
+    @staticmethod
+    def _backward_key(key, out, dout, dlse, dl) -> tuple:
+        """The backward's memo key: the forward's call key, the output's and the output gradient's
+        layouts, and the lse gradient's (its float32 copy ``dl``; None: no lse gradient)."""
+        return key, tensor_key(out), tensor_key(dout), None if dlse is None else tensor_key(dl)
+
+    # -- prepared calls: the launches of a call key a plan sees again (``launch.Prepared``) ----------
+    def forward_prepared(self, p: Prepared, q, k, v, indices, scale, buffers, extras: Extras):
+        """``forward`` of a call with the call key ``p.key``: the key's ``FastGather`` once a call of
+        it launched (no key hashing, no dict of names). Returns (out, lse)."""
+        f = p.fwd
+        if f is not None and not VERIFY_MEMO:
+            return f(q, k, v, indices, scale, buffers, extras)
+        got = self.forward(q, k, v, indices, scale, buffers, extras, key=p.key)
+        p.fwd = self._fast_fwd.get(p.key)
+        return got
+
+    def backward_prepared(self, p: Prepared, q, k, v, indices, out, lse, dout, dlse, scale, buffers,
+                          extras: Extras):
+        """``backward`` of a call made by ``forward_prepared``: the ``FastGatherBackward`` of its key
+        and this gradient's layout (the output's, the output gradient's, the lse gradient's or
+        none) once one has launched. Under ``VERIFY_MEMO`` the ordinary path runs and checks it."""
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dl = dlse.contiguous().to(torch.float32) if dlse is not None else None
+        b = p.bwd
+        if b is not None and not VERIFY_MEMO and b.matches(dout, dl):
+            return b(q, k, v, indices, out, lse, dout, dlse, dl, scale, buffers, extras)
+        got = self.backward(q, k, v, indices, out, lse, dout, dlse, scale, buffers, extras, key=p.key, shared=True)
+        p.bwd = self._fast_bwd.get(self._backward_key(p.key, out, dout, dlse, dl))
+        return got
+
+
+def kv_accumulators(k: torch.Tensor, v: torch.Tensor, shared: bool = True) -> tuple:
+    """(buffer or None, dK, dV): float32 accumulators of dK and dV (the gather backward adds into them
+    with atomics), zeroed. ``shared``: contiguous views of one buffer, zeroed by one fill (one
+    launch on a GPU, not two) and converted by one (``kv_gradients``); dV starts 16 bytes after
+    the buffer's start, as a tensor of its own would (the memoised launches specialise on it).
+    Else two tensors (a ``torch.library`` op's outputs may not alias each other)."""
+    if not shared:
+        return (None, torch.zeros(k.shape, dtype=torch.float32, device=k.device),
+                torch.zeros(v.shape, dtype=torch.float32, device=v.device))
+    nk = k.numel()
+    if k.shape == v.shape and nk % 4 == 0:
+        acc = torch.zeros(2, *k.shape, dtype=torch.float32, device=k.device)
+        dk, dv = acc.unbind(0)
+        return acc, dk, dv
+    at = -(-nk // 4) * 4
+    acc = torch.zeros(at + v.numel(), dtype=torch.float32, device=k.device)
+    return acc, acc[:nk].view(k.shape), acc[at:].view(v.shape)
+
+
+def kv_gradients(acc, dk, dv, k, v) -> tuple:
+    """dK and dV in the key's and value's dtypes from their float32 accumulators
+    (``kv_accumulators``): as they are for float32, else converted, by one conversion of a shared
+    buffer where the two have one dtype (then views of one tensor, as the gradients of
+    ``torch.cat``'s inputs are)."""
+    if k.dtype == v.dtype == torch.float32:
+        return dk, dv
+    if acc is None or k.dtype != v.dtype:
+        return dk.to(k.dtype), dv.to(v.dtype)
+    g = acc.to(k.dtype)
+    if g.dim() > 1:
+        return g.unbind(0)
+    return g[:k.numel()].view(k.shape), g[g.numel() - v.numel():].view(v.shape)
 
 
 class FastGather:
@@ -326,6 +401,72 @@ class FastGather:
         _same_arguments("gather forward outputs", [_alloc(self.out), _alloc(self.lse)], [out, lse], addresses=False)
 
 
+class FastGatherBackward:
+    """The gather backward of one backward key (``GatherRunner._backward_key``) once a call of it
+    launched (``launch.FastBackward``'s shape): the memoised launch with ``dQ`` allocated from a
+    template, dK/dV's float32 accumulators zeroed in one fill (``kv_accumulators``) and the call's
+    own values put straight into their places in the memo's arguments (no dict of names, no key
+    hashing). Only for calls without learnable captured tensors and low-rank factors (their
+    gradient buffers take the ordinary path): ``make`` gives None for those, and where the memo's
+    own values are not the ones listed here. Under ``VERIFY_MEMO`` the ordinary path runs and
+    checks this one's arguments (``verify``)."""
+
+    __slots__ = ("runner", "memo", "pos", "dq", "convert", "dout_key", "dlse_key")
+    OWN = ("Q", "K", "V", "IDX", "Out", "DO", "Lse", "DLse", "DQ", "DK", "DV", "DU", "DW", "sm_scale",
+           *Extras.PARAMS)
+
+    @staticmethod
+    def make(runner, memo, dout, dlse, dl, dq, buffers, extras) -> "FastGatherBackward | None":
+        if memo is None or runner.spec.grad_loads or runner.learnable or extras.u is not None:
+            return None
+        if memo.slots[0] != (*FastGatherBackward.OWN, *(f"buf{i}" for i in range(len(buffers)))):
+            return None
+        b = FastGatherBackward()
+        b.runner, b.memo, b.pos = runner, memo, memo.slots[1]
+        b.dq = _template(dq)
+        b.convert = _needs_conversion(runner, buffers)
+        b.dout_key, b.dlse_key = tensor_key(dout), None if dlse is None else tensor_key(dl)
+        return None if b.dq is None else b
+
+    def matches(self, dout, dl) -> bool:
+        """Is this the launch of a call with these gradients' layouts (``_backward_key``'s part; ``dl``:
+        the lse gradient's float32 copy, None: none)? The output's layout is not asked: the forward
+        of the call key allocated it from its template."""
+        return ((dl is None) == (self.dlse_key is None) and tensor_key(dout) == self.dout_key
+                and (dl is None or tensor_key(dl) == self.dlse_key))
+
+    def args(self, q, k, v, indices, out, lse, dout, dl, dq, dk, dv, scale, buffers, extras) -> list:
+        """The launch's arguments for this call (no factors: ``DU``/``DW`` are placeholders)."""
+        bufs = buffer_tensors(buffers, self.runner.learnable).values() if self.convert else buffers
+        args = self.memo.template.copy()
+        for i, a in zip(self.pos, (q, k, v, indices, out, dout, lse, dl, dq, dk, dv, q, q, scale, *extras.values(q),
+                                   *bufs)):
+            args[i] = a
+        return args
+
+    def __call__(self, q, k, v, indices, out, lse, dout, dlse, dl, scale, buffers, extras):
+        """The gradients as ``GatherRunner.backward`` returns them (``dl``: ``dlse``'s float32 copy)."""
+        dq = _alloc(self.dq)
+        acc, dk, dv = kv_accumulators(k, v)
+        _launch_in_scope(self.runner, self.memo, self.args(q, k, v, indices, out, lse, dout, lse if dl is None else dl,
+                                                           dq, dk, dv, scale, buffers, extras))
+        s = extras.sinks
+        dsinks = sink_gradient(s, lse, row_delta(out, dout, dlse)) if s is not None else None
+        dk, dv = kv_gradients(acc, dk, dv, k, v)
+        return dq, dk, dv, dsinks, None, None, {}
+
+    def verify(self, own, buffers, extras) -> None:
+        """Under ``VERIFY_MEMO``: this launch's arguments, and its allocations' layouts, are the
+        ordinary path's (``own``: its values by name); AssertionError otherwise."""
+        o = own
+        _same_arguments("gather backward", self.args(o["Q"], o["K"], o["V"], o["IDX"], o["Out"], o["Lse"], o["DO"],
+                                                     o["DLse"], o["DQ"], o["DK"], o["DV"], o["sm_scale"], buffers,
+                                                     extras), self.memo.args(own))
+        _, dk, dv = kv_accumulators(o["K"], o["V"])
+        _same_arguments("gather backward allocations", [_alloc(self.dq), dk, dv], [o["DQ"], o["DK"], o["DV"]],
+                        addresses=False)
+
+
 def _qkv_strides(q, k, v, indices) -> dict:
     return {**qkv_strides(q, k, v), **strides_named(indices, "ib", "ig", "im", "ij")}
 
@@ -343,37 +484,50 @@ class SparseCall(NamedTuple):
 
     runner: "GatherRunner"
     scale: float
-    sigmoid_bias: float
-    key: tuple  # the runner's ``call_key`` of the call
+    extras: Extras  # no sinks or factors (the Function takes those as inputs); the call's sigmoid bias
+    #: the call key's prepared launches (``launch.Prepared``: ``FastGather``, ``FastGatherBackward``)
+    prepared: Prepared
+    softmax: bool  # the pattern's normaliser is softmax (else no lse gradient, lse not differentiable)
 
 
 class SparseAttentionFunction(torch.autograd.Function):
     """Inputs: q, k, v, sinks (or None), u, w (low-rank factors, or None), indices, a
-    :class:`SparseCall`, captured tensors."""
+    :class:`SparseCall`, captured tensors. Outputs: (out, lse). dK and dV are views of one tensor
+    (``kv_accumulators``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, u, w, indices, call, *buffers):
-        extras = Extras(sinks, u, w, call.sigmoid_bias)
-        out, lse = call.runner.forward(q, k, v, indices, call.scale, buffers, extras, key=call.key)
-        ctx.save_for_backward(q, k, v, sinks, u, w, indices, out, lse, *buffers)
+        extras = call.extras if sinks is None and u is None else Extras(sinks, u, w, call.extras.sigmoid_bias)
+        out, lse = call.runner.forward_prepared(call.prepared, q, k, v, indices, call.scale, buffers, extras)
+        # sinks and factors are saved only when there are some (each saved slot costs unpacking)
+        ctx.saved_extras = sinks is not None or u is not None
+        if ctx.saved_extras:
+            ctx.save_for_backward(q, k, v, indices, out, lse, sinks, u, w, *buffers)
+        else:
+            ctx.save_for_backward(q, k, v, indices, out, lse, *buffers)
         ctx.call = call
-        ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)  # an unused lse gets None: the kernel skips its dlse term
-        if call.runner.spec.normalizer != "softmax":
+        if not call.softmax:
             ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, sinks, u, w, indices, out, lse, *buffers = ctx.saved_tensors
+        call = ctx.call
+        if ctx.saved_extras:
+            q, k, v, indices, out, lse, sinks, u, w, *buffers = ctx.saved_tensors
+            extras = Extras(sinks, u, w, call.extras.sigmoid_bias)
+        else:
+            (q, k, v, indices, out, lse, *buffers), sinks, u, w = ctx.saved_tensors, None, None, None
+            extras = call.extras
         if dout is None:
             dout = torch.zeros_like(out)
-        call = ctx.call
-        softmax = call.runner.spec.normalizer == "softmax"
-        dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward(q, k, v, indices, out, lse, dout,
-                                                                 dlse if softmax else None, call.scale, buffers,
-                                                                 Extras(sinks, u, w, call.sigmoid_bias), key=call.key)
-        grads = tuple(dbufs.get(i) for i in range(len(buffers)))
+        dq, dk, dv, dsinks, du, dw, dbufs = call.runner.backward_prepared(
+            call.prepared, q, k, v, indices, out, lse, dout, dlse if call.softmax else None, call.scale, buffers,
+            extras)
+        grads = tuple(dbufs.get(i) for i in range(len(buffers))) if buffers else ()
+        if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing to tie
+            return (dq, dk, dv, dsinks, du, dw, None, None, *grads)
         return refuse_second_derivative((q, k, v, sinks, u, w, *buffers),
                                         (dq, dk, dv, dsinks, du, dw, None, None) + grads)
 
@@ -418,7 +572,8 @@ class _SparsePlan(NamedTuple):
     runner: GatherRunner
     scale: float  # the default scale, 1/sqrt(D)
     extras: Extras  # no sinks or factors; the sigmoid bias of the length
-    key: tuple  # the runner's call key (the call's scale sign, extras and captured tensors included)
+    memo: Prepared  # the prepared launches of the runner's call key (the call's scale sign, extras and
+    #: captured tensors included)
     shape: tuple  # (B, Hq, Lq, Lkv)
     value_checks: bool  # the pattern's index checks read captured values: run every call
     expand: bool  # the indices have batch 1 and the call more: expanded per call
@@ -497,10 +652,10 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     scale = scale0 if scale is None else float(scale)
     r = gather_runner(compiled, query, value.shape[-1])
     extras = Extras(sinks, u, w, float(sigmoid_bias or 0.0))
-    rkey = r.call_key(query, key, value, indices, scale, extras, tensors)
-    plan = _SparsePlan(r, scale0, Extras(sigmoid_bias=extras.sigmoid_bias), rkey, shape,
-                       compiled.index_check.reads_values(), expand,
-                       SparseCall(r, scale0, extras.sigmoid_bias, rkey))
+    memo = Prepared(r.call_key(query, key, value, indices, scale, extras, tensors))
+    extras0 = Extras(sigmoid_bias=extras.sigmoid_bias)
+    plan = _SparsePlan(r, scale0, extras0, memo, shape, compiled.index_check.reads_values(), expand,
+                       SparseCall(r, scale0, extras0, memo, normalizer == "softmax"))
     if pkey is not None:  # every check above passed for this key: later calls skip those of shapes
         if len(plans) >= _MAX_PLANS:
             plans.clear()
@@ -526,11 +681,11 @@ def _run(plan, tensors, query, key, value, indices, scale, sinks, u, w, return_l
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                     or ((tensors or sinks is not None or u is not None)
                                         and _any_grad(sinks, u, w, tensors))):
-        call = plan.call if scale is None else SparseCall(r, float(scale), plan.extras.sigmoid_bias, plan.key)
+        call = plan.call if scale is None else plan.call._replace(scale=float(scale))
         out, lse = _apply(query, key, value, sinks, u, w, indices, call, *tensors)
-    else:  # inference
-        out, lse = r.forward(query, key, value, indices, plan.scale if scale is None else float(scale), tensors,
-                             extras, key=plan.key)
+    else:  # inference: no graph node, nothing saved
+        out, lse = r.forward_prepared(plan.memo, query, key, value, indices,
+                                      plan.scale if scale is None else float(scale), tensors, extras)
     return (out, lse) if return_lse else out
 
 
