@@ -302,7 +302,11 @@ def test_neighborhood_with_extra_tokens_compiled():
     assert len(attn.spec.fwd_range.extras) == 2
 
 
-@pytest.mark.parametrize("shape,tile,ks,ds,cs,bs", na_configs(25, seed=5))
+_NA_VISITS = na_configs(25, seed=5)  # the first 12 in CI, the rest slow-marked (CI time)
+
+
+@pytest.mark.parametrize("shape,tile,ks,ds,cs,bs", _NA_VISITS[:12] + [pytest.param(*c, marks=pytest.mark.slow)
+                                                                      for c in _NA_VISITS[12:]])
 def test_neighborhood_visits_exactly_the_touched_tiles(shape, tile, ks, ds, cs, bs):
     lay = Layout(shape, tile)
     check_visits(neighborhood(lay, ks, ds, cs), brute_neighborhood(shape, tile, ks, ds, cs), *bs)
