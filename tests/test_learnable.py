@@ -220,7 +220,8 @@ def _case(B=1, Hq=4, Hkv=2, Lq=70, Lkv=90, D=32, dtype=F32, seed=0):
     return gen, make_qkv(B, Hq, Hkv, Lq, Lkv, D, dtype, gen)
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
+# bf16 with a learnable captured tensor stays in CI through test_relative_position_table_bf16_table
+@pytest.mark.parametrize("dtype", [F32, pytest.param(BF16, marks=pytest.mark.slow)])
 def test_alibi_slopes_causal_gqa(dtype):
     gen, (q, k, v) = _case(dtype=dtype, seed=1)
     slopes = randn(4, gen=gen).abs().detach().requires_grad_()
@@ -243,7 +244,7 @@ def test_learnable_softcap_causal(dtype):
             learn=[cap], name="softcap causal")
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dtype", [F32, pytest.param(BF16, marks=pytest.mark.slow)])
 def test_relative_position_table_sliding(dtype):
     gen, (q, k, v) = _case(dtype=dtype, seed=4)
     M = 12
@@ -292,11 +293,12 @@ def _scatter_source(fn):
 def test_scattered_table_gradient_both_reductions(block):
     """A table read through a 2-D grid distance: tiles reading few entries reduce per entry
     inside the tile (16x16 tiles span under 128 offsets), wider ones (128x128: some 500 offsets)
-    add per element; all against the reference, with Lq != Lkv and GQA."""
-    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=100, Lkv=90, seed=17)
+    add per element; all against the reference, with Lq != Lkv and GQA. (Sizes kept small for CI:
+    the scope follows the tile size, not the lengths; the window still cuts on both sides.)"""
+    gen, (q, k, v) = _case(Hq=2, Hkv=1, Lq=60, Lkv=50, seed=17)
     W, R = 8, 19
-    table = randn(4, 2 * R - 1, 2 * W - 1, gen=gen)
-    fn = attndsl.compile(mask_mod=lambda b, h, qi, kv: (qi - kv < 70) & (kv - qi < 70),
+    table = randn(2, 2 * R - 1, 2 * W - 1, gen=gen)
+    fn = attndsl.compile(mask_mod=lambda b, h, qi, kv: (qi - kv < 40) & (kv - qi < 40),
                          score_mod=_grid_relative_bias(table, W, R), block_m=block, block_n=block)
     gl, dq_src = _scatter_source(fn)
     assert gl.scope == "scatter" and gl.diagonal is None and "tl.gather" not in dq_src
@@ -311,10 +313,10 @@ def test_scattered_table_gradient_wide_offsets(block, monkeypatch):
     from attndsl.runtime import launch
     seen = []
     monkeypatch.setattr(launch, "wide_offsets", lambda t: seen.append(t.shape) or True)
-    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=100, Lkv=90, seed=23)
+    gen, (q, k, v) = _case(Hq=2, Hkv=1, Lq=60, Lkv=50, seed=23)
     W, R = 8, 19
-    table = randn(4, 2 * R - 1, 2 * W - 1, gen=gen)
-    compare(q, k, v, mask_mod=lambda b, h, qi, kv: (qi - kv < 70) & (kv - qi < 70),
+    table = randn(2, 2 * R - 1, 2 * W - 1, gen=gen)
+    compare(q, k, v, mask_mod=lambda b, h, qi, kv: (qi - kv < 40) & (kv - qi < 40),
             score_mod=_grid_relative_bias(table, W, R), learn=[table], block=block,
             name=f"grid rel table, wide offsets, {block}x{block} tiles")
     assert seen, "the launcher never asked for the offset width"
@@ -327,14 +329,15 @@ def test_diagonal_table_gradient(blocks, kind):
     (``_diagonal_adds``): square tiles and both kinds of oblong ones (the rotation wraps once,
     twice or four times), lengths that are not multiples of either tile, GQA and a two-sided
     window, against the reference."""
-    gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=100, Lkv=90, seed=29)
+    gen, (q, k, v) = _case(Hq=2, Hkv=1, Lq=60, Lkv=50, seed=29)
+    # small for CI: the clip (20) and the t5 log range (32) are still passed inside the window (40 / 35)
     if kind == "clipped":
-        table = randn(4, 2 * 40 + 1, gen=gen)
-        mod = relative_position_bias(table, 40)
+        table = randn(2, 2 * 20 + 1, gen=gen)
+        mod = relative_position_bias(table, 20)
     else:
-        table = randn(4, 32, gen=gen)
-        mod = t5_bucket_bias(table, 32, 64)
-    fn = attndsl.compile(mask_mod=lambda b, h, qi, kv: (qi - kv < 70) & (kv - qi < 60), score_mod=mod,
+        table = randn(2, 32, gen=gen)
+        mod = t5_bucket_bias(table, 32, 32)
+    fn = attndsl.compile(mask_mod=lambda b, h, qi, kv: (qi - kv < 40) & (kv - qi < 35), score_mod=mod,
                          block_m=blocks[0], block_n=blocks[1])
     gl, dq_src = _scatter_source(fn)
     assert gl.diagonal is not None and "tl.gather" in dq_src

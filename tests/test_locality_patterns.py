@@ -277,9 +277,11 @@ def test_neighborhood_every_query_has_kernel_size_neighbours():
 
 
 NA_CASES = [  # (shape, tile, kernel, dilation, causal, (block_m, block_n)), L <= 128
-    ((8, 8), (4, 4), (3, 5), (1, 1), (False, False), (16, 16)),
+    # the plain 2-D and 3-D cases are slow-marked: the dilated / causal ones below run the same
+    # dimensionalities in CI (CI time)
+    pytest.param((8, 8), (4, 4), (3, 5), (1, 1), (False, False), (16, 16), marks=pytest.mark.slow),
     ((8, 16), (4, 4), (5, 3), (1, 2), (False, False), (32, 16)),
-    ((4, 4, 8), (2, 2, 4), (3, 3, 5), (1, 1, 1), (False, False, False), (32, 32)),
+    pytest.param((4, 4, 8), (2, 2, 4), (3, 3, 5), (1, 1, 1), (False, False, False), (32, 32), marks=pytest.mark.slow),
     ((4, 4, 4), (2, 2, 2), (3, 2, 3), (1, 2, 1), (True, False, False), (16, 16)),
     ((96,), (8,), (9,), (3,), (False,), (32, 32)),
     ((8, 16), (2, 4), (5, 5), (1, 1), (False, True), (16, 32)),
@@ -300,7 +302,11 @@ def test_neighborhood_with_extra_tokens_compiled():
     assert len(attn.spec.fwd_range.extras) == 2
 
 
-@pytest.mark.parametrize("shape,tile,ks,ds,cs,bs", na_configs(25, seed=5))
+_NA_VISITS = na_configs(25, seed=5)  # the first 12 in CI, the rest slow-marked (CI time)
+
+
+@pytest.mark.parametrize("shape,tile,ks,ds,cs,bs", _NA_VISITS[:12] + [pytest.param(*c, marks=pytest.mark.slow)
+                                                                      for c in _NA_VISITS[12:]])
 def test_neighborhood_visits_exactly_the_touched_tiles(shape, tile, ks, ds, cs, bs):
     lay = Layout(shape, tile)
     check_visits(neighborhood(lay, ks, ds, cs), brute_neighborhood(shape, tile, ks, ds, cs), *bs)

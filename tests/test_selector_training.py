@@ -139,7 +139,9 @@ def _property(grouping, B, Lq, Lkv, K, mask, kind, factors, R, normalizer, sinks
     _check(errs, TOL[F32], ctx)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 3 random draws in CI (each a new kernel, some 5 s on two cores); every kind and factor shape also has
+# a fixed case below, and the slow twin runs 100
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**CASES)
 def test_token_selector_trains_learnable_tensors_and_low_rank_factors(grouping, B, Lq, Lkv, K, mask, kind, factors, R,
                                                                        normalizer, sinks, block_n, seed):
@@ -159,7 +161,10 @@ def test_every_kind_of_learnable_tensor(kind):
     """Each way a captured tensor is indexed (per head, 0-d, relative table, T5 buckets, per query,
     pair bias [H, Lq, Lkv] and [B, H, Lq, Lkv], a table without a head dim, one too wide to bin, per
     key) with GQA, a causal mask and duplicate keys."""
-    _check(run_case(grouping=(4, 2, 1), B=2, Lq=13, Lkv=21, K=17, mask=causal, kind=kind, seed=3), TOL[F32], kind)
+    # a second batch where the tensor has a batch dim, and for slopes (a gradient summed over the batch);
+    # one elsewhere (CI time)
+    B = 2 if kind in ("pair_bhqk", "slopes") else 1
+    _check(run_case(grouping=(4, 2, 1), B=B, Lq=13, Lkv=21, K=17, mask=causal, kind=kind, seed=3), TOL[F32], kind)
 
 
 @pytest.mark.parametrize("factors", FACTOR_SHAPES)
