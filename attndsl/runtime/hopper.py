@@ -17,11 +17,12 @@ the portable Triton kernels run everywhere else:
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
 
-The launch: the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
+The launch (with prepared launches on: ``ATTNDSL_GLUON_PREPARED=1``, off by default until checked on a
+GPU): the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
 and alignment, tiles, program order, device) goes through Gluon's ``kernel.run`` and keeps a
 prepared launch (:mod:`attndsl.runtime.gluonlaunch`); later calls of the key hand their tensors to
 the compiled kernel's C launcher directly, the TMA descriptors' tensor maps kept per address
-(``ATTNDSL_GLUON_PREPARED=0`` turns it off). :meth:`HopperForward.applies` asks nothing of the
+(:mod:`~attndsl.runtime.gluonlaunch`). :meth:`HopperForward.applies` asks nothing of the
 environment or the device per call (the switch and each device's capability are read once).
 """
 from __future__ import annotations
