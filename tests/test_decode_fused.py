@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attndsl
+
 from attndsl.patterns import causal, sliding_window, softcap
 from attndsl.serving import PagedKVCache, decode, decoding
 from attndsl.serving.reference import decode_reference
@@ -133,52 +135,54 @@ def test_fused_is_recorded_in_the_plan():
     assert decoding.decode_config(D, True, TWO).fused_merge is False
 
 
-def test_constant_patterns_skip_the_pattern_walk(monkeypatch):
-    """A pattern function holding only constants (``sliding_window(W)``) is found again by identity:
-    the second call does not reach the pattern cache. A rebound cell, another window, a function
-    holding a tensor, or a global its code names all go through the pattern cache (and are right)."""
-    import attndsl.api as api
-    calls = []
-    real = api._compiled
-
-    def counting(*a, **k):
-        calls.append(a[0])
-        return real(*a, **k)
-    monkeypatch.setattr(api, "_compiled", counting)
+def test_patterns_met_again_skip_the_pattern_walk(monkeypatch):
+    """decode finds its pattern through ``attndsl.attention``'s pattern cache, which meets a function
+    it has seen before (``sliding_window(W)``) by identity, without walking it. Another window, a
+    rebound cell, or a held tensor rebound walk again, and every answer is right (the tensor bound
+    is the one held now)."""
+    from attndsl.runtime import patterns
+    attndsl.clear_cache()
+    walks = [0]
+    real = patterns._walk_kept
+    monkeypatch.setattr(patterns, "_walk_kept", lambda *a: walks.__setitem__(0, walks[0] + 1) or real(*a))
     B, Hq, Hkv, L = 2, 4, 2, 64
     g = torch.Generator().manual_seed(66)
     k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
     q = torch.randn(B, Hq, 1, D, generator=g)
     lens = torch.tensor([64, 40])
 
-    def check(mask):
-        out = decode(q, k, v, seq_lens=lens, mask_mod=mask)
-        ro, _ = decode_reference(q, k, v, seq_lens=lens, mask_mod=mask)
-        torch.testing.assert_close(out.double(), ro, **TOL)
+    def check(mask, times=1):
+        for _ in range(times):
+            out = decode(q, k, v, seq_lens=lens, mask_mod=mask)
+            ro, _ = decode_reference(q, k, v, seq_lens=lens, mask_mod=mask)
+            torch.testing.assert_close(out.double(), ro, **TOL)
 
     win = sliding_window(8)
-    check(win)
-    n = len(calls)
-    check(win)
-    assert len(calls) == n  # found by identity
-    check(sliding_window(20))  # a fresh closure: the pattern cache (another window, right answer)
-    assert len(calls) == n + 1
+    check(win, 3)  # walked, then recorded: met again by identity from here on
+    n = walks[0]
+    check(win, 2)
+    assert walks[0] == n  # found by identity
+    check(sliding_window(20))  # a fresh closure: walked (another window, right answer)
+    assert walks[0] == n + 1
 
     width = 8
 
     def rebound(b, h, q_idx, kv_idx):
         return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < width)
+    check(rebound, 3)
+    n = walks[0]
+    width = 30  # the cell now holds another int: walked again
     check(rebound)
-    n = len(calls)
-    width = 30  # the cell now holds another int: not the memo's entry
-    check(rebound)
-    assert len(calls) == n + 1
+    assert walks[0] == n + 1
 
     ids = torch.zeros(L, dtype=torch.int32)
 
     def holds_tensor(b, h, q_idx, kv_idx):
         return ids[kv_idx] == ids[q_idx]
+    check(holds_tensor, 3)
+    n = walks[0]
     check(holds_tensor)
-    n = len(calls)
+    assert walks[0] == n  # met by identity, its tensor bound per call
+    ids = torch.arange(L, dtype=torch.int32) // 5  # rebound: walked, and the new ids are the ones read
     check(holds_tensor)
-    assert len(calls) == n + 1  # tensors are bound per call through the pattern cache
+    assert walks[0] == n + 1
