@@ -28,8 +28,7 @@ def _mode_follows_configs(monkeypatch):
     the environment as monkeypatch restores it is read again on first use)."""
     _set_env(monkeypatch, None)
     yield
-    config.enable_atomic_dq(None)
-    config._ATOMIC_DQ_FROM_ENV.clear()
+    config.SWITCH.forget()
 
 
 def _set_env(monkeypatch, value: str | None) -> None:

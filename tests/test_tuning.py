@@ -242,8 +242,8 @@ def test_hopper_forward_follows_its_entry(monkeypatch):
     still win); the call conditions are faked, as there is no sm_90 GPU here."""
     from attndsl.runtime import hopper
     monkeypatch.setattr(hopper, "call_fits", lambda *a: True)
-    monkeypatch.setattr(hopper, "_ENABLED", [None])
-    monkeypatch.setattr(hopper, "_ENV", [None])  # ATTNDSL_HOPPER unset, whatever it was read as
+    monkeypatch.setattr(hopper, "SWITCH", hopper.Switch("ATTNDSL_HOPPER"))
+    monkeypatch.setattr(hopper.SWITCH, "_env", [None])  # ATTNDSL_HOPPER unset, whatever it was read as
     monkeypatch.delenv("ATTNDSL_HOPPER", raising=False)
     hf = hopper.HopperForward(attndsl.compile(mask_mod=causal).spec)
     assert hf.unsupported is None

@@ -6,10 +6,11 @@ constants every attention kernel takes; and the gather and indexer kernels' tile
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
+
+from .switches import Switch
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ DQ_MODES = ("kernel", "atomic")
 #: the environment variable that forces the dQ mode: "1" atomic, "0" the dQ kernel, unset: the configs'.
 #: Read on first use and kept (calls do not read the environment); ``enable_atomic_dq(None)`` reads it again
 ATOMIC_DQ_ENV = "ATTNDSL_ATOMIC_DQ"
-_ATOMIC_DQ: list = [None]  # enable_atomic_dq's setting; None: follow ATOMIC_DQ_ENV, then the configs
-_ATOMIC_DQ_FROM_ENV: list = []  # the environment's mode ("atomic", "kernel" or None), once read
+#: the switch of :func:`enable_atomic_dq` / ``ATTNDSL_ATOMIC_DQ`` (None: the configs' mode)
+SWITCH = Switch(ATOMIC_DQ_ENV)
 
 
 def enable_atomic_dq(on: bool | None) -> None:
@@ -67,24 +68,13 @@ def enable_atomic_dq(on: bool | None) -> None:
     (atomic adds), False runs the dQ kernel, None follows ``ATTNDSL_ATOMIC_DQ`` as the environment
     says now (read here and kept) and then each runner's ``Configs.dq_mode`` (a tuned entry's, else
     "kernel"). Deterministic backwards always run the dQ kernel."""
-    _ATOMIC_DQ[0] = on
-    if on is None:
-        _ATOMIC_DQ_FROM_ENV[:] = [_env_dq_mode()]
-
-
-def _env_dq_mode() -> str | None:
-    env = os.environ.get(ATOMIC_DQ_ENV)
-    return None if env is None else ("atomic" if env == "1" else "kernel")
+    SWITCH.set(on)
 
 
 def forced_dq_mode() -> str | None:
     """The dQ mode :func:`enable_atomic_dq` or ``ATTNDSL_ATOMIC_DQ`` forces, or None (the configs')."""
-    on = _ATOMIC_DQ[0]
-    if on is not None:
-        return "atomic" if on else "kernel"
-    if not _ATOMIC_DQ_FROM_ENV:
-        _ATOMIC_DQ_FROM_ENV.append(_env_dq_mode())
-    return _ATOMIC_DQ_FROM_ENV[0]
+    on = SWITCH.get()
+    return None if on is None else ("atomic" if on else "kernel")
 
 
 def atomic_dq(cfgs: Configs, deterministic: bool) -> bool:

@@ -38,43 +38,19 @@ from . import gluonlaunch
 from .marshal import buffer_args
 from .memo import MEMO_SIZE, tensor_key
 from .scope import NO_CONTEXT, launch_scope
+from .switches import Switch
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
            "smoke_test", "MEASURED_WINS", "sweep_configs", "shared_bytes", "compile_ahead"]
 
-_ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER
-_ENV: list = []  # ATTNDSL_HOPPER's verdict, read on first use and by enable(None)
-
-
-def read_switch(forced: list, env: list, name: str) -> bool | None:
-    """A process-wide switch: ``forced[0]`` when not None, else the environment variable ``name``
-    ("1" on, anything else off, unset None), read on first use and kept in ``env`` (calls do not
-    read the environment; :func:`set_switch` with None reads it again)."""
-    on = forced[0]
-    if on is not None:
-        return bool(on)
-    if not env:
-        env.append(_env_switch(name))
-    return env[0]
-
-
-def set_switch(forced: list, env: list, name: str, on: bool | None) -> None:
-    """Force the switch of :func:`read_switch` on or off, or (None) make it follow ``name`` as the
-    environment says now."""
-    forced[0] = on
-    if on is None:
-        env[:] = [_env_switch(name)]
-
-
-def _env_switch(name: str) -> bool | None:
-    got = os.environ.get(name)
-    return None if got is None else got == "1"
+#: the forward's switch (None: the calls MEASURED_WINS names)
+SWITCH = Switch("ATTNDSL_HOPPER")
 
 
 def enable(on: bool | None) -> None:
     """Turn the Hopper forward on or off for this process; None: follow ``ATTNDSL_HOPPER`` as the
     environment says now (read here and kept)."""
-    set_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER", on)
+    SWITCH.set(on)
 
 
 def enabled() -> bool | None:
@@ -82,7 +58,7 @@ def enabled() -> bool | None:
     ``enable()`` wins over ``ATTNDSL_HOPPER`` ("1" on, "0" off, unset: the table), which is read
     once, on first use, and again by ``enable(None)``: set it before the first call, or call
     ``enable(None)`` after changing it."""
-    return read_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER")
+    return SWITCH.get()
 
 
 #: Where the Hopper forward was measured faster than the portable one on an H100 (same run,

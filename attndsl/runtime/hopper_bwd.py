@@ -29,7 +29,8 @@ import os
 import torch
 
 from ..codegen import hopper_bwd as _gen
-from .hopper import _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, read_switch, set_switch
+from .hopper import _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
+from .switches import Switch
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "enable_backward",
            "compile_sm90_bwd", "smoke_test", "MEASURED_BWD_WINS"]
@@ -40,14 +41,14 @@ __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enab
 MEASURED_BWD_WINS: dict = {}
 
 
-_ENABLED: list = [None]  # None: follow ATTNDSL_HOPPER_BWD
-_ENV: list = []  # ATTNDSL_HOPPER_BWD's verdict, read on first use and by enable_backward(None)
+#: the backward's switch (None: the calls MEASURED_BWD_WINS names)
+SWITCH = Switch("ATTNDSL_HOPPER_BWD")
 
 
 def enable_backward(on: bool | None) -> None:
     """Turn the Hopper backward on or off for this process; None: follow ``ATTNDSL_HOPPER_BWD`` as
     the environment says now (read here and kept)."""
-    set_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER_BWD", on)
+    SWITCH.set(on)
 
 
 def backward_enabled() -> bool | None:
@@ -55,7 +56,7 @@ def backward_enabled() -> bool | None:
     names. ``enable_backward()`` wins over ``ATTNDSL_HOPPER_BWD`` ("1" on, "0" off, unset: the
     table), which is read once, on first use, and again by ``enable_backward(None)``. Independent
     of the forward's switch: either Hopper kernel runs with the other's portable counterpart."""
-    return read_switch(_ENABLED, _ENV, "ATTNDSL_HOPPER_BWD")
+    return SWITCH.get()
 
 
 @dataclasses.dataclass(frozen=True)
