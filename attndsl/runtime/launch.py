@@ -25,7 +25,7 @@ from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, privat
                         sink_gradient, wide_offsets)
 from .marshal import Extras, buffer_layout, buffer_named, buffer_tensors, fill, qkv_strides, strides_named  # noqa: F401
 from .memo import MEMO_SIZE, Memo, arg_classes, descriptor_scratch, own_slots, tensor_key
-from .scope import NO_CONTEXT, _current_device, launch_scope
+from .scope import NO_CONTEXT, launch_scope
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 #: check every memoised launch against a fresh computation of its grid, constants and arguments
@@ -776,22 +776,12 @@ class FastForward:
 
 def _launch_in_scope(r, memo, args) -> None:
     """``memo.launch(args)`` inside the runner's launch scope (as ``Runner._memoised``)."""
-    if not memo.allocator and _on_current_gpu(r, args[0]):
-        memo.launch(args)
-        return
     scope = r.mode(args[0])
     if scope is NO_CONTEXT and not memo.allocator:
         memo.launch(args)
         return
     with scope, (descriptor_scratch() if memo.allocator else NO_CONTEXT):
         memo.launch(args)
-
-
-def _on_current_gpu(r, t) -> bool:
-    """Does a launch of runner ``r`` on ``t``'s data need no launch scope (``scope.launch_scope``
-    would give NO_CONTEXT): a compiled (not interpreted) runner, ``t`` on the current CUDA device?
-    Asked by the device index alone (a tenth of ``launch_scope``'s host time); False: ask ``r.mode``."""
-    return not r.interpret and _current_device is not None and t.get_device() == _current_device()
 
 
 class FastBackward:
@@ -873,7 +863,7 @@ class FastBackward:
                          t_dkdv, t_dq)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
         # one launch scope for the three launches (as ``Runner._memoised`` enters it)
-        scope = NO_CONTEXT if _on_current_gpu(r, q) else r.mode(q)
+        scope = r.mode(q)
         if scope is NO_CONTEXT and not self.allocator:
             delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq)
         else:

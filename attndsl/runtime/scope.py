@@ -19,9 +19,9 @@ def launch_scope(t: torch.Tensor, interpret: bool):
     """The context for launching kernels on ``t``'s data."""
     if interpret:
         return interpreting()
-    dev = t.device
-    if dev.type == "cuda" and dev.index != _current_device():
-        return torch.cuda.device(dev)
+    index = t.get_device()  # -1 on the CPU; cheaper than ``t.device`` (no device object)
+    if index >= 0 and index != _current_device():
+        return torch.cuda.device(index)
     return NO_CONTEXT
 
 
