@@ -47,7 +47,7 @@ from .prelude import module_header
 from .writer import Writer
 
 #: Bump when the generated Hopper code changes meaning (part of the module's cache key).
-HOPPER_VERSION = 2
+HOPPER_VERSION = 3
 
 #: the Hopper kernels' parameters Triton does not specialise: lengths and head counts (a length of 1
 #: or a multiple of 16 would compile another kernel, seconds each, for no gain: TMA loads the
@@ -58,7 +58,7 @@ UNSPECIALISED = ("HQ", "HKV", "GROUP", "LQ", "LKV")
 GLUON_COMMON = '''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 
 @gluon.jit
@@ -101,23 +101,40 @@ def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready,
 
 
 @gluon.jit
-def _mma_turn(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
+def _mma_turn(my_turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):
     """Ping-pong (FlashAttention-3's scheduler barrier): consumer group ``WG`` waits for its ``k``-th
-    turn to issue matrix products. ``turn.index(g)`` completes a phase each time the other group
-    passes the turn to ``g`` (one arrive per warp group: ``mbarrier.arrive`` syncs the group's
-    warps, then one thread arrives). Group 0 goes first: its turn 0 waits on the phase before a
+    turn to issue matrix products. ``my_turn`` (group ``g``'s barrier, ``turn{g}``) completes a
+    phase each time the other group passes the turn to ``g`` (:func:`_release`: one arrival per
+    group, or one per thread of it). Group 0 goes first: its turn 0 waits on the phase before a
     fresh barrier's first, which counts as complete. Each group takes and passes the same number
     of turns (both walk the program's one visit plan), and a group cannot pass twice before the
-    other has waited, so the parity of ``k`` names the phase without ambiguity."""
+    other has waited, so the parity of ``k`` names the phase without ambiguity. The two barriers
+    are two allocations, not one array of two: Triton's barrier placement (Membar) puts a
+    ``bar.sync`` between a wait and a later arrive on the same allocation."""
     if PINGPONG:
-        mbarrier.wait(turn.index(WG), (k & 1) ^ (1 - WG))
+        mbarrier.wait(my_turn, (k & 1) ^ (1 - WG))
 
 
 @gluon.jit
-def _mma_pass(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
-    """Ping-pong: group ``WG`` has issued its matrix products; the other group's turn."""
+def _mma_pass(next_turn, PINGPONG: gl.constexpr, THREAD_ARRIVE: gl.constexpr):
+    """Ping-pong: this group has issued its matrix products; the other group's turn (its barrier)."""
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+        _release(next_turn, THREAD_ARRIVE)
+
+
+@gluon.jit
+def _release(bar, THREAD_ARRIVE: gl.constexpr):
+    """A consumer warp group arrives on ``bar`` (a K/V buffer is free, or a ping-pong turn passes).
+    ``THREAD_ARRIVE`` False: ``mbarrier.arrive``, which Gluon lowers to a sync of the group's 128
+    threads (``bar.sync``) and one thread's arrive (``bar`` counts one arrival per group). True:
+    every thread arrives on its own (``cp.async.mbarrier.arrive.noinc``: the arrival fires once
+    the thread's earlier ``cp.async`` copies are done, and the consumers issue none), no sync
+    (``bar`` counts ``GROUP_THREADS`` arrivals per group). Either way a thread arrives only after
+    its own ``warpgroup_mma_wait``, so the buffer is read by then."""
+    if THREAD_ARRIVE:
+        async_copy.mbarrier_arrive(bar, increment_count=False)
+    else:
+        mbarrier.arrive(bar, count=1)
 '''
 
 
@@ -165,7 +182,7 @@ def signature(spec: KernelSpec) -> tuple:
     t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "Out", "Lse", "Sinks")]
     i = [Param(n, "int") for n in ("stride_ob", "stride_oh", "stride_om", "HQ", "GROUP", "LQ", "LKV")]
     c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE",
-                                              "PINGPONG", "HEAVY_FIRST", "HAS_SINKS")]
+                                              "PINGPONG", "THREAD_ARRIVE", "HEAVY_FIRST", "HAS_SINKS")]
     # captured tensors (score_mod's tables): pointer, sizes and strides, as the portable kernels take them
     return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + c)
 
@@ -255,9 +272,10 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     @gluon.jit
     def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks,
                  stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale, {_buffer_names(spec)}
-                 n_full, f_begin, t_begin, n_first, f_end, n_tiles, turn,
+                 n_full, f_begin, t_begin, n_first, f_end, n_tiles, my_turn, next_turn,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                 PIPELINE: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr, HAS_SINKS: gl.constexpr):
+                 PIPELINE: gl.constexpr, PINGPONG: gl.constexpr, THREAD_ARRIVE: gl.constexpr, WG: gl.constexpr,
+                 HAS_SINKS: gl.constexpr):
         \"\"\"Online softmax of query rows q0..q0+BLOCK_M over the visited key tiles (one warp group).\"\"\"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
@@ -302,18 +320,18 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 slot = it % STAGES
                 prev = (it - 1) % STAGES
                 mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
-                _mma_turn(turn, it - 1, WG, PINGPONG)
+                _mma_turn(my_turn, it - 1, WG, PINGPONG)
                 qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p16, _kv_tile(v_smem, prev), acc, is_async=True)
-                _mma_pass(turn, WG, PINGPONG)
+                _mma_pass(next_turn, PINGPONG, THREAD_ARRIVE)
                 # wgmma groups complete in order: at most one pending means Q·Kᵀ is done, P·V may not be
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
                 """)
                 _tile_step(w, *step)
                 w.code("""
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(kv_empty.index(prev), count=1)
+                _release(kv_empty.index(prev), THREAD_ARRIVE)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
                 """)
             with w.block("if n_tiles > 0:"):
@@ -322,31 +340,31 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
                 mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p16, _kv_tile(v_smem, last), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(kv_empty.index(last), count=1)
+                _release(kv_empty.index(last), THREAD_ARRIVE)
                 """)
         with w.block("else:"):
             with w.block("if n_tiles > 0:"):
-                w.line("_mma_turn(turn, 0, WG, PINGPONG)")
+                w.line("_mma_turn(my_turn, 0, WG, PINGPONG)")
             with w.block("for it in range(0, n_tiles):"):
                 w.code("""
                 slot = it % STAGES
                 phase = (it // STAGES) & 1
                 mbarrier.wait(k_ready.index(slot), phase)
                 qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
-                _mma_pass(turn, WG, PINGPONG)
+                _mma_pass(next_turn, PINGPONG, THREAD_ARRIVE)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
                 """)
                 _tile_step(w, *step)
                 w.code("""
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
                 mbarrier.wait(v_ready.index(slot), phase)
-                _mma_turn(turn, it + 1, WG, PINGPONG)
+                _mma_turn(my_turn, it + 1, WG, PINGPONG)
                 acc = warpgroup_mma(p16, _kv_tile(v_smem, slot), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(kv_empty.index(slot), count=1)
+                _release(kv_empty.index(slot), THREAD_ARRIVE)
                 """)
             with w.block("if n_tiles > 0:"):
-                w.line("_mma_pass(turn, WG, PINGPONG)")
+                w.line("_mma_pass(next_turn, PINGPONG, THREAD_ARRIVE)")
         # _softmax_finish's rule: a row with nothing visited gives 0 and -inf, never NaN
         w.code("""
         dead = l_i == 0.0
@@ -405,21 +423,25 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG's turns
+        # PINGPONG's turns: one allocation each (see _mma_turn)
+        turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        # arrivals per consumer group on kv_empty and turn (_release): one, or each of its threads
+        ARRIVALS: gl.constexpr = GROUP_THREADS if THREAD_ARRIVE else 1
         mbarrier.init(q_bar, count=1)
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
+        mbarrier.init(turn0, count=ARRIVALS)
+        mbarrier.init(turn1, count=ARRIVALS)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+            mbarrier.init(kv_empty.index(i), count=CONSUMERS * ARRIVALS)
         ''')
         tiles = "n_full, f_begin, t_begin, n_first, f_end, n_tiles"
         bufs = _buffer_names(spec)
         common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks, stride_ob, stride_oh, stride_om, "
                   "b, h, pid_bh")
         consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, {bufs}"
-                    f"{tiles}, turn, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, PINGPONG, {c}, HAS_SINKS))"
+                    f"{tiles}, turn{c}, turn{1 - c}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, PINGPONG, THREAD_ARRIVE, {c}, HAS_SINKS))"
                     for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
                 f"b, h, hk, q_lo, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
@@ -451,6 +473,8 @@ def render(spec: KernelSpec) -> str:
     w.line("#: registers per thread of a worker consumer warp group and of the producer warp (setmaxnreg)")
     w.line("CONSUMER_REGS = gl.constexpr(232)")
     w.line("LOADER_REGS = gl.constexpr(40)")
+    w.line("#: threads of a consumer warp group (warp_specialize's 4 warps per group)")
+    w.line("GROUP_THREADS = gl.constexpr(128)")
     w.line()
     w.line()
     _consumer(spec, w)

@@ -2,6 +2,8 @@
 carries the pattern's code, that the runtime never picks it off sm_90, and (where Triton 3.6's
 Gluon and its NVIDIA backend are installed) that two generated kernels compile for sm_90 with the
 warp-specialised machinery in their PTX."""
+import re
+
 import pytest
 import torch
 
@@ -140,12 +142,14 @@ def test_pingpong_turns_render():
     constexpr, and both loop shapes take and pass turns (the counts are the helpers' and the
     loops', checked on the GPU by ``tests/test_gpu_hopper.py``)."""
     src = gen.render(hopper.hopper_spec(attndsl.compile(mask_mod=causal).spec))
-    assert "def _mma_turn(turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):" in src
-    assert "PINGPONG, 0, HAS_SINKS))" in src and "PINGPONG, 1, HAS_SINKS))" in src
+    assert "def _mma_turn(my_turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):" in src
+    # each group waits on its own barrier and passes to the other's (two allocations)
+    assert "turn0, turn1, BLOCK_M" in src and "turn1, turn0, BLOCK_M" in src
+    assert "PINGPONG, THREAD_ARRIVE, 0, HAS_SINKS))" in src and "PINGPONG, THREAD_ARRIVE, 1, HAS_SINKS))" in src
     consumer = src[src.index("_consumer("):src.index("@gluon.jit(do_not_specialize")]
     # pipelined: one turn per loop step (it - 1); plain: turn 0 before the loop, it + 1 before each P·V
-    assert consumer.count("_mma_turn(turn, ") == 3 and consumer.count("_mma_pass(turn, ") == 3
-    assert "_mma_turn(turn, it - 1, WG, PINGPONG)" in consumer and "_mma_turn(turn, it + 1, WG, PINGPONG)" in consumer
+    assert consumer.count("_mma_turn(my_turn, ") == 3 and consumer.count("_mma_pass(next_turn, ") == 3
+    assert "_mma_turn(my_turn, it - 1, WG, PINGPONG)" in consumer and "_mma_turn(my_turn, it + 1, WG, PINGPONG)" in consumer
 
 
 def test_heavy_first_is_decided_once_per_spec():
@@ -182,6 +186,84 @@ def test_sweep_configs_compiles_for_sm90(cfg):
     # kv_empty: twice per group pipelined (loop, last tile), once plain; ping-pong passes: once pipelined, twice plain
     arrives = 2 * ((2 if cfg.pipeline else 1) + (0 if not cfg.pingpong else 1 if cfg.pipeline else 2))
     assert ptx.count("mbarrier.arrive.shared::cta.b64") == arrives
+
+
+_CTA_BARRIER = re.compile(r"^\s*(?:@%p\d+\s+)?(?:bar|barrier)\.(?:sync|arrive|red|cta\.\w+)\b")
+
+
+def loop_barriers(ptx: str) -> list:
+    """The CTA barriers (``bar.sync``, ``barrier.sync``, ``bar.arrive``...; not ``bar.warp.sync``)
+    in each innermost loop of ``ptx`` that issues wgmma (the consumer groups' main loops), in
+    order of the loops: a list of counts, per loop iteration. Loops are read from the loop
+    comments LLVM writes at each basic block (``=>  This Inner Loop Header``, ``in Loop: Header=``)."""
+    lines = ptx.splitlines()
+    blocks, inner = [], set()  # (label, innermost loop header or None, body lines)
+    for i, ln in enumerate(lines):
+        m = re.match(r"^\$(L__BB\d+_\d+):", ln)
+        if not m:
+            if blocks:
+                blocks[-1][2].append(ln)
+            continue
+        label, header, j = m.group(1), None, i
+        while j < len(lines) and (j == i or lines[j].strip().startswith("//")):
+            h = re.search(r"in Loop: Header=BB(\d+_\d+)", lines[j])
+            header = "L__BB" + h.group(1) if h else header
+            if "Inner Loop Header" in lines[j]:
+                header = label
+                inner.add(label)
+            j += 1
+        blocks.append((label, header, []))
+    loops: dict = {}
+    for _, header, body in blocks:
+        if header in inner:
+            loops.setdefault(header, []).extend(body)
+    return [sum(bool(_CTA_BARRIER.match(ln)) for ln in body) for body in loops.values()
+            if any("wgmma.mma_async" in ln for ln in body)]
+
+
+def test_loop_barriers_reads_loops():
+    ptx = """
+$L__BB0_1:
+	bar.sync 	0, 128;
+$L__BB0_2:                              // =>This Inner Loop Header: Depth=1
+	bar.sync 	0, 128;
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 x;
+	bar.warp.sync 	-1;
+$L__BB0_3:                              //   in Loop: Header=BB0_2 Depth=1
+	@%p3 bar.sync 	2, 128;
+	@%p1 bra 	$L__BB0_2;
+$L__BB0_4:                              // =>This Inner Loop Header: Depth=1
+	barrier.sync 	1;
+	@%p1 bra 	$L__BB0_4;
+"""
+    assert loop_barriers(ptx) == [2]  # the loop without wgmma (a producer's) and code outside loops left out
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("kw, per_tile", [({}, 2), ({"thread_arrive": True}, 1), ({"pingpong": True}, 3),
+                                          ({"pingpong": True, "thread_arrive": True}, 1),
+                                          ({"pipeline": False, "pingpong": True, "thread_arrive": True}, 1)],
+                         ids=["default", "thread_arrive", "pingpong", "pingpong-thread_arrive",
+                              "plain-pingpong-thread_arrive"])
+def test_main_loop_barriers(kw, per_tile):
+    """CTA barriers per key tile in each consumer group's main loop of the dense D=128 bf16 forward
+    (docs/hopper.md, "Barriers in the main loop"): Triton puts a ``bar.sync`` of the group before
+    its first ``mbarrier.wait`` of a tile (two waits on one barrier allocation need a sync between
+    them) and Gluon's ``mbarrier.arrive`` syncs the group before arriving (on ``kv_empty``, and on the
+    other group's turn with ping-pong); ``thread_arrive`` leaves the first one only. About 7 s each."""
+    import dataclasses
+    cfg = dataclasses.replace(hopper.config_for(128), **kw)
+    k = hopper.compile_sm90(attndsl.compile().spec, "bf16", 128, cfg)
+    ptx = k.asm["ptx"]
+    assert loop_barriers(ptx) == [per_tile, per_tile]  # both consumer groups
+    # thread_arrive: every thread of both groups arrives on kv_empty (which counts all 256 of
+    # them) and on the turns (128), none through Gluon's arrive
+    inits = {int(n) for n in re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)}
+    if kw.get("thread_arrive"):
+        assert "cp.async.mbarrier.arrive.noinc" in ptx and "mbarrier.arrive.shared::cta.b64" not in ptx
+        assert inits == {1, 128, 256}
+    else:
+        assert "cp.async.mbarrier.arrive" not in ptx and inits == {1, 2}
 
 
 # -- the backward (codegen/hopper_bwd.py, attndsl/runtime/hopper_bwd.py) ------------------------

@@ -91,7 +91,12 @@ class HopperConfig:
     per program, ``block_n`` keys per K/V tile, ``stages`` buffers in the K/V ring; ``pipeline``:
     each group overlaps a tile's softmax with the previous tile's P·V (FlashAttention-3's
     intra-warpgroup pipelining); ``pingpong``: the two consumer groups take strict turns issuing
-    their matrix products (FlashAttention-3's scheduler barrier; needs ``consumers=2``)."""
+    their matrix products (FlashAttention-3's scheduler barrier; needs ``consumers=2``);
+    ``thread_arrive``: a consumer group frees a K/V buffer (and passes a ping-pong turn) by an
+    arrive of each of its threads (``cp.async.mbarrier.arrive.noinc``) instead of Gluon's
+    ``mbarrier.arrive``, which syncs the group's 128 threads (``bar.sync``) before one thread
+    arrives: one CTA barrier less per key tile and group (two less with ping-pong; docs/hopper.md,
+    "Barriers in the main loop")."""
 
     block_m: int = 64
     block_n: int = 128
@@ -99,6 +104,7 @@ class HopperConfig:
     consumers: int = 2
     pipeline: bool = True
     pingpong: bool = False
+    thread_arrive: bool = False
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
@@ -351,8 +357,8 @@ class HopperForward:
         tiles = (Lq + cfg.block_m * cfg.consumers - 1) // (cfg.block_m * cfg.consumers)
         grid = (B * Hq, tiles) if heavy else (tiles, B * Hq)
         consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
-                      CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong, HEAVY_FIRST=heavy,
-                      HAS_SINKS=sinks is not None)
+                      CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
+                      THREAD_ARRIVE=cfg.thread_arrive, HEAVY_FIRST=heavy, HAS_SINKS=sinks is not None)
         kernel = self.kernel()
         with launch_scope(q, False):
             ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=warmup)
@@ -387,7 +393,7 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
     mod = cache.load(hs, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
-                  HEAVY_FIRST=_gen.heavy_first(spec), HAS_SINKS=True)
+                  THREAD_ARRIVE=cfg.thread_arrive, HEAVY_FIRST=_gen.heavy_first(spec), HAS_SINKS=True)
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hs)), _gen.signature(hs), hs.buffers, dtype, head_dim,
                               {"q_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}, ("Out",), consts)
 
