@@ -1,7 +1,7 @@
 """The Hopper (Gluon, warp-specialised) forward against our Triton forward, SDPA (cuDNN) and
 FlexAttention, on an H100.
 
-    python -m benchmarks.hopper [--quick] [--sweep] [--backward] [--json PATH]
+    python -m benchmarks.hopper [--quick] [--sweep] [--barriers [--causal]] [--backward] [--json PATH]
 
 Cases: B=1, H=16, D=128, bf16, L in {4096, 16384} (``--quick``: 4096 only), dense and causal.
 Per case, forward only: ``attndsl`` Hopper forward (``HopperForward.forward``), ``attndsl``
@@ -17,6 +17,12 @@ of ``hopper.sweep_configs(D)`` (ping-pong on/off, pipelined/plain, 2 or 3 stages
 or 128, where they fit in shared memory; compiled up front in parallel), then the winner (ms,
 TFLOP/s, speed relative to cuDNN) and the winner with the other program order (heaviest query
 tiles first or not). ``--sweep --quick``: L=4096 only.
+``--barriers``: instead, the A/B of the main loop's CTA barriers (docs/hopper.md, "Barriers in the
+main loop"): dense L=4096 and 16384 (``--quick``: 4096 only; ``--causal``: the causal mask too),
+SDPA cuDNN, then ``config_for(D)`` as it is, with ``thread_arrive`` on, and with ``thread_arrive``
+and ping-pong on (all compiled up front), each with its speed relative to cuDNN. First the new
+configurations run small forwards (rings that wrap) in a child process with a time limit
+(:func:`barrier_smoke`): a hang or a wrong result skips the Gluon rows.
 ``--backward``: instead, the Hopper backward (``codegen/hopper_bwd.py``) on the same cases: the
 backward alone (``torch.autograd.grad`` of one forward's output, delta included) and
 forward+backward, for the runtime with the Hopper backward (atomic and deterministic dQ, after the
@@ -76,6 +82,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="L=4096 only, shorter timing")
     ap.add_argument("--sweep", action="store_true", help="time the Hopper forward's tile configurations instead")
+    ap.add_argument("--barriers", action="store_true",
+                    help="A/B the main loop's barriers (thread_arrive) on dense attention against cuDNN instead")
+    ap.add_argument("--causal", action="store_true", help="with --barriers: the causal mask too")
     ap.add_argument("--backward", action="store_true", help="time the Hopper backward instead of the forward")
     ap.add_argument("--json", default=None, help="where to write the rows (default $OUT/hopper.json)")
     args = ap.parse_args(argv)
@@ -84,6 +93,8 @@ def main(argv=None) -> int:
         return 1
     if args.backward:
         return backward_main(args)
+    if args.barriers:
+        return barriers_main(args)
     import attndsl
     from attndsl.runtime import hopper
     out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper.json" if os.environ.get("OUT") else None)
@@ -224,6 +235,115 @@ def sweep(hf, q, k, v, scale, case, rows, checked) -> None:
     other = not hf.heavy_first
     checked(label(cfg) + f" heavy_first={int(other)}", lambda: hf.forward(q, k, v, scale, cfg, heavy_first=other),
             config=best["config"], heavy_first=other)
+
+
+def barrier_configs(head_dim: int) -> list:
+    """``--barriers``' Gluon configurations: ``config_for(head_dim)`` as it is (the reference), with
+    ``thread_arrive`` on, and with ``thread_arrive`` and ping-pong on."""
+    from attndsl.runtime import hopper
+    base = hopper.config_for(head_dim)
+    return [base, dataclasses.replace(base, thread_arrive=True),
+            dataclasses.replace(base, thread_arrive=True, pingpong=True)]
+
+
+_BARRIER_SMOKE = r"""
+import dataclasses, math, sys, torch
+import attndsl
+from attndsl.runtime import hopper
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+runs = []
+for mask in (None, causal):
+    hf = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec)
+    for L in (300, 1000):  # 3 and 8 key tiles: the 1000 rings wrap (every buffer freed and refilled)
+        q, k, v = (torch.randn(1, 2, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for pipe in (True, False):
+            for pp in (False, True):
+                cfg = dataclasses.replace(hopper.config_for(128), thread_arrive=True, pipeline=pipe, pingpong=pp)
+                runs.append((hf, (q, k, v, 1 / math.sqrt(128), cfg), {}, mask is not None))
+hopper.compile_ahead([r[:3] for r in runs])
+for hf, (q, k, v, scale, cfg), _, is_causal in runs:
+    out, lse = hf.forward(q, k, v, scale, cfg)
+    torch.cuda.synchronize()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
+    if not err < 2e-2:
+        sys.exit(f"L={q.shape[2]} causal={is_causal} {cfg}: relative error {err:.3g} against SDPA")
+print("ok")
+"""
+
+
+def barrier_smoke(timeout: float = 180) -> str | None:
+    """Small forwards of every ``thread_arrive`` configuration (pipelined and plain, ping-pong on
+    and off, dense and causal, 3 and 8 key tiles) in a child process with a time limit, against
+    SDPA. None when they pass, else what went wrong (a hang kills the child)."""
+    import subprocess
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "ATTNDSL_HOPPER": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    try:
+        p = subprocess.run([sys.executable, "-c", _BARRIER_SMOKE], capture_output=True, text=True, timeout=timeout,
+                           env=env)
+    except subprocess.TimeoutExpired:
+        return f"the thread_arrive forwards did not finish within {timeout:.0f} s (a deadlock?)"
+    if p.returncode != 0 or "ok" not in p.stdout:
+        return f"the thread_arrive smoke test failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}"
+    return None
+
+
+def barriers_main(args) -> int:
+    """The ``--barriers`` rows (see the module docstring)."""
+    import attndsl
+    from attndsl.runtime import hopper
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper_barriers.json"
+                                                  if os.environ.get("OUT") else None)
+    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), "
+          f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
+          f"gluon ready: {hopper.gluon_available()}", flush=True)
+    smoke = barrier_smoke()
+    if smoke is not None:
+        print(f"thread_arrive smoke test FAILED, the Gluon rows are skipped:\n{smoke}", flush=True)
+    rows: list = []
+    cfgs = barrier_configs(D)
+    lengths = [4096] if args.quick else [4096, 16384]
+    for L in lengths:
+        for is_causal in ((False, True) if args.causal else (False,)):
+            case = f"{'causal' if is_causal else 'dense'} L={L}"
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=DTYPE) for _ in range(3))
+            scale = 1.0 / math.sqrt(D)
+            hf = hopper.HopperForward(attndsl.compile(mask_mod=causal if is_causal else None).spec)
+            if smoke is None:
+                hopper.compile_ahead([(hf, (q, k, v, scale, c), {}) for c in cfgs])
+            cudnn = None
+            try:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    want = sdpa(q, k, v, is_causal=is_causal, scale=scale)
+                    cudnn = bench(lambda: sdpa(q, k, v, is_causal=is_causal, scale=scale), args.quick)
+                row(rows, out_path, case=case, impl="SDPA cuDNN", ms=cudnn, tflops=tflops(L, is_causal, cudnn))
+            except Exception:
+                traceback.print_exc()
+                want = sdpa(q, k, v, is_causal=is_causal, scale=scale)
+            for cfg in cfgs if smoke is None else ():
+                name = f"Gluon ta={int(cfg.thread_arrive)} pp={int(cfg.pingpong)} s={cfg.stages} bn={cfg.block_n}"
+                try:
+                    got, _ = hf.forward(q, k, v, scale, cfg)
+                    err = rel(got, want)
+                    if not err <= TOL:
+                        row(rows, out_path, case=case, impl=name, ms=None, note=f"WRONG: rel err {err:.3g} vs SDPA")
+                        continue
+                    ms = bench(lambda: hf.forward(q, k, v, scale, cfg), args.quick)
+                    note = f"{cudnn / ms:.3f}x cuDNN" if cudnn else ""
+                    row(rows, out_path, case=case, impl=name, ms=ms, tflops=tflops(L, is_causal, ms), err=err,
+                        config=dataclasses.asdict(cfg), note=note)
+                except Exception:
+                    traceback.print_exc()
+                    row(rows, out_path, case=case, impl=name, ms=None, note="failed")
+            del q, k, v
+            torch.cuda.empty_cache()
+    return 0
 
 
 def backward_main(args) -> int:
