@@ -19,10 +19,11 @@ TFLOP/s, speed relative to cuDNN) and the winner with the other program order (h
 tiles first or not). ``--sweep --quick``: L=4096 only.
 ``--barriers``: instead, the A/B of the main loop's CTA barriers (docs/hopper.md, "Barriers in the
 main loop"): dense L=4096 and 16384 (``--quick``: 4096 only; ``--causal``: the causal mask too),
-SDPA cuDNN, then ``config_for(D)`` as it is, with ``thread_arrive`` on, and with ``thread_arrive``
-and ping-pong on (all compiled up front), each with its speed relative to cuDNN. First the new
-configurations run small forwards (rings that wrap) in a child process with a time limit
-(:func:`barrier_smoke`): a hang or a wrong result skips the Gluon rows.
+SDPA cuDNN, then ``config_for(D)`` as it is, with ``thread_arrive`` on, with ``thread_arrive`` and
+ping-pong on, and with ``thread_arrive`` and ``unroll=2`` (all compiled up front), each with its
+speed relative to cuDNN. First the new configurations run small forwards (rings that wrap, odd
+and even tile counts) in a child process with a time limit (:func:`barrier_smoke`): a hang or a
+wrong result skips the Gluon rows.
 ``--backward``: instead, the Hopper backward (``codegen/hopper_bwd.py``) on the same cases: the
 backward alone (``torch.autograd.grad`` of one forward's output, delta included) and
 forward+backward, for the runtime with the Hopper backward (atomic and deterministic dQ, after the
@@ -239,11 +240,13 @@ def sweep(hf, q, k, v, scale, case, rows, checked) -> None:
 
 def barrier_configs(head_dim: int) -> list:
     """``--barriers``' Gluon configurations: ``config_for(head_dim)`` as it is (the reference), with
-    ``thread_arrive`` on, and with ``thread_arrive`` and ping-pong on."""
+    ``thread_arrive`` on, with ``thread_arrive`` and ping-pong on, and with ``thread_arrive`` and
+    ``unroll=2``."""
     from attndsl.runtime import hopper
     base = hopper.config_for(head_dim)
     return [base, dataclasses.replace(base, thread_arrive=True),
-            dataclasses.replace(base, thread_arrive=True, pingpong=True)]
+            dataclasses.replace(base, thread_arrive=True, pingpong=True),
+            dataclasses.replace(base, thread_arrive=True, unroll=2)]
 
 
 _BARRIER_SMOKE = r"""
@@ -255,12 +258,14 @@ def causal(b, h, q_idx, kv_idx):
 runs = []
 for mask in (None, causal):
     hf = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec)
-    for L in (300, 1000):  # 3 and 8 key tiles: the 1000 rings wrap (every buffer freed and refilled)
+    # 1 to 9 key tiles (odd and even counts for unroll=2); from 4 on the ring of 3 wraps (every
+    # buffer freed and refilled)
+    for L in (100, 300, 1000, 1100):
         q, k, v = (torch.randn(1, 2, L, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for pipe in (True, False):
-            for pp in (False, True):
-                cfg = dataclasses.replace(hopper.config_for(128), thread_arrive=True, pipeline=pipe, pingpong=pp)
-                runs.append((hf, (q, k, v, 1 / math.sqrt(128), cfg), {}, mask is not None))
+        for kw in (dict(pipeline=True), dict(pipeline=False), dict(pipeline=True, pingpong=True),
+                   dict(pipeline=False, pingpong=True), dict(pipeline=True, unroll=2)):
+            cfg = dataclasses.replace(hopper.config_for(128), thread_arrive=True, **kw)
+            runs.append((hf, (q, k, v, 1 / math.sqrt(128), cfg), {}, mask is not None))
 hopper.compile_ahead([r[:3] for r in runs])
 for hf, (q, k, v, scale, cfg), _, is_causal in runs:
     out, lse = hf.forward(q, k, v, scale, cfg)
@@ -275,8 +280,8 @@ print("ok")
 
 def barrier_smoke(timeout: float = 180) -> str | None:
     """Small forwards of every ``thread_arrive`` configuration (pipelined and plain, ping-pong on
-    and off, dense and causal, 3 and 8 key tiles) in a child process with a time limit, against
-    SDPA. None when they pass, else what went wrong (a hang kills the child)."""
+    and off, ``unroll=2``; dense and causal, 1 to 9 key tiles) in a child process with a time
+    limit, against SDPA. None when they pass, else what went wrong (a hang kills the child)."""
     import subprocess
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "ATTNDSL_HOPPER": "0",
@@ -327,7 +332,8 @@ def barriers_main(args) -> int:
                 traceback.print_exc()
                 want = sdpa(q, k, v, is_causal=is_causal, scale=scale)
             for cfg in cfgs if smoke is None else ():
-                name = f"Gluon ta={int(cfg.thread_arrive)} pp={int(cfg.pingpong)} s={cfg.stages} bn={cfg.block_n}"
+                name = (f"Gluon ta={int(cfg.thread_arrive)} pp={int(cfg.pingpong)} unroll={cfg.unroll} s={cfg.stages} "
+                        f"bn={cfg.block_n}")
                 try:
                     got, _ = hf.forward(q, k, v, scale, cfg)
                     err = rel(got, want)

@@ -78,26 +78,48 @@ def _kv_tile(ring, slot):
 GLUON_HEADER = GLUON_COMMON + '''
 
 @gluon.jit
-def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h, hk, q_lo,
-                 n_full, f_begin, t_begin, n_first, f_end, n_tiles,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+                 k_ready1, v_ready1, kv_empty1, b, h, hk, q_lo, n_full, f_begin, t_begin, n_first, f_end, n_tiles,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                 UNROLL: gl.constexpr, PERIOD: gl.constexpr):
     """The producer warp: the query tiles once, then K and V of each visited tile into the ring.
     The descriptors are 4-D over [B, H, L, D] with any strides: rows past a head's length read
-    as zeros."""
+    as zeros. ``UNROLL`` 2: tile ``it``'s buffer is guarded by the second set of barriers
+    (``k_ready1``, ``v_ready1``, ``kv_empty1``) where ``n_tiles - 1 - it`` is odd (the consumers'
+    paired loop), and each barrier completes a phase every ``PERIOD`` tiles (the ring's and the
+    pair's common multiple)."""
     mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
     for c in gl.static_range(CONSUMERS):
         tma.async_copy_global_to_shared(q_desc, [b, h, q_lo + c * BLOCK_M, 0], q_bar, q_smem.index(c))
     for it in range(0, n_tiles):
         tile = _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end)
         slot = it % STAGES
-        # a fresh barrier counts as having completed the phase before its first: the first pass
-        # over the ring does not wait
-        mbarrier.wait(kv_empty.index(slot), ((it // STAGES) & 1) ^ 1)
         row = tile * BLOCK_N
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
+        if UNROLL == 2:
+            # tile it's barriers: the second set where n_tiles - 1 - it is odd (the consumers'
+            # paired loop); the buffer's previous tile, it - STAGES (none in the first pass over
+            # the ring), freed it on its own set
+            freed = ((it - STAGES) // PERIOD) & 1
+            if (n_tiles - 1 - it + STAGES) % 2 == 1:
+                mbarrier.wait(kv_empty1.index(slot), freed, pred=it >= STAGES)
+            else:
+                mbarrier.wait(kv_empty.index(slot), freed, pred=it >= STAGES)
+            odd = (n_tiles - 1 - it) % 2 == 1
+        else:
+            # a fresh barrier counts as having completed the phase before its first: the first pass
+            # over the ring does not wait
+            mbarrier.wait(kv_empty.index(slot), ((it // STAGES) & 1) ^ 1)
+            odd = False
+        if odd:
+            mbarrier.expect(k_ready1.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready1.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_ready1.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready1.index(slot), v_smem.index(slot))
+        else:
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
@@ -182,7 +204,7 @@ def signature(spec: KernelSpec) -> tuple:
     t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "Out", "Lse", "Sinks")]
     i = [Param(n, "int") for n in ("stride_ob", "stride_oh", "stride_om", "HQ", "GROUP", "LQ", "LKV")]
     c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "PIPELINE",
-                                              "PINGPONG", "THREAD_ARRIVE", "HEAVY_FIRST", "HAS_SINKS")]
+                                              "PINGPONG", "THREAD_ARRIVE", "UNROLL", "HEAVY_FIRST", "HAS_SINKS")]
     # captured tensors (score_mod's tables): pointer, sizes and strides, as the portable kernels take them
     return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + c)
 
@@ -230,6 +252,32 @@ def _tile_step(w: Writer, cls: str, head: list, score_body: str, score: list, ma
     """)
 
 
+def _pipelined_step(w: Writer, step: tuple, k_ready: str, v_ready: str, kv_empty: str, period: str) -> None:
+    """One step ``it`` of the pipelined loop: tile ``it``'s ``Q·Kᵀ`` and tile ``it - 1``'s ``P·V``
+    issued together, tile ``it``'s softmax under ``P·V``, then tile ``it - 1``'s buffer freed.
+    ``k_ready``, ``v_ready``, ``kv_empty``: the barrier arrays of tile ``it``'s K and of tile
+    ``it - 1``'s V and buffer (the second set's names for odd tiles of the paired loop);
+    ``period``: tiles between two uses of one barrier."""
+    w.code(f"""
+    slot = it % STAGES
+    prev = (it - 1) % STAGES
+    mbarrier.wait({k_ready}.index(slot), (it // {period}) & 1)
+    _mma_turn(my_turn, it - 1, WG, PINGPONG)
+    qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
+    mbarrier.wait({v_ready}.index(prev), ((it - 1) // {period}) & 1)
+    acc = warpgroup_mma(p16, _kv_tile(v_smem, prev), acc, is_async=True)
+    _mma_pass(next_turn, PINGPONG, THREAD_ARRIVE)
+    # wgmma groups complete in order: at most one pending means Q·Kᵀ is done, P·V may not be
+    qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+    """)
+    _tile_step(w, *step)
+    w.code(f"""
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    _release({kv_empty}.index(prev), THREAD_ARRIVE)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+    """)
+
+
 def _consumer(spec: KernelSpec, w: Writer) -> None:
     """One consumer warp group: the online softmax of ``BLOCK_M`` query rows over the K/V ring.
 
@@ -270,12 +318,13 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
     step = (cls, head, score_body, score, mask_body, keep)
     w.code(f"""
     @gluon.jit
-    def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks,
+    def {kernel_name(spec)}_consumer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, k_ready1, v_ready1, kv_empty1,
+                 Out, Lse, Sinks,
                  stride_ob, stride_oh, stride_om, b, h, pid_bh, q0, LQ, LKV, sm_scale, {_buffer_names(spec)}
                  n_full, f_begin, t_begin, n_first, f_end, n_tiles, my_turn, next_turn,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                 PIPELINE: gl.constexpr, PINGPONG: gl.constexpr, THREAD_ARRIVE: gl.constexpr, WG: gl.constexpr,
-                 HAS_SINKS: gl.constexpr):
+                 PIPELINE: gl.constexpr, PINGPONG: gl.constexpr, THREAD_ARRIVE: gl.constexpr, UNROLL: gl.constexpr,
+                 PERIOD: gl.constexpr, WG: gl.constexpr, HAS_SINKS: gl.constexpr):
         \"\"\"Online softmax of query rows q0..q0+BLOCK_M over the visited key tiles (one warp group).\"\"\"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
@@ -310,34 +359,40 @@ def _consumer(spec: KernelSpec, w: Writer) -> None:
             with w.block("if n_tiles > 0:"):
                 w.code("""
                 it = 0
-                mbarrier.wait(k_ready.index(0), 0)
+                if UNROLL == 2 and (n_tiles - 1) % 2 == 1:  # (the paired loop's barrier sets, below)
+                    mbarrier.wait(k_ready1.index(0), 0)
+                else:
+                    mbarrier.wait(k_ready.index(0), 0)
                 qk = warpgroup_mma(q_tile, _kv_tile(k_smem, 0).permute((1, 0)), qk0, use_acc=False, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
                 """)
                 _tile_step(w, *step)
-            with w.block("for it in range(1, n_tiles):"):
-                w.code("""
-                slot = it % STAGES
-                prev = (it - 1) % STAGES
-                mbarrier.wait(k_ready.index(slot), (it // STAGES) & 1)
-                _mma_turn(my_turn, it - 1, WG, PINGPONG)
-                qk = warpgroup_mma(q_tile, _kv_tile(k_smem, slot).permute((1, 0)), qk0, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p16, _kv_tile(v_smem, prev), acc, is_async=True)
-                _mma_pass(next_turn, PINGPONG, THREAD_ARRIVE)
-                # wgmma groups complete in order: at most one pending means Q·Kᵀ is done, P·V may not be
-                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
-                """)
-                _tile_step(w, *step)
-                w.code("""
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                _release(kv_empty.index(prev), THREAD_ARRIVE)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-                """)
+            with w.block("if UNROLL == 2:"):
+                # two tiles per iteration, each guarded by its own set of barriers: tile it by the
+                # second set where n_tiles - 1 - it is odd, so the pairs end at the last tile, tile
+                # 1 runs alone first where n_tiles - 1 is odd, and the last P·V takes the first set.
+                # Triton syncs the group before a wait on a barrier allocation already waited on
+                # since its last sync: once per pair instead of once per tile. (A tile left over
+                # after the pairs cost ptxas spills; one under an `if` in the loop serialised every
+                # wgmma: warning C7513.)
+                w.line("lead = gl.minimum(1 + (n_tiles + 1) % 2, n_tiles)  # 2: tile 1 alone")
+                with w.block("for it in range(1, lead):"):
+                    _pipelined_step(w, step, "k_ready", "v_ready1", "kv_empty1", "PERIOD")
+                # the first tile's wait would otherwise still count as unsynced in the pairs
+                w.line("gl.thread_barrier()")
+                with w.block("for it0 in range(lead, n_tiles, 2):"):
+                    w.line("it = it0")
+                    _pipelined_step(w, step, "k_ready1", "v_ready", "kv_empty", "PERIOD")
+                    w.line("it = it0 + 1")
+                    _pipelined_step(w, step, "k_ready", "v_ready1", "kv_empty1", "PERIOD")
+            with w.block("else:"):
+                with w.block("for it in range(1, n_tiles):"):
+                    _pipelined_step(w, step, "k_ready", "v_ready", "kv_empty", "STAGES")
             with w.block("if n_tiles > 0:"):
                 w.code("""
                 last = (n_tiles - 1) % STAGES
-                mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+                # (the last tile takes the first set of barriers with UNROLL 2 too)
+                mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // PERIOD) & 1)
                 acc = warpgroup_mma(p16, _kv_tile(v_smem, last), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 _release(kv_empty.index(last), THREAD_ARRIVE)
@@ -426,6 +481,17 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         # PINGPONG's turns: one allocation each (see _mma_turn)
         turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        # UNROLL 2: a second set of K/V barriers for the odd tiles (the consumers' paired loop); a
+        # barrier then serves every PERIOD-th tile (a multiple of the ring and of the pair)
+        if UNROLL == 2:
+            k_ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            v_ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            kv_empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        else:
+            k_ready1 = k_ready
+            v_ready1 = v_ready
+            kv_empty1 = kv_empty
+        PERIOD: gl.constexpr = STAGES * UNROLL if STAGES % 2 == 1 else STAGES
         # arrivals per consumer group on kv_empty and turn (_release): one, or each of its threads
         ARRIVALS: gl.constexpr = GROUP_THREADS if THREAD_ARRIVE else 1
         mbarrier.init(q_bar, count=1)
@@ -435,16 +501,22 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=CONSUMERS * ARRIVALS)
+            if UNROLL == 2:
+                mbarrier.init(k_ready1.index(i), count=1)
+                mbarrier.init(v_ready1.index(i), count=1)
+                mbarrier.init(kv_empty1.index(i), count=CONSUMERS * ARRIVALS)
         ''')
         tiles = "n_full, f_begin, t_begin, n_first, f_end, n_tiles"
         bufs = _buffer_names(spec)
-        common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, Out, Lse, Sinks, stride_ob, stride_oh, stride_om, "
-                  "b, h, pid_bh")
+        common = ("k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, k_ready1, v_ready1, kv_empty1, Out, Lse, Sinks, "
+                  "stride_ob, stride_oh, stride_om, b, h, pid_bh")
         consumer = [f"({name}_consumer, (q_smem.index({c}), {common}, q_lo + {c} * BLOCK_M, LQ, LKV, sm_scale, {bufs}"
-                    f"{tiles}, turn{c}, turn{1 - c}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, PINGPONG, THREAD_ARRIVE, {c}, HAS_SINKS))"
+                    f"{tiles}, turn{c}, turn{1 - c}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PIPELINE, PINGPONG, THREAD_ARRIVE, UNROLL, "
+                    f"PERIOD, {c}, HAS_SINKS))"
                     for c in range(2)]
         load = (f"(_hopper_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, "
-                f"b, h, hk, q_lo, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS))")
+                f"k_ready1, v_ready1, kv_empty1, b, h, hk, q_lo, {tiles}, BLOCK_M, BLOCK_N, STAGES, CONSUMERS, UNROLL, "
+                f"PERIOD))")
         partitions(w, consumer, load)
 
 

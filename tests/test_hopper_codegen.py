@@ -134,6 +134,11 @@ def test_config_refuses_a_deadlocking_ring():
         hopper.HopperConfig(stages=1, pipeline=False, pingpong=True)
     with pytest.raises(ValueError, match="needs consumers=2, got 1"):
         hopper.HopperConfig(consumers=1, pingpong=True)
+    for bad in (dict(unroll=3), dict(unroll=2, pipeline=False), dict(unroll=2, pingpong=True)):
+        with pytest.raises(ValueError, match="unroll must be 1, or 2 with pipeline=True and pingpong=False"):
+            hopper.HopperConfig(**bad)
+    hopper.HopperConfig(unroll=2, thread_arrive=True)
+    assert not hopper.HopperConfig().thread_arrive and hopper.HopperConfig().unroll == 1  # until an H100 A/B
     assert not hopper.HopperConfig().pingpong  # off by default until the H100 sweep says otherwise
 
 
@@ -145,10 +150,12 @@ def test_pingpong_turns_render():
     assert "def _mma_turn(my_turn, k, WG: gl.constexpr, PINGPONG: gl.constexpr):" in src
     # each group waits on its own barrier and passes to the other's (two allocations)
     assert "turn0, turn1, BLOCK_M" in src and "turn1, turn0, BLOCK_M" in src
-    assert "PINGPONG, THREAD_ARRIVE, 0, HAS_SINKS))" in src and "PINGPONG, THREAD_ARRIVE, 1, HAS_SINKS))" in src
+    assert "PINGPONG, THREAD_ARRIVE, UNROLL, PERIOD, 0, HAS_SINKS))" in src
+    assert "PINGPONG, THREAD_ARRIVE, UNROLL, PERIOD, 1, HAS_SINKS))" in src
     consumer = src[src.index("_consumer("):src.index("@gluon.jit(do_not_specialize")]
-    # pipelined: one turn per loop step (it - 1); plain: turn 0 before the loop, it + 1 before each P·V
-    assert consumer.count("_mma_turn(my_turn, ") == 3 and consumer.count("_mma_pass(next_turn, ") == 3
+    # pipelined: one turn per loop step (it - 1; written in the one-tile loop and the three steps of
+    # UNROLL 2's loops, which refuse ping-pong); plain: turn 0 before the loop, it + 1 before each P·V
+    assert consumer.count("_mma_turn(my_turn, ") == 6 and consumer.count("_mma_pass(next_turn, ") == 6
     assert "_mma_turn(my_turn, it - 1, WG, PINGPONG)" in consumer and "_mma_turn(my_turn, it + 1, WG, PINGPONG)" in consumer
 
 
@@ -191,11 +198,10 @@ def test_sweep_configs_compiles_for_sm90(cfg):
 _CTA_BARRIER = re.compile(r"^\s*(?:@%p\d+\s+)?(?:bar|barrier)\.(?:sync|arrive|red|cta\.\w+)\b")
 
 
-def loop_barriers(ptx: str) -> list:
-    """The CTA barriers (``bar.sync``, ``barrier.sync``, ``bar.arrive``...; not ``bar.warp.sync``)
-    in each innermost loop of ``ptx`` that issues wgmma (the consumer groups' main loops), in
-    order of the loops: a list of counts, per loop iteration. Loops are read from the loop
-    comments LLVM writes at each basic block (``=>  This Inner Loop Header``, ``in Loop: Header=``)."""
+def consumer_loops(ptx: str) -> list:
+    """The innermost loops of ``ptx`` that issue wgmma (the consumer groups' main loops), each as
+    its lines, in order of the loops. Loops are read from the loop comments LLVM writes at each
+    basic block (``=>  This Inner Loop Header``, ``in Loop: Header=``)."""
     lines = ptx.splitlines()
     blocks, inner = [], set()  # (label, innermost loop header or None, body lines)
     for i, ln in enumerate(lines):
@@ -217,8 +223,13 @@ def loop_barriers(ptx: str) -> list:
     for _, header, body in blocks:
         if header in inner:
             loops.setdefault(header, []).extend(body)
-    return [sum(bool(_CTA_BARRIER.match(ln)) for ln in body) for body in loops.values()
-            if any("wgmma.mma_async" in ln for ln in body)]
+    return [body for body in loops.values() if any("wgmma.mma_async" in ln for ln in body)]
+
+
+def loop_barriers(ptx: str) -> list:
+    """The CTA barriers (``bar.sync``, ``barrier.sync``, ``bar.arrive``...; not ``bar.warp.sync``)
+    per iteration of each consumer loop of ``ptx`` (:func:`consumer_loops`)."""
+    return [sum(bool(_CTA_BARRIER.match(ln)) for ln in body) for body in consumer_loops(ptx)]
 
 
 def test_loop_barriers_reads_loops():
@@ -240,22 +251,27 @@ $L__BB0_4:                              // =>This Inner Loop Header: Depth=1
 
 
 @pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
-@pytest.mark.parametrize("kw, per_tile", [({}, 2), ({"thread_arrive": True}, 1), ({"pingpong": True}, 3),
+@pytest.mark.parametrize("kw, per_step", [({}, 2), ({"thread_arrive": True}, 1), ({"pingpong": True}, 3),
                                           ({"pingpong": True, "thread_arrive": True}, 1),
-                                          ({"pipeline": False, "pingpong": True, "thread_arrive": True}, 1)],
+                                          ({"pipeline": False, "pingpong": True, "thread_arrive": True}, 1),
+                                          ({"thread_arrive": True, "unroll": 2}, 1)],
                          ids=["default", "thread_arrive", "pingpong", "pingpong-thread_arrive",
-                              "plain-pingpong-thread_arrive"])
-def test_main_loop_barriers(kw, per_tile):
-    """CTA barriers per key tile in each consumer group's main loop of the dense D=128 bf16 forward
-    (docs/hopper.md, "Barriers in the main loop"): Triton puts a ``bar.sync`` of the group before
-    its first ``mbarrier.wait`` of a tile (two waits on one barrier allocation need a sync between
-    them) and Gluon's ``mbarrier.arrive`` syncs the group before arriving (on ``kv_empty``, and on the
-    other group's turn with ping-pong); ``thread_arrive`` leaves the first one only. About 7 s each."""
+                              "plain-pingpong-thread_arrive", "thread_arrive-unroll2"])
+def test_main_loop_barriers(kw, per_step):
+    """CTA barriers per step of each consumer group's main loop (a key tile; two with ``unroll=2``)
+    of the dense D=128 bf16 forward (docs/hopper.md, "Barriers in the main loop"): Triton puts a
+    ``bar.sync`` of the group before its first ``mbarrier.wait`` of a step (two waits on one barrier
+    allocation need a sync between them) and Gluon's ``mbarrier.arrive`` syncs the group before
+    arriving (on ``kv_empty``, and on the other group's turn with ping-pong); ``thread_arrive``
+    leaves the first one only, and ``unroll=2`` has it once per two tiles. About 7 s each."""
     import dataclasses
     cfg = dataclasses.replace(hopper.config_for(128), **kw)
     k = hopper.compile_sm90(attndsl.compile().spec, "bf16", 128, cfg)
     ptx = k.asm["ptx"]
-    assert loop_barriers(ptx) == [per_tile, per_tile]  # both consumer groups
+    assert loop_barriers(ptx) == [per_step, per_step]  # both consumer groups
+    # a step's Q·Kᵀ and P·V are 8 wgmma each (k of 16): one tile a step, or two
+    tiles = [sum("wgmma.mma_async" in ln for ln in body) // 16 for body in consumer_loops(ptx)]
+    assert tiles == [kw.get("unroll", 1)] * 2
     # thread_arrive: every thread of both groups arrives on kv_empty (which counts all 256 of
     # them) and on the turns (128), none through Gluon's arrive
     inits = {int(n) for n in re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)}

@@ -96,7 +96,9 @@ class HopperConfig:
     arrive of each of its threads (``cp.async.mbarrier.arrive.noinc``) instead of Gluon's
     ``mbarrier.arrive``, which syncs the group's 128 threads (``bar.sync``) before one thread
     arrives: one CTA barrier less per key tile and group (two less with ping-pong; docs/hopper.md,
-    "Barriers in the main loop")."""
+    "Barriers in the main loop"); ``unroll``: key tiles per step of the pipelined main loop (1 or
+    2; 2 guards odd tiles by a second set of barriers, so Triton syncs each group once per pair of
+    tiles instead of once per tile; pipelined, without ping-pong)."""
 
     block_m: int = 64
     block_n: int = 128
@@ -105,6 +107,7 @@ class HopperConfig:
     pipeline: bool = True
     pingpong: bool = False
     thread_arrive: bool = False
+    unroll: int = 1
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
@@ -118,6 +121,9 @@ class HopperConfig:
         if self.pingpong and self.consumers != 2:
             raise ValueError(f"pingpong takes turns between two consumer groups: needs consumers=2, got "
                              f"{self.consumers}")
+        if self.unroll not in (1, 2) or (self.unroll == 2 and (not self.pipeline or self.pingpong)):
+            raise ValueError(f"unroll must be 1, or 2 with pipeline=True and pingpong=False; got unroll={self.unroll}, "
+                             f"pipeline={self.pipeline}, pingpong={self.pingpong}")
         if self.block_m != 64 or self.block_n not in (64, 128):
             raise ValueError(f"block_m must be 64 and block_n 64 or 128, got {self.block_m}, {self.block_n}")
 
@@ -358,7 +364,7 @@ class HopperForward:
         grid = (B * Hq, tiles) if heavy else (tiles, B * Hq)
         consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
                       CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
-                      THREAD_ARRIVE=cfg.thread_arrive, HEAVY_FIRST=heavy, HAS_SINKS=sinks is not None)
+                      THREAD_ARRIVE=cfg.thread_arrive, UNROLL=cfg.unroll, HEAVY_FIRST=heavy, HAS_SINKS=sinks is not None)
         kernel = self.kernel()
         with launch_scope(q, False):
             ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=warmup)
@@ -393,7 +399,8 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
     mod = cache.load(hs, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
-                  THREAD_ARRIVE=cfg.thread_arrive, HEAVY_FIRST=_gen.heavy_first(spec), HAS_SINKS=True)
+                  THREAD_ARRIVE=cfg.thread_arrive, UNROLL=cfg.unroll, HEAVY_FIRST=_gen.heavy_first(spec),
+                  HAS_SINKS=True)
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hs)), _gen.signature(hs), hs.buffers, dtype, head_dim,
                               {"q_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}, ("Out",), consts)
 
