@@ -23,7 +23,7 @@ SDPA cuDNN, then ``config_for(D)`` as it is, with ``thread_arrive`` on, with ``t
 ping-pong on, and with ``thread_arrive`` and ``unroll=2`` (all compiled up front), each with its
 speed relative to cuDNN. First the new configurations run small forwards (rings that wrap, odd
 and even tile counts) in a child process with a time limit (:func:`barrier_smoke`): a hang or a
-wrong result skips the Gluon rows.
+wrong result leaves the reference configuration's rows only.
 ``--backward``: instead, the Hopper backward (``codegen/hopper_bwd.py``) on the same cases: the
 backward alone (``torch.autograd.grad`` of one forward's output, delta included) and
 forward+backward, for the runtime with the Hopper backward (atomic and deterministic dQ, after the
@@ -98,9 +98,7 @@ def main(argv=None) -> int:
         return barriers_main(args)
     import attndsl
     from attndsl.runtime import hopper
-    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper.json" if os.environ.get("OUT") else None)
-    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}, gluon ready: {hopper.gluon_available()}", flush=True)
+    out_path = start(args, "hopper.json")
     rows: list = []
     # small Hopper forwards in a child process with a time limit: a hang or a wrong result skips
     # the Hopper rows instead of stalling the whole run
@@ -281,19 +279,19 @@ print("ok")
 def barrier_smoke(timeout: float = 180) -> str | None:
     """Small forwards of every ``thread_arrive`` configuration (pipelined and plain, ping-pong on
     and off, ``unroll=2``; dense and causal, 1 to 9 key tiles) in a child process with a time
-    limit, against SDPA. None when they pass, else what went wrong (a hang kills the child)."""
-    import subprocess
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "ATTNDSL_HOPPER": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    try:
-        p = subprocess.run([sys.executable, "-c", _BARRIER_SMOKE], capture_output=True, text=True, timeout=timeout,
-                           env=env)
-    except subprocess.TimeoutExpired:
-        return f"the thread_arrive forwards did not finish within {timeout:.0f} s (a deadlock?)"
-    if p.returncode != 0 or "ok" not in p.stdout:
-        return f"the thread_arrive smoke test failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}"
-    return None
+    limit, against SDPA (``hopper.smoke_test``'s child). None when they pass, else what went
+    wrong (a hang kills the child)."""
+    from attndsl.runtime import hopper
+    return hopper.smoke_test(timeout, _BARRIER_SMOKE)
+
+
+def start(args, name: str):
+    """The rows' file (``--json``, else ``$OUT/name``, else None) after printing the device line."""
+    from attndsl.runtime import hopper
+    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), "
+          f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
+          f"gluon ready: {hopper.gluon_available()}", flush=True)
+    return Path(args.json) if args.json else (Path(os.environ["OUT"]) / name if os.environ.get("OUT") else None)
 
 
 def barriers_main(args) -> int:
@@ -302,16 +300,13 @@ def barriers_main(args) -> int:
     from attndsl.runtime import hopper
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
-    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper_barriers.json"
-                                                  if os.environ.get("OUT") else None)
-    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), "
-          f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
-          f"gluon ready: {hopper.gluon_available()}", flush=True)
+    out_path = start(args, "hopper_barriers.json")
     smoke = barrier_smoke()
-    if smoke is not None:
-        print(f"thread_arrive smoke test FAILED, the Gluon rows are skipped:\n{smoke}", flush=True)
-    rows: list = []
     cfgs = barrier_configs(D)
+    if smoke is not None:  # the reference configuration only
+        print(f"thread_arrive smoke test FAILED, its rows are skipped:\n{smoke}", flush=True)
+        cfgs = cfgs[:1]
+    rows: list = []
     lengths = [4096] if args.quick else [4096, 16384]
     for L in lengths:
         for is_causal in ((False, True) if args.causal else (False,)):
@@ -320,8 +315,7 @@ def barriers_main(args) -> int:
             q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=DTYPE) for _ in range(3))
             scale = 1.0 / math.sqrt(D)
             hf = hopper.HopperForward(attndsl.compile(mask_mod=causal if is_causal else None).spec)
-            if smoke is None:
-                hopper.compile_ahead([(hf, (q, k, v, scale, c), {}) for c in cfgs])
+            hopper.compile_ahead([(hf, (q, k, v, scale, c), {}) for c in cfgs])
             cudnn = None
             try:
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -331,7 +325,7 @@ def barriers_main(args) -> int:
             except Exception:
                 traceback.print_exc()
                 want = sdpa(q, k, v, is_causal=is_causal, scale=scale)
-            for cfg in cfgs if smoke is None else ():
+            for cfg in cfgs:
                 name = (f"Gluon ta={int(cfg.thread_arrive)} pp={int(cfg.pingpong)} unroll={cfg.unroll} s={cfg.stages} "
                         f"bn={cfg.block_n}")
                 try:
@@ -358,11 +352,7 @@ def backward_main(args) -> int:
     from attndsl.runtime import hopper, hopper_bwd
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
-    out_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "hopper_bwd.json"
-                                                  if os.environ.get("OUT") else None)
-    print(f"device: {torch.cuda.get_device_name()} (cc {torch.cuda.get_device_capability()}), "
-          f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
-          f"gluon ready: {hopper.gluon_available()}", flush=True)
+    out_path = start(args, "hopper_bwd.json")
     rows: list = []
     smoke = hopper_bwd.smoke_test()
     bwd_ok = smoke is None

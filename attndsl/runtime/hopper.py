@@ -475,18 +475,19 @@ print("ok")
 """
 
 
-def smoke_test(timeout: float = 240) -> str | None:
+def smoke_test(timeout: float = 240, script: str | None = None) -> str | None:
     """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes, and at D=128 with
     ping-pong too) in a child process with a time limit and compare them with SDPA. Returns None when they pass, else what
     went wrong (an error, a wrong result, or a hang: the child is killed, so a deadlocked kernel
-    cannot stall the caller). For the GPU tests and the benchmark, before anything else runs."""
+    cannot stall the caller). For the GPU tests and the benchmark, before anything else runs.
+    ``script``: other Python code for the child to run instead (it prints "ok" when it passes)."""
     import subprocess
     import sys
     from pathlib import Path
     # the child imports this attndsl, wherever it lives
     path = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + [os.environ.get("PYTHONPATH", "")])
     try:
-        p = subprocess.run([sys.executable, "-c", _SMOKE], capture_output=True, text=True, timeout=timeout,
+        p = subprocess.run([sys.executable, "-c", script or _SMOKE], capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "ATTNDSL_HOPPER": "0", "PYTHONPATH": path.rstrip(os.pathsep)})
     except subprocess.TimeoutExpired:
         return f"the Hopper forward did not finish within {timeout:.0f} s (a deadlock?)"
