@@ -357,3 +357,30 @@ def test_prepared_launch_sinks_and_captured_tensor(launches):
         assert lse_err(lse, ref_lse) <= TOL[dtype]["lse"], f"call {seed}"
     assert len(launches["made"]) == 2 and None not in launches["made"]
     assert launches["prepared"] == [True, True, True]
+
+
+#: the main loop's barrier variants (docs/hopper.md, "Barriers in the main loop"): per-thread arrives,
+#: with ping-pong and plain, and two tiles per step (odd and even tile counts, one tile, none)
+BARRIERS = [hopper.HopperConfig(stages=3, thread_arrive=True),
+            hopper.HopperConfig(stages=3, thread_arrive=True, pingpong=True),
+            hopper.HopperConfig(stages=2, thread_arrive=True, pingpong=True, pipeline=False),
+            hopper.HopperConfig(stages=3, thread_arrive=True, unroll=2),
+            hopper.HopperConfig(stages=2, block_n=64, unroll=2)]
+
+
+@pytest.fixture(scope="module")
+def barriers_compiled():
+    """The barrier variants' kernels compiled at once in threads before the tests."""
+    q, k, v = inputs(1, 2, 1, 300, 300, 128, torch.bfloat16, 0)
+    hopper.compile_ahead([(hopper.HopperForward(compiled(name).spec), (q, k, v, 0.1, c), {})
+                          for name in ("dense", "causal", "sliding_window") for c in BARRIERS])
+
+
+@pytest.mark.parametrize("cfg", BARRIERS, ids=lambda c: f"ta{int(c.thread_arrive)}-pp{int(c.pingpong)}-"
+                         f"pipe{int(c.pipeline)}-u{c.unroll}-s{c.stages}-bn{c.block_n}")
+@pytest.mark.parametrize("name", ["dense", "causal", "sliding_window"])
+def test_barrier_variants(name, cfg, barriers_compiled):
+    """Each barrier variant gives the portable forward's and the float64 oracle's results on
+    programs of many, one and no visited key tiles (no deadlock: every arrive is counted)."""
+    for B, Hq, Hkv, Lq, Lkv in PINGPONG_SHAPES + ((1, 2, 2, 129, 1111),):
+        check(name, B, Hq, Hkv, Lq, Lkv, 128, torch.bfloat16, cfg=cfg)
