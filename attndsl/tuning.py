@@ -31,8 +31,8 @@ import torch
 
 from .runtime.config import DQ_MODES, Configs, TileConfig, forced_dq_mode
 from .runtime.hopper import HopperConfig
-from .runtime.tuned import (KERNELS, SHIPPED_DIR, Tuned, clear, entries, entry_for, entry_key, export, load,
-                            reset, user_file)
+from .runtime.tuned import (KERNELS, SHIPPED_DIR, Tuned, clear, device_arch, entries, entry_for, entry_key, export,
+                            load, reset, user_file)
 from .runtime.tuned import save as save_entries
 
 __all__ = ["autotune", "TuningResult", "Trial", "Tuned", "entry_key", "entry_for", "entries", "export", "load",
@@ -398,7 +398,7 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         if ok:
             times.append((kn, d, min(x.ms for x in ok)))
     ekey = entry_key(spec.key, q, k, dv)
-    tuned = Tuned(ekey, best, hop, wins, tuple(times))
+    tuned = Tuned(ekey, best, hop, wins, tuple(times), device_arch(q))
     path = None
     if save:
         path = save_entries({ekey: tuned})

@@ -293,7 +293,7 @@ def launches(monkeypatch):
     call of a key, after Gluon's ``kernel.run``) and ``prepared`` (what each prepared launch returned:
     True when it launched)."""
     from attndsl.runtime import gluonlaunch
-    monkeypatch.setattr(gluonlaunch, "PREPARED", True)  # off by default until these tests have passed on a GPU
+    monkeypatch.setattr(gluonlaunch, "PREPARED", True)  # whatever ATTNDSL_GLUON_PREPARED says
     got = {"made": [], "prepared": []}
     make, call = gluonlaunch.Prepared.make, gluonlaunch.Prepared.__call__
 

@@ -13,7 +13,7 @@ import torch
 import attndsl
 from attndsl import tuning
 from attndsl.runtime import tuned
-from attndsl.runtime.config import TileConfig
+from attndsl.runtime.config import Configs, TileConfig
 
 
 def causal(b, h, q_idx, kv_idx):
@@ -218,6 +218,40 @@ def test_export_load_and_shipped_entries(cache):
     assert tuning.entry_for(spec, q, k, 16).configs.fwd == TileConfig(16, 16, 4, 1, tma=True)
     with pytest.raises(FileNotFoundError, match="no tuning file"):
         tuning.load(cache / "missing.json")
+
+
+def test_sibling_gpu_takes_the_entry_of_its_architecture(cache, monkeypatch):
+    """A GPU with no entry of its own takes an entry tuned on a GPU of the same architecture and SM
+    count (an H200 the H100's); its own entry wins where it has one; another architecture takes none."""
+    q, k, v = qkv()
+    spec = attndsl.compile(mask_mod=causal).spec
+    key = tuning.entry_key(spec.key, q, k, 16)
+    stem = key.rsplit("|", 1)[0]
+
+    def entry(gpu, arch, block_n):
+        t = tuned.Tuned(f"{stem}|{gpu}", Configs(*(TileConfig(16, block_n, 4, 1, tma=True),) * 3), arch=arch)
+        return t.key, t.to_json()
+
+    shipped = cache / "shipped"
+    shipped.mkdir()
+    (shipped / "h100.json").write_text(json.dumps(
+        {"format": tuned.FORMAT, "entries": dict([entry("NVIDIA H100 80GB HBM3", "sm90-132", 16),
+                                                  entry("NVIDIA A100-SXM4-80GB", "sm80-108", 32)])}))
+    monkeypatch.setattr(tuned, "device_label", lambda t: "NVIDIA H200")
+    arch = {"now": "sm90-132"}
+    monkeypatch.setattr(tuned, "device_arch", lambda t: arch["now"])
+    tuning.reset()
+    got = tuning.entry_for(spec, q, k, 16)
+    assert got is not None and got.key.endswith("|NVIDIA H100 80GB HBM3") and got.configs.fwd.block_n == 16
+    assert got.arch == "sm90-132"
+    arch["now"] = "sm89-128"  # an architecture nobody tuned for
+    tuning.reset()
+    assert tuning.entry_for(spec, q, k, 16) is None
+    # the GPU's own entry (the user's) over its sibling's
+    arch["now"] = "sm90-132"
+    own = tuned.Tuned(f"{stem}|NVIDIA H200", Configs(*(TileConfig(16, 16, 4, 1),) * 3), arch="sm90-132")
+    tuned.save({own.key: own})
+    assert tuning.entry_for(spec, q, k, 16) == own
 
 
 def test_damaged_files_are_ignored(cache, caplog):

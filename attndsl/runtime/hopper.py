@@ -17,8 +17,7 @@ the portable Triton kernels run everywhere else:
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
 
-The launch (with prepared launches on: ``ATTNDSL_GLUON_PREPARED=1``, off by default until checked on a
-GPU): the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
+The launch (prepared launches on by default; ``ATTNDSL_GLUON_PREPARED=0`` turns them off): the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
 and alignment, tiles, program order, device) goes through Gluon's ``kernel.run`` and keeps a
 prepared launch (:mod:`attndsl.runtime.gluonlaunch`); later calls of the key hand their tensors to
 the compiled kernel's C launcher directly, the TMA descriptors' tensor maps kept per address

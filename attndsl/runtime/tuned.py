@@ -6,7 +6,9 @@ An entry holds the portable kernels' tiles (forward, dK/dV, dQ), the backward's 
 without it: "kernel") and, where it was tuned, the Hopper forward's
 :class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward. Keys
 (:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers of
-two, the head dims, the GQA group, the dtype and the GPU. Entries shipped with the package
+two, the head dims, the GQA group, the dtype and the GPU. A GPU with no entry of its own takes the entry of a sibling: a GPU of the same
+architecture and SM count (``arch``, e.g. ``sm90-132`` for the H100 SXM and the H200), whose tiles
+fit the same shared memory and fill the same grid. Entries shipped with the package
 (``attndsl/tuned/*.json``) are read first, the user's file (``tuning.json`` in the kernel cache
 directory, ``$ATTNDSL_CACHE_DIR``) over them; files are written atomically. ``CompiledAttention.runner``
 asks :func:`entry_for` once per call key; ``ATTNDSL_TUNING=0`` ignores every entry. The search
@@ -31,7 +33,7 @@ from .config import Configs, TileConfig
 from .hopper import HopperConfig
 
 __all__ = ["Tuned", "entry_key", "entry_for", "entries", "export", "load", "clear", "reset", "user_file",
-           "save", "bucket", "device_label", "SHIPPED_DIR", "KERNELS"]
+           "save", "bucket", "device_label", "device_arch", "SHIPPED_DIR", "KERNELS"]
 
 log = logging.getLogger("attndsl.tuning")
 
@@ -47,6 +49,7 @@ KERNELS = ("fwd", "dkdv", "dq", "dq_mode", "hopper")
 _LOCK = threading.Lock()
 _ENTRIES: list = []  # [dict key -> Tuned] once loaded (shipped, then the user's file over them)
 _LOOKUPS: dict = {}  # entry_for's answers per call shape (cleared whenever the entries change)
+_SIBLINGS: dict = {}  # (key without its GPU, arch) -> Tuned, the first by key (rebuilt with the entries)
 
 
 # -- entries ------------------------------------------------------------------------------------
@@ -60,6 +63,7 @@ class Tuned:
     hopper: HopperConfig | None = None
     hopper_wins: bool | None = None
     times: tuple = ()  # ((kernel, default ms, best ms), ...), for the record
+    arch: str | None = None  # the tuning GPU's architecture and SM count (:func:`device_arch`)
 
     def install(self, runner) -> None:
         """Give ``runner`` (``launch.Runner``, just made) these tiles."""
@@ -71,7 +75,7 @@ class Tuned:
         c = self.configs
         return {"fwd": dataclasses.asdict(c.fwd), "dkdv": dataclasses.asdict(c.dkdv), "dq": dataclasses.asdict(c.dq),
                 "dq_mode": c.dq_mode, "hopper": None if self.hopper is None else dataclasses.asdict(self.hopper),
-                "hopper_wins": self.hopper_wins,
+                "hopper_wins": self.hopper_wins, "arch": self.arch,
                 "ms": {k: {"default": d, "best": b} for k, d, b in self.times}}
 
     @staticmethod
@@ -83,8 +87,9 @@ class Tuned:
         wins = d.get("hopper_wins")
         times = tuple((k, v.get("default"), v.get("best")) for k, v in (d.get("ms") or {}).items())
         cfgs = Configs(tile(d["fwd"]), tile(d["dkdv"]), tile(d["dq"]), dq_mode=str(d.get("dq_mode", "kernel")))
-        return Tuned(key, cfgs,
-                     None if hop is None else HopperConfig(**hop), None if wins is None else bool(wins), times)
+        arch = d.get("arch")
+        return Tuned(key, cfgs, None if hop is None else HopperConfig(**hop), None if wins is None else bool(wins),
+                     times, None if arch is None else str(arch))
 
 
 def bucket(n: int) -> int:
@@ -104,6 +109,21 @@ def device_label(t: torch.Tensor) -> str:
     if use_interpreter(t):
         return "cpu-interpreter"
     return _gpu_name(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_arch(index: int) -> str:
+    p = torch.cuda.get_device_properties(index)
+    return f"sm{p.major}{p.minor}-{p.multi_processor_count}"
+
+
+def device_arch(t: torch.Tensor) -> str:
+    """The architecture of ``t``'s GPU as tuned entries record it: ``sm<major><minor>-<SM count>``
+    (``sm90-132`` for an H100 SXM or an H200), or "cpu-interpreter"."""
+    from .launch import use_interpreter
+    if use_interpreter(t):
+        return "cpu-interpreter"
+    return _gpu_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def entry_key(spec_key: str, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> str:
@@ -167,8 +187,18 @@ def _loaded() -> dict:
                     found.update(_read(p))
                 found.update(_read(user_file()))
                 _LOOKUPS.clear()
+                _siblings(found)
                 _ENTRIES.append(found)
     return _ENTRIES[0]
+
+
+def _siblings(found: dict) -> None:
+    """Index ``found``'s entries by key without its GPU and by architecture (the first by key)."""
+    _SIBLINGS.clear()
+    for key in sorted(found):
+        t = found[key]
+        if t.arch is not None:
+            _SIBLINGS.setdefault((key.rsplit("|", 1)[0], t.arch), t)
 
 
 def reset() -> None:
@@ -176,6 +206,7 @@ def reset() -> None:
     with _LOCK:
         _ENTRIES.clear()
         _LOOKUPS.clear()
+        _SIBLINGS.clear()
 
 
 def entries() -> dict:
@@ -185,7 +216,8 @@ def entries() -> dict:
 
 def entry_for(spec, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> Tuned | None:
     """The tuned entry for a call of ``spec`` with ``q``, ``k`` and values of head dim
-    ``head_dim_v`` (:func:`entry_key`), or None: none, or ``ATTNDSL_TUNING=0``."""
+    ``head_dim_v`` (:func:`entry_key`); where this GPU has none, a sibling GPU's entry of the same
+    key (same :func:`device_arch`); or None: neither, or ``ATTNDSL_TUNING=0``."""
     found = _loaded()
     if not found or os.environ.get("ATTNDSL_TUNING") == "0":
         return None
@@ -195,7 +227,13 @@ def entry_for(spec, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> Tuned 
     if got is _LOOKUPS:
         if len(_LOOKUPS) >= 4096:
             _LOOKUPS.clear()
-        got = _LOOKUPS[memo] = found.get(entry_key(spec.key, q, k, head_dim_v))
+        key = entry_key(spec.key, q, k, head_dim_v)
+        got = found.get(key)
+        if got is None and _SIBLINGS:
+            got = _SIBLINGS.get((key.rsplit("|", 1)[0], device_arch(q)))
+            if got is not None:
+                log.info("attndsl: tuned entry %s serves %s (same architecture)", got.key, key)
+        _LOOKUPS[memo] = got
     return got
 
 
@@ -208,6 +246,7 @@ def save(new: dict) -> Path:
         _write(path, found)
         if _ENTRIES:
             _ENTRIES[0].update(new)
+            _siblings(_ENTRIES[0])
         _LOOKUPS.clear()
     return path
 
@@ -253,3 +292,4 @@ def clear() -> None:
         user_file().unlink(missing_ok=True)
         _ENTRIES.clear()
         _LOOKUPS.clear()
+        _SIBLINGS.clear()
