@@ -804,12 +804,25 @@ def _same_global(score, b, h, q_idx, kv_idx):
     return score + _SAME_BIAS[h, kv_idx]
 
 
+def _holding(t):
+    def holds(score, b, h, q_idx, kv_idx):
+        return score + t[h, kv_idx]
+    return holds
+
+
+def _window_of(size):
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= size
+    return window
+
+
 def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypatch):
-    """``PatternCache.found``: the very functions of earlier calls are found without a walk once met
-    in two walks (no mask at all, a plain mask, closures and globals holding tensors); every
-    rebinding (a closure cell, a global, a default, the code) and every change of a held tensor in
-    place (requires_grad, dtype, shape) walks again, and the tensors bound are always the ones held
-    now. A function made afresh per call is never recorded; the records keep no tensor alive."""
+    """``PatternCache.found``: functions of the codes of earlier calls are found without a walk once
+    met in two walks (no mask at all, a plain mask, closures and globals holding tensors, closures a
+    factory makes afresh per call); every rebinding (a closure cell, a global, a default, the code)
+    and every change of a held tensor in place (requires_grad, dtype, shape) walks once and is
+    recorded beside the earlier record, and the tensors bound are always the ones held now; the
+    records keep no tensor alive."""
     import gc
     import weakref
     from attndsl.api import _compiled
@@ -845,26 +858,27 @@ def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypat
                 c, tensors = find(m, s, walked=0)
                 assert c is first[0] and all(a is b for a, b in zip(tensors, first[1]))
         c, _ = find(causal, bias, walked=0)
-        rebind(torch.randn(2, 32))  # a closure cell rebound: walked, the new tensor bound
+        rebind(torch.randn(2, 32))  # a closure cell rebound: walked, the new tensor bound, recorded
         assert find(causal, bias, walked=1) == (c, [table])
-        find(causal, bias, walked=1)  # met again: recorded again
         assert find(causal, bias, walked=0)[1][0] is table
         _SAME_BIAS = torch.randn(2, 32)  # a global rebound
         assert find(None, _same_global, walked=1)[1][0] is _SAME_BIAS
+        assert find(None, _same_global, walked=0)[1][0] is _SAME_BIAS
         table.requires_grad_()  # in place: learnable now, another pattern
         learn, tensors = find(causal, bias, walked=1)
         assert learn is not c and tensors[0] is table
-        table.requires_grad_(False)
-        find(causal, bias, walked=1)
+        assert find(causal, bias, walked=0)[0] is learn
+        table.requires_grad_(False)  # back as it was: that record again
+        assert find(causal, bias, walked=0)[0] is c
         table.data = torch.randn(2, 32, dtype=torch.float64)  # another dtype, same object
         assert find(causal, bias, walked=1)[0].tensors[0].dtype == torch.float64
         table.data = torch.randn(2, 48)  # another shape, same object: walked (bound, same pattern)
         assert find(causal, bias, walked=1)[1][0] is table
+        assert find(causal, bias, walked=0)[1][0] is table
         bias.__defaults__ = (1.0,)  # a default appears
         find(causal, bias, walked=1)
         bias.__defaults__ = None
-        find(causal, bias, walked=1)  # met in a second walk: recorded again
-        find(causal, bias, walked=0)
+        find(causal, bias, walked=0)  # the record of no default is still kept
         causal_code = causal.__code__
         other = _leaf_causal.__code__
         try:
@@ -872,21 +886,27 @@ def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypat
             find(causal, None, walked=1)
         finally:
             causal.__code__ = causal_code
-        for _ in range(3):  # a fresh closure per call: walked (the flat memo's), never recorded
-            w = torch.randn(2, 32)
-
-            def fresh(score, b, h, q_idx, kv_idx):
-                return score + w[h, kv_idx]
-            assert find(None, fresh, walked=1)[1][0] is w
-        assert all(r.flat is not None for r in patterns.PATTERNS.same.values())
-        def holding(t):
-            def holds(score, b, h, q_idx, kv_idx):
-                return score + t[h, kv_idx]
-            return holds
-        find(None, holding(torch.randn(2, 32)))  # traced (the compiled pattern holds this tensor)
+        made = []
+        w = torch.randn(2, 32)
+        for n in (1, 1, 0, 0):  # a fresh closure per call (one code) of one tensor: recorded once met twice
+            c, tensors = find(None, _holding(w), walked=n)
+            assert tensors[0] is w
+            made.append(c)
+        w = torch.randn(2, 32)  # another tensor in the cell: walked, bound, then found without a walk
+        for n in (1, 0):
+            c, tensors = find(None, _holding(w), walked=n)
+            assert tensors[0] is w and all(m is made[0] for m in made + [c])
+        # one factory's closures holding other constants (a window of 8 beside one of 16): one
+        # record each, both found without a walk
+        for n, size in ((1, 8), (1, 8), (1, 16), (0, 8), (0, 16), (0, 8)):
+            find(_window_of(size), None, walked=n)
+        assert len(patterns.PATTERNS.same[(id(_window_of(8).__code__), None, ("softmax", False, False,
+                                                                          (None, None, None, None)))]) == 2
+        assert all(r.flat is not None for recs in patterns.PATTERNS.same.values() for r in recs)
+        # (the compiled pattern holds the first tensor it was traced with, not this one)
         gone = torch.randn(2, 32)
-        holds = holding(gone)
-        for n in (1, 1, 0):
+        holds = _holding(gone)
+        for n in (1, 0, 0):  # its code recorded already: recorded at its first walk
             find(None, holds, walked=n)
         ref = weakref.ref(gone)
         del holds, gone

@@ -231,16 +231,18 @@ class FlatWalks:
 
 
 class _Same:
-    """A pattern met again through the very function objects of earlier lookups (the pattern
-    cache's first try, :meth:`PatternCache.found`): per function given (mask_mod, score_mod) a weak
-    reference, its code, the global names that code reads and ``_read``'s lengths; what the
-    functions read (a flat pattern's objects, :class:`_Flat`, tensors keyed with their shapes too);
-    the cache entry they found. The same functions, with the same code, reading the same objects
-    (tensors with the attributes they had), are the same pattern; a closure cell or global rebound
-    to another object, or a tensor changed in dtype, rank, ``requires_grad``, device or shape, is a
-    miss (the walk decides)."""
+    """A pattern met again through functions of the same code as earlier lookups' (the pattern
+    cache's first try, :meth:`PatternCache.found`): the very functions, or fresh closures of one
+    factory (``document(ids)`` made inside ``forward``). Per function given (mask_mod, score_mod)
+    its code (held: the record is keyed by its ``id``), the global names that code reads and
+    ``_read``'s lengths; what the functions read (a flat pattern's objects, :class:`_Flat`, tensors
+    keyed with their shapes too); the cache entry they found. Functions of the same code reading the
+    same objects (closure cells, globals and defaults, each read again per lookup; tensors with the
+    attributes they had) are the same pattern, as the walk would key them; a cell or global
+    holding another object, or a tensor changed in dtype, rank, ``requires_grad``, device or shape,
+    is a miss (the walk decides)."""
 
-    __slots__ = ("refs", "fns", "flat", "entry", "bare")
+    __slots__ = ("codes", "fns", "flat", "entry", "bare")
 
     @staticmethod
     def make(mask_mod, score_mod, entry, walked: list) -> "_Same":
@@ -248,7 +250,7 @@ class _Same:
         with ``flat`` None where the pattern is not flat (plain functions reading only what the walk
         keys by identity): it finds nothing, and spares later lookups the question."""
         s = _Same()
-        s.refs = tuple(None if fn is None else weakref.ref(fn) for fn in (mask_mod, score_mod))
+        s.codes = _codes(mask_mod, score_mod)
         s.entry = entry
         if mask_mod is None and score_mod is None:
             s.flat, s.fns, s.bare = _Flat(), (), entry.compiled
@@ -257,21 +259,17 @@ class _Same:
         got = _flat_of(mask_mod, score_mod, walked, True)
         s.flat = None if got is None else got[1]
         fns = []
-        for i, (fn, ref) in enumerate(zip((mask_mod, score_mod), s.refs)):
+        for i, fn in enumerate((mask_mod, score_mod)):
             if fn is not None:
                 names = _code_info(fn.__code__)[0]
                 lengths = _read(fn, [], names)
                 # reads nothing (no cells: fixed by the code; no globals named; no defaults)
                 empty = not names and fn.__closure__ is None and lengths[1:] == (0, 0)
-                fns.append((i, ref, fn.__code__, names, lengths, empty))
+                fns.append((i, fn.__code__, names, lengths, empty))
         s.fns = tuple(fns)
         # nothing read but unset globals: no list of objects to compare, nothing to bind
         s.bare = entry.compiled if s.flat is not None and all(h is _ABSENT for h in s.flat.held) else None
         return s
-
-    def alive(self, mask_mod, score_mod) -> bool:
-        """Was this record made for these very functions (not others that took their ids)?"""
-        return all(r is None or r() is fn for r, fn in zip(self.refs, (mask_mod, score_mod)))
 
     def found(self, mask_mod, score_mod) -> tuple | None:
         """``(compiled, tensors bound now)`` when these functions still read what they read; else None."""
@@ -279,9 +277,9 @@ class _Same:
         if flat is None:
             return None
         objects: list = []
-        for i, ref, code, names, lengths, empty in self.fns:
+        for i, code, names, lengths, empty in self.fns:
             fn = score_mod if i else mask_mod
-            if ref() is not fn or fn.__code__ is not code:
+            if fn.__code__ is not code:
                 return None
             if empty and fn.__defaults__ is None and fn.__kwdefaults__ is None:
                 continue
@@ -407,24 +405,29 @@ class PatternCache:
         self.entries: collections.OrderedDict = collections.OrderedDict()
         self.hits = self.misses = self.uncacheable = 0
         self.flat = FlatWalks()
-        #: (id(mask_mod), id(score_mod), options) -> _Same, for functions met in two walks
+        #: (id of mask_mod's code, id of score_mod's code, options) -> [_Same, ...], for functions of
+        #: codes met in two walks (the very functions, or closures a factory makes afresh per call)
         self.same: dict = {}
-        #: the same key -> weak references of the functions, for functions met in one walk: a
-        #: pattern made afresh for each call (``sliding_window(256)`` inside ``forward``) is never
-        #: recorded by identity, only one met again
+        #: the same key -> the codes (held), for codes met in one walk: a pattern met once is not
+        #: recorded
         self.seen: dict = {}
 
     def found(self, mask_mod, score_mod, options: tuple) -> tuple | None:
         """``(compiled, tensors)`` of an earlier lookup of these very functions that still read
         what they read then (:class:`_Same`); None: :meth:`lookup` decides."""
-        s = self.same.get((id(mask_mod), id(score_mod), options))
-        if s is None:
+        if type(mask_mod) not in _PLAIN_OR_NONE or type(score_mod) not in _PLAIN_OR_NONE:
             return None
-        # no functions: nothing to check (a fresh list each time: callers may keep it)
-        got = (s.bare, []) if not s.fns else s.found(mask_mod, score_mod)
-        if got is not None:
-            self.hits += 1
-        return got
+        recs = self.same.get((None if mask_mod is None else id(mask_mod.__code__),
+                              None if score_mod is None else id(score_mod.__code__), options))
+        if recs is None:
+            return None
+        for s in recs:
+            # no functions: nothing to check (a fresh list each time: callers may keep it)
+            got = (s.bare, []) if not s.fns else s.found(mask_mod, score_mod)
+            if got is not None:
+                self.hits += 1
+                return got
+        return None
 
     def lookup(self, mask_mod, score_mod, options: tuple, make):
         """``(compiled, tensors)`` for this call: a cached compiled pattern with the tensors the
@@ -466,29 +469,32 @@ class PatternCache:
         return c, e.bind(tensors)
 
     def _met(self, mask_mod, score_mod, options: tuple, e: Entry, tensors: list) -> None:
-        """Functions that found ``e`` (with the walk's ``tensors``) by a walk: recorded by identity
-        (:class:`_Same`) the second time they are met. A record of them that missed (a cell or
-        global rebound, a tensor changed) is dropped, and made again when they are met again."""
+        """Functions that found ``e`` (with the walk's ``tensors``) by a walk: recorded by their
+        codes (:class:`_Same`) the second time codes are met; once recorded, each walk of those
+        codes (other objects in their cells or globals: ``sliding_window(128)`` beside
+        ``sliding_window(4096)``, a rebound global) adds a record, the newest first, up to
+        ``SAME_PER_CODE``."""
         if type(mask_mod) not in _PLAIN_OR_NONE or type(score_mod) not in _PLAIN_OR_NONE:
             return
-        ident = (id(mask_mod), id(score_mod), options)
-        s = self.same.get(ident)
-        if s is not None and s.alive(mask_mod, score_mod):
-            if s.flat is None:
+        codes = _codes(mask_mod, score_mod)
+        ident = (None if codes[0] is None else id(codes[0]), None if codes[1] is None else id(codes[1]), options)
+        recs = self.same.get(ident)
+        if recs is not None:
+            if recs[0].flat is None:
                 return  # not flat: the walk decides every time
-            self.same.pop(ident, None)  # (pop: another thread may have dropped it meanwhile)
-            self.seen[ident] = s.refs
+            new = _Same.make(mask_mod, score_mod, e, tensors)
+            # (a new list, not changed in place: another thread may be reading the old one)
+            self.same[ident] = [new] if new.flat is None else [new, *recs[:SAME_PER_CODE - 1]]
             return
-        refs = self.seen.get(ident)
-        if refs is None or any(r is not None and r() is not fn for r, fn in zip(refs, (mask_mod, score_mod))):
+        if ident not in self.seen:  # (its codes are held: an id in the key is theirs)
             if len(self.seen) >= 4 * self.size:
                 self.seen.clear()
-            self.seen[ident] = tuple(None if fn is None else weakref.ref(fn) for fn in (mask_mod, score_mod))
+            self.seen[ident] = codes
             return
         self.seen.pop(ident, None)
         if len(self.same) >= self.size:
             self.same.clear()
-        self.same[ident] = _Same.make(mask_mod, score_mod, e, tensors)
+        self.same[ident] = [_Same.make(mask_mod, score_mod, e, tensors)]
 
     def clear(self) -> None:
         self.entries.clear()
@@ -498,8 +504,16 @@ class PatternCache:
         self.hits = self.misses = self.uncacheable = 0
 
 
+#: records (:class:`_Same`) kept per pair of codes: patterns of one factory met with that many
+#: different held objects in turn are all found without a walk
+SAME_PER_CODE = 8
 #: the function types :class:`_Same` records (``None``: no function)
 _PLAIN_OR_NONE = (types.FunctionType, type(None))
+
+
+def _codes(mask_mod, score_mod) -> tuple:
+    """The code objects of the two functions (None for a missing one)."""
+    return (None if mask_mod is None else mask_mod.__code__, None if score_mod is None else score_mod.__code__)
 
 
 PATTERNS = PatternCache()
