@@ -17,12 +17,13 @@ the portable Triton kernels run everywhere else:
 The output and the logsumexp (natural log, ``[B, H, Lq]`` float32, -inf for a row that sees no
 key) are the portable forward's, so the portable backward runs after either forward.
 
-The launch (prepared launches on by default; ``ATTNDSL_GLUON_PREPARED=0`` turns them off): the first call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides
-and alignment, tiles, program order, device) goes through Gluon's ``kernel.run`` and keeps a
-prepared launch (:mod:`attndsl.runtime.gluonlaunch`); later calls of the key hand their tensors to
-the compiled kernel's C launcher directly, the TMA descriptors' tensor maps kept per address
-(:mod:`~attndsl.runtime.gluonlaunch`). :meth:`HopperForward.applies` asks nothing of the
-environment or the device per call (the switch and each device's capability are read once).
+The launch (prepared launches on by default; ``ATTNDSL_GLUON_PREPARED=0`` turns them off): the first
+call of a launch key (q/k/v/sinks/captured tensors' dtypes, shapes, strides and alignment, tiles,
+program order, device) goes through Gluon's ``kernel.run`` and keeps a prepared launch
+(:mod:`attndsl.runtime.gluonlaunch`); later calls of the key hand their tensors to the compiled kernel's
+C launcher directly, the TMA descriptors' tensor maps kept per address
+(:mod:`~attndsl.runtime.gluonlaunch`). :meth:`HopperForward.applies` asks nothing of the environment or
+the device per call (the switch and each device's capability are read once).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .scope import NO_CONTEXT, launch_scope
 from .switches import Switch
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
-           "smoke_test", "MEASURED_WINS", "sweep_configs", "shared_bytes", "compile_ahead"]
+           "smoke_test", "check_runs", "MEASURED_WINS", "sweep_configs", "shared_bytes", "compile_ahead"]
 
 #: the forward's switch (None: the calls MEASURED_WINS names)
 SWITCH = Switch("ATTNDSL_HOPPER")
@@ -447,12 +448,12 @@ def compile_gluon_sm90(fn, params, buffers, dtype: str, head_dim: int, boxes: di
 
 
 _SMOKE = r"""
-import math, sys, torch
+import math, torch
 import attndsl
 from attndsl.runtime import hopper
 def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
-runs, cases = [], []
+runs = []
 for d in (128, 64):
     for mask in (None, causal):
         hf = hopper.HopperForward(attndsl.compile(mask_mod=mask).spec)
@@ -460,25 +461,33 @@ for d in (128, 64):
         for pipe in (True, False):
             for pp in ((False, True) if d == 128 else (False,)):
                 cfg = hopper.HopperConfig(**{**vars(hopper.config_for(d)), "pipeline": pipe, "pingpong": pp})
-                runs.append((hf, (q, k, v, 1 / math.sqrt(d), cfg), {}))
-                cases.append(mask is not None)
-hopper.compile_ahead(runs)
-for (hf, (q, k, v, scale, cfg), _), is_causal in zip(runs, cases):
-    out, lse = hf.forward(q, k, v, scale, cfg)
-    torch.cuda.synchronize()
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
-    if not err < 2e-2:
-        sys.exit(f"D={q.shape[-1]} causal={is_causal} {cfg}: relative error {err:.3g} against SDPA")
-print("ok")
+                runs.append((hf, (q, k, v, 1 / math.sqrt(d), cfg), {}, mask is not None))
+hopper.check_runs(runs)
 """
+
+
+def check_runs(runs: list) -> None:
+    """A smoke script's end (:func:`smoke_test`): compile ``runs`` (``(HopperForward, args, kwargs,
+    causal)`` each) ahead, run each and compare it with SDPA; exit with what went wrong, else
+    print "ok"."""
+    import sys
+    compile_ahead([r[:3] for r in runs])
+    for hf, (q, k, v, scale, cfg), kwargs, is_causal in runs:
+        out, _ = hf.forward(q, k, v, scale, cfg, **kwargs)
+        torch.cuda.synchronize()
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        err = float((out.float() - want.float()).abs().max()) / float(want.float().abs().max())
+        if not err < 2e-2:
+            sys.exit(f"L={q.shape[2]} D={q.shape[-1]} causal={is_causal} {cfg}: relative error {err:.3g} "
+                     "against SDPA")
+    print("ok")
 
 
 def smoke_test(timeout: float = 240, script: str | None = None) -> str | None:
     """Run small Hopper forwards (D 64 and 128, dense and causal, both loop shapes, and at D=128 with
-    ping-pong too) in a child process with a time limit and compare them with SDPA. Returns None when they pass, else what
-    went wrong (an error, a wrong result, or a hang: the child is killed, so a deadlocked kernel
-    cannot stall the caller). For the GPU tests and the benchmark, before anything else runs.
+    ping-pong too) in a child process with a time limit and compare them with SDPA. Returns None when
+    they pass, else what went wrong (an error, a wrong result, or a hang: the child is killed, so a
+    deadlocked kernel cannot stall the caller). For the GPU tests and the benchmark, before anything else runs.
     ``script``: other Python code for the child to run instead (it prints "ok" when it passes)."""
     import subprocess
     import sys

@@ -5,14 +5,14 @@ An entry holds the portable kernels' tiles (forward, dK/dV, dQ), the backward's 
 "kernel", the dQ kernel, or "atomic", dQ added by the dK/dV kernel; ``config.atomic_dq``; entries
 without it: "kernel") and, where it was tuned, the Hopper forward's
 :class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward. Keys
-(:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers of
-two, the head dims, the GQA group, the dtype and the GPU. A GPU with no entry of its own takes the entry of a sibling: a GPU of the same
-architecture and SM count (``arch``, e.g. ``sm90-132`` for the H100 SXM and the H200), whose tiles
-fit the same shared memory and fill the same grid. Entries shipped with the package
-(``attndsl/tuned/*.json``) are read first, the user's file (``tuning.json`` in the kernel cache
+(:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers of two,
+the head dims, the GQA group, the dtype and the GPU. A GPU with no entry of its own takes the entry of a
+sibling: a GPU of the same architecture and SM count (``arch``, e.g. ``sm90-132`` for the H100 SXM and
+the H200), whose tiles fit the same shared memory and fill the same grid. Entries shipped with the
+package (``attndsl/tuned/*.json``) are read first, the user's file (``tuning.json`` in the kernel cache
 directory, ``$ATTNDSL_CACHE_DIR``) over them; files are written atomically. ``CompiledAttention.runner``
-asks :func:`entry_for` once per call key; ``ATTNDSL_TUNING=0`` ignores every entry. The search
-that makes entries is ``attndsl/tuning.py``, above the API.
+asks :func:`entry_for` once per call key; ``ATTNDSL_TUNING=0`` ignores every entry. The search that
+makes entries is ``attndsl/tuning.py``, above the API.
 """
 
 from __future__ import annotations
