@@ -16,11 +16,17 @@
   cubin when its TTGIR has operations no earlier cubin had (``ATTNDSL_SM90_FULL=all``: every
   launch to a cubin); ``ATTNDSL_SM90_JOBS`` sets the process count. Successes are cached
   (``ATTNDSL_SM90_CACHE``, default ``~/.cache/attndsl-sm90``); ``ATTNDSL_SM90=0`` turns it off.
+* Triton's interpreter re-patches ``triton.language`` at every call of a ``@triton.jit`` helper
+  (``tl.max``, ``tl.sum``, ``tl.cdiv``... once per program and loop step): a scan of the language
+  modules that, inside one launch, finds them already patched and changes nothing, yet took a fifth
+  of the CPU suite's time. :func:`_patch_helpers_once_per_launch` lets the first such call of each
+  helper module in a launch patch and skips the repeats; ``ATTNDSL_TEST_REPATCH=1`` keeps every one.
 """
 import atexit
 import os
 import shutil
 import tempfile
+import threading
 
 os.environ.setdefault("ATTNDSL_POISON", "1")
 os.environ.setdefault("ATTNDSL_VERIFY_MEMO", "1")
@@ -30,6 +36,53 @@ if "ATTNDSL_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
+
+
+def _patch_helpers_once_per_launch() -> bool:
+    """Skip the interpreter's repeated patching of ``triton.language`` within one launch.
+
+    ``GridExecutor.__call__`` (one launch) patches the language modules its kernel's globals name
+    and restores them when the launch ends; ``InterpretedFunction.__call__`` (a call of a jit helper
+    inside it) calls ``_patch_lang`` again on every call, which walks every member of ``tl``,
+    ``tl.core``, ``tl.math`` and ``tl.tensor`` to patch the builtins it finds, sets the same
+    tensor/dtype/range shims again, and is never restored. Within a launch, a second call for
+    helpers of the same module (same globals, hence the same language modules) finds every builtin
+    already patched and sets shims equal to those already set: skipping it changes nothing. The
+    first call of each module per launch still runs, so what it leaves patched is as before.
+    Returns False (and changes nothing) when this Triton's interpreter is not laid out so."""
+    try:
+        from triton.runtime import interpreter as ti
+        orig_patch, orig_launch, empty_scope = ti._patch_lang, ti.GridExecutor.__call__, ti._LangPatchScope
+    except (ImportError, AttributeError):
+        return False
+    state = threading.local()  # the globals (by id) patched in the launch running on this thread
+
+    def patch_lang(fn):
+        done = getattr(state, "done", None)
+        if done is None:  # outside a launch: as Triton does
+            return orig_patch(fn)
+        key = id(fn.__globals__)
+        if key in done:
+            return empty_scope()  # the helpers' caller ignores it; a launch's own call is always first
+        scope = orig_patch(fn)
+        done.add(key)
+        return scope
+
+    def launch(self, *args, **kwargs):
+        outer = getattr(state, "done", None)
+        state.done = set()
+        try:
+            return orig_launch(self, *args, **kwargs)
+        finally:
+            state.done = outer
+
+    ti._patch_lang = patch_lang
+    ti.GridExecutor.__call__ = launch
+    return True
+
+
+if os.environ.get("ATTNDSL_TEST_REPATCH", "0") in ("0", "", "false", "no"):
+    _patch_helpers_once_per_launch()
 
 
 def pytest_collection_modifyitems(config, items):
