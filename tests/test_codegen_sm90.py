@@ -11,7 +11,7 @@ _SCRIPT = r"""
 import torch
 import attndsl
 from attndsl.runtime import cache
-from attndsl.testing.sm90 import compile_kernel
+from attndsl.testing.sm90 import compile_kernels
 
 lengths = torch.tensor([100, 37], dtype=torch.int64)
 doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
@@ -31,7 +31,7 @@ INT_PTRS = {"VISITS", "TBL_FULL", "TBL_PART", "TBL_CNT"}
 CONSTS = dict(HEAD_D=64, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, HEAD_DV=64, BLOCK_DV=64, HAS_D2=False,
               BLOCK_D2=16, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, BLOCK_C=64)
 SCALAR = {"int": "i32", "float": "fp32"}
-done = []
+jobs = []
 for fn, kinds in ((key_padding, ("fwd", "bwd_dkdv", "bwd_dq")), (document, ("fwd", "bwd_dkdv", "bwd_dq", "table", "table_t"))):
     attn = attndsl.compile(mask_mod=fn, block_m=64, block_n=64)
     assert attn.spec.data_dependent == (fn is document)
@@ -48,9 +48,8 @@ for fn, kinds in ((key_padding, ("fwd", "bwd_dkdv", "bwd_dq")), (document, ("fwd
                                else "*i32" if p.name in INT_PTRS else "*fp32")
             else:
                 sig[p.name] = SCALAR[p.kind]
-        compile_kernel(k, sig, cx, num_warps=4, num_stages=2)
-        done.append(f"{fn.__name__}:{kind}")
-print("compiled", " ".join(done))
+        jobs.append((f"{fn.__name__}:{kind}", k, sig, cx, dict(num_warps=4, num_stages=2)))
+print("compiled", " ".join(compile_kernels(jobs)))
 """
 
 

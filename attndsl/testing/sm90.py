@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["LaunchRecord", "Recorder", "record", "Compiler", "compile_all", "available", "describe",
-           "install_session", "run_compile_script", "compile_kernel", "operations", "STAGES"]
+           "install_session", "run_compile_script", "compile_kernel", "compile_kernels", "operations", "STAGES"]
 
 _PKG = Path(__file__).resolve().parents[1]  # the attndsl package
 #: the stages of Triton's NVIDIA pipeline after the frontend, in order
@@ -536,6 +536,57 @@ def compile_kernel(fn, signature: dict, constexprs: dict, attrs: dict | None = N
         if ext == stage or (ext == "ttgir" and go_on is not None and not go_on(module)):
             return ext
     return "cubin"
+
+
+_JOBS: list = []  # compile_kernels' work, read by its forked processes
+
+
+def _compile_job(i: int) -> str | None:
+    fn, sig, consts, opts = _JOBS[i][1:]
+    try:
+        compile_kernel(fn, sig, consts, **opts)
+    except (Exception, SystemExit) as e:  # the failure is the result (an exception may not pickle)
+        return f"{type(e).__name__}: {e}"[-3000:]
+    return None
+
+
+def compile_kernels(jobs, processes: int | None = None) -> list[str]:
+    """Compile each job to a cubin for sm_90 (:func:`compile_kernel`), in ``processes`` forked
+    processes (default: the CPU count), and return the labels of the jobs compiled. A job repeating
+    an earlier one exactly (the same kernel by Triton's ``cache_key``, which covers its source and
+    what it calls, with the same signature, constexprs and options) is not compiled again: its
+    compile could only give the same result. Call it where :func:`compile_kernel` may be called
+    (a process that has not interpreted kernels).
+
+    Args:
+        jobs: ``(label, fn, signature, constexprs, options)`` tuples; ``options`` are
+            :func:`compile_kernel`'s keyword arguments (``num_warps``, ``num_stages``, ``attrs``).
+        processes: compile processes (1: in this one).
+
+    Returns:
+        The labels, in order. Raises ``RuntimeError`` naming each job that failed and its error."""
+    global _JOBS
+    jobs = list(jobs)
+    firsts, seen = [], {}
+    for i, (_, fn, sig, consts, opts) in enumerate(jobs):
+        key = (fn.cache_key, repr(sorted(sig.items())), repr(sorted(consts.items())), repr(sorted(opts.items())))
+        firsts.append(seen.setdefault(key, i))
+    todo = sorted(set(firsts))
+    processes = max(1, min(processes or os.cpu_count() or 1, len(todo)))
+    _JOBS = jobs
+    try:
+        if processes == 1 or "fork" not in __import__("multiprocessing").get_all_start_methods():
+            errors = dict(zip(todo, map(_compile_job, todo)))
+        else:
+            import multiprocessing
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                errors = dict(zip(todo, pool.map(_compile_job, todo, chunksize=1)))
+    finally:
+        _JOBS = []
+    failed = [f"{jobs[i][0]}: {errors[i]}" for i in todo if errors[i] is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} kernels do not compile for sm_90:\n" + "\n".join(failed))
+    return [label for label, *_ in jobs]
 
 
 def _serve(tmp: str, index: int, nice: int) -> int:
