@@ -106,15 +106,28 @@ if os.environ.get("ATTNDSL_TEST_PLAIN_INTERPRETER", "0") in ("0", "", "false", "
     _lighten_interpreter()
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: only the tests that will run
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    _start_compiles_ahead(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _start_compiles_ahead(items):
+    """Tests marked ``compile_ahead("NAME")`` run the compile script held in their module's ``NAME``
+    through ``sm90.run_compile_script``: it is started here, niced, beside the tests, and the test
+    waits for its result instead of running it then (the test's assertions unchanged)."""
+    for item in items:
+        mark = item.get_closest_marker("compile_ahead")
+        if mark is not None and not any(m.name in ("skip", "skipif") for m in item.iter_markers()):
+            from attndsl.testing import sm90
+            sm90.start_compile_script(getattr(item.module, mark.args[0]))
 
 
 def pytest_configure(config):

@@ -5,6 +5,8 @@ compiler does. A key-padding mask ``kv_idx < lengths[b]`` over an int64 ``length
 plan's tile indices int64, which once clashed with an int32 ``tile`` assigned before the loop
 (``CompilationError: Loop-carried variable tile has initial type int32 but is re-assigned to int64``).
 """
+import pytest
+
 from attndsl.testing import sm90
 
 _SCRIPT = r"""
@@ -53,6 +55,7 @@ print("compiled", " ".join(compile_kernels(jobs)))
 """
 
 
+@pytest.mark.compile_ahead("_SCRIPT")
 def test_int64_plan_kernels_compile_for_sm90(tmp_path):
     """fwd, dK/dV, dQ of a key-padding mask over int64 lengths, and the same plus both block-table
     kernels of a document mask over int64 ids, compile for sm_90. In a fresh process: real compiles

@@ -446,6 +446,7 @@ print("compiled", " ".join(compile_kernels(jobs)))
 """
 
 
+@pytest.mark.compile_ahead("_SM90")
 def test_decode_kernels_compile_for_sm90(tmp_path):
     """The decode, gather and merge kernels of several patterns (int64 lengths and offsets, paged with
     one lookup per tile or per row, contiguous, sinks, low-rank bias, sigmoid; the split ones with the
