@@ -129,13 +129,15 @@ def test_compile_kernels_names_the_rejected_job_and_compiles_a_repeat_once(tmp_p
         from k_rejected import widen
         calls = []
         real = sm90.compile_kernel
-        with mock.patch.object(sm90, "compile_kernel", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k)):
+        counting = lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k)
+        with mock.patch.object(sm90, "compile_kernel", counting):
             sig = {{"X": "*fp32", "Out": "*fp32", "N": "i32", "SCALE": "constexpr"}}
             job = lambda label, s: (label, scaled, sig, {{"SCALE": s}}, dict(num_warps=4))
             done = sm90.compile_kernels([job("a", 2.0), job("b", 2.0), job("c", 3.0)], processes=1)
             assert done == ["a", "b", "c"] and calls == ["scaled", "scaled"], (done, calls)
             try:
-                sm90.compile_kernels([job("d", 2.0), ("widen", widen, {{"X": "*i64", "Out": "*i64", "N": "i32"}}, {{}}, {{}})])
+                widen_sig = {{"X": "*i64", "Out": "*i64", "N": "i32"}}
+                sm90.compile_kernels([job("d", 2.0), ("widen", widen, widen_sig, {{}}, {{}})])
             except RuntimeError as e:
                 assert "1 of 2 kernels do not compile" in str(e) and "widen: " in str(e), str(e)
                 assert "re-assigned to int64" in str(e), str(e)

@@ -48,7 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["LaunchRecord", "Recorder", "record", "Compiler", "compile_all", "available", "describe",
-           "install_session", "run_compile_script", "start_compile_script", "compile_kernel", "compile_kernels", "operations", "STAGES"]
+           "install_session", "run_compile_script", "start_compile_script", "compile_kernel", "compile_kernels",
+           "operations", "STAGES"]
 
 _PKG = Path(__file__).resolve().parents[1]  # the attndsl package
 #: the stages of Triton's NVIDIA pipeline after the frontend, in order
@@ -565,6 +566,7 @@ def compile_kernels(jobs, processes: int | None = None) -> list[str]:
 
     Returns:
         The labels, in order. Raises ``RuntimeError`` naming each job that failed and its error."""
+    import multiprocessing
     global _JOBS
     jobs = list(jobs)
     firsts, seen = [], {}
@@ -575,10 +577,9 @@ def compile_kernels(jobs, processes: int | None = None) -> list[str]:
     processes = max(1, min(processes or os.cpu_count() or 1, len(todo)))
     _JOBS = jobs
     try:
-        if processes == 1 or "fork" not in __import__("multiprocessing").get_all_start_methods():
+        if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
             errors = dict(zip(todo, map(_compile_job, todo)))
         else:
-            import multiprocessing
             with multiprocessing.get_context("fork").Pool(processes) as pool:
                 errors = dict(zip(todo, pool.map(_compile_job, todo, chunksize=1)))
     finally:
