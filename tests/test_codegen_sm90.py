@@ -5,13 +5,15 @@ compiler does. A key-padding mask ``kv_idx < lengths[b]`` over an int64 ``length
 plan's tile indices int64, which once clashed with an int32 ``tile`` assigned before the loop
 (``CompilationError: Loop-carried variable tile has initial type int32 but is re-assigned to int64``).
 """
+import pytest
+
 from attndsl.testing import sm90
 
 _SCRIPT = r"""
 import torch
 import attndsl
 from attndsl.runtime import cache
-from attndsl.testing.sm90 import compile_kernel
+from attndsl.testing.sm90 import compile_kernels
 
 lengths = torch.tensor([100, 37], dtype=torch.int64)
 doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
@@ -31,7 +33,7 @@ INT_PTRS = {"VISITS", "TBL_FULL", "TBL_PART", "TBL_CNT"}
 CONSTS = dict(HEAD_D=64, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, HEAD_DV=64, BLOCK_DV=64, HAS_D2=False,
               BLOCK_D2=16, UPCAST=False, DOT_PRECISION="tf32", BLOCK_R=64, BLOCK_C=64)
 SCALAR = {"int": "i32", "float": "fp32"}
-done = []
+jobs = []
 for fn, kinds in ((key_padding, ("fwd", "bwd_dkdv", "bwd_dq")), (document, ("fwd", "bwd_dkdv", "bwd_dq", "table", "table_t"))):
     attn = attndsl.compile(mask_mod=fn, block_m=64, block_n=64)
     assert attn.spec.data_dependent == (fn is document)
@@ -48,12 +50,12 @@ for fn, kinds in ((key_padding, ("fwd", "bwd_dkdv", "bwd_dq")), (document, ("fwd
                                else "*i32" if p.name in INT_PTRS else "*fp32")
             else:
                 sig[p.name] = SCALAR[p.kind]
-        compile_kernel(k, sig, cx, num_warps=4, num_stages=2)
-        done.append(f"{fn.__name__}:{kind}")
-print("compiled", " ".join(done))
+        jobs.append((f"{fn.__name__}:{kind}", k, sig, cx, dict(num_warps=4, num_stages=2)))
+print("compiled", " ".join(compile_kernels(jobs)))
 """
 
 
+@pytest.mark.compile_ahead("_SCRIPT")
 def test_int64_plan_kernels_compile_for_sm90(tmp_path):
     """fwd, dK/dV, dQ of a key-padding mask over int64 lengths, and the same plus both block-table
     kernels of a document mask over int64 ids, compile for sm_90. In a fresh process: real compiles

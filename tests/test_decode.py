@@ -399,7 +399,7 @@ from attndsl.api import _compiled
 from attndsl.patterns import alibi, causal, document, sliding_window
 from attndsl.patterns.tree import tree_mask
 from attndsl.runtime import cache
-from attndsl.testing.sm90 import compile_kernel
+from attndsl.testing.sm90 import compile_kernels
 from attndsl.serving.decoding import decode_spec
 
 doc = torch.tensor([0] * 50 + [1] * 78, dtype=torch.int64)
@@ -407,7 +407,7 @@ prefix = torch.tensor([10, 20], dtype=torch.int64)
 PTR = {"int64": "*i64", "int32": "*i32", "float32": "*fp32", "bool": "*i1", "uint8": "*u8"}
 BF16 = {"Q", "K", "V", "Out", "U", "W"}
 INTP = {"PT": "*i32", "SEQ": "*i64", "QOFF": "*i64", "IDX": "*i32", "CNT": "*i32"}
-done = []
+jobs = []
 cases = [("causal", causal, None, "softmax"), ("window", sliding_window(4096), None, "softmax"),
          ("document", document(doc), None, "softmax"), ("alibi", causal, alibi(torch.rand(8)), "softmax"),
          ("tree", tree_mask(torch.tensor([-1, 0, 0, 1]), prefix), None, "softmax"),
@@ -441,12 +441,12 @@ for label, mask, score, norm in cases:
                 sig[name] = "fp32"
             else:
                 sig[name] = "i32"
-        compile_kernel(k, sig, cx, num_warps=4, num_stages=3)
-        done.append(f"{label}:{kind}")
-print("compiled", " ".join(done))
+        jobs.append((f"{label}:{kind}", k, sig, cx, dict(num_warps=4, num_stages=3)))
+print("compiled", " ".join(compile_kernels(jobs)))
 """
 
 
+@pytest.mark.compile_ahead("_SM90")
 def test_decode_kernels_compile_for_sm90(tmp_path):
     """The decode, gather and merge kernels of several patterns (int64 lengths and offsets, paged with
     one lookup per tile or per row, contiguous, sinks, low-rank bias, sigmoid; the split ones with the

@@ -113,6 +113,41 @@ def test_new_operations_decide_the_full_compile(tmp_path, monkeypatch):
     assert again.finish()[1]["cached"] == 3
 
 
+@needs_toolchain
+def test_compile_kernels_names_the_rejected_job_and_compiles_a_repeat_once(tmp_path):
+    """``sm90.compile_kernels`` (the compile tests' forked compiles): a rejected job fails the call
+    with its label and the compiler's error; jobs repeating one exactly are compiled once and
+    reported under their own labels; a job differing in a constexpr is compiled on its own."""
+    (tmp_path / "k_rejected.py").write_text(_REJECTED)
+    (tmp_path / "k_accepted.py").write_text(_ACCEPTED)
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from unittest import mock
+        from attndsl.testing import sm90
+        from k_accepted import scaled
+        from k_rejected import widen
+        calls = []
+        real = sm90.compile_kernel
+        counting = lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k)
+        with mock.patch.object(sm90, "compile_kernel", counting):
+            sig = {{"X": "*fp32", "Out": "*fp32", "N": "i32", "SCALE": "constexpr"}}
+            job = lambda label, s: (label, scaled, sig, {{"SCALE": s}}, dict(num_warps=4))
+            done = sm90.compile_kernels([job("a", 2.0), job("b", 2.0), job("c", 3.0)], processes=1)
+            assert done == ["a", "b", "c"] and calls == ["scaled", "scaled"], (done, calls)
+            try:
+                widen_sig = {{"X": "*i64", "Out": "*i64", "N": "i32"}}
+                sm90.compile_kernels([job("d", 2.0), ("widen", widen, widen_sig, {{}}, {{}})])
+            except RuntimeError as e:
+                assert "1 of 2 kernels do not compile" in str(e) and "widen: " in str(e), str(e)
+                assert "re-assigned to int64" in str(e), str(e)
+            else:
+                raise AssertionError("the rejected kernel passed")
+        print("compiled")
+    ''')
+    sm90.run_compile_script(script, tmp_path)
+
+
 def test_operations_ignore_names_locations_values_shapes_and_layouts():
     a = ('#blocked = #ttg.blocked<{sizePerThread = [1]}>\n'
          '    %c2 = arith.constant dense<2.0> : tensor<16xf32, #blocked> loc(#loc3)\n'

@@ -48,7 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["LaunchRecord", "Recorder", "record", "Compiler", "compile_all", "available", "describe",
-           "install_session", "run_compile_script", "compile_kernel", "operations", "STAGES"]
+           "install_session", "run_compile_script", "start_compile_script", "compile_kernel", "compile_kernels",
+           "operations", "STAGES"]
 
 _PKG = Path(__file__).resolve().parents[1]  # the attndsl package
 #: the stages of Triton's NVIDIA pipeline after the frontend, in order
@@ -538,6 +539,57 @@ def compile_kernel(fn, signature: dict, constexprs: dict, attrs: dict | None = N
     return "cubin"
 
 
+_JOBS: list = []  # compile_kernels' work, read by its forked processes
+
+
+def _compile_job(i: int) -> str | None:
+    fn, sig, consts, opts = _JOBS[i][1:]
+    try:
+        compile_kernel(fn, sig, consts, **opts)
+    except (Exception, SystemExit) as e:  # the failure is the result (an exception may not pickle)
+        return f"{type(e).__name__}: {e}"[-3000:]
+    return None
+
+
+def compile_kernels(jobs, processes: int | None = None) -> list[str]:
+    """Compile each job to a cubin for sm_90 (:func:`compile_kernel`), in ``processes`` forked
+    processes (default: the CPU count), and return the labels of the jobs compiled. A job repeating
+    an earlier one exactly (the same kernel by Triton's ``cache_key``, which covers its source and
+    what it calls, with the same signature, constexprs and options) is not compiled again: its
+    compile could only give the same result. Call it where :func:`compile_kernel` may be called
+    (a process that has not interpreted kernels).
+
+    Args:
+        jobs: ``(label, fn, signature, constexprs, options)`` tuples; ``options`` are
+            :func:`compile_kernel`'s keyword arguments (``num_warps``, ``num_stages``, ``attrs``).
+        processes: compile processes (1: in this one).
+
+    Returns:
+        The labels, in order. Raises ``RuntimeError`` naming each job that failed and its error."""
+    import multiprocessing
+    global _JOBS
+    jobs = list(jobs)
+    firsts, seen = [], {}
+    for i, (_, fn, sig, consts, opts) in enumerate(jobs):
+        key = (fn.cache_key, repr(sorted(sig.items())), repr(sorted(consts.items())), repr(sorted(opts.items())))
+        firsts.append(seen.setdefault(key, i))
+    todo = sorted(set(firsts))
+    processes = max(1, min(processes or os.cpu_count() or 1, len(todo)))
+    _JOBS = jobs
+    try:
+        if processes == 1 or "fork" not in multiprocessing.get_all_start_methods():
+            errors = dict(zip(todo, map(_compile_job, todo)))
+        else:
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                errors = dict(zip(todo, pool.map(_compile_job, todo, chunksize=1)))
+    finally:
+        _JOBS = []
+    failed = [f"{jobs[i][0]}: {errors[i]}" for i in todo if errors[i] is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} kernels do not compile for sm_90:\n" + "\n".join(failed))
+    return [label for label, *_ in jobs]
+
+
 def _serve(tmp: str, index: int, nice: int) -> int:
     """(A compile process.) Compile the records arriving on stdin, one JSON line each, in order,
     writing ``{"begin": key}`` before and ``{"key", "error"}`` after each to results<index>.jsonl."""
@@ -636,21 +688,73 @@ def install_session(config, jobs: int | None = None, full: str | None = None) ->
     return True
 
 
+def _script_env(cache_dir) -> dict:
+    root = _PKG.parent
+    return dict(os.environ, ATTNDSL_CACHE_DIR=str(cache_dir), TRITON_INTERPRET="0",
+                PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+#: compile scripts started ahead of their test (start_compile_script): script -> (process, its folder)
+_AHEAD: dict = {}
+
+
+def start_compile_script(script: str, nice: int = 10) -> bool:
+    """Start :func:`run_compile_script`'s process for ``script`` now, niced by ``nice``, so that it
+    runs beside the tests before its own (the test session starts those of the collected tests
+    marked ``compile_ahead``); a later :func:`run_compile_script` of the same script waits for it
+    and checks its result as its own. Returns False (and starts nothing) when this Triton cannot
+    compile for sm_90 here or the script was started already. Unwaited processes are ended at exit."""
+    if script in _AHEAD or not available():
+        return False
+    folder = Path(tempfile.mkdtemp(prefix="attndsl-sm90-ahead-"))
+    with open(folder / "out.txt", "w") as out, open(folder / "err.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=_PKG.parent, env=_script_env(folder / "cache"),
+                                stdout=out, stderr=err, text=True,
+                                preexec_fn=(lambda: os.nice(nice)) if nice and hasattr(os, "nice") else None)
+    if not _AHEAD:
+        import atexit
+        atexit.register(_end_ahead)
+    _AHEAD[script] = (proc, folder)
+    return True
+
+
+def _end_ahead() -> None:
+    import shutil
+    for proc, folder in _AHEAD.values():
+        with contextlib.suppress(OSError):
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    _AHEAD.clear()
+
+
 def run_compile_script(script: str, tmp_path, timeout: float = 900) -> str:
     """Run ``script`` (Python that compiles kernels for sm_90 and prints ``compiled ...``) in a
     fresh process with ``ATTNDSL_CACHE_DIR=tmp_path`` and this checkout on the path (a process
-    that interpreted kernels cannot compile them), and return its stdout. Skips the calling test
-    when this Triton cannot compile for sm_90; fails it when the script fails."""
+    that interpreted kernels cannot compile them), and return its stdout; when
+    :func:`start_compile_script` started it already, wait for that process instead. Skips the
+    calling test when this Triton cannot compile for sm_90; fails it when the script fails."""
     import pytest
     if not available():
         pytest.skip("this Triton cannot compile for sm_90 (no NVIDIA backend or ptxas)")
-    root = _PKG.parent
-    env = dict(os.environ, ATTNDSL_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="0",
-               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert r.returncode == 0 and "compiled" in r.stdout, (r.stderr + r.stdout)[-4000:]
-    return r.stdout
+    ahead = _AHEAD.pop(script, None)
+    if ahead is None:
+        r = subprocess.run([sys.executable, "-c", script], cwd=_PKG.parent, env=_script_env(tmp_path),
+                           capture_output=True, text=True, timeout=timeout)
+        rc, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        import shutil
+        proc, folder = ahead
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            stdout, stderr = (folder / "out.txt").read_text(), (folder / "err.txt").read_text()
+            shutil.rmtree(folder, ignore_errors=True)
+    assert rc == 0 and "compiled" in stdout, (stderr + stdout)[-4000:]
+    return stdout
 
 
 if __name__ == "__main__":
