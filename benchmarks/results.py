@@ -131,6 +131,7 @@ def rows_from_result(res: Dict[str, Any], meta: Optional[Dict[str, Any]] = None,
             for k in ("gpu", "torch", "triton", "cuda", "commit", "command"):
                 row[k] = meta.get(k)
             row["date"] = (meta.get("started") or "")[:10] or None
+            row["started"] = meta.get("started")  # the run's start (UTC, ISO): orders files of one date
             out.append(row)
     return out
 
@@ -214,14 +215,23 @@ def load_results(path) -> List[Dict[str, Any]]:
 _DATE = re.compile(r"(\d{4}-\d{2}-\d{2})\.json$")
 
 
+def _last_started(path: Path) -> str:
+    """The latest ``started`` of a results file's rows ("" where none has one or it does not read)."""
+    try:
+        return max((str(r.get("started") or "") for r in load_results(path)), default="")
+    except (OSError, ValueError):
+        return ""
+
+
 def newest_results(directory) -> Optional[Path]:
-    """The newest ``<gpu>-<yyyy-mm-dd>.json`` in a folder: latest date in the name, then latest
-    modification time (None when there is none)."""
+    """The newest ``<gpu>-<yyyy-mm-dd>.json`` in a folder: latest date in the name, then the latest
+    run start its rows record (``started``; files of one date, other GPUs), then the latest
+    modification time (which a fresh clone does not keep), then the name (None when there is none)."""
     d = Path(directory)
     files = [p for p in d.glob("*.json") if _DATE.search(p.name)] if d.is_dir() else []
     if not files:
         return None
-    return max(files, key=lambda p: (_DATE.search(p.name).group(1), p.stat().st_mtime, p.name))
+    return max(files, key=lambda p: (_DATE.search(p.name).group(1), _last_started(p), p.stat().st_mtime, p.name))
 
 
 def all_rows(results: Iterable[Dict[str, Any]], meta: Optional[Dict[str, Any]], bwd: bool) -> List[Dict[str, Any]]:

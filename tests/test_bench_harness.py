@@ -629,6 +629,11 @@ def test_results_file_name_merge_and_newest(tmp_path):
     (tmp_path / "notes.json").write_text("{}")
     assert R.newest_results(tmp_path).name == "h100-2026-12-07.json"
     assert R.newest_results(tmp_path / "absent") is None
+    # two GPUs' files of one date: the later run (rows' ``started``) wins, whatever the files' times
+    (tmp_path / "h200-2026-12-07.json").write_text(json.dumps([{"started": "2026-12-07T23:50:00+00:00"}]))
+    (tmp_path / "h100-2026-12-07.json").write_text(json.dumps([{"started": "2026-12-07T08:00:00+00:00"}]))
+    assert R.newest_results(tmp_path).name == "h200-2026-12-07.json"
+    assert all(r["started"] == META["started"] for r in rows)
     (tmp_path / "h100-2026-12-07.json").write_text("{}")
     with pytest.raises(ValueError, match="list of rows"):
         R.load_results(tmp_path / "h100-2026-12-07.json")
