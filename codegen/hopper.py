@@ -111,15 +111,20 @@ def _hopper_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready,
             mbarrier.wait(kv_empty.index(slot), ((it // STAGES) & 1) ^ 1)
             odd = False
         if odd:
-            mbarrier.expect(k_ready1.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready1.index(slot), k_smem.index(slot))
-            mbarrier.expect(v_ready1.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready1.index(slot), v_smem.index(slot))
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready1, v_ready1, slot, b, hk, row)
         else:
-            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
-            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, slot, b, hk, row)
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, slot, b, hk, row):
+    """K and V of the key tile starting at ``row`` into buffer ``slot``, each completing its
+    barrier of ``k_ready`` / ``v_ready`` (the first or, for the paired loop's odd tiles, the
+    second set)."""
+    mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [b, hk, row, 0], k_ready.index(slot), k_smem.index(slot))
+    mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [b, hk, row, 0], v_ready.index(slot), v_smem.index(slot))
 
 
 @gluon.jit
