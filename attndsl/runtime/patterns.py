@@ -234,7 +234,7 @@ class _Same:
     """A pattern met again through functions of the same code as earlier lookups' (the pattern
     cache's first try, :meth:`PatternCache.found`): the very functions, or fresh closures of one
     factory (``document(ids)`` made inside ``forward``). Per function given (mask_mod, score_mod)
-    its code (held: the record is keyed by its ``id``), the global names that code reads and
+    its code (held, in ``fns``: the record is keyed by its ``id``), the global names that code reads and
     ``_read``'s lengths; what the functions read (a flat pattern's objects, :class:`_Flat`, tensors
     keyed with their shapes too); the cache entry they found. Functions of the same code reading the
     same objects (closure cells, globals and defaults, each read again per lookup; tensors with the
@@ -242,7 +242,7 @@ class _Same:
     holding another object, or a tensor changed in dtype, rank, ``requires_grad``, device or shape,
     is a miss (the walk decides)."""
 
-    __slots__ = ("codes", "fns", "flat", "entry", "bare")
+    __slots__ = ("fns", "flat", "entry", "bare")
 
     @staticmethod
     def make(mask_mod, score_mod, entry, walked: list) -> "_Same":
@@ -250,7 +250,6 @@ class _Same:
         with ``flat`` None where the pattern is not flat (plain functions reading only what the walk
         keys by identity): it finds nothing, and spares later lookups the question."""
         s = _Same()
-        s.codes = _codes(mask_mod, score_mod)
         s.entry = entry
         if mask_mod is None and score_mod is None:
             s.flat, s.fns, s.bare = _Flat(), (), entry.compiled
@@ -417,8 +416,7 @@ class PatternCache:
         what they read then (:class:`_Same`); None: :meth:`lookup` decides."""
         if type(mask_mod) not in _PLAIN_OR_NONE or type(score_mod) not in _PLAIN_OR_NONE:
             return None
-        recs = self.same.get((None if mask_mod is None else id(mask_mod.__code__),
-                              None if score_mod is None else id(score_mod.__code__), options))
+        recs = self.same.get(_ident(_codes(mask_mod, score_mod), options))
         if recs is None:
             return None
         for s in recs:
@@ -477,7 +475,7 @@ class PatternCache:
         if type(mask_mod) not in _PLAIN_OR_NONE or type(score_mod) not in _PLAIN_OR_NONE:
             return
         codes = _codes(mask_mod, score_mod)
-        ident = (None if codes[0] is None else id(codes[0]), None if codes[1] is None else id(codes[1]), options)
+        ident = _ident(codes, options)
         recs = self.same.get(ident)
         if recs is not None:
             if recs[0].flat is None:
@@ -514,6 +512,11 @@ _PLAIN_OR_NONE = (types.FunctionType, type(None))
 def _codes(mask_mod, score_mod) -> tuple:
     """The code objects of the two functions (None for a missing one)."""
     return (None if mask_mod is None else mask_mod.__code__, None if score_mod is None else score_mod.__code__)
+
+
+def _ident(codes: tuple, options: tuple) -> tuple:
+    """The key of :attr:`PatternCache.same` and ``seen``: the codes' ids and the options."""
+    return (None if codes[0] is None else id(codes[0]), None if codes[1] is None else id(codes[1]), options)
 
 
 PATTERNS = PatternCache()

@@ -102,28 +102,30 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def device_label(t: torch.Tensor) -> str:
-    """The GPU of an entry: ``torch.cuda.get_device_name`` of ``t``'s device, or "cpu-interpreter"
-    where its kernels run in Triton's interpreter."""
-    from .launch import use_interpreter
-    if use_interpreter(t):
-        return "cpu-interpreter"
-    return _gpu_name(t.device.index if t.device.index is not None else torch.cuda.current_device())
-
-
 @functools.lru_cache(maxsize=None)
 def _gpu_arch(index: int) -> str:
     p = torch.cuda.get_device_properties(index)
     return f"sm{p.major}{p.minor}-{p.multi_processor_count}"
 
 
-def device_arch(t: torch.Tensor) -> str:
-    """The architecture of ``t``'s GPU as tuned entries record it: ``sm<major><minor>-<SM count>``
-    (``sm90-132`` for an H100 SXM or an H200), or "cpu-interpreter"."""
+def _of_gpu(t: torch.Tensor, what) -> str:
+    """``what(index)`` of ``t``'s GPU, or "cpu-interpreter" where its kernels run in Triton's interpreter."""
     from .launch import use_interpreter
     if use_interpreter(t):
         return "cpu-interpreter"
-    return _gpu_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return what(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def device_label(t: torch.Tensor) -> str:
+    """The GPU of an entry: ``torch.cuda.get_device_name`` of ``t``'s device, or "cpu-interpreter"
+    where its kernels run in Triton's interpreter."""
+    return _of_gpu(t, _gpu_name)
+
+
+def device_arch(t: torch.Tensor) -> str:
+    """The architecture of ``t``'s GPU as tuned entries record it: ``sm<major><minor>-<SM count>``
+    (``sm90-132`` for an H100 SXM or an H200), or "cpu-interpreter"."""
+    return _of_gpu(t, _gpu_arch)
 
 
 def entry_key(spec_key: str, q: torch.Tensor, k: torch.Tensor, head_dim_v: int) -> str:
