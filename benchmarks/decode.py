@@ -418,8 +418,8 @@ def sweep_cases(cpu: bool):
     return [("window4096", "short", 8, 32768, 4096, ("contiguous", "paged128", "paged16")),
             ("B64_4K", "many", 64, 4096, None, ("contiguous", "contiguous_pad", "paged128", "paged16",
                                                           "paged16_inorder")),
-            ("B8_32K", "long", 8, 32768, None, ("paged16",)),
-            ("B1_128K", "long", 1, 131072, None, ("paged16",))]
+            ("B8_32K", "long", 8, 32768, None, ("contiguous", "paged128", "paged16")),
+            ("B1_128K", "long", 1, 131072, None, ("contiguous", "paged128", "paged16"))]
 
 
 def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
