@@ -427,10 +427,11 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
     each checked first) and print, per TUNING key, the best candidate against the current entry."""
     from attndsl.patterns import sliding_window
     from attndsl.serving import decode
-    from attndsl.serving.decoding import TUNING, decode_layout
+    from attndsl.serving.decoding import decode_layout, tuning_row
     global WARMUP_MS, REP_MS
     WARMUP_MS, REP_MS = 25, 100  # some 230 candidates: shorter timing runs (medians of graph replays)
     cpu = dev == "cpu"
+    gpu = None if cpu else torch.cuda.get_device_name(dev)
     rows = []
     wanted = set(args.sweep_cases.split(",")) if args.sweep_cases else None
     for name, regime, B, L, W, layouts in sweep_cases(cpu):
@@ -466,7 +467,7 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
                     sp = st
                 probe = layout in ("contiguous_pad", "paged16_inorder")  # layouts, not TUNING keys
                 key = (regime, layout if probe else decode_layout(ps))
-                current = TUNING[(regime, decode_layout(ps))]
+                current = tuning_row((regime, decode_layout(ps)), gpu)
                 tiles = SWEEP_TILES + (SWEEP_SMALL_PAGE_TILES if 0 < ps < 64 else ())
                 cands = [(*t, p, 0) for t in tiles for p in SWEEP_PER_SM[regime]]
                 # the rotated start with the current entry's tiles and the default tiles, every split policy
@@ -507,13 +508,17 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
             traceback.print_exc()
         if not cpu:
             torch.cuda.empty_cache()
-    print(sweep_table(rows, TUNING))
+    print(sweep_table(rows, gpu))
     return rows
 
 
-def sweep_table(rows, tuning) -> str:
-    """Per TUNING key: each case's time with the current entry, and the candidate with the lowest sum
-    of time ratios over the key's cases (all cases measured) as a line to paste into TUNING."""
+def sweep_table(rows, gpu: str | None = None) -> str:
+    """Per TUNING key: each case's time with the current entry (``tuning_row`` of the GPU named
+    ``gpu``), and the candidate with the lowest sum of time ratios over the key's cases (all cases
+    measured) as a line to paste into TUNING (an H100) or ``TUNING_BY_GPU[gpu]`` (another GPU)."""
+    from attndsl.serving.decoding import TUNING, TUNING_BY_GPU
+    tuning = {**TUNING, **TUNING_BY_GPU.get(gpu, {})}
+    table = "TUNING" if gpu is None or "H100" in gpu else f"TUNING_BY_GPU[{gpu!r}]"
     by_key: dict = {}
     for r in rows:
         by_key.setdefault(tuple(r["tuning_key"]), []).append(r)
@@ -536,7 +541,7 @@ def sweep_table(rows, tuning) -> str:
             fmt = lambda r: "-" if r is None else f"{r['ours_ms']:.4f} ms ({r.get('frac_of_copy', 0):.2f})"  # noqa: E731
             lines.append(f"    {c:<12} {lay:<11} current {fmt(cur_r):<22} best {fmt(best_r)}")
         if best is not None and key in tuning:
-            lines.append(f"    TUNING[{key!r}] = {best!r}")
+            lines.append(f"    {table}[{key!r}] = {best!r}")
     return "\n".join(lines)
 
 
@@ -597,9 +602,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new cases after this long")
     args = p.parse_args(argv)
     if args.summarize:
-        from attndsl.serving.decoding import TUNING
         rows = [r for r in json.loads(Path(args.summarize).read_text()) if r.get("case") == "sweep" and "ours_ms" in r]
-        print(sweep_table(rows, TUNING))
+        print(sweep_table(rows, next((r["gpu"] for r in rows if r.get("gpu")), None)))
         return 0
     if args.host_cpu:
         print(json.dumps(dict(case="host_cpu", unit="us per call", **host_cpu())))

@@ -661,6 +661,24 @@ def test_tuning_regimes_and_config():
         decode_config(128, False, {"BLOCK_K": 16})
 
 
+def test_tuning_rows_of_another_gpu(monkeypatch):
+    """A GPU named in TUNING_BY_GPU takes its own row of a case where it has one and TUNING's
+    elsewhere; every other GPU (and None) takes TUNING's; kernel_options still win."""
+    from attndsl.serving import decoding
+    own = {("long", "paged"): (32, 4, 4, 4, 1)}
+    monkeypatch.setitem(decoding.TUNING_BY_GPU, "NVIDIA H200", own)
+    assert decoding.tuning_row(("long", "paged"), "NVIDIA H200") == (32, 4, 4, 4, 1)
+    assert decoding.tuning_row(("long", "paged"), "NVIDIA H100 80GB HBM3") == decoding.TUNING[("long", "paged")]
+    assert decoding.tuning_row(("long", "paged")) == decoding.TUNING[("long", "paged")]
+    assert decoding.tuning_row(("many", "contiguous"), "NVIDIA H200") == decoding.TUNING[("many", "contiguous")]
+    cfg = decoding.decode_config(128, False, None, ("long", "paged"), "NVIDIA H200")
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.per_sm, cfg.rotate) == (32, 4, 4, 4, True)
+    cfg = decoding.decode_config(128, False, {"BLOCK_N": 64}, ("long", "paged"), "NVIDIA H200")
+    assert cfg.block_n == 64 and cfg.per_sm == 4
+    # the interpreter's tiles do not depend on the GPU's rows
+    assert decoding.decode_config(128, True, None, ("long", "paged"), "NVIDIA H200") == decoding.decode_config(128, True)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_rotated_start(paged):
     """``rotate``: every program walks its key range from a tile of its own (wrapping); the answers

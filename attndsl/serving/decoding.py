@@ -21,6 +21,7 @@ from ..runtime.config import block_d
 from ..runtime.fastlaunch import launcher
 from ..runtime.launch import VERIFY_MEMO, _new, buffer_named, fill, use_interpreter
 from ..runtime.scope import launch_scope
+from ..runtime.tuned import device_label
 from ..spec import VisitBox
 
 #: the decode kernels' spec suffix (their cache key and kernel names)
@@ -71,6 +72,12 @@ TUNING: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
     ("gather", "paged"): (64, 4, 3, 2, 0),
     ("gather", "paged_small"): (64, 4, 3, 2, 0),
 }
+#: rows of :data:`TUNING` measured on another GPU, by ``torch.cuda.get_device_name``: a GPU named here
+#: takes its own row of a case where it has one, :data:`TUNING`'s (the H100's) otherwise. A faster
+#: memory moves the balance between the page lookups and the reads (the H200's 4.8 TB/s against the
+#: H100's 3.35), so a paged case can want other tiles there. Rows come from
+#: ``python -m benchmarks.decode --sweep`` on that GPU.
+TUNING_BY_GPU: dict[str, dict[tuple[str, str], tuple[int, int, int, int, int]]] = {}
 #: the longest visited range (keys) of the "short" regime
 SHORT_WIDTH = 8192
 #: programs per SM below which a grid does not fill the GPU (the "many" regime's bound, and the split
@@ -100,16 +107,27 @@ def decode_layout(page_size: int) -> str:
     return "paged" if page_size >= 64 else "paged_small"
 
 
+def tuning_row(case: tuple[str, str], gpu: str | None = None) -> tuple[int, int, int, int, int]:
+    """The :data:`TUNING` row of ``case`` for the GPU named ``gpu`` (``torch.cuda.get_device_name``):
+    its own (:data:`TUNING_BY_GPU`) where it has one, else :data:`TUNING`'s, else the
+    ``("long", "contiguous")`` row."""
+    own = TUNING_BY_GPU.get(gpu) if gpu is not None else None
+    if own is not None and case in own:
+        return own[case]
+    return TUNING.get(case, TUNING[("long", "contiguous")])
+
+
 def decode_config(head_dim: int, interpret: bool, kernel_options: dict | None = None,
-                  case: tuple[str, str] = ("long", "contiguous")) -> DecodeConfig:
-    """Tiles of the decode kernels for a :data:`TUNING` ``case``; ``kernel_options`` may set
+                  case: tuple[str, str] = ("long", "contiguous"), gpu: str | None = None) -> DecodeConfig:
+    """Tiles of the decode kernels for a :data:`TUNING` ``case`` on the GPU named ``gpu`` (None: the
+    rows of :data:`TUNING`; :func:`tuning_row`); ``kernel_options`` may set
     ``BLOCK_N``, ``BLOCK_M``, ``num_warps``, ``num_stages``, ``per_sm`` (the split heuristic's
     programs per SM), ``rotate`` (0/1: each program starts at a tile of its own) and ``fused_merge``
     (0/1: the partials merged by the split kernel's last split, or by a merge kernel)."""
     if interpret:
         cfg = DecodeConfig(32, 64, 4, 1, fused_merge=FUSED_MERGE)
     else:
-        bn, nw, ns, per_sm, rotate = TUNING.get(case, TUNING[("long", "contiguous")])
+        bn, nw, ns, per_sm, rotate = tuning_row(case, gpu)
         if block_d(head_dim) > 128:  # wider rows: half the keys per tile, two stages of shared memory
             bn, ns = max(16, bn // 2), min(ns, 2)
         cfg = DecodeConfig(bn, 64, nw, ns, per_sm, bool(rotate), FUSED_MERGE)
@@ -343,7 +361,7 @@ def _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, 
     per_token = Lq if gather else 1
     case = (decode_regime(B * Hkv * triton.cdiv(rows, 64) * per_token, width, _device_sms(query.device, interpret),
                           gather), decode_layout(page_size if paged else 0))
-    cfg = decode_config(D, interpret, kernel_options, case)
+    cfg = decode_config(D, interpret, kernel_options, case, None if interpret else device_label(query))
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(rows)))
     nrowb = triton.cdiv(rows, block_m)
     programs = B * Hkv * nrowb * per_token
