@@ -3,7 +3,8 @@ FlexAttention, on an H100.
 
     python -m benchmarks.hopper [--quick] [--sweep] [--barriers [--causal]] [--backward] [--json PATH]
 
-Cases: B=1, H=16, D=128, bf16, L in {4096, 16384} (``--quick``: 4096 only), dense and causal.
+Cases: B=1, H=16, D=128, bf16, L in {4096, 16384} (``--quick``: 4096 only), dense and causal;
+``--shape gpt2``: B=8, H=12, D=64, L=2048 (the forward, ``--sweep`` and ``--backward`` rows).
 Per case, forward only: ``attndsl`` Hopper forward (``HopperForward.forward``), ``attndsl``
 portable Triton forward (the runtime with the Hopper forward off), SDPA with the cuDNN backend
 (and the FlashAttention backend as a second anchor), FlexAttention compiled (block mask built
@@ -46,6 +47,8 @@ from pathlib import Path
 import torch
 
 B, H, D = 1, 16, 128
+#: ``--shape``: (B, H, D, lengths); the first length alone under ``--quick``
+SHAPES = {"h16": (1, 16, 128, (4096, 16384)), "gpt2": (8, 12, 64, (2048,))}
 DTYPE = torch.bfloat16
 TOL = 2e-2
 
@@ -87,8 +90,14 @@ def main(argv=None) -> int:
                     help="A/B the main loop's barriers (thread_arrive) on dense attention against cuDNN instead")
     ap.add_argument("--causal", action="store_true", help="with --barriers: the causal mask too")
     ap.add_argument("--backward", action="store_true", help="time the Hopper backward instead of the forward")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="h16",
+                    help="B, H, D and lengths of the forward's cases: h16 (B=1, H=16, D=128, L=4096/16384) or "
+                         "gpt2 (B=8, H=12, D=64, L=2048: the model table's GPT-2 step); for the forward, "
+                         "--sweep and --backward rows")
     ap.add_argument("--json", default=None, help="where to write the rows (default $OUT/hopper.json)")
     args = ap.parse_args(argv)
+    global B, H, D
+    B, H, D, args.lengths = SHAPES[args.shape]
     if not torch.cuda.is_available():
         print("benchmarks.hopper needs a CUDA device")
         return 1
@@ -106,10 +115,10 @@ def main(argv=None) -> int:
     hopper_ok = smoke is None
     if not hopper_ok:
         print(f"Hopper forward smoke test FAILED, its rows are skipped:\n{smoke}", flush=True)
-    lengths = [4096] if args.quick else [4096, 16384]
+    lengths = list(args.lengths[:1] if args.quick else args.lengths)
     for L in lengths:
         for is_causal in (False, True):
-            case = f"{'causal' if is_causal else 'dense'} L={L}"
+            case = f"{'causal' if is_causal else 'dense'} L={L}" + (f" {args.shape}" if args.shape != "h16" else "")
             torch.manual_seed(0)
             q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=DTYPE) for _ in range(3))
             scale = 1.0 / math.sqrt(D)
@@ -351,10 +360,10 @@ def backward_main(args) -> int:
     if not bwd_ok:
         print(f"Hopper backward smoke test FAILED, its rows are skipped:\n{smoke}", flush=True)
     fwd_ok = hopper.smoke_test() is None if bwd_ok else False
-    lengths = [4096] if args.quick else [4096, 16384]
+    lengths = list(args.lengths[:1] if args.quick else args.lengths)
     for L in lengths:
         for is_causal in (False, True):
-            case = f"{'causal' if is_causal else 'dense'} L={L}"
+            case = f"{'causal' if is_causal else 'dense'} L={L}" + (f" {args.shape}" if args.shape != "h16" else "")
             torch.manual_seed(0)
             q, k, v, dout = (torch.randn(B, H, L, D, device="cuda", dtype=DTYPE) for _ in range(4))
             scale = 1.0 / math.sqrt(D)
