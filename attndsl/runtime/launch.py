@@ -742,7 +742,8 @@ class FastForward:
         """(out, lse or None); None where the call's block table specialises unlike the memoised one."""
         r = self.runner
         if self.hopper and r.hopper.applies(q, k, v, extras, None, False):
-            return r.forward(q, k, v, scale, buffers, None, extras)[:2]
+            # as ``Runner.forward``'s Hopper branch, without asking ``applies`` twice
+            return r.hopper.forward(q, k, v, scale, sinks=extras.sinks, buffers=buffers)
         if self.table is None:
             targs = ()
         else:
