@@ -1,6 +1,7 @@
-"""The portable backward's two dQ modes on a GPU: the dQ kernel (two kernels, seven matrix products per
-tile pair) against dQ added by the dK/dV kernel with float32 atomic adds (five; ``Configs.dq_mode``,
-``ATTNDSL_ATOMIC_DQ``), with SDPA in the same run.
+"""The portable backward's dQ modes on a GPU: the dQ kernel (two kernels, seven matrix products per
+tile pair) against dQ added by the dK/dV kernel into float32 (five; ``Configs.dq_mode``,
+``ATTNDSL_ATOMIC_DQ``), each tile by one TMA reduce-add (``atomic``, ``config.dq_tma``) or one atomic
+add per element (``atomic-elements``, ``ATTNDSL_DQ_TMA=0``), with SDPA in the same run.
 
     python -m benchmarks.atomic_dq [--sweep] [--json PATH]
 
@@ -67,15 +68,16 @@ def run_case(name: str, sweep: bool) -> list:
     o32 = torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True, enable_gqa=Hq != Hkv)
     want = torch.autograd.grad(o32, ref, do.float())
     grads = {}
-    for mode in ("kernel", "atomic"):
-        config.enable_atomic_dq(mode == "atomic")
+    for mode in MODES:
+        _set_mode(config, mode)
         grads[mode] = ours()
-    config.enable_atomic_dq(None)
-    errs = {n: max(rel(a, b) for a, b in zip(grads["atomic"], ref_)) for n, ref_ in
-            (("vs_kernel_mode", grads["kernel"]), ("vs_sdpa_fp32", want))}
-    print(f"{name}: atomic dQ gradients, max relative error {errs}", flush=True)
-    if max(errs.values()) > TOL:
-        raise AssertionError(f"{name}: the atomic mode's gradients differ: {errs}")
+    _set_mode(config, None)
+    for mode in MODES[1:]:
+        errs = {n: max(rel(a, b) for a, b in zip(grads[mode], ref_)) for n, ref_ in
+                (("vs_kernel_mode", grads["kernel"]), ("vs_sdpa_fp32", want))}
+        print(f"{name}: dq={mode} gradients, max relative error {errs}", flush=True)
+        if max(errs.values()) > TOL:
+            raise AssertionError(f"{name}: the dq={mode} gradients differ: {errs}")
 
     def row(variant, ms, tiles=None):
         r = {"case": name, "B": B, "Hq": Hq, "Hkv": Hkv, "Lq": L, "Lkv": L, "D": D,
@@ -89,8 +91,8 @@ def run_case(name: str, sweep: bool) -> list:
     default = attn.runner(q, D, k).cfg  # the call's tiles (a shipped or tuned entry's where there is one)
     tiles = [None] + ([dataclasses.replace(default.dkdv, block_n=n, block_m=m, num_warps=w, num_stages=s)
                        for n, m, w, s in SWEEP] if sweep else [])
-    for mode in ("kernel", "atomic"):
-        config.enable_atomic_dq(mode == "atomic")
+    for mode in MODES:
+        _set_mode(config, mode)
         for t in tiles:
             a = attn
             if t is not None:  # a fresh pattern object: its runner has no launches memoised with other tiles
@@ -104,8 +106,19 @@ def run_case(name: str, sweep: bool) -> list:
             ran = a.runner(q, D, k).cfg.dkdv  # a launch that overflowed shared memory retried with smaller tiles
             row(f"attndsl dq={mode}", ms, f"{ran.block_n}x{ran.block_m} w{ran.num_warps} s{ran.num_stages}")
             rows[-1]["vs_sdpa"] = sdpa_ms / ms
-    config.enable_atomic_dq(None)
+    _set_mode(config, None)
     return rows
+
+
+#: the dQ modes timed: the dQ kernel, the dK/dV kernel's atomic adds of dQ tiles by TMA reduce-adds
+#: (``config.dq_tma``), and by one atomic add per element
+MODES = ("kernel", "atomic", "atomic-elements")
+
+
+def _set_mode(config, mode: str | None) -> None:
+    """Force one of ``MODES`` (None: back to the defaults)."""
+    config.enable_atomic_dq(None if mode is None else mode != "kernel")
+    config.enable_dq_tma(None if mode is None else mode != "atomic-elements")
 
 
 def main(argv=None) -> int:

@@ -177,13 +177,18 @@ def _dq_adds(spec: KernelSpec, em: ExprEmitter, B: str) -> str:
     learnable tensors' gradients: ``grads.dkdv_grad_adds``), added with float32 atomic adds into
     the query head's rows, so the backward runs five matrix products per pair instead of seven
     (FlashAttention-2's shape). dQ is added unscaled; the runtime scales and casts it once. The adds
-    are relaxed (no ordering: the sums are read only after the kernel), as the Hopper backward's."""
+    are relaxed (no ordering: the sums are read only after the kernel), as the Hopper backward's.
+    ``DQ_TMA``: the dQ tile goes in one TMA reduce-add (``cp.reduce.async.bulk.tensor``, through the
+    tensor descriptor ``dq_desc``; FlashAttention-3's way) instead of one atomic per element."""
     I = B + I1
     return f'''{B}if DQ_ATOMIC:
 {I}dsq = tl.trans(dsT.to(k.dtype))  # dK's operand too (q and k share a dtype): one conversion
 {I}dq_rows = dqa_base + offs_m[:, None].to(tl.int64) * HEAD_D
-{I}tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
-{I}              sem="relaxed")
+{I}if DQ_TMA:  # the tile in one bulk reduce-add (rows past LQ and columns past HEAD_D fall outside)
+{I}    dq_desc.atomic_add([h, q_lo, 0], tl.reshape({_dot("dsq", "k")}, [1, BLOCK_M, BLOCK_D]))
+{I}else:
+{I}    tl.atomic_add(dq_rows + offs_d[None, :], {_dot("dsq", "k")}, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
+{I}                  sem="relaxed")
 {I}if HAS_D2:
 {I}    tl.atomic_add(dq_rows + offs_d2[None, :], {_dot("dsq", "k2")},
 {I}                  mask=(offs_m[:, None] < LQ) & d2_ok[None, :], sem="relaxed")
@@ -314,6 +319,9 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
             k2 = k2.to(tl.float32)
         dk2 = tl.zeros([BLOCK_N, BLOCK_D2], ACC_DTYPE)
         q2_offs = offs_m0[:, None] * stride_qm + offs_d2[None, :] * stride_qd
+    if DQ_TMA:  # this batch's float32 dQ as [HQ, LQ, HEAD_D] (DQ_ATOMIC's buffer, contiguous)
+        dq_desc = tl.make_tensor_descriptor(DQA + b.to(tl.int64) * HQ * LQ * HEAD_D, shape=[HQ, LQ, HEAD_D],
+                                            strides=[LQ * HEAD_D, HEAD_D, 1], block_shape=[1, BLOCK_M, BLOCK_D])
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h

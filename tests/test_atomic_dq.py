@@ -320,13 +320,74 @@ def test_tuned_entry_records_the_mode(tmp_path, monkeypatch):
         tuning.reset()
 
 
+def _dkdv_consts(monkeypatch) -> list:
+    """The ``DQ_TMA`` constant of each dK/dV launch from now on (memoised launches included: conftest's
+    ATTNDSL_VERIFY_MEMO sends them through ``Runner._launch``)."""
+    from attndsl.runtime import launch
+    seen, real = [], launch.Runner._launch
+
+    def spy(self, kernel, *a, **kw):
+        if self._signature_of[kernel] == "bwd_dkdv":
+            seen.append(kw.get("DQ_TMA"))
+        return real(self, kernel, *a, **kw)
+    monkeypatch.setattr(launch.Runner, "_launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("D", [32, 24])
+def test_dq_tile_reduce_adds(monkeypatch, D):
+    """``DQ_TMA`` (``config.dq_tma``): the atomic mode adds each dQ tile with one tensor-descriptor
+    reduce-add (a TMA reduce on a GPU; conftest's interpreter emulates it) instead of one atomic per
+    element: the same gradients, with query tiles past Lq (rows outside the descriptor) and, at
+    D=24, a head narrower than its tile (columns outside); GQA, so heads add into their own rows.
+    ``enable_dq_tma(False)`` (or ``ATTNDSL_DQ_TMA=0``) takes the element adds, and re-keys the
+    prepared backward."""
+    torch.manual_seed(11)
+    B, Hq, Hkv, Lq, Lkv = 2, 4, 2, 37, 45
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lkv, D)
+    attn = attndsl.compile(mask_mod=causal, block_m=16, block_n=16)
+    do = torch.randn(B, Hq, Lq, D)
+    seen = _dkdv_consts(monkeypatch)
+    config.enable_atomic_dq(True)
+    try:
+        got = {}
+        for tma in (True, False, True):
+            config.enable_dq_tma(tma)
+            seen.clear()
+            got[tma] = _grads(attn, (q, k, v), [], do)
+            assert seen == [tma], seen
+    finally:
+        config.enable_atomic_dq(None)
+        config.TMA_SWITCH.forget()
+    _close(got[True], got[False], 1e-5, "tile reduce-adds vs element adds")
+    ro, _ = attndsl.reference.attention(q, k, v, mask_mod=causal)
+    want = torch.autograd.grad(ro, [q, k, v], do.double())
+    _close(got[True], want, 1e-4, "tile reduce-adds vs float64 reference")
+    monkeypatch.setenv(config.TMA_DQ_ENV, "0")
+    config.enable_dq_tma(None)
+    assert not config.dq_tma()
+    monkeypatch.delenv(config.TMA_DQ_ENV)
+    config.enable_dq_tma(None)
+    assert config.dq_tma()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("case", ["gpt2", "gqa_learnable_sinks"])
-def test_gpu_atomic_dq_matches_two_kernels(case):
+def test_gpu_atomic_dq_matches_two_kernels(case, tma):
     """On the GPU (bf16): the atomic mode's gradients match the two-kernel mode's and float32 SDPA's
     (GPT-2-like causal heads of 64; GQA 4:1 with heads of 128, a learnable per-head slope and
-    learnable sinks against the float64 reference)."""
+    learnable sinks against the float64 reference), with dQ tiles added by TMA reduce-adds (``tma``)
+    or one atomic per element."""
+    config.enable_dq_tma(tma)
+    try:
+        _gpu_atomic_case(case)
+    finally:
+        config.TMA_SWITCH.forget()
+
+
+def _gpu_atomic_case(case):
     torch.manual_seed(7)
     dev, dt = "cuda", torch.bfloat16
     if case == "gpt2":

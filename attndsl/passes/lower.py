@@ -229,11 +229,12 @@ def signatures(spec: KernelSpec) -> tuple:
                 + _consts("COUNT_VISITS", "EVEN_KV", "KV_TMA", "W_TMA", "FOLD_SCALE") + _EXTRA_CONSTS),
         "bwd_delta": (_tensors("Out", "DO", "Delta") + _qkv_strides("o") + _ints(*_strides("db", "dh", "dm", "dd"))
                       + _ints("HQ", "LQ") + _consts("HEAD_DV", "BLOCK_M", "BLOCK_DV")),
-        # with DQ_ATOMIC the dK/dV kernel also adds dQ (into DQA), dU (DU) and the learnable
-        # tensors' gradients (DBUF*), and the dQ kernel does not run (``Runner.backward``)
+        # with DQ_ATOMIC the dK/dV kernel also adds dQ (into DQA; DQ_TMA: whole tiles by TMA reduce-adds),
+        # dU (DU) and the learnable tensors' gradients (DBUF*), and the dQ kernel does not run
+        # (``Runner.backward``)
         "bwd_dkdv": (_tensors("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", "DQA", "DU") + own + grads
                      + _qkv_strides("q", "k", "v", "do", "dk", "dv") + _ints("HQ", "HKV", "GROUP", "LQ", "LKV")
-                     + fixed + table + _DIMS + _consts("EVEN_Q", "DQ_ATOMIC") + _EXTRA_CONSTS + grad_consts),
+                     + fixed + table + _DIMS + _consts("EVEN_Q", "DQ_ATOMIC", "DQ_TMA") + _EXTRA_CONSTS + grad_consts),
         "bwd_dq": (_tensors("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU") + own + grads
                    + _qkv_strides("q", "k", "v", "do", "dq") + _ints("HQ", "GROUP", "LQ", "LKV") + fixed + table + _DIMS
                    + _consts("EVEN_KV") + _EXTRA_CONSTS + grad_consts),

@@ -77,6 +77,25 @@ def forced_dq_mode() -> str | None:
     return None if on is None else ("atomic" if on else "kernel")
 
 
+#: the environment variable that, set to "0", has the atomic dQ mode add dQ one element per atomic
+#: instead of one TMA reduce-add per tile (where TMA serves: an sm_90 GPU, or the interpreter)
+TMA_DQ_ENV = "ATTNDSL_DQ_TMA"
+#: the switch of :func:`enable_dq_tma` / ``ATTNDSL_DQ_TMA`` (None or True: TMA reduce-adds where they serve)
+TMA_SWITCH = Switch(TMA_DQ_ENV)
+
+
+def enable_dq_tma(on: bool | None) -> None:
+    """The atomic dQ mode's adds: True or None (the default, or ``ATTNDSL_DQ_TMA`` unless "0") one TMA
+    reduce-add of each dQ tile where tensor descriptors serve (``launch.tma_ready``), False one
+    atomic add per element."""
+    TMA_SWITCH.set(on)
+
+
+def dq_tma() -> bool:
+    """Does the atomic dQ mode add dQ tiles by TMA reduce-adds (where they serve)? See :func:`enable_dq_tma`."""
+    return TMA_SWITCH.get() is not False
+
+
 def atomic_dq(cfgs: Configs, deterministic: bool) -> bool:
     """Does a portable backward with configs ``cfgs`` add dQ in the dK/dV kernel (and skip the dQ
     kernel)? The one place this is decided (``Runner.backward`` and its prepared launches ask it

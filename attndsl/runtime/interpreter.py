@@ -15,10 +15,31 @@ import threading
 _LOCK = threading.RLock()
 
 
+def _descriptor_reduce() -> None:
+    """Give Triton's interpreter the tensor descriptors' reduce-adds (``desc.atomic_add``: a TMA
+    reduce on a GPU) where it lacks them: masked atomic adds of the block's elements inside the
+    tensor, as the hardware adds them (the atomic dQ mode's ``DQ_TMA``)."""
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"tensor descriptor reduce {kind} in the interpreter (only ADD)")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = ir.ATOMIC_OP.FADD if ptrs.get_element_ty().is_floating() else ir.ATOMIC_OP.ADD
+        self.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
 @contextlib.contextmanager
 def interpreting():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
+
+    _descriptor_reduce()
 
     with _LOCK:
         old_env = os.environ.get("TRITON_INTERPRET")

@@ -14,8 +14,8 @@ import torch
 import triton
 
 from . import fastlaunch
-from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties, forward_tiles, grid_section, \
-    multiprocessors, retry_tiles
+from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties, dq_tma, forward_tiles, \
+    grid_section, multiprocessors, retry_tiles
 from .fastlaunch import Direct
 from .hopper import HopperForward
 from .hopper_bwd import HopperBackward
@@ -301,7 +301,7 @@ class Runner:
                     targs = table_args(cfg)
                     tnamed = dict(zip(Table.PARAMS, targs, strict=True))
                     named, own_all = {**named, **tnamed}, {**own, **tnamed}
-                scratch = (cs.get("KV_TMA") or cs.get("W_TMA")) and not self.interpret
+                scratch = (cs.get("KV_TMA") or cs.get("W_TMA") or cs.get("DQ_TMA")) and not self.interpret
                 g = grid(cfg)
                 all_consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cs) if tiles else cs
                 full = fill(kname, params, named, all_consts)
@@ -464,8 +464,9 @@ class Runner:
 
     def _backward_key(self, key, dout, dlse) -> tuple:
         """The backward's memo key: the forward's call key, the output gradient's layout, whether
-        there is an lse gradient, the determinism and the dQ mode (``config.atomic_dq``)."""
-        return (key, tensor_key(dout), dlse is None, self.deterministic, atomic_dq(self.cfg, self.deterministic))
+        there is an lse gradient, the determinism and the dQ mode (``config.atomic_dq``, ``config.dq_tma``)."""
+        atomic = atomic_dq(self.cfg, self.deterministic)
+        return (key, tensor_key(dout), dlse is None, self.deterministic, atomic, atomic and dq_tma())
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
@@ -535,6 +536,7 @@ class Runner:
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
                          **consts, **gl_consts, DQ_ATOMIC=atomic,
+                         DQ_TMA=atomic and dq_tma() and dqa.dtype == torch.float32 and tma_ready(self.interpret, dqa),
                          EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
         if dq_hop is not None:
             dq = dq_hop
