@@ -371,6 +371,32 @@ def test_dq_tile_reduce_adds(monkeypatch, D):
     assert config.dq_tma()
 
 
+def test_prepared_backward_follows_the_dq_tma_switch(monkeypatch):
+    """Without ATTNDSL_VERIFY_MEMO a repeated call takes the prepared backward (no ``_launch``); a change
+    of ``enable_dq_tma`` between calls makes it step aside, so the dK/dV kernel is launched afresh with
+    the new ``DQ_TMA`` instead of replaying the memoised one."""
+    from attndsl.runtime import launch
+    monkeypatch.setattr(launch, "VERIFY_MEMO", False)
+    torch.manual_seed(12)
+    q, k, v = _qkv(1, 2, 1, 24, 24, 16)
+    attn = attndsl.compile(mask_mod=causal, block_m=16, block_n=16)
+    do = torch.randn(1, 2, 24, 16)
+    seen = _dkdv_consts(monkeypatch)
+    config.enable_atomic_dq(True)
+    try:
+        runs = []
+        for tma in (True, True, False, False):
+            config.enable_dq_tma(tma)
+            seen.clear()
+            runs.append(_grads(attn, (q, k, v), [], do))
+            assert seen == ([] if len(runs) in (2, 4) else [tma]), (len(runs), seen)
+    finally:
+        config.enable_atomic_dq(None)
+        config.TMA_SWITCH.forget()
+    for g in runs[1:]:
+        _close(g, runs[0], 1e-5, "prepared vs ordinary")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tma", [True, False])

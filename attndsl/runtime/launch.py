@@ -465,8 +465,7 @@ class Runner:
     def _backward_key(self, key, dout, dlse) -> tuple:
         """The backward's memo key: the forward's call key, the output gradient's layout, whether
         there is an lse gradient, the determinism and the dQ mode (``config.atomic_dq``, ``config.dq_tma``)."""
-        atomic = atomic_dq(self.cfg, self.deterministic)
-        return (key, tensor_key(dout), dlse is None, self.deterministic, atomic, atomic and dq_tma())
+        return (key, tensor_key(dout), dlse is None, self.deterministic, _dq_mode(self))
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
@@ -777,6 +776,13 @@ class FastForward:
         return out, lse
 
 
+def _dq_mode(r) -> tuple:
+    """How runner ``r``'s backward adds dQ now: (the atomic mode, its TMA reduce-adds) — part of the
+    backward's memo key, and asked again by each prepared backward (the switches may change)."""
+    atomic = atomic_dq(r.cfg, r.deterministic)
+    return atomic, atomic and dq_tma()
+
+
 def _launch_in_scope(r, memo, args) -> None:
     """``memo.launch(args)`` inside the runner's launch scope (as ``Runner._memoised``)."""
     scope = r.mode(args[0])
@@ -797,7 +803,7 @@ class FastBackward:
     and reductions take the ordinary path). See :class:`FastForward`."""
 
     __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "rest", "tables", "tpl", "convert",
-                 "allocator", "hopper", "atomic")
+                 "allocator", "hopper", "atomic", "mode")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -806,7 +812,8 @@ class FastBackward:
         memo = runner._memo
         b = FastBackward()
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
-        b.atomic = atomic_dq(runner.cfg, runner.deterministic)  # the dK/dV kernel adds dQ: no dQ launch
+        b.mode = _dq_mode(runner)
+        b.atomic = b.mode[0]  # the dK/dV kernel adds dQ: no dQ launch
         b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None else None
         b.dkdv = memo.get((runner._kernel("bwd_dkdv"), key))
         b.dq = None if b.atomic else memo.get((runner._kernel("bwd_dq"), key))
@@ -836,7 +843,7 @@ class FastBackward:
         r = self.runner
         if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, tables, False):  # asked per call, as the forward
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
-        if self.atomic != atomic_dq(r.cfg, r.deterministic):  # the dQ mode changed (ATTNDSL_ATOMIC_DQ): decide afresh
+        if self.mode != _dq_mode(r):  # the dQ mode changed (ATTNDSL_ATOMIC_DQ, ATTNDSL_DQ_TMA): decide afresh
             return None
         if self.tables is None:
             t_dkdv = t_dq = ()
