@@ -676,7 +676,8 @@ def test_tuning_rows_of_another_gpu(monkeypatch):
     cfg = decoding.decode_config(128, False, {"BLOCK_N": 64}, ("long", "paged"), "NVIDIA H200")
     assert cfg.block_n == 64 and cfg.per_sm == 4
     # the interpreter's tiles do not depend on the GPU's rows
-    assert decoding.decode_config(128, True, None, ("long", "paged"), "NVIDIA H200") == decoding.decode_config(128, True)
+    interpreted = decoding.decode_config(128, True, None, ("long", "paged"), "NVIDIA H200")
+    assert interpreted == decoding.decode_config(128, True)
 
 
 @pytest.mark.parametrize("paged", [False, True])
