@@ -603,7 +603,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.summarize:
         rows = [r for r in json.loads(Path(args.summarize).read_text()) if r.get("case") == "sweep" and "ours_ms" in r]
-        print(sweep_table(rows, next((r["gpu"] for r in rows if r.get("gpu")), None)))
+        gpu = next((r["gpu"] for r in rows if r.get("gpu") not in (None, "cpu")), None)
+        print(sweep_table(rows, gpu))
         return 0
     if args.host_cpu:
         print(json.dumps(dict(case="host_cpu", unit="us per call", **host_cpu())))
