@@ -462,10 +462,11 @@ class Runner:
         p.bwd = self._fast_bwd.get(self._tables_key(self._backward_key(p.key, dout, dlse), tables))
         return got
 
-    def _backward_key(self, key, dout, dlse) -> tuple:
+    def _backward_key(self, key, dout, dlse, mode: tuple | None = None) -> tuple:
         """The backward's memo key: the forward's call key, the output gradient's layout, whether
-        there is an lse gradient, the determinism and the dQ mode (``config.atomic_dq``, ``config.dq_tma``)."""
-        return (key, tensor_key(dout), dlse is None, self.deterministic, _dq_mode(self))
+        there is an lse gradient, the determinism and the dQ mode (``mode``: ``_dq_mode``'s answer,
+        asked here when None)."""
+        return (key, tensor_key(dout), dlse is None, self.deterministic, _dq_mode(self) if mode is None else mode)
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
@@ -482,9 +483,10 @@ class Runner:
         Hkv, Lkv = k.shape[1], k.shape[2]
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic
-        atomic = atomic_dq(self.cfg, det)
+        mode = _dq_mode(self)  # asked once: the memo key and the launch's DQ_ATOMIC / DQ_TMA agree
+        atomic = mode[0]
         fkey = key
-        key = self._tables_key(self._backward_key(key, dout, dlse), tables) if key is not None else None
+        key = self._tables_key(self._backward_key(key, dout, dlse, mode), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
@@ -535,7 +537,7 @@ class Runner:
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
                          **consts, **gl_consts, DQ_ATOMIC=atomic,
-                         DQ_TMA=atomic and dq_tma() and dqa.dtype == torch.float32 and tma_ready(self.interpret, dqa),
+                         DQ_TMA=mode[1] and dqa.dtype == torch.float32 and tma_ready(self.interpret, dqa),
                          EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
         if dq_hop is not None:
             dq = dq_hop
