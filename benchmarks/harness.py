@@ -76,8 +76,11 @@ REF_HEADS = 2         # heads of the small reference check
 PROTO_PREFIX = "@@attndsl-bench "
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2.0**20
-# host-time loops: enough calls for ~100 ms of GPU work, at least 10 and at most 100
-HOST_MIN_CALLS, HOST_MAX_CALLS, HOST_LOOP_MS = 2, 100, 100.0
+# host-time loops: calls for ~10 ms of GPU work (2 to 100), so that the launch queue never fills: a
+# full queue makes the host wait for the GPU, and a kernel with large parameters (a Gluon kernel's
+# three 128-byte TMA descriptors) fills it in far fewer launches than the ~1000 of a small kernel;
+# HOST_LOOPS loops, a sync between them (outside the timing), the median per call
+HOST_MIN_CALLS, HOST_MAX_CALLS, HOST_LOOP_MS, HOST_LOOPS = 2, 100, 10.0, 5
 
 
 def host_calls(gpu_ms: Optional[float]) -> int:
@@ -538,17 +541,20 @@ class CudaBackend:
         return peak / MIB, (peak - base) / MIB
 
     def host_us(self, fn, n: int, grad_to_none=None) -> float:
-        """Host time per call in µs: ``n`` calls with no sync between them (``time.perf_counter``), ÷ n."""
+        """Host time per call in µs: the median over ``HOST_LOOPS`` loops of ``n`` calls with no sync
+        between them (``time.perf_counter``), ÷ n; the queue is drained before each loop."""
         fn()
+        per_call = []
+        for _ in range(HOST_LOOPS):
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                for t in grad_to_none or ():
+                    t.grad = None
+                fn()
+            per_call.append((time.perf_counter() - t0) / n * 1e6)
         self.sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for t in grad_to_none or ():
-                t.grad = None
-            fn()
-        t1 = time.perf_counter()
-        self.sync()
-        return (t1 - t0) / n * 1e6
+        return float(statistics.median(per_call))
 
     def alive(self) -> bool:
         try:

@@ -764,7 +764,7 @@ def test_jobs_and_dims_of_model_and_dsa_cases():
 def test_host_calls_bounds():
     assert Hn.host_calls(None) == Hn.HOST_MIN_CALLS
     assert Hn.host_calls(0.01) == Hn.HOST_MAX_CALLS
-    assert Hn.host_calls(5.0) == 20 and Hn.host_calls(100.0) == Hn.HOST_MIN_CALLS == 2
+    assert Hn.host_calls(0.5) == 20 and Hn.host_calls(100.0) == Hn.HOST_MIN_CALLS == 2
 
 
 def test_dry_run_writes_both_api_rows(tmp_path, capsys):
