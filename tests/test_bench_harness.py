@@ -767,6 +767,34 @@ def test_host_calls_bounds():
     assert Hn.host_calls(0.5) == 20 and Hn.host_calls(100.0) == Hn.HOST_MIN_CALLS == 2
 
 
+def test_cuda_host_time_is_the_median_loop_with_the_queue_drained_before_each(monkeypatch):
+    """HOST_LOOPS loops of n calls, a sync before each loop and none inside one; the median per call."""
+    be = Hn.CudaBackend.__new__(Hn.CudaBackend)  # no GPU needed: sync and the clock are stand-ins
+    events = []
+    be.sync = lambda: events.append("sync")
+    durations = iter([3, 1, 2, 50, 2])  # one slow loop (another tenant) moves nothing
+    now = [0.0]
+
+    def fn():
+        events.append("call")
+
+    starts = []
+
+    def timed():
+        if len(starts) % 2 == 0:
+            starts.append(now[0])
+        else:
+            now[0] += next(durations) * 4e-6  # 4 calls per loop: µs per call = the duration
+            starts.append(now[0])
+        return now[0]
+
+    monkeypatch.setattr(Hn.time, "perf_counter", timed)
+    got = be.host_us(fn, 4)
+    assert got == pytest.approx(2.0)
+    # the warm-up call, then per loop: a sync, 4 calls with no sync between them
+    assert events == ["call"] + (["sync"] + ["call"] * 4) * Hn.HOST_LOOPS + ["sync"]
+
+
 def test_dry_run_writes_both_api_rows(tmp_path, capsys):
     """The stand-in run writes the results file: fwd and fwd+bwd rows for both apis, host times."""
     argv = ["--device", "cpu", "--ours", "flex", "--L", "64", "--D", "16", "--H", "2", "--dtype", "fp32",
