@@ -55,11 +55,13 @@ HOPPER_VERSION = 3
 UNSPECIALISED = ("HQ", "HKV", "GROUP", "LQ", "LKV")
 
 #: the Gluon imports and the helpers both Hopper kernels (forward, ``codegen/hopper_bwd.py``) call
-GLUON_COMMON = '''
+GLUON_IMPORTS = '''
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import async_copy, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+'''
 
+GLUON_HELPERS = '''
 
 @gluon.jit
 def _hopper_tile(it, n_full, f_begin, t_begin, n_first, f_end):
@@ -74,6 +76,8 @@ def _kv_tile(ring, slot):
     buf = ring.index(slot)
     return buf.reshape([buf.shape[2], buf.shape[3]])
 '''
+
+GLUON_COMMON = GLUON_IMPORTS + GLUON_HELPERS
 
 GLUON_HEADER = GLUON_COMMON + '''
 

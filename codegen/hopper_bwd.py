@@ -15,10 +15,12 @@ query tiles:
   tile, transposed as the portable dK/dV kernel is (keys on the rows):
   ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` (both in flight together), ``Pᵀ = exp2(sᵀ − lse)`` from the
   forward's logsumexp, ``dV += Pᵀ·dO``, ``dSᵀ = Pᵀ∘(dPᵀ − delta)`` times ∂score_mod/∂score,
-  ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32, 64 columns at a time)
-  added into a float32 buffer ``[B, H, Lq rounded up to BLOCK_M, D]`` with atomic adds (scaled,
-  cut and cast once at the end, on the host). Without it (the
-  deterministic option) the runtime runs the portable dQ kernel, one program per query tile.
+  ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32) added into a float32
+  buffer ``[B, H, Lq, D]`` as FlashAttention-3 adds it: stored to the group's shared-memory tile
+  and added by TMA reduce-adds (``cp.reduce.async.bulk.tensor``, one per 32-column box; rows past
+  Lq dropped by the descriptor), which run on while the group goes on to the next tile (scaled and
+  cast once at the end, on the host). Without it (the deterministic option) the runtime runs the portable dQ
+  kernel, one program per query tile.
 
 What depends on the pattern comes from the spec: the visit plan (full tiles first, with no mask
 code, then the partial ones; a per-tile classification where the plan has one), the mask on
@@ -40,13 +42,16 @@ from attndsl.spec import KernelSpec, Param, VisitRange
 
 from .attention import score_unit, scores_of
 from .expr import ExprEmitter
-from .hopper import GLUON_COMMON, HOPPER_VERSION, UNSPECIALISED, _buffer_names, partitions
+from .hopper import GLUON_HELPERS, GLUON_IMPORTS, HOPPER_VERSION, UNSPECIALISED, _buffer_names, partitions
 from .plan import _hoist_loads, _plan_lines
 from .prelude import module_header
 from .writer import Writer
 
 #: Bump when the generated Hopper backward changes meaning (part of the module's cache key).
-HOPPER_BWD_VERSION = 1
+HOPPER_BWD_VERSION = 2
+
+#: the TMA reduce-add (Triton 3.6's Gluon has the operation in its builder, not in its language)
+IMPORTS = "from attndsl.runtime.gluon_ops import async_atomic_add, fence_async_shared"
 
 LOADER = '''
 
@@ -105,7 +110,7 @@ def kernel_name(spec: KernelSpec) -> str:
 
 def signature(spec: KernelSpec) -> tuple:
     """The Hopper backward's parameters, in order (the runtime fills them by name)."""
-    t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "do_desc", "DK", "DV", "DQ", "Lse", "Delta")]
+    t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc", "DK", "DV", "Lse", "Delta")]
     i = [Param(n, "int") for n in ("stride_dkb", "stride_dkh", "stride_dkn", "stride_dvb", "stride_dvh", "stride_dvn",
                                    "HQ", "HKV", "GROUP", "LQ", "LKV")]
     c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC")]
@@ -213,7 +218,8 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
     name = kernel_name(spec)
     w.code(f"""
     @gluon.jit
-    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready, qdo_empty, DK, DV, DQ, Lse, Delta,
+    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, dq_desc, DK, DV,
+                 Lse, Delta,
                  stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, kv_lo, kv_hi,
                  kv0, HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}{_table_names(spec)}
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
@@ -235,14 +241,12 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         dtype: gl.constexpr = k_smem.dtype
         # keys past LKV (zeros from TMA) add nothing to dQ whatever their score
         kv_pad = kv0 + BLOCK_N > LKV
-        # dQ's pieces: [BLOCK_M, DQ_COLS] accumulators, rows padded to whole query tiles
-        DQ_COLS: gl.constexpr = HEAD_D  # 64-column pieces spilled more (ptxas, D=128)
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_COLS, 16])
+        # dQ's [BLOCK_M, HEAD_D] accumulator, and the group's shared tile it leaves through
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
         dq_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
-        dq_m0 = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-        dq_d = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, dq_layout))
-        LQ_DQ = (LQ + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        dq_offs = gl.expand_dims(dq_m0 * HEAD_D, 1) + gl.expand_dims(dq_d, 0)
+        dq_tile = dq_smem.reshape([BLOCK_M, HEAD_D])
+        # the reduce-add's boxes: [1, 1, BLOCK_M, DQ_BOX] column slices of the tile, each one swizzle span
+        DQ_BOX: gl.constexpr = dq_desc.block_shape[3]
     """)
     with w.indented():
         w.emitted(_indent(plan0, w.ind))
@@ -254,7 +258,7 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         s0 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-        dq0 = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
+        dq0 = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=dq_layout)
         mbarrier.wait(kv_bar, 0)
         cnt = 0
         """)
@@ -316,21 +320,22 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                     ds16 = dsT.to(dtype)
                     dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
                     if DQ_ATOMIC:
-                        # dQ = dS·K, DQ_COLS columns at a time: dS from registers (the transposed tile
-                        # through the layout conversion's shared-memory round trip), added in float32
-                        # into rows padded to whole query tiles (no masks, no branches around the adds)
+                        # dQ = dS·K: dS from registers (the transposed tile through the layout
+                        # conversion's shared-memory round trip)
                         ds = gl.convert_layout(gl.permute(ds16, (1, 0)), dq_op_layout)
                         # dV done (it was issued before dSᵀ): fewer accumulators in flight with dK and dQ
                         # (ptxas serialises the wgmmas when they do not fit the registers at once)
                         dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv, ))
-                        dq_base = DQ + (bh * LQ_DQ + q_lo) * HEAD_D
-                        for piece in gl.static_range(HEAD_D // DQ_COLS):
-                            dq = warpgroup_mma(ds, k_tile.slice(piece * DQ_COLS, DQ_COLS, dim=1), dq0, use_acc=False,
-                                               is_async=True)
-                            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-                            if piece == 0:
-                                mbarrier.arrive(qdo_empty.index(slot), count=1)
-                            gl.atomic_add(dq_base + piece * DQ_COLS + dq_offs, dq, sem="relaxed")
+                        dq = warpgroup_mma(ds, k_tile, dq0, use_acc=False, is_async=True)
+                        dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+                        mbarrier.arrive(qdo_empty.index(slot), count=1)
+                        # the previous tile's reduce-add has read the shared tile: refill it, and add it
+                        # into float32 dQ by TMA while this group goes on (rows past LQ are dropped)
+                        tma.store_wait(0)
+                        dq_tile.store(dq)
+                        fence_async_shared()
+                        for j in gl.static_range(HEAD_D // DQ_BOX):
+                            async_atomic_add(dq_desc, [b, h, q_lo, j * DQ_BOX], dq_smem.slice(j * DQ_BOX, DQ_BOX, dim=3))
                     else:
                         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
                         mbarrier.arrive(qdo_empty.index(slot), count=1)
@@ -352,6 +357,8 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         gl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=ok)
         dv_ptrs = DV + b.to(gl.int64) * stride_dvb + hk.to(gl.int64) * stride_dvh + rows * stride_dvn + gl.expand_dims(od, 0)
         gl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+        if DQ_ATOMIC:
+            tma.store_wait(0)  # the last reduce-add has read the shared tile before the program ends
         """)
 
 
@@ -376,6 +383,8 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
+        # each group's dQ tile on its way to the TMA reduce-add (the deterministic variant leaves it unused)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, 1, 1, BLOCK_M, HEAD_D], dq_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -389,8 +398,8 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
     ''')
     with w.indented():
         bufs = _buffer_names(spec)
-        common = ("q_smem, do_smem, k_smem.index({c}), v_smem.index({c}), kv_bar, q_ready, do_ready, qdo_empty, DK, DV, "
-                  "DQ, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, "
+        common = ("q_smem, do_smem, k_smem.index({c}), v_smem.index({c}), dq_smem.index({c}), kv_bar, q_ready, do_ready, "
+                  "qdo_empty, dq_desc, DK, DV, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, "
                   "kv_lo, kv_hi, kv_lo + {c} * BLOCK_N, HQ, GROUP, LQ, LKV, sm_scale, ")
         bufs += _table_names(spec)
         consumer = [f"({name}_consumer, ({common.format(c=c)}{bufs}BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_ATOMIC))"
@@ -408,7 +417,11 @@ def render(spec: KernelSpec) -> str:
         raise ValueError(f"the Hopper target does not render this pattern's backward: {why}")
     plan0, plan1 = _plan(spec)
     w = Writer()
-    w.code(GLUON_COMMON)
+    w.code(GLUON_IMPORTS)
+    w.line(IMPORTS)
+    w.line()
+    w.line()
+    w.code(GLUON_HELPERS)
     w.emitted(LOADER.replace("{plan0}", _indent(plan0, "    ").rstrip("\n"))
               .replace("{plan1}", _indent(plan1, "        ").rstrip("\n")).replace("{bufs}", _buffer_names(spec) + _table_names(spec)).replace("{tile}", _tile_line(spec)))
     w.line()

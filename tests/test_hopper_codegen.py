@@ -313,7 +313,7 @@ def test_backward_supported_patterns_render():
         src = gen_bwd.render(hb.spec)
         assert src == gen_bwd.render(hb.spec), name  # pure: the cache compares texts
         compile(src, "<hopper-bwd>", "exec")
-        for what in ("gl.warp_specialize", "warpgroup_mma", "tma.async_copy_global_to_shared", "gl.atomic_add",
+        for what in ("gl.warp_specialize", "warpgroup_mma", "tma.async_copy_global_to_shared", "async_atomic_add(dq_desc",
                      "mbarrier.arrive(qdo_empty"):
             assert what in src, (name, what)
         if mask is not None:
@@ -394,14 +394,17 @@ def test_backward_config_checks():
                                                       ("either", 64, False), ("document", 128, True)])
 def test_backward_compiles_for_sm90(name, head_dim, dq_atomic):
     """The generated backward compiles for sm_90 (about 3-5 s each) with the warp-specialised
-    machinery and, with DQ_ATOMIC, the float32 atomic adds of dQ in its PTX."""
+    machinery and, with DQ_ATOMIC, dQ's TMA reduce-adds in its PTX: one per 32-column box of a
+    consumer group's tile, no per-element atomics."""
     mask, score = _bwd_cases()[name]
     spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
     k = hopper_bwd.compile_sm90_bwd(spec, "bf16" if head_dim == 128 else "fp16", head_dim, dq_atomic=dq_atomic)
     ptx = k.asm["ptx"]
     for what in ("wgmma.mma_async", "setmaxnreg", "cp.async.bulk.tensor", "mbarrier.try_wait"):
         assert what in ptx, what
-    assert ("atom.global.gpu.relaxed.add.f32" in ptx or "red.global.add.f32" in ptx) == dq_atomic
+    reduces = ptx.count("cp.reduce.async.bulk.tensor.4d.global.shared::cta.add")
+    assert reduces == (2 * head_dim // hopper_bwd.DQ_BOX_COLS if dq_atomic else 0), reduces
+    assert "red.global.add.f32" not in ptx and "atom.global.gpu.relaxed.add.f32" not in ptx
 
 
 class _StandIn:

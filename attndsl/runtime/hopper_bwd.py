@@ -41,6 +41,11 @@ __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enab
 MEASURED_BWD_WINS: dict = {}
 
 
+#: columns of dQ's TMA reduce-add boxes: 128 bytes of float32, the shared tile's swizzle width (the
+#: kernel adds a tile in HEAD_D // 32 boxes: Triton 3.6 splits TMA loads wider than the swizzle into
+#: several, not reduce-adds)
+DQ_BOX_COLS = 32
+
 #: the backward's switch (None: the calls MEASURED_BWD_WINS names)
 SWITCH = Switch("ATTNDSL_HOPPER_BWD")
 
@@ -148,9 +153,10 @@ class HopperBackward:
         descs = [_descriptor(TensorDescriptor, gl, t, rows, el)
                  for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
         lse, delta = lse.contiguous(), delta.contiguous()
-        # rows padded to whole query tiles: the kernel's atomic adds need no masks
-        dq_acc = (q.new_zeros((B, Hq, -(-Lq // cfg.block_m) * cfg.block_m, D), dtype=torch.float32)
-                  if not deterministic else lse)
+        # dQ's float32 sum, added into by TMA (rows past Lq fall outside the descriptor); the
+        # deterministic variant reads no descriptor of it, but its parameter needs one
+        dq_acc = q.new_zeros((B, Hq, Lq, D) if not deterministic else (1, 1, cfg.block_m, D), dtype=torch.float32)
+        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, DQ_BOX_COLS))
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
         tbl = []
@@ -158,13 +164,13 @@ class HopperBackward:
             if table is None:
                 raise ValueError("a data-dependent mask's Hopper backward needs its block table (table=)")
             tbl = table(rows, cfg.block_m).args()
-        self.kernel()[grid](*descs, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
+        self.kernel()[grid](*descs, dk, dv, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
                             dv.stride(0), dv.stride(1), dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv, float(scale),
                             *buffer_args(buffers), *tbl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
                             STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, num_warps=4)
         if deterministic:
             return None
-        return (dq_acc[:, :, :Lq] * scale).to(q.dtype)
+        return (dq_acc * scale).to(q.dtype)
 
 
 def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperBwdConfig | None = None,
@@ -180,7 +186,8 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
     mod = cache.load(hb.spec, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
-    boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}
+    boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n,
+             "dq_desc": (cfg.block_m, DQ_BOX_COLS)}
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hb.spec)), _gen.signature(hb.spec), hb.spec.buffers,
                               dtype, head_dim, boxes, ("DK", "DV"), consts)
 
