@@ -407,6 +407,31 @@ def test_backward_compiles_for_sm90(name, head_dim, dq_atomic):
     assert "red.global.add.f32" not in ptx and "atom.global.gpu.relaxed.add.f32" not in ptx
 
 
+def test_backward_refuses_a_config_past_shared_memory():
+    """Two groups with a 3-deep ring at D=128 need more than sm_90's 227 KiB once each group has its
+    float32 dQ tile: a clear error before any launch; the deterministic variant (no dQ tile) fits."""
+    cfg = hopper_bwd.HopperBwdConfig(consumers=2, stages=3)
+    assert cfg.shared_bytes(128, True) > hopper_bwd.SM90_SHARED >= cfg.shared_bytes(128, False)
+    assert hopper_bwd.bwd_config_for(128).shared_bytes(128, True) <= hopper_bwd.SM90_SHARED
+    assert hopper_bwd.bwd_config_for(64).shared_bytes(64, True) <= hopper_bwd.SM90_SHARED
+    spec = attndsl.compile().spec
+    q, k, v, do = (torch.randn(1, 1, 64, 128, dtype=torch.bfloat16) for _ in range(4))
+    lse = delta = torch.zeros(1, 1, 64)
+    with pytest.raises(ValueError, match=r"stages=3.*consumers=2.*head dim 128 with atomic dQ, more than sm_90's"):
+        hopper_bwd.HopperBackward(spec).backward(q, k, v, do, lse, delta, torch.empty_like(k), torch.empty_like(v),
+                                                 0.1, cfg=cfg)
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("consumers,stages,head_dim,dq_atomic", [(2, 2, 128, True), (1, 3, 128, True),
+                                                                 (2, 4, 64, True), (2, 3, 128, False)])
+def test_backward_shared_memory_estimate(consumers, stages, head_dim, dq_atomic):
+    """``HopperBwdConfig.shared_bytes`` never under the compiled kernel's shared memory, and within 1 KiB."""
+    cfg = hopper_bwd.HopperBwdConfig(consumers=consumers, stages=stages)
+    k = hopper_bwd.compile_sm90_bwd(attndsl.compile().spec, "bf16", head_dim, cfg=cfg, dq_atomic=dq_atomic)
+    assert 0 <= cfg.shared_bytes(head_dim, dq_atomic) - k.metadata.shared <= 1024
+
+
 class _StandIn:
     """A Hopper backward that applies to every call (CPU tensors): fills dK with 1 and dV with 2 and
     returns dQ of 3s (None when deterministic); as the real one, asks for the block table of its

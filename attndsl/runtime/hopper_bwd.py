@@ -84,11 +84,25 @@ class HopperBwdConfig:
             # one wgmma row block per warp group, and dQ's tile shares dK/dV's layout
             raise ValueError(f"block_m and block_n must be 64, got {self.block_m}, {self.block_n}")
 
+    def shared_bytes(self, head_dim: int, dq_atomic: bool) -> int:
+        """Shared memory of one program (bf16/fp16 inputs): the K/V tiles (consumers·2·block_n·D),
+        the Q/dO ring (stages·2·block_m·D), two bytes each, and with ``dq_atomic`` each group's
+        float32 dQ tile (block_m·D·4) and its layout conversion of dS (block_m·block_n·2), plus the
+        barriers. Matches the compiled kernels' figure to within a few hundred bytes (Triton 3.6:
+        213056 at D=128 with 2 stages and two groups, 147568 at D=64 with 4)."""
+        ring = self.stages * 2 * self.block_m * head_dim * 2
+        kv = self.consumers * 2 * self.block_n * head_dim * 2
+        dq = self.consumers * (self.block_m * head_dim * 4 + self.block_m * self.block_n * 2) if dq_atomic else 0
+        return ring + kv + dq + 512
+
+
+#: shared memory a program may use on sm_90 (the H100's and the H200's 227 KiB, opted in)
+SM90_SHARED = 232448
+
 
 def bwd_config_for(head_dim: int) -> HopperBwdConfig:
-    """The tiles for a head dim. Shared memory per program: the K/V tiles (consumers·2·block_n·D)
-    and the Q/dO ring (stages·2·block_m·D), two bytes each: D=128 with 2 stages takes 128 KiB of the
-    H100's 227, D=64 with 4 stages 96 KiB (plus the layout conversions' scratch)."""
+    """The tiles for a head dim (:meth:`HopperBwdConfig.shared_bytes`): D=128 with 2 stages takes
+    208 KiB of the 227 with atomic dQ, D=64 with 4 stages 144 KiB."""
     if head_dim == 128:
         return HopperBwdConfig(stages=2)
     if head_dim == 64:
@@ -144,11 +158,16 @@ class HopperBackward:
         from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
         cfg = cfg or bwd_config_for(D)
+        need = cfg.shared_bytes(D, not deterministic)
+        if need > SM90_SHARED:
+            raise ValueError(f"{cfg} needs about {need} bytes of shared memory at head dim {D}"
+                             f"{'' if deterministic else ' with atomic dQ'}, more than sm_90's {SM90_SHARED}: "
+                             "use fewer stages or one consumer group")
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         descs = [_descriptor(TensorDescriptor, gl, t, rows, el)
                  for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
