@@ -17,9 +17,9 @@ query tiles:
   forward's logsumexp, ``dV += Pᵀ·dO``, ``dSᵀ = Pᵀ∘(dPᵀ − delta)`` times ∂score_mod/∂score,
   ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32) added into a float32
   buffer ``[B, H, Lq, D]`` as FlashAttention-3 adds it: stored to the group's shared-memory tile
-  and added by TMA reduce-adds (``cp.reduce.async.bulk.tensor``, one per 32-column box; rows past
-  Lq dropped by the descriptor), which run on while the group goes on to the next tile (scaled and
-  cast once at the end, on the host). Without it (the deterministic option) the runtime runs the portable dQ
+  and added by a TMA reduce-add (``cp.reduce.async.bulk.tensor``; rows past Lq dropped by the
+  descriptor), which runs on while the group goes on to the next tile (scaled and cast once at the
+  end, on the host). Without it (the deterministic option) the runtime runs the portable dQ
   kernel, one program per query tile.
 
 What depends on the pattern comes from the spec: the visit plan (full tiles first, with no mask
@@ -244,9 +244,7 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         # dQ's [BLOCK_M, HEAD_D] accumulator, and the group's shared tile it leaves through
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
         dq_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
-        dq_tile = dq_smem.reshape([BLOCK_M, HEAD_D])
-        # the reduce-add's boxes: [1, 1, BLOCK_M, DQ_BOX] column slices of the tile, each one swizzle span
-        DQ_BOX: gl.constexpr = dq_desc.block_shape[3]
+        dq_tile = dq_smem.reshape([BLOCK_M, HEAD_D])  # a [1, 1, BLOCK_M, D] TMA box
     """)
     with w.indented():
         w.emitted(_indent(plan0, w.ind))
@@ -334,8 +332,7 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                         tma.store_wait(0)
                         dq_tile.store(dq)
                         fence_async_shared()
-                        for j in gl.static_range(HEAD_D // DQ_BOX):
-                            async_atomic_add(dq_desc, [b, h, q_lo, j * DQ_BOX], dq_smem.slice(j * DQ_BOX, DQ_BOX, dim=3))
+                        async_atomic_add(dq_desc, [b, h, q_lo, 0], dq_smem)
                     else:
                         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
                         mbarrier.arrive(qdo_empty.index(slot), count=1)

@@ -41,11 +41,6 @@ __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enab
 MEASURED_BWD_WINS: dict = {}
 
 
-#: columns of dQ's TMA reduce-add boxes: 128 bytes of float32, the shared tile's swizzle width (the
-#: kernel adds a tile in HEAD_D // 32 boxes: Triton 3.6 splits TMA loads wider than the swizzle into
-#: several, not reduce-adds)
-DQ_BOX_COLS = 32
-
 #: the backward's switch (None: the calls MEASURED_BWD_WINS names)
 SWITCH = Switch("ATTNDSL_HOPPER_BWD")
 
@@ -175,7 +170,7 @@ class HopperBackward:
         # dQ's float32 sum, added into by TMA (rows past Lq fall outside the descriptor); the
         # deterministic variant reads no descriptor of it, but its parameter needs one
         dq_acc = q.new_zeros((B, Hq, Lq, D) if not deterministic else (1, 1, cfg.block_m, D), dtype=torch.float32)
-        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, DQ_BOX_COLS))
+        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32))
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
         tbl = []
@@ -206,7 +201,7 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
     boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n,
-             "dq_desc": (cfg.block_m, DQ_BOX_COLS)}
+             "dq_desc": (cfg.block_m, head_dim)}
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hb.spec)), _gen.signature(hb.spec), hb.spec.buffers,
                               dtype, head_dim, boxes, ("DK", "DV"), consts)
 
