@@ -9,7 +9,8 @@
 Cases (bf16, 32 query heads over 8 KV heads, D=128, one new token unless said):
 
 * ``plain``: B in {1, 16, 64} x cache {4K, 32K, 128K} (cases over 15 GiB of K/V are skipped),
-  contiguous ``[B, Hkv, L, D]`` and paged (page 128 and 16, pages in a random order); SDPA
+  contiguous ``[B, Hkv, L, D]`` and paged (page 128 and 16, pages in a random order; pools stored
+  token-major, vLLM's ``NHD``, and head-major, ``HND``: layouts ``paged<size>_hnd``); SDPA
   (contiguous, ``enable_gqa``) and FlexAttention (``torch.compile(flex_attention, dynamic=False)``;
   contiguous, and paged through ``PagedAttention``'s converted BlockMask with page 128, its block
   size) as anchors;
@@ -121,11 +122,12 @@ def copy_gbps(dev, nbytes=2**30):
 class Setup:
     """One cache: a paged pool (pages shuffled) and the same logical content contiguous."""
 
-    def __init__(self, B, L, page_size, dev, dtype, gen, contiguous=True, shuffle=True):
+    def __init__(self, B, L, page_size, dev, dtype, gen, contiguous=True, shuffle=True, layout="NHD"):
         from attndsl.serving import PagedKVCache
         self.B, self.L, self.page_size = B, L, page_size
         pages = B * (L // page_size)
-        self.cache = PagedKVCache(pages, page_size, HKV, D, max_batch=B, max_seq_len=L, dtype=dtype, device=dev)
+        self.cache = PagedKVCache(pages, page_size, HKV, D, max_batch=B, max_seq_len=L, dtype=dtype, device=dev,
+                                  layout=layout)
         self.cache.k_pool.normal_(generator=gen)
         self.cache.v_pool.normal_(generator=gen)
         perm = (torch.randperm(pages, generator=torch.Generator().manual_seed(0)) if shuffle
@@ -315,19 +317,23 @@ def run(args):
                 bm = create_block_mask(length_mask, B, None, 1, L, device=dev)
                 flex_row(row, lambda: flex(q, s.k, s.v, block_mask=bm, enable_gqa=True), ref)
             emit(row)
-            # paged, page 128 (one page lookup per tile) and 16 (per row)
-            for ps in ([16] if cpu else [128, 16]):
-                sp = s if ps == s.page_size else Setup(B, L, ps, dev, dtype, gen, contiguous=False)
+            # paged, page 128 (one page lookup per tile) and 16 (per row), pools token-major (vLLM's
+            # NHD) and head-major (HND: a page of one head is one contiguous block)
+            for ps, lay in ([(16, "NHD"), (16, "HND")] if cpu else [(128, "NHD"), (16, "NHD"), (128, "HND"),
+                                                                   (16, "HND")]):
+                same = ps == s.page_size and lay == "NHD"
+                sp = s if same else Setup(B, L, ps, dev, dtype, gen, contiguous=False, layout=lay)
                 if sp is not s:
                     # same content as the contiguous cache: copy it into the new pool's pages
                     pt = sp.cache.page_table.to(torch.int64)
                     sp.cache.k_pool[pt] = s.k.transpose(1, 2).reshape(B, -1, ps, HKV, D)
                     sp.cache.v_pool[pt] = s.v.transpose(1, 2).reshape(B, -1, ps, HKV, D)
-                row = dict(base, case="plain", layout=f"paged{ps}", api="decode", page_size=ps)
+                row = dict(base, case="plain", layout=f"paged{ps}" + ("_hnd" if lay == "HND" else ""), api="decode",
+                           page_size=ps, kv_layout=lay)
                 fn = lambda: sp.cache.decode(q)  # noqa: E731
                 if not checked(row, fn, ref):
                     continue
-                if flex is not None and ps == s.page_size:
+                if flex is not None and same:
                     pa, fk, fv = s.flex_paged()
                     logical = create_block_mask(length_mask, B, None, 1, L, BLOCK_SIZE=ps, device=dev)
                     bm_p = pa.convert_logical_block_mask(logical, kv_len=lens.to(torch.int64))
@@ -414,12 +420,13 @@ def sweep_cases(cpu: bool):
     """``(name, regime, B, L, window or None, layouts)``: the cases whose aims the first GPU run missed."""
     if cpu:
         return [("window", "short", 2, 256, 64, ("contiguous", "paged16")),
-                ("many", "many", 4, 128, None, ("contiguous", "contiguous_pad", "paged16", "paged16_inorder"))]
+                ("many", "many", 4, 128, None, ("contiguous", "contiguous_pad", "paged16", "paged16_inorder",
+                                                "paged16_hnd"))]
     return [("window4096", "short", 8, 32768, 4096, ("contiguous", "paged128", "paged16")),
             ("B64_4K", "many", 64, 4096, None, ("contiguous", "contiguous_pad", "paged128", "paged16",
-                                                          "paged16_inorder")),
-            ("B8_32K", "long", 8, 32768, None, ("contiguous", "paged128", "paged16")),
-            ("B1_128K", "long", 1, 131072, None, ("contiguous", "paged128", "paged16"))]
+                                                          "paged16_inorder", "paged16_hnd")),
+            ("B8_32K", "long", 8, 32768, None, ("contiguous", "paged128", "paged16", "paged128_hnd")),
+            ("B1_128K", "long", 1, 131072, None, ("contiguous", "paged128", "paged16", "paged128_hnd"))]
 
 
 def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
@@ -450,7 +457,8 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
             pat = dict(mask_mod=sliding_window(W)) if W else {}
             for layout in layouts:
                 inorder = layout.endswith("_inorder")  # pages in allocation order, not shuffled
-                ps = int(layout[5:].replace("_inorder", "")) if layout.startswith("paged") else 0
+                hnd = layout.endswith("_hnd")  # head-major pools
+                ps = int(layout[5:].split("_")[0]) if layout.startswith("paged") else 0
                 kk, vv = st.k, st.v
                 if layout == "contiguous_pad":
                     # the same cache with each (sequence, head) region one 64-row tile longer: do
@@ -458,14 +466,15 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
                     # DRAM channels (paged pages, shuffled, were faster than contiguous at B=64, 4K)?
                     kk = torch.zeros(B, HKV, L + 64, D, device=dev, dtype=dtype)[:, :, :L].copy_(st.k)
                     vv = torch.zeros(B, HKV, L + 64, D, device=dev, dtype=dtype)[:, :, :L].copy_(st.v)
-                if ps and (ps != st.page_size or inorder):
-                    sp = Setup(B, L, ps, dev, dtype, gen, contiguous=False, shuffle=not inorder)
+                if ps and (ps != st.page_size or inorder or hnd):
+                    sp = Setup(B, L, ps, dev, dtype, gen, contiguous=False, shuffle=not inorder,
+                               layout="HND" if hnd else "NHD")
                     pt = sp.cache.page_table.to(torch.int64)
                     sp.cache.k_pool[pt] = st.k.transpose(1, 2).reshape(B, -1, ps, HKV, D)
                     sp.cache.v_pool[pt] = st.v.transpose(1, 2).reshape(B, -1, ps, HKV, D)
                 else:
                     sp = st
-                probe = layout in ("contiguous_pad", "paged16_inorder")  # layouts, not TUNING keys
+                probe = inorder or hnd or layout == "contiguous_pad"  # layouts, not TUNING keys
                 key = (regime, layout if probe else decode_layout(ps))
                 current = tuning_row((regime, decode_layout(ps)), gpu)
                 tiles = SWEEP_TILES + (SWEEP_SMALL_PAGE_TILES if 0 < ps < 64 else ())
@@ -516,7 +525,7 @@ def sweep_table(rows, gpu: str | None = None) -> str:
     """Per TUNING key: each case's time with the current entry (``tuning_row`` of the GPU named
     ``gpu``), and the candidate with the lowest sum of time ratios over the key's cases (all cases
     measured) as a line to paste into TUNING (an H100) or ``TUNING_BY_GPU[gpu]`` (another GPU)."""
-    from attndsl.serving.decoding import TUNING, TUNING_BY_GPU
+    from attndsl.serving.decoding import TUNING, TUNING_BY_GPU, decode_layout, tuning_row
     tuning = {**TUNING, **TUNING_BY_GPU.get(gpu, {})}
     table = "TUNING" if gpu is None or "H100" in gpu else f"TUNING_BY_GPU[{gpu!r}]"
     by_key: dict = {}
@@ -525,7 +534,11 @@ def sweep_table(rows, gpu: str | None = None) -> str:
     lines = ["", "decode sweep (CUDA-graph replay, ms; frac = achieved / copy bandwidth)"]
     for key, rs in by_key.items():
         cases = sorted({(r["sweep_case"], r["layout"]) for r in rs})
-        cur = tuple(tuning.get(key, tuning[(key[0], "paged_small" if "paged" in key[1] else "contiguous")]))
+        if key in tuning:
+            cur = tuple(tuning[key])
+        else:  # a probe's layout name: the current row of its page size
+            ps = int(key[1][5:].split("_")[0]) if key[1].startswith("paged") else 0
+            cur = tuple(tuning_row((key[0], decode_layout(ps)), gpu))
         t = {(r["sweep_case"], r["layout"], tuple(r["config"])): r for r in rs}
         lines.append(f"{key}: current {cur}")
         best, best_score = None, None

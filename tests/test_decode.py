@@ -23,12 +23,12 @@ D = 16
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-def _paged(B, Hkv, lens, page_size, seed, max_seq_len=128, dv=D):
+def _paged(B, Hkv, lens, page_size, seed, max_seq_len=128, dv=D, layout="NHD"):
     """A paged cache holding sequences of ``lens`` tokens (pages handed out interleaved, so a
     sequence's pages are not contiguous in the pool)."""
     g = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(2 * B * (max_seq_len // page_size) + 1, page_size, Hkv, D, head_dim_v=dv, max_batch=B,
-                         max_seq_len=max_seq_len, dtype=torch.float32)
+                         max_seq_len=max_seq_len, dtype=torch.float32, layout=layout)
     cache.k_pool.normal_(generator=g)  # never-written rows hold garbage the kernel must not read
     cache.v_pool.normal_(generator=g)
     done = [0] * B
@@ -104,13 +104,17 @@ def test_patterns_paged(name, lq):
                **pat)
 
 
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("page_size", [16, 32])
-def test_paged_equals_contiguous(page_size):
-    """The same logical cache, paged (scalar page lookup per tile at page 32, per row at 16) and
-    contiguous, gives bit-identical results: same tiles, same arithmetic."""
+def test_paged_equals_contiguous(page_size, layout):
+    """The same logical cache, paged (scalar page lookup per tile at page 32, per row at 16; pools
+    stored token-major or head-major) and contiguous, gives bit-identical results: same tiles, same
+    arithmetic."""
     B, Hq, Hkv, lq = 3, 8, 2, 2
     lens = [37, 128, 96]
-    cache = _paged(B, Hkv, lens, page_size, seed=page_size)
+    cache = _paged(B, Hkv, lens, page_size, seed=page_size, layout=layout)
+    # head-major storage: one head's rows of a page are contiguous
+    assert cache.k_pool.transpose(1, 2).is_contiguous() == (layout == "HND") != cache.k_pool.is_contiguous()
     k, v = logical_cache(cache.k_pool, cache.v_pool, cache.seq_lens, cache.page_table, 128)
     q = torch.randn(B, Hq, lq, D)
     for pat in (dict(mask_mod=causal), dict(mask_mod=sliding_window(40), score_mod=softcap(4.0))):
@@ -341,9 +345,11 @@ def test_kernel_options_tiles():
            kernel_options={"BLOCK_N": 16, "BLOCK_M": 16}, num_splits=3)
 
 
-def test_paged_cache_helpers():
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_paged_cache_helpers(layout):
     Hkv = 2
-    cache = PagedKVCache(8, 16, Hkv, D, max_batch=2, max_seq_len=64, dtype=torch.float32)
+    cache = PagedKVCache(8, 16, Hkv, D, max_batch=2, max_seq_len=64, dtype=torch.float32, layout=layout)
+    assert cache.layout == layout and cache.k_pool.shape == (8, 16, Hkv, D)
     k1, v1 = torch.randn(Hkv, 20, D), torch.randn(Hkv, 20, D)
     cache.prefill(1, k1, v1)
     assert cache.length(1) == 20 and cache.seq_lens.tolist() == [0, 20] and cache.free_pages == 6
@@ -371,6 +377,8 @@ def test_paged_cache_helpers():
         small.reserve(1, 5)
     with pytest.raises(ValueError, match="power of two"):
         PagedKVCache(4, 24, 1, D, max_batch=1, max_seq_len=32)
+    with pytest.raises(ValueError, match="layout must be 'NHD' or 'HND', got 'NDH'"):
+        PagedKVCache(4, 16, 1, D, max_batch=1, max_seq_len=32, layout="NDH")
 
 
 def test_bad_inputs():

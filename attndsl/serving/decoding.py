@@ -628,7 +628,9 @@ def decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
         query (Tensor): ``[B, Hq, Lq, D]``, float16, bfloat16 or float32; ``Lq`` new tokens per
             sequence (1 for plain decoding, up to 64 draft tokens for speculative decoding).
         k_cache (Tensor): contiguous ``[B, Hkv, Lmax, D]``, or with ``page_table`` a paged pool
-            ``[num_pages, page_size, Hkv, D]`` (vLLM layout; ``page_size`` a power of two). Never copied.
+            ``[num_pages, page_size, Hkv, D]`` (vLLM layout; ``page_size`` a power of two) with any
+            strides: a head-major pool stored ``[num_pages, Hkv, page_size, D]`` (FlashInfer's
+            ``HND``) is passed as its ``.transpose(1, 2)``. Never copied.
         v_cache (Tensor): like ``k_cache`` with head dim ``Dv``.
         seq_lens (Tensor): ``[B]`` int32/int64: keys in each sequence's cache (new tokens included
             when they were appended first, the usual order).

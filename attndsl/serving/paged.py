@@ -2,7 +2,10 @@
 
 Layout (vLLM / FlashInfer): ``k_pool, v_pool [num_pages, page_size, Hkv, D]``; sequence ``b``'s
 logical position ``p`` lives in pool page ``page_table[b, p // page_size]`` at row
-``p % page_size``. Pages are handed out on the host (a free list and a host copy of every
+``p % page_size``. The pools are stored that way (``layout="NHD"``, a token's heads side by side) or
+head-major (``"HND"``, FlashInfer's other layout: storage ``[num_pages, Hkv, page_size, D]``, so a
+page of one head is one contiguous block) and then shown through the same ``[num_pages, page_size,
+Hkv, D]`` view: the decode kernels read any strides. Pages are handed out on the host (a free list and a host copy of every
 sequence's length, so appending never reads the device); the device tensors ``page_table`` and
 ``seq_lens`` are what :func:`attndsl.serving.decode` reads.
 
@@ -31,15 +34,22 @@ class PagedKVCache:
         max_batch (int): sequence slots (rows of ``page_table``).
         max_seq_len (int): longest sequence; ``page_table`` has ``ceil(max_seq_len / page_size)`` columns.
         dtype, device: of the pools.
+        layout (str): ``"NHD"`` (default: a page stores its tokens one after another, each token's
+            heads side by side) or ``"HND"`` (a page stores each head's tokens together).
 
     Attributes:
-        k_pool, v_pool (Tensor): ``[num_pages, page_size, Hkv, D]`` / ``[..., Dv]``.
+        k_pool, v_pool (Tensor): ``[num_pages, page_size, Hkv, D]`` / ``[..., Dv]`` (with ``"HND"`` a
+            view of storage ``[num_pages, Hkv, page_size, D]``).
+        layout (str): ``"NHD"`` or ``"HND"``.
         page_table (Tensor): ``[max_batch, max_pages]`` int32 (unused entries 0).
         seq_lens (Tensor): ``[max_batch]`` int32, tokens held per sequence.
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *, max_batch: int,
-                 max_seq_len: int, head_dim_v: int | None = None, dtype=torch.float16, device=None):
+                 max_seq_len: int, head_dim_v: int | None = None, dtype=torch.float16, device=None,
+                 layout: str = "NHD"):
+        if layout not in ("NHD", "HND"):
+            raise ValueError(f"layout must be 'NHD' or 'HND', got {layout!r}")
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
         if num_pages < 1 or max_batch < 1 or max_seq_len < 1:
@@ -49,8 +59,13 @@ class PagedKVCache:
         self.max_seq_len = max_seq_len
         self.max_pages = -(-max_seq_len // page_size)
         dv = head_dim if head_dim_v is None else head_dim_v
-        self.k_pool = torch.zeros((num_pages, page_size, num_kv_heads, head_dim), dtype=dtype, device=device)
-        self.v_pool = torch.zeros((num_pages, page_size, num_kv_heads, dv), dtype=dtype, device=device)
+        self.layout = layout
+
+        def pool(d):
+            if layout == "HND":
+                return torch.zeros((num_pages, num_kv_heads, page_size, d), dtype=dtype, device=device).transpose(1, 2)
+            return torch.zeros((num_pages, page_size, num_kv_heads, d), dtype=dtype, device=device)
+        self.k_pool, self.v_pool = pool(head_dim), pool(dv)
         self.page_table = torch.zeros((max_batch, self.max_pages), dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros((max_batch,), dtype=torch.int32, device=device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
