@@ -2,8 +2,9 @@
 
 :func:`autotune` times candidate tile configurations of one pattern at one call shape: the
 portable forward's tiles, with ``backward=True`` the dK/dV and dQ kernels' too, and on a compute
-capability 9.0 GPU where the Hopper forward applies its :class:`~attndsl.runtime.hopper.HopperConfig`
-candidates. Every candidate is first checked against the default configuration's result; one that
+capability 9.0 GPU where the Hopper kernels apply the Hopper forward's
+:class:`~attndsl.runtime.hopper.HopperConfig` candidates and the Hopper backward's
+:class:`~attndsl.runtime.hopper_bwd.HopperBwdConfig` ones. Every candidate is first checked against the default configuration's result; one that
 is wrong, fails to compile or launch, or only launched with smaller tiles (shared memory) is
 skipped, with the reason recorded. The fastest of each kernel makes an entry, keyed by
 :func:`entry_key` (pattern, shape bucket, head dims, GQA group, dtype, GPU) and written to
@@ -31,6 +32,7 @@ import torch
 
 from .runtime.config import DQ_MODES, Configs, TileConfig, forced_dq_mode
 from .runtime.hopper import HopperConfig
+from .runtime.hopper_bwd import HopperBwdConfig
 from .runtime.tuned import (KERNELS, SHIPPED_DIR, Tuned, clear, device_arch, entries, entry_for, entry_key, export,
                             load, reset, user_file)
 from .runtime.tuned import save as save_entries
@@ -48,7 +50,7 @@ TIMER: Callable | None = None
 # -- the search ---------------------------------------------------------------------------------
 @dataclass
 class Trial:
-    """One timed (or skipped) candidate: ``kernel`` ("fwd", "dkdv", "dq", "dq_mode", "hopper"), its
+    """One timed (or skipped) candidate: ``kernel`` ("fwd", "dkdv", "dq", "dq_mode", "hopper", "hopper_bwd"), its
     ``config`` (for "dq_mode" a dQ mode, "kernel" or "atomic"), its time in milliseconds, or
     ``error`` why it was skipped; ``default``: the configuration the runtime would use without tuning."""
 
@@ -99,6 +101,8 @@ def _label(c) -> str:
     if isinstance(c, HopperConfig):
         return (f"{c.block_m}x{c.block_n} s{c.stages} c{c.consumers}" + (" pipe" if c.pipeline else "")
                 + (" pp" if c.pingpong else ""))
+    if isinstance(c, HopperBwdConfig):
+        return f"{c.block_m}x{c.block_n} s{c.stages} c{c.consumers}"
     return str(c)
 
 
@@ -223,7 +227,10 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     9.0 GPU, where the Hopper forward renders the pattern and takes the call, the Hopper forward's
     configurations (``hopper.sweep_configs``); the entry records whether the best of those beat the
     best portable forward (calls of the entry take the Hopper forward exactly then, unless
-    ``ATTNDSL_HOPPER``/``hopper.enable`` says otherwise). Each candidate's result is first
+    ``ATTNDSL_HOPPER``/``hopper.enable`` says otherwise). Likewise, with ``backward=True``, the
+    Hopper backward's configurations (``hopper_bwd.sweep_configs``), each timed as a whole backward
+    against the best portable backward (unless ``ATTNDSL_HOPPER_BWD=0`` or
+    ``enable_backward(False)``). Each candidate's result is first
     compared with the default configuration's (within 1e-4 of its largest magnitude in float32,
     2e-2 in 16-bit types, 1e-9 in float64); a candidate that differs, fails to compile or launch,
     or only launches with smaller tiles (a shared-memory overflow) is skipped, with the reason in
@@ -242,9 +249,9 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         backward: also tune the backward's dK/dV and dQ kernels.
         candidates: tiles to try instead of the defaults (:func:`candidate_tiles`), per kernel:
             ``{"fwd": [TileConfig, ...], "dkdv": [...], "dq": [...], "dq_mode": ["kernel", "atomic"],
-            "hopper": [HopperConfig, ...]}``;
-            kernels not named keep the default list ("hopper" is ignored where the Hopper forward does
-            not take the call). The default configuration is always tried first.
+            "hopper": [HopperConfig, ...], "hopper_bwd": [HopperBwdConfig, ...]}``;
+            kernels not named keep the default list ("hopper" and "hopper_bwd" are ignored where
+            the Hopper kernel does not take the call). The default configuration is always tried first.
         rep: milliseconds of timed repetitions per candidate (``triton.testing.do_bench``'s ``rep``).
         progress: show one stderr line with candidate i/n and the best time so far.
         timer: ``timer(fn, kernel, config) -> milliseconds`` (default :data:`TIMER`, else
@@ -322,6 +329,10 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
         if _hop.call_fits(extras, q, k, v):
             hf = _hop.HopperForward(spec)
             lists["hopper"] = list((candidates or {}).get("hopper") or _hop.sweep_configs(q.shape[-1]))
+    hbw = _hopper_backward(base, extras, q, k, v, dout) if backward else None
+    if hbw is not None:
+        from .runtime import hopper_bwd as _hb
+        lists["hopper_bwd"] = list((candidates or {}).get("hopper_bwd") or _hb.sweep_configs(q.shape[-1]))
     bar = _Progress(progress, sum(len(x) for x in lists.values()))
     trials: list = []
     best = default
@@ -389,21 +400,55 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
             fb = min((x for x in trials if x.kernel == "fwd" and x.error is None), key=lambda x: x.ms, default=None)
             if hb is not None:
                 hop, wins = hb.config, fb is None or hb.ms < fb.ms
+        hop_bwd = bwd_wins = None
+        if "hopper_bwd" in lists:
+            r = runner(best)  # the portable kernels at their best, the Hopper backward in their place
+            r.hopper_bwd = hbw
+            tb = tables(r)
+            for cfg in lists["hopper_bwd"]:
+                def run(cfg=cfg, r=r, tb=tb):
+                    hbw.tuned = (cfg, True)  # taken by every call it fits
+                    return _backward(r, q, k, v, *want_fwd, dout, scale, tensors, tb, extras, None)
+
+                def check(cfg=cfg):
+                    return _mismatch(run(cfg), want_bwd, q.dtype)
+                trial("hopper_bwd", cfg, False, run, check)
+            hbw.tuned = None
+            best_hb = min((x for x in trials if x.kernel == "hopper_bwd" and x.error is None), key=lambda x: x.ms,
+                          default=None)
+            portable = min((x for x in trials if x.kernel in ("dkdv", "dq", "dq_mode") and x.error is None),
+                           key=lambda x: x.ms, default=None)
+            if best_hb is not None:
+                hop_bwd, bwd_wins = best_hb.config, portable is None or best_hb.ms < portable.ms
     finally:
         bar.done()
     times = []
-    for kn in kernels + (["hopper"] if hop is not None else []):
+    for kn in kernels + (["hopper"] if hop is not None else []) + (["hopper_bwd"] if hop_bwd is not None else []):
         ok = [x for x in trials if x.kernel == kn and x.error is None]
         d = next((x.ms for x in ok if x.default), None)
         if ok:
             times.append((kn, d, min(x.ms for x in ok)))
     ekey = entry_key(spec.key, q, k, dv)
-    tuned = Tuned(ekey, best, hop, wins, tuple(times), device_arch(q))
+    tuned = Tuned(ekey, best, hop, wins, tuple(times), device_arch(q), hop_bwd, bwd_wins)
     path = None
     if save:
         path = save_entries({ekey: tuned})
         compiled._runners = {}  # runners made before the entry: made again (their call plans follow)
     return TuningResult(ekey, tuned, trials, path)
+
+
+def _hopper_backward(base, extras, q, k, v, dout):
+    """A Hopper backward of ``base``'s pattern for :func:`autotune` to time (its ``tuned`` is set per
+    candidate), or None where the call cannot take one: no Hopper backward for this runner (the
+    interpreter, another GPU), a pattern it does not render, ``precise_delta``, the switch off
+    (``ATTNDSL_HOPPER_BWD=0``, ``enable_backward(False)``), or the call's tensors."""
+    from .runtime import hopper_bwd as _hb
+    h = base.hopper_bwd
+    if h is None or h.unsupported is not None or base.precise_delta or _hb.backward_enabled() is False:
+        return None
+    if not _hb.call_fits(extras, q, k, v, dout):
+        return None
+    return _hb.HopperBackward(base.spec)
 
 
 def _dq_mode_skipped(mode: str, deterministic: bool) -> str | None:

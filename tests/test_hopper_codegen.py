@@ -411,9 +411,9 @@ def test_backward_refuses_a_config_past_shared_memory():
     """Two groups with a 3-deep ring at D=128 need more than sm_90's 227 KiB once each group has its
     float32 dQ tile: a clear error before any launch; the deterministic variant (no dQ tile) fits."""
     cfg = hopper_bwd.HopperBwdConfig(consumers=2, stages=3)
-    assert cfg.shared_bytes(128, True) > hopper_bwd.SM90_SHARED >= cfg.shared_bytes(128, False)
-    assert hopper_bwd.bwd_config_for(128).shared_bytes(128, True) <= hopper_bwd.SM90_SHARED
-    assert hopper_bwd.bwd_config_for(64).shared_bytes(64, True) <= hopper_bwd.SM90_SHARED
+    assert cfg.shared_bytes(128, True) > hopper_bwd.SMEM_LIMIT >= cfg.shared_bytes(128, False)
+    assert hopper_bwd.bwd_config_for(128).shared_bytes(128, True) <= hopper_bwd.SMEM_LIMIT
+    assert hopper_bwd.bwd_config_for(64).shared_bytes(64, True) <= hopper_bwd.SMEM_LIMIT
     spec = attndsl.compile().spec
     q, k, v, do = (torch.randn(1, 1, 64, 128, dtype=torch.bfloat16) for _ in range(4))
     lse = delta = torch.zeros(1, 1, 64)

@@ -294,6 +294,99 @@ def test_hopper_forward_follows_its_entry(monkeypatch):
     assert hf.applies(long, long, long)
 
 
+class _HopperBwdStandIn:
+    """A Hopper backward on the CPU (no sm_90 here): causal softmax gradients in float64 torch ops,
+    taken where its ``tuned`` says it wins, as the real one; ``wrong`` configurations double dK."""
+
+    def __init__(self, wrong=()):
+        self.tuned, self.wrong, self.unsupported, self.seen = None, wrong, None, []
+
+    def applies(self, q, k, v, dout, extras=None, tables=None, precise=False):
+        return self.tuned is not None and self.tuned[1]
+
+    def backward(self, q, k, v, dout, lse, delta, dk, dv, scale, buffers=(), deterministic=False, cfg=None,
+                 table=None):
+        self.seen.append(self.tuned[0])
+        Lq, Lkv = q.shape[2], k.shape[2]
+        g = q.shape[1] // k.shape[1]
+        kk, vv = (t.double().repeat_interleave(g, 1) for t in (k, v))
+        s = (q.double() @ kk.transpose(-1, -2)) * scale
+        keep = torch.arange(Lq)[:, None] >= torch.arange(Lkv)[None, :]
+        p = torch.where(keep, torch.exp(s - lse.double()[..., None]), 0.0)
+        ds = p * (dout.double() @ vv.transpose(-1, -2) - delta.double()[..., None])
+        grad_k = (ds.transpose(-1, -2) @ q.double() * scale).unflatten(1, (k.shape[1], g)).sum(2)
+        grad_v = (p.transpose(-1, -2) @ dout.double()).unflatten(1, (k.shape[1], g)).sum(2)
+        dk.copy_(grad_k * (2 if self.tuned[0] in self.wrong else 1))
+        dv.copy_(grad_v)
+        return (ds @ kk * scale).to(q.dtype)
+
+
+def test_hopper_backward_is_tuned_against_the_portable_one(cache, monkeypatch):
+    """The Hopper backward's configurations are timed as whole backwards against the best portable
+    backward (a stand-in on the CPU): a wrong one is skipped, the fastest kept with the verdict, the
+    entry round-trips through its file and gives a new runner's Hopper backward its tiles."""
+    from attndsl.runtime import hopper_bwd
+    q, k, v = qkv(Lq=40, Lkv=40, Hq=2, Hkv=1, D=16)
+    cfgs = [hopper_bwd.HopperBwdConfig(stages=2), hopper_bwd.HopperBwdConfig(stages=3),
+            hopper_bwd.HopperBwdConfig(stages=1, consumers=1)]
+    for hop_ms, wins in ((0.5, True), (5.0, False)):
+        stand_in = _HopperBwdStandIn(wrong=(cfgs[1],))
+        monkeypatch.setattr(tuning, "_hopper_backward", lambda *a, s=stand_in: s)
+
+        def timer(fn, kernel, cfg, hop_ms=hop_ms):
+            if kernel == "hopper_bwd":
+                return hop_ms if cfg == cfgs[2] else hop_ms * 2
+            return 1.0
+        res = tuning.autotune(causal, q, k, v, candidates={"fwd": SMALL[:1], "dkdv": SMALL[:1], "dq": SMALL[:1],
+                                                           "hopper_bwd": cfgs},
+                              timer=timer, progress=False)
+        tried = [t for t in res.trials if t.kernel == "hopper_bwd"]
+        assert [t.config for t in tried] == cfgs
+        assert tried[1].error.startswith("output 1: max error")  # dK, doubled
+        assert [t.error for t in (tried[0], tried[2])] == [None, None]
+        assert set(stand_in.seen) == set(cfgs) and stand_in.tuned is None  # each ran; left untuned
+        assert res.tuned.hopper_bwd == cfgs[2] and res.tuned.hopper_bwd_wins is wins
+        tuning.reset()
+        got = tuning.entry_for(attndsl.compile(mask_mod=causal).spec, q, k, 16)
+        assert got == res.tuned  # through the file
+        runner = type("R", (), {"hopper": None, "hopper_bwd": hopper_bwd.HopperBackward(
+            attndsl.compile(mask_mod=causal).spec), "cfg": None})()
+        got.install(runner)
+        assert runner.hopper_bwd.tuned == (cfgs[2], wins)
+    # no Hopper backward for the call (the interpreter): no such trials, no verdict
+    monkeypatch.undo()
+    res = tuning.autotune(causal, q, k, v, candidates={kn: SMALL[:1] for kn in ("fwd", "dkdv", "dq")},
+                          timer=lambda *a: 1.0, progress=False, save=False)
+    assert not [t for t in res.trials if t.kernel == "hopper_bwd"] and res.tuned.hopper_bwd is None
+
+
+def test_hopper_backward_follows_its_entry(monkeypatch):
+    """An entry's verdict replaces ``MEASURED_BWD_WINS`` for its runner's Hopper backward, and its
+    tiles are the ones launched (``enable_backward`` still wins); call conditions faked (no sm_90)."""
+    from attndsl.runtime import hopper_bwd
+    monkeypatch.setattr(hopper_bwd, "call_fits", lambda *a: True)
+    monkeypatch.setattr(hopper_bwd, "SWITCH", hopper_bwd.Switch("ATTNDSL_HOPPER_BWD"))
+    monkeypatch.setattr(hopper_bwd.SWITCH, "_env", [None])
+    monkeypatch.delenv("ATTNDSL_HOPPER_BWD", raising=False)
+    hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
+    t = torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
+    assert not hb.applies(t, t, t, t)  # MEASURED_BWD_WINS is empty
+    cfg = hopper_bwd.HopperBwdConfig(stages=3, consumers=1)
+    r = type("R", (), {"hopper": None, "hopper_bwd": hb, "cfg": None})()
+    tuning.Tuned("k", None, hopper_bwd=cfg, hopper_bwd_wins=True).install(r)
+    assert hb.tuned == (cfg, True) and hb.applies(t, t, t, t)
+    with pytest.raises(ValueError, match="stages=3, consumers=1.*more than sm_90"):  # the tuned tiles are used
+        hb.backward(*(torch.zeros(1, 2, 40, 512, dtype=torch.bfloat16) for _ in range(4)), torch.zeros(1, 2, 40),
+                    torch.zeros(1, 2, 40), torch.zeros(1, 2, 40, 512), torch.zeros(1, 2, 40, 512), 0.1)
+    tuning.Tuned("k", None, hopper_bwd=cfg, hopper_bwd_wins=False).install(r)
+    assert not hb.applies(t, t, t, t)
+    hopper_bwd.enable_backward(True)
+    try:
+        assert hb.applies(t, t, t, t)
+    finally:
+        hopper_bwd.enable_backward(None)
+
+
 @pytest.mark.gpu
 def test_gpu_autotune_causal_entry_is_used(tmp_path, monkeypatch):
     """On the GPU: tune a causal pattern at L=1024 (bf16, D=128), and check the entry is written,

@@ -10,8 +10,10 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
   that get no gradient are fine; sink logits too: their gradient comes from lse and delta on the
   host, ``runtime/gradients.py``);
 * it is enabled: ``ATTNDSL_HOPPER_BWD=1`` in the environment (read once) or
-  ``enable_backward(True)``, independently of the Hopper forward's switch; with neither set, only
-  where ``MEASURED_BWD_WINS`` lists the case (empty until an H100 has measured it: off by default);
+  ``enable_backward(True)``, independently of the Hopper forward's switch; with neither set, where
+  the call's tuned entry says it beat the portable backward (``attndsl.autotune``, which also
+  picks its :class:`HopperBwdConfig`), else where ``MEASURED_BWD_WINS`` lists the case (empty until
+  an H100 has measured it: off by default);
 * the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
   bfloat16, head dim 64 or 128 for q, k and v alike, q/k/v/dO whose strides a TMA descriptor takes,
   no low-rank bias, no block selection (a data-dependent mask's own block tables are fine: the
@@ -19,7 +21,7 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
 
 Deterministic runs (``deterministic=True``) take the Gluon kernel for dK/dV only; dQ then comes
 from the portable dQ kernel (one program per query tile, no atomics). Otherwise dQ is added into
-a float32 buffer with atomic adds and scaled and cast on the host.
+a float32 buffer by TMA reduce-adds and scaled and cast on the host.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import os
 import torch
 
 from ..codegen import hopper_bwd as _gen
-from .hopper import _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
+from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
 from .switches import Switch
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "enable_backward",
@@ -91,8 +93,11 @@ class HopperBwdConfig:
         return ring + kv + dq + 512
 
 
-#: shared memory a program may use on sm_90 (the H100's and the H200's 227 KiB, opted in)
-SM90_SHARED = 232448
+def sweep_configs(head_dim: int) -> list:
+    """The backward's configurations ``attndsl.autotune`` times: one or two consumer groups, rings
+    of 1 to 4 buffers, those that fit sm_90's shared memory with atomic dQ."""
+    cfgs = [HopperBwdConfig(stages=st, consumers=c) for c in (2, 1) for st in (2, 3, 4, 1)]
+    return [c for c in cfgs if c.shared_bytes(head_dim, True) <= SMEM_LIMIT]
 
 
 def bwd_config_for(head_dim: int) -> HopperBwdConfig:
@@ -118,6 +123,10 @@ class HopperBackward:
     def __init__(self, spec):
         self.spec = dataclasses.replace(hopper_spec(spec), name=f"{spec.name}_sm90bwd")
         self.unsupported = _gen.supports_backward(spec)
+        #: ``(HopperBwdConfig, whether it beat the portable backward)`` of a tuned entry
+        #: (``attndsl.runtime.tuned``) for this runner's calls; None: :func:`bwd_config_for` and
+        #: ``MEASURED_BWD_WINS``
+        self.tuned = None
         self._kernel = None
 
     def applies(self, q, k, v, dout, extras=None, tables=None, precise: bool = False) -> bool:
@@ -130,7 +139,7 @@ class HopperBackward:
             from .launch import BlockTables
             if not self.spec.data_dependent or type(tables) is not BlockTables:
                 return False
-        if on is None and not _measured_win(self.spec, q, k):
+        if on is None and not (_measured_win(self.spec, q, k) if self.tuned is None else self.tuned[1]):
             return False
         if k.shape[0] * k.shape[1] > 65535:  # the grid's second dimension: (batch, kv head)
             return False
@@ -155,11 +164,11 @@ class HopperBackward:
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
-        cfg = cfg or bwd_config_for(D)
+        cfg = cfg or (self.tuned and self.tuned[0]) or bwd_config_for(D)
         need = cfg.shared_bytes(D, not deterministic)
-        if need > SM90_SHARED:
+        if need > SMEM_LIMIT:
             raise ValueError(f"{cfg} needs about {need} bytes of shared memory at head dim {D}"
-                             f"{'' if deterministic else ' with atomic dQ'}, more than sm_90's {SM90_SHARED}: "
+                             f"{'' if deterministic else ' with atomic dQ'}, more than sm_90's {SMEM_LIMIT}: "
                              "use fewer stages or one consumer group")
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor

@@ -3,8 +3,10 @@ in effect (``docs/tuning.md``).
 
 An entry holds the portable kernels' tiles (forward, dK/dV, dQ), the backward's dQ mode ("dq_mode":
 "kernel", the dQ kernel, or "atomic", dQ added by the dK/dV kernel; ``config.atomic_dq``; entries
-without it: "kernel") and, where it was tuned, the Hopper forward's
-:class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward. Keys
+without it: "kernel") and, where they were tuned, the Hopper forward's
+:class:`~attndsl.runtime.hopper.HopperConfig` and whether it beat the portable forward, and the
+Hopper backward's :class:`~attndsl.runtime.hopper_bwd.HopperBwdConfig` and whether it beat the
+portable backward (entries without them: the built-in choice). Keys
 (:func:`entry_key`): the pattern (``KernelSpec.key``), ``Lq`` and ``Lkv`` rounded up to powers of two,
 the head dims, the GQA group, the dtype and the GPU. A GPU with no entry of its own takes the entry of a
 sibling: a GPU of the same architecture and SM count (``arch``, e.g. ``sm90-132`` for the H100 SXM and
@@ -31,6 +33,7 @@ import torch
 
 from .config import Configs, TileConfig
 from .hopper import HopperConfig
+from .hopper_bwd import HopperBwdConfig
 
 __all__ = ["Tuned", "entry_key", "entry_for", "entries", "export", "load", "clear", "reset", "user_file",
            "save", "bucket", "device_label", "device_arch", "SHIPPED_DIR", "KERNELS"]
@@ -44,7 +47,7 @@ FILE_NAME = "tuning.json"
 #: entries shipped with the package, read as defaults under the user's (``*.json`` here; may be empty)
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "tuned"
 #: the kernels an entry holds tiles for ("dq_mode": how the backward computes dQ, ``Configs.dq_mode``)
-KERNELS = ("fwd", "dkdv", "dq", "dq_mode", "hopper")
+KERNELS = ("fwd", "dkdv", "dq", "dq_mode", "hopper", "hopper_bwd")
 
 _LOCK = threading.Lock()
 _ENTRIES: list = []  # [dict key -> Tuned] once loaded (shipped, then the user's file over them)
@@ -56,7 +59,8 @@ _SIBLINGS: dict = {}  # (key without its GPU, arch) -> Tuned, the first by key (
 @dataclass(frozen=True)
 class Tuned:
     """One tuned entry: the portable kernels' tiles (``configs``) and, where the Hopper forward was
-    tuned, its tiles (``hopper``) and whether it beat the portable forward (``hopper_wins``)."""
+    tuned, its tiles (``hopper``) and whether it beat the portable forward (``hopper_wins``); the
+    same for the Hopper backward (``hopper_bwd``, ``hopper_bwd_wins``)."""
 
     key: str
     configs: Configs
@@ -64,18 +68,24 @@ class Tuned:
     hopper_wins: bool | None = None
     times: tuple = ()  # ((kernel, default ms, best ms), ...), for the record
     arch: str | None = None  # the tuning GPU's architecture and SM count (:func:`device_arch`)
+    hopper_bwd: HopperBwdConfig | None = None
+    hopper_bwd_wins: bool | None = None
 
     def install(self, runner) -> None:
         """Give ``runner`` (``launch.Runner``, just made) these tiles."""
         runner.cfg = self.configs
         if runner.hopper is not None and self.hopper_wins is not None:
             runner.hopper.tuned = (self.hopper, self.hopper_wins)
+        if getattr(runner, "hopper_bwd", None) is not None and self.hopper_bwd_wins is not None:
+            runner.hopper_bwd.tuned = (self.hopper_bwd, self.hopper_bwd_wins)
 
     def to_json(self) -> dict:
         c = self.configs
         return {"fwd": dataclasses.asdict(c.fwd), "dkdv": dataclasses.asdict(c.dkdv), "dq": dataclasses.asdict(c.dq),
                 "dq_mode": c.dq_mode, "hopper": None if self.hopper is None else dataclasses.asdict(self.hopper),
                 "hopper_wins": self.hopper_wins, "arch": self.arch,
+                "hopper_bwd": None if self.hopper_bwd is None else dataclasses.asdict(self.hopper_bwd),
+                "hopper_bwd_wins": self.hopper_bwd_wins,
                 "ms": {k: {"default": d, "best": b} for k, d, b in self.times}}
 
     @staticmethod
@@ -88,8 +98,10 @@ class Tuned:
         times = tuple((k, v.get("default"), v.get("best")) for k, v in (d.get("ms") or {}).items())
         cfgs = Configs(tile(d["fwd"]), tile(d["dkdv"]), tile(d["dq"]), dq_mode=str(d.get("dq_mode", "kernel")))
         arch = d.get("arch")
+        hb, hb_wins = d.get("hopper_bwd"), d.get("hopper_bwd_wins")
         return Tuned(key, cfgs, None if hop is None else HopperConfig(**hop), None if wins is None else bool(wins),
-                     times, None if arch is None else str(arch))
+                     times, None if arch is None else str(arch), None if hb is None else HopperBwdConfig(**hb),
+                     None if hb_wins is None else bool(hb_wins))
 
 
 def bucket(n: int) -> int:
