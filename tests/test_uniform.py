@@ -9,7 +9,7 @@ from attndsl import ir
 from attndsl.ir.evaluate import evaluate
 from attndsl.passes.uniform import uniform_loads
 from attndsl.patterns.relative_bias import relative_position_bias, t5_bucket, t5_bucket_bias
-from test_learnable import _case, causal, compare, randn
+from test_learnable import TOL, _case, causal, compare, randn
 
 H = 2
 
@@ -231,10 +231,13 @@ def test_run_loop_folds_a_scalar_bias_into_the_exponent():
 @pytest.mark.parametrize("scale", [0.3, 20.0, -20.0, 0.0])
 def test_t5_table_any_scale_sign_with_sinks(scale):
     """The run loop's fold holds for a positive scale only; other scales scale the scores first.
-    A table's own scalar added too (``+ slopes[h]``), sinks, GQA: output, lse and all gradients."""
+    A table's own scalar added too (``+ slopes[h]``), sinks, GQA: output, lse and all gradients.
+    A scale of 20 multiplies the float32 rounding of every score by 20 before the exponential (its
+    dV came to 3.3e-5 of the float64 reference with numpy 2.3's float32 ``exp`` in the interpreter):
+    the tolerance grows with the scale."""
     gen, (q, k, v) = _case(Hq=4, Hkv=2, Lq=120, Lkv=100, seed=31)
     table, slopes, sinks = randn(4, 16, gen=gen), randn(4, gen=gen), randn(4, gen=gen)
     t5 = t5_bucket_bias(table, 16, 40, bidirectional=False)
     compare(q, k, v, mask_mod=causal, score_mod=lambda s, b, h, q_, kv: t5(s, b, h, q_, kv) + slopes[h],
             learn=[table, slopes], extras=dict(sinks=sinks, scale=scale), lse_loss=True, block=16,
-            name=f"t5 runs, scale {scale}")
+            tol=TOL[torch.float32] * max(1.0, abs(scale) / 5), name=f"t5 runs, scale {scale}")
