@@ -178,7 +178,8 @@ class HopperBackward:
         lse, delta = lse.contiguous(), delta.contiguous()
         # dQ's float32 sum, added into by TMA (rows past Lq fall outside the descriptor); the
         # deterministic variant reads no descriptor of it, but its parameter needs one
-        dq_acc = q.new_zeros((B, Hq, Lq, D) if not deterministic else (1, 1, cfg.block_m, D), dtype=torch.float32)
+        dq_acc = (q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if not deterministic
+                  else q.new_empty((1, 1, cfg.block_m, D), dtype=torch.float32))
         descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32))
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
