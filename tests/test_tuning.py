@@ -393,13 +393,13 @@ def test_gpu_autotune_causal_entry_is_used(tmp_path, monkeypatch):
     taken by the next call's runner, and that the call matches the float64 reference."""
     monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path))
     tuning.reset()
-    from attndsl.runtime import hopper
+    from attndsl.runtime import hopper, hopper_bwd
     q, k, v = (torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     # a few candidates per kernel (each one compiles): the default's and some of candidate_tiles'
     cands = {"fwd": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 2, tma=True), TileConfig(128, 128, 8, 3)],
              "dkdv": [TileConfig(32, 128, 8, 2), TileConfig(64, 64, 4, 2)],
              "dq": [TileConfig(64, 64, 4, 2), TileConfig(128, 32, 8, 2)],
-             "hopper": hopper.sweep_configs(128)[:3]}
+             "hopper": hopper.sweep_configs(128)[:3], "hopper_bwd": hopper_bwd.sweep_configs(128)[:2]}
     res = tuning.autotune(causal, q, k, v, candidates=cands, rep=20)
     print(res)
     assert res.path.is_file() and res.best("fwd") is not None and res.best("dq") is not None
@@ -408,6 +408,8 @@ def test_gpu_autotune_causal_entry_is_used(tmp_path, monkeypatch):
     assert r.cfg == res.tuned.configs
     if res.tuned.hopper_wins is not None:
         assert r.hopper.tuned == (res.tuned.hopper, res.tuned.hopper_wins)
+    if res.tuned.hopper_bwd_wins is not None:
+        assert r.hopper_bwd.tuned == (res.tuned.hopper_bwd, res.tuned.hopper_bwd_wins)
     out = compiled(q, k, v)
     want, _ = attndsl.reference.attention(q, k, v, mask_mod=causal)
     assert float((out.double() - want).abs().max()) < 2e-2
