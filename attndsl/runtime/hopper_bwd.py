@@ -34,7 +34,7 @@ from ..codegen import hopper_bwd as _gen
 from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
 from .switches import Switch
 
-__all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "backward_enabled", "enable_backward",
+__all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "sweep_configs", "backward_enabled", "enable_backward",
            "compile_sm90_bwd", "smoke_test", "MEASURED_BWD_WINS"]
 
 #: Where the Hopper backward was measured faster than the portable one on an H100 (same run):
