@@ -5,9 +5,10 @@ portable forward's tiles, with ``backward=True`` the dK/dV and dQ kernels' too, 
 capability 9.0 GPU where the Hopper kernels apply the Hopper forward's
 :class:`~attndsl.runtime.hopper.HopperConfig` candidates and the Hopper backward's
 :class:`~attndsl.runtime.hopper_bwd.HopperBwdConfig` ones. Every candidate is first checked
-against the default configuration's result; one that is wrong, fails to compile or launch, or only launched with smaller tiles (shared memory) is
-skipped, with the reason recorded. The fastest of each kernel makes an entry, keyed by
-:func:`entry_key` (pattern, shape bucket, head dims, GQA group, dtype, GPU) and written to
+against the default configuration's result; one that is wrong, fails to compile or launch, or only
+launched with smaller tiles (shared memory) is skipped, with the reason recorded. The fastest of
+each kernel makes an entry, keyed by :func:`entry_key` (pattern, shape bucket, head dims, GQA
+group, dtype, GPU) and written to
 ``tuning.json`` in the kernel cache directory (``$ATTNDSL_CACHE_DIR``, see
 ``attndsl.runtime.cache``) atomically.
 

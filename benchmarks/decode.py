@@ -416,6 +416,11 @@ SWEEP_SMALL_PAGE_TILES = ((16, 4, 4), (16, 4, 6), (16, 2, 4))
 SWEEP_PER_SM = {"short": (1, 2, 4, 8), "many": (2, 8), "long": (2, 4)}
 
 
+def _page_size(layout: str) -> int:
+    """The page size of a sweep layout name (``paged16``, ``paged128_hnd``, ``paged16_inorder``; 0: contiguous)."""
+    return int(layout[5:].split("_")[0]) if layout.startswith("paged") else 0
+
+
 def sweep_cases(cpu: bool):
     """``(name, regime, B, L, window or None, layouts)``: the cases whose aims the first GPU run missed."""
     if cpu:
@@ -458,7 +463,7 @@ def sweep(args, dev, dtype, esize, gen, copy, emit, over_budget):
             for layout in layouts:
                 inorder = layout.endswith("_inorder")  # pages in allocation order, not shuffled
                 hnd = layout.endswith("_hnd")  # head-major pools
-                ps = int(layout[5:].split("_")[0]) if layout.startswith("paged") else 0
+                ps = _page_size(layout)
                 kk, vv = st.k, st.v
                 if layout == "contiguous_pad":
                     # the same cache with each (sequence, head) region one 64-row tile longer: do
@@ -537,8 +542,7 @@ def sweep_table(rows, gpu: str | None = None) -> str:
         if key in tuning:
             cur = tuple(tuning[key])
         else:  # a probe's layout name: the current row of its page size
-            ps = int(key[1][5:].split("_")[0]) if key[1].startswith("paged") else 0
-            cur = tuple(tuning_row((key[0], decode_layout(ps)), gpu))
+            cur = tuple(tuning_row((key[0], decode_layout(_page_size(key[1]))), gpu))
         t = {(r["sweep_case"], r["layout"], tuple(r["config"])): r for r in rs}
         lines.append(f"{key}: current {cur}")
         best, best_score = None, None

@@ -211,9 +211,9 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
     boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n,
-             "dq_desc": (cfg.block_m, head_dim)}
+             "dq_desc": cfg.block_m}
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hb.spec)), _gen.signature(hb.spec), hb.spec.buffers,
-                              dtype, head_dim, boxes, ("DK", "DV"), consts)
+                              dtype, head_dim, boxes, ("DK", "DV"), consts, float32=("dq_desc",))
 
 
 _SMOKE = r"""
