@@ -16,11 +16,13 @@ query tiles:
   ``Sᵀ = K·Qᵀ`` and ``dPᵀ = V·dOᵀ`` (both in flight together), ``Pᵀ = exp2(sᵀ − lse)`` from the
   forward's logsumexp, ``dV += Pᵀ·dO``, ``dSᵀ = Pᵀ∘(dPᵀ − delta)`` times ∂score_mod/∂score,
   ``dK += dSᵀ·Q``; and with ``DQ_ATOMIC`` the tile's ``dQ = dS·K`` (float32) added into a float32
-  buffer ``[B, H, Lq, D]`` as FlashAttention-3 adds it: stored to the group's shared-memory tile
-  and added by a TMA reduce-add (``cp.reduce.async.bulk.tensor``; rows past Lq dropped by the
-  descriptor), which runs on while the group goes on to the next tile (scaled and cast once at the
-  end, on the host). Without it (the deterministic option) the runtime runs the portable dQ
-  kernel, one program per query tile.
+  buffer ``[B, H, Lq, D]`` as FlashAttention-3 adds it (``_hopper_bwd_dq``): the groups put their
+  dSᵀ into one shared tile (mbarriers ``ds_ready``/``ds_empty``), each computes ``DQ_COLS`` columns
+  of dQ over all the program's keys (at D=64 the groups take turns by tile), stores them to its
+  shared-memory tile and adds them by a TMA reduce-add (``cp.reduce.async.bulk.tensor``; rows past
+  Lq dropped by the descriptor), which runs on while the group goes on to the next tile (scaled and
+  cast once at the end, on the host). Without it (the deterministic option) the runtime runs the
+  portable dQ kernel, one program per query tile.
 
 What depends on the pattern comes from the spec: the visit plan (full tiles first, with no mask
 code, then the partial ones; a per-tile classification where the plan has one), the mask on
@@ -48,7 +50,7 @@ from .prelude import module_header
 from .writer import Writer
 
 #: Bump when the generated Hopper backward changes meaning (part of the module's cache key).
-HOPPER_BWD_VERSION = 2
+HOPPER_BWD_VERSION = 3
 
 #: the TMA reduce-add (Triton 3.6's Gluon has the operation in its builder, not in its language)
 IMPORTS = "from attndsl.runtime.gluon_ops import async_atomic_add, fence_async_shared"
@@ -87,6 +89,47 @@ def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v
             cnt += 1
 '''
 
+DQ = '''
+
+@gluon.jit
+def _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_smem, dq_desc, ds_ready, ds_empty, cnt, b, h, q_lo, C: gl.constexpr,
+                   CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                   DQ_COLS: gl.constexpr):
+    """A query tile's dQ = dS·K, shared out over the consumer groups as FlashAttention-3 does: each
+    group puts ``ds16`` (dSᵀ of its keys) into the program's shared dSᵀ; then each takes DQ_COLS
+    columns of dQ over all the program's keys (groups past the column count take turns by tile),
+    stores them to its shared tile and adds them into float32 dQ by a TMA reduce-add, which runs on
+    while the group goes on (rows past LQ are dropped). One add per program and tile rather than
+    one per group, and a [BLOCK_M, DQ_COLS] accumulator beside dK and dV rather than
+    [BLOCK_M, HEAD_D], which did not fit the registers at D=128 (ptxas serialised the wgmmas)."""
+    GROUPS: gl.constexpr = HEAD_D // DQ_COLS
+    TURNS: gl.constexpr = CONSUMERS // GROUPS
+    COL: gl.constexpr = (C % GROUPS) * DQ_COLS  # the group's first column of dQ
+    # every group's product of the previous tile has read the shared dSᵀ (a fresh barrier counts as
+    # having completed the phase before its first)
+    mbarrier.wait(ds_empty, (cnt & 1) ^ 1)
+    ds_smem.slice(C * BLOCK_N, BLOCK_N).store(ds16)
+    fence_async_shared()  # the group's stores, seen by the other group's wgmma (the async proxy)
+    mbarrier.arrive(ds_ready, count=1)
+    mbarrier.wait(ds_ready, cnt & 1)
+    if cnt % TURNS == C // GROUPS:
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, DQ_COLS, 16])
+        dq = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
+        for c in gl.static_range(CONSUMERS):  # dS·K over each group's keys
+            dq = warpgroup_mma(ds_smem.slice(c * BLOCK_N, BLOCK_N).permute((1, 0)),
+                               k_smem.index(c).reshape([BLOCK_N, HEAD_D]).slice(COL, DQ_COLS, dim=1), dq, is_async=True)
+        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+        mbarrier.arrive(ds_empty, count=1)
+        # the previous tile's add has read the shared tile: refill it
+        tma.store_wait(0)
+        dq_smem.reshape([BLOCK_M, DQ_COLS]).store(dq)
+        fence_async_shared()
+        async_atomic_add(dq_desc, [b, h, q_lo, COL], dq_smem)
+    else:
+        mbarrier.arrive(ds_empty, count=1)
+'''
+
 
 def supports_backward(spec: KernelSpec) -> str | None:
     """None when this target renders ``spec``'s backward; else why not (the runtime records it and
@@ -113,7 +156,7 @@ def signature(spec: KernelSpec) -> tuple:
     t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc", "DK", "DV", "Lse", "Delta")]
     i = [Param(n, "int") for n in ("stride_dkb", "stride_dkh", "stride_dkn", "stride_dvb", "stride_dvh", "stride_dvn",
                                    "HQ", "HKV", "GROUP", "LQ", "LKV")]
-    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC")]
+    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC", "DQ_COLS")]
     return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + list(_table_params(spec)) + c)
 
 
@@ -218,13 +261,13 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
     name = kernel_name(spec)
     w.code(f"""
     @gluon.jit
-    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, dq_desc, DK, DV,
-                 Lse, Delta,
+    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, dq_smem, ds_smem, kv_bar, q_ready, do_ready, qdo_empty,
+                 ds_ready, ds_empty, dq_desc, DK, DV, Lse, Delta,
                  stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, kv_lo, kv_hi,
-                 kv0, HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}{_table_names(spec)}
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                 DQ_ATOMIC: gl.constexpr):
-        \"\"\"dK and dV of keys kv0..kv0+BLOCK_N (one warp group), and each visited query tile's dQ.\"\"\"
+                 HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}{_table_names(spec)}
+                 C: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_COLS: gl.constexpr):
+        \"\"\"Consumer group C: dK and dV of keys kv0..kv0+BLOCK_N, and its share of each visited query tile's dQ.\"\"\"
         # the transposed score tile [BLOCK_N keys, BLOCK_M queries], the [BLOCK_N, HEAD_D]
         # accumulators (dK, dV) and their A operands from registers
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
@@ -233,18 +276,16 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         q_max = LQ - 1
         kv_max = LKV - 1
+        kv0 = kv_lo + C * BLOCK_N
         offs_n = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         kv_idx = gl.expand_dims(offs_n, 1)
         offs_m0 = gl.arange(0, BLOCK_M, layout=col_layout)
-        k_tile = k_smem.reshape([BLOCK_N, HEAD_D])  # this group's [1, 1, BLOCK_N, D] TMA boxes
-        v_tile = v_smem.reshape([BLOCK_N, HEAD_D])
+        k_tile = k_smem.index(C).reshape([BLOCK_N, HEAD_D])  # this group's [1, 1, BLOCK_N, D] TMA boxes
+        v_tile = v_smem.index(C).reshape([BLOCK_N, HEAD_D])
+        dq_tile = dq_smem.index(C)  # the group's [1, 1, BLOCK_M, DQ_COLS] TMA box of dQ
         dtype: gl.constexpr = k_smem.dtype
         # keys past LKV (zeros from TMA) add nothing to dQ whatever their score
         kv_pad = kv0 + BLOCK_N > LKV
-        # dQ's [BLOCK_M, HEAD_D] accumulator, and the group's shared tile it leaves through
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_D, 16])
-        dq_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2)
-        dq_tile = dq_smem.reshape([BLOCK_M, HEAD_D])  # a [1, 1, BLOCK_M, D] TMA box
     """)
     with w.indented():
         w.emitted(_indent(plan0, w.ind))
@@ -256,7 +297,6 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         dk = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         dv = gl.zeros([BLOCK_N, HEAD_D], gl.float32, layout=a_layout)
         s0 = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-        dq0 = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=dq_layout)
         mbarrier.wait(kv_bar, 0)
         cnt = 0
         """)
@@ -318,30 +358,20 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                     ds16 = dsT.to(dtype)
                     dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
                     if DQ_ATOMIC:
-                        # dQ = dS·K: dS from registers (the transposed tile through the layout
-                        # conversion's shared-memory round trip)
-                        ds = gl.convert_layout(gl.permute(ds16, (1, 0)), dq_op_layout)
-                        # dV done (it was issued before dSᵀ): fewer accumulators in flight with dK and dQ
-                        # (ptxas serialises the wgmmas when they do not fit the registers at once)
-                        dv = warpgroup_mma_wait(num_outstanding=1, deps=(dv, ))
-                        dq = warpgroup_mma(ds, k_tile, dq0, use_acc=False, is_async=True)
-                        dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-                        mbarrier.arrive(qdo_empty.index(slot), count=1)
-                        # the previous tile's reduce-add has read the shared tile: refill it, and add it
-                        # into float32 dQ by TMA while this group goes on (rows past LQ are dropped)
-                        tma.store_wait(0)
-                        dq_tile.store(dq)
-                        fence_async_shared()
-                        async_atomic_add(dq_desc, [b, h, q_lo, 0], dq_smem)
-                    else:
-                        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-                        mbarrier.arrive(qdo_empty.index(slot), count=1)
+                        _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_tile, dq_desc, ds_ready, ds_empty, cnt, b, h, q_lo, C,
+                                       CONSUMERS, BLOCK_M, BLOCK_N, HEAD_D, DQ_COLS)
+                    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+                    mbarrier.arrive(qdo_empty.index(slot), count=1)
                     """)
                 if own is not None:
                     w.code("""
                     else:
                         mbarrier.wait(q_ready.index(slot), phase)
                         mbarrier.wait(do_ready.index(slot), phase)
+                        if DQ_ATOMIC:  # this group's dSᵀ is zero; it still takes its share of dQ
+                            _hopper_bwd_dq(gl.zeros([BLOCK_N, BLOCK_M], dtype, layout=s_layout), ds_smem, k_smem,
+                                           dq_tile, dq_desc, ds_ready, ds_empty, cnt, b, h, q_lo, C, CONSUMERS, BLOCK_M,
+                                           BLOCK_N, HEAD_D, DQ_COLS)
                         mbarrier.arrive(qdo_empty.index(slot), count=1)
                     """)
                 w.line("cnt += 1")
@@ -380,14 +410,21 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
-        # each group's dQ tile on its way to the TMA reduce-add (the deterministic variant leaves it unused)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, 1, 1, BLOCK_M, HEAD_D], dq_desc.layout)
+        # dSᵀ of the program's keys, shared by the groups for dQ, and each group's share of a dQ tile on
+        # its way to the TMA reduce-add (the deterministic variant leaves both unused: no shared memory)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([CONSUMERS * BLOCK_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * BLOCK_N, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, 1, 1, BLOCK_M, DQ_COLS], dq_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, BLOCK_N, HEAD_D], v_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ds_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        mbarrier.init(ds_ready, count=CONSUMERS)
+        mbarrier.init(ds_empty, count=CONSUMERS)
         for i in gl.static_range(STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
@@ -395,12 +432,12 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
     ''')
     with w.indented():
         bufs = _buffer_names(spec)
-        common = ("q_smem, do_smem, k_smem.index({c}), v_smem.index({c}), dq_smem.index({c}), kv_bar, q_ready, do_ready, "
-                  "qdo_empty, dq_desc, DK, DV, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, "
-                  "kv_lo, kv_hi, kv_lo + {c} * BLOCK_N, HQ, GROUP, LQ, LKV, sm_scale, ")
+        common = ("q_smem, do_smem, k_smem, v_smem, dq_smem, ds_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, "
+                  "ds_empty, dq_desc, DK, DV, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, "
+                  "stride_dvn, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, sm_scale, ")
         bufs += _table_names(spec)
-        consumer = [f"({name}_consumer, ({common.format(c=c)}{bufs}BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_ATOMIC))"
-                    for c in range(2)]
+        consumer = [f"({name}_consumer, ({common}{bufs}{c}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CONSUMERS, DQ_ATOMIC, "
+                    "DQ_COLS))" for c in range(2)]
         load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, "
                 f"do_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
                 "CONSUMERS))")
@@ -421,6 +458,7 @@ def render(spec: KernelSpec) -> str:
     w.code(GLUON_HELPERS)
     w.emitted(LOADER.replace("{plan0}", _indent(plan0, "    ").rstrip("\n"))
               .replace("{plan1}", _indent(plan1, "        ").rstrip("\n")).replace("{bufs}", _buffer_names(spec) + _table_names(spec)).replace("{tile}", _tile_line(spec)))
+    w.emitted(DQ)
     w.line()
     w.line("#: registers per thread of a worker consumer warp group and of the producer warp (setmaxnreg)")
     w.line("CONSUMER_REGS = gl.constexpr(240)")

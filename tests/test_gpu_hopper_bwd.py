@@ -174,10 +174,11 @@ def test_strided_views():
         assert rel(g, want) <= TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("consumers,stages,D", [(1, 1, 128), (1, 3, 128), (2, 1, 128), (2, 3, 64)])
+@pytest.mark.parametrize("consumers,stages,D", [(1, 1, 128), (1, 3, 128), (2, 1, 128), (2, 3, 128), (2, 3, 64),
+                                                (1, 2, 64)])
 def test_other_tiles(consumers, stages, D):
-    """One or two consumer groups, ring depths, called directly (dense and causal inputs). Two
-    groups with a 3-deep ring do not fit D=128 with atomic dQ (``test_hopper_codegen``)."""
+    """One or two consumer groups, ring depths, called directly (dense and causal inputs): dQ's
+    columns split over two groups (D=128), taken in turns by two (D=64), or all one group's."""
     for name in ("dense", "causal"):
         comp = compiled(name)
         mask, _ = PATTERNS[name]

@@ -237,13 +237,14 @@ def _box_layout(gl, rows: int, d: int, el):
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], el)
 
 
-def _descriptor(TensorDescriptor, gl, t: torch.Tensor, rows: int, el):
-    """A 4-D descriptor over ``t`` [B, H, L, D] with [1, 1, rows, D] boxes: rows past L read as
-    zeros, and are dropped from writes."""
+def _descriptor(TensorDescriptor, gl, t: torch.Tensor, rows: int, el, cols: int | None = None):
+    """A 4-D descriptor over ``t`` [B, H, L, D] with [1, 1, rows, cols] boxes (cols: D unless
+    given): rows past L read as zeros, and are dropped from writes."""
     d = t.shape[-1]
+    cols = cols or d
     # a dim of one element may have any stride in torch: give it one TMA accepts
     strides = [st if n > 1 else d for n, st in zip(t.shape[:-1], t.stride()[:-1])] + [1]
-    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, d], _box_layout(gl, rows, d, el))
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols], _box_layout(gl, rows, cols, el))
 
 
 def call_fits(extras, q, k, *more) -> bool:
@@ -414,7 +415,8 @@ _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int6
 def compile_gluon_sm90(fn, params, buffers, dtype: str, head_dim: int, boxes: dict, own: tuple, consts: dict,
                        float32: tuple = ()):
     """Compile the Gluon kernel ``fn`` (parameters ``params``, ``Param`` s) for sm_90 with no GPU:
-    ``boxes`` maps its descriptor parameters to their box rows (over [B, H, L, head_dim] tensors of
+    ``boxes`` maps its descriptor parameters to their box rows, or (rows, columns) where a box is
+    narrower than the head dim (over [B, H, L, head_dim] tensors of
     ``dtype``, "bf16" or "fp16"; of float32 for the descriptors ``float32`` names), ``own`` names the
     pointers of that dtype; the captured tensors'
     (``buffers``) pointers take their element types, block tables int32, other pointers float32."""
@@ -426,7 +428,8 @@ def compile_gluon_sm90(fn, params, buffers, dtype: str, head_dim: int, boxes: di
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     el = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    base = torch.empty(1, 1, 16 * max(boxes.values()), head_dim, dtype=tdt)
+    boxes = {n: (r, None) if isinstance(r, int) else r for n, r in boxes.items()}
+    base = torch.empty(1, 1, 16 * max(r for r, _ in boxes.values()), head_dim, dtype=tdt)
     bufs = {f"buf{b.slot}": str(b.torch_dtype).replace("torch.", "") for b in buffers}
     sig = {}
     for p in params:
@@ -434,8 +437,9 @@ def compile_gluon_sm90(fn, params, buffers, dtype: str, head_dim: int, boxes: di
             sig[p.name] = "constexpr"
         elif p.name in boxes:
             f32 = p.name in float32
-            sig[p.name] = mangle_type(_descriptor(TensorDescriptor, gl, base.float() if f32 else base, boxes[p.name],
-                                                  gl.float32 if f32 else el))
+            rows, cols = boxes[p.name]
+            sig[p.name] = mangle_type(_descriptor(TensorDescriptor, gl, base.float() if f32 else base, rows,
+                                                  gl.float32 if f32 else el, cols))
         elif p.name in own:
             sig[p.name] = "*" + dtype
         elif p.name in bufs:

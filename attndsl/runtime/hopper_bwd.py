@@ -81,15 +81,23 @@ class HopperBwdConfig:
             # one wgmma row block per warp group, and dQ's tile shares dK/dV's layout
             raise ValueError(f"block_m and block_n must be 64, got {self.block_m}, {self.block_n}")
 
+    def dq_cols(self, head_dim: int) -> int:
+        """Columns of a dQ tile each consumer group computes (``DQ_COLS``): the groups split the head
+        dim where each share is a whole 128-byte swizzle row of bf16 (64 columns or more); else each
+        group computes all of it, the groups taking turns by query tile."""
+        share = head_dim // self.consumers
+        return share if share >= 64 else head_dim
+
     def shared_bytes(self, head_dim: int, dq_atomic: bool) -> int:
         """Shared memory of one program (bf16/fp16 inputs): the K/V tiles (consumers·2·block_n·D),
-        the Q/dO ring (stages·2·block_m·D), two bytes each, and with ``dq_atomic`` each group's
-        float32 dQ tile (block_m·D·4) and its layout conversion of dS (block_m·block_n·2), plus the
-        barriers. Matches the compiled kernels' figure to within a few hundred bytes (Triton 3.6:
-        213056 at D=128 with 2 stages and two groups, 147568 at D=64 with 4)."""
+        the Q/dO ring (stages·2·block_m·D), two bytes each, and with ``dq_atomic`` the program's
+        dSᵀ (consumers·block_n·block_m, two bytes) and each group's float32 share of a dQ tile
+        (block_m·dq_cols·4), plus the barriers. Matches the compiled kernels' figure to within a few
+        hundred bytes (Triton 3.6)."""
         ring = self.stages * 2 * self.block_m * head_dim * 2
         kv = self.consumers * 2 * self.block_n * head_dim * 2
-        dq = self.consumers * (self.block_m * head_dim * 4 + self.block_m * self.block_n * 2) if dq_atomic else 0
+        dq = (self.consumers * (self.block_m * self.dq_cols(head_dim) * 4 + self.block_n * self.block_m * 2)
+              if dq_atomic else 0)
         return ring + kv + dq + 512
 
 
@@ -180,7 +188,8 @@ class HopperBackward:
         # deterministic variant reads no descriptor of it, but its parameter needs one
         dq_acc = (q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if not deterministic
                   else q.new_empty((1, 1, cfg.block_m, D), dtype=torch.float32))
-        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32))
+        dq_cols = cfg.dq_cols(D)
+        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, dq_cols))
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
         tbl = []
@@ -191,7 +200,8 @@ class HopperBackward:
         self.kernel()[grid](*descs, dk, dv, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
                             dv.stride(0), dv.stride(1), dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv, float(scale),
                             *buffer_args(buffers), *tbl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
-                            STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, num_warps=4)
+                            STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, DQ_COLS=dq_cols,
+                            num_warps=4)
         if deterministic:
             return None
         return (dq_acc * scale).to(q.dtype)
@@ -209,9 +219,9 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
         raise ValueError(f"the Hopper target does not render this pattern's backward: {hb.unsupported}")
     mod = cache.load(hb.spec, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
-                  CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic)
+                  CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic, DQ_COLS=cfg.dq_cols(head_dim))
     boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n,
-             "dq_desc": cfg.block_m}
+             "dq_desc": (cfg.block_m, cfg.dq_cols(head_dim))}
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hb.spec)), _gen.signature(hb.spec), hb.spec.buffers,
                               dtype, head_dim, boxes, ("DK", "DV"), consts, float32=("dq_desc",))
 
