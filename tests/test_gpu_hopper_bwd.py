@@ -111,6 +111,13 @@ def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, deterministic=False):
         g = got[i]
         assert g.shape == want.shape and g.dtype == dtype, (n, ctx)
         assert not g.isnan().any(), f"{n} has NaN ({ctx})"
+        if float(want.abs().max()) < 1e-3:
+            # zero in exact arithmetic (every row sees one key: its softmax is constant): both the
+            # portable and the Hopper backward give rounding noise (about 1e-7 per query row in
+            # float16, measured on an H100), which a relative error would call 70%
+            err, tri_err = ((t.double() - want).abs().max().item() for t in (g, tri[i]))
+            assert err <= 2 * tri_err + 1e-6, f"{n} vs float64: {err:.3g}, portable {tri_err:.3g} ({ctx})"
+            continue
         assert rel(g, want) <= TOL[dtype], f"{n} vs float64: {rel(g, want):.3g} ({ctx})"
         # no worse than the portable backward, within rounding of the output dtype
         assert rel(g, tri[i]) <= 2 * TOL[dtype], f"{n} vs Triton: {rel(g, tri[i]):.3g} ({ctx})"
