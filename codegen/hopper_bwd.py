@@ -9,7 +9,9 @@ query tiles:
   of every query tile the spec's dK/dV visit plan (``spec.bwd_range``, ``codegen/plan.py``) names,
   for every query head of the kv head's group (GQA), into a ring of ``STAGES`` shared-memory
   buffers through TMA, guarded by mbarriers ``q_ready``/``do_ready`` (the bytes arrived) and
-  ``qdo_empty`` (every consumer is done with the buffer);
+  ``qdo_empty`` (every consumer is done with the buffer), and beside each buffer the forward's
+  statistics of its rows (lse in log2 units, delta; ``stat_ready``), which the consumers read from
+  shared memory rather than each from global memory;
 * ``CONSUMERS`` consumer warp groups (``{name}_bwd_sm90_consumer``), each keeping the dK and dV of
   its own ``BLOCK_N`` keys in registers (wgmma accumulators) over the shared Q/dO stream. Per query
   tile, transposed as the portable dK/dV kernel is (keys on the rows):
@@ -50,7 +52,7 @@ from .prelude import module_header
 from .writer import Writer
 
 #: Bump when the generated Hopper backward changes meaning (part of the module's cache key).
-HOPPER_BWD_VERSION = 3
+HOPPER_BWD_VERSION = 4
 
 #: the TMA reduce-add (Triton 3.6's Gluon has the operation in its builder, not in its language)
 IMPORTS = "from attndsl.runtime.gluon_ops import async_atomic_add, fence_async_shared"
@@ -58,18 +60,22 @@ IMPORTS = "from attndsl.runtime.gluon_ops import async_atomic_add, fence_async_s
 LOADER = '''
 
 @gluon.jit
-def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready,
-                     qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, Lse, Delta, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                     delta_smem, kv_bar, q_ready, do_ready, stat_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ,
+                     GROUP, LQ, LKV, {bufs}BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     CONSUMERS: gl.constexpr):
     """The producer warp: the program's K and V tiles once, then Q and dO of each visited query
-    tile (every query head of the group) into the ring. 4-D descriptors over [B, H, L, D]: rows
-    past a head's length read as zeros. The captured tensors, for a visit plan that reads them."""
+    tile (every query head of the group) into the ring, and the forward's statistics of its rows
+    (lse in log2 units, a dead row's -inf as 0: its P is 0; delta) beside them. 4-D descriptors
+    over [B, H, L, D]: rows past a head's length read as zeros. The captured tensors, for a visit
+    plan that reads them."""
     mbarrier.expect(kv_bar, CONSUMERS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for c in gl.static_range(CONSUMERS):
         tma.async_copy_global_to_shared(k_desc, [b, hk, kv_lo + c * BLOCK_N, 0], kv_bar, k_smem.index(c))
         tma.async_copy_global_to_shared(v_desc, [b, hk, kv_lo + c * BLOCK_N, 0], kv_bar, v_smem.index(c))
     q_max = LQ - 1
     kv_max = LKV - 1
+    offs_stat = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [1], [0]))
 {plan0}
     cnt = 0
     for g in range(0, GROUP):
@@ -86,6 +92,15 @@ def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v
             tma.async_copy_global_to_shared(q_desc, [b, h, row, 0], q_ready.index(slot), q_smem.index(slot))
             mbarrier.expect(do_ready.index(slot), do_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(do_desc, [b, h, row, 0], do_ready.index(slot), do_smem.index(slot))
+            # the consumers read the statistics from shared memory: read from global memory by each
+            # consumer thread, 32 values a tile, their latency stalled the groups (ncu, H100 2026-12-07:
+            # long-scoreboard stalls 6.5 cycles per issued instruction against the portable kernel's 0.5)
+            rows = row + offs_stat
+            stat = (b * HQ + h).to(gl.int64) * LQ + rows
+            lse = gl.load(Lse + stat, mask=rows < LQ, other=0.0)
+            lse_smem.index(slot).store(gl.where(lse == float("-inf"), 0.0, lse * LOG2E))
+            delta_smem.index(slot).store(gl.load(Delta + stat, mask=rows < LQ, other=0.0))
+            mbarrier.arrive(stat_ready.index(slot), count=1)
             cnt += 1
 '''
 
@@ -261,8 +276,8 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
     name = kernel_name(spec)
     w.code(f"""
     @gluon.jit
-    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, dq_smem, ds_smem, kv_bar, q_ready, do_ready, qdo_empty,
-                 ds_ready, ds_empty, dq_desc, DK, DV, Lse, Delta,
+    def {name}_consumer(q_smem, do_smem, k_smem, v_smem, dq_smem, ds_smem, lse_smem, delta_smem, kv_bar, q_ready,
+                 do_ready, stat_ready, qdo_empty, ds_ready, ds_empty, dq_desc, DK, DV,
                  stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, kv_lo, kv_hi,
                  HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}{_table_names(spec)}
                  C: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
@@ -303,7 +318,6 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
         with w.block("for g in range(0, GROUP):"):
             w.code("""
             h = hk * GROUP + g
-            bh = (b * HQ + h).to(gl.int64)
             """)
             w.emitted(_indent(plan1, w.ind))
             w.emitted(em.take(1, w.ind))
@@ -327,10 +341,6 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                     w.line("if visit:")
                 with w.indented(own is not None):
                     w.code("""
-                    # the forward's statistics, in log2 units (a dead row's -inf as 0: its P is 0)
-                    lse = gl.load(Lse + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
-                    lse = gl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-                    delta = gl.load(Delta + bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
                     q_tile = _kv_tile(q_smem, slot)
                     do_tile = _kv_tile(do_smem, slot)
                     mbarrier.wait(q_ready.index(slot), phase)
@@ -339,6 +349,9 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                     dpT = warpgroup_mma(v_tile, do_tile.permute((1, 0)), s0, use_acc=False, is_async=True)
                     # wgmma groups complete in order: one pending means Sᵀ is done, dPᵀ may not be
                     qkT = warpgroup_mma_wait(num_outstanding=1, deps=(qkT, ))
+                    # the forward's statistics of the tile's rows (the producer's, in log2 units)
+                    mbarrier.wait(stat_ready.index(slot), phase)
+                    lse = lse_smem.index(slot).load(col_layout)
                     """)
                     w.emitted(_indent(score, w.ind))
                     with w.block("if is_partial:"):
@@ -348,7 +361,7 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                     pT = gl.exp2(s - gl.expand_dims(lse, 0))
                     dv = warpgroup_mma(gl.convert_layout(pT.to(dtype), op_layout), do_tile, dv, is_async=True)
                     dpT = warpgroup_mma_wait(num_outstanding=1, deps=(dpT, ))
-                    dsT = pT * (dpT - gl.expand_dims(delta, 0))
+                    dsT = pT * (dpT - gl.expand_dims(delta_smem.index(slot).load(col_layout), 0))
                     """)
                     if spec.score is not None:
                         w.line("dsT = dsT * dmod")
@@ -420,6 +433,11 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # the forward's statistics of each ring buffer's rows
+        stat_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stat_layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stat_layout)
+        stat_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         ds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ds_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
@@ -428,18 +446,19 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
         for i in gl.static_range(STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(stat_ready.index(i), count=1)
             mbarrier.init(qdo_empty.index(i), count=CONSUMERS)
     ''')
     with w.indented():
         bufs = _buffer_names(spec)
-        common = ("q_smem, do_smem, k_smem, v_smem, dq_smem, ds_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, "
-                  "ds_empty, dq_desc, DK, DV, Lse, Delta, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, "
+        common = ("q_smem, do_smem, k_smem, v_smem, dq_smem, ds_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready, "
+                  "stat_ready, qdo_empty, ds_ready, ds_empty, dq_desc, DK, DV, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, "
                   "stride_dvn, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, sm_scale, ")
         bufs += _table_names(spec)
         consumer = [f"({name}_consumer, ({common}{bufs}{c}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CONSUMERS, DQ_ATOMIC, "
                     "DQ_COLS))" for c in range(2)]
-        load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, "
-                f"do_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
+        load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, Lse, Delta, q_smem, do_smem, k_smem, v_smem, "
+                f"lse_smem, delta_smem, kv_bar, q_ready, do_ready, stat_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
                 "CONSUMERS))")
         partitions(w, consumer, load)
 

@@ -90,15 +90,16 @@ class HopperBwdConfig:
 
     def shared_bytes(self, head_dim: int, dq_atomic: bool) -> int:
         """Shared memory of one program (bf16/fp16 inputs): the K/V tiles (consumers·2·block_n·D),
-        the Q/dO ring (stages·2·block_m·D), two bytes each, and with ``dq_atomic`` the program's
-        dSᵀ (consumers·block_n·block_m, two bytes) and each group's float32 share of a dQ tile
-        (block_m·dq_cols·4), plus the barriers. Matches the compiled kernels' figure to within a few
-        hundred bytes (Triton 3.6)."""
-        ring = self.stages * 2 * self.block_m * head_dim * 2
+        the Q/dO ring (stages·2·block_m·D), two bytes each, with each buffer's forward statistics
+        (lse and delta, block_m·8 bytes), and with ``dq_atomic`` the program's dSᵀ
+        (consumers·block_n·block_m, two bytes) and each group's float32 share of a dQ tile
+        (block_m·dq_cols·4), plus the barriers. At most 300 bytes above the compiled kernels' figure
+        (Triton 3.6), never under."""
+        ring = self.stages * (2 * self.block_m * head_dim * 2 + self.block_m * 8)
         kv = self.consumers * 2 * self.block_n * head_dim * 2
         dq = (self.consumers * (self.block_m * self.dq_cols(head_dim) * 4 + self.block_n * self.block_m * 2)
               if dq_atomic else 0)
-        return ring + kv + dq + 512
+        return ring + kv + dq + 768
 
 
 def sweep_configs(head_dim: int) -> list:
