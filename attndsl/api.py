@@ -256,7 +256,7 @@ class CompiledAttention:
                                     check_indices=check_indices, block_tables=block_tables, scale=scale,
                                     return_lse=return_lse, sigmoid_bias=sigmoid_bias, sinks=sinks,
                                     bias_factors=bias_factors)
-        plain = sigmoid_bias is None and block_tables is None and not self.deterministic
+        plain = sigmoid_bias is None and not self.deterministic
         if plain:  # the common call: its checks were passed by an earlier call of the same key
             pkey = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
             plans = self.__dict__.get("_plans")
@@ -266,10 +266,14 @@ class CompiledAttention:
             if plan is not None:
                 if sinks is not None:  # values: once per version of the tensor
                     check_sink_values(sinks)
+                if block_tables is not None and self.spec.data_dependent and block_tables.shape != plan.shape:
+                    raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has "
+                                     f"{plan.shape}")
                 if bias_factors is None:
-                    return self._run(plan, tensors, query, key, value, scale, sinks, None, None, None, check_indices)
+                    return self._run(plan, tensors, query, key, value, scale, sinks, None, None, block_tables,
+                                     check_indices)
                 u, w = bias_factors
-                return self._run(plan, tensors, query, key, value, scale, sinks, u, w, None, check_indices)
+                return self._run(plan, tensors, query, key, value, scale, sinks, u, w, block_tables, check_indices)
         check_inputs(query, key, value, scale)
         check_captured(tensors, query.device)
         check_extras(query, key, normalizer=self.spec.normalizer, return_lse=return_lse, sinks=sinks,
