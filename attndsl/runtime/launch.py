@@ -223,7 +223,8 @@ class Runner:
         """Launch, and return the launch of later argument lists of the same key (``_launch``)."""
         return fastlaunch.prepared(kernel, grid, args, consts, self.interpret, num_warps, num_stages)
 
-    def call_key(self, q, k, v, scale, extras, buffers) -> tuple:
+    @staticmethod
+    def call_key(q, k, v, scale, extras, buffers) -> tuple:
         """What fixes every launch decision of a forward call (tiles, grid, constants, the arguments'
         specialisation) but the tensors' addresses: q/k/v's dtype, shapes, strides and alignment, the
         scale's sign, the extra and captured tensors. Calls with one key share memoised launches."""

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .launch import Extras
+from .launch import Extras, Prepared, Runner
 
 #: registry key -> CompiledAttention (the template whose runners the ops use; its own captured
 #: tensors are not read: the op's ``buffers`` are). Grows by distinct patterns only and is never
@@ -66,6 +66,26 @@ def _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block):
     return r, (r.new_tables(q, k, buffers) if compiled.spec.data_dependent else None)
 
 
+def _prepared(compiled, q, k, v, scale, extras, buffers):
+    """(runner, ``launch.Prepared``) of a dense call without block tables, kept per call key as the
+    eager path's call plans keep them (``attndsl.api``): a later call of the key skips the runner
+    lookup and takes the key's prepared launches (``Runner.forward_prepared``/``backward_prepared``),
+    forward and backward alike. Kept on the registered pattern for its runners (a new set of runners,
+    after ``attndsl.autotune`` installs entries or ``attndsl.clear_cache``, starts a new map)."""
+    from ..api import _MAX_PLANS, _Plans
+    plans = compiled.__dict__.get("_op_plans")
+    if plans is None or plans.runners is not compiled._runners:
+        plans = compiled._op_plans = _Plans(compiled._runners)
+    key = Runner.call_key(q, k, v, scale, extras, buffers)
+    pkey = (q.device, v.shape, key)  # runners are per device and value head dim
+    got = plans.get(pkey)
+    if got is None:
+        if len(plans) >= _MAX_PLANS:  # dynamic shapes: one key per length
+            plans.clear()
+        got = plans[pkey] = (compiled.runner(q, v.shape[-1], k), Prepared(key))
+    return got
+
+
 def _memo_key(r, q, k, v, scale, extras, buffers, tables):
     """The runner's launch-memo key of a dense call (as the eager path passes it): later calls of the
     key replay the launch decisions (grid, constants, specialisation). None with block tables (their
@@ -86,6 +106,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, buffers: list[Tensor], sinks:
     if indices is not None:
         from ..selectors.sparse import gather_runner
         out, lse = gather_runner(compiled, q, v.shape[-1]).forward(q, k, v, indices, scale, buffers, extras)
+    elif blocks is None and not compiled.spec.data_dependent:
+        r, prepared = _prepared(compiled, q, k, v, scale, extras, buffers)
+        out, lse = r.forward_prepared(prepared, q, k, v, scale, buffers, extras)
     else:
         r, tables = _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block)
         out, lse, _ = r.forward(q, k, v, scale, buffers, tables, extras, key=_memo_key(r, q, k, v, scale, extras,
@@ -133,6 +156,10 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dou
             lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         dq, dk, dv, dsinks, du, dw, dbufs = gather_runner(compiled, q, v.shape[-1]).backward(
             q, k, v, indices, out, lse, dout, dlse if softmax else None, scale, buffers, extras)
+    elif blocks is None and not compiled.spec.data_dependent:
+        r, prepared = _prepared(compiled, q, k, v, scale, extras, buffers)
+        dq, dk, dv, dsinks, du, dw, dbufs = r.backward_prepared(prepared, q, k, v, out, lse if softmax else None, dout,
+                                                                dlse if softmax else None, scale, buffers, extras)
     else:
         r, tables = _dense_runner(compiled, q, k, v, buffers, blocks, q_block, kv_block)
         dq, dk, dv, dsinks, du, dw, dbufs = r.backward(q, k, v, out, lse if softmax else None,

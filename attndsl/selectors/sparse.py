@@ -148,7 +148,7 @@ class GatherRunner:
         runner's key (``Runner.call_key``: q/k/v's dtype, shapes, strides and alignment, the extras,
         the captured tensors; it reads nothing of its runner, so it is shared as it stands) and the
         indices' dtype, shape, strides and alignment."""
-        return Runner.call_key(self, q, k, v, scale, extras, buffers), tensor_key(indices)
+        return Runner.call_key(q, k, v, scale, extras, buffers), tensor_key(indices)
 
     def mode(self, t: torch.Tensor):
         """The launch context for kernels on ``t``'s data (its GPU, or the interpreter)."""
