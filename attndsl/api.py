@@ -24,6 +24,7 @@ from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
 from .runtime.launch import BlockTables, Extras, Prepared, Runner, use_interpreter
+from .runtime.memo import MAX_PLANS, Plans
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES
 
@@ -37,8 +38,6 @@ class OpMeta(NamedTuple):
 
 #: ``check_indices`` of a call that ran every check itself (``CompiledAttention._run``)
 _CHECKED = object()
-#: call plans kept per compiled pattern (one per call key) before the map starts over
-_MAX_PLANS = 256
 
 
 class _Plan(NamedTuple):
@@ -54,15 +53,6 @@ class _Plan(NamedTuple):
     whole: bool  # return the Function's result as it is (sigmoid, or return_lse): not just out
     tables: tuple | None  # data-dependent masks: the part of the block tables' key the call key fixes
     call: Call  # the autograd Function's argument for calls with the default scale and no sinks, factors, tables
-
-
-class _Plans(dict):
-    """``plan_key -> _Plan`` of one compiled pattern, for the runners in ``runners`` (a copy of
-    the pattern with runners of its own starts a map of its own)."""
-
-    def __init__(self, runners: dict):
-        super().__init__()
-        self.runners = runners
 
 
 def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_factors=None) -> tuple | None:
@@ -261,7 +251,7 @@ class CompiledAttention:
             pkey = plan_key(tensors, query, key, value, scale, return_lse, sinks, bias_factors)
             plans = self.__dict__.get("_plans")
             if plans is None or plans.runners is not self._runners:  # a copy's runners: its own plans
-                plans = self._plans = _Plans(self._runners)
+                plans = self._plans = Plans(self._runners)
             plan = plans.get(pkey) if pkey is not None else None
             if plan is not None:
                 if sinks is not None:  # values: once per version of the tensor
@@ -303,7 +293,7 @@ class CompiledAttention:
                      TABLES.layout_key(r, query, key, tensors) if self.spec.data_dependent else None,
                      Call(r, scale0, None, extras0, memo))
         if plain and pkey is not None:  # every check above passed for this key: later calls skip them
-            if len(plans) >= _MAX_PLANS:
+            if len(plans) >= MAX_PLANS:
                 plans.clear()
             plans[pkey] = plan
         return self._run(plan, tensors, query, key, value, scale, sinks, u, w, block_tables, _CHECKED)

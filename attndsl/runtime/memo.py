@@ -19,6 +19,19 @@ import triton
 
 #: memoised launches kept per runner before the memo starts over (one per kernel and call key)
 MEMO_SIZE = 256
+#: call plans kept per holder (a compiled pattern, the torch.library ops) before the map starts over
+MAX_PLANS = 256
+
+
+class Plans(dict):
+    """``call key -> plan`` of one holder (a compiled pattern's call plans, ``attndsl.api``; the
+    ops' prepared launches, ``runtime/op.py``; a token selector's, ``selectors/sparse.py``), for the
+    runners in ``runners``: a holder whose runners are replaced (a copy with runners of its own,
+    ``attndsl.autotune`` installing entries) starts a map of its own."""
+
+    def __init__(self, runners: dict):
+        super().__init__()
+        self.runners = runners
 
 
 def tensor_key(t) -> tuple:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .launch import Extras, Prepared, Runner
+from .memo import MAX_PLANS, Plans
 
 #: registry key -> CompiledAttention (the template whose runners the ops use; its own captured
 #: tensors are not read: the op's ``buffers`` are). Grows by distinct patterns only and is never
@@ -72,15 +73,14 @@ def _prepared(compiled, q, k, v, scale, extras, buffers):
     lookup and takes the key's prepared launches (``Runner.forward_prepared``/``backward_prepared``),
     forward and backward alike. Kept on the registered pattern for its runners (a new set of runners,
     after ``attndsl.autotune`` installs entries or ``attndsl.clear_cache``, starts a new map)."""
-    from ..api import _MAX_PLANS, _Plans
     plans = compiled.__dict__.get("_op_plans")
     if plans is None or plans.runners is not compiled._runners:
-        plans = compiled._op_plans = _Plans(compiled._runners)
+        plans = compiled._op_plans = Plans(compiled._runners)
     key = Runner.call_key(q, k, v, scale, extras, buffers)
     pkey = (q.device, v.shape, key)  # runners are per device and value head dim
     got = plans.get(pkey)
     if got is None:
-        if len(plans) >= _MAX_PLANS:  # dynamic shapes: one key per length
+        if len(plans) >= MAX_PLANS:  # dynamic shapes: one key per length
             plans.clear()
         got = plans[pkey] = (compiled.runner(q, v.shape[-1], k), Prepared(key))
     return got

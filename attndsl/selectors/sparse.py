@@ -25,6 +25,7 @@ import triton
 from .. import codegen
 from ..runtime import cache, fastlaunch
 from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
+from ..runtime.memo import MAX_PLANS
 from ..runtime.scope import launch_scope
 from ..api import _any_grad, plan_key
 from ..runtime.autograd import raw_apply, refuse_second_derivative
@@ -580,10 +581,6 @@ class _SparsePlan(NamedTuple):
     call: SparseCall  # the Function's argument for calls with the default scale
 
 
-#: call plans kept per compiled pattern before the map starts over
-_MAX_PLANS = 256
-
-
 def _plan_key(tensors, query, key, value, indices, scale, return_lse, sinks, bias_factors) -> tuple | None:
     """The dense path's plan key (``attndsl.api.plan_key``: the inputs', captured tensors', sinks'
     and factors' shapes, strides, dtypes, devices and alignment, the scale's sign, ``return_lse``)
@@ -657,7 +654,7 @@ def sparse_call(compiled, query, key, value, indices, *, scale=None, return_lse=
     plan = _SparsePlan(r, scale0, extras0, memo, shape, compiled.index_check.reads_values(), expand,
                        SparseCall(r, scale0, extras0, memo, normalizer == "softmax"))
     if pkey is not None:  # every check above passed for this key: later calls skip those of shapes
-        if len(plans) >= _MAX_PLANS:
+        if len(plans) >= MAX_PLANS:
             plans.clear()
         plans[pkey] = plan
     return _run(plan, tensors, query, key, value, indices, scale, sinks, u, w, return_lse)
