@@ -256,9 +256,8 @@ class CompiledAttention:
             if plan is not None:
                 if sinks is not None:  # values: once per version of the tensor
                     check_sink_values(sinks)
-                if block_tables is not None and self.spec.data_dependent and block_tables.shape != plan.shape:
-                    raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has "
-                                     f"{plan.shape}")
+                if block_tables is not None:
+                    self._check_tables(block_tables, plan.shape)
                 if bias_factors is None:
                     return self._run(plan, tensors, query, key, value, scale, sinks, None, None, block_tables,
                                      check_indices)
@@ -281,9 +280,8 @@ class CompiledAttention:
             check_deterministic(self.spec, tensors, query)
         r = self.runner(query, value.shape[-1], key)
         extras = Extras(sinks, u, w, float(sigmoid_bias or 0.0))
-        if self.spec.data_dependent and block_tables is not None:
-            if block_tables.shape != shape:
-                raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
+        if block_tables is not None:
+            self._check_tables(block_tables, shape)
         # one launch-memo key for the call's launches, forward and backward (block tables: no memo)
         memo = Prepared(r.call_key(query, key, value, query.shape[-1] ** -0.5 if scale is None else float(scale),
                                    extras, tensors))
@@ -297,6 +295,12 @@ class CompiledAttention:
                 plans.clear()
             plans[pkey] = plan
         return self._run(plan, tensors, query, key, value, scale, sinks, u, w, block_tables, _CHECKED)
+
+    def _check_tables(self, block_tables, shape) -> None:
+        """Tables passed to a data-dependent pattern's call must be built for its shape (other
+        patterns read none)."""
+        if self.spec.data_dependent and block_tables.shape != shape:
+            raise ValueError(f"block_tables were built for shape {block_tables.shape}, the call has {shape}")
 
     def _run(self, plan, tensors, query, key, value, scale, sinks, u, w, block_tables=None, check_indices=None):
         """Launch a call whose checks passed (``plan``): the runner's forward directly when nothing

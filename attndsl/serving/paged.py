@@ -6,8 +6,8 @@ logical position ``p`` lives in pool page ``page_table[b, p // page_size]`` at r
 head-major (``"HND"``, FlashInfer's other layout: storage ``[num_pages, Hkv, page_size, D]``, so a
 page of one head is one contiguous block) and then shown through the same ``[num_pages, page_size,
 Hkv, D]`` view: the decode kernels read any strides. Pages are handed out on the host (a free
-list and a host copy of every sequence's length, so appending never reads the device); the device tensors ``page_table`` and
-``seq_lens`` are what :func:`attndsl.serving.decode` reads.
+list and a host copy of every sequence's length, so appending never reads the device); the device
+tensors ``page_table`` and ``seq_lens`` are what :func:`attndsl.serving.decode` reads.
 
 Two ways to write new keys and values:
 
