@@ -229,9 +229,10 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     configurations (``hopper.sweep_configs``); the entry records whether the best of those beat the
     best portable forward (calls of the entry take the Hopper forward exactly then, unless
     ``ATTNDSL_HOPPER``/``hopper.enable`` says otherwise). Likewise, with ``backward=True``, the
-    Hopper backward's configurations (``hopper_bwd.sweep_configs``), each timed as a whole backward
-    against the best portable backward (unless ``ATTNDSL_HOPPER_BWD=0`` or
-    ``enable_backward(False)``). Each candidate's result is first
+    Hopper backward's configurations (``hopper_bwd.sweep_configs``: dQ by its TMA reduce-adds or
+    by the portable dQ kernel at its best tiles; the latter only, for deterministic patterns),
+    each timed as a whole backward against the best portable backward (unless
+    ``ATTNDSL_HOPPER_BWD=0`` or ``enable_backward(False)``). Each candidate's result is first
     compared with the default configuration's (within 1e-4 of its largest magnitude in float32,
     2e-2 in 16-bit types, 1e-9 in float64); a candidate that differs, fails to compile or launch,
     or only launches with smaller tiles (a shared-memory overflow) is skipped, with the reason in
@@ -334,6 +335,8 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     if hbw is not None:
         from .runtime import hopper_bwd as _hb
         lists["hopper_bwd"] = list((candidates or {}).get("hopper_bwd") or _hb.sweep_configs(q.shape[-1]))
+        if base.deterministic:  # atomic dQ never runs there: its candidates would time the split twice
+            lists["hopper_bwd"] = [c for c in lists["hopper_bwd"] if c.dq == "kernel"] or lists["hopper_bwd"]
     bar = _Progress(progress, sum(len(x) for x in lists.values()))
     trials: list = []
     best = default

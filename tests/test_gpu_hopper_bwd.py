@@ -69,8 +69,9 @@ def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
     return q, k, v, do
 
 
-def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False):
-    """(dq, dk, dv, Hopper backward calls) through the runtime, the forward portable."""
+def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False, dq: str | None = None):
+    """(dq, dk, dv, Hopper backward calls) through the runtime, the forward portable; ``dq``: the
+    Hopper backward's dQ mode (None: the configuration the runtime picks)."""
     calls = []
     orig = hopper_bwd.HopperBackward.backward
 
@@ -81,6 +82,8 @@ def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     mp = pytest.MonkeyPatch()
     mp.setattr(hopper_bwd.HopperBackward, "backward", spy)
+    if dq is not None:
+        mp.setattr(hopper_bwd.HopperBackward, "config", lambda self, q, k: hopper_bwd.bwd_config_for(q.shape[-1], dq))
     hopper.enable(False)
     hopper_bwd.enable_backward(hopper_bwd_on)
     try:
@@ -95,18 +98,18 @@ def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False):
     return q.grad, k.grad, v.grad, len(calls)
 
 
-def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, deterministic=False):
+def check(name, B, Hq, Hkv, Lq, Lkv, D, dtype, seed=0, deterministic=False, dq=None):
     mask, score = PATTERNS[name]
     assert hopper_bwd.HopperBackward(compiled(name).spec).unsupported is None
     q, k, v, do = inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed)
-    got = grads((mask, score), q, k, v, do, True, deterministic)
+    got = grads((mask, score), q, k, v, do, True, deterministic, dq)
     assert got[3] == 1, "the runtime did not pick the Hopper backward on this sm_90 call"
     tri = grads((mask, score), q, k, v, do, False)
     assert tri[3] == 0
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, score_mod=score, scale=1 / math.sqrt(D))
     ref.backward(do.double())
-    ctx = f"{name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype} deterministic={deterministic}"
+    ctx = f"{name} B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lkv={Lkv} D={D} {dtype} deterministic={deterministic} dq={dq}"
     for i, (n, want) in enumerate((("dq", q64.grad), ("dk", k64.grad), ("dv", v64.grad))):
         g = got[i]
         assert g.shape == want.shape and g.dtype == dtype, (n, ctx)
@@ -139,6 +142,21 @@ def test_deterministic(name):
     b = grads((mask, score), q, k, v, do, True, True)
     for x, y in zip(a[:3], b[:3]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("portable_atomic", [False, True])
+@pytest.mark.parametrize("name", ["dense", "causal", "causal_softcap", "document"])
+def test_dq_by_the_portable_kernel(name, portable_atomic):
+    """``HopperBwdConfig(dq="kernel")`` in a non-deterministic run (``MEASURED_BWD_WINS``' choice
+    for dense attention): the Gluon kernel's dK/dV and the portable dQ kernel's dQ, also where the
+    portable backward's own mode adds dQ atomically (its dK/dV kernel does not run)."""
+    from attndsl.runtime.config import enable_atomic_dq
+    enable_atomic_dq(portable_atomic)
+    try:
+        check(name, 2, 4, 2, 1000, 777, 128, torch.bfloat16, dq="kernel")
+        check(name, 1, 2, 1, 300, 450, 64, torch.float16, seed=2, dq="kernel")
+    finally:
+        enable_atomic_dq(None)
 
 
 def test_sinks_and_lse_gradient():

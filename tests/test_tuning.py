@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attndsl
+import attndsl.reference
 from attndsl import tuning
 from attndsl.runtime import tuned
 from attndsl.runtime.config import Configs, TileConfig
@@ -318,7 +319,39 @@ class _HopperBwdStandIn:
         grad_v = (p.transpose(-1, -2) @ dout.double()).unflatten(1, (k.shape[1], g)).sum(2)
         dk.copy_(grad_k * (2 if self.tuned[0] in self.wrong else 1))
         dv.copy_(grad_v)
+        if deterministic or (self.tuned[0] is not None and self.tuned[0].dq == "kernel"):
+            return None  # dK/dV only: the portable dQ kernel adds dQ
         return (ds @ kk * scale).to(q.dtype)
+
+
+@pytest.mark.parametrize("portable_atomic", [False, True])
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+def test_hopper_backward_with_dq_by_the_portable_kernel(dq, portable_atomic):
+    """A Hopper backward whose configuration leaves dQ to the portable dQ kernel (``dq="kernel"``):
+    the runner launches that kernel, also where the portable backward would add dQ atomically in
+    its dK/dV kernel (which does not run); gradients against the float64 reference."""
+    from attndsl.runtime import hopper_bwd
+    from attndsl.runtime.config import enable_atomic_dq
+    torch.manual_seed(3)
+    q, k, v = qkv(Lq=45, Lkv=45, Hq=4, Hkv=2, D=16, grad=True)
+    do = torch.randn_like(q)
+    comp = attndsl.compile(mask_mod=causal)
+    stand_in = _HopperBwdStandIn()
+    stand_in.tuned = (hopper_bwd.HopperBwdConfig(dq=dq), True)
+    enable_atomic_dq(portable_atomic)
+    try:
+        r = comp.runner(q, 16, k)
+        r.hopper_bwd = stand_in
+        comp(q, k, v).backward(do)
+    finally:
+        enable_atomic_dq(None)
+    assert stand_in.seen, "the Hopper backward stand-in did not run"
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal)
+    ref.backward(do.double())
+    for n, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        err = float((got.double() - want).abs().max()) / float(want.abs().max())
+        assert err < 1e-4, (n, err)
 
 
 def test_hopper_backward_is_tuned_against_the_portable_one(cache, monkeypatch):

@@ -79,8 +79,14 @@ MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 16 * 8192 * 8192,
                        ("growing", False, 128, torch.bfloat16): 16 * 8192 * 8192}
 
 
+def plan_class(has_mask: bool, heavy_first: bool) -> str:
+    """The shape class of ``MEASURED_WINS`` (and the backward's ``MEASURED_BWD_WINS``): "dense" (no
+    mask), "growing" (a visited range that grows along the query tiles) or "other"."""
+    return "dense" if not has_mask else "growing" if heavy_first else "other"
+
+
 def _measured_win(hf: "HopperForward", q, k) -> bool:
-    plan = "dense" if hf.spec.mask is None else "growing" if hf.heavy_first else "other"
+    plan = plan_class(hf.spec.mask is not None, hf.heavy_first)
     least = MEASURED_WINS.get((plan, hf.spec.score is not None, q.shape[-1], q.dtype))
     return least is not None and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= least
 

@@ -19,9 +19,12 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
   no low-rank bias, no block selection (a data-dependent mask's own block tables are fine: the
   runtime builds the one for this kernel's tiles, ``Runner.table``).
 
-Deterministic runs (``deterministic=True``) take the Gluon kernel for dK/dV only; dQ then comes
-from the portable dQ kernel (one program per query tile, no atomics). Otherwise dQ is added into
-a float32 buffer by TMA reduce-adds and scaled and cast on the host.
+dQ comes one of two ways (:attr:`HopperBwdConfig.dq`): ``"atomic"``, the Gluon kernel adds it into a
+float32 buffer by TMA reduce-adds (scaled and cast afterwards), or ``"kernel"``, the Gluon kernel
+computes dK/dV only and the portable dQ kernel (one program per query tile, no atomics) adds the
+three matrix products of dQ. Deterministic runs (``deterministic=True``) always take ``"kernel"``.
+On an H100 the split wins for dense attention (the Gluon dK/dV kernel at 600 TFLOP/s), the atomic
+kernel for long causal calls (``MEASURED_BWD_WINS``).
 """
 from __future__ import annotations
 
@@ -30,16 +33,23 @@ import os
 
 import torch
 
+from ..codegen import hopper as _fwd_gen
 from ..codegen import hopper_bwd as _gen
-from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel
+from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, plan_class
 from .switches import Switch
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "sweep_configs", "backward_enabled", "enable_backward",
            "compile_sm90_bwd", "smoke_test", "MEASURED_BWD_WINS"]
 
-#: Where the Hopper backward was measured faster than the portable one on an H100 (same run):
-#: ``(has_mask, has_score_mod, head_dim, dtype)`` -> the smallest ``Lq * Lkv`` it wins from. Empty
-#: until ``benchmarks/hopper.py --backward`` has run on an H100.
+#: Where the Hopper backward was measured faster than the portable one on an H100 (same run,
+#: ``python -m benchmarks.hopper --backward``, 2026-12-07, bf16, D=128, B=1, H=16; BENCHMARKS.md):
+#: ``(plan, has_score_mod, head_dim, dtype)`` -> ``(least, config)``: the call is taken from
+#: ``B * Hq * Lq * Lkv >= least`` on, with ``config`` (its ``dq`` mode above all), where ``plan``
+#: is the forward's class (``hopper.plan_class``: "dense", "growing" or "other"). Backward times
+#: (delta included): dense, dQ by the portable kernel, 0.846 against 0.900 ms (L=4096) and 12.48
+#: against 13.34 ms (L=16384), with atomic dQ 0.943 and 14.21 (slower); causal, atomic dQ, 6.02
+#: against 6.72 ms at L=16384, but 0.547 (0.509 split) against 0.484 at L=4096. Unmeasured classes
+#: (sliding windows and other masks, score mods, D=64, fp16) stay portable.
 MEASURED_BWD_WINS: dict = {}
 
 
@@ -71,10 +81,15 @@ class HopperBwdConfig:
     block_n: int = 64
     stages: int = 2
     consumers: int = 2
+    #: "atomic": dQ added by the kernel's TMA reduce-adds; "kernel": dK/dV only, dQ by the
+    #: portable dQ kernel (the deterministic runs' way, taken by every run with it)
+    dq: str = "atomic"
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
             raise ValueError(f"consumers must be 1 or 2, got {self.consumers}")
+        if self.dq not in ("atomic", "kernel"):
+            raise ValueError(f"dq must be 'atomic' or 'kernel', got {self.dq!r}")
         if self.stages < 1:
             raise ValueError(f"stages must be >= 1, got {self.stages}")
         if self.block_m != 64 or self.block_n != 64:
@@ -88,13 +103,15 @@ class HopperBwdConfig:
         share = head_dim // self.consumers
         return share if share >= 64 else head_dim
 
-    def shared_bytes(self, head_dim: int, dq_atomic: bool) -> int:
+    def shared_bytes(self, head_dim: int, dq_atomic: bool | None = None) -> int:
         """Shared memory of one program (bf16/fp16 inputs): the K/V tiles (consumers·2·block_n·D),
         the Q/dO ring (stages·2·block_m·D), two bytes each, with each buffer's forward statistics
         (lse and delta, block_m·8 bytes), and with ``dq_atomic`` the program's dSᵀ
         (consumers·block_n·block_m, two bytes) and each group's float32 share of a dQ tile
         (block_m·dq_cols·4), plus the barriers. At most 300 bytes above the compiled kernels' figure
-        (Triton 3.6), never under."""
+        (Triton 3.6), never under. ``dq_atomic`` None: as :attr:`dq` says."""
+        if dq_atomic is None:
+            dq_atomic = self.dq == "atomic"
         ring = self.stages * (2 * self.block_m * head_dim * 2 + self.block_m * 8)
         kv = self.consumers * 2 * self.block_n * head_dim * 2
         dq = (self.consumers * (self.block_m * self.dq_cols(head_dim) * 4 + self.block_n * self.block_m * 2)
@@ -104,26 +121,29 @@ class HopperBwdConfig:
 
 def sweep_configs(head_dim: int) -> list:
     """The backward's configurations ``attndsl.autotune`` times: one or two consumer groups, rings
-    of 1 to 4 buffers, those that fit sm_90's shared memory with atomic dQ."""
-    cfgs = [HopperBwdConfig(stages=st, consumers=c) for c in (2, 1) for st in (2, 3, 4, 1)]
-    return [c for c in cfgs if c.shared_bytes(head_dim, True) <= SMEM_LIMIT]
+    of 1 to 4 buffers, dQ by TMA reduce-adds or by the portable kernel, those that fit sm_90's
+    shared memory."""
+    cfgs = [HopperBwdConfig(stages=st, consumers=c, dq=dq) for dq in ("atomic", "kernel") for c in (2, 1)
+            for st in (2, 3, 4, 1)]
+    return [c for c in cfgs if c.shared_bytes(head_dim) <= SMEM_LIMIT]
 
 
-def bwd_config_for(head_dim: int) -> HopperBwdConfig:
+def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
     """The tiles for a head dim (:meth:`HopperBwdConfig.shared_bytes`): D=128 with 2 stages takes
     178 KiB of the 227 with atomic dQ (3 stages, 210 KiB, measured within 1.5% of it on an H100),
     D=64 with 4 stages 147 KiB."""
     if head_dim == 128:
-        return HopperBwdConfig(stages=2)
+        return HopperBwdConfig(stages=2, dq=dq)
     if head_dim == 64:
-        return HopperBwdConfig(stages=4)
+        return HopperBwdConfig(stages=4, dq=dq)
     raise ValueError(f"the Hopper backward supports head dims 64 and 128, got {head_dim}")
 
 
-def _measured_win(spec, q, k) -> bool:
-    key = (spec.mask is not None, spec.score is not None, q.shape[-1], q.dtype)
-    least = MEASURED_BWD_WINS.get(key)
-    return least is not None and q.shape[2] * k.shape[2] >= least
+def _measured_win(hb: "HopperBackward", q, k) -> HopperBwdConfig | None:
+    """The configuration ``MEASURED_BWD_WINS`` gives this call, or None where it lists none."""
+    key = (plan_class(hb.spec.mask is not None, hb.heavy_first), hb.spec.score is not None, q.shape[-1], q.dtype)
+    least, cfg = MEASURED_BWD_WINS.get(key, (None, None))
+    return cfg if least is not None and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= least else None
 
 
 class HopperBackward:
@@ -133,6 +153,8 @@ class HopperBackward:
     def __init__(self, spec):
         self.spec = dataclasses.replace(hopper_spec(spec), name=f"{spec.name}_sm90bwd")
         self.unsupported = _gen.supports_backward(spec)
+        #: the forward's shape class for ``MEASURED_BWD_WINS`` (a range growing along the query tiles)
+        self.heavy_first = self.unsupported is None and _fwd_gen.heavy_first(spec)
         #: ``(HopperBwdConfig, whether it beat the portable backward)`` of a tuned entry
         #: (``attndsl.runtime.tuned``) for this runner's calls; None: :func:`bwd_config_for` and
         #: ``MEASURED_BWD_WINS``
@@ -149,7 +171,7 @@ class HopperBackward:
             from .launch import BlockTables
             if not self.spec.data_dependent or type(tables) is not BlockTables:
                 return False
-        if on is None and not (_measured_win(self.spec, q, k) if self.tuned is None else self.tuned[1]):
+        if on is None and not (_measured_win(self, q, k) is not None if self.tuned is None else self.tuned[1]):
             return False
         if k.shape[0] * k.shape[1] > 65535:  # the grid's second dimension: (batch, kv head)
             return False
@@ -160,11 +182,17 @@ class HopperBackward:
             self._kernel = load_kernel(self.spec, _gen.render, _gen.kernel_name)
         return self._kernel
 
+    def config(self, q, k) -> HopperBwdConfig:
+        """The configuration of this call: the tuned entry's, else ``MEASURED_BWD_WINS``'s for its
+        class, else :func:`bwd_config_for`."""
+        return (self.tuned and self.tuned[0]) or _measured_win(self, q, k) or bwd_config_for(q.shape[-1])
+
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale: float, buffers=(), deterministic: bool = False,
                  cfg: HopperBwdConfig | None = None, table=None):
         """Fill ``dk``, ``dv`` (``[B, Hkv, Lkv, D]``, last stride 1) and return dQ (``q``'s shape and
-        dtype, contiguous), or None with ``deterministic`` (then only dK/dV are computed: the caller
-        runs the portable dQ kernel). ``lse``, ``delta``: the forward's logsumexp (natural log) and
+        dtype, contiguous), or None where the configuration's ``dq`` is "kernel" or with
+        ``deterministic`` (then only dK/dV are computed: the caller runs the portable dQ kernel).
+        ``cfg``: None for :meth:`config`. ``lse``, ``delta``: the forward's logsumexp (natural log) and
         rowsum(dO·O) − dlse, ``[B, Hq, Lq]`` float32 contiguous; ``buffers``: the pattern's captured
         tensors, in slot order; ``table``: for a data-dependent mask, ``table(rows, cols)`` gives the
         transposed block table (``launch.Table``) of key tiles of ``rows`` and query tiles of
@@ -174,11 +202,12 @@ class HopperBackward:
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
         B, Hq, Lq, D = q.shape
         Hkv, Lkv = k.shape[1], k.shape[2]
-        cfg = cfg or (self.tuned and self.tuned[0]) or bwd_config_for(D)
-        need = cfg.shared_bytes(D, not deterministic)
+        cfg = cfg or self.config(q, k)
+        atomic = cfg.dq == "atomic" and not deterministic
+        need = cfg.shared_bytes(D, atomic)
         if need > SMEM_LIMIT:
             raise ValueError(f"{cfg} needs about {need} bytes of shared memory at head dim {D}"
-                             f"{'' if deterministic else ' with atomic dQ'}, more than sm_90's {SMEM_LIMIT}: "
+                             f"{' with atomic dQ' if atomic else ''}, more than sm_90's {SMEM_LIMIT}: "
                              "use fewer stages or one consumer group")
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -188,7 +217,7 @@ class HopperBackward:
         lse, delta = lse.contiguous(), delta.contiguous()
         # dQ's float32 sum, added into by TMA (rows past Lq fall outside the descriptor); the
         # deterministic variant reads no descriptor of it, but its parameter needs one
-        dq_acc = (q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if not deterministic
+        dq_acc = (q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if atomic
                   else q.new_empty((1, 1, cfg.block_m, D), dtype=torch.float32))
         dq_cols = cfg.dq_cols(D)
         descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, dq_cols))
@@ -202,20 +231,21 @@ class HopperBackward:
         self.kernel()[grid](*descs, dk, dv, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
                             dv.stride(0), dv.stride(1), dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv, float(scale),
                             *buffer_args(buffers), *tbl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
-                            STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=not deterministic, DQ_COLS=dq_cols,
+                            STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=atomic, DQ_COLS=dq_cols,
                             num_warps=4)
-        if deterministic:
+        if not atomic:
             return None
         return (dq_acc * scale).to(q.dtype)
 
 
 def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperBwdConfig | None = None,
-                     dq_atomic: bool = True):
+                     dq_atomic: bool | None = None):
     """Compile ``spec``'s Hopper backward for sm_90 with no GPU present (Triton's NVIDIA backend and
     its bundled ptxas). Returns the compiled kernel (``.asm["ptx"]``...). Raises ValueError for a
-    spec it does not render, else whatever the compiler raises."""
+    spec it does not render, else whatever the compiler raises. ``dq_atomic`` None: as ``cfg.dq``."""
     from . import cache
     cfg = cfg or bwd_config_for(head_dim)
+    dq_atomic = cfg.dq == "atomic" if dq_atomic is None else dq_atomic
     hb = HopperBackward(spec)
     if hb.unsupported is not None:
         raise ValueError(f"the Hopper target does not render this pattern's backward: {hb.unsupported}")

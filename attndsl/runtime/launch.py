@@ -485,7 +485,10 @@ class Runner:
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         det = self.deterministic
         mode = _dq_mode(self)  # asked once: the memo key and the launch's DQ_ATOMIC / DQ_TMA agree
-        atomic = mode[0]
+        # the Hopper (sm_90) backward: dK/dV, and dQ where its configuration adds it (else the
+        # portable dQ kernel); it replaces the portable dK/dV kernel and its atomic dQ
+        hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
+        atomic = mode[0] and not hop
         fkey = key
         key = self._tables_key(self._backward_key(key, dout, dlse, mode), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
@@ -524,8 +527,6 @@ class Runner:
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
         own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, dqa, du, scale, xown, bufs, gl_named)
         consts = None
-        # the Hopper (sm_90) backward: dK/dV, and dQ unless deterministic (then the portable dQ kernel)
-        hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
         dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det,
                                           table=lambda r, c: self.table(tables, buffers, True, r, c)) if hop else None
         memo, own, dkdv_key = self._table_memo(dkdv, key, own, tables, buffers, True)
