@@ -159,6 +159,36 @@ def test_dq_by_the_portable_kernel(name, portable_atomic):
         enable_atomic_dq(None)
 
 
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+def test_prepared_launches_with_fresh_inputs(dq):
+    """Later backwards of a call key take the prepared launch (``gluonlaunch``): fresh inputs per
+    call (the tensor maps follow the addresses), each against the float64 oracle."""
+    from attndsl.runtime import gluonlaunch
+    assert gluonlaunch.PREPARED
+    comp = attndsl.compile(mask_mod=causal)
+    hb = hopper_bwd.HopperBackward(comp.spec)
+    cfg = hopper_bwd.bwd_config_for(128, dq)
+    for seed in range(3):
+        q, k, v, do = inputs(1, 4, 2, 700, 650, 128, torch.bfloat16, 10 + seed)
+        hopper.enable(False)
+        try:
+            o, lse = comp(q, k, v, return_lse=True)
+        finally:
+            hopper.enable(None)
+        delta = (o.float() * do.float()).sum(-1)
+        dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+        got_dq = hb.backward(q, k, v, do, lse, delta, dk, dv, 1 / math.sqrt(128), cfg=cfg)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = attndsl.reference.attention(q64, k64, v64, mask_mod=causal)
+        ref.backward(do.double())
+        for n, g, want in (("dk", dk, k64.grad), ("dv", dv, v64.grad)) + ((("dq", got_dq, q64.grad),) if dq == "atomic"
+                                                                           else ()):
+            assert rel(g, want) <= TOL[torch.bfloat16], (seed, n, rel(g, want))
+        if dq == "kernel":
+            assert got_dq is None
+    assert len(hb._prepared) == 1 and next(iter(hb._prepared.values())) is not None
+
+
 def test_sinks_and_lse_gradient():
     """Sink logits (their gradient from lse and delta on the host) and an lse gradient (delta
     shifted) with the Hopper backward."""

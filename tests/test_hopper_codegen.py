@@ -367,7 +367,6 @@ def test_backward_never_selected_off_sm90(monkeypatch):
         hopper.enable(None)
         hopper_bwd.enable_backward(None)
         assert hopper_bwd.backward_enabled() is None  # the forward's switch is not the backward's
-        assert not hopper_bwd.MEASURED_BWD_WINS  # off until measured
         hopper_bwd.enable_backward(True)
         monkeypatch.setenv("ATTNDSL_HOPPER_BWD", "0")
         hopper_bwd.enable_backward(True)
@@ -378,6 +377,38 @@ def test_backward_never_selected_off_sm90(monkeypatch):
         hopper_bwd.enable_backward(None)
 
 
+def test_measured_backward_wins_classes():
+    """With neither switch set, the Hopper backward is taken for the shape classes measured faster on
+    an H100, with the dQ mode measured best there: dense attention (D=128 from 16·4096², dQ by the
+    portable kernel; D=64 from 8·12·2048², atomic), masks whose range grows along the query tiles
+    (atomic from 16·8192²; with GQA dQ by the portable kernel from 32·8192²), other masks from
+    16·16384²; short calls, score mods, fp16 and causal D=64 stay portable."""
+    from attndsl.patterns import sliding_window
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 30.0 * torch.tanh(score / 30.0)
+
+    def take(q, k=None, **kw):
+        hb = hopper_bwd.HopperBackward(attndsl.compile(**kw).spec)
+        cfg = hopper_bwd._measured_win(hb, q, q if k is None else k)
+        return None if cfg is None else cfg.dq
+
+    x = lambda B, H, L, D=128: torch.empty(B, H, L, D, dtype=torch.bfloat16)  # noqa: E731
+    assert take(x(1, 16, 4096)) == "kernel"
+    assert take(x(1, 16, 2048)) is None
+    assert take(x(1, 16, 8192), mask_mod=causal) == "atomic"
+    assert take(x(1, 16, 4096), mask_mod=causal) is None
+    assert take(x(1, 32, 8192), x(1, 8, 8192), mask_mod=causal) == "kernel"
+    assert take(x(1, 16, 16384), mask_mod=sliding_window(1024)) == "kernel"
+    assert take(x(1, 16, 8192), mask_mod=sliding_window(1024)) is None
+    assert take(x(8, 12, 2048, 64)) == "atomic"
+    assert take(x(8, 12, 2048, 64), mask_mod=causal) is None
+    assert take(x(1, 16, 16384), mask_mod=causal, score_mod=softcap) is None
+    assert take(x(1, 16, 16384).half(), mask_mod=causal) is None
+    for (_, _, d, _, _), (_, cfg) in hopper_bwd.MEASURED_BWD_WINS.items():
+        assert cfg.shared_bytes(d) <= hopper.SMEM_LIMIT
+
+
 def test_backward_config_checks():
     with pytest.raises(ValueError, match="consumers"):
         hopper_bwd.HopperBwdConfig(consumers=3)
@@ -385,6 +416,13 @@ def test_backward_config_checks():
         hopper_bwd.HopperBwdConfig(block_n=128)
     with pytest.raises(ValueError, match="head dims 64 and 128"):
         hopper_bwd.bwd_config_for(96)
+    with pytest.raises(ValueError, match="dq must be 'atomic' or 'kernel', got 'tma'"):
+        hopper_bwd.HopperBwdConfig(dq="tma")
+    split = hopper_bwd.HopperBwdConfig(dq="kernel")
+    assert split.shared_bytes(128) == split.shared_bytes(128, False) < split.shared_bytes(128, True)
+    swept = hopper_bwd.sweep_configs(128)
+    assert {c.dq for c in swept} == {"atomic", "kernel"} and len(set(swept)) == len(swept)
+    assert all(c.shared_bytes(128) <= hopper.SMEM_LIMIT for c in swept)
 
 
 @pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")

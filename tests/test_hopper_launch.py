@@ -16,7 +16,8 @@ import triton
 import attndsl
 from attndsl.codegen import hopper as gen
 from attndsl.patterns import alibi, alibi_slopes, causal
-from attndsl.runtime import fastlaunch, gluonlaunch, hopper
+from attndsl.codegen import hopper_bwd as gen_bwd
+from attndsl.runtime import fastlaunch, gluonlaunch, hopper, hopper_bwd
 
 BASE = 13  # the launcher's leading arguments (grid, stream, function, flags, scratch, metadata, hooks)
 
@@ -62,8 +63,8 @@ class Kernel:
     """A Gluon kernel: ``run`` specialises per (descriptor block, dtype, constants) as a compile would
     and launches as Triton 3.6's ``JITFunction.run`` does; ``compiles`` and ``runs`` count."""
 
-    def __init__(self, spec, calls):
-        self.params = gen.signature(spec)
+    def __init__(self, spec, calls, signature=gen.signature):
+        self.params = signature(spec)
         self.arg_names = [p.name for p in self.params]
         self.pre_run_hooks = []
         self.signature = ["tensordesc" if p.name.endswith("_desc") else p.kind for p in self.params]
@@ -281,5 +282,83 @@ def test_prepared_matches_triton_36(monkeypatch):
         want[out_at], want[out_at + 1], want[out_at + 2] = out, lse, lse  # Out, Lse, Sinks: the call's own
         assert same(got, want)
         assert ("tensor map", q.data_ptr()) == want[BASE][:2]
+    finally:
+        kernel.device_caches.clear()
+
+
+def bwd_inputs(B=1, Hq=4, Hkv=2, Lq=100, Lkv=90, D=64, dtype=torch.bfloat16):
+    q, k, v = qkv(B, Hq, Hkv, Lq, Lkv, D, dtype)
+    do = torch.randn_like(q)
+    lse, delta = torch.randn(B, Hq, Lq), torch.randn(B, Hq, Lq)
+    return q, k, v, do, lse, delta, torch.empty_like(k), torch.empty_like(v)
+
+
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+def test_backward_second_call_is_prepared_with_the_ordinary_arguments(env, monkeypatch, dq):
+    """The Hopper backward's launch (``HopperBackward.backward``) as the forward's: the first call of
+    a key through the Gluon JIT, later ones prepared with what the ordinary path would hand the
+    launcher (fresh tensors, the call's own scale); without atomic dQ the dQ descriptor's
+    placeholder is kept, so its tensor map is built once; a new length or configuration re-keys."""
+    hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
+    calls, expanded = [], env[3]
+    hb._kernel = Kernel(hb.spec, calls, gen_bwd.signature)
+    cfg = hopper_bwd.HopperBwdConfig(stages=2, dq=dq)
+    args = bwd_inputs()
+    dq1 = hb.backward(*args, 0.125, cfg=cfg)
+    assert hb._kernel.runs == 1 and len(calls) == 1
+    assert (dq1 is None) == (dq == "kernel")
+    fresh = bwd_inputs()
+    dq2 = hb.backward(*fresh, 0.3, cfg=cfg)
+    assert hb._kernel.runs == 1, "the second call of a key went through the Gluon JIT"
+    got = calls[-1]
+    with monkeypatch.context() as m:
+        m.setattr(gluonlaunch, "PREPARED", False)
+        hb.backward(*fresh, 0.3, cfg=cfg)
+    assert hb._kernel.runs == 2
+    want = list(calls[-1])
+    if dq == "atomic":  # dQ's float32 sum: the call's own zeroed buffer
+        at = next(i for i, a in enumerate(got) if isinstance(a, tuple) and a[0] == "tensor map" and a[-1] == 4)
+        assert got[at][2:] == want[at][2:] and dq2.shape == fresh[0].shape and dq2.dtype == fresh[0].dtype
+        want[at] = got[at]  # (its address: the allocator's choice)
+    else:
+        assert dq2 is None
+        placeholder = next(iter(hb._placeholders.values()))
+        n = expanded.count(placeholder.data_ptr())  # the two ordinary launches', the prepared one's
+        hb.backward(*bwd_inputs(), 0.3, cfg=cfg)
+        assert hb._kernel.runs == 2 and expanded.count(placeholder.data_ptr()) == n == 3
+    assert same(got, want)
+    assert any(isinstance(x, tuple) and x[:2] == ("tensor map", fresh[3].data_ptr()) for x in got)  # dO
+    assert any(type(x) is float and x == 0.3 for x in got)  # sm_scale: the call's own
+    runs = hb._kernel.runs
+    hb.backward(*bwd_inputs(Lq=130), 0.3, cfg=cfg)
+    hb.backward(*bwd_inputs(), 0.3, cfg=hopper_bwd.HopperBwdConfig(stages=3, dq=dq))
+    assert hb._kernel.runs == runs + 2
+
+
+@pytest.mark.skipif(not (triton.__version__.startswith("3.6.") and hopper.gluon_available()),
+                    reason="needs Triton 3.6's Gluon (the launcher the prepared launch is written for)")
+def test_backward_prepared_matches_triton_36(monkeypatch):
+    """The Hopper backward's prepared launch against Triton 3.6's own path (as
+    ``test_prepared_matches_triton_36`` for the forward): the C launcher gets the same arguments."""
+    from benchmarks.hopper_host import fake_gpu
+    launched = []
+    fake_gpu(monkeypatch.setattr, launched)
+    monkeypatch.setattr(fastlaunch, "_raw_stream", None)
+    monkeypatch.setattr(gluonlaunch, "PREPARED", True)
+    hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
+    kernel = hb.kernel()
+    kernel.device_caches.clear()
+    cfg = hopper_bwd.HopperBwdConfig(dq="kernel")
+    try:
+        hb.backward(*bwd_inputs(D=128), 0.1, cfg=cfg)
+        assert len(launched) == 1 and next(iter(hb._prepared.values())) is not None
+        fresh = bwd_inputs(D=128)
+        hb.backward(*fresh, 0.2, cfg=cfg)
+        got = launched[-1]
+        with monkeypatch.context() as m:
+            m.setattr(gluonlaunch, "PREPARED", False)
+            hb.backward(*fresh, 0.2, cfg=cfg)
+        assert len(launched) == 3
+        assert same(got, launched[-1])
     finally:
         kernel.device_caches.clear()

@@ -403,7 +403,7 @@ def test_hopper_backward_follows_its_entry(monkeypatch):
     monkeypatch.delenv("ATTNDSL_HOPPER_BWD", raising=False)
     hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
     t = torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
-    assert not hb.applies(t, t, t, t)  # MEASURED_BWD_WINS is empty
+    assert not hb.applies(t, t, t, t)  # too short for MEASURED_BWD_WINS
     cfg = hopper_bwd.HopperBwdConfig(stages=3, consumers=1)
     r = type("R", (), {"hopper": None, "hopper_bwd": hb, "cfg": None})()
     tuning.Tuned("k", None, hopper_bwd=cfg, hopper_bwd_wins=True).install(r)

@@ -35,23 +35,14 @@ import torch
 
 from ..codegen import hopper as _fwd_gen
 from ..codegen import hopper_bwd as _gen
+from . import gluonlaunch
 from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, plan_class
+from .memo import MEMO_SIZE, tensor_key
+from .scope import launch_scope
 from .switches import Switch
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "sweep_configs", "backward_enabled", "enable_backward",
            "compile_sm90_bwd", "smoke_test", "MEASURED_BWD_WINS"]
-
-#: Where the Hopper backward was measured faster than the portable one on an H100 (same run,
-#: ``python -m benchmarks.hopper --backward``, 2026-12-07, bf16, D=128, B=1, H=16; BENCHMARKS.md):
-#: ``(plan, has_score_mod, head_dim, dtype)`` -> ``(least, config)``: the call is taken from
-#: ``B * Hq * Lq * Lkv >= least`` on, with ``config`` (its ``dq`` mode above all), where ``plan``
-#: is the forward's class (``hopper.plan_class``: "dense", "growing" or "other"). Backward times
-#: (delta included): dense, dQ by the portable kernel, 0.846 against 0.900 ms (L=4096) and 12.48
-#: against 13.34 ms (L=16384), with atomic dQ 0.943 and 14.21 (slower); causal, atomic dQ, 6.02
-#: against 6.72 ms at L=16384, but 0.547 (0.509 split) against 0.484 at L=4096. Unmeasured classes
-#: (sliding windows and other masks, score mods, D=64, fp16) stay portable.
-MEASURED_BWD_WINS: dict = {}
-
 
 #: the backward's switch (None: the calls MEASURED_BWD_WINS names)
 SWITCH = Switch("ATTNDSL_HOPPER_BWD")
@@ -139,9 +130,41 @@ def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
     raise ValueError(f"the Hopper backward supports head dims 64 and 128, got {head_dim}")
 
 
+#: Where the Hopper backward was measured faster than the portable one on an H100 (same run,
+#: bf16, 2026-12-07; BENCHMARKS.md, ``benchmarks/results/hopper/h100-2026-12-07-bwd-select.json``):
+#: ``(plan, has_score_mod, head_dim, dtype, grouped)`` -> ``(least, config)``: the call is taken
+#: from ``B * Hq * Lq * Lkv >= least`` on, with ``config`` (its ``dq`` mode above all), where
+#: ``plan`` is the forward's class (``hopper.plan_class``: "dense", "growing" or "other") and
+#: ``grouped`` says Hq > Hkv (GQA: dK/dV summed over the group's query heads in one program, where
+#: atomic dQ measured slower). Backward times in ms (delta included), portable / atomic dQ / dQ by
+#: the portable kernel:
+#:
+#: * dense, D=128, H=16: L=2048 0.246 / 0.767 / 0.552 (not taken: the Gluon launch's host time),
+#:   L=4096 0.900 / 0.943 / 0.846, L=8192 3.423 / 3.471 / 3.239, L=16384 13.34 / 14.21 / 12.48;
+#: * causal, D=128, H=16: L=4096 0.484 / 0.547 / 0.509 (not taken), L=8192 1.722 / 1.677 / 1.753,
+#:   L=16384 6.856 / 6.285 / 6.489; prefix-LM (L/4) L=8192 1.876 / 1.716 / 1.728;
+#: * causal, GQA 32:8 (Llama-3-8B), L=8192: 3.691 / 3.720 / 3.535;
+#: * other masks, H=16, L=16384: sliding window 1024 1.136 / 1.170 / 1.039, 16 documents 0.826 /
+#:   0.980 / 0.813; 64 documents in 32K, GQA 32:8: 1.990 / 2.521 / 1.913;
+#: * D=64, B=8, H=12, L=2048: dense 0.871 / 0.737 / 0.785; causal 0.436 / 0.512 / 0.490 (not
+#:   taken); ViT-B/16 (B=32, L=197) 0.107 / 0.405 / 0.372 (not taken).
+#:
+#: Unmeasured classes (score mods, fp16, GQA dense) stay portable.
+_ATOMIC128, _SPLIT128 = HopperBwdConfig(stages=2), HopperBwdConfig(stages=2, dq="kernel")
+MEASURED_BWD_WINS: dict = {
+    ("dense", False, 128, torch.bfloat16, False): (16 * 4096 * 4096, _SPLIT128),
+    ("growing", False, 128, torch.bfloat16, False): (16 * 8192 * 8192, _ATOMIC128),
+    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, _SPLIT128),
+    ("other", False, 128, torch.bfloat16, False): (16 * 16384 * 16384, _SPLIT128),
+    ("other", False, 128, torch.bfloat16, True): (32 * 32768 * 32768, _SPLIT128),
+    ("dense", False, 64, torch.bfloat16, False): (8 * 12 * 2048 * 2048, HopperBwdConfig(stages=4)),
+}
+
+
 def _measured_win(hb: "HopperBackward", q, k) -> HopperBwdConfig | None:
     """The configuration ``MEASURED_BWD_WINS`` gives this call, or None where it lists none."""
-    key = (plan_class(hb.spec.mask is not None, hb.heavy_first), hb.spec.score is not None, q.shape[-1], q.dtype)
+    key = (plan_class(hb.spec.mask is not None, hb.heavy_first), hb.spec.score is not None, q.shape[-1], q.dtype,
+           q.shape[1] != k.shape[1])
     least, cfg = MEASURED_BWD_WINS.get(key, (None, None))
     return cfg if least is not None and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= least else None
 
@@ -160,6 +183,9 @@ class HopperBackward:
         #: ``MEASURED_BWD_WINS``
         self.tuned = None
         self._kernel = None
+        #: the prepared launch of each launch key (``gluonlaunch.Prepared``; None: the ordinary one)
+        self._prepared: dict = {}
+        self._placeholders: dict = {}
 
     def applies(self, q, k, v, dout, extras=None, tables=None, precise: bool = False) -> bool:
         """Whether this call runs the Hopper backward (see the module docstring)."""
@@ -209,18 +235,12 @@ class HopperBackward:
             raise ValueError(f"{cfg} needs about {need} bytes of shared memory at head dim {D}"
                              f"{' with atomic dQ' if atomic else ''}, more than sm_90's {SMEM_LIMIT}: "
                              "use fewer stages or one consumer group")
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-        descs = [_descriptor(TensorDescriptor, gl, t, rows, el)
-                 for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
         lse, delta = lse.contiguous(), delta.contiguous()
-        # dQ's float32 sum, added into by TMA (rows past Lq fall outside the descriptor); the
-        # deterministic variant reads no descriptor of it, but its parameter needs one
+        # dQ's float32 sum, added into by TMA (rows past Lq fall outside the descriptor); without
+        # atomic dQ the kernel reads no descriptor of it, but its parameter needs one (kept per device)
         dq_acc = (q.new_zeros((B, Hq, Lq, D), dtype=torch.float32) if atomic
-                  else q.new_empty((1, 1, cfg.block_m, D), dtype=torch.float32))
+                  else self._placeholder(q.device, cfg.block_m, D))
         dq_cols = cfg.dq_cols(D)
-        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, dq_cols))
         rows = cfg.block_n * cfg.consumers
         grid = ((Lkv + rows - 1) // rows, B * Hkv)
         tbl = []
@@ -228,14 +248,58 @@ class HopperBackward:
             if table is None:
                 raise ValueError("a data-dependent mask's Hopper backward needs its block table (table=)")
             tbl = table(rows, cfg.block_m).args()
-        self.kernel()[grid](*descs, dk, dv, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
-                            dv.stride(0), dv.stride(1), dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv, float(scale),
-                            *buffer_args(buffers), *tbl, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D,
-                            STAGES=cfg.stages, CONSUMERS=cfg.consumers, DQ_ATOMIC=atomic, DQ_COLS=dq_cols,
-                            num_warps=4)
+        # the runtime arguments after the descriptors: those before the scale, the scale, those after
+        head = [dk, dv, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
+                dv.stride(2), Hq, Hkv, Hq // Hkv, Lq, Lkv]
+        tail = [*buffer_args(buffers), *tbl]
+        rest = [*head, float(scale), *tail]
+        tensors = (q, k, v, dout, dq_acc)
+        key = None
+        if gluonlaunch.PREPARED:
+            # as the forward's (``HopperForward._launch``): what fixes every launch decision but the
+            # addresses and the scale (a float argument, never specialised)
+            key = (cfg, atomic, q.get_device(), *map(tensor_key, tensors),
+                   *(tensor_key(a) if isinstance(a, torch.Tensor) else a for a in (*head, *tail)))
+            prep = self._prepared.get(key)
+            if prep is not None:
+                with launch_scope(q, False):
+                    if prep(tensors, rest):
+                        return self._dq(dq_acc, q, scale, atomic)
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+        descs = [_descriptor(TensorDescriptor, gl, t, rows, el)
+                 for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
+        descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, dq_cols))
+        consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages, CONSUMERS=cfg.consumers,
+                      DQ_ATOMIC=atomic, DQ_COLS=dq_cols)
+        kernel = self.kernel()
+        with launch_scope(q, False):
+            ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=False)
+            if key is not None and key not in self._prepared:
+                if len(self._prepared) >= MEMO_SIZE:
+                    self._prepared.clear()
+                # None (kept: not asked again) where this Triton allows no prepared launch
+                self._prepared[key] = gluonlaunch.Prepared.make(kernel, ck, grid, [*descs, *rest], consts)
+        return self._dq(dq_acc, q, scale, atomic)
+
+    @staticmethod
+    def _dq(dq_acc, q, scale, atomic):
+        """dQ from the float32 sum (scaled and cast in one pass), or None without atomic dQ."""
         if not atomic:
             return None
-        return (dq_acc * scale).to(q.dtype)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return torch.mul(dq_acc, scale, out=dq)
+
+    def _placeholder(self, device, rows: int, cols: int):
+        """A float32 ``[1, 1, rows, cols]`` tensor for the dQ descriptor of a launch without atomic
+        dQ (read by no instruction), one per device and shape: the prepared launch expands its
+        descriptor once."""
+        key = (device, rows, cols)
+        t = self._placeholders.get(key)
+        if t is None:
+            t = self._placeholders[key] = torch.empty((1, 1, rows, cols), dtype=torch.float32, device=device)
+        return t
 
 
 def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperBwdConfig | None = None,
