@@ -1181,3 +1181,57 @@ def test_prepared_gather_backward_on_a_gpu(monkeypatch):
             assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 2e-2
     plans = sparse._runners_of(attn).plans.values()
     assert all(isinstance(p.memo.bwd, sparse.FastGatherBackward) for p in plans), list(plans)
+
+
+class _HopperFwdStandIn:
+    """A Hopper forward on the CPU (no sm_90 here): the float64 reference, counting how often the
+    runtime asks whether it takes a call and how often it runs."""
+
+    unsupported, heavy_first = None, True
+
+    def __init__(self, takes=True):
+        self.takes, self.asked, self.keys = takes, 0, []
+
+    def applies(self, q, k, v, extras=None, tables=None, count_visits=False):
+        from attndsl.runtime import hopper
+        self.asked += 1
+        return self.takes and hopper.enabled() is not False and tables is None and not count_visits
+
+    def forward(self, q, k, v, scale, sinks=None, buffers=(), key=None):
+        self.keys.append(key)
+        out, lse = attndsl.reference.attention(q.double(), k.double(), v.double(), mask_mod=causal, scale=scale)
+        return out.to(q.dtype), lse.float()
+
+
+def test_a_key_the_hopper_forward_takes_asks_once_per_switch_state():
+    """Calls of a call key the Hopper forward takes have no FastForward; the plan keeps the verdict
+    of ``HopperForward.applies`` (its call conditions are the key's), asked again only when the
+    switch changes, and hands the Hopper launch the call key (its prepared launch's key)."""
+    from attndsl.runtime import hopper
+    attn = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    q, k, v = qkv()
+    stand_in = _HopperFwdStandIn()
+    attn.runner(q, 16, k).hopper = stand_in
+    try:
+        for _ in range(3):
+            q, k, v = qkv()
+            check(attn(q, k, v), q, k, v, mask_mod=causal)
+        assert stand_in.asked == 1 and len(stand_in.keys) == 3
+        assert stand_in.keys[0] is not None and all(x == stand_in.keys[0] for x in stand_in.keys)
+        hopper.enable(False)  # the switch changed: asked again, and the portable kernels run
+        check(attn(q, k, v), q, k, v, mask_mod=causal)
+        assert stand_in.asked >= 2 and len(stand_in.keys) == 3
+        hopper.enable(None)
+        q, k, v = qkv()
+        check(attn(q, k, v), q, k, v, mask_mod=causal)
+        assert len(stand_in.keys) == 4
+    finally:
+        hopper.enable(None)
+    # a verdict of no: the portable forward, its FastForward made and taken
+    stand_in2 = _HopperFwdStandIn(takes=False)
+    attn2 = attndsl.compile(mask_mod=causal, block_m=BLOCK, block_n=BLOCK)
+    attn2.runner(q, 16, k).hopper = stand_in2
+    for _ in range(3):
+        q, k, v = qkv()
+        check(attn2(q, k, v), q, k, v, mask_mod=causal)
+    assert not stand_in2.keys

@@ -318,13 +318,14 @@ class HopperForward:
         return self._kernel
 
     def forward(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
-                buffers=(), heavy_first: bool | None = None):
+                buffers=(), heavy_first: bool | None = None, key: tuple | None = None):
         """(out, lse) for ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lkv, D]`` (see :meth:`applies`);
         ``sinks``: per-head sink logits ``[Hq]`` that join the softmax denominator, or None;
         ``buffers``: the pattern's captured tensors, in slot order; ``cfg``: the tiles (None:
         :func:`config_for` the head dim); ``heavy_first``: the program order (None: the spec's,
-        :attr:`heavy_first`; the benchmark times both)."""
-        return self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=False)
+        :attr:`heavy_first`; the benchmark times both); ``key``: the call's ``Runner.call_key``,
+        which then keys the prepared launch in place of the tensors' own keys."""
+        return self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=False, call_key=key)
 
     def warmup(self, q, k, v, scale: float, cfg: HopperConfig | None = None, sinks: torch.Tensor | None = None,
                buffers=(), heavy_first: bool | None = None) -> None:
@@ -333,7 +334,7 @@ class HopperForward:
         executor (the benchmark's sweep compiles its configurations in parallel)."""
         self._launch(q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup=True)
 
-    def _launch(self, q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup: bool):
+    def _launch(self, q, k, v, scale, cfg, sinks, buffers, heavy_first, warmup: bool, call_key=None):
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
         B, Hq, Lq, D = q.shape
@@ -349,8 +350,10 @@ class HopperForward:
         if gluonlaunch.PREPARED and not warmup:
             # what fixes every launch decision but the addresses (gluonlaunch): the descriptors'
             # shapes, strides and dtype, the other arguments' specialisation, tiles, grid, device
-            key = (cfg, heavy, tensor_key(q), tensor_key(k), tensor_key(v),
-                   None if sinks is None else tensor_key(sinks), *map(tensor_key, buffers), q.get_device())
+            # (a call key covers the tensors, the sinks and the captured tensors alike)
+            key = ((cfg, heavy, tensor_key(q), tensor_key(k), tensor_key(v),
+                    None if sinks is None else tensor_key(sinks), *map(tensor_key, buffers), q.get_device())
+                   if call_key is None else (cfg, heavy, call_key, q.get_device()))
             prep = self._prepared.get(key)
             if prep is not None:
                 scope = launch_scope(q, False)

@@ -18,6 +18,7 @@ from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties,
     grid_section, multiprocessors, retry_tiles
 from .fastlaunch import Direct
 from .hopper import HopperForward
+from .hopper import enabled as hopper_enabled
 from .hopper_bwd import HopperBackward
 # MAX_PRIVATE_PARTIALS, Extras, buffer_named and fill are also imported from here (api.py, runtime/op.py,
 # runtime/autograd.py, serving/decoding.py); their home is gradients.py and marshal.py
@@ -437,6 +438,15 @@ class Runner:
             got = f(q, k, v, scale, buffers, extras, tables)
             if got is not None:
                 return got
+        h = self.hopper
+        if h is not None and tables is None and not self.precise_delta:
+            # a key the Hopper forward takes has no FastForward: its verdict, kept per switch state
+            on = hopper_enabled()
+            verdict = p.hopper
+            if verdict is None or verdict[0] is not on:
+                verdict = p.hopper = (on, h.applies(q, k, v, extras))
+            if verdict[1]:
+                return h.forward(q, k, v, scale, sinks=extras.sinks, buffers=buffers, key=p.key)
         out, lse, _ = self.forward(q, k, v, scale, buffers, tables, extras, key=p.key)
         p.fwd = self._fast_fwd.get(self._tables_key(p.key, tables))
         return out, lse
@@ -642,12 +652,16 @@ class Prepared:
     of the last gradient layout met. Set by ``Runner.forward_prepared``/``backward_prepared``
     after a call of the key launched the ordinary way."""
 
-    __slots__ = ("key", "fwd", "bwd")
+    __slots__ = ("key", "fwd", "bwd", "hopper")
 
     def __init__(self, key: tuple):
         self.key = key
         self.fwd: FastForward | None = None
         self.bwd: FastBackward | None = None
+        #: ``(the Hopper forward's switch, whether it takes the key's calls)`` as last asked: its call
+        #: conditions are the key's (dtypes, shapes, strides, alignment, extras), so only a change of
+        #: the switch asks ``HopperForward.applies`` again
+        self.hopper: tuple | None = None
 
 
 def _template(t: torch.Tensor) -> tuple | None:
