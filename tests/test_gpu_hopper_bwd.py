@@ -69,6 +69,17 @@ def inputs(B, Hq, Hkv, Lq, Lkv, D, dtype, seed):
     return q, k, v, do
 
 
+def stats(comp, q, k, v, do):
+    """The forward's logsumexp (the portable forward's) and delta = rowsum(dO·O), as the Hopper
+    backward takes them when called directly."""
+    hopper.enable(False)
+    try:
+        o, lse = comp(q, k, v, return_lse=True)
+    finally:
+        hopper.enable(None)
+    return lse, (o.float() * do.float()).sum(-1)
+
+
 def grads(comp, q, k, v, do, hopper_bwd_on: bool, deterministic: bool = False, dq: str | None = None):
     """(dq, dk, dv, Hopper backward calls) through the runtime, the forward portable; ``dq``: the
     Hopper backward's dQ mode (None: the configuration the runtime picks)."""
@@ -170,12 +181,7 @@ def test_prepared_launches_with_fresh_inputs(dq):
     cfg = hopper_bwd.bwd_config_for(128, dq)
     for seed in range(3):
         q, k, v, do = inputs(1, 4, 2, 700, 650, 128, torch.bfloat16, 10 + seed)
-        hopper.enable(False)
-        try:
-            o, lse = comp(q, k, v, return_lse=True)
-        finally:
-            hopper.enable(None)
-        delta = (o.float() * do.float()).sum(-1)
+        lse, delta = stats(comp, q, k, v, do)
         dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
         got_dq = hb.backward(q, k, v, do, lse, delta, dk, dv, 1 / math.sqrt(128), cfg=cfg)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -238,12 +244,7 @@ def test_other_tiles(consumers, stages, D):
         comp = compiled(name)
         mask, _ = PATTERNS[name]
         q, k, v, do = inputs(1, 2, 1, 900, 1100, D, torch.float16, 7)
-        hopper.enable(False)
-        try:
-            o, lse = comp(q, k, v, return_lse=True)
-        finally:
-            hopper.enable(None)
-        delta = (o.float() * do.float()).sum(-1)
+        lse, delta = stats(comp, q, k, v, do)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         cfg = hopper_bwd.HopperBwdConfig(consumers=consumers, stages=stages)
         dq = hopper_bwd.HopperBackward(comp.spec).backward(q, k, v, do, lse, delta, dk, dv, 1 / math.sqrt(D), cfg=cfg)

@@ -27,6 +27,8 @@ import torch
 
 from . import fastlaunch
 from .fastlaunch import Direct, _hooked
+from .memo import MEMO_SIZE
+from .scope import NO_CONTEXT, launch_scope
 
 #: prepared launches on (``ATTNDSL_GLUON_PREPARED=0`` at import turns them off; assign to change)
 PREPARED = os.environ.get("ATTNDSL_GLUON_PREPARED", "1") != "0"
@@ -121,3 +123,31 @@ class Prepared:
         args += rest
         self.direct(args)
         return True
+
+
+def launch_kept(prepared: dict, key, q: torch.Tensor, tensors, rest) -> bool:
+    """Launch the prepared launch ``prepared`` keeps for ``key`` (in ``q``'s launch scope) with the
+    call's ``tensors`` (one per descriptor) and other runtime arguments ``rest``. False, having
+    launched nothing, where there is none (a first call, a Triton that allows none) or it declines
+    (a launch hook is set): the caller launches the ordinary way (:func:`run_and_keep`)."""
+    prep = prepared.get(key) if key is not None else None
+    if prep is None:
+        return False
+    scope = launch_scope(q, False)
+    if scope is NO_CONTEXT:
+        return prep(tensors, rest)
+    with scope:
+        return prep(tensors, rest)
+
+
+def run_and_keep(prepared: dict, key, kernel, q: torch.Tensor, descs: list, rest: list, consts: dict, grid: tuple,
+                 warmup: bool = False) -> None:
+    """The ordinary launch, ``kernel.run`` (in ``q``'s launch scope, four warps), and for a ``key``
+    not met before its prepared launch kept in ``prepared`` (None where this Triton allows none:
+    not asked again; at most ``MEMO_SIZE`` keys, then started over). ``key`` None: none kept."""
+    with launch_scope(q, False):
+        ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=warmup)
+        if key is not None and key not in prepared:
+            if len(prepared) >= MEMO_SIZE:
+                prepared.clear()
+            prepared[key] = Prepared.make(kernel, ck, grid, [*descs, *rest], consts)

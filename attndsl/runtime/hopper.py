@@ -36,8 +36,7 @@ import torch
 from ..codegen import hopper as _gen
 from . import gluonlaunch
 from .marshal import buffer_args
-from .memo import MEMO_SIZE, tensor_key
-from .scope import NO_CONTEXT, launch_scope
+from .memo import tensor_key
 from .switches import Switch
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
@@ -354,16 +353,8 @@ class HopperForward:
             key = ((cfg, heavy, tensor_key(q), tensor_key(k), tensor_key(v),
                     None if sinks is None else tensor_key(sinks), *map(tensor_key, buffers), q.get_device())
                    if call_key is None else (cfg, heavy, call_key, q.get_device()))
-            prep = self._prepared.get(key)
-            if prep is not None:
-                scope = launch_scope(q, False)
-                if scope is NO_CONTEXT:
-                    if prep((q, k, v), rest):
-                        return out, lse
-                else:
-                    with scope:
-                        if prep((q, k, v), rest):
-                            return out, lse
+            if gluonlaunch.launch_kept(self._prepared, key, q, (q, k, v), rest):
+                return out, lse
         gl, TensorDescriptor = _gluon()
         el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
         descs = [_descriptor(TensorDescriptor, gl, q, cfg.block_m, el),
@@ -376,14 +367,7 @@ class HopperForward:
         consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages,
                       CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
                       THREAD_ARRIVE=cfg.thread_arrive, UNROLL=cfg.unroll, HEAVY_FIRST=heavy, HAS_SINKS=sinks is not None)
-        kernel = self.kernel()
-        with launch_scope(q, False):
-            ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=warmup)
-            if key is not None and key not in self._prepared:
-                if len(self._prepared) >= MEMO_SIZE:
-                    self._prepared.clear()
-                # None (kept: not asked again) where this Triton allows no prepared launch
-                self._prepared[key] = gluonlaunch.Prepared.make(kernel, ck, grid, [*descs, *rest], consts)
+        gluonlaunch.run_and_keep(self._prepared, key, self.kernel(), q, descs, rest, consts, grid, warmup)
         return out, lse
 
 

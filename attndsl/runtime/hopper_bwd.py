@@ -37,8 +37,7 @@ from ..codegen import hopper as _fwd_gen
 from ..codegen import hopper_bwd as _gen
 from . import gluonlaunch
 from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, plan_class
-from .memo import MEMO_SIZE, tensor_key
-from .scope import launch_scope
+from .memo import tensor_key
 from .switches import Switch
 
 __all__ = ["HopperBackward", "HopperBwdConfig", "bwd_config_for", "sweep_configs", "backward_enabled", "enable_backward",
@@ -263,11 +262,8 @@ class HopperBackward:
             # addresses and the scale (a float argument, never specialised)
             key = (cfg, atomic, q.get_device(), *map(tensor_key, tensors),
                    *(tensor_key(a) if isinstance(a, torch.Tensor) else a for a in (*head, *tail)))
-            prep = self._prepared.get(key)
-            if prep is not None:
-                with launch_scope(q, False):
-                    if prep(tensors, rest):
-                        return self._dq(dq_acc, q, scale, atomic)
+            if gluonlaunch.launch_kept(self._prepared, key, q, tensors, rest):
+                return self._dq(dq_acc, q, scale, atomic)
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
         el = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -276,14 +272,7 @@ class HopperBackward:
         descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, dq_cols))
         consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages, CONSUMERS=cfg.consumers,
                       DQ_ATOMIC=atomic, DQ_COLS=dq_cols)
-        kernel = self.kernel()
-        with launch_scope(q, False):
-            ck = kernel.run(*descs, *rest, **consts, num_warps=4, grid=grid, warmup=False)
-            if key is not None and key not in self._prepared:
-                if len(self._prepared) >= MEMO_SIZE:
-                    self._prepared.clear()
-                # None (kept: not asked again) where this Triton allows no prepared launch
-                self._prepared[key] = gluonlaunch.Prepared.make(kernel, ck, grid, [*descs, *rest], consts)
+        gluonlaunch.run_and_keep(self._prepared, key, self.kernel(), q, descs, rest, consts, grid)
         return self._dq(dq_acc, q, scale, atomic)
 
     @staticmethod
