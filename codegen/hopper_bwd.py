@@ -23,7 +23,10 @@ query tiles:
   of dQ over all the program's keys (at D=64 the groups take turns by tile), stores them to its
   shared-memory tile and adds them by a TMA reduce-add (``cp.reduce.async.bulk.tensor``; rows past
   Lq dropped by the descriptor), which runs on while the group goes on to the next tile (scaled and
-  cast once at the end, on the host). Without it (the deterministic option) the runtime runs the
+  cast once at the end, on the host). With ``DQ_EARLY`` (where every group takes every tile) the
+  dQ products are issued before dK's and only they are waited for, so dK's product runs while dQ
+  goes out (FlashAttention-3's order); otherwise both are waited for at once. Without
+  ``DQ_ATOMIC`` (``HopperBwdConfig.dq == "kernel"``, and deterministic runs) the runtime runs the
   portable dQ kernel, one program per query tile.
 
 What depends on the pattern comes from the spec: the visit plan (full tiles first, with no mask
@@ -52,7 +55,7 @@ from .prelude import module_header
 from .writer import Writer
 
 #: Bump when the generated Hopper backward changes meaning (part of the module's cache key).
-HOPPER_BWD_VERSION = 4
+HOPPER_BWD_VERSION = 5
 
 #: the TMA reduce-add (Triton 3.6's Gluon has the operation in its builder, not in its language)
 IMPORTS = "from attndsl.runtime.gluon_ops import async_atomic_add, fence_async_shared"
@@ -107,19 +110,9 @@ def _hopper_bwd_load(q_desc, do_desc, k_desc, v_desc, Lse, Delta, q_smem, do_sme
 DQ = '''
 
 @gluon.jit
-def _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_smem, dq_desc, ds_ready, ds_empty, cnt, b, h, q_lo, C: gl.constexpr,
-                   CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                   DQ_COLS: gl.constexpr):
-    """A query tile's dQ = dS·K, shared out over the consumer groups as FlashAttention-3 does: each
-    group puts ``ds16`` (dSᵀ of its keys) into the program's shared dSᵀ; then each takes DQ_COLS
-    columns of dQ over all the program's keys (groups past the column count take turns by tile),
-    stores them to its shared tile and adds them into float32 dQ by a TMA reduce-add, which runs on
-    while the group goes on (rows past LQ are dropped). One add per program and tile rather than
-    one per group, and a [BLOCK_M, DQ_COLS] accumulator beside dK and dV rather than
-    [BLOCK_M, HEAD_D], which did not fit the registers at D=128 (ptxas serialised the wgmmas)."""
-    GROUPS: gl.constexpr = HEAD_D // DQ_COLS
-    TURNS: gl.constexpr = CONSUMERS // GROUPS
-    COL: gl.constexpr = (C % GROUPS) * DQ_COLS  # the group's first column of dQ
+def _hopper_bwd_ds_share(ds16, ds_smem, ds_ready, ds_empty, cnt, C: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The group's ``ds16`` (dSᵀ of its keys) into the program's shared dSᵀ, and wait until every
+    group's is there."""
     # every group's product of the previous tile has read the shared dSᵀ (a fresh barrier counts as
     # having completed the phase before its first)
     mbarrier.wait(ds_empty, (cnt & 1) ^ 1)
@@ -127,20 +120,56 @@ def _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_smem, dq_desc, ds_ready, ds_empty, 
     fence_async_shared()  # the group's stores, seen by the other group's wgmma (the async proxy)
     mbarrier.arrive(ds_ready, count=1)
     mbarrier.wait(ds_ready, cnt & 1)
+
+
+@gluon.jit
+def _hopper_bwd_dq_products(ds_smem, k_smem, C: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, DQ_COLS: gl.constexpr):
+    """The products of the group's DQ_COLS columns of the tile's dQ = dS·K over all the program's
+    keys, from the shared dSᵀ: issued, not waited for (returns their accumulator)."""
+    COL: gl.constexpr = (C % (HEAD_D // DQ_COLS)) * DQ_COLS  # the group's first column of dQ
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_COLS, 16])
+    dq = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
+    for c in gl.static_range(CONSUMERS):  # dS·K over each group's keys
+        dq = warpgroup_mma(ds_smem.slice(c * BLOCK_N, BLOCK_N).permute((1, 0)),
+                           k_smem.index(c).reshape([BLOCK_N, HEAD_D]).slice(COL, DQ_COLS, dim=1), dq, is_async=True)
+    return dq
+
+
+@gluon.jit
+def _hopper_bwd_dq_add(dq, dq_smem, dq_desc, ds_empty, b, h, q_lo, C: gl.constexpr, BLOCK_M: gl.constexpr,
+                       HEAD_D: gl.constexpr, DQ_COLS: gl.constexpr):
+    """The tile's dQ columns (their products waited for) out: the shared dSᵀ freed, the group's
+    shared tile refilled once the previous tile's add has read it, and added into float32 dQ by a
+    TMA reduce-add, which runs on while the group goes on (rows past LQ are dropped)."""
+    COL: gl.constexpr = (C % (HEAD_D // DQ_COLS)) * DQ_COLS
+    mbarrier.arrive(ds_empty, count=1)
+    tma.store_wait(0)
+    dq_smem.reshape([BLOCK_M, DQ_COLS]).store(dq)
+    fence_async_shared()
+    async_atomic_add(dq_desc, [b, h, q_lo, COL], dq_smem)
+
+
+@gluon.jit
+def _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_smem, dq_desc, ds_ready, ds_empty, cnt, b, h, q_lo, C: gl.constexpr,
+                   CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                   DQ_COLS: gl.constexpr):
+    """A query tile's dQ = dS·K, shared out over the consumer groups as FlashAttention-3 does: each
+    group puts ``ds16`` (dSᵀ of its keys) into the program's shared dSᵀ; then each takes DQ_COLS
+    columns of dQ over all the program's keys (groups past the column count take turns by tile),
+    stores them to its shared tile and adds them into float32 dQ by a TMA reduce-add. One add per
+    program and tile rather than one per group, and a [BLOCK_M, DQ_COLS] accumulator beside dK and
+    dV rather than [BLOCK_M, HEAD_D], which did not fit the registers at D=128 (ptxas serialised
+    the wgmmas). The products are waited for at once, with dK's issued before them (the consumer's
+    ``DQ_EARLY`` order issues them before dK's instead, where every group takes every tile)."""
+    GROUPS: gl.constexpr = HEAD_D // DQ_COLS
+    TURNS: gl.constexpr = CONSUMERS // GROUPS
+    _hopper_bwd_ds_share(ds16, ds_smem, ds_ready, ds_empty, cnt, C, BLOCK_N)
     if cnt % TURNS == C // GROUPS:
-        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, DQ_COLS, 16])
-        dq = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
-        for c in gl.static_range(CONSUMERS):  # dS·K over each group's keys
-            dq = warpgroup_mma(ds_smem.slice(c * BLOCK_N, BLOCK_N).permute((1, 0)),
-                               k_smem.index(c).reshape([BLOCK_N, HEAD_D]).slice(COL, DQ_COLS, dim=1), dq, is_async=True)
+        dq = _hopper_bwd_dq_products(ds_smem, k_smem, C, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_D, DQ_COLS)
         dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
-        mbarrier.arrive(ds_empty, count=1)
-        # the previous tile's add has read the shared tile: refill it
-        tma.store_wait(0)
-        dq_smem.reshape([BLOCK_M, DQ_COLS]).store(dq)
-        fence_async_shared()
-        async_atomic_add(dq_desc, [b, h, q_lo, COL], dq_smem)
+        _hopper_bwd_dq_add(dq, dq_smem, dq_desc, ds_empty, b, h, q_lo, C, BLOCK_M, HEAD_D, DQ_COLS)
     else:
         mbarrier.arrive(ds_empty, count=1)
 '''
@@ -171,7 +200,8 @@ def signature(spec: KernelSpec) -> tuple:
     t = [Param(n, "tensor") for n in ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc", "DK", "DV", "Lse", "Delta")]
     i = [Param(n, "int") for n in ("stride_dkb", "stride_dkh", "stride_dkn", "stride_dvb", "stride_dvh", "stride_dvn",
                                    "HQ", "HKV", "GROUP", "LQ", "LKV")]
-    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC", "DQ_COLS")]
+    c = [Param(n, "constexpr") for n in ("BLOCK_M", "BLOCK_N", "HEAD_D", "STAGES", "CONSUMERS", "DQ_ATOMIC", "DQ_COLS",
+                                         "DQ_EARLY")]
     return tuple(t + i + [Param("sm_scale", "float")] + _buffers(spec) + list(_table_params(spec)) + c)
 
 
@@ -281,7 +311,8 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                  stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, b, hk, pid_n, kv_lo, kv_hi,
                  HQ, GROUP, LQ, LKV, sm_scale, {_buffer_names(spec)}{_table_names(spec)}
                  C: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_COLS: gl.constexpr):
+                 STAGES: gl.constexpr, CONSUMERS: gl.constexpr, DQ_ATOMIC: gl.constexpr, DQ_COLS: gl.constexpr,
+                 DQ_EARLY: gl.constexpr):
         \"\"\"Consumer group C: dK and dV of keys kv0..kv0+BLOCK_N, and its share of each visited query tile's dQ.\"\"\"
         # the transposed score tile [BLOCK_N keys, BLOCK_M queries], the [BLOCK_N, HEAD_D]
         # accumulators (dK, dV) and their A operands from registers
@@ -369,10 +400,19 @@ def _consumer(spec: KernelSpec, w: Writer, plan0: str, plan1: str) -> None:
                     if kv_pad:
                         dsT = gl.where(kv_idx < LKV, dsT, 0.0)
                     ds16 = dsT.to(dtype)
-                    dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
-                    if DQ_ATOMIC:
-                        _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_tile, dq_desc, ds_ready, ds_empty, cnt, b, h, q_lo, C,
-                                       CONSUMERS, BLOCK_M, BLOCK_N, HEAD_D, DQ_COLS)
+                    if DQ_EARLY:
+                        # FlashAttention-3's order: dQ's products first, then dK's, which runs on
+                        # while dQ goes out to shared memory and its reduce-add
+                        _hopper_bwd_ds_share(ds16, ds_smem, ds_ready, ds_empty, cnt, C, BLOCK_N)
+                        dq = _hopper_bwd_dq_products(ds_smem, k_smem, C, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_D, DQ_COLS)
+                        dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
+                        dq = warpgroup_mma_wait(num_outstanding=1, deps=(dq, ))  # (in order: dV's and dQ's)
+                        _hopper_bwd_dq_add(dq, dq_tile, dq_desc, ds_empty, b, h, q_lo, C, BLOCK_M, HEAD_D, DQ_COLS)
+                    else:
+                        dk = warpgroup_mma(gl.convert_layout(ds16, op_layout), q_tile, dk, is_async=True)
+                        if DQ_ATOMIC:
+                            _hopper_bwd_dq(ds16, ds_smem, k_smem, dq_tile, dq_desc, ds_ready, ds_empty, cnt, b, h,
+                                           q_lo, C, CONSUMERS, BLOCK_M, BLOCK_N, HEAD_D, DQ_COLS)
                     dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
                     mbarrier.arrive(qdo_empty.index(slot), count=1)
                     """)
@@ -456,7 +496,7 @@ def _kernel(spec: KernelSpec, w: Writer) -> None:
                   "stride_dvn, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, sm_scale, ")
         bufs += _table_names(spec)
         consumer = [f"({name}_consumer, ({common}{bufs}{c}, BLOCK_M, BLOCK_N, HEAD_D, STAGES, CONSUMERS, DQ_ATOMIC, "
-                    "DQ_COLS))" for c in range(2)]
+                    "DQ_COLS, DQ_EARLY))" for c in range(2)]
         load = ("(_hopper_bwd_load, (q_desc, do_desc, k_desc, v_desc, Lse, Delta, q_smem, do_smem, k_smem, v_smem, "
                 f"lse_smem, delta_smem, kv_bar, q_ready, do_ready, stat_ready, qdo_empty, b, hk, pid_n, kv_lo, kv_hi, HQ, GROUP, LQ, LKV, {bufs}BLOCK_M, BLOCK_N, STAGES, "
                 "CONSUMERS))")

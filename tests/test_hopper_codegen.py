@@ -419,6 +419,11 @@ def test_backward_config_checks():
         hopper_bwd.HopperBwdConfig(dq="tma")
     split = hopper_bwd.HopperBwdConfig(dq="kernel")
     assert split.shared_bytes(128) == split.shared_bytes(128, False) < split.shared_bytes(128, True)
+    assert hopper_bwd.HopperBwdConfig(dq_early=True).early_dq(128, True)
+    assert not hopper_bwd.HopperBwdConfig(dq_early=True).early_dq(128, False)  # no atomic dQ: nothing to order
+    assert not hopper_bwd.HopperBwdConfig(dq_early=True).early_dq(64, True)  # two groups take turns at D=64
+    assert hopper_bwd.HopperBwdConfig(dq_early=True, consumers=1).early_dq(64, True)
+    assert not hopper_bwd.HopperBwdConfig().early_dq(128, True)  # off by default (not yet timed on a GPU)
     swept = hopper_bwd.sweep_configs(128)
     assert {c.dq for c in swept} == {"atomic", "kernel"} and len(set(swept)) == len(swept)
     assert all(c.shared_bytes(128) <= hopper.SMEM_LIMIT for c in swept)
@@ -449,6 +454,22 @@ def test_backward_compiles_for_sm90(name, head_dim, dq_atomic):
         # global loads: only the producer's lse and delta (two rows per lane); the consumer groups read
         # them from shared memory (their own loads' latency stalled them: ncu, H100, 2026-12-07)
         assert ptx.count("ld.global") == 4, ptx.count("ld.global")
+
+
+@pytest.mark.skipif(not _toolchain(), reason="needs Triton 3.6's Gluon and its NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("name", ["dense", "causal", "document"])
+def test_backward_early_dq_order_compiles_for_sm90(name):
+    """``HopperBwdConfig(dq_early=True)`` at D=128 (two groups, each its 64 columns every tile): the
+    same reduce-adds, and two of the consumer code's waits for all wgmmas become waits that leave
+    one (dK's) in flight."""
+    mask, score = _bwd_cases()[name]
+    spec = attndsl.compile(mask_mod=mask, score_mod=score).spec
+    ptx = {early: hopper_bwd.compile_sm90_bwd(spec, "bf16", 128, cfg=hopper_bwd.HopperBwdConfig(dq_early=early))
+           .asm["ptx"] for early in (False, True)}
+    red = "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add"
+    assert ptx[True].count(red) == ptx[False].count(red) > 0
+    keep_one = "wgmma.wait_group.sync.aligned 1;"
+    assert ptx[True].count(keep_one) == ptx[False].count(keep_one) + 2
 
 
 def test_backward_refuses_a_config_past_shared_memory():

@@ -74,6 +74,10 @@ class HopperBwdConfig:
     #: "atomic": dQ added by the kernel's TMA reduce-adds; "kernel": dK/dV only, dQ by the
     #: portable dQ kernel (the deterministic runs' way, taken by every run with it)
     dq: str = "atomic"
+    #: atomic dQ in FlashAttention-3's order (``DQ_EARLY``): dQ's products issued before dK's, so
+    #: dK's runs while dQ goes out; taken where every group computes dQ every tile
+    #: (:meth:`early_dq`). Off by default: compiled and tested offline, not yet timed on a GPU
+    dq_early: bool = False
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
@@ -85,6 +89,11 @@ class HopperBwdConfig:
         if self.block_m != 64 or self.block_n != 64:
             # one wgmma row block per warp group, and dQ's tile shares dK/dV's layout
             raise ValueError(f"block_m and block_n must be 64, got {self.block_m}, {self.block_n}")
+
+    def early_dq(self, head_dim: int, atomic: bool) -> bool:
+        """Whether a launch with atomic dQ takes ``dq_early``'s order: only where each group computes
+        its columns of dQ every tile (two groups at D=128, one group), not where they take turns."""
+        return self.dq_early and atomic and self.consumers * self.dq_cols(head_dim) == head_dim
 
     def dq_cols(self, head_dim: int) -> int:
         """Columns of a dQ tile each consumer group computes (``DQ_COLS``): the groups split the head
@@ -271,7 +280,7 @@ class HopperBackward:
                  for t, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n), (dout, cfg.block_m))]
         descs.append(_descriptor(TensorDescriptor, gl, dq_acc, cfg.block_m, gl.float32, dq_cols))
         consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, STAGES=cfg.stages, CONSUMERS=cfg.consumers,
-                      DQ_ATOMIC=atomic, DQ_COLS=dq_cols)
+                      DQ_ATOMIC=atomic, DQ_COLS=dq_cols, DQ_EARLY=cfg.early_dq(D, atomic))
         gluonlaunch.run_and_keep(self._prepared, key, self.kernel(), q, descs, rest, consts, grid)
         return self._dq(dq_acc, q, scale, atomic)
 
@@ -307,7 +316,8 @@ def compile_sm90_bwd(spec, dtype: str = "bf16", head_dim: int = 128, cfg: Hopper
         raise ValueError(f"the Hopper target does not render this pattern's backward: {hb.unsupported}")
     mod = cache.load(hb.spec, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
-                  CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic, DQ_COLS=cfg.dq_cols(head_dim))
+                  CONSUMERS=cfg.consumers, DQ_ATOMIC=dq_atomic, DQ_COLS=cfg.dq_cols(head_dim),
+                  DQ_EARLY=cfg.early_dq(head_dim, dq_atomic))
     boxes = {"q_desc": cfg.block_m, "do_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n,
              "dq_desc": (cfg.block_m, cfg.dq_cols(head_dim))}
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hb.spec)), _gen.signature(hb.spec), hb.spec.buffers,
