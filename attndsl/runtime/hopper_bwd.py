@@ -12,8 +12,9 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
 * it is enabled: ``ATTNDSL_HOPPER_BWD=1`` in the environment (read once) or
   ``enable_backward(True)``, independently of the Hopper forward's switch; with neither set, where
   the call's tuned entry says it beat the portable backward (``attndsl.autotune``, which also
-  picks its :class:`HopperBwdConfig`), else where ``MEASURED_BWD_WINS`` lists the case (empty until
-  an H100 has measured it: off by default);
+  picks its :class:`HopperBwdConfig`), else where ``MEASURED_BWD_WINS`` lists the call's shape
+  class (measured on an H100; dense and causal-like masks without score mods, bf16, from a least
+  size on);
 * the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
   bfloat16, head dim 64 or 128 for q, k and v alike, q/k/v/dO whose strides a TMA descriptor takes,
   no low-rank bias, no block selection (a data-dependent mask's own block tables are fine: the
@@ -24,7 +25,8 @@ float32 buffer by TMA reduce-adds (scaled and cast afterwards), or ``"kernel"``,
 computes dK/dV only and the portable dQ kernel (one program per query tile, no atomics) adds the
 three matrix products of dQ. Deterministic runs (``deterministic=True``) always take ``"kernel"``.
 On an H100 the split wins for dense attention (the Gluon dK/dV kernel at 600 TFLOP/s), the atomic
-kernel for long causal calls (``MEASURED_BWD_WINS``).
+kernel for long causal calls (``MEASURED_BWD_WINS``). Launches are prepared as the forward's
+(``gluonlaunch``): later calls of a launch key skip Gluon's ``kernel.run``.
 """
 from __future__ import annotations
 
