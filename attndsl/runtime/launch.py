@@ -481,9 +481,10 @@ class Runner:
 
     # -- backward ------------------------------------------------------------------------------
     def backward(self, q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras: Extras | None = None,
-                 key=None):
+                 key=None, hop: bool | None = None):
         """Returns (dq, dk, dv, dsinks, du, dw, {slot: dbuf}). ``key``: the forward's ``call_key``
-        (None: no memo).
+        (None: no memo); ``hop``: whether the Hopper backward takes the call, where the caller has
+        asked it (None: asked here).
 
         dQ comes from the dQ kernel, or (``config.atomic_dq``: never deterministic) from the dK/dV
         kernel, which then adds it (and dU, and the learnable tensors' gradients) into zeroed
@@ -497,7 +498,9 @@ class Runner:
         mode = _dq_mode(self)  # asked once: the memo key and the launch's DQ_ATOMIC / DQ_TMA agree
         # the Hopper (sm_90) backward: dK/dV, and dQ where its configuration adds it (else the
         # portable dQ kernel); it replaces the portable dK/dV kernel and its atomic dQ
-        hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables, self.precise_delta)
+        if hop is None:
+            hop = self.hopper_bwd is not None and self.hopper_bwd.applies(q, k, v, dout, extras, tables,
+                                                                          self.precise_delta)
         atomic = mode[0] and not hop
         fkey = key
         key = self._tables_key(self._backward_key(key, dout, dlse, mode), tables) if key is not None else None
@@ -860,7 +863,7 @@ class FastBackward:
         specialises unlike the memoised one."""
         r = self.runner
         if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, tables, False):  # asked per call, as the forward
-            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
+            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key, hop=True)
         if self.mode != _dq_mode(r):  # the dQ mode changed (ATTNDSL_ATOMIC_DQ, ATTNDSL_DQ_TMA): decide afresh
             return None
         if self.tables is None:
