@@ -12,7 +12,7 @@ from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
 from .runtime import cache
 from .runtime.tuned import entry_for
-from .runtime.autograd import Call, apply as _apply
+from .runtime.autograd import Call, any_grad, apply as _apply
 import math
 
 from typing import NamedTuple
@@ -24,7 +24,7 @@ from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
 from .runtime.launch import BlockTables, Extras, Prepared, Runner, use_interpreter
-from .runtime.memo import MAX_PLANS, Plans
+from .runtime.memo import MAX_PLANS, Plans, plan_key
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES
 
@@ -55,45 +55,6 @@ class _Plan(NamedTuple):
     call: Call  # the autograd Function's argument for calls with the default scale and no sinks, factors, tables
 
 
-def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_factors=None) -> tuple | None:
-    """What the input checks of a call (no sigmoid bias or tables) depend on, and what fixes its
-    launches: each tensor's shape, strides, dtype, device and 16-byte alignment (inputs, captured
-    tensors, sinks, low-rank factors), the scale's sign, ``return_lse``. None: a call the checks
-    must see every time (tensors of other types, a scale that is not a finite Python number,
-    ``bias_factors`` that are not a pair of tensors)."""
-    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
-        return None
-    if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
-        return None
-    # size(), not .shape: the same torch.Size at two thirds of the host time
-    got = (query.size(), query.stride(), query.dtype, query.device, query.data_ptr() & 15,
-           key.size(), key.stride(), key.dtype, key.device, key.data_ptr() & 15,
-           value.size(), value.stride(), value.dtype, value.device, value.data_ptr() & 15,
-           scale is None or scale > 0, return_lse)
-    if tensors:
-        got += tuple([x for t in tensors for x in (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
-    if sinks is None and bias_factors is None:  # the common call
-        return (*got, None)
-    extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
-    if len(extra) not in (1, 3):
-        return None
-    for t in extra:
-        if t is None:
-            got += (None,)
-        elif type(t) in _PLAIN_TENSORS:
-            got += (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)
-        else:
-            return None
-    return got
-
-
-#: tensor types whose metadata a plan key may stand for (sinks and factors are often parameters)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def _any_grad(sinks, u, w, tensors) -> bool:
-    return (sinks is not None and sinks.requires_grad) or (u is not None and (u.requires_grad or w.requires_grad)) \
-        or any(t.requires_grad for t in tensors)
 
 
 class CompiledAttention:
@@ -320,7 +281,7 @@ class CompiledAttention:
             tables = block_tables if block_tables is not None else TABLES.get(r, query, key, tensors, plan.tables)
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                         or ((tensors or sinks is not None or u is not None)
-                                            and _any_grad(sinks, u, w, tensors))):
+                                            and any_grad(sinks, u, w, tensors))):
             call = plan.call if default and tables is None else Call(r, scale, tables, extras, plan.memo)
             got = _apply(query, key, value, sinks, u, w, call, *tensors)
         else:  # inference: no graph node, no saved tensors

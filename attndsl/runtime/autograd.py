@@ -8,6 +8,13 @@ import torch
 from .launch import Extras, Prepared, Runner
 
 
+def any_grad(sinks, u, w, tensors) -> bool:
+    """Whether sink logits, low-rank factors or captured tensors of a call need a gradient (then it
+    goes through the autograd Function even where q, k and v do not)."""
+    return (sinks is not None and sinks.requires_grad) or (u is not None and (u.requires_grad or w.requires_grad)) \
+        or any(t.requires_grad for t in tensors)
+
+
 class Call(NamedTuple):
     """What a call's launches need besides the tensors: one argument of the Function, not five."""
 

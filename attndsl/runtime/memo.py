@@ -12,6 +12,7 @@ one list, ``[*own values, *the memoised rest]``.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,42 @@ class Plans(dict):
     def __init__(self, runners: dict):
         super().__init__()
         self.runners = runners
+
+
+def plan_key(tensors, query, key, value, scale, return_lse, sinks=None, bias_factors=None) -> tuple | None:
+    """What the input checks of a call (no sigmoid bias or tables) depend on, and what fixes its
+    launches: each tensor's shape, strides, dtype, device and 16-byte alignment (inputs, captured
+    tensors, sinks, low-rank factors), the scale's sign, ``return_lse``. None: a call the checks
+    must see every time (tensors of other types, a scale that is not a finite Python number,
+    ``bias_factors`` that are not a pair of tensors)."""
+    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
+        return None
+    if scale is not None and (type(scale) not in (float, int) or not math.isfinite(scale)):
+        return None
+    # size(), not .shape: the same torch.Size at two thirds of the host time
+    got = (query.size(), query.stride(), query.dtype, query.device, query.data_ptr() & 15,
+           key.size(), key.stride(), key.dtype, key.device, key.data_ptr() & 15,
+           value.size(), value.stride(), value.dtype, value.device, value.data_ptr() & 15,
+           scale is None or scale > 0, return_lse)
+    if tensors:
+        got += tuple([x for t in tensors for x in (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)])
+    if sinks is None and bias_factors is None:  # the common call
+        return (*got, None)
+    extra = (sinks,) if bias_factors is None else (sinks, *bias_factors) if type(bias_factors) is tuple else ()
+    if len(extra) not in (1, 3):
+        return None
+    for t in extra:
+        if t is None:
+            got += (None,)
+        elif type(t) in _PLAIN_TENSORS:
+            got += (t.size(), t.stride(), t.dtype, t.device, t.data_ptr() & 15)
+        else:
+            return None
+    return got
+
+
+#: tensor types whose metadata a plan key may stand for (sinks and factors are often parameters)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def tensor_key(t) -> tuple:

@@ -25,10 +25,9 @@ import triton
 from .. import codegen
 from ..runtime import cache, fastlaunch
 from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
-from ..runtime.memo import MAX_PLANS
+from ..runtime.memo import MAX_PLANS, plan_key
 from ..runtime.scope import launch_scope
-from ..api import _any_grad, plan_key
-from ..runtime.autograd import raw_apply, refuse_second_derivative
+from ..runtime.autograd import any_grad, raw_apply, refuse_second_derivative
 from ..runtime.checks import (call_shape, check_captured, check_extras, check_inputs, check_sink_values, compiling,
                               default_check)
 from ..runtime.empty import empty_call, is_empty
@@ -582,7 +581,7 @@ class _SparsePlan(NamedTuple):
 
 
 def _plan_key(tensors, query, key, value, indices, scale, return_lse, sinks, bias_factors) -> tuple | None:
-    """The dense path's plan key (``attndsl.api.plan_key``: the inputs', captured tensors', sinks'
+    """The dense path's plan key (``attndsl.runtime.memo.plan_key``: the inputs', captured tensors', sinks'
     and factors' shapes, strides, dtypes, devices and alignment, the scale's sign, ``return_lse``)
     and the indices' dtype, shape, strides, device and alignment; None: a call checked in full."""
     if type(indices) is not torch.Tensor:
@@ -677,7 +676,7 @@ def _run(plan, tensors, query, key, value, indices, scale, sinks, u, w, return_l
     extras = plan.extras if sinks is None and u is None else Extras(sinks, u, w, plan.extras.sigmoid_bias)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad
                                     or ((tensors or sinks is not None or u is not None)
-                                        and _any_grad(sinks, u, w, tensors))):
+                                        and any_grad(sinks, u, w, tensors))):
         call = plan.call if scale is None else plan.call._replace(scale=float(scale))
         out, lse = _apply(query, key, value, sinks, u, w, indices, call, *tensors)
     else:  # inference: no graph node, nothing saved
