@@ -511,6 +511,9 @@ class _StandIn:
     def applies(self, q, k, v, dout, extras=None, tables=None, precise=False):
         return True
 
+    def config(self, q, k):
+        return hopper_bwd.HopperBwdConfig()
+
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale, buffers=(), deterministic=False, cfg=None,
                  table=None):
         self.calls.append(deterministic)

@@ -303,7 +303,11 @@ class _HopperBwdStandIn:
         self.tuned, self.wrong, self.unsupported, self.seen = None, wrong, None, []
 
     def applies(self, q, k, v, dout, extras=None, tables=None, precise=False):
-        return self.tuned is not None and self.tuned[1]
+        from attndsl.runtime import hopper_bwd
+        return self.tuned is not None and self.tuned[1] and hopper_bwd.backward_enabled() is not False
+
+    def config(self, q, k):
+        return self.tuned[0]
 
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale, buffers=(), deterministic=False, cfg=None,
                  table=None):
@@ -319,7 +323,8 @@ class _HopperBwdStandIn:
         grad_v = (p.transpose(-1, -2) @ dout.double()).unflatten(1, (k.shape[1], g)).sum(2)
         dk.copy_(grad_k * (2 if self.tuned[0] in self.wrong else 1))
         dv.copy_(grad_v)
-        if deterministic or (self.tuned[0] is not None and self.tuned[0].dq == "kernel"):
+        cfg = cfg or self.tuned[0]
+        if deterministic or (cfg is not None and cfg.dq == "kernel"):
             return None  # dK/dV only: the portable dQ kernel adds dQ
         return (ds @ kk * scale).to(q.dtype)
 
@@ -471,3 +476,57 @@ def test_shipped_entries_parse_and_match_current_patterns():
         inst = get_case(name).build(L=256, H=2, B=1, device="cpu", seed=0, dtype=torch.bfloat16)
         current.add(_compiled(inst.mask_mod, inst.score_mod, "softmax", False, None)[0].spec.key)
     assert keys <= current, f"shipped entries for patterns no model case traces to: {sorted(keys - current)}"
+
+
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+def test_calls_the_hopper_backward_takes_are_prepared(dq, verify, monkeypatch):
+    """Repeated calls of a key the Hopper backward takes (a stand-in on the CPU) take the prepared
+    path around it (``HopperFastBackward``: the memoised delta and, where dQ is left to it, dQ
+    launches): fresh inputs and an lse gradient each call, gradients against the float64
+    reference; ``Runner.backward`` runs for the first call only (and, under ``ATTNDSL_VERIFY_MEMO``,
+    after each verified one). The switch turned off: the portable backward, prepared in turn; on
+    again: the Hopper one."""
+    from attndsl.runtime import hopper_bwd, launch
+    monkeypatch.setattr(launch, "VERIFY_MEMO", verify)
+    seen = []
+    full = launch.Runner.backward
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("hop"))
+        return full(self, *a, **kw)
+    monkeypatch.setattr(launch.Runner, "backward", spy)
+    comp = attndsl.compile(mask_mod=causal)
+    q, k, v = qkv(Lq=45, Lkv=45, Hq=4, Hkv=2, D=16)
+    stand_in = _HopperBwdStandIn()
+    stand_in.tuned = (hopper_bwd.HopperBwdConfig(dq=dq), True)
+    comp.runner(q, 16, k).hopper_bwd = stand_in
+
+    def step(n):
+        for _ in range(n):
+            q, k, v = qkv(Lq=45, Lkv=45, Hq=4, Hkv=2, D=16, grad=True)
+            do, dl = torch.randn(1, 4, 45, 16), torch.randn(1, 4, 45)
+            o, lse = comp(q, k, v, return_lse=True)
+            torch.autograd.backward((o, lse), (do, dl))
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=causal)
+            torch.autograd.backward((r, rl), (do.double(), dl.double()))
+            for n_, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+                err = float((got.double() - want).abs().max()) / float(want.abs().max())
+                assert err < 1e-4, (n_, err)
+
+    step(3)
+    assert len(stand_in.seen) == 3
+    assert len(seen) == (3 if verify else 1)
+    fast = [b for b in comp.runner(q, 16, k)._fast_bwd.values() if b is not None]
+    assert len(fast) == 1 and type(fast[0]) is launch.HopperFastBackward
+    hopper_bwd.enable_backward(False)
+    try:
+        step(2)
+        assert len(stand_in.seen) == 3  # the portable backward
+        assert [type(b) for b in comp.runner(q, 16, k)._fast_bwd.values()] == [launch.FastBackward]
+    finally:
+        hopper_bwd.enable_backward(None)
+    step(2)
+    assert len(stand_in.seen) == 5
+    assert [type(b) for b in comp.runner(q, 16, k)._fast_bwd.values()] == [launch.HopperFastBackward]

@@ -20,6 +20,7 @@ from .fastlaunch import Direct
 from .hopper import HopperForward
 from .hopper import enabled as hopper_enabled
 from .hopper_bwd import HopperBackward
+from .hopper_bwd import backward_enabled as hopper_bwd_enabled
 # MAX_PRIVATE_PARTIALS, Extras, buffer_named and fill are also imported from here (api.py, runtime/op.py,
 # runtime/autograd.py, serving/decoding.py); their home is gradients.py and marshal.py
 from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, private_rows, reduce_to,  # noqa: F401
@@ -29,6 +30,7 @@ from .memo import MEMO_SIZE, Memo, arg_classes, descriptor_scratch, own_slots, t
 from .scope import NO_CONTEXT, launch_scope
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
+_NONE = object()  # a dict's "no entry" where None is an entry
 #: check every memoised launch against a fresh computation of its grid, constants and arguments
 #: (``Runner._launch``); the test suite turns it on
 VERIFY_MEMO = os.environ.get("ATTNDSL_VERIFY_MEMO", "0") == "1"
@@ -540,7 +542,8 @@ class Runner:
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
         own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, dqa, du, scale, xown, bufs, gl_named)
         consts = None
-        dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det,
+        hcfg = self.hopper_bwd.config(q, k) if hop else None  # (kept by a HopperFastBackward)
+        dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det, cfg=hcfg,
                                           table=lambda r, c: self.table(tables, buffers, True, r, c)) if hop else None
         memo, own, dkdv_key = self._table_memo(dkdv, key, own, tables, buffers, True)
         if not hop and not self._memoised(memo, own):
@@ -580,11 +583,19 @@ class Runner:
             ordered_rows_add(dbufs[slot], vals.view(-1, row), offs)
         if dbufs:
             dbufs = {s_: g.to(buffers[s_].dtype) for s_, g in dbufs.items()}
-        # a prepared backward holds the portable launches only: a call the Hopper backward takes keeps
-        # this path, which asks it every call
-        if key is not None and not hop and key not in self._fast_bwd:
-            self._keep(self._fast_bwd, key, FastBackward.make(self, fkey, key, dout, dlse, extras, buffers, delta0,
-                                                              (dq, dk, dv)))
+        # the key's prepared backward: the portable launches, or those around the Hopper backward; one
+        # made for the other side of the Hopper verdict (its switch changed) is made again
+        if key is not None:
+            had = self._fast_bwd.get(key, _NONE)
+            if had is _NONE or (had is not None and not had.current(hop)):
+                if hop:  # (none kept where there is none: the portable one may be made later)
+                    made = HopperFastBackward.make(self, fkey, key, dout, dlse, extras, buffers, delta0, (dq, dk, dv),
+                                                   hcfg)
+                    if made is not None:
+                        self._keep(self._fast_bwd, key, made)
+                else:
+                    self._keep(self._fast_bwd, key, FastBackward.make(self, fkey, key, dout, dlse, extras, buffers,
+                                                                      delta0, (dq, dk, dv)))
         return dq, dk, dv, dsinks, du, dw, dbufs
 
     @staticmethod
@@ -858,6 +869,12 @@ class FastBackward:
         b.hopper = h is not None and h.unsupported is None and not runner.precise_delta
         return b
 
+    @staticmethod
+    def current(hop: bool) -> bool:
+        """Whether this prepared backward still fits its key's calls (``hop``: the Hopper backward
+        takes them now)."""
+        return not hop
+
     def __call__(self, q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables=None):
         """The gradients as ``Runner.backward`` returns them; None where a block table of the call
         specialises unlike the memoised one."""
@@ -940,3 +957,87 @@ class FastBackward:
         _same_arguments("backward gradients", [dq, dk, dv, *(() if args_delta is None else (delta,))],
                         [_like(q), _like(k), _like(v),
                          *(() if args_delta is None else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)
+
+
+class HopperFastBackward:
+    """The backward of one call key and gradient layout that the Hopper backward takes
+    (``hopper_bwd.py``), once a call of them launched: the delta launch from the runner's memo, the
+    Hopper kernel (its own prepared launch, at the configuration of the first call), and where that
+    configuration leaves dQ to the portable dQ kernel (or the run is deterministic) its launch from
+    the memo; row statistics and gradients allocated from templates. Kept with the Hopper
+    backward's switch as it was: under another switch state it declines and ``Runner.backward``
+    decides afresh. Only for softmax calls without block tables, learnable captured tensors or
+    low-rank factors (the Hopper backward takes no tables of its own here, nor the other two)."""
+
+    __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dq", "rest", "tpl", "convert", "allocator", "cfg",
+                 "switch")
+
+    @staticmethod
+    def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads, cfg) -> "HopperFastBackward | None":
+        if (runner.spec.grad_loads or extras.u is not None or delta is None or runner.spec.data_dependent
+                or cfg is None):
+            return None
+        memo = runner._memo
+        b = HopperFastBackward()
+        b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
+        b.cfg, b.switch = cfg, hopper_bwd_enabled()
+        split = cfg.dq == "kernel" or runner.deterministic  # the portable dQ kernel adds dQ
+        b.delta = memo.get((runner._kernel("bwd_delta"), key))
+        b.dq = memo.get((runner._kernel("bwd_dq"), key)) if split else None
+        if b.delta is None or (split and b.dq is None):
+            return None
+        b.tpl = [_template(t) for t in (*grads, delta)]
+        xs = ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
+        want = [(b.delta, ("Out", "DO", "Delta"))]
+        if split:
+            want.append((b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs)))
+        b.rest = [m.between(n, ()) for m, n in want]
+        if any(r is None for r in b.rest) or any(t is None for t in b.tpl):
+            return None
+        b.convert = _needs_conversion(runner, buffers)
+        b.allocator = any(m.allocator for m, _ in want)
+        return b
+
+    def current(self, hop: bool) -> bool:
+        """Whether this prepared backward still fits its key's calls (see :meth:`FastBackward.current`)."""
+        return hop and self.switch is hopper_bwd_enabled()
+
+    def __call__(self, q, k, v, out, lse, dout, dlse, scale, buffers, extras, tables=None):
+        """The gradients as ``Runner.backward`` returns them; None where the switch changed (or the
+        call has block tables): the ordinary path decides."""
+        r = self.runner
+        if tables is not None or hopper_bwd_enabled() is not self.switch:
+            return None
+        empty = torch.empty  # _alloc, inline
+        (sq, tq, cq), (sk, tk, ck), (sv, tv, cv), (sd, td, cd) = self.tpl
+        dq, dk, dv = empty(*sq, dtype=tq, device=cq), empty(*sk, dtype=tk, device=ck), empty(*sv, dtype=tv, device=cv)
+        delta = empty(*sd, dtype=td, device=cd)
+        if POISON:
+            for t in (dq, dk, dv, delta):
+                _poisoned(t)
+        bufs = list(buffer_tensors(buffers, r.learnable).values()) if self.convert else buffers
+        s = extras.sinks
+        xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
+        args_delta = [out, dout, delta, *self.rest[0]]
+        if VERIFY_MEMO:
+            _same_arguments("backward delta", args_delta, self.delta.args({"Out": out, "DO": dout, "Delta": delta}))
+            if self.dq is not None:
+                named = buffer_tensors(buffers, r.learnable)
+                _same_arguments("backward dQ", [q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]],
+                                self.dq.args(r._dq_own(q, k, v, dout, dq, lse, delta, q, scale, extras.own(q), named,
+                                                       {})))
+            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key, hop=True)
+        # one launch scope for the three launches (the Hopper kernel's own scope nests in it)
+        with r.mode(q), (descriptor_scratch() if self.allocator else NO_CONTEXT):
+            self.delta.launch(args_delta)
+            if dlse is not None:
+                # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
+                delta = delta - dlse.to(delta.dtype)
+            got = r.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, r.deterministic,
+                                        cfg=self.cfg)
+            if got is None:
+                self.dq.launch([q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]])
+            else:
+                dq = got
+        dsinks = sink_gradient(s, lse, delta) if s is not None else None
+        return dq, dk, dv, dsinks, None, None, {}
