@@ -515,7 +515,7 @@ class _StandIn:
         return hopper_bwd.HopperBwdConfig()
 
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale, buffers=(), deterministic=False, cfg=None,
-                 table=None):
+                 table=None, key=None):
         self.calls.append(deterministic)
         if self.data_dependent:
             self.tables.append(table(128, 64))

@@ -362,3 +362,25 @@ def test_backward_prepared_matches_triton_36(monkeypatch):
         assert same(got, launched[-1])
     finally:
         kernel.device_caches.clear()
+
+
+def test_backward_prepared_by_a_given_key(env, monkeypatch):
+    """``HopperBackward.backward(key=...)`` (a prepared backward's call key and gradient layout)
+    keys the prepared launch in place of the arguments' own keys: later calls of the key with fresh
+    tensors launch what the ordinary path would; another key, or none, goes through the JIT."""
+    hb = hopper_bwd.HopperBackward(attndsl.compile(mask_mod=causal).spec)
+    calls = []
+    hb._kernel = Kernel(hb.spec, calls, gen_bwd.signature)
+    cfg = hopper_bwd.HopperBwdConfig(dq="kernel")
+    hb.backward(*bwd_inputs(), 0.1, cfg=cfg, key=("call", "dout"))
+    fresh = bwd_inputs()
+    hb.backward(*fresh, 0.2, cfg=cfg, key=("call", "dout"))
+    assert hb._kernel.runs == 1
+    got = calls[-1]
+    with monkeypatch.context() as m:
+        m.setattr(gluonlaunch, "PREPARED", False)
+        hb.backward(*fresh, 0.2, cfg=cfg)
+    assert same(got, calls[-1])
+    hb.backward(*bwd_inputs(), 0.2, cfg=cfg, key=("another", "dout"))
+    hb.backward(*bwd_inputs(), 0.2, cfg=cfg)
+    assert hb._kernel.runs == 4

@@ -310,7 +310,7 @@ class _HopperBwdStandIn:
         return self.tuned[0]
 
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale, buffers=(), deterministic=False, cfg=None,
-                 table=None):
+                 table=None, key=None):
         self.seen.append(self.tuned[0])
         Lq, Lkv = q.shape[2], k.shape[2]
         g = q.shape[1] // k.shape[1]

@@ -227,7 +227,7 @@ class HopperBackward:
         return (self.tuned and self.tuned[0]) or _measured_win(self, q, k) or bwd_config_for(q.shape[-1])
 
     def backward(self, q, k, v, dout, lse, delta, dk, dv, scale: float, buffers=(), deterministic: bool = False,
-                 cfg: HopperBwdConfig | None = None, table=None):
+                 cfg: HopperBwdConfig | None = None, table=None, key: tuple | None = None):
         """Fill ``dk``, ``dv`` (``[B, Hkv, Lkv, D]``, last stride 1) and return dQ (``q``'s shape and
         dtype, contiguous), or None where the configuration's ``dq`` is "kernel" or with
         ``deterministic`` (then only dK/dV are computed: the caller runs the portable dQ kernel).
@@ -235,7 +235,9 @@ class HopperBackward:
         rowsum(dO·O) − dlse, ``[B, Hq, Lq]`` float32 contiguous; ``buffers``: the pattern's captured
         tensors, in slot order; ``table``: for a data-dependent mask, ``table(rows, cols)`` gives the
         transposed block table (``launch.Table``) of key tiles of ``rows`` and query tiles of
-        ``cols`` (``Runner.table``)."""
+        ``cols`` (``Runner.table``); ``key``: what fixes the call's launch besides the configuration
+        (a prepared backward's call key and gradient layout: dK, dV, lse and delta then laid out as
+        its templates), which keys the prepared launch in place of the arguments' own keys."""
         from .marshal import buffer_args
         if len(buffers) != len(self.spec.buffers):
             raise ValueError(f"the pattern captures {len(self.spec.buffers)} tensors, got {len(buffers)}")
@@ -267,12 +269,13 @@ class HopperBackward:
         tail = [*buffer_args(buffers), *tbl]
         rest = [*head, float(scale), *tail]
         tensors = (q, k, v, dout, dq_acc)
-        key = None
+        call_key, key = key, None
         if gluonlaunch.PREPARED:
             # as the forward's (``HopperForward._launch``): what fixes every launch decision but the
             # addresses and the scale (a float argument, never specialised)
-            key = (cfg, atomic, q.get_device(), *map(tensor_key, tensors),
-                   *(tensor_key(a) if isinstance(a, torch.Tensor) else a for a in (*head, *tail)))
+            key = ((cfg, atomic, q.get_device(), *map(tensor_key, tensors),
+                    *(tensor_key(a) if isinstance(a, torch.Tensor) else a for a in (*head, *tail)))
+                   if call_key is None else (cfg, atomic, q.get_device(), call_key))
             if gluonlaunch.launch_kept(self._prepared, key, q, tensors, rest):
                 return self._dq(dq_acc, q, scale, atomic)
         from triton.experimental.gluon import language as gl

@@ -1034,7 +1034,7 @@ class HopperFastBackward:
                 # d lse_i / d s_ij = p_ij, so an lse gradient shifts the softmax correction term
                 delta = delta - dlse.to(delta.dtype)
             got = r.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, r.deterministic,
-                                        cfg=self.cfg)
+                                        cfg=self.cfg, key=(self.key, self.dout_key, self.dlse_none))
             if got is None:
                 self.dq.launch([q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]])
             else:
