@@ -207,6 +207,41 @@ def test_early_dq_order(name, monkeypatch):
     check(name, 1, 6, 2, 333, 517, 128, torch.float16, seed=4)
 
 
+@pytest.mark.parametrize("dq", ["atomic", "kernel"])
+def test_repeated_calls_take_the_prepared_backward(dq, monkeypatch):
+    """One compiled pattern called again and again (fresh inputs, sinks and an lse gradient each
+    call): after the first, the backward goes through ``HopperFastBackward`` (the memoised delta
+    and dQ launches around the Hopper kernel's prepared launch); every call against the float64
+    oracle. ``ATTNDSL_VERIFY_MEMO`` off here: the prepared path itself runs."""
+    from attndsl.runtime import launch
+    monkeypatch.setattr(launch, "VERIFY_MEMO", False)
+    monkeypatch.setattr(hopper_bwd.HopperBackward, "config", lambda self, q, k: hopper_bwd.bwd_config_for(128, dq))
+    comp = attndsl.compile(mask_mod=causal)
+    hopper.enable(False)
+    hopper_bwd.enable_backward(True)
+    try:
+        for seed in range(3):
+            q, k, v, do = inputs(1, 4, 2, 700, 650, 128, torch.bfloat16, 20 + seed)
+            sinks = torch.randn(4, device=DEV, dtype=torch.float32)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            s = sinks.clone().requires_grad_()
+            o, lse = comp(qq, kk, vv, sinks=s, return_lse=True)
+            dlse = torch.randn_like(lse)
+            torch.autograd.backward((o, lse), (do, dlse))
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+            s64 = sinks.double().requires_grad_()
+            r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, sinks=s64)
+            torch.autograd.backward((r, rl), (do.double(), dlse.double()))
+            for n, got, want in (("dq", qq.grad, q64.grad), ("dk", kk.grad, k64.grad), ("dv", vv.grad, v64.grad),
+                                 ("dsinks", s.grad, s64.grad)):
+                assert rel(got, want) <= 2e-2, (seed, n, rel(got, want))
+        fast = [b for b in comp.runner(q, 128, k)._fast_bwd.values() if b is not None]
+        assert [type(b) for b in fast] == [launch.HopperFastBackward]
+    finally:
+        hopper.enable(None)
+        hopper_bwd.enable_backward(None)
+
+
 def test_sinks_and_lse_gradient():
     """Sink logits (their gradient from lse and delta on the host) and an lse gradient (delta
     shifted) with the Hopper backward."""
