@@ -207,6 +207,23 @@ def test_early_dq_order(name, monkeypatch):
     check(name, 1, 6, 2, 333, 517, 128, torch.float16, seed=4)
 
 
+def check_sinks_and_lse(comp, mask, q, k, v, do, sinks, ctx=None):
+    """``comp``'s gradients of q, k, v and the sink logits, with a random lse gradient, against the
+    float64 oracle's (within 2e-2 of the largest)."""
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    s = sinks.clone().requires_grad_()
+    o, lse = comp(qq, kk, vv, sinks=s, return_lse=True)
+    dlse = torch.randn_like(lse)
+    torch.autograd.backward((o, lse), (do, dlse))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s64 = sinks.double().requires_grad_()
+    r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, sinks=s64)
+    torch.autograd.backward((r, rl), (do.double(), dlse.double()))
+    for n, got, want in (("dq", qq.grad, q64.grad), ("dk", kk.grad, k64.grad), ("dv", vv.grad, v64.grad),
+                         ("dsinks", s.grad, s64.grad)):
+        assert rel(got, want) <= 2e-2, (ctx, n, rel(got, want))
+
+
 @pytest.mark.parametrize("dq", ["atomic", "kernel"])
 def test_repeated_calls_take_the_prepared_backward(dq, monkeypatch):
     """One compiled pattern called again and again (fresh inputs, sinks and an lse gradient each
@@ -222,19 +239,7 @@ def test_repeated_calls_take_the_prepared_backward(dq, monkeypatch):
     try:
         for seed in range(3):
             q, k, v, do = inputs(1, 4, 2, 700, 650, 128, torch.bfloat16, 20 + seed)
-            sinks = torch.randn(4, device=DEV, dtype=torch.float32)
-            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            s = sinks.clone().requires_grad_()
-            o, lse = comp(qq, kk, vv, sinks=s, return_lse=True)
-            dlse = torch.randn_like(lse)
-            torch.autograd.backward((o, lse), (do, dlse))
-            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-            s64 = sinks.double().requires_grad_()
-            r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, sinks=s64)
-            torch.autograd.backward((r, rl), (do.double(), dlse.double()))
-            for n, got, want in (("dq", qq.grad, q64.grad), ("dk", kk.grad, k64.grad), ("dv", vv.grad, v64.grad),
-                                 ("dsinks", s.grad, s64.grad)):
-                assert rel(got, want) <= 2e-2, (seed, n, rel(got, want))
+            check_sinks_and_lse(comp, causal, q, k, v, do, torch.randn(4, device=DEV, dtype=torch.float32), seed)
         fast = [b for b in comp.runner(q, 128, k)._fast_bwd.values() if b is not None]
         assert [type(b) for b in fast] == [launch.HopperFastBackward]
     finally:
@@ -250,21 +255,9 @@ def test_sinks_and_lse_gradient():
     sinks = torch.randn(4, device=DEV, dtype=torch.float32) * 2
     hopper_bwd.enable_backward(True)
     try:
-        comp = attndsl.compile(mask_mod=mask)
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        s = sinks.clone().requires_grad_()
-        o, lse = comp(qq, kk, vv, sinks=s, return_lse=True)
-        dlse = torch.randn_like(lse)
-        torch.autograd.backward((o, lse), (do, dlse))
+        check_sinks_and_lse(attndsl.compile(mask_mod=mask), mask, q, k, v, do, sinks)
     finally:
         hopper_bwd.enable_backward(None)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s64 = sinks.double().requires_grad_()
-    r, rl = attndsl.reference.attention(q64, k64, v64, mask_mod=mask, sinks=s64)
-    torch.autograd.backward((r, rl), (do.double(), dlse.double()))
-    for n, got, want in (("dq", qq.grad, q64.grad), ("dk", kk.grad, k64.grad), ("dv", vv.grad, v64.grad),
-                         ("dsinks", s.grad, s64.grad)):
-        assert rel(got, want) <= 2e-2, n
 
 
 def test_strided_views():
