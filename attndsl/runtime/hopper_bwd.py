@@ -165,12 +165,11 @@ def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
 #:   taken); ViT-B/16 (B=32, L=197) 0.107 / 0.405 / 0.372 (not taken).
 #:
 #: Unmeasured classes (score mods, fp16, GQA dense) stay portable, as do "other" masks (above).
-_ATOMIC128, _SPLIT128 = HopperBwdConfig(stages=2), HopperBwdConfig(stages=2, dq="kernel")
 MEASURED_BWD_WINS: dict = {
-    ("dense", False, 128, torch.bfloat16, False): (16 * 4096 * 4096, _SPLIT128),
-    ("growing", False, 128, torch.bfloat16, False): (16 * 8192 * 8192, _ATOMIC128),
-    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, _SPLIT128),
-    ("dense", False, 64, torch.bfloat16, False): (8 * 12 * 2048 * 2048, HopperBwdConfig(stages=4)),
+    ("dense", False, 128, torch.bfloat16, False): (16 * 4096 * 4096, bwd_config_for(128, "kernel")),
+    ("growing", False, 128, torch.bfloat16, False): (16 * 8192 * 8192, bwd_config_for(128)),
+    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, bwd_config_for(128, "kernel")),
+    ("dense", False, 64, torch.bfloat16, False): (8 * 12 * 2048 * 2048, bwd_config_for(64)),
 }
 
 

@@ -825,6 +825,30 @@ def _launch_in_scope(r, memo, args) -> None:
         memo.launch(args)
 
 
+#: the dQ kernel's own values that lead its signature (``Runner._dq_own``), then ``_extra_names``
+_DQ_OWN = ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU")
+
+
+def _extra_names(buffers) -> tuple:
+    """The backward kernels' own values after their leading ones: the scale, the extras' and the
+    captured tensors' (``Runner._dkdv_own``/``_dq_own``)."""
+    return ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
+
+
+def _extras_own(r, convert: bool, q, buffers, extras) -> tuple:
+    """A prepared backward's values of ``_extra_names`` but the scale (``convert``: the captured
+    tensors in the kernels' dtypes, ``buffer_tensors``)."""
+    bufs = list(buffer_tensors(buffers, r.learnable).values()) if convert else buffers
+    s = extras.sinks
+    return (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
+
+
+def _verify_dq(r, memo, args, q, k, v, dout, dq, lse, delta, scale, buffers, extras, t_dq=()) -> None:
+    """Under ``VERIFY_MEMO``: a prepared dQ launch's ``args`` are the ordinary path's."""
+    own = r._dq_own(q, k, v, dout, dq, lse, delta, q, scale, extras.own(q), buffer_tensors(buffers, r.learnable), {})
+    _same_arguments("backward dQ", args, memo.args({**own, **dict(zip(Table.PARAMS, t_dq))}))
+
+
 class FastBackward:
     """The backward of one call key and gradient layout once a call of them launched: the delta,
     dK/dV and dQ launches from the runner's memo (in the atomic dQ mode, ``config.atomic_dq``, no dQ
@@ -853,9 +877,9 @@ class FastBackward:
             return None
         b.tpl = [_template(t) for t in (*grads, *(() if delta is None else (delta,)))]
         b.tables = (_table_part(b.dkdv, True), None if b.atomic else _table_part(b.dq, False))
-        xs = ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
+        xs = _extra_names(buffers)
         want = [(b.dkdv, ("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", "DQA", "DU", *xs), b.tables[0]),
-                (b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs), b.tables[1])]
+                (b.dq, (*_DQ_OWN, *xs), b.tables[1])]
         if delta is not None:
             want.append((b.delta, ("Out", "DO", "Delta"), None))
         b.rest = [m.between(n, () if t is None else Table.PARAMS) if m is not None else [] for m, n, t in want]
@@ -903,9 +927,8 @@ class FastBackward:
         if POISON:
             for t in (dq, dk, dv, *(() if args_delta is None else (delta,))):
                 _poisoned(t)
-        bufs = list(buffer_tensors(buffers, r.learnable).values()) if self.convert else buffers
         s = extras.sinks
-        xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
+        xown = _extras_own(r, self.convert, q, buffers, extras)
         if VERIFY_MEMO:
             self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
                          t_dkdv, t_dq)
@@ -951,9 +974,8 @@ class FastBackward:
                                                       {}),
                                         **dict(zip(Table.PARAMS, t_dkdv))}))
         if not self.atomic:
-            _same_arguments("backward dQ", [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq],
-                            self.dq.args({**r._dq_own(q, k, v, dout, dq, stats, delta, q, scale, xo, named, {}),
-                                          **dict(zip(Table.PARAMS, t_dq))}))
+            _verify_dq(r, self.dq, [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq], q, k, v,
+                       dout, dq, stats, delta, scale, buffers, extras, t_dq)
         _same_arguments("backward gradients", [dq, dk, dv, *(() if args_delta is None else (delta,))],
                         [_like(q), _like(k), _like(v),
                          *(() if args_delta is None else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)
@@ -987,10 +1009,9 @@ class HopperFastBackward:
         if b.delta is None or (split and b.dq is None):
             return None
         b.tpl = [_template(t) for t in (*grads, delta)]
-        xs = ("sm_scale", "Sinks", "U", "W", "sigmoid_bias", *(f"buf{i}" for i in range(len(buffers))))
         want = [(b.delta, ("Out", "DO", "Delta"))]
         if split:
-            want.append((b.dq, ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", *xs)))
+            want.append((b.dq, (*_DQ_OWN, *_extra_names(buffers))))
         b.rest = [m.between(n, ()) for m, n in want]
         if any(r is None for r in b.rest) or any(t is None for t in b.tpl):
             return None
@@ -1015,17 +1036,14 @@ class HopperFastBackward:
         if POISON:
             for t in (dq, dk, dv, delta):
                 _poisoned(t)
-        bufs = list(buffer_tensors(buffers, r.learnable).values()) if self.convert else buffers
         s = extras.sinks
-        xown = (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
+        xown = _extras_own(r, self.convert, q, buffers, extras)
         args_delta = [out, dout, delta, *self.rest[0]]
         if VERIFY_MEMO:
             _same_arguments("backward delta", args_delta, self.delta.args({"Out": out, "DO": dout, "Delta": delta}))
             if self.dq is not None:
-                named = buffer_tensors(buffers, r.learnable)
-                _same_arguments("backward dQ", [q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]],
-                                self.dq.args(r._dq_own(q, k, v, dout, dq, lse, delta, q, scale, extras.own(q), named,
-                                                       {})))
+                _verify_dq(r, self.dq, [q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]], q, k, v, dout,
+                           dq, lse, delta, scale, buffers, extras)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key, hop=True)
         # one launch scope for the three launches (the Hopper kernel's own scope nests in it)
         with r.mode(q), (descriptor_scratch() if self.allocator else NO_CONTEXT):
