@@ -183,6 +183,22 @@ def supports(spec: KernelSpec) -> str | None:
     return None
 
 
+def range_widths(rng, starts: torch.Tensor, rows: int, other_len: int, target_len: int) -> torch.Tensor | None:
+    """Target positions the closed-form visit range ``rng`` names for each tile of ``rows`` positions
+    of the other index starting at ``starts`` (batch and head 0), with ``other_len`` positions of
+    the other index and ``target_len`` of the target; None where the range reads captured tensors
+    or another variable (a layout's coordinates)."""
+    other = "q" if rng.target == "kv" else "kv"
+    names = {"b", "h", f"{other}_lo", f"{other}_hi", "q_max", "kv_max"}
+    if any(ir.loads([x]) or not ir.free_vars(x) <= names for x in rng.outer):
+        return None
+    env = {"b": torch.tensor(0), "h": torch.tensor(0), f"{other}_lo": starts,
+           f"{other}_hi": torch.minimum(starts + rows, torch.tensor(other_len)) - 1,
+           f"{other}_max": torch.tensor(other_len - 1), f"{rng.target}_max": torch.tensor(target_len - 1)}
+    lo, hi = evaluate(list(rng.outer), env, ())
+    return (hi.clamp(max=target_len - 1) - lo.clamp(min=0) + 1).clamp(min=0).broadcast_to(starts.shape)
+
+
 def heavy_first(spec: KernelSpec, length: int = 4096, rows: int = 128) -> bool:
     """Whether the forward's work grows along the query tiles (a causal mask's last tiles visit
     every key, its first almost none): the Hopper forward then launches its programs heaviest
@@ -191,17 +207,11 @@ def heavy_first(spec: KernelSpec, length: int = 4096, rows: int = 128) -> bool:
     query tile visits more keys than the middle one (a sliding window's first tiles are lighter,
     the rest alike: not growing). A range that reads captured tensors (per batch or head) counts
     as not growing."""
-    rng = spec.fwd_range
-    names = {"b", "h", "q_lo", "q_hi", "q_max", "kv_max"}
-    if not isinstance(rng, VisitRange) or any(ir.loads([x]) or not ir.free_vars(x) <= names for x in rng.outer):
+    if not isinstance(spec.fwd_range, VisitRange):
         return False
     starts = torch.tensor([length // 2 // rows * rows, (length - 1) // rows * rows])
-    env = {"b": torch.tensor(0), "h": torch.tensor(0), "q_lo": starts,
-           "q_hi": torch.minimum(starts + rows, torch.tensor(length)) - 1,
-           "q_max": torch.tensor(length - 1), "kv_max": torch.tensor(length - 1)}
-    lo, hi = evaluate(list(rng.outer), env, ())
-    width = (hi.clamp(max=length - 1) - lo.clamp(min=0) + 1).clamp(min=0).broadcast_to(starts.shape)
-    return bool(width[1] > width[0])
+    width = range_widths(spec.fwd_range, starts, rows, length, length)
+    return width is not None and bool(width[1] > width[0])
 
 
 def kernel_name(spec: KernelSpec) -> str:

@@ -381,9 +381,11 @@ def test_measured_backward_wins_classes():
     """With neither switch set, the Hopper backward is taken for the shape classes measured faster on
     an H100, with the dQ mode measured best there: dense attention (D=128 from 16·4096², dQ by the
     portable kernel; D=64 from 8·12·2048², atomic), masks whose range grows along the query tiles
-    (atomic from 16·8192²; with GQA dQ by the portable kernel from 32·8192²); other masks, short
-    calls, score mods, fp16 and causal D=64 stay portable."""
-    from attndsl.patterns import sliding_window
+    (atomic from 16·8192²; with GQA dQ by the portable kernel from 32·8192²), other masks whose
+    closed-form range visits at least ``OTHER_MIN_QUERIES`` query rows per program (from 16·16384²,
+    dQ by the portable kernel); narrower or data-dependent masks, short calls, score mods, fp16 and
+    causal D=64 stay portable."""
+    from attndsl.patterns import document, sliding_window
 
     def softcap(score, b, h, q_idx, kv_idx):
         return 30.0 * torch.tanh(score / 30.0)
@@ -399,13 +401,39 @@ def test_measured_backward_wins_classes():
     assert take(x(1, 16, 8192), mask_mod=causal) == "atomic"
     assert take(x(1, 16, 4096), mask_mod=causal) is None
     assert take(x(1, 32, 8192), x(1, 8, 8192), mask_mod=causal) == "kernel"
-    assert take(x(1, 16, 16384), mask_mod=sliding_window(1024)) is None  # "other" masks: not taken
+    assert take(x(1, 16, 16384), mask_mod=sliding_window(1024)) == "kernel"  # 1151 query rows per program
+    assert take(x(1, 16, 8192), mask_mod=sliding_window(1024)) is None  # shorter than measured
+    assert take(x(1, 16, 16384), mask_mod=sliding_window(512)) is None  # 639 rows: too few
+    docs = torch.arange(16384) // 1024
+    assert take(x(1, 16, 16384), mask_mod=document(docs)) is None  # data-dependent: "other", work in its table
     assert take(x(8, 12, 2048, 64)) == "atomic"
     assert take(x(8, 12, 2048, 64), mask_mod=causal) is None
     assert take(x(1, 16, 16384), mask_mod=causal, score_mod=softcap) is None
     assert take(x(1, 16, 16384).half(), mask_mod=causal) is None
     for (_, _, d, _, _), (_, cfg) in hopper_bwd.MEASURED_BWD_WINS.items():
         assert cfg.shared_bytes(d) <= hopper.SMEM_LIMIT
+
+
+def test_visited_queries():
+    """The query rows a Hopper backward program visits, from the closed-form dK/dV range: a window's
+    width plus the program's keys (less at the end), every query without a mask, half on average
+    under a causal mask; None for a data-dependent mask, whose closed-form range only bounds its work
+    (a document mask's is causal); such masks are classed "other" whatever that bound says."""
+    from attndsl.codegen import hopper_bwd as gen
+    from attndsl.patterns import document, sliding_window
+
+    spec = lambda **kw: attndsl.compile(**kw).spec  # noqa: E731
+    w = gen.visited_queries(spec(mask_mod=sliding_window(1024)), 16384, 16384, 128)
+    assert 1100 < w < 1151  # the last programs see fewer queries
+    assert gen.visited_queries(spec(), 1000, 3000, 128) == 1000
+    c = gen.visited_queries(spec(mask_mod=causal), 4096, 4096, 128)
+    assert abs(c - (4096 + 128) / 2) <= 1
+    docs = spec(mask_mod=document(torch.zeros(256, dtype=torch.int64)))
+    assert gen.visited_queries(docs, 256, 256, 128) is None
+    assert hopper_bwd.HopperBackward(docs).plan == "other"
+    hb = hopper_bwd.HopperBackward(spec(mask_mod=sliding_window(1024)))
+    assert hb.visited_queries(16384, 16384, 128) == w  # kept per shape
+    assert (16384, 16384, 128) in hb._visited
 
 
 def test_backward_config_checks():

@@ -14,7 +14,7 @@ replaces the portable dK/dV and dQ kernels of ``Runner.backward`` only where all
   the call's tuned entry says it beat the portable backward (``attndsl.autotune``, which also
   picks its :class:`HopperBwdConfig`), else where ``MEASURED_BWD_WINS`` lists the call's shape
   class (measured on an H100; dense and causal-like masks without score mods, bf16, from a least
-  size on);
+  size on, and closed-form masks whose programs visit enough query rows, ``OTHER_MIN_QUERIES``);
 * the call: CUDA tensors on a compute capability 9.0 device with Triton 3.6's Gluon, float16 or
   bfloat16, head dim 64 or 128 for q, k and v alike, q/k/v/dO whose strides a TMA descriptor takes,
   no low-rank bias, no block selection (a data-dependent mask's own block tables are fine: the
@@ -160,12 +160,16 @@ def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
 #:   backward with the split against 2.14 portable: a program of 128 keys visits 8 query tiles
 #:   there, too few to pay for the Gluon program's fixed costs (warp specialisation, K/V loads,
 #:   barriers). How many tiles a program visits varies within the class (a window's width, the
-#:   documents' lengths), so "other" masks are not taken;
+#:   documents' lengths), so an "other" mask is taken only where its closed-form range visits at
+#:   least ``OTHER_MIN_QUERIES`` query rows per program of 128 keys on average
+#:   (``codegen.hopper_bwd.visited_queries``: the window of 1024, 1151 rows), never a data-dependent
+#:   one (its table is on the device);
 #: * D=64, B=8, H=12, L=2048: dense 0.871 / 0.737 / 0.785; causal 0.436 / 0.512 / 0.490 (not
 #:   taken); ViT-B/16 (B=32, L=197) 0.107 / 0.405 / 0.372 (not taken).
 #:
-#: Unmeasured classes (score mods, fp16, GQA dense) stay portable, as do "other" masks (above).
+#: Unmeasured classes (score mods, fp16, GQA dense) stay portable.
 MEASURED_BWD_WINS: dict = {
+    ("other", False, 128, torch.bfloat16, False): (16 * 16384 * 16384, bwd_config_for(128, "kernel")),
     ("dense", False, 128, torch.bfloat16, False): (16 * 4096 * 4096, bwd_config_for(128, "kernel")),
     ("growing", False, 128, torch.bfloat16, False): (16 * 8192 * 8192, bwd_config_for(128)),
     ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, bwd_config_for(128, "kernel")),
@@ -173,12 +177,23 @@ MEASURED_BWD_WINS: dict = {
 }
 
 
+#: the least query rows an "other" mask's program of 128 keys visits on average where it takes the
+#: Hopper backward (``MEASURED_BWD_WINS``)
+OTHER_MIN_QUERIES = 1024
+
+
 def _measured_win(hb: "HopperBackward", q, k) -> HopperBwdConfig | None:
     """The configuration ``MEASURED_BWD_WINS`` gives this call, or None where it lists none."""
-    key = (plan_class(hb.spec.mask is not None, hb.heavy_first), hb.spec.score is not None, q.shape[-1], q.dtype,
-           q.shape[1] != k.shape[1])
+    plan = hb.plan
+    key = (plan, hb.spec.score is not None, q.shape[-1], q.dtype, q.shape[1] != k.shape[1])
     least, cfg = MEASURED_BWD_WINS.get(key, (None, None))
-    return cfg if least is not None and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= least else None
+    if least is None or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < least:
+        return None
+    if plan == "other":
+        rows = hb.visited_queries(q.shape[2], k.shape[2], cfg.block_n * cfg.consumers)
+        if rows is None or rows < OTHER_MIN_QUERIES:
+            return None
+    return cfg
 
 
 class HopperBackward:
@@ -188,8 +203,11 @@ class HopperBackward:
     def __init__(self, spec):
         self.spec = dataclasses.replace(hopper_spec(spec), name=f"{spec.name}_sm90bwd")
         self.unsupported = _gen.supports_backward(spec)
-        #: the forward's shape class for ``MEASURED_BWD_WINS`` (a range growing along the query tiles)
-        self.heavy_first = self.unsupported is None and _fwd_gen.heavy_first(spec)
+        #: the shape class for ``MEASURED_BWD_WINS`` (``hopper.plan_class``); a data-dependent mask is
+        #: "other" whatever its closed-form bound (a document mask's is causal), as its work per
+        #: program is the table's (measured: 16 documents in 16K, 0.980 ms atomic against 0.826 portable)
+        self.plan = ("other" if spec.data_dependent
+                     else plan_class(spec.mask is not None, self.unsupported is None and _fwd_gen.heavy_first(spec)))
         #: ``(HopperBwdConfig, whether it beat the portable backward)`` of a tuned entry
         #: (``attndsl.runtime.tuned``) for this runner's calls; None: :func:`bwd_config_for` and
         #: ``MEASURED_BWD_WINS``
@@ -198,6 +216,7 @@ class HopperBackward:
         #: the prepared launch of each launch key (``gluonlaunch.Prepared``; None: the ordinary one)
         self._prepared: dict = {}
         self._placeholders: dict = {}
+        self._visited: dict = {}
 
     def applies(self, q, k, v, dout, extras=None, tables=None, precise: bool = False) -> bool:
         """Whether this call runs the Hopper backward (see the module docstring)."""
@@ -214,6 +233,14 @@ class HopperBackward:
         if k.shape[0] * k.shape[1] > 65535:  # the grid's second dimension: (batch, kv head)
             return False
         return call_fits(extras, q, k, v, dout)
+
+    def visited_queries(self, lq: int, lkv: int, keys: int) -> float | None:
+        """Query rows a program of ``keys`` keys visits on average at these lengths
+        (``codegen.hopper_bwd.visited_queries``, kept per shape)."""
+        key = (lq, lkv, keys)
+        if key not in self._visited:
+            self._visited[key] = _gen.visited_queries(self.spec, lq, lkv, keys)
+        return self._visited[key]
 
     def kernel(self):
         if self._kernel is None:
