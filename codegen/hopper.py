@@ -199,6 +199,19 @@ def range_widths(rng, starts: torch.Tensor, rows: int, other_len: int, target_le
     return (hi.clamp(max=target_len - 1) - lo.clamp(min=0) + 1).clamp(min=0).broadcast_to(starts.shape)
 
 
+def mean_visited(spec: KernelSpec, rng, other_len: int, target_len: int, rows: int) -> float | None:
+    """Target positions the closed-form visit range ``rng`` of ``spec`` (its ``fwd_range``: keys per
+    query tile; ``bwd_range``: queries per key tile) names per tile of ``rows`` positions of the
+    other index, on average over the tiles of a call with ``other_len`` and ``target_len``
+    positions (batch and head 0); None where the range reads captured tensors, or the mask is
+    data-dependent (the range only bounds its work, as causality bounds a document mask's: its
+    block table, on the device, holds it)."""
+    if spec.data_dependent or not isinstance(rng, VisitRange):
+        return None
+    width = range_widths(rng, torch.arange(0, other_len, rows), rows, other_len, target_len)
+    return None if width is None else float(width.float().mean())
+
+
 def heavy_first(spec: KernelSpec, length: int = 4096, rows: int = 128) -> bool:
     """Whether the forward's work grows along the query tiles (a causal mask's last tiles visit
     every key, its first almost none): the Hopper forward then launches its programs heaviest

@@ -43,15 +43,13 @@ other spec runs the portable backward.
 """
 from __future__ import annotations
 
-import torch
-
 from attndsl import ir
 from attndsl.passes.lower import _buffers
 from attndsl.spec import KernelSpec, Param, VisitRange
 
 from .attention import score_unit, scores_of
 from .expr import ExprEmitter
-from .hopper import GLUON_HELPERS, GLUON_IMPORTS, HOPPER_VERSION, UNSPECIALISED, _buffer_names, partitions, range_widths
+from .hopper import GLUON_HELPERS, GLUON_IMPORTS, HOPPER_VERSION, UNSPECIALISED, _buffer_names, partitions
 from .plan import _hoist_loads, _plan_lines
 from .prelude import module_header
 from .writer import Writer
@@ -191,17 +189,6 @@ def supports_backward(spec: KernelSpec) -> str | None:
     if spec.grad_loads:
         return "learnable captured tensors (their gradients come from the portable dQ kernel)"
     return None
-
-
-def visited_queries(spec: KernelSpec, lq: int, lkv: int, keys: int) -> float | None:
-    """Query rows a program of ``keys`` keys visits, on average over the programs of a call with
-    ``lq`` queries and ``lkv`` keys, from the closed-form dK/dV range (batch and head 0); None where
-    the range reads captured tensors, or the mask is data-dependent (the range only bounds its work,
-    as causality bounds a document mask's: its block table, on the device, holds it)."""
-    if spec.data_dependent or not isinstance(spec.bwd_range, VisitRange):
-        return None
-    width = range_widths(spec.bwd_range, torch.arange(0, lkv, keys), keys, lkv, lq)
-    return None if width is None else float(width.float().mean())
 
 
 def kernel_name(spec: KernelSpec) -> str:

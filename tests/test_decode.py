@@ -669,6 +669,21 @@ def test_tuning_regimes_and_config():
         decode_config(128, False, {"BLOCK_K": 16})
 
 
+def test_split_counts_of_the_wave_heuristic(monkeypatch):
+    """The split counts on an H100's 132 SMs: the smallest whose last wave is within
+    ``WAVE_EFFICIENCY`` of the best (B=1 at 128K, 8 KV heads: 32 splits, 256 programs, not the 29 of
+    a 0.85 floor, measured slower); a grid that fills the GPU is not split; each split keeps two tiles."""
+    from attndsl.serving import decoding
+    monkeypatch.setattr(decoding, "_sms", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert decoding.num_splits_for(8, 2048, dev, False) == 32
+    assert decoding.num_splits_for(8, 2048, dev, False, efficiency=0.85) == 29
+    assert decoding.num_splits_for(64, 512, dev, False) == 4          # B=8 at 32K: 256 of 264 slots
+    assert decoding.num_splits_for(512, 64, dev, False) == 1          # B=64: the grid fills the GPU
+    assert decoding.num_splits_for(8, 8, dev, False) == 4             # 8 tiles: at most 4 splits of 2
+    assert decoding.num_splits_for(8, 2048, torch.device("cpu"), False) == 1
+
+
 def test_tuning_rows_of_another_gpu(monkeypatch):
     """A GPU named in TUNING_BY_GPU takes its own row of a case where it has one and TUNING's
     elsewhere; every other GPU (and None) takes TUNING's; kernel_options still win."""

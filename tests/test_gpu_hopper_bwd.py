@@ -195,14 +195,14 @@ def test_prepared_launches_with_fresh_inputs(dq):
     assert len(hb._prepared) == 1 and next(iter(hb._prepared.values())) is not None
 
 
+@pytest.mark.parametrize("early", [True, False])
 @pytest.mark.parametrize("name", ["dense", "causal", "causal_softcap", "key_padding", "document"])
-def test_early_dq_order(name, monkeypatch):
-    """``HopperBwdConfig(dq_early=True)``: dQ's products issued before dK's (FlashAttention-3's
-    order) at D=128, against the float64 oracle and the portable backward, GQA and ragged lengths;
-    at D=64 the groups take turns and the order does not apply (the same kernel as without it)."""
+def test_early_dq_order(name, early, monkeypatch):
+    """Both orders of atomic dQ (``HopperBwdConfig.dq_early``, on by default: dQ's products issued
+    before dK's, FlashAttention-3's order; off: after) at D=128, against the float64 oracle and the
+    portable backward, GQA and ragged lengths."""
     monkeypatch.setattr(hopper_bwd.HopperBackward, "config",
-                        lambda self, q, k: hopper_bwd.HopperBwdConfig(stages=2 if q.shape[-1] == 128 else 4,
-                                                                      dq_early=True))
+                        lambda self, q, k: hopper_bwd.HopperBwdConfig(stages=2, dq_early=early))
     check(name, 2, 4, 2, 1000, 777, 128, torch.bfloat16)
     check(name, 1, 6, 2, 333, 517, 128, torch.float16, seed=4)
 

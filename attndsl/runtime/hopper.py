@@ -60,22 +60,34 @@ def enabled() -> bool | None:
     return SWITCH.get()
 
 
-#: Where the Hopper forward was measured faster than the portable one on an H100 (same run,
-#: ``python -m benchmarks.hopper --sweep``, 2026-12-06, bf16, D=128, B=1, H=16; BENCHMARKS.md):
-#: ``(plan, has_score_mod, head_dim, dtype)`` -> the smallest ``B * Hq * Lq * Lkv`` it is taken
-#: from, where ``plan`` is "dense" (no mask), "growing" (a mask whose visited range grows along the
-#: query tiles, :func:`attndsl.codegen.hopper.heavy_first`: causal, prefix-LM) or "other". Calls
-#: with neither ``enable`` nor ``ATTNDSL_HOPPER`` set take the Hopper forward only here. Kernel
-#: times: dense 0.237 vs 0.286 ms (L=4096) and 3.63 vs 4.13 ms (L=16384); causal 0.137 vs 0.152 and
-#: 1.95 vs 2.14 ms. The threshold (16 heads at 8192²) leaves out the L=4096 cases although their
-#: kernels win: the Gluon launch cost up to 280 µs of host time per call (descriptors and
-#: Gluon's launcher; the model benchmark's Llama row, against 33 µs for the portable launch), as
-#: long as a 4096² call's kernel, so an eager call there would wait on the host. That was before
-#: the prepared launch (``gluonlaunch``; ``benchmarks/hopper_host.py`` times both): lower the
-#: threshold once an H100 has measured the host time again. Unmeasured classes (sliding windows,
-#: score mods, D=64, fp16) stay portable.
-MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 16 * 8192 * 8192,
-                       ("growing", False, 128, torch.bfloat16): 16 * 8192 * 8192}
+#: Where the Hopper forward was measured faster than the portable one on an H100 through the
+#: one-shot ``attndsl.attention`` call, host time included (same run, 2026-12-07, bf16, D=128,
+#: B=1, H=16, ``do_bench`` ms, portable / Hopper;
+#: ``benchmarks/results/hopper/h100-2026-12-07-fwd-select.json``): ``(plan, has_score_mod,
+#: head_dim, dtype)`` -> the smallest ``B * Hq * Lq * Lkv`` it is taken from, where ``plan`` is
+#: "dense" (no mask), "growing" (a mask whose visited range grows along the query tiles,
+#: :func:`attndsl.codegen.hopper.heavy_first`: causal, prefix-LM) or "other" (taken only where its
+#: closed-form range visits at least ``OTHER_MIN_VISITED`` keys per program of 128 queries on
+#: average, never a data-dependent mask). Calls with neither ``enable`` nor ``ATTNDSL_HOPPER`` set
+#: take the Hopper forward only here:
+#:
+#: * dense: L=2048 0.0789 / 0.0711, L=4096 0.279 / 0.238 (kernels at L=16384: 4.13 / 3.63);
+#: * causal: L=2048 0.0474 / 0.0467 (not taken: within the noise), L=4096 0.156 / 0.137; Llama-3-8B
+#:   (GQA 32:8, L=8192) 1.028 / 0.989;
+#: * sliding window 1024, L=16384: 0.378 / 0.333; 16 documents in 16K: 0.271 / 0.273 (the Hopper
+#:   forward takes no block tables: portable either way);
+#: * D=64 loses everywhere measured: ViT-B/16 (B=32, H=12, L=197) 0.0351 / 0.0432, GPT-2 (B=8,
+#:   H=12, L=2048) causal 0.160 / 0.184, dense 0.261 / 0.282.
+#:
+#: The prepared launch brought the one-shot call's host time with the Hopper forward to 40 µs
+#: (``benchmarks/hopper_host.py --gpu``; 102 µs before it, portable 20, SDPA 18), short of the
+#: kernels from L=2048 on. Unmeasured classes (score mods, D=64 GQA, fp16) stay portable.
+MEASURED_WINS: dict = {("dense", False, 128, torch.bfloat16): 16 * 2048 * 2048,
+                       ("growing", False, 128, torch.bfloat16): 16 * 4096 * 4096,
+                       ("other", False, 128, torch.bfloat16): 16 * 16384 * 16384}
+#: the least keys an "other" mask's program of 128 queries visits on average where it takes the
+#: Hopper forward (``MEASURED_WINS``; the window of 1024, 1150 keys at L=16384, won by 12%)
+OTHER_MIN_VISITED = 1024
 
 
 def plan_class(has_mask: bool, heavy_first: bool) -> str:
@@ -84,10 +96,31 @@ def plan_class(has_mask: bool, heavy_first: bool) -> str:
     return "dense" if not has_mask else "growing" if heavy_first else "other"
 
 
+def spec_class(spec, heavy: bool) -> str:
+    """:func:`plan_class` of a spec (``heavy``: its range grows along the query tiles); a
+    data-dependent mask is "other" whatever its closed-form bound (a document mask's is causal), as
+    its work is in its block table."""
+    return "other" if spec.data_dependent else plan_class(spec.mask is not None, heavy)
+
+
+def visited(runner, rng, other_len: int, target_len: int, rows: int) -> float | None:
+    """:func:`attndsl.codegen.hopper.mean_visited` of ``runner.spec``, kept per shape in
+    ``runner._visited`` (a Hopper forward's or backward's)."""
+    key = (rng.target, other_len, target_len, rows)
+    if key not in runner._visited:
+        runner._visited[key] = _gen.mean_visited(runner.spec, rng, other_len, target_len, rows)
+    return runner._visited[key]
+
+
 def _measured_win(hf: "HopperForward", q, k) -> bool:
-    plan = plan_class(hf.spec.mask is not None, hf.heavy_first)
-    least = MEASURED_WINS.get((plan, hf.spec.score is not None, q.shape[-1], q.dtype))
-    return least is not None and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= least
+    least = MEASURED_WINS.get((hf.plan, hf.spec.score is not None, q.shape[-1], q.dtype))
+    if least is None or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < least:
+        return False
+    if hf.plan == "other":
+        cfg = hf.tuned[0] if hf.tuned else config_for(q.shape[-1])
+        keys = visited(hf, hf.spec.fwd_range, q.shape[2], k.shape[2], cfg.block_m * cfg.consumers)
+        return keys is not None and keys >= OTHER_MIN_VISITED
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +326,9 @@ class HopperForward:
         self.spec = hopper_spec(spec)
         self.unsupported = _gen.supports(spec)
         self.heavy_first = self.unsupported is None and _gen.heavy_first(spec)
+        #: the shape class for ``MEASURED_WINS`` (:func:`spec_class`)
+        self.plan = spec_class(spec, self.heavy_first)
+        self._visited: dict = {}
         #: ``(HopperConfig, whether it beat the portable forward)`` of a tuned entry (``attndsl.runtime.tuned``)
         #: for this runner's calls; None: :func:`config_for` and ``MEASURED_WINS``
         self.tuned = None

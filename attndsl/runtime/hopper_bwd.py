@@ -38,7 +38,8 @@ import torch
 from ..codegen import hopper as _fwd_gen
 from ..codegen import hopper_bwd as _gen
 from . import gluonlaunch
-from .hopper import SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, plan_class
+from .hopper import (SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, spec_class,
+                     visited)
 from .memo import tensor_key
 from .switches import Switch
 
@@ -78,8 +79,9 @@ class HopperBwdConfig:
     dq: str = "atomic"
     #: atomic dQ in FlashAttention-3's order (``DQ_EARLY``): dQ's products issued before dK's, so
     #: dK's runs while dQ goes out; taken where every group computes dQ every tile
-    #: (:meth:`early_dq`). Off by default: compiled and tested offline, not yet timed on a GPU
-    dq_early: bool = False
+    #: (:meth:`early_dq`). On by default: on an H100 (bf16, H=16, D=128) causal L=16384 5.683 →
+    #: 5.491 ms, L=4096 0.506 → 0.501; dense within 1% either way (13.19 → 13.17 ms, 0.900 → 0.910)
+    dq_early: bool = True
 
     def __post_init__(self):
         if self.consumers not in (1, 2):
@@ -122,10 +124,12 @@ class HopperBwdConfig:
 
 def sweep_configs(head_dim: int) -> list:
     """The backward's configurations ``attndsl.autotune`` times: one or two consumer groups, rings
-    of 1 to 4 buffers, dQ by TMA reduce-adds or by the portable kernel, those that fit sm_90's
-    shared memory."""
+    of 1 to 4 buffers, dQ by TMA reduce-adds (in both orders, :attr:`HopperBwdConfig.dq_early`) or
+    by the portable kernel, those that fit sm_90's shared memory."""
     cfgs = [HopperBwdConfig(stages=st, consumers=c, dq=dq) for dq in ("atomic", "kernel") for c in (2, 1)
             for st in (2, 3, 4, 1)]
+    # the default order of atomic dQ as well, where FlashAttention-3's applies (dense 1% apart)
+    cfgs += [dataclasses.replace(c, dq_early=False) for c in cfgs if c.dq == "atomic" and c.early_dq(head_dim, True)]
     return [c for c in cfgs if c.shared_bytes(head_dim) <= SMEM_LIMIT]
 
 
@@ -162,7 +166,7 @@ def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
 #:   barriers). How many tiles a program visits varies within the class (a window's width, the
 #:   documents' lengths), so an "other" mask is taken only where its closed-form range visits at
 #:   least ``OTHER_MIN_QUERIES`` query rows per program of 128 keys on average
-#:   (``codegen.hopper_bwd.visited_queries``: the window of 1024, 1151 rows), never a data-dependent
+#:   (``codegen.hopper.mean_visited``: the window of 1024, 1115 rows), never a data-dependent
 #:   one (its table is on the device);
 #: * D=64, B=8, H=12, L=2048: dense 0.871 / 0.737 / 0.785; causal 0.436 / 0.512 / 0.490 (not
 #:   taken); ViT-B/16 (B=32, L=197) 0.107 / 0.405 / 0.372 (not taken).
@@ -190,7 +194,7 @@ def _measured_win(hb: "HopperBackward", q, k) -> HopperBwdConfig | None:
     if least is None or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < least:
         return None
     if plan == "other":
-        rows = hb.visited_queries(q.shape[2], k.shape[2], cfg.block_n * cfg.consumers)
+        rows = visited(hb, hb.spec.bwd_range, k.shape[2], q.shape[2], cfg.block_n * cfg.consumers)
         if rows is None or rows < OTHER_MIN_QUERIES:
             return None
     return cfg
@@ -203,11 +207,9 @@ class HopperBackward:
     def __init__(self, spec):
         self.spec = dataclasses.replace(hopper_spec(spec), name=f"{spec.name}_sm90bwd")
         self.unsupported = _gen.supports_backward(spec)
-        #: the shape class for ``MEASURED_BWD_WINS`` (``hopper.plan_class``); a data-dependent mask is
-        #: "other" whatever its closed-form bound (a document mask's is causal), as its work per
-        #: program is the table's (measured: 16 documents in 16K, 0.980 ms atomic against 0.826 portable)
-        self.plan = ("other" if spec.data_dependent
-                     else plan_class(spec.mask is not None, self.unsupported is None and _fwd_gen.heavy_first(spec)))
+        #: the shape class for ``MEASURED_BWD_WINS`` (``hopper.spec_class``: a data-dependent mask is
+        #: "other"; as "growing", 16 documents in 16K measured 0.980 ms atomic against 0.826 portable)
+        self.plan = spec_class(spec, self.unsupported is None and _fwd_gen.heavy_first(spec))
         #: ``(HopperBwdConfig, whether it beat the portable backward)`` of a tuned entry
         #: (``attndsl.runtime.tuned``) for this runner's calls; None: :func:`bwd_config_for` and
         #: ``MEASURED_BWD_WINS``
@@ -233,14 +235,6 @@ class HopperBackward:
         if k.shape[0] * k.shape[1] > 65535:  # the grid's second dimension: (batch, kv head)
             return False
         return call_fits(extras, q, k, v, dout)
-
-    def visited_queries(self, lq: int, lkv: int, keys: int) -> float | None:
-        """Query rows a program of ``keys`` keys visits on average at these lengths
-        (``codegen.hopper_bwd.visited_queries``, kept per shape)."""
-        key = (lq, lkv, keys)
-        if key not in self._visited:
-            self._visited[key] = _gen.visited_queries(self.spec, lq, lkv, keys)
-        return self._visited[key]
 
     def kernel(self):
         if self._kernel is None:
