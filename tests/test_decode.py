@@ -670,15 +670,18 @@ def test_tuning_regimes_and_config():
 
 
 def test_split_counts_of_the_wave_heuristic(monkeypatch):
-    """The split counts on an H100's 132 SMs: the smallest whose last wave is within
-    ``WAVE_EFFICIENCY`` of the best (B=1 at 128K, 8 KV heads: 32 splits, 256 programs, not the 29 of
-    a 0.85 floor, measured slower); a grid that fills the GPU is not split; each split keeps two tiles."""
+    """The split counts on an H100's 132 SMs: the smallest whose last wave is within the case's
+    floor of the best efficiency (``WAVE_EFFICIENCY_BY_CASE``: a long contiguous cache, B=1 at 128K
+    with 8 KV heads, takes 32 splits, 256 programs, measured faster than the 29 of the 0.85 floor
+    the other cases keep); a grid that fills the GPU is not split; each split keeps two tiles."""
     from attndsl.serving import decoding
     monkeypatch.setattr(decoding, "_sms", lambda index: 132)
     dev = torch.device("cuda", 0)
-    assert decoding.num_splits_for(8, 2048, dev, False) == 32
-    assert decoding.num_splits_for(8, 2048, dev, False, efficiency=0.85) == 29
-    assert decoding.num_splits_for(64, 512, dev, False) == 4          # B=8 at 32K: 256 of 264 slots
+    long = decoding.WAVE_EFFICIENCY_BY_CASE[("long", "contiguous")]
+    assert decoding.num_splits_for(8, 2048, dev, False, efficiency=long) == 32
+    assert decoding.num_splits_for(8, 2048, dev, False) == 29         # the default floor, 0.85
+    assert decoding.num_splits_for(8, 2048, dev, False, per_sm=4) == 57  # pages of 16 count 4 per SM
+    assert decoding.num_splits_for(64, 512, dev, False, efficiency=long) == 4  # B=8 at 32K: 256 of 264 slots
     assert decoding.num_splits_for(512, 64, dev, False) == 1          # B=64: the grid fills the GPU
     assert decoding.num_splits_for(8, 8, dev, False) == 4             # 8 tiles: at most 4 splits of 2
     assert decoding.num_splits_for(8, 2048, torch.device("cpu"), False) == 1

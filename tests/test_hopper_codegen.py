@@ -386,7 +386,7 @@ def test_measured_backward_wins_classes():
     """With neither switch set, the Hopper backward is taken for the shape classes measured faster on
     an H100, with the dQ mode measured best there: dense attention (D=128 from 16·4096², dQ by the
     portable kernel; D=64 from 8·12·2048², atomic), masks whose range grows along the query tiles
-    (atomic from 16·8192²; with GQA dQ by the portable kernel from 32·8192²), other masks whose
+    (atomic from 16·8192², with GQA from 32·8192², with a score mod from 16·16384²), other masks whose
     closed-form range visits at least ``OTHER_MIN_QUERIES`` query rows per program (from 16·16384²,
     dQ by the portable kernel); narrower or data-dependent masks, short calls, score mods, fp16 and
     causal D=64 stay portable."""
@@ -405,7 +405,7 @@ def test_measured_backward_wins_classes():
     assert take(x(1, 16, 2048)) is None
     assert take(x(1, 16, 8192), mask_mod=causal) == "atomic"
     assert take(x(1, 16, 4096), mask_mod=causal) is None
-    assert take(x(1, 32, 8192), x(1, 8, 8192), mask_mod=causal) == "kernel"
+    assert take(x(1, 32, 8192), x(1, 8, 8192), mask_mod=causal) == "atomic"  # GQA: atomic since dq_early
     assert take(x(1, 16, 16384), mask_mod=sliding_window(1024)) == "kernel"  # 1151 query rows per program
     assert take(x(1, 16, 8192), mask_mod=sliding_window(1024)) is None  # shorter than measured
     assert take(x(1, 16, 16384), mask_mod=sliding_window(512)) is None  # 639 rows: too few
@@ -413,7 +413,9 @@ def test_measured_backward_wins_classes():
     assert take(x(1, 16, 16384), mask_mod=document(docs)) is None  # data-dependent: "other", work in its table
     assert take(x(8, 12, 2048, 64)) == "atomic"
     assert take(x(8, 12, 2048, 64), mask_mod=causal) is None
-    assert take(x(1, 16, 16384), mask_mod=causal, score_mod=softcap) is None
+    assert take(x(1, 16, 16384), mask_mod=causal, score_mod=softcap) == "atomic"
+    assert take(x(1, 16, 8192), mask_mod=causal, score_mod=softcap) is None  # shorter than measured
+    assert take(x(1, 16, 16384), score_mod=softcap) is None  # a score mod without a mask: unmeasured
     assert take(x(1, 16, 16384).half(), mask_mod=causal) is None
     for (_, _, d, _, _), (_, cfg) in hopper_bwd.MEASURED_BWD_WINS.items():
         assert cfg.shared_bytes(d) <= hopper.SMEM_LIMIT

@@ -173,12 +173,20 @@ def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
 #: * D=64, B=8, H=12, L=2048: dense 0.871 / 0.737 / 0.785; causal 0.436 / 0.512 / 0.490 (not
 #:   taken); ViT-B/16 (B=32, L=197) 0.107 / 0.405 / 0.372 (not taken).
 #:
-#: Unmeasured classes (score mods, fp16, GQA dense) stay portable.
+#: Atomic dQ in FlashAttention-3's order (``dq_early``, the default since; same kind of run,
+#: ``h100-2026-12-07-bwd-select-early.json`` and ``-score-select.json``): Llama-3-8B 3.597 / 3.452 /
+#: 3.499, so GQA takes atomic dQ too; causal L=8192 1.726 / 1.616 / 1.741; window 1024 1.141 /
+#: 1.040 / 1.043; score mods under a causal mask (H=16): ALiBi L=4096 0.501 / 0.596 / 0.613, L=16384
+#: 6.781 / 6.365 / 7.641; softcap 30 L=4096 0.681 / 0.766 / 0.781, L=16384 9.425 / 8.481 / 9.842, so
+#: the growing class with a score mod takes atomic dQ from 16·16384² (8192 unmeasured).
+#:
+#: Unmeasured classes (fp16, GQA dense, score mods without a growing mask) stay portable.
 MEASURED_BWD_WINS: dict = {
     ("other", False, 128, torch.bfloat16, False): (16 * 16384 * 16384, bwd_config_for(128, "kernel")),
     ("dense", False, 128, torch.bfloat16, False): (16 * 4096 * 4096, bwd_config_for(128, "kernel")),
     ("growing", False, 128, torch.bfloat16, False): (16 * 8192 * 8192, bwd_config_for(128)),
-    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, bwd_config_for(128, "kernel")),
+    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, bwd_config_for(128)),
+    ("growing", True, 128, torch.bfloat16, False): (16 * 16384 * 16384, bwd_config_for(128)),
     ("dense", False, 64, torch.bfloat16, False): (8 * 12 * 2048 * 2048, bwd_config_for(64)),
 }
 

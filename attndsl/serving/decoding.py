@@ -59,7 +59,7 @@ class DecodeConfig:
 #: The commented rows come from the sweep of 2026-12-06 on an H100 (CUDA-graph replays; the other
 #: rows' best candidate was within 1% of the default, so they keep it).
 TUNING: dict[tuple[str, str], tuple[int, int, int, int, int]] = {
-    ("long", "contiguous"): (64, 4, 3, 2, 0),
+    ("long", "contiguous"): (64, 4, 2, 2, 0),       # B=1 at 128K, 32 splits: 0.1990 -> 0.1960 ms (SDPA 0.1895)
     ("long", "paged"): (64, 4, 3, 2, 0),
     ("long", "paged_small"): (64, 4, 2, 4, 0),      # B=1 at 128K: 0.212 -> 0.193 ms; B=8 at 32K: 0.385 -> 0.363
     ("short", "contiguous"): (64, 4, 3, 2, 0),
@@ -181,9 +181,15 @@ def _width(outer, max_seq_len, q_len, num_heads) -> int:
 
 
 #: the wave efficiency (``waves / ceil(waves)``) a split count must reach, relative to the best one
-#: (:func:`num_splits_for`). 0.95 on an H100 (B=1, 128K cache, 8 KV heads, same run): 32 splits
-#: (efficiency 0.97) 0.2028 ms against 29 (0.88, the pick under 0.85) 0.2075, SDPA 0.1933
-WAVE_EFFICIENCY = 0.95
+#: (:func:`num_splits_for`), by :data:`TUNING` case; :data:`WAVE_EFFICIENCY` where none is named.
+#: Measured on an H100 (32:8 heads, D=128, one token, same run, plain ms; floors 0.85 / 0.95, splits
+#: in brackets; ``benchmarks/results/decode/h100-2026-12-07-splits.json``): the long contiguous
+#: cache gains from the higher floor, B=1 at 128K 0.2023 (29) / 0.1990 (32), at 32K 0.0712 / 0.0690;
+#: the others do not: B=1 at 4K contiguous 0.0249 (28) / 0.0257 (31), pages of 16 at 32K 0.0799 (57) /
+#: 0.0855 (63), at 4K 0.0521 / 0.0553 (a 4096 window over 32K, B=8, pages of 16, gains: 0.0833 (15)
+#: / 0.0789 (16), but shares its case with the 4K cache), pages of 128 at 128K 0.1994 / 0.1985
+WAVE_EFFICIENCY_BY_CASE: dict[tuple[str, str], float] = {("long", "contiguous"): 0.95}
+WAVE_EFFICIENCY = 0.85
 
 
 def num_splits_for(programs: int, units: int, device: torch.device, interpret: bool, min_units: int = 2,
@@ -376,7 +382,8 @@ def _plan(spec, query, Hkv, Dv, paged, page_size, indices, sinks, bias_factors, 
     units = triton.cdiv(width, cfg.block_n)
     nsel = indices.shape[3] if gather else 0
     nsplit = int(num_splits) if num_splits else num_splits_for(programs, units, query.device, interpret,
-                                                               per_sm=cfg.per_sm)
+                                                               per_sm=cfg.per_sm,
+                                                               efficiency=WAVE_EFFICIENCY_BY_CASE.get(case))
     if nsplit < 1:
         _fail(f"num_splits must be >= 1, got {num_splits}")
     direct = nsplit == 1
