@@ -554,7 +554,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     * **Patterns**: the trace, analysis and kernels of a pattern are kept (LRU, 256 patterns) and
       found again by the functions' code and the Python constants they read (closure cells, the
       globals their code names, defaults; ints, floats, bools, strings, tuples/lists/dicts of
-      those, nested functions), with each captured tensor's dtype, rank and ``requires_grad``
+      those, nested functions, a :class:`Layout` by its value), with each captured tensor's dtype,
+      rank and ``requires_grad``
       (and shape, when the code reads a shape). A fresh closure from a factory
       (``sliding_window(256)`` inside ``forward``) is found again. Captured tensors are bound per
       call: a closure cell or global rebound to another tensor is read, an in-place change is

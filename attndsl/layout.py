@@ -103,6 +103,12 @@ class Layout:
     def __hash__(self):
         return hash((self.grid, self.suffix))
 
+    def __attndsl_key__(self) -> tuple:
+        """What a traced pattern reads of this layout (its IR holds the coordinates' constants): the
+        pattern cache keys a mask holding a layout by it, so ``attndsl.attention`` traces a layout
+        pattern once (a layout is not changed after it is made)."""
+        return (self.shape, self.tile, self.prefix, self.suffix)
+
     # -- coordinates (usable in masks: traced values, tensors, ints) ----------------------------
     def coord(self, idx, axis: int):
         """Coordinate ``axis`` of sequence position ``idx``."""

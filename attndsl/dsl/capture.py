@@ -47,6 +47,10 @@ def tracing() -> bool:
     return getattr(_STATE, "depth", 0) > 0
 
 
+# the pattern cache's walk keys it by identity: library state (the thread-local), not a pattern's
+tracing.__attndsl_leaf__ = True
+
+
 # -- attndsl's own ops: opaque in the graph so passes can recognise them ------------------------
 @torch.library.custom_op("attndsl::coord", mutates_args=())
 def coord_op(index: torch.Tensor, shape: list[int], tile: list[int], prefix: int, axis: int) -> torch.Tensor:

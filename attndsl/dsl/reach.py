@@ -84,7 +84,10 @@ class Walk:
             return
         self.seen[id(x)] = len(parts)
         if t is types.FunctionType:
-            self.function(x)
+            if getattr(x, "__attndsl_leaf__", False):  # a library function: keyed by identity
+                parts.append(("builtin", x))
+            else:
+                self.function(x)
         elif t in (tuple, list):
             parts.append((t, len(x)))
             for i, y in enumerate(x):
@@ -115,6 +118,8 @@ class Walk:
             self.sub(("attr", "fn"), x.fn, names)
         elif isinstance(x, (types.BuiltinFunctionType, types.MethodWrapperType)) or _is_torch_callable(x):
             parts.append(("builtin", x))  # torch.where, math.exp, ...: hashable, keyed by identity
+        elif _value_key(t) is not None:  # an immutable value object (a Layout): keyed by its value
+            parts.append(("value", t, x.__attndsl_key__()))
         elif isinstance(x, torch.nn.Module):
             # a module the pattern reads attributes of (``self.slopes[h]``): the attributes its code names
             parts.append(("nn", t))
@@ -157,14 +162,24 @@ class Walk:
 
 def is_leaf(x) -> bool:
     """Does the walk key ``x`` without looking inside it (a constant, a tensor, a module, a type, a
-    builtin or torch callable: ``Walk.value``'s branches that descend nowhere)? Such an object's
-    key part is fixed by its identity (a tensor's: by its keyed attributes besides)."""
+    value object, a library function marked ``__attndsl_leaf__``, a builtin or torch callable:
+    ``Walk.value``'s branches that descend nowhere)? Such
+    an object's key part is fixed by its identity (a tensor's: by its keyed attributes besides)."""
     t = type(x)
-    if t in _CONST_TYPES or isinstance(x, (torch.Tensor, types.ModuleType, type)):
+    if t in _CONST_TYPES or isinstance(x, (torch.Tensor, types.ModuleType, type)) or _value_key(t) is not None:
+        return True
+    if t is types.FunctionType and getattr(x, "__attndsl_leaf__", False):
         return True
     if t in (types.FunctionType, tuple, list, dict, functools.partial, types.MethodType) or is_composed(x):
         return False
     return isinstance(x, (types.BuiltinFunctionType, types.MethodWrapperType)) or _is_torch_callable(x)
+
+
+def _value_key(t: type):
+    """The ``__attndsl_key__`` of type ``t``: immutable value objects a pattern may hold (a
+    :class:`~attndsl.Layout`) define it to return a hashable tuple of constants that fixes
+    everything a trace reads of them; None for other types."""
+    return getattr(t, "__attndsl_key__", None)
 
 
 def is_composed(x) -> bool:

@@ -10,9 +10,12 @@ cell or a global rebound to another tensor is what the kernels read, and an in-p
 seen. A fresh closure from the same factory with the same constants (``sliding_window(256)`` made
 inside ``forward``) finds the same entry.
 
-What the walk does not understand (an arbitrary object in a closure, a tensor the pattern builds
-itself or reaches through an attribute) makes the pattern uncacheable: that call traces it again
-(correct, slower; logged at DEBUG on the ``attndsl`` logger).
+Immutable value objects are keyed by their value where their type says what it is
+(``__attndsl_key__``: a :class:`~attndsl.Layout`, which the locality patterns hold), and attndsl's
+own helpers marked ``__attndsl_leaf__`` (``tracing``) by identity. What the walk does not
+understand (another object in a closure, a tensor the pattern builds itself or reaches through an
+attribute) makes the pattern uncacheable: that call traces it again (correct, slower; logged at
+DEBUG on the ``attndsl`` logger).
 
 The walk itself is skipped for *flat* patterns (:class:`FlatWalks`): plain functions whose closure
 cells, defaults and named globals hold only constants, tensors, modules, types and builtins, as
