@@ -446,6 +446,9 @@ def test_mean_visited():
     hb = hopper_bwd.HopperBackward(win)
     assert hopper.visited(hb, hb.spec.bwd_range, 16384, 16384, 128) == w
     assert ("q", 16384, 16384, 128) in hb._visited  # kept per shape
+    for n in range(1, 300):  # lengths that vary call by call: the map stays bounded
+        hopper.visited(hb, hb.spec.bwd_range, 128 * n, 128 * n, 128)
+    assert len(hb._visited) <= hopper.MEMO_SIZE
 
 
 def test_backward_config_checks():

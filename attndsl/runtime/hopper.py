@@ -36,7 +36,7 @@ import torch
 from ..codegen import hopper as _gen
 from . import gluonlaunch
 from .marshal import buffer_args
-from .memo import tensor_key
+from .memo import MEMO_SIZE, tensor_key
 from .switches import Switch
 
 __all__ = ["HopperForward", "enable", "enabled", "gluon_available", "HopperConfig", "config_for", "compile_sm90",
@@ -105,11 +105,17 @@ def spec_class(spec, heavy: bool) -> str:
 
 def visited(runner, rng, other_len: int, target_len: int, rows: int) -> float | None:
     """:func:`attndsl.codegen.hopper.mean_visited` of ``runner.spec``, kept per shape in
-    ``runner._visited`` (a Hopper forward's or backward's)."""
+    ``runner._visited`` (a Hopper forward's or backward's; at most ``MEMO_SIZE`` shapes)."""
     key = (rng.target, other_len, target_len, rows)
-    if key not in runner._visited:
-        runner._visited[key] = _gen.mean_visited(runner.spec, rng, other_len, target_len, rows)
-    return runner._visited[key]
+    got = runner._visited.get(key, _UNSEEN)
+    if got is _UNSEEN:
+        if len(runner._visited) >= MEMO_SIZE:  # lengths that vary call by call: start over
+            runner._visited.clear()
+        got = runner._visited[key] = _gen.mean_visited(runner.spec, rng, other_len, target_len, rows)
+    return got
+
+
+_UNSEEN = object()
 
 
 def _measured_win(hf: "HopperForward", q, k) -> bool:
