@@ -173,7 +173,6 @@ class HopperConfig:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)  # one object per head dim: asked on every call's launch key
 def config_for(head_dim: int) -> HopperConfig:
     """The tiles for a head dim (64 or 128). Shared memory per program: the query tiles
     (consumers·block_m·D) and the ring (stages·2·block_n·D), two bytes each: D=128 with 3 stages
