@@ -55,8 +55,6 @@ class _Plan(NamedTuple):
     call: Call  # the autograd Function's argument for calls with the default scale and no sinks, factors, tables
 
 
-
-
 class CompiledAttention:
     """A pattern traced and analysed once; kernels are built per backend/dtype/head dim on first use.
 

@@ -122,8 +122,8 @@ def _measured_win(hf: "HopperForward", q, k) -> bool:
     least = MEASURED_WINS.get((hf.plan, hf.spec.score is not None, q.shape[-1], q.dtype))
     if least is None or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < least:
         return False
-    if hf.plan == "other":
-        cfg = hf.tuned[0] if hf.tuned else config_for(q.shape[-1])
+    if hf.plan == "other":  # (asked only without a tuned entry: the default tiles' programs)
+        cfg = config_for(q.shape[-1])
         keys = visited(hf, hf.spec.fwd_range, q.shape[2], k.shape[2], cfg.block_m * cfg.consumers)
         return keys is not None and keys >= OTHER_MIN_VISITED
     return True
