@@ -995,6 +995,70 @@ def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypat
         attndsl.clear_cache()
 
 
+def _nested_bias(t, sizes=(2, 3)):
+    """A factory whose pattern holds a nested function (over a tensor) and a tuple, as the locality
+    patterns hold their coordinate helpers and window sizes."""
+    def term(h, kv_idx):
+        return t[h, kv_idx] * sizes[0]
+
+    def rebind(u):
+        nonlocal t
+        t = u
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score + term(h, kv_idx) + sizes[1]
+    return mod, rebind
+
+
+def test_patterns_holding_nested_functions_and_tuples_are_found_by_identity(monkeypatch):
+    """Nested functions and tuples are followed by the identity memo (``patterns._read``): a
+    pattern holding them is found without a walk from its third call (the locality patterns: NA-2D
+    on a ``Layout``), and its key and tensors are the full walk's; a nested function's cell rebound,
+    a tuple of other constants, each walk again and bind what is held now."""
+    from attndsl import Layout
+    from attndsl.api import _compiled
+    from attndsl.patterns.neighborhood import neighborhood
+    from attndsl.runtime import patterns
+    attndsl.clear_cache()
+    walks = [0]
+    real = patterns._walk_kept
+    monkeypatch.setattr(patterns, "_walk_kept", lambda *a: walks.__setitem__(0, walks[0] + 1) or real(*a))
+
+    def find(m, s=None, walked=None):
+        before = walks[0]
+        got = _compiled(m, s, "softmax", False, None)
+        if walked is not None:
+            assert walks[0] - before == walked, (m, s)
+        return got
+
+    na = neighborhood(Layout((8, 8), tile=(4, 4)), 3)
+    for n in (1, 1, 0, 0):
+        find(na, walked=n)
+    t = torch.randn(2, 32)
+    mod, rebind = _nested_bias(t)
+    key, tensors = patterns.walk(None, mod)
+    flat = patterns.FlatWalks()
+    assert patterns._walk_kept(flat, None, mod) == (key, tensors)  # a full walk, kept
+    assert flat.get(None, mod) is not None and flat.get(None, mod)[0] == key
+    c0 = None
+    for n in (1, 1, 0, 0):
+        c0, got = find(None, mod, walked=n)
+        assert got[0] is t
+    u = torch.randn(2, 32)
+    rebind(u)  # the nested function's cell: walked again, the new tensor bound
+    assert find(None, mod, walked=1)[1][0] is u
+    assert find(None, mod, walked=0)[1][0] is u
+    other, _ = _nested_bias(t, (2, 4))  # another constant in the tuple: another pattern
+    assert find(None, other, walked=1)[0] is not c0
+    q, k, v = qkv()
+    for _ in range(3):  # end to end, with the tensor held now
+        rebind(torch.randn(2, 32))
+        out = attndsl.attention(q, k, v, score_mod=mod)
+        check(out, q, k, v, score_mod=mod)
+    assert patterns.PATTERNS.uncacheable == 0
+    attndsl.clear_cache()
+
+
 # --- token selectors: the prepared backward (FastGatherBackward) ---------------------------------
 @pytest.fixture
 def gather_as_users_run(monkeypatch):

@@ -100,13 +100,20 @@ def _walk_kept(flat: FlatWalks, mask_mod, score_mod) -> tuple[tuple, list[torch.
 _ABSENT = object()
 
 
-def _read(fn, objects: list, names: tuple) -> tuple | None:
+def _read(fn, objects: list, names: tuple, depth: int = 0, met: set | None = None) -> tuple | None:
     """Append to ``objects`` what the plain function ``fn`` reads besides its code, in the walk's
     order (closure cells, then the globals ``names`` (its code's) holds, ``_ABSENT`` for one not
     set, then defaults, then keyword defaults as name, value), and return ``(code, number of
-    defaults, number of keyword defaults)``; None (nothing appended) when a cell is not yet
-    assigned."""
+    defaults, number of keyword defaults, what nested objects read)``; None (what was appended
+    left in place) when a cell is not yet assigned, or nesting runs past ``_DEPTH``.
+
+    A plain function or a tuple among them (a locality pattern's helper over its ``Layout``, a
+    tuple of window sizes) is followed where it is first met, as the walk does: what it reads is
+    appended right after it, and its own result is added to the nested part. What such objects
+    hold is fixed by their identities and what is read again here (cells, globals, defaults), so
+    identities of the objects appended decide the walk."""
     cells = fn.__closure__
+    n0 = len(objects)
     if cells is not None:
         try:
             objects += [c.cell_contents for c in cells]
@@ -121,8 +128,65 @@ def _read(fn, objects: list, names: tuple) -> tuple | None:
     if kd:
         for k, v in kd.items():
             objects += (k, v)
+    nested = ()
+    for i in range(n0, len(objects)):
+        if _follows(objects[i]):
+            nested = _nest(objects, n0, depth, met)
+            if nested is None:
+                return None
+            break
     # with the lengths: the same objects split otherwise between defaults and keyword defaults walk apart
-    return fn.__code__, len(d) if d else 0, len(kd) if kd else 0
+    return fn.__code__, len(d) if d else 0, len(kd) if kd else 0, nested
+
+
+#: how deep :func:`_read` follows nested functions and tuples (deeper: the walk decides)
+_DEPTH = 8
+
+
+def _follows(x) -> bool:
+    """Is ``x`` followed by :func:`_read` (a plain function not marked a leaf, or a tuple)?"""
+    t = type(x)
+    return (t is types.FunctionType and not getattr(x, "__attndsl_leaf__", False)) or t is tuple
+
+
+def _nest(objects: list, n0: int, depth: int, met: set | None) -> tuple | None:
+    """Rebuild ``objects[n0:]`` (one function's reads) with what each function or tuple among
+    them reads placed right after it (depth first, as the walk goes); the nested results in order
+    (a repeat, which the walk keys as already seen, is not followed again: ``None`` in its place)."""
+    if depth >= _DEPTH:
+        return None
+    if met is None:
+        met = set()
+    own = objects[n0:]
+    del objects[n0:]
+    out = []
+    for x in own:
+        objects.append(x)
+        if not _follows(x):
+            continue
+        if id(x) in met:
+            out.append(None)
+            continue
+        met.add(id(x))
+        if type(x) is tuple:
+            got = _tuple_reads(x, objects, depth + 1, met)
+        else:
+            got = _read(x, objects, _code_info(x.__code__)[0], depth + 1, met)
+        if got is None:
+            return None
+        out.append(got)
+    return tuple(out)
+
+
+def _tuple_reads(x: tuple, objects: list, depth: int, met: set) -> tuple | None:
+    """A tuple's items appended (those to follow followed); its length and the nested results."""
+    n0 = len(objects)
+    objects += x
+    for y in x:
+        if _follows(y):
+            nested = _nest(objects, n0, depth, met)
+            return None if nested is None else (len(x), nested)
+    return (len(x), ())
 
 
 def _reads(fn, objects: list) -> tuple | None:
@@ -185,7 +249,8 @@ def _flat_of(mask_mod, score_mod, walked: list, shapes: bool) -> tuple | None:
     if got is None:
         return None
     ident, objects = got
-    if not all(x is _ABSENT or _is_leaf(x) for x in objects):
+    # (functions and tuples among them were followed: what they hold is in ``objects`` too)
+    if not all(x is _ABSENT or _is_leaf(x) or _follows(x) for x in objects):
         return None
     where = [i for i, x in enumerate(objects) if isinstance(x, torch.Tensor)]
     if len(where) != len(walked) or any(objects[i] is not t for i, t in zip(where, walked)):
@@ -266,7 +331,7 @@ class _Same:
                 names = _code_info(fn.__code__)[0]
                 lengths = _read(fn, [], names)
                 # reads nothing (no cells: fixed by the code; no globals named; no defaults)
-                empty = not names and fn.__closure__ is None and lengths[1:] == (0, 0)
+                empty = not names and fn.__closure__ is None and lengths[1:3] == (0, 0)
                 fns.append((i, fn.__code__, names, lengths, empty))
         s.fns = tuple(fns)
         # nothing read but unset globals: no list of objects to compare, nothing to bind
