@@ -558,8 +558,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
       (``sliding_window(256)`` inside ``forward``) is found again. Captured tensors are bound per
       call: a closure cell or global rebound to another tensor is read, an in-place change is
       seen. A pattern holding something else (an arbitrary object) is traced on every call. For
-      plain functions whose cells, globals and defaults hold only constants, tensors and modules,
-      the walk that finds the pattern is itself kept, by the identities of the objects read; and
+      plain functions whose cells, globals and defaults hold only constants, tensors, modules,
+      layouts, tuples of those and plain functions of the same kind (the locality patterns'
+      helpers), the walk that finds the pattern is itself kept, by the identities of the objects
+      read; and
       the very function objects of earlier calls (a module-level ``causal``, a closure made once
       in ``__init__``, no functions at all) are found by their identities without a walk, each
       call checking that they still read the same objects (a rebound cell or global, or a held

@@ -18,9 +18,11 @@ attribute) makes the pattern uncacheable: that call traces it again (correct, sl
 DEBUG on the ``attndsl`` logger).
 
 The walk itself is skipped for *flat* patterns (:class:`FlatWalks`): plain functions whose closure
-cells, defaults and named globals hold only constants, tensors, modules, types and builtins, as
-the factories' closures do (``document(ids)``, ``sliding_window(256)``, an ALiBi ``score_mod`` over
-its slopes). Such a function's walk is fixed by what it reads, object by object, so its result is
+cells, defaults and named globals hold only constants, tensors, modules, types, builtins, value
+objects (a ``Layout``), tuples of those and plain functions of the same kind, followed where met
+(:func:`_read`), as the factories' closures do (``document(ids)``, ``sliding_window(256)``, an
+ALiBi ``score_mod`` over its slopes, ``neighborhood(layout, 13)`` with its coordinate helpers).
+Such a function's walk is fixed by what it reads, object by object, so its result is
 kept under the identities of those objects and found again by them; each tensor's keyed
 attributes (dtype, rank, ``requires_grad``, device type; shape where the code reads one) are
 compared on every call.
@@ -264,8 +266,8 @@ def _flat_of(mask_mod, score_mod, walked: list, shapes: bool) -> tuple | None:
 
 class FlatWalks:
     """Walk results of flat patterns by the identities of what they read (see the module docstring).
-    A pattern that is not flat (it holds a nested function, a container, an object...) is walked
-    in full on every call."""
+    A pattern that is not flat (it holds a list, a dict, an object...) is walked in full on every
+    call."""
 
     def __init__(self, size: int = MAX_PATTERNS):
         self.size = size
