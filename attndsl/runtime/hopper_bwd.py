@@ -185,7 +185,7 @@ MEASURED_BWD_WINS: dict = {
     ("other", False, 128, torch.bfloat16, False): (16 * 16384 * 16384, bwd_config_for(128, "kernel")),
     ("dense", False, 128, torch.bfloat16, False): (16 * 4096 * 4096, bwd_config_for(128, "kernel")),
     ("growing", False, 128, torch.bfloat16, False): (16 * 8192 * 8192, bwd_config_for(128)),
-    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, HopperBwdConfig(stages=3, dq="kernel")),
+    ("growing", False, 128, torch.bfloat16, True): (32 * 8192 * 8192, bwd_config_for(128)),
     ("growing", True, 128, torch.bfloat16, False): (16 * 16384 * 16384, bwd_config_for(128)),
     ("dense", False, 64, torch.bfloat16, False): (8 * 12 * 2048 * 2048, bwd_config_for(64)),
 }
