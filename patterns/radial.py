@@ -162,14 +162,19 @@ def radial_block(num_frames: int, tokens_per_frame: int, *, block: int = 128, de
         raise ValueError(f"layout {lay} is not {F} frames x {N} tokens")
     K = block_offsets(N, block, decay, model, F - 1)
     top = max(F - 1, 1).bit_length()
+    # the offsets the mask reads, as constants and a tuple (not the dict: the pattern cache finds
+    # a pattern holding only immutable values by identity, without walking it each call)
+    k_top = K.get(top, -1) if top >= 2 else -1
+    k_groups = tuple((gg, K[gg]) for gg in range(top - 1, 1, -1))
+    k_d0, k_d1 = K["d0"], K["d1"]
 
     def limit(d):
         """``K(d)``: the kept in-frame block offsets are ``|C - R| <= K(d)``."""
         g = bit_length(d)
-        k = K.get(top, -1) if top >= 2 else -1
-        for gg in range(top - 1, 1, -1):
-            k = torch.where(g == gg, K[gg], k)
-        return torch.where(d == 0, K["d0"], torch.where(d == 1, K["d1"], k))
+        k = k_top
+        for gg, kg in k_groups:
+            k = torch.where(g == gg, kg, k)
+        return torch.where(d == 0, k_d0, torch.where(d == 1, k_d1, k))
 
     def video(q_idx, kv_idx):
         i, r = lay.coords(q_idx)

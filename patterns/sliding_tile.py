@@ -28,7 +28,8 @@ def sliding_tile(layout: Layout, window):
     ws = (window,) * nd if isinstance(window, int) else tuple(window)
     if len(ws) != nd:
         raise ValueError(f"window needs {nd} values, got {window!r}")
-    counts = [s // t for s, t in zip(layout.shape, layout.tile)]
+    # a tuple, not a list: the pattern cache finds a pattern holding only immutable values by identity
+    counts = tuple(s // t for s, t in zip(layout.shape, layout.tile))
     for w, n in zip(ws, counts):
         if not 1 <= w <= n:
             raise ValueError(f"window {ws} (in tiles) must lie in [1, tiles per axis {tuple(counts)}]")

@@ -1059,6 +1059,59 @@ def test_patterns_holding_nested_functions_and_tuples_are_found_by_identity(monk
     attndsl.clear_cache()
 
 
+def _shipped_patterns():
+    """(name, mask_mod, score_mod) of every factory in ``patterns/`` at small sizes."""
+    from attndsl import Layout
+    from attndsl import patterns as P
+    from attndsl.patterns.radial import radial, radial_block
+    from attndsl.patterns.neighborhood import neighborhood, neighborhood_1d, neighborhood_2d, neighborhood_3d
+    from attndsl.patterns.sliding_tile import sliding_tile_3d
+    ids = torch.zeros(64, dtype=torch.int32)
+    parents = torch.tensor([-1, 0, 0, 1])
+    return [
+        ("causal_bottom_right", P.causal_bottom_right(32, 64), None),
+        ("chunked", P.chunked(16), None),
+        ("document", P.document(ids), None),
+        ("prefix_lm", P.prefix_lm(8), None),
+        ("sliding_window", P.sliding_window(16), None),
+        ("alibi", P.causal, P.alibi(torch.rand(2))),
+        ("softcap", None, P.softcap(30.0)),
+        ("relative_position_bias", None, P.relative_position_bias(torch.rand(2, 63), 31)),
+        ("t5_bucket_bias", None, P.t5_bucket_bias(torch.rand(2, 8), 8, 32)),
+        ("tree_mask", P.tree_mask(P.tree_ancestors(parents), 60), None),
+        ("neighborhood", neighborhood(Layout((8, 8), tile=(4, 4)), 3), None),
+        ("neighborhood_1d", neighborhood_1d(64, 5)[1], None),
+        ("neighborhood_2d", neighborhood_2d(8, 8, 3, tile=(4, 4))[1], None),
+        ("neighborhood_3d", neighborhood_3d(4, 4, 4, 3, tile=(2, 2, 2))[1], None),
+        ("sliding_tile", sliding_tile_3d((4, 4, 4), (2, 2, 2), (1, 1, 1))[1], None),
+        ("radial", radial(2, 32, block=16), None),
+        ("radial_block", radial_block(2, 32, block=16), None),
+    ]
+
+
+SHIPPED = ("causal_bottom_right", "chunked", "document", "prefix_lm", "sliding_window", "alibi", "softcap",
+           "relative_position_bias", "t5_bucket_bias", "tree_mask", "neighborhood", "neighborhood_1d",
+           "neighborhood_2d", "neighborhood_3d", "sliding_tile", "radial", "radial_block")
+
+
+def test_the_shipped_pattern_list_is_complete():
+    assert tuple(n for n, _, _ in _shipped_patterns()) == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_pattern_is_found_by_identity(name):
+    """Each factory of ``patterns/`` makes a pattern the identity memo keeps (``FlatWalks``: only
+    immutable values, tensors and functions reachable), so its one-shot calls skip the walk: a
+    list in a closure (STA's tile counts, before) walked the pattern on every call."""
+    from attndsl.runtime import patterns
+    m, s = next((m, s) for n, m, s in _shipped_patterns() if n == name)
+    flat = patterns.FlatWalks()
+    key, tensors = patterns._walk_kept(flat, m, s)
+    got = flat.get(m, s)
+    assert got is not None, f"{name}: walked on every call (not flat)"
+    assert got[0] == key and all(a is b for a, b in zip(got[1], tensors, strict=True))
+
+
 # --- token selectors: the prepared backward (FastGatherBackward) ---------------------------------
 @pytest.fixture
 def gather_as_users_run(monkeypatch):
