@@ -886,15 +886,10 @@ def _window_of(size):
     return window
 
 
-def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypatch):
-    """``PatternCache.found``: functions of the codes of earlier calls are found without a walk once
-    met in two walks (no mask at all, a plain mask, closures and globals holding tensors, closures a
-    factory makes afresh per call); every rebinding (a closure cell, a global, a default, the code)
-    and every change of a held tensor in place (requires_grad, dtype, shape) walks once and is
-    recorded beside the earlier record, and the tensors bound are always the ones held now; the
-    records keep no tensor alive."""
-    import gc
-    import weakref
+@pytest.fixture
+def counted_find(monkeypatch):
+    """``find(mask_mod, score_mod, walked=n)``: the one-shot call's pattern lookup (``api._compiled``),
+    asserting it took ``n`` full walks (``patterns._walk_kept``); the cache cleared before."""
     from attndsl.api import _compiled
     from attndsl.runtime import patterns
     attndsl.clear_cache()
@@ -908,7 +903,20 @@ def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(monkeypat
         if walked is not None:
             assert walks[0] - before == walked, (m, s)
         return got
+    return find
 
+
+def test_patterns_met_again_by_identity_bind_the_tensors_they_hold_now(counted_find):
+    """``PatternCache.found``: functions of the codes of earlier calls are found without a walk once
+    met in two walks (no mask at all, a plain mask, closures and globals holding tensors, closures a
+    factory makes afresh per call); every rebinding (a closure cell, a global, a default, the code)
+    and every change of a held tensor in place (requires_grad, dtype, shape) walks once and is
+    recorded beside the earlier record, and the tensors bound are always the ones held now; the
+    records keep no tensor alive."""
+    import gc
+    import weakref
+    from attndsl.runtime import patterns
+    find = counted_find
     table = torch.randn(2, 32)
 
     def bias(score, b, h, q_idx, kv_idx):
@@ -1010,27 +1018,15 @@ def _nested_bias(t, sizes=(2, 3)):
     return mod, rebind
 
 
-def test_patterns_holding_nested_functions_and_tuples_are_found_by_identity(monkeypatch):
+def test_patterns_holding_nested_functions_and_tuples_are_found_by_identity(counted_find):
     """Nested functions and tuples are followed by the identity memo (``patterns._read``): a
     pattern holding them is found without a walk from its third call (the locality patterns: NA-2D
     on a ``Layout``), and its key and tensors are the full walk's; a nested function's cell rebound,
     a tuple of other constants, each walk again and bind what is held now."""
     from attndsl import Layout
-    from attndsl.api import _compiled
     from attndsl.patterns.neighborhood import neighborhood
     from attndsl.runtime import patterns
-    attndsl.clear_cache()
-    walks = [0]
-    real = patterns._walk_kept
-    monkeypatch.setattr(patterns, "_walk_kept", lambda *a: walks.__setitem__(0, walks[0] + 1) or real(*a))
-
-    def find(m, s=None, walked=None):
-        before = walks[0]
-        got = _compiled(m, s, "softmax", False, None)
-        if walked is not None:
-            assert walks[0] - before == walked, (m, s)
-        return got
-
+    find = counted_find
     na = neighborhood(Layout((8, 8), tile=(4, 4)), 3)
     for n in (1, 1, 0, 0):
         find(na, walked=n)
