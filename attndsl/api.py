@@ -23,7 +23,8 @@ from .runtime.checks import (call_shape, check_captured, check_extras, check_gpu
 from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
-from .runtime.launch import BlockTables, Extras, Prepared, Runner, use_interpreter
+from .runtime.blocktables import BlockTables
+from .runtime.launch import Extras, Prepared, Runner, use_interpreter
 from .runtime.memo import MAX_PLANS, Plans, plan_key
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES

@@ -39,6 +39,7 @@ import torch
 from ..codegen import hopper as _fwd_gen
 from ..codegen import hopper_bwd as _gen
 from . import gluonlaunch
+from .blocktables import BlockTables
 from .hopper import (SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, spec_class,
                      visited)
 from .memo import tensor_key
@@ -237,7 +238,6 @@ class HopperBackward:
             return False
         # a data-dependent mask's own tables (built for any tiles); not a block selection's
         if tables is not None:
-            from .launch import BlockTables
             if not self.spec.data_dependent or type(tables) is not BlockTables:
                 return False
         if on is None and not (_measured_win(self, q, k) is not None if self.tuned is None else self.tuned[1]):
@@ -264,7 +264,7 @@ class HopperBackward:
         ``cfg``: None for :meth:`config`. ``lse``, ``delta``: the forward's logsumexp (natural log) and
         rowsum(dO·O) − dlse, ``[B, Hq, Lq]`` float32 contiguous; ``buffers``: the pattern's captured
         tensors, in slot order; ``table``: for a data-dependent mask, ``table(rows, cols)`` gives the
-        transposed block table (``launch.Table``) of key tiles of ``rows`` and query tiles of
+        transposed block table (``blocktables.Table``) of key tiles of ``rows`` and query tiles of
         ``cols`` (``Runner.table``); ``key``: what fixes the call's launch besides the configuration
         (a prepared backward's call key and gradient layout: dK, dV, lse and delta then laid out as
         its templates), which keys the prepared launch in place of the arguments' own keys."""

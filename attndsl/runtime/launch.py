@@ -8,12 +8,11 @@ policy (``config``) and gradient post-processing (``gradients``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 import triton
 
 from . import fastlaunch
+from .blocktables import BlockTables, Table  # noqa: F401  (also imported from here)
 from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties, dq_tma, forward_tiles, \
     grid_section, multiprocessors, retry_tiles
 from .fastlaunch import Direct
@@ -26,14 +25,11 @@ from .hopper_bwd import backward_enabled as hopper_bwd_enabled
 from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, private_rows, reduce_to,  # noqa: F401
                         sink_gradient, wide_offsets)
 from .marshal import Extras, buffer_layout, buffer_named, buffer_tensors, fill, qkv_strides, strides_named  # noqa: F401
-from .memo import MEMO_SIZE, Memo, arg_classes, descriptor_scratch, own_slots, tensor_key
+from .memo import MEMO_SIZE, VERIFY_MEMO, Memo, arg_classes, cdiv, descriptor_scratch, own_slots, tensor_key
 from .scope import NO_CONTEXT, launch_scope
 
 POISON = os.environ.get("ATTNDSL_POISON", "0") == "1"
 _NONE = object()  # a dict's "no entry" where None is an entry
-#: check every memoised launch against a fresh computation of its grid, constants and arguments
-#: (``Runner._launch``); the test suite turns it on
-VERIFY_MEMO = os.environ.get("ATTNDSL_VERIFY_MEMO", "0") == "1"
 
 
 def acc_dtype(q: torch.Tensor) -> torch.dtype:
@@ -89,63 +85,6 @@ def _new(shape, like, dtype=None):
 def _like(t):
     """A contiguous output of ``t``'s shape and dtype: ``empty_like``, at a third of ``empty``'s host time."""
     return _poisoned(torch.empty_like(t, memory_format=torch.contiguous_format))
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division on the host (``triton.cdiv`` is a constexpr function: microseconds a call)."""
-    return -(-a // b)
-
-
-@dataclass
-class Table:
-    """One block table: per row tile, the full and partial column tiles."""
-
-    full: torch.Tensor
-    part: torch.Tensor
-    count: torch.Tensor
-    uses_b: bool
-    uses_h: bool
-
-    #: the kernels' parameter names of ``args`` (``passes/lower.py``'s ``_TABLE``), in its order
-    PARAMS = ("TBL_FULL", "TBL_PART", "TBL_CNT", "tbl_stride_b", "tbl_stride_h", "tbl_stride_r")
-
-    def args(self) -> tuple:
-        """The kernels' table arguments (``PARAMS``); worked out once (a table never changes)."""
-        got = self.__dict__.get("_args")
-        if got is None:
-            TB, TH, R, C = self.full.shape
-            sb = TH * R * C if self.uses_b else 0
-            sh = R * C if self.uses_h else 0
-            got = self._args = (self.full, self.part, self.count, sb, sh, C)
-        return got
-
-    def classes(self) -> tuple:
-        """``memo.arg_classes`` of :meth:`args` (what a launch memo's specialisation depends on)."""
-        got = self.__dict__.get("_classes")
-        if got is None:
-            got = self._classes = arg_classes(self.args())
-        return got
-
-
-class BlockTables:
-    """Device-side tile classification for data-dependent masks, reusable across calls.
-
-    ``tables`` maps ``(transposed, rows, cols)`` (the tile sizes of one launch; rows are key tiles
-    when ``transposed``) to the :class:`Table` built for it. Read it through :meth:`get_table`: a
-    kind of tables that makes its entries on demand (``selectors/blocks.py: SelectionTables``)
-    overrides that method, not the dict."""
-
-    def __init__(self, shape):
-        self.shape = shape  # (B, Hq, Lq, Lkv)
-        self.tables: dict = {}
-
-    def get_table(self, key: tuple) -> Table | None:
-        """The table of ``key`` = ``(transposed, rows, cols)``, or None when none is built yet (the
-        runner then builds it: ``runtime/tables.py: build_table``)."""
-        return self.tables.get(key)
-
-    def __repr__(self):
-        return f"BlockTables(shape={self.shape}, built={sorted(self.tables)})"
 
 
 class Runner:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,10 @@ import triton
 
 #: memoised launches kept per runner before the memo starts over (one per kernel and call key)
 MEMO_SIZE = 256
+#: check every memoised launch against a fresh computation of its grid, constants and arguments
+#: (``Runner._launch``); the test suite turns it on. Modules bind it at import: a test patches the
+#: module whose launches it means (``launch.VERIFY_MEMO``, ``sparse.VERIFY_MEMO``, ...)
+VERIFY_MEMO = os.environ.get("ATTNDSL_VERIFY_MEMO", "0") == "1"
 #: call plans kept per holder (a compiled pattern, the torch.library ops) before the map starts over
 MAX_PLANS = 256
 
@@ -187,3 +192,8 @@ def descriptor_scratch():
         yield
     finally:
         _allocator.reset(token)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a constexpr function: microseconds a call)."""
+    return -(-a // b)

@@ -6,7 +6,7 @@ attention with the same ``doc_ids``: the table is built once and found again by
 
 * the pattern (its spec key: which table kernel),
 * the call's shape ``(B, Hq, Lq, Lkv)`` and device (the tiles are the inner key of
-  :class:`~attndsl.runtime.launch.BlockTables`, built on first use per tile size),
+  :class:`~attndsl.runtime.blocktables.BlockTables`, built on first use per tile size),
 * for every captured tensor the mask reads: its address, dtype, shape, strides and **version
   counter** (``t._version``; an in-place change such as ``doc_ids.copy_(...)`` bumps it, so the
   next call rebuilds).

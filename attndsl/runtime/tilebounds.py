@@ -16,9 +16,9 @@ import weakref
 import torch
 
 from ..passes.tile_intervals import axes, tile_plan
-from .launch import VERIFY_MEMO, Table, cdiv, tensor_key
+from .blocktables import Table
 from .marshal import buffer_layout, buffer_tensors, fill
-from .memo import Memo, arg_classes, own_slots
+from .memo import VERIFY_MEMO, Memo, arg_classes, cdiv, own_slots, tensor_key
 
 #: column tiles per chunk of the classifier (one vector of interval tests, one prefix sum)
 BLOCK_T = 128

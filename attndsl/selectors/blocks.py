@@ -27,7 +27,7 @@ from .. import ir
 from ..ir.evaluate import evaluate
 from ..passes.fuse import run_lowering
 from ..runtime.checks import call_shape
-from ..runtime.launch import BlockTables, Table
+from ..runtime.blocktables import BlockTables, Table
 
 
 def _pow2(x: int) -> bool:
