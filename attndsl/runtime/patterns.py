@@ -110,39 +110,50 @@ def _read(fn, objects: list, names: tuple, depth: int = 0, met: set | None = Non
     left in place) when a cell is not yet assigned, or nesting runs past ``_DEPTH``.
 
     A plain function or a tuple among them (a locality pattern's helper over its ``Layout``, a
-    tuple of window sizes) is followed where it is first met, as the walk does: what it reads is
-    appended right after it, and its own result is added to the nested part. What such objects
-    hold is fixed by their identities and what is read again here (cells, globals, defaults), so
-    identities of the objects appended decide the walk."""
+    tuple of window sizes) is followed where it is first met, as the walk does (:func:`_follow`):
+    what it reads is appended right after it. What such objects hold is fixed by their identities
+    and what is read again here (cells, globals, defaults), so the identities of the objects
+    appended decide the walk. One pass, no helper call per object: this runs on every one-shot
+    call of a pattern found by identity."""
+    if met is None:
+        met = set()
+    nested: list = []
     cells = fn.__closure__
-    n0 = len(objects)
     if cells is not None:
-        try:
-            objects += [c.cell_contents for c in cells]
-        except ValueError:  # a cell not yet assigned
-            return None
+        for c in cells:
+            try:
+                x = c.cell_contents
+            except ValueError:  # a cell not yet assigned
+                return None
+            objects.append(x)
+            if type(x) in _FOLLOWED and not _follow(x, objects, depth, met, nested):
+                return None
     if names:
         g = fn.__globals__
-        objects += [g.get(x, _ABSENT) for x in names]
+        for n in names:
+            x = g.get(n, _ABSENT)
+            objects.append(x)
+            if type(x) in _FOLLOWED and not _follow(x, objects, depth, met, nested):
+                return None
     d, kd = fn.__defaults__, fn.__kwdefaults__
     if d:
-        objects += d
-    if kd:
-        for k, v in kd.items():
-            objects += (k, v)
-    nested = ()
-    for i in range(n0, len(objects)):
-        if _follows(objects[i]):
-            nested = _nest(objects, n0, depth, met)
-            if nested is None:
+        for x in d:
+            objects.append(x)
+            if type(x) in _FOLLOWED and not _follow(x, objects, depth, met, nested):
                 return None
-            break
+    if kd:
+        for k, x in kd.items():
+            objects += (k, x)
+            if type(x) in _FOLLOWED and not _follow(x, objects, depth, met, nested):
+                return None
     # with the lengths: the same objects split otherwise between defaults and keyword defaults walk apart
-    return fn.__code__, len(d) if d else 0, len(kd) if kd else 0, nested
+    return fn.__code__, len(d) if d else 0, len(kd) if kd else 0, tuple(nested)
 
 
 #: how deep :func:`_read` follows nested functions and tuples (deeper: the walk decides)
 _DEPTH = 8
+#: the types :func:`_read` may follow (plain functions not marked ``__attndsl_leaf__``, tuples)
+_FOLLOWED = frozenset({types.FunctionType, tuple})
 
 
 def _follows(x) -> bool:
@@ -151,44 +162,33 @@ def _follows(x) -> bool:
     return (t is types.FunctionType and not getattr(x, "__attndsl_leaf__", False)) or t is tuple
 
 
-def _nest(objects: list, n0: int, depth: int, met: set | None) -> tuple | None:
-    """Rebuild ``objects[n0:]`` (one function's reads) with what each function or tuple among
-    them reads placed right after it (depth first, as the walk goes); the nested results in order
-    (a repeat, which the walk keys as already seen, is not followed again: ``None`` in its place)."""
+def _follow(x, objects: list, depth: int, met: set, nested: list) -> bool:
+    """Append what ``x`` (a function or tuple just appended to ``objects``) reads, depth first, and
+    its result to ``nested``: ``_read``'s for a function, ``(length, nested results)`` for a tuple;
+    ``None`` for one met before in this read (the walk keys it as already seen and does not descend
+    again). A library function marked ``__attndsl_leaf__`` is not followed. False: too deep, or a
+    cell not yet assigned."""
+    if type(x) is types.FunctionType and getattr(x, "__attndsl_leaf__", False):
+        return True
     if depth >= _DEPTH:
-        return None
-    if met is None:
-        met = set()
-    own = objects[n0:]
-    del objects[n0:]
-    out = []
-    for x in own:
-        objects.append(x)
-        if not _follows(x):
-            continue
-        if id(x) in met:
-            out.append(None)
-            continue
-        met.add(id(x))
-        if type(x) is tuple:
-            got = _tuple_reads(x, objects, depth + 1, met)
-        else:
-            got = _read(x, objects, _code_info(x.__code__)[0], depth + 1, met)
-        if got is None:
-            return None
-        out.append(got)
-    return tuple(out)
-
-
-def _tuple_reads(x: tuple, objects: list, depth: int, met: set) -> tuple | None:
-    """A tuple's items appended (those to follow followed); its length and the nested results."""
-    n0 = len(objects)
-    objects += x
-    for y in x:
-        if _follows(y):
-            nested = _nest(objects, n0, depth, met)
-            return None if nested is None else (len(x), nested)
-    return (len(x), ())
+        return False
+    if id(x) in met:
+        nested.append(None)
+        return True
+    met.add(id(x))
+    if type(x) is tuple:
+        sub: list = []
+        for y in x:
+            objects.append(y)
+            if type(y) in _FOLLOWED and not _follow(y, objects, depth + 1, met, sub):
+                return False
+        nested.append((len(x), tuple(sub)))
+        return True
+    got = _read(x, objects, _code_info(x.__code__)[0], depth + 1, met)
+    if got is None:
+        return False
+    nested.append(got)
+    return True
 
 
 def _reads(fn, objects: list) -> tuple | None:
