@@ -193,8 +193,8 @@ def _follow(x, objects: list, depth: int, met: set, nested: list) -> bool:
 
 def _reads(fn, objects: list) -> tuple | None:
     """:func:`_read` of a plain function, and the identity key of what it read (``_read``'s result
-    followed by the objects' ids); None (nothing appended) for anything but a plain function whose
-    cells are all set."""
+    followed by the objects' ids); None (what was appended is then of no use) for anything but a
+    plain function whose cells, and those of the functions it holds, are all set."""
     if type(fn) is not types.FunctionType:
         return None
     n = len(objects)
