@@ -8,6 +8,7 @@ policy (``config``) and gradient post-processing (``gradients``).
 from __future__ import annotations
 
 import os
+
 import torch
 import triton
 

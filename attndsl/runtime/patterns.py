@@ -156,12 +156,6 @@ _DEPTH = 8
 _FOLLOWED = frozenset({types.FunctionType, tuple})
 
 
-def _follows(x) -> bool:
-    """Is ``x`` followed by :func:`_read` (a plain function not marked a leaf, or a tuple)?"""
-    t = type(x)
-    return (t is types.FunctionType and not getattr(x, "__attndsl_leaf__", False)) or t is tuple
-
-
 def _follow(x, objects: list, depth: int, met: set, nested: list) -> bool:
     """Append what ``x`` (a function or tuple just appended to ``objects``) reads, depth first, and
     its result to ``nested``: ``_read``'s for a function, ``(length, nested results)`` for a tuple;
@@ -252,7 +246,7 @@ def _flat_of(mask_mod, score_mod, walked: list, shapes: bool) -> tuple | None:
         return None
     ident, objects = got
     # (functions and tuples among them were followed: what they hold is in ``objects`` too)
-    if not all(x is _ABSENT or _is_leaf(x) or _follows(x) for x in objects):
+    if not all(x is _ABSENT or type(x) in _FOLLOWED or _is_leaf(x) for x in objects):
         return None
     where = [i for i, x in enumerate(objects) if isinstance(x, torch.Tensor)]
     if len(where) != len(walked) or any(objects[i] is not t for i, t in zip(where, walked)):
