@@ -686,11 +686,11 @@ class FastForward:
     end the list). Made by ``Runner.forward`` (``make``: None where the memo's own values are not
     in those places, or the outputs have no template); used through ``Runner.forward_prepared``.
 
-    The Hopper forward is still asked per call (``HopperForward.applies``), and takes the ordinary
-    path when it applies. Under ``VERIFY_MEMO`` every call checks its argument list against the
+    Whether the Hopper forward takes the key's calls (``HopperForward.applies``) is asked once per
+    state of its switch; where it does, the call takes the ordinary path. Under ``VERIFY_MEMO`` every call checks its argument list against the
     ordinary path's and then launches the ordinary (verified) way."""
 
-    __slots__ = ("runner", "key", "memo", "rest", "table", "out", "lse", "convert", "hopper")
+    __slots__ = ("runner", "key", "memo", "rest", "table", "out", "lse", "convert", "hopper", "verdict")
 
     @staticmethod
     def make(runner, key, memo, out, lse, buffers) -> "FastForward | None":
@@ -709,14 +709,20 @@ class FastForward:
         h = runner.hopper
         # the Hopper forward takes no block tables (``HopperForward.applies``)
         f.hopper = h is not None and h.unsupported is None and not runner.precise_delta and f.table is None
+        #: (the Hopper forward's switch state, whether it takes this key's calls then): the key fixes
+        #: every other input of that answer
+        f.verdict = None
         return f
 
     def __call__(self, q, k, v, scale, buffers, extras, tables=None):
         """(out, lse or None); None where the call's block table specialises unlike the memoised one."""
         r = self.runner
-        if self.hopper and r.hopper.applies(q, k, v, extras, None, False):
-            # as ``Runner.forward``'s Hopper branch, without asking ``applies`` twice
-            return r.hopper.forward(q, k, v, scale, sinks=extras.sinks, buffers=buffers)
+        if self.hopper:
+            on, verdict = hopper_enabled(), self.verdict
+            if verdict is None or verdict[0] is not on:
+                verdict = self.verdict = (on, r.hopper.applies(q, k, v, extras, None, False))
+            if verdict[1]:  # as ``Runner.forward``'s Hopper branch
+                return r.hopper.forward(q, k, v, scale, sinks=extras.sinks, buffers=buffers, key=self.key)
         if self.table is None:
             targs = ()
         else:
@@ -799,7 +805,7 @@ class FastBackward:
     and reductions take the ordinary path). See :class:`FastForward`."""
 
     __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "rest", "tables", "tpl", "convert",
-                 "allocator", "hopper", "atomic", "mode")
+                 "allocator", "hopper", "atomic", "mode", "verdict")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -831,6 +837,9 @@ class FastBackward:
         b.allocator = any(m.allocator for m, _, _ in want if m is not None)
         h = runner.hopper_bwd
         b.hopper = h is not None and h.unsupported is None and not runner.precise_delta
+        #: (the Hopper backward's switch state, whether it takes this key's calls then): every
+        #: input of that answer but the switch is fixed by the key and the gradient's layout
+        b.verdict = None
         return b
 
     @staticmethod
@@ -843,8 +852,13 @@ class FastBackward:
         """The gradients as ``Runner.backward`` returns them; None where a block table of the call
         specialises unlike the memoised one."""
         r = self.runner
-        if self.hopper and r.hopper_bwd.applies(q, k, v, dout, extras, tables, False):  # asked per call, as the forward
-            return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key, hop=True)
+        if self.hopper:
+            on, verdict = hopper_bwd_enabled(), self.verdict
+            if verdict is None or verdict[0] is not on:
+                verdict = self.verdict = (on, r.hopper_bwd.applies(q, k, v, dout, extras, tables, False))
+            if verdict[1]:
+                return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key,
+                                  hop=True)
         if self.mode != _dq_mode(r):  # the dQ mode changed (ATTNDSL_ATOMIC_DQ, ATTNDSL_DQ_TMA): decide afresh
             return None
         if self.tables is None:
