@@ -24,7 +24,8 @@ from .runtime.config import Configs, choose, for_pattern
 from .runtime.empty import empty_call, is_empty
 from .runtime.indexcheck import check_indices_of
 from .runtime.blocktables import BlockTables
-from .runtime.launch import Extras, Prepared, Runner, use_interpreter
+from .runtime.launch import Prepared, Runner, use_interpreter
+from .runtime.marshal import Extras
 from .runtime.memo import MAX_PLANS, Plans, plan_key
 from .runtime.patterns import PATTERNS
 from .runtime.tables import TABLES
@@ -334,7 +335,7 @@ def _selected_call():
 
 def check_deterministic(spec, tensors, query) -> None:
     """Refuse ``deterministic=True`` calls whose repeatable gradients cannot be kept (before launch)."""
-    from .runtime.launch import MAX_PRIVATE_PARTIALS, gl_exact, private_rows
+    from .runtime.gradients import MAX_PRIVATE_PARTIALS, gl_exact, private_rows
     for gl in spec.grad_loads:
         if gl.scope in ("scatter", "col") and tensors[gl.slot].requires_grad:
             n, row = private_rows(gl, tensors[gl.slot].shape, query.shape[0], query.shape[1], query.shape[2])

@@ -266,7 +266,8 @@ def autotune(pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, back
     """
     from .api import CompiledAttention, _compiled
     from .runtime.checks import check_captured, check_inputs
-    from .runtime.launch import Extras, Runner
+    from .runtime.launch import Runner
+    from .runtime.marshal import Extras
     if isinstance(pattern, CompiledAttention):
         compiled = pattern
     elif callable(pattern):  # through the pattern cache: the entry's key is ``attndsl.attention(mask_mod=pattern)``'s

@@ -496,7 +496,7 @@ def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monk
     table of the memoised tiles joins the call's own values), an in-place change of the document
     ids (a new table) and a new length are still right, forward and gradients; as users run
     (no verification) and under the suite's verification alike."""
-    from attndsl.runtime import launch
+    from attndsl.runtime import blocktables, launch
     made = []  # the attention kernels' launches decided and memoised (not the table builders')
     orig = launch.Runner._prepared
     monkeypatch.setattr(launch.Runner, "_prepared", lambda self, kernel, *a: (
@@ -526,7 +526,7 @@ def test_block_table_calls_memoise_their_launches_and_take_each_calls_table(monk
         assert isinstance(plan.memo.fwd, launch.FastForward) and plan.memo.fwd.table is not None
         assert isinstance(plan.memo.bwd, launch.FastBackward) and None not in plan.memo.bwd.tables
         # a table whose arguments specialise otherwise than the memoised one's: the ordinary path
-        with mock.patch.object(launch.Table, "classes", lambda self: ()):
+        with mock.patch.object(blocktables.Table, "classes", lambda self: ()):
             out = attn(q, k, v)
             grads = _grads(out, (q, k, v))
         assert float((out.detach().double() - ref.detach()).abs().max()) < 1e-4, verify

@@ -5,7 +5,8 @@ from typing import NamedTuple
 
 import torch
 
-from .launch import Extras, Prepared, Runner
+from .launch import Prepared, Runner
+from .marshal import Extras
 
 
 def any_grad(sinks, u, w, tensors) -> bool:

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from . import fastlaunch
-from .blocktables import BlockTables, Table  # noqa: F401  (also imported from here)
+from .blocktables import BlockTables, Table
 from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties, dq_tma, forward_tiles, \
     grid_section, multiprocessors, retry_tiles
 from .fastlaunch import Direct
@@ -21,11 +21,8 @@ from .hopper import HopperForward
 from .hopper import enabled as hopper_enabled
 from .hopper_bwd import HopperBackward
 from .hopper_bwd import backward_enabled as hopper_bwd_enabled
-# MAX_PRIVATE_PARTIALS, Extras, buffer_named and fill are also imported from here (api.py, runtime/op.py,
-# runtime/autograd.py, serving/decoding.py); their home is gradients.py and marshal.py
-from .gradients import (MAX_PRIVATE_PARTIALS, gl_exact, ordered_rows_add, private_rows, reduce_to,  # noqa: F401
-                        sink_gradient, wide_offsets)
-from .marshal import Extras, buffer_layout, buffer_named, buffer_tensors, fill, qkv_strides, strides_named  # noqa: F401
+from .gradients import gl_exact, ordered_rows_add, private_rows, reduce_to, sink_gradient, wide_offsets
+from .marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
 from .memo import MEMO_SIZE, VERIFY_MEMO, Memo, arg_classes, cdiv, descriptor_scratch, own_slots, tensor_key
 from .scope import NO_CONTEXT, launch_scope
 

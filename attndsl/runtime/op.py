@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .launch import Extras, Prepared, Runner
+from .launch import Prepared, Runner
+from .marshal import Extras
 from .memo import MAX_PLANS, Plans
 
 #: registry key -> CompiledAttention (the template whose runners the ops use; its own captured

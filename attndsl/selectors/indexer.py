@@ -22,7 +22,8 @@ from ..runtime import cache
 from ..runtime.checks import IndexRangeCheck, check_captured
 from ..runtime.config import block_d, indexer_tiles
 from ..runtime.fastlaunch import run
-from ..runtime.launch import cdiv, use_interpreter
+from ..runtime.launch import use_interpreter
+from ..runtime.memo import cdiv
 from ..runtime.marshal import buffer_named, fill, strides_named
 from ..runtime.scope import launch_scope
 

@@ -24,7 +24,7 @@ import triton
 
 from .. import codegen
 from ..runtime import cache, fastlaunch
-from ..runtime.config import GatherConfig, HeadDims, block_d, gather_config, split_head_dim  # noqa: F401 (re-exported)
+from ..runtime.config import HeadDims, gather_config
 from ..runtime.memo import MAX_PLANS, plan_key
 from ..runtime.scope import launch_scope
 from ..runtime.autograd import any_grad, raw_apply, refuse_second_derivative
@@ -32,10 +32,10 @@ from ..runtime.checks import (call_shape, check_captured, check_extras, check_in
                               default_check)
 from ..runtime.empty import empty_call, is_empty
 from ..runtime.gradients import row_delta, sink_gradient
-from ..runtime.launch import (VERIFY_MEMO, Prepared, Runner, _alloc, _launch_in_scope, _needs_conversion, _new,
+from ..runtime.launch import (Prepared, Runner, _alloc, _launch_in_scope, _needs_conversion, _new,
                               _same_arguments, _template, use_interpreter)
 from ..runtime.marshal import Extras, buffer_layout, buffer_tensors, fill, qkv_strides, strides_named
-from ..runtime.memo import MEMO_SIZE, Memo, arg_classes, own_slots, tensor_key
+from ..runtime.memo import MEMO_SIZE, VERIFY_MEMO, Memo, arg_classes, own_slots, tensor_key
 
 GATHER_TAG = "sel"
 

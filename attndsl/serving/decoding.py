@@ -19,7 +19,9 @@ from .. import codegen, ir
 from ..runtime import cache
 from ..runtime.config import block_d
 from ..runtime.fastlaunch import launcher
-from ..runtime.launch import VERIFY_MEMO, _new, buffer_named, fill, use_interpreter
+from ..runtime.launch import _new, use_interpreter
+from ..runtime.marshal import buffer_named, fill
+from ..runtime.memo import VERIFY_MEMO
 from ..runtime.scope import launch_scope
 from ..runtime.tuned import device_label
 from ..spec import VisitBox
@@ -268,7 +270,7 @@ class Launch:
         self.fixed = self.var = self.run = None
 
     def first(self, signature, named: dict, interpret: bool) -> None:
-        """The first launch: arguments checked against the kernel's signature (``launch.fill``),
+        """The first launch: arguments checked against the kernel's signature (``marshal.fill``),
         split into fixed and per-call values, launched, and the launch of later calls kept."""
         args = fill(self.name, signature, named, self.consts)
         order = [p.name for p in signature if p.kind != "constexpr"]
