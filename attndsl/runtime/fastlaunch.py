@@ -85,9 +85,6 @@ class Launcher:
         return lambda a: self(grid, a, consts, num_warps, num_stages)
 
 
-#: ``Direct`` launches hand the C launcher tensors' addresses, not the tensors (``Direct``'s docstring)
-RAW_POINTERS = True
-
 #: Triton versions whose C launcher takes the argument order ``Direct`` passes (checked on the GPU
 #: tests); others launch through ``Launcher``
 DIRECT_TRITON = ("3.6.",)
@@ -100,14 +97,11 @@ def _hooked(hook) -> bool:
 
 class Direct:
     """One compiled kernel launched through its C launcher with grid, metadata and trailing
-    constants bound: the arguments go straight to the launcher. Tensors reach it as their addresses
-    (``RAW_POINTERS``): handed a tensor, Triton's launcher calls its ``data_ptr`` and then asks the
-    driver whether the address is device memory (``cuPointerGetAttribute``), per tensor and launch;
-    the runtime checked every tensor's device before a call key was made. Launch hooks (profilers)
-    take the compiled kernel's own path, which calls them."""
+    constants bound: the arguments go straight to the launcher, which reads each tensor's address.
+    Launch hooks (profilers) take the compiled kernel's own path, which calls them."""
 
     __slots__ = ("ck", "launch", "function", "meta", "coop", "pdl", "grid", "tail", "scratch", "scratch_device", "device",
-                 "stream", "tensors")
+                 "stream")
 
     @staticmethod
     def make(entry, grid: tuple, consts: dict) -> "Direct | None":
@@ -135,7 +129,6 @@ class Direct:
         # memory of the graph's pool)
         d.scratch = n * run.num_ctas * run.global_scratch_size if run.global_scratch_size else 0
         d.scratch_device = torch.device("cuda", d.device) if d.scratch else None
-        d.tensors = None  # the positions of tensor arguments, from the first call (``__call__``)
         return d
 
     def __call__(self, args: list) -> None:
@@ -148,15 +141,6 @@ class Direct:
             self.ck[self.grid](*args, *self.tail, stream=stream)
             return
         scratch = torch.empty(self.scratch, dtype=torch.int8, device=self.scratch_device) if self.scratch else None
-        if RAW_POINTERS:
-            at = self.tensors
-            if at is None:  # pointer parameters take tensors (or None) in every call of a prepared launch
-                at = self.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-            args = args.copy()
-            for i in at:
-                a = args[i]
-                if a is not None:
-                    args[i] = a.data_ptr()
         self.launch(*self.grid, stream, self.function, self.coop, self.pdl, scratch, None, self.meta, None,
                     None, None, *args, *self.tail)
 
