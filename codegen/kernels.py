@@ -350,7 +350,9 @@ def dkdv(spec: KernelSpec, table: bool) -> str:
 
 
 def dq(spec: KernelSpec, table: bool) -> str:
-    """dQ (and dU of a low-rank bias, and gradients of learnable captured tensors)."""
+    """dQ (and dU of a low-rank bias, and gradients of learnable captured tensors); with
+    ``DELTA_HERE`` also the softmax's delta = rowsum(dO * O) of its rows, stored for the dK/dV kernel
+    (then launched after it), in place of the delta kernel's launch."""
     dq_rng = spec.dq_range or spec.fwd_range  # box plans may give dQ tiles of its own
     env = {"b": ("b", 0), "h": ("h", 0), "q": ("q_idx", 1), "q_lo": ("q_lo", 1), "q_hi": ("q_hi", 1),
            "kv_max": ("kv_max", 1), "q_max": ("q_max", 1), "kv": ("kv_idx", 2), "kv_lo": ("kv_lo", 2),
@@ -411,7 +413,12 @@ def dq(spec: KernelSpec, table: bool) -> str:
     pre1 = em.take(1, I1)
     if _softmax(spec):
         stats = '''    lse = _lse_log2(tl.load(Lse + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0))
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+    if DELTA_HERE:  # rowsum(dO * O) of this program's rows (the delta kernel's), kept for the dK/dV kernel
+        o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od, mask=(offs_m[:, None] < LQ) & dv_ok[None, :], other=0.0)
+        delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+        tl.store(Delta + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
+    else:
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 '''
     else:
         stats = ""

@@ -1021,9 +1021,9 @@ def test_repeated_calls_take_the_memoised_launches(monkeypatch):
     comp = attndsl.CompiledAttention(causal, name="memo_repeat")
     q, k, v = qkv(1, 4, 2, 37, 45, 16, grad=True, seed=3)
     first = _fwd_bwd(comp, q, k, v)
-    assert len(made) == 4, made  # forward, delta, dK/dV, dQ
+    assert len(made) == 3, made  # forward, dQ (which computes delta), dK/dV
     second = _fwd_bwd(comp, q, k, v)
-    assert len(made) == 4, made
+    assert len(made) == 3, made
     for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
         assert torch.equal(a, b)
     (q64, k64, v64), ref, _ = reference(q, k, v, causal)
@@ -1086,8 +1086,8 @@ def test_memo_verification_catches_an_incomplete_key(monkeypatch):
 
 
 def test_memoised_launches_as_users_get_them(monkeypatch):
-    """Without the suite's verification (as users run): the first call of a key decides its four
-    launches, the second and third take the key's prepared launches alone (``FastForward``,
+    """Without the suite's verification (as users run): the first call of a key decides its three
+    launches (forward, dQ with delta, dK/dV), the second and third take the key's prepared launches alone (``FastForward``,
     ``FastBackward``: no launch decided again) and give the first call's bits; a new length
     still matches the reference."""
     from attndsl.runtime import launch
@@ -1101,7 +1101,7 @@ def test_memoised_launches_as_users_get_them(monkeypatch):
     comp = attndsl.CompiledAttention(causal, name="memo_users")
     q, k, v = qkv(1, 2, 1, 41, 41, 16, grad=True, seed=7)
     runs = [_fwd_bwd(comp, q, k, v) for _ in range(3)]
-    assert taken == [False] * 4, taken
+    assert taken == [False] * 3, taken
     assert fast == [launch.FastForward, launch.FastBackward] * 2, fast
     for later in runs[1:]:
         for a, b in zip((runs[0][0], *runs[0][1]), (later[0], *later[1])):
@@ -1200,3 +1200,49 @@ def test_empty_calls_through_the_selectors():
     sel = BlockSelection(torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16)
     out = attndsl.attention(q, k, v, blocks=sel)
     assert out.shape == (1, 2, 6, 24) and not out.any()
+
+
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_dq_kernel_computes_delta_unless_an_lse_gradient_needs_the_delta_kernel(monkeypatch, lse_grad):
+    """The backward's launches in order, first call and prepared ones alike: without an lse gradient
+    the dQ kernel computes delta = rowsum(dO * O) itself and runs before the dK/dV kernel that
+    reads it (no delta kernel); with one, the delta kernel runs first and the lse gradient is
+    subtracted. Output, gradients and the sinks' gradient (which reads delta) match the float64
+    reference, GQA and lengths off the tiles."""
+    from attndsl.runtime import fastlaunch, launch
+    names = {}
+    order = []
+    real = fastlaunch.run
+
+    def spy(kernel, *a, **kw):
+        order.append(names.get(kernel, "?"))
+        return real(kernel, *a, **kw)
+    monkeypatch.setattr(fastlaunch, "run", spy)
+    real_prepared = fastlaunch.prepared
+
+    def spy_prepared(kernel, *a, **kw):
+        got = real_prepared(kernel, *a, **kw)
+        return lambda args: (order.append(names.get(kernel, "?")), got(args))[1]
+    monkeypatch.setattr(fastlaunch, "prepared", spy_prepared)
+    comp = attndsl.CompiledAttention(causal, name=f"delta_here_{int(lse_grad)}")
+    q, k, v = qkv(1, 4, 2, 37, 45, 16, grad=True, seed=5)
+    sinks = torch.randn(4, requires_grad=True)
+    r = comp.runner(q)
+    for n in ("fwd", "bwd_delta", "bwd_dkdv", "bwd_dq"):
+        names[r._kernel(n)] = n
+    (q64, k64, v64), _, _ = reference(q, k, v, causal)
+    s64 = sinks.detach().double().requires_grad_()
+    ref, ref_lse = attndsl.reference.attention(q64, k64, v64, mask_mod=causal, sinks=s64)
+    ref_loss = (ref * ref).sum() + ((ref_lse * ref_lse).sum() if lse_grad else 0)
+    ref_grads = torch.autograd.grad(ref_loss, (q64, k64, v64, s64))
+    want = ["bwd_delta", "bwd_dkdv", "bwd_dq"] if lse_grad else ["bwd_dq", "bwd_dkdv"]
+    for _ in range(2):  # the first call decides the launches, the second takes the prepared ones
+        order.clear()
+        out, lse = comp(q, k, v, sinks=sinks, return_lse=True)
+        loss = (out * out).sum() + ((lse * lse).sum() if lse_grad else 0)
+        grads = torch.autograd.grad(loss, (q, k, v, sinks))
+        assert order == ["fwd", *want], order
+        assert_close(out, ref, 1e-4, "out")
+        for name, g, w in zip(("dq", "dk", "dv", "dsinks"), grads, ref_grads):
+            assert_close(g, w, 1e-4, name)
+    assert isinstance(comp._plans and next(iter(comp._plans.values())).memo.bwd, launch.FastBackward)

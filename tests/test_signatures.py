@@ -153,8 +153,10 @@ def test_dense_runner_fills_by_name_and_names_what_disagrees(kernel, edit, named
             runner.forward(q, k, v, 0.25, (), None, key=key)
         return
     out, lse, _ = runner.forward(q, k, v, 0.25, (), None, key=key)
+    # the delta kernel runs where an lse gradient is subtracted (else the dQ kernel computes delta)
+    dlse = torch.randn_like(lse) if kernel == "bwd_delta" else None
     with pytest.raises(TypeError, match=named):
-        runner.backward(q, k, v, out, lse, torch.randn_like(out), None, 0.25, (), None, key=key)
+        runner.backward(q, k, v, out, lse, torch.randn_like(out), dlse, 0.25, (), None, key=key)
 
 
 def test_memo_places_a_calls_own_values_by_name():

@@ -235,9 +235,11 @@ def signatures(spec: KernelSpec) -> tuple:
         "bwd_dkdv": (_tensors("Q", "K", "V", "DO", "DK", "DV", "Lse", "Delta", "DW", "DQA", "DU") + own + grads
                      + _qkv_strides("q", "k", "v", "do", "dk", "dv") + _ints("HQ", "HKV", "GROUP", "LQ", "LKV")
                      + fixed + table + _DIMS + _consts("EVEN_Q", "DQ_ATOMIC", "DQ_TMA") + _EXTRA_CONSTS + grad_consts),
-        "bwd_dq": (_tensors("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU") + own + grads
-                   + _qkv_strides("q", "k", "v", "do", "dq") + _ints("HQ", "GROUP", "LQ", "LKV") + fixed + table + _DIMS
-                   + _consts("EVEN_KV") + _EXTRA_CONSTS + grad_consts),
+        # with DELTA_HERE the dQ kernel also computes delta from Out and DO and stores it for the dK/dV
+        # kernel, launched after it (no delta kernel: ``Runner.backward``)
+        "bwd_dq": (_tensors("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", "Out") + own + grads
+                   + _qkv_strides("q", "k", "v", "do", "dq", "o") + _ints("HQ", "GROUP", "LQ", "LKV") + fixed + table
+                   + _DIMS + _consts("EVEN_KV", "DELTA_HERE") + _EXTRA_CONSTS + grad_consts),
         "gather_fwd": (_tensors("Q", "K", "V", "IDX", "Out", "Lse") + _qkv_strides("q", "k", "v")
                        + _ints(*_strides("ib", "ig", "im", "ij")) + _qkv_strides("o")
                        + _ints("NU", "HPU", "GROUP", "QPG", "LQ", "LKV", "NSEL") + [Param("sm_scale", "float")]

@@ -444,6 +444,9 @@ class Runner:
         fkey = key
         key = self._tables_key(self._backward_key(key, dout, dlse, mode), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
+        # the portable dQ kernel computes delta itself and runs first (no delta launch), where nothing
+        # needs delta before it: no lse gradient to subtract, no atomic dQ or Hopper kernel reading it
+        here = softmax and dlse is None and not atomic and not hop
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
             delta0 = None
@@ -452,7 +455,7 @@ class Runner:
             bm = 64 if not self.interpret else self.cfg.dq.block_m
             kernel = self._kernel("bwd_delta")
             own = {"Out": out, "DO": dout, "Delta": delta}
-            if not self._memoised(self._memo_of(kernel, key), own):
+            if not here and not self._memoised(self._memo_of(kernel, key), own):
                 self._launch(kernel, lambda c: (cdiv(Lq, bm), B * Hq), own, TileConfig(bm, bm, 4, 3), "delta",
                              key=key, tiles=False,
                              fixed=lambda: {**strides_named(out, "ob", "oh", "om", "od"),
@@ -477,37 +480,46 @@ class Runner:
                     "GROUP": Hq // Hkv, "LQ": Lq, "LKV": Lkv, **extras.layout(q, k), **buffer_layout(bufs)}
 
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
+        def consts():  # asked only where a launch is decided (not memoised)
+            return {**self._consts(q.dtype), **extras.consts()}
+
+        def launch_dq():
+            o = out if here else q  # the dQ kernel reads Out only with DELTA_HERE
+            own = self._dq_own(q, k, v, dout, dq, lse, delta, du, o, scale, xown, bufs, gl_named)
+            # (the Hopper backward's split launches the kernel without DELTA_HERE under a key of its own)
+            memo, own, dq_key = self._table_memo(dqk, _dq_key(key, hop), own, tables, buffers, False)
+            if not self._memoised(memo, own):
+                self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
+                             table_args=self._table_args(tables, buffers, False), key=dq_key,
+                             fixed=lambda: {**shared(), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
+                                            **strides_named(o, "ob", "oh", "om", "od"),
+                                            "SECTION": self._kv_section(q, k, v)},
+                             **consts(), **gl_consts, DELTA_HERE=here,
+                             EVEN_KV=lambda c: Lkv % c.block_n == 0 and self.dims.even)
+
+        if here:
+            launch_dq()
         own = self._dkdv_own(q, k, v, dout, dk, dv, lse, delta, dw, dqa, du, scale, xown, bufs, gl_named)
-        consts = None
         hcfg = self.hopper_bwd.config(q, k) if hop else None  # (kept by a HopperFastBackward)
         dq_hop = self.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, det, cfg=hcfg,
                                           table=lambda r, c: self.table(tables, buffers, True, r, c)) if hop else None
         memo, own, dkdv_key = self._table_memo(dkdv, key, own, tables, buffers, True)
         if not hop and not self._memoised(memo, own):
-            consts = {**self._consts(q.dtype), **extras.consts()}
             self._launch(dkdv, lambda c: (cdiv(Lkv, c.block_n), B * Hkv), own, self.cfg.dkdv, "dkdv",
                          table_args=self._table_args(tables, buffers, True), key=dkdv_key,
                          # the programs of a K/V head visit its query heads one after another
                          fixed=lambda: {**shared(), **strides_named(dk, "dkb", "dkh", "dkn", "dkd"),
                                         **strides_named(dv, "dvb", "dvh", "dvn", "dvd"), "HKV": Hkv,
                                         "SECTION": self.section(q, B * Hkv, _row_bytes(q, dout))},
-                         **consts, **gl_consts, DQ_ATOMIC=atomic,
+                         **consts(), **gl_consts, DQ_ATOMIC=atomic,
                          DQ_TMA=mode[1] and dqa.dtype == torch.float32 and tma_ready(self.interpret, dqa),
                          EVEN_Q=lambda c: Lq % c.block_m == 0 and self.dims.even)
         if dq_hop is not None:
             dq = dq_hop
         elif atomic:
             torch.mul(dqa, scale, out=dq)  # the scale and the cast in one pass
-        else:
-            own = self._dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named)
-            memo, own, dq_key = self._table_memo(dqk, key, own, tables, buffers, False)
-            if not self._memoised(memo, own):
-                consts = consts or {**self._consts(q.dtype), **extras.consts()}
-                self._launch(dqk, lambda c: (cdiv(Lq, c.block_m), B * Hq), own, self.cfg.dq, "dq",
-                             table_args=self._table_args(tables, buffers, False), key=dq_key,
-                             fixed=lambda: {**shared(), **strides_named(dq, "dqb", "dqh", "dqm", "dqd"),
-                                            "SECTION": self._kv_section(q, k, v)},
-                             **consts, **gl_consts, EVEN_KV=lambda c: Lkv % c.block_n == 0 and self.dims.even)
+        elif not here:
+            launch_dq()
         dsinks = sink_gradient(extras.sinks, lse, delta) if extras.sinks is not None else None
         if extras.u is not None:
             du = reduce_to(du, extras.u.shape).to(extras.u.dtype)
@@ -543,10 +555,11 @@ class Runner:
                 "DQA": dqa, "DU": du, "sm_scale": scale, **xown, **bufs, **gl_named}
 
     @staticmethod
-    def _dq_own(q, k, v, dout, dq, lse, delta, du, scale, xown, bufs, gl_named) -> dict:
-        """The dQ kernel's own values by name, in its signature's order (see ``_forward_own``)."""
-        return {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "sm_scale": scale,
-                **xown, **bufs, **gl_named}
+    def _dq_own(q, k, v, dout, dq, lse, delta, du, o, scale, xown, bufs, gl_named) -> dict:
+        """The dQ kernel's own values by name, in its signature's order (see ``_forward_own``); ``o``:
+        the forward's output where the kernel computes delta (``DELTA_HERE``), else a placeholder."""
+        return {"Q": q, "K": k, "V": v, "DO": dout, "DQ": dq, "Lse": lse, "Delta": delta, "DU": du, "Out": o,
+                "sm_scale": scale, **xown, **bufs, **gl_named}
 
     def _gradient_buffers(self, q, buffers, B, Hq, Lq, Lkv, atomic: bool = False):
         """The learnable tensors' gradient buffers for the dQ kernel (``atomic``: for the dK/dV
@@ -769,7 +782,13 @@ def _launch_in_scope(r, memo, args) -> None:
 
 
 #: the dQ kernel's own values that lead its signature (``Runner._dq_own``), then ``_extra_names``
-_DQ_OWN = ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU")
+_DQ_OWN = ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", "Out")
+
+
+def _dq_key(key, hop: bool):
+    """The dQ launch's memo key: the backward's, or beside the Hopper backward (whose dK/dV kernel
+    reads delta first, so the dQ kernel does not compute it) one of its own."""
+    return (key, "hopper") if hop and key is not None else key
 
 
 def _extra_names(buffers) -> tuple:
@@ -786,23 +805,26 @@ def _extras_own(r, convert: bool, q, buffers, extras) -> tuple:
     return (q if s is None else s, q, q, float(extras.sigmoid_bias), *bufs)
 
 
-def _verify_dq(r, memo, args, q, k, v, dout, dq, lse, delta, scale, buffers, extras, t_dq=()) -> None:
-    """Under ``VERIFY_MEMO``: a prepared dQ launch's ``args`` are the ordinary path's."""
-    own = r._dq_own(q, k, v, dout, dq, lse, delta, q, scale, extras.own(q), buffer_tensors(buffers, r.learnable), {})
+def _verify_dq(r, memo, args, q, k, v, dout, dq, lse, delta, o, scale, buffers, extras, t_dq=()) -> None:
+    """Under ``VERIFY_MEMO``: a prepared dQ launch's ``args`` are the ordinary path's (``o``: the
+    output where the kernel computes delta, else the placeholder ``q``)."""
+    own = r._dq_own(q, k, v, dout, dq, lse, delta, q, o, scale, extras.own(q), buffer_tensors(buffers, r.learnable),
+                    {})
     _same_arguments("backward dQ", args, memo.args({**own, **dict(zip(Table.PARAMS, t_dq))}))
 
 
 class FastBackward:
-    """The backward of one call key and gradient layout once a call of them launched: the delta,
-    dK/dV and dQ launches from the runner's memo (in the atomic dQ mode, ``config.atomic_dq``, no dQ
-    launch: a zeroed float32 dQ for the dK/dV kernel, then one scaling pass), the row statistics and
+    """The backward of one call key and gradient layout once a call of them launched: the dQ launch
+    that computes delta, then the dK/dV launch, from the runner's memo (with an lse gradient: the
+    delta, dK/dV and dQ launches; in the atomic dQ mode, ``config.atomic_dq``, no dQ launch but the
+    delta one: a zeroed float32 dQ for the dK/dV kernel, then one scaling pass), the row statistics and
     gradients allocated from templates; with block tables, the dK/dV and dQ launches add the tables
     of their memoised tiles.
     Only for calls without learnable captured tensors and low-rank factors (their gradient buffers
     and reductions take the ordinary path). See :class:`FastForward`."""
 
     __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "rest", "tables", "tpl", "convert",
-                 "allocator", "hopper", "atomic", "mode", "verdict")
+                 "allocator", "hopper", "atomic", "mode", "verdict", "here")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -813,10 +835,12 @@ class FastBackward:
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
         b.mode = _dq_mode(runner)
         b.atomic = b.mode[0]  # the dK/dV kernel adds dQ: no dQ launch
-        b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None else None
+        # the dQ kernel computes delta (``Runner.backward``'s ``here``; this backward is not the Hopper one)
+        b.here = delta is not None and dlse is None and not b.atomic
+        b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None and not b.here else None
         b.dkdv = memo.get((runner._kernel("bwd_dkdv"), key))
         b.dq = None if b.atomic else memo.get((runner._kernel("bwd_dq"), key))
-        if b.dkdv is None or (b.dq is None and not b.atomic) or (delta is not None and b.delta is None):
+        if b.dkdv is None or (b.dq is None and not b.atomic) or (delta is not None and not b.here and b.delta is None):
             return None
         b.tpl = [_template(t) for t in (*grads, *(() if delta is None else (delta,)))]
         b.tables = (_table_part(b.dkdv, True), None if b.atomic else _table_part(b.dq, False))
@@ -866,10 +890,10 @@ class FastBackward:
             if t_dkdv is None or t_dq is None:
                 return None
         empty = torch.empty  # _alloc, inline (below: poisoned under POISON)
-        if self.delta is not None:
+        if len(self.tpl) > 3:  # softmax: row statistics, delta from its kernel or the dQ kernel
             shape, dtype, device = self.tpl[3]
             stats, delta = lse, empty(*shape, dtype=dtype, device=device)
-            args_delta = [out, dout, delta, *self.rest[2]]
+            args_delta = [out, dout, delta, *self.rest[2]] if self.delta is not None else None
         else:
             stats = delta = out  # placeholders: sigmoid kernels read no row statistics
             args_delta = None
@@ -882,22 +906,28 @@ class FastBackward:
         xown = _extras_own(r, self.convert, q, buffers, extras)
         if VERIFY_MEMO:
             self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
-                         t_dkdv, t_dq)
+                         t_dkdv, t_dq, len(self.tpl) > 3)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
         # one launch scope for the three launches (as ``Runner._memoised`` enters it)
         scope = r.mode(q)
         if scope is NO_CONTEXT and not self.allocator:
-            delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq)
+            delta = self._launch(q, k, v, out, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv,
+                                 t_dq)
         else:
             with scope, (descriptor_scratch() if self.allocator else NO_CONTEXT):
-                delta = self._launch(q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv,
-                                     t_dq)
+                delta = self._launch(q, k, v, out, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown,
+                                     t_dkdv, t_dq)
         dsinks = sink_gradient(s, stats, delta) if s is not None else None
         return dq, dk, dv, dsinks, None, None, {}
 
-    def _launch(self, q, k, v, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq):
-        """The delta, dK/dV and dQ launches (atomic mode: dQ from the dK/dV launch, scaled and cast
-        into ``dq``); returns the delta the gradients used."""
+    def _launch(self, q, k, v, out, dout, dq, dk, dv, stats, delta, dlse, args_delta, scale, xown, t_dkdv, t_dq):
+        """The dQ launch that computes delta, then the dK/dV launch; or the delta, dK/dV and dQ
+        launches (atomic mode: dQ from the dK/dV launch, scaled and cast into ``dq``); returns the
+        delta the gradients used."""
+        if self.here:
+            self.dq.launch([q, k, v, dout, dq, stats, delta, q, out, scale, *xown, *self.rest[1], *t_dq])
+            self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, *xown, *self.rest[0], *t_dkdv])
+            return delta
         if args_delta is not None:
             self.delta.launch(args_delta)
             if dlse is not None:
@@ -909,11 +939,11 @@ class FastBackward:
             torch.mul(dqa, scale, out=dq)
         else:
             self.dkdv.launch([q, k, v, dout, dk, dv, stats, delta, q, q, q, scale, *xown, *self.rest[0], *t_dkdv])
-            self.dq.launch([q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq])
+            self.dq.launch([q, k, v, dout, dq, stats, delta, q, q, scale, *xown, *self.rest[1], *t_dq])
         return delta
 
     def _verify(self, q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
-                t_dkdv, t_dq):
+                t_dkdv, t_dq, softmax: bool):
         """Under ``VERIFY_MEMO``: the argument lists are the ordinary path's (``_same_arguments``)."""
         r = self.runner
         if args_delta is not None:
@@ -925,11 +955,12 @@ class FastBackward:
                                                       {}),
                                         **dict(zip(Table.PARAMS, t_dkdv))}))
         if not self.atomic:
-            _verify_dq(r, self.dq, [q, k, v, dout, dq, stats, delta, q, scale, *xown, *self.rest[1], *t_dq], q, k, v,
-                       dout, dq, stats, delta, scale, buffers, extras, t_dq)
-        _same_arguments("backward gradients", [dq, dk, dv, *(() if args_delta is None else (delta,))],
+            o = out if self.here else q
+            _verify_dq(r, self.dq, [q, k, v, dout, dq, stats, delta, q, o, scale, *xown, *self.rest[1], *t_dq], q, k, v,
+                       dout, dq, stats, delta, o, scale, buffers, extras, t_dq)
+        _same_arguments("backward gradients", [dq, dk, dv, *(() if not softmax else (delta,))],
                         [_like(q), _like(k), _like(v),
-                         *(() if args_delta is None else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)
+                         *(() if not softmax else (_new(q.shape[:3], q, acc_dtype(q)),))], addresses=False)
 
 
 class HopperFastBackward:
@@ -956,7 +987,7 @@ class HopperFastBackward:
         b.cfg, b.switch = cfg, hopper_bwd_enabled()
         split = cfg.dq == "kernel" or runner.deterministic  # the portable dQ kernel adds dQ
         b.delta = memo.get((runner._kernel("bwd_delta"), key))
-        b.dq = memo.get((runner._kernel("bwd_dq"), key)) if split else None
+        b.dq = memo.get((runner._kernel("bwd_dq"), _dq_key(key, True))) if split else None
         if b.delta is None or (split and b.dq is None):
             return None
         b.tpl = [_template(t) for t in (*grads, delta)]
@@ -993,8 +1024,8 @@ class HopperFastBackward:
         if VERIFY_MEMO:
             _same_arguments("backward delta", args_delta, self.delta.args({"Out": out, "DO": dout, "Delta": delta}))
             if self.dq is not None:
-                _verify_dq(r, self.dq, [q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]], q, k, v, dout,
-                           dq, lse, delta, scale, buffers, extras)
+                _verify_dq(r, self.dq, [q, k, v, dout, dq, lse, delta, q, q, scale, *xown, *self.rest[1]], q, k, v,
+                           dout, dq, lse, delta, q, scale, buffers, extras)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key, hop=True)
         # one launch scope for the three launches (the Hopper kernel's own scope nests in it)
         with r.mode(q), (descriptor_scratch() if self.allocator else NO_CONTEXT):
@@ -1005,7 +1036,7 @@ class HopperFastBackward:
             got = r.hopper_bwd.backward(q, k, v, dout, lse, delta, dk, dv, scale, buffers, r.deterministic,
                                         cfg=self.cfg, key=(self.key, self.dout_key, self.dlse_none))
             if got is None:
-                self.dq.launch([q, k, v, dout, dq, lse, delta, q, scale, *xown, *self.rest[1]])
+                self.dq.launch([q, k, v, dout, dq, lse, delta, q, q, scale, *xown, *self.rest[1]])
             else:
                 dq = got
         dsinks = sink_gradient(s, lse, delta) if s is not None else None
