@@ -67,8 +67,8 @@ def test_deterministic_learnable_gradients(kind):
 def test_deterministic_refuses_oversized_partials_before_launch(monkeypatch):
     """A shared table keeps one row of partial sums per query tile: past the limit, a clear error
     at the call, before any kernel runs."""
-    from attndsl.runtime import launch
-    monkeypatch.setattr(launch, "MAX_PRIVATE_PARTIALS", 1000)
+    from attndsl.runtime import gradients
+    monkeypatch.setattr(gradients, "MAX_PRIVATE_PARTIALS", 1000)
     table = torch.randn(2, 9, requires_grad=True)
     attn = attndsl.compile(score_mod=lambda s, b, h, q, k: s + table[h, (q - k).clamp(-4, 4) + 4], deterministic=True)
     x = torch.full((1, 2, 1024, 16), float("nan"))  # a kernel that ran would leave NaNs, not raise
