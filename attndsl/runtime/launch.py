@@ -480,6 +480,7 @@ class Runner:
                     "GROUP": Hq // Hkv, "LQ": Lq, "LKV": Lkv, **extras.layout(q, k), **buffer_layout(bufs)}
 
         dkdv, dqk = self._kernel("bwd_dkdv"), self._kernel("bwd_dq")
+
         def consts():  # asked only where a launch is decided (not memoised)
             return {**self._consts(q.dtype), **extras.consts()}
 
@@ -697,8 +698,9 @@ class FastForward:
     in those places, or the outputs have no template); used through ``Runner.forward_prepared``.
 
     Whether the Hopper forward takes the key's calls (``HopperForward.applies``) is asked once per
-    state of its switch; where it does, the call takes the ordinary path. Under ``VERIFY_MEMO`` every call checks its argument list against the
-    ordinary path's and then launches the ordinary (verified) way."""
+    state of its switch; where it does, the call takes the ordinary path. Under ``VERIFY_MEMO``
+    every call checks its argument list against the ordinary path's and then launches the ordinary
+    (verified) way."""
 
     __slots__ = ("runner", "key", "memo", "rest", "table", "out", "lse", "convert", "hopper", "verdict")
 
