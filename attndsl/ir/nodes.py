@@ -60,8 +60,6 @@ class Node:
         self._hash = None
 
     def __repr__(self):
-        from .printer import expr_str
-
         return f"<{self.dtype} {expr_str(self)}>"
 
     # Nodes are interned, so identity is structural equality.
@@ -181,7 +179,6 @@ def node(op: str, *args: Node) -> Node:
     if op in ("floordiv", "mod") and dtype == INT and is_const(args[1], 0):
         # torch raises ZeroDivisionError for integer division by zero; so does the pattern, here
         from ..dsl.errors import PatternError  # (lazily: the IR does not depend on the tracer)
-        from .printer import expr_str
         sym = "//" if op == "floordiv" else "%"
         raise PatternError(f"integer division by zero: `{expr_str(args[0])} {sym} 0`",
                            "torch raises ZeroDivisionError for it; divide by a nonzero value")
@@ -210,3 +207,34 @@ def coerce(n: Node, dtype: str) -> Node:
 
 NEG_INF = float("-inf")
 INF = math.inf
+
+
+#: infix spelling of the binary ops (``expr_str`` and the printer's listing)
+INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
+         "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=",
+         "and": "&", "or": "|", "xor": "^"}
+
+
+def leaf_str(n: Node) -> str:
+    """A constant's or a variable's spelling."""
+    if n.op == "const":
+        return n.attr[2]
+    if n.op == "var":
+        return n.attr
+    raise AssertionError(n.op)
+
+
+def expr_str(n: Node) -> str:
+    """One-line infix form (shared sub-expressions are repeated)."""
+    if n.op in ("const", "var"):
+        return leaf_str(n)
+    a = [expr_str(x) for x in n.args]
+    if n.op in INFIX:
+        return f"({a[0]} {INFIX[n.op]} {a[1]})"
+    if n.op == "neg":
+        return f"-{a[0]}"
+    if n.op == "not":
+        return f"~{a[0]}"
+    if n.op == "load":
+        return f"buf{n.attr[0]}[{', '.join(a)}]"
+    return f"{n.op}({', '.join(a)})"

@@ -1,39 +1,11 @@
-"""Readable printing of IR expressions and the stable structural hash (the cache key)."""
+"""The SSA listing of IR roots and the stable structural hash (the cache key); the one-line infix
+form of an expression, ``expr_str``, is the nodes' own (``nodes.py``)."""
 from __future__ import annotations
 
 import hashlib
 
 from .graph import topo_order
-from .nodes import Node
-
-_INFIX = {"add": "+", "sub": "-", "mul": "*", "truediv": "/", "floordiv": "//", "mod": "%",
-          "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=",
-          "and": "&", "or": "|", "xor": "^"}
-
-
-def _leaf(n: Node) -> str:
-    if n.op == "const":
-        return n.attr[2]
-    if n.op == "var":
-        return n.attr
-    raise AssertionError(n.op)
-
-
-def expr_str(n: Node) -> str:
-    """One-line infix form (shared sub-expressions are repeated)."""
-    if n.op in ("const", "var"):
-        return _leaf(n)
-    a = [expr_str(x) for x in n.args]
-    if n.op in _INFIX:
-        return f"({a[0]} {_INFIX[n.op]} {a[1]})"
-    if n.op == "neg":
-        return f"-{a[0]}"
-    if n.op == "not":
-        return f"~{a[0]}"
-    if n.op == "load":
-        return f"buf{n.attr[0]}[{', '.join(a)}]"
-    return f"{n.op}({', '.join(a)})"
-
+from .nodes import INFIX, Node, leaf_str
 
 def listing(roots: dict[str, Node]) -> str:
     """SSA listing of several named roots; each shared node is printed once."""
@@ -42,11 +14,11 @@ def listing(roots: dict[str, Node]) -> str:
     lines = []
     for i, n in enumerate(order):
         if n.op in ("const", "var"):
-            names[n] = _leaf(n)
+            names[n] = leaf_str(n)
             continue
         a = [names[x] for x in n.args]
-        if n.op in _INFIX:
-            rhs = f"{a[0]} {_INFIX[n.op]} {a[1]}"
+        if n.op in INFIX:
+            rhs = f"{a[0]} {INFIX[n.op]} {a[1]}"
         elif n.op == "load":
             rhs = f"buf{n.attr[0]}[{', '.join(a)}]   # {n.attr[3]}"
         else:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .. import ir
 from ..ir import Node, const, node
 from ..ir.graph import free_vars, loads, substitute
-from ..ir.printer import expr_str
+from ..ir.nodes import expr_str
 from .bounds import IntervalAnalysis
 from .diagonal import DIST, over_distance, shift_invariant
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from .. import ir
 from ..ir import BOOL, FLOAT, Node, node
 from ..ir.graph import free_vars, substitute, topo_order
-from ..ir.printer import expr_str
+from ..ir.nodes import expr_str
 from .bounds import FALSE, TRUE, IntervalAnalysis
 
 AXES = ("q", "kv")
