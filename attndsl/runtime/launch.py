@@ -444,9 +444,7 @@ class Runner:
         fkey = key
         key = self._tables_key(self._backward_key(key, dout, dlse, mode), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
-        # the portable dQ kernel computes delta itself and runs first (no delta launch), where nothing
-        # needs delta before it: no lse gradient to subtract, no atomic dQ or Hopper kernel reading it
-        here = softmax and dlse is None and not atomic and not hop
+        here = _delta_in_dq(softmax, dlse, mode[0], hop)
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
             delta0 = None
@@ -787,6 +785,14 @@ def _launch_in_scope(r, memo, args) -> None:
 _DQ_OWN = ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", "Out")
 
 
+def _delta_in_dq(softmax: bool, dlse, atomic: bool, hop: bool) -> bool:
+    """Does the backward's dQ kernel compute delta itself (``DELTA_HERE``) and run first, with no
+    delta launch? Where nothing needs delta before any dQ program: a softmax call without an lse
+    gradient to subtract, whose dQ is neither added by the dK/dV kernel (``atomic``, the dQ mode's)
+    nor beside the Hopper backward (``hop``), whose kernels read delta first."""
+    return softmax and dlse is None and not atomic and not hop
+
+
 def _dq_key(key, hop: bool):
     """The dQ launch's memo key: the backward's, or beside the Hopper backward (whose dK/dV kernel
     reads delta first, so the dQ kernel does not compute it) one of its own."""
@@ -837,8 +843,7 @@ class FastBackward:
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
         b.mode = _dq_mode(runner)
         b.atomic = b.mode[0]  # the dK/dV kernel adds dQ: no dQ launch
-        # the dQ kernel computes delta (``Runner.backward``'s ``here``; this backward is not the Hopper one)
-        b.here = delta is not None and dlse is None and not b.atomic
+        b.here = _delta_in_dq(delta is not None, dlse, b.atomic, False)  # (not the Hopper backward's)
         b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None and not b.here else None
         b.dkdv = memo.get((runner._kernel("bwd_dkdv"), key))
         b.dq = None if b.atomic else memo.get((runner._kernel("bwd_dq"), key))
@@ -892,7 +897,8 @@ class FastBackward:
             if t_dkdv is None or t_dq is None:
                 return None
         empty = torch.empty  # _alloc, inline (below: poisoned under POISON)
-        if len(self.tpl) > 3:  # softmax: row statistics, delta from its kernel or the dQ kernel
+        softmax = self.here or self.delta is not None
+        if softmax:  # row statistics; delta from its kernel or the dQ kernel
             shape, dtype, device = self.tpl[3]
             stats, delta = lse, empty(*shape, dtype=dtype, device=device)
             args_delta = [out, dout, delta, *self.rest[2]] if self.delta is not None else None
@@ -908,7 +914,7 @@ class FastBackward:
         xown = _extras_own(r, self.convert, q, buffers, extras)
         if VERIFY_MEMO:
             self._verify(q, k, v, out, dout, dq, dk, dv, stats, delta, args_delta, scale, xown, buffers, extras,
-                         t_dkdv, t_dq, len(self.tpl) > 3)
+                         t_dkdv, t_dq, softmax)
             return r.backward(q, k, v, out, lse, dout, dlse, scale, buffers, tables, extras, key=self.key)
         # one launch scope for the three launches (as ``Runner._memoised`` enters it)
         scope = r.mode(q)
