@@ -1059,9 +1059,9 @@ def _shipped_patterns():
     """(name, mask_mod, score_mod) of every factory in ``patterns/`` at small sizes."""
     from attndsl import Layout
     from attndsl import patterns as P
-    from attndsl.patterns.radial import radial, radial_block
+    from attndsl.patterns.radial import radial, radial_block, radial_via_tables
     from attndsl.patterns.neighborhood import neighborhood, neighborhood_1d, neighborhood_2d, neighborhood_3d
-    from attndsl.patterns.sliding_tile import sliding_tile_3d
+    from attndsl.patterns.sliding_tile import sliding_tile, sliding_tile_3d, sta_layout
     ids = torch.zeros(64, dtype=torch.int32)
     parents = torch.tensor([-1, 0, 0, 1])
     return [
@@ -1079,18 +1079,35 @@ def _shipped_patterns():
         ("neighborhood_1d", neighborhood_1d(64, 5)[1], None),
         ("neighborhood_2d", neighborhood_2d(8, 8, 3, tile=(4, 4))[1], None),
         ("neighborhood_3d", neighborhood_3d(4, 4, 4, 3, tile=(2, 2, 2))[1], None),
-        ("sliding_tile", sliding_tile_3d((4, 4, 4), (2, 2, 2), (1, 1, 1))[1], None),
+        ("sliding_tile", sliding_tile(sta_layout((4, 4, 4), (2, 2, 2)), (1, 1, 1)), None),
+        ("sliding_tile_3d", sliding_tile_3d((4, 4, 4), (2, 2, 2), (1, 1, 1))[1], None),
         ("radial", radial(2, 32, block=16), None),
         ("radial_block", radial_block(2, 32, block=16), None),
+        ("radial_via_tables", radial_via_tables(2, 32, block=16), None),
     ]
 
 
 SHIPPED = ("causal_bottom_right", "chunked", "document", "prefix_lm", "sliding_window", "alibi", "softcap",
            "relative_position_bias", "t5_bucket_bias", "tree_mask", "neighborhood", "neighborhood_1d",
-           "neighborhood_2d", "neighborhood_3d", "sliding_tile", "radial", "radial_block")
+           "neighborhood_2d", "neighborhood_3d", "sliding_tile", "sliding_tile_3d", "radial", "radial_block",
+           "radial_via_tables")
+#: public functions of ``patterns/`` that make no pattern: helpers, layouts, tables; ``causal`` is
+#: the mask itself (no factory, nothing held)
+_NOT_FACTORIES = {"alibi_slopes", "doc_ids_from_lengths", "t5_bucket", "tree_ancestors", "causal", "window_1d",
+                  "window_width", "split_keep", "block_offsets", "radial_layout", "radial_tables", "sta_layout"}
 
 
 def test_the_shipped_pattern_list_is_complete():
+    """Every pattern factory of ``patterns/`` (its package's names and the locality modules'
+    functions) has an entry in ``_shipped_patterns``, which builds exactly ``SHIPPED``."""
+    import inspect
+    from attndsl import patterns as P
+    from attndsl.patterns import neighborhood, radial, sliding_tile
+    public = set(P.__all__)
+    for mod in (neighborhood, radial, sliding_tile):  # not re-exported by the package
+        public |= {n for n, f in inspect.getmembers(mod, inspect.isfunction)
+                   if f.__module__ == mod.__name__ and not n.startswith("_")}
+    assert public - _NOT_FACTORIES == set(SHIPPED), sorted(public - _NOT_FACTORIES ^ set(SHIPPED))
     assert tuple(n for n, _, _ in _shipped_patterns()) == SHIPPED
 
 
