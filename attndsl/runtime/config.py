@@ -2,7 +2,8 @@
 by how many programs a call launches (a small grid gets smaller tiles, so every multiprocessor holds
 several programs) and by the pattern (with neither mask nor score modifier, taller tiles); the
 smaller tiles a launch retries with when shared memory overflows; grid sections; the head-dim
-constants every attention kernel takes; and the gather and indexer kernels' tiles."""
+constants every attention kernel takes; the gather and indexer kernels' tiles; and how the backward
+computes dQ and delta (``atomic_dq``, ``delta_in_dq``)."""
 from __future__ import annotations
 
 import functools
@@ -105,6 +106,14 @@ def atomic_dq(cfgs: Configs, deterministic: bool) -> bool:
     if deterministic:
         return False
     return (forced_dq_mode() or cfgs.dq_mode) == "atomic"
+
+
+def delta_in_dq(softmax: bool, dlse, atomic: bool, hop: bool) -> bool:
+    """Does the backward's dQ kernel compute delta itself (``DELTA_HERE``) and run first, with no
+    delta launch? Where nothing needs delta before any dQ program: a softmax call without an lse
+    gradient to subtract, whose dQ is neither added by the dK/dV kernel (``atomic``, the dQ mode's)
+    nor beside the Hopper backward (``hop``), whose kernels read delta first."""
+    return softmax and dlse is None and not atomic and not hop
 
 
 #: a call whose default forward grid has at most this many programs per multiprocessor takes

@@ -14,8 +14,8 @@ import triton
 
 from . import fastlaunch
 from .blocktables import BlockTables, Table
-from .config import Configs, HeadDims, TileConfig, atomic_dq, device_properties, dq_tma, forward_tiles, \
-    grid_section, multiprocessors, retry_tiles
+from .config import Configs, HeadDims, TileConfig, atomic_dq, delta_in_dq, device_properties, dq_tma, \
+    forward_tiles, grid_section, multiprocessors, retry_tiles
 from .fastlaunch import Direct
 from .hopper import HopperForward
 from .hopper import enabled as hopper_enabled
@@ -444,7 +444,7 @@ class Runner:
         fkey = key
         key = self._tables_key(self._backward_key(key, dout, dlse, mode), tables) if key is not None else None
         softmax = self.spec.normalizer == "softmax"
-        here = _delta_in_dq(softmax, dlse, mode[0], hop)
+        here = delta_in_dq(softmax, dlse, mode[0], hop)
         if not softmax:
             lse = delta = out  # placeholders: sigmoid kernels read no row statistics
             delta0 = None
@@ -785,14 +785,6 @@ def _launch_in_scope(r, memo, args) -> None:
 _DQ_OWN = ("Q", "K", "V", "DO", "DQ", "Lse", "Delta", "DU", "Out")
 
 
-def _delta_in_dq(softmax: bool, dlse, atomic: bool, hop: bool) -> bool:
-    """Does the backward's dQ kernel compute delta itself (``DELTA_HERE``) and run first, with no
-    delta launch? Where nothing needs delta before any dQ program: a softmax call without an lse
-    gradient to subtract, whose dQ is neither added by the dK/dV kernel (``atomic``, the dQ mode's)
-    nor beside the Hopper backward (``hop``), whose kernels read delta first."""
-    return softmax and dlse is None and not atomic and not hop
-
-
 def _dq_key(key, hop: bool):
     """The dQ launch's memo key: the backward's, or beside the Hopper backward (whose dK/dV kernel
     reads delta first, so the dQ kernel does not compute it) one of its own."""
@@ -843,7 +835,7 @@ class FastBackward:
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
         b.mode = _dq_mode(runner)
         b.atomic = b.mode[0]  # the dK/dV kernel adds dQ: no dQ launch
-        b.here = _delta_in_dq(delta is not None, dlse, b.atomic, False)  # (not the Hopper backward's)
+        b.here = delta_in_dq(delta is not None, dlse, b.atomic, False)  # (not the Hopper backward's)
         b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None and not b.here else None
         b.dkdv = memo.get((runner._kernel("bwd_dkdv"), key))
         b.dq = None if b.atomic else memo.get((runner._kernel("bwd_dq"), key))
