@@ -23,7 +23,7 @@ mask code, then the partial ones; a per-tile classification where the plan has o
 partial tiles, the score modifier and its captured-tensor loads (emitted by ``codegen/expr.py`` at
 the loop level where their inputs exist). ``PIPELINE`` picks FlashAttention-3's intra-warpgroup
 overlap of one tile's softmax with the previous tile's P·V. ``HEAVY_FIRST`` launches the query tiles
-in decreasing order of work, over all heads (:func:`heavy_first`, decided once per spec: plans whose
+in decreasing order of work, over all heads (:func:`attndsl.passes.visit_width.heavy_first`, decided once per spec: plans whose
 visited range grows along the query tiles, such as causal ones). The module starts with the
 portable module's header (``codegen/prelude.py``): Gluon kernels call its ``@triton.jit`` index
 helpers and ``tl`` elementwise ops, which take the layouts of their Gluon operands.
@@ -33,10 +33,7 @@ runs on the portable kernels.
 """
 from __future__ import annotations
 
-import torch
-
 from attndsl import ir
-from attndsl.ir.evaluate import evaluate
 from attndsl.passes.lower import _buffers
 from attndsl.spec import KernelSpec, Param, VisitRange
 
@@ -181,50 +178,6 @@ def supports(spec: KernelSpec) -> str | None:
     if spec.lowering.fwd_runs:
         return "constant-run loops"
     return None
-
-
-def range_widths(rng, starts: torch.Tensor, rows: int, other_len: int, target_len: int) -> torch.Tensor | None:
-    """Target positions the closed-form visit range ``rng`` names for each tile of ``rows`` positions
-    of the other index starting at ``starts`` (batch and head 0), with ``other_len`` positions of
-    the other index and ``target_len`` of the target; None where the range reads captured tensors
-    or another variable (a layout's coordinates)."""
-    other = "q" if rng.target == "kv" else "kv"
-    names = {"b", "h", f"{other}_lo", f"{other}_hi", "q_max", "kv_max"}
-    if any(ir.loads([x]) or not ir.free_vars(x) <= names for x in rng.outer):
-        return None
-    env = {"b": torch.tensor(0), "h": torch.tensor(0), f"{other}_lo": starts,
-           f"{other}_hi": torch.minimum(starts + rows, torch.tensor(other_len)) - 1,
-           f"{other}_max": torch.tensor(other_len - 1), f"{rng.target}_max": torch.tensor(target_len - 1)}
-    lo, hi = evaluate(list(rng.outer), env, ())
-    return (hi.clamp(max=target_len - 1) - lo.clamp(min=0) + 1).clamp(min=0).broadcast_to(starts.shape)
-
-
-def mean_visited(spec: KernelSpec, rng, other_len: int, target_len: int, rows: int) -> float | None:
-    """Target positions the closed-form visit range ``rng`` of ``spec`` (its ``fwd_range``: keys per
-    query tile; ``bwd_range``: queries per key tile) names per tile of ``rows`` positions of the
-    other index, on average over the tiles of a call with ``other_len`` and ``target_len``
-    positions (batch and head 0); None where the range reads captured tensors, or the mask is
-    data-dependent (the range only bounds its work, as causality bounds a document mask's: its
-    block table, on the device, holds it)."""
-    if spec.data_dependent or not isinstance(rng, VisitRange):
-        return None
-    width = range_widths(rng, torch.arange(0, other_len, rows), rows, other_len, target_len)
-    return None if width is None else float(width.float().mean())
-
-
-def heavy_first(spec: KernelSpec, length: int = 4096, rows: int = 128) -> bool:
-    """Whether the forward's work grows along the query tiles (a causal mask's last tiles visit
-    every key, its first almost none): the Hopper forward then launches its programs heaviest
-    first, so that the long ones do not start last and leave a tail. Decided once per spec from
-    the closed-form visit range at ``length`` queries and keys, tiles of ``rows`` rows: the last
-    query tile visits more keys than the middle one (a sliding window's first tiles are lighter,
-    the rest alike: not growing). A range that reads captured tensors (per batch or head) counts
-    as not growing."""
-    if not isinstance(spec.fwd_range, VisitRange):
-        return False
-    starts = torch.tensor([length // 2 // rows * rows, (length - 1) // rows * rows])
-    width = range_widths(spec.fwd_range, starts, rows, length, length)
-    return width is not None and bool(width[1] > width[0])
 
 
 def kernel_name(spec: KernelSpec) -> str:

@@ -165,14 +165,13 @@ def test_pingpong_turns_render():
 
 
 def test_heavy_first_is_decided_once_per_spec():
-    """Programs start with the heaviest query tiles where the visit range grows along them (causal,
+    """The Hopper forward takes ``visit_width.heavy_first``'s answer: programs start with the heaviest query tiles where the visit range grows along them (causal,
     prefix-LM), not where it does not (dense, a sliding window: only its first tiles are lighter)."""
     from attndsl.patterns import prefix_lm
     want = {None: False, causal: True, window: False, prefix_lm(100): True}
     for mask, heavy in want.items():
         spec = attndsl.compile(mask_mod=mask).spec
-        assert gen.heavy_first(spec) is heavy, mask
-        assert hopper.HopperForward(spec).heavy_first is heavy
+        assert hopper.HopperForward(spec).heavy_first is heavy, mask
     src = gen.render(hopper.hopper_spec(attndsl.compile().spec))
     assert "if HEAVY_FIRST:" in src and "pid_m = gl.num_programs(1) - 1 - gl.program_id(1)" in src
 
@@ -421,27 +420,16 @@ def test_measured_backward_wins_classes():
         assert cfg.shared_bytes(d) <= hopper.SMEM_LIMIT
 
 
-def test_mean_visited():
-    """The positions a Hopper program visits, from the closed-form ranges (``mean_visited``): per
-    key tile, a window's width plus the tile (less at the end), every query without a mask, half on
-    average under a causal mask; per query tile, the window's keys. None for a data-dependent mask,
-    whose closed-form range only bounds its work (a document mask's is causal); such masks are
-    classed "other" whatever that bound says."""
-    from attndsl.codegen import hopper as gen
+def test_hopper_selection_keeps_mean_visited_per_shape():
+    """The runtime's ``visited`` is :func:`attndsl.passes.visit_width.mean_visited` of the runner's
+    spec, kept per shape; a data-dependent mask is classed "other" whatever its closed-form bound
+    says (the pass's own tests: ``tests/test_visit_width.py``)."""
+    from attndsl.passes.visit_width import mean_visited
     from attndsl.patterns import document, sliding_window
 
-    spec = lambda **kw: attndsl.compile(**kw).spec  # noqa: E731
-    win = spec(mask_mod=sliding_window(1024))
-    w = gen.mean_visited(win, win.bwd_range, 16384, 16384, 128)
-    assert 1100 < w < 1151  # the last programs see fewer queries
-    assert 1100 < gen.mean_visited(win, win.fwd_range, 16384, 16384, 128) < 1151  # the first see fewer keys
-    dense = spec()
-    assert gen.mean_visited(dense, dense.bwd_range, 3000, 1000, 128) == 1000
-    assert gen.mean_visited(dense, dense.fwd_range, 1000, 3000, 128) == 3000
-    c = spec(mask_mod=causal)
-    assert abs(gen.mean_visited(c, c.bwd_range, 4096, 4096, 128) - (4096 + 128) / 2) <= 1
-    docs = spec(mask_mod=document(torch.zeros(256, dtype=torch.int64)))
-    assert gen.mean_visited(docs, docs.bwd_range, 256, 256, 128) is None
+    win = attndsl.compile(mask_mod=sliding_window(1024)).spec
+    w = mean_visited(win, win.bwd_range, 16384, 16384, 128)
+    docs = attndsl.compile(mask_mod=document(torch.zeros(256, dtype=torch.int64))).spec
     assert hopper_bwd.HopperBackward(docs).plan == "other" and hopper.HopperForward(docs).plan == "other"
     hb = hopper_bwd.HopperBackward(win)
     assert hopper.visited(hb, hb.spec.bwd_range, 16384, 16384, 128) == w

@@ -34,6 +34,7 @@ import os
 import torch
 
 from ..codegen import hopper as _gen
+from ..passes import visit_width
 from . import gluonlaunch
 from .marshal import buffer_args
 from .memo import MEMO_SIZE, tensor_key
@@ -66,7 +67,7 @@ def enabled() -> bool | None:
 #: ``benchmarks/results/hopper/h100-2026-12-07-fwd-select.json``): ``(plan, has_score_mod,
 #: head_dim, dtype)`` -> the smallest ``B * Hq * Lq * Lkv`` it is taken from, where ``plan`` is
 #: "dense" (no mask), "growing" (a mask whose visited range grows along the query tiles,
-#: :func:`attndsl.codegen.hopper.heavy_first`: causal, prefix-LM) or "other" (taken only where its
+#: :func:`attndsl.passes.visit_width.heavy_first`: causal, prefix-LM) or "other" (taken only where its
 #: closed-form range visits at least ``OTHER_MIN_VISITED`` keys per program of 128 queries on
 #: average, never a data-dependent mask). Calls with neither ``enable`` nor ``ATTNDSL_HOPPER`` set
 #: take the Hopper forward only here:
@@ -104,14 +105,14 @@ def spec_class(spec, heavy: bool) -> str:
 
 
 def visited(runner, rng, other_len: int, target_len: int, rows: int) -> float | None:
-    """:func:`attndsl.codegen.hopper.mean_visited` of ``runner.spec``, kept per shape in
+    """:func:`attndsl.passes.visit_width.mean_visited` of ``runner.spec``, kept per shape in
     ``runner._visited`` (a Hopper forward's or backward's; at most ``MEMO_SIZE`` shapes)."""
     key = (rng.target, other_len, target_len, rows)
     got = runner._visited.get(key, _UNSEEN)
     if got is _UNSEEN:
         if len(runner._visited) >= MEMO_SIZE:  # lengths that vary call by call: start over
             runner._visited.clear()
-        got = runner._visited[key] = _gen.mean_visited(runner.spec, rng, other_len, target_len, rows)
+        got = runner._visited[key] = visit_width.mean_visited(runner.spec, rng, other_len, target_len, rows)
     return got
 
 
@@ -325,13 +326,13 @@ def hopper_spec(spec):
 class HopperForward:
     """The Hopper forward of one spec. ``unsupported``: why this pattern runs on the portable
     kernels only (None when the Hopper target renders it); ``heavy_first``: the programs start
-    with the query tiles of most work (:func:`attndsl.codegen.hopper.heavy_first`, decided here
+    with the query tiles of most work (:func:`attndsl.passes.visit_width.heavy_first`, decided here
     once per spec)."""
 
     def __init__(self, spec):
         self.spec = hopper_spec(spec)
         self.unsupported = _gen.supports(spec)
-        self.heavy_first = self.unsupported is None and _gen.heavy_first(spec)
+        self.heavy_first = self.unsupported is None and visit_width.heavy_first(spec)
         #: the shape class for ``MEASURED_WINS`` (:func:`spec_class`)
         self.plan = spec_class(spec, self.heavy_first)
         self._visited: dict = {}
@@ -436,7 +437,7 @@ def compile_sm90(spec, dtype: str = "bf16", head_dim: int = 128, cfg: HopperConf
     mod = cache.load(hs, interpret=False, render=_gen.render)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=head_dim, STAGES=cfg.stages,
                   CONSUMERS=cfg.consumers, PIPELINE=cfg.pipeline, PINGPONG=cfg.pingpong,
-                  THREAD_ARRIVE=cfg.thread_arrive, UNROLL=cfg.unroll, HEAVY_FIRST=_gen.heavy_first(spec),
+                  THREAD_ARRIVE=cfg.thread_arrive, UNROLL=cfg.unroll, HEAVY_FIRST=visit_width.heavy_first(spec),
                   HAS_SINKS=True)
     return compile_gluon_sm90(getattr(mod, _gen.kernel_name(hs)), _gen.signature(hs), hs.buffers, dtype, head_dim,
                               {"q_desc": cfg.block_m, "k_desc": cfg.block_n, "v_desc": cfg.block_n}, ("Out",), consts)

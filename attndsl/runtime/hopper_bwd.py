@@ -36,8 +36,8 @@ import os
 
 import torch
 
-from ..codegen import hopper as _fwd_gen
 from ..codegen import hopper_bwd as _gen
+from ..passes import visit_width
 from . import gluonlaunch
 from .blocktables import BlockTables
 from .hopper import (SMEM_LIMIT, _descriptor, call_fits, compile_gluon_sm90, hopper_spec, load_kernel, spec_class,
@@ -169,7 +169,7 @@ def bwd_config_for(head_dim: int, dq: str = "atomic") -> HopperBwdConfig:
 #:   barriers). How many tiles a program visits varies within the class (a window's width, the
 #:   documents' lengths), so an "other" mask is taken only where its closed-form range visits at
 #:   least ``OTHER_MIN_QUERIES`` query rows per program of 128 keys on average
-#:   (``codegen.hopper.mean_visited``: the window of 1024, 1115 rows), never a data-dependent
+#:   (``passes.visit_width.mean_visited``: the window of 1024, 1115 rows), never a data-dependent
 #:   one (its table is on the device);
 #: * D=64, B=8, H=12, L=2048: dense 0.871 / 0.737 / 0.785; causal 0.436 / 0.512 / 0.490 (not
 #:   taken); ViT-B/16 (B=32, L=197) 0.107 / 0.405 / 0.372 (not taken).
@@ -220,7 +220,7 @@ class HopperBackward:
         self.unsupported = _gen.supports_backward(spec)
         #: the shape class for ``MEASURED_BWD_WINS`` (``hopper.spec_class``: a data-dependent mask is
         #: "other"; as "growing", 16 documents in 16K measured 0.980 ms atomic against 0.826 portable)
-        self.plan = spec_class(spec, self.unsupported is None and _fwd_gen.heavy_first(spec))
+        self.plan = spec_class(spec, self.unsupported is None and visit_width.heavy_first(spec))
         #: ``(HopperBwdConfig, whether it beat the portable backward)`` of a tuned entry
         #: (``attndsl.runtime.tuned``) for this runner's calls; None: :func:`bwd_config_for` and
         #: ``MEASURED_BWD_WINS``
