@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from . import codegen
+from . import codegen, flexcompat
 from .dsl import trace
 from .hints import AttentionResult, MaskMod, ScoreMod
 from .passes import build_spec
@@ -427,20 +427,18 @@ def clear_cache() -> None:
     checks and builds again). Kernels stay loaded and the on-disk source cache is untouched;
     patterns named by compiled ``torch.compile`` graphs stay registered
     (``attndsl.runtime.op.REGISTRY``)."""
-    from . import flex
     from .runtime import indexcheck
     PATTERNS.clear()
     TABLES.clear()
     indexcheck.clear()
-    flex.forget_block_masks()
+    flexcompat.forget_block_masks()
 
 
 def _tile_options(kernel_options) -> tuple:
     """(block_m, block_n, num_warps, num_stages) from FlexAttention's ``kernel_options``."""
     if kernel_options is None:
         return (None, None, None, None)
-    from .flex import tile_options
-    return tile_options(kernel_options)
+    return flexcompat.tile_options(kernel_options)
 
 
 #: ``_tile_options(None)``
@@ -460,6 +458,12 @@ def _compiled(mask_mod, score_mod, normalizer, deterministic, kernel_options, pr
                                  num_warps=tiles[2], num_stages=tiles[3], deterministic=deterministic,
                                  precise_delta=precise_delta)
     return PATTERNS.lookup(mask_mod, score_mod, options, make)
+
+
+def _mask_pattern(mask_mod):
+    """A ``mask_mod``'s compiled pattern and captured tensors (softmax, default options), through the
+    pattern cache: what ``flexcompat.block_mask_parts`` checks a torch BlockMask's block tensors by."""
+    return _compiled(mask_mod, None, "softmax", False, None)
 
 
 @torch.compiler.assume_constant_result
@@ -589,10 +593,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
     global.
     """
     if block_mask is not None:
-        from .flex import block_mask_parts
         if mask_mod is not None:
             raise ValueError("pass either mask_mod= or block_mask= (whose mask_mod is used), not both")
-        mask_mod, parts = block_mask_parts(block_mask, query, key)
+        mask_mod, parts = flexcompat.block_mask_parts(block_mask, query, key, _mask_pattern)
         if parts is not None:  # a torch BlockMask whose block tensors say more than its mask_mod
             if indices is not None or blocks is not None:
                 raise ValueError("block_mask= with a BlockMask whose block tensors select key blocks cannot be "
@@ -607,8 +610,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
                          f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA (attndsl.attention accepts "
                          "GQA with enable_gqa=None, its default).")
     if return_aux is not None:
-        from .flex import aux_output, check_aux
-        check_aux(return_aux, return_lse, normalizer)
+        flexcompat.check_aux(return_aux, return_lse, normalizer)
         return_lse = bool(return_aux.lse)
     if torch.compiler.is_compiling():
         # NOTE: a closure made inside the compiled function that holds a tensor cannot be resolved here
@@ -623,24 +625,23 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, ma
         got = compiled._eager(tensors, query, key, value, scale, return_lse, None, sigmoid_bias, sinks, bias_factors,
                               indices, blocks, check_indices)
     if return_aux is not None:
-        return aux_output(got, return_aux)
+        return flexcompat.aux_output(got, return_aux)
     return got
 
 
 def _block_mask_call(parts, query, key, value, *, return_lse, return_aux, sinks, normalizer, **kw):
-    """:func:`attention` over a torch BlockMask's block selections (``attndsl.flex.block_mask_parts``):
+    """:func:`attention` over a torch BlockMask's block selections (``attndsl.flexcompat.block_mask_parts``):
     one call per part, merged through the logsumexp; the sinks join the first part only."""
-    from .flex import aux_output, check_aux, merge_parts
     if return_aux is not None:
-        check_aux(return_aux, return_lse, normalizer)
+        flexcompat.check_aux(return_aux, return_lse, normalizer)
         return_lse = bool(return_aux.lse)
     softmax = normalizer == "softmax"
     if len(parts) == 1:
         got = attention(query, key, value, mask_mod=parts[0].mask_mod, blocks=parts[0].blocks,
                         return_lse=return_lse, sinks=sinks, normalizer=normalizer, **kw)
     else:
-        got = merge_parts([attention(query, key, value, mask_mod=p.mask_mod, blocks=p.blocks,
+        got = flexcompat.merge_parts([attention(query, key, value, mask_mod=p.mask_mod, blocks=p.blocks,
                                      return_lse=softmax, sinks=sinks if i == 0 else None,
                                      normalizer=normalizer, **kw)
                            for i, p in enumerate(parts)], softmax, return_lse)
-    return aux_output(got, return_aux) if return_aux is not None else got
+    return flexcompat.aux_output(got, return_aux) if return_aux is not None else got

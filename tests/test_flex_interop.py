@@ -75,9 +75,9 @@ def test_return_aux_and_return_lse(dtype):
 def test_noop_block_mask_means_no_mask():
     q, k, v = qkv()
     bm = F.create_block_mask(F.noop_mask, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
-    before = dict(sys.modules["attndsl.flex"].PATH_COUNTS)
+    before = dict(sys.modules["attndsl.flexcompat"].PATH_COUNTS)
     assert close(attndsl.attention(q, k, v, block_mask=bm), attndsl.attention(q, k, v))
-    assert sys.modules["attndsl.flex"].PATH_COUNTS["mask_mod"] == before["mask_mod"] + 1  # every block listed
+    assert sys.modules["attndsl.flexcompat"].PATH_COUNTS["mask_mod"] == before["mask_mod"] + 1  # every block listed
 
 
 def test_create_block_mask_is_light_and_accepted_everywhere():
@@ -147,7 +147,7 @@ def test_flex_drop_in_under_torch_compile(kind):
 # checked against a dense mask built from the block tensors: key visible iff its block is listed
 # for (b, h, q block) and (the block is full or mask_mod holds), as FlexAttention's kernels do.
 # ---------------------------------------------------------------------------------------------
-FLEX = sys.modules["attndsl.flex"]
+FLEX = sys.modules["attndsl.flexcompat"]
 
 
 def lists(sel):
