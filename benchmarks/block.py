@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import cases as _cases
-from .harness import _err, _r, _randn, host_calls, mask_density, ratio, rel_error
+from .measures import _err, _r, _randn, host_calls, mask_density, ratio, rel_error
 
 
 

@@ -18,6 +18,7 @@ from attndsl import cli
 from benchmarks import cases as C
 from benchmarks import block as Bk
 from benchmarks import harness as Hn
+from benchmarks import measures as M
 
 
 # ---------------------------------------------------------------- density
@@ -762,9 +763,9 @@ def test_jobs_and_dims_of_model_and_dsa_cases():
 
 
 def test_host_calls_bounds():
-    assert Hn.host_calls(None) == Hn.HOST_MIN_CALLS
-    assert Hn.host_calls(0.01) == Hn.HOST_MAX_CALLS
-    assert Hn.host_calls(0.5) == 20 and Hn.host_calls(100.0) == Hn.HOST_MIN_CALLS == 2
+    assert M.host_calls(None) == M.HOST_MIN_CALLS
+    assert M.host_calls(0.01) == M.HOST_MAX_CALLS
+    assert M.host_calls(0.5) == 20 and M.host_calls(100.0) == M.HOST_MIN_CALLS == 2
 
 
 def test_cuda_host_time_is_the_median_loop_with_the_queue_drained_before_each(monkeypatch):
