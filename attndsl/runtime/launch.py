@@ -824,7 +824,7 @@ class FastBackward:
     and reductions take the ordinary path). See :class:`FastForward`."""
 
     __slots__ = ("runner", "key", "dout_key", "dlse_none", "delta", "dkdv", "dq", "rest", "tables", "tpl", "convert",
-                 "allocator", "hopper", "atomic", "mode", "verdict", "here")
+                 "allocator", "hopper", "atomic", "mode", "verdict", "here", "softmax")
 
     @staticmethod
     def make(runner, fkey, key, dout, dlse, extras, buffers, delta, grads) -> "FastBackward | None":
@@ -835,7 +835,8 @@ class FastBackward:
         b.runner, b.key, b.dout_key, b.dlse_none = runner, fkey, tensor_key(dout), dlse is None
         b.mode = _dq_mode(runner)
         b.atomic = b.mode[0]  # the dK/dV kernel adds dQ: no dQ launch
-        b.here = delta_in_dq(delta is not None, dlse, b.atomic, False)  # (not the Hopper backward's)
+        b.softmax = delta is not None  # row statistics and delta (sigmoid has neither)
+        b.here = delta_in_dq(b.softmax, dlse, b.atomic, False)  # (not the Hopper backward's)
         b.delta = memo.get((runner._kernel("bwd_delta"), key)) if delta is not None and not b.here else None
         b.dkdv = memo.get((runner._kernel("bwd_dkdv"), key))
         b.dq = None if b.atomic else memo.get((runner._kernel("bwd_dq"), key))
@@ -889,7 +890,7 @@ class FastBackward:
             if t_dkdv is None or t_dq is None:
                 return None
         empty = torch.empty  # _alloc, inline (below: poisoned under POISON)
-        softmax = self.here or self.delta is not None
+        softmax = self.softmax
         if softmax:  # row statistics; delta from its kernel or the dQ kernel
             shape, dtype, device = self.tpl[3]
             stats, delta = lse, empty(*shape, dtype=dtype, device=device)
